@@ -1,0 +1,30 @@
+"""FAISS indexes over stored pin vectors: specs, automatic choice, GPU placement, persistence."""
+
+from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
+from pinsearch.indexes.pinindex import PinIndex, build_index, file_sha256, load_index
+from pinsearch.indexes.spec import (
+    METRICS,
+    IndexConfig,
+    choose_factory,
+    default_memory_budget,
+    faiss_metric,
+    ivf_nlist,
+    validate_factory,
+)
+
+__all__ = [
+    "METRICS",
+    "IndexConfig",
+    "PinIndex",
+    "build_index",
+    "choose_factory",
+    "default_memory_budget",
+    "faiss_metric",
+    "file_sha256",
+    "gpu_count",
+    "ivf_nlist",
+    "load_index",
+    "to_cpu",
+    "to_gpu",
+    "validate_factory",
+]

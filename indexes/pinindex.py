@@ -1,0 +1,380 @@
+"""A FAISS index over pin vectors, with its id map, GPU placement and self-describing files.
+
+FAISS holds vectors at positions ``0..ntotal-1`` in the order they were added; ``ids`` maps each
+position to its pin key. This works the same for every index type on CPU and GPU. On disk an
+index is three files written atomically: ``NAME.faiss`` (the CPU index), ``NAME.ids.npy`` and
+``NAME.json`` (how it was made, with checksums, checked when it is loaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
+from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
+
+from pinsearch._version import __version__
+from pinsearch.errors import BackboneMismatchError, IndexFileError
+
+__all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "load_index"]
+
+_logger = logging.getLogger(__name__)
+
+INDEX_FORMAT_VERSION = 1
+_GPU_MAX_K = 2048  # largest k faiss-GPU answers in one search
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ValueError(f"vectors must be a 2-D array, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+@dataclass
+class PinIndex:
+    """A built index: the FAISS object, its pin-key map, and its description."""
+
+    index: Any  # faiss.Index, on CPU or GPU
+    ids: np.ndarray  # int64 pin key of each position
+    config: IndexConfig
+    factory: str  # resolved factory string
+    dim: int
+    backbone: str = ""  # the embedding the vectors come from
+    build_seconds: float = 0.0
+    on_gpu: bool = False
+    _cpu: Any = field(default=None, repr=False)  # cached CPU copy of a GPU index
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors in the index."""
+        return int(self.index.ntotal)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """True for similarities (cosine, ip), False for distances (l2, l1)."""
+        return self.config.metric in ("cosine", "ip")
+
+    def prepare(self, x: np.ndarray) -> np.ndarray:
+        """Cast to float32 and normalise when the metric is cosine."""
+        x = _as_f32(x)
+        if x.shape[1] != self.dim:
+            raise BackboneMismatchError(
+                f"vectors have dim {x.shape[1]}, index {self.backbone or ''!s} expects {self.dim}"
+            )
+        return _normalize(x) if self.config.metric == "cosine" else x
+
+    def add(self, vectors: np.ndarray, keys: np.ndarray, batch: int = 65536) -> None:
+        """Append vectors of new pins (trained indexes only; no rebuild needed)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(keys)} pin keys")
+        if len(keys) == 0:
+            return
+        clash = np.intersect1d(keys, self.ids)
+        if clash.size:
+            raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
+        for start in range(0, len(keys), batch):
+            self.index.add(self.prepare(vectors[start : start + batch]))
+        self._cpu = None
+        self.ids = np.concatenate([self.ids, keys])
+
+    def _params(self, selector: Any = None) -> Any:
+        import faiss
+
+        ivf = _ivf_of(self.index)
+        if ivf is not None:
+            nprobe = self.config.nprobe or max(1, ivf.nlist // 16)
+            return faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, ivf.nlist))
+        if "HNSW" in self.factory and not self.on_gpu:
+            ef = self.config.ef_search or 0
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, 64))
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search ``k`` neighbours of each query.
+
+        Args:
+            queries: (nq, dim) vectors (normalised here when the metric is cosine).
+            k: neighbours per query.
+            allowed: if given, only these pin keys may be returned.
+
+        Returns:
+            ``(scores, keys)``, each (nq, k); missing results have key -1 and score NaN.
+            Scores are similarities for cosine/ip and distances (squared for l2) otherwise.
+        """
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        q = self.prepare(queries)
+        k_eff = min(k, self.ntotal)
+        if k_eff == 0:
+            return _empty(len(q), k)
+        if allowed is None:
+            d, pos = self._raw_search(q, k_eff, None)
+        else:
+            d, pos = self._filtered_search(q, k_eff, allowed)
+        return self._to_keys(d, pos, k)
+
+    def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.on_gpu and k > _GPU_MAX_K:
+            return self.cpu_index().search(q, k)
+        if params is None:
+            return self.index.search(q, k)
+        return self.index.search(q, k, params=params)
+
+    def _filtered_search(
+        self, q: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        positions = self.positions_of(allowed)
+        if positions.size == 0:
+            return np.full((len(q), k), np.nan, np.float32), np.full((len(q), k), -1, np.int64)
+        bitmap = np.zeros(self.ntotal, dtype=bool)
+        bitmap[positions] = True
+        packed = np.packbits(bitmap, bitorder="little")
+        selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(packed))
+        # FAISS-GPU takes no id selectors: filtered searches run on the CPU copy.
+        target = self if not self.on_gpu else replace(self, index=self.cpu_index(), on_gpu=False)
+        params = target._params(selector)
+        d, pos = target.index.search(q, min(k, positions.size), params=params)
+        del packed  # the selector reads this buffer during the search above
+        if d.shape[1] < k:
+            pad = k - d.shape[1]
+            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.nan)
+            pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
+        return d, pos
+
+    def _to_keys(self, d: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        keys = np.where(pos >= 0, self.ids[np.clip(pos, 0, None)], -1)
+        d = np.where(pos >= 0, d, np.nan).astype(np.float32)
+        if keys.shape[1] < k:
+            pad = k - keys.shape[1]
+            keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
+            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.nan)
+        return d, keys
+
+    def positions_of(self, keys: np.ndarray) -> np.ndarray:
+        """Positions of the given pin keys in this index (keys not in it are ignored)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        order = np.argsort(self.ids, kind="stable")
+        sorted_ids = self.ids[order]
+        at = np.searchsorted(sorted_ids, keys)
+        at = np.clip(at, 0, max(len(sorted_ids) - 1, 0))
+        hit = sorted_ids[at] == keys if len(sorted_ids) else np.zeros(len(keys), bool)
+        return np.sort(order[at[hit]])
+
+    def cpu_index(self) -> Any:
+        """The index on the CPU (a copy when it lives on the GPU)."""
+        if not self.on_gpu:
+            return self.index
+        if self._cpu is None:
+            self._cpu = to_cpu(self.index)
+        return self._cpu
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description saved beside the index."""
+        return {
+            "format_version": INDEX_FORMAT_VERSION,
+            "pinsearch_version": __version__,
+            "backbone": self.backbone,
+            "factory": self.factory,
+            "metric": self.config.metric,
+            "dim": self.dim,
+            "ntotal": self.ntotal,
+            "build_seconds": round(self.build_seconds, 4),
+            "config": asdict(self.config),
+        }
+
+    def save(self, path: str | Path) -> dict[str, Any]:
+        """Write ``PATH.faiss``, ``PATH.ids.npy`` and ``PATH.json`` atomically.
+
+        Returns:
+            The description written to the JSON file (with checksums).
+        """
+        import faiss
+
+        base = Path(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        files = _paths(base)
+        tmp = {k: v.with_name(v.name + ".tmp") for k, v in files.items()}
+        faiss.write_index(self.cpu_index(), str(tmp["faiss"]))
+        with tmp["ids"].open("wb") as fh:
+            np.save(fh, self.ids.astype(np.int64), allow_pickle=False)
+        meta = self.describe()
+        meta["sha256"] = {
+            "faiss": file_sha256(tmp["faiss"]),
+            "ids": file_sha256(tmp["ids"]),
+        }
+        tmp["json"].write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for key in ("faiss", "ids", "json"):  # the JSON last: it vouches for the others
+            os.replace(tmp[key], files[key])
+        return meta
+
+
+def _paths(base: Path) -> dict[str, Path]:
+    return {
+        "faiss": base.with_name(base.name + ".faiss"),
+        "ids": base.with_name(base.name + ".ids.npy"),
+        "json": base.with_name(base.name + ".json"),
+    }
+
+
+def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
+
+
+def _ivf_of(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool]:
+    want_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
+    if config.device == "gpu" and gpu_count() == 0:
+        raise RuntimeError("device='gpu' was asked for but faiss sees no GPU")
+    if not want_gpu:
+        return cpu_index, False
+    if "HNSW" in factory or config.metric == "l1":
+        _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
+        return cpu_index, False
+    return to_gpu(cpu_index, fp16=config.fp16), True
+
+
+def build_index(
+    vectors: np.ndarray,
+    keys: np.ndarray,
+    config: IndexConfig | None = None,
+    *,
+    backbone: str = "",
+) -> PinIndex:
+    """Build an index over ``vectors`` whose rows belong to pins ``keys``.
+
+    Training (IVF, PQ) uses a seeded sample of at most ``config.max_train`` vectors.
+    """
+    import faiss
+
+    config = config or IndexConfig()
+    x = _as_f32(vectors)
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(keys) != len(x):
+        raise ValueError(f"{len(x)} vectors but {len(keys)} pin keys")
+    if len(np.unique(keys)) != len(keys):
+        raise ValueError("pin keys passed to build_index are not unique")
+    n, dim = x.shape
+    factory = config.factory
+    if factory == "auto":
+        factory = choose_factory(max(n, 1), dim, config.metric, config.memory_budget)
+    start = time.perf_counter()
+    try:
+        cpu = faiss.index_factory(dim, factory, faiss_metric(config.metric))
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS cannot build index {factory!r}: {exc}") from exc
+    index, on_gpu = _place(cpu, config, factory)
+    pin_index = PinIndex(index, np.empty(0, np.int64), config, factory, dim, backbone, 0.0, on_gpu)
+    if not index.is_trained:
+        if n == 0:
+            raise ValueError(f"index {factory!r} needs training vectors; none given")
+        rng = np.random.default_rng(config.seed)
+        sample = x if n <= config.max_train else x[np.sort(rng.choice(n, config.max_train, False))]
+        index.train(pin_index.prepare(sample))
+    pin_index.add(x, keys)
+    pin_index.build_seconds = time.perf_counter() - start
+    return pin_index
+
+
+def load_index(
+    path: str | Path, *, config: IndexConfig | None = None, verify: bool = True
+) -> PinIndex:
+    """Load an index saved by :meth:`PinIndex.save`, checking its files against the JSON.
+
+    Args:
+        path: the base path (without ``.faiss``).
+        config: overrides of search-time settings (device, nprobe, ef_search, fp16).
+        verify: check SHA-256 checksums (reads the whole file once).
+
+    Raises:
+        IndexFileError: a file is missing or damaged, or the format is unknown.
+    """
+    import faiss
+
+    files = _paths(Path(path))
+    for key, f in files.items():
+        if not f.is_file():
+            raise IndexFileError(f"index file {f} is missing ({key})")
+    try:
+        meta = json.loads(files["json"].read_text())
+    except (OSError, ValueError) as exc:
+        raise IndexFileError(f"index description {files['json']} is unreadable: {exc}") from exc
+    if meta.get("format_version") != INDEX_FORMAT_VERSION:
+        raise IndexFileError(
+            f"{files['json']}: index format {meta.get('format_version')!r}, "
+            f"this pinsearch reads {INDEX_FORMAT_VERSION}"
+        )
+    if verify:
+        for key in ("faiss", "ids"):
+            if file_sha256(files[key]) != meta["sha256"][key]:
+                raise IndexFileError(
+                    f"index file {files[key]} does not match its checksum: it is damaged; "
+                    "rebuild it from the stored vectors"
+                )
+    try:
+        cpu = faiss.read_index(str(files["faiss"]))
+        ids = np.load(files["ids"], allow_pickle=False)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise IndexFileError(f"cannot read index {files['faiss']}: {exc}") from exc
+    if cpu.ntotal != len(ids) or cpu.ntotal != meta["ntotal"] or cpu.d != meta["dim"]:
+        raise IndexFileError(
+            f"index {files['faiss']} holds {cpu.ntotal} vectors of dim {cpu.d}; its id map has "
+            f"{len(ids)} and its description says {meta['ntotal']} x {meta['dim']}"
+        )
+    saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
+    if config is not None:
+        saved = replace(
+            saved,
+            device=config.device,
+            fp16=config.fp16,
+            nprobe=config.nprobe if config.nprobe is not None else saved.nprobe,
+            ef_search=config.ef_search if config.ef_search is not None else saved.ef_search,
+        )
+    index, on_gpu = _place(cpu, saved, meta["factory"])
+    return PinIndex(
+        index,
+        ids.astype(np.int64),
+        saved,
+        meta["factory"],
+        int(meta["dim"]),
+        meta.get("backbone", ""),
+        float(meta.get("build_seconds", 0.0)),
+        on_gpu,
+    )

@@ -1,0 +1,147 @@
+"""Index configuration: FAISS factory strings, metrics, and the automatic choice of index type.
+
+Index types are FAISS ``index_factory`` strings (``"Flat"``, ``"IVF1024,Flat"``,
+``"IVF4096,PQ32"``, ``"HNSW32"``), plus ``"auto"``, resolved by :func:`choose_factory` from the
+number of vectors, their dimension and a memory budget (rules after autofaiss: exact search
+while it is cheap, IVF-Flat while raw vectors fit the budget, IVF-PQ below it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "METRICS",
+    "IndexConfig",
+    "choose_factory",
+    "default_memory_budget",
+    "faiss_metric",
+    "ivf_nlist",
+    "validate_factory",
+]
+
+Metric = Literal["cosine", "ip", "l2", "l1"]
+#: Supported metrics. ``cosine`` is inner product over L2-normalised vectors; ``l2`` distances
+#: are squared, as FAISS returns them.
+METRICS: tuple[str, ...] = ("cosine", "ip", "l2", "l1")
+
+#: Below this many vectors exact search is always chosen: it is fast and has perfect recall.
+EXACT_MAX = 100_000
+
+_PQ_CHOICES = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How an index is built and searched."""
+
+    factory: str = "auto"  # FAISS index_factory string, or "auto"
+    metric: Metric = "cosine"  # cosine, ip, l2 or l1
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU whenever faiss sees one
+    fp16: bool = False  # GPU: store vectors / lookup tables in float16
+    memory_budget: int | None = None  # bytes for the index; None = half the machine's RAM
+    nprobe: int | None = None  # IVF lists visited per query (None: about nlist / 16)
+    ef_search: int | None = None  # HNSW search breadth (None: faiss default, at least 2k)
+    max_train: int = 200_000  # most vectors used to train IVF / PQ
+    seed: int = 0  # seed of the training sample
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"unknown device {self.device!r}; expected auto, cpu or gpu")
+        if self.factory != "auto":
+            validate_factory(self.factory, self.metric)
+
+
+def faiss_metric(metric: str) -> int:
+    """The FAISS metric constant for a pinsearch metric name."""
+    import faiss
+
+    table = {
+        "cosine": faiss.METRIC_INNER_PRODUCT,
+        "ip": faiss.METRIC_INNER_PRODUCT,
+        "l2": faiss.METRIC_L2,
+        "l1": faiss.METRIC_L1,
+    }
+    if metric not in table:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    return table[metric]
+
+
+def validate_factory(factory: str, metric: str = "cosine") -> str:
+    """Check a factory string without building it.
+
+    Raises:
+        ValueError: empty string, an ``IDMap`` prefix (pinsearch keeps ids itself), or a
+            quantiser that cannot compute the metric (L1 needs uncompressed vectors).
+    """
+    text = factory.strip()
+    if not text:
+        raise ValueError("index factory string is empty")
+    if text.upper().startswith("IDMAP"):
+        raise ValueError(
+            f"factory {factory!r}: drop the IDMap prefix; pinsearch maps ids to pins itself"
+        )
+    if metric == "l1" and re.search(r"PQ|SQ|LSH|RQ", text):
+        raise ValueError(
+            f"factory {factory!r} compresses vectors; metric 'l1' needs Flat, IVF...,Flat or HNSW"
+        )
+    return text
+
+
+def ivf_nlist(n: int) -> int:
+    """Number of IVF lists for ``n`` vectors: about 4 sqrt(n), a power of two, >= 39 per list."""
+    if n < 39 * 16:
+        return max(1, n // 39)
+    target = 4 * math.sqrt(n)
+    nlist = 2 ** round(math.log2(target))
+    while nlist > 16 and n < 39 * nlist:
+        nlist //= 2
+    return int(min(nlist, 65536))
+
+
+def default_memory_budget() -> int:
+    """Half of the machine's physical memory, in bytes."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def choose_factory(
+    n: int, dim: int, metric: str = "cosine", memory_budget: int | None = None
+) -> str:
+    """Pick an index type for ``n`` vectors of ``dim`` floats.
+
+    Returns:
+        ``"Flat"`` for small corpora or L1; ``"IVF{nlist},Flat"`` while raw float32 vectors fit
+        the budget; ``"IVF{nlist},PQ{m}"`` with the largest code that fits it otherwise.
+
+    Raises:
+        ValueError: non-positive sizes, or a budget too small for even 4-byte codes.
+    """
+    if n <= 0 or dim <= 0:
+        raise ValueError(f"cannot choose an index for n={n}, dim={dim}")
+    budget = memory_budget if memory_budget is not None else default_memory_budget()
+    raw = n * dim * 4
+    if metric == "l1":
+        return "Flat" if raw <= budget else "HNSW32"
+    if n <= EXACT_MAX and raw <= budget:
+        return "Flat"
+    nlist = ivf_nlist(n)
+    # Coarse quantiser and list overhead: centroids plus 8 bytes of id per vector.
+    overhead = nlist * dim * 4 + n * 8
+    if raw * 1.05 + overhead <= budget:
+        return f"IVF{nlist},Flat"
+    for m in _PQ_CHOICES:
+        if dim % m == 0 and n * m + overhead <= budget:
+            return f"IVF{nlist},PQ{m}"
+    raise ValueError(
+        f"memory budget {budget} bytes is too small for {n} vectors of dim {dim} "
+        "(even 4-byte PQ codes do not fit)"
+    )

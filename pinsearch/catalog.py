@@ -1,0 +1,453 @@
+"""The DuckDB catalog: users, boards, pins, skipped pins, embedding runs, vector parts, indexes.
+
+Every statement is parameterised; values from users never become SQL text. The schema is
+plain SQL so that ``duckdb S/catalog.duckdb`` answers questions about a store directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+
+from pinsearch.ingest import IngestResult, PinRecord, SkippedPin
+
+__all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog"]
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+#: Columns returned for a pin by :meth:`Catalog.pins_by_key`, in order.
+PIN_COLUMNS = (
+    "pin_key",
+    "pin_id",
+    "title",
+    "description",
+    "board",
+    "board_name",
+    "user_id",
+    "category",
+    "path",
+    "link",
+    "width",
+    "height",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS users (user_id VARCHAR PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS boards (
+    board VARCHAR PRIMARY KEY,      -- "user/board" (tree) or the category (image folder)
+    user_id VARCHAR,
+    name VARCHAR,
+    category VARCHAR,
+    description VARCHAR
+);
+CREATE TABLE IF NOT EXISTS pins (
+    pin_key BIGINT PRIMARY KEY,     -- the FAISS id of the pin in every index
+    pin_id VARCHAR NOT NULL UNIQUE,
+    board VARCHAR,
+    user_id VARCHAR,
+    category VARCHAR,
+    title VARCHAR,
+    description VARCHAR,
+    link VARCHAR,
+    path VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    ingest_id INTEGER
+);
+CREATE TABLE IF NOT EXISTS skipped (
+    pin_id VARCHAR,
+    path VARCHAR,
+    stage VARCHAR,                  -- ingest (reading/probing) or embed (decoding)
+    reason VARCHAR,
+    detail VARCHAR,
+    backbone VARCHAR,
+    ingest_id INTEGER,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS ingests (
+    ingest_id INTEGER PRIMARY KEY,
+    corpus VARCHAR,
+    format VARCHAR,
+    config VARCHAR,                 -- JSON of the IngestConfig
+    found INTEGER,
+    added INTEGER,
+    already_present INTEGER,
+    skipped INTEGER,
+    sampled_out INTEGER,
+    created_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS embeddings (
+    backbone VARCHAR PRIMARY KEY,
+    spec VARCHAR,                   -- JSON: the backbone spec and resolved weights
+    preprocess VARCHAR,             -- JSON: input size, mean, std, interpolation, crop
+    dim INTEGER,
+    dtype VARCHAR,
+    normalize BOOLEAN,
+    count BIGINT,
+    seconds DOUBLE,
+    images_per_s DOUBLE,
+    device VARCHAR,
+    pinsearch_version VARCHAR,
+    created TIMESTAMP,
+    updated TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS vector_parts (
+    backbone VARCHAR,
+    part INTEGER,
+    file VARCHAR,                   -- relative to the store
+    n INTEGER,
+    sha256 VARCHAR,
+    PRIMARY KEY (backbone, part)
+);
+CREATE TABLE IF NOT EXISTS indexes (
+    name VARCHAR PRIMARY KEY,
+    backbone VARCHAR,
+    factory VARCHAR,
+    metric VARCHAR,
+    file VARCHAR,
+    ntotal BIGINT,
+    dim INTEGER,
+    sha256 VARCHAR,
+    build_seconds DOUBLE,
+    config VARCHAR,
+    built_at TIMESTAMP
+);
+CREATE OR REPLACE VIEW categories AS
+    SELECT category, count(*) AS pins, count(DISTINCT board) AS boards,
+           count(DISTINCT user_id) AS users
+    FROM pins GROUP BY category;
+"""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class Catalog:
+    """A connection to a store's ``catalog.duckdb``.
+
+    Args:
+        path: the DuckDB file.
+        read_only: open without write access (several readers may share the file).
+    """
+
+    def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._con = duckdb.connect(str(self.path), read_only=read_only)
+        if not read_only:
+            self._con.execute(_SCHEMA)
+            if self.get_meta("schema_version") is None:
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._con is not None:
+            self._con.close()
+            self._con = None  # type: ignore[assignment]
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection, for ad-hoc SQL (``store.catalog.connection.sql(...)``)."""
+        return self._con
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run a parameterised query and return rows as dicts."""
+        cur = self._con.execute(sql, list(params))
+        cols = [d[0] for d in cur.description or []]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run a parameterised query returning one value."""
+        row = self._con.execute(sql, list(params)).fetchone()
+        return None if row is None else row[0]
+
+    def transaction(self) -> _Transaction:
+        """``with catalog.transaction(): ...`` commits on success, rolls back on error."""
+        return _Transaction(self._con)
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the ``meta`` table, or None."""
+        return self.scalar("SELECT value FROM meta WHERE key = ?", [key])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Insert or replace a value of the ``meta`` table."""
+        self._con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+    # -- pins -----------------------------------------------------------------------------
+
+    def pin_ids(self) -> set[str]:
+        """Every stored pin id."""
+        return {r[0] for r in self._con.execute("SELECT pin_id FROM pins").fetchall()}
+
+    def count_pins(self) -> int:
+        """Number of stored pins."""
+        return int(self.scalar("SELECT count(*) FROM pins"))
+
+    def add_ingest(self, result: IngestResult, config_json: str) -> tuple[int, int]:
+        """Store the pins, boards, users and skipped pins of an ingest in one transaction.
+
+        Returns:
+            ``(ingest_id, added)``.
+        """
+        with self.transaction():
+            ingest_id = int(self.scalar("SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests"))
+            next_key = int(self.get_meta("next_pin_key") or 0)
+            users = sorted({p.user for p in result.pins if p.user})
+            if users:
+                self._con.executemany(
+                    "INSERT INTO users VALUES (?) ON CONFLICT DO NOTHING", [[u] for u in users]
+                )
+            boards = [
+                [b.board, b.user, b.board_name, b.category, b.board_description]
+                for b in result.boards.values()
+            ]
+            if boards:
+                self._con.executemany(
+                    "INSERT INTO boards VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", boards
+                )
+            rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
+            if rows:
+                self._insert_pins(rows)
+            self.set_meta("next_pin_key", str(next_key + len(rows)))
+            self.add_skipped(result.skipped, ingest_id=ingest_id)
+            self._con.execute(
+                "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    ingest_id,
+                    str(result.root),
+                    result.format,
+                    config_json,
+                    result.found,
+                    len(rows),
+                    result.already_present,
+                    len(result.skipped),
+                    result.sampled_out,
+                    _now(),
+                ],
+            )
+        return ingest_id, len(rows)
+
+    def _insert_pins(self, rows: list[list[Any]]) -> None:
+        # A columnar insert through Arrow is much faster than executemany for large ingests.
+        import pyarrow as pa
+
+        cols = list(zip(*rows))
+        names = [
+            "pin_key", "pin_id", "board", "user_id", "category", "title", "description",
+            "link", "path", "width", "height", "ingest_id",
+        ]  # fmt: skip
+        types = [pa.int64(), *[pa.string()] * 8, pa.int32(), pa.int32(), pa.int32()]
+        table = pa.table({n: pa.array(c, type=t) for n, c, t in zip(names, cols, types)})
+        self._con.register("_new_pins", table)
+        try:
+            self._con.execute(f"INSERT INTO pins ({', '.join(names)}) SELECT * FROM _new_pins")
+        finally:
+            self._con.unregister("_new_pins")
+
+    def add_skipped(
+        self,
+        skipped: Iterable[SkippedPin],
+        *,
+        ingest_id: int | None = None,
+        backbone: str | None = None,
+    ) -> None:
+        """Record skipped pins."""
+        now = _now()
+        rows = [
+            [s.pin_id, s.path, s.stage, s.reason, s.detail, backbone, ingest_id, now]
+            for s in skipped
+        ]
+        if rows:
+            self._con.executemany("INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def pin_paths(self, keys: Sequence[int] | None = None) -> list[tuple[int, str]]:
+        """``(pin_key, path)`` of the given pins (all pins when None), ordered by key."""
+        if keys is None:
+            cur = self._con.execute("SELECT pin_key, path FROM pins ORDER BY pin_key")
+        else:
+            cur = self._con.execute(
+                "SELECT pin_key, path FROM pins WHERE pin_key IN (SELECT unnest(?)) "
+                "ORDER BY pin_key",
+                [list(map(int, keys))],
+            )
+        return [(int(k), str(p)) for k, p in cur.fetchall()]
+
+    def keys_for_ids(self, pin_ids: Sequence[str]) -> dict[str, int]:
+        """Map pin ids to pin keys (unknown ids are absent from the result)."""
+        cur = self._con.execute(
+            "SELECT pin_id, pin_key FROM pins WHERE pin_id IN (SELECT unnest(?))",
+            [list(pin_ids)],
+        )
+        return {str(i): int(k) for i, k in cur.fetchall()}
+
+    def pins_by_key(self, keys: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Metadata rows for the given pin keys, in one query."""
+        if len(keys) == 0:
+            return {}
+        rows = self.query(
+            "SELECT p.pin_key, p.pin_id, p.title, p.description, p.board, "
+            "coalesce(b.name, p.board) AS board_name, p.user_id, p.category, p.path, p.link, "
+            "p.width, p.height FROM pins p LEFT JOIN boards b ON b.board = p.board "
+            "WHERE p.pin_key IN (SELECT unnest(?))",
+            [[int(k) for k in keys]],
+        )
+        return {int(r["pin_key"]): r for r in rows}
+
+    def filter_keys(
+        self,
+        *,
+        board: str | None = None,
+        user: str | None = None,
+        category: str | None = None,
+    ) -> np.ndarray | None:
+        """Pin keys matching all given filters (None when no filter is given).
+
+        A board matches its key (``user/board``) or its display name.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if board is not None:
+            clauses.append("(p.board = ? OR b.name = ?)")
+            params += [board, board]
+        if user is not None:
+            clauses.append("p.user_id = ?")
+            params.append(user)
+        if category is not None:
+            clauses.append("p.category = ?")
+            params.append(category)
+        if not clauses:
+            return None
+        cur = self._con.execute(
+            "SELECT p.pin_key FROM pins p LEFT JOIN boards b ON b.board = p.board WHERE "
+            + " AND ".join(clauses),
+            params,
+        )
+        return np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
+
+    def drop_pins(self, keys: Sequence[int]) -> None:
+        """Delete pins (used when a pin's image fails to decode and it has no vectors)."""
+        if len(keys):
+            self._con.execute(
+                "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [[int(k) for k in keys]]
+            )
+
+    # -- embeddings and vector parts -------------------------------------------------------
+
+    def get_embedding(self, backbone: str) -> dict[str, Any] | None:
+        """The embedding run of a backbone, with ``spec``/``preprocess`` decoded, or None."""
+        rows = self.query("SELECT * FROM embeddings WHERE backbone = ?", [backbone])
+        if not rows:
+            return None
+        row = rows[0]
+        row["spec"] = json.loads(row["spec"])
+        row["preprocess"] = json.loads(row["preprocess"])
+        return row
+
+    def list_embeddings(self) -> list[dict[str, Any]]:
+        """Every embedding run, without the JSON columns decoded."""
+        return self.query("SELECT * FROM embeddings ORDER BY backbone")
+
+    def upsert_embedding(self, backbone: str, **fields: Any) -> None:
+        """Create or update the embedding run row of a backbone."""
+        now = _now()
+        if self.get_embedding(backbone) is None:
+            self._con.execute(
+                "INSERT INTO embeddings (backbone, created, count, seconds) VALUES (?, ?, 0, 0)",
+                [backbone, now],
+            )
+        fields["updated"] = now
+        for key in ("spec", "preprocess"):
+            if key in fields and not isinstance(fields[key], str):
+                fields[key] = json.dumps(fields[key], sort_keys=True)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._con.execute(
+            f"UPDATE embeddings SET {sets} WHERE backbone = ?", [*fields.values(), backbone]
+        )
+
+    def vector_parts(self, backbone: str) -> list[dict[str, Any]]:
+        """The committed vector parts of a backbone, in order."""
+        return self.query(
+            "SELECT part, file, n, sha256 FROM vector_parts WHERE backbone = ? ORDER BY part",
+            [backbone],
+        )
+
+    def add_vector_part(self, backbone: str, part: int, file: str, n: int, sha256: str) -> None:
+        """Record a committed vector part and bump the run's count."""
+        self._con.execute(
+            "INSERT INTO vector_parts VALUES (?, ?, ?, ?, ?)", [backbone, part, file, n, sha256]
+        )
+        self._con.execute(
+            "UPDATE embeddings SET count = count + ?, updated = ? WHERE backbone = ?",
+            [n, _now(), backbone],
+        )
+
+    # -- indexes --------------------------------------------------------------------------
+
+    def upsert_index(self, row: dict[str, Any]) -> None:
+        """Create or replace the catalog row of an index."""
+        row = {**row, "built_at": _now()}
+        cols = list(row)
+        self._con.execute(
+            f"INSERT OR REPLACE INTO indexes ({', '.join(cols)}) "
+            f"VALUES ({', '.join('?' for _ in cols)})",
+            list(row.values()),
+        )
+
+    def get_index(self, name: str) -> dict[str, Any] | None:
+        """The catalog row of an index, or None."""
+        rows = self.query("SELECT * FROM indexes WHERE name = ?", [name])
+        return rows[0] if rows else None
+
+    def list_indexes(self) -> list[dict[str, Any]]:
+        """Every index row."""
+        return self.query("SELECT * FROM indexes ORDER BY name")
+
+
+def _pin_row(p: PinRecord, key: int, ingest_id: int) -> list[Any]:
+    return [
+        key,
+        p.pin_id,
+        p.board,
+        p.user,
+        p.category,
+        p.title,
+        p.description,
+        p.link,
+        str(p.path),
+        p.width,
+        p.height,
+        ingest_id,
+    ]
+
+
+class _Transaction:
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+
+    def __enter__(self) -> None:
+        self._con.execute("BEGIN TRANSACTION")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self._con.execute("COMMIT")
+        else:
+            self._con.execute("ROLLBACK")

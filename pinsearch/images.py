@@ -1,0 +1,135 @@
+"""Opening pin images safely: header probes, bomb guard, colour-mode and orientation fixes."""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "ImageInfo",
+    "is_image_file",
+    "load_rgb",
+    "probe_image",
+]
+
+#: File extensions treated as pin images (lower case).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+#: Largest image accepted, in pixels (width x height). A 12k x 12k photo passes; a bomb does not.
+DEFAULT_MAX_PIXELS = 150_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; ``reason`` is a short code stored in the catalog."""
+
+    def __init__(self, path: str | Path, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {reason}: {detail}")
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a header probe learns about an image without decoding its pixels."""
+
+    width: int
+    height: int
+    format: str
+    mode: str
+
+
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` has an image extension (the content is checked later)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageError(path, "unreadable", str(exc)) from exc
+    if size == 0:
+        raise ImageError(path, "empty_file", "the file has 0 bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(path, "too_large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(path, "not_an_image", "not a recognised image format") from exc
+    except OSError as exc:
+        raise ImageError(path, "unreadable", str(exc)) from exc
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        img.close()
+        raise ImageError(path, "corrupt", f"invalid size {w}x{h}")
+    if w * h > max_pixels:
+        img.close()
+        raise ImageError(
+            path, "too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+        )
+    return img
+
+
+def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read an image's header only.
+
+    Catches empty files, non-images (whatever their extension) and decompression bombs
+    cheaply; truncated pixel data is only found by :func:`load_rgb`.
+
+    Raises:
+        ImageError: with a reason code (``empty_file``, ``not_an_image``, ``too_large``, ...).
+    """
+    path = Path(path)
+    with _open(path, max_pixels) as img:
+        return ImageInfo(img.size[0], img.size[1], str(img.format), img.mode)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # Scale high bit depths to 8 bits instead of letting PIL clip them to white.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image fully into 8-bit RGB, upright (EXIF orientation applied).
+
+    Alpha is composited over white; CMYK, palette, grey and 16-bit images are converted.
+
+    Raises:
+        ImageError: ``truncated`` or ``corrupt`` pixel data, plus every probe reason.
+    """
+    path = Path(path)
+    img = _open(path, max_pixels)
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return _to_rgb(img)
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise ImageError(path, reason, str(exc)) from exc
+    except (ValueError, SyntaxError, IndexError, struct.error) as exc:
+        raise ImageError(path, "corrupt", f"{type(exc).__name__}: {exc}") from exc

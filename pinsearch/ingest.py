@@ -1,0 +1,512 @@
+"""Corpus readers: a Pinterest tree, an image folder, or a manifest -> the same pin records.
+
+Readers yield :class:`PinRecord` or :class:`SkippedPin`; :func:`read_corpus` then normalises
+categories, drops excluded ones, removes duplicate ids, probes image headers and samples per
+category. Every pin found ends up either kept, skipped (with a reason) or sampled out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from pinsearch.errors import CorpusError
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file, probe_image
+
+__all__ = [
+    "CORPUS_FORMATS",
+    "IngestConfig",
+    "IngestResult",
+    "PinRecord",
+    "SkippedPin",
+    "detect_format",
+    "iter_folder",
+    "iter_manifest",
+    "iter_tree",
+    "normalize_category",
+    "read_corpus",
+    "sample_per_category",
+]
+
+_logger = logging.getLogger(__name__)
+
+CorpusFormat = Literal["auto", "tree", "folder", "manifest"]
+CORPUS_FORMATS: tuple[str, ...] = ("auto", "tree", "folder", "manifest")
+_MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class PinRecord:
+    """One pin as every reader produces it."""
+
+    pin_id: str  # unique within the store
+    board: str  # board key: "user/board" for a tree, the category for an image folder
+    user: str | None  # owner, None when the format has no users
+    category: str  # normalised category (the label)
+    title: str
+    description: str
+    path: Path  # absolute path of the image
+    link: str = ""
+    board_name: str = ""  # display name of the board (board.json "name")
+    board_description: str = ""
+    width: int | None = None  # filled by the header probe
+    height: int | None = None
+
+
+@dataclass(frozen=True)
+class SkippedPin:
+    """A pin that was found but not kept, and why."""
+
+    path: str
+    reason: str  # short code: empty_file, not_an_image, duplicate_id, excluded_category, ...
+    detail: str  # human-readable explanation naming the culprit
+    pin_id: str | None = None
+    stage: str = "ingest"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How a corpus is read."""
+
+    format: CorpusFormat = "auto"  # tree, folder or manifest; auto detects it
+    drop_categories: tuple[str, ...] = ("none", "other")  # the paper's cleaning step
+    categories: tuple[str, ...] | None = None  # keep only these (normalised names); None = all
+    per_category: int | None = None  # stratified sample of at most N pins per category
+    seed: int = 0  # seed of the sampling
+    check_images: bool = True  # probe every image header (empty, non-image, bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
+    allow_outside_root: bool = False  # manifests: accept paths outside the corpus root
+    workers: int = 8  # threads probing image headers
+
+
+@dataclass
+class IngestResult:
+    """What :func:`read_corpus` found: kept pins, skipped pins and the counts."""
+
+    root: Path
+    format: str
+    pins: list[PinRecord]
+    skipped: list[SkippedPin]
+    found: int
+    sampled_out: int = 0
+    already_present: int = 0  # pins whose id the store already holds
+    boards: dict[str, PinRecord] = field(default_factory=dict)  # one example record per board
+
+
+_CATEGORY_SEP = re.compile(r"[\s,&/+\-]+")
+
+
+def normalize_category(name: str | None) -> str:
+    """Normalise a category label: ``"Film, Music & Books"`` -> ``"film_music_books"``.
+
+    Lower case; runs of spaces, commas, ``&``, ``/``, ``+`` and ``-`` become one underscore.
+    Returns ``""`` for a missing or blank name.
+    """
+    if name is None:
+        return ""
+    text = _CATEGORY_SEP.sub("_", str(name).strip().lower())
+    text = re.sub(r"_+", "_", text).strip("_")
+    return text
+
+
+def _text(value: object) -> str:
+    return "" if value is None else str(value).strip()
+
+
+def _read_json(path: Path) -> dict[str, object]:
+    """Read a JSON object; raises ValueError describing what is wrong."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _valid_name(name: str) -> bool:
+    """Whether a file name can be stored as text (non-UTF-8 names arrive as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _pick_image(pin_dir: Path, files: Sequence[os.DirEntry[str]]) -> Path | None:
+    images = [Path(e.path) for e in files if is_image_file(Path(e.name))]
+    if not images:
+        return None
+    for img in images:  # prefer <pin_id>.<ext>, the documented name
+        if img.stem == pin_dir.name:
+            return img
+    return images[0]
+
+
+def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
+    """Read a Pinterest tree ``ROOT/<user>/<board>/<pin>/``.
+
+    Each board folder holds ``board.json`` (``name``, ``category``, ``description``); each pin
+    folder holds one image (preferably ``<pin>.jpg``) and an optional ``pin.json`` (``title``,
+    ``description``, ``link``). Images lying loose in a board folder are pins too (id = stem).
+    """
+    root = Path(root)
+    for user_entry in _visible_entries(root):
+        if not user_entry.is_dir():
+            continue
+        for board_entry in _visible_entries(Path(user_entry.path)):
+            if board_entry.is_dir():
+                yield from _iter_board(Path(board_entry.path), user_entry.name)
+
+
+def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
+    entries = _visible_entries(board_dir)
+    board_key = f"{user}/{board_dir.name}"
+    problem = ""
+    meta: dict[str, object] = {}
+    if not (_valid_name(user) and _valid_name(board_dir.name)):
+        problem = "non_utf8_name: the user or board folder name is not valid UTF-8"
+    elif not (board_dir / "board.json").is_file():
+        problem = f"missing_board_json: {board_dir / 'board.json'} does not exist"
+    else:
+        try:
+            meta = _read_json(board_dir / "board.json")
+        except (ValueError, OSError) as exc:
+            problem = f"malformed_board_json: {board_dir / 'board.json'}: {exc}"
+    category = normalize_category(_text(meta.get("category"))) if not problem else ""
+    if not problem and not category:
+        problem = f"missing_category: {board_dir / 'board.json'} has no 'category'"
+    board_name = _text(meta.get("name")) or board_dir.name
+    board_desc = _text(meta.get("description"))
+    for entry in entries:
+        if entry.name == "board.json":
+            continue
+        if entry.is_dir():
+            pin_dir = Path(entry.path)
+            with os.scandir(pin_dir) as it:
+                files = sorted((e for e in it if e.is_file()), key=lambda e: e.name)
+            image = _pick_image(pin_dir, files)
+            pin_id = entry.name
+            pin_json = pin_dir / "pin.json"
+        elif entry.is_file() and is_image_file(Path(entry.name)):
+            image, pin_id, pin_json = Path(entry.path), Path(entry.name).stem, None
+        else:
+            continue
+        where = str(image or entry.path)
+        if problem:
+            reason, detail = problem.split(": ", 1)
+            yield SkippedPin(where, reason, detail, pin_id if _valid_name(pin_id) else None)
+            continue
+        if not _valid_name(pin_id) or (image is not None and not _valid_name(image.name)):
+            yield SkippedPin(
+                where.encode("utf-8", "backslashreplace").decode("utf-8"),
+                "non_utf8_name",
+                "the pin's file or folder name is not valid UTF-8",
+            )
+            continue
+        if image is None:
+            yield SkippedPin(where, "no_image", f"no image file in pin folder {entry.path}", pin_id)
+            continue
+        info: dict[str, object] = {}
+        if pin_json is not None and pin_json.is_file():
+            try:
+                info = _read_json(pin_json)
+            except (ValueError, OSError) as exc:
+                yield SkippedPin(where, "malformed_pin_json", f"{pin_json}: {exc}", pin_id)
+                continue
+        yield PinRecord(
+            pin_id=pin_id,
+            board=board_key,
+            user=user,
+            category=category,
+            title=_text(info.get("title")),
+            description=_text(info.get("description")),
+            link=_text(info.get("link")),
+            path=image.resolve(),
+            board_name=board_name,
+            board_description=board_desc,
+        )
+
+
+def iter_folder(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
+    """Read an image folder ``ROOT/<category>/<image>`` (nested folders allowed).
+
+    The board is the category folder, there are no users, and the pin id is the image's path
+    relative to ROOT without its extension.
+    """
+    root = Path(root).resolve()
+    for cat_entry in _visible_entries(root):
+        if not cat_entry.is_dir():
+            continue
+        category = normalize_category(cat_entry.name)
+        for dirpath, dirnames, filenames in os.walk(cat_entry.path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                if name.startswith(".") or not is_image_file(path):
+                    continue
+                rel = path.relative_to(root).with_suffix("").as_posix()
+                if not _valid_name(rel):
+                    yield SkippedPin(
+                        str(path).encode("utf-8", "backslashreplace").decode("utf-8"),
+                        "non_utf8_name",
+                        "the file name is not valid UTF-8",
+                    )
+                    continue
+                yield PinRecord(
+                    pin_id=rel,
+                    board=category,
+                    user=None,
+                    category=category,
+                    title=path.stem.replace("_", " "),
+                    description="",
+                    path=path,
+                    board_name=cat_entry.name,
+                )
+
+
+def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
+    if path.suffix.lower() == ".csv":
+        fh = path.open(newline="", encoding="utf-8-sig")
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), _close_after(reader, fh)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return list(table.column_names), iter(table.to_pylist())
+
+
+def _close_after(rows: Iterable[dict[str, object]], fh: object) -> Iterator[dict[str, object]]:
+    try:
+        yield from rows
+    finally:
+        fh.close()  # type: ignore[attr-defined]
+
+
+def iter_manifest(
+    manifest: str | Path, root: str | Path | None = None, *, allow_outside_root: bool = False
+) -> Iterator[PinRecord | SkippedPin]:
+    """Read a CSV or Parquet manifest.
+
+    Required columns: ``path`` and ``category``. Optional: ``pin_id`` (default: the path without
+    extension), ``board`` (default: the category), ``user``, ``title``, ``description``, ``link``.
+    Relative paths are resolved against ``root`` (default: the manifest's folder); paths that
+    are absolute or escape the root are skipped unless ``allow_outside_root``.
+
+    Raises:
+        CorpusError: the manifest lacks a required column.
+    """
+    manifest = Path(manifest)
+    base = Path(root).resolve() if root is not None else manifest.resolve().parent
+    columns, rows = _manifest_rows(manifest)
+    missing = [c for c in ("path", "category") if c not in columns]
+    if missing:
+        raise CorpusError(
+            f"manifest {manifest} lacks required column(s) {missing}; it has {columns}"
+        )
+    for line, row in enumerate(rows, start=2):
+        raw_path = _text(row.get("path"))
+        if not raw_path:
+            yield SkippedPin(
+                f"{manifest}:{line}", "missing_path", f"row {line} of {manifest} has no path"
+            )
+            continue
+        rel = Path(raw_path)
+        full = (base / rel).resolve()
+        if not allow_outside_root and (rel.is_absolute() or not full.is_relative_to(base)):
+            yield SkippedPin(
+                raw_path,
+                "path_outside_root",
+                f"row {line} of {manifest}: {raw_path!r} is outside the corpus root {base}",
+            )
+            continue
+        category = normalize_category(_text(row.get("category")))
+        pin_id = _text(row.get("pin_id")) or rel.with_suffix("").as_posix()
+        if not category:
+            yield SkippedPin(
+                raw_path, "missing_category", f"row {line} of {manifest} has no category", pin_id
+            )
+            continue
+        user = _text(row.get("user")) or None
+        board = _text(row.get("board")) or category
+        yield PinRecord(
+            pin_id=pin_id,
+            board=f"{user}/{board}" if user else board,
+            user=user,
+            category=category,
+            title=_text(row.get("title")),
+            description=_text(row.get("description")),
+            link=_text(row.get("link")),
+            path=full,
+            board_name=board,
+        )
+
+
+def detect_format(root: str | Path) -> str:
+    """Guess a corpus format: a CSV/Parquet file is a manifest; a folder whose second level
+    holds ``board.json`` or pin folders is a tree; a folder of category folders of images is
+    a folder corpus.
+
+    Raises:
+        CorpusError: the path does not exist or matches no format.
+    """
+    root = Path(root)
+    if root.is_file():
+        if root.suffix.lower() in _MANIFEST_SUFFIXES:
+            return "manifest"
+        raise CorpusError(f"{root} is a file but not a manifest (.csv or .parquet)")
+    if not root.is_dir():
+        raise CorpusError(f"corpus {root} does not exist")
+    for first in _visible_entries(root):
+        if not first.is_dir():
+            continue
+        for second in _visible_entries(Path(first.path)):
+            if second.is_dir():
+                return "tree"
+            if is_image_file(Path(second.name)):
+                return "folder"
+    raise CorpusError(
+        f"{root} holds neither <user>/<board>/ folders (tree) nor <category>/<image> files"
+    )
+
+
+def sample_per_category(pins: Sequence[PinRecord], n: int, seed: int) -> list[PinRecord]:
+    """Draw at most ``n`` pins per category, reproducibly for a given seed.
+
+    The draw depends only on the pin ids of each category (not on reading order).
+    """
+    if n <= 0:
+        raise ValueError(f"per_category must be positive, got {n}")
+    by_cat: dict[str, list[PinRecord]] = defaultdict(list)
+    for pin in pins:
+        by_cat[pin.category].append(pin)
+    rng = np.random.default_rng(seed)
+    chosen: set[str] = set()
+    for cat in sorted(by_cat):
+        group = sorted(by_cat[cat], key=lambda p: p.pin_id)
+        order = rng.permutation(len(group))[:n]
+        chosen.update(group[i].pin_id for i in order)
+    return [p for p in pins if p.pin_id in chosen]
+
+
+def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
+    try:
+        info = probe_image(pin.path, max_pixels)
+    except ImageError as exc:
+        return SkippedPin(str(pin.path), exc.reason, exc.detail, pin.pin_id)
+    return replace(pin, width=info.width, height=info.height)
+
+
+def _iter_records(root: Path, fmt: str, config: IngestConfig) -> Iterator[PinRecord | SkippedPin]:
+    if fmt == "tree":
+        return iter_tree(root)
+    if fmt == "folder":
+        return iter_folder(root)
+    if fmt == "manifest":
+        return iter_manifest(root, allow_outside_root=config.allow_outside_root)
+    raise ValueError(f"unknown corpus format {fmt!r}; expected one of {CORPUS_FORMATS}")
+
+
+def read_corpus(
+    root: str | Path,
+    config: IngestConfig | None = None,
+    *,
+    exclude_ids: Iterable[str] = (),
+) -> IngestResult:
+    """Read a corpus and apply the cleaning rules of ``config``.
+
+    Args:
+        root: a tree or folder corpus directory, or a manifest file.
+        config: reading rules; defaults to :class:`IngestConfig`.
+        exclude_ids: pin ids already stored; they are neither re-read nor counted as duplicates.
+
+    Returns:
+        The kept pins (in reading order), the skipped pins with reasons, and counts such that
+        ``len(pins) + len(skipped) + sampled_out + already_present == found``.
+    """
+    config = config or IngestConfig()
+    root = Path(root)
+    fmt = detect_format(root) if config.format == "auto" else config.format
+    if not root.exists():
+        raise CorpusError(f"corpus {root} does not exist")
+    drop = {normalize_category(c) for c in config.drop_categories}
+    allowed = (
+        None if config.categories is None else {normalize_category(c) for c in config.categories}
+    )
+    known = set(exclude_ids)
+    seen: dict[str, str] = {}
+    kept: list[PinRecord] = []
+    skipped: list[SkippedPin] = []
+    found = already_present = 0
+    for item in _iter_records(root, fmt, config):
+        found += 1
+        if isinstance(item, SkippedPin):
+            skipped.append(item)
+            continue
+        if item.pin_id in known:
+            already_present += 1
+            continue
+        if item.pin_id in seen:
+            skipped.append(
+                SkippedPin(
+                    str(item.path),
+                    "duplicate_id",
+                    f"pin id {item.pin_id!r} also at {seen[item.pin_id]}; the first one is kept",
+                    item.pin_id,
+                )
+            )
+            continue
+        seen[item.pin_id] = str(item.path)
+        if item.category in drop:
+            skipped.append(
+                SkippedPin(
+                    str(item.path),
+                    "excluded_category",
+                    f"category {item.category!r} is dropped (drop_categories)",
+                    item.pin_id,
+                )
+            )
+            continue
+        if allowed is not None and item.category not in allowed:
+            skipped.append(
+                SkippedPin(
+                    str(item.path),
+                    "unknown_category",
+                    f"category {item.category!r} is not among the allowed {sorted(allowed)}",
+                    item.pin_id,
+                )
+            )
+            continue
+        kept.append(item)
+    if config.check_images and kept:
+        with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            probed = list(pool.map(lambda p: _probe(p, config.max_pixels), kept))
+        kept = [p for p in probed if isinstance(p, PinRecord)]
+        skipped.extend(p for p in probed if isinstance(p, SkippedPin))
+    sampled_out = 0
+    if config.per_category is not None:
+        sampled = sample_per_category(kept, config.per_category, config.seed)
+        sampled_out = len(kept) - len(sampled)
+        kept = sampled
+    for s in skipped:
+        _logger.info("skipped %s: %s (%s)", s.path, s.reason, s.detail)
+    boards = {p.board: p for p in kept}
+    return IngestResult(root, fmt, kept, skipped, found, sampled_out, already_present, boards)

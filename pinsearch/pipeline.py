@@ -1,0 +1,134 @@
+"""``pinsearch index``: corpus -> catalog -> vectors -> FAISS index, resumable and incremental.
+
+Running it again on the same store adds only new pins, embeds only pins without vectors, and
+adds the new vectors to the existing index without rebuilding it (unless asked to).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store
+from pinsearch.indexes import IndexConfig
+from pinsearch.ingest import IngestConfig, read_corpus
+from pinsearch.store import Store
+
+__all__ = ["IndexReport", "index_corpus"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexReport:
+    """What one ``index`` run did (JSON schema in the README)."""
+
+    store: str
+    corpus: str
+    format: str
+    backbone: str
+    found: int
+    added: int
+    already_present: int
+    skipped: int
+    sampled_out: int
+    embedded: int
+    embed_failed: int
+    embed_seconds: float
+    images_per_s: float
+    index: str
+    factory: str
+    metric: str
+    ntotal: int
+    index_action: str  # built, rebuilt, updated (+N), unchanged
+    index_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def index_corpus(
+    corpus: str | Path | None,
+    store_path: str | Path,
+    *,
+    backbone: str = "effnet_lite0",
+    ingest: IngestConfig | None = None,
+    embed: EmbedConfig | None = None,
+    index: IndexConfig | None = None,
+    index_name: str | None = None,
+    rebuild: bool = False,
+    progress: Progress | None = None,
+) -> IndexReport:
+    """Ingest a corpus into a store (created if needed), embed new pins and index them.
+
+    Args:
+        corpus: a tree, folder or manifest; None to (re)embed and index what the store holds.
+        store_path: the store folder.
+        backbone: registry name or ``timm:<model>``.
+        ingest: reading rules (format, categories, sampling).
+        embed: embedding settings (batch, device, normalisation, dtype, weights).
+        index: index settings (factory string or auto, metric, device).
+        index_name: defaults to the backbone name.
+        rebuild: rebuild the index from all stored vectors instead of adding to it.
+        progress: ``callback(done, total)`` during embedding.
+    """
+    ingest = ingest or IngestConfig()
+    embed = embed or EmbedConfig()
+    with Store.open(store_path, create=True) as store:
+        found = added = already = skipped = sampled_out = 0
+        fmt = ""
+        if corpus is not None:
+            result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_ids())
+            _, added = store.catalog.add_ingest(result, json.dumps(asdict(ingest), default=str))
+            found, already = result.found, result.already_present
+            skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
+        if store.catalog.count_pins() == 0:
+            raise ValueError(
+                f"store {store.root} has no pins to index "
+                f"({skipped} of {found} found were skipped; see pinsearch info)"
+            )
+        report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
+        name = index_name or backbone
+        existing = store.catalog.get_index(name)
+        if existing is not None and not rebuild and index is not None:
+            saved = json.loads(existing["config"])
+            asked = asdict(index)
+            differs = [
+                k for k in ("factory", "metric") if asked[k] != saved[k] and asked[k] != "auto"
+            ]
+            if differs:
+                rebuild = True
+                _logger.info("index %s: %s changed; rebuilding", name, differs)
+        if existing is None or rebuild:
+            config = index or IndexConfig()
+            built = store.build_index(backbone, config, name=name)
+            action = "rebuilt" if existing is not None else "built"
+        else:
+            built, n_new = store.update_index(name)
+            action = f"updated (+{n_new})" if n_new else "unchanged"
+        return IndexReport(
+            store=str(store.root),
+            corpus=str(corpus) if corpus is not None else "",
+            format=fmt,
+            backbone=backbone,
+            found=found,
+            added=added,
+            already_present=already,
+            skipped=skipped,
+            sampled_out=sampled_out,
+            embedded=report.embedded,
+            embed_failed=report.failed,
+            embed_seconds=round(report.seconds, 3),
+            images_per_s=round(report.images_per_s, 1),
+            index=name,
+            factory=built.factory,
+            metric=built.config.metric,
+            ntotal=built.ntotal,
+            index_action=action,
+            index_seconds=round(built.build_seconds, 3),
+        )
+

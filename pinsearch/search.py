@@ -1,0 +1,270 @@
+"""Similar-pin lookup over a store: by stored pin, by new image, or by raw vector.
+
+A :class:`PinSearcher` is the warm query object: it keeps the index, the backbone (loaded on
+the first image query) and the vector locator in memory, and fetches metadata for all hits in
+one DuckDB query. Filters (board, user, category) are applied inside the index search, so a
+filtered query returns ``k`` hits whenever ``k`` matching pins exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.errors import BackboneMismatchError, PinNotFoundError
+from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric
+from pinsearch.store import Store
+
+__all__ = ["PinSearcher", "SearchHit", "SearchResult", "exact_search"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One result row (see the README for the JSON schema)."""
+
+    rank: int
+    pin_id: str
+    score: float  # similarity (cosine, ip) or distance (l2 squared, l1)
+    title: str
+    board: str
+    board_name: str
+    user: str | None
+    category: str
+    path: str
+
+
+@dataclass
+class SearchResult:
+    """The hits of one query and how they were found."""
+
+    query: dict[str, Any]
+    backbone: str
+    index: str
+    metric: str
+    k: int
+    filters: dict[str, str]
+    hits: list[SearchHit] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (stable schema)."""
+        return asdict(self)
+
+
+def exact_search(
+    queries: np.ndarray, vectors: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force k-NN with FAISS' exact kernels (rows of ``vectors`` as positions)."""
+    import faiss
+
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    if metric == "cosine":
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return faiss.knn(q, x, min(k, len(x)), metric=faiss_metric(metric))
+
+
+class PinSearcher:
+    """Similar-pin queries over one index of a store.
+
+    Args:
+        store: an open store (read-only is enough).
+        backbone: which embedding to search (default: the store's only one).
+        index: index name (default: the backbone's index).
+        config: search-time overrides (device, nprobe, ef_search).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        backbone: str | None = None,
+        index: str | None = None,
+        config: IndexConfig | None = None,
+    ) -> None:
+        self.store = store
+        if index is not None:
+            row = store.catalog.get_index(index)
+            if row is None:
+                raise ValueError(
+                    f"no index {index!r} in {store.root}; it has {store.index_names()}"
+                )
+            backbone = row["backbone"]
+        self.backbone = store.resolve_backbone(backbone)
+        self.index: PinIndex = store.load_index(index, backbone=self.backbone, config=config)
+        self.index_name = index or (
+            self.backbone
+            if self.backbone in store.index_names(self.backbone)
+            else store.index_names(self.backbone)[0]
+        )
+        self._embedding = store.catalog.get_embedding(self.backbone) or {}
+        self._model: Any = None
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def similar_to_pin(
+        self,
+        pin_id: str,
+        k: int = 10,
+        *,
+        board: str | None = None,
+        user: str | None = None,
+        category: str | None = None,
+    ) -> SearchResult:
+        """Pins most similar to a stored pin (the pin itself excluded).
+
+        Raises:
+            PinNotFoundError: unknown pin id, or the pin has no vector for this backbone.
+        """
+        key = self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
+        if key is None:
+            raise PinNotFoundError(f"pin {pin_id!r} is not in store {self.store.root}")
+        vectors, _ = self.store.vectors(self.backbone).load(np.array([key]))
+        if len(vectors) == 0:
+            raise PinNotFoundError(f"pin {pin_id!r} has no {self.backbone!r} vector")
+        return self._run(
+            vectors, k, {"pin_id": pin_id}, board, user, category, exclude=np.array([key])
+        )
+
+    def similar_to_image(
+        self,
+        image: str | Path | Any,
+        k: int = 10,
+        *,
+        board: str | None = None,
+        user: str | None = None,
+        category: str | None = None,
+    ) -> SearchResult:
+        """Pins most similar to a new image (a path or a PIL image).
+
+        The image is embedded with the backbone the store's vectors were made with.
+
+        Raises:
+            BackboneMismatchError: the model now built differs from the stored run.
+        """
+        from pinsearch.embed import embed_images
+
+        model = self._backbone_model()
+        vec = embed_images(model, [image], normalize=bool(self._embedding.get("normalize")))
+        label = str(image) if isinstance(image, (str, Path)) else "<image>"
+        return self._run(vec, k, {"image": label}, board, user, category)
+
+    def similar_to_vector(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        *,
+        board: str | None = None,
+        user: str | None = None,
+        category: str | None = None,
+    ) -> SearchResult:
+        """Pins nearest to a raw vector of this backbone."""
+        return self._run(np.atleast_2d(vector), k, {"vector": True}, board, user, category)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _backbone_model(self) -> Any:
+        if self._model is None:
+            from pinsearch.backbones import create_backbone
+            from pinsearch.embed import resolve_device
+
+            spec = self._embedding.get("spec", {})
+            weights = str(spec.get("weights", ""))
+            path = weights.split(":", 1)[1] if weights.startswith("file:") else None
+            model = create_backbone(self.backbone, weights=path, device=resolve_device("auto"))
+            if model.weights != weights or model.dim != self.index.dim:
+                raise BackboneMismatchError(
+                    f"store vectors of {self.backbone!r} were made with weights {weights} "
+                    f"(dim {self.index.dim}); this machine builds {model.weights} "
+                    f"(dim {model.dim}); pass the same weights"
+                )
+            self._model = model
+        return self._model
+
+    def search_keys(
+        self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Index search with an optional allow-list of pin keys, topped up to ``k`` exactly.
+
+        An approximate index (IVF, HNSW) may return fewer than ``k`` allowed hits; the query
+        is then answered by exact search over the allowed pins' stored vectors.
+        """
+        scores, keys = self.index.search(vectors, k, allowed=allowed)
+        if allowed is None:
+            return scores, keys
+        want = min(k, len(allowed))
+        if (keys[:, :want] >= 0).all():
+            return scores, keys
+        sub_vecs, sub_keys = self.store.vectors(self.backbone).load(allowed)
+        d, pos = exact_search(vectors, sub_vecs, want, self.index.config.metric)
+        out_s = np.full((len(vectors), k), np.nan, np.float32)
+        out_k = np.full((len(vectors), k), -1, np.int64)
+        out_s[:, : d.shape[1]] = d
+        out_k[:, : d.shape[1]] = np.where(pos >= 0, sub_keys[np.clip(pos, 0, None)], -1)
+        return out_s, out_k
+
+    def _run(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        query: dict[str, Any],
+        board: str | None,
+        user: str | None,
+        category: str | None,
+        exclude: np.ndarray | None = None,
+    ) -> SearchResult:
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        start = time.perf_counter()
+        filters = {
+            name: value
+            for name, value in (("board", board), ("user", user), ("category", category))
+            if value is not None
+        }
+        allowed = self.store.catalog.filter_keys(board=board, user=user, category=category)
+        if allowed is not None and exclude is not None:
+            allowed = np.setdiff1d(allowed, exclude)
+        extra = 0 if exclude is None or allowed is not None else len(exclude)
+        scores, keys = self.search_keys(vectors, k + extra, allowed)
+        row_s, row_k = scores[0], keys[0]
+        keep = row_k >= 0
+        if exclude is not None:
+            keep &= ~np.isin(row_k, exclude)
+        row_s, row_k = row_s[keep][:k], row_k[keep][:k]
+        meta = self.store.catalog.pins_by_key(row_k.tolist())
+        hits = []
+        for rank, (score, key) in enumerate(zip(row_s.tolist(), row_k.tolist()), start=1):
+            m = meta.get(int(key))
+            if m is None:  # removed from the catalog after the index was built
+                continue
+            hits.append(
+                SearchHit(
+                    rank=rank,
+                    pin_id=m["pin_id"],
+                    score=float(score),
+                    title=m["title"] or "",
+                    board=m["board"],
+                    board_name=m["board_name"] or m["board"],
+                    user=m["user_id"],
+                    category=m["category"],
+                    path=m["path"],
+                )
+            )
+        return SearchResult(
+            query=query,
+            backbone=self.backbone,
+            index=self.index_name,
+            metric=self.index.config.metric,
+            k=k,
+            filters=filters,
+            hits=hits,
+            seconds=time.perf_counter() - start,
+        )

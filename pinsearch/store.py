@@ -1,0 +1,385 @@
+"""A pinsearch store: one folder holding the catalog, the vectors and the indexes.
+
+```
+S/store.json            format version and the pinsearch version that created it
+S/catalog.duckdb        users, boards, pins, skipped, embeddings, vector_parts, indexes
+S/vectors/<backbone>/   part-NNNNNN.npy + part-NNNNNN.keys.npy (source of truth)
+S/indexes/<name>.*      .faiss + .ids.npy + .json (derived; rebuildable from the vectors)
+S/.lock                 held by the one writer (its PID inside)
+```
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch._version import __version__
+from pinsearch.catalog import Catalog
+from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
+from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
+from pinsearch.vectors import VectorStore, backbone_dirname
+
+__all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
+
+_logger = logging.getLogger(__name__)
+
+STORE_FORMAT_VERSION = 1
+_STORE_FILE = "store.json"
+
+
+@dataclass
+class StoreInfo:
+    """What ``pinsearch info`` reports (its JSON schema is documented in the README)."""
+
+    path: str
+    format_version: int
+    pinsearch_version: str
+    pins: int
+    users: int
+    boards: int
+    categories: list[dict[str, Any]]
+    embeddings: list[dict[str, Any]]
+    indexes: list[dict[str, Any]]
+    skipped: int
+    skipped_by_reason: list[dict[str, Any]]
+    ingests: list[dict[str, Any]] = field(default_factory=list)
+    top_boards: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _WriteLock:
+    """An exclusive ``flock`` on ``S/.lock``; the holder's PID is written inside."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh = path.open("a+")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "unknown"
+            self._fh.close()
+            raise StoreLockedError(
+                f"store {path.parent} is locked by PID {holder}; wait for it to finish "
+                "(readers can still open the store read-only)"
+            ) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(str(os.getpid()))
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+
+
+class Store:
+    """Open with :meth:`Store.open`; use as a context manager to release it."""
+
+    def __init__(self, root: Path, catalog: Catalog, lock: _WriteLock | None) -> None:
+        self.root = root
+        self.catalog = catalog
+        self._lock = lock
+        self._indexes: dict[str, PinIndex] = {}
+        self._vectors: dict[str, VectorStore] = {}
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, create: bool = False, read_only: bool = False) -> Store:
+        """Open (or create) a store.
+
+        Args:
+            path: the store folder.
+            create: create the store if it does not exist.
+            read_only: open for reading; no lock is taken and nothing is written.
+
+        Raises:
+            FileNotFoundError: no store at ``path`` and ``create`` is False.
+            StoreVersionError: the store has another format version.
+            StoreLockedError: another process is writing to it.
+        """
+        root = Path(path)
+        meta_file = root / _STORE_FILE
+        if not meta_file.is_file():
+            if not create or read_only:
+                raise FileNotFoundError(f"no pinsearch store at {root} (no {_STORE_FILE})")
+            if root.exists() and any(root.iterdir()):
+                raise FileExistsError(f"{root} exists, is not empty and is not a pinsearch store")
+            root.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(
+                meta_file,
+                {
+                    "format": "pinsearch-store",
+                    "format_version": STORE_FORMAT_VERSION,
+                    "created_by": __version__,
+                },
+            )
+        meta = _read_store_meta(meta_file)
+        lock = None if read_only else _WriteLock(root / ".lock")
+        try:
+            catalog = Catalog(root / "catalog.duckdb", read_only=read_only)
+        except Exception:
+            if lock is not None:
+                lock.release()
+            raise
+        store = cls(root, catalog, lock)
+        if not read_only:
+            catalog.set_meta("last_written_by", __version__)
+            for backbone in store.backbones():
+                store.vectors(backbone).remove_orphans()
+        store._verify_id_maps()
+        _logger.debug("opened store %s (format %s)", root, meta["format_version"])
+        return store
+
+    def close(self) -> None:
+        """Close the catalog and release the write lock."""
+        self.catalog.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened without the write lock."""
+        return self._lock is None
+
+    # -- vectors -------------------------------------------------------------------------
+
+    def backbones(self) -> list[str]:
+        """Backbones with an embedding run in this store."""
+        return [r["backbone"] for r in self.catalog.list_embeddings()]
+
+    def vectors(self, backbone: str) -> VectorStore:
+        """The vector store of a backbone (it may be empty)."""
+        if backbone not in self._vectors:
+            self._vectors[backbone] = VectorStore(self.root, backbone, self.catalog)
+        return self._vectors[backbone]
+
+    def resolve_backbone(self, backbone: str | None) -> str:
+        """The given backbone if the store has it; the only one when None.
+
+        Raises:
+            ValueError: unknown backbone, or several and none named.
+        """
+        known = self.backbones()
+        if backbone is None:
+            if len(known) == 1:
+                return known[0]
+            if not known:
+                raise ValueError(f"store {self.root} has no embeddings yet; run pinsearch index")
+            raise ValueError(f"store {self.root} has several backbones {known}; name one")
+        if backbone not in known:
+            raise ValueError(f"store {self.root} has no vectors for {backbone!r}; it has {known}")
+        return backbone
+
+    # -- indexes -------------------------------------------------------------------------
+
+    def index_base(self, name: str) -> Path:
+        """Base path (no extension) of an index's files."""
+        return self.root / "indexes" / backbone_dirname(name)
+
+    def build_index(
+        self, backbone: str, config: IndexConfig | None = None, *, name: str | None = None
+    ) -> PinIndex:
+        """(Re)build an index from the stored vectors of ``backbone`` and save it."""
+        backbone = self.resolve_backbone(backbone)
+        vectors, keys = self.vectors(backbone).load()
+        if len(keys) == 0:
+            raise ValueError(f"no stored vectors for {backbone!r}; nothing to index")
+        index = build_index(vectors, keys, config, backbone=backbone)
+        self.save_index(index, name or backbone)
+        return index
+
+    def update_index(self, name: str) -> tuple[PinIndex, int]:
+        """Add to an index the stored vectors it does not hold yet (no rebuild).
+
+        Returns:
+            The index and the number of vectors added.
+        """
+        index = self.load_index(name)
+        vs = self.vectors(index.backbone)
+        new = np.setdiff1d(vs.keys(), index.ids, assume_unique=True)
+        if new.size:
+            vectors, keys = vs.load(new)
+            index.add(vectors, keys)
+            self.save_index(index, name)
+        return index, int(new.size)
+
+    def save_index(self, index: PinIndex, name: str) -> None:
+        """Write an index's files atomically and record it in the catalog."""
+        base = self.index_base(name)
+        meta = index.save(base)
+        self.catalog.upsert_index(
+            {
+                "name": name,
+                "backbone": index.backbone,
+                "factory": index.factory,
+                "metric": index.config.metric,
+                "file": base.relative_to(self.root).as_posix() + ".faiss",
+                "ntotal": index.ntotal,
+                "dim": index.dim,
+                "sha256": meta["sha256"]["faiss"],
+                "build_seconds": index.build_seconds,
+                "config": json.dumps(meta["config"], sort_keys=True),
+            }
+        )
+        self._indexes[name] = index
+
+    def index_names(self, backbone: str | None = None) -> list[str]:
+        """Names of the indexes (of one backbone when given)."""
+        return [
+            r["name"]
+            for r in self.catalog.list_indexes()
+            if backbone is None or r["backbone"] == backbone
+        ]
+
+    def load_index(
+        self,
+        name: str | None = None,
+        *,
+        backbone: str | None = None,
+        config: IndexConfig | None = None,
+    ) -> PinIndex:
+        """Load an index (cached), by name or as the index of a backbone.
+
+        Raises:
+            IndexFileError: missing or damaged files.
+            ValueError: no such index.
+        """
+        if name is None:
+            backbone = self.resolve_backbone(backbone)
+            names = self.index_names(backbone)
+            if not names:
+                raise ValueError(f"store {self.root} has no index over {backbone!r}")
+            name = backbone if backbone in names else names[0]
+        if name in self._indexes and config is None:
+            return self._indexes[name]
+        row = self.catalog.get_index(name)
+        if row is None:
+            raise ValueError(f"no index {name!r} in {self.root}; it has {self.index_names()}")
+        index = load_index(self.index_base(name), config=config)
+        if index.ntotal != row["ntotal"]:
+            raise IndexFileError(
+                f"index {name!r}: the catalog says {row['ntotal']} vectors, the file holds "
+                f"{index.ntotal}; rebuild it with pinsearch index --rebuild"
+            )
+        self._indexes[name] = index
+        return index
+
+    def _verify_id_maps(self) -> None:
+        """Every index position must map to a stored pin (checked at open)."""
+        rows = self.catalog.list_indexes()
+        if not rows:
+            return
+        pin_keys = np.array(
+            [r[0] for r in self.catalog.connection.execute("SELECT pin_key FROM pins").fetchall()],
+            dtype=np.int64,
+        )
+        for row in rows:
+            ids_file = self.index_base(row["name"]).with_name(
+                self.index_base(row["name"]).name + ".ids.npy"
+            )
+            if not ids_file.is_file():
+                raise IndexFileError(f"index {row['name']!r}: id map {ids_file} is missing")
+            ids = np.load(ids_file, allow_pickle=False)
+            if len(ids) != row["ntotal"]:
+                raise IndexFileError(
+                    f"index {row['name']!r}: id map has {len(ids)} entries, catalog says "
+                    f"{row['ntotal']}"
+                )
+            stray = np.setdiff1d(ids, pin_keys)
+            if stray.size:
+                raise IndexFileError(
+                    f"index {row['name']!r} refers to {stray.size} pin keys not in the catalog "
+                    f"(e.g. {stray[:3].tolist()}); rebuild it"
+                )
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def info(self) -> StoreInfo:
+        """Counts per category and board, backbones, indexes and skipped pins."""
+        c = self.catalog
+        meta = _read_store_meta(self.root / _STORE_FILE)
+        embeddings = [
+            {
+                k: r[k]
+                for k in (
+                    "backbone",
+                    "dim",
+                    "dtype",
+                    "normalize",
+                    "count",
+                    "seconds",
+                    "images_per_s",
+                    "device",
+                )
+            }
+            | {"weights": json.loads(r["spec"] or "{}").get("weights")}
+            for r in c.list_embeddings()
+        ]
+        indexes = [
+            {k: r[k] for k in ("name", "backbone", "factory", "metric", "ntotal", "dim")}
+            for r in c.list_indexes()
+        ]
+        return StoreInfo(
+            path=str(self.root),
+            format_version=int(meta["format_version"]),
+            pinsearch_version=__version__,
+            pins=c.count_pins(),
+            users=int(c.scalar("SELECT count(*) FROM users")),
+            boards=int(c.scalar("SELECT count(DISTINCT board) FROM pins")),
+            categories=c.query("SELECT * FROM categories ORDER BY pins DESC, category"),
+            embeddings=embeddings,
+            indexes=indexes,
+            skipped=int(c.scalar("SELECT count(*) FROM skipped")),
+            skipped_by_reason=c.query(
+                "SELECT stage, reason, count(*) AS pins, min(path) AS example FROM skipped "
+                "GROUP BY stage, reason ORDER BY pins DESC, reason"
+            ),
+            ingests=c.query(
+                "SELECT ingest_id, corpus, format, found, added, already_present, skipped, "
+                "sampled_out FROM ingests ORDER BY ingest_id"
+            ),
+            top_boards=c.query(
+                "SELECT p.board, any_value(b.name) AS name, any_value(p.category) AS category, "
+                "count(*) AS pins FROM pins p LEFT JOIN boards b ON b.board = p.board "
+                "GROUP BY p.board ORDER BY pins DESC, p.board LIMIT 20"
+            ),
+        )
+
+
+def _read_store_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreVersionError(f"{path} is unreadable: {exc}") from exc
+    if meta.get("format") != "pinsearch-store":
+        raise StoreVersionError(f"{path} does not describe a pinsearch store")
+    if meta.get("format_version") != STORE_FORMAT_VERSION:
+        raise StoreVersionError(
+            f"store {path.parent} has format version {meta.get('format_version')!r} (written by "
+            f"pinsearch {meta.get('created_by')}); this pinsearch {__version__} reads version "
+            f"{STORE_FORMAT_VERSION}. Nothing was changed."
+        )
+    return meta
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)

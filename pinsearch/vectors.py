@@ -1,0 +1,168 @@
+"""Stored vectors: the source of truth every index is derived from.
+
+The vectors of one backbone live in ``S/vectors/<backbone>/part-NNNNNN.npy`` with the pin keys
+of their rows in ``part-NNNNNN.keys.npy``. A part is written to temporary files, renamed, and
+only then recorded in the catalog (with its checksum), so an interrupted run leaves at worst an
+unrecorded file that the next writer removes: resumption re-embeds nothing that was recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pinsearch.catalog import Catalog
+from pinsearch.indexes.pinindex import file_sha256
+
+__all__ = ["VECTOR_DTYPES", "VectorStore"]
+
+_logger = logging.getLogger(__name__)
+
+VECTOR_DTYPES = ("float32", "float16")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def backbone_dirname(backbone: str) -> str:
+    """A file-system-safe folder name for a backbone name (``timm:a.b`` -> ``timm_a.b``)."""
+    return _SAFE_NAME.sub("_", backbone)
+
+
+class VectorStore:
+    """Vectors of one backbone in a store.
+
+    Args:
+        store_root: the store folder.
+        backbone: the backbone name (the embedding run's key in the catalog).
+        catalog: the store's catalog.
+    """
+
+    def __init__(self, store_root: Path, backbone: str, catalog: Catalog) -> None:
+        self.root = Path(store_root)
+        self.backbone = backbone
+        self.catalog = catalog
+        self.folder = self.root / "vectors" / backbone_dirname(backbone)
+        self._locator: tuple[list[dict[str, object]], np.ndarray, np.ndarray, np.ndarray] | None = (
+            None
+        )
+
+    def parts(self) -> list[dict[str, object]]:
+        """Committed parts, in order."""
+        return self.catalog.vector_parts(self.backbone)
+
+    def keys(self) -> np.ndarray:
+        """Pin keys of every stored vector, in storage order."""
+        arrays = [self._load_keys(p) for p in self.parts()]
+        return np.concatenate(arrays) if arrays else np.empty(0, np.int64)
+
+    def __len__(self) -> int:
+        return int(sum(int(p["n"]) for p in self.parts()))  # type: ignore[call-overload]
+
+    def _load_keys(self, part: dict[str, object]) -> np.ndarray:
+        path = self.root / str(part["file"])
+        return np.load(path.with_name(path.stem + ".keys.npy"), allow_pickle=False)
+
+    def _locate(self) -> tuple[list[dict[str, object]], np.ndarray, np.ndarray, np.ndarray]:
+        """Sorted keys with the part and row of each (cached until the next write)."""
+        if self._locator is None:
+            parts = self.parts()
+            keys = [self._load_keys(p) for p in parts]
+            all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
+            part_of = np.concatenate([np.full(len(k), i) for i, k in enumerate(keys)] or [[]])
+            row_of = np.concatenate([np.arange(len(k)) for k in keys] or [[]])
+            order = np.argsort(all_keys, kind="stable")
+            self._locator = (
+                parts,
+                all_keys[order],
+                part_of[order].astype(np.int64),
+                row_of[order].astype(np.int64),
+            )
+        return self._locator
+
+    def load(self, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors as float32 with their pin keys.
+
+        Args:
+            keys: only these pins (unknown keys are left out); None for all, in storage order.
+
+        Returns:
+            ``(vectors, keys)``; with ``keys`` given, rows follow its order.
+        """
+        if keys is None:
+            return self._load_all()
+        want = np.asarray(keys, dtype=np.int64).ravel()
+        parts, sorted_keys, part_of, row_of = self._locate()
+        dim = self._dim()
+        if len(sorted_keys) == 0 or len(want) == 0:
+            return np.empty((0, dim), np.float32), np.empty(0, np.int64)
+        at = np.clip(np.searchsorted(sorted_keys, want), 0, len(sorted_keys) - 1)
+        found = sorted_keys[at] == want
+        want, at = want[found], at[found]
+        out = np.empty((len(want), dim), np.float32)
+        for part in np.unique(part_of[at]):
+            sel = part_of[at] == part
+            arr = np.load(self.root / str(parts[part]["file"]), mmap_mode="r", allow_pickle=False)
+            out[sel] = arr[row_of[at][sel]]
+        return out, want
+
+    def _dim(self) -> int:
+        dim = self.catalog.scalar("SELECT dim FROM embeddings WHERE backbone = ?", [self.backbone])
+        return int(dim or 0)
+
+    def _load_all(self) -> tuple[np.ndarray, np.ndarray]:
+        vecs: list[np.ndarray] = []
+        out_keys: list[np.ndarray] = []
+        for part in self.parts():
+            arr = np.load(self.root / str(part["file"]), allow_pickle=False)
+            vecs.append(np.asarray(arr, dtype=np.float32))
+            out_keys.append(self._load_keys(part))
+        if not vecs:
+            return np.empty((0, self._dim()), np.float32), np.empty(0, np.int64)
+        return np.concatenate(vecs), np.concatenate(out_keys)
+
+    def write_part(self, vectors: np.ndarray, keys: np.ndarray, dtype: str = "float32") -> int:
+        """Write and commit one part; returns its number."""
+        if dtype not in VECTOR_DTYPES:
+            raise ValueError(f"unknown vector dtype {dtype!r}; expected one of {VECTOR_DTYPES}")
+        keys = np.asarray(keys, dtype=np.int64)
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(vectors)} vectors but {len(keys)} keys")
+        if not np.isfinite(vectors).all():
+            raise ValueError(f"backbone {self.backbone!r} produced non-finite vectors")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        last = self.catalog.scalar(
+            "SELECT max(part) FROM vector_parts WHERE backbone = ?", [self.backbone]
+        )
+        part = 0 if last is None else int(last) + 1
+        vec_path = self.folder / f"part-{part:06d}.npy"
+        key_path = self.folder / f"part-{part:06d}.keys.npy"
+        for path, arr in ((vec_path, np.asarray(vectors, dtype=dtype)), (key_path, keys)):
+            tmp = path.with_name(path.name + ".tmp")
+            with tmp.open("wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        rel = vec_path.relative_to(self.root).as_posix()
+        self._locator = None
+        with self.catalog.transaction():
+            self.catalog.add_vector_part(self.backbone, part, rel, len(keys), file_sha256(vec_path))
+        return part
+
+    def remove_orphans(self) -> int:
+        """Delete part files the catalog does not know (left by an interrupted write)."""
+        if not self.folder.is_dir():
+            return 0
+        known = {Path(str(p["file"])).name for p in self.parts()}
+        known |= {n.replace(".npy", ".keys.npy") for n in known}
+        removed = 0
+        for f in self.folder.iterdir():
+            if f.name not in known:
+                f.unlink()
+                removed += 1
+        if removed:
+            _logger.info("removed %d unrecorded vector files of %s", removed, self.backbone)
+        return removed
