@@ -51,17 +51,17 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     if rgb.dim() < 3 or rgb.shape[-3] != 3:
         raise ValueError(f"expected a tensor of shape (..., 3, H, W), got {tuple(rgb.shape)}")
     r, g, b = rgb.unbind(dim=-3)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
+    maxc = rgb.amax(dim=-3)
+    minc = rgb.amin(dim=-3)
     delta = maxc - minc
-    safe_delta = delta.clamp_min(_EPS)
-    hue = torch.where(
-        maxc == r,
-        (g - b) / safe_delta,
-        torch.where(maxc == g, (b - r) / safe_delta + 2.0, (r - g) / safe_delta + 4.0),
-    )
-    hue = torch.where(delta > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, delta / maxc.clamp_min(_EPS), torch.zeros_like(maxc))
+    # Hue sector: which channel is the maximum decides the numerator and the offset.
+    is_r = maxc == r
+    is_g = ~is_r & (maxc == g)
+    numerator = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
+    offset = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
+    hue = torch.remainder((numerator / delta.clamp_min(_EPS) + offset) / 6.0, 1.0)
+    hue = torch.where(delta > 0, hue, 0.0)
+    sat = torch.where(maxc > 0, delta / maxc.clamp_min(_EPS), 0.0)
     return torch.stack((hue, sat, maxc), dim=-3)
 
 

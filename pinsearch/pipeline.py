@@ -131,4 +131,3 @@ def index_corpus(
             index_action=action,
             index_seconds=round(built.build_seconds, 3),
         )
-

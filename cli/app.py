@@ -1,0 +1,383 @@
+"""The ``pinsearch`` command line: parse options, build configs, call the library, print.
+
+Every command that reports something takes ``--json`` and then prints one JSON document
+(schemas in the README). Library defaults live in the config dataclasses: options left unset
+here are not passed on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pinsearch._version import __version__
+from pinsearch.errors import PinsearchError
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="pinsearch",
+    help="Vector-database retrieval for Pinterest-style image collections.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+
+
+def _config(cls: type[T], **overrides: Any) -> T:
+    """Build a config dataclass from the options the user actually set."""
+    return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _emit_json(obj: Any) -> None:
+    data = asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _progress(enabled: bool) -> Any:
+    """A rich progress bar with images/s and ETA, as a (callback, context) pair."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not enabled,
+    )
+    task = bar.add_task("embed", total=None, rate="-")
+
+    def update(done: int, total: int) -> None:
+        speed = bar.tasks[task].speed
+        bar.update(task, completed=done, total=total, rate=f"{speed:.1f}" if speed else "-")
+
+    return update, bar
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v info, -vv debug")
+    ] = 0,
+) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def version() -> None:
+    """Print the pinsearch version."""
+    console.print(__version__)
+
+
+@app.command()
+def index(
+    corpus: Annotated[
+        Path | None, typer.Argument(help="Tree, image folder or CSV/Parquet manifest.")
+    ] = None,
+    store: StoreOpt = Path("pinsearch-store"),
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
+    ] = None,
+    per_category: Annotated[int | None, typer.Option(help="Sample N pins per category.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    keep_excluded: Annotated[
+        bool, typer.Option(help="Keep the categories 'none' and 'other'.")
+    ] = False,
+    categories: Annotated[
+        str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
+    ] = None,
+    allow_outside_root: Annotated[
+        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+    ] = False,
+    weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Stored dtype: float32 or float16.")] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string (Flat, IVF1024,Flat, HNSW32) or auto.")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="cosine, ip, l2 or l1.")] = None,
+    index_device: Annotated[str | None, typer.Option(help="Index on auto, cpu or gpu.")] = None,
+    index_name: Annotated[str | None, typer.Option(help="Defaults to the backbone name.")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the index from all vectors.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
+    from pinsearch.indexes import IndexConfig
+
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.ingest import IngestConfig
+    from pinsearch.pipeline import index_corpus
+
+    ingest_cfg = _config(
+        IngestConfig,
+        format=fmt,
+        per_category=per_category,
+        seed=seed,
+        drop_categories=() if keep_excluded else None,
+        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
+        allow_outside_root=allow_outside_root or None,
+    )
+    embed_cfg = _config(
+        EmbedConfig,
+        weights=weights,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        normalize=normalize,
+        dtype=dtype,
+    )
+    index_cfg = (
+        _config(IndexConfig, factory=factory, metric=metric, device=index_device)
+        if any(v is not None for v in (factory, metric, index_device))
+        else None
+    )
+    update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = index_corpus(
+            corpus,
+            store,
+            backbone=backbone,
+            ingest=ingest_cfg,
+            embed=embed_cfg,
+            index=index_cfg,
+            index_name=index_name,
+            rebuild=rebuild,
+            progress=update,
+        )
+    if as_json:
+        _emit_json(report)
+        return
+    table = Table(title=f"indexed into {report.store}", show_header=False)
+    for key, value in report.to_dict().items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def query(
+    store: StoreOpt,
+    pin: Annotated[str | None, typer.Option("--pin", help="A stored pin id.")] = None,
+    image: Annotated[Path | None, typer.Option("--image", help="A new image file.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    board: Annotated[str | None, typer.Option(help="Only pins of this board.")] = None,
+    user: Annotated[str | None, typer.Option(help="Only pins of this user.")] = None,
+    category: Annotated[str | None, typer.Option(help="Only pins of this category.")] = None,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    index_name: Annotated[str | None, typer.Option("--index")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the pins most similar to a stored pin or to a new image."""
+    from pinsearch.search import PinSearcher
+    from pinsearch.store import Store
+
+    if (pin is None) == (image is None):
+        raise typer.BadParameter("give exactly one of --pin or --image")
+    if image is not None and not image.is_file():
+        raise typer.BadParameter(f"image {image} does not exist", param_hint="--image")
+    with Store.open(store, read_only=True) as s:
+        searcher = PinSearcher(s, backbone=backbone, index=index_name)
+        filters = {"board": board, "user": user, "category": category}
+        result = (
+            searcher.similar_to_pin(pin, k, **filters)
+            if pin is not None
+            else searcher.similar_to_image(image, k, **filters)
+        )
+    if as_json:
+        _emit_json(result)
+        return
+    what = f"pin {pin}" if pin else f"image {image}"
+    table = Table(title=f"{len(result.hits)} pins like {what} ({result.backbone}, {result.metric})")
+    for col in ("rank", "score", "pin_id", "title", "board", "category", "path"):
+        table.add_column(col, overflow="fold")
+    for h in result.hits:
+        table.add_row(
+            str(h.rank), f"{h.score:.4f}", h.pin_id, h.title, h.board_name, h.category, h.path
+        )
+    console.print(table)
+
+
+@app.command()
+def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Counts per category and board, backbones, indexes, and skipped pins with reasons."""
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        report = s.info()
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"[bold]{report.path}[/bold]: {report.pins} pins, {report.boards} boards, "
+        f"{report.users} users, {len(report.categories)} categories, {report.skipped} skipped"
+    )
+    _print_rows("categories", report.categories)
+    _print_rows("embeddings", report.embeddings)
+    _print_rows("indexes", report.indexes)
+    _print_rows("skipped pins by reason", report.skipped_by_reason)
+    _print_rows("ingests", report.ingests)
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(str(col), overflow="fold")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row.values()))
+    console.print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+@app.command()
+def backbones(
+    pattern: Annotated[str, typer.Argument(help="Shell pattern on names.")] = "*",
+    as_json: JsonOpt = False,
+) -> None:
+    """The backbone registry: name, source, dim, input size, weights available offline."""
+    from pinsearch.backbones import list_backbones, weights_available_offline
+
+    rows = []
+    for spec in list_backbones(pattern):
+        rows.append(
+            {
+                "name": spec.name,
+                "source": spec.source,
+                "arch": spec.arch,
+                "dim": spec.dim,
+                "input_size": _input_size(spec),
+                "offline": weights_available_offline(spec),
+                "paper": spec.paper,
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        _emit_json(rows)
+        return
+    _print_rows("backbones (any timm model also works as timm:<name>)", rows)
+
+
+def _input_size(spec: Any) -> int | None:
+    if spec.source == "classic":
+        return 224
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch)
+        return int(cfg.input_size[-1]) if cfg is not None else None
+    except Exception:
+        return None
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to write the corpus and store (default: a temp dir).")
+    ] = None,
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    k: Annotated[int, typer.Option("-k", "--k", min=1)] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Offline tour: generate a Pinterest-style corpus, index it with real weights, query it."""
+    from pinsearch.demo import run_demo
+
+    folder = workdir or Path(tempfile.mkdtemp(prefix="pinsearch-demo-"))
+    update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = run_demo(folder, backbone=backbone, k=k, progress=update)
+    if as_json:
+        _emit_json(report)
+        return
+    idx = report.index
+    console.print(
+        f"[bold]pinsearch demo[/bold]: {report.pins} pins in {len(report.categories)} categories "
+        f"-> {report.store}\n{report.backbone} ({idx['images_per_s']} img/s), index "
+        f"{idx['factory']} / {idx['metric']}, {idx['ntotal']} vectors"
+    )
+    for ex in report.examples:
+        _print_rows(f"pins like {ex['query']}", ex["hits"])
+    console.print(
+        f"leave-one-out {report.knn_k}-NN category accuracy: [bold]{report.knn_accuracy:.3f}[/bold]"
+        f" (chance {report.chance:.3f})"
+    )
+    console.print(
+        f"try: pinsearch query --store {report.store} --pin {report.examples[0]['query']} -k 5"
+    )
+
+
+@app.command()
+def bench(
+    what: Annotated[str, typer.Argument(help="embed, index or query")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
+    dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    factory: Annotated[
+        list[str] | None, typer.Option(help="Factory strings to compare (index).")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query."""
+    from pinsearch.eval import bench as b
+
+    if what == "embed":
+        result: Any = b.bench_embed(backbone, n=n or 256, batch_size=batch_size, device=device)
+    elif what == "index":
+        result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None)
+    elif what == "query":
+        result = b.bench_query(n=n or 100_000, dim=dim)
+    else:
+        raise typer.BadParameter(f"unknown benchmark {what!r}; expected embed, index or query")
+    if as_json:
+        _emit_json(result)
+        return
+    console.print(b.format_result(result))
+
+
+def main() -> None:
+    """Entry point: turns pinsearch errors into a one-line message and exit code 1."""
+    try:
+        app()
+    except (PinsearchError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None

@@ -1,0 +1,335 @@
+"""Benchmarks that print numbers: embedding throughput, index build/search, query latency.
+
+Each compares pinsearch with a baseline measured in the same run: the bare model forward on
+random tensors (embedding), exact search (index recall), and raw FAISS on the same index
+(query overhead). Results are dataclasses; the CLI prints them or dumps JSON.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch._version import __version__
+
+__all__ = [
+    "EmbedBench",
+    "IndexBench",
+    "QueryBench",
+    "Timer",
+    "bench_embed",
+    "bench_index",
+    "bench_query",
+    "clustered_vectors",
+    "format_result",
+    "machine",
+]
+
+
+@dataclass
+class Timer:
+    """Elapsed seconds of a ``with timed() as t:`` block, in ``t.seconds``."""
+
+    seconds: float = 0.0
+
+
+@contextmanager
+def timed() -> Iterator[Timer]:
+    """Context manager measuring wall time."""
+    t = Timer()
+    start = time.perf_counter()
+    try:
+        yield t
+    finally:
+        t.seconds = time.perf_counter() - start
+
+
+def machine() -> dict[str, Any]:
+    """Where a benchmark ran: CPU, cores, GPU, library versions."""
+    import os
+
+    import faiss
+    import torch
+
+    info: dict[str, Any] = {
+        "pinsearch": __version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def clustered_vectors(n: int, dim: int, *, clusters: int = 256, seed: int = 0) -> np.ndarray:
+    """Synthetic embeddings with cluster structure (like real ones), float32."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32) * 2.0
+    labels = rng.integers(0, clusters, n)
+    x = centers[labels] + rng.standard_normal((n, dim)).astype(np.float32)
+    return np.abs(x, out=x)  # pooled CNN features are non-negative
+
+
+# -- embedding ------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbedBench:
+    """End-to-end embedding rate vs the bare forward at the same batch size."""
+
+    backbone: str
+    device: str
+    images: int
+    batch_size: int
+    workers: int
+    end_to_end_images_per_s: float
+    forward_images_per_s: float
+    ratio: float
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_embed(
+    backbone: str = "effnet_lite0",
+    *,
+    n: int = 256,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str = "auto",
+    image_size: int = 320,
+) -> EmbedBench:
+    """Embed ``n`` generated JPEGs from disk, then time the bare model on random tensors."""
+    import torch
+
+    from pinsearch.backbones import create_backbone
+    from pinsearch.embed import EmbedConfig, iter_embeddings, resolve_device
+    from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
+
+    dev = resolve_device(device)
+    model = create_backbone(backbone, device=dev)
+    config = EmbedConfig(batch_size=batch_size, workers=workers, device=str(dev))
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        items = []
+        for i in range(n):
+            path = Path(tmp) / f"{i}.jpg"
+            cat = DEMO_CATEGORIES[i % len(DEMO_CATEGORIES)]
+            draw_pin_image(cat, rng, image_size).save(path, quality=90)
+            items.append((i, str(path)))
+        warm = items[: min(len(items), batch_size)]
+        sum(len(b.keys) for b in iter_embeddings(model, warm, config))
+        with timed() as t:
+            done = sum(len(b.keys) for b in iter_embeddings(model, items, config))
+    e2e = done / t.seconds
+    size = model.preprocess.input_size
+    x = torch.randn(batch_size, 3, size, size, device=dev)
+    net = model.model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    cuda = dev.type == "cuda"
+    with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=cuda):
+        net(x)
+        reps = max(2, n // batch_size)
+        if cuda:
+            torch.cuda.synchronize()
+        with timed() as f:
+            for _ in range(reps):
+                net(x)
+            if cuda:
+                torch.cuda.synchronize()
+    fwd = reps * batch_size / f.seconds
+    return EmbedBench(
+        backbone=backbone,
+        device=str(dev),
+        images=done,
+        batch_size=batch_size,
+        workers=config.workers if config.workers is not None else -1,
+        end_to_end_images_per_s=round(e2e, 1),
+        forward_images_per_s=round(fwd, 1),
+        ratio=round(e2e / fwd, 3),
+        machine=machine(),
+    )
+
+
+# -- indexes --------------------------------------------------------------------------------
+
+
+@dataclass
+class IndexBench:
+    """Build time, search rate and recall@10 vs exact search, per factory string."""
+
+    n: int
+    dim: int
+    queries: int
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_index(
+    *,
+    n: int = 100_000,
+    dim: int = 768,
+    factories: Sequence[str] | None = None,
+    metric: str = "cosine",
+    nq: int = 1000,
+    k: int = 10,
+) -> IndexBench:
+    """Build each index type over synthetic clustered vectors and measure it."""
+    from pinsearch.indexes import IndexConfig, build_index, ivf_nlist
+
+    nlist = ivf_nlist(n)
+    factories = list(
+        factories or ["Flat", f"IVF{nlist},Flat", f"IVF{nlist},PQ{dim // 16}", "HNSW32"]
+    )
+    x = clustered_vectors(n, dim)
+    q = clustered_vectors(nq, dim, seed=1)
+    keys = np.arange(n, dtype=np.int64)
+    rows = []
+    truth: np.ndarray | None = None
+    for fac in factories:
+        index = build_index(x, keys, IndexConfig(factory=fac, metric=metric))  # type: ignore[arg-type]
+        with timed() as t:
+            _, found = index.search(q, k)
+        if truth is None:
+            exact = build_index(x, keys, IndexConfig(factory="Flat", metric=metric))  # type: ignore[arg-type]
+            truth = exact.search(q, k)[1] if fac != "Flat" else found
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+        rows.append(
+            {
+                "factory": fac,
+                "build_s": round(index.build_seconds, 3),
+                "search_s": round(t.seconds, 4),
+                "qps": round(nq / t.seconds, 1),
+                "recall_at_10": round(recall, 4),
+                "device": "gpu" if index.on_gpu else "cpu",
+            }
+        )
+    return IndexBench(n=n, dim=dim, queries=nq, rows=rows, machine=machine())
+
+
+# -- query latency -------------------------------------------------------------------------
+
+
+@dataclass
+class QueryBench:
+    """Single-query latency with metadata (pinsearch) vs the raw FAISS search (same index)."""
+
+    n: int
+    dim: int
+    k: int
+    queries: int
+    factory: str
+    pinsearch_p50_ms: float
+    pinsearch_p99_ms: float
+    pinsearch_qps: float
+    faiss_p50_ms: float
+    faiss_p99_ms: float
+    overhead_ratio_p50: float
+    filtered_p50_ms: float
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def synthetic_store(path: Path, vectors: np.ndarray, *, categories: int = 32) -> None:
+    """Write a store with fake pins (no images) and the given vectors, for query benchmarks."""
+    from pinsearch.ingest import IngestResult, PinRecord
+    from pinsearch.store import Store
+
+    n = len(vectors)
+    pins = [
+        PinRecord(
+            pin_id=f"p{i:09d}",
+            board=f"user{i % 500:03d}/board{i % 5000}",
+            user=f"user{i % 500:03d}",
+            category=f"cat{i % categories:02d}",
+            title=f"synthetic pin {i}",
+            description="",
+            path=Path(f"/nonexistent/{i}.jpg"),
+        )
+        for i in range(n)
+    ]
+    boards = {p.board: p for p in pins}
+    result = IngestResult(Path("synthetic"), "synthetic", pins, [], n, boards=boards)
+    with Store.open(path, create=True) as store:
+        store.catalog.add_ingest(result, "{}")
+        store.catalog.upsert_embedding(
+            "synthetic", spec={"weights": "none", "dim": vectors.shape[1]}, preprocess={},
+            dim=vectors.shape[1], dtype="float32", normalize=False, device="cpu",
+            pinsearch_version=__version__,
+        )  # fmt: skip
+        keys = np.arange(n, dtype=np.int64)
+        for start in range(0, n, 65536):
+            store.vectors("synthetic").write_part(
+                vectors[start : start + 65536], keys[start : start + 65536]
+            )
+        store.build_index("synthetic")
+
+
+def bench_query(
+    *, n: int = 100_000, dim: int = 768, k: int = 10, nq: int = 200, store: Path | None = None
+) -> QueryBench:
+    """p50/p99 latency of one similar-pin query with metadata vs raw FAISS on the same index."""
+    from pinsearch.search import PinSearcher
+    from pinsearch.store import Store
+
+    x = clustered_vectors(n, dim)
+    q = clustered_vectors(nq, dim, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = store or Path(tmp) / "store"
+        if store is None:
+            synthetic_store(path, x)
+        with Store.open(path, read_only=True) as s:
+            searcher = PinSearcher(s)
+            index = searcher.index
+            prepared = index.prepare(q)
+            ours, raw, filtered = [], [], []
+            searcher.similar_to_vector(q[0], k)  # warm-up
+            for i in range(nq):
+                with timed() as t:
+                    searcher.similar_to_vector(q[i], k)
+                ours.append(t.seconds)
+                with timed() as t:
+                    index.index.search(prepared[i : i + 1], k)
+                raw.append(t.seconds)
+            for i in range(min(nq, 50)):
+                with timed() as t:
+                    searcher.similar_to_vector(q[i], k, category="cat03")
+                filtered.append(t.seconds)
+    ms = lambda a, p: round(float(np.percentile(a, p)) * 1000, 3)  # noqa: E731
+    return QueryBench(
+        n=n,
+        dim=dim,
+        k=k,
+        queries=nq,
+        factory=index.factory,
+        pinsearch_p50_ms=ms(ours, 50),
+        pinsearch_p99_ms=ms(ours, 99),
+        pinsearch_qps=round(nq / float(np.sum(ours)), 1),
+        faiss_p50_ms=ms(raw, 50),
+        faiss_p99_ms=ms(raw, 99),
+        overhead_ratio_p50=round(float(np.percentile(ours, 50) / np.percentile(raw, 50)), 2),
+        filtered_p50_ms=ms(filtered, 50),
+        machine=machine(),
+    )
+
+
+def format_result(result: Any) -> str:
+    """Plain-text rendering of a benchmark result."""
+    data = asdict(result)
+    lines = [type(result).__name__]
+    rows = data.pop("rows", None)
+    mach = data.pop("machine", {})
+    lines += [f"  {k}: {v}" for k, v in data.items()]
+    if rows:
+        cols = list(rows[0])
+        lines.append("  " + " | ".join(cols))
+        lines += ["  " + " | ".join(str(r[c]) for c in cols) for r in rows]
+    lines.append("  machine: " + ", ".join(f"{k}={v}" for k, v in mach.items()))
+    return "\n".join(lines)
