@@ -293,7 +293,10 @@ def backbones(
     if as_json:
         _emit_json(rows)
         return
-    _print_rows("backbones (any timm model also works as timm:<name>)", rows)
+    short = [
+        {k: r[k] for k in ("name", "source", "dim", "input_size", "offline", "paper")} for r in rows
+    ]
+    _print_rows("backbones (any timm model works too, as timm:<name>)", short)
 
 
 def _input_size(spec: Any) -> int | None:

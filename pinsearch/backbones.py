@@ -432,6 +432,7 @@ register_backbone(
     BackboneSpec(
         name="classic",
         source="classic",
+        dim=418,  # ClassicDescriptor() with its default bins; checked when built
         description="colour histogram + texture statistics, no weights (classic baseline)",
         tags=("offline",),
     )

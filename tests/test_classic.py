@@ -69,9 +69,7 @@ def test_output_shape_dtype_finite(desc: ClassicDescriptor, batch: torch.Tensor)
     assert (out[:, desc.layout["hsv"]] >= 0).all()
 
 
-def test_deterministic_and_batch_independent(
-    desc: ClassicDescriptor, batch: torch.Tensor
-) -> None:
+def test_deterministic_and_batch_independent(desc: ClassicDescriptor, batch: torch.Tensor) -> None:
     first = desc(batch)
     assert torch.equal(first, desc(batch.clone()))
     assert torch.equal(first, desc.eval()(batch))

@@ -1,0 +1,120 @@
+"""Shared fixtures: offline environment, GPU skipping, a generated corpus and a built store."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports pinsearch, timm or huggingface_hub: no test may try a hub.
+os.environ["PINSEARCH_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pinsearch.synth import SyntheticCorpus, make_pinterest_tree
+
+#: The small corpus every store test shares: 3 categories x 2 boards x 4 pins, 2 users.
+TREE_KW = {
+    "categories": ("food_drink", "architecture", "cars_motorcycles"),
+    "n_users": 2,
+    "boards_per_category": 2,
+    "pins_per_board": 4,
+    "image_size": 96,
+}
+TEST_BACKBONE = "test_efficientnet"
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        from pinsearch.indexes import gpu_count
+
+        return gpu_count() > 0
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped cleanly without CUDA and faiss-gpu."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items or _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA and faiss-gpu")
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_env() -> Iterator[None]:
+    """Keep the whole session offline even if a test or plugin touched the variables."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PINSEARCH_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        yield
+
+
+def make_small_tree(root: Path, seed: int = 0, **overrides: object) -> SyntheticCorpus:
+    """The standard small tree (``TREE_KW``) at ``root``, with optional overrides."""
+    return make_pinterest_tree(root, **{**TREE_KW, "seed": seed, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def make_tree() -> object:
+    """Factory ``make_tree(root, seed=0, **overrides)`` for the standard small tree."""
+    return make_small_tree
+
+
+@pytest.fixture(scope="session")
+def tree_corpus(tmp_path_factory: pytest.TempPathFactory) -> SyntheticCorpus:
+    """A generated Pinterest tree (24 pins). Read-only: copy it (``tree_copy``) to change it."""
+    return make_small_tree(tmp_path_factory.mktemp("tree") / "corpus")
+
+
+@pytest.fixture
+def tree_copy(tree_corpus: SyntheticCorpus, tmp_path: Path) -> Path:
+    """A private copy of ``tree_corpus`` that a test may modify."""
+    dst = tmp_path / "corpus"
+    shutil.copytree(tree_corpus.root, dst)
+    return dst
+
+
+@dataclass(frozen=True)
+class BuiltStore:
+    """A store built from ``tree_corpus`` with the tiny test backbone."""
+
+    path: Path
+    corpus: SyntheticCorpus
+    report: object  # pinsearch.pipeline.IndexReport
+
+
+@pytest.fixture(scope="session")
+def built_store(
+    tree_corpus: SyntheticCorpus, tmp_path_factory: pytest.TempPathFactory
+) -> BuiltStore:
+    """``index_corpus(tree_corpus)`` into a fresh store. Read-only: use ``store_copy`` to write."""
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+
+    path = tmp_path_factory.mktemp("store") / "store"
+    report = index_corpus(
+        tree_corpus.root,
+        path,
+        backbone=TEST_BACKBONE,
+        embed=EmbedConfig(workers=0, batch_size=16),
+    )
+    return BuiltStore(path, tree_corpus, report)
+
+
+@pytest.fixture
+def store_copy(built_store: BuiltStore, tmp_path: Path) -> Path:
+    """A private copy of the built store's folder, for tests that write to it."""
+    dst = tmp_path / "store"
+    shutil.copytree(built_store.path, dst)
+    return dst

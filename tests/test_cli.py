@@ -1,0 +1,144 @@
+"""The Typer app end to end: index, query, info, backbones, bench, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+
+runner = CliRunner()
+
+
+def _json(args: list[str]) -> object:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def cli_store(tree_copy: Path, tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    store = tmp_path / "cli-store"
+    report = _json(
+        ["index", str(tree_copy), "--store", str(store), "--backbone", "test_efficientnet",
+         "--workers", "0", "--json"]
+    )  # fmt: skip
+    return store, report  # type: ignore[return-value]
+
+
+def test_index_json_report(cli_store: tuple[Path, dict[str, object]]) -> None:
+    _, report = cli_store
+    assert report["found"] == 24 and report["added"] == 24 and report["embedded"] == 24
+    assert report["index_action"] == "built" and report["ntotal"] == 24
+    assert report["factory"] == "Flat" and report["metric"] == "cosine"
+
+
+def test_index_again_is_incremental(
+    cli_store: tuple[Path, dict[str, object]], tree_copy: Path
+) -> None:
+    store, _ = cli_store
+    again = _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
+                   "--workers", "0", "--json"])  # fmt: skip
+    assert again["added"] == 0 and again["already_present"] == 24 and again["embedded"] == 0
+    assert again["index_action"] == "unchanged"
+
+
+def test_query_by_pin_with_filters(cli_store: tuple[Path, dict[str, object]]) -> None:
+    store, _ = cli_store
+    info = _json(["info", "--store", str(store), "--json"])
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        pin = s.catalog.query("SELECT pin_id, category FROM pins ORDER BY pin_id LIMIT 1")[0]
+    res = _json(["query", "--store", str(store), "--pin", pin["pin_id"], "-k", "5", "--json"])
+    assert res["k"] == 5 and len(res["hits"]) == 5
+    assert pin["pin_id"] not in [h["pin_id"] for h in res["hits"]]
+    assert [h["rank"] for h in res["hits"]] == [1, 2, 3, 4, 5]
+    other = next(c["category"] for c in info["categories"] if c["category"] != pin["category"])
+    res = _json(["query", "-s", str(store), "--pin", pin["pin_id"], "-k", "3",
+                 "--category", other, "--json"])  # fmt: skip
+    assert len(res["hits"]) == 3 and {h["category"] for h in res["hits"]} == {other}
+    assert res["filters"] == {"category": other}
+
+
+def test_query_by_image_finds_itself(cli_store: tuple[Path, dict[str, object]]) -> None:
+    store, _ = cli_store
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        pin = s.catalog.query("SELECT pin_id, path FROM pins ORDER BY pin_id LIMIT 1")[0]
+    res = _json(["query", "-s", str(store), "--image", pin["path"], "-k", "2", "--json"])
+    assert res["hits"][0]["pin_id"] == pin["pin_id"]
+    assert res["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_query_table_output(cli_store: tuple[Path, dict[str, object]]) -> None:
+    store, _ = cli_store
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        pin_id = s.catalog.query("SELECT min(pin_id) AS p FROM pins")[0]["p"]
+    result = runner.invoke(app, ["query", "-s", str(store), "--pin", pin_id, "-k", "2"])
+    assert result.exit_code == 0 and "rank" in result.stdout
+
+
+def test_query_needs_exactly_one_of_pin_or_image(cli_store: tuple[Path, dict[str, object]]) -> None:
+    store, _ = cli_store
+    result = runner.invoke(app, ["query", "-s", str(store)])
+    assert result.exit_code != 0
+    assert "exactly one of --pin or --image" in result.output
+
+
+def test_info_json_schema(cli_store: tuple[Path, dict[str, object]]) -> None:
+    store, _ = cli_store
+    info = _json(["info", "-s", str(store), "--json"])
+    for key in ("path", "format_version", "pins", "users", "boards", "categories", "embeddings",
+                "indexes", "skipped", "skipped_by_reason", "ingests", "top_boards"):  # fmt: skip
+        assert key in info
+    assert info["pins"] == 24 and info["users"] == 2 and info["boards"] == 6
+    assert sum(c["pins"] for c in info["categories"]) == 24
+    assert info["embeddings"][0]["backbone"] == "test_efficientnet"
+    assert info["indexes"][0]["ntotal"] == 24
+    table = runner.invoke(app, ["info", "-s", str(store)])
+    assert table.exit_code == 0 and "food_drink" in table.stdout
+
+
+def test_backbones_json_lists_registry() -> None:
+    rows = _json(["backbones", "--json"])
+    names = {r["name"] for r in rows}
+    assert {"effnet_lite0", "convnext_base", "efficientnetv2_b3", "classic"} <= names
+    lite0 = next(r for r in rows if r["name"] == "effnet_lite0")
+    assert lite0["offline"] is True and lite0["dim"] == 1280 and lite0["input_size"] == 224
+    assert sum(r["paper"] for r in rows) == 6
+    only = _json(["backbones", "convnext*", "--json"])
+    assert {r["name"] for r in only} == {"convnext_tiny", "convnext_small", "convnext_base"}
+
+
+def test_bench_index_prints_numbers() -> None:
+    result = runner.invoke(app, ["bench", "index", "--n", "2000", "--dim", "32",
+                                 "--factory", "Flat", "--factory", "HNSW16", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [r["factory"] for r in data["rows"]] == ["Flat", "HNSW16"]
+    assert data["rows"][0]["recall_at_10"] == 1.0 and data["rows"][1]["qps"] > 0
+
+
+def test_unknown_store_is_a_clear_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["info", "-s", str(tmp_path / "nope")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, FileNotFoundError)
+    assert "no pinsearch store" in str(result.exception)
+
+
+def test_main_turns_errors_into_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    from pinsearch.cli.app import main
+
+    monkeypatch.setattr("sys.argv", ["pinsearch", "info", "-s", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 1
+    assert "no pinsearch store" in capsys.readouterr().err

@@ -1,0 +1,531 @@
+"""Tests for pinsearch.ingest: the three readers, cleaning rules, sampling and accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pinsearch.errors import CorpusError
+from pinsearch.ingest import (
+    IngestConfig,
+    PinRecord,
+    SkippedPin,
+    detect_format,
+    iter_folder,
+    iter_manifest,
+    iter_tree,
+    normalize_category,
+    read_corpus,
+    sample_per_category,
+)
+from pinsearch.synth import make_image_folder, make_pinterest_tree, write_manifest
+
+# Fields every reader fills the same way (board_name / board_description differ by design:
+# a manifest has no board.json).
+_COMMON = ("pin_id", "board", "user", "category", "title", "description", "link", "path")
+
+
+def _key(p: PinRecord) -> tuple:
+    return tuple(getattr(p, f) for f in _COMMON)
+
+
+def _records(items) -> tuple[list[PinRecord], list[SkippedPin]]:
+    items = list(items)
+    return [i for i in items if isinstance(i, PinRecord)], [i for i in items if isinstance(i, SkippedPin)]
+
+
+def _balanced(result) -> bool:
+    return (
+        len(result.pins) + len(result.skipped) + result.sampled_out + result.already_present
+        == result.found
+    )
+
+
+def _tree_manifest_rows(root: Path) -> list[dict[str, str]]:
+    """A manifest describing every pin of a tree, with paths relative to ``root``."""
+    rows = []
+    for pin_json in sorted(root.glob("*/*/*/pin.json")):
+        pin_dir = pin_json.parent
+        board_dir = pin_dir.parent
+        info = json.loads(pin_json.read_text())
+        board = json.loads((board_dir / "board.json").read_text())
+        rows.append(
+            {
+                "path": (pin_dir / f"{pin_dir.name}.jpg").relative_to(root).as_posix(),
+                "category": board["category"],
+                "pin_id": pin_dir.name,
+                "user": board_dir.parent.name,
+                "board": board_dir.name,
+                "title": info["title"],
+                "description": info["description"],
+                "link": info["link"],
+            }
+        )
+    return rows
+
+
+def _write_board(board_dir: Path, category: str | None, name: str = "Board") -> None:
+    board_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"name": name, "description": "d"}
+    if category is not None:
+        meta["category"] = category
+    (board_dir / "board.json").write_text(json.dumps(meta))
+
+
+def _write_pin(board_dir: Path, pin_id: str, colour=(120, 30, 30), pin_json: str | None = None) -> Path:
+    pin_dir = board_dir / pin_id
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    path = pin_dir / f"{pin_id}.jpg"
+    Image.new("RGB", (40, 40), colour).save(path, quality=90)
+    if pin_json is not None:
+        (pin_dir / "pin.json").write_text(pin_json)
+    return path
+
+
+# -- normalize_category -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Film, Music & Books", "film_music_books"),
+        ("Cars & Motorcycles", "cars_motorcycles"),
+        ("  DIY & Crafts ", "diy_crafts"),
+        ("food-drink", "food_drink"),
+        ("Food & Drink", "food_drink"),
+        ("food_drink", "food_drink"),
+        ("Health/Fitness", "health_fitness"),
+        ("Hair + Beauty", "hair_beauty"),
+        ("ART", "art"),
+        ("-Weird--name-", "weird_name"),
+        ("", ""),
+        ("   ", ""),
+        (None, ""),
+    ],
+)
+def test_normalize_category(raw: str | None, expected: str) -> None:
+    assert normalize_category(raw) == expected
+
+
+def test_normalize_category_is_idempotent() -> None:
+    for raw in ("Film, Music & Books", "  DIY & Crafts ", "food-drink"):
+        once = normalize_category(raw)
+        assert normalize_category(once) == once
+
+
+# -- readers agree ------------------------------------------------------------------------------
+
+
+def test_tree_reader_records(tree_corpus) -> None:
+    pins, skipped = _records(iter_tree(tree_corpus.root))
+    assert skipped == []
+    assert len(pins) == tree_corpus.n_pins == 24
+    assert len({p.pin_id for p in pins}) == 24
+    assert {p.board for p in pins} == set(tree_corpus.boards)
+    assert {p.user for p in pins} == set(tree_corpus.users)
+    assert Counter(p.category for p in pins) == {c: 8 for c in tree_corpus.categories}
+    for p in pins:
+        assert p.path.is_absolute() and p.path.is_file()
+        assert p.path.stem == p.pin_id
+        assert p.board == f"{p.user}/{p.path.parent.parent.name}"
+        assert p.title and p.description and p.link.endswith(p.pin_id)
+        assert p.board_name  # from board.json "name"
+
+
+def test_tree_and_manifest_give_the_same_records(tree_corpus, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, _tree_manifest_rows(tree_corpus.root))
+    tree_pins, _ = _records(iter_tree(tree_corpus.root))
+    man_pins, man_skipped = _records(iter_manifest(manifest, root=tree_corpus.root))
+    assert man_skipped == []
+    assert sorted(map(_key, tree_pins)) == sorted(map(_key, man_pins))
+    assert len(man_pins) == 24
+
+
+def test_manifest_inside_the_tree_root(tree_copy: Path) -> None:
+    manifest = write_manifest(tree_copy, _tree_manifest_rows(tree_copy))
+    assert detect_format(tree_copy) == "tree"  # a CSV at the top does not confuse detection
+    a = read_corpus(tree_copy)
+    b = read_corpus(manifest)
+    assert (a.format, b.format) == ("tree", "manifest")
+    assert sorted(map(_key, a.pins)) == sorted(map(_key, b.pins))
+    assert [(p.width, p.height) for p in a.pins][:1] == [(96, 96)]
+    assert sorted((p.pin_id, p.width, p.height) for p in a.pins) == sorted(
+        (p.pin_id, p.width, p.height) for p in b.pins
+    )
+
+
+def test_folder_and_manifest_give_the_same_records(tmp_path: Path) -> None:
+    corpus = make_image_folder(
+        tmp_path / "folder", categories=("art", "Food & Drink"), per_category=3, image_size=48
+    )
+    pins, skipped = _records(iter_folder(corpus.root))
+    assert skipped == []
+    assert len(pins) == 6
+    ids = sorted(p.pin_id for p in pins)
+    assert ids[0] == "Food & Drink/Food & Drink_0000"  # relative path without extension
+    assert "art/art_0002" in ids
+    for p in pins:
+        assert p.user is None
+        assert p.board == p.category
+        assert p.category in {"art", "food_drink"}
+    assert {p.board_name for p in pins} == {"art", "Food & Drink"}
+
+    rows = [
+        {"path": p.path.relative_to(corpus.root).as_posix(), "category": p.path.parent.name,
+         "title": p.title}
+        for p in pins
+    ]  # fmt: skip
+    manifest = write_manifest(corpus.root, rows)
+    man_pins, man_skipped = _records(iter_manifest(manifest))
+    assert man_skipped == []
+    assert sorted(map(_key, pins)) == sorted(map(_key, man_pins))
+    assert detect_format(corpus.root) == "folder"
+
+
+def test_folder_reader_nested_and_hidden(tmp_path: Path) -> None:
+    root = tmp_path / "f"
+    (root / "art" / "sub").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    for p in (root / "art" / "a.png", root / "art" / "sub" / "b.jpg", root / ".hidden" / "c.jpg",
+              root / "art" / ".d.jpg"):  # fmt: skip
+        Image.new("RGB", (8, 8)).save(p)
+    (root / "art" / "notes.txt").write_text("x")
+    pins, _ = _records(iter_folder(root))
+    assert sorted(p.pin_id for p in pins) == ["art/a", "art/sub/b"]
+    assert all(p.board == "art" for p in pins)
+
+
+def test_parquet_manifest(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "c"
+    (root / "img").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (10, 10), (i * 50, 0, 0)).save(root / "img" / f"{i}.jpg")
+    pq.write_table(
+        pa.table({"path": [f"img/{i}.jpg" for i in range(3)], "category": ["Art", "Art", "DIY"]}),
+        root / "m.parquet",
+    )
+    assert detect_format(root / "m.parquet") == "manifest"
+    result = read_corpus(root / "m.parquet")
+    assert sorted(p.pin_id for p in result.pins) == ["img/0", "img/1", "img/2"]
+    assert Counter(p.category for p in result.pins) == {"art": 2, "diy": 1}
+    assert all(p.board == p.category and p.user is None for p in result.pins)
+
+
+# -- cleaning rules ---------------------------------------------------------------------------
+
+
+def _tree_with_none_and_other(root: Path) -> Path:
+    make_pinterest_tree(root, categories=("art",), n_users=1, boards_per_category=1,
+                        pins_per_board=2, image_size=40)  # fmt: skip
+    _write_board(root / "u1" / "misc", "None")
+    _write_pin(root / "u1" / "misc", "n1")
+    _write_board(root / "u1" / "stuff", "Other")
+    _write_pin(root / "u1" / "stuff", "o1")
+    _write_pin(root / "u1" / "stuff", "o2")
+    return root
+
+
+def test_none_and_other_dropped_by_default(tmp_path: Path) -> None:
+    root = _tree_with_none_and_other(tmp_path / "t")
+    result = read_corpus(root)
+    assert {p.category for p in result.pins} == {"art"}
+    assert len(result.pins) == 2
+    dropped = [s for s in result.skipped if s.reason == "excluded_category"]
+    assert sorted(s.pin_id for s in dropped) == ["n1", "o1", "o2"]
+    assert _balanced(result)
+
+    kept = read_corpus(root, IngestConfig(drop_categories=()))
+    assert Counter(p.category for p in kept.pins) == {"art": 2, "none": 1, "other": 2}
+    assert kept.skipped == []
+
+
+def test_categories_allow_list(tmp_path: Path) -> None:
+    root = _tree_with_none_and_other(tmp_path / "t")
+    result = read_corpus(root, IngestConfig(categories=("Other",), drop_categories=()))
+    assert sorted(p.pin_id for p in result.pins) == ["o1", "o2"]
+    assert Counter(s.reason for s in result.skipped) == {"unknown_category": 3}
+    assert _balanced(result)
+
+
+def test_broken_metadata_is_skipped_and_the_rest_kept(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    good = root / "u" / "good"
+    _write_board(good, "Art")
+    _write_pin(good, "g1", pin_json=json.dumps({"title": "T1", "link": "L"}))
+    _write_pin(good, "g2")  # no pin.json: allowed
+    _write_pin(good, "bad_pin_json", pin_json="{not json")
+    _write_pin(good, "list_pin_json", pin_json="[1, 2]")
+    (good / "g3").mkdir()  # pin folder without an image
+    (good / "g3" / "pin.json").write_text("{}")
+
+    malformed = root / "u" / "malformed"
+    malformed.mkdir(parents=True)
+    (malformed / "board.json").write_text('{"name": "x", "category": ')
+    _write_pin(malformed, "m1")
+
+    nocat = root / "u" / "nocat"
+    _write_board(nocat, None)
+    _write_pin(nocat, "c1")
+
+    nojson = root / "u" / "nojson"
+    nojson.mkdir(parents=True)
+    _write_pin(nojson, "j1")
+    _write_pin(nojson, "j2")
+
+    result = read_corpus(root)
+    assert sorted(p.pin_id for p in result.pins) == ["g1", "g2"]
+    g1 = next(p for p in result.pins if p.pin_id == "g1")
+    assert (g1.title, g1.link, g1.category, g1.board, g1.user) == ("T1", "L", "art", "u/good", "u")
+    reasons = {s.pin_id: s.reason for s in result.skipped}
+    assert reasons == {
+        "bad_pin_json": "malformed_pin_json",
+        "list_pin_json": "malformed_pin_json",
+        "g3": "no_image",
+        "m1": "malformed_board_json",
+        "c1": "missing_category",
+        "j1": "missing_board_json",
+        "j2": "missing_board_json",
+    }
+    for s in result.skipped:
+        assert s.detail and s.stage == "ingest"
+    assert "board.json" in next(s for s in result.skipped if s.pin_id == "m1").detail
+    assert result.found == 9
+    assert _balanced(result)
+
+
+def test_duplicate_pin_ids_across_boards(tree_copy: Path) -> None:
+    boards = sorted(p for p in tree_copy.glob("*/*") if p.is_dir())
+    src_pin = sorted(d for d in boards[0].iterdir() if d.is_dir())[0]
+    shutil.copytree(src_pin, boards[1] / src_pin.name)
+    result = read_corpus(tree_copy)
+    assert len(result.pins) == 24
+    dups = [s for s in result.skipped if s.reason == "duplicate_id"]
+    assert len(dups) == 1 and dups[0].pin_id == src_pin.name
+    kept = [p for p in result.pins if p.pin_id == src_pin.name]
+    assert len(kept) == 1
+    assert kept[0].path.parent.parent.name == boards[0].name  # the first one read is kept
+    assert str(kept[0].path) in dups[0].detail
+    assert result.found == 25 and _balanced(result)
+
+
+def test_bad_images_are_skipped_with_reasons(tree_copy: Path) -> None:
+    pins = sorted(tree_copy.glob("*/*/*/*.jpg"))
+    pins[0].write_bytes(b"")
+    pins[1].write_text("not an image")
+    result = read_corpus(tree_copy)
+    assert len(result.pins) == 22
+    assert sorted(s.reason for s in result.skipped) == ["empty_file", "not_an_image"]
+    assert {s.pin_id for s in result.skipped} == {pins[0].stem, pins[1].stem}
+    assert all(p.width == 96 and p.height == 96 for p in result.pins)
+    unchecked = read_corpus(tree_copy, IngestConfig(check_images=False))
+    assert len(unchecked.pins) == 24 and unchecked.skipped == []
+    assert all(p.width is None for p in unchecked.pins)
+
+
+def test_max_pixels_in_ingest(tree_copy: Path) -> None:
+    result = read_corpus(tree_copy, IngestConfig(max_pixels=96 * 96 - 1))
+    assert result.pins == []
+    assert {s.reason for s in result.skipped} == {"too_large"}
+    assert _balanced(result)
+
+
+def test_non_utf8_file_name_is_skipped(tree_copy: Path) -> None:
+    board = sorted(p for p in tree_copy.glob("*/*") if p.is_dir())[0]
+    bad = os.path.join(os.fsencode(board), b"pin\xff.jpg")
+    Image.new("RGB", (20, 20)).save(open(bad, "wb"), format="JPEG")  # noqa: SIM115
+    good_loose = board / "loose.jpg"
+    Image.new("RGB", (20, 20)).save(good_loose)
+    result = read_corpus(tree_copy)
+    assert len(result.pins) == 25  # the loose image with a valid name is a pin
+    assert any(p.pin_id == "loose" for p in result.pins)
+    bad_skips = [s for s in result.skipped if s.reason == "non_utf8_name"]
+    assert len(bad_skips) == 1
+    bad_skips[0].path.encode("utf-8")  # storable as text
+    assert "pin" in bad_skips[0].path
+    assert _balanced(result)
+    json.dumps([s.__dict__ for s in result.skipped])  # nothing un-encodable
+
+
+def test_non_utf8_name_in_folder_corpus(tmp_path: Path) -> None:
+    root = tmp_path / "f"
+    (root / "art").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "art" / "ok.jpg")
+    with open(os.path.join(os.fsencode(root / "art"), b"\xfe\xff.jpg"), "wb") as fh:
+        Image.new("RGB", (8, 8)).save(fh, format="JPEG")
+    result = read_corpus(root)
+    assert [p.pin_id for p in result.pins] == ["art/ok"]
+    assert [s.reason for s in result.skipped] == ["non_utf8_name"]
+    result.skipped[0].path.encode("utf-8")
+
+
+# -- manifests --------------------------------------------------------------------------------
+
+
+def _manifest_corpus(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "corpus"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(root / "img" / "in.jpg")
+    outside = tmp_path / "x.jpg"
+    Image.new("RGB", (12, 12), (3, 2, 1)).save(outside)
+    return root, outside
+
+
+def test_manifest_paths_outside_root(tmp_path: Path) -> None:
+    root, outside = _manifest_corpus(tmp_path)
+    manifest = write_manifest(
+        root,
+        [
+            {"path": "img/in.jpg", "category": "Art"},
+            {"path": "../x.jpg", "category": "Art", "pin_id": "rel"},
+            {"path": str(outside), "category": "Art", "pin_id": "abs"},
+            {"path": "img/../../x.jpg", "category": "Art", "pin_id": "sneaky"},
+            {"path": "", "category": "Art", "pin_id": "nopath"},
+            {"path": "img/in.jpg", "category": "", "pin_id": "nocat"},
+        ],
+    )
+    result = read_corpus(manifest)
+    assert [p.pin_id for p in result.pins] == ["img/in"]
+    reasons = Counter(s.reason for s in result.skipped)
+    assert reasons == {"path_outside_root": 3, "missing_path": 1, "missing_category": 1}
+    outside_skips = [s for s in result.skipped if s.reason == "path_outside_root"]
+    assert {s.path for s in outside_skips} == {"../x.jpg", str(outside), "img/../../x.jpg"}
+    assert _balanced(result)
+
+    allowed = read_corpus(manifest, IngestConfig(allow_outside_root=True))
+    by_id = {p.pin_id: p for p in allowed.pins}
+    assert set(by_id) == {"img/in", "rel", "abs", "sneaky"}
+    assert by_id["rel"].path == by_id["abs"].path == outside.resolve()
+    assert Counter(s.reason for s in allowed.skipped) == {"missing_path": 1, "missing_category": 1}
+
+
+def test_manifest_root_argument(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = write_manifest(tmp_path / "elsewhere", [{"path": "img/in.jpg", "category": "a"}])
+    pins, skipped = _records(iter_manifest(manifest, root=root))
+    assert skipped == [] and pins[0].path == (root / "img" / "in.jpg").resolve()
+
+
+def test_manifest_user_and_board_columns(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = write_manifest(
+        root,
+        [{"path": "img/in.jpg", "category": "Art", "user": "ann", "board": "walls", "pin_id": "p"}],
+    )
+    (pin,) = read_corpus(manifest).pins
+    assert (pin.pin_id, pin.user, pin.board, pin.board_name) == ("p", "ann", "ann/walls", "walls")
+
+
+def test_manifest_missing_category_column(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = root / "m.csv"
+    manifest.write_text("path,title\nimg/in.jpg,hello\n")
+    with pytest.raises(CorpusError, match="category"):
+        read_corpus(manifest)
+    with pytest.raises(CorpusError, match=r"m\.csv"):
+        list(iter_manifest(manifest))
+
+
+def test_manifest_with_bom(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = root / "m.csv"
+    manifest.write_bytes("\ufeffpath,category\nimg/in.jpg,Art\n".encode())
+    assert [p.category for p in read_corpus(manifest).pins] == ["art"]
+
+
+# -- format detection -------------------------------------------------------------------------
+
+
+def test_detect_format(tree_corpus, tmp_path: Path) -> None:
+    assert detect_format(tree_corpus.root) == "tree"
+    folder = make_image_folder(tmp_path / "f", categories=("art",), per_category=1, image_size=32)
+    assert detect_format(folder.root) == "folder"
+    csv = write_manifest(tmp_path, [{"path": "f/art/art_0000.jpg", "category": "art"}])
+    assert detect_format(csv) == "manifest"
+    assert read_corpus(csv).format == "manifest"
+
+
+def test_detect_format_errors(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CorpusError, match="neither"):
+        detect_format(empty)
+    with pytest.raises(CorpusError, match="does not exist"):
+        detect_format(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_corpus(tmp_path / "missing")
+    with pytest.raises(CorpusError, match="neither"):
+        read_corpus(empty)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CorpusError, match="not a manifest"):
+        detect_format(tmp_path / "notes.txt")
+    only_files = tmp_path / "only_files"
+    (only_files / "cat").mkdir(parents=True)
+    (only_files / "cat" / "readme.md").write_text("x")
+    with pytest.raises(CorpusError):
+        detect_format(only_files)
+
+
+def test_corpus_error_is_a_value_error() -> None:
+    assert issubclass(CorpusError, ValueError)
+
+
+# -- sampling and accounting ------------------------------------------------------------------
+
+
+def test_per_category_caps_each_category(tree_corpus) -> None:
+    result = read_corpus(tree_corpus.root, IngestConfig(per_category=3, seed=0))
+    assert Counter(p.category for p in result.pins) == {c: 3 for c in tree_corpus.categories}
+    assert result.sampled_out == 24 - 9
+    assert _balanced(result)
+    big = read_corpus(tree_corpus.root, IngestConfig(per_category=100))
+    assert len(big.pins) == 24 and big.sampled_out == 0
+
+
+def test_sampling_is_deterministic_and_seed_dependent(tree_corpus) -> None:
+    def ids(seed: int) -> frozenset[str]:
+        return frozenset(
+            p.pin_id
+            for p in read_corpus(tree_corpus.root, IngestConfig(per_category=3, seed=seed)).pins
+        )
+
+    assert ids(0) == ids(0)
+    assert ids(7) == ids(7)
+    # C(8, 3)^3 possible draws: five seeds cannot all agree.
+    assert len({ids(s) for s in range(5)}) > 1
+
+
+def test_sampling_is_independent_of_reading_order(tree_corpus) -> None:
+    pins, _ = _records(iter_tree(tree_corpus.root))
+    forward = sample_per_category(pins, 2, seed=3)
+    backward = sample_per_category(pins[::-1], 2, seed=3)
+    assert {p.pin_id for p in forward} == {p.pin_id for p in backward}
+    # The kept pins stay in reading order.
+    assert [p.pin_id for p in backward] == [p.pin_id for p in pins[::-1] if p in forward]
+    with pytest.raises(ValueError, match="positive"):
+        sample_per_category(pins, 0, seed=0)
+
+
+def test_accounting_with_every_outcome(tree_copy: Path) -> None:
+    pins = sorted(tree_copy.glob("*/*/*/*.jpg"))
+    pins[0].write_bytes(b"")  # skipped: empty_file
+    already = {pins[1].stem, pins[2].stem}
+    result = read_corpus(
+        tree_copy, IngestConfig(per_category=5, seed=1), exclude_ids=already | {"not-there"}
+    )
+    assert result.found == 24
+    assert result.already_present == 2
+    assert [s.reason for s in result.skipped] == ["empty_file"]
+    assert result.sampled_out > 0
+    assert all(n <= 5 for n in Counter(p.category for p in result.pins).values())
+    assert not already & {p.pin_id for p in result.pins}
+    assert _balanced(result)
+    assert set(result.boards) == {p.board for p in result.pins}
