@@ -136,9 +136,8 @@ def index(
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
-    from pinsearch.indexes import IndexConfig
-
     from pinsearch.embed import EmbedConfig
+    from pinsearch.indexes import IndexConfig
     from pinsearch.ingest import IngestConfig
     from pinsearch.pipeline import index_corpus
 

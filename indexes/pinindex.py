@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
-from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, IndexFileError
+from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
+from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
 __all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "load_index"]
 
