@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 
 from pinsearch._version import __version__
@@ -67,8 +68,7 @@ class _WriteLock:
             holder = self._fh.read().strip() or "unknown"
             self._fh.close()
             raise StoreLockedError(
-                f"store {path.parent} is locked by PID {holder}; wait for it to finish "
-                "(readers can still open the store read-only)"
+                f"store {path.parent} is locked by PID {holder}; wait for it to finish"
             ) from None
         self._fh.seek(0)
         self._fh.truncate()
@@ -77,6 +77,8 @@ class _WriteLock:
 
     def release(self) -> None:
         if not self._fh.closed:
+            self._fh.seek(0)
+            self._fh.truncate()  # no stale PID in later error messages
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
 
@@ -127,6 +129,15 @@ class Store:
         lock = None if read_only else _WriteLock(root / ".lock")
         try:
             catalog = Catalog(root / "catalog.duckdb", read_only=read_only)
+        except duckdb.IOException as exc:
+            if lock is not None:
+                lock.release()
+            if "lock" not in str(exc).lower():
+                raise
+            raise StoreLockedError(
+                f"store {root} is open in another process ({_lock_holder(root)}); DuckDB "
+                f"allows one writer or several readers at a time: {exc}"
+            ) from exc
         except Exception:
             if lock is not None:
                 lock.release()
@@ -361,6 +372,15 @@ class Store:
                 "GROUP BY p.board ORDER BY pins DESC, p.board LIMIT 20"
             ),
         )
+
+
+def _lock_holder(root: Path) -> str:
+    """Who holds the write lock, for error messages."""
+    try:
+        pid = (root / ".lock").read_text().strip()
+    except OSError:
+        pid = ""
+    return f"writer PID {pid}" if pid else "a reader or an unknown writer"
 
 
 def _read_store_meta(path: Path) -> dict[str, Any]:
