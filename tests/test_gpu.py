@@ -1,0 +1,63 @@
+"""GPU paths agree with the CPU ones (run on a CUDA machine with faiss-gpu: pytest -m gpu)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pinsearch.indexes import IndexConfig, build_index, load_index
+
+pytestmark = pytest.mark.gpu
+
+
+def _data(n: int = 20_000, d: int = 64, nq: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, d)).astype("float32"), rng.standard_normal((nq, d)).astype(
+        "float32"
+    )
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_flat_gpu_equals_cpu(metric: str) -> None:
+    x, q = _data()
+    keys = np.arange(len(x), dtype=np.int64) * 7
+    cpu = build_index(x, keys, IndexConfig(factory="Flat", metric=metric, device="cpu"))  # type: ignore[arg-type]
+    gpu = build_index(x, keys, IndexConfig(factory="Flat", metric=metric, device="gpu"))  # type: ignore[arg-type]
+    assert gpu.on_gpu and not cpu.on_gpu
+    d_cpu, k_cpu = cpu.search(q, 10)
+    d_gpu, k_gpu = gpu.search(q, 10)
+    assert (k_cpu == k_gpu).mean() > 0.99
+    np.testing.assert_allclose(d_cpu, d_gpu, rtol=1e-3, atol=1e-3)
+
+
+def test_ivf_gpu_save_load_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    x, q = _data()
+    keys = np.arange(len(x), dtype=np.int64)
+    gpu = build_index(x, keys, IndexConfig(factory="IVF64,Flat", device="gpu", nprobe=64))
+    cpu = build_index(x, keys, IndexConfig(factory="IVF64,Flat", device="cpu", nprobe=64))
+    assert (gpu.search(q, 10)[1] == cpu.search(q, 10)[1]).mean() > 0.98
+    gpu.save(tmp_path / "ix")
+    back = load_index(tmp_path / "ix", config=IndexConfig(device="cpu", nprobe=64))
+    assert (back.search(q, 10)[1] == gpu.search(q, 10)[1]).mean() > 0.98
+    allowed = keys[::3]
+    _, found = gpu.search(q, 5, allowed=allowed)
+    assert np.isin(found, allowed).all()
+
+
+def test_cuda_embedding_matches_cpu(tree_corpus) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from pinsearch.backbones import create_backbone
+    from pinsearch.embed import EmbedConfig, iter_embeddings
+    from pinsearch.ingest import read_corpus
+
+    pins = read_corpus(tree_corpus.root).pins
+    items = [(i, str(p.path)) for i, p in enumerate(pins)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        model = create_backbone("effnet_lite0", device=torch.device(device))
+        cfg = EmbedConfig(device=device, workers=0, batch_size=8)
+        out[device] = np.concatenate([b.vectors for b in iter_embeddings(model, items, cfg)])
+    a = out["cpu"] / np.linalg.norm(out["cpu"], axis=1, keepdims=True)
+    b = out["cuda"] / np.linalg.norm(out["cuda"], axis=1, keepdims=True)
+    assert np.min(np.sum(a * b, axis=1)) > 0.98  # bf16 autocast on the GPU
