@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS pins (
     path VARCHAR,
     width INTEGER,
     height INTEGER,
-    ingest_id INTEGER
+    ingest_id INTEGER,
+    extra VARCHAR                   -- JSON object: other pin.json keys / manifest columns
 );
 CREATE TABLE IF NOT EXISTS skipped (
     pin_id VARCHAR,
@@ -253,9 +254,9 @@ class Catalog:
         cols = list(zip(*rows))
         names = [
             "pin_key", "pin_id", "board", "user_id", "category", "title", "description",
-            "link", "path", "width", "height", "ingest_id",
+            "link", "path", "width", "height", "ingest_id", "extra",
         ]  # fmt: skip
-        types = [pa.int64(), *[pa.string()] * 8, pa.int32(), pa.int32(), pa.int32()]
+        types = [pa.int64(), *[pa.string()] * 8, pa.int32(), pa.int32(), pa.int32(), pa.string()]
         table = pa.table({n: pa.array(c, type=t) for n, c, t in zip(names, cols, types)})
         self._con.register("_new_pins", table)
         try:
@@ -436,6 +437,7 @@ def _pin_row(p: PinRecord, key: int, ingest_id: int) -> list[Any]:
         p.width,
         p.height,
         ingest_id,
+        json.dumps(dict(p.extra)) if p.extra else None,
     ]
 
 

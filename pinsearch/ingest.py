@@ -62,6 +62,7 @@ class PinRecord:
     board_description: str = ""
     width: int | None = None  # filled by the header probe
     height: int | None = None
+    extra: tuple[tuple[str, str], ...] = ()  # other pin.json keys / manifest columns, as text
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,22 @@ def _read_json(path: Path) -> dict[str, object]:
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+_PIN_JSON_KEYS = frozenset({"id", "title", "description", "link"})
+_MANIFEST_KEYS = frozenset(
+    {"path", "category", "pin_id", "board", "user", "title", "description", "link"}
+)
+
+
+def _extra(data: dict[str, object], known: frozenset[str]) -> tuple[tuple[str, str], ...]:
+    """Fields beyond the standard ones, kept as text (e.g. a manifest's fine label)."""
+    out = []
+    for key in sorted(k for k in data if k not in known):
+        value = data[key]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out.append((str(key), text))
+    return tuple(out)
 
 
 def _valid_name(name: str) -> bool:
@@ -243,6 +260,7 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
             path=image.resolve(),
             board_name=board_name,
             board_description=board_desc,
+            extra=_extra(info, _PIN_JSON_KEYS),
         )
 
 
@@ -357,6 +375,7 @@ def iter_manifest(
             link=_text(row.get("link")),
             path=full,
             board_name=board,
+            extra=_extra(row, _MANIFEST_KEYS),
         )
 
 
