@@ -136,15 +136,15 @@ class PinIndex:
         if k_eff == 0:
             return _empty(len(q), k)
         if allowed is None:
-            d, pos = self._raw_search(q, k_eff, None)
+            d, pos = self._raw_search(q, k_eff, self._params())
         else:
             d, pos = self._filtered_search(q, k_eff, allowed)
         return self._to_keys(d, pos, k)
 
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.on_gpu and k > _GPU_MAX_K:
-            return self.cpu_index().search(q, k)
-        if params is None:
+            return self.cpu_index().search(q, k, params=params)
+        if self.on_gpu or params is None:  # GPU indexes get nprobe when placed (_place)
             return self.index.search(q, k)
         return self.index.search(q, k, params=params)
 
@@ -268,7 +268,14 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
     if "HNSW" in factory or config.metric == "l1":
         _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
         return cpu_index, False
-    return to_gpu(cpu_index, fp16=config.fp16), True
+    gpu = to_gpu(cpu_index, fp16=config.fp16)
+    ivf = _ivf_of(cpu_index)
+    if ivf is not None:
+        import faiss
+
+        nprobe = min(config.nprobe or max(1, ivf.nlist // 16), ivf.nlist)
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
+    return gpu, True
 
 
 def build_index(

@@ -24,7 +24,12 @@ __all__ = [
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 #: Largest image accepted, in pixels (width x height). A 12k x 12k photo passes; a bomb does not.
+#: PIL refuses images over twice its own MAX_IMAGE_PIXELS (179 Mpixel) whatever this says.
 DEFAULT_MAX_PIXELS = 150_000_000
+
+# pinsearch checks sizes itself (max_pixels below); PIL's warning between 89 and 179 Mpixel
+# would only repeat that check as noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
@@ -60,10 +65,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
     if size == 0:
         raise ImageError(path, "empty_file", "the file has 0 bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:
         raise ImageError(path, "too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not_an_image", "not a recognised image format") from exc
