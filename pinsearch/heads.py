@@ -1,0 +1,490 @@
+"""Classification heads over stored vectors, as scikit-learn estimators.
+
+- :class:`KNNHead`: a vote of the k nearest training pins, found by a FAISS index query.
+- :class:`LinearSVMHead`: one-vs-rest linear SVM (squared hinge, L2), trained full-batch with
+  L-BFGS in torch (GPU when there is one).
+- :class:`MLPHead`: input -> hidden -> hidden -> classes, Adam, early stopping.
+
+All follow the estimator contract (hyperparameters in ``__init__``, learned state ending in
+``_``, ``fit`` returns self), so ``GridSearchCV`` and pipelines accept them. Heads are saved as
+arrays (``.npz``) plus a JSON description, never pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from pinsearch._version import __version__
+
+__all__ = [
+    "HEADS",
+    "KNNHead",
+    "LinearSVMHead",
+    "MLPHead",
+    "create_head",
+    "load_head",
+    "register_head",
+    "save_head",
+]
+
+HEADS: dict[str, type[BaseEstimator]] = {}
+
+
+def register_head(name: str) -> Callable[[type[BaseEstimator]], type[BaseEstimator]]:
+    """Class decorator adding a head to :data:`HEADS` under ``name``."""
+
+    def wrap(cls: type[BaseEstimator]) -> type[BaseEstimator]:
+        if name in HEADS:
+            raise ValueError(f"head {name!r} is already registered")
+        HEADS[name] = cls
+        cls.head_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return wrap
+
+
+def create_head(name: str, **params: Any) -> BaseEstimator:
+    """A head by registry name (``knn``, ``lsvm``, ``mlp``) with hyperparameters.
+
+    Raises:
+        ValueError: unknown name (the message lists the registered ones).
+    """
+    if name not in HEADS:
+        raise ValueError(f"unknown head {name!r}; registered: {sorted(HEADS)}")
+    return HEADS[name](**params)
+
+
+def _torch_device(device: str) -> Any:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _Head(ClassifierMixin, BaseEstimator):
+    """Shared plumbing: label encoding, standardisation, (de)serialisation of arrays."""
+
+    _array_names: tuple[str, ...] = ()
+
+    def _encode(self, y: np.ndarray) -> np.ndarray:
+        check_classification_targets(y)
+        self.classes_, encoded = np.unique(y, return_inverse=True)
+        return encoded
+
+    def _fit_scaler(self, X: np.ndarray, standardize: bool) -> np.ndarray:
+        if standardize:
+            self.mean_ = X.mean(axis=0)
+            scale = X.std(axis=0)
+            self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        else:
+            self.mean_ = np.zeros(X.shape[1], X.dtype)
+            self.scale_ = np.ones(X.shape[1], X.dtype)
+        return self._scale(X)
+
+    def _scale(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.mean_) / self.scale_).astype(np.float32)
+
+    def _check(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=np.float32)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted class labels."""
+        scores = self._scores(self._check(X))
+        return self.classes_[np.argmax(scores, axis=1)]
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Learned arrays (for saving)."""
+        check_is_fitted(self)
+        return {n: np.asarray(getattr(self, n)) for n in ("classes_", *self._array_names)}
+
+    def set_state(self, arrays: dict[str, np.ndarray], n_features: int) -> None:
+        """Restore learned arrays saved by :meth:`get_state`."""
+        for name, value in arrays.items():
+            setattr(self, name, value)
+        self.n_features_in_ = n_features
+        self._after_restore()
+
+    def _after_restore(self) -> None:
+        return None
+
+
+@register_head("knn")
+class KNNHead(_Head):
+    """k-nearest-neighbour vote through a FAISS index (exact ``Flat`` by default).
+
+    Args:
+        n_neighbors: k.
+        metric: ``l2``, ``l1``, ``cosine`` or ``ip``.
+        weights: ``uniform`` or ``distance`` (1 / distance; cosine/ip use 1 - similarity).
+        factory: FAISS factory string of the index built over the training vectors.
+        device: index placement: ``auto``, ``cpu`` or ``gpu``.
+    """
+
+    _array_names = ("train_vectors_", "train_labels_")
+
+    def __init__(
+        self,
+        n_neighbors: int = 5,
+        metric: str = "l2",
+        weights: str = "uniform",
+        factory: str = "Flat",
+        device: str = "auto",
+    ) -> None:
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.weights = weights
+        self.factory = factory
+        self.device = device
+
+    def fit(self, X: Any, y: Any) -> KNNHead:
+        """Index the training vectors."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        if self.weights not in ("uniform", "distance"):
+            raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
+        if not 1 <= self.n_neighbors <= len(X):
+            raise ValueError(
+                f"n_neighbors={self.n_neighbors} must be between 1 and the {len(X)} "
+                "training samples"
+            )
+        self.train_labels_ = self._encode(y)
+        self.train_vectors_ = np.ascontiguousarray(X)
+        self._after_restore()
+        return self
+
+    def _after_restore(self) -> None:
+        from pinsearch.indexes import IndexConfig, build_index
+
+        config = IndexConfig(factory=self.factory, metric=self.metric, device=self.device)  # type: ignore[arg-type]
+        keys = np.arange(len(self.train_vectors_), dtype=np.int64)
+        self.index_ = build_index(self.train_vectors_, keys, config)
+
+    def kneighbors(self, X: Any, n_neighbors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Distances (Euclidean for l2, 1 - similarity for cosine/ip) and training rows."""
+        X = self._check(X)
+        k = n_neighbors or self.n_neighbors
+        raw, idx = self.index_.search(X, k)
+        if self.metric == "l2":
+            dist = np.sqrt(np.maximum(raw, 0))
+        elif self.metric in ("cosine", "ip"):
+            dist = 1.0 - raw
+        else:
+            dist = raw
+        return dist, idx
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        dist, idx = self.kneighbors(X)
+        labels = self.train_labels_[idx]
+        if self.weights == "uniform":
+            w = np.ones_like(dist)
+        else:
+            with np.errstate(divide="ignore"):
+                w = 1.0 / dist
+            exact = np.isinf(w)
+            rows = exact.any(axis=1)
+            w[rows] = exact[rows]  # an exact match decides alone, as in scikit-learn
+        votes = np.zeros((len(X), len(self.classes_)))
+        np.add.at(votes, (np.arange(len(X))[:, None], labels), w)
+        return votes
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Share of (weighted) votes per class."""
+        votes = self._scores(self._check(X))
+        return votes / votes.sum(axis=1, keepdims=True)
+
+
+class _TorchHead(_Head):
+    """Heads trained with torch on standardised float32 inputs."""
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Class scores; one column for two classes, as scikit-learn returns."""
+        scores = self._scores(self._check(X))
+        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+
+    def _forward(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        net = self._network()
+        with torch.inference_mode():
+            out = net(torch.from_numpy(self._scale(X)))
+        return out.numpy()
+
+    def _scores(self, X: np.ndarray) -> np.ndarray:
+        return self._forward(X)
+
+    def _network(self) -> Any:
+        raise NotImplementedError
+
+
+@register_head("lsvm")
+class LinearSVMHead(_TorchHead):
+    """One-vs-rest linear SVM: ``0.5 |w|^2 + C sum max(0, 1 - y f(x))^2`` per class.
+
+    The objective of scikit-learn's ``LinearSVC`` (squared hinge, L2, bias regularised), solved
+    full-batch with L-BFGS in torch.
+
+    Args:
+        C: inverse regularisation strength.
+        max_iter: L-BFGS iterations.
+        tol: gradient tolerance.
+        standardize: scale features to zero mean and unit variance first (recorded).
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    _array_names = ("coef_", "intercept_", "mean_", "scale_")
+
+    def __init__(
+        self,
+        C: float = 1.0,
+        max_iter: int = 500,
+        tol: float = 1e-5,
+        standardize: bool = True,
+        device: str = "auto",
+    ) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.device = device
+
+    def fit(self, X: Any, y: Any) -> LinearSVMHead:
+        """Train all one-vs-rest problems at once (their objectives are independent)."""
+        import torch
+
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        if self.C <= 0:
+            raise ValueError(f"C must be positive, got {self.C}")
+        encoded = self._encode(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"need at least 2 classes to train, got {self.classes_.tolist()}")
+        dev = _torch_device(self.device)
+        x = torch.from_numpy(self._fit_scaler(X, self.standardize)).to(dev)
+        n_out = len(self.classes_)
+        target = -torch.ones(len(X), n_out, device=dev)
+        target[torch.arange(len(X)), torch.from_numpy(encoded).to(dev)] = 1.0
+        w = torch.zeros(X.shape[1], n_out, device=dev, requires_grad=True)
+        b = torch.zeros(n_out, device=dev, requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [w, b], max_iter=self.max_iter, tolerance_grad=self.tol, line_search_fn="strong_wolfe"
+        )
+        inv = 1.0 / (self.C * len(X))  # objective divided by C n: same minimiser, tamer scale
+
+        def closure() -> Any:
+            opt.zero_grad()
+            margin = torch.clamp(1 - target * (x @ w + b), min=0)
+            loss = (margin**2).sum() / len(X) + 0.5 * inv * ((w**2).sum() + (b**2).sum())
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.coef_ = w.detach().cpu().numpy().T.copy()
+        self.intercept_ = b.detach().cpu().numpy().copy()
+        return self
+
+    def _network(self) -> Any:
+        import torch
+
+        layer = torch.nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(np.asarray(self.coef_, np.float32)))
+            layer.bias.copy_(torch.from_numpy(np.asarray(self.intercept_, np.float32)))
+        return layer
+
+
+@register_head("mlp")
+class MLPHead(_TorchHead):
+    """A 3-layer perceptron: input -> hidden -> hidden -> classes (ReLU), Adam, early stopping.
+
+    Args:
+        hidden: sizes of the two hidden layers.
+        batch_size: mini-batch size.
+        lr: Adam learning rate.
+        max_epochs: most passes over the training data.
+        patience: epochs without validation improvement before stopping.
+        validation_fraction: stratified share of the training data held out for early stopping.
+        weight_decay: L2 penalty (AdamW).
+        standardize: scale features first (recorded).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        random_state: seed of initialisation, shuffling and the validation split.
+    """
+
+    _array_names = ("mean_", "scale_", "w1_", "b1_", "w2_", "b2_", "w3_", "b3_")
+
+    def __init__(
+        self,
+        hidden: tuple[int, int] = (512, 256),
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        max_epochs: int = 100,
+        patience: int = 8,
+        validation_fraction: float = 0.1,
+        weight_decay: float = 1e-4,
+        standardize: bool = True,
+        device: str = "auto",
+        random_state: int = 0,
+    ) -> None:
+        self.hidden = hidden
+        self.batch_size = batch_size
+        self.lr = lr
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.weight_decay = weight_decay
+        self.standardize = standardize
+        self.device = device
+        self.random_state = random_state
+
+    def _build(self, n_in: int, n_out: int) -> Any:
+        import torch
+
+        h1, h2 = self.hidden
+        return torch.nn.Sequential(
+            torch.nn.Linear(n_in, h1),
+            torch.nn.ReLU(),
+            torch.nn.Linear(h1, h2),
+            torch.nn.ReLU(),
+            torch.nn.Linear(h2, n_out),
+        )
+
+    def fit(self, X: Any, y: Any) -> MLPHead:
+        """Train with early stopping on a stratified validation split; keep the best epoch."""
+        import torch
+        from sklearn.model_selection import train_test_split
+
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        encoded = self._encode(y)
+        xs = self._fit_scaler(X, self.standardize)
+        counts = np.bincount(encoded)
+        use_val = self.validation_fraction > 0 and counts.min() >= 2 and len(X) >= 10
+        if use_val:
+            n_val = max(round(self.validation_fraction * len(X)), len(self.classes_))
+            stratify = encoded if n_val <= len(X) - len(self.classes_) else None
+            tr, va = train_test_split(
+                np.arange(len(X)), test_size=n_val, stratify=stratify,
+                random_state=self.random_state,
+            )  # fmt: skip
+        else:
+            tr, va = np.arange(len(X)), np.arange(0)
+        dev = _torch_device(self.device)
+        gen = torch.Generator().manual_seed(self.random_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            net = self._build(X.shape[1], len(self.classes_)).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        x_tr = torch.from_numpy(xs[tr]).to(dev)
+        y_tr = torch.from_numpy(encoded[tr]).long().to(dev)
+        x_va = torch.from_numpy(xs[va]).to(dev)
+        y_va = torch.from_numpy(encoded[va]).long().to(dev)
+        best = (np.inf, 0, [p.detach().clone() for p in net.parameters()])
+        loss_fn = torch.nn.CrossEntropyLoss()
+        self.n_epochs_ = 0
+        for epoch in range(self.max_epochs):
+            net.train()
+            order = torch.randperm(len(tr), generator=gen).to(dev)
+            for start in range(0, len(tr), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                opt.zero_grad()
+                loss_fn(net(x_tr[batch]), y_tr[batch]).backward()
+                opt.step()
+            self.n_epochs_ = epoch + 1
+            if not use_val:
+                continue
+            net.eval()
+            with torch.no_grad():
+                val_loss = float(loss_fn(net(x_va), y_va))
+            if val_loss < best[0] - 1e-4:
+                best = (val_loss, epoch, [p.detach().clone() for p in net.parameters()])
+            elif epoch - best[1] >= self.patience:
+                break
+        if use_val:
+            with torch.no_grad():
+                for p, saved in zip(net.parameters(), best[2]):
+                    p.copy_(saved)
+            self.best_validation_loss_ = best[0]
+        params = [p.detach().cpu().numpy().copy() for p in net.parameters()]
+        self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_ = params
+        return self
+
+    def _network(self) -> Any:
+        import torch
+
+        net = self._build(self.w1_.shape[1], self.w3_.shape[0])
+        arrays = (self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_)
+        with torch.no_grad():
+            for p, a in zip(net.parameters(), arrays):
+                p.copy_(torch.from_numpy(np.asarray(a, np.float32)))
+        return net.eval()
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax of the network's outputs."""
+        z = self._scores(self._check(X))
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+def save_head(head: BaseEstimator, path: str | Path) -> Path:
+    """Save a fitted head as ``PATH.npz`` (arrays) + ``PATH.json`` (class, params, classes).
+
+    Returns:
+        The JSON path.
+    """
+    name = getattr(head, "head_name", None)
+    if name is None or not isinstance(head, _Head):
+        raise ValueError(f"{type(head).__name__} is not a registered pinsearch head")
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    state = head.get_state()
+    classes = state.pop("classes_")
+    arrays = {k.rstrip("_"): v for k, v in state.items()}
+    npz = base.with_name(base.name + ".npz")
+    tmp = npz.with_name(npz.name + ".tmp")
+    with tmp.open("wb") as fh:
+        # Object arrays would need pickle: labels are stored as text unless already numeric.
+        np.savez(fh, classes=classes.astype(str) if classes.dtype == object else classes, **arrays)
+    os.replace(tmp, npz)
+    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in head.get_params().items()}
+    meta = {
+        "head": name,
+        "params": params,
+        "classes": [str(c) for c in classes],
+        "n_features": int(head.n_features_in_),
+        "pinsearch_version": __version__,
+    }
+    out = base.with_name(base.name + ".json")
+    out.with_name(out.name + ".tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(out.with_name(out.name + ".tmp"), out)
+    return out
+
+
+def load_head(path: str | Path) -> BaseEstimator:
+    """Load a head saved by :func:`save_head` (no pickle involved)."""
+    base = Path(path)
+    meta_file = base.with_name(base.name + ".json")
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"no saved head at {base} ({meta_file.name} missing)")
+    meta = json.loads(meta_file.read_text())
+    params = dict(meta["params"])
+    if "hidden" in params:
+        params["hidden"] = tuple(params["hidden"])
+    head = create_head(meta["head"], **params)
+    with np.load(base.with_name(base.name + ".npz"), allow_pickle=False) as data:
+        arrays = {f"{k}_": data[k] for k in data.files}
+    head.set_state(arrays, int(meta["n_features"]))  # type: ignore[attr-defined]
+    return head
