@@ -347,6 +347,53 @@ def demo(
 
 
 @app.command()
+def evaluate(
+    study: Annotated[Path, typer.Argument(help="Study TOML file (see eval/studies/).")],
+    store: Annotated[
+        Path | None, typer.Option("--store", "-s", help="Overrides the study's.")
+    ] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Corpus to index first (overrides).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default eval/results/NAME).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Heads on auto, cpu or cuda.")] = None,
+    n_jobs: Annotated[int | None, typer.Option(help="Parallel CV fits.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run (or resume) a macro-F1 study: every backbone x head cell, then a report."""
+    from pinsearch.eval.study import evaluate as run_evaluate
+    from pinsearch.eval.study import load_study
+
+    config = load_study(
+        study,
+        store=str(store) if store else None,
+        corpus=str(corpus) if corpus else None,
+        device=device,
+        n_jobs=n_jobs,
+    )
+
+    def show(cell: Any) -> None:
+        if not as_json:
+            tag = " (done before)" if cell.resumed else ""
+            err_console.print(
+                f"{cell.backbone} + {cell.head}: macro-F1 {cell.test_macro_f1:.3f} "
+                f"(CV {cell.cv_mean:.3f} ± {cell.cv_std:.3f}) {cell.best_params}{tag}"
+            )
+
+    update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        summary = run_evaluate(config, out, on_cell=show, embed_progress=update)
+    if as_json:
+        _emit_json(summary)
+        return
+    from pinsearch.eval.report import markdown_table
+
+    heads = list(config.heads)
+    console.print(markdown_table(summary["macro_f1"], heads))
+    console.print(f"report: {summary['report']}")
+
+
+@app.command()
 def bench(
     what: Annotated[str, typer.Argument(help="embed, index or query")],
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",

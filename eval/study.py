@@ -1,0 +1,477 @@
+"""The macro-F1 study: every backbone x head cell, grid search with CV, refit, test.
+
+A study is a TOML file (see ``eval/studies/``). :func:`run_study` embeds what is missing, draws
+the sample and the stratified split once (seeded), then runs each cell: ``GridSearchCV`` over
+the head's grid with stratified, seeded folds on the training part (each fold's KNN index is
+built from that fold's training vectors only, so nothing leaks), refit on all training data,
+score the test part. Each finished cell is committed to the store's DuckDB catalog at once, so
+an interrupted study resumes without redoing finished cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+
+from pinsearch._version import __version__
+from pinsearch.eval.metrics import classification_metrics
+from pinsearch.heads import HEADS, create_head
+from pinsearch.store import Store
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "CellResult",
+    "StudyConfig",
+    "StudyData",
+    "evaluate",
+    "load_study",
+    "load_study_vectors",
+    "run_study",
+    "select_pins",
+    "study_summary",
+]
+
+_logger = logging.getLogger(__name__)
+
+_STUDY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS study_cells (
+    study VARCHAR,
+    config_hash VARCHAR,            -- hash of everything that decides the cell's result
+    backbone VARCHAR,
+    head VARCHAR,
+    best_params VARCHAR,            -- JSON
+    cv_mean DOUBLE,
+    cv_std DOUBLE,
+    cv_results VARCHAR,             -- JSON: params, mean, std and fold scores of every candidate
+    test_macro_f1 DOUBLE,
+    metrics VARCHAR,                -- JSON: ClassificationMetrics
+    n_train INTEGER,
+    n_test INTEGER,
+    fit_seconds DOUBLE,
+    predict_seconds DOUBLE,
+    versions VARCHAR,               -- JSON: pinsearch, sklearn, torch, faiss
+    finished_at TIMESTAMP,
+    PRIMARY KEY (study, config_hash, backbone, head)
+);
+CREATE TABLE IF NOT EXISTS study_predictions (
+    study VARCHAR,
+    config_hash VARCHAR,
+    backbone VARCHAR,
+    head VARCHAR,
+    pin_key BIGINT,
+    label VARCHAR,
+    predicted VARCHAR,
+    scores VARCHAR                  -- JSON list, in the order of the cell's classes
+);
+"""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A study, as read from its TOML file."""
+
+    name: str
+    store: str  # the store folder (created from ``corpus`` when missing)
+    backbones: tuple[str, ...]
+    heads: dict[str, dict[str, list[Any]]]  # head name -> parameter grid
+    corpus: str | None = None  # indexed into the store first when given
+    label: str = "category"  # a pins column or a key of pins.extra (e.g. source_label)
+    drop: tuple[str, ...] = ("none", "other")  # label values left out
+    per_class: int | None = None  # sample at most N pins per label (seeded)
+    min_per_class: int = 10  # labels with fewer pins are left out (recorded)
+    test_size: float = 0.2
+    folds: int = 5
+    seed: int = 0
+    normalize: bool = False  # L2-normalise vectors before the heads
+    device: str = "auto"  # heads: auto, cpu, cuda
+    paper_table: str | None = None  # "001" to print the source paper's Table 4.1 beside ours
+    n_jobs: int = 1  # parallel CV fits (joblib)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides cell results (not the name, store, device or n_jobs)."""
+        keys = (
+            "label",
+            "drop",
+            "per_class",
+            "min_per_class",
+            "test_size",
+            "folds",
+            "seed",
+            "normalize",
+            "heads",
+        )
+        data = {k: getattr(self, k) for k in keys}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[
+            :16
+        ]
+
+
+def load_study(path: str | Path, **overrides: Any) -> StudyConfig:
+    """Read a study TOML file; ``overrides`` (not None) replace its values.
+
+    Raises:
+        ValueError: unknown keys, heads or missing required fields, naming the culprit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"study file {path} is not valid TOML: {exc}") from exc
+    known = {f for f in StudyConfig.__dataclass_fields__}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"study {path}: unknown keys {unknown}; known: {sorted(known)}")
+    for key in ("name", "store", "backbones", "heads"):
+        if key not in data:
+            raise ValueError(f"study {path} lacks required key {key!r}")
+    for head, grid in data["heads"].items():
+        if head not in HEADS:
+            raise ValueError(f"study {path}: unknown head {head!r}; known: {sorted(HEADS)}")
+        for param, values in grid.items():
+            if not isinstance(values, list):
+                grid[param] = [values]
+    for key in ("backbones", "drop"):
+        if key in data:
+            data[key] = tuple(data[key])
+    config = StudyConfig(**data)
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class StudyData:
+    """The study's sample: pin keys, labels, and the train/test split (indices into keys)."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    train: np.ndarray
+    test: np.ndarray
+    left_out: dict[str, int] = field(default_factory=dict)  # label -> pins (too few)
+
+
+def select_pins(store: Store, config: StudyConfig) -> StudyData:
+    """Labels from the catalog, dropped/rare labels removed, per-class sample, split."""
+    if config.label in ("category", "board", "user_id"):
+        rows = store.catalog.connection.execute(
+            f"SELECT pin_key, {config.label} FROM pins ORDER BY pin_id"  # a fixed column name
+        ).fetchall()
+    else:
+        rows = store.catalog.connection.execute(
+            "SELECT pin_key, json_extract_string(extra, ?) FROM pins ORDER BY pin_id",
+            [f"$.{config.label}"],
+        ).fetchall()
+    keys = np.array([r[0] for r in rows], dtype=np.int64)
+    labels = np.array([r[1] if r[1] is not None else "" for r in rows], dtype=object)
+    keep = (labels != "") & ~np.isin(labels, list(config.drop))
+    if not keep.any():
+        raise ValueError(f"no pin of store {store.root} has a usable label {config.label!r}")
+    keys, labels = keys[keep], labels[keep]
+    rng = np.random.default_rng(config.seed)
+    chosen = []
+    for label in sorted(set(labels)):
+        idx = np.flatnonzero(labels == label)
+        if config.per_class is not None and len(idx) > config.per_class:
+            idx = np.sort(rng.choice(idx, config.per_class, replace=False))
+        chosen.append(idx)
+    sel = np.sort(np.concatenate(chosen))
+    keys, labels = keys[sel], labels[sel].astype(str)
+    counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+    too_few = {c: n for c, n in counts.items() if n < config.min_per_class}
+    if too_few:
+        mask = ~np.isin(labels, list(too_few))
+        keys, labels = keys[mask], labels[mask]
+    train, test = train_test_split(
+        np.arange(len(keys)),
+        test_size=config.test_size,
+        stratify=labels,
+        random_state=config.seed,
+    )
+    return StudyData(keys, labels, np.sort(train), np.sort(test), too_few)
+
+
+def load_study_vectors(
+    store: Store, backbone: str, keys: np.ndarray, normalize: bool
+) -> np.ndarray:
+    """Vectors of ``keys`` in that order; a ``+``-joined name concatenates backbones (fusion)."""
+    parts = []
+    for name in backbone.split("+"):
+        vectors, found = store.vectors(name).load(keys)
+        if len(found) != len(keys):
+            raise ValueError(
+                f"{len(keys) - len(found)} study pins have no {name!r} vector; index them first"
+            )
+        if normalize or "+" in backbone:  # fused blocks are normalised so none dominates
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        parts.append(vectors)
+    return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class CellResult:
+    """One backbone x head cell."""
+
+    backbone: str
+    head: str
+    best_params: dict[str, Any]
+    cv_mean: float
+    cv_std: float
+    test_macro_f1: float
+    metrics: dict[str, Any]
+    fit_seconds: float
+    predict_seconds: float
+    resumed: bool = False
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+    import sklearn
+    import torch
+
+    return {
+        "pinsearch": __version__,
+        "sklearn": sklearn.__version__,
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+    }
+
+
+def _scores(model: Any, X: np.ndarray) -> np.ndarray | None:
+    if hasattr(model, "predict_proba"):
+        return model.predict_proba(X)
+    if hasattr(model, "decision_function"):
+        return model.decision_function(X)
+    return None
+
+
+def _run_cell(
+    config: StudyConfig, data: StudyData, X: np.ndarray, backbone: str, head: str
+) -> tuple[CellResult, np.ndarray, np.ndarray | None, str]:
+    grid = config.heads[head]
+    device = config.device
+    if head == "knn" and device.startswith("cuda"):
+        device = "gpu"  # FAISS placement names
+    estimator = create_head(head, **({"device": device} if device != "auto" else {}))
+    cv = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
+    search = GridSearchCV(
+        estimator,
+        grid,
+        scoring="f1_macro",
+        cv=cv,
+        refit=True,
+        n_jobs=config.n_jobs,
+        error_score="raise",
+    )
+    y = data.labels
+    start = time.perf_counter()
+    search.fit(X[data.train], y[data.train])
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    pred = search.best_estimator_.predict(X[data.test])
+    scores = _scores(search.best_estimator_, X[data.test])
+    predict_seconds = time.perf_counter() - start
+    classes = search.best_estimator_.classes_
+    m = classification_metrics(y[data.test], pred, classes, scores)
+    i = search.best_index_
+    res = CellResult(
+        backbone=backbone,
+        head=head,
+        best_params={k: _plain(v) for k, v in search.best_params_.items()},
+        cv_mean=float(search.cv_results_["mean_test_score"][i]),
+        cv_std=float(search.cv_results_["std_test_score"][i]),
+        test_macro_f1=m.macro_f1,
+        metrics=m.to_dict(),
+        fit_seconds=fit_seconds,
+        predict_seconds=predict_seconds,
+    )
+    cv_rows = [
+        {
+            "params": {k: _plain(v) for k, v in p.items()},
+            "mean": float(search.cv_results_["mean_test_score"][j]),
+            "std": float(search.cv_results_["std_test_score"][j]),
+            "folds": [
+                float(search.cv_results_[f"split{s}_test_score"][j]) for s in range(config.folds)
+            ],
+        }
+        for j, p in enumerate(search.cv_results_["params"])
+    ]
+    return res, pred, scores, json.dumps(cv_rows)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _done_cells(store: Store, config: StudyConfig) -> dict[tuple[str, str], CellResult]:
+    rows = store.catalog.query(
+        "SELECT * FROM study_cells WHERE study = ? AND config_hash = ?",
+        [config.name, config.fingerprint()],
+    )
+    return {
+        (r["backbone"], r["head"]): CellResult(
+            r["backbone"],
+            r["head"],
+            json.loads(r["best_params"]),
+            r["cv_mean"],
+            r["cv_std"],
+            r["test_macro_f1"],
+            json.loads(r["metrics"]),
+            r["fit_seconds"],
+            r["predict_seconds"],
+            resumed=True,
+        )
+        for r in rows
+    }
+
+
+def _save_cell(
+    store: Store,
+    config: StudyConfig,
+    data: StudyData,
+    res: CellResult,
+    cv_json: str,
+    pred: np.ndarray,
+    scores: np.ndarray | None,
+) -> None:
+    con = store.catalog
+    h = config.fingerprint()
+    test_keys = data.keys[data.test]
+    rows = [
+        [
+            config.name,
+            h,
+            res.backbone,
+            res.head,
+            int(k),
+            str(t),
+            str(p),
+            json.dumps(np.round(s, 5).tolist()) if scores is not None else None,
+        ]
+        for k, t, p, s in zip(
+            test_keys,
+            data.labels[data.test],
+            pred,
+            scores if scores is not None else [None] * len(pred),
+        )
+    ]
+    with con.transaction():
+        con.connection.execute(
+            "DELETE FROM study_predictions WHERE study = ? AND config_hash = ? AND backbone = ? "
+            "AND head = ?",
+            [config.name, h, res.backbone, res.head],
+        )
+        con.connection.executemany(
+            "INSERT INTO study_predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+        con.connection.execute(
+            "INSERT OR REPLACE INTO study_cells VALUES "
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            [
+                config.name,
+                h,
+                res.backbone,
+                res.head,
+                json.dumps(res.best_params),
+                res.cv_mean,
+                res.cv_std,
+                cv_json,
+                res.test_macro_f1,
+                json.dumps(res.metrics),
+                len(data.train),
+                len(data.test),
+                res.fit_seconds,
+                res.predict_seconds,
+                json.dumps(_versions()),
+            ],
+        )
+
+
+def run_study(
+    config: StudyConfig,
+    *,
+    on_cell: Callable[[CellResult], None] | None = None,
+    embed_progress: Callable[[int, int], None] | None = None,
+) -> tuple[StudyData, list[CellResult]]:
+    """Run (or resume) a study; returns the sample and every cell's result.
+
+    Cells already in the catalog with the same configuration fingerprint are not run again.
+    """
+    from pinsearch.pipeline import index_corpus
+
+    if config.corpus is not None:
+        for name in sorted({b for fused in config.backbones for b in fused.split("+")}):
+            index_corpus(config.corpus, config.store, backbone=name, progress=embed_progress)
+    with Store.open(config.store) as store:
+        store.catalog.connection.execute(_STUDY_SCHEMA)
+        data = select_pins(store, config)
+        done = _done_cells(store, config)
+        results = []
+        for backbone, head in itertools.product(config.backbones, config.heads):
+            if (backbone, head) in done:
+                res = done[(backbone, head)]
+            else:
+                X = load_study_vectors(store, backbone, data.keys, config.normalize)
+                res, pred, scores, cv_json = _run_cell(config, data, X, backbone, head)
+                _save_cell(store, config, data, res, cv_json, pred, scores)
+            results.append(res)
+            if on_cell:
+                on_cell(res)
+    return data, results
+
+
+def study_summary(results: list[CellResult]) -> dict[str, Any]:
+    """Macro-F1 table (backbone -> head -> score) for JSON output."""
+    table: dict[str, dict[str, float]] = {}
+    for r in results:
+        table.setdefault(r.backbone, {})[r.head] = r.test_macro_f1
+    return {"macro_f1": table, "cells": [asdict(r) for r in results]}
+
+
+def evaluate(
+    config: StudyConfig,
+    out_dir: str | Path | None = None,
+    *,
+    on_cell: Callable[[CellResult], None] | None = None,
+    embed_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run or resume a study, then write its report (``out_dir``, default ``eval/results/NAME``).
+
+    Returns:
+        The summary (macro-F1 table and cells) with ``report`` set to the Markdown path.
+    """
+    from pinsearch.eval.report import write_report
+
+    data, results = run_study(config, on_cell=on_cell, embed_progress=embed_progress)
+    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / config.name
+    with Store.open(config.store, read_only=True) as store:
+        path = write_report(store, config, data, results, out)
+    summary = study_summary(results)
+    summary.update(
+        study=config.name,
+        report=str(path),
+        pins=len(data.keys),
+        classes=len(set(data.labels.tolist())),
+        train=len(data.train),
+        test=len(data.test),
+        left_out=data.left_out,
+    )
+    return summary
