@@ -137,7 +137,6 @@ def index(
 ) -> None:
     """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
     from pinsearch.embed import EmbedConfig
-    from pinsearch.indexes import IndexConfig
     from pinsearch.ingest import IngestConfig
     from pinsearch.pipeline import index_corpus
 
@@ -159,11 +158,11 @@ def index(
         normalize=normalize,
         dtype=dtype,
     )
-    index_cfg = (
-        _config(IndexConfig, factory=factory, metric=metric, device=index_device)
-        if any(v is not None for v in (factory, metric, index_device))
-        else None
-    )
+    index_opts = {
+        k: v
+        for k, v in {"factory": factory, "metric": metric, "device": index_device}.items()
+        if v is not None
+    }
     update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
     with bar:
         report = index_corpus(
@@ -172,7 +171,7 @@ def index(
             backbone=backbone,
             ingest=ingest_cfg,
             embed=embed_cfg,
-            index=index_cfg,
+            index=index_opts,
             index_name=index_name,
             rebuild=rebuild,
             progress=update,

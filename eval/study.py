@@ -27,6 +27,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_sp
 from pinsearch._version import __version__
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.heads import HEADS, create_head
+from pinsearch.ingest import category_rng
 from pinsearch.store import Store
 
 if sys.version_info >= (3, 11):
@@ -182,11 +183,11 @@ def select_pins(store: Store, config: StudyConfig) -> StudyData:
     if not keep.any():
         raise ValueError(f"no pin of store {store.root} has a usable label {config.label!r}")
     keys, labels = keys[keep], labels[keep]
-    rng = np.random.default_rng(config.seed)
     chosen = []
     for label in sorted(set(labels)):
         idx = np.flatnonzero(labels == label)
         if config.per_class is not None and len(idx) > config.per_class:
+            rng = category_rng(config.seed, str(label))
             idx = np.sort(rng.choice(idx, config.per_class, replace=False))
         chosen.append(idx)
     sel = np.sort(np.concatenate(chosen))

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ __all__ = [
     "IngestResult",
     "PinRecord",
     "SkippedPin",
+    "category_rng",
     "detect_format",
     "iter_folder",
     "iter_manifest",
@@ -106,17 +108,20 @@ class IngestResult:
 
 
 _CATEGORY_SEP = re.compile(r"[\s,&/+\-]+")
+_APOSTROPHES = re.compile(r"['\u2019`]")
 
 
 def normalize_category(name: str | None) -> str:
     """Normalise a category label: ``"Film, Music & Books"`` -> ``"film_music_books"``.
 
-    Lower case; runs of spaces, commas, ``&``, ``/``, ``+`` and ``-`` become one underscore.
-    Returns ``""`` for a missing or blank name.
+    Lower case; apostrophes vanish (``"Women's Fashion"`` -> ``"womens_fashion"``); runs of
+    spaces, commas, ``&``, ``/``, ``+`` and ``-`` become one underscore. Returns ``""`` for a
+    missing or blank name.
     """
     if name is None:
         return ""
-    text = _CATEGORY_SEP.sub("_", str(name).strip().lower())
+    text = _APOSTROPHES.sub("", str(name).strip().lower())
+    text = _CATEGORY_SEP.sub("_", text)
     text = re.sub(r"_+", "_", text).strip("_")
     return text
 
@@ -394,17 +399,27 @@ def detect_format(root: str | Path) -> str:
         raise CorpusError(f"{root} is a file but not a manifest (.csv or .parquet)")
     if not root.is_dir():
         raise CorpusError(f"corpus {root} does not exist")
+    has_subfolders = False
     for first in _visible_entries(root):
         if not first.is_dir():
             continue
         for second in _visible_entries(Path(first.path)):
             if second.is_dir():
-                return "tree"
-            if is_image_file(Path(second.name)):
+                if (Path(second.path) / "board.json").is_file():
+                    return "tree"
+                has_subfolders = True
+            elif is_image_file(Path(second.name)):
                 return "folder"
+    if has_subfolders:
+        return "tree"  # boards without board.json: read as a tree, their pins skipped with reasons
     raise CorpusError(
         f"{root} holds neither <user>/<board>/ folders (tree) nor <category>/<image> files"
     )
+
+
+def category_rng(seed: int, category: str) -> np.random.Generator:
+    """A generator seeded by (seed, category): one category's draw ignores the others."""
+    return np.random.default_rng([seed, zlib.crc32(category.encode("utf-8"))])
 
 
 def sample_per_category(pins: Sequence[PinRecord], n: int, seed: int) -> list[PinRecord]:
@@ -417,10 +432,10 @@ def sample_per_category(pins: Sequence[PinRecord], n: int, seed: int) -> list[Pi
     by_cat: dict[str, list[PinRecord]] = defaultdict(list)
     for pin in pins:
         by_cat[pin.category].append(pin)
-    rng = np.random.default_rng(seed)
     chosen: set[str] = set()
     for cat in sorted(by_cat):
         group = sorted(by_cat[cat], key=lambda p: p.pin_id)
+        rng = category_rng(seed, cat)
         order = rng.permutation(len(group))[:n]
         chosen.update(group[i].pin_id for i in order)
     return [p for p in pins if p.pin_id in chosen]

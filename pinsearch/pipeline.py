@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ class IndexReport:
         return asdict(self)
 
 
+def _index_options(index: IndexConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a caller asked for: a mapping as given, a config's non-default fields."""
+    if index is None:
+        return {}
+    if isinstance(index, IndexConfig):
+        defaults = asdict(IndexConfig())
+        return {k: v for k, v in asdict(index).items() if v != defaults[k]}
+    IndexConfig(**index)  # validate names and values now, with a clear error
+    return dict(index)
+
+
 def index_corpus(
     corpus: str | Path | None,
     store_path: str | Path,
@@ -58,7 +70,7 @@ def index_corpus(
     backbone: str = "effnet_lite0",
     ingest: IngestConfig | None = None,
     embed: EmbedConfig | None = None,
-    index: IndexConfig | None = None,
+    index: IndexConfig | Mapping[str, Any] | None = None,
     index_name: str | None = None,
     rebuild: bool = False,
     progress: Progress | None = None,
@@ -71,7 +83,9 @@ def index_corpus(
         backbone: registry name or ``timm:<model>``.
         ingest: reading rules (format, categories, sampling).
         embed: embedding settings (batch, device, normalisation, dtype, weights).
-        index: index settings (factory string or auto, metric, device).
+        index: index settings: a full :class:`IndexConfig`, or a mapping of only the settings
+            to change (the rest come from the existing index, or the defaults for a new one).
+            Asking another factory or metric than the existing index has rebuilds it.
         index_name: defaults to the backbone name.
         rebuild: rebuild the index from all stored vectors instead of adding to it.
         progress: ``callback(done, total)`` during embedding.
@@ -94,17 +108,14 @@ def index_corpus(
         report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
         name = index_name or backbone
         existing = store.catalog.get_index(name)
-        if existing is not None and not rebuild and index is not None:
-            saved = json.loads(existing["config"])
-            asked = asdict(index)
-            differs = [
-                k for k in ("factory", "metric") if asked[k] != saved[k] and asked[k] != "auto"
-            ]
-            if differs:
-                rebuild = True
-                _logger.info("index %s: %s changed; rebuilding", name, differs)
+        saved = json.loads(existing["config"]) if existing is not None else {}
+        asked = _index_options(index)
+        config = IndexConfig(**{**saved, **asked})
+        differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
+        if existing is not None and differs and not rebuild:
+            rebuild = True
+            _logger.info("index %s: %s changed; rebuilding", name, differs)
         if existing is None or rebuild:
-            config = index or IndexConfig()
             built = store.build_index(backbone, config, name=name)
             action = "rebuilt" if existing is not None else "built"
         else:

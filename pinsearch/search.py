@@ -240,14 +240,14 @@ class PinSearcher:
             keep &= ~np.isin(row_k, exclude)
         row_s, row_k = row_s[keep][:k], row_k[keep][:k]
         meta = self.store.catalog.pins_by_key(row_k.tolist())
-        hits = []
-        for rank, (score, key) in enumerate(zip(row_s.tolist(), row_k.tolist()), start=1):
+        hits: list[SearchHit] = []
+        for score, key in zip(row_s.tolist(), row_k.tolist()):
             m = meta.get(int(key))
             if m is None:  # removed from the catalog after the index was built
                 continue
             hits.append(
                 SearchHit(
-                    rank=rank,
+                    rank=len(hits) + 1,
                     pin_id=m["pin_id"],
                     score=float(score),
                     title=m["title"] or "",

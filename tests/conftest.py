@@ -7,6 +7,9 @@ import os
 # Set before anything imports pinsearch, timm or huggingface_hub: no test may try a hub.
 os.environ["PINSEARCH_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# FAISS and torch each bring an OpenMP runtime; with the default busy-waiting, the idle threads
+# of one steal the (few) cores of the other and the embedding tests run 3-4x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import shutil
 from collections.abc import Iterator

@@ -37,7 +37,9 @@ def _key(p: PinRecord) -> tuple:
 
 def _records(items) -> tuple[list[PinRecord], list[SkippedPin]]:
     items = list(items)
-    return [i for i in items if isinstance(i, PinRecord)], [i for i in items if isinstance(i, SkippedPin)]
+    return [i for i in items if isinstance(i, PinRecord)], [
+        i for i in items if isinstance(i, SkippedPin)
+    ]
 
 
 def _balanced(result) -> bool:
@@ -78,7 +80,9 @@ def _write_board(board_dir: Path, category: str | None, name: str = "Board") -> 
     (board_dir / "board.json").write_text(json.dumps(meta))
 
 
-def _write_pin(board_dir: Path, pin_id: str, colour=(120, 30, 30), pin_json: str | None = None) -> Path:
+def _write_pin(
+    board_dir: Path, pin_id: str, colour=(120, 30, 30), pin_json: str | None = None
+) -> Path:
     pin_dir = board_dir / pin_id
     pin_dir.mkdir(parents=True, exist_ok=True)
     path = pin_dir / f"{pin_id}.jpg"
@@ -177,10 +181,13 @@ def test_folder_and_manifest_give_the_same_records(tmp_path: Path) -> None:
     assert {p.board_name for p in pins} == {"art", "Food & Drink"}
 
     rows = [
-        {"path": p.path.relative_to(corpus.root).as_posix(), "category": p.path.parent.name,
-         "title": p.title}
+        {
+            "path": p.path.relative_to(corpus.root).as_posix(),
+            "category": p.path.parent.name,
+            "title": p.title,
+        }
         for p in pins
-    ]  # fmt: skip
+    ]
     manifest = write_manifest(corpus.root, rows)
     man_pins, man_skipped = _records(iter_manifest(manifest))
     assert man_skipped == []
@@ -192,8 +199,12 @@ def test_folder_reader_nested_and_hidden(tmp_path: Path) -> None:
     root = tmp_path / "f"
     (root / "art" / "sub").mkdir(parents=True)
     (root / ".hidden").mkdir()
-    for p in (root / "art" / "a.png", root / "art" / "sub" / "b.jpg", root / ".hidden" / "c.jpg",
-              root / "art" / ".d.jpg"):  # fmt: skip
+    for p in (
+        root / "art" / "a.png",
+        root / "art" / "sub" / "b.jpg",
+        root / ".hidden" / "c.jpg",
+        root / "art" / ".d.jpg",
+    ):
         Image.new("RGB", (8, 8)).save(p)
     (root / "art" / "notes.txt").write_text("x")
     pins, _ = _records(iter_folder(root))
@@ -224,8 +235,9 @@ def test_parquet_manifest(tmp_path: Path) -> None:
 
 
 def _tree_with_none_and_other(root: Path) -> Path:
-    make_pinterest_tree(root, categories=("art",), n_users=1, boards_per_category=1,
-                        pins_per_board=2, image_size=40)  # fmt: skip
+    make_pinterest_tree(
+        root, categories=("art",), n_users=1, boards_per_category=1, pins_per_board=2, image_size=40
+    )
     _write_board(root / "u1" / "misc", "None")
     _write_pin(root / "u1" / "misc", "n1")
     _write_board(root / "u1" / "stuff", "Other")
@@ -453,6 +465,32 @@ def test_detect_format(tree_corpus, tmp_path: Path) -> None:
     assert read_corpus(csv).format == "manifest"
 
 
+def test_nested_folder_corpus_is_detected_as_folder(tmp_path: Path) -> None:
+    # iter_folder allows nested folders; a sub-folder that sorts before the images of its
+    # category ("2019" < "b.jpg") must not make auto-detection call the corpus a tree.
+    root = tmp_path / "nested"
+    for cat in ("art", "food"):
+        (root / cat / "2019").mkdir(parents=True)
+        Image.new("RGB", (10, 10)).save(root / cat / "2019" / "a.jpg")
+        Image.new("RGB", (10, 10)).save(root / cat / "b.jpg")
+    assert detect_format(root) == "folder"
+    result = read_corpus(root)
+    assert sorted(p.pin_id for p in result.pins) == [
+        "art/2019/a",
+        "art/b",
+        "food/2019/a",
+        "food/b",
+    ]
+    assert result.skipped == [] and result.found == 4
+
+
+def test_tree_without_board_json_is_still_a_tree(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    _write_pin(root / "u" / "b", "p1")
+    assert detect_format(root) == "tree"
+    assert [s.reason for s in read_corpus(root).skipped] == ["missing_board_json"]
+
+
 def test_detect_format_errors(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -512,6 +550,28 @@ def test_sampling_is_independent_of_reading_order(tree_corpus) -> None:
     assert [p.pin_id for p in backward] == [p.pin_id for p in pins[::-1] if p in forward]
     with pytest.raises(ValueError, match="positive"):
         sample_per_category(pins, 0, seed=0)
+
+
+def test_sample_of_a_category_does_not_depend_on_other_categories(tree_corpus) -> None:
+    # "The draw depends only on the pin ids of each category": narrowing the corpus to one
+    # category (or other categories growing) must not change which pins that category keeps.
+    def cars(config: IngestConfig) -> set[str]:
+        result = read_corpus(tree_corpus.root, config)
+        return {p.pin_id for p in result.pins if p.category == "cars_motorcycles"}
+
+    everything = cars(IngestConfig(per_category=3, seed=0))
+    alone = cars(IngestConfig(per_category=3, seed=0, categories=("cars_motorcycles",)))
+    assert len(everything) == 3
+    assert alone == everything
+
+    pins, _ = _records(iter_tree(tree_corpus.root))
+    cars_pins = [p for p in pins if p.category == "cars_motorcycles"]
+    others = [p for p in pins if p.category != "cars_motorcycles"]
+    for extra in (others[:3], others[:11], others):
+        drawn = sample_per_category(cars_pins + extra, 3, seed=5)
+        assert {p.pin_id for p in drawn if p in cars_pins} == {
+            p.pin_id for p in sample_per_category(cars_pins, 3, seed=5)
+        }
 
 
 def test_accounting_with_every_outcome(tree_copy: Path) -> None:

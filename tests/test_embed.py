@@ -1,0 +1,320 @@
+"""Tests for pinsearch.embed: batching, failures, resumption, normalisation, dtypes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pinsearch.backbones import create_backbone
+from pinsearch.embed import (
+    EmbedConfig,
+    PinImages,
+    embed_images,
+    embed_store,
+    iter_embeddings,
+    resolve_device,
+)
+from pinsearch.errors import BackboneMismatchError
+from pinsearch.ingest import read_corpus
+from pinsearch.pipeline import index_corpus
+from pinsearch.store import Store
+
+BACKBONE = "test_efficientnet"
+FAST = {"workers": 0, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_backbone(BACKBONE)
+
+
+def _ingest_only(corpus: Path, store_path: Path) -> None:
+    with Store.open(store_path, create=True) as store:
+        store.catalog.add_ingest(read_corpus(corpus), "{}")
+
+
+class _Interrupt:
+    """Progress callback raising KeyboardInterrupt once ``after`` pins are done."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.calls.append((done, total))
+        if done >= self.after:
+            raise KeyboardInterrupt
+
+
+def _part_keys(store: Store, backbone: str = BACKBONE) -> list[np.ndarray]:
+    vs = store.vectors(backbone)
+    return [vs._load_keys(p) for p in vs.parts()]
+
+
+# -- the pieces -----------------------------------------------------------------------------
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+def test_pin_images_turns_bad_files_into_failures(tmp_path: Path, model) -> None:
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (50, 70), (9, 99, 199)).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("nope")
+    ds = PinImages([(7, str(good)), (8, str(bad))], model.transform())
+    key, tensor, path, reason, _ = ds[0]
+    size = model.preprocess.input_size
+    assert (key, path, reason) == (7, str(good), "") and tensor.shape == (3, size, size)
+    key, tensor, path, reason, detail = ds[1]
+    assert (key, tensor, reason) == (8, None, "not_an_image") and detail
+
+
+def test_iter_embeddings_batches_in_order(tmp_path: Path, model, tree_corpus) -> None:
+    paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:7]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    items = [(10 + i, str(p)) for i, p in enumerate(paths)]
+    items.insert(3, (99, str(broken)))
+    batches = list(iter_embeddings(model, items, EmbedConfig(workers=0, batch_size=3)))
+    assert len(batches) == 3
+    keys = np.concatenate([b.keys for b in batches])
+    assert keys.tolist() == [10, 11, 12, 13, 14, 15, 16]
+    failed = [f for b in batches for f in b.failures]
+    assert [b.failed_keys for b in batches] == [[], [99], []]
+    assert failed[0].reason == "empty_file" and failed[0].stage == "embed"
+    vecs = np.concatenate([b.vectors for b in batches])
+    assert vecs.shape == (7, model.dim) and vecs.dtype == np.float32
+    assert np.isfinite(vecs).all()
+    # The same images embedded as queries give the same vectors.
+    direct = embed_images(model, [str(p) for p in paths])
+    np.testing.assert_allclose(direct, vecs, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_images_accepts_pil_and_normalises(model, tree_corpus) -> None:
+    path = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[0]
+    pil = Image.open(path)
+    a = embed_images(model, [path, pil])
+    np.testing.assert_allclose(a[0], a[1], rtol=1e-5, atol=1e-5)
+    n = embed_images(model, [pil], normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(n, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(n[0], a[0] / np.linalg.norm(a[0]), rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_is_deterministic_across_model_builds(tree_corpus) -> None:
+    path = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[0]
+    a = embed_images(create_backbone(BACKBONE), [path])
+    b = embed_images(create_backbone(BACKBONE), [path])
+    np.testing.assert_array_equal(a, b)
+
+
+# -- embed_store ----------------------------------------------------------------------------
+
+
+def test_embed_store_embeds_every_pin(tree_corpus, tmp_path: Path) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    calls: list[tuple[int, int]] = []
+    with Store.open(tmp_path / "s") as store:
+        report = embed_store(
+            store,
+            BACKBONE,
+            EmbedConfig(**FAST, part_size=10),
+            progress=lambda d, t: calls.append((d, t)),
+        )
+        assert (report.embedded, report.failed, report.already) == (24, 0, 0)
+        assert report.weights == "random" and report.device == "cpu"
+        vs = store.vectors(BACKBONE)
+        assert len(vs) == 24
+        assert [p["n"] for p in vs.parts()] == [16, 8]  # a part is written once >= part_size
+        vecs, keys = vs.load()
+        assert sorted(keys.tolist()) == sorted(k for k, _ in store.catalog.pin_paths())
+        assert vecs.shape == (24, report.dim)
+        emb = store.catalog.get_embedding(BACKBONE)
+        assert (
+            emb["count"] == 24 and emb["dim"] == report.dim and emb["spec"]["weights"] == "random"
+        )
+        assert emb["preprocess"]["input_size"] == 160
+        assert calls[0] == (0, 24) and calls[-1] == (24, 24)
+        again = embed_store(store, BACKBONE, EmbedConfig(**FAST, part_size=10))
+        assert (again.embedded, again.already) == (0, 24)
+        assert len(vs.parts()) == 2
+
+
+def test_resume_after_interrupt(tree_corpus, tmp_path: Path) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    config = EmbedConfig(workers=0, batch_size=8, part_size=8, flush_seconds=0.0)
+    stop = _Interrupt(after=8)
+    with Store.open(tmp_path / "s") as store, pytest.raises(KeyboardInterrupt):
+        embed_store(store, BACKBONE, config, progress=stop)
+    assert stop.calls[-1] == (8, 24)
+    with Store.open(tmp_path / "s") as store:
+        committed = _part_keys(store)
+        assert [len(k) for k in committed] == [8]  # the first part survived the interrupt
+        report = embed_store(store, BACKBONE, config)
+        assert report.already == 8
+        assert report.embedded == 24 - 8
+        parts = _part_keys(store)
+        all_keys = np.concatenate(parts)
+        assert len(all_keys) == len(np.unique(all_keys)) == 24  # no duplicate across parts
+        assert set(all_keys.tolist()) == {k for k, _ in store.catalog.pin_paths()}
+        np.testing.assert_array_equal(parts[0], committed[0])
+        assert store.catalog.get_embedding(BACKBONE)["count"] == 24
+
+
+def test_resumed_vectors_equal_uninterrupted_ones(tree_corpus, tmp_path: Path, built_store) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    config = EmbedConfig(workers=0, batch_size=8, part_size=8, flush_seconds=0.0)
+    with Store.open(tmp_path / "s") as store, pytest.raises(KeyboardInterrupt):
+        embed_store(store, BACKBONE, config, progress=_Interrupt(after=16))
+    with Store.open(tmp_path / "s") as store:
+        embed_store(store, BACKBONE, config)
+        vecs, keys = store.vectors(BACKBONE).load()
+        ids = {k: i for i, k in store.catalog.pin_paths()}
+        resumed = {
+            store.catalog.pins_by_key([int(k)])[int(k)]["pin_id"]: v for k, v in zip(keys, vecs)
+        }
+    with Store.open(built_store.path, read_only=True) as ref:
+        rv, rk = ref.vectors(BACKBONE).load()
+        reference = {ref.catalog.pins_by_key([int(k)])[int(k)]["pin_id"]: v for k, v in zip(rk, rv)}
+    assert len(ids) == 24 and set(resumed) == set(reference)
+    for pin_id, vec in resumed.items():
+        np.testing.assert_allclose(vec, reference[pin_id], rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_jpeg_is_skipped_at_embed_stage(tree_copy: Path, tmp_path: Path) -> None:
+    victim = sorted(tree_copy.glob("*/*/*/*.jpg"))[5]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    report = index_corpus(tree_copy, tmp_path / "s", backbone=BACKBONE, embed=EmbedConfig(**FAST))
+    assert (report.added, report.skipped, report.embedded, report.embed_failed) == (24, 0, 23, 1)
+    assert report.ntotal == 23
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert victim.stem not in store.catalog.pin_ids()
+        assert store.catalog.count_pins() == 23
+        rows = store.catalog.query("SELECT * FROM skipped")
+        assert len(rows) == 1
+        row = rows[0]
+        assert (row["pin_id"], row["stage"], row["reason"], row["backbone"]) == (
+            victim.stem,
+            "embed",
+            "truncated",
+            BACKBONE,
+        )
+        assert row["path"] == str(victim.resolve())
+        _, keys = store.vectors(BACKBONE).load()
+        assert len(keys) == 23
+        assert set(keys.tolist()) == {k for k, _ in store.catalog.pin_paths()}
+    # Nothing is retried on the next run: the pin is gone, not pending.
+    again = index_corpus(None, tmp_path / "s", backbone=BACKBONE, embed=EmbedConfig(**FAST))
+    assert (again.embedded, again.embed_failed, again.index_action) == (0, 0, "unchanged")
+
+
+def test_failed_pin_is_kept_when_another_backbone_has_its_vector(
+    store_copy: Path,
+) -> None:
+    with Store.open(store_copy) as store:
+        victim = Path(store.catalog.pin_paths()[0][1])
+        # Point the stored path at a broken copy, so only the second backbone fails on it.
+        broken = store_copy.parent / "broken.jpg"
+        broken.write_bytes(victim.read_bytes()[:200])
+        store.catalog.connection.execute(
+            "UPDATE pins SET path = ? WHERE path = ?", [str(broken), str(victim)]
+        )
+        report = embed_store(store, "test_convnext", EmbedConfig(**FAST))
+        assert (report.embedded, report.failed) == (23, 1)
+        assert store.catalog.count_pins() == 24  # test_efficientnet still has its vector
+        (row,) = store.catalog.query("SELECT backbone, stage FROM skipped")
+        assert row == {"backbone": "test_convnext", "stage": "embed"}
+        assert sorted(store.backbones()) == ["test_convnext", BACKBONE]
+
+
+def test_normalize_stores_unit_vectors(tree_corpus, tmp_path: Path) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    with Store.open(tmp_path / "s") as store:
+        embed_store(store, BACKBONE, EmbedConfig(**FAST, normalize=True))
+        vecs, _ = store.vectors(BACKBONE).load()
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, rtol=1e-5)
+        assert store.catalog.get_embedding(BACKBONE)["normalize"] is True
+
+
+def test_float16_round_trip(tree_corpus, tmp_path: Path, built_store) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    with Store.open(tmp_path / "s") as store:
+        embed_store(store, BACKBONE, EmbedConfig(**FAST, dtype="float16"))
+        vs = store.vectors(BACKBONE)
+        part = vs.parts()[0]
+        raw = np.load(store.root / str(part["file"]))
+        assert raw.dtype == np.float16
+        vecs, keys = vs.load()
+        assert vecs.dtype == np.float32
+        sub, _ = vs.load(keys[:3])
+        assert sub.dtype == np.float32
+        np.testing.assert_array_equal(sub, vecs[:3])
+        assert store.catalog.get_embedding(BACKBONE)["dtype"] == "float16"
+    with Store.open(built_store.path, read_only=True) as ref:
+        ref_vecs, ref_keys = ref.vectors(BACKBONE).load()
+    order = np.argsort(keys)
+    ref_order = np.argsort(ref_keys)
+    np.testing.assert_allclose(vecs[order], ref_vecs[ref_order], rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"normalize": True}, "normalize"), ({"dtype": "float16"}, "dtype")],
+)
+def test_changed_settings_are_refused(store_copy: Path, change: dict, match: str) -> None:
+    with Store.open(store_copy) as store:
+        before = len(store.vectors(BACKBONE))
+        with pytest.raises(BackboneMismatchError, match=match):
+            embed_store(store, BACKBONE, EmbedConfig(**FAST, **change))
+        assert len(store.vectors(BACKBONE)) == before
+        emb = store.catalog.get_embedding(BACKBONE)
+        assert emb["normalize"] is False and emb["dtype"] == "float32"
+
+
+def test_index_corpus_with_changed_normalize_is_refused(store_copy: Path, built_store) -> None:
+    with pytest.raises(BackboneMismatchError, match="normalize"):
+        index_corpus(
+            built_store.corpus.root,
+            store_copy,
+            backbone=BACKBONE,
+            embed=EmbedConfig(**FAST, normalize=True),
+        )
+
+
+def test_other_weights_are_refused(store_copy: Path, tmp_path: Path) -> None:
+    model = create_backbone(BACKBONE)
+    ckpt = tmp_path / "w.pth"
+    torch.save(model.model.state_dict(), ckpt)
+    with Store.open(store_copy) as store, pytest.raises(BackboneMismatchError, match="weights"):
+        embed_store(store, BACKBONE, EmbedConfig(**FAST, weights=str(ckpt)))
+
+
+def test_embed_run_record_is_json(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        row = store.catalog.query("SELECT spec, preprocess FROM embeddings")[0]
+    spec = json.loads(row["spec"])
+    assert spec["spec"]["name"] == BACKBONE and spec["weights"] == "random"
+    pre = json.loads(row["preprocess"])
+    assert pre["input_size"] == 160 and len(pre["mean"]) == 3
+
+
+@pytest.mark.gpu
+def test_embedding_on_cuda_matches_cpu(tree_corpus) -> None:
+    paths = [str(p) for p in sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:8]]
+    cpu = create_backbone(BACKBONE, device="cpu")
+    gpu = create_backbone(BACKBONE, device="cuda")
+    items = list(enumerate(paths))
+    a = np.concatenate([b.vectors for b in iter_embeddings(cpu, items, EmbedConfig(workers=0))])
+    b = np.concatenate([b.vectors for b in iter_embeddings(gpu, items, EmbedConfig(workers=0))])
+    # bf16 autocast on CUDA: close in direction, not bit-identical.
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert (cos > 0.98).all()

@@ -1,0 +1,505 @@
+"""Tests for pinsearch.indexes: exact and approximate search, filters, persistence, choices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pinsearch.errors import BackboneMismatchError, IndexFileError
+from pinsearch.indexes import (
+    METRICS,
+    IndexConfig,
+    PinIndex,
+    build_index,
+    choose_factory,
+    faiss_metric,
+    ivf_nlist,
+    load_index,
+    validate_factory,
+)
+
+CPU = {"device": "cpu"}
+
+
+def _random(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+def _clustered(n: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)) * 3
+    return (centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+
+
+def _keys(n: int) -> np.ndarray:
+    # Deliberately not 0..n-1, so positions and keys cannot be confused.
+    return (np.arange(n, dtype=np.int64) * 7 + 1000)[::-1].copy()
+
+
+def _brute_force(
+    q: np.ndarray, x: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Numpy reference: (scores, row positions), best first."""
+    q64, x64 = q.astype(np.float64), x.astype(np.float64)
+    if metric == "cosine":
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+        x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+    if metric in ("ip", "cosine"):
+        s = q64 @ x64.T
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    elif metric == "l2":
+        s = ((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+        order = np.argsort(s, axis=1, kind="stable")[:, :k]
+    else:  # l1
+        s = np.abs(q64[:, None, :] - x64[None, :, :]).sum(-1)
+        order = np.argsort(s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(s, order, axis=1), order
+
+
+def _recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+
+
+@pytest.fixture(scope="module")
+def clustered() -> dict[str, np.ndarray]:
+    x = _clustered(3000, 16, 30, seed=0)
+    q = _clustered(50, 16, 30, seed=0)  # same centres, new draws
+    q = q + np.random.default_rng(9).normal(size=q.shape).astype(np.float32) * 0.1
+    return {"x": x, "q": q, "keys": _keys(len(x))}
+
+
+# -- exact search ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2", "l1", "cosine"])
+def test_flat_equals_numpy_brute_force(metric: str) -> None:
+    x, q, keys = _random(400, 24, 1), _random(25, 24, 2), _keys(400)
+    index = build_index(x, keys, IndexConfig(factory="Flat", metric=metric, **CPU))
+    assert index.factory == "Flat" and index.ntotal == 400 and index.dim == 24
+    scores, found = index.search(q, 10)
+    ref_s, ref_pos = _brute_force(q, x, 10, metric)
+    np.testing.assert_array_equal(found, keys[ref_pos])
+    np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-3)
+    assert index.higher_is_better is (metric in ("ip", "cosine"))
+    # Scores come best first.
+    diffs = np.diff(scores, axis=1)
+    assert (diffs <= 1e-6).all() if index.higher_is_better else (diffs >= -1e-6).all()
+
+
+def test_auto_factory_is_flat_for_small_sets() -> None:
+    index = build_index(_random(50, 8, 0), _keys(50), IndexConfig(**CPU))
+    assert index.factory == "Flat"
+    assert index.config.metric == "cosine"
+
+
+def test_cosine_normalises_queries_and_vectors() -> None:
+    x = _random(100, 8, 3)
+    index = build_index(x * 50.0, _keys(100), IndexConfig(factory="Flat", metric="cosine", **CPU))
+    scores, keys = index.search(x[:5] * 0.01, 1)
+    np.testing.assert_array_equal(keys[:, 0], _keys(100)[:5])
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_search_pads_when_k_exceeds_ntotal() -> None:
+    index = build_index(_random(5, 8, 0), _keys(5), IndexConfig(factory="Flat", metric="l2", **CPU))
+    scores, keys = index.search(_random(2, 8, 1), 8)
+    assert keys.shape == scores.shape == (2, 8)
+    assert (keys[:, :5] >= 0).all() and (keys[:, 5:] == -1).all()
+    assert np.isnan(scores[:, 5:]).all() and not np.isnan(scores[:, :5]).any()
+    assert set(keys[0, :5]) == set(_keys(5))
+
+
+def test_bad_queries_are_rejected() -> None:
+    index = build_index(_random(20, 8, 0), _keys(20), IndexConfig(factory="Flat", **CPU))
+    with pytest.raises(BackboneMismatchError, match="dim 9"):
+        index.search(_random(1, 9, 0), 3)
+    with pytest.raises(ValueError, match="positive"):
+        index.search(_random(1, 8, 0), 0)
+    _, keys = index.search(_random(1, 8, 0)[0], 3)  # a 1-D query is one query
+    assert keys.shape == (1, 3)
+
+
+def test_build_index_validates_input() -> None:
+    x = _random(10, 4, 0)
+    with pytest.raises(ValueError, match="not unique"):
+        build_index(x, np.zeros(10, np.int64), IndexConfig(factory="Flat", **CPU))
+    with pytest.raises(ValueError, match="10 vectors but 9"):
+        build_index(x, _keys(9), IndexConfig(factory="Flat", **CPU))
+    with pytest.raises(ValueError, match="FAISS cannot build"):
+        build_index(x, _keys(10), IndexConfig(factory="NotAnIndex42", **CPU))
+    with pytest.raises(ValueError, match="training"):
+        build_index(
+            np.empty((0, 4), np.float32),
+            np.empty(0, np.int64),
+            IndexConfig(factory="IVF4,Flat", **CPU),
+        )
+
+
+# -- approximate search ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_ivf_flat_recall(clustered, metric: str) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="IVF32,Flat", metric=metric, nprobe=16, **CPU))
+    assert index.factory == "IVF32,Flat"
+    _, truth = _brute_force(q, x, 10, metric)
+    _, found = index.search(q, 10)
+    assert _recall(found, keys[truth]) > 0.95  # half the lists probed
+
+
+def test_ivf_nprobe_is_honoured_without_filters(clustered) -> None:
+    # nprobe == nlist visits every list: the result must be exact, with or without a filter.
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="IVF32,Flat", metric="l2", nprobe=32, **CPU))
+    _, truth = _brute_force(q, x, 10, "l2")
+    _, filtered = index.search(q, 10, allowed=keys)
+    assert _recall(filtered, keys[truth]) == 1.0
+    _, unfiltered = index.search(q, 10)
+    assert _recall(unfiltered, keys[truth]) == 1.0
+
+
+def test_hnsw_recall(clustered) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="HNSW16", metric="l2", **CPU))
+    _, truth = _brute_force(q, x, 10, "l2")
+    _, found = index.search(q, 10)
+    assert _recall(found, keys[truth]) > 0.9
+
+
+def test_ivf_pq_recall(clustered) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="IVF16,PQ8x4", metric="l2", nprobe=16, **CPU))
+    assert index.ntotal == len(x)
+    _, truth = _brute_force(q, x, 10, "l2")
+    _, found = index.search(q, 10)
+    recall = _recall(found, keys[truth])
+    assert recall > 0.35  # 4-bit codes on 2-d sub-vectors: coarse but far above chance
+    _, found50 = index.search(q, 50)
+    hits = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found50, keys[truth])])
+    assert hits > 0.8  # the true neighbours are in a short candidate list
+
+
+def test_training_sample_is_capped(clustered) -> None:
+    x, keys = clustered["x"], clustered["keys"]
+    index = build_index(
+        x, keys, IndexConfig(factory="IVF8,Flat", metric="l2", max_train=400, nprobe=8, **CPU)
+    )
+    assert index.ntotal == len(x)  # trained on a sample, every vector added
+    _, found = index.search(x[:20], 1)
+    np.testing.assert_array_equal(found[:, 0], keys[:20])
+
+
+# -- filters --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("factory", "extra"),
+    [("Flat", {}), ("IVF32,Flat", {"nprobe": 32}), ("HNSW16", {"ef_search": 200})],
+)
+def test_filtered_search_returns_only_allowed_keys(clustered, factory: str, extra: dict) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", **extra, **CPU))
+    rng = np.random.default_rng(4)
+    allowed = rng.choice(keys, 60, replace=False)
+    scores, found = index.search(q, 10, allowed=allowed)
+    assert found.shape == (len(q), 10)
+    if factory == "HNSW16":
+        # A graph search with a sparse filter may stop short of k (PinSearcher tops it up);
+        # whatever it returns must be allowed.
+        assert np.isin(found[found >= 0], allowed).all()
+        assert (found[:, 0] >= 0).all()
+    else:
+        assert np.isin(found, allowed).all()  # only allowed keys, and k of them (no -1)
+        # Exactly the brute-force answer restricted to the allowed pins.
+        rows = np.flatnonzero(np.isin(keys, allowed))
+        ref_s, ref_pos = _brute_force(q, x[rows], 10, "l2")
+        np.testing.assert_array_equal(found, keys[rows][ref_pos])
+        np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
+def test_filter_with_fewer_allowed_than_k(clustered, factory: str) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=32, **CPU))
+    allowed = np.concatenate([keys[[3, 500, 2999]], [-5, 10**12]])  # unknown keys are ignored
+    scores, found = index.search(q[:4], 10, allowed=allowed)
+    for row, srow in zip(found, scores):
+        assert set(row[:3]) == set(keys[[3, 500, 2999]])
+        assert (row[3:] == -1).all() and np.isnan(srow[3:]).all()
+    _, none = index.search(q[:2], 5, allowed=np.array([], np.int64))
+    assert (none == -1).all()
+
+
+def test_positions_of(clustered) -> None:
+    keys = clustered["keys"]
+    index = build_index(clustered["x"][:50], keys[:50], IndexConfig(factory="Flat", **CPU))
+    pos = index.positions_of(np.array([keys[10], keys[2], 123456789, keys[49]]))
+    np.testing.assert_array_equal(pos, [2, 10, 49])
+
+
+# -- add ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW16"])
+def test_add_keeps_the_id_mapping(factory: str) -> None:
+    x = _clustered(600, 12, 8, seed=5)
+    keys = _keys(600)
+    index = build_index(
+        x[:400], keys[:400], IndexConfig(factory=factory, metric="l2", nprobe=8, **CPU)
+    )
+    index.add(x[400:], keys[400:])
+    assert index.ntotal == 600
+    np.testing.assert_array_equal(index.ids, keys)
+    scores, found = index.search(x[400:], 1)
+    np.testing.assert_array_equal(found[:, 0], keys[400:])
+    np.testing.assert_allclose(scores[:, 0], 0.0, atol=1e-4)
+    with pytest.raises(ValueError, match="already in the index"):
+        index.add(x[:2], keys[:2])
+    with pytest.raises(ValueError, match="2 vectors but 1"):
+        index.add(x[:2], np.array([1], np.int64))
+    index.add(np.empty((0, 12), np.float32), np.empty(0, np.int64))
+    assert index.ntotal == 600
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "HNSW16"])
+def test_save_load_round_trip(clustered, tmp_path: Path, factory: str) -> None:
+    x, q, keys = clustered["x"][:800], clustered["q"], clustered["keys"][:800]
+    config = IndexConfig(factory=factory, metric="cosine", nprobe=4, **CPU)
+    index = build_index(x, keys, config, backbone="test_bb")
+    meta = index.save(tmp_path / "idx")
+    for suffix in (".faiss", ".ids.npy", ".json"):
+        assert (tmp_path / f"idx{suffix}").is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    assert meta["ntotal"] == 800 and meta["factory"] == factory and meta["backbone"] == "test_bb"
+    assert json.loads((tmp_path / "idx.json").read_text()) == meta
+
+    loaded = load_index(tmp_path / "idx", config=IndexConfig(device="cpu"))
+    assert isinstance(loaded, PinIndex)
+    assert (loaded.factory, loaded.dim, loaded.ntotal, loaded.backbone) == (
+        factory,
+        16,
+        800,
+        "test_bb",
+    )
+    assert loaded.config.metric == "cosine" and loaded.config.nprobe == 4
+    np.testing.assert_array_equal(loaded.ids, keys)
+    a_s, a_k = index.search(q, 10)
+    b_s, b_k = loaded.search(q, 10)
+    np.testing.assert_array_equal(a_k, b_k)
+    np.testing.assert_array_equal(a_s, b_s)
+    allowed = keys[::3]
+    np.testing.assert_array_equal(
+        index.search(q, 5, allowed=allowed)[1], loaded.search(q, 5, allowed=allowed)[1]
+    )
+
+
+def test_load_overrides_search_settings(clustered, tmp_path: Path) -> None:
+    index = build_index(
+        clustered["x"],
+        clustered["keys"],
+        IndexConfig(factory="IVF32,Flat", metric="l2", nprobe=2, **CPU),
+    )
+    index.save(tmp_path / "ivf")
+    loaded = load_index(tmp_path / "ivf", config=IndexConfig(device="cpu", nprobe=32, ef_search=7))
+    assert loaded.config.nprobe == 32 and loaded.config.ef_search == 7
+    assert loaded.config.metric == "l2" and loaded.config.factory == "IVF32,Flat"
+    keep = load_index(tmp_path / "ivf", config=IndexConfig(device="cpu"))
+    assert keep.config.nprobe == 2
+
+
+def _flip_bytes(path: Path, at: int, n: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(at, at + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_faiss_file_raises_and_is_left_alone(tmp_path: Path) -> None:
+    index = build_index(_random(200, 16, 0), _keys(200), IndexConfig(factory="Flat", **CPU))
+    index.save(tmp_path / "idx")
+    faiss_file = tmp_path / "idx.faiss"
+    _flip_bytes(faiss_file, faiss_file.stat().st_size // 2)
+    damaged = faiss_file.read_bytes()
+    mtime = faiss_file.stat().st_mtime_ns
+    with pytest.raises(IndexFileError, match="checksum"):
+        load_index(tmp_path / "idx")
+    assert faiss_file.read_bytes() == damaged
+    assert faiss_file.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx.faiss", "idx.ids.npy", "idx.json"]
+
+
+def test_damaged_ids_file_raises(tmp_path: Path) -> None:
+    index = build_index(_random(50, 8, 0), _keys(50), IndexConfig(factory="Flat", **CPU))
+    index.save(tmp_path / "idx")
+    ids = np.load(tmp_path / "idx.ids.npy")
+    ids[0] = 42
+    np.save(tmp_path / "idx.ids.npy", ids)
+    with pytest.raises(IndexFileError, match="checksum"):
+        load_index(tmp_path / "idx")
+
+
+def test_truncated_faiss_file_without_verification(tmp_path: Path) -> None:
+    index = build_index(_random(200, 16, 0), _keys(200), IndexConfig(factory="Flat", **CPU))
+    index.save(tmp_path / "idx")
+    f = tmp_path / "idx.faiss"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(IndexFileError):
+        load_index(tmp_path / "idx", verify=False)
+
+
+def test_missing_or_foreign_index_files(tmp_path: Path) -> None:
+    index = build_index(_random(20, 8, 0), _keys(20), IndexConfig(factory="Flat", **CPU))
+    index.save(tmp_path / "idx")
+    meta = json.loads((tmp_path / "idx.json").read_text())
+    (tmp_path / "idx.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(IndexFileError, match="format 99"):
+        load_index(tmp_path / "idx")
+    (tmp_path / "idx.json").write_text("{broken")
+    with pytest.raises(IndexFileError, match="unreadable"):
+        load_index(tmp_path / "idx")
+    (tmp_path / "idx.ids.npy").unlink()
+    with pytest.raises(IndexFileError, match="missing"):
+        load_index(tmp_path / "idx")
+    with pytest.raises(IndexFileError, match="missing"):
+        load_index(tmp_path / "nothing")
+
+
+def test_id_map_length_mismatch_is_detected(tmp_path: Path) -> None:
+    index = build_index(_random(20, 8, 0), _keys(20), IndexConfig(factory="Flat", **CPU))
+    index.save(tmp_path / "idx")
+    np.save(tmp_path / "idx.ids.npy", _keys(19))
+    with pytest.raises(IndexFileError):
+        load_index(tmp_path / "idx", verify=False)
+
+
+# -- choosing and validating factories ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n", "dim", "metric", "budget", "expected"),
+    [
+        (1_000, 64, "cosine", None, "Flat"),
+        (100_000, 1024, "cosine", 64 << 30, "Flat"),
+        (1_000_000, 1024, "cosine", 64 << 30, "IVF4096,Flat"),
+        (1_000_000, 1024, "ip", 8 << 30, "IVF4096,Flat"),
+        (200_000, 64, "l2", 64 << 30, "IVF2048,Flat"),
+        (1_000_000, 1024, "cosine", 200_000_000, "IVF4096,PQ128"),
+        (1_000_000, 1024, "cosine", 100_000_000, "IVF4096,PQ64"),
+        (1_000_000, 1280, "cosine", 100_000_000, "IVF4096,PQ64"),
+        (1_000, 64, "l1", None, "Flat"),
+        (1_000_000, 1024, "l1", 64 << 30, "Flat"),
+        (1_000_000, 1024, "l1", 1 << 30, "HNSW32"),
+        (50_000, 512, "cosine", 10_000_000, "IVF1024,PQ128"),
+    ],
+)
+def test_choose_factory(n: int, dim: int, metric: str, budget: int | None, expected: str) -> None:
+    assert choose_factory(n, dim, metric, budget) == expected
+    validate_factory(expected, metric)
+
+
+def test_choose_factory_errors() -> None:
+    with pytest.raises(ValueError, match="too small"):
+        choose_factory(1_000_000, 1024, "cosine", 1_000_000)
+    with pytest.raises(ValueError):
+        choose_factory(0, 64)
+    with pytest.raises(ValueError):
+        choose_factory(10, 0)
+
+
+@pytest.mark.parametrize("n", [1, 38, 39, 600, 10_000, 1_000_000, 10**9])
+def test_ivf_nlist(n: int) -> None:
+    nlist = ivf_nlist(n)
+    assert 1 <= nlist <= 65536
+    if n >= 39:
+        assert n >= 39 * nlist  # enough training points per list
+    if n >= 39 * 16:
+        assert nlist & (nlist - 1) == 0  # a power of two
+
+
+@pytest.mark.parametrize(
+    ("factory", "metric", "match"),
+    [
+        ("", "cosine", "empty"),
+        ("   ", "l2", "empty"),
+        ("IDMap,Flat", "cosine", "IDMap"),
+        ("IDMap2,Flat", "l2", "IDMap"),
+        ("idmap,HNSW32", "ip", "IDMap"),
+        ("IVF64,PQ8", "l1", "l1"),
+        ("PQ16", "l1", "l1"),
+        ("IVF64,SQ8", "l1", "l1"),
+        ("LSH", "l1", "l1"),
+    ],
+)
+def test_validate_factory_errors(factory: str, metric: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        validate_factory(factory, metric)
+    with pytest.raises(ValueError, match=match):
+        IndexConfig(factory=factory, metric=metric)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("factory", ["Flat", " HNSW32 ", "IVF64,Flat", "IVF64,PQ8"])
+def test_validate_factory_accepts(factory: str) -> None:
+    assert validate_factory(factory) == factory.strip()
+
+
+def test_l1_accepts_uncompressed_factories() -> None:
+    for factory in ("Flat", "HNSW32", "IVF64,Flat"):
+        assert validate_factory(factory, "l1") == factory
+
+
+def test_index_config_rejects_unknown_values() -> None:
+    with pytest.raises(ValueError, match="unknown metric 'euclid'"):
+        IndexConfig(metric="euclid")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown device"):
+        IndexConfig(device="tpu")  # type: ignore[arg-type]
+    assert IndexConfig().factory == "auto" and IndexConfig().metric == "cosine"
+    assert set(METRICS) == {"cosine", "ip", "l2", "l1"}
+
+
+def test_faiss_metric() -> None:
+    import faiss
+
+    assert faiss_metric("cosine") == faiss_metric("ip") == faiss.METRIC_INNER_PRODUCT
+    assert faiss_metric("l2") == faiss.METRIC_L2
+    assert faiss_metric("l1") == faiss.METRIC_L1
+    with pytest.raises(ValueError, match="unknown metric"):
+        faiss_metric("hamming")
+
+
+def test_device_gpu_without_gpu_raises() -> None:
+    from pinsearch.indexes import gpu_count
+
+    if gpu_count() > 0:
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RuntimeError, match="no GPU"):
+        build_index(_random(10, 4, 0), _keys(10), IndexConfig(factory="Flat", device="gpu"))
+
+
+# -- GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
+def test_gpu_index_matches_cpu(clustered, tmp_path: Path, factory: str) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=32, device="cpu"))
+    gpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=32, device="gpu"))
+    assert gpu.on_gpu and not cpu.on_gpu
+    _, truth = _brute_force(q, x, 10, "l2")
+    assert _recall(gpu.search(q, 10)[1], keys[truth]) >= 0.99
+    allowed = keys[::5]
+    _, fk = gpu.search(q, 10, allowed=allowed)  # filtered searches use the CPU copy
+    assert np.isin(fk, allowed).all()
+    np.testing.assert_array_equal(fk, cpu.search(q, 10, allowed=allowed)[1])
+    gpu.save(tmp_path / "g")
+    loaded = load_index(tmp_path / "g", config=IndexConfig(device="cpu"))
+    assert not loaded.on_gpu and loaded.ntotal == len(x)
+    np.testing.assert_array_equal(loaded.ids, keys)

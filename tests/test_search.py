@@ -1,0 +1,317 @@
+"""Tests for pinsearch.search and incremental indexing through pinsearch.pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pinsearch.embed import EmbedConfig
+from pinsearch.errors import PinNotFoundError
+from pinsearch.indexes import IndexConfig
+from pinsearch.pipeline import index_corpus
+from pinsearch.search import PinSearcher, SearchResult, exact_search
+from pinsearch.store import Store
+
+BACKBONE = "test_efficientnet"
+FAST = EmbedConfig(workers=0, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def searcher(built_store):
+    store = Store.open(built_store.path, read_only=True)
+    yield PinSearcher(store)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def pins(searcher) -> dict[str, dict]:
+    """pin_id -> catalog row of every stored pin."""
+    rows = searcher.store.catalog.pins_by_key(list(range(100)))
+    return {r["pin_id"]: r for r in rows.values()}
+
+
+def _vectors_by_id(store: Store) -> dict[str, np.ndarray]:
+    vecs, keys = store.vectors(BACKBONE).load()
+    meta = store.catalog.pins_by_key(keys.tolist())
+    return {meta[int(k)]["pin_id"]: v for k, v in zip(keys, vecs)}
+
+
+def test_searcher_defaults(searcher, built_store) -> None:
+    assert searcher.backbone == BACKBONE
+    assert searcher.index_name == BACKBONE
+    assert searcher.index.ntotal == 24 and searcher.index.factory == "Flat"
+    assert built_store.report.index_action == "built"
+
+
+def test_similar_to_pin_excludes_itself_and_is_sorted(searcher, pins) -> None:
+    pin_id = sorted(pins)[0]
+    result = searcher.similar_to_pin(pin_id, k=6)
+    assert isinstance(result, SearchResult)
+    assert result.query == {"pin_id": pin_id} and result.k == 6 and result.filters == {}
+    assert (result.backbone, result.index, result.metric) == (BACKBONE, BACKBONE, "cosine")
+    assert len(result.hits) == 6
+    assert pin_id not in [h.pin_id for h in result.hits]
+    assert [h.rank for h in result.hits] == [1, 2, 3, 4, 5, 6]
+    scores = [h.score for h in result.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
+    for hit in result.hits:
+        row = pins[hit.pin_id]
+        assert (hit.title, hit.board, hit.board_name, hit.user, hit.category, hit.path) == (
+            row["title"],
+            row["board"],
+            row["board_name"],
+            row["user_id"],
+            row["category"],
+            row["path"],
+        )
+        assert hit.title and hit.board_name != hit.board  # board.json display name
+        assert Path(hit.path).is_file()
+    assert result.seconds >= 0
+
+
+def test_similar_to_pin_matches_exact_cosine(searcher, pins) -> None:
+    vectors = _vectors_by_id(searcher.store)
+    ids = sorted(vectors)
+    matrix = np.stack([vectors[i] for i in ids])
+    for pin_id in ids[:5]:
+        q = vectors[pin_id][None, :]
+        d, pos = exact_search(q, matrix, 6, "cosine")
+        expected = [ids[p] for p in pos[0] if ids[p] != pin_id][:5]
+        result = searcher.similar_to_pin(pin_id, k=5)
+        assert [h.pin_id for h in result.hits] == expected
+        exp_scores = [s for s, p in zip(d[0], pos[0]) if ids[p] != pin_id][:5]
+        np.testing.assert_allclose([h.score for h in result.hits], exp_scores, atol=1e-5)
+
+
+def test_k_larger_than_the_store(searcher, pins) -> None:
+    result = searcher.similar_to_pin(sorted(pins)[3], k=100)
+    assert len(result.hits) == 23
+    assert len({h.pin_id for h in result.hits}) == 23
+
+
+def test_filter_by_board(searcher, pins) -> None:
+    pin_id = sorted(pins)[0]
+    board = pins[pin_id]["board"]
+    board_pins = {i for i, r in pins.items() if r["board"] == board}
+    assert len(board_pins) == 4
+    same = searcher.similar_to_pin(pin_id, k=10, board=board)
+    assert {h.pin_id for h in same.hits} == board_pins - {pin_id}  # all 3 others, fewer than k
+    assert same.filters == {"board": board}
+    by_name = searcher.similar_to_pin(pin_id, k=10, board=pins[pin_id]["board_name"])
+    assert [h.pin_id for h in by_name.hits] == [h.pin_id for h in same.hits]
+    other = next(i for i, r in pins.items() if r["board"] != board)
+    from_other = searcher.similar_to_pin(other, k=10, board=board)
+    assert {h.pin_id for h in from_other.hits} == board_pins  # all 4, the query is elsewhere
+    two = searcher.similar_to_pin(other, k=2, board=board)
+    assert len(two.hits) == 2 and {h.pin_id for h in two.hits} <= board_pins
+
+
+@pytest.mark.parametrize(("field", "column"), [("user", "user_id"), ("category", "category")])
+def test_filter_by_user_and_category(searcher, pins, field: str, column: str) -> None:
+    values = sorted({r[column] for r in pins.values()})
+    for value in values:
+        members = {i for i, r in pins.items() if r[column] == value}
+        query = next(i for i, r in pins.items() if r[column] != value)
+        result = searcher.similar_to_pin(query, k=5, **{field: value})
+        assert len(result.hits) == 5  # exactly k: enough matching pins exist
+        assert {h.pin_id for h in result.hits} <= members
+        everything = searcher.similar_to_pin(query, k=50, **{field: value})
+        assert {h.pin_id for h in everything.hits} == members  # all of them when fewer
+        scores = [h.score for h in everything.hits]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_combined_filters(searcher, pins) -> None:
+    user = sorted({r["user_id"] for r in pins.values()})[0]
+    cat = sorted({r["category"] for r in pins.values() if r["user_id"] == user})[0]
+    members = {i for i, r in pins.items() if r["user_id"] == user and r["category"] == cat}
+    query = sorted(pins)[-1]
+    result = searcher.similar_to_pin(query, k=50, user=user, category=cat)
+    assert {h.pin_id for h in result.hits} == members - {query}
+    assert result.filters == {"user": user, "category": cat}
+
+
+def test_filters_with_no_match_and_injection(searcher, pins) -> None:
+    pin_id = sorted(pins)[0]
+    for value in ("no-such-board", "x' OR '1'='1"):
+        assert searcher.similar_to_pin(pin_id, k=5, board=value).hits == []
+        assert searcher.similar_to_pin(pin_id, k=5, user=value).hits == []
+        assert searcher.similar_to_pin(pin_id, k=5, category=value).hits == []
+    assert searcher.store.catalog.count_pins() == 24
+
+
+def test_unknown_pin(searcher) -> None:
+    with pytest.raises(PinNotFoundError, match="nope") as info:
+        searcher.similar_to_pin("nope")
+    assert isinstance(info.value, KeyError)
+    assert str(info.value).startswith("pin 'nope'")
+    with pytest.raises(PinNotFoundError):
+        searcher.similar_to_pin("x' OR '1'='1")
+
+
+def test_k_must_be_positive(searcher, pins) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        searcher.similar_to_pin(sorted(pins)[0], k=0)
+
+
+def test_similar_to_image_finds_the_pin_itself(searcher, pins) -> None:
+    for pin_id in sorted(pins)[:3]:
+        path = pins[pin_id]["path"]
+        result = searcher.similar_to_image(path, k=3)
+        assert result.hits[0].pin_id == pin_id
+        assert result.hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert result.query == {"image": path}
+    pil = Image.open(pins[sorted(pins)[0]]["path"])
+    from_pil = searcher.similar_to_image(pil, k=1)
+    assert from_pil.hits[0].pin_id == sorted(pins)[0]
+    assert from_pil.query == {"image": "<image>"}
+
+
+def test_similar_to_image_with_filter(searcher, pins) -> None:
+    pin_id = sorted(pins)[0]
+    other_cat = next(
+        r["category"] for r in pins.values() if r["category"] != pins[pin_id]["category"]
+    )
+    result = searcher.similar_to_image(pins[pin_id]["path"], k=4, category=other_cat)
+    assert len(result.hits) == 4
+    assert all(h.category == other_cat for h in result.hits)
+
+
+def test_similar_to_vector(searcher) -> None:
+    vectors = _vectors_by_id(searcher.store)
+    pin_id = sorted(vectors)[7]
+    result = searcher.similar_to_vector(vectors[pin_id], k=2)
+    assert result.hits[0].pin_id == pin_id
+    assert result.query == {"vector": True}
+
+
+def test_result_is_json(searcher, pins) -> None:
+    result = searcher.similar_to_pin(sorted(pins)[0], k=3, category="food_drink")
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["k"] == 3 and data["filters"] == {"category": "food_drink"}
+    assert [h["rank"] for h in data["hits"]] == [1, 2, 3]
+    assert set(data["hits"][0]) == {
+        "rank",
+        "pin_id",
+        "score",
+        "title",
+        "board",
+        "board_name",
+        "user",
+        "category",
+        "path",
+    }
+
+
+def test_unknown_index_name(searcher) -> None:
+    with pytest.raises(ValueError, match="no index"):
+        PinSearcher(searcher.store, index="nope")
+
+
+def test_approximate_index_filters_are_topped_up_to_k(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        store.build_index(
+            BACKBONE, IndexConfig(factory="IVF4,Flat", nprobe=1, device="cpu"), name="ivf"
+        )
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store, index="ivf")
+        assert searcher.index.factory == "IVF4,Flat" and searcher.index_name == "ivf"
+        rows = store.catalog.pins_by_key(list(range(24)))
+        vectors = _vectors_by_id(store)
+        short = 0
+        for cat in sorted({r["category"] for r in rows.values()}):
+            members = {r["pin_id"] for r in rows.values() if r["category"] == cat}
+            query = sorted(members)[0]
+            allowed = np.array([k for k, r in rows.items() if r["pin_id"] in members - {query}])
+            _, raw = searcher.index.search(vectors[query], 7, allowed=allowed)
+            short += int((raw < 0).any())  # one probed list rarely holds 7 matching pins
+            result = searcher.similar_to_pin(query, k=7, category=cat)
+            assert {h.pin_id for h in result.hits} == members - {query}  # exactly k = 7
+            scores = [h.score for h in result.hits]
+            assert scores == sorted(scores, reverse=True)
+            five = searcher.similar_to_pin(query, k=5, category=cat)
+            assert len(five.hits) == 5 and {h.pin_id for h in five.hits} <= members
+        assert short > 0  # so the top-up path was exercised
+
+
+# -- incremental indexing -------------------------------------------------------------------
+
+
+def test_incremental_index_adds_without_rebuild(
+    store_copy: Path, tmp_path: Path, make_tree
+) -> None:
+    ids_file = store_copy / "indexes" / f"{BACKBONE}.ids.npy"
+    old_ids = np.load(ids_file)
+    second = make_tree(tmp_path / "second", seed=1)
+    report = index_corpus(second.root, store_copy, backbone=BACKBONE, embed=FAST)
+    assert (report.found, report.added, report.already_present) == (24, 24, 0)
+    assert report.embedded == 24
+    assert report.index_action == "updated (+24)"
+    assert report.ntotal == 48 and report.factory == "Flat"
+    new_ids = np.load(ids_file)
+    np.testing.assert_array_equal(new_ids[:24], old_ids)  # appended, not rebuilt
+
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store)
+        assert searcher.index.ntotal == 48
+        vectors = _vectors_by_id(store)
+        new_pins = {p.name for p in second.root.glob("*/*/*") if p.is_dir()}
+        assert len(new_pins) == 24 and new_pins <= set(vectors)
+        for pin_id in sorted(new_pins):
+            hit = searcher.similar_to_vector(vectors[pin_id], k=1).hits[0]
+            assert hit.pin_id == pin_id  # the id mapping survived the append
+        assert store.info().ingests[-1]["added"] == 24
+
+    again = index_corpus(second.root, store_copy, backbone=BACKBONE, embed=FAST)
+    assert (again.added, again.already_present, again.embedded) == (0, 24, 0)
+    assert again.index_action == "unchanged" and again.ntotal == 48
+
+
+def test_rebuild_and_config_change(store_copy: Path) -> None:
+    rebuilt = index_corpus(None, store_copy, backbone=BACKBONE, embed=FAST, rebuild=True)
+    assert rebuilt.index_action == "rebuilt" and rebuilt.ntotal == 24
+    changed = index_corpus(
+        None,
+        store_copy,
+        backbone=BACKBONE,
+        embed=FAST,
+        index=IndexConfig(metric="l2", device="cpu"),
+    )
+    assert changed.index_action == "rebuilt" and changed.metric == "l2"
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store)
+        assert searcher.index.config.metric == "l2"
+        result = searcher.similar_to_pin(store.catalog.pins_by_key([0])[0]["pin_id"], k=5)
+        scores = [h.score for h in result.hits]
+        assert scores == sorted(scores)  # distances: smaller first
+        assert all(s >= 0 for s in scores)
+
+
+def test_later_runs_keep_the_index_metric(store_copy: Path) -> None:
+    # An l2 index must stay l2 when a later run only asks for something unrelated (the CLI
+    # passes IndexConfig(device=...) for --index-device) or for a plain --rebuild.
+    l2 = index_corpus(
+        None, store_copy, backbone=BACKBONE, embed=FAST, index=IndexConfig(metric="l2")
+    )
+    assert (l2.index_action, l2.metric) == ("rebuilt", "l2")
+    same = index_corpus(
+        None, store_copy, backbone=BACKBONE, embed=FAST, index=IndexConfig(device="cpu")
+    )
+    assert (same.index_action, same.metric) == ("unchanged", "l2")
+    rebuilt = index_corpus(None, store_copy, backbone=BACKBONE, embed=FAST, rebuild=True)
+    assert (rebuilt.index_action, rebuilt.metric) == ("rebuilt", "l2")
+
+
+def test_index_corpus_on_empty_corpus_result(tmp_path: Path) -> None:
+    root = tmp_path / "c" / "u" / "b"
+    root.mkdir(parents=True)
+    (root / "board.json").write_text('{"category": "art"}')
+    (root / "p1").mkdir()
+    (root / "p1" / "p1.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match="no pins"):
+        index_corpus(tmp_path / "c", tmp_path / "s", backbone=BACKBONE, embed=FAST)

@@ -1,0 +1,336 @@
+"""Tests for pinsearch.store and pinsearch.vectors: opening, versions, locking, integrity, info."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pinsearch.embed import EmbedConfig
+from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
+from pinsearch.indexes import IndexConfig
+from pinsearch.ingest import read_corpus
+from pinsearch.pipeline import index_corpus
+from pinsearch.store import STORE_FORMAT_VERSION, Store
+
+BACKBONE = "test_efficientnet"
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        p.relative_to(root).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _ids_file(root: Path, name: str = BACKBONE) -> Path:
+    return root / "indexes" / f"{name}.ids.npy"
+
+
+# -- creating and opening ---------------------------------------------------------------------
+
+
+def test_create_and_reopen(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    with Store.open(root, create=True) as store:
+        assert not store.read_only
+        assert store.catalog.count_pins() == 0
+        assert store.backbones() == [] and store.index_names() == []
+    meta = json.loads((root / "store.json").read_text())
+    assert meta["format"] == "pinsearch-store" and meta["format_version"] == STORE_FORMAT_VERSION
+    assert (root / "catalog.duckdb").is_file()
+    with Store.open(root) as again:
+        assert again.catalog.get_meta("last_written_by")
+    with Store.open(root, read_only=True) as ro:
+        assert ro.read_only and ro.info().pins == 0
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no pinsearch store"):
+        Store.open(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError):
+        Store.open(tmp_path / "missing", create=True, read_only=True)
+    assert not (tmp_path / "missing").exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        Store.open(busy, create=True)
+    assert sorted(p.name for p in busy.iterdir()) == ["keep.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Store.open(empty, create=True).close()  # an empty folder may become a store
+    assert (empty / "store.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {
+            "format": "pinsearch-store",
+            "format_version": STORE_FORMAT_VERSION + 1,
+            "created_by": "9.9",
+        },
+        {"format": "pinsearch-store", "format_version": 0},
+        {"format": "something-else", "format_version": STORE_FORMAT_VERSION},
+        "not json at all",
+    ],
+    ids=["newer", "older", "foreign", "garbage"],
+)
+@pytest.mark.parametrize("read_only", [False, True], ids=["writer", "reader"])
+def test_other_format_version_changes_nothing(store_copy: Path, content, read_only: bool) -> None:
+    text = content if isinstance(content, str) else json.dumps(content)
+    (store_copy / "store.json").write_text(text)
+    lock = store_copy / ".lock"
+    if lock.exists():
+        lock.unlink()
+    before = _snapshot(store_copy)
+    with pytest.raises(StoreVersionError) as info:
+        Store.open(store_copy, read_only=read_only)
+    if isinstance(content, dict) and content["format"] == "pinsearch-store":
+        assert "format version" in str(info.value) and "Nothing was changed" in str(info.value)
+    assert _snapshot(store_copy) == before
+    assert not lock.exists()
+
+
+# -- the write lock -------------------------------------------------------------------------
+
+
+def test_second_writer_in_the_same_process_is_refused(store_copy: Path) -> None:
+    with Store.open(store_copy):
+        with pytest.raises(StoreLockedError) as info:
+            Store.open(store_copy)
+        assert f"PID {os.getpid()}" in str(info.value)
+    # Released on close: a new writer gets in.
+    with Store.open(store_copy) as store:
+        assert store.catalog.count_pins() == 24
+
+
+_HOLDER = """
+import sys
+from pinsearch.store import Store
+store = Store.open(sys.argv[1])
+print("locked", flush=True)
+sys.stdin.read()
+store.close()
+print("released", flush=True)
+"""
+
+
+def test_second_writer_in_another_process_is_refused(store_copy: Path) -> None:
+    env = {**os.environ, "PINSEARCH_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(store_copy)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked", proc.stderr.read()
+        with pytest.raises(StoreLockedError) as info:
+            Store.open(store_copy)
+        assert f"PID {proc.pid}" in str(info.value)
+        assert (store_copy / ".lock").read_text().strip() == str(proc.pid)
+        # DuckDB admits one writer *or* readers: a reader is refused too, with a clear error.
+        with pytest.raises(StoreLockedError, match=str(proc.pid)):
+            Store.open(store_copy, read_only=True)
+    finally:
+        out, err = proc.communicate("", timeout=60)
+    assert proc.returncode == 0, err
+    assert "released" in out
+    with Store.open(store_copy):  # free again once the holder exited
+        assert (store_copy / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_read_only_store_takes_no_lock(store_copy: Path) -> None:
+    with Store.open(store_copy, read_only=True) as ro:
+        assert ro.read_only
+        with Store.open(store_copy, read_only=True) as ro2:  # several readers at once
+            assert ro2.catalog.count_pins() == ro.catalog.count_pins() == 24
+
+
+# -- integrity checks at open ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["writer", "reader"])
+def test_index_id_map_with_unknown_key_is_refused(store_copy: Path, read_only: bool) -> None:
+    ids = np.load(_ids_file(store_copy))
+    ids[3] = 10**9  # a pin key the catalog does not know
+    np.save(_ids_file(store_copy), ids)
+    with pytest.raises(IndexFileError, match="not in the catalog"):
+        Store.open(store_copy, read_only=read_only)
+    # The failed open released the lock: the error is not a StoreLockedError next time.
+    with pytest.raises(IndexFileError):
+        Store.open(store_copy)
+
+
+def test_index_id_map_of_wrong_length_or_missing(store_copy: Path) -> None:
+    ids = np.load(_ids_file(store_copy))
+    np.save(_ids_file(store_copy), ids[:-1])
+    with pytest.raises(IndexFileError, match="entries"):
+        Store.open(store_copy, read_only=True)
+    _ids_file(store_copy).unlink()
+    with pytest.raises(IndexFileError, match="missing"):
+        Store.open(store_copy, read_only=True)
+
+
+def test_damaged_index_file_is_reported_on_load(store_copy: Path) -> None:
+    faiss_file = store_copy / "indexes" / f"{BACKBONE}.faiss"
+    data = bytearray(faiss_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    faiss_file.write_bytes(bytes(data))
+    with Store.open(store_copy, read_only=True) as store, pytest.raises(IndexFileError):
+        store.load_index(BACKBONE)
+    assert faiss_file.read_bytes() == bytes(data)
+
+
+def test_orphan_vector_files_are_removed_by_the_next_writer(store_copy: Path) -> None:
+    folder = store_copy / "vectors" / BACKBONE
+    kept = sorted(p.name for p in folder.iterdir())
+    (folder / "part-000099.npy").write_bytes(b"leftover")
+    (folder / "part-000099.npy.tmp").write_bytes(b"leftover")
+    with Store.open(store_copy, read_only=True):
+        pass
+    assert (folder / "part-000099.npy").exists()  # readers never delete anything
+    with Store.open(store_copy):
+        pass
+    assert sorted(p.name for p in folder.iterdir()) == kept
+
+
+# -- vectors and indexes --------------------------------------------------------------------
+
+
+def test_vectors_load_by_key(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        vs = store.vectors(BACKBONE)
+        all_vecs, all_keys = vs.load()
+        assert len(vs) == len(all_keys) == 24 and all_vecs.dtype == np.float32
+        assert sorted(all_keys.tolist()) == list(range(24))
+        np.testing.assert_array_equal(vs.keys(), all_keys)
+        want = np.array([all_keys[5], 12345, all_keys[0], all_keys[17]])
+        vecs, keys = vs.load(want)
+        np.testing.assert_array_equal(keys, want[[0, 2, 3]])  # unknown key left out
+        np.testing.assert_array_equal(vecs, all_vecs[[5, 0, 17]])
+        empty_v, empty_k = vs.load(np.array([], np.int64))
+        assert empty_v.shape == (0, all_vecs.shape[1]) and empty_k.size == 0
+
+
+def test_write_part_rejects_bad_input(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        vs = store.vectors(BACKBONE)
+        dim = vs.load()[0].shape[1]
+        with pytest.raises(ValueError, match="non-finite"):
+            vs.write_part(np.full((1, dim), np.nan, np.float32), np.array([0]))
+        with pytest.raises(ValueError, match="dtype"):
+            vs.write_part(np.zeros((1, dim), np.float32), np.array([0]), dtype="int8")
+        with pytest.raises(ValueError, match="keys"):
+            vs.write_part(np.zeros((2, dim), np.float32), np.array([0]))
+        assert len(vs) == 24 and len(vs.parts()) == len(store.vectors(BACKBONE).parts())
+
+
+def test_build_update_and_named_indexes(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        assert store.resolve_backbone(None) == BACKBONE
+        with pytest.raises(ValueError, match="no vectors"):
+            store.resolve_backbone("test_convnext")
+        index = store.build_index(
+            BACKBONE, IndexConfig(factory="Flat", metric="l2", device="cpu"), name="exact_l2"
+        )
+        assert index.ntotal == 24 and index.config.metric == "l2"
+        assert sorted(store.index_names()) == sorted([BACKBONE, "exact_l2"])
+        assert store.index_names("other") == []
+        row = store.catalog.get_index("exact_l2")
+        assert (row["factory"], row["metric"], row["ntotal"]) == ("Flat", "l2", 24)
+        assert (store_copy / row["file"]).is_file()
+        _, added = store.update_index("exact_l2")
+        assert added == 0
+        with pytest.raises(ValueError, match="no index"):
+            store.load_index("nope")
+    with Store.open(store_copy, read_only=True) as ro:
+        loaded = ro.load_index("exact_l2", config=IndexConfig(device="cpu"))
+        assert loaded.ntotal == 24 and loaded.config.metric == "l2"
+        assert ro.load_index(backbone=BACKBONE).factory == "Flat"
+
+
+def test_empty_store_has_no_backbone(tmp_path: Path) -> None:
+    with (
+        Store.open(tmp_path / "s", create=True) as store,
+        pytest.raises(ValueError, match="no embeddings"),
+    ):
+        store.resolve_backbone(None)
+
+
+# -- info -----------------------------------------------------------------------------------
+
+
+def test_info_counts(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        info = store.info()
+    corpus = built_store.corpus
+    assert info.format_version == STORE_FORMAT_VERSION
+    assert (info.pins, info.users, info.boards) == (24, 2, 6)
+    assert [(c["category"], c["pins"], c["boards"]) for c in info.categories] == [
+        ("architecture", 8, 2),
+        ("cars_motorcycles", 8, 2),
+        ("food_drink", 8, 2),
+    ]
+    assert sorted(b["board"] for b in info.top_boards) == sorted(corpus.boards)
+    assert all(b["pins"] == 4 and b["name"] for b in info.top_boards)
+    (emb,) = info.embeddings
+    assert (emb["backbone"], emb["count"], emb["dtype"], emb["weights"]) == (
+        BACKBONE,
+        24,
+        "float32",
+        "random",
+    )
+    assert emb["dim"] > 0 and emb["normalize"] is False
+    (idx,) = info.indexes
+    assert (idx["name"], idx["factory"], idx["ntotal"], idx["metric"]) == (
+        BACKBONE,
+        "Flat",
+        24,
+        "cosine",
+    )
+    assert info.skipped == 0 and info.skipped_by_reason == []
+    (ing,) = info.ingests
+    assert (ing["found"], ing["added"], ing["format"]) == (24, 24, "tree")
+
+
+def test_info_reports_skipped_reasons(tree_copy: Path, tmp_path: Path) -> None:
+    jpgs = sorted(tree_copy.glob("*/*/*/*.jpg"))
+    jpgs[0].write_bytes(b"")  # ingest: empty_file
+    jpgs[1].write_text("text")  # ingest: not_an_image
+    jpgs[2].write_text("more text")  # ingest: not_an_image
+    data = jpgs[3].read_bytes()
+    jpgs[3].write_bytes(data[: len(data) // 2])  # embed: truncated
+    (jpgs[4].parent / "pin.json").write_text("{oops")  # ingest: malformed_pin_json
+    report = index_corpus(
+        tree_copy, tmp_path / "s", backbone=BACKBONE, embed=EmbedConfig(workers=0, batch_size=16)
+    )
+    assert (report.found, report.added, report.skipped, report.embed_failed) == (24, 20, 4, 1)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        info = store.info()
+    assert info.pins == 19 and info.skipped == 5
+    by = {(r["stage"], r["reason"]): r["pins"] for r in info.skipped_by_reason}
+    assert by == {
+        ("ingest", "not_an_image"): 2,
+        ("ingest", "empty_file"): 1,
+        ("ingest", "malformed_pin_json"): 1,
+        ("embed", "truncated"): 1,
+    }
+    assert info.skipped_by_reason[0]["reason"] == "not_an_image"  # most frequent first
+    assert sum(c["pins"] for c in info.categories) == 19
+
+
+def test_store_survives_reading_a_corpus_twice(store_copy: Path, built_store) -> None:
+    with Store.open(store_copy) as store:
+        result = read_corpus(built_store.corpus.root, exclude_ids=store.catalog.pin_ids())
+        assert result.pins == [] and result.already_present == 24
