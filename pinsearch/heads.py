@@ -157,8 +157,8 @@ class KNNHead(_Head):
             raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
         if not 1 <= self.n_neighbors <= len(X):
             raise ValueError(
-                f"n_neighbors={self.n_neighbors} must be between 1 and the {len(X)} "
-                "training samples"
+                f"n_neighbors={self.n_neighbors} must be between 1 and the number of "
+                f"training samples, n_samples={len(X)}"
             )
         self.train_labels_ = self._encode(y)
         self.train_vectors_ = np.ascontiguousarray(X)
@@ -269,7 +269,9 @@ class LinearSVMHead(_TorchHead):
             raise ValueError(f"C must be positive, got {self.C}")
         encoded = self._encode(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to train, got {self.classes_.tolist()}")
+            raise ValueError(
+                f"needs samples of at least 2 classes; got 1 class ({self.classes_.tolist()})"
+            )
         dev = _torch_device(self.device)
         x = torch.from_numpy(self._fit_scaler(X, self.standardize)).to(dev)
         n_out = len(self.classes_)
@@ -290,6 +292,7 @@ class LinearSVMHead(_TorchHead):
             return loss
 
         opt.step(closure)
+        self.n_iter_ = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
         self.coef_ = w.detach().cpu().numpy().T.copy()
         self.intercept_ = b.detach().cpu().numpy().copy()
         return self

@@ -1,0 +1,125 @@
+"""Heads: scikit-learn contract, agreement with scikit-learn's own estimators, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_classification
+from sklearn.metrics import f1_score
+from sklearn.model_selection import GridSearchCV, train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from pinsearch.heads import (
+    HEADS,
+    KNNHead,
+    LinearSVMHead,
+    MLPHead,
+    create_head,
+    load_head,
+    register_head,
+    save_head,
+)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X, y = make_classification(
+        1200, 32, n_informative=16, n_classes=6, n_clusters_per_class=1, class_sep=1.2,
+        random_state=0,
+    )  # fmt: skip
+    labels = np.array([f"cat{i}" for i in y])
+    return train_test_split(X, labels, test_size=0.3, stratify=labels, random_state=0)
+
+
+@parametrize_with_checks(
+    [KNNHead(n_neighbors=3), LinearSVMHead(max_iter=50), MLPHead(hidden=(16, 8), max_epochs=60)]
+)
+def test_sklearn_estimator_contract(estimator: object, check: object) -> None:
+    check(estimator)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("metric", "sk_metric"), [("l2", "euclidean"), ("l1", "manhattan"),
+                                                   ("cosine", "cosine")])  # fmt: skip
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.parametrize("k", [1, 5, 20])
+def test_knn_predicts_exactly_what_sklearn_brute_predicts(data, metric, sk_metric, weights, k):  # type: ignore[no-untyped-def]
+    Xtr, Xte, ytr, _ = data
+    ours = KNNHead(k, metric, weights).fit(Xtr, ytr)
+    ref = KNeighborsClassifier(k, metric=sk_metric, weights=weights, algorithm="brute")
+    ref.fit(Xtr, ytr)
+    np.testing.assert_array_equal(ours.predict(Xte), ref.predict(Xte))
+    np.testing.assert_allclose(ours.predict_proba(Xte), ref.predict_proba(Xte), atol=1e-5)
+
+
+def test_knn_rejects_k_larger_than_training_set() -> None:
+    with pytest.raises(ValueError, match="n_neighbors=10"):
+        KNNHead(10).fit(np.eye(4), ["a", "b", "a", "b"])
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
+def test_linear_svm_macro_f1_matches_linearsvc(data, C) -> None:  # type: ignore[no-untyped-def]
+    Xtr, Xte, ytr, yte = data
+    ours = f1_score(yte, LinearSVMHead(C=C).fit(Xtr, ytr).predict(Xte), average="macro")
+    ref_model = make_pipeline(StandardScaler(), LinearSVC(C=C, max_iter=20000)).fit(Xtr, ytr)
+    ref = f1_score(yte, ref_model.predict(Xte), average="macro")
+    assert abs(ours - ref) <= 0.02
+
+
+def test_mlp_macro_f1_close_to_sklearn_mlp(data) -> None:  # type: ignore[no-untyped-def]
+    Xtr, Xte, ytr, yte = data
+    ours = f1_score(yte, MLPHead(batch_size=64).fit(Xtr, ytr).predict(Xte), average="macro")
+    ref_model = make_pipeline(
+        StandardScaler(),
+        MLPClassifier((512, 256), batch_size=64, early_stopping=True, random_state=0),
+    ).fit(Xtr, ytr)
+    ref = f1_score(yte, ref_model.predict(Xte), average="macro")
+    assert ours > 0.6 and abs(ours - ref) <= 0.02
+
+
+def test_mlp_is_deterministic_for_a_seed(data) -> None:  # type: ignore[no-untyped-def]
+    Xtr, Xte, ytr, _ = data
+    a = MLPHead(hidden=(32, 16), max_epochs=5, random_state=3).fit(Xtr, ytr).predict_proba(Xte)
+    b = MLPHead(hidden=(32, 16), max_epochs=5, random_state=3).fit(Xtr, ytr).predict_proba(Xte)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_heads_work_in_grid_search(data) -> None:  # type: ignore[no-untyped-def]
+    Xtr, _, ytr, _ = data
+    search = GridSearchCV(KNNHead(), {"n_neighbors": [1, 5]}, scoring="f1_macro", cv=3)
+    search.fit(Xtr, ytr)
+    assert search.best_params_["n_neighbors"] in (1, 5)
+    assert search.best_estimator_.index_.ntotal == len(Xtr)
+
+
+@pytest.mark.parametrize("name", ["knn", "lsvm", "mlp"])
+def test_save_load_round_trip_without_pickle(data, name, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    Xtr, Xte, ytr, _ = data
+    params = {"mlp": {"hidden": (32, 16), "max_epochs": 5}, "lsvm": {"C": 0.5}, "knn": {}}[name]
+    head = create_head(name, **params).fit(Xtr, ytr)
+    meta = save_head(head, tmp_path / name)
+    assert meta.is_file() and (tmp_path / f"{name}.npz").is_file()
+    back = load_head(tmp_path / name)
+    assert type(back) is type(head) and back.get_params() == head.get_params()
+    np.testing.assert_array_equal(back.predict(Xte), head.predict(Xte))
+    with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as saved:  # loads without pickle
+        assert "classes" in saved.files
+
+
+def test_registry_errors() -> None:
+    with pytest.raises(ValueError, match="registered"):
+        create_head("forest")
+    with pytest.raises(ValueError, match="already registered"):
+        register_head("knn")(KNNHead)
+    assert {"knn", "lsvm", "mlp"} <= set(HEADS)
+
+
+def test_load_head_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no saved head"):
+        load_head(tmp_path / "nothing")
