@@ -197,6 +197,11 @@ def select_pins(store: Store, config: StudyConfig) -> StudyData:
     if too_few:
         mask = ~np.isin(labels, list(too_few))
         keys, labels = keys[mask], labels[mask]
+    if len(set(labels.tolist())) < 2:
+        raise ValueError(
+            f"study {config.name!r}: fewer than 2 labels with at least {config.min_per_class} "
+            f"pins (counts: {counts})"
+        )
     train, test = train_test_split(
         np.arange(len(keys)),
         test_size=config.test_size,

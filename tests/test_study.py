@@ -1,0 +1,171 @@
+"""The study: config parsing, sampling and split, leak-free CV, resume, report, metrics."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from pinsearch.eval.bench import synthetic_store
+from pinsearch.eval.metrics import chance_macro_f1, classification_metrics
+from pinsearch.eval.study import (
+    StudyConfig,
+    evaluate,
+    load_study,
+    run_study,
+    select_pins,
+)
+from pinsearch.store import Store
+
+N, DIM, CLASSES = 240, 16, 4
+
+
+def _vectors(informative: bool, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, DIM)).astype(np.float32)
+    if informative:  # pin i has category cat{i % 4}: shift each class along its own axis
+        x[np.arange(N), np.arange(N) % CLASSES] += 3.0
+    return x
+
+
+@pytest.fixture(scope="module")
+def clustered_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("study") / "store"
+    synthetic_store(path, _vectors(True), categories=CLASSES)
+    return path
+
+
+def _config(store: Path, **kw: object) -> StudyConfig:
+    base = StudyConfig(
+        name="t",
+        store=str(store),
+        backbones=("synthetic",),
+        heads={"knn": {"n_neighbors": [1, 5]}, "lsvm": {"C": [0.1, 1.0]}},
+        folds=3,
+        test_size=0.25,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_load_study_parses_and_validates(tmp_path: Path) -> None:
+    good = tmp_path / "s.toml"
+    good.write_text(
+        'name = "x"\nstore = "s"\nbackbones = ["effnet_lite0"]\nfolds = 4\n'
+        "[heads.knn]\nn_neighbors = 5\n[heads.lsvm]\nC = [0.1, 1]\n"
+    )
+    cfg = load_study(good, store="other")
+    assert cfg.store == "other" and cfg.folds == 4 and cfg.backbones == ("effnet_lite0",)
+    assert cfg.heads["knn"] == {"n_neighbors": [5]}  # a scalar becomes a one-value grid
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nstore = "s"\nbackbones = ["a"]\nfoldz = 3\n[heads.knn]\n')
+    with pytest.raises(ValueError, match="unknown keys \\['foldz'\\]"):
+        load_study(bad)
+    bad.write_text('name = "x"\nstore = "s"\nbackbones = ["a"]\n[heads.forest]\n')
+    with pytest.raises(ValueError, match="unknown head 'forest'"):
+        load_study(bad)
+    with pytest.raises(FileNotFoundError):
+        load_study(tmp_path / "missing.toml")
+
+
+def test_shipped_studies_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "eval" / "studies"
+    paper = load_study(root / "paper.toml")
+    assert paper.per_class == 1000 and paper.folds == 5 and paper.test_size == 0.2
+    assert paper.heads["knn"]["n_neighbors"] == [1, 5, 10, 20, 50]
+    assert paper.heads["lsvm"]["C"] == [0.01, 0.1, 1, 10, 100]
+    assert paper.heads["mlp"]["batch_size"] == [32, 64, 128]
+    assert len(paper.backbones) == 6
+    assert load_study(root / "small.toml").backbones[0] == "effnet_lite0"
+
+
+def test_select_pins_is_stratified_seeded_and_sampled(clustered_store: Path) -> None:
+    with Store.open(clustered_store, read_only=True) as store:
+        a = select_pins(store, _config(clustered_store, per_class=40))
+        b = select_pins(store, _config(clustered_store, per_class=40))
+        c = select_pins(store, _config(clustered_store, per_class=40, seed=1))
+    assert len(a.keys) == 160
+    np.testing.assert_array_equal(a.keys, b.keys)
+    np.testing.assert_array_equal(a.test, b.test)
+    assert not np.array_equal(a.keys, c.keys)
+    _, test_counts = np.unique(a.labels[a.test], return_counts=True)
+    assert set(test_counts) == {10}  # the same count per class, as in the paper
+    assert set(a.train) | set(a.test) == set(range(160)) and not set(a.train) & set(a.test)
+
+
+def test_rare_and_dropped_labels_are_left_out(clustered_store: Path) -> None:
+    with Store.open(clustered_store, read_only=True) as store:
+        data = select_pins(store, _config(clustered_store, drop=("cat00",)))
+        assert "cat00" not in set(data.labels) and len(data.keys) == 180
+        data = select_pins(store, _config(clustered_store, per_class=20, min_per_class=20))
+        assert data.left_out == {} and len(data.keys) == 80
+        with pytest.raises(ValueError, match="fewer than 2 labels with at least 100 pins"):
+            select_pins(store, _config(clustered_store, min_per_class=100))
+
+
+def test_cross_validation_does_not_leak_held_out_pins(tmp_path: Path) -> None:
+    # Labels independent of the vectors: 1-NN is at chance unless a held-out pin finds itself.
+    synthetic_store(tmp_path / "store", _vectors(False), categories=CLASSES)
+    _, cells = run_study(_config(tmp_path / "store", heads={"knn": {"n_neighbors": [1]}}))
+    assert cells[0].cv_mean < 0.5 and cells[0].test_macro_f1 < 0.5
+    # The same pins with informative vectors are learnt: the low score above is not a bug.
+    synthetic_store(tmp_path / "good", _vectors(True), categories=CLASSES)
+    _, cells = run_study(_config(tmp_path / "good", heads={"knn": {"n_neighbors": [1]}}))
+    assert cells[0].cv_mean > 0.8
+
+
+def test_interrupted_study_resumes_to_the_same_table(clustered_store: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(clustered_store, a)
+    shutil.copytree(clustered_store, b)
+    (a / ".lock").unlink(missing_ok=True)
+
+    def stop(_: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(_config(a), on_cell=stop)
+    _, resumed = run_study(_config(a))
+    _, straight = run_study(_config(b))
+    assert [c.resumed for c in resumed] == [True, False]
+    for r, s in zip(resumed, straight):
+        assert (r.backbone, r.head, r.best_params) == (s.backbone, s.head, s.best_params)
+        assert r.test_macro_f1 == pytest.approx(s.test_macro_f1)
+        assert r.cv_mean == pytest.approx(s.cv_mean)
+    assert straight[0].test_macro_f1 > 0.8
+
+
+def test_evaluate_writes_report_and_stores_results(clustered_store: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(clustered_store, store)
+    summary = evaluate(_config(store, paper_table="001"), tmp_path / "report")
+    report = Path(summary["report"]).read_text()
+    assert "| features | KNN | LSVM | mean |" in report
+    assert "The paper's Table 4.1" in report and "0.115" in report
+    assert "Chance level" in report and "Best cell" in report
+    assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "roc.png").stat().st_size > 1000
+    assert set(summary["macro_f1"]["synthetic"]) == {"knn", "lsvm"}
+    with Store.open(store, read_only=True) as s:
+        rows = s.catalog.query("SELECT head, n_test FROM study_cells ORDER BY head")
+        preds = s.catalog.scalar("SELECT count(*) FROM study_predictions")
+    assert [r["head"] for r in rows] == ["knn", "lsvm"] and preds == 2 * rows[0]["n_test"]
+
+
+def test_classification_metrics_agree_with_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    classes = np.array(["a", "b", "c"])
+    y = classes[rng.integers(0, 3, 200)]
+    scores = rng.random((200, 3))
+    scores[np.arange(200), rng.integers(0, 3, 200)] += 0.5
+    scores /= scores.sum(axis=1, keepdims=True)
+    pred = classes[scores.argmax(1)]
+    m = classification_metrics(y, pred, classes, scores)
+    assert m.macro_f1 == pytest.approx(skm.f1_score(y, pred, average="macro"))
+    assert m.balanced_accuracy == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m.auc_ovr == pytest.approx(skm.roc_auc_score(y, scores, multi_class="ovr"))
+    assert np.array(m.confusion).sum() == 200 and len(m.per_class) == 3
+    assert chance_macro_f1(np.repeat(np.arange(32), 10)) == pytest.approx(1 / 32)
