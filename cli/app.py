@@ -196,9 +196,13 @@ def query(
     category: Annotated[str | None, typer.Option(help="Only pins of this category.")] = None,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
     index_name: Annotated[str | None, typer.Option("--index")] = None,
+    classify: Annotated[
+        bool, typer.Option("--classify", help="Predict the category with a stored head.")
+    ] = False,
+    head: Annotated[str | None, typer.Option(help="Head name for --classify.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the pins most similar to a stored pin or to a new image."""
+    """Find the pins most similar to a stored pin or to a new image, or classify it."""
     from pinsearch.search import PinSearcher
     from pinsearch.store import Store
 
@@ -206,6 +210,9 @@ def query(
         raise typer.BadParameter("give exactly one of --pin or --image")
     if image is not None and not image.is_file():
         raise typer.BadParameter(f"image {image} does not exist", param_hint="--image")
+    if classify:
+        _classify(store, pin, image, head, k, as_json)
+        return
     with Store.open(store, read_only=True) as s:
         searcher = PinSearcher(s, backbone=backbone, index=index_name)
         filters = {"board": board, "user": user, "category": category}
@@ -228,6 +235,63 @@ def query(
     console.print(table)
 
 
+def _classify(
+    store: Path, pin: str | None, image: Path | None, head: str | None, top: int, as_json: bool
+) -> None:
+    from pinsearch.classify import classify
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        result = classify(s, pin_id=pin, image=image, head=head, top=top)
+    if as_json:
+        _emit_json(result)
+        return
+    console.print(f"[bold]{result.predicted}[/bold] (head {result.head}, {result.backbone})")
+    _print_rows("class scores", result.scores)
+
+
+@app.command()
+def train(
+    store: StoreOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    head: Annotated[str, typer.Option(help="knn, lsvm, mlp, ...")] = "lsvm",
+    param: Annotated[
+        list[str] | None, typer.Option(help="Hyperparameter NAME=VALUE (JSON value), repeatable.")
+    ] = None,
+    label: Annotated[str, typer.Option(help="category, or a key of the pins' extra fields.")] = (
+        "category"
+    ),
+    name: Annotated[str | None, typer.Option(help="Defaults to <backbone>/<head>.")] = None,
+    normalize: Annotated[bool, typer.Option(help="L2-normalise vectors first.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a classification head on a backbone's stored vectors and keep it in the store."""
+    from pinsearch.classify import train_head
+    from pinsearch.store import Store
+
+    params: dict[str, Any] = {}
+    for item in param or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--param")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    with Store.open(store) as s:
+        info_ = train_head(
+            s, backbone or s.resolve_backbone(None), head, params, label=label, name=name,
+            normalize=normalize,
+        )  # fmt: skip
+    if as_json:
+        _emit_json(info_)
+        return
+    console.print(
+        f"trained head [bold]{info_.name}[/bold] ({info_.head} {info_.params}) on "
+        f"{info_.n_train} pins, {len(info_.classes)} classes of {info_.label!r}"
+    )
+
+
 @app.command()
 def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     """Counts per category and board, backbones, indexes, and skipped pins with reasons."""
@@ -245,6 +309,7 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     _print_rows("categories", report.categories)
     _print_rows("embeddings", report.embeddings)
     _print_rows("indexes", report.indexes)
+    _print_rows("heads", report.heads)
     _print_rows("skipped pins by reason", report.skipped_by_reason)
     _print_rows("ingests", report.ingests)
 

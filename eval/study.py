@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
 from pinsearch._version import __version__
+from pinsearch.classify import save_store_head
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.heads import HEADS, create_head
 from pinsearch.ingest import category_rng
@@ -40,6 +41,7 @@ __all__ = [
     "StudyConfig",
     "StudyData",
     "evaluate",
+    "labelled_pins",
     "load_study",
     "load_study_vectors",
     "run_study",
@@ -168,6 +170,18 @@ class StudyData:
 
 def select_pins(store: Store, config: StudyConfig) -> StudyData:
     """Labels from the catalog, dropped/rare labels removed, per-class sample, split."""
+    keys, labels, too_few = labelled_pins(store, config)
+    train, test = train_test_split(
+        np.arange(len(keys)), test_size=config.test_size, stratify=labels,
+        random_state=config.seed,
+    )  # fmt: skip
+    return StudyData(keys, labels, np.sort(train), np.sort(test), too_few)
+
+
+def labelled_pins(
+    store: Store, config: StudyConfig
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Pin keys and labels of the study's sample (before the split), and the labels left out."""
     if config.label in ("category", "board", "user_id"):
         rows = store.catalog.connection.execute(
             f"SELECT pin_key, {config.label} FROM pins ORDER BY pin_id"  # a fixed column name
@@ -202,13 +216,7 @@ def select_pins(store: Store, config: StudyConfig) -> StudyData:
             f"study {config.name!r}: fewer than 2 labels with at least {config.min_per_class} "
             f"pins (counts: {counts})"
         )
-    train, test = train_test_split(
-        np.arange(len(keys)),
-        test_size=config.test_size,
-        stratify=labels,
-        random_state=config.seed,
-    )
-    return StudyData(keys, labels, np.sort(train), np.sort(test), too_few)
+    return keys, labels, too_few
 
 
 def load_study_vectors(
@@ -267,7 +275,7 @@ def _scores(model: Any, X: np.ndarray) -> np.ndarray | None:
 
 def _run_cell(
     config: StudyConfig, data: StudyData, X: np.ndarray, backbone: str, head: str
-) -> tuple[CellResult, np.ndarray, np.ndarray | None, str]:
+) -> tuple[CellResult, np.ndarray, np.ndarray | None, str, Any]:
     grid = config.heads[head]
     device = config.device
     if head == "knn" and device.startswith("cuda"):
@@ -316,7 +324,7 @@ def _run_cell(
         }
         for j, p in enumerate(search.cv_results_["params"])
     ]
-    return res, pred, scores, json.dumps(cv_rows)
+    return res, pred, scores, json.dumps(cv_rows), search.best_estimator_
 
 
 def _plain(v: Any) -> Any:
@@ -436,7 +444,18 @@ def run_study(
                 res = done[(backbone, head)]
             else:
                 X = load_study_vectors(store, backbone, data.keys, config.normalize)
-                res, pred, scores, cv_json = _run_cell(config, data, X, backbone, head)
+                res, pred, scores, cv_json, best = _run_cell(config, data, X, backbone, head)
+                if "+" not in backbone:  # fused features have no single store vector to query
+                    save_store_head(
+                        store,
+                        best,
+                        name=f"{config.name}/{backbone}/{head}",
+                        backbone=backbone,
+                        label=config.label,
+                        n_train=len(data.train),
+                        normalize=config.normalize,
+                        source=f"study:{config.name}",
+                    )
                 _save_cell(store, config, data, res, cv_json, pred, scores)
             results.append(res)
             if on_cell:

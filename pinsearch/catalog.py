@@ -123,6 +123,20 @@ CREATE TABLE IF NOT EXISTS indexes (
     config VARCHAR,
     built_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS heads (
+    name VARCHAR PRIMARY KEY,
+    backbone VARCHAR,
+    head VARCHAR,                   -- registry name: knn, lsvm, mlp, ...
+    params VARCHAR,                 -- JSON hyperparameters
+    label VARCHAR,                  -- category, or a key of pins.extra
+    classes VARCHAR,                -- JSON list
+    n_train INTEGER,
+    file VARCHAR,                   -- base path of .json + .npz, relative to the store
+    normalize BOOLEAN,
+    source VARCHAR,                 -- train, or study:<name>
+    created_at TIMESTAMP,
+    stale BOOLEAN                   -- training data changed since
+);
 CREATE OR REPLACE VIEW categories AS
     SELECT category, count(*) AS pins, count(DISTINCT board) AS boards,
            count(DISTINCT user_id) AS users

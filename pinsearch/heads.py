@@ -106,6 +106,12 @@ class _Head(ClassifierMixin, BaseEstimator):
     def _scores(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def class_scores(self, X: Any) -> np.ndarray:
+        """(n, n_classes) scores, higher is more likely: probabilities where the head has
+        them, decision values otherwise."""
+        X = self._check(X)
+        return self.predict_proba(X) if hasattr(self, "predict_proba") else self._scores(X)
+
     def get_state(self) -> dict[str, np.ndarray]:
         """Learned arrays (for saving)."""
         check_is_fitted(self)

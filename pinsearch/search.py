@@ -152,7 +152,7 @@ class PinSearcher:
         """
         from pinsearch.embed import embed_images
 
-        model = self._backbone_model()
+        model = self.backbone_model()
         vec = embed_images(model, [image], normalize=bool(self._embedding.get("normalize")))
         label = str(image) if isinstance(image, (str, Path)) else "<image>"
         return self._run(vec, k, {"image": label}, board, user, category)
@@ -171,7 +171,8 @@ class PinSearcher:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _backbone_model(self) -> Any:
+    def backbone_model(self) -> Any:
+        """The backbone that made the store's vectors (built once, checked against the run)."""
         if self._model is None:
             from pinsearch.backbones import create_backbone
             from pinsearch.embed import resolve_device

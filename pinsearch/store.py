@@ -52,6 +52,7 @@ class StoreInfo:
     skipped: int
     skipped_by_reason: list[dict[str, Any]]
     ingests: list[dict[str, Any]] = field(default_factory=list)
+    heads: list[dict[str, Any]] = field(default_factory=list)
     top_boards: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -365,6 +366,10 @@ class Store:
             ingests=c.query(
                 "SELECT ingest_id, corpus, format, found, added, already_present, skipped, "
                 "sampled_out FROM ingests ORDER BY ingest_id"
+            ),
+            heads=c.query(
+                "SELECT name, backbone, head, label, n_train, source, stale FROM heads "
+                "ORDER BY name"
             ),
             top_boards=c.query(
                 "SELECT p.board, any_value(b.name) AS name, any_value(p.category) AS category, "

@@ -1,0 +1,203 @@
+"""Trained heads kept in a store, and classification of stored pins or new images with them.
+
+A head is trained on a backbone's stored vectors and saved under ``S/heads/`` as arrays plus
+JSON (no pickle), with a row in the catalog's ``heads`` table. ``pinsearch query --classify``
+answers "which category is this pin?" with it: the predicted label and every class's score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.errors import PinNotFoundError
+from pinsearch.heads import create_head, load_head, save_head
+from pinsearch.store import Store
+from pinsearch.vectors import backbone_dirname
+
+__all__ = ["Classification", "HeadInfo", "classify", "list_heads", "save_store_head", "train_head"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadInfo:
+    """A head stored in a store (its catalog row)."""
+
+    name: str
+    backbone: str
+    head: str
+    params: dict[str, Any]
+    label: str
+    classes: list[str]
+    n_train: int
+    normalize: bool
+    source: str  # "train" or "study:<name>"
+
+
+@dataclass
+class Classification:
+    """The answer for one query: the predicted label and every class's score."""
+
+    query: dict[str, Any]
+    head: str
+    backbone: str
+    predicted: str
+    scores: list[dict[str, Any]] = field(default_factory=list)  # [{class, score}], best first
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def _head_base(store: Store, name: str) -> Path:
+    return store.root / "heads" / backbone_dirname(name.replace("/", "__"))
+
+
+def save_store_head(
+    store: Store,
+    estimator: Any,
+    *,
+    name: str,
+    backbone: str,
+    label: str,
+    n_train: int,
+    normalize: bool,
+    source: str,
+) -> HeadInfo:
+    """Save a fitted head into the store and record it in the catalog."""
+    base = _head_base(store, name)
+    save_head(estimator, base)
+    info = HeadInfo(
+        name=name,
+        backbone=backbone,
+        head=estimator.head_name,
+        params={
+            k: (list(v) if isinstance(v, tuple) else v) for k, v in estimator.get_params().items()
+        },
+        label=label,
+        classes=[str(c) for c in estimator.classes_],
+        n_train=n_train,
+        normalize=normalize,
+        source=source,
+    )
+    store.catalog.connection.execute(
+        "INSERT OR REPLACE INTO heads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), false)",
+        [info.name, info.backbone, info.head, json.dumps(info.params), info.label,
+         json.dumps(info.classes), info.n_train, base.relative_to(store.root).as_posix(),
+         info.normalize, info.source],
+    )  # fmt: skip
+    return info
+
+
+def train_head(
+    store: Store,
+    backbone: str,
+    head: str = "lsvm",
+    params: dict[str, Any] | None = None,
+    *,
+    label: str = "category",
+    name: str | None = None,
+    normalize: bool = False,
+) -> HeadInfo:
+    """Train a head on every stored pin of ``backbone`` that has a label, and save it.
+
+    Args:
+        store: a store opened for writing.
+        backbone: whose vectors to train on.
+        head: registry name (``knn``, ``lsvm``, ``mlp``, ...).
+        params: the head's hyperparameters.
+        label: ``category`` or a key of the pins' ``extra`` fields.
+        name: defaults to ``<backbone>/<head>``.
+        normalize: L2-normalise vectors first (recorded; applied to queries too).
+    """
+    from pinsearch.eval.study import StudyConfig, labelled_pins, load_study_vectors
+
+    backbone = store.resolve_backbone(backbone)
+    config = StudyConfig(name="train", store=str(store.root), backbones=(backbone,), heads={},
+                         label=label, test_size=0.0, min_per_class=1)  # fmt: skip
+    keys, labels, _ = labelled_pins(store, config)
+    X = load_study_vectors(store, backbone, keys, normalize)
+    estimator = create_head(head, **(params or {})).fit(X, labels)
+    return save_store_head(
+        store, estimator, name=name or f"{backbone}/{head}", backbone=backbone, label=label,
+        n_train=len(keys), normalize=normalize, source="train",
+    )  # fmt: skip
+
+
+def list_heads(store: Store) -> list[HeadInfo]:
+    """Every head stored in the store."""
+    rows = store.catalog.query("SELECT * FROM heads ORDER BY name")
+    return [
+        HeadInfo(r["name"], r["backbone"], r["head"], json.loads(r["params"]), r["label"],
+                 json.loads(r["classes"]), r["n_train"], bool(r["normalize"]), r["source"])
+        for r in rows
+    ]  # fmt: skip
+
+
+def _pick(store: Store, name: str | None) -> tuple[HeadInfo, Any]:
+    heads = {h.name: h for h in list_heads(store)}
+    if not heads:
+        raise ValueError(
+            f"store {store.root} has no trained head; run pinsearch train or pinsearch evaluate"
+        )
+    if name is None:
+        if len(heads) > 1:
+            raise ValueError(f"store {store.root} has several heads {sorted(heads)}; name one")
+        name = next(iter(heads))
+    if name not in heads:
+        raise ValueError(f"no head {name!r} in {store.root}; it has {sorted(heads)}")
+    row = store.catalog.query("SELECT file FROM heads WHERE name = ?", [name])[0]
+    return heads[name], load_head(store.root / row["file"])
+
+
+def classify(
+    store: Store,
+    *,
+    pin_id: str | None = None,
+    image: Any = None,
+    head: str | None = None,
+    top: int = 5,
+) -> Classification:
+    """Classify a stored pin or a new image with a stored head.
+
+    Raises:
+        ValueError: neither or both of ``pin_id`` and ``image``; unknown or ambiguous head.
+        PinNotFoundError: unknown pin, or no vector for the head's backbone.
+    """
+    if (pin_id is None) == (image is None):
+        raise ValueError("give exactly one of pin_id or image")
+    info, estimator = _pick(store, head)
+    if pin_id is not None:
+        key = store.catalog.keys_for_ids([pin_id]).get(pin_id)
+        if key is None:
+            raise PinNotFoundError(f"pin {pin_id!r} is not in store {store.root}")
+        vec, found = store.vectors(info.backbone).load(np.array([key]))
+        if len(found) == 0:
+            raise PinNotFoundError(f"pin {pin_id!r} has no {info.backbone!r} vector")
+        query: dict[str, Any] = {"pin_id": pin_id}
+    else:
+        from pinsearch.embed import embed_images
+        from pinsearch.search import PinSearcher
+
+        searcher = PinSearcher(store, backbone=info.backbone)
+        emb = store.catalog.get_embedding(info.backbone) or {}
+        vec = embed_images(searcher.backbone_model(), [image], normalize=bool(emb.get("normalize")))
+        query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
+    if info.normalize:
+        vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)
+    scores = estimator.class_scores(vec)[0]
+    order = np.argsort(-scores, kind="stable")
+    classes = estimator.classes_
+    return Classification(
+        query=query,
+        head=info.name,
+        backbone=info.backbone,
+        predicted=str(classes[order[0]]),
+        scores=[{"class": str(classes[i]), "score": float(scores[i])} for i in order[:top]],
+    )
