@@ -71,13 +71,28 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def clustered_vectors(n: int, dim: int, *, clusters: int = 256, seed: int = 0) -> np.ndarray:
-    """Synthetic embeddings with cluster structure (like real ones), float32."""
+def clustered_vectors(
+    n: int, dim: int, *, clusters: int = 256, intrinsic: int = 24, seed: int = 0
+) -> np.ndarray:
+    """Synthetic embeddings shaped like real ones, float32.
+
+    Cluster centres plus variation along a shared low-dimensional subspace plus a little
+    isotropic noise: neighbours are meaningful (unlike pure high-dimensional noise, where all
+    distances concentrate and no approximate index can have good recall).
+    """
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((clusters, dim)).astype(np.float32) * 2.0
-    labels = rng.integers(0, clusters, n)
-    x = centers[labels] + rng.standard_normal((n, dim)).astype(np.float32)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    basis = (rng.standard_normal((intrinsic, dim)) / np.sqrt(intrinsic)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)]
+    x += rng.standard_normal((n, intrinsic)).astype(np.float32) @ basis
+    x += 0.1 * rng.standard_normal((n, dim)).astype(np.float32)
     return np.abs(x, out=x)  # pooled CNN features are non-negative
+
+
+def _data_and_queries(n: int, nq: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Database and held-out queries drawn from the same distribution."""
+    both = clustered_vectors(n + nq, dim)
+    return both[:n], both[n:]
 
 
 # -- embedding ------------------------------------------------------------------------------
@@ -111,7 +126,7 @@ def bench_embed(
     import torch
 
     from pinsearch.backbones import create_backbone
-    from pinsearch.embed import EmbedConfig, iter_embeddings, resolve_device
+    from pinsearch.embed import EmbedConfig, iter_embeddings, resolve_device, resolve_workers
     from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
 
     dev = resolve_device(device)
@@ -151,7 +166,7 @@ def bench_embed(
         device=str(dev),
         images=done,
         batch_size=batch_size,
-        workers=config.workers if config.workers is not None else -1,
+        workers=resolve_workers(config),
         end_to_end_images_per_s=round(e2e, 1),
         forward_images_per_s=round(fwd, 1),
         ratio=round(e2e / fwd, 3),
@@ -189,8 +204,7 @@ def bench_index(
     factories = list(
         factories or ["Flat", f"IVF{nlist},Flat", f"IVF{nlist},PQ{dim // 16}", "HNSW32"]
     )
-    x = clustered_vectors(n, dim)
-    q = clustered_vectors(nq, dim, seed=1)
+    x, q = _data_and_queries(n, nq, dim)
     keys = np.arange(n, dtype=np.int64)
     rows = []
     truth: np.ndarray | None = None
@@ -279,14 +293,13 @@ def bench_query(
     from pinsearch.search import PinSearcher
     from pinsearch.store import Store
 
-    x = clustered_vectors(n, dim)
-    q = clustered_vectors(nq, dim, seed=1)
+    x, q = _data_and_queries(n, nq, dim)
     with tempfile.TemporaryDirectory() as tmp:
         path = store or Path(tmp) / "store"
         if store is None:
             synthetic_store(path, x)
         with Store.open(path, read_only=True) as s:
-            searcher = PinSearcher(s)
+            searcher = PinSearcher(s, cache_metadata=True)
             index = searcher.index
             prepared = index.prepare(q)
             ours, raw, filtered = [], [], []

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.eval.beyond import beyond_section
 from pinsearch.eval.metrics import chance_macro_f1, roc_curves
 
 __all__ = ["PAPER_TABLE_001", "markdown_table", "write_report"]
@@ -28,7 +29,7 @@ PAPER_TABLE_001: dict[str, dict[str, float]] = {
     "convnext_base": {"knn": 0.115, "lsvm": 0.110, "mlp": 0.088},
 }
 
-_HEAD_TITLES = {"knn": "KNN", "lsvm": "LSVM", "mlp": "NN"}
+_HEAD_TITLES = {"knn": "KNN", "lsvm": "LSVM", "mlp": "NN", "rbf_svm": "RBF-SVM"}
 
 
 def markdown_table(table: dict[str, dict[str, float]], heads: list[str]) -> str:
@@ -180,6 +181,7 @@ def write_report(
         y_true, s = scores
         _plot_roc(out / "roc.png", roc_curves(y_true, s, np.array(m["classes"])), title)
         md += ["", "![ROC one-vs-rest](roc.png)"]
+    md += ["", beyond_section(store, config, data, results)]
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n")
     return path

@@ -35,6 +35,7 @@ __all__ = [
     "embed_store",
     "iter_embeddings",
     "resolve_device",
+    "resolve_workers",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -91,6 +92,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_workers(config: EmbedConfig) -> int:
+    """DataLoader workers: as configured, else one per CPU but one (at most 8)."""
+    if config.workers is not None:
+        return config.workers
+    return min(8, max(1, (os.cpu_count() or 1) - 1))
+
+
 class PinImages(Dataset):  # type: ignore[type-arg]
     """Decodes pin images and applies the backbone transform; bad images become failures."""
 
@@ -140,9 +148,7 @@ def iter_embeddings(
     """
     config = config or EmbedConfig()
     device = next(backbone.model.parameters(), torch.empty(0)).device
-    workers = (
-        config.workers if config.workers is not None else min(8, max(1, (os.cpu_count() or 1) - 1))
-    )
+    workers = resolve_workers(config)
     loader = DataLoader(
         PinImages(items, backbone.transform(), config.max_pixels),
         batch_size=config.batch_size,

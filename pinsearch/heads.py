@@ -497,3 +497,6 @@ def load_head(path: str | Path) -> BaseEstimator:
         arrays = {f"{k}_": data[k] for k in data.files}
     head.set_state(arrays, int(meta["n_features"]))  # type: ignore[attr-defined]
     return head
+
+
+import pinsearch.kernel  # noqa: E402, F401  (registers the rbf_svm head; kernel imports heads)

@@ -72,6 +72,13 @@ def exact_search(
     return faiss.knn(q, x, min(k, len(x)), metric=faiss_metric(metric))
 
 
+def _py(value: Any) -> Any:
+    """A numpy scalar or masked value as a plain Python value."""
+    if value is np.ma.masked:
+        return None
+    return value.item() if isinstance(value, np.generic) else value
+
+
 class PinSearcher:
     """Similar-pin queries over one index of a store.
 
@@ -80,6 +87,9 @@ class PinSearcher:
         backbone: which embedding to search (default: the store's only one).
         index: index name (default: the backbone's index).
         config: search-time overrides (device, nprobe, ef_search).
+        cache_metadata: keep a columnar copy of the pins' metadata in memory (for long-running
+            query processes; a few hundred MB per million pins) instead of one DuckDB query
+            per search.
     """
 
     def __init__(
@@ -89,8 +99,11 @@ class PinSearcher:
         backbone: str | None = None,
         index: str | None = None,
         config: IndexConfig | None = None,
+        cache_metadata: bool = False,
     ) -> None:
         self.store = store
+        self.cache_metadata = cache_metadata
+        self._meta_cache: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         if index is not None:
             row = store.catalog.get_index(index)
             if row is None:
@@ -171,6 +184,25 @@ class PinSearcher:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _metadata(self, keys: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Hit metadata: one DuckDB query, or an in-memory columnar copy (cache_metadata)."""
+        if not self.cache_metadata:
+            return self.store.catalog.pins_by_key(keys.tolist())
+        if self._meta_cache is None:
+            cols = self.store.catalog.connection.execute(
+                "SELECT p.pin_key, p.pin_id, p.title, p.board, coalesce(b.name, p.board) AS "
+                "board_name, p.user_id, p.category, p.path FROM pins p LEFT JOIN boards b "
+                "ON b.board = p.board ORDER BY p.pin_key"
+            ).fetchnumpy()
+            self._meta_cache = (np.asarray(cols.pop("pin_key"), dtype=np.int64), cols)
+        sorted_keys, cols = self._meta_cache
+        at = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
+        out = {}
+        for key, i in zip(keys.tolist(), at.tolist()):
+            if len(sorted_keys) and sorted_keys[i] == key:
+                out[key] = {name: _py(col[i]) for name, col in cols.items()}
+        return out
+
     def backbone_model(self) -> Any:
         """The backbone that made the store's vectors (built once, checked against the run)."""
         if self._model is None:
@@ -240,7 +272,7 @@ class PinSearcher:
         if exclude is not None:
             keep &= ~np.isin(row_k, exclude)
         row_s, row_k = row_s[keep][:k], row_k[keep][:k]
-        meta = self.store.catalog.pins_by_key(row_k.tolist())
+        meta = self._metadata(row_k)
         hits: list[SearchHit] = []
         for score, key in zip(row_s.tolist(), row_k.tolist()):
             m = meta.get(int(key))
