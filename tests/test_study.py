@@ -169,3 +169,17 @@ def test_classification_metrics_agree_with_sklearn() -> None:
     assert m.auc_ovr == pytest.approx(skm.roc_auc_score(y, scores, multi_class="ovr"))
     assert np.array(m.confusion).sum() == 200 and len(m.per_class) == 3
     assert chance_macro_f1(np.repeat(np.arange(32), 10)) == pytest.approx(1 / 32)
+
+
+def test_fused_backbones_concatenate_normalised_blocks(clustered_store: Path) -> None:
+    from pinsearch.eval.study import load_study_vectors
+
+    with Store.open(clustered_store, read_only=True) as store:
+        keys = np.array([5, 1, 3], dtype=np.int64)
+        single = load_study_vectors(store, "synthetic", keys, normalize=False)
+        fused = load_study_vectors(store, "synthetic+synthetic", keys, normalize=False)
+        raw, _ = store.vectors("synthetic").load(keys)
+    np.testing.assert_allclose(single, raw)  # rows follow the order of the keys
+    assert fused.shape == (3, 2 * DIM)
+    np.testing.assert_allclose(np.linalg.norm(fused[:, :DIM], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(fused[:, :DIM], fused[:, DIM:])
