@@ -459,7 +459,7 @@ def evaluate(
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="embed, index or query")],
+    what: Annotated[str, typer.Argument(help="embed, index, query or study")],
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
@@ -470,7 +470,8 @@ def bench(
     device: Annotated[str, typer.Option()] = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query."""
+    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query, study
+    (the paper's grid, pinsearch heads vs scikit-learn)."""
     from pinsearch.eval import bench as b
 
     if what == "embed":
@@ -479,8 +480,12 @@ def bench(
         result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None)
     elif what == "query":
         result = b.bench_query(n=n or 100_000, dim=dim)
+    elif what == "study":
+        result = b.bench_study(n=n or 4000, dim=dim, device=device)
     else:
-        raise typer.BadParameter(f"unknown benchmark {what!r}; expected embed, index or query")
+        raise typer.BadParameter(
+            f"unknown benchmark {what!r}; expected embed, index, query or study"
+        )
     if as_json:
         _emit_json(result)
         return

@@ -24,10 +24,12 @@ __all__ = [
     "EmbedBench",
     "IndexBench",
     "QueryBench",
+    "StudyBench",
     "Timer",
     "bench_embed",
     "bench_index",
     "bench_query",
+    "bench_study",
     "clustered_vectors",
     "format_result",
     "machine",
@@ -346,3 +348,79 @@ def format_result(result: Any) -> str:
         lines += ["  " + " | ".join(str(r[c]) for c in cols) for r in rows]
     lines.append("  machine: " + ", ".join(f"{k}={v}" for k, v in mach.items()))
     return "\n".join(lines)
+
+
+# -- study grid ----------------------------------------------------------------------------
+
+
+@dataclass
+class StudyBench:
+    """The paper's grid for one backbone: pinsearch heads vs scikit-learn, same data and folds."""
+
+    n: int
+    dim: int
+    classes: int
+    folds: int
+    device: str
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_study(
+    *,
+    n: int = 4000,
+    dim: int = 256,
+    classes: int = 32,
+    folds: int = 5,
+    device: str = "auto",
+    heads: Sequence[str] = ("knn", "lsvm", "mlp"),
+) -> StudyBench:
+    """Grid-search CV + refit + test for each head, ours and scikit-learn's, timed.
+
+    The paper's grids: k in {1, 5, 10, 20, 50}; C in {0.01, 0.1, 1, 10, 100}; MLP batch size in
+    {32, 64, 128}. Data: clustered synthetic vectors with ``classes`` labels, 80/20 split.
+    """
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from pinsearch.heads import create_head
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n)
+    centers = rng.standard_normal((classes, dim)).astype(np.float32)
+    x = centers[y] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    torch_device = {"device": device} if device != "auto" else {}
+    grids = {
+        "knn": (create_head("knn"), KNeighborsClassifier(algorithm="brute"),
+                {"n_neighbors": [1, 5, 10, 20, 50]}, "n_neighbors"),
+        "lsvm": (create_head("lsvm", **torch_device),
+                 make_pipeline(StandardScaler(), LinearSVC(max_iter=5000)),
+                 {"C": [0.01, 0.1, 1, 10, 100]}, "C"),
+        "mlp": (create_head("mlp", max_epochs=40, **torch_device),
+                make_pipeline(StandardScaler(), MLPClassifier((512, 256), early_stopping=True,
+                                                              max_iter=40, random_state=0)),
+                {"batch_size": [32, 64, 128]}, "batch_size"),
+    }  # fmt: skip
+    rows = []
+    for head in heads:
+        ours, ref, grid, param = grids[head]
+        ref_grid = {(f"{ref.steps[-1][0]}__{param}" if hasattr(ref, "steps") else param): v
+                    for v in grid.values()}  # fmt: skip
+        out: dict[str, Any] = {"head": head}
+        for tag, est, g in (("pinsearch", ours, grid), ("sklearn", ref, ref_grid)):
+            search = GridSearchCV(est, g, scoring="f1_macro", cv=cv)
+            with timed() as t:
+                search.fit(xtr, ytr)
+                pred = search.predict(xte)
+            out[f"{tag}_s"] = round(t.seconds, 2)
+            out[f"{tag}_macro_f1"] = round(float(f1_score(yte, pred, average="macro")), 4)
+        out["speedup"] = round(out["sklearn_s"] / out["pinsearch_s"], 2)
+        rows.append(out)
+    return StudyBench(n, dim, classes, folds, device, rows, machine())

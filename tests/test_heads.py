@@ -123,3 +123,14 @@ def test_registry_errors() -> None:
 def test_load_head_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no saved head"):
         load_head(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_linear_svm_torch_solver_agrees_with_liblinear(data, C) -> None:  # type: ignore[no-untyped-def]
+    # The torch solver is the GPU path; on the CPU both solve the same objective.
+    Xtr, Xte, ytr, _ = data
+    torch_svm = LinearSVMHead(C=C, solver="torch", device="cpu").fit(Xtr, ytr)
+    lib_svm = LinearSVMHead(C=C, solver="liblinear").fit(Xtr, ytr)
+    assert (torch_svm.predict(Xte) == lib_svm.predict(Xte)).mean() >= 0.97
+    with pytest.raises(ValueError, match="solver must be"):
+        LinearSVMHead(solver="sgd").fit(Xtr, ytr)
