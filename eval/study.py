@@ -52,6 +52,18 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _STUDY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS study_runs (
+    study VARCHAR,
+    config_hash VARCHAR,
+    config VARCHAR,                 -- JSON: the whole StudyConfig
+    pins INTEGER,
+    train INTEGER,
+    test INTEGER,
+    left_out VARCHAR,               -- JSON: labels with too few pins
+    started_at TIMESTAMP,
+    finished_at TIMESTAMP,          -- NULL while running or after an interruption
+    PRIMARY KEY (study, config_hash)
+);
 CREATE TABLE IF NOT EXISTS study_cells (
     study VARCHAR,
     config_hash VARCHAR,            -- hash of everything that decides the cell's result
@@ -437,6 +449,11 @@ def run_study(
     with Store.open(config.store) as store:
         store.catalog.connection.execute(_STUDY_SCHEMA)
         data = select_pins(store, config)
+        store.catalog.connection.execute(
+            "INSERT OR REPLACE INTO study_runs VALUES (?, ?, ?, ?, ?, ?, ?, now(), NULL)",
+            [config.name, config.fingerprint(), json.dumps(asdict(config), default=list),
+             len(data.keys), len(data.train), len(data.test), json.dumps(data.left_out)],
+        )  # fmt: skip
         done = _done_cells(store, config)
         results = []
         for backbone, head in itertools.product(config.backbones, config.heads):
@@ -460,6 +477,10 @@ def run_study(
             results.append(res)
             if on_cell:
                 on_cell(res)
+        store.catalog.connection.execute(
+            "UPDATE study_runs SET finished_at = now() WHERE study = ? AND config_hash = ?",
+            [config.name, config.fingerprint()],
+        )
     return data, results
 
 

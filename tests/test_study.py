@@ -152,6 +152,8 @@ def test_evaluate_writes_report_and_stores_results(clustered_store: Path, tmp_pa
     with Store.open(store, read_only=True) as s:
         rows = s.catalog.query("SELECT head, n_test FROM study_cells ORDER BY head")
         preds = s.catalog.scalar("SELECT count(*) FROM study_predictions")
+        run = s.catalog.query("SELECT pins, test, finished_at FROM study_runs")[0]
+    assert run["pins"] == N and run["finished_at"] is not None
     assert [r["head"] for r in rows] == ["knn", "lsvm"] and preds == 2 * rows[0]["n_test"]
 
 
