@@ -13,6 +13,7 @@ import fnmatch
 import importlib
 import importlib.util
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -50,6 +51,11 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875  # resize to input_size / crop_pct, then centre-crop
+
+    @property
+    def resize_side(self) -> int:
+        """The shorter side images are resized to before the centre crop."""
+        return math.floor(self.input_size / self.crop_pct)
 
 
 @dataclass(frozen=True)

@@ -107,10 +107,12 @@ class PinImages(Dataset):  # type: ignore[type-arg]
         items: Sequence[tuple[int, str]],
         transform: Callable[[Any], torch.Tensor],
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
     ) -> None:
         self.items = list(items)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.items)
@@ -118,7 +120,7 @@ class PinImages(Dataset):  # type: ignore[type-arg]
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str]:
         key, path = self.items[i]
         try:
-            img = load_rgb(path, self.max_pixels)
+            img = load_rgb(path, self.max_pixels, min_side=self.min_side)
             return key, self.transform(img), path, "", ""
         except ImageError as exc:
             return key, None, path, exc.reason, exc.detail
@@ -150,7 +152,7 @@ def iter_embeddings(
     device = next(backbone.model.parameters(), torch.empty(0)).device
     workers = resolve_workers(config)
     loader = DataLoader(
-        PinImages(items, backbone.transform(), config.max_pixels),
+        PinImages(items, backbone.transform(), config.max_pixels, backbone.preprocess.resize_side),
         batch_size=config.batch_size,
         shuffle=False,
         num_workers=workers,
@@ -197,7 +199,9 @@ def embed_images(
     transform = backbone.transform()
     tensors = []
     for img in images:
-        pil = img if isinstance(img, Image.Image) else load_rgb(img)
+        # The same reduced-scale JPEG decoding as the stored pins had.
+        side = backbone.preprocess.resize_side
+        pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
         tensors.append(transform(pil.convert("RGB")))
     device = next(backbone.model.parameters(), torch.empty(0)).device
     with torch.inference_mode():

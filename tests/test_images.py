@@ -278,3 +278,20 @@ def test_probe_does_not_decode(tmp_path: Path) -> None:
     info = probe_image(path)
     assert (info.width, info.height, info.format, info.mode) == (64, 64, "PNG", "1")
     assert _reason(load_rgb, path).reason in {"truncated", "corrupt"}
+
+
+def test_large_jpeg_decodes_at_reduced_scale_when_allowed(tmp_path: Path) -> None:
+    from PIL import Image as PILImage
+
+    path = tmp_path / "big.jpg"
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    PILImage.fromarray(base).resize((1600, 1200), PILImage.BILINEAR).save(path, quality=92)
+    full = load_rgb(path)
+    small = load_rgb(path, min_side=256)
+    assert full.size == (1600, 1200)
+    assert small.size == (400, 300)  # 1/4 scale: both sides still >= 256
+    assert min(load_rgb(path, min_side=700).size) >= 700
+    # The reduced decode looks like the full one scaled down.
+    ref = np.asarray(full.resize(small.size, PILImage.BILINEAR), dtype=float)
+    assert np.abs(np.asarray(small, dtype=float) - ref).mean() < 6
