@@ -61,3 +61,20 @@ def test_cuda_embedding_matches_cpu(tree_corpus) -> None:  # type: ignore[no-unt
     a = out["cpu"] / np.linalg.norm(out["cpu"], axis=1, keepdims=True)
     b = out["cuda"] / np.linalg.norm(out["cuda"], axis=1, keepdims=True)
     assert np.min(np.sum(a * b, axis=1)) > 0.98  # bf16 autocast on the GPU
+
+
+def test_torch_heads_on_cuda_match_cpu() -> None:
+    from sklearn.datasets import make_classification
+
+    from pinsearch.heads import KNNHead, LinearSVMHead, MLPHead
+
+    X, y = make_classification(2000, 64, n_informative=20, n_classes=5, random_state=0)
+    cpu = LinearSVMHead(C=1.0, solver="torch", device="cpu").fit(X, y)
+    gpu = LinearSVMHead(C=1.0, device="cuda").fit(X, y)  # solver auto -> torch on CUDA
+    assert (cpu.predict(X) == gpu.predict(X)).mean() > 0.98
+    mlp_gpu = MLPHead(hidden=(64, 32), max_epochs=20, device="cuda").fit(X, y)
+    mlp_cpu = MLPHead(hidden=(64, 32), max_epochs=20, device="cpu").fit(X, y)
+    assert abs((mlp_gpu.predict(X) == y).mean() - (mlp_cpu.predict(X) == y).mean()) < 0.05
+    knn_gpu = KNNHead(5, device="gpu").fit(X, y)
+    knn_cpu = KNNHead(5, device="cpu").fit(X, y)
+    assert (knn_gpu.predict(X) == knn_cpu.predict(X)).mean() > 0.99
