@@ -393,7 +393,7 @@ def bench_study(
     rng = np.random.default_rng(0)
     y = rng.integers(0, classes, n)
     centers = rng.standard_normal((classes, dim)).astype(np.float32)
-    x = centers[y] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)
+    x = centers[y] + 4.0 * rng.standard_normal((n, dim)).astype(np.float32)  # overlapping classes
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
     torch_device = {"device": device} if device != "auto" else {}
