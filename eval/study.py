@@ -28,7 +28,8 @@ from pinsearch._version import __version__
 from pinsearch.classify import save_store_head
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.heads import HEADS, create_head
-from pinsearch.ingest import category_rng
+from pinsearch.labels import labelled_pins as _labelled_pins
+from pinsearch.labels import load_vectors
 from pinsearch.store import Store
 
 if sys.version_info >= (3, 11):
@@ -194,58 +195,17 @@ def labelled_pins(
     store: Store, config: StudyConfig
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Pin keys and labels of the study's sample (before the split), and the labels left out."""
-    if config.label in ("category", "board", "user_id"):
-        rows = store.catalog.connection.execute(
-            f"SELECT pin_key, {config.label} FROM pins ORDER BY pin_id"  # a fixed column name
-        ).fetchall()
-    else:
-        rows = store.catalog.connection.execute(
-            "SELECT pin_key, json_extract_string(extra, ?) FROM pins ORDER BY pin_id",
-            [f"$.{config.label}"],
-        ).fetchall()
-    keys = np.array([r[0] for r in rows], dtype=np.int64)
-    labels = np.array([r[1] if r[1] is not None else "" for r in rows], dtype=object)
-    keep = (labels != "") & ~np.isin(labels, list(config.drop))
-    if not keep.any():
-        raise ValueError(f"no pin of store {store.root} has a usable label {config.label!r}")
-    keys, labels = keys[keep], labels[keep]
-    chosen = []
-    for label in sorted(set(labels)):
-        idx = np.flatnonzero(labels == label)
-        if config.per_class is not None and len(idx) > config.per_class:
-            rng = category_rng(config.seed, str(label))
-            idx = np.sort(rng.choice(idx, config.per_class, replace=False))
-        chosen.append(idx)
-    sel = np.sort(np.concatenate(chosen))
-    keys, labels = keys[sel], labels[sel].astype(str)
-    counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
-    too_few = {c: n for c, n in counts.items() if n < config.min_per_class}
-    if too_few:
-        mask = ~np.isin(labels, list(too_few))
-        keys, labels = keys[mask], labels[mask]
-    if len(set(labels.tolist())) < 2:
-        raise ValueError(
-            f"study {config.name!r}: fewer than 2 labels with at least {config.min_per_class} "
-            f"pins (counts: {counts})"
-        )
-    return keys, labels, too_few
+    return _labelled_pins(
+        store, config.label, drop=config.drop, per_class=config.per_class,
+        min_per_class=config.min_per_class, seed=config.seed, context=f"study {config.name!r}: ",
+    )  # fmt: skip
 
 
 def load_study_vectors(
     store: Store, backbone: str, keys: np.ndarray, normalize: bool
 ) -> np.ndarray:
     """Vectors of ``keys`` in that order; a ``+``-joined name concatenates backbones (fusion)."""
-    parts = []
-    for name in backbone.split("+"):
-        vectors, found = store.vectors(name).load(keys)
-        if len(found) != len(keys):
-            raise ValueError(
-                f"{len(keys) - len(found)} study pins have no {name!r} vector; index them first"
-            )
-        if normalize or "+" in backbone:  # fused blocks are normalised so none dominates
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        parts.append(vectors)
-    return np.hstack(parts) if len(parts) > 1 else parts[0]
+    return load_vectors(store, backbone, keys, normalize)
 
 
 @dataclass

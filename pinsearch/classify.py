@@ -17,6 +17,7 @@ import numpy as np
 
 from pinsearch.errors import PinNotFoundError
 from pinsearch.heads import create_head, load_head, save_head
+from pinsearch.labels import labelled_pins, load_vectors
 from pinsearch.store import Store
 from pinsearch.vectors import backbone_dirname
 
@@ -116,13 +117,9 @@ def train_head(
         name: defaults to ``<backbone>/<head>``.
         normalize: L2-normalise vectors first (recorded; applied to queries too).
     """
-    from pinsearch.eval.study import StudyConfig, labelled_pins, load_study_vectors
-
     backbone = store.resolve_backbone(backbone)
-    config = StudyConfig(name="train", store=str(store.root), backbones=(backbone,), heads={},
-                         label=label, test_size=0.0, min_per_class=1)  # fmt: skip
-    keys, labels, _ = labelled_pins(store, config)
-    X = load_study_vectors(store, backbone, keys, normalize)
+    keys, labels, _ = labelled_pins(store, label)
+    X = load_vectors(store, backbone, keys, normalize)
     estimator = create_head(head, **(params or {})).fit(X, labels)
     return save_store_head(
         store, estimator, name=name or f"{backbone}/{head}", backbone=backbone, label=label,

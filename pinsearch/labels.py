@@ -1,0 +1,102 @@
+"""Labelled pins of a store and their vectors: the inputs every head is trained on.
+
+A label is a pins column (``category``, ``board``, ``user_id``) or any key of the pins'
+``extra`` JSON (e.g. a manifest's ``source_label``). Vectors of several backbones joined with
+``+`` are concatenated (feature fusion), each block L2-normalised so none dominates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pinsearch.ingest import category_rng
+from pinsearch.store import Store
+
+__all__ = ["LABEL_COLUMNS", "labelled_pins", "load_vectors"]
+
+#: Labels read from a pins column; any other label is looked up in ``pins.extra``.
+LABEL_COLUMNS = ("category", "board", "user_id")
+
+
+def labelled_pins(
+    store: Store,
+    label: str = "category",
+    *,
+    drop: Sequence[str] = (),
+    per_class: int | None = None,
+    min_per_class: int = 1,
+    seed: int = 0,
+    context: str = "",
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Pin keys and labels, with dropped and rare labels removed and an optional sample.
+
+    Args:
+        store: an open store.
+        label: a pins column or a key of ``pins.extra``.
+        drop: label values left out.
+        per_class: draw at most this many pins per label (seeded per label).
+        min_per_class: labels with fewer pins are left out.
+        seed: seed of the per-label draw.
+        context: prefix of error messages (e.g. the study's name).
+
+    Returns:
+        ``(keys, labels, left_out)`` ordered by pin id; ``left_out`` maps rare labels to counts.
+
+    Raises:
+        ValueError: no pin has the label, or fewer than 2 labels remain.
+    """
+    con = store.catalog.connection
+    if label in LABEL_COLUMNS:  # a fixed column name, never user text
+        rows = con.execute(f"SELECT pin_key, {label} FROM pins ORDER BY pin_id").fetchall()
+    else:
+        rows = con.execute(
+            "SELECT pin_key, json_extract_string(extra, ?) FROM pins ORDER BY pin_id",
+            [f"$.{label}"],
+        ).fetchall()
+    keys = np.array([r[0] for r in rows], dtype=np.int64)
+    labels = np.array([r[1] if r[1] is not None else "" for r in rows], dtype=object)
+    keep = (labels != "") & ~np.isin(labels, list(drop))
+    if not keep.any():
+        raise ValueError(f"{context}no pin of store {store.root} has a usable label {label!r}")
+    keys, labels = keys[keep], labels[keep]
+    chosen = []
+    for value in sorted(set(labels)):
+        idx = np.flatnonzero(labels == value)
+        if per_class is not None and len(idx) > per_class:
+            idx = np.sort(category_rng(seed, str(value)).choice(idx, per_class, replace=False))
+        chosen.append(idx)
+    sel = np.sort(np.concatenate(chosen))
+    keys, labels = keys[sel], labels[sel].astype(str)
+    counts = {str(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+    too_few = {c: n for c, n in counts.items() if n < min_per_class}
+    if too_few:
+        mask = ~np.isin(labels, list(too_few))
+        keys, labels = keys[mask], labels[mask]
+    if len(set(labels.tolist())) < 2:
+        raise ValueError(
+            f"{context}fewer than 2 labels with at least {min_per_class} pins (counts: {counts})"
+        )
+    return keys, labels, too_few
+
+
+def load_vectors(
+    store: Store, backbone: str, keys: np.ndarray, normalize: bool = False
+) -> np.ndarray:
+    """Vectors of ``keys`` in that order; ``a+b`` concatenates L2-normalised blocks (fusion).
+
+    Raises:
+        ValueError: some pins have no vector for a backbone.
+    """
+    parts = []
+    for name in backbone.split("+"):
+        vectors, found = store.vectors(name).load(keys)
+        if len(found) != len(keys):
+            raise ValueError(
+                f"{len(keys) - len(found)} pins have no {name!r} vector; index them first"
+            )
+        if normalize or "+" in backbone:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        parts.append(vectors)
+    return np.hstack(parts) if len(parts) > 1 else parts[0]
