@@ -68,6 +68,9 @@ class PinIndex:
     build_seconds: float = 0.0
     on_gpu: bool = False
     _cpu: Any = field(default=None, repr=False)  # cached CPU copy of a GPU index
+    _order: tuple[np.ndarray, np.ndarray] | None = field(
+        default=None, repr=False
+    )  # argsort, sorted
 
     @property
     def ntotal(self) -> int:
@@ -101,6 +104,7 @@ class PinIndex:
         for start in range(0, len(keys), batch):
             self.index.add(self.prepare(vectors[start : start + batch]))
         self._cpu = None
+        self._order = None
         self.ids = np.concatenate([self.ids, keys])
 
     def _params(self, selector: Any = None) -> Any:
@@ -183,8 +187,10 @@ class PinIndex:
     def positions_of(self, keys: np.ndarray) -> np.ndarray:
         """Positions of the given pin keys in this index (keys not in it are ignored)."""
         keys = np.asarray(keys, dtype=np.int64)
-        order = np.argsort(self.ids, kind="stable")
-        sorted_ids = self.ids[order]
+        if self._order is None:  # sorted once per index state, not per filtered query
+            order = np.argsort(self.ids, kind="stable")
+            self._order = (order, self.ids[order])
+        order, sorted_ids = self._order
         at = np.searchsorted(sorted_ids, keys)
         at = np.clip(at, 0, max(len(sorted_ids) - 1, 0))
         hit = sorted_ids[at] == keys if len(sorted_ids) else np.zeros(len(keys), bool)
