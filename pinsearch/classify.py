@@ -180,11 +180,12 @@ def classify(
         query: dict[str, Any] = {"pin_id": pin_id}
     else:
         from pinsearch.embed import embed_images
-        from pinsearch.search import PinSearcher
+        from pinsearch.search import store_backbone
 
-        searcher = PinSearcher(store, backbone=info.backbone)
+        # Only the backbone is needed here: no index is loaded to classify an image.
         emb = store.catalog.get_embedding(info.backbone) or {}
-        vec = embed_images(searcher.backbone_model(), [image], normalize=bool(emb.get("normalize")))
+        model = store_backbone(store, info.backbone)
+        vec = embed_images(model, [image], normalize=bool(emb.get("normalize")))
         query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
     if info.normalize:
         vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)

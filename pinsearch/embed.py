@@ -197,10 +197,9 @@ def embed_images(
     from PIL import Image
 
     transform = backbone.transform()
+    side = backbone.preprocess.resize_side  # the same reduced-scale JPEG decoding as the pins
     tensors = []
     for img in images:
-        # The same reduced-scale JPEG decoding as the stored pins had.
-        side = backbone.preprocess.resize_side
         pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
         tensors.append(transform(pil.convert("RGB")))
     device = next(backbone.model.parameters(), torch.empty(0)).device

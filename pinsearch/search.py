@@ -20,7 +20,7 @@ from pinsearch.errors import BackboneMismatchError, PinNotFoundError
 from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric
 from pinsearch.store import Store
 
-__all__ = ["PinSearcher", "SearchHit", "SearchResult", "exact_search"]
+__all__ = ["PinSearcher", "SearchHit", "SearchResult", "exact_search", "store_backbone"]
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +70,28 @@ def exact_search(
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     return faiss.knn(q, x, min(k, len(x)), metric=faiss_metric(metric))
+
+
+def store_backbone(store: Store, backbone: str) -> Any:
+    """Build the backbone a store's vectors were made with, for embedding new query images.
+
+    Raises:
+        BackboneMismatchError: this machine builds other weights or another dimension.
+    """
+    from pinsearch.backbones import create_backbone
+    from pinsearch.embed import resolve_device
+
+    run = store.catalog.get_embedding(backbone) or {}
+    weights = str(run.get("spec", {}).get("weights", ""))
+    dim = run.get("dim")
+    path = weights.split(":", 1)[1] if weights.startswith("file:") else None
+    model = create_backbone(backbone, weights=path, device=resolve_device("auto"))
+    if model.weights != weights or model.dim != dim:
+        raise BackboneMismatchError(
+            f"store vectors of {backbone!r} were made with weights {weights} (dim {dim}); "
+            f"this machine builds {model.weights} (dim {model.dim}); pass the same weights"
+        )
+    return model
 
 
 def _py(value: Any) -> Any:
@@ -206,20 +228,7 @@ class PinSearcher:
     def backbone_model(self) -> Any:
         """The backbone that made the store's vectors (built once, checked against the run)."""
         if self._model is None:
-            from pinsearch.backbones import create_backbone
-            from pinsearch.embed import resolve_device
-
-            spec = self._embedding.get("spec", {})
-            weights = str(spec.get("weights", ""))
-            path = weights.split(":", 1)[1] if weights.startswith("file:") else None
-            model = create_backbone(self.backbone, weights=path, device=resolve_device("auto"))
-            if model.weights != weights or model.dim != self.index.dim:
-                raise BackboneMismatchError(
-                    f"store vectors of {self.backbone!r} were made with weights {weights} "
-                    f"(dim {self.index.dim}); this machine builds {model.weights} "
-                    f"(dim {model.dim}); pass the same weights"
-                )
-            self._model = model
+            self._model = store_backbone(self.store, self.backbone)
         return self._model
 
     def search_keys(
