@@ -130,18 +130,14 @@ class Store:
         lock = None if read_only else _WriteLock(root / ".lock")
         try:
             catalog = Catalog(root / "catalog.duckdb", read_only=read_only)
-        except duckdb.IOException as exc:
+        except Exception as exc:
             if lock is not None:
                 lock.release()
-            if "lock" not in str(exc).lower():
-                raise
-            raise StoreLockedError(
-                f"store {root} is open in another process ({_lock_holder(root)}); DuckDB "
-                f"allows one writer or several readers at a time: {exc}"
-            ) from exc
-        except Exception:
-            if lock is not None:
-                lock.release()
+            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+                raise StoreLockedError(
+                    f"store {root} is open in another process ({_lock_holder(root)}); DuckDB "
+                    f"allows one writer or several readers at a time: {exc}"
+                ) from exc
             raise
         store = cls(root, catalog, lock)
         if not read_only:
