@@ -316,22 +316,22 @@ class LinearSVMHead(_TorchHead):
     def _fit_torch(self, xs: np.ndarray, encoded: np.ndarray, dev: Any) -> None:
         import torch
 
-        X = xs
+        n, d = xs.shape
         x = torch.from_numpy(xs).to(dev)
         n_out = len(self.classes_)
-        target = -torch.ones(len(X), n_out, device=dev)
-        target[torch.arange(len(X)), torch.from_numpy(encoded).to(dev)] = 1.0
-        w = torch.zeros(X.shape[1], n_out, device=dev, requires_grad=True)
+        target = -torch.ones(n, n_out, device=dev)
+        target[torch.arange(n), torch.from_numpy(encoded).to(dev)] = 1.0
+        w = torch.zeros(d, n_out, device=dev, requires_grad=True)
         b = torch.zeros(n_out, device=dev, requires_grad=True)
         opt = torch.optim.LBFGS(
             [w, b], max_iter=self.max_iter, tolerance_grad=self.tol, line_search_fn="strong_wolfe"
         )
-        inv = 1.0 / (self.C * len(X))  # objective divided by C n: same minimiser, tamer scale
+        inv = 1.0 / (self.C * n)  # objective divided by C n: same minimiser, tamer scale
 
         def closure() -> Any:
             opt.zero_grad()
             margin = torch.clamp(1 - target * (x @ w + b), min=0)
-            loss = (margin**2).sum() / len(X) + 0.5 * inv * ((w**2).sum() + (b**2).sum())
+            loss = (margin**2).sum() / n + 0.5 * inv * ((w**2).sum() + (b**2).sum())
             loss.backward()
             return loss
 
