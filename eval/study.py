@@ -416,11 +416,17 @@ def run_study(
         )  # fmt: skip
         done = _done_cells(store, config)
         results = []
+        vectors: dict[str, np.ndarray] = {}  # loaded once per backbone, for all its heads
         for backbone, head in itertools.product(config.backbones, config.heads):
             if (backbone, head) in done:
                 res = done[(backbone, head)]
             else:
-                X = load_study_vectors(store, backbone, data.keys, config.normalize)
+                if backbone not in vectors:
+                    vectors.clear()  # keep one backbone's vectors in memory at a time
+                    vectors[backbone] = load_study_vectors(
+                        store, backbone, data.keys, config.normalize
+                    )
+                X = vectors[backbone]
                 res, pred, scores, cv_json, best = _run_cell(config, data, X, backbone, head)
                 if "+" not in backbone:  # fused features have no single store vector to query
                     save_store_head(
