@@ -185,11 +185,17 @@ def index(
     console.print(table)
 
 
+TextOpt = Annotated[
+    str | None, typer.Option("--text", "-t", help="Text query (CLIP tower or pinsearch align).")
+]
+
+
 @app.command()
 def query(
     store: StoreOpt,
     pin: Annotated[str | None, typer.Option("--pin", help="A stored pin id.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="A new image file.")] = None,
+    text: TextOpt = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
     board: Annotated[str | None, typer.Option(help="Only pins of this board.")] = None,
     user: Annotated[str | None, typer.Option(help="Only pins of this user.")] = None,
@@ -200,39 +206,163 @@ def query(
         bool, typer.Option("--classify", help="Predict the category with a stored head.")
     ] = False,
     head: Annotated[str | None, typer.Option(help="Head name for --classify.")] = None,
+    boards: Annotated[
+        bool, typer.Option("--boards", help="With --text: rank boards, each with its best pins.")
+    ] = False,
+    per_board: Annotated[int, typer.Option(min=1, help="Pins shown (and scored) per board.")] = 3,
+    board_score: Annotated[str, typer.Option(help="Board score: topm or centroid.")] = "topm",
+    mode: Annotated[
+        str, typer.Option(help="With --text: match pin images, titles, or fused.")
+    ] = "image",
+    alpha: Annotated[float, typer.Option(help="Image weight of --mode fused.")] = 0.5,
+    titles: Annotated[
+        list[str] | None,
+        typer.Option("--titles", help="Candidate title to rank for --pin/--image (repeat)."),
+    ] = None,
+    titles_file: Annotated[
+        Path | None, typer.Option(help="Candidate titles, one per line.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the pins most similar to a stored pin or to a new image, or classify it."""
-    from pinsearch.search import PinSearcher
+    """Find pins like a stored pin, a new image or a text; rank boards for a text; rank
+    candidate titles for a pin; or classify a pin."""
     from pinsearch.store import Store
 
-    if (pin is None) == (image is None):
-        raise typer.BadParameter("give exactly one of --pin or --image")
+    if sum(x is not None for x in (pin, image, text)) != 1:
+        raise typer.BadParameter("give exactly one of --pin, --image or --text")
     if image is not None and not image.is_file():
         raise typer.BadParameter(f"image {image} does not exist", param_hint="--image")
+    candidates = list(titles or [])
+    if titles_file is not None:
+        lines = titles_file.read_text(encoding="utf-8").splitlines()
+        candidates += [line.strip() for line in lines if line.strip()]
     if classify:
         _classify(store, pin, image, head, k, as_json)
         return
     with Store.open(store, read_only=True) as s:
-        searcher = PinSearcher(s, backbone=backbone, index=index_name)
+        if text is not None or candidates:
+            from pinsearch.textsearch import TextSearcher
+
+            searcher: Any = TextSearcher(s, backbone=backbone, index=index_name)
+        else:
+            from pinsearch.search import PinSearcher
+
+            searcher = PinSearcher(s, backbone=backbone, index=index_name)
         filters = {"board": board, "user": user, "category": category}
-        result = (
-            searcher.similar_to_pin(pin, k, **filters)
-            if pin is not None
-            else searcher.similar_to_image(image, k, **filters)
-        )
+        if candidates:
+            if text is not None:
+                raise typer.BadParameter("--titles ranks texts for a --pin or --image")
+            _show_titles(searcher.rank_texts(candidates, pin_id=pin, image=image), as_json)
+            return
+        if boards:
+            if text is None:
+                raise typer.BadParameter("--boards needs --text")
+            found = searcher.search_boards(
+                text, k, per_board=per_board, score=board_score, user=user, category=category
+            )
+            _show_boards(found, as_json)
+            return
+        if text is not None:
+            result = searcher.search_text(text, k, mode=mode, alpha=alpha, **filters)
+        elif pin is not None:
+            result = searcher.similar_to_pin(pin, k, **filters)
+        else:
+            result = searcher.similar_to_image(image, k, **filters)
     if as_json:
         _emit_json(result)
         return
-    what = f"pin {pin}" if pin else f"image {image}"
-    table = Table(title=f"{len(result.hits)} pins like {what} ({result.backbone}, {result.metric})")
+    what = f"pin {pin}" if pin else f"image {image}" if image else f"text {text!r}"
+    _hits_table(
+        f"{len(result.hits)} pins like {what} ({result.backbone}, {result.metric})", result.hits
+    )
+
+
+def _hits_table(title: str, hits: list[Any]) -> None:
+    table = Table(title=title)
     for col in ("rank", "score", "pin_id", "title", "board", "category", "path"):
         table.add_column(col, overflow="fold")
-    for h in result.hits:
+    for h in hits:
         table.add_row(
             str(h.rank), f"{h.score:.4f}", h.pin_id, h.title, h.board_name, h.category, h.path
         )
     console.print(table)
+
+
+def _show_boards(result: Any, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result)
+        return
+    table = Table(title=f"boards for {result.query['text']!r} ({result.score}, {result.backbone})")
+    for col in ("rank", "score", "board", "user", "category", "pins", "best pins"):
+        table.add_column(col, overflow="fold")
+    for b in result.boards:
+        best = "; ".join(f"{p.pin_id} {p.title}" for p in b.pins)
+        table.add_row(
+            str(b.rank), f"{b.score:.4f}", b.board_name, b.user or "", b.category or "",
+            str(b.pins_in_board), best,
+        )  # fmt: skip
+    console.print(table)
+
+
+def _show_titles(result: Any, as_json: bool) -> None:
+    if as_json:
+        _emit_json(result)
+        return
+    what = result.query.get("pin_id") or result.query.get("image")
+    table = Table(title=f"titles for {what} ({result.text_encoder})")
+    for col in ("rank", "score", "text"):
+        table.add_column(col, overflow="fold")
+    for m in result.matches:
+        table.add_row(str(m.rank), f"{m.score:.4f}", m.text)
+    console.print(table)
+
+
+@app.command()
+def align(
+    store: StoreOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(help="CSV of image (or path, pin_id) + caption; default: pin titles."),
+    ] = None,
+    text_model: Annotated[
+        str | None, typer.Option(help="Sentence model: minilm (bundled) or a local folder.")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(min=1)] = None,
+    dim: Annotated[
+        int | None, typer.Option(min=0, help="Joint space size (0: the image space itself).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Learn text search for an image backbone from the store's own pins (LiT-style)."""
+    from pinsearch.align import AlignConfig, align_store
+    from pinsearch.store import Store
+
+    if captions is not None and not captions.is_file():
+        raise typer.BadParameter(f"captions file {captions} does not exist")
+    config = _config(
+        AlignConfig, text_model=text_model, epochs=epochs, dim=dim, device=device, seed=seed
+    )
+    with Store.open(store) as s:
+        report = align_store(s, backbone, config, captions=captions)
+    if as_json:
+        _emit_json(report)
+        return
+    val = report.val
+    console.print(
+        f"aligned {report.text_model} -> {report.backbone} on {report.pairs} texts of "
+        f"{report.images} pins ({report.source}; {report.unmatched} unmatched) in "
+        f"{report.seconds:.1f} s, best epoch {report.best_epoch + 1}/{report.epochs}"
+    )
+    if val:
+        console.print(
+            "held-out images: "
+            + ", ".join(f"R@{k} {val[f'recall@{k}']:.3f}" for k in (1, 5, 10))
+            + f" (chance R@10 {val['chance_recall@10']:.3f})"
+        )
+    console.print(f"title vectors: {report.title_vectors} pins")
 
 
 def _classify(
@@ -310,6 +440,7 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     _print_rows("embeddings", report.embeddings)
     _print_rows("indexes", report.indexes)
     _print_rows("heads", report.heads)
+    _print_rows("text alignments", report.alignments)
     _print_rows("skipped pins by reason", report.skipped_by_reason)
     _print_rows("ingests", report.ingests)
 
@@ -424,7 +555,9 @@ def evaluate(
     n_jobs: Annotated[int | None, typer.Option(help="Parallel CV fits.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run (or resume) a macro-F1 study: every backbone x head cell, then a report."""
+    """Run (or resume) a study: macro-F1 of every backbone x head cell, or text-to-image
+    recall@k for a retrieval study (kind = "retrieval"); then a report."""
+    from pinsearch.eval.retrieval import RetrievalConfig
     from pinsearch.eval.study import evaluate as run_evaluate
     from pinsearch.eval.study import load_study
 
@@ -435,6 +568,9 @@ def evaluate(
         device=device,
         n_jobs=n_jobs,
     )
+    if isinstance(config, RetrievalConfig):
+        _retrieval(config, out, as_json)
+        return
 
     def show(cell: Any) -> None:
         if not as_json:
@@ -454,6 +590,28 @@ def evaluate(
 
     heads = list(config.heads)
     console.print(markdown_table(summary["macro_f1"], heads))
+    console.print(f"report: {summary['report']}")
+
+
+def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
+    from pinsearch.eval.retrieval import run_retrieval
+
+    summary = run_retrieval(config, out)
+    if as_json:
+        _emit_json(summary)
+        return
+    table = Table(title=f"text-to-image retrieval: {config.name} ({summary['test_images']} images)")
+    for col in ("backbone", "text encoder", *(f"R@{k}" for k in config.ks), "median rank"):
+        table.add_column(col)
+    for backbone, r in summary["results"].items():
+        m = r["metrics"]
+        table.add_row(
+            backbone,
+            r["text"],
+            *(f"{m[f'recall@{k}']:.3f}" for k in config.ks),
+            f"{m['median_rank']:.0f}",
+        )
+    console.print(table)
     console.print(f"report: {summary['report']}")
 
 

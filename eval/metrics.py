@@ -119,3 +119,35 @@ def chance_macro_f1(y_true: np.ndarray) -> float:
     prior = counts / counts.sum()
     # Random guessing with the prior: precision = recall = prior for each class.
     return float(np.mean(prior))
+
+
+def retrieval_metrics(
+    scores: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """Text-to-image retrieval quality: each query has one relevant item.
+
+    Args:
+        scores: (n_queries, n_items) similarities, higher is better.
+        relevant: (n_queries,) column of each query's relevant item.
+
+    Returns:
+        ``recall@k`` for each k (fraction of queries whose item ranks in the top k), the
+        median and mean rank (1 = first), and ``chance_recall@k`` = k / n_items.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    relevant = np.asarray(relevant, dtype=np.int64)
+    if scores.ndim != 2 or len(relevant) != len(scores):
+        raise ValueError(f"scores {scores.shape} and relevant {relevant.shape} do not match")
+    target = scores[np.arange(len(scores)), relevant][:, None]
+    # Ties count against the query: an item scoring as high as the answer ranks before it.
+    ranks = (scores > target).sum(axis=1) + (scores == target).sum(axis=1)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = float(np.mean(ranks <= k))
+    out["median_rank"] = float(np.median(ranks))
+    out["mean_rank"] = float(np.mean(ranks))
+    for k in ks:
+        out[f"chance_recall@{k}"] = min(1.0, k / scores.shape[1])
+    out["queries"] = float(len(scores))
+    out["items"] = float(scores.shape[1])
+    return out

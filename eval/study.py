@@ -25,8 +25,9 @@ import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
 from pinsearch._version import __version__
-from pinsearch.classify import save_store_head
+from pinsearch.classify import head_context, save_store_head
 from pinsearch.eval.metrics import classification_metrics
+from pinsearch.eval.retrieval import RetrievalConfig, load_retrieval
 from pinsearch.heads import HEADS, create_head
 from pinsearch.labels import labelled_pins as _labelled_pins
 from pinsearch.labels import load_vectors
@@ -137,8 +138,11 @@ class StudyConfig:
         ]
 
 
-def load_study(path: str | Path, **overrides: Any) -> StudyConfig:
+def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalConfig:
     """Read a study TOML file; ``overrides`` (not None) replace its values.
+
+    A file with ``kind = "retrieval"`` gives a :class:`RetrievalConfig` (only ``store`` and
+    ``corpus`` overrides apply to it).
 
     Raises:
         ValueError: unknown keys, heads or missing required fields, naming the culprit.
@@ -150,6 +154,12 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"study file {path} is not valid TOML: {exc}") from exc
+    if data.get("kind", "classification") == "retrieval":
+        retrieval = load_retrieval(data, path)
+        keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "corpus")}
+        return replace(retrieval, **keep)
+    if data.pop("kind", "classification") != "classification":
+        raise ValueError(f"study {path}: kind must be classification or retrieval")
     known = {f for f in StudyConfig.__dataclass_fields__}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -246,13 +256,21 @@ def _scores(model: Any, X: np.ndarray) -> np.ndarray | None:
 
 
 def _run_cell(
-    config: StudyConfig, data: StudyData, X: np.ndarray, backbone: str, head: str
+    config: StudyConfig,
+    data: StudyData,
+    X: np.ndarray,
+    backbone: str,
+    head: str,
+    context: dict[str, Any] | None = None,
 ) -> tuple[CellResult, np.ndarray, np.ndarray | None, str, Any]:
     grid = config.heads[head]
     device = config.device
     if head == "knn" and device.startswith("cuda"):
         device = "gpu"  # FAISS placement names
-    estimator = create_head(head, **({"device": device} if device != "auto" else {}))
+    params = dict(context or {})
+    if device != "auto" and head != "zeroshot":
+        params["device"] = device
+    estimator = create_head(head, **params)
     cv = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
     search = GridSearchCV(
         estimator,
@@ -427,7 +445,10 @@ def run_study(
                         store, backbone, data.keys, config.normalize
                     )
                 X = vectors[backbone]
-                res, pred, scores, cv_json, best = _run_cell(config, data, X, backbone, head)
+                context = head_context(store, backbone, head)
+                res, pred, scores, cv_json, best = _run_cell(
+                    config, data, X, backbone, head, context
+                )
                 if "+" not in backbone:  # fused features have no single store vector to query
                     save_store_head(
                         store,

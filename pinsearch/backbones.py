@@ -141,7 +141,7 @@ def list_backbones(pattern: str = "*") -> list[BackboneSpec]:
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by registry name or ``timm:<arch>[.<tag>]``.
+    """Look a backbone up by registry name, ``timm:<arch>[.<tag>]`` or ``clip:<model>[:<tag>]``.
 
     Raises:
         ValueError: unknown name; the message lists the registered ones.
@@ -156,9 +156,13 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         if not timm.is_model(arch):
             raise ValueError(f"{rest!r} is not a timm model (see timm.list_models())")
         return BackboneSpec(name=name, source="timm", arch=rest, description=f"timm {rest}")
+    if sep and prefix == "clip" and rest:
+        from pinsearch.clip import clip_spec
+
+        return clip_spec(name)  # type: ignore[return-value]
     raise ValueError(
         f"unknown backbone {name!r}; registered: {', '.join(_REGISTRY)}; "
-        "or any timm model as 'timm:<name>'"
+        "or any timm model as 'timm:<name>', any open_clip model as 'clip:<model>:<tag>'"
     )
 
 
@@ -324,7 +328,8 @@ def _build_timm(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preproce
     model = timm.create_model(arch, pretrained=False, num_classes=0)
     path = weights or _cached_weights(arch)
     if path is not None:
-        origin = f"file:{path}" if weights else f"cache:{path}"
+        # A cached download and a fresh one are the same weights: one origin for both.
+        origin = f"file:{path}" if weights else f"pretrained:{arch}"
         _load_into(model, read_state_dict(path), origin)
         return model, _timm_preprocess(model), origin
     if not downloads_allowed():
@@ -342,7 +347,7 @@ def _build_timm(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preproce
             f"could not download weights for {spec.name!r} ({arch}): {exc}. Provide a local "
             "checkpoint with --weights PATH."
         ) from exc
-    return model, _timm_preprocess(model), f"hub:{arch}"
+    return model, _timm_preprocess(model), f"pretrained:{arch}"
 
 
 @register_source("lite")
@@ -393,6 +398,10 @@ def weights_available_offline(spec: BackboneSpec) -> bool:
             bool(spec.weights_package)
             and importlib.util.find_spec(spec.weights_package) is not None
         )
+    if spec.source == "open_clip":
+        from pinsearch.clip import clip_weights_cached
+
+        return clip_weights_cached(*spec.arch.split(":", 1)) is not None
     return _cached_weights(spec.arch) is not None
 
 
@@ -455,3 +464,5 @@ for _arch in ("test_efficientnet", "test_convnext", "test_vit"):
             tags=("test",),
         )
     )
+
+import pinsearch.clip  # noqa: E402, F401  (registers the open_clip source; clip imports this module)

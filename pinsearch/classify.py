@@ -96,6 +96,16 @@ def save_store_head(
     return info
 
 
+def head_context(store: Store, backbone: str, head: str) -> dict[str, Any]:
+    """Parameters a head takes from the store rather than the user: the zero-shot head's
+    text encoder into ``backbone``'s space."""
+    if head != "zeroshot":
+        return {}
+    from pinsearch.text import text_encoder_for
+
+    return {"text_encoder": text_encoder_for(store, backbone)}
+
+
 def train_head(
     store: Store,
     backbone: str,
@@ -120,7 +130,8 @@ def train_head(
     backbone = store.resolve_backbone(backbone)
     keys, labels, _ = labelled_pins(store, label)
     X = load_vectors(store, backbone, keys, normalize)
-    estimator = create_head(head, **(params or {})).fit(X, labels)
+    estimator = create_head(head, **head_context(store, backbone, head), **(params or {}))
+    estimator.fit(X, labels)
     return save_store_head(
         store, estimator, name=name or f"{backbone}/{head}", backbone=backbone, label=label,
         n_train=len(keys), normalize=normalize, source="train",

@@ -505,7 +505,12 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
         # Object arrays would need pickle: labels are stored as text unless already numeric.
         np.savez(fh, classes=classes.astype(str) if classes.dtype == object else classes, **arrays)
     os.replace(tmp, npz)
-    params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in head.get_params().items()}
+    unsaved = getattr(head, "_unsaved_params", ())
+    params = {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in head.get_params().items()
+        if k not in unsaved
+    }
     meta = {
         "head": name,
         "params": params,
@@ -527,8 +532,9 @@ def load_head(path: str | Path) -> BaseEstimator:
         raise FileNotFoundError(f"no saved head at {base} ({meta_file.name} missing)")
     meta = json.loads(meta_file.read_text())
     params = dict(meta["params"])
-    if "hidden" in params:
-        params["hidden"] = tuple(params["hidden"])
+    for key in ("hidden", "prompts"):
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
     head = create_head(meta["head"], **params)
     with np.load(base.with_name(base.name + ".npz"), allow_pickle=False) as data:
         arrays = {f"{k}_": data[k] for k in data.files}
@@ -536,4 +542,5 @@ def load_head(path: str | Path) -> BaseEstimator:
     return head
 
 
-import pinsearch.kernel  # noqa: E402, F401  (registers the rbf_svm head; kernel imports heads)
+import pinsearch.kernel  # noqa: E402  (registers the rbf_svm head; kernel imports heads)
+import pinsearch.zeroshot  # noqa: E402, F401  (registers the zeroshot head)

@@ -273,37 +273,47 @@ def iter_folder(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
     """Read an image folder ``ROOT/<category>/<image>`` (nested folders allowed).
 
     The board is the category folder, there are no users, and the pin id is the image's path
-    relative to ROOT without its extension.
+    relative to ROOT without its extension. Images lying directly in ROOT (a flat folder of
+    photos) belong to one board and category named after ROOT itself.
     """
     root = Path(root).resolve()
+    loose = sorted(e.name for e in _visible_entries(root) if e.is_file())
+    if any(is_image_file(Path(n)) for n in loose):
+        yield from _folder_pins(root, root.name, root, loose)
     for cat_entry in _visible_entries(root):
         if not cat_entry.is_dir():
             continue
-        category = normalize_category(cat_entry.name)
         for dirpath, dirnames, filenames in os.walk(cat_entry.path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if name.startswith(".") or not is_image_file(path):
-                    continue
-                rel = path.relative_to(root).with_suffix("").as_posix()
-                if not _valid_name(rel):
-                    yield SkippedPin(
-                        str(path).encode("utf-8", "backslashreplace").decode("utf-8"),
-                        "non_utf8_name",
-                        "the file name is not valid UTF-8",
-                    )
-                    continue
-                yield PinRecord(
-                    pin_id=rel,
-                    board=category,
-                    user=None,
-                    category=category,
-                    title=path.stem.replace("_", " "),
-                    description="",
-                    path=path,
-                    board_name=cat_entry.name,
-                )
+            yield from _folder_pins(root, cat_entry.name, Path(dirpath), filenames)
+
+
+def _folder_pins(
+    root: Path, folder_name: str, dirpath: Path, filenames: list[str]
+) -> Iterator[PinRecord | SkippedPin]:
+    category = normalize_category(folder_name)
+    for name in sorted(filenames):
+        path = dirpath / name
+        if name.startswith(".") or not is_image_file(path):
+            continue
+        rel = path.relative_to(root).with_suffix("").as_posix()
+        if not _valid_name(rel):
+            yield SkippedPin(
+                str(path).encode("utf-8", "backslashreplace").decode("utf-8"),
+                "non_utf8_name",
+                "the file name is not valid UTF-8",
+            )
+            continue
+        yield PinRecord(
+            pin_id=rel,
+            board=category,
+            user=None,
+            category=category,
+            title=path.stem.replace("_", " "),
+            description="",
+            path=path,
+            board_name=folder_name,
+        )
 
 
 def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
@@ -386,8 +396,8 @@ def iter_manifest(
 
 def detect_format(root: str | Path) -> str:
     """Guess a corpus format: a CSV/Parquet file is a manifest; a folder whose second level
-    holds ``board.json`` or pin folders is a tree; a folder of category folders of images is
-    a folder corpus.
+    holds ``board.json`` or pin folders is a tree; a folder of category folders of images (or
+    of images) is a folder corpus.
 
     Raises:
         CorpusError: the path does not exist or matches no format.
@@ -402,6 +412,8 @@ def detect_format(root: str | Path) -> str:
     has_subfolders = False
     for first in _visible_entries(root):
         if not first.is_dir():
+            if is_image_file(Path(first.name)):
+                return "folder"  # a flat folder of images
             continue
         for second in _visible_entries(Path(first.path)):
             if second.is_dir():
@@ -413,7 +425,8 @@ def detect_format(root: str | Path) -> str:
     if has_subfolders:
         return "tree"  # boards without board.json: read as a tree, their pins skipped with reasons
     raise CorpusError(
-        f"{root} holds neither <user>/<board>/ folders (tree) nor <category>/<image> files"
+        f"{root} holds neither <user>/<board>/ folders (tree) nor images or "
+        "<category>/<image> files (folder)"
     )
 
 

@@ -46,6 +46,7 @@ class IndexReport:
     ntotal: int
     index_action: str  # built, rebuilt, updated (+N), unchanged
     index_seconds: float
+    title_vectors: int = 0  # pins whose titles were embedded into the text space (CLIP, align)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -121,6 +122,7 @@ def index_corpus(
         else:
             built, n_new = store.update_index(name)
             action = f"updated (+{n_new})" if n_new else "unchanged"
+        titles = _update_titles(store, backbone)
         return IndexReport(
             store=str(store.root),
             corpus=str(corpus) if corpus is not None else "",
@@ -141,4 +143,14 @@ def index_corpus(
             ntotal=built.ntotal,
             index_action=action,
             index_seconds=round(built.build_seconds, 3),
+            title_vectors=titles,
         )
+
+
+def _update_titles(store: Store, backbone: str) -> int:
+    """Embed new pins' titles into the backbone's text space when it has a text encoder."""
+    from pinsearch.text import embed_text_space, text_encoder_name
+
+    if text_encoder_name(store, backbone) is None:
+        return 0
+    return embed_text_space(store, backbone)

@@ -101,6 +101,14 @@ def _py(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _filters(board: str | None, user: str | None, category: str | None) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in (("board", board), ("user", user), ("category", category))
+        if value is not None
+    }
+
+
 class PinSearcher:
     """Similar-pin queries over one index of a store.
 
@@ -266,11 +274,7 @@ class PinSearcher:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         start = time.perf_counter()
-        filters = {
-            name: value
-            for name, value in (("board", board), ("user", user), ("category", category))
-            if value is not None
-        }
+        filters = _filters(board, user, category)
         allowed = self.store.catalog.filter_keys(board=board, user=user, category=category)
         if allowed is not None and exclude is not None:
             allowed = np.setdiff1d(allowed, exclude)
@@ -281,15 +285,29 @@ class PinSearcher:
         if exclude is not None:
             keep &= ~np.isin(row_k, exclude)
         row_s, row_k = row_s[keep][:k], row_k[keep][:k]
-        meta = self._metadata(row_k)
-        hits: list[SearchHit] = []
-        for score, key in zip(row_s.tolist(), row_k.tolist()):
+        return SearchResult(
+            query=query,
+            backbone=self.backbone,
+            index=self.index_name,
+            metric=self.index.config.metric,
+            k=k,
+            filters=filters,
+            hits=self.hits(row_k, row_s),
+            seconds=time.perf_counter() - start,
+        )
+
+    def hits(self, keys: np.ndarray, scores: np.ndarray) -> list[SearchHit]:
+        """Result rows for pin keys (in order) with their scores; keys no longer in the
+        catalog are left out."""
+        meta = self._metadata(np.asarray(keys, dtype=np.int64))
+        out: list[SearchHit] = []
+        for score, key in zip(np.asarray(scores).tolist(), np.asarray(keys).tolist()):
             m = meta.get(int(key))
             if m is None:  # removed from the catalog after the index was built
                 continue
-            hits.append(
+            out.append(
                 SearchHit(
-                    rank=len(hits) + 1,
+                    rank=len(out) + 1,
                     pin_id=m["pin_id"],
                     score=float(score),
                     title=m["title"] or "",
@@ -300,13 +318,4 @@ class PinSearcher:
                     path=m["path"],
                 )
             )
-        return SearchResult(
-            query=query,
-            backbone=self.backbone,
-            index=self.index_name,
-            metric=self.index.config.metric,
-            k=k,
-            filters=filters,
-            hits=hits,
-            seconds=time.perf_counter() - start,
-        )
+        return out

@@ -54,6 +54,7 @@ class StoreInfo:
     ingests: list[dict[str, Any]] = field(default_factory=list)
     heads: list[dict[str, Any]] = field(default_factory=list)
     top_boards: list[dict[str, Any]] = field(default_factory=list)
+    alignments: list[dict[str, Any]] = field(default_factory=list)  # pinsearch align
 
 
 class _WriteLock:
@@ -142,7 +143,7 @@ class Store:
         store = cls(root, catalog, lock)
         if not read_only:
             catalog.set_meta("last_written_by", __version__)
-            for backbone in store.backbones():
+            for backbone in store.backbones(text_spaces=True):
                 store.vectors(backbone).remove_orphans()
         store._verify_id_maps()
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
@@ -168,9 +169,16 @@ class Store:
 
     # -- vectors -------------------------------------------------------------------------
 
-    def backbones(self) -> list[str]:
-        """Backbones with an embedding run in this store."""
-        return [r["backbone"] for r in self.catalog.list_embeddings()]
+    def backbones(self, *, text_spaces: bool = False) -> list[str]:
+        """Backbones with an embedding run in this store (and their title spaces
+        ``<backbone>#text`` when ``text_spaces``)."""
+        names = [r["backbone"] for r in self.catalog.list_embeddings()]
+        return names if text_spaces else [n for n in names if "#" not in n]
+
+    def forget_cached(self, name: str) -> None:
+        """Drop in-memory handles of a backbone's vectors and an index (after removing them)."""
+        self._vectors.pop(name, None)
+        self._indexes.pop(name, None)
 
     def vectors(self, backbone: str) -> VectorStore:
         """The vector store of a backbone (it may be empty)."""
@@ -191,7 +199,7 @@ class Store:
             if not known:
                 raise ValueError(f"store {self.root} has no embeddings yet; run pinsearch index")
             raise ValueError(f"store {self.root} has several backbones {known}; name one")
-        if backbone not in known:
+        if backbone not in known and backbone not in self.backbones(text_spaces=True):
             raise ValueError(f"store {self.root} has no vectors for {backbone!r}; it has {known}")
         return backbone
 
@@ -372,6 +380,18 @@ class Store:
                 "count(*) AS pins FROM pins p LEFT JOIN boards b ON b.board = p.board "
                 "GROUP BY p.board ORDER BY pins DESC, p.board LIMIT 20"
             ),
+            alignments=self._alignments(),
+        )
+
+    def _alignments(self) -> list[dict[str, Any]]:
+        exists = self.catalog.scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'alignments'"
+        )
+        if not exists:
+            return []
+        return self.catalog.query(
+            "SELECT backbone, text_model, pairs, images, source, metrics FROM alignments "
+            "ORDER BY backbone"
         )
 
 

@@ -159,7 +159,7 @@ def test_cached_checkpoint_is_used_offline(empty_caches, tmp_path: Path) -> None
     model = timm.create_model("resnet18", pretrained=False, num_classes=0)
     torch.save(model.state_dict(), ckpt_dir / os.path.basename(cfg.url))
     bb = create_backbone("timm:resnet18.a1_in1k")
-    assert bb.weights.startswith("cache:") and bb.dim == 512
+    assert bb.weights == "pretrained:resnet18.a1_in1k" and bb.dim == 512
 
 
 # -- building -------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Text-to-image retrieval evaluation on image-caption data (``pinsearch evaluate``).
+
+A retrieval study (``kind = "retrieval"`` in its TOML) indexes a folder of images, splits the
+images into train and test (seeded), and measures how well each backbone's text encoder finds
+the image of every test caption among the test images: recall@1/5/10, median and mean rank,
+with chance levels beside them. The text encoder is the backbone's CLIP text tower, or a
+``pinsearch align`` projection trained on the *train* images' captions only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.store import Store
+
+__all__ = ["RetrievalConfig", "load_retrieval", "run_retrieval"]
+
+
+@dataclass
+class RetrievalConfig:
+    """A retrieval study (see eval/studies/flickr8k.toml)."""
+
+    name: str
+    store: str
+    captions: str  # CSV: image (or path / pin_id), caption
+    corpus: str | None = None  # images to index first (a folder or manifest)
+    backbones: list[str] = field(default_factory=lambda: ["effnet_lite0"])
+    text: str = "auto"  # auto (CLIP tower if the backbone has one, else align), clip, align
+    train_images: int = 600  # images whose captions train an alignment; the rest are the test
+    seed: int = 0
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10])
+    align: dict[str, Any] = field(default_factory=dict)  # AlignConfig overrides
+
+
+def load_retrieval(data: dict[str, Any], base: Path) -> RetrievalConfig:
+    """Build a config from a parsed TOML (``kind`` already checked); paths relative to cwd.
+
+    Raises:
+        ValueError: unknown or missing keys, naming them.
+    """
+    from pinsearch.align import AlignConfig
+
+    data = {k: v for k, v in data.items() if k != "kind"}
+    known = {f.name for f in fields(RetrievalConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{base}: unknown retrieval study keys {unknown}; known: {sorted(known)}")
+    for key in ("name", "store", "captions"):
+        if key not in data:
+            raise ValueError(f"{base}: retrieval study needs {key!r}")
+    bad = sorted(set(data.get("align", {})) - {f.name for f in fields(AlignConfig)})
+    if bad:
+        raise ValueError(f"{base}: unknown [align] keys {bad}")
+    if data.get("text", "auto") not in ("auto", "clip", "align"):
+        raise ValueError(f"{base}: text must be auto, clip or align, got {data['text']!r}")
+    return RetrievalConfig(**data)
+
+
+def run_retrieval(
+    config: RetrievalConfig, out_dir: str | Path | None = None, **overrides: Any
+) -> dict[str, Any]:
+    """Run a retrieval study and write ``report.md`` + ``results.json``; returns the summary."""
+    from pinsearch.align import AlignConfig, align_store, caption_pairs
+    from pinsearch.backbones import get_backbone_spec
+    from pinsearch.eval.metrics import retrieval_metrics
+    from pinsearch.pipeline import index_corpus
+    from pinsearch.text import text_encoder_for
+
+    if config.corpus is not None:
+        for backbone in config.backbones:
+            index_corpus(config.corpus, config.store, backbone=backbone)
+    results: dict[str, dict[str, Any]] = {}
+    with Store.open(config.store) as store:
+        keys, captions, unmatched = caption_pairs(store, config.captions)
+        images = np.unique(keys)
+        if config.train_images >= len(images):
+            raise ValueError(
+                f"{config.name}: train_images={config.train_images} leaves no test images "
+                f"({len(images)} images have captions)"
+            )
+        order = np.random.default_rng(config.seed).permutation(images)
+        train, test = np.sort(order[: config.train_images]), np.sort(order[config.train_images :])
+        for backbone in config.backbones:
+            is_clip = get_backbone_spec(backbone).source == "open_clip"
+            mode = config.text if config.text != "auto" else ("clip" if is_clip else "align")
+            start = time.perf_counter()
+            report = None
+            if mode == "align":
+                align_cfg = AlignConfig(**{**config.align, **overrides})
+                report = align_store(
+                    store, backbone, align_cfg, captions=config.captions, keys=train,
+                    embed_titles=False,
+                )  # fmt: skip
+            encoder = text_encoder_for(store, backbone, device="auto")
+            vectors, vkeys = store.vectors(backbone).load(test)
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            in_test = np.isin(keys, vkeys)
+            queries = encoder.encode([c for c, m in zip(captions, in_test) if m])
+            relevant = np.searchsorted(vkeys, keys[in_test])
+            m = retrieval_metrics(queries @ vectors.T, relevant, tuple(config.ks))
+            results[backbone] = {
+                "text": encoder.name,
+                "metrics": m,
+                "train_images": len(train) if mode == "align" else 0,
+                "align": report.to_dict() if report is not None else None,
+                "seconds": round(time.perf_counter() - start, 2),
+            }
+    summary = {
+        "study": config.name,
+        "kind": "retrieval",
+        "images": len(images),
+        "test_images": len(test),
+        "captions": len(captions),
+        "unmatched_captions": unmatched,
+        "results": results,
+    }
+    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "report.md").write_text(_markdown(config, summary))
+    summary["report"] = str(out / "report.md")
+    return summary
+
+
+def _markdown(config: RetrievalConfig, summary: dict[str, Any]) -> str:
+    ks = config.ks
+    lines = [
+        f"# Text-to-image retrieval: {config.name}",
+        "",
+        f"{summary['images']} images with {summary['captions']} captions "
+        f"({summary['unmatched_captions']} caption rows matched no image); "
+        f"{config.train_images} images train the alignment (seed {config.seed}), each of the "
+        f"{summary['test_images']} test images' captions queries the test images.",
+        "",
+        "| backbone | text encoder | "
+        + " | ".join(f"R@{k}" for k in ks)
+        + " | median rank | mean rank |",
+        "|---|---|" + "---:|" * (len(ks) + 2),
+    ]
+    for backbone, r in summary["results"].items():
+        m = r["metrics"]
+        lines.append(
+            f"| {backbone} | {r['text']} | "
+            + " | ".join(f"{m[f'recall@{k}']:.3f}" for k in ks)
+            + f" | {m['median_rank']:.0f} | {m['mean_rank']:.1f} |"
+        )
+    any_m = next(iter(summary["results"].values()))["metrics"]
+    lines.append(
+        "| chance | | "
+        + " | ".join(f"{any_m[f'chance_recall@{k}']:.3f}" for k in ks)
+        + f" | {(summary['test_images'] + 1) / 2:.0f} | |"
+    )
+    lines += ["", "Settings: `" + json.dumps(asdict(config)) + "`", ""]
+    return "\n".join(lines)

