@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
-from pinsearch.heads import create_head, load_head, save_head
+from pinsearch.heads import create_head, load_head, save_head, saved_params
 from pinsearch.labels import labelled_pins, load_vectors
 from pinsearch.store import Store
 from pinsearch.vectors import backbone_dirname
@@ -78,9 +78,7 @@ def save_store_head(
         name=name,
         backbone=backbone,
         head=estimator.head_name,
-        params={
-            k: (list(v) if isinstance(v, tuple) else v) for k, v in estimator.get_params().items()
-        },
+        params=saved_params(estimator),
         label=label,
         classes=[str(c) for c in estimator.classes_],
         n_train=n_train,

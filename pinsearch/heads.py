@@ -34,6 +34,7 @@ __all__ = [
     "load_head",
     "register_head",
     "save_head",
+    "saved_params",
 ]
 
 HEADS: dict[str, type[BaseEstimator]] = {}
@@ -485,6 +486,17 @@ class MLPHead(_TorchHead):
 # -- persistence ----------------------------------------------------------------------------
 
 
+def saved_params(head: BaseEstimator) -> dict[str, Any]:
+    """A head's hyperparameters as JSON values (tuples as lists), without the ones that
+    come from the store at fit time (``_unsaved_params``, e.g. a text encoder)."""
+    unsaved = getattr(head, "_unsaved_params", ())
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in head.get_params().items()
+        if k not in unsaved
+    }
+
+
 def save_head(head: BaseEstimator, path: str | Path) -> Path:
     """Save a fitted head as ``PATH.npz`` (arrays) + ``PATH.json`` (class, params, classes).
 
@@ -505,12 +517,7 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
         # Object arrays would need pickle: labels are stored as text unless already numeric.
         np.savez(fh, classes=classes.astype(str) if classes.dtype == object else classes, **arrays)
     os.replace(tmp, npz)
-    unsaved = getattr(head, "_unsaved_params", ())
-    params = {
-        k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in head.get_params().items()
-        if k not in unsaved
-    }
+    params = saved_params(head)
     meta = {
         "head": name,
         "params": params,

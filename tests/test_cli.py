@@ -89,7 +89,7 @@ def test_query_needs_exactly_one_of_pin_or_image(cli_store: tuple[Path, dict[str
     store, _ = cli_store
     result = runner.invoke(app, ["query", "-s", str(store)])
     assert result.exit_code != 0
-    assert "exactly one of --pin or --image" in result.output
+    assert "exactly one of --pin, --image or --text" in result.output
 
 
 def test_info_json_schema(cli_store: tuple[Path, dict[str, object]]) -> None:

@@ -1,0 +1,305 @@
+"""CLIP backbones, text-to-pin search, board ranking, title ranking and the zero-shot head.
+
+Everything runs on ``test_clip``, a tiny randomly initialised OpenCLIP (bundled config): the
+tests check the mechanics against brute-force answers computed here, not retrieval quality.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pinsearch.backbones import create_backbone, get_backbone_spec
+from pinsearch.clip import ClipTextEncoder
+from pinsearch.errors import WeightsNotFoundError
+from pinsearch.heads import load_head, save_head
+from pinsearch.store import Store
+from pinsearch.text import NoTextTowerError, text_encoder_for, text_space
+from pinsearch.textsearch import TextSearcher
+from pinsearch.zeroshot import ZeroShotHead, label_text
+
+CLIP = "test_clip"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def clip_store(tree_corpus, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+
+    path = tmp_path_factory.mktemp("clip") / "store"
+    report = index_corpus(
+        tree_corpus.root, path, backbone=CLIP, embed=EmbedConfig(workers=0, batch_size=16)
+    )
+    assert report.title_vectors == report.ntotal == 24  # every generated pin has a title
+    return path
+
+
+@pytest.fixture(scope="module")
+def searcher(clip_store: Path):
+    with Store.open(clip_store, read_only=True) as store:
+        yield TextSearcher(store)
+
+
+def _all_vectors(searcher: TextSearcher, space: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    vecs, keys = searcher.store.vectors(space or searcher.backbone).load()
+    return _unit(vecs), keys
+
+
+# -- the backbone ---------------------------------------------------------------------------
+
+
+def test_clip_names_resolve() -> None:
+    assert get_backbone_spec("clip-vit-b-32").arch == "ViT-B-32:laion2b_s34b_b79k"
+    spec = get_backbone_spec("clip:ViT-B-16")
+    assert spec.source == "open_clip" and spec.arch.startswith("ViT-B-16:")
+    with pytest.raises(ValueError, match="no pretrained tag 'nope'"):
+        get_backbone_spec("clip:ViT-B-32:nope")
+    with pytest.raises(ValueError, match="not an open_clip model"):
+        get_backbone_spec("clip:NoSuchNet")
+
+
+def test_offline_without_weights_says_what_to_provide() -> None:
+    with pytest.raises(WeightsNotFoundError, match=r"--weights PATH.*pinsearch align"):
+        create_backbone("clip-vit-b-32")
+
+
+def test_local_checkpoint_loads_with_weights_only(tmp_path: Path) -> None:
+    tiny = create_backbone(CLIP)
+    ckpt = tmp_path / "tiny_clip.pt"
+    torch.save(tiny.model.clip.state_dict(), ckpt)
+    loaded = create_backbone("clip:pinsearch-test-clip", weights=ckpt)
+    assert loaded.weights == f"file:{ckpt}"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(tiny.model(x), loaded.model(x), atol=1e-6)
+    bad = tmp_path / "bad.pt"
+    torch.save({"visual.nope": torch.zeros(3)}, bad)
+    with pytest.raises(Exception, match="cannot load"):
+        create_backbone("clip:pinsearch-test-clip", weights=bad)
+
+
+def test_text_and_images_share_one_normalised_space() -> None:
+    bb = create_backbone(CLIP)
+    enc = ClipTextEncoder(bb)
+    t = enc.encode(["a red car", "a bowl of soup", "a tower"])
+    assert t.shape == (3, bb.dim) and t.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(["a red car"])[0], t[0], atol=1e-5)  # deterministic
+    assert enc.encode([]).shape == (0, bb.dim)
+
+
+def test_index_keeps_title_space_apart(clip_store: Path) -> None:
+    with Store.open(clip_store, read_only=True) as store:
+        assert store.backbones() == [CLIP]
+        assert text_space(CLIP) in store.backbones(text_spaces=True)
+        assert len(store.vectors(text_space(CLIP))) == 24
+        assert store.catalog.get_index(text_space(CLIP))["metric"] == "cosine"
+
+
+def test_reindex_embeds_only_new_titles(tree_corpus, tmp_path: Path) -> None:
+    import shutil
+
+    from pinsearch.pipeline import index_corpus
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tree_corpus.root, corpus)
+    first = index_corpus(corpus, tmp_path / "s", backbone=CLIP)
+    again = index_corpus(corpus, tmp_path / "s", backbone=CLIP)
+    assert first.title_vectors == 24 and again.title_vectors == 0
+
+
+# -- text search ------------------------------------------------------------------------
+
+
+def test_text_search_is_exact_cosine_ranking(searcher: TextSearcher) -> None:
+    res = searcher.search_text("a red sports car", k=5)
+    q = searcher.encoder.encode(["a red sports car"])[0]
+    vecs, keys = _all_vectors(searcher)
+    s = vecs @ q
+    top = keys[np.argsort(-s)[:5]]
+    ids = searcher.store.catalog.query(
+        "SELECT pin_key, pin_id FROM pins WHERE pin_key IN (SELECT unnest(?))", [top.tolist()]
+    )
+    by_key = {r["pin_key"]: r["pin_id"] for r in ids}
+    assert [h.pin_id for h in res.hits] == [by_key[k] for k in top]
+    np.testing.assert_allclose([h.score for h in res.hits], np.sort(s)[::-1][:5], atol=1e-5)
+    assert res.query["text_encoder"] == f"clip:{CLIP}" and res.metric == "cosine"
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [{"category": "architecture"}, {"user": "user001"}, {"board": "user000/food_drink-1"}],
+)
+def test_text_search_filters(searcher: TextSearcher, filters: dict[str, str]) -> None:
+    res = searcher.search_text("anything at all", k=3, **filters)
+    assert len(res.hits) >= 1 and res.filters == filters
+    for h in res.hits:
+        got = {"category": h.category, "user": h.user, "board": h.board}
+        assert all(got[name] == value for name, value in filters.items())
+
+
+def test_title_mode_ranks_title_vectors(searcher: TextSearcher) -> None:
+    res = searcher.search_text("modern art print", k=4, mode="title")
+    q = searcher.encoder.encode(["modern art print"])[0]
+    vecs, _ = _all_vectors(searcher, text_space(CLIP))
+    np.testing.assert_allclose([h.score for h in res.hits], np.sort(vecs @ q)[::-1][:4], 1e-5)
+    assert res.backbone == CLIP
+
+
+def test_fused_mode_extremes(searcher: TextSearcher) -> None:
+    text = "tall stone building"
+    image = [h.pin_id for h in searcher.search_text(text, k=5).hits]
+    title = [h.pin_id for h in searcher.search_text(text, k=5, mode="title").hits]
+    assert [h.pin_id for h in searcher.search_text(text, k=5, mode="fused", alpha=1.0).hits] == (
+        image
+    )
+    assert [h.pin_id for h in searcher.search_text(text, k=5, mode="fused", alpha=0.0).hits] == (
+        title
+    )
+    mixed = searcher.search_text(text, k=5, mode="fused", alpha=0.5)
+    assert mixed.metric == "fused-z" and len(mixed.hits) == 5
+    with pytest.raises(ValueError, match="alpha"):
+        searcher.search_text(text, mode="fused", alpha=2.0)
+    with pytest.raises(ValueError, match="mode"):
+        searcher.search_text(text, mode="nope")
+    with pytest.raises(ValueError, match="empty"):
+        searcher.search_text("  ")
+
+
+# -- boards -------------------------------------------------------------------------------
+
+
+def _board_scores(searcher: TextSearcher, text: str, m: int) -> dict[str, tuple[float, float]]:
+    """Brute force: board -> (mean of top-m pin cosines, cosine to the centroid)."""
+    q = searcher.encoder.encode([text])[0]
+    vecs, keys = _all_vectors(searcher)
+    rows = searcher.store.catalog.query("SELECT pin_key, board FROM pins")
+    board_of = {r["pin_key"]: r["board"] for r in rows}
+    out = {}
+    for board in set(board_of.values()):
+        sel = np.array([board_of[k] == board for k in keys.tolist()])
+        s = np.sort(vecs[sel] @ q)[::-1]
+        out[board] = (float(s[:m].mean()), float(_unit(vecs[sel].sum(0)) @ q))
+    return out
+
+
+@pytest.mark.parametrize("score", ["topm", "centroid"])
+def test_board_ranking_matches_brute_force(searcher: TextSearcher, score: str) -> None:
+    text = "a plate of food"
+    res = searcher.search_boards(text, k=4, per_board=2, score=score)
+    truth = _board_scores(searcher, text, 2)
+    col = 0 if score == "topm" else 1
+    expect = sorted(truth, key=lambda b: -truth[b][col])[:4]
+    assert [b.board for b in res.boards] == expect
+    for b in res.boards:
+        assert b.score == pytest.approx(truth[b.board][col], abs=1e-5)
+        assert b.pins_in_board == 4 and len(b.pins) == 2
+        assert [p.rank for p in b.pins] == [1, 2] and all(p.board == b.board for p in b.pins)
+        assert b.pins[0].score >= b.pins[1].score
+
+
+def test_board_ranking_filters(searcher: TextSearcher) -> None:
+    res = searcher.search_boards("anything", k=10, user="user000")
+    assert res.boards and all(b.user == "user000" for b in res.boards)
+    res = searcher.search_boards("anything", k=10, category="architecture", score="centroid")
+    assert {b.category for b in res.boards} == {"architecture"} and len(res.boards) == 2
+
+
+# -- best title -----------------------------------------------------------------------------
+
+
+def test_rank_texts_for_a_pin(searcher: TextSearcher) -> None:
+    pin = searcher.store.catalog.query("SELECT pin_id, pin_key FROM pins LIMIT 1")[0]
+    texts = ["a sports car", "a cathedral", "a cup of coffee"]
+    res = searcher.rank_texts(texts, pin_id=pin["pin_id"])
+    vec, _ = searcher.store.vectors(CLIP).load(np.array([pin["pin_key"]]))
+    s = searcher.encoder.encode(texts) @ _unit(vec)[0]
+    assert [m.text for m in res.matches] == [texts[i] for i in np.argsort(-s)]
+    np.testing.assert_allclose([m.score for m in res.matches], np.sort(s)[::-1], atol=1e-5)
+    with pytest.raises(ValueError, match="exactly one"):
+        searcher.rank_texts(texts)
+
+
+def test_rank_texts_for_an_image(searcher: TextSearcher, tree_corpus) -> None:
+    path = next(Path(tree_corpus.root).rglob("*.jpg"))
+    res = searcher.rank_texts(["one", "two"], image=path)
+    assert [m.rank for m in res.matches] == [1, 2] and res.query["image"] == str(path)
+
+
+# -- zero-shot head -------------------------------------------------------------------------
+
+
+def test_zero_shot_head_is_nearest_prompt_average(searcher: TextSearcher, tmp_path: Path) -> None:
+    vecs, keys = _all_vectors(searcher)
+    rows = searcher.store.catalog.query("SELECT pin_key, category FROM pins ORDER BY pin_key")
+    cat = {r["pin_key"]: r["category"] for r in rows}
+    y = np.array([cat[k] for k in keys.tolist()])
+    prompts = ("a photo of {}.", "{}")
+    head = ZeroShotHead(text_encoder=searcher.encoder, prompts=prompts).fit(vecs, y)
+    classes = sorted(set(y))
+    assert head.classes_.tolist() == classes
+    enc = searcher.encoder
+    expect = _unit(
+        sum(_unit(enc.encode([p.format(label_text(c)) for c in classes])) for p in prompts)
+    )
+    np.testing.assert_allclose(head.class_vectors_, expect, atol=1e-5)
+    pred = head.predict(vecs)
+    assert pred.tolist() == [classes[i] for i in np.argmax(vecs @ expect.T, axis=1)]
+    np.testing.assert_allclose(head.predict_proba(vecs).sum(1), 1.0, atol=1e-5)
+    save_head(head, tmp_path / "zs")
+    again = load_head(tmp_path / "zs")  # no text encoder needed once fitted
+    assert again.text_encoder is None and again.prompts == prompts
+    assert again.predict(vecs).tolist() == pred.tolist()
+
+
+def test_zero_shot_head_errors(searcher: TextSearcher) -> None:
+    X, y = np.ones((4, 32), np.float32), np.array(["a", "b", "a", "b"])
+    with pytest.raises(ValueError, match="needs a text encoder"):
+        ZeroShotHead().fit(X, y)
+    with pytest.raises(ValueError, match="one '\\{\\}'"):
+        ZeroShotHead(text_encoder=searcher.encoder, prompts=("no slot",)).fit(X, y)
+    with pytest.raises(ValueError, match="32-d"):
+        ZeroShotHead(text_encoder=searcher.encoder).fit(np.ones((4, 5), np.float32), y)
+
+
+def test_zero_shot_head_in_a_study(clip_store: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pinsearch.eval.study import StudyConfig, run_study
+
+    store = tmp_path / "store"
+    shutil.copytree(clip_store, store)
+    config = StudyConfig(
+        name="zs",
+        store=str(store),
+        backbones=(CLIP,),
+        heads={"zeroshot": {"prompts": [["a photo of {}."], ["{}", "a pin of {}."]]}},
+        folds=2,
+        test_size=0.25,
+        min_per_class=4,
+    )
+    _, results = run_study(config)
+    (cell,) = results
+    assert cell.head == "zeroshot" and 0.0 <= cell.test_macro_f1 <= 1.0
+    assert cell.best_params["prompts"] in (["a photo of {}."], ["{}", "a pin of {}."])
+    from pinsearch.classify import classify
+
+    with Store.open(store, read_only=True) as s:
+        pin = s.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        out = classify(s, pin_id=pin, head=f"zs/{CLIP}/zeroshot")
+    assert out.predicted in {"food_drink", "architecture", "cars_motorcycles"}
+
+
+def test_backbone_without_text_tower_says_how_to_get_one(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        with pytest.raises(NoTextTowerError, match="pinsearch align"):
+            text_encoder_for(store, "test_efficientnet")
+        with pytest.raises(NoTextTowerError, match="CLIP backbone"):
+            TextSearcher(store).search_text("a car")
