@@ -617,7 +617,7 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="embed, index, query or study")],
+    what: Annotated[str, typer.Argument(help="embed, index, query, study or text")],
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
@@ -629,7 +629,7 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query, study
-    (the paper's grid, pinsearch heads vs scikit-learn)."""
+    (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency)."""
     from pinsearch.eval import bench as b
 
     if what == "embed":
@@ -640,9 +640,11 @@ def bench(
         result = b.bench_query(n=n or 100_000, dim=dim)
     elif what == "study":
         result = b.bench_study(n=n or 4000, dim=dim, device=device)
+    elif what == "text":
+        result = b.bench_text(n=n or 100_000, dim=dim)
     else:
         raise typer.BadParameter(
-            f"unknown benchmark {what!r}; expected embed, index, query or study"
+            f"unknown benchmark {what!r}; expected embed, index, query, study or text"
         )
     if as_json:
         _emit_json(result)

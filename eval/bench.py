@@ -335,6 +335,93 @@ def bench_query(
     )
 
 
+@dataclass
+class TextBench:
+    """Text query latency with a warm process: embed + search + metadata."""
+
+    n: int
+    dim: int
+    k: int
+    queries: int
+    text_encoder: str
+    boards: int
+    encode_p50_ms: float  # the text encoder alone
+    pins_p50_ms: float  # search_text: encode + index search + metadata
+    pins_p99_ms: float
+    boards_topm_p50_ms: float  # search_boards(score="topm"), 3 pins per board
+    boards_topm_p99_ms: float
+    boards_centroid_p50_ms: float  # search_boards(score="centroid")
+    boards_centroid_p99_ms: float
+    note: str = (
+        "aligned text encoder (MiniLM + projection) with random projection weights over "
+        "synthetic vectors: latency does not depend on the weights' values"
+    )
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_text(*, n: int = 100_000, dim: int = 768, k: int = 10, nq: int = 100) -> TextBench:
+    """p50/p99 of text queries (pins, and boards by top-m and by centroid) over ``n`` pins."""
+    from pinsearch.align import save_alignment
+    from pinsearch.store import Store
+    from pinsearch.textsearch import TextSearcher
+
+    x, _ = _data_and_queries(n, 1, dim)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "text_weight": rng.normal(size=(dim, 384)).astype(np.float32) / np.sqrt(384),
+        "text_bias": np.zeros(dim, np.float32),
+        "image_weight": np.eye(dim, dtype=np.float32),
+        "image_mean": np.zeros(dim, np.float32),
+    }
+    words = ["red cars", "cozy reading nook", "vintage poster", "minimal kitchen"]
+    texts = [f"{words[i % len(words)]} number {i}" for i in range(nq)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        synthetic_store(path, x)
+        with Store.open(path) as s:
+            save_alignment(
+                s, "synthetic", arrays, text_model="minilm", pairs=0, images=0, source="bench"
+            )
+        with Store.open(path, read_only=True) as s:
+            ts = TextSearcher(s, cache_metadata=True)
+            ts.search_text("warm up", k)
+            ts.search_boards("warm up", k, score="topm")
+            ts.search_boards("warm up", k, score="centroid")
+            enc, pins, topm, cent = [], [], [], []
+            for text in texts:
+                with timed() as t:
+                    ts.encoder.encode([text])
+                enc.append(t.seconds)
+                with timed() as t:
+                    ts.search_text(text, k)
+                pins.append(t.seconds)
+                with timed() as t:
+                    ts.search_boards(text, k, score="topm")
+                topm.append(t.seconds)
+                with timed() as t:
+                    ts.search_boards(text, k, score="centroid")
+                cent.append(t.seconds)
+            n_boards = len(ts.board_centroids()[0])
+            name = ts.encoder.name
+    ms = lambda a, p: round(float(np.percentile(a, p)) * 1000, 2)  # noqa: E731
+    return TextBench(
+        n=n,
+        dim=dim,
+        k=k,
+        queries=nq,
+        text_encoder=name,
+        boards=n_boards,
+        encode_p50_ms=ms(enc, 50),
+        pins_p50_ms=ms(pins, 50),
+        pins_p99_ms=ms(pins, 99),
+        boards_topm_p50_ms=ms(topm, 50),
+        boards_topm_p99_ms=ms(topm, 99),
+        boards_centroid_p50_ms=ms(cent, 50),
+        boards_centroid_p99_ms=ms(cent, 99),
+        machine=machine(),
+    )
+
+
 def format_result(result: Any) -> str:
     """Plain-text rendering of a benchmark result."""
     data = asdict(result)

@@ -100,7 +100,9 @@ def _sentence_path(name: str) -> str:
 def sentence_model(name: str = "minilm", device: str = "cpu") -> Any:
     """A loaded sentence-transformers model (cached per process)."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on every query process
     return SentenceTransformer(_sentence_path(name), device=device)
 
 

@@ -352,21 +352,24 @@ class TextSearcher(PinSearcher):
             return []
         scores, keys = self.search_keys(q, n, allowed)
         ok = keys[0] >= 0
-        hits = self.hits(keys[0][ok], scores[0][ok])
-        if not hits:
+        keys, scores = keys[0][ok], scores[0][ok]
+        if len(keys) == 0:
             return []
-        floor = hits[-1].score  # any pin outside the pool scores at most this
-        by_board: dict[str, list[SearchHit]] = {}
-        for h in hits:
-            by_board.setdefault(h.board, []).append(h)
+        meta = self._metadata(keys)
+        floor = float(scores[-1])  # any pin outside the pool scores at most this
+        by_board: dict[str, list[int]] = {}  # board -> positions in the pool, best first
+        for i, key in enumerate(keys.tolist()):
+            row = meta.get(int(key))
+            if row is not None:
+                by_board.setdefault(row["board"], []).append(i)
         ranked = []
-        for board, pins in by_board.items():
-            want = min(m, sizes.get(board, len(pins)))
-            top = [p.score for p in pins[:want]]
+        for board, pos in by_board.items():
+            want = min(m, sizes.get(board, len(pos)))
+            top = [float(scores[i]) for i in pos[:want]]
             top += [floor] * (want - len(top))
-            ranked.append((board, float(np.mean(top)), _reranked(pins[:m])))
+            ranked.append((board, float(np.mean(top)), pos[:m]))
         ranked.sort(key=lambda r: (-r[1], r[0]))
-        return ranked[:k]
+        return [(b, sc, self.hits(keys[pos], scores[pos])) for b, sc, pos in ranked[:k]]
 
     def _boards_centroid(
         self, q: np.ndarray, k: int, m: int, sizes: dict[str, int]
@@ -445,8 +448,3 @@ class TextSearcher(PinSearcher):
             matches=matches,
             seconds=time.perf_counter() - start,
         )
-
-
-def _reranked(pins: list[SearchHit]) -> list[SearchHit]:
-    """Hits renumbered from 1 (a board's own ranking)."""
-    return [SearchHit(**{**asdict(p), "rank": i + 1}) for i, p in enumerate(pins)]
