@@ -334,10 +334,15 @@ def align(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option()] = None,
+    from_store: Annotated[
+        Path | None,
+        typer.Option("--from", help="Copy the alignment of another store (same backbone)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Learn text search for an image backbone from the store's own pins (LiT-style)."""
-    from pinsearch.align import AlignConfig, align_store
+    """Learn text search for an image backbone from the store's own pins (LiT-style), or
+    reuse another store's alignment (--from)."""
+    from pinsearch.align import AlignConfig, align_store, copy_alignment
     from pinsearch.store import Store
 
     if captions is not None and not captions.is_file():
@@ -346,7 +351,11 @@ def align(
         AlignConfig, text_model=text_model, epochs=epochs, dim=dim, device=device, seed=seed
     )
     with Store.open(store) as s:
-        report = align_store(s, backbone, config, captions=captions)
+        if from_store is not None:
+            with Store.open(from_store, read_only=True) as src:
+                report = copy_alignment(src, s, backbone)
+        else:
+            report = align_store(s, backbone, config, captions=captions)
     if as_json:
         _emit_json(report)
         return

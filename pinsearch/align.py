@@ -39,6 +39,7 @@ __all__ = [
     "AlignReport",
     "align_store",
     "caption_pairs",
+    "copy_alignment",
     "load_alignment",
     "project_text",
     "save_alignment",
@@ -395,6 +396,59 @@ def align_store(
         val=history["best_val"],
         seconds=time.perf_counter() - start,
         title_vectors=n_titles,
+    )
+
+
+def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> AlignReport:
+    """Reuse another store's alignment (e.g. one learned on a captioned collection) here.
+
+    Both stores' vectors of ``backbone`` must come from the same weights, dimension and
+    preprocessing: the projection is only meaningful in the space it was trained for.
+
+    Raises:
+        ValueError: the source has no alignment of ``backbone``.
+        BackboneMismatchError: the two stores' vectors differ.
+    """
+    from pinsearch.errors import BackboneMismatchError
+    from pinsearch.text import embed_text_space
+
+    start = time.perf_counter()
+    backbone = store.resolve_backbone(backbone)
+    found = load_alignment(source, backbone)
+    if found is None:
+        raise ValueError(f"store {source.root} has no alignment of {backbone!r} to copy")
+    arrays, row = found
+    mine, theirs = store.catalog.get_embedding(backbone), source.catalog.get_embedding(backbone)
+    for what in ("weights", "dim"):
+        a, b = (mine or {}).get("spec", {}).get(what), (theirs or {}).get("spec", {}).get(what)
+        if a != b:
+            raise BackboneMismatchError(
+                f"{backbone!r} vectors differ between {source.root} and {store.root}: "
+                f"{what} {b} vs {a}"
+            )
+    if (mine or {}).get("preprocess") != (theirs or {}).get("preprocess"):
+        raise BackboneMismatchError(
+            f"{backbone!r} vectors of {source.root} and {store.root} were preprocessed differently"
+        )
+    save_alignment(
+        store, backbone, arrays, text_model=row["text_model"], pairs=row["pairs"],
+        images=row["images"], source=f"store:{source.root}:{row['source']}",
+        metrics=row["metrics"], config=row["config"],
+    )  # fmt: skip
+    titles = embed_text_space(store, backbone)
+    return AlignReport(
+        store=str(store.root),
+        backbone=backbone,
+        text_model=row["text_model"],
+        source=f"store:{source.root}",
+        pairs=int(row["pairs"]),
+        images=int(row["images"]),
+        unmatched=0,
+        epochs=0,
+        best_epoch=-1,
+        val=row["metrics"],
+        seconds=time.perf_counter() - start,
+        title_vectors=titles,
     )
 
 
