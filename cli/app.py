@@ -360,14 +360,20 @@ def align(
         _emit_json(report)
         return
     val = report.val
-    console.print(
-        f"aligned {report.text_model} -> {report.backbone} on {report.pairs} texts of "
-        f"{report.images} pins ({report.source}; {report.unmatched} unmatched) in "
-        f"{report.seconds:.1f} s, best epoch {report.best_epoch + 1}/{report.epochs}"
-    )
+    if from_store is not None:
+        console.print(
+            f"copied the {report.text_model} -> {report.backbone} alignment of {from_store} "
+            f"(trained on {report.pairs} texts of {report.images} images)"
+        )
+    else:
+        console.print(
+            f"aligned {report.text_model} -> {report.backbone} on {report.pairs} texts of "
+            f"{report.images} pins ({report.source}; {report.unmatched} unmatched) in "
+            f"{report.seconds:.1f} s, best epoch {report.best_epoch + 1}/{report.epochs}"
+        )
     if val:
         console.print(
-            "held-out images: "
+            "its held-out images: "
             + ", ".join(f"R@{k} {val[f'recall@{k}']:.3f}" for k in (1, 5, 10))
             + f" (chance R@10 {val['chance_recall@10']:.3f})"
         )
