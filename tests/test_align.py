@@ -331,3 +331,31 @@ def test_cli_text_query_without_text_tower_fails_clearly(built_store) -> None:
     finally:
         sys.argv = argv
     assert exc.value.code == 1
+
+
+def test_copy_alignment_between_stores_of_one_backbone(
+    aligned: Path, built_store, tmp_path: Path
+) -> None:
+    from pinsearch.align import copy_alignment
+    from pinsearch.errors import BackboneMismatchError
+
+    target = tmp_path / "target"
+    shutil.copytree(built_store.path, target)
+    with Store.open(aligned, read_only=True) as src, Store.open(target) as dst:
+        report = copy_alignment(src, dst, "test_efficientnet")
+        assert report.title_vectors == 24 and report.source == f"store:{aligned}"
+        a, _ = load_alignment(src, "test_efficientnet")
+        b, row = load_alignment(dst, "test_efficientnet")
+        assert all(np.array_equal(a[k], b[k]) for k in a) and row["pairs"] == 24
+        dst.catalog.upsert_embedding(
+            "test_efficientnet", spec={**dst.catalog.get_embedding("test_efficientnet")["spec"],
+                                       "weights": "file:other.pt"},
+        )  # fmt: skip
+        with pytest.raises(BackboneMismatchError, match="weights"):
+            copy_alignment(src, dst, "test_efficientnet")
+    with (
+        Store.open(built_store.path, read_only=True) as src,
+        Store.open(target) as dst,
+        pytest.raises(ValueError, match="no alignment"),
+    ):
+        copy_alignment(src, dst, "test_efficientnet")

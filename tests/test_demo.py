@@ -27,8 +27,12 @@ def test_demo_runs_offline_with_real_weights(tmp_path: Path) -> None:
     assert report["knn_accuracy"] > 0.8
     for ex in report["examples"]:
         assert len(ex["hits"]) == 5 and ex["query"] not in [h["pin_id"] for h in ex["hits"]]
-    # Running it again reuses the store: nothing is embedded twice.
-    again = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json"])
+    # Text search learned from the titles finds each category by its name in words.
+    assert report["text_encoder"] == "align:minilm->effnet_lite0"
+    assert report["text_precision"] > 0.5  # chance is 1/6
+    assert [len(ex["hits"]) for ex in report["text_examples"]] == [5, 5]
+    # Running it again reuses the store and its alignment: nothing is embedded twice.
+    again = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json", "--no-text"])
     assert json.loads(again.stdout)["index"]["embedded"] == 0
 
 
