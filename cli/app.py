@@ -505,12 +505,17 @@ def backbones(
     short = [
         {k: r[k] for k in ("name", "source", "dim", "input_size", "offline", "paper")} for r in rows
     ]
-    _print_rows("backbones (any timm model works too, as timm:<name>)", short)
+    note = "any timm model works too, as timm:<name>; any OpenCLIP model as clip:<model>:<tag>"
+    _print_rows(f"backbones ({note})", short)
 
 
 def _input_size(spec: Any) -> int | None:
     if spec.source == "classic":
         return 224
+    if spec.source == "open_clip":
+        from pinsearch.clip import clip_input_size
+
+        return clip_input_size(spec)
     try:
         import timm
 

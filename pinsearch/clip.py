@@ -31,7 +31,13 @@ from pinsearch.backbones import (
 )
 from pinsearch.errors import WeightsNotFoundError
 
-__all__ = ["ClipImageTower", "ClipTextEncoder", "clip_spec", "clip_weights_cached"]
+__all__ = [
+    "ClipImageTower",
+    "ClipTextEncoder",
+    "clip_input_size",
+    "clip_spec",
+    "clip_weights_cached",
+]
 
 _CONFIG_DIR = Path(__file__).parent / "clip_configs"
 _registered_configs = False
@@ -194,16 +200,24 @@ class ClipTextEncoder:
         return np.concatenate(out) if out else np.empty((0, self.dim), np.float32)
 
 
-for _name, _model, _tag in (
-    ("clip-vit-b-32", "ViT-B-32", "laion2b_s34b_b79k"),
-    ("clip-vit-b-16", "ViT-B-16", "laion2b_s34b_b88k"),
-    ("clip-vit-l-14", "ViT-L-14", "laion2b_s32b_b82k"),
+def clip_input_size(spec: BackboneSpec) -> int | None:
+    """The image side an open_clip spec's model takes (from its config; nothing is built)."""
+    cfg = _open_clip().get_model_config(spec.arch.split(":", 1)[0]) or {}
+    size = cfg.get("vision_cfg", {}).get("image_size")
+    return int(size[0] if isinstance(size, (list, tuple)) else size) if size else None
+
+
+for _name, _model, _tag, _dim in (
+    ("clip-vit-b-32", "ViT-B-32", "laion2b_s34b_b79k", 512),
+    ("clip-vit-b-16", "ViT-B-16", "laion2b_s34b_b88k", 512),
+    ("clip-vit-l-14", "ViT-L-14", "laion2b_s32b_b82k", 768),
 ):
     register_backbone(
         BackboneSpec(
             name=_name,
             source="open_clip",
             arch=f"{_model}:{_tag}",
+            dim=_dim,
             description=f"OpenCLIP {_model} ({_tag}): image + text towers",
             tags=("clip",),
         )
@@ -214,6 +228,7 @@ register_backbone(
         name="test_clip",
         source="open_clip",
         arch="pinsearch-test-clip:",
+        dim=32,
         random_init=True,
         description="tiny OpenCLIP with seeded random weights (tests only)",
         tags=("test", "clip"),
