@@ -185,6 +185,111 @@ def index(
     console.print(table)
 
 
+@app.command()
+def add(
+    corpus: Annotated[Path, typer.Argument(help="Tree, image folder or manifest with new pins.")],
+    store: StoreOpt,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
+    ] = None,
+    allow_outside_root: Annotated[
+        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add new pins or boards to an existing store: only they are embedded, for every backbone
+    of the store, and every index is updated; heads are marked stale."""
+    from pinsearch.edit import add_corpus
+    from pinsearch.ingest import IngestConfig
+
+    ingest_cfg = _config(IngestConfig, format=fmt, allow_outside_root=allow_outside_root or None)
+    update, bar = _progress(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = add_corpus(
+            corpus, store, ingest=ingest_cfg, device=device, batch_size=batch_size,
+            workers=workers, progress=update,
+        )  # fmt: skip
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"added {report.added} pins ({report.skipped} skipped, {report.already_present} already "
+        f"there) to {report.store} in {report.seconds:.1f} s"
+    )
+    for b in report.backbones:
+        console.print(f"  {b['backbone']}: embedded {b['embedded']}, index {b['index_action']}")
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+@app.command()
+def remove(
+    store: StoreOpt,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="Pin id (repeat).")] = None,
+    board: Annotated[list[str] | None, typer.Option("--board", help="Board key (repeat).")] = None,
+    user: Annotated[list[str] | None, typer.Option("--user", help="User id (repeat).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove pins, boards or users with their vectors and index entries."""
+    from pinsearch.edit import remove_pins
+    from pinsearch.store import Store
+
+    with Store.open(store) as s:
+        report = remove_pins(s, pin_ids=pin or [], boards=board or [], users=user or [])
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"removed {report.pins} pins ({report.boards} boards, {report.users} users) from "
+        f"{report.store}: vectors {report.vectors}; indexes rebuilt {report.indexes}"
+    )
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+@app.command()
+def check(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Verify a store: vectors, indexes, heads, alignments, ingest counts. Exit 1 on errors."""
+    from pinsearch.check import check_store
+
+    report = check_store(store)
+    _show_check(report, as_json)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Rebuild derived indexes from the stored vectors and drop what cannot be trusted."""
+    from pinsearch.check import repair_store
+
+    report = repair_store(store)
+    if as_json:
+        _emit_json(report)
+    else:
+        for action in report.actions or ["nothing to repair"]:
+            console.print(action)
+        assert report.after is not None
+        _show_check(report.after, False)
+    if report.after is not None and not report.after.ok:
+        raise typer.Exit(1)
+
+
+def _show_check(report: Any, as_json: bool) -> None:
+    if as_json:
+        _emit_json(report)
+        return
+    status = "[green]ok[/green]" if report.ok else "[red]errors[/red]"
+    counts = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+    console.print(f"{report.store}: {status} ({report.pins} pins; checked {counts})")
+    for f in report.findings:
+        colour = "red" if f.level == "error" else "yellow"
+        console.print(f"[{colour}]{f.level}[/{colour}] {f.where}: {f.problem}: {f.detail}")
+
+
 TextOpt = Annotated[
     str | None, typer.Option("--text", "-t", help="Text query (CLIP tower or pinsearch align).")
 ]

@@ -98,13 +98,22 @@ class Store:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, create: bool = False, read_only: bool = False) -> Store:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        create: bool = False,
+        read_only: bool = False,
+        verify: bool = True,
+    ) -> Store:
         """Open (or create) a store.
 
         Args:
             path: the store folder.
             create: create the store if it does not exist.
             read_only: open for reading; no lock is taken and nothing is written.
+            verify: check every index's id map against the catalog (``pinsearch check`` and
+                ``repair`` open without it, to report or fix what is wrong).
 
         Raises:
             FileNotFoundError: no store at ``path`` and ``create`` is False.
@@ -145,7 +154,8 @@ class Store:
             catalog.set_meta("last_written_by", __version__)
             for backbone in store.backbones(text_spaces=True):
                 store.vectors(backbone).remove_orphans()
-        store._verify_id_maps()
+        if verify:
+            store._verify_id_maps()
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
         return store
 

@@ -62,8 +62,7 @@ class VectorStore:
         return int(sum(int(p["n"]) for p in self.parts()))  # type: ignore[call-overload]
 
     def _load_keys(self, part: dict[str, object]) -> np.ndarray:
-        path = self.root / str(part["file"])
-        return np.load(path.with_name(path.stem + ".keys.npy"), allow_pickle=False)
+        return np.load(self._keys_path(part), allow_pickle=False)
 
     def _locate(self) -> tuple[list[dict[str, object]], np.ndarray, np.ndarray, np.ndarray]:
         """Sorted keys with the part and row of each (cached until the next write)."""
@@ -125,6 +124,22 @@ class VectorStore:
 
     def write_part(self, vectors: np.ndarray, keys: np.ndarray, dtype: str = "float32") -> int:
         """Write and commit one part; returns its number."""
+        part = self._next_part()
+        rel, n, sha = self._write_files(part, vectors, keys, dtype)
+        with self.catalog.transaction():
+            self.catalog.add_vector_part(self.backbone, part, rel, n, sha)
+        return part
+
+    def _next_part(self) -> int:
+        last = self.catalog.scalar(
+            "SELECT max(part) FROM vector_parts WHERE backbone = ?", [self.backbone]
+        )
+        return 0 if last is None else int(last) + 1
+
+    def _write_files(
+        self, part: int, vectors: np.ndarray, keys: np.ndarray, dtype: str
+    ) -> tuple[str, int, str]:
+        """Write a part's two files (temporary file, fsync, rename); not yet recorded."""
         if dtype not in VECTOR_DTYPES:
             raise ValueError(f"unknown vector dtype {dtype!r}; expected one of {VECTOR_DTYPES}")
         keys = np.asarray(keys, dtype=np.int64)
@@ -133,10 +148,6 @@ class VectorStore:
         if not np.isfinite(vectors).all():
             raise ValueError(f"backbone {self.backbone!r} produced non-finite vectors")
         self.folder.mkdir(parents=True, exist_ok=True)
-        last = self.catalog.scalar(
-            "SELECT max(part) FROM vector_parts WHERE backbone = ?", [self.backbone]
-        )
-        part = 0 if last is None else int(last) + 1
         vec_path = self.folder / f"part-{part:06d}.npy"
         key_path = self.folder / f"part-{part:06d}.keys.npy"
         for path, arr in ((vec_path, np.asarray(vectors, dtype=dtype)), (key_path, keys)):
@@ -146,11 +157,60 @@ class VectorStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        rel = vec_path.relative_to(self.root).as_posix()
         self._locator = None
+        return vec_path.relative_to(self.root).as_posix(), len(keys), file_sha256(vec_path)
+
+    def drop_keys(self, keys: np.ndarray, *, parts: list[int] | None = None) -> int:
+        """Remove the vectors of ``keys`` (and, with ``parts``, whole parts by number).
+
+        Each part holding such a key is rewritten without it as a new part; the catalog swaps
+        old for new parts in one transaction, and only then are the old files deleted. A crash
+        at any point leaves either the old parts or the new ones recorded (unrecorded files are
+        removed when a writer next opens the store).
+
+        Returns:
+            The number of vectors removed.
+        """
+        drop = np.unique(np.asarray(keys, dtype=np.int64))
+        whole = set(parts or [])
+        removed, retire, add = 0, [], []
+        next_part = self._next_part()
+        for p in self.parts():
+            number = int(p["part"])  # type: ignore[call-overload]
+            if number in whole:
+                retire.append(p)
+                removed += int(p["n"])  # type: ignore[call-overload]
+                continue
+            part_keys = self._load_keys(p)
+            hit = np.isin(part_keys, drop)
+            if not hit.any():
+                continue
+            retire.append(p)
+            removed += int(hit.sum())
+            if (~hit).any():
+                arr = np.load(self.root / str(p["file"]), allow_pickle=False)
+                add.append((next_part, *self._write_files(
+                    next_part, arr[~hit], part_keys[~hit], str(arr.dtype)
+                )))  # fmt: skip
+                next_part += 1
+        if not retire:
+            return 0
         with self.catalog.transaction():
-            self.catalog.add_vector_part(self.backbone, part, rel, len(keys), file_sha256(vec_path))
-        return part
+            self.catalog.connection.execute(
+                "DELETE FROM vector_parts WHERE backbone = ? AND part IN (SELECT unnest(?))",
+                [self.backbone, [int(p["part"]) for p in retire]],  # type: ignore[call-overload]
+            )
+            for number, rel, n, sha in add:
+                self.catalog.add_vector_part(self.backbone, number, rel, n, sha)
+        for p in retire:
+            for f in (self.root / str(p["file"]), self._keys_path(p)):
+                f.unlink(missing_ok=True)
+        self._locator = None
+        return removed
+
+    def _keys_path(self, part: dict[str, object]) -> Path:
+        path = self.root / str(part["file"])
+        return path.with_name(path.stem + ".keys.npy")
 
     def remove_orphans(self) -> int:
         """Delete part files the catalog does not know (left by an interrupted write)."""

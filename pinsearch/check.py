@@ -1,0 +1,357 @@
+"""``pinsearch check`` and ``pinsearch repair``: verify a store end to end, fix what is derived.
+
+The check reads everything a query relies on and reports each problem with where it is:
+
+- vector parts: file present, SHA-256 as recorded, row count, dimension, key file; no pin with
+  two vectors in one backbone; every vector's pin in the catalog;
+- indexes: files present and matching their JSON checksums and the catalog's, ``ntotal`` equal
+  in catalog, file and id map, every id a stored vector of that backbone's pins; stored vectors
+  missing from the index;
+- heads and alignments: files present (checksum for alignments), loadable, dimension matching;
+- ingests: ``added + skipped + sampled_out + already_present = found``;
+- files the catalog does not list (left by an interrupted write).
+
+Errors make ``check`` exit non-zero; warnings (a lagging index, pins not embedded yet) do not.
+``repair`` rebuilds derived data only — indexes from the stored vectors, vector parts without
+the vectors of unknown pins — and forgets what cannot be trusted (a damaged vector part, whose
+pins the next ``pinsearch index`` re-embeds; a head or alignment whose files are gone). It never
+invents vectors.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.indexes.pinindex import file_sha256
+from pinsearch.store import Store
+
+__all__ = ["CheckReport", "Finding", "RepairReport", "check_store", "repair_store"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: how bad, where, what."""
+
+    level: str  # error or warning
+    where: str  # "vectors effnet_lite0 part 3", "index effnet_lite0", "head x", ...
+    problem: str  # a short code: missing_file, checksum, ntotal, unknown_pins, ...
+    detail: str
+
+
+@dataclass
+class CheckReport:
+    """Everything ``check`` looked at and found."""
+
+    store: str
+    ok: bool = True
+    pins: int = 0
+    checked: dict[str, int] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    def add(self, level: str, where: str, problem: str, detail: str) -> None:
+        self.findings.append(Finding(level, where, problem, detail))
+        if level == "error":
+            self.ok = False
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RepairReport:
+    """What ``repair`` changed, and the check after it."""
+
+    store: str
+    actions: list[str] = field(default_factory=list)
+    after: CheckReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pin_keys(store: Store) -> np.ndarray:
+    rows = store.catalog.connection.execute("SELECT pin_key FROM pins ORDER BY pin_key")
+    return np.array([r[0] for r in rows.fetchall()], dtype=np.int64)
+
+
+def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport) -> np.ndarray:
+    """Check one backbone's vector parts; returns the keys of the readable ones."""
+    run = store.catalog.get_embedding(name) or {}
+    dim = run.get("dim")
+    vs = store.vectors(name)
+    keys: list[np.ndarray] = []
+    for part in vs.parts():
+        where = f"vectors {name} part {part['part']}"
+        path = store.root / str(part["file"])
+        kpath = vs._keys_path(part)
+        report.checked["vector_parts"] = report.checked.get("vector_parts", 0) + 1
+        if not path.is_file() or not kpath.is_file():
+            report.add("error", where, "missing_file", f"{path.name} or its key file is missing")
+            continue
+        if file_sha256(path) != part["sha256"]:
+            report.add("error", where, "checksum", f"{path} does not match its recorded SHA-256")
+            continue
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            k = np.load(kpath, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            report.add("error", where, "unreadable", f"{path}: {exc}")
+            continue
+        if arr.ndim != 2 or len(arr) != part["n"] or len(k) != part["n"]:
+            report.add(
+                "error", where, "row_count",
+                f"catalog says {part['n']} rows; vectors {arr.shape}, keys {k.shape}",
+            )  # fmt: skip
+            continue
+        if dim is not None and arr.shape[1] != dim:
+            report.add("error", where, "dimension", f"{arr.shape[1]}-d vectors, run says {dim}")
+            continue
+        keys.append(k)
+    allk = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    report.checked["vectors"] = report.checked.get("vectors", 0) + len(allk)
+    uniq, counts = np.unique(allk, return_counts=True)
+    if (counts > 1).any():
+        report.add(
+            "error", f"vectors {name}", "duplicate_vectors",
+            f"{int((counts > 1).sum())} pins have several vectors (e.g. key {uniq[counts > 1][0]})",
+        )  # fmt: skip
+    unknown = np.setdiff1d(uniq, pins)
+    if unknown.size:
+        report.add(
+            "error", f"vectors {name}", "unknown_pins",
+            f"{unknown.size} vectors of pins not in the catalog (e.g. {unknown[:3].tolist()})",
+        )  # fmt: skip
+    if "#" not in name:
+        lacking = np.setdiff1d(pins, uniq)
+        if lacking.size:
+            report.add(
+                "warning", f"vectors {name}", "not_embedded",
+                f"{lacking.size} pins have no {name} vector yet (pinsearch index embeds them)",
+            )  # fmt: skip
+    if run.get("count") is not None and int(run["count"]) != len(allk) and not report.errors:
+        report.add(
+            "warning", f"vectors {name}", "count",
+            f"embedding run says {run['count']} vectors, the parts hold {len(allk)}",
+        )  # fmt: skip
+    orphans = _orphans(store, name)
+    if orphans:
+        report.add(
+            "warning", f"vectors {name}", "orphan_files",
+            f"{len(orphans)} files not in the catalog (e.g. {orphans[0]}); a writer removes them",
+        )  # fmt: skip
+    return uniq
+
+
+def _orphans(store: Store, name: str) -> list[str]:
+    vs = store.vectors(name)
+    if not vs.folder.is_dir():
+        return []
+    known = set()
+    for p in vs.parts():
+        known |= {Path(str(p["file"])).name, vs._keys_path(p).name}
+    return sorted(f.name for f in vs.folder.iterdir() if f.name not in known)
+
+
+def _check_index(
+    store: Store, row: dict[str, Any], vec_keys: dict[str, np.ndarray], pins: np.ndarray,
+    report: CheckReport,
+) -> None:  # fmt: skip
+    import faiss
+
+    name = row["name"]
+    where = f"index {name}"
+    report.checked["indexes"] = report.checked.get("indexes", 0) + 1
+    base = store.index_base(name)
+    files = {s: base.with_name(base.name + s) for s in (".faiss", ".ids.npy", ".json")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        report.add("error", where, "missing_file", f"missing {missing}; pinsearch repair")
+        return
+    meta = json.loads(files[".json"].read_text())
+    sums = meta.get("sha256", {})
+    for key, suffix in (("faiss", ".faiss"), ("ids", ".ids.npy")):
+        if file_sha256(files[suffix]) != sums.get(key):
+            report.add("error", where, "checksum", f"{files[suffix]} does not match its JSON")
+            return
+    if sums.get("faiss") != row["sha256"]:
+        report.add("error", where, "checksum", "the catalog records another index file")
+        return
+    index = faiss.read_index(str(files[".faiss"]))
+    ids = np.load(files[".ids.npy"], allow_pickle=False)
+    if not (index.ntotal == row["ntotal"] == len(ids)):
+        report.add(
+            "error", where, "ntotal",
+            f"file holds {index.ntotal}, id map {len(ids)}, catalog {row['ntotal']}",
+        )  # fmt: skip
+        return
+    if index.d != row["dim"]:
+        report.add("error", where, "dimension", f"file is {index.d}-d, catalog {row['dim']}")
+    if len(np.unique(ids)) != len(ids):
+        report.add("error", where, "duplicate_ids", "the id map names a pin twice")
+    stray = np.setdiff1d(ids, pins)
+    if stray.size:
+        report.add(
+            "error", where, "unknown_pins",
+            f"{stray.size} ids are not pins of the catalog (e.g. {stray[:3].tolist()})",
+        )  # fmt: skip
+    stored = vec_keys.get(row["backbone"], np.empty(0, np.int64))
+    extra = np.setdiff1d(ids, stored)
+    if extra.size and not stray.size:
+        report.add(
+            "error", where, "no_vector",
+            f"{extra.size} ids have no stored {row['backbone']} vector (e.g. {extra[:3].tolist()})",
+        )  # fmt: skip
+    lag = np.setdiff1d(stored, ids)
+    if lag.size:
+        report.add(
+            "warning", where, "lagging",
+            f"{lag.size} stored vectors are not in the index (pinsearch index or repair adds them)",
+        )  # fmt: skip
+
+
+def _check_heads(store: Store, report: CheckReport) -> None:
+    from pinsearch.heads import load_head
+
+    for row in store.catalog.query("SELECT name, backbone, file FROM heads ORDER BY name"):
+        where = f"head {row['name']}"
+        report.checked["heads"] = report.checked.get("heads", 0) + 1
+        base = store.root / row["file"]
+        try:
+            head = load_head(base)
+        except Exception as exc:  # missing, truncated or altered files raise several types
+            report.add("error", where, "unreadable", f"{base}: {exc}")
+            continue
+        run = store.catalog.get_embedding(row["backbone"]) or {}
+        dims = {run.get("dim")}
+        if "+" in row["backbone"]:  # fused features: the blocks' dimensions add up
+            parts = [store.catalog.get_embedding(b) or {} for b in row["backbone"].split("+")]
+            dims = {sum(int(p.get("dim") or 0) for p in parts)}
+        if head.n_features_in_ not in dims:
+            report.add(
+                "error", where, "dimension",
+                f"expects {head.n_features_in_}-d vectors, {row['backbone']} has {dims.pop()}",
+            )  # fmt: skip
+
+
+def _check_alignments(store: Store, report: CheckReport) -> None:
+    for row in store.info().alignments:
+        where = f"alignment {row['backbone']}"
+        report.checked["alignments"] = report.checked.get("alignments", 0) + 1
+        from pinsearch.align import load_alignment
+
+        try:
+            found = load_alignment(store, row["backbone"])
+        except Exception as exc:  # IndexFileError for a missing or altered file
+            report.add("error", where, "unreadable", str(exc))
+            continue
+        run = store.catalog.get_embedding(row["backbone"]) or {}
+        if found is not None and found[0]["image_weight"].shape[1] != run.get("dim"):
+            report.add("error", where, "dimension", "projection does not fit the backbone")
+
+
+def _check_ingests(store: Store, report: CheckReport) -> None:
+    rows = store.catalog.query(
+        "SELECT ingest_id, found, added, skipped, sampled_out, already_present FROM ingests"
+    )
+    for r in rows:
+        accounted = r["added"] + r["skipped"] + r["sampled_out"] + r["already_present"]
+        if accounted != r["found"]:
+            report.add(
+                "error", f"ingest {r['ingest_id']}", "pins_unaccounted",
+                f"found {r['found']} but added + skipped + sampled out + already present = "
+                f"{accounted}",
+            )  # fmt: skip
+
+
+def check_store(path: str | Path) -> CheckReport:
+    """Verify a store (read-only) and report every problem found."""
+    with Store.open(path, read_only=True, verify=False) as store:
+        return _check_open(store)
+
+
+def _check_open(store: Store) -> CheckReport:
+    report = CheckReport(store=str(store.root))
+    pins = _pin_keys(store)
+    report.pins = len(pins)
+    vec_keys = {
+        name: _check_parts(store, name, pins, report) for name in store.backbones(text_spaces=True)
+    }
+    for row in store.catalog.list_indexes():
+        _check_index(store, row, vec_keys, pins, report)
+    _check_heads(store, report)
+    _check_alignments(store, report)
+    _check_ingests(store, report)
+    return report
+
+
+def repair_store(path: str | Path) -> RepairReport:
+    """Fix what ``check`` finds that can be derived again; see the module docstring."""
+    from pinsearch.edit import _drop_index
+    from pinsearch.indexes import IndexConfig
+
+    out = RepairReport(store=str(path))
+    with Store.open(path, verify=False) as store:  # a writer: orphan files go at open
+        before = _check_open(store)
+        bad_parts: dict[str, list[int]] = {}
+        unknown: dict[str, bool] = {}
+        for f in before.errors:
+            kind, _, rest = f.where.partition(" ")
+            if kind == "vectors" and " part " in rest and f.problem != "duplicate_vectors":
+                name, _, number = rest.rpartition(" part ")
+                bad_parts.setdefault(name, []).append(int(number))
+            elif kind == "vectors" and f.problem == "unknown_pins":
+                unknown[rest] = True
+        pins = _pin_keys(store)
+        for name in store.backbones(text_spaces=True):
+            vs = store.vectors(name)
+            drop = np.empty(0, np.int64)
+            if unknown.get(name):
+                drop = np.setdiff1d(_readable_keys(store, name, bad_parts.get(name, [])), pins)
+            if bad_parts.get(name) or drop.size:
+                n = vs.drop_keys(drop, parts=bad_parts.get(name))
+                store.catalog.upsert_embedding(name, count=len(vs))
+                out.actions.append(
+                    f"vectors {name}: removed {n} vectors (damaged parts "
+                    f"{bad_parts.get(name, [])}, {drop.size} of unknown pins); "
+                    "pinsearch index re-embeds the pins that lost theirs"
+                )
+        for row in store.catalog.list_indexes():
+            name, backbone = row["name"], row["backbone"]
+            spaces = store.backbones(text_spaces=True)
+            if backbone not in spaces or len(store.vectors(backbone)) == 0:
+                _drop_index(store, name)
+                out.actions.append(f"index {name}: dropped (no stored vectors to rebuild it from)")
+                continue
+            problems = [f for f in before.findings if f.where == f"index {name}"]
+            if problems or backbone in bad_parts or unknown.get(backbone):
+                store.build_index(backbone, IndexConfig(**json.loads(row["config"])), name=name)
+                n = len(store.vectors(backbone))
+                out.actions.append(f"index {name}: rebuilt from {n} stored vectors")
+        for f in before.errors:
+            if f.where.startswith("head "):
+                head = f.where.removeprefix("head ")
+                store.catalog.connection.execute("DELETE FROM heads WHERE name = ?", [head])
+                out.actions.append(f"head {head}: forgotten ({f.problem}); train it again")
+            elif f.where.startswith("alignment "):
+                backbone = f.where.removeprefix("alignment ")
+                store.catalog.connection.execute(
+                    "DELETE FROM alignments WHERE backbone = ?", [backbone]
+                )
+                out.actions.append(f"alignment {backbone}: forgotten; run pinsearch align again")
+    out.after = check_store(path)
+    return out
+
+
+def _readable_keys(store: Store, name: str, skip: list[int]) -> np.ndarray:
+    vs = store.vectors(name)
+    keys = [vs._load_keys(p) for p in vs.parts() if int(p["part"]) not in skip]
+    return np.concatenate(keys) if keys else np.empty(0, np.int64)

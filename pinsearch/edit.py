@@ -1,0 +1,248 @@
+"""Incremental changes to a store: ``pinsearch add`` and ``pinsearch remove``.
+
+``add`` ingests new pins or boards into an existing store and embeds only what is new, for every
+backbone the store has, then updates each index (and title vectors). ``remove`` deletes pins —
+by id, by board or by user — with their vectors in every backbone and their index entries
+(derived indexes are rebuilt from the remaining vectors, so approximate indexes stay
+consistent). Either way, heads trained on the store's backbones are marked stale: their
+training data changed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.errors import PinNotFoundError
+from pinsearch.store import Store
+
+__all__ = ["AddReport", "RemoveReport", "add_corpus", "mark_heads_stale", "remove_pins"]
+
+
+@dataclass
+class AddReport:
+    """What ``add`` did: the ingest and one index report per backbone."""
+
+    store: str
+    corpus: str
+    added: int
+    skipped: int
+    already_present: int
+    backbones: list[dict[str, Any]] = field(default_factory=list)
+    stale_heads: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RemoveReport:
+    """What ``remove`` deleted."""
+
+    store: str
+    pins: int
+    boards: int
+    users: int
+    vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors removed
+    indexes: list[str] = field(default_factory=list)  # rebuilt (or dropped when emptied)
+    stale_heads: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mark_heads_stale(store: Store, backbones: Sequence[str]) -> list[str]:
+    """Flag the heads trained on these backbones' vectors; returns their names."""
+    if not backbones:
+        return []
+    rows = store.catalog.query(
+        "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) RETURNING name",
+        [list(backbones)],
+    )
+    return sorted(r["name"] for r in rows)
+
+
+def add_corpus(
+    corpus: str | Path,
+    store_path: str | Path,
+    *,
+    ingest: Any = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: Any = None,
+) -> AddReport:
+    """Add a corpus's new pins to an existing store, for every backbone it has.
+
+    Each backbone embeds with the weights, normalisation and dtype of its stored run.
+
+    Raises:
+        FileNotFoundError: no store at ``store_path`` (use ``pinsearch index`` to create one).
+        ValueError: the store has no backbone yet.
+    """
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+
+    start = time.perf_counter()
+    with Store.open(store_path, read_only=True) as store:
+        backbones = store.backbones()
+        runs = {b: store.catalog.get_embedding(b) or {} for b in backbones}
+    if not backbones:
+        raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
+    reports = []
+    for i, backbone in enumerate(backbones):
+        run = runs[backbone]
+        weights = str(run.get("spec", {}).get("weights", ""))
+        embed = EmbedConfig(
+            weights=weights.split(":", 1)[1] if weights.startswith("file:") else None,
+            normalize=bool(run.get("normalize")),
+            dtype=str(run.get("dtype") or "float32"),
+            device=device,
+            **{k: v for k, v in (("batch_size", batch_size), ("workers", workers)) if v},
+        )
+        reports.append(
+            index_corpus(
+                corpus if i == 0 else None,
+                store_path,
+                backbone=backbone,
+                ingest=ingest,
+                embed=embed,
+                progress=progress,
+            )
+        )
+    first = reports[0]
+    stale: list[str] = []
+    if first.added:
+        with Store.open(store_path) as store:
+            stale = mark_heads_stale(store, backbones)
+    return AddReport(
+        store=str(store_path),
+        corpus=str(corpus),
+        added=first.added,
+        skipped=first.skipped,
+        already_present=first.already_present,
+        backbones=[r.to_dict() for r in reports],
+        stale_heads=stale,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _keys_to_remove(
+    store: Store, pin_ids: Sequence[str], boards: Sequence[str], users: Sequence[str]
+) -> np.ndarray:
+    found = store.catalog.keys_for_ids(list(pin_ids))
+    missing = sorted(set(pin_ids) - set(found))
+    if missing:
+        raise PinNotFoundError(
+            f"{len(missing)} pin id(s) not in store {store.root}: {missing[:5]}; nothing removed"
+        )
+    keys = set(found.values())
+    for column, values in (("board", boards), ("user_id", users)):
+        if not values:
+            continue
+        known = {
+            r["v"]
+            for r in store.catalog.query(
+                f"SELECT DISTINCT {column} AS v FROM pins WHERE {column} IN (SELECT unnest(?))",
+                [list(values)],
+            )
+        }
+        unknown = sorted(set(values) - known)
+        if unknown:
+            what = "board" if column == "board" else "user"
+            raise PinNotFoundError(
+                f"no pins of {what}(s) {unknown[:5]} in store {store.root}; nothing removed"
+            )
+        rows = store.catalog.query(
+            f"SELECT pin_key FROM pins WHERE {column} IN (SELECT unnest(?))", [list(values)]
+        )
+        keys |= {r["pin_key"] for r in rows}
+    return np.array(sorted(keys), dtype=np.int64)
+
+
+def remove_pins(
+    store: Store,
+    *,
+    pin_ids: Sequence[str] = (),
+    boards: Sequence[str] = (),
+    users: Sequence[str] = (),
+) -> RemoveReport:
+    """Remove pins (by id, board or user) with their vectors and index entries.
+
+    Order of work: vectors first (each backbone's parts swapped in one transaction), then the
+    catalog rows (one transaction), then the derived indexes rebuilt. A crash before the
+    catalog commit leaves the pins in place with fewer vectors (``pinsearch index`` re-embeds
+    them); after it, ``pinsearch repair`` (or the next ``add``/``index``) rebuilds indexes.
+
+    Raises:
+        PinNotFoundError: an id, board or user matches nothing (nothing is removed).
+        ValueError: nothing was asked.
+    """
+    from pinsearch.indexes import IndexConfig
+
+    if not (pin_ids or boards or users):
+        raise ValueError("name pins, boards or users to remove")
+    start = time.perf_counter()
+    keys = _keys_to_remove(store, pin_ids, boards, users)
+    vectors = {}
+    for name in store.backbones(text_spaces=True):
+        n = store.vectors(name).drop_keys(keys)
+        if n:
+            vectors[name] = n
+    con = store.catalog.connection
+    with store.catalog.transaction():
+        con.execute("DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [keys.tolist()])
+        n_boards = len(
+            con.execute(
+                "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
+                "(SELECT unnest(?))) AND board NOT IN "
+                "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
+                [list(boards), list(users)],
+            ).fetchall()
+        )
+        n_users = len(
+            con.execute(
+                "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "
+                "(SELECT DISTINCT user_id FROM pins WHERE user_id IS NOT NULL) RETURNING user_id",
+                [list(users)],
+            ).fetchall()
+        )
+        for name in vectors:
+            store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+    rebuilt = []
+    for row in store.catalog.list_indexes():
+        if row["backbone"] not in vectors:
+            continue
+        if len(store.vectors(row["backbone"])) == 0:
+            _drop_index(store, row["name"])
+        else:
+            config = IndexConfig(**json.loads(row["config"]))
+            store.build_index(row["backbone"], config, name=row["name"])
+        rebuilt.append(row["name"])
+    stale = mark_heads_stale(store, [b for b in vectors if "#" not in b])
+    return RemoveReport(
+        store=str(store.root),
+        pins=len(keys),
+        boards=n_boards,
+        users=n_users,
+        vectors=vectors,
+        indexes=rebuilt,
+        stale_heads=stale,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _drop_index(store: Store, name: str) -> None:
+    base = store.index_base(name)
+    store.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
+    store.forget_cached(name)
+    for suffix in (".faiss", ".ids.npy", ".json"):
+        base.with_name(base.name + suffix).unlink(missing_ok=True)
