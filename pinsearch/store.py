@@ -302,7 +302,7 @@ class Store:
         if index.ntotal != row["ntotal"]:
             raise IndexFileError(
                 f"index {name!r}: the catalog says {row['ntotal']} vectors, the file holds "
-                f"{index.ntotal}; rebuild it with pinsearch index --rebuild"
+                f"{index.ntotal}; pinsearch repair rebuilds it"
             )
         self._indexes[name] = index
         return index
@@ -321,7 +321,10 @@ class Store:
                 self.index_base(row["name"]).name + ".ids.npy"
             )
             if not ids_file.is_file():
-                raise IndexFileError(f"index {row['name']!r}: id map {ids_file} is missing")
+                raise IndexFileError(
+                    f"index {row['name']!r}: id map {ids_file} is missing; pinsearch repair "
+                    "rebuilds it"
+                )
             ids = np.load(ids_file, allow_pickle=False)
             if len(ids) != row["ntotal"]:
                 raise IndexFileError(
@@ -332,7 +335,7 @@ class Store:
             if stray.size:
                 raise IndexFileError(
                     f"index {row['name']!r} refers to {stray.size} pin keys not in the catalog "
-                    f"(e.g. {stray[:3].tolist()}); rebuild it"
+                    f"(e.g. {stray[:3].tolist()}); pinsearch repair rebuilds it"
                 )
 
     # -- reporting -----------------------------------------------------------------------

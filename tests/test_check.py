@@ -1,0 +1,123 @@
+"""``pinsearch check`` finds each kind of damage precisely; ``repair`` fixes what is derived."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.check import check_store, repair_store
+from pinsearch.classify import train_head
+from pinsearch.cli.app import app
+from pinsearch.errors import IndexFileError
+from pinsearch.pipeline import index_corpus
+from pinsearch.store import Store
+
+B = "test_efficientnet"
+
+
+def _problems(path: Path) -> set[tuple[str, str, str]]:
+    return {(f.level, f.where, f.problem) for f in check_store(path).findings}
+
+
+def test_a_healthy_store_checks_ok(built_store) -> None:
+    report = check_store(built_store.path)
+    assert report.ok and report.findings == [] and report.pins == 24
+    assert report.checked == {"vector_parts": 1, "vectors": 24, "indexes": 1}
+
+
+def test_damaged_index_file_is_found_and_rebuilt(store_copy: Path) -> None:
+    faiss_file = store_copy / "indexes" / f"{B}.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:-8] + b"\0" * 8)
+    assert ("error", f"index {B}", "checksum") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert repaired.actions == [f"index {B}: rebuilt from 24 stored vectors"]
+    assert repaired.after is not None and repaired.after.ok
+
+
+def test_missing_id_map_is_found_and_rebuilt(store_copy: Path) -> None:
+    (store_copy / "indexes" / f"{B}.ids.npy").unlink()
+    assert ("error", f"index {B}", "missing_file") in _problems(store_copy)
+    assert repair_store(store_copy).after.ok
+
+
+def test_catalog_count_mismatch(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute("UPDATE indexes SET ntotal = 23")
+    assert ("error", f"index {B}", "ntotal") in _problems(store_copy)
+    assert repair_store(store_copy).after.ok
+
+
+def test_damaged_vector_part_is_forgotten_then_reembedded(store_copy: Path, built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as s:
+        original, keys = s.vectors(B).load()
+    part = store_copy / "vectors" / B / "part-000000.npy"
+    part.write_bytes(part.read_bytes()[:-4] + b"\x01\x02\x03\x04")
+    assert ("error", f"vectors {B} part 0", "checksum") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert any("removed 24 vectors" in a for a in repaired.actions)
+    after = repaired.after
+    assert after is not None and after.ok  # nothing left to trust is an error no more
+    assert {(f.where, f.problem) for f in after.findings} == {(f"vectors {B}", "not_embedded")}
+    index_corpus(None, store_copy, backbone=B)  # re-embeds exactly the pins that lost vectors
+    with Store.open(store_copy, read_only=True) as s:
+        again, _ = s.vectors(B).load(keys)
+    np.testing.assert_allclose(again, original, atol=1e-5)
+    assert check_store(store_copy).findings == []
+
+
+def test_vectors_of_unknown_pins(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:  # what a crash between two writes could leave
+        key = store.catalog.scalar("SELECT min(pin_key) FROM pins")
+        store.catalog.connection.execute("DELETE FROM pins WHERE pin_key = ?", [key])
+    problems = _problems(store_copy)
+    assert ("error", f"vectors {B}", "unknown_pins") in problems
+    assert ("error", f"index {B}", "unknown_pins") in problems
+    with pytest.raises(IndexFileError, match="pinsearch repair"):
+        Store.open(store_copy, read_only=True)  # a normal open refuses the stale id map
+    repaired = repair_store(store_copy)
+    assert repaired.after.ok and repaired.after.checked["vectors"] == 23
+
+
+def test_head_and_alignment_files(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1}, name="h")
+    (store_copy / "heads" / "h.npz").unlink()
+    assert ("error", "head h", "unreadable") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert "head h: forgotten (unreadable); train it again" in repaired.actions
+    assert repaired.after.ok
+
+
+def test_orphan_files_and_lagging_index(store_copy: Path) -> None:
+    (store_copy / "vectors" / B / "part-000009.npy").write_bytes(b"left by a crash")
+    with Store.open(store_copy, read_only=True) as store:
+        keys = store.vectors(B).keys()
+    with Store.open(store_copy, verify=False) as store:  # the writer removes the orphan...
+        store.vectors(B).drop_keys(keys[:2])  # ...and vectors leave without the index update
+    problems = _problems(store_copy)
+    assert ("error", f"index {B}", "no_vector") in problems
+    assert repair_store(store_copy).after.ok
+    (store_copy / "vectors" / B / "part-000009.npy").write_bytes(b"left by a crash")
+    assert ("warning", f"vectors {B}", "orphan_files") in _problems(store_copy)
+
+
+def test_ingest_accounting(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute("UPDATE ingests SET found = found + 1")
+    assert ("error", "ingest 1", "pins_unaccounted") in _problems(store_copy)
+
+
+def test_cli_check_exit_codes(store_copy: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(app, ["check", "--store", str(store_copy), "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["ok"] is True
+    (store_copy / "indexes" / f"{B}.json").unlink()
+    out = runner.invoke(app, ["check", "--store", str(store_copy)])
+    assert out.exit_code == 1 and "missing_file" in out.output
+    out = runner.invoke(app, ["repair", "--store", str(store_copy), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["after"]["ok"] is True

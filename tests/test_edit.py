@@ -1,0 +1,149 @@
+"""``pinsearch add`` and ``remove``: incremental changes keep catalog, vectors and indexes in
+step, queries are right straight after, heads go stale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.check import check_store
+from pinsearch.classify import train_head
+from pinsearch.cli.app import app
+from pinsearch.edit import add_corpus, remove_pins
+from pinsearch.errors import PinNotFoundError
+from pinsearch.pipeline import index_corpus
+from pinsearch.search import PinSearcher
+from pinsearch.store import Store
+
+B = "test_efficientnet"
+
+
+def _ids(store: Store) -> set[str]:
+    return {r["pin_id"] for r in store.catalog.query("SELECT pin_id FROM pins")}
+
+
+def _all_hits(store: Store, k: int = 50) -> set[str]:
+    """Every pin id any query can return (k covers the whole store)."""
+    searcher = PinSearcher(store, backbone=B)
+    vec, _ = store.vectors(B).load()
+    found: set[str] = set()
+    for v in vec[:5]:
+        found |= {h.pin_id for h in searcher.similar_to_vector(v, k).hits}
+    return found
+
+
+def test_remove_pins_takes_vectors_and_index_entries(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
+        gone = sorted(_ids(store))[:3]
+        report = remove_pins(store, pin_ids=gone)
+        assert report.pins == 3 and report.vectors == {B: 3} and report.indexes == [B]
+        assert report.stale_heads == [f"{B}/knn"]
+        assert not (set(gone) & _ids(store)) and len(_ids(store)) == 21
+        assert len(store.vectors(B)) == 21 and store.load_index(B).ntotal == 21
+        assert not (set(gone) & _all_hits(store))
+        assert store.catalog.query("SELECT stale FROM heads")[0]["stale"] is True
+    assert check_store(store_copy).ok
+
+
+def test_remove_board_and_user(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        board = store.catalog.query("SELECT board FROM boards ORDER BY board LIMIT 1")[0]["board"]
+        r = remove_pins(store, boards=[board])
+        assert r.pins == 4 and r.boards == 1
+        assert not store.catalog.query("SELECT * FROM boards WHERE board = ?", [board])
+        r = remove_pins(store, users=["user001"])
+        assert r.users == 1 and r.boards >= 1
+        left = store.catalog.query("SELECT DISTINCT user_id FROM pins")
+        assert [row["user_id"] for row in left] == ["user000"]
+        assert not store.catalog.query("SELECT * FROM boards WHERE user_id = 'user001'")
+        assert store.load_index(B).ntotal == len(_ids(store))
+    assert check_store(store_copy).ok
+
+
+def test_remove_unknown_names_nothing_changes(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        before = _ids(store)
+        pin = sorted(before)[0]
+        with pytest.raises(PinNotFoundError, match="nope"):
+            remove_pins(store, pin_ids=[pin, "nope"])
+        with pytest.raises(PinNotFoundError, match="board"):
+            remove_pins(store, boards=["no/such-board"])
+        with pytest.raises(ValueError, match="name pins"):
+            remove_pins(store)
+        assert _ids(store) == before and len(store.vectors(B)) == 24
+
+
+def test_remove_with_an_approximate_index(tree_corpus, tmp_path: Path) -> None:
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B, index={"factory": "IVF4,Flat"})
+    with Store.open(tmp_path / "s") as store:
+        gone = sorted(_ids(store))[5:15]
+        remove_pins(store, pin_ids=gone)
+        index = store.load_index(B)
+        assert index.factory == "IVF4,Flat" and index.ntotal == 14
+        assert not (set(gone) & _all_hits(store))
+    assert check_store(tmp_path / "s").ok
+
+
+def test_add_embeds_only_new_pins_for_every_backbone(tree_corpus, make_tree, tmp_path) -> None:
+    store = tmp_path / "s"
+    index_corpus(tree_corpus.root, store, backbone=B)
+    index_corpus(None, store, backbone="test_convnext")
+    with Store.open(store) as s:
+        train_head(s, B, "knn", {"n_neighbors": 1})
+    more = make_tree(tmp_path / "more", seed=7, pins_per_board=1)
+    report = add_corpus(more.root, store)
+    assert report.added == 6 and report.stale_heads == [f"{B}/knn"]
+    assert {b["backbone"]: b["embedded"] for b in report.backbones} == {
+        B: 6,
+        "test_convnext": 6,
+    }
+    again = add_corpus(more.root, store)
+    assert again.added == 0 and again.already_present == 6
+    assert all(b["embedded"] == 0 for b in again.backbones)
+    with Store.open(store, read_only=True) as s:
+        assert {name: s.load_index(name).ntotal for name in s.index_names()} == {
+            B: 30,
+            "test_convnext": 30,
+        }
+        assert _all_hits(s) == _ids(s) and len(_ids(s)) == 30
+    assert check_store(store).ok
+
+
+def test_add_then_remove_gives_back_the_same_answers(store_copy: Path, make_tree, tmp_path):
+    with Store.open(store_copy, read_only=True) as s:
+        before = PinSearcher(s).similar_to_vector(s.vectors(B).load()[0][0], 10)
+    more = make_tree(tmp_path / "more", seed=9, pins_per_board=1)
+    add_corpus(more.root, store_copy)
+    with Store.open(store_copy) as s:
+        new = sorted(_ids(s) - {h.pin_id for h in before.hits})
+        old = {r["pin_id"] for r in s.catalog.query("SELECT pin_id FROM pins WHERE ingest_id = 1")}
+        remove_pins(s, pin_ids=sorted(set(new) - old))
+    with Store.open(store_copy, read_only=True) as s:
+        after = PinSearcher(s).similar_to_vector(s.vectors(B).load()[0][0], 10)
+    assert [h.pin_id for h in after.hits] == [h.pin_id for h in before.hits]
+    np.testing.assert_allclose([h.score for h in after.hits], [h.score for h in before.hits], 1e-6)
+
+
+def test_add_refuses_a_missing_store(tree_corpus, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no pinsearch store"):
+        add_corpus(tree_corpus.root, tmp_path / "nothing")
+
+
+def test_cli_add_remove(store_copy: Path, make_tree, tmp_path: Path) -> None:
+    runner = CliRunner()
+    more = make_tree(tmp_path / "more", seed=3, pins_per_board=1)
+    out = runner.invoke(app, ["add", str(more.root), "--store", str(store_copy), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["added"] == 6
+    with Store.open(store_copy, read_only=True) as s:
+        pin = sorted(_ids(s))[0]
+    out = runner.invoke(app, ["remove", "-s", str(store_copy), "--pin", pin, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["pins"] == 1
+    out = runner.invoke(app, ["remove", "-s", str(store_copy), "--pin", pin])
+    assert out.exit_code != 0
