@@ -362,8 +362,19 @@ def iter_manifest(
                 f"{manifest}:{line}", "missing_path", f"row {line} of {manifest} has no path"
             )
             continue
-        rel = Path(raw_path)
-        full = (base / rel).resolve()
+        try:
+            if "\x00" in raw_path:
+                raise ValueError("the path holds a NUL byte")
+            rel = Path(raw_path)
+            full = (base / rel).resolve()
+            default_id = rel.with_suffix("").as_posix()
+        except (ValueError, OSError) as exc:  # NUL bytes, names like "/" or "..", too long
+            yield SkippedPin(
+                raw_path.replace("\x00", "\\0"),
+                "bad_path",
+                f"row {line} of {manifest}: unusable path {raw_path!r}: {exc}",
+            )
+            continue
         if not allow_outside_root and (rel.is_absolute() or not full.is_relative_to(base)):
             yield SkippedPin(
                 raw_path,
@@ -372,7 +383,7 @@ def iter_manifest(
             )
             continue
         category = normalize_category(_text(row.get("category")))
-        pin_id = _text(row.get("pin_id")) or rel.with_suffix("").as_posix()
+        pin_id = _text(row.get("pin_id")) or default_id
         if not category:
             yield SkippedPin(
                 raw_path, "missing_category", f"row {line} of {manifest} has no category", pin_id
