@@ -393,6 +393,7 @@ class Catalog:
         for key in ("spec", "preprocess"):
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], sort_keys=True)
+        self._known_columns("embeddings", fields)
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._con.execute(
             f"UPDATE embeddings SET {sets} WHERE backbone = ?", [*fields.values(), backbone]
@@ -417,9 +418,22 @@ class Catalog:
 
     # -- indexes --------------------------------------------------------------------------
 
+    def _known_columns(self, table: str, names: Iterable[str]) -> None:
+        """Column names reach SQL text only after this check against the table's schema."""
+        cols = {
+            r[0]
+            for r in self._con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+            ).fetchall()
+        }
+        unknown = sorted(set(names) - cols)
+        if unknown:
+            raise ValueError(f"table {table} has no column(s) {unknown}")
+
     def upsert_index(self, row: dict[str, Any]) -> None:
         """Create or replace the catalog row of an index."""
         row = {**row, "built_at": _now()}
+        self._known_columns("indexes", row)
         cols = list(row)
         self._con.execute(
             f"INSERT OR REPLACE INTO indexes ({', '.join(cols)}) "

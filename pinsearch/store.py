@@ -6,6 +6,8 @@ S/catalog.duckdb        users, boards, pins, skipped, embeddings, vector_parts, 
 S/vectors/<backbone>/   part-NNNNNN.npy + part-NNNNNN.keys.npy (source of truth)
 S/indexes/<name>.*      .faiss + .ids.npy + .json (derived; rebuildable from the vectors)
 S/.lock                 held by the one writer (its PID inside)
+S/catalog.readers.duckdb  the catalog as of the last finished write, for readers to open while
+                        a writer holds catalog.duckdb (DuckDB allows one writer or readers)
 ```
 """
 
@@ -15,6 +17,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,8 @@ __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
 _logger = logging.getLogger(__name__)
 
 STORE_FORMAT_VERSION = 1
+_CATALOG = "catalog.duckdb"
+_SNAPSHOT = "catalog.readers.duckdb"  # what readers open while a writer holds the catalog
 _STORE_FILE = "store.json"
 
 
@@ -94,6 +99,7 @@ class Store:
         self._lock = lock
         self._indexes: dict[str, PinIndex] = {}
         self._vectors: dict[str, VectorStore] = {}
+        self.snapshot = False  # reading the readers' snapshot while a writer works
 
     # -- opening -------------------------------------------------------------------------
 
@@ -138,8 +144,21 @@ class Store:
             )
         meta = _read_store_meta(meta_file)
         lock = None if read_only else _WriteLock(root / ".lock")
+        snapshot = False
         try:
-            catalog = Catalog(root / "catalog.duckdb", read_only=read_only)
+            if lock is not None:
+                _publish_snapshot(root)  # readers see the state before this writer's changes
+            try:
+                catalog = Catalog(root / _CATALOG, read_only=read_only)
+            except duckdb.Error as exc:
+                locked = "lock" in str(exc).lower() or "configuration" in str(exc).lower()
+                if not (read_only and locked and (root / _SNAPSHOT).is_file()):
+                    raise
+                # A writer holds the catalog: read its last published snapshot instead.
+                catalog = Catalog(root / _SNAPSHOT, read_only=True)
+                snapshot = True
+                _logger.info("store %s is being written (%s); reading its snapshot", root,
+                             _lock_holder(root))  # fmt: skip
         except Exception as exc:
             if lock is not None:
                 lock.release()
@@ -150,21 +169,26 @@ class Store:
                 ) from exc
             raise
         store = cls(root, catalog, lock)
+        store.snapshot = snapshot
         if not read_only:
             catalog.set_meta("last_written_by", __version__)
             for backbone in store.backbones(text_spaces=True):
                 store.vectors(backbone).remove_orphans()
-        if verify:
+        if verify and not snapshot:  # a snapshot may lag the index files the writer updates
             store._verify_id_maps()
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
         return store
 
     def close(self) -> None:
-        """Close the catalog and release the write lock."""
+        """Close the catalog and release the write lock (a writer first publishes the
+        snapshot that readers use while the next writer works)."""
         self.catalog.close()
         if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            try:
+                _publish_snapshot(self.root)
+            finally:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -299,7 +323,13 @@ class Store:
         if row is None:
             raise ValueError(f"no index {name!r} in {self.root}; it has {self.index_names()}")
         index = load_index(self.index_base(name), config=config)
-        if index.ntotal != row["ntotal"]:
+        if index.ntotal != row["ntotal"] and self.snapshot:
+            # The writer has updated the index since the snapshot: its files vouch for
+            # themselves (checksums), and hits of pins the snapshot does not know are skipped.
+            _logger.info(
+                "index %s holds %d vectors, snapshot %d", name, index.ntotal, row["ntotal"]
+            )
+        elif index.ntotal != row["ntotal"]:
             raise IndexFileError(
                 f"index {name!r}: the catalog says {row['ntotal']} vectors, the file holds "
                 f"{index.ntotal}; pinsearch repair rebuilds it"
@@ -406,6 +436,24 @@ class Store:
             "SELECT backbone, text_model, pairs, images, source, metrics FROM alignments "
             "ORDER BY backbone"
         )
+
+
+def _publish_snapshot(root: Path) -> None:
+    """Copy the catalog to ``catalog.readers.duckdb`` (temporary file + rename) when it is newer.
+
+    Called by the writer, under the write lock, when it opens (before any change) and when it
+    closes: readers that find the catalog held by the writer read this copy — the state of the
+    last finished write. Nothing is copied while a write-ahead log is pending (a crashed
+    writer): the next writer replays it, and publishes on close.
+    """
+    catalog, snap = root / _CATALOG, root / _SNAPSHOT
+    if not catalog.is_file() or catalog.with_name(catalog.name + ".wal").exists():
+        return
+    if snap.is_file() and snap.stat().st_mtime_ns >= catalog.stat().st_mtime_ns:
+        return
+    tmp = snap.with_name(snap.name + ".tmp")
+    shutil.copyfile(catalog, tmp)
+    os.replace(tmp, snap)
 
 
 def _lock_holder(root: Path) -> str:

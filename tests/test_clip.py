@@ -303,3 +303,13 @@ def test_backbone_without_text_tower_says_how_to_get_one(built_store) -> None:
             text_encoder_for(store, "test_efficientnet")
         with pytest.raises(NoTextTowerError, match="CLIP backbone"):
             TextSearcher(store).search_text("a car")
+
+
+def test_a_clip_checkpoint_holding_code_is_refused(tmp_path: Path) -> None:
+    """open_clip loads local checkpoints with weights_only=True: pickled objects are refused."""
+    import collections
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": collections.Counter(a=1), "hook": print}, evil)
+    with pytest.raises(Exception, match="cannot load"):
+        create_backbone("clip:pinsearch-test-clip", weights=evil)

@@ -134,3 +134,14 @@ def test_linear_svm_torch_solver_agrees_with_liblinear(data, C) -> None:  # type
     assert (torch_svm.predict(Xte) == lib_svm.predict(Xte)).mean() >= 0.97
     with pytest.raises(ValueError, match="solver must be"):
         LinearSVMHead(solver="sgd").fit(Xtr, ytr)
+
+
+def test_a_head_file_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
+    """Saved heads are plain arrays: an .npz smuggling a pickled object does not load."""
+    X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    y = np.array(["a", "b"] * 10)
+    save_head(create_head("lsvm").fit(X, y), tmp_path / "h")
+    with (tmp_path / "h.npz").open("wb") as fh:
+        np.savez(fh, classes=np.array([{"evil": print}], dtype=object), coef=np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="pickle"):
+        load_head(tmp_path / "h")

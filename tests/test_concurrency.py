@@ -1,0 +1,82 @@
+"""One writer, many readers: while a process writes to a store, a second writer gets a clear
+"locked by PID" error and readers keep working on the last finished state (the snapshot)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pinsearch.errors import StoreLockedError
+from pinsearch.search import PinSearcher
+from pinsearch.store import Store
+
+_WRITER = """
+import sys, time
+from pathlib import Path
+from pinsearch.store import Store
+store = Store.open(sys.argv[1])
+store.catalog.set_meta("note", "written by the writer")
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.05)
+store.close()
+"""
+
+
+def _start_writer(store: Path, done: Path) -> subprocess.Popen:
+    env = {**os.environ, "PINSEARCH_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(store), str(done)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def _query(store: Store) -> int:
+    pin = store.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key DESC LIMIT 1")[0]
+    return len(PinSearcher(store).similar_to_pin(pin["pin_id"], 5).hits)
+
+
+def test_readers_keep_working_while_a_writer_works(store_copy: Path, tmp_path: Path) -> None:
+    with Store.open(store_copy) as s:  # a finished write publishes the readers' snapshot
+        s.catalog.set_meta("note", "before")
+    writer = _start_writer(store_copy, tmp_path / "done")
+    try:
+        with pytest.raises(StoreLockedError, match=f"locked by PID {writer.pid}"):
+            Store.open(store_copy)
+        with Store.open(store_copy, read_only=True) as reader:
+            assert reader.snapshot
+            assert reader.catalog.get_meta("note") == "before"  # not the writer's pending change
+            assert reader.catalog.count_pins() == 24 and _query(reader) == 5
+            assert reader.info().pins == 24
+    finally:
+        (tmp_path / "done").touch()
+        writer.wait(timeout=60)
+    assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    with Store.open(store_copy, read_only=True) as after:  # the writer is gone: the catalog
+        assert not after.snapshot
+        assert after.catalog.get_meta("note") == "written by the writer"
+        assert after.catalog.count_pins() == 24
+
+
+def test_a_killed_writer_leaves_readers_the_last_snapshot(store_copy: Path, tmp_path: Path):
+    writer = _start_writer(store_copy, tmp_path / "never")
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=60)
+    time.sleep(0.1)
+    with Store.open(store_copy, read_only=True) as reader:  # its lock died with it
+        assert _query(reader) == 5
+    with Store.open(store_copy) as s:  # the next writer replays or drops its log, and works
+        assert s.catalog.count_pins() == 24 and _query(s) == 5
