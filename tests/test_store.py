@@ -139,9 +139,9 @@ def test_second_writer_in_another_process_is_refused(store_copy: Path) -> None:
             Store.open(store_copy)
         assert f"PID {proc.pid}" in str(info.value)
         assert (store_copy / ".lock").read_text().strip() == str(proc.pid)
-        # DuckDB admits one writer *or* readers: a reader is refused too, with a clear error.
-        with pytest.raises(StoreLockedError, match=str(proc.pid)):
-            Store.open(store_copy, read_only=True)
+        # DuckDB admits one writer *or* readers: a reader reads the writer's published snapshot.
+        with Store.open(store_copy, read_only=True) as reader:
+            assert reader.snapshot and reader.catalog.count_pins() == 24
     finally:
         out, err = proc.communicate("", timeout=60)
     assert proc.returncode == 0, err
