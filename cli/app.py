@@ -290,6 +290,54 @@ def _show_check(report: Any, as_json: bool) -> None:
         console.print(f"[{colour}]{f.level}[/{colour}] {f.where}: {f.problem}: {f.detail}")
 
 
+@app.command()
+def cluster(
+    store: StoreOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    method: Annotated[str, typer.Option(help="kmeans or agglomerative.")] = "kmeans",
+    k: Annotated[int | None, typer.Option("-k", "--k", help="Clusters (default: choose).")] = None,
+    k_min: Annotated[int, typer.Option(min=2)] = 2,
+    k_max: Annotated[int, typer.Option(min=2)] = 30,
+    choose: Annotated[str, typer.Option(help="elbow (kneedle) or silhouette.")] = "elbow",
+    level: Annotated[str, typer.Option(help="pins or boards.")] = "pins",
+    seed: Annotated[int, typer.Option()] = 0,
+    plot: Annotated[Path | None, typer.Option(help="PNG of the k sweep.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cluster pins or boards, choose k (elbow or silhouette), compare with the categories, and
+    save the clusters in the catalog as proposed boards."""
+    from pinsearch.clusters import ClusterConfig, cluster_store, plot_sweep
+    from pinsearch.store import Store
+
+    config = ClusterConfig(
+        method=method, k=k, k_min=k_min, k_max=k_max, choose=choose, level=level, seed=seed
+    )
+    with Store.open(store) as s:
+        report = cluster_store(s, backbone, config)
+    if plot is not None and report.sweep:
+        plot_sweep(report, plot)
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"{report.method} on {report.items} {report.level} ({report.backbone}): k = {report.k} "
+        f"({report.chosen_by}; elbow {report.elbow_k}, best silhouette {report.silhouette_k}); "
+        f"ARI {report.ari:.3f}, V-measure {report.v_measure:.3f}, purity {report.purity:.3f}, "
+        f"silhouette {report.silhouette:.3f}; saved as run {report.run_id}"
+    )
+    rows = [
+        {
+            "cluster": c["cluster"],
+            "size": c["size"],
+            "majority category": c["majority_category"],
+            "purity": c["purity"],
+            "central pins": ", ".join(c["central"][:3]),
+        }
+        for c in report.clusters
+    ]
+    _print_rows("proposed boards", rows)
+
+
 TextOpt = Annotated[
     str | None, typer.Option("--text", "-t", help="Text query (CLIP tower or pinsearch align).")
 ]

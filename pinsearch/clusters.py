@@ -1,0 +1,338 @@
+"""``pinsearch cluster``: group pins (or boards) without labels, choose k, compare with categories.
+
+k-means (FAISS, on the GPU when there is one and the data is large) or agglomerative (Ward,
+scikit-learn) clustering of L2-normalised vectors of any backbone. With no ``k`` given, a sweep
+over ``k_min..k_max`` records the k-means objective (inertia) and the silhouette (cosine, on a
+sample) of each k; k is chosen at the elbow of the inertia curve (kneedle, Satopaa et al. 2011,
+via ``kneed``) or at the best silhouette. The clustering is compared with the categories
+(contingency matrix, adjusted Rand index, V-measure, homogeneity, completeness, purity) and
+saved in the catalog (``cluster_runs``, ``clusters``), each cluster described as a proposed
+board: its size, majority category and most central pins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.store import Store
+
+__all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cluster_runs (
+    run_id INTEGER PRIMARY KEY,
+    backbone VARCHAR,
+    method VARCHAR,                 -- kmeans or agglomerative
+    level VARCHAR,                  -- pins or boards
+    k INTEGER,
+    config VARCHAR,                 -- JSON: ClusterConfig
+    metrics VARCHAR,                -- JSON: ari, v_measure, ..., the k sweep
+    created TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS clusters (
+    run_id INTEGER,
+    item VARCHAR,                   -- pin_id (level pins) or board key (level boards)
+    cluster INTEGER,
+    distance DOUBLE                 -- cosine distance to the cluster centre
+);
+"""
+
+METHODS = ("kmeans", "agglomerative")
+LEVELS = ("pins", "boards")
+
+
+@dataclass
+class ClusterConfig:
+    """How to cluster (see the module docstring)."""
+
+    method: str = "kmeans"
+    k: int | None = None  # None: choose it over k_min..k_max
+    k_min: int = 2
+    k_max: int = 30
+    choose: str = "elbow"  # elbow (kneedle on the inertia) or silhouette
+    level: str = "pins"  # pins, or boards (their mean vectors)
+    silhouette_sample: int = 5000
+    seed: int = 0
+    device: str = "auto"  # k-means on the GPU when available (auto, cpu, gpu)
+    save: bool = True  # record the run in the catalog
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if self.choose not in ("elbow", "silhouette"):
+            raise ValueError(f"choose must be elbow or silhouette, got {self.choose!r}")
+        if self.k is not None and self.k < 2:
+            raise ValueError(f"k must be at least 2, got {self.k}")
+        if not 2 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+
+
+@dataclass
+class ClusterReport:
+    """The chosen clustering, how k was chosen, and how it matches the categories."""
+
+    store: str
+    backbone: str
+    method: str
+    level: str
+    items: int
+    k: int
+    chosen_by: str  # given, elbow or silhouette
+    elbow_k: int | None
+    silhouette_k: int | None
+    sweep: list[dict[str, float]] = field(default_factory=list)  # k, inertia, silhouette
+    ari: float = 0.0
+    v_measure: float = 0.0
+    homogeneity: float = 0.0
+    completeness: float = 0.0
+    purity: float = 0.0
+    silhouette: float = 0.0
+    clusters: list[dict[str, Any]] = field(default_factory=list)  # proposed boards
+    contingency: dict[str, dict[str, int]] = field(default_factory=dict)  # cluster -> cat -> n
+    run_id: int | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, device: str = "auto") -> tuple[
+    np.ndarray, np.ndarray, float
+]:  # fmt: skip
+    """FAISS k-means (spherical: unit centroids, for unit vectors).
+
+    Returns:
+        (labels, centroids, inertia = sum of squared distances to the assigned centroid).
+    """
+    import faiss
+
+    from pinsearch.indexes import gpu_count
+
+    use_gpu = device == "gpu" or (device == "auto" and gpu_count() > 0 and len(x) >= 50_000)
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=25, nredo=3 if len(x) < 20_000 else 1, seed=seed,
+        spherical=True, gpu=bool(use_gpu), max_points_per_centroid=100_000,
+        min_points_per_centroid=1,
+    )  # fmt: skip
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    _, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    centroids = km.centroids
+    inertia = float(((x - centroids[labels[:, 0]]) ** 2).sum())
+    return labels[:, 0].astype(np.int64), centroids, inertia
+
+
+def _agglomerative(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Ward clustering (O(n^2) memory: beyond 20k items, a sample, the rest by nearest centre)."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    limit = 20_000
+    if len(x) <= limit:
+        return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
+    idx = np.random.default_rng(seed).choice(len(x), limit, replace=False)
+    sub = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x[idx])
+    centres = _unit(np.stack([x[idx][sub == c].mean(axis=0) for c in range(k)]))
+    return np.argmax(x @ centres.T, axis=1)
+
+
+def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> tuple[
+    int | None, int | None
+]:  # fmt: skip
+    """(elbow k by kneedle on the inertia curve, k of the best silhouette)."""
+    from kneed import KneeLocator
+
+    elbow = None
+    if len(ks) >= 3:
+        knee = KneeLocator(ks, inertias, curve="convex", direction="decreasing").knee
+        elbow = int(knee) if knee is not None else None
+    best = int(ks[int(np.argmax(silhouettes))]) if silhouettes else None
+    return elbow, best
+
+
+def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(unit vectors, item names, categories) of pins or boards."""
+    vectors, keys = store.vectors(backbone).load()
+    meta = store.catalog.pins_by_key(keys.tolist())
+    ok = np.array([int(k) in meta for k in keys], dtype=bool)
+    vectors, keys = _unit(vectors[ok]), keys[ok]
+    pins = [meta[int(k)] for k in keys]
+    if level == "pins":
+        return vectors, [p["pin_id"] for p in pins], np.array([p["category"] for p in pins])
+    boards = np.array([p["board"] for p in pins])
+    names, inv = np.unique(boards, return_inverse=True)
+    sums = np.zeros((len(names), vectors.shape[1]), np.float64)
+    np.add.at(sums, inv, vectors)
+    cats = {p["board"]: p["category"] for p in pins}
+    return _unit(sums), names.tolist(), np.array([cats[b] for b in names])
+
+
+def _label(x: np.ndarray, k: int, config: ClusterConfig) -> tuple[np.ndarray, float]:
+    if config.method == "kmeans":
+        labels, _, inertia = kmeans(x, k, seed=config.seed, device=config.device)
+        return labels, inertia
+    labels = _agglomerative(x, k, config.seed)
+    centres = np.stack([x[labels == c].mean(axis=0) for c in range(k)])
+    return labels, float(((x - centres[labels]) ** 2).sum())
+
+
+def cluster_store(
+    store: Store, backbone: str | None = None, config: ClusterConfig | None = None
+) -> ClusterReport:
+    """Cluster a backbone's pins (or boards), choose k if needed, compare, and save.
+
+    Raises:
+        ValueError: fewer items than clusters asked.
+    """
+    from sklearn import metrics as skm
+
+    config = config or ClusterConfig()
+    start = time.perf_counter()
+    backbone = store.resolve_backbone(backbone)
+    x, names, cats = _items(store, backbone, config.level)
+    k_max = min(config.k_max, len(x) - 1)
+    if len(x) < 3 or (config.k is not None and config.k >= len(x)):
+        raise ValueError(f"{len(x)} {config.level} cannot make {config.k or 2}+ clusters")
+    rng = np.random.default_rng(config.seed)
+    sample = rng.choice(len(x), min(config.silhouette_sample, len(x)), replace=False)
+
+    def silhouette(labels: np.ndarray) -> float:
+        if len(np.unique(labels[sample])) < 2:
+            return -1.0
+        return float(skm.silhouette_score(x[sample], labels[sample], metric="cosine"))
+
+    sweep: list[dict[str, float]] = []
+    elbow = best = None
+    if config.k is None:
+        ks = list(range(config.k_min, max(k_max, config.k_min) + 1))
+        for k in ks:
+            labels, inertia = _label(x, k, config)
+            sweep.append({"k": k, "inertia": inertia, "silhouette": silhouette(labels)})
+        elbow, best = choose_k(ks, [s["inertia"] for s in sweep], [s["silhouette"] for s in sweep])
+        k = (elbow if config.choose == "elbow" else best) or best or ks[0]
+        chosen_by = config.choose if (elbow if config.choose == "elbow" else best) else "silhouette"
+    else:
+        k, chosen_by = config.k, "given"
+    labels, _ = _label(x, k, config)
+    centres = _unit(np.stack([x[labels == c].mean(axis=0) for c in range(k)]))
+    distance = 1.0 - np.sum(x * centres[labels], axis=1)
+    contingency: dict[str, dict[str, int]] = {}
+    proposals = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        counts = dict(zip(*np.unique(cats[members], return_counts=True)))
+        counts = {str(a): int(b) for a, b in sorted(counts.items(), key=lambda t: -t[1])}
+        contingency[str(c)] = counts
+        top = members[np.argsort(distance[members])[:5]]
+        major = next(iter(counts), "")
+        proposals.append(
+            {
+                "cluster": c,
+                "size": len(members),
+                "majority_category": major,
+                "purity": round(counts.get(major, 0) / max(len(members), 1), 4),
+                "central": [names[i] for i in top],
+            }
+        )
+    report = ClusterReport(
+        store=str(store.root),
+        backbone=backbone,
+        method=config.method,
+        level=config.level,
+        items=len(x),
+        k=int(k),
+        chosen_by=chosen_by,
+        elbow_k=elbow,
+        silhouette_k=best,
+        sweep=sweep,
+        ari=float(skm.adjusted_rand_score(cats, labels)),
+        v_measure=float(skm.v_measure_score(cats, labels)),
+        homogeneity=float(skm.homogeneity_score(cats, labels)),
+        completeness=float(skm.completeness_score(cats, labels)),
+        purity=float(sum(max(v.values()) for v in contingency.values() if v) / len(x)),
+        silhouette=silhouette(labels),
+        clusters=sorted(proposals, key=lambda p: -p["size"]),
+        contingency=contingency,
+    )
+    if config.save and not store.read_only:
+        report.run_id = _save(store, report, config, names, labels, distance)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _save(
+    store: Store,
+    report: ClusterReport,
+    config: ClusterConfig,
+    names: list[str],
+    labels: np.ndarray,
+    distance: np.ndarray,
+) -> int:
+    import pyarrow as pa
+
+    con = store.catalog.connection
+    con.execute(_SCHEMA)
+    run_id = int(con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM cluster_runs").fetchone()[0])
+    metrics = {
+        k: getattr(report, k)
+        for k in ("ari", "v_measure", "homogeneity", "completeness", "purity", "silhouette",
+                  "elbow_k", "silhouette_k", "chosen_by", "sweep")
+    }  # fmt: skip
+    table = pa.table(
+        {
+            "run_id": pa.array([run_id] * len(names), pa.int32()),
+            "item": pa.array(names, pa.string()),
+            "cluster": pa.array(labels.astype(np.int32)),
+            "distance": pa.array(distance.astype(np.float64)),
+        }
+    )
+    with store.catalog.transaction():
+        con.execute(
+            "INSERT INTO cluster_runs VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+            [run_id, report.backbone, report.method, report.level, report.k,
+             json.dumps(asdict(config)), json.dumps(metrics)],
+        )  # fmt: skip
+        con.register("_new_clusters", table)
+        con.execute("INSERT INTO clusters SELECT * FROM _new_clusters")
+        con.unregister("_new_clusters")
+    return run_id
+
+
+def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
+    """PNG of the k sweep: inertia with the elbow, and silhouette with its best k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = [s["k"] for s in report.sweep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ks, [s["inertia"] for s in report.sweep], marker=".")
+    a.set(xlabel="k", ylabel="inertia", title=f"elbow (kneedle): k = {report.elbow_k}")
+    b.plot(ks, [s["silhouette"] for s in report.sweep], marker=".", color="tab:orange")
+    b.set(
+        xlabel="k",
+        ylabel="silhouette (cosine)",
+        title=f"best silhouette: k = {report.silhouette_k}",
+    )
+    for ax, k in ((a, report.elbow_k), (b, report.silhouette_k)):
+        if k is not None:
+            ax.axvline(k, color="grey", linestyle="--")
+    fig.suptitle(f"{report.method}, {report.items} {report.level}, {report.backbone}")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,97 @@
+"""Clustering pins and boards: k chosen by kneedle and silhouette on data with a known answer,
+agreement with the categories, runs saved in the catalog."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.clusters import ClusterConfig, choose_k, cluster_store, kmeans
+from pinsearch.store import Store
+
+B = "test_efficientnet"
+
+
+def _blobs(
+    k: int = 5, per: int = 60, dim: int = 16, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    x = np.concatenate([c + 0.08 * rng.normal(size=(per, dim)) for c in centres])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), np.repeat(np.arange(k), per)
+
+
+def test_kmeans_finds_planted_clusters() -> None:
+    from sklearn.metrics import adjusted_rand_score
+
+    x, y = _blobs()
+    labels, centroids, inertia = kmeans(x, 5)
+    assert adjusted_rand_score(y, labels) == pytest.approx(1.0)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    assert inertia == pytest.approx(float(((x - centroids[labels]) ** 2).sum()), rel=1e-5)
+
+
+def test_choose_k_on_a_planted_sweep() -> None:
+    x, _ = _blobs(k=5)
+    from sklearn.metrics import silhouette_score
+
+    ks, inertias, sils = list(range(2, 12)), [], []
+    for k in ks:
+        labels, _, inertia = kmeans(x, k)
+        inertias.append(inertia)
+        sils.append(silhouette_score(x, labels, metric="cosine"))
+    elbow, best = choose_k(ks, inertias, sils)
+    assert elbow == 5 and best == 5
+
+
+@pytest.mark.parametrize("method", ["kmeans", "agglomerative"])
+def test_cluster_store_pins(store_copy: Path, method: str) -> None:
+    with Store.open(store_copy) as store:
+        report = cluster_store(store, B, ClusterConfig(method=method, k_max=6))
+        assert report.items == 24 and 2 <= report.k <= 6 and len(report.sweep) == 5
+        assert report.chosen_by in ("elbow", "silhouette")
+        assert sum(c["size"] for c in report.clusters) == 24
+        assert sum(sum(v.values()) for v in report.contingency.values()) == 24
+        assert -0.5 <= report.ari <= 1.0 and 0.0 <= report.v_measure <= 1.0
+        rows = store.catalog.query(
+            "SELECT count(*) AS n, count(DISTINCT cluster) AS k FROM clusters WHERE run_id = ?",
+            [report.run_id],
+        )
+        assert rows == [{"n": 24, "k": report.k}]
+        run = store.catalog.query("SELECT * FROM cluster_runs WHERE run_id = ?", [report.run_id])
+        assert json.loads(run[0]["metrics"])["ari"] == pytest.approx(report.ari)
+
+
+def test_cluster_boards_with_given_k(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        report = cluster_store(store, B, ClusterConfig(level="boards", k=3))
+    assert report.items == 6 and report.k == 3 and report.chosen_by == "given"
+    assert report.run_id is None  # read-only: nothing saved
+    central = {b for c in report.clusters for b in c["central"]}
+    assert all("/" in b for b in central)  # board keys
+
+
+def test_cluster_config_errors() -> None:
+    with pytest.raises(ValueError, match="method"):
+        ClusterConfig(method="dbscan")
+    with pytest.raises(ValueError, match="k must be"):
+        ClusterConfig(k=1)
+    with pytest.raises(ValueError, match="k_min"):
+        ClusterConfig(k_min=5, k_max=3)
+
+
+def test_cli_cluster(store_copy: Path, tmp_path: Path) -> None:
+    out = CliRunner().invoke(
+        app,
+        ["cluster", "--store", str(store_copy), "--k-max", "5", "--plot", str(tmp_path / "k.png"),
+         "--json"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    report = json.loads(out.output)
+    assert report["run_id"] == 1 and (tmp_path / "k.png").stat().st_size > 1000
