@@ -338,6 +338,41 @@ def cluster(
     _print_rows("proposed boards", rows)
 
 
+@app.command()
+def dupes(
+    store: StoreOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    threshold: Annotated[float, typer.Option(help="Cosine at or above which pins pair.")] = 0.95,
+    k: Annotated[int, typer.Option(min=1, help="Neighbours examined per pin.")] = 20,
+    top: Annotated[int, typer.Option(help="Groups shown.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find groups of near-duplicate pins (same image re-pinned, resized, re-encoded, or the
+    same object at a lower threshold)."""
+    from pinsearch.dupes import find_dupes
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        report = find_dupes(s, backbone, threshold=threshold, k=k)
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"{len(report.groups)} groups ({report.pins_in_groups} of {report.pins} pins, "
+        f"{report.pairs} pairs) at cosine >= {report.threshold} ({report.backbone})"
+    )
+    rows = [
+        {
+            "size": g.size,
+            "boards": g.boards,
+            "min sim": g.min_similarity,
+            "pins": ", ".join(f"{p['pin_id']} ({p['title'] or p['category']})" for p in g.pins[:4]),
+        }
+        for g in report.groups[:top]
+    ]
+    _print_rows("near-duplicate groups", rows)
+
+
 TextOpt = Annotated[
     str | None, typer.Option("--text", "-t", help="Text query (CLIP tower or pinsearch align).")
 ]
@@ -804,7 +839,7 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="embed, index, query, study or text")],
+    what: Annotated[str, typer.Argument(help="embed, index, query, study, text or dupes")],
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
@@ -813,10 +848,12 @@ def bench(
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
     device: Annotated[str, typer.Option()] = "auto",
+    corpus: Annotated[Path | None, typer.Option(help="Real photos (dupes).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query, study
-    (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency)."""
+    (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency),
+    dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
     if what == "embed":
@@ -829,9 +866,13 @@ def bench(
         result = b.bench_study(n=n or 4000, dim=dim, device=device)
     elif what == "text":
         result = b.bench_text(n=n or 100_000, dim=dim)
+    elif what == "dupes":
+        if corpus is None:
+            raise typer.BadParameter("bench dupes needs --corpus (a folder or manifest of photos)")
+        result = b.bench_dupes(corpus, n=n or 200, backbone=backbone)
     else:
         raise typer.BadParameter(
-            f"unknown benchmark {what!r}; expected embed, index, query, study or text"
+            f"unknown benchmark {what!r}; expected embed, index, query, study, text or dupes"
         )
     if as_json:
         _emit_json(result)

@@ -422,6 +422,135 @@ def bench_text(*, n: int = 100_000, dim: int = 768, k: int = 10, nq: int = 100) 
     )
 
 
+@dataclass
+class DupesBench:
+    """Near-copy detection: precision and recall of duplicate pairs, per threshold."""
+
+    backbone: str
+    originals: int
+    edits: list[str]
+    images: int
+    true_pairs: int
+    rows: list[dict[str, float]] = field(default_factory=list)  # threshold, pairs, P, R
+    similarity_by_edit: dict[str, dict[str, float]] = field(default_factory=dict)  # mean, min
+    seconds: float = 0.0
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+_EDITS = ("half", "crop80", "jpeg25", "flip")
+
+
+def _edit(img: Any, edit: str) -> Any:
+    from PIL import ImageOps
+
+    w, h = img.size
+    if edit == "half":
+        return img.resize((max(w // 2, 8), max(h // 2, 8)))
+    if edit == "crop80":
+        dw, dh = int(w * 0.1), int(h * 0.1)
+        return img.crop((dw, dh, w - dw, h - dh))
+    if edit == "flip":
+        return ImageOps.mirror(img)
+    return img  # jpeg25: the quality is applied when saving
+
+
+def _photos(corpus: Path) -> list[Path]:
+    if corpus.suffix.lower() == ".csv":
+        import csv
+
+        with corpus.open(newline="") as fh:
+            return [corpus.parent / r["path"] for r in csv.DictReader(fh)]
+    return sorted(p for p in corpus.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+
+def bench_dupes(
+    corpus: str | Path,
+    *,
+    n: int = 200,
+    backbone: str = "effnet_lite0",
+    thresholds: Sequence[float] = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97),
+    seed: int = 0,
+) -> DupesBench:
+    """Write ``n`` real photos and 4 near-copies of each (half size, 80 % centre crop, JPEG
+    quality 25, mirrored), index them, and score the duplicate pairs found at each threshold
+    against the truth (pairs of images made from the same photo)."""
+    from itertools import combinations
+
+    from PIL import Image
+
+    from pinsearch.dupes import _components, near_pairs
+    from pinsearch.pipeline import index_corpus
+    from pinsearch.store import Store
+
+    start = time.perf_counter()
+    photos = _photos(Path(corpus))
+    picks = np.random.default_rng(seed).choice(len(photos), min(n, len(photos)), replace=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "copies"
+        folder.mkdir()
+        for i, at in enumerate(sorted(picks.tolist())):
+            img = Image.open(photos[at]).convert("RGB")
+            img.save(folder / f"{i:05d}_orig.jpg", quality=95)
+            for edit in _EDITS:
+                quality = 25 if edit == "jpeg25" else 95
+                _edit(img, edit).save(folder / f"{i:05d}_{edit}.jpg", quality=quality)
+        index_corpus(folder, Path(tmp) / "store", backbone=backbone)
+        with Store.open(Path(tmp) / "store", read_only=True) as store:
+            a, b, sims = near_pairs(store, backbone, min(thresholds), k=20)
+            vecs, keys = store.vectors(backbone).load()
+            ids = {r["pin_key"]: r["pin_id"] for r in store.catalog.query(
+                "SELECT pin_key, pin_id FROM pins")}  # fmt: skip
+    src = {k: ids[k].split("/")[-1].split("_")[0] for k in ids}
+    true = {
+        (min(x, y), max(x, y))
+        for group in _group_by(src).values()
+        for x, y in combinations(group, 2)
+    }
+    rows = []
+    for t in thresholds:
+        keep = sims >= t
+        pred = set()
+        for members, _ in _components(a[keep], b[keep], sims[keep]):
+            pred |= {(x, y) for x, y in combinations(members, 2)}
+        hit = len(pred & true)
+        rows.append(
+            {
+                "threshold": t,
+                "pairs": len(pred),
+                "precision": round(hit / len(pred), 4) if pred else 1.0,
+                "recall": round(hit / len(true), 4) if true else 0.0,
+            }
+        )
+    unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    row_of = {int(k): i for i, k in enumerate(keys.tolist())}
+    by_name = {ids[k].split("/")[-1]: k for k in ids}
+    by_edit: dict[str, dict[str, float]] = {}
+    for edit in _EDITS:
+        s_ = [
+            float(unit[row_of[by_name[f"{i:05d}_orig"]]] @ unit[row_of[by_name[f"{i:05d}_{edit}"]]])
+            for i in range(len(picks))
+        ]
+        by_edit[edit] = {"mean": round(float(np.mean(s_)), 4), "min": round(float(np.min(s_)), 4)}
+    return DupesBench(
+        backbone=backbone,
+        originals=len(picks),
+        edits=list(_EDITS),
+        images=len(ids),
+        true_pairs=len(true),
+        rows=rows,
+        similarity_by_edit=by_edit,
+        seconds=round(time.perf_counter() - start, 1),
+        machine=machine(),
+    )
+
+
+def _group_by(source: dict[int, str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for key, s in sorted(source.items()):
+        out.setdefault(s, []).append(key)
+    return out
+
+
 def format_result(result: Any) -> str:
     """Plain-text rendering of a benchmark result."""
     data = asdict(result)

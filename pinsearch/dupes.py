@@ -1,0 +1,143 @@
+"""``pinsearch dupes``: groups of pins that are the same image (re-pins, resized, re-encoded,
+cropped, mirrored) or show the same object.
+
+Every pin's ``k`` nearest neighbours come from the backbone's index (one batched search); pairs
+at or above a cosine ``threshold`` are joined with union-find, so a group is a connected set of
+near-identical pins. A high threshold (0.95+) finds copies; a lower one (about 0.85) also
+gathers photos of the same object. ``eval/bench.py``'s ``bench_dupes`` measures precision and
+recall of the pairs on generated near-copies of real photos.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pinsearch.store import Store
+
+__all__ = ["DupeGroup", "DupeReport", "find_dupes", "near_pairs"]
+
+
+@dataclass
+class DupeGroup:
+    """A connected group of near-identical pins."""
+
+    size: int
+    min_similarity: float  # weakest link that joined the group
+    boards: int  # distinct boards it spans (re-pins across boards)
+    pins: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class DupeReport:
+    store: str
+    backbone: str
+    threshold: float
+    pins: int
+    pairs: int
+    groups: list[DupeGroup] = field(default_factory=list)
+    pins_in_groups: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def near_pairs(
+    store: Store, backbone: str, threshold: float, k: int = 20, batch: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key a, key b, cosine) of every pair with cosine >= threshold among each pin's k nearest.
+
+    Raises:
+        ValueError: the backbone's index is not cosine (similarities are needed).
+    """
+    from pinsearch.search import PinSearcher
+
+    searcher = PinSearcher(store, backbone=backbone)
+    if searcher.index.config.metric != "cosine":
+        raise ValueError(
+            f"dupes need a cosine index; {searcher.index_name!r} is {searcher.index.config.metric}"
+        )
+    vectors, keys = store.vectors(backbone).load()
+    a, b, s = [], [], []
+    for start in range(0, len(keys), batch):
+        scores, nbrs = searcher.search_keys(vectors[start : start + batch], k + 1)
+        mine = np.repeat(keys[start : start + batch], nbrs.shape[1])
+        flat_n, flat_s = nbrs.ravel(), scores.ravel()
+        keep = (flat_n >= 0) & (flat_n != mine) & (flat_s >= threshold)
+        lo, hi = np.minimum(mine[keep], flat_n[keep]), np.maximum(mine[keep], flat_n[keep])
+        a.append(lo)
+        b.append(hi)
+        s.append(flat_s[keep])
+    if not a:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
+    pairs = np.stack([np.concatenate(a), np.concatenate(b)], axis=1)
+    sims = np.concatenate(s)
+    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    return pairs[:, 0], pairs[:, 1], sims[first]
+
+
+def _components(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[tuple[list[int], float]]:
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = find(x), find(y)
+        if rx != ry:
+            parent[rx] = ry
+    members: dict[int, list[int]] = {}
+    weakest: dict[int, float] = {}
+    for x in parent:
+        members.setdefault(find(x), []).append(x)
+    for x, sim in zip(a.tolist(), s.tolist()):
+        root = find(x)
+        weakest[root] = min(weakest.get(root, 1.0), float(sim))
+    return [(sorted(m), weakest.get(r, 1.0)) for r, m in members.items()]
+
+
+def find_dupes(
+    store: Store, backbone: str | None = None, *, threshold: float = 0.95, k: int = 20
+) -> DupeReport:
+    """Groups of near-duplicate pins (largest first)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    start = time.perf_counter()
+    backbone = store.resolve_backbone(backbone)
+    a, b, s = near_pairs(store, backbone, threshold, k)
+    comps = _components(a, b, s)
+    meta = store.catalog.pins_by_key(sorted({x for m, _ in comps for x in m}))
+    groups = []
+    for members, weakest in comps:
+        pins = [
+            {k_: meta[m][k_] for k_ in ("pin_id", "board", "category", "title", "path")}
+            for m in members
+            if m in meta
+        ]
+        groups.append(
+            DupeGroup(
+                size=len(pins),
+                min_similarity=round(weakest, 4),
+                boards=len({p["board"] for p in pins}),
+                pins=pins,
+            )
+        )
+    groups.sort(key=lambda g: (-g.size, -g.min_similarity))
+    return DupeReport(
+        store=str(store.root),
+        backbone=backbone,
+        threshold=threshold,
+        pins=len(store.vectors(backbone)),
+        pairs=len(a),
+        groups=groups,
+        pins_in_groups=sum(g.size for g in groups),
+        seconds=time.perf_counter() - start,
+    )

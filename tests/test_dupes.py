@@ -1,0 +1,71 @@
+"""Near-duplicate groups on generated near-copies (real EfficientNet-Lite0 features)."""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.dupes import _components, find_dupes
+from pinsearch.pipeline import index_corpus
+from pinsearch.store import Store
+from pinsearch.synth import make_image_folder
+
+
+@pytest.fixture(scope="module")
+def copies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 distinct generated photos (one per category) and 3 near-copies of each."""
+    root = tmp_path_factory.mktemp("dupes")
+    made = make_image_folder(root / "src", per_category=1, image_size=160)
+    flat = root / "photos"
+    flat.mkdir()
+    for p in sorted(Path(made.root).rglob("*.jpg")):
+        img = Image.open(p).convert("RGB")
+        stem = p.parent.name
+        img.save(flat / f"{stem}_orig.jpg", quality=95)
+        img.resize((80, 80)).save(flat / f"{stem}_half.jpg", quality=95)
+        img.save(flat / f"{stem}_q30.jpg", quality=30)
+        ImageOps.mirror(img).save(flat / f"{stem}_flip.jpg", quality=95)
+    store = root / "store"
+    index_corpus(flat, store, backbone="effnet_lite0")
+    return store
+
+
+def test_copies_group_by_source_photo(copies: Path) -> None:
+    with Store.open(copies, read_only=True) as store:
+        report = find_dupes(store, threshold=0.8)
+    assert report.pins == 24
+    groups = [sorted(p["pin_id"].rsplit("_", 1)[0] for p in g.pins) for g in report.groups]
+    # Every group holds copies of one photo only (precision 1), and most copies are found.
+    assert all(len(set(g)) == 1 for g in groups), groups
+    assert report.pins_in_groups >= 18
+    assert all(g.min_similarity >= 0.8 for g in report.groups)
+
+
+def test_higher_threshold_finds_fewer_pairs(copies: Path) -> None:
+    with Store.open(copies, read_only=True) as store:
+        loose = find_dupes(store, threshold=0.8)
+        strict = find_dupes(store, threshold=0.99)
+    assert strict.pairs <= loose.pairs
+    with Store.open(copies, read_only=True) as store, pytest.raises(ValueError, match="threshold"):
+        find_dupes(store, threshold=0)
+
+
+def test_components_union_find() -> None:
+    a, b = np.array([1, 2, 10]), np.array([2, 3, 11])
+    comps = sorted(_components(a, b, np.array([0.9, 0.95, 0.99])))
+    assert comps == [([1, 2, 3], 0.9), ([10, 11], 0.99)]
+    assert all(len(list(combinations(m, 2))) >= 1 for m, _ in comps)
+
+
+def test_cli_dupes(copies: Path) -> None:
+    out = CliRunner().invoke(app, ["dupes", "--store", str(copies), "--threshold", "0.8", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["threshold"] == 0.8 and data["groups"]
