@@ -373,6 +373,41 @@ def dupes(
     _print_rows("near-duplicate groups", rows)
 
 
+@app.command(name="map")
+def map_(
+    store: StoreOpt,
+    out: Annotated[Path, typer.Option(help="Folder for map_<method>.png/.html.")] = Path("map"),
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="pca and/or tsne (repeat).")
+    ] = None,
+    color: Annotated[str, typer.Option(help="category or cluster.")] = "category",
+    sample: Annotated[int, typer.Option(min=10, help="Most pins drawn (stratified).")] = 5000,
+    thumbnails: Annotated[int, typer.Option(min=0, help="Pins drawn as images (PNG).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw the pins in 2-D (PCA, t-SNE), coloured by category or cluster: PNG + HTML."""
+    from pinsearch.maps import PROJECTIONS, MapConfig, draw_map
+    from pinsearch.store import Store
+
+    config = MapConfig(
+        methods=tuple(method or PROJECTIONS), color=color, sample=sample,
+        thumbnails=thumbnails, seed=seed,
+    )  # fmt: skip
+    with Store.open(store, read_only=True) as s:
+        report = draw_map(s, out, backbone, config)
+    if as_json:
+        _emit_json(report)
+        return
+    console.print(
+        f"{report.pins} of {report.total} pins ({report.backbone}, PCA explains "
+        f"{sum(report.explained_variance):.1%}) in {report.seconds:.1f} s:"
+    )
+    for f in report.files:
+        console.print(f"  {f}")
+
+
 TextOpt = Annotated[
     str | None, typer.Option("--text", "-t", help="Text query (CLIP tower or pinsearch align).")
 ]

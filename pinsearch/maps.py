@@ -1,0 +1,219 @@
+"""``pinsearch map``: the pins of a backbone drawn in 2-D (PCA and t-SNE), as PNG and HTML.
+
+PCA is exact and fast; t-SNE (scikit-learn, cosine, after PCA to 50 dimensions) shows local
+neighbourhoods. Large stores are drawn from a stratified sample (``sample`` pins, every category
+kept). Points are coloured by category or by the clusters of a ``pinsearch cluster`` run; with
+``thumbnails`` the PNG also shows small images of a sample of pins at their positions. The HTML
+is one self-contained file (inline SVG, a title per point: pin id, category, title) that any
+browser opens offline.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.store import Store
+
+__all__ = ["MapConfig", "MapReport", "draw_map", "embed_2d"]
+
+PROJECTIONS = ("pca", "tsne")
+
+
+@dataclass
+class MapConfig:
+    methods: tuple[str, ...] = PROJECTIONS
+    color: str = "category"  # category, or cluster (the latest cluster run of the backbone)
+    sample: int = 5000  # most pins drawn (stratified by category)
+    thumbnails: int = 0  # pins drawn as small images on the PNG
+    perplexity: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in PROJECTIONS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be among {PROJECTIONS}, got {self.methods}")
+        if self.color not in ("category", "cluster"):
+            raise ValueError(f"color must be category or cluster, got {self.color!r}")
+
+
+@dataclass
+class MapReport:
+    store: str
+    backbone: str
+    pins: int  # drawn
+    total: int  # in the store
+    color: str
+    files: list[str] = field(default_factory=list)
+    explained_variance: list[float] = field(default_factory=list)  # of the 2 PCA axes
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def embed_2d(x: np.ndarray, method: str, *, perplexity: float = 30.0, seed: int = 0) -> np.ndarray:
+    """(n, 2) coordinates of unit vectors by PCA or t-SNE."""
+    from sklearn.decomposition import PCA
+
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(x)
+    from sklearn.manifold import TSNE
+
+    reduced = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
+    perplexity = min(perplexity, max(2.0, (len(x) - 1) / 3))
+    return TSNE(
+        n_components=2, perplexity=perplexity, metric="cosine", init="pca", random_state=seed
+    ).fit_transform(reduced)
+
+
+def _sample(cats: np.ndarray, n: int, seed: int) -> np.ndarray:
+    if len(cats) <= n:
+        return np.arange(len(cats))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(cats):
+        idx = np.flatnonzero(cats == c)
+        take = max(1, round(n * len(idx) / len(cats)))
+        out.append(rng.choice(idx, min(take, len(idx)), replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def _colours(store: Store, backbone: str, pin_ids: list[str], cats: np.ndarray, how: str):
+    if how == "category":
+        return cats
+    rows = store.catalog.query(
+        "SELECT c.item, c.cluster FROM clusters c WHERE c.run_id = (SELECT max(run_id) FROM "
+        "cluster_runs WHERE backbone = ? AND level = 'pins')",
+        [backbone],
+    ) if _has_clusters(store) else []  # fmt: skip
+    if not rows:
+        raise ValueError(f"no pins cluster run of {backbone!r}; run pinsearch cluster first")
+    by_pin = {r["item"]: f"cluster {r['cluster']}" for r in rows}
+    return np.array([by_pin.get(p, "unclustered") for p in pin_ids])
+
+
+def _has_clusters(store: Store) -> bool:
+    return bool(
+        store.catalog.scalar(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cluster_runs'"
+        )
+    )
+
+
+def draw_map(
+    store: Store,
+    out_dir: str | Path,
+    backbone: str | None = None,
+    config: MapConfig | None = None,
+) -> MapReport:
+    """Write ``map_<method>.png`` and ``map_<method>.html`` per projection into ``out_dir``."""
+    from sklearn.decomposition import PCA
+
+    config = config or MapConfig()
+    start = time.perf_counter()
+    backbone = store.resolve_backbone(backbone)
+    vectors, keys = store.vectors(backbone).load()
+    meta = store.catalog.pins_by_key(keys.tolist())
+    ok = np.array([int(k) in meta for k in keys], dtype=bool)
+    vectors, keys = vectors[ok], keys[ok]
+    cats_all = np.array([meta[int(k)]["category"] for k in keys])
+    pick = _sample(cats_all, config.sample, config.seed)
+    x = vectors[pick] / np.maximum(np.linalg.norm(vectors[pick], axis=1, keepdims=True), 1e-12)
+    pins = [meta[int(k)] for k in keys[pick]]
+    labels = _colours(store, backbone, [p["pin_id"] for p in pins], cats_all[pick], config.color)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = MapReport(str(store.root), backbone, len(pick), len(keys), config.color)
+    pca = PCA(n_components=2, random_state=config.seed).fit(x)
+    report.explained_variance = [round(float(v), 4) for v in pca.explained_variance_ratio_]
+    for method in config.methods:
+        if method == "pca":
+            xy = pca.transform(x)
+        else:
+            xy = embed_2d(x, method, perplexity=config.perplexity, seed=config.seed)
+        title = f"{backbone}: {len(pick)} pins, {method.upper()}, coloured by {config.color}"
+        png = out / f"map_{method}.png"
+        _png(xy, labels, pins, png, title, config)
+        page = out / f"map_{method}.html"
+        _html(xy, labels, pins, page, title)
+        report.files += [str(png), str(page)]
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _palette(labels: np.ndarray) -> dict[str, str]:
+    import matplotlib
+
+    names = sorted(set(labels.tolist()))
+    cmap = matplotlib.colormaps["tab20"] if len(names) <= 20 else matplotlib.colormaps["hsv"]
+    return {
+        n: matplotlib.colors.to_hex(cmap(i / max(len(names) - 1, 1) if len(names) > 20 else i))
+        for i, n in enumerate(names)
+    }
+
+
+def _png(
+    xy: np.ndarray, labels: np.ndarray, pins: list[dict[str, Any]], path: Path, title: str,
+    config: MapConfig,
+) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    colours = _palette(labels)
+    fig, ax = plt.subplots(figsize=(11, 8))
+    for name, colour in colours.items():
+        sel = labels == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colour, label=name, alpha=0.75)
+    if config.thumbnails:
+        from pinsearch.images import ImageError, load_rgb
+
+        rng = np.random.default_rng(config.seed)
+        for i in rng.choice(len(pins), min(config.thumbnails, len(pins)), replace=False):
+            try:
+                img = load_rgb(pins[i]["path"], min_side=48)
+            except (ImageError, OSError):
+                continue
+            img.thumbnail((40, 40))
+            box = AnnotationBbox(OffsetImage(np.asarray(img), zoom=0.6), xy[i], frameon=False)
+            ax.add_artist(box)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _html(
+    xy: np.ndarray, labels: np.ndarray, pins: list[dict[str, Any]], path: Path, title: str
+) -> None:
+    colours = _palette(labels)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    span = np.where(hi - lo > 0, hi - lo, 1.0)
+    pts = (xy - lo) / span * 760 + 20
+    circles = "\n".join(
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colours[str(lab)]}">'
+        f"<title>{html.escape(str(p['pin_id']))} | {html.escape(str(lab))} | "
+        f"{html.escape(str(p.get('title') or ''))}</title></circle>"
+        for (x, y), lab, p in zip(pts.tolist(), labels.tolist(), pins)
+    )
+    legend = " ".join(
+        f'<span style="color:{c}">&#9679; {html.escape(n)}</span>' for n, c in colours.items()
+    )
+    path.write_text(
+        "<!doctype html><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><h3>{html.escape(title)}</h3>"
+        f"<p style='font:12px sans-serif'>{legend}</p>"
+        f"<svg width='800' height='800' style='border:1px solid #ccc'>{circles}</svg>",
+        encoding="utf-8",
+    )

@@ -1,0 +1,68 @@
+"""2-D maps: PCA and t-SNE coordinates, PNG and self-contained HTML, colour by cluster."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.clusters import ClusterConfig, cluster_store
+from pinsearch.maps import MapConfig, draw_map, embed_2d
+from pinsearch.store import Store
+
+
+def test_pca_projection_keeps_planted_separation() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 8)) + 6 * np.eye(8)[i] for i in range(2)])
+    for method in ("pca", "tsne"):
+        xy = embed_2d(x, method, perplexity=10)
+        assert xy.shape == (60, 2)
+        a, b = xy[:30].mean(axis=0), xy[30:].mean(axis=0)
+        spread = max(xy[:30].std(), xy[30:].std())
+        assert np.linalg.norm(a - b) > 2 * spread, method  # the two groups stay apart
+
+
+def test_draw_map_writes_png_and_html(built_store, tmp_path: Path) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        report = draw_map(store, tmp_path, config=MapConfig(thumbnails=5, perplexity=5))
+    assert report.pins == report.total == 24 and len(report.explained_variance) == 2
+    names = sorted(Path(f).name for f in report.files)
+    assert names == ["map_pca.html", "map_pca.png", "map_tsne.html", "map_tsne.png"]
+    page = (tmp_path / "map_tsne.html").read_text()
+    assert page.count("<circle") == 24 and "food_drink" in page
+    assert (tmp_path / "map_pca.png").stat().st_size > 10_000
+
+
+def test_colour_by_cluster_needs_a_run(store_copy: Path, tmp_path: Path) -> None:
+    with (
+        Store.open(store_copy, read_only=True) as store,
+        pytest.raises(ValueError, match="cluster"),
+    ):
+        draw_map(store, tmp_path, config=MapConfig(color="cluster", methods=("pca",)))
+    with Store.open(store_copy) as store:
+        cluster_store(store, config=ClusterConfig(k=3))
+    with Store.open(store_copy, read_only=True) as store:
+        draw_map(store, tmp_path, config=MapConfig(color="cluster", methods=("pca",)))
+    assert "cluster 0" in (tmp_path / "map_pca.html").read_text()
+
+
+def test_map_config_and_sampling(built_store, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="methods"):
+        MapConfig(methods=("umap",))
+    with Store.open(built_store.path, read_only=True) as store:
+        report = draw_map(store, tmp_path, config=MapConfig(methods=("pca",), sample=12))
+    assert report.pins == 12 and report.total == 24  # 4 of each of the 3 categories
+
+
+def test_cli_map(built_store, tmp_path: Path) -> None:
+    out = CliRunner().invoke(
+        app,
+        ["map", "--store", str(built_store.path), "--out", str(tmp_path), "--method", "pca",
+         "--json"],
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert len(json.loads(out.output)["files"]) == 2
