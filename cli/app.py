@@ -828,6 +828,11 @@ def evaluate(
     if isinstance(config, RetrievalConfig):
         _retrieval(config, out, as_json)
         return
+    from pinsearch.eval.openset import OpenSetConfig
+
+    if isinstance(config, OpenSetConfig):
+        _openset(config, out, as_json)
+        return
 
     def show(cell: Any) -> None:
         if not as_json:
@@ -847,6 +852,23 @@ def evaluate(
 
     heads = list(config.heads)
     console.print(markdown_table(summary["macro_f1"], heads))
+    console.print(f"report: {summary['report']}")
+
+
+def _openset(config: Any, out: Path | None, as_json: bool) -> None:
+    from pinsearch.eval.openset import run_openset
+
+    summary = run_openset(config, out)
+    if as_json:
+        _emit_json(summary)
+        return
+    rows = [
+        {k: r[k] for k in ("backbone", "head", "known_macro_f1", "closed_macro_f1",
+                           "open_macro_f1", "auroc_unknown", "known_accepted",
+                           "unknown_rejected")}
+        for r in summary["results"]
+    ]  # fmt: skip
+    _print_rows(f"open set: {config.name} ({config.splits} splits)", rows)
     console.print(f"report: {summary['report']}")
 
 

@@ -142,7 +142,8 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
     """Read a study TOML file; ``overrides`` (not None) replace its values.
 
     A file with ``kind = "retrieval"`` gives a :class:`RetrievalConfig` (only ``store`` and
-    ``corpus`` overrides apply to it).
+    ``corpus`` overrides apply to it), ``kind = "openset"`` an
+    :class:`~pinsearch.eval.openset.OpenSetConfig` (``store`` and ``device``).
 
     Raises:
         ValueError: unknown keys, heads or missing required fields, naming the culprit.
@@ -158,8 +159,14 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
         retrieval = load_retrieval(data, path)
         keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "corpus")}
         return replace(retrieval, **keep)
+    if data.get("kind") == "openset":
+        from pinsearch.eval.openset import load_openset
+
+        openset = load_openset(data, path)
+        keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "device")}
+        return replace(openset, **keep)  # type: ignore[return-value]
     if data.pop("kind", "classification") != "classification":
-        raise ValueError(f"study {path}: kind must be classification or retrieval")
+        raise ValueError(f"study {path}: kind must be classification, retrieval or openset")
     known = {f for f in StudyConfig.__dataclass_fields__}
     unknown = sorted(set(data) - known)
     if unknown:

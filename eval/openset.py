@@ -1,0 +1,231 @@
+"""Open-set classification: a reject option ("unknown") evaluated on categories never seen.
+
+The "rest" class of source document 002, done the standard way: for each of ``splits`` random
+draws, a fraction of the categories is held out entirely as *unknown*. A head is trained on the
+known categories' training pins; a confidence threshold is set on held-out *validation* pins of
+the known categories (so that ``target_tpr`` of them are accepted); the test set is the known
+categories' test pins plus every unknown pin. A pin whose confidence falls below the threshold
+is answered "unknown".
+
+Reported per backbone and head (mean ± std over the splits): known-class macro-F1 with the
+reject option (a rejected known pin counts as an error), closed-set macro-F1 (no reject, for
+reference), open-set macro-F1 (the "unknown" class included), AUROC of telling unknown from
+known pins by confidence, and the share of known pins accepted / unknown pins rejected.
+
+Confidences: the head's top class score (probability for knn and mlp, decision value for
+lsvm); ``knn-sim`` is the KNN head's prediction with the cosine similarity to the nearest
+training pin as confidence.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pinsearch.store import Store
+
+__all__ = ["OpenSetConfig", "load_openset", "run_openset"]
+
+HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "knn": {"n_neighbors": 10, "metric": "cosine"},
+    "knn-sim": {"n_neighbors": 10, "metric": "cosine"},
+    "lsvm": {"C": 0.1},
+    "mlp": {"max_epochs": 40, "patience": 5},
+}
+
+
+@dataclass
+class OpenSetConfig:
+    """An open-set study (see eval/studies/pins-openset.toml)."""
+
+    name: str
+    store: str
+    backbones: list[str] = field(default_factory=lambda: ["effnet_lite0"])
+    heads: list[str] = field(default_factory=lambda: ["knn", "knn-sim", "lsvm", "mlp"])
+    label: str = "category"
+    drop: list[str] = field(default_factory=lambda: ["none", "other"])
+    unknown_fraction: float = 0.25  # of the categories, held out as unknown
+    splits: int = 3
+    test_size: float = 0.2  # of the known pins
+    val_fraction: float = 0.2  # of the known training pins, for the threshold
+    target_tpr: float = 0.95  # share of known validation pins accepted
+    min_per_class: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+def load_openset(data: dict[str, Any], path: Path) -> OpenSetConfig:
+    """Config from a parsed TOML (``kind = "openset"``).
+
+    Raises:
+        ValueError: unknown keys or heads, missing fields.
+    """
+    data = {k: v for k, v in data.items() if k != "kind"}
+    known = {f.name for f in fields(OpenSetConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown open-set study keys {unknown}; known: {sorted(known)}")
+    for key in ("name", "store"):
+        if key not in data:
+            raise ValueError(f"{path}: open-set study needs {key!r}")
+    bad = sorted(set(data.get("heads", [])) - set(HEAD_DEFAULTS))
+    if bad:
+        raise ValueError(f"{path}: unknown open-set heads {bad}; known: {sorted(HEAD_DEFAULTS)}")
+    config = OpenSetConfig(**data)
+    if not 0.0 < config.unknown_fraction < 1.0:
+        raise ValueError(f"{path}: unknown_fraction must be in (0, 1)")
+    return config
+
+
+def _confidence(head: str, model: Any, X: np.ndarray, X_train: np.ndarray) -> np.ndarray:
+    if head == "knn-sim":
+        import faiss
+
+        unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
+        sims, _ = faiss.knn(unit(X).astype(np.float32), unit(X_train).astype(np.float32), 1,
+                            metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        return sims[:, 0]
+    return model.class_scores(X).max(axis=1)
+
+
+def _split_once(
+    labels: np.ndarray, config: OpenSetConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(fit, val, known test, unknown) indices and the unknown categories."""
+    from sklearn.model_selection import train_test_split
+
+    cats = np.unique(labels)
+    n_unknown = max(1, round(config.unknown_fraction * len(cats)))
+    unknown_cats = sorted(rng.choice(cats, n_unknown, replace=False).tolist())
+    is_unknown = np.isin(labels, unknown_cats)
+    known = np.flatnonzero(~is_unknown)
+    seed = int(rng.integers(1 << 31))
+    train, test = train_test_split(
+        known, test_size=config.test_size, stratify=labels[known], random_state=seed
+    )
+    fit, val = train_test_split(
+        train, test_size=config.val_fraction, stratify=labels[train], random_state=seed
+    )
+    return fit, val, test, np.flatnonzero(is_unknown), unknown_cats
+
+
+def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run the open-set study; writes ``report.md`` and ``results.json``; returns the summary."""
+    from sklearn import metrics as skm
+
+    from pinsearch.heads import create_head
+    from pinsearch.labels import labelled_pins, load_vectors
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with Store.open(config.store, read_only=True) as store:
+        keys, labels, left_out = labelled_pins(
+            store, config.label, drop=tuple(config.drop), min_per_class=config.min_per_class,
+            seed=config.seed, context=f"open-set study {config.name!r}: ",
+        )  # fmt: skip
+        labels = labels.astype(str)
+        splits = [
+            _split_once(labels, config, np.random.default_rng([config.seed, s]))
+            for s in range(config.splits)
+        ]
+        for backbone in config.backbones:
+            X = load_vectors(store, backbone, keys, False)
+            for head in config.heads:
+                per_split = []
+                for fit, val, test, unknown, unknown_cats in splits:
+                    params = dict(HEAD_DEFAULTS[head])
+                    if "n_neighbors" in params:  # small stores: no more neighbours than pins
+                        params["n_neighbors"] = min(params["n_neighbors"], len(fit))
+                    if config.device != "auto":
+                        knn_gpu = head.startswith("knn") and config.device.startswith("cuda")
+                        params["device"] = "gpu" if knn_gpu else config.device
+                    model = create_head(head.split("-")[0], **params).fit(X[fit], labels[fit])
+                    val_conf = _confidence(head, model, X[val], X[fit])
+                    thr = float(np.quantile(val_conf, 1 - config.target_tpr))
+                    every = np.concatenate([test, unknown])
+                    conf = _confidence(head, model, X[every], X[fit])
+                    closed = model.predict(X[every])
+                    pred = np.where(conf >= thr, closed, "unknown")
+                    truth = np.where(np.isin(every, unknown), "unknown", labels[every])
+                    is_known = truth != "unknown"
+                    known_classes = sorted(set(labels[fit].tolist()))
+                    per_split.append(
+                        {
+                            "known_macro_f1": skm.f1_score(
+                                truth[is_known], pred[is_known], labels=known_classes,
+                                average="macro", zero_division=0,
+                            ),
+                            "closed_macro_f1": skm.f1_score(
+                                truth[is_known], closed[is_known], labels=known_classes,
+                                average="macro", zero_division=0,
+                            ),
+                            "open_macro_f1": skm.f1_score(
+                                truth, pred, labels=[*known_classes, "unknown"],
+                                average="macro", zero_division=0,
+                            ),
+                            "auroc_unknown": skm.roc_auc_score(~is_known, -conf),
+                            "known_accepted": float(np.mean(pred[is_known] != "unknown")),
+                            "unknown_rejected": float(np.mean(pred[~is_known] == "unknown")),
+                            "unknown_categories": unknown_cats,
+                        }
+                    )  # fmt: skip
+                row = {"backbone": backbone, "head": head}
+                for metric in per_split[0]:
+                    if metric == "unknown_categories":
+                        continue
+                    vals = [float(p[metric]) for p in per_split]
+                    row[metric] = round(float(np.mean(vals)), 4)
+                    row[f"{metric}_std"] = round(float(np.std(vals)), 4)
+                row["splits"] = per_split
+                rows.append(row)
+    summary = {
+        "study": config.name,
+        "kind": "openset",
+        "pins": len(keys),
+        "classes": len(set(labels.tolist())),
+        "left_out": left_out,
+        "unknown_per_split": [s[4] for s in splits],
+        "results": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / config.name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "report.md").write_text(_markdown(config, summary))
+    summary["report"] = str(out / "report.md")
+    return summary
+
+
+def _markdown(config: OpenSetConfig, summary: dict[str, Any]) -> str:
+    cols = [
+        ("known_macro_f1", "known macro-F1 (reject)"),
+        ("closed_macro_f1", "closed-set macro-F1"),
+        ("open_macro_f1", "open-set macro-F1"),
+        ("auroc_unknown", "unknown AUROC"),
+        ("known_accepted", "known accepted"),
+        ("unknown_rejected", "unknown rejected"),
+    ]
+    lines = [
+        f"# Open-set study `{config.name}`",
+        "",
+        f"Store `{config.store}`, label `{config.label}`: {summary['pins']} pins in "
+        f"{summary['classes']} classes. {config.splits} splits, each holding out "
+        f"{config.unknown_fraction:.0%} of the categories as unknown; thresholds set on "
+        f"validation pins of the known categories to accept {config.target_tpr:.0%} of them. "
+        "Mean ± std over the splits.",
+        "",
+        "| backbone | head | " + " | ".join(c[1] for c in cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for r in summary["results"]:
+        cells = " | ".join(f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c, _ in cols)
+        lines.append(f"| {r['backbone']} | {r['head']} | {cells} |")
+    lines += ["", "Unknown categories per split:", ""]
+    lines += [f"- split {i}: {', '.join(u)}" for i, u in enumerate(summary["unknown_per_split"])]
+    lines += ["", "Settings: `" + json.dumps(asdict(config)) + "`", ""]
+    return "\n".join(lines)
