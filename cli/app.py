@@ -833,6 +833,16 @@ def evaluate(
     if isinstance(config, OpenSetConfig):
         _openset(config, out, as_json)
         return
+    from pinsearch.eval.compact import CompactConfig, run_compact
+
+    if isinstance(config, CompactConfig):
+        summary = run_compact(config, out)
+        if as_json:
+            _emit_json(summary)
+        else:
+            _print_rows(f"compact vectors: {config.name}", summary["results"])
+            console.print(f"report: {summary['report']}")
+        return
 
     def show(cell: Any) -> None:
         if not as_json:

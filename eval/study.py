@@ -159,6 +159,12 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
         retrieval = load_retrieval(data, path)
         keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "corpus")}
         return replace(retrieval, **keep)
+    if data.get("kind") == "compact":
+        from pinsearch.eval.compact import load_compact
+
+        compact = load_compact(data, path)
+        keep = {k: v for k, v in overrides.items() if v is not None and k == "store"}
+        return replace(compact, **keep)  # type: ignore[return-value]
     if data.get("kind") == "openset":
         from pinsearch.eval.openset import load_openset
 
@@ -166,7 +172,9 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
         keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "device")}
         return replace(openset, **keep)  # type: ignore[return-value]
     if data.pop("kind", "classification") != "classification":
-        raise ValueError(f"study {path}: kind must be classification, retrieval or openset")
+        raise ValueError(
+            f"study {path}: kind must be classification, retrieval, openset or compact"
+        )
     known = {f for f in StudyConfig.__dataclass_fields__}
     unknown = sorted(set(data) - known)
     if unknown:

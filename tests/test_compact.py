@@ -1,0 +1,76 @@
+"""Compact vectors: each variant's memory and decoding, the study on a planted store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.eval.bench import synthetic_store
+from pinsearch.eval.compact import CompactConfig, compress, run_compact
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(600, 64)).astype(np.float32), rng.normal(size=(50, 64)).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize(
+    ("variant", "nbytes", "dim"),
+    [("float32", 256, 64), ("float16", 128, 64), ("pca16", 64, 16), ("sq8", 64, 64),
+     ("pq8", 8, 64)],
+)  # fmt: skip
+def test_variants_memory_and_shape(data, variant: str, nbytes: float, dim: int) -> None:
+    train, test = data
+    a, b, got = compress(variant, train, test)
+    assert got == nbytes and a.shape == (600, dim) and b.shape == (50, dim)
+    if variant in ("float32", "float16", "sq8", "pq8"):  # decoded back into the same space
+        err = np.abs(b - test).mean() / np.abs(test).mean()
+        assert err < {"float32": 1e-7, "float16": 1e-3, "sq8": 0.05, "pq8": 0.9}[variant]
+
+
+def test_variant_errors(data) -> None:
+    train, test = data
+    with pytest.raises(ValueError, match="do not divide"):
+        compress("pq7", train, test)
+    with pytest.raises(ValueError, match="fewer than"):
+        compress("pca64", train, test)
+    with pytest.raises(ValueError, match="unknown compact variant"):
+        compress("zip", train, test)
+
+
+def test_compact_study_on_planted_categories(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(4, 32)) * 3
+    x = np.stack([centres[i % 4] + 0.5 * rng.normal(size=32) for i in range(400)])
+    synthetic_store(tmp_path / "s", x.astype(np.float32), categories=4)
+    config = CompactConfig(
+        name="c", store=str(tmp_path / "s"), backbones=["synthetic"],
+        variants=["float32", "float16", "pca8", "pq8", "pq5"], heads=["knn", "lsvm"],
+    )  # fmt: skip
+    summary = run_compact(config, tmp_path / "out")
+    by = {r["variant"]: r for r in summary["results"]}
+    assert by["float32"]["recall@10"] == 1.0 and by["float16"]["recall@10"] > 0.99
+    assert by["float32"]["knn"] == pytest.approx(1.0) and by["pq8"]["compression"] == 16.0
+    assert summary["skipped"] and "pq5" in summary["skipped"][0]
+    assert "| synthetic | pca8 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_compact_study_file(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    synthetic_store(tmp_path / "s", rng.normal(size=(120, 16)).astype(np.float32), categories=3)
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        f'kind = "compact"\nname = "c"\nstore = "{tmp_path / "s"}"\nbackbones = ["synthetic"]\n'
+        'variants = ["float32", "sq8"]\nheads = ["knn"]\n'
+    )
+    out = CliRunner().invoke(app, ["evaluate", str(toml), "--out", str(tmp_path), "--json"])
+    assert out.exit_code == 0, out.output
+    assert [r["variant"] for r in json.loads(out.output)["results"]] == ["float32", "sq8"]
