@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,9 @@ def load_compact(data: dict[str, Any], path: Path) -> CompactConfig:
     Raises:
         ValueError: unknown keys, heads or variants; missing fields.
     """
-    data = {k: v for k, v in data.items() if k != "kind"}
-    unknown = sorted(set(data) - {f.name for f in fields(CompactConfig)})
-    if unknown:
-        raise ValueError(f"{path}: unknown compact study keys {unknown}")
-    for key in ("name", "store"):
-        if key not in data:
-            raise ValueError(f"{path}: compact study needs {key!r}")
-    config = CompactConfig(**data)
+    from pinsearch.eval.configs import config_from_toml
+
+    config = config_from_toml(CompactConfig, data, path, "compact study", ("name", "store"))
     bad_heads = sorted(set(config.heads) - set(HEADS))
     if bad_heads:
         raise ValueError(f"{path}: unknown heads {bad_heads}; known: {sorted(HEADS)}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +65,12 @@ def load_openset(data: dict[str, Any], path: Path) -> OpenSetConfig:
     Raises:
         ValueError: unknown keys or heads, missing fields.
     """
-    data = {k: v for k, v in data.items() if k != "kind"}
-    known = {f.name for f in fields(OpenSetConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown open-set study keys {unknown}; known: {sorted(known)}")
-    for key in ("name", "store"):
-        if key not in data:
-            raise ValueError(f"{path}: open-set study needs {key!r}")
-    bad = sorted(set(data.get("heads", [])) - set(HEAD_DEFAULTS))
+    from pinsearch.eval.configs import config_from_toml
+
+    config = config_from_toml(OpenSetConfig, data, path, "open-set study", ("name", "store"))
+    bad = sorted(set(config.heads) - set(HEAD_DEFAULTS))
     if bad:
         raise ValueError(f"{path}: unknown open-set heads {bad}; known: {sorted(HEAD_DEFAULTS)}")
-    config = OpenSetConfig(**data)
     if not 0.0 < config.unknown_fraction < 1.0:
         raise ValueError(f"{path}: unknown_fraction must be in (0, 1)")
     return config

@@ -45,21 +45,17 @@ def load_retrieval(data: dict[str, Any], base: Path) -> RetrievalConfig:
         ValueError: unknown or missing keys, naming them.
     """
     from pinsearch.align import AlignConfig
+    from pinsearch.eval.configs import config_from_toml
 
-    data = {k: v for k, v in data.items() if k != "kind"}
-    known = {f.name for f in fields(RetrievalConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{base}: unknown retrieval study keys {unknown}; known: {sorted(known)}")
-    for key in ("name", "store", "captions"):
-        if key not in data:
-            raise ValueError(f"{base}: retrieval study needs {key!r}")
-    bad = sorted(set(data.get("align", {})) - {f.name for f in fields(AlignConfig)})
+    config = config_from_toml(
+        RetrievalConfig, data, base, "retrieval study", ("name", "store", "captions")
+    )
+    bad = sorted(set(config.align) - {f.name for f in fields(AlignConfig)})
     if bad:
         raise ValueError(f"{base}: unknown [align] keys {bad}")
-    if data.get("text", "auto") not in ("auto", "clip", "align"):
-        raise ValueError(f"{base}: text must be auto, clip or align, got {data['text']!r}")
-    return RetrievalConfig(**data)
+    if config.text not in ("auto", "clip", "align"):
+        raise ValueError(f"{base}: text must be auto, clip or align, got {config.text!r}")
+    return config
 
 
 def run_retrieval(
