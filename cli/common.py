@@ -1,0 +1,98 @@
+"""Shared pieces of the command line: the Typer app, consoles, option types, output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = [
+    "JsonOpt",
+    "StoreOpt",
+    "app",
+    "console",
+    "emit_json",
+    "err_console",
+    "make_config",
+    "print_rows",
+    "progress_bar",
+]
+
+app = typer.Typer(
+    name="pinsearch",
+    help="Vector-database retrieval for Pinterest-style image collections.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+
+
+def make_config(cls: type[T], **overrides: Any) -> T:
+    """Build a config dataclass from the options the user actually set."""
+    return cls(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def emit_json(obj: Any) -> None:
+    data = asdict(obj) if is_dataclass(obj) and not isinstance(obj, type) else obj
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def progress_bar(enabled: bool) -> Any:
+    """A rich progress bar with images/s and ETA, as a (callback, context) pair."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("embedding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not enabled,
+    )
+    task = bar.add_task("embed", total=None, rate="-")
+
+    def update(done: int, total: int) -> None:
+        speed = bar.tasks[task].speed
+        bar.update(task, completed=done, total=total, rate=f"{speed:.1f}" if speed else "-")
+
+    return update, bar
+
+
+def print_rows(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(str(col), overflow="fold")
+    for row in rows:
+        table.add_row(*(fmt_value(v) for v in row.values()))
+    console.print(table)
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)

@@ -1,0 +1,239 @@
+"""Commands that build and maintain a store: index, add, remove, check, repair, info."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pinsearch.cli.common import (
+    JsonOpt,
+    StoreOpt,
+    app,
+    console,
+    emit_json,
+    make_config,
+    print_rows,
+    progress_bar,
+)
+
+
+@app.command()
+def index(
+    corpus: Annotated[
+        Path | None, typer.Argument(help="Tree, image folder or CSV/Parquet manifest.")
+    ] = None,
+    store: StoreOpt = Path("pinsearch-store"),
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
+    ] = None,
+    per_category: Annotated[int | None, typer.Option(help="Sample N pins per category.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    keep_excluded: Annotated[
+        bool, typer.Option(help="Keep the categories 'none' and 'other'.")
+    ] = False,
+    categories: Annotated[
+        str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
+    ] = None,
+    allow_outside_root: Annotated[
+        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+    ] = False,
+    weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors.")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="Stored dtype: float32 or float16.")] = None,
+    factory: Annotated[
+        str | None, typer.Option(help="FAISS factory string (Flat, IVF1024,Flat, HNSW32) or auto.")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="cosine, ip, l2 or l1.")] = None,
+    index_device: Annotated[str | None, typer.Option(help="Index on auto, cpu or gpu.")] = None,
+    index_name: Annotated[str | None, typer.Option(help="Defaults to the backbone name.")] = None,
+    rebuild: Annotated[bool, typer.Option(help="Rebuild the index from all vectors.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.ingest import IngestConfig
+    from pinsearch.pipeline import index_corpus
+
+    ingest_cfg = make_config(
+        IngestConfig,
+        format=fmt,
+        per_category=per_category,
+        seed=seed,
+        drop_categories=() if keep_excluded else None,
+        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
+        allow_outside_root=allow_outside_root or None,
+    )
+    embed_cfg = make_config(
+        EmbedConfig,
+        weights=weights,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        normalize=normalize,
+        dtype=dtype,
+    )
+    index_opts = {
+        k: v
+        for k, v in {"factory": factory, "metric": metric, "device": index_device}.items()
+        if v is not None
+    }
+    update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = index_corpus(
+            corpus,
+            store,
+            backbone=backbone,
+            ingest=ingest_cfg,
+            embed=embed_cfg,
+            index=index_opts,
+            index_name=index_name,
+            rebuild=rebuild,
+            progress=update,
+        )
+    if as_json:
+        emit_json(report)
+        return
+    table = Table(title=f"indexed into {report.store}", show_header=False)
+    for key, value in report.to_dict().items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def add(
+    corpus: Annotated[Path, typer.Argument(help="Tree, image folder or manifest with new pins.")],
+    store: StoreOpt,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
+    ] = None,
+    allow_outside_root: Annotated[
+        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    batch_size: Annotated[int | None, typer.Option()] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add new pins or boards to an existing store: only they are embedded, for every backbone
+    of the store, and every index is updated; heads are marked stale."""
+    from pinsearch.edit import add_corpus
+    from pinsearch.ingest import IngestConfig
+
+    ingest_cfg = make_config(
+        IngestConfig, format=fmt, allow_outside_root=allow_outside_root or None
+    )
+    update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = add_corpus(
+            corpus, store, ingest=ingest_cfg, device=device, batch_size=batch_size,
+            workers=workers, progress=update,
+        )  # fmt: skip
+    if as_json:
+        emit_json(report)
+        return
+    console.print(
+        f"added {report.added} pins ({report.skipped} skipped, {report.already_present} already "
+        f"there) to {report.store} in {report.seconds:.1f} s"
+    )
+    for b in report.backbones:
+        console.print(f"  {b['backbone']}: embedded {b['embedded']}, index {b['index_action']}")
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+@app.command()
+def remove(
+    store: StoreOpt,
+    pin: Annotated[list[str] | None, typer.Option("--pin", help="Pin id (repeat).")] = None,
+    board: Annotated[list[str] | None, typer.Option("--board", help="Board key (repeat).")] = None,
+    user: Annotated[list[str] | None, typer.Option("--user", help="User id (repeat).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove pins, boards or users with their vectors and index entries."""
+    from pinsearch.edit import remove_pins
+    from pinsearch.store import Store
+
+    with Store.open(store) as s:
+        report = remove_pins(s, pin_ids=pin or [], boards=board or [], users=user or [])
+    if as_json:
+        emit_json(report)
+        return
+    console.print(
+        f"removed {report.pins} pins ({report.boards} boards, {report.users} users) from "
+        f"{report.store}: vectors {report.vectors}; indexes rebuilt {report.indexes}"
+    )
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+@app.command()
+def check(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Verify a store: vectors, indexes, heads, alignments, ingest counts. Exit 1 on errors."""
+    from pinsearch.check import check_store
+
+    report = check_store(store)
+    _show_check(report, as_json)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def repair(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Rebuild derived indexes from the stored vectors and drop what cannot be trusted."""
+    from pinsearch.check import repair_store
+
+    report = repair_store(store)
+    if as_json:
+        emit_json(report)
+    else:
+        for action in report.actions or ["nothing to repair"]:
+            console.print(action)
+        assert report.after is not None
+        _show_check(report.after, False)
+    if report.after is not None and not report.after.ok:
+        raise typer.Exit(1)
+
+
+def _show_check(report: Any, as_json: bool) -> None:
+    if as_json:
+        emit_json(report)
+        return
+    status = "[green]ok[/green]" if report.ok else "[red]errors[/red]"
+    counts = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+    console.print(f"{report.store}: {status} ({report.pins} pins; checked {counts})")
+    for f in report.findings:
+        colour = "red" if f.level == "error" else "yellow"
+        console.print(f"[{colour}]{f.level}[/{colour}] {f.where}: {f.problem}: {f.detail}")
+
+
+@app.command()
+def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
+    """Counts per category and board, backbones, indexes, and skipped pins with reasons."""
+    from pinsearch.store import Store
+
+    with Store.open(store, read_only=True) as s:
+        report = s.info()
+    if as_json:
+        emit_json(report)
+        return
+    console.print(
+        f"[bold]{report.path}[/bold]: {report.pins} pins, {report.boards} boards, "
+        f"{report.users} users, {len(report.categories)} categories, {report.skipped} skipped"
+    )
+    print_rows("categories", report.categories)
+    print_rows("embeddings", report.embeddings)
+    print_rows("indexes", report.indexes)
+    print_rows("heads", report.heads)
+    print_rows("text alignments", report.alignments)
+    print_rows("skipped pins by reason", report.skipped_by_reason)
+    print_rows("ingests", report.ingests)

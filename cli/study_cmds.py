@@ -1,0 +1,268 @@
+"""Studies, benchmarks and the tour: backbones, demo, evaluate, bench."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pinsearch.cli.common import (
+    JsonOpt,
+    app,
+    console,
+    emit_json,
+    err_console,
+    print_rows,
+    progress_bar,
+)
+
+
+@app.command()
+def backbones(
+    pattern: Annotated[str, typer.Argument(help="Shell pattern on names.")] = "*",
+    as_json: JsonOpt = False,
+) -> None:
+    """The backbone registry: name, source, dim, input size, weights available offline."""
+    from pinsearch.backbones import list_backbones, weights_available_offline
+
+    rows = []
+    for spec in list_backbones(pattern):
+        rows.append(
+            {
+                "name": spec.name,
+                "source": spec.source,
+                "arch": spec.arch,
+                "dim": spec.dim,
+                "input_size": _input_size(spec),
+                "offline": weights_available_offline(spec),
+                "paper": spec.paper,
+                "description": spec.description,
+            }
+        )
+    if as_json:
+        emit_json(rows)
+        return
+    short = [
+        {k: r[k] for k in ("name", "source", "dim", "input_size", "offline", "paper")} for r in rows
+    ]
+    note = "any timm model works too, as timm:<name>; any OpenCLIP model as clip:<model>:<tag>"
+    print_rows(f"backbones ({note})", short)
+
+
+def _input_size(spec: Any) -> int | None:
+    if spec.source == "classic":
+        return 224
+    if spec.source == "open_clip":
+        from pinsearch.clip import clip_input_size
+
+        return clip_input_size(spec)
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.arch)
+        return int(cfg.input_size[-1]) if cfg is not None else None
+    except Exception:
+        return None
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where to write the corpus and store (default: a temp dir).")
+    ] = None,
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    k: Annotated[int, typer.Option("-k", "--k", min=1)] = 5,
+    text: Annotated[
+        bool, typer.Option("--text/--no-text", help="Also learn and show text search.")
+    ] = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Offline tour: generate a Pinterest-style corpus, index it with real weights, query it
+    by pin and by text."""
+    from pinsearch.demo import run_demo
+
+    folder = workdir or Path(tempfile.mkdtemp(prefix="pinsearch-demo-"))
+    update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = run_demo(folder, backbone=backbone, k=k, progress=update, text=text)
+    if as_json:
+        emit_json(report)
+        return
+    idx = report.index
+    console.print(
+        f"[bold]pinsearch demo[/bold]: {report.pins} pins in {len(report.categories)} categories "
+        f"-> {report.store}\n{report.backbone} ({idx['images_per_s']} img/s), index "
+        f"{idx['factory']} / {idx['metric']}, {idx['ntotal']} vectors"
+    )
+    for ex in report.examples:
+        print_rows(f"pins like {ex['query']}", ex["hits"])
+    console.print(
+        f"leave-one-out {report.knn_k}-NN category accuracy: [bold]{report.knn_accuracy:.3f}[/bold]"
+        f" (chance {report.chance:.3f})"
+    )
+    for ex in report.text_examples:
+        print_rows(f"pins matching the text {ex['query']!r}", ex["hits"])
+    if report.text_encoder:
+        console.print(
+            f"text search ({report.text_encoder}, learned from the pins' titles): asking each "
+            f"category's name, [bold]{report.text_precision:.3f}[/bold] of the top {report.knn_k}"
+            f" are in that category (chance {1 / max(len(report.categories), 1):.3f})"
+        )
+    console.print(
+        f"try: pinsearch query --store {report.store} --pin {report.examples[0]['query']} -k 5"
+    )
+    if report.text_encoder:
+        console.print(f'     pinsearch query --store {report.store} --text "a red car" --boards')
+
+
+@app.command()
+def evaluate(
+    study: Annotated[Path, typer.Argument(help="Study TOML file (see eval/studies/).")],
+    store: Annotated[
+        Path | None, typer.Option("--store", "-s", help="Overrides the study's.")
+    ] = None,
+    corpus: Annotated[Path | None, typer.Option(help="Corpus to index first (overrides).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Report folder (default eval/results/NAME).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Heads on auto, cpu or cuda.")] = None,
+    n_jobs: Annotated[int | None, typer.Option(help="Parallel CV fits.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run (or resume) a study: macro-F1 of every backbone x head cell, or text-to-image
+    recall@k for a retrieval study (kind = "retrieval"); then a report."""
+    from pinsearch.eval.retrieval import RetrievalConfig
+    from pinsearch.eval.study import evaluate as run_evaluate
+    from pinsearch.eval.study import load_study
+
+    config = load_study(
+        study,
+        store=str(store) if store else None,
+        corpus=str(corpus) if corpus else None,
+        device=device,
+        n_jobs=n_jobs,
+    )
+    if isinstance(config, RetrievalConfig):
+        _retrieval(config, out, as_json)
+        return
+    from pinsearch.eval.openset import OpenSetConfig
+
+    if isinstance(config, OpenSetConfig):
+        _openset(config, out, as_json)
+        return
+    from pinsearch.eval.compact import CompactConfig, run_compact
+
+    if isinstance(config, CompactConfig):
+        summary = run_compact(config, out)
+        if as_json:
+            emit_json(summary)
+        else:
+            print_rows(f"compact vectors: {config.name}", summary["results"])
+            console.print(f"report: {summary['report']}")
+        return
+
+    def show(cell: Any) -> None:
+        if not as_json:
+            tag = " (done before)" if cell.resumed else ""
+            err_console.print(
+                f"{cell.backbone} + {cell.head}: macro-F1 {cell.test_macro_f1:.3f} "
+                f"(CV {cell.cv_mean:.3f} ± {cell.cv_std:.3f}) {cell.best_params}{tag}"
+            )
+
+    update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        summary = run_evaluate(config, out, on_cell=show, embed_progress=update)
+    if as_json:
+        emit_json(summary)
+        return
+    from pinsearch.eval.report import markdown_table
+
+    heads = list(config.heads)
+    console.print(markdown_table(summary["macro_f1"], heads))
+    console.print(f"report: {summary['report']}")
+
+
+def _openset(config: Any, out: Path | None, as_json: bool) -> None:
+    from pinsearch.eval.openset import run_openset
+
+    summary = run_openset(config, out)
+    if as_json:
+        emit_json(summary)
+        return
+    rows = [
+        {k: r[k] for k in ("backbone", "head", "known_macro_f1", "closed_macro_f1",
+                           "open_macro_f1", "auroc_unknown", "known_accepted",
+                           "unknown_rejected")}
+        for r in summary["results"]
+    ]  # fmt: skip
+    print_rows(f"open set: {config.name} ({config.splits} splits)", rows)
+    console.print(f"report: {summary['report']}")
+
+
+def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
+    from pinsearch.eval.retrieval import run_retrieval
+
+    summary = run_retrieval(config, out)
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table(title=f"text-to-image retrieval: {config.name} ({summary['test_images']} images)")
+    for col in ("backbone", "text encoder", *(f"R@{k}" for k in config.ks), "median rank"):
+        table.add_column(col)
+    for backbone, r in summary["results"].items():
+        m = r["metrics"]
+        table.add_row(
+            backbone,
+            r["text"],
+            *(f"{m[f'recall@{k}']:.3f}" for k in config.ks),
+            f"{m['median_rank']:.0f}",
+        )
+    console.print(table)
+    console.print(f"report: {summary['report']}")
+
+
+@app.command()
+def bench(
+    what: Annotated[str, typer.Argument(help="embed, index, query, study, text or dupes")],
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
+    dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    factory: Annotated[
+        list[str] | None, typer.Option(help="Factory strings to compare (index).")
+    ] = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    corpus: Annotated[Path | None, typer.Option(help="Real photos (dupes).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query, study
+    (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency),
+    dupes (near-copy precision and recall on real photos)."""
+    from pinsearch.eval import bench as b
+
+    if what == "embed":
+        result: Any = b.bench_embed(backbone, n=n or 256, batch_size=batch_size, device=device)
+    elif what == "index":
+        result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None)
+    elif what == "query":
+        result = b.bench_query(n=n or 100_000, dim=dim)
+    elif what == "study":
+        result = b.bench_study(n=n or 4000, dim=dim, device=device)
+    elif what == "text":
+        result = b.bench_text(n=n or 100_000, dim=dim)
+    elif what == "dupes":
+        if corpus is None:
+            raise typer.BadParameter("bench dupes needs --corpus (a folder or manifest of photos)")
+        result = b.bench_dupes(corpus, n=n or 200, backbone=backbone)
+    else:
+        raise typer.BadParameter(
+            f"unknown benchmark {what!r}; expected embed, index, query, study, text or dupes"
+        )
+    if as_json:
+        emit_json(result)
+        return
+    console.print(b.format_result(result))
