@@ -49,3 +49,6 @@ def main() -> None:
 # Registering the commands, in the order ``--help`` lists them (each module adds its own).
 for _module in ("store_cmds", "search_cmds", "explore_cmds", "study_cmds"):
     importlib.import_module(f"pinsearch.cli.{_module}")
+
+if __name__ == "__main__":
+    main()

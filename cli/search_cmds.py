@@ -15,6 +15,7 @@ from pinsearch.cli.common import (
     app,
     console,
     emit_json,
+    err_console,
     make_config,
     print_rows,
 )
@@ -269,3 +270,16 @@ def train(
         f"trained head [bold]{info_.name}[/bold] ({info_.head} {info_.params}) on "
         f"{info_.n_train} pins, {len(info_.classes)} classes of {info_.label!r}"
     )
+
+
+@app.command()
+def serve(
+    store: StoreOpt,
+    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+) -> None:
+    """Warm query process: JSON requests on stdin, one JSON answer per line on stdout
+    (pins like a pin or image, text, boards, titles; see the README)."""
+    from pinsearch.serve import serve as run
+
+    n = run(store, backbone)
+    err_console.print(f"answered {n} requests")

@@ -1,0 +1,124 @@
+"""``pinsearch serve``: a warm query process speaking JSON lines on stdin/stdout.
+
+Loading a store, its index, the metadata and a model takes seconds; a query then takes
+milliseconds. ``serve`` pays the first once: it opens the store read-only, keeps the searcher
+(with an in-memory columnar copy of the metadata) and answers one JSON request per line:
+
+    {"id": 1, "pin": "1031", "k": 10, "category": "food_drink"}
+    {"id": 2, "image": "photo.jpg", "k": 5}
+    {"id": 3, "text": "red vintage cars", "k": 20, "mode": "fused", "alpha": 0.5}
+    {"id": 4, "text": "cozy reading nook", "boards": true, "k": 10, "per_board": 3}
+    {"id": 5, "pin": "1031", "titles": ["a cosy nook", "a race car"]}
+
+Each answer is one line: the result's JSON (as ``pinsearch query --json`` prints it) plus the
+request's ``id`` and ``ms`` (time to answer); a bad request gets ``{"id", "error"}`` and the
+process goes on. The first line written is ``{"ready": true, ...}``. It reads a store; it
+opens no network port (a web server for browsing comes in a later milestone, bound to
+127.0.0.1 by default).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from pinsearch.errors import PinsearchError
+from pinsearch.search import PinSearcher
+from pinsearch.store import Store
+
+__all__ = ["answer", "serve"]
+
+_FILTERS = ("board", "user", "category")
+
+
+def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
+    """The response to one request (see the module docstring).
+
+    Raises:
+        ValueError: a malformed request (the caller turns it into an error line).
+    """
+    if not isinstance(request, dict):
+        raise ValueError("a request is a JSON object")
+    k = int(request.get("k", 10))
+    filters = {f: request[f] for f in _FILTERS if request.get(f) is not None}
+    asked = [key for key in ("pin", "image", "text") if request.get(key) is not None]
+    if len(asked) != 1:
+        raise ValueError("give exactly one of pin, image or text")
+    text_search = asked == ["text"] or "titles" in request
+    if text_search and not hasattr(searcher, "search_text"):
+        raise ValueError(f"index {searcher.index_name!r} cannot answer text (l2 or l1 metric)")
+    if "titles" in request:
+        titles = request["titles"]
+        if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
+            raise ValueError("titles must be a list of strings")
+        return searcher.rank_texts(  # type: ignore[attr-defined, no-any-return]
+            titles, pin_id=request.get("pin"), image=request.get("image")
+        ).to_dict()
+    if "text" in asked:
+        if request.get("boards"):
+            return searcher.search_boards(  # type: ignore[attr-defined, no-any-return]
+                request["text"], k, per_board=int(request.get("per_board", 3)),
+                score=str(request.get("board_score", "topm")), user=request.get("user"),
+                category=request.get("category"),
+            ).to_dict()  # fmt: skip
+        return searcher.search_text(  # type: ignore[attr-defined, no-any-return]
+            request["text"], k, mode=str(request.get("mode", "image")),
+            alpha=float(request.get("alpha", 0.5)), **filters,
+        ).to_dict()  # fmt: skip
+    if "pin" in asked:
+        return searcher.similar_to_pin(str(request["pin"]), k, **filters).to_dict()
+    path = Path(str(request["image"]))
+    if not path.is_file():
+        raise ValueError(f"image {path} does not exist")
+    return searcher.similar_to_image(path, k, **filters).to_dict()
+
+
+def serve(
+    store_path: str | Path,
+    backbone: str | None = None,
+    *,
+    requests: IO[str] | None = None,
+    responses: IO[str] | None = None,
+) -> int:
+    """Answer JSON-line requests until the input ends; returns how many were answered."""
+    from pinsearch.textsearch import TextSearcher
+
+    requests = requests or sys.stdin
+    responses = responses or sys.stdout
+    with Store.open(store_path, read_only=True) as store:
+        searcher: PinSearcher
+        try:
+            searcher = TextSearcher(store, backbone=backbone, cache_metadata=True)
+        except ValueError:  # an l2/l1 index: similar pins only
+            searcher = PinSearcher(store, backbone=backbone, cache_metadata=True)
+        searcher.hits(store.vectors(searcher.backbone).keys()[:1], [0.0])  # warm the metadata
+        ready = {
+            "ready": True,
+            "store": str(store.root),
+            "backbone": searcher.backbone,
+            "index": searcher.index_name,
+            "pins": store.catalog.count_pins(),
+            "snapshot": store.snapshot,
+        }
+        responses.write(json.dumps(ready) + "\n")
+        responses.flush()
+        answered = 0
+        for line in requests:
+            if not line.strip():
+                continue
+            start = time.perf_counter()
+            request: Any = None
+            try:
+                request = json.loads(line)
+                out = answer(searcher, request)
+            except (PinsearchError, ValueError, TypeError, KeyError) as exc:
+                out = {"error": str(exc)}
+            rid = request.get("id") if isinstance(request, dict) else None
+            out = {"id": rid, **out, "ms": round((time.perf_counter() - start) * 1000, 3)}
+            responses.write(json.dumps(out, default=str) + "\n")
+            responses.flush()
+            answered += 1
+    return answered
