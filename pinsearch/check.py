@@ -243,11 +243,11 @@ def _check_heads(store: Store, report: CheckReport) -> None:
 
 
 def _check_alignments(store: Store, report: CheckReport) -> None:
+    from pinsearch.align import load_alignment
+
     for row in store.info().alignments:
         where = f"alignment {row['backbone']}"
         report.checked["alignments"] = report.checked.get("alignments", 0) + 1
-        from pinsearch.align import load_alignment
-
         try:
             found = load_alignment(store, row["backbone"])
         except Exception as exc:  # IndexFileError for a missing or altered file
