@@ -218,9 +218,13 @@ def bench_index(
             exact = build_index(x, keys, IndexConfig(factory="Flat", metric=metric))  # type: ignore[arg-type]
             truth = exact.search(q, k)[1] if fac != "Flat" else found
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+        import faiss
+
+        size = len(faiss.serialize_index(index.cpu_index()))
         rows.append(
             {
                 "factory": fac,
+                "memory_mb": round(size / 2**20, 1),  # the serialised index (codes + structure)
                 "build_s": round(index.build_seconds, 3),
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),

@@ -124,6 +124,8 @@ def test_bench_index_prints_numbers() -> None:
     data = json.loads(result.stdout)
     assert [r["factory"] for r in data["rows"]] == ["Flat", "HNSW16"]
     assert data["rows"][0]["recall_at_10"] == 1.0 and data["rows"][1]["qps"] > 0
+    # Flat holds 2,000 x 32 float32 = 0.24 MiB (plus a small header).
+    assert 0.24 <= data["rows"][0]["memory_mb"] <= 0.3
 
 
 def test_unknown_store_is_a_clear_error(tmp_path: Path) -> None:
