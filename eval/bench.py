@@ -224,7 +224,7 @@ def bench_index(
         rows.append(
             {
                 "factory": fac,
-                "memory_mb": round(size / 2**20, 1),  # the serialised index (codes + structure)
+                "memory_mb": round(size / 2**20, 3),  # the serialised index (codes + structure)
                 "build_s": round(index.build_seconds, 3),
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),
