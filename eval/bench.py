@@ -525,7 +525,9 @@ def bench_dupes(
                 "recall": round(hit / len(true), 4) if true else 0.0,
             }
         )
-    unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    from pinsearch.vectors import unit_rows
+
+    unit = unit_rows(vecs)
     row_of = {int(k): i for i, k in enumerate(keys.tolist())}
     by_name = {ids[k].split("/")[-1]: k for k in ids}
     by_edit: dict[str, dict[str, float]] = {}

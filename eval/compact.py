@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 __all__ = ["CompactConfig", "compress", "load_compact", "run_compact"]
 
@@ -125,10 +126,6 @@ def compress(
     return pq.decode(pq.compute_codes(train)), pq.decode(pq.compute_codes(test)), float(n)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
 def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Measure every variant; write ``report.md`` and ``results.json``; return the summary."""
     import faiss
@@ -153,7 +150,9 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
         )  # fmt: skip
         for backbone in config.backbones:
             X = load_vectors(store, backbone, keys, False)
-            exact = faiss.knn(_unit(X[te]), _unit(X[tr]), config.k, faiss.METRIC_INNER_PRODUCT)[1]
+            exact = faiss.knn(
+                unit_rows(X[te]), unit_rows(X[tr]), config.k, faiss.METRIC_INNER_PRODUCT
+            )[1]
             base_bytes = 4.0 * X.shape[1]
             for variant in config.variants:
                 try:
@@ -161,7 +160,7 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
                 except ValueError as exc:
                     skipped.append(f"{backbone} {variant}: {exc}")
                     continue
-                got = faiss.knn(_unit(b), _unit(a), config.k, faiss.METRIC_INNER_PRODUCT)[1]
+                got = faiss.knn(unit_rows(b), unit_rows(a), config.k, faiss.METRIC_INNER_PRODUCT)[1]
                 recall = np.mean([len(set(g) & set(e)) / config.k for g, e in zip(got, exact)])
                 row = {
                     "backbone": backbone,

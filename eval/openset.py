@@ -80,9 +80,9 @@ def _confidence(head: str, model: Any, X: np.ndarray, X_train: np.ndarray) -> np
     if head == "knn-sim":
         import faiss
 
-        unit = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)  # noqa: E731
-        sims, _ = faiss.knn(unit(X).astype(np.float32), unit(X_train).astype(np.float32), 1,
-                            metric=faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        from pinsearch.vectors import unit_rows
+
+        sims, _ = faiss.knn(unit_rows(X), unit_rows(X_train), 1, metric=faiss.METRIC_INNER_PRODUCT)
         return sims[:, 0]
     return model.class_scores(X).max(axis=1)
 

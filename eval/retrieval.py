@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 __all__ = ["RetrievalConfig", "load_retrieval", "run_retrieval"]
 
@@ -95,7 +96,7 @@ def run_retrieval(
                 )  # fmt: skip
             encoder = text_encoder_for(store, backbone, device="auto")
             vectors, vkeys = store.vectors(backbone).load(test)
-            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            vectors = unit_rows(vectors)
             in_test = np.isin(keys, vkeys)
             queries = encoder.encode([c for c, m in zip(captions, in_test) if m])
             relevant = np.searchsorted(vkeys, keys[in_test])

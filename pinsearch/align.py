@@ -32,7 +32,7 @@ import numpy as np
 
 from pinsearch import __version__
 from pinsearch.indexes.pinindex import file_sha256
-from pinsearch.vectors import backbone_dirname
+from pinsearch.vectors import backbone_dirname, unit_rows
 
 __all__ = [
     "AlignConfig",
@@ -113,8 +113,7 @@ def project_text(arrays: dict[str, np.ndarray], sentences: np.ndarray) -> np.nda
         h = h @ arrays["hidden_weight"].T + arrays["hidden_bias"]
         h = 0.5 * h * (1.0 + np.tanh(0.7978845608 * (h + 0.044715 * h**3)))  # GELU (tanh)
     t = h @ arrays["text_weight"].T + arrays["text_bias"]
-    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
-    return t @ arrays["image_weight"]
+    return unit_rows(t) @ arrays["image_weight"]
 
 
 def _retrieval_score(
@@ -364,7 +363,7 @@ def align_store(
         )
     item_keys, pair_item = np.unique(pair_keys, return_inverse=True)
     items, _ = store.vectors(backbone).load(item_keys)
-    items = items / np.maximum(np.linalg.norm(items, axis=1, keepdims=True), 1e-12)
+    items = unit_rows(items)
     _, groups = np.unique(np.asarray([t.lower() for t in texts]), return_inverse=True)
     sentence = SentenceEncoder(config.text_model, device=config.device)
     sentences = sentence.encode(texts)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 __all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
 
@@ -104,11 +105,6 @@ class ClusterReport:
         return asdict(self)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, device: str = "auto") -> tuple[
     np.ndarray, np.ndarray, float
 ]:  # fmt: skip
@@ -143,7 +139,7 @@ def _agglomerative(x: np.ndarray, k: int, seed: int) -> np.ndarray:
         return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
     idx = np.random.default_rng(seed).choice(len(x), limit, replace=False)
     sub = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x[idx])
-    centres = _unit(np.stack([x[idx][sub == c].mean(axis=0) for c in range(k)]))
+    centres = unit_rows(np.stack([x[idx][sub == c].mean(axis=0) for c in range(k)]))
     return np.argmax(x @ centres.T, axis=1)
 
 
@@ -166,7 +162,7 @@ def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[st
     vectors, keys = store.vectors(backbone).load()
     meta = store.catalog.pins_by_key(keys.tolist())
     ok = np.array([int(k) in meta for k in keys], dtype=bool)
-    vectors, keys = _unit(vectors[ok]), keys[ok]
+    vectors, keys = unit_rows(vectors[ok]), keys[ok]
     pins = [meta[int(k)] for k in keys]
     if level == "pins":
         return vectors, [p["pin_id"] for p in pins], np.array([p["category"] for p in pins])
@@ -175,7 +171,7 @@ def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[st
     sums = np.zeros((len(names), vectors.shape[1]), np.float64)
     np.add.at(sums, inv, vectors)
     cats = {p["board"]: p["category"] for p in pins}
-    return _unit(sums), names.tolist(), np.array([cats[b] for b in names])
+    return unit_rows(sums), names.tolist(), np.array([cats[b] for b in names])
 
 
 def _label(x: np.ndarray, k: int, config: ClusterConfig) -> tuple[np.ndarray, float]:
@@ -225,7 +221,7 @@ def cluster_store(
     else:
         k, chosen_by = config.k, "given"
     labels, _ = _label(x, k, config)
-    centres = _unit(np.stack([x[labels == c].mean(axis=0) for c in range(k)]))
+    centres = unit_rows(np.stack([x[labels == c].mean(axis=0) for c in range(k)]))
     distance = 1.0 - np.sum(x * centres[labels], axis=1)
     contingency: dict[str, dict[str, int]] = {}
     proposals = []

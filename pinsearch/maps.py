@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 __all__ = ["MapConfig", "MapReport", "draw_map", "embed_2d"]
 
@@ -124,7 +125,7 @@ def draw_map(
     vectors, keys = vectors[ok], keys[ok]
     cats_all = np.array([meta[int(k)]["category"] for k in keys])
     pick = _sample(cats_all, config.sample, config.seed)
-    x = vectors[pick] / np.maximum(np.linalg.norm(vectors[pick], axis=1, keepdims=True), 1e-12)
+    x = unit_rows(vectors[pick])
     pins = [meta[int(k)] for k in keys[pick]]
     labels = _colours(store, backbone, [p["pin_id"] for p in pins], cats_all[pick], config.color)
     out = Path(out_dir)

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pinsearch.errors import WeightsNotFoundError
+from pinsearch.vectors import unit_rows
 
 __all__ = [
     "TEXT_SPACE_SUFFIX",
@@ -165,12 +166,7 @@ class AlignedTextEncoder:
         from pinsearch.align import project_text
 
         q = project_text(self.arrays, self.sentence.encode(texts))
-        return _unit(q)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return unit_rows(q)
 
 
 def _is_clip(backbone: str) -> bool:

@@ -30,6 +30,7 @@ import numpy as np
 from pinsearch.errors import PinNotFoundError
 from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters
 from pinsearch.text import TextEncoder, text_encoder_for, text_space
+from pinsearch.vectors import unit_rows
 
 __all__ = [
     "BoardHit",
@@ -96,11 +97,6 @@ class TitleResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _z(x: np.ndarray) -> np.ndarray:
@@ -231,10 +227,10 @@ class TextSearcher(PinSearcher):
         if cand.size == 0:
             return self._empty(query, k, _filters(board, user, category))
         iv, ik = self.store.vectors(self.backbone).load(cand)
-        s_img = _unit(iv) @ q[0]
+        s_img = unit_rows(iv) @ q[0]
         tv, tk = self.store.vectors(titles.backbone).load(ik)
         s_tit = np.full(len(ik), np.nan, np.float32)
-        s_tit[np.searchsorted(ik, tk)] = _unit(tv) @ q[0]
+        s_tit[np.searchsorted(ik, tk)] = unit_rows(tv) @ q[0]
         z_img = _z(s_img)
         has = ~np.isnan(s_tit)
         z_tit = z_img.copy()
@@ -402,8 +398,8 @@ class TextSearcher(PinSearcher):
             found = pk[at] == keys
             names, inv = np.unique(boards[at[found]], return_inverse=True)
             sums = np.zeros((len(names), vectors.shape[1]), np.float64)
-            np.add.at(sums, inv, _unit(vectors[found]))
-            self._centroids = (names, _unit(sums))
+            np.add.at(sums, inv, unit_rows(vectors[found]))
+            self._centroids = (names, unit_rows(sums))
         return self._centroids
 
     # -- titles ----------------------------------------------------------------------------
@@ -437,7 +433,7 @@ class TextSearcher(PinSearcher):
 
             vec = embed_images(self.backbone_model(), [image])
             query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
-        s = self.embed_text(list(texts)) @ _unit(vec)[0]
+        s = self.embed_text(list(texts)) @ unit_rows(vec)[0]
         order = np.argsort(-s, kind="stable")
         matches = [TextMatch(r + 1, texts[i], float(s[i])) for r, i in enumerate(order.tolist())]
         return TitleResult(

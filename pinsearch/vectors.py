@@ -18,12 +18,18 @@ import numpy as np
 from pinsearch.catalog import Catalog
 from pinsearch.indexes.pinindex import file_sha256
 
-__all__ = ["VECTOR_DTYPES", "VectorStore"]
+__all__ = ["VECTOR_DTYPES", "VectorStore", "unit_rows"]
 
 _logger = logging.getLogger(__name__)
 
 VECTOR_DTYPES = ("float32", "float16")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows (last axis) scaled to unit length as float32; zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def backbone_dirname(backbone: str) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.utils.validation import validate_data
 
 from pinsearch.heads import _Head, register_head
+from pinsearch.vectors import unit_rows
 
 __all__ = ["DEFAULT_PROMPTS", "ZeroShotHead", "label_text"]
 
@@ -31,10 +32,6 @@ DEFAULT_PROMPTS = (
 def label_text(label: Any) -> str:
     """A class label in words: ``home_decor`` -> ``home decor``."""
     return str(label).replace("_", " ").replace("-", " ").strip()
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 @register_head("zeroshot")
@@ -75,18 +72,18 @@ class ZeroShotHead(_Head):
         names = [label_text(c) for c in self.classes_]
         vectors = np.zeros((len(names), 0), np.float32)
         for template in prompts:
-            v = _unit(self.text_encoder.encode([template.format(n) for n in names]))
+            v = unit_rows(self.text_encoder.encode([template.format(n) for n in names]))
             vectors = v if vectors.shape[1] == 0 else vectors + v
         if vectors.shape[1] != X.shape[1]:
             raise ValueError(
                 f"text encoder {getattr(self.text_encoder, 'name', '?')} gives "
                 f"{vectors.shape[1]}-d vectors, the pins have {X.shape[1]}"
             )
-        self.class_vectors_ = _unit(vectors).astype(np.float32)
+        self.class_vectors_ = unit_rows(vectors)
         return self
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
-        return _unit(X) @ self.class_vectors_.T
+        return unit_rows(X) @ self.class_vectors_.T
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Cosine similarity of each pin to each class."""
