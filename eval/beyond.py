@@ -134,10 +134,7 @@ def _new_head(name: str, params: dict[str, Any] | None, device: str) -> BaseEsti
 
 
 def _scored_cells(store: Store, config: StudyConfig) -> list[tuple[str, str]]:
-    present = store.catalog.scalar(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'study_predictions'"
-    )
-    if not present:
+    if not store.catalog.has_table("study_predictions"):
         return []
     rows = store.catalog.connection.execute(
         "SELECT DISTINCT backbone, head FROM study_predictions WHERE study = ? AND "

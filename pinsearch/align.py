@@ -497,11 +497,7 @@ def load_alignment(
     """
     from pinsearch.errors import IndexFileError
 
-    con = store.catalog.connection
-    has_table = con.execute(
-        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'alignments'"
-    ).fetchone()
-    if not has_table or not has_table[0]:
+    if not store.catalog.has_table("alignments"):
         return None
     rows = store.catalog.query("SELECT * FROM alignments WHERE backbone = ?", [backbone])
     if not rows:

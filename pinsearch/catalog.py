@@ -195,6 +195,14 @@ class Catalog:
         row = self._con.execute(sql, list(params)).fetchone()
         return None if row is None else row[0]
 
+    def has_table(self, name: str) -> bool:
+        """Whether a table exists (tables of later features are created on first use)."""
+        return bool(
+            self.scalar(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]
+            )
+        )
+
     def transaction(self) -> _Transaction:
         """``with catalog.transaction(): ...`` commits on success, rolls back on error."""
         return _Transaction(self._con)

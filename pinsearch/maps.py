@@ -92,19 +92,11 @@ def _colours(store: Store, backbone: str, pin_ids: list[str], cats: np.ndarray, 
         "SELECT c.item, c.cluster FROM clusters c WHERE c.run_id = (SELECT max(run_id) FROM "
         "cluster_runs WHERE backbone = ? AND level = 'pins')",
         [backbone],
-    ) if _has_clusters(store) else []  # fmt: skip
+    ) if store.catalog.has_table("cluster_runs") else []  # fmt: skip
     if not rows:
         raise ValueError(f"no pins cluster run of {backbone!r}; run pinsearch cluster first")
     by_pin = {r["item"]: f"cluster {r['cluster']}" for r in rows}
     return np.array([by_pin.get(p, "unclustered") for p in pin_ids])
-
-
-def _has_clusters(store: Store) -> bool:
-    return bool(
-        store.catalog.scalar(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cluster_runs'"
-        )
-    )
 
 
 def draw_map(

@@ -427,10 +427,7 @@ class Store:
         )
 
     def _alignments(self) -> list[dict[str, Any]]:
-        exists = self.catalog.scalar(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'alignments'"
-        )
-        if not exists:
+        if not self.catalog.has_table("alignments"):
             return []
         return self.catalog.query(
             "SELECT backbone, text_model, pairs, images, source, metrics FROM alignments "
