@@ -185,12 +185,9 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
         "skipped": skipped,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(_markdown(config, summary))
-    summary["report"] = str(out / "report.md")
-    return summary
+    from pinsearch.eval.configs import write_study_files
+
+    return write_study_files(config.name, out_dir, summary, _markdown(config, summary))
 
 
 def _markdown(config: CompactConfig, summary: dict[str, Any]) -> str:

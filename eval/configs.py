@@ -1,12 +1,14 @@
-"""Reading study TOML sections into config dataclasses, with errors that name the culprit."""
+"""Plumbing shared by the study kinds: reading their TOML into config dataclasses (errors that
+name the culprit) and writing their ``results.json`` + ``report.md``."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["config_from_toml"]
+__all__ = ["config_from_toml", "write_study_files"]
 
 T = TypeVar("T")
 
@@ -29,3 +31,16 @@ def config_from_toml(
         if key not in data:
             raise ValueError(f"{path}: {what} needs {key!r}")
     return cls(**data)
+
+
+def write_study_files(
+    name: str, out_dir: str | Path | None, summary: dict[str, Any], markdown: str
+) -> dict[str, Any]:
+    """Write ``results.json`` and ``report.md`` (default folder ``eval/results/NAME``); returns
+    the summary with ``report`` set to the Markdown path."""
+    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "report.md").write_text(markdown)
+    summary["report"] = str(out / "report.md")
+    return summary

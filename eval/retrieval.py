@@ -117,12 +117,9 @@ def run_retrieval(
         "unmatched_captions": unmatched,
         "results": results,
     }
-    out = Path(out_dir) if out_dir is not None else Path("eval") / "results" / config.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    (out / "report.md").write_text(_markdown(config, summary))
-    summary["report"] = str(out / "report.md")
-    return summary
+    from pinsearch.eval.configs import write_study_files
+
+    return write_study_files(config.name, out_dir, summary, _markdown(config, summary))
 
 
 def _markdown(config: RetrievalConfig, summary: dict[str, Any]) -> str:
