@@ -90,6 +90,7 @@ def add_corpus(
     """
     from pinsearch.embed import EmbedConfig
     from pinsearch.pipeline import index_corpus
+    from pinsearch.search import run_weights_file
 
     start = time.perf_counter()
     with Store.open(store_path, read_only=True) as store:
@@ -100,9 +101,8 @@ def add_corpus(
     reports = []
     for i, backbone in enumerate(backbones):
         run = runs[backbone]
-        weights = str(run.get("spec", {}).get("weights", ""))
         embed = EmbedConfig(
-            weights=weights.split(":", 1)[1] if weights.startswith("file:") else None,
+            weights=run_weights_file(run),
             normalize=bool(run.get("normalize")),
             dtype=str(run.get("dtype") or "float32"),
             device=device,

@@ -20,7 +20,14 @@ from pinsearch.errors import BackboneMismatchError, PinNotFoundError
 from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric
 from pinsearch.store import Store
 
-__all__ = ["PinSearcher", "SearchHit", "SearchResult", "exact_search", "store_backbone"]
+__all__ = [
+    "PinSearcher",
+    "SearchHit",
+    "SearchResult",
+    "exact_search",
+    "run_weights_file",
+    "store_backbone",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -72,6 +79,12 @@ def exact_search(
     return faiss.knn(q, x, min(k, len(x)), metric=faiss_metric(metric))
 
 
+def run_weights_file(run: dict[str, Any]) -> str | None:
+    """The local checkpoint an embedding run was made with (``file:PATH`` weights), if any."""
+    weights = str(run.get("spec", {}).get("weights", ""))
+    return weights.split(":", 1)[1] if weights.startswith("file:") else None
+
+
 def store_backbone(store: Store, backbone: str) -> Any:
     """Build the backbone a store's vectors were made with, for embedding new query images.
 
@@ -84,8 +97,7 @@ def store_backbone(store: Store, backbone: str) -> Any:
     run = store.catalog.get_embedding(backbone) or {}
     weights = str(run.get("spec", {}).get("weights", ""))
     dim = run.get("dim")
-    path = weights.split(":", 1)[1] if weights.startswith("file:") else None
-    model = create_backbone(backbone, weights=path, device=resolve_device("auto"))
+    model = create_backbone(backbone, weights=run_weights_file(run), device=resolve_device("auto"))
     if model.weights != weights or model.dim != dim:
         raise BackboneMismatchError(
             f"store vectors of {backbone!r} were made with weights {weights} (dim {dim}); "
