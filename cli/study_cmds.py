@@ -227,7 +227,7 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="embed, index, query, study, text or dupes")],
+    what: Annotated[str, typer.Argument(help="embed, index, exact, query, study, text or dupes")],
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
@@ -235,11 +235,14 @@ def bench(
     factory: Annotated[
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
+    fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
+    queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     corpus: Annotated[Path | None, typer.Option(help="Real photos (dupes).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, query, study
+    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
+    batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, study
     (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency),
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
@@ -247,7 +250,9 @@ def bench(
     if what == "embed":
         result: Any = b.bench_embed(backbone, n=n or 256, batch_size=batch_size, device=device)
     elif what == "index":
-        result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None)
+        result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)
+    elif what == "exact":
+        result = b.bench_exact(n=n or 1_000_000, dim=dim, nq=queries or 6400, device=device)
     elif what == "query":
         result = b.bench_query(n=n or 100_000, dim=dim)
     elif what == "study":
@@ -260,7 +265,7 @@ def bench(
         result = b.bench_dupes(corpus, n=n or 200, backbone=backbone)
     else:
         raise typer.BadParameter(
-            f"unknown benchmark {what!r}; expected embed, index, query, study, text or dupes"
+            f"unknown benchmark {what!r}; expected embed, index, exact, query, study, text or dupes"
         )
     if as_json:
         emit_json(result)

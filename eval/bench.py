@@ -22,11 +22,13 @@ from pinsearch._version import __version__
 
 __all__ = [
     "EmbedBench",
+    "ExactBench",
     "IndexBench",
     "QueryBench",
     "StudyBench",
     "Timer",
     "bench_embed",
+    "bench_exact",
     "bench_index",
     "bench_query",
     "bench_study",
@@ -198,6 +200,7 @@ def bench_index(
     metric: str = "cosine",
     nq: int = 1000,
     k: int = 10,
+    fp16: bool = False,
 ) -> IndexBench:
     """Build each index type over synthetic clustered vectors and measure it."""
     from pinsearch.indexes import IndexConfig, build_index, ivf_nlist
@@ -211,7 +214,8 @@ def bench_index(
     rows = []
     truth: np.ndarray | None = None
     for fac in factories:
-        index = build_index(x, keys, IndexConfig(factory=fac, metric=metric))  # type: ignore[arg-type]
+        config = IndexConfig(factory=fac, metric=metric, fp16=fp16)  # type: ignore[arg-type]
+        index = build_index(x, keys, config)
         with timed() as t:
             _, found = index.search(q, k)
         if truth is None:
@@ -229,10 +233,98 @@ def bench_index(
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),
                 "recall_at_10": round(recall, 4),
-                "device": "gpu" if index.on_gpu else "cpu",
+                "device": ("gpu fp16" if fp16 else "gpu") if index.on_gpu else "cpu",
             }
         )
     return IndexBench(n=n, dim=dim, queries=nq, rows=rows, machine=machine())
+
+
+# -- exact k-NN at scale -------------------------------------------------------------------
+
+
+@dataclass
+class ExactBench:
+    """Exact k-NN of a query batch: raw FAISS vs pinsearch on the same index, and 16-bit paths."""
+
+    n: int
+    dim: int
+    queries: int
+    k: int
+    device: str
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
+    """Fastest of ``repeat`` timed calls after one warm-up call; returns (seconds, result)."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeat):
+        with timed() as t:
+            out = fn()
+        best = min(best, t.seconds)
+    return best, out
+
+
+def bench_exact(
+    *,
+    n: int = 1_000_000,
+    dim: int = 1024,
+    nq: int = 6400,
+    k: int = 10,
+    device: str = "auto",
+    repeat: int = 3,
+) -> ExactBench:
+    """Exact k-NN of ``nq`` queries over ``n`` clustered vectors (cosine), several ways.
+
+    Rows: raw FAISS ``IndexFlatIP`` search (the baseline; on the GPU when faiss-gpu sees one),
+    pinsearch's :class:`PinIndex` over that same index (query normalisation and the id map
+    included: ``vs_raw`` should stay near 1), FAISS with float16 storage (GPU only), and the
+    torch scan in float32, float16 and bfloat16, without and with a float32 re-scoring of
+    4k candidates. ``agreement`` is the top-k overlap with the raw FAISS answer.
+    """
+    import faiss
+
+    from pinsearch.indexes import IndexConfig, PinIndex, TorchExact, gpu_count, to_gpu
+
+    x, q = _data_and_queries(n, nq, dim)
+    faiss.normalize_L2(x)
+    on_gpu = device != "cpu" and gpu_count() > 0
+    placement = "gpu" if on_gpu else "cpu"
+    cpu_index = faiss.IndexFlatIP(dim)
+    cpu_index.add(x)
+    raw_index = to_gpu(cpu_index) if on_gpu else cpu_index
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    raw_s, (_, truth) = _best_of(lambda: raw_index.search(qn, k), repeat)
+    keys = np.arange(n, dtype=np.int64)
+
+    def row(name: str, seconds: float, found: np.ndarray, **extra: Any) -> dict[str, Any]:
+        agree = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+        return {
+            "path": name,
+            "seconds": round(seconds, 4),
+            "qps": round(nq / seconds, 1),
+            "vs_raw": round(seconds / raw_s, 3),
+            "agreement": round(agree, 4),
+            **extra,
+        }
+
+    rows = [row("faiss Flat (raw)", raw_s, truth)]
+    config = IndexConfig(factory="Flat", device=placement)  # type: ignore[arg-type]
+    ours = PinIndex(raw_index, keys, config, "Flat", dim, on_gpu=on_gpu)
+    sec, (_, found) = _best_of(lambda: ours.search(q, k), repeat)
+    rows.append(row("pinsearch Flat", sec, found))
+    if on_gpu:
+        half = to_gpu(cpu_index, fp16=True)
+        sec, (_, found) = _best_of(lambda: half.search(qn, k), repeat)
+        rows.append(row("faiss Flat fp16", sec, found))
+    for precision in ("float32", "float16", "bfloat16"):
+        for refine in (0, 4) if precision != "float32" else (0,):
+            scan = TorchExact(x, precision=precision, device=placement, refine=refine)
+            sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
+            name = f"torch {precision}" + (f" refine {refine}k" if refine else "")
+            rows.append(row(name, sec, found))
+    return ExactBench(n, dim, nq, k, placement, rows, machine())
 
 
 # -- query latency -------------------------------------------------------------------------

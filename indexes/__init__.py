@@ -1,5 +1,6 @@
 """FAISS indexes over stored pin vectors: specs, automatic choice, GPU placement, persistence."""
 
+from pinsearch.indexes.exact import PRECISIONS, TorchExact
 from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
 from pinsearch.indexes.pinindex import PinIndex, build_index, file_sha256, load_index
 from pinsearch.indexes.spec import (
@@ -14,8 +15,10 @@ from pinsearch.indexes.spec import (
 
 __all__ = [
     "METRICS",
+    "PRECISIONS",
     "IndexConfig",
     "PinIndex",
+    "TorchExact",
     "build_index",
     "choose_factory",
     "default_memory_budget",

@@ -21,6 +21,7 @@ import numpy as np
 
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, IndexFileError
+from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
 from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
@@ -71,6 +72,12 @@ class PinIndex:
     _order: tuple[np.ndarray, np.ndarray] | None = field(
         default=None, repr=False
     )  # argsort, sorted
+    _exact: TorchExact | None = field(default=None, repr=False)  # reduced-precision scan
+
+    @property
+    def reduced_precision(self) -> bool:
+        """True when unfiltered searches run the torch float16/bfloat16 exact scan."""
+        return _torch_exact(self.config, self.factory)
 
     @property
     def ntotal(self) -> int:
@@ -105,6 +112,7 @@ class PinIndex:
             self.index.add(self.prepare(vectors[start : start + batch]))
         self._cpu = None
         self._order = None
+        self._exact = None
         self.ids = np.concatenate([self.ids, keys])
 
     def _params(self, selector: Any = None) -> Any:
@@ -146,6 +154,8 @@ class PinIndex:
         return self._to_keys(d, pos, k)
 
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
+        if self.reduced_precision:
+            return self._exact_engine().search(q, k)
         if self.on_gpu and k > _GPU_MAX_K:
             return self.cpu_index().search(q, k, params=params)
         if self.on_gpu or params is None:  # GPU indexes get nprobe when placed (_place)
@@ -183,6 +193,23 @@ class PinIndex:
             keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
             d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.nan)
         return d, keys
+
+    def _exact_engine(self) -> TorchExact:
+        """The torch scan over this Flat index's vectors (built on first use)."""
+        if self._exact is None:
+            import faiss
+
+            flat = faiss.downcast_index(self.cpu_index())
+            x = faiss.rev_swig_ptr(flat.get_xb(), self.ntotal * self.dim)
+            x = np.asarray(x).reshape(self.ntotal, self.dim)
+            self._exact = TorchExact(
+                x,
+                metric="l2" if self.config.metric == "l2" else "ip",
+                precision=self.config.precision,
+                device=self.config.device,
+                refine=self.config.refine,
+            )
+        return self._exact
 
     def positions_of(self, keys: np.ndarray) -> np.ndarray:
         """Positions of the given pin keys in this index (keys not in it are ignored)."""
@@ -265,7 +292,14 @@ def _ivf_of(index: Any) -> Any:
         return None
 
 
+def _torch_exact(config: IndexConfig, factory: str) -> bool:
+    """Whether unfiltered searches use :class:`TorchExact` instead of FAISS."""
+    return config.precision != "float32" and factory == "Flat" and config.metric != "l1"
+
+
 def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool]:
+    if _torch_exact(config, factory):  # torch holds the device copy, in 16 bits
+        return cpu_index, False
     want_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
     if config.device == "gpu" and gpu_count() == 0:
         raise RuntimeError("device='gpu' was asked for but faiss sees no GPU")
@@ -333,7 +367,8 @@ def load_index(
 
     Args:
         path: the base path (without ``.faiss``).
-        config: overrides of search-time settings (device, nprobe, ef_search, fp16).
+        config: overrides of search-time settings (device, nprobe, ef_search, fp16,
+            precision, refine).
         verify: check SHA-256 checksums (reads the whole file once).
 
     Raises:
@@ -377,6 +412,8 @@ def load_index(
             saved,
             device=config.device,
             fp16=config.fp16,
+            precision=config.precision,
+            refine=config.refine,
             nprobe=config.nprobe if config.nprobe is not None else saved.nprobe,
             ef_search=config.ef_search if config.ef_search is not None else saved.ef_search,
         )

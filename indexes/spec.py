@@ -43,6 +43,9 @@ class IndexConfig:
     metric: Metric = "cosine"  # cosine, ip, l2 or l1
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU whenever faiss sees one
     fp16: bool = False  # GPU: store vectors / lookup tables in float16
+    # exact search (Flat) in torch at reduced precision: float32 (= FAISS), float16, bfloat16
+    precision: Literal["float32", "float16", "bfloat16"] = "float32"
+    refine: int = 0  # reduced precision: re-score refine * k candidates in float32 (0 = off)
     memory_budget: int | None = None  # bytes for the index; None = half the machine's RAM
     nprobe: int | None = None  # IVF lists visited per query (None: about nlist / 16)
     ef_search: int | None = None  # HNSW search breadth (None: faiss default, at least 2k)
@@ -54,6 +57,12 @@ class IndexConfig:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"unknown device {self.device!r}; expected auto, cpu or gpu")
+        if self.precision not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"unknown precision {self.precision!r}; expected float32, float16 or bfloat16"
+            )
+        if self.refine < 0:
+            raise ValueError(f"refine must be >= 0, got {self.refine}")
         if self.factory != "auto":
             validate_factory(self.factory, self.metric)
 

@@ -78,3 +78,22 @@ def test_torch_heads_on_cuda_match_cpu() -> None:
     knn_gpu = KNNHead(5, device="gpu").fit(X, y)
     knn_cpu = KNNHead(5, device="cpu").fit(X, y)
     assert (knn_gpu.predict(X) == knn_cpu.predict(X)).mean() > 0.99
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_reduced_precision_scan_on_cuda(precision: str) -> None:
+    from pinsearch.eval.bench import clustered_vectors
+    from pinsearch.indexes import TorchExact
+    from pinsearch.search import exact_search
+
+    both = clustered_vectors(50_100, 128)
+    x, q = both[:50_000], both[50_000:]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    _, truth = exact_search(q, x, 10, "ip")
+    scan = TorchExact(x, precision=precision, device="gpu")
+    assert scan.device.type == "cuda"
+    _, found = scan.search(q, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+    assert overlap >= 0.99
+    _, refined = TorchExact(x, precision=precision, device="gpu", refine=4).search(q, 10)
+    assert (refined == truth).mean() > 0.999

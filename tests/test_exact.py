@@ -1,0 +1,121 @@
+"""The torch exact scan (float32 / float16 / bfloat16) against FAISS' exact search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.eval.bench import clustered_vectors
+from pinsearch.indexes import IndexConfig, TorchExact, build_index, load_index
+from pinsearch.search import exact_search
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(set(r) & set(s)) / len(r) for r, s in zip(a, b)]))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    both = clustered_vectors(6200, 64, clusters=32)
+    return both[:6000], both[6000:]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
+def test_scan_agrees_with_faiss(data, metric: str, precision: str) -> None:  # type: ignore[no-untyped-def]
+    x, q = data
+    d_ref, i_ref = exact_search(q, x, 10, metric)
+    # small blocks: several query blocks and several column tiles with running top-k merges
+    scan = TorchExact(x, metric=metric, precision=precision, device="cpu", block_bytes=40_000)
+    d, i = scan.search(q, 10)
+    assert d.shape == i.shape == (len(q), 10) and d.dtype == np.float32
+    minimum = {"float32": 0.999, "float16": 0.99, "bfloat16": 0.97}[precision]
+    assert _overlap(i, i_ref) >= minimum
+    rel = np.abs(d - d_ref).max() / np.abs(d_ref).max()
+    assert rel < {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[precision]
+    order = np.diff(d, axis=1)
+    assert (order <= 1e-6).all() if metric == "ip" else (order >= -1e-6).all()
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_refine_restores_the_float32_answer(data, precision: str) -> None:  # type: ignore[no-untyped-def]
+    x, q = data
+    d_ref, i_ref = exact_search(q, x, 10, "ip")
+    scan = TorchExact(x, precision=precision, device="cpu", refine=4)
+    d, i = scan.search(q, 10)
+    assert _overlap(i, i_ref) == 1.0
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert scan.nbytes == x.size * 2 + x.size * 4  # the 16-bit copy and the float32 copy
+
+
+def test_more_neighbours_than_vectors_are_padded() -> None:
+    x = np.eye(3, 8, dtype=np.float32)
+    d, i = TorchExact(x, device="cpu").search(x[:2], 5)
+    assert i[:, 0].tolist() == [0, 1] and sorted(i[0, :3]) == sorted(i[1, :3]) == [0, 1, 2]
+    assert (i[:, 3:] == -1).all() and np.isnan(d[:, 3:]).all()
+    empty_d, empty_i = TorchExact(x, device="cpu").search(np.empty((0, 8), np.float32), 3)
+    assert empty_d.shape == empty_i.shape == (0, 3)
+
+
+def test_bad_arguments_are_named() -> None:
+    x = np.ones((4, 8), np.float32)
+    with pytest.raises(ValueError, match="precision 'int8'"):
+        TorchExact(x, precision="int8")
+    with pytest.raises(ValueError, match="ip or l2"):
+        TorchExact(x, metric="cosine")
+    with pytest.raises(ValueError, match="refine"):
+        TorchExact(x, refine=-1)
+    with pytest.raises(ValueError, match=r"\(nq, 8\)"):
+        TorchExact(x, device="cpu").search(np.ones((2, 5), np.float32), 1)
+    with pytest.raises(ValueError, match="precision 'half'"):
+        IndexConfig(precision="half")  # type: ignore[arg-type]
+
+
+def test_pin_index_uses_the_scan_and_keeps_faiss_for_the_rest(data, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    x, q = data
+    keys = np.arange(len(x), dtype=np.int64) * 5 + 1
+    ref = build_index(x, keys, IndexConfig(factory="Flat", device="cpu"))
+    half = build_index(x, keys, IndexConfig(factory="Flat", device="cpu", precision="float16"))
+    assert half.reduced_precision and not ref.reduced_precision
+    d_ref, k_ref = ref.search(q, 10)
+    d, k = half.search(q, 10)
+    assert half._exact is not None  # the torch scan answered
+    assert _overlap(k, k_ref) >= 0.99
+    np.testing.assert_allclose(d, d_ref, atol=2e-3)
+    # filters go through FAISS' id selectors, on the same stored vectors
+    allowed = keys[::4]
+    _, kf = half.search(q, 5, allowed=allowed)
+    assert np.isin(kf, allowed).all()
+    # vectors added later are searched too (the scan is rebuilt)
+    half.add(q[:3] * 10, np.array([-7, -8, -9]))
+    assert half._exact is None
+    assert half.search(q[:3], 1)[1][:, 0].tolist() == [-7, -8, -9]
+    # precision is a search-time setting: saved as float16, loaded back as float32 or bfloat16
+    half.save(tmp_path / "ix")
+    back = load_index(tmp_path / "ix", config=IndexConfig(device="cpu"))
+    assert back.config.precision == "float32" and not back.reduced_precision
+    bf = load_index(tmp_path / "ix", config=IndexConfig(device="cpu", precision="bfloat16"))
+    assert bf.reduced_precision
+    assert _overlap(bf.search(q, 10)[1], back.search(q, 10)[1]) >= 0.97
+    # approximate and l1 indexes ignore the setting
+    ivf = build_index(x, keys, IndexConfig(factory="IVF16,Flat", device="cpu", precision="float16"))
+    l1 = build_index(x, keys, IndexConfig(factory="Flat", metric="l1", precision="float16"))
+    assert not ivf.reduced_precision and not l1.reduced_precision
+
+
+def test_bench_exact_prints_every_path() -> None:
+    result = CliRunner().invoke(
+        app, ["bench", "exact", "--n", "3000", "--dim", "32", "--queries", "50", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    paths = [r["path"] for r in data["rows"]]
+    assert paths[:2] == ["faiss Flat (raw)", "pinsearch Flat"]
+    assert {"torch float16", "torch bfloat16 refine 4k"} <= set(paths)
+    for r in data["rows"]:
+        assert r["seconds"] > 0 and 0.9 <= r["agreement"] <= 1.0
+    assert data["rows"][1]["agreement"] == 1.0
