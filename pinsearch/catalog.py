@@ -361,10 +361,11 @@ class Catalog:
             return None
         cur = self._con.execute(
             "SELECT p.pin_key FROM pins p LEFT JOIN boards b ON b.board = p.board WHERE "
-            + " AND ".join(clauses),
+            + " AND ".join(clauses)
+            + " ORDER BY p.pin_key",
             params,
         )
-        return np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
+        return np.asarray(cur.fetchnumpy()["pin_key"], dtype=np.int64)
 
     def drop_pins(self, keys: Sequence[int]) -> None:
         """Delete pins (used when a pin's image fails to decode and it has no vectors)."""

@@ -106,6 +106,9 @@ def store_backbone(store: Store, backbone: str) -> Any:
     return model
 
 
+_NO_KEYS = np.empty(0, np.int64)
+
+
 def _py(value: Any) -> Any:
     """A numpy scalar or masked value as a plain Python value."""
     if value is np.ma.masked:
@@ -146,6 +149,7 @@ class PinSearcher:
         self.store = store
         self.cache_metadata = cache_metadata
         self._meta_cache: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
+        self._groups: dict[str, dict[Any, np.ndarray]] = {}  # column -> value -> sorted keys
         if index is not None:
             row = store.catalog.get_index(index)
             if row is None:
@@ -226,10 +230,48 @@ class PinSearcher:
 
     # -- internals -------------------------------------------------------------------------
 
-    def _metadata(self, keys: np.ndarray) -> dict[int, dict[str, Any]]:
-        """Hit metadata: one DuckDB query, or an in-memory columnar copy (cache_metadata)."""
+    def filter_keys(
+        self, *, board: str | None = None, user: str | None = None, category: str | None = None
+    ) -> np.ndarray | None:
+        """Sorted pin keys matching all given filters (None without filters).
+
+        With ``cache_metadata`` the answer comes from the in-memory columns, grouped once per
+        column (a million pins: one DuckDB query of ~15 ms per filtered search otherwise).
+        """
         if not self.cache_metadata:
-            return self.store.catalog.pins_by_key(keys.tolist())
+            return self.store.catalog.filter_keys(board=board, user=user, category=category)
+        parts = []
+        if board is not None:  # a board matches its key (user/board) or its display name
+            by_key, by_name = self._group("board").get(board), self._group("board_name").get(board)
+            found = [a for a in (by_key, by_name) if a is not None]
+            parts.append(np.union1d(*found) if len(found) == 2 else (found or [_NO_KEYS])[0])
+        if user is not None:
+            parts.append(self._group("user_id").get(user, _NO_KEYS))
+        if category is not None:
+            parts.append(self._group("category").get(category, _NO_KEYS))
+        if not parts:
+            return None
+        out = parts[0]
+        for more in parts[1:]:
+            out = np.intersect1d(out, more, assume_unique=True)
+        return out
+
+    def _group(self, column: str) -> dict[Any, np.ndarray]:
+        """``value -> sorted pin keys`` of one cached metadata column (built on first use)."""
+        if column not in self._groups:
+            import pandas as pd
+
+            sorted_keys, cols = self._columns()
+            codes, values = pd.factorize(cols[column], use_na_sentinel=True)
+            order = np.argsort(codes, kind="stable")  # keys stay sorted within each value
+            bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
+            self._groups[column] = {
+                v: sorted_keys[order[bounds[i] : bounds[i + 1]]] for i, v in enumerate(values)
+            }
+        return self._groups[column]
+
+    def _columns(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The pins' metadata as columns sorted by pin key (loaded on first use)."""
         if self._meta_cache is None:
             cols = self.store.catalog.connection.execute(
                 "SELECT p.pin_key, p.pin_id, p.title, p.board, coalesce(b.name, p.board) AS "
@@ -237,7 +279,13 @@ class PinSearcher:
                 "ON b.board = p.board ORDER BY p.pin_key"
             ).fetchnumpy()
             self._meta_cache = (np.asarray(cols.pop("pin_key"), dtype=np.int64), cols)
-        sorted_keys, cols = self._meta_cache
+        return self._meta_cache
+
+    def _metadata(self, keys: np.ndarray) -> dict[int, dict[str, Any]]:
+        """Hit metadata: one DuckDB query, or an in-memory columnar copy (cache_metadata)."""
+        if not self.cache_metadata:
+            return self.store.catalog.pins_by_key(keys.tolist())
+        sorted_keys, cols = self._columns()
         at = np.clip(np.searchsorted(sorted_keys, keys), 0, max(len(sorted_keys) - 1, 0))
         out = {}
         for key, i in zip(keys.tolist(), at.tolist()):
@@ -287,7 +335,7 @@ class PinSearcher:
             raise ValueError(f"k must be positive, got {k}")
         start = time.perf_counter()
         filters = _filters(board, user, category)
-        allowed = self.store.catalog.filter_keys(board=board, user=user, category=category)
+        allowed = self.filter_keys(board=board, user=user, category=category)
         if allowed is not None and exclude is not None:
             allowed = np.setdiff1d(allowed, exclude)
         extra = 0 if exclude is None or allowed is not None else len(exclude)

@@ -219,7 +219,7 @@ class TextSearcher(PinSearcher):
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         titles = self.titles()
-        allowed = self.store.catalog.filter_keys(board=board, user=user, category=category)
+        allowed = self.filter_keys(board=board, user=user, category=category)
         pool = max(10 * k, 100)
         _, img_keys = self.search_keys(q, pool, allowed)
         _, tit_keys = titles.search_keys(q, min(pool, max(titles.index.ntotal, 1)), allowed)
@@ -277,7 +277,7 @@ class TextSearcher(PinSearcher):
             raise ValueError(f"k and per_board must be positive, got {k}, {per_board}")
         start = time.perf_counter()
         q = self.embed_text([text])
-        allowed = self.store.catalog.filter_keys(user=user, category=category)
+        allowed = self.filter_keys(user=user, category=category)
         sizes = self._board_sizes(user, category)
         if score == "topm":
             ranked = self._boards_topm(q, k, per_board, allowed, sizes, pool)
@@ -379,7 +379,7 @@ class TextSearcher(PinSearcher):
         out = []
         for i in order.tolist():
             board = str(names[i])
-            allowed = self.store.catalog.filter_keys(board=board)
+            allowed = self.filter_keys(board=board)
             sc, ks = self.search_keys(q, m, allowed)
             ok = ks[0] >= 0
             out.append((board, float(s[i]), self.hits(ks[0][ok], sc[0][ok])))

@@ -20,10 +20,11 @@ BACKBONE = "test_efficientnet"
 FAST = EmbedConfig(workers=0, batch_size=16)
 
 
-@pytest.fixture(scope="module")
-def searcher(built_store):
+@pytest.fixture(scope="module", params=[False, True], ids=["duckdb", "cached"])
+def searcher(built_store, request):
+    """Metadata and filters from DuckDB per query, or from the in-memory columns."""
     store = Store.open(built_store.path, read_only=True)
-    yield PinSearcher(store)
+    yield PinSearcher(store, cache_metadata=request.param)
     store.close()
 
 
@@ -315,3 +316,18 @@ def test_index_corpus_on_empty_corpus_result(tmp_path: Path) -> None:
     (root / "p1" / "p1.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="no pins"):
         index_corpus(tmp_path / "c", tmp_path / "s", backbone=BACKBONE, embed=FAST)
+
+
+def test_cached_filters_equal_the_catalog_query(searcher, pins) -> None:
+    catalog = searcher.store.catalog
+    boards = {r["board"] for r in pins.values()} | {r["board_name"] for r in pins.values()}
+    users = {r["user_id"] for r in pins.values()}
+    cats = {r["category"] for r in pins.values()}
+    cases = [{"board": b} for b in boards] + [{"user": u} for u in users]
+    cases += [{"category": c, "user": u} for c in cats for u in users] + [{"board": "nope"}]
+    cases += [{"board": b, "category": c} for b in list(boards)[:3] for c in cats]
+    for case in cases:
+        got = searcher.filter_keys(**case)
+        assert got.tolist() == catalog.filter_keys(**case).tolist(), case
+        assert got.dtype == np.int64
+    assert searcher.filter_keys() is None
