@@ -236,6 +236,9 @@ def bench(
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
     fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
+    random_weights: Annotated[
+        bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
+    ] = False,
     queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
     device: Annotated[str, typer.Option()] = "auto",
     corpus: Annotated[Path | None, typer.Option(help="Real photos (dupes).")] = None,
@@ -248,7 +251,10 @@ def bench(
     from pinsearch.eval import bench as b
 
     if what == "embed":
-        result: Any = b.bench_embed(backbone, n=n or 256, batch_size=batch_size, device=device)
+        result: Any = b.bench_embed(
+            backbone, n=n or 256, batch_size=batch_size, device=device,
+            random_weights=random_weights,
+        )  # fmt: skip
     elif what == "index":
         result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)
     elif what == "exact":
