@@ -43,9 +43,17 @@ def index(
         bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
     ] = False,
     weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    decode: Annotated[
+        str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
+    ] = None,
+    compile_model: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the backbone first.")
+    ] = False,
     normalize: Annotated[
         bool | None, typer.Option("--normalize/--no-normalize", help="L2-normalise vectors.")
     ] = None,
@@ -79,6 +87,8 @@ def index(
         batch_size=batch_size,
         workers=workers,
         device=device,
+        decode=decode,
+        compile=compile_model or None,
         normalize=normalize,
         dtype=dtype,
     )
@@ -120,8 +130,13 @@ def add(
         bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
-    batch_size: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    decode: Annotated[
+        str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add new pins or boards to an existing store: only they are embedded, for every backbone
@@ -136,7 +151,7 @@ def add(
     with bar:
         report = add_corpus(
             corpus, store, ingest=ingest_cfg, device=device, batch_size=batch_size,
-            workers=workers, progress=update,
+            workers=workers, decode=decode, progress=update,
         )  # fmt: skip
     if as_json:
         emit_json(report)

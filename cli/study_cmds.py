@@ -231,7 +231,9 @@ def bench(
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: Annotated[int, typer.Option(help="Embed: 0 = by free GPU memory.")] = 64,
+    decode: Annotated[str, typer.Option(help="Embed: auto, device or pil.")] = "auto",
+    compile_model: Annotated[bool, typer.Option("--compile", help="Embed: torch.compile.")] = False,
     factory: Annotated[
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
@@ -253,7 +255,7 @@ def bench(
     if what == "embed":
         result: Any = b.bench_embed(
             backbone, n=n or 256, batch_size=batch_size, device=device,
-            random_weights=random_weights,
+            random_weights=random_weights, decode=decode, compile=compile_model,
         )  # fmt: skip
     elif what == "index":
         result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)

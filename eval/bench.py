@@ -110,6 +110,7 @@ class EmbedBench:
     backbone: str
     weights: str  # where the weights came from ("random" with random_weights)
     device: str
+    decode: str  # where JPEGs were decoded: device (torchvision on the model's device) or pil
     images: int
     batch_size: int
     workers: int
@@ -131,18 +132,29 @@ def bench_embed(
     device: str = "auto",
     image_size: int = 320,
     random_weights: bool = False,
+    decode: str = "auto",
+    compile: bool = False,
 ) -> EmbedBench:
     """Embed ``n`` generated JPEGs from disk, then time the bare model on random tensors.
 
-    ``random_weights`` builds the architecture with seeded random weights: the same speed,
-    for backbones whose pretrained weights are not on the machine (an offline GPU box).
+    ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``decode``
+    and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s (``compile`` also applies to the
+    bare forward). ``random_weights`` builds the architecture with seeded random weights: the
+    same speed, for backbones whose pretrained weights are not on the machine.
     """
     import dataclasses
 
     import torch
 
     from pinsearch.backbones import create_backbone, get_backbone_spec
-    from pinsearch.embed import EmbedConfig, iter_embeddings, resolve_device, resolve_workers
+    from pinsearch.embed import (
+        EmbedConfig,
+        iter_embeddings,
+        resolve_batch_size,
+        resolve_decode,
+        resolve_device,
+        resolve_workers,
+    )
     from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
 
     dev = resolve_device(device)
@@ -150,7 +162,12 @@ def bench_embed(
     if random_weights:
         spec = dataclasses.replace(spec, random_init=True)
     model = create_backbone(spec, device=dev)
-    config = EmbedConfig(batch_size=batch_size, workers=workers, device=str(dev))
+    config = EmbedConfig(
+        batch_size=batch_size, workers=workers, device=str(dev), decode=decode, compile=compile
+    )
+    decoder = resolve_decode(config, dev, model.preprocess)
+    batch_size = resolve_batch_size(model.model, model.preprocess, config, dev, decoder)
+    config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         items = []
@@ -170,6 +187,8 @@ def bench_embed(
     size = model.preprocess.input_size
     x = torch.randn(batch_size, 3, size, size, device=dev)
     net = model.model.to(memory_format=torch.channels_last)
+    if compile:
+        net = torch.compile(net)
     x = x.contiguous(memory_format=torch.channels_last)
     cuda = dev.type == "cuda"
     with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=cuda):
@@ -187,6 +206,7 @@ def bench_embed(
         backbone=backbone,
         weights=model.weights,
         device=str(dev),
+        decode=decoder,
         images=done,
         batch_size=batch_size,
         workers=resolve_workers(config),

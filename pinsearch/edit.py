@@ -78,6 +78,7 @@ def add_corpus(
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
+    decode: str | None = None,
     progress: Any = None,
 ) -> AddReport:
     """Add a corpus's new pins to an existing store, for every backbone it has.
@@ -106,7 +107,11 @@ def add_corpus(
             normalize=bool(run.get("normalize")),
             dtype=str(run.get("dtype") or "float32"),
             device=device,
-            **{k: v for k, v in (("batch_size", batch_size), ("workers", workers)) if v},
+            **{
+                k: v
+                for k, v in (("batch_size", batch_size), ("workers", workers), ("decode", decode))
+                if v is not None
+            },
         )
         reports.append(
             index_corpus(

@@ -3,11 +3,14 @@
 The stages are separate callables: :class:`PinImages` decodes and transforms (in DataLoader
 workers), :func:`iter_embeddings` runs the model and yields float batches, and
 :func:`embed_store` writes parts into the store and records failures. On CUDA the forward pass
-runs under bf16 autocast with channels_last inputs.
+runs under bf16 autocast with channels_last inputs, JPEGs are decoded on the GPU
+(:mod:`pinsearch.decode`) and each batch is handed over one step late, so the GPU computes the
+next batch while Python stores the previous one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,19 +24,31 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pinsearch._version import __version__
-from pinsearch.backbones import Backbone, create_backbone
+from pinsearch.backbones import Backbone, Preprocess, create_backbone
+from pinsearch.decode import (
+    DEFAULT_PIXEL_BUDGET,
+    EncodedPinImages,
+    collate_prepared,
+    decode_on_device,
+    device_decoder_error,
+    device_transform_supported,
+)
 from pinsearch.errors import BackboneMismatchError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from pinsearch.ingest import SkippedPin
 
 __all__ = [
+    "DECODE_MODES",
     "EmbedConfig",
     "EmbedReport",
     "EmbeddedBatch",
     "PinImages",
+    "batch_size_for_memory",
     "embed_images",
     "embed_store",
     "iter_embeddings",
+    "resolve_batch_size",
+    "resolve_decode",
     "resolve_device",
     "resolve_workers",
 ]
@@ -41,13 +56,22 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (pins done, pins to do)
+Failure = tuple[int, str, str, str]  # (key, path, reason, detail)
+
+#: Values of :attr:`EmbedConfig.decode`.
+DECODE_MODES = ("auto", "device", "pil")
+_CPU_AUTO_BATCH = 64
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """How vectors are computed and stored."""
+    """How vectors are computed and stored.
 
-    batch_size: int = 64
+    ``decode``, ``compile``, ``batch_size`` and ``workers`` change speed, not the vectors'
+    identity: a store's run record ignores them (see :func:`check_compatible`).
+    """
+
+    batch_size: int = 64  # images per model batch; 0 = auto (by free GPU memory; 64 on CPU)
     workers: int | None = None  # DataLoader workers; None = min(8, CPUs - 1)
     device: str = "auto"  # auto = cuda when available
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
@@ -58,6 +82,18 @@ class EmbedConfig:
     flush_seconds: float = 30.0  # also commit a part after this long, to lose little on a crash
     weights: str | None = None  # local checkpoint overriding the backbone's default weights
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode: str = "auto"  # auto | device | pil, see resolve_decode
+    compile: bool = False  # torch.compile the model once per iter_embeddings call
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(
+                f"EmbedConfig.decode must be one of {', '.join(DECODE_MODES)}, not {self.decode!r}"
+            )
+        if self.batch_size < 0:
+            raise ValueError(
+                f"EmbedConfig.batch_size must be positive, or 0 for auto; got {self.batch_size}"
+            )
 
 
 @dataclass
@@ -99,6 +135,138 @@ def resolve_workers(config: EmbedConfig) -> int:
     return min(8, max(1, (os.cpu_count() or 1) - 1))
 
 
+def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Preprocess) -> str:
+    """Where images are decoded: ``"device"`` (:mod:`pinsearch.decode`) or ``"pil"`` (workers).
+
+    ``auto`` picks the device path when the model is on CUDA, its preprocessing can be done
+    there (bilinear or bicubic) and ``decode_jpeg`` works on it; PIL otherwise. ``device``
+    forces the device path on whatever device the model is on (the CPU too); ``pil`` is the
+    worker path.
+
+    Raises:
+        ValueError: ``decode="device"`` with an interpolation the device path lacks.
+        RuntimeError: ``decode="device"`` where torchvision cannot decode JPEGs.
+    """
+    if config.decode == "pil":
+        return "pil"
+    supported = device_transform_supported(preprocess)
+    if config.decode == "device":
+        if not supported:
+            raise ValueError(
+                f"decode='device' resizes with bilinear or bicubic interpolation; this backbone "
+                f"uses {preprocess.interpolation!r} (use decode='pil')"
+            )
+        problem = device_decoder_error(device)
+        if problem:
+            raise RuntimeError(
+                f"decode='device': torchvision cannot decode JPEGs on {device}: {problem}"
+            )
+        return "device"
+    if device.type != "cuda" or not supported:
+        return "pil"
+    problem = device_decoder_error(device)
+    if problem:
+        _logger.warning("decoding with PIL: JPEG decoding on %s fails (%s)", device, problem)
+        return "pil"
+    return "device"
+
+
+def batch_size_for_memory(
+    free_bytes: float,
+    per_image_bytes: float,
+    fixed_bytes: float = 0.0,
+    *,
+    margin: float = 0.2,
+    low: int = 8,
+    high: int = 1024,
+) -> int:
+    """The largest batch that fits in free memory, kept between ``low`` and ``high``.
+
+    Args:
+        free_bytes: device memory free now.
+        per_image_bytes: memory one more image in the batch costs at peak.
+        fixed_bytes: memory a batch costs whatever its size (workspaces, decode buffers).
+        margin: fraction of ``free_bytes`` left unused for fragmentation and other users.
+        low: the smallest batch returned, even when memory looks short.
+        high: the largest batch returned.
+
+    Returns:
+        A batch size in ``[low, high]``, rounded down to a multiple of 8 when above 8.
+    """
+    if not 0.0 <= margin < 1.0:
+        raise ValueError(f"margin must be in [0, 1), got {margin}")
+    if per_image_bytes <= 0:
+        return high
+    n = int((free_bytes * (1.0 - margin) - fixed_bytes) // per_image_bytes)
+    n = max(low, min(high, n))
+    return max(low, n - n % 8) if n > 8 else n
+
+
+def _probe_memory(
+    model: torch.nn.Module, input_size: int, device: torch.device, config: EmbedConfig
+) -> tuple[float, float]:
+    """Peak bytes of a forward pass as ``(per image, fixed)``, from two small batches."""
+    sizes = (8, 16)
+    peaks = []
+    torch.cuda.synchronize(device)
+    for n in sizes:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        x = torch.zeros(n, 3, input_size, input_size, device=device)
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp),
+        ):
+            model(x)
+        torch.cuda.synchronize(device)
+        peaks.append(float(torch.cuda.max_memory_allocated(device) - base))
+        del x
+    torch.cuda.empty_cache()
+    input_bytes = 3.0 * input_size * input_size * 4
+    per_image = max((peaks[1] - peaks[0]) / (sizes[1] - sizes[0]), input_bytes)
+    fixed = max(peaks[0] - per_image * sizes[0], 0.0)
+    return per_image, fixed
+
+
+def resolve_batch_size(
+    model: torch.nn.Module,
+    preprocess: Preprocess,
+    config: EmbedConfig,
+    device: torch.device,
+    decode: str = "pil",
+) -> int:
+    """``config.batch_size``, or for 0 (auto) a batch chosen by free memory on CUDA.
+
+    On CUDA the model's peak memory is measured at two small batch sizes under the run's
+    autocast and memory format; the inputs staged for the next batch (and, with ``decode``
+    ``"device"``, the decode buffers) are added, and :func:`batch_size_for_memory` turns the
+    free memory into a batch size. On CPU auto means 64.
+    """
+    if config.batch_size > 0:
+        return config.batch_size
+    if device.type != "cuda":
+        return _CPU_AUTO_BATCH
+    per_image, fixed = _probe_memory(model, preprocess.input_size, device, config)
+    input_bytes = 3.0 * preprocess.input_size**2 * 4
+    per_image += (3 if decode == "device" else 1) * input_bytes  # next batch, crops, stacks
+    if decode == "device":
+        fixed += DEFAULT_PIXEL_BUDGET * 24.0  # decoded uint8 images and their float resize
+    free, _ = torch.cuda.mem_get_info(device)
+    size = batch_size_for_memory(free, per_image, fixed)
+    _logger.info(
+        "auto batch size %d on %s: %.1f GiB free, %.2f MiB per image, %.0f MiB fixed",
+        size,
+        device,
+        free / 2**30,
+        per_image / 2**20,
+        fixed / 2**20,
+    )
+    return size
+
+
 class PinImages(Dataset):  # type: ignore[type-arg]
     """Decodes pin images and applies the backbone transform; bad images become failures."""
 
@@ -138,6 +306,17 @@ def _collate(
     return keys, images, bad
 
 
+def _embedded(
+    keys: torch.Tensor, output: _Output | None, failures: list[Failure], dim: int
+) -> EmbeddedBatch:
+    return EmbeddedBatch(
+        keys.numpy() if len(keys) else np.empty(0, np.int64),
+        output.numpy() if output is not None else np.empty((0, dim), np.float32),
+        [SkippedPin(p, r, d, None, "embed") for _, p, r, d in failures],
+        [k for k, _, _, _ in failures],
+    )
+
+
 def iter_embeddings(
     backbone: Backbone,
     items: Sequence[tuple[int, str]],
@@ -145,49 +324,123 @@ def iter_embeddings(
 ) -> Iterator[EmbeddedBatch]:
     """Embed ``(key, image path)`` items batch by batch, in order.
 
+    Images are decoded as :func:`resolve_decode` says (PIL in the DataLoader workers, or
+    JPEGs on the model's device with :func:`pinsearch.decode.decode_on_device`), the batch size
+    is :func:`resolve_batch_size`, and with ``config.compile`` the model is compiled first.
+    On CUDA the outputs are copied into pinned memory asynchronously and each batch is yielded
+    once the next one is queued on the GPU; batches and keys keep their order either way.
+
     Yields:
         One :class:`EmbeddedBatch` per DataLoader batch (vectors as float32 numpy).
     """
     config = config or EmbedConfig()
     device = next(backbone.model.parameters(), torch.empty(0)).device
-    workers = resolve_workers(config)
-    loader = DataLoader(
-        PinImages(items, backbone.transform(), config.max_pixels, backbone.preprocess.resize_side),
-        batch_size=config.batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-    )
     cuda = device.type == "cuda"
+    pre = backbone.preprocess
+    mode = resolve_decode(config, device, pre)
     model = backbone.model
     if config.channels_last:  # faster depthwise convolutions on both CPU (oneDNN) and GPU
         model = model.to(memory_format=torch.channels_last)
     if not cuda:
         torch.set_flush_denormal(True)  # pretrained weights produce denormals: 2x slower on CPU
-    for keys, images, bad in loader:
-        failures = [SkippedPin(p, r, d, None, "embed") for _, p, r, d in bad]
-        failed_keys = [k for k, _, _, _ in bad]
-        if len(keys) == 0:
-            yield EmbeddedBatch(np.empty(0, np.int64), np.empty((0, backbone.dim), np.float32),
-                                failures, failed_keys)  # fmt: skip
-            continue
-        x = images.to(device, non_blocking=True)
+    batch_size = resolve_batch_size(model, pre, config, device, mode)
+    if config.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    transform = backbone.transform()
+    workers = resolve_workers(config)
+    dataset: Dataset = (  # type: ignore[type-arg]
+        EncodedPinImages(items, transform, config.max_pixels, pre.resize_side)
+        if mode == "device"
+        else PinImages(items, transform, config.max_pixels, pre.resize_side)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_prepared if mode == "device" else _collate,
+        pin_memory=cuda,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    _logger.info("embedding on %s: decode=%s, batch size %d", device, mode, batch_size)
+    # nvJPEG needs an idle current stream (see pinsearch.decode): decode on a side stream, so
+    # the main stream keeps running the previous batch's forward pass meanwhile.
+    main = torch.cuda.current_stream(device) if cuda else None
+    side = torch.cuda.Stream(device) if cuda and mode == "device" else None
+
+    def stage(raw: Any) -> tuple[torch.Tensor, torch.Tensor, list[Failure]]:
+        if mode == "pil":
+            keys, images, bad = raw
+            return keys, images.to(device, non_blocking=True), list(bad)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            out = decode_on_device(
+                raw, pre, device, transform, max_pixels=config.max_pixels, min_side=pre.resize_side
+            )
+        if side is not None:
+            main.wait_stream(side)  # type: ignore[union-attr]
+            if out.images.numel():
+                out.images.record_stream(main)  # type: ignore[arg-type]
+        return out.keys, out.images, out.failures
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=device.type, dtype=torch.bfloat16, enabled=cuda and config.amp
-            ),
+        with torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=cuda and config.amp
         ):
             out = model(x)
         vecs = out.float()
         if config.normalize:
             vecs = torch.nn.functional.normalize(vecs, dim=1)
-        yield EmbeddedBatch(keys.numpy(), vecs.cpu().numpy(), failures, failed_keys)
+        return vecs
+
+    def launch(x: torch.Tensor) -> _Output:
+        vecs = forward(x)
+        if not cuda:
+            return _Output(vecs.numpy())
+        host = torch.empty(vecs.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(vecs, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(main)
+        return _Output(host, done)
+
+    # On CUDA, batch n is queued (decode, forward, copy to pinned memory) before batch n-1 is
+    # handed over: the GPU computes while the caller stores and the workers read.
+    late = _hand_over_late(device)
+    pending: tuple[torch.Tensor, _Output | None, list[Failure]] | None = None
+    for raw in loader:
+        with torch.inference_mode():
+            keys, x, failures = stage(raw)
+            result = launch(x) if len(keys) else None
+            del x
+        if not late:
+            yield _embedded(keys, result, failures, backbone.dim)
+            continue
+        if pending is not None:
+            yield _embedded(*pending, backbone.dim)
+        pending = (keys, result, failures)
+    if pending is not None:
+        yield _embedded(*pending, backbone.dim)
+
+
+def _hand_over_late(device: torch.device) -> bool:
+    """Whether batches are yielded one step late (asynchronous devices)."""
+    return device.type == "cuda"
+
+
+@dataclass
+class _Output:
+    """A batch's vectors on the host, complete once ``done`` (a CUDA event) has fired."""
+
+    host: torch.Tensor | np.ndarray
+    done: Any = None
+
+    def numpy(self) -> np.ndarray:
+        if self.done is None:
+            return np.asarray(self.host)
+        self.done.synchronize()
+        return self.host.numpy().copy()  # type: ignore[union-attr]  # pinned pages go back
 
 
 def embed_images(

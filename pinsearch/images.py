@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageInfo",
+    "decode_rgb",
     "is_image_file",
     "load_rgb",
+    "open_image",
     "probe_image",
 ]
 
@@ -57,15 +60,37 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise ImageError(path, "unreadable", str(exc)) from exc
+def open_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, data: bytes | None = None
+) -> Image.Image:
+    """Open an image lazily: the header is read and checked, the pixels are not decoded.
+
+    This is the probe and bomb guard that :func:`probe_image` and :func:`load_rgb` share.
+
+    Args:
+        path: the image file (named in errors; read only when ``data`` is None).
+        max_pixels: decompression-bomb guard (width x height).
+        data: the file's bytes, when the caller has read them already.
+
+    Returns:
+        The opened image; the caller closes it or decodes it with :func:`decode_rgb`.
+
+    Raises:
+        ImageError: ``unreadable``, ``empty_file``, ``not_an_image``, ``too_large`` or
+            ``corrupt`` (an invalid size).
+    """
+    path = Path(path)
+    if data is None:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageError(path, "unreadable", str(exc)) from exc
+    else:
+        size = len(data)
     if size == 0:
         raise ImageError(path, "empty_file", "the file has 0 bytes")
     try:
-        img = Image.open(path)
+        img = Image.open(path if data is None else io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise ImageError(path, "too_large", str(exc)) from exc
     except UnidentifiedImageError as exc:
@@ -94,7 +119,7 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         ImageError: with a reason code (``empty_file``, ``not_an_image``, ``too_large``, ...).
     """
     path = Path(path)
-    with _open(path, max_pixels) as img:
+    with open_image(path, max_pixels) as img:
         return ImageInfo(img.size[0], img.size[1], str(img.format), img.mode)
 
 
@@ -134,8 +159,21 @@ def load_rgb(
     Raises:
         ImageError: ``truncated`` or ``corrupt`` pixel data, plus every probe reason.
     """
+    return decode_rgb(open_image(path, max_pixels), path, min_side=min_side)
+
+
+def decode_rgb(img: Image.Image, path: str | Path, *, min_side: int | None = None) -> Image.Image:
+    """Decode an image opened by :func:`open_image` into upright 8-bit RGB (see :func:`load_rgb`).
+
+    Args:
+        img: the lazily opened image; its pixels are decoded here.
+        path: the file, named in errors.
+        min_side: as for :func:`load_rgb` (reduced-scale JPEG decoding).
+
+    Raises:
+        ImageError: ``truncated`` or ``corrupt`` pixel data.
+    """
     path = Path(path)
-    img = _open(path, max_pixels)
     try:
         if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))

@@ -144,3 +144,28 @@ def test_main_turns_errors_into_messages(tmp_path: Path, monkeypatch: pytest.Mon
         main()
     assert exc.value.code == 1
     assert "no pinsearch store" in capsys.readouterr().err
+
+
+def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Path) -> None:
+    """--decode device on the CPU and --batch-size 0 give the same vectors as the PIL path."""
+    import numpy as np
+
+    from pinsearch.store import Store
+
+    vectors = {}
+    for decode in ("pil", "device"):
+        store = tmp_path / decode
+        report = _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
+                        "--workers", "0", "--decode", decode, "--batch-size", "0", "--json"])  # fmt: skip
+        assert report["embedded"] == 24
+        with Store.open(store, read_only=True) as s:
+            x, keys = s.vectors("test_efficientnet").load()
+            ids = s.catalog.pins_by_key(keys.tolist())
+            vectors[decode] = {ids[int(k)]["pin_id"]: v for k, v in zip(keys, x)}
+    assert vectors["pil"].keys() == vectors["device"].keys()
+    for pin, a in vectors["pil"].items():
+        b = vectors["device"][pin]
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+    bad = runner.invoke(app, ["index", str(tree_copy), "--store", str(tmp_path / "x"),
+                              "-b", "test_efficientnet", "--decode", "gpu"])  # fmt: skip
+    assert bad.exit_code != 0 and "decode" in str(bad.exception)

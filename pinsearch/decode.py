@@ -1,0 +1,564 @@
+"""Decoding pin images next to the model: JPEG bytes from the workers, pixels on the device.
+
+The work is split in two steps. In the DataLoader workers, :func:`prepare_image` reads a file
+and looks at its header only. A plain JPEG (baseline or progressive, YCbCr or grey, upright,
+within the pixel limit, ending in its end-of-image marker) travels on as its encoded bytes;
+anything else (PNG, CMYK, EXIF-rotated, odd files) is decoded right there by the PIL path of
+:mod:`pinsearch.images` and the backbone's eval transform, and travels as a ready tensor;
+unreadable files become failures with the same reasons as the PIL path.
+
+In the main process, :func:`decode_on_device` decodes the encoded JPEGs of a batch at once with
+``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA, libjpeg-turbo on the
+CPU), resizes, crops and normalises them there the way timm's eval transform does
+(:func:`transform_on_device`), and puts them back in batch order with the worker-decoded
+tensors. A JPEG the device decoder refuses is decoded with PIL instead; only when that fails
+too is it a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from pinsearch.backbones import Preprocess
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, open_image
+
+__all__ = [
+    "DEFAULT_PIXEL_BUDGET",
+    "DecodedBatch",
+    "EncodedPinImages",
+    "PreparedBatch",
+    "PreparedImage",
+    "collate_prepared",
+    "decode_jpegs",
+    "decode_on_device",
+    "device_decoder_error",
+    "device_refusal",
+    "device_transform_supported",
+    "prepare_image",
+    "transform_on_device",
+]
+
+#: At most this many decoded pixels are held on the device at once while a batch is decoded
+#: (about 3 bytes each, plus the resize's float copy): large photos go in several calls.
+DEFAULT_PIXEL_BUDGET = 128_000_000
+
+_DEVICE_MODES = frozenset({"RGB", "L"})
+_SOF_BASELINE, _SOF_PROGRESSIVE = 0xFFC0, 0xFFC2
+_EOI = b"\xff\xd9"
+_ORIENTATION = 0x0112
+
+Transform = Callable[[Any], torch.Tensor]
+
+
+# -- worker side -----------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedImage:
+    """One pin after the worker step: encoded JPEG bytes, a ready tensor, or a failure.
+
+    Attributes:
+        key: the caller's key for the pin.
+        path: the image file.
+        encoded: the file's bytes as a 1-D uint8 tensor, for the device decoder.
+        image: the transformed CHW float tensor, for files decoded in the worker.
+        size: ``(height, width)`` from the header of an encoded JPEG.
+        reason: failure code (an :class:`~pinsearch.images.ImageError` reason), else "".
+        detail: failure detail, else "".
+    """
+
+    key: int
+    path: str
+    encoded: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    size: tuple[int, int] = (0, 0)
+    reason: str = ""
+    detail: str = ""
+
+    @property
+    def kind(self) -> str:
+        """``"encoded"``, ``"image"`` or ``"failed"``."""
+        if self.encoded is not None:
+            return "encoded"
+        return "image" if self.image is not None else "failed"
+
+
+def _frame_marker(data: bytes) -> int | None:
+    """The JPEG start-of-frame marker (``0xFFC0``...), walking the segments before the scan."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or start of scan before any frame
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return 0xFF00 | marker
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
+
+
+def device_refusal(img: Image.Image, data: bytes) -> str | None:
+    """Why the device decoder should not take an image, from its header; None if it can.
+
+    It takes baseline and progressive 8-bit JPEGs, YCbCr or grey, whose EXIF orientation, if
+    any, is 1 and whose bytes end with the end-of-image marker (a truncated file goes to PIL,
+    which reports it as ``truncated``).
+
+    Args:
+        img: the image opened lazily by :func:`~pinsearch.images.open_image` (size already
+            checked against the pixel limit).
+        data: the file's bytes.
+    """
+    if img.format != "JPEG":
+        return f"format {img.format}"
+    if img.mode not in _DEVICE_MODES:
+        return f"mode {img.mode}"
+    if img.mode == "RGB" and (
+        img.info.get("adobe_transform") == 0
+        or [layer[0] for layer in getattr(img, "layer", [])] in ([82, 71, 66], [b"R", b"G", b"B"])
+    ):
+        return "RGB-coded (not YCbCr) JPEG"  # libjpeg reads the markers; nvJPEG may not
+    marker = _frame_marker(data)
+    if marker not in (_SOF_BASELINE, _SOF_PROGRESSIVE):
+        return "frame marker " + (f"{marker:#06x}" if marker is not None else "not found")
+    if not data.rstrip(b"\x00").endswith(_EOI):
+        return "no end-of-image marker"
+    try:
+        orientation = img.getexif().get(_ORIENTATION, 1)
+    except Exception as exc:  # a broken EXIF block: PIL's exif_transpose decides
+        return f"unreadable EXIF ({type(exc).__name__})"
+    if orientation not in (1, None):
+        return f"EXIF orientation {orientation}"
+    return None
+
+
+def _pil_prepare(
+    key: int,
+    path: str,
+    data: bytes,
+    transform: Transform,
+    max_pixels: int,
+    min_side: int | None,
+    *,
+    allow_encoded: bool,
+) -> PreparedImage:
+    try:
+        img = open_image(path, max_pixels, data=data)
+        if allow_encoded and device_refusal(img, data) is None:
+            size = (img.size[1], img.size[0])
+            img.close()
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return PreparedImage(key, path, encoded=encoded, size=size)
+        return PreparedImage(key, path, image=transform(decode_rgb(img, path, min_side=min_side)))
+    except ImageError as exc:
+        return PreparedImage(key, path, reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # a transform failing on odd input must not stop the run
+        return PreparedImage(
+            key, path, reason="transform_failed", detail=f"{type(exc).__name__}: {exc}"
+        )
+
+
+def prepare_image(
+    key: int,
+    path: str,
+    transform: Transform,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+) -> PreparedImage:
+    """The worker step: read a file and route it by its header.
+
+    Args:
+        key: the pin's key, carried through.
+        path: the image file.
+        transform: the backbone's eval transform (PIL image -> CHW tensor), for the files the
+            device decoder does not take.
+        max_pixels: decompression-bomb guard.
+        min_side: reduced-scale JPEG decoding for the PIL path (the backbone's resize side).
+
+    Returns:
+        Encoded bytes (see :func:`device_refusal`), a ready tensor, or a failure whose reason
+        and detail are those :func:`~pinsearch.images.load_rgb` reports.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return PreparedImage(key, path, reason="unreadable", detail=str(exc))
+    return _pil_prepare(key, path, data, transform, max_pixels, min_side, allow_encoded=True)
+
+
+class EncodedPinImages(Dataset):  # type: ignore[type-arg]
+    """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader)."""
+
+    def __init__(
+        self,
+        items: Sequence[tuple[int, str]],
+        transform: Transform,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_side: int | None = None,
+    ) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> PreparedImage:
+        key, path = self.items[i]
+        return prepare_image(
+            key, path, self.transform, max_pixels=self.max_pixels, min_side=self.min_side
+        )
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of :class:`PreparedImage` packed for the trip to the main process.
+
+    The encoded JPEGs travel back to back in one uint8 tensor (one shared-memory block
+    instead of one per image); positions refer to the batch order.
+
+    Attributes:
+        keys: every item's key, in batch order.
+        paths: every item's path, in batch order.
+        encoded: the encoded JPEGs concatenated (1-D uint8).
+        offsets: encoded JPEG ``j`` is ``encoded[offsets[j]:offsets[j + 1]]``.
+        encoded_at: the batch position of each encoded JPEG.
+        sizes: ``(height, width)`` of each encoded JPEG.
+        images: the worker-decoded tensors stacked ``(n, 3, S, S)``.
+        images_at: the batch position of each worker-decoded tensor.
+        failures: ``(position, reason, detail)`` of the items that failed in the worker.
+    """
+
+    keys: list[int]
+    paths: list[str]
+    encoded: torch.Tensor
+    offsets: list[int]
+    encoded_at: list[int]
+    sizes: list[tuple[int, int]]
+    images: torch.Tensor
+    images_at: list[int]
+    failures: list[tuple[int, str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def encoded_item(self, j: int) -> torch.Tensor:
+        """The ``j``-th encoded JPEG (a contiguous 1-D view)."""
+        return self.encoded[self.offsets[j] : self.offsets[j + 1]]
+
+    def pin_memory(self) -> PreparedBatch:
+        """Page-locked worker tensors, for asynchronous copies (called by the DataLoader)."""
+        return replace(self, images=self.images.pin_memory())
+
+
+def collate_prepared(items: list[PreparedImage]) -> PreparedBatch:
+    """DataLoader ``collate_fn`` for :class:`EncodedPinImages`."""
+    encoded = [(i, it) for i, it in enumerate(items) if it.encoded is not None]
+    ready = [(i, it) for i, it in enumerate(items) if it.encoded is None and it.image is not None]
+    offsets = [0]
+    for _, it in encoded:
+        offsets.append(offsets[-1] + int(it.encoded.numel()))  # type: ignore[union-attr]
+    return PreparedBatch(
+        keys=[it.key for it in items],
+        paths=[it.path for it in items],
+        encoded=(
+            torch.cat([it.encoded for _, it in encoded])  # type: ignore[misc]
+            if encoded
+            else torch.empty(0, dtype=torch.uint8)
+        ),
+        offsets=offsets,
+        encoded_at=[i for i, _ in encoded],
+        sizes=[it.size for _, it in encoded],
+        images=torch.stack([it.image for _, it in ready]) if ready else torch.empty(0),  # type: ignore[misc]
+        images_at=[i for i, _ in ready],
+        failures=[(i, it.reason, it.detail) for i, it in enumerate(items) if it.kind == "failed"],
+    )
+
+
+# -- device side -----------------------------------------------------------------------------
+
+
+@dataclass
+class DecodedBatch:
+    """A batch ready for the model.
+
+    Attributes:
+        keys: int64 CPU tensor, the keys of the rows of ``images`` (batch order).
+        images: ``(n, 3, S, S)`` float32 normalised inputs on the device.
+        failures: ``(key, path, reason, detail)`` of the items that failed, in batch order.
+    """
+
+    keys: torch.Tensor
+    images: torch.Tensor
+    failures: list[tuple[int, str, str, str]]
+
+
+def device_transform_supported(preprocess: Preprocess) -> bool:
+    """Whether :func:`transform_on_device` reproduces this preprocessing (bilinear/bicubic)."""
+    return preprocess.interpolation in ("bilinear", "bicubic")
+
+
+def _settle(device: torch.device) -> None:
+    # nvJPEG writes on torchvision's own stream into tensors the caching allocator hands out
+    # on the current stream: a block freed there may still be read by queued kernels, so
+    # nothing may be pending on the current stream when the decoder is called.
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _decode(data: torch.Tensor | list[torch.Tensor], device: torch.device) -> Any:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in favour of torchcodec
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_jpegs(
+    encoded: Sequence[torch.Tensor],
+    device: torch.device,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[torch.Tensor | None]:
+    """Decode JPEGs at once on ``device``; image by image if the batch call fails.
+
+    Args:
+        encoded: 1-D uint8 CPU tensors of encoded JPEGs.
+        device: where to decode (``cuda`` uses nvJPEG; ``cpu`` works too).
+        sizes: the expected ``(height, width)`` of each, from the header; an output of
+            another shape counts as refused.
+
+    Returns:
+        A ``(3, H, W)`` uint8 tensor per input, or None where the decoder refused it.
+    """
+    if not encoded:
+        return []
+    _settle(device)
+    out: list[torch.Tensor | None]
+    try:
+        out = list(_decode(list(encoded), device))
+    except Exception:  # one bad stream fails the whole call: find it image by image
+        out = []
+        for t in encoded:
+            _settle(device)
+            try:
+                out.append(_decode(t, device))
+            except Exception:
+                out.append(None)
+    if sizes is not None:
+        out = [
+            o if o is not None and o.shape[0] == 3 and tuple(o.shape[1:]) == tuple(s) else None
+            for o, s in zip(out, sizes)
+        ]
+    return out
+
+
+def _interpolation(preprocess: Preprocess) -> str:
+    if not device_transform_supported(preprocess):
+        raise ValueError(
+            f"device preprocessing supports bilinear and bicubic interpolation, "
+            f"not {preprocess.interpolation!r}"
+        )
+    return preprocess.interpolation
+
+
+def _resized_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """torchvision's ``Resize(side)`` rule: the shorter side becomes ``side``, the other is
+    scaled and truncated."""
+    if width <= height:
+        return int(side * height / width), side
+    return side, int(side * width / height)
+
+
+def transform_on_device(images: Sequence[torch.Tensor], preprocess: Preprocess) -> torch.Tensor:
+    """timm's eval transform on decoded uint8 tensors, where they are.
+
+    Resize the shorter side to ``preprocess.resize_side`` (antialiased; horizontal then
+    vertical pass, each rounded to 8-bit levels as PIL does), centre-crop ``input_size`` (zero
+    padding if the image is smaller), scale to [0, 1] and normalise with the mean and std.
+    Images of one size are resized together.
+
+    Args:
+        images: ``(3, H, W)`` uint8 tensors, all on one device.
+        preprocess: the backbone's preprocessing (bilinear or bicubic interpolation).
+
+    Returns:
+        ``(n, 3, S, S)`` float32 tensor on the images' device.
+
+    Raises:
+        ValueError: another interpolation (see :func:`device_transform_supported`).
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    mode = _interpolation(preprocess)
+    size, side = preprocess.input_size, preprocess.resize_side
+    if not images:
+        return torch.empty(0, 3, size, size)
+    device = images[0].device
+    out = torch.empty(len(images), 3, size, size, dtype=torch.float32, device=device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        groups.setdefault((int(img.shape[-2]), int(img.shape[-1])), []).append(i)
+    for (height, width), idx in groups.items():
+        x = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])
+        x = x.float()
+        new_h, new_w = _resized_size(height, width, side)
+        # PIL resizes in two passes, horizontal then vertical, rounding to 8 bits in between;
+        # doing the same keeps the pixels within a level of the PIL path's (one pass in float
+        # would leave a fifth of them one level apart).
+        if new_w != width:
+            x = torch.nn.functional.interpolate(
+                x, size=(height, new_w), mode=mode, align_corners=False, antialias=True
+            )
+            x = x.clamp_(0.0, 255.0).add_(0.5).floor_()
+        if new_h != height:
+            x = torch.nn.functional.interpolate(
+                x, size=(new_h, new_w), mode=mode, align_corners=False, antialias=True
+            )
+        if new_h >= size and new_w >= size:  # torchvision's centre-crop anchor
+            top, left = round((new_h - size) / 2.0), round((new_w - size) / 2.0)
+            x = x[..., top : top + size, left : left + size]
+        else:
+            x = TF.center_crop(x, [size, size])  # pads with zeros, as on PIL images
+        if len(idx) == 1:
+            out[idx[0]].copy_(x[0])
+        else:
+            out.index_copy_(0, torch.tensor(idx, device=device), x)
+    out.clamp_(0.0, 255.0).add_(0.5).floor_().div_(255.0)  # 8-bit pixels, then ToTensor
+    mean = torch.tensor(preprocess.mean, dtype=out.dtype).view(1, 3, 1, 1).to(device)
+    std = torch.tensor(preprocess.std, dtype=out.dtype).view(1, 3, 1, 1).to(device)
+    return out.sub_(mean).div_(std)
+
+
+def _chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
+    """Consecutive indices grouped so that each group holds at most ``budget`` pixels."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    pixels = 0
+    for j, (h, w) in enumerate(sizes):
+        if current and pixels + h * w > budget:
+            groups.append(current)
+            current, pixels = [], 0
+        current.append(j)
+        pixels += h * w
+    if current:
+        groups.append(current)
+    return groups
+
+
+def decode_on_device(
+    batch: PreparedBatch,
+    preprocess: Preprocess,
+    device: torch.device | str,
+    transform: Transform,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = None,
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+) -> DecodedBatch:
+    """The device step: decode, transform and order a :class:`PreparedBatch`.
+
+    Encoded JPEGs are decoded with :func:`decode_jpegs` in groups of at most ``pixel_budget``
+    pixels and transformed with :func:`transform_on_device`. A JPEG the device decoder
+    refuses is decoded on the CPU by the PIL path and ``transform``; if that fails too it is
+    a failure with the PIL path's reason. Worker-decoded tensors are copied to the device.
+
+    On CUDA, call this on a stream that has nothing else queued that matters for timing (a
+    side stream): the decoder waits for the current stream to drain before each call.
+
+    Args:
+        batch: from :func:`collate_prepared`.
+        preprocess: the backbone's preprocessing.
+        device: where to decode and transform (the model's device).
+        transform: the backbone's PIL eval transform, for the CPU fallback.
+        max_pixels: decompression-bomb guard of the CPU fallback.
+        min_side: reduced-scale JPEG decoding of the CPU fallback.
+        pixel_budget: most decoded pixels held at once.
+
+    Returns:
+        The inputs and keys of every item that decoded, in batch order, and the failures.
+    """
+    device = torch.device(device)
+    size = preprocess.input_size
+    parts: list[tuple[list[int], torch.Tensor]] = []  # (batch positions, tensor)
+    failures = list(batch.failures)
+    fallback: list[tuple[int, torch.Tensor]] = []
+    for group in _chunks(batch.sizes, pixel_budget):
+        decoded = decode_jpegs(
+            [batch.encoded_item(j) for j in group], device, [batch.sizes[j] for j in group]
+        )
+        done = [(j, d) for j, d in zip(group, decoded) if d is not None]
+        refused = [j for j, d in zip(group, decoded) if d is None]
+        if done:
+            x = transform_on_device([d for _, d in done], preprocess)
+            parts.append(([batch.encoded_at[j] for j, _ in done], x))
+        del decoded, done  # the full-size images: only the crops are kept
+        for j in refused:
+            pos = batch.encoded_at[j]
+            data = batch.encoded_item(j).numpy().tobytes()
+            got = _pil_prepare(
+                batch.keys[pos],
+                batch.paths[pos],
+                data,
+                transform,
+                max_pixels,
+                min_side,
+                allow_encoded=False,
+            )
+            if got.image is not None:
+                fallback.append((pos, got.image))
+            else:
+                failures.append((pos, got.reason, got.detail))
+    if fallback:
+        parts.append(([p for p, _ in fallback], torch.stack([t for _, t in fallback])))
+    if batch.images_at:
+        parts.append((list(batch.images_at), batch.images))
+    ok = sorted(p for positions, _ in parts for p in positions)
+    rank = {p: r for r, p in enumerate(ok)}
+    images = torch.empty(len(ok), 3, size, size, dtype=torch.float32, device=device)
+    for positions, x in parts:
+        index = torch.tensor([rank[p] for p in positions], dtype=torch.int64)
+        images.index_copy_(0, index.to(device), x.to(device, torch.float32, non_blocking=True))
+    failures.sort(key=lambda f: f[0])
+    return DecodedBatch(
+        keys=torch.tensor([batch.keys[p] for p in ok], dtype=torch.int64),
+        images=images,
+        failures=[(batch.keys[p], batch.paths[p], r, d) for p, r, d in failures],
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def device_decoder_error(device: torch.device | str) -> str | None:
+    """None when ``decode_jpeg`` works on ``device``, else why not (checked once per device)."""
+    device = torch.device(device)
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 8), (200, 40, 10)).save(buf, "JPEG")
+    data = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    try:
+        _settle(device)
+        (out,) = _decode([data], device)
+    except Exception as exc:  # missing nvJPEG, missing image extension, driver problems
+        return f"{type(exc).__name__}: {exc}"
+    if tuple(out.shape) != (3, 8, 16):
+        return f"decode_jpeg returned shape {tuple(out.shape)} for a 16x8 test image"
+    return None

@@ -1,0 +1,518 @@
+"""Tests for pinsearch.decode and the decode/compile/batch-size options of pinsearch.embed.
+
+Everything here runs on the CPU: the device path with ``device=cpu`` is the same code as on
+CUDA (torchvision's decode_jpeg takes a list on both), only nvJPEG is left to test_gpu_decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import create_transform
+
+import pinsearch.decode as decode_mod
+from pinsearch.backbones import Preprocess, create_backbone
+from pinsearch.decode import (
+    EncodedPinImages,
+    collate_prepared,
+    decode_jpegs,
+    decode_on_device,
+    device_decoder_error,
+    device_refusal,
+    device_transform_supported,
+    prepare_image,
+    transform_on_device,
+)
+from pinsearch.embed import (
+    EmbedConfig,
+    PinImages,
+    batch_size_for_memory,
+    embed_store,
+    iter_embeddings,
+    resolve_batch_size,
+    resolve_decode,
+)
+from pinsearch.ingest import read_corpus
+from pinsearch.store import Store
+
+BACKBONE = "test_efficientnet"  # the tiny seeded backbone of tests/test_embed.py
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_backbone(BACKBONE)
+
+
+def _picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A smooth colour picture with some texture (JPEG-friendly, not flat)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(x / max(width, 1) * 6.0),
+            128 + 100 * np.cos(y / max(height, 1) * 5.0),
+            (x + y) / max(width + height, 1) * 255,
+        ],
+        axis=-1,
+    )
+    noise = rng.normal(0, 12, base.shape)
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def _cases(root: Path) -> dict[str, Path]:
+    """One file per routing case, all named ``.jpg``."""
+    root.mkdir(parents=True, exist_ok=True)
+    pic = _picture(120, 90)
+    files = {name: root / f"{name}.jpg" for name in (
+        "baseline", "progressive", "grey", "png", "cmyk", "rotated", "truncated", "random",
+        "empty", "huge",
+    )}  # fmt: skip
+    pic.save(files["baseline"], "JPEG", quality=90)
+    pic.save(files["progressive"], "JPEG", quality=90, progressive=True)
+    pic.convert("L").save(files["grey"], "JPEG")
+    pic.save(files["png"], "PNG")
+    pic.convert("CMYK").save(files["cmyk"], "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    pic.save(files["rotated"], "JPEG", exif=exif.tobytes())
+    data = files["baseline"].read_bytes()
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["random"].write_bytes(np.random.default_rng(1).bytes(5000))
+    files["empty"].write_bytes(b"")
+    _picture(400, 300).save(files["huge"], "JPEG")  # over the max_pixels used below
+    return files
+
+
+MAX_PIXELS = 100_000
+EXPECTED = {
+    "baseline": "encoded",
+    "progressive": "encoded",
+    "grey": "encoded",
+    "png": "image",
+    "cmyk": "image",
+    "rotated": "image",
+    "truncated": "failed",
+    "random": "failed",
+    "empty": "failed",
+    "huge": "failed",
+    "missing": "failed",
+}
+
+
+# -- the worker step --------------------------------------------------------------------------
+
+
+def test_prepare_image_routes_each_kind_like_the_pil_path(tmp_path: Path, model) -> None:
+    files = _cases(tmp_path)
+    files["missing"] = tmp_path / "missing.jpg"
+    transform = model.transform()
+    side = model.preprocess.resize_side
+    old = PinImages(
+        [(i, str(p)) for i, p in enumerate(files.values())], transform, MAX_PIXELS, side
+    )
+    for i, (name, path) in enumerate(files.items()):
+        got = prepare_image(i, str(path), transform, max_pixels=MAX_PIXELS, min_side=side)
+        assert got.kind == EXPECTED[name], name
+        key, tensor, _, reason, detail = old[i]
+        assert got.key == key and got.path == str(path)
+        if got.kind == "failed":
+            assert tensor is None and (got.reason, got.detail) == (reason, detail), name
+        elif got.kind == "image":
+            torch.testing.assert_close(got.image, tensor)  # exactly the PIL path's tensor
+        else:
+            assert got.encoded.dtype == torch.uint8 and got.encoded.dim() == 1
+            assert bytes(got.encoded.numpy()) == path.read_bytes()
+            with Image.open(path) as img:
+                assert got.size == (img.height, img.width)
+    reasons = {n: prepare_image(0, str(p), transform, max_pixels=MAX_PIXELS).reason
+               for n, p in files.items() if EXPECTED[n] == "failed"}  # fmt: skip
+    assert reasons == {
+        "truncated": "truncated",
+        "random": "not_an_image",
+        "empty": "empty_file",
+        "huge": "too_large",
+        "missing": "unreadable",
+    }
+
+
+def test_device_refusal_reads_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    _picture(64, 48).save(path, "JPEG")
+    data = path.read_bytes()
+
+    def refusal(blob: bytes, **info: object) -> str | None:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.info.update(info)
+            return device_refusal(img, blob)
+
+    assert refusal(data) is None
+    assert refusal(data + b"\x00" * 16) is None  # zero padding after the end marker
+    assert refusal(data + b"trailer") == "no end-of-image marker"
+    sof = data.index(b"\xff\xc0")
+    extended = data[: sof + 1] + b"\xc1" + data[sof + 2 :]  # extended sequential frame
+    assert refusal(extended) == "frame marker 0xffc1"
+    assert refusal(data, adobe_transform=0) == "RGB-coded (not YCbCr) JPEG"
+    assert refusal(data, adobe_transform=1) is None
+
+
+def test_collate_packs_encoded_bytes_back_to_back(tmp_path: Path, model) -> None:
+    files = _cases(tmp_path)
+    ds = EncodedPinImages(
+        [(10 + i, str(p)) for i, p in enumerate(files.values())],
+        model.transform(),
+        MAX_PIXELS,
+    )
+    batch = collate_prepared([ds[i] for i in range(len(ds))])
+    names = list(files)
+    assert batch.keys == [10 + i for i in range(len(names))]
+    assert [names[p] for p in batch.encoded_at] == ["baseline", "progressive", "grey"]
+    assert [names[p] for p in batch.images_at] == ["png", "cmyk", "rotated"]
+    assert [names[p] for p, _, _ in batch.failures] == ["truncated", "random", "empty", "huge"]
+    for j, p in enumerate(batch.encoded_at):
+        assert bytes(batch.encoded_item(j).numpy()) == files[names[p]].read_bytes()
+    size = model.preprocess.input_size
+    assert batch.images.shape == (3, 3, size, size)
+    empty = collate_prepared([ds[names.index("empty")]])
+    assert empty.encoded.numel() == 0 and len(empty.images) == 0 and len(empty.failures) == 1
+
+
+# -- the device step (on the CPU) -------------------------------------------------------------
+
+
+def test_decode_on_device_keeps_order_and_failures(tmp_path: Path, model) -> None:
+    files = _cases(tmp_path)
+    transform = model.transform()
+    side = model.preprocess.resize_side
+    items = [(100 + i, str(p)) for i, p in enumerate(files.values())]
+    prepared = [prepare_image(k, p, transform, max_pixels=MAX_PIXELS, min_side=side)
+                for k, p in items]  # fmt: skip
+    out = decode_on_device(
+        collate_prepared(prepared),
+        model.preprocess,
+        CPU,
+        transform,
+        max_pixels=MAX_PIXELS,
+        min_side=side,
+    )
+    names = list(files)
+    good = [100 + i for i, n in enumerate(names) if EXPECTED[n] != "failed"]
+    assert out.keys.tolist() == good
+    assert out.images.shape == (len(good), 3, 160, 160) and out.images.dtype == torch.float32
+    old = PinImages(items, transform, MAX_PIXELS, side)
+    reference = {k: old[i][1] for i, (k, _) in enumerate(items)}
+    for row, key in enumerate(good):
+        # Same decoder (libjpeg) and the same resize maths: at most a rounding step apart.
+        diff = (out.images[row] - reference[key]).abs()
+        assert diff.max() < 0.05 and diff.mean() < 2e-3, names[key - 100]
+    assert [(k, r) for k, _, r, _ in out.failures] == [
+        (106, "truncated"),
+        (107, "not_an_image"),
+        (108, "empty_file"),
+        (109, "too_large"),
+    ]
+    details = {k: d for k, _, _, d in out.failures}
+    assert details == {k: old[i][4] for i, (k, _) in enumerate(items) if k in details}
+
+
+def test_refused_jpegs_fall_back_to_pil_then_fail(
+    tmp_path: Path, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _cases(tmp_path)
+    transform = model.transform()
+    good, other = files["baseline"], files["progressive"]
+    # A JPEG that passes the header check but whose pixel data PIL cannot decode either:
+    # its scan names a component the frame does not have.
+    broken = tmp_path / "broken.jpg"
+    data = bytearray(good.read_bytes())
+    data[data.index(b"\xff\xda") + 5] = 0x09
+    broken.write_bytes(bytes(data))
+    refused = {good.read_bytes(), broken.read_bytes()}
+    calls: list[int] = []
+    real = decode_mod._decode
+
+    def picky(data, device):  # type: ignore[no-untyped-def]
+        batch = data if isinstance(data, list) else [data]
+        calls.append(len(batch))
+        if any(bytes(t.numpy()) in refused for t in batch):
+            raise RuntimeError("nvjpeg says no")
+        return real(data, device)
+
+    monkeypatch.setattr(decode_mod, "_decode", picky)
+    items = [(1, str(good)), (2, str(broken)), (3, str(other))]
+    prepared = [prepare_image(k, p, transform) for k, p in items]
+    assert [p.kind for p in prepared] == ["encoded", "encoded", "encoded"]
+    out = decode_on_device(collate_prepared(prepared), model.preprocess, CPU, transform)
+    assert calls == [3, 1, 1, 1]  # the batch, then image by image
+    assert out.keys.tolist() == [1, 3]
+    (failure,) = out.failures
+    assert failure[:3] == (2, str(broken), "corrupt")
+    pil = PinImages([(1, str(good))], transform, min_side=model.preprocess.resize_side)[0][1]
+    torch.testing.assert_close(out.images[0], pil)  # the fallback is the PIL path itself
+
+
+def test_pixel_budget_splits_decoding_without_changing_results(
+    tmp_path: Path, model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = []
+    for i, (w, h) in enumerate([(120, 90), (90, 120), (200, 200), (64, 48), (120, 90)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        _picture(w, h, seed=i).save(paths[-1], "JPEG")
+    transform = model.transform()
+    batch = collate_prepared([prepare_image(i, str(p), transform) for i, p in enumerate(paths)])
+    calls: list[int] = []
+    real = decode_mod._decode
+    monkeypatch.setattr(decode_mod, "_decode", lambda d, dev: calls.append(len(d)) or real(d, dev))
+    whole = decode_on_device(batch, model.preprocess, CPU, transform)
+    assert calls == [5]
+    calls.clear()
+    split = decode_on_device(batch, model.preprocess, CPU, transform, pixel_budget=30_000)
+    assert calls == [2, 1, 2]
+    assert split.keys.tolist() == whole.keys.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(split.images, whole.images)
+
+
+def test_decode_jpegs_flags_wrong_sizes_and_bad_streams(tmp_path: Path) -> None:
+    path = tmp_path / "a.jpg"
+    _picture(40, 30).save(path, "JPEG")
+    good = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    bad = torch.frombuffer(
+        bytearray(b"\xff\xd8\xff\xe0 not a jpeg at all \xff\xd9"), dtype=torch.uint8
+    )
+    out = decode_jpegs([good, bad, good], CPU, [(30, 40), (30, 40), (40, 30)])
+    assert out[0] is not None and out[0].shape == (3, 30, 40) and out[0].dtype == torch.uint8
+    assert out[1] is None and out[2] is None  # undecodable; decoded to another size
+    assert decode_jpegs([], CPU) == []
+    assert device_decoder_error(CPU) is None
+
+
+# -- the tensor transform against timm's --------------------------------------------------------
+
+
+def _timm(pre: Preprocess):  # type: ignore[no-untyped-def]
+    return create_transform(
+        input_size=(3, pre.input_size, pre.input_size),
+        interpolation=pre.interpolation,
+        mean=pre.mean,
+        std=pre.std,
+        crop_pct=pre.crop_pct,
+        is_training=False,
+    )
+
+
+PREPROCESS = {
+    "bicubic": Preprocess(160, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic", 0.95),
+    "bilinear": Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear", 0.875),
+    "pad": Preprocess(64, (0.4, 0.4, 0.4), (0.25, 0.25, 0.25), "bicubic", 1.25),  # crop > resize
+}
+SIZES = [(300, 200), (200, 300), (160, 168), (168, 160), (1001, 333), (50, 70), (9, 4), (1, 1)]
+
+
+@pytest.mark.parametrize("kind", sorted(PREPROCESS))
+def test_transform_on_device_matches_timm(kind: str) -> None:
+    pre = PREPROCESS[kind]
+    reference = _timm(pre)
+    pics = [_picture(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    tensors = [torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1) for p in pics]
+    tensors.append(tensors[0].clone())  # two images of one size are resized together
+    pics.append(pics[0])
+    got = transform_on_device(tensors, pre)
+    assert got.shape == (len(pics), 3, pre.input_size, pre.input_size)
+    assert got.dtype == torch.float32
+    step = 1.0 / 255 / min(pre.std)  # one 8-bit level after normalisation
+    for i, pic in enumerate(pics):
+        want = reference(pic)
+        diff = (got[i] - want).abs()
+        # PIL resamples in fixed point, torch in float: a few values in a thousand round to
+        # the next 8-bit level (rarely two levels, where bicubic overshoots).
+        assert diff.max() <= 2.01 * step, (kind, pic.size, float(diff.max()))
+        assert diff.mean() <= 0.005 * step, (kind, pic.size, float(diff.mean()))
+    torch.testing.assert_close(got[-1], got[0])
+
+
+def test_transform_on_device_rejects_other_interpolations() -> None:
+    pre = dataclasses.replace(PREPROCESS["bicubic"], interpolation="lanczos")
+    assert not device_transform_supported(pre)
+    assert device_transform_supported(PREPROCESS["bilinear"])
+    with pytest.raises(ValueError, match="lanczos"):
+        transform_on_device([torch.zeros(3, 8, 8, dtype=torch.uint8)], pre)
+    assert transform_on_device([], PREPROCESS["bicubic"]).shape == (0, 3, 160, 160)
+
+
+# -- iter_embeddings with decode="device" -------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_device_path_on_cpu_agrees_with_pil_path(
+    tmp_path: Path, model, tree_corpus, workers: int
+) -> None:
+    paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:10]
+    files = _cases(tmp_path)
+    items = [(10 + i, str(p)) for i, p in enumerate(paths)]
+    items.insert(2, (90, str(files["png"])))
+    items.insert(5, (91, str(files["truncated"])))
+    items.insert(7, (92, str(files["rotated"])))
+    items.append((93, str(files["random"])))
+    out = {}
+    for mode in ("pil", "device"):
+        config = EmbedConfig(workers=workers, batch_size=4, decode=mode)
+        out[mode] = list(iter_embeddings(model, items, config))
+    pil, dev = out["pil"], out["device"]
+    assert len(pil) == len(dev) == 4
+    for a, b in zip(pil, dev):
+        assert a.keys.tolist() == b.keys.tolist()
+        assert a.failed_keys == b.failed_keys
+        assert [(f.path, f.reason, f.detail, f.stage) for f in a.failures] == [
+            (f.path, f.reason, f.detail, f.stage) for f in b.failures
+        ]
+    keys = np.concatenate([b.keys for b in dev])
+    assert keys.tolist() == [10, 11, 90, 12, 13, 14, 92, 15, 16, 17, 18, 19]
+    assert [b.failed_keys for b in dev] == [[], [91], [], [93]]
+    va = np.concatenate([b.vectors for b in pil])
+    vb = np.concatenate([b.vectors for b in dev])
+    assert vb.dtype == np.float32 and vb.shape == va.shape
+    cos = (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    assert cos.min() > 0.98
+    assert cos.min() > 0.9999  # same libjpeg, same resize maths on the CPU
+
+
+def test_device_path_agrees_for_effnet_lite0(tree_corpus) -> None:
+    lite = create_backbone("effnet_lite0")
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:6])]
+    vecs = {}
+    for mode in ("pil", "device"):
+        batches = iter_embeddings(lite, items, EmbedConfig(workers=0, batch_size=4, decode=mode))
+        vecs[mode] = np.concatenate([b.vectors for b in batches])
+    a, b = vecs["pil"], vecs["device"]
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cos.min() > 0.98
+
+
+def test_embed_store_with_device_decoding_is_compatible(
+    tree_corpus, tmp_path: Path, store_copy: Path, built_store
+) -> None:
+    # decode, compile and batch_size are not part of a run's identity.
+    config = EmbedConfig(workers=0, batch_size=0, decode="device")
+    with Store.open(store_copy) as store:
+        report = embed_store(store, BACKBONE, config)
+        assert (report.embedded, report.already) == (0, 24)
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.catalog.add_ingest(read_corpus(tree_corpus.root), "{}")
+        report = embed_store(store, BACKBONE, config)
+        assert (report.embedded, report.failed) == (24, 0)
+        vecs, keys = store.vectors(BACKBONE).load()
+        ids = {k: store.catalog.pins_by_key([int(k)])[int(k)]["pin_id"] for k in keys.tolist()}
+    with Store.open(built_store.path, read_only=True) as ref:
+        rv, rk = ref.vectors(BACKBONE).load()
+        ref_ids = {ref.catalog.pins_by_key([int(k)])[int(k)]["pin_id"]: v for k, v in zip(rk, rv)}
+    for k, v in zip(keys.tolist(), vecs):
+        np.testing.assert_allclose(v, ref_ids[ids[k]], rtol=1e-3, atol=1e-3)
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+def test_decode_value_is_validated() -> None:
+    with pytest.raises(ValueError, match="'gpu'"):
+        EmbedConfig(decode="gpu")
+    with pytest.raises(ValueError, match="-1"):
+        EmbedConfig(batch_size=-1)
+    assert EmbedConfig().decode == "auto" and EmbedConfig().compile is False
+
+
+def test_resolve_decode_on_cpu(model) -> None:
+    pre = model.preprocess
+    assert resolve_decode(EmbedConfig(), CPU, pre) == "pil"  # auto: PIL unless on CUDA
+    assert resolve_decode(EmbedConfig(decode="pil"), CPU, pre) == "pil"
+    assert resolve_decode(EmbedConfig(decode="device"), CPU, pre) == "device"
+    lanczos = dataclasses.replace(pre, interpolation="lanczos")
+    with pytest.raises(ValueError, match="lanczos"):
+        resolve_decode(EmbedConfig(decode="device"), CPU, lanczos)
+
+
+def test_auto_batch_size_on_cpu(model, tree_corpus) -> None:
+    assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=0), CPU) == 64
+    assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=5), CPU) == 5
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    batches = list(iter_embeddings(model, items, EmbedConfig(workers=0, batch_size=0)))
+    assert [len(b.keys) for b in batches] == [24]  # one batch of up to 64
+
+
+@pytest.mark.parametrize(
+    ("free", "per_image", "fixed", "expected"),
+    [
+        (80 * 2**30, 2**20, 0, 1024),  # lots of memory: the cap
+        (1000 * 2**20, 2**20, 0, 800),  # 20 % margin
+        (1000 * 2**20, 2**20, 200 * 2**20, 600),  # fixed cost comes off first
+        (1000 * 2**20, 3 * 2**20, 0, 264),  # 266 rounded down to a multiple of 8
+        (100 * 2**20, 2**20, 0, 80),
+        (10 * 2**20, 2**20, 0, 8),  # too little memory: still the floor
+        (2**30, 2**20, 2**31, 8),  # fixed cost above free memory
+        (2**30, 0, 0, 1024),  # no per-image cost measured
+    ],
+)
+def test_batch_size_for_memory(free: int, per_image: int, fixed: int, expected: int) -> None:
+    assert batch_size_for_memory(free, per_image, fixed) == expected
+
+
+def test_batch_size_for_memory_options() -> None:
+    assert batch_size_for_memory(2**30, 2**20, margin=0.0, high=4096) == 1024
+    assert batch_size_for_memory(2**30, 2**20, margin=0.5, low=16, high=256) == 256
+    assert batch_size_for_memory(2**20, 2**20, low=16) == 16
+    with pytest.raises(ValueError, match="margin"):
+        batch_size_for_memory(2**30, 2**20, margin=1.0)
+
+
+@pytest.mark.parametrize("mode", ["pil", "device"])
+def test_late_hand_over_keeps_order(
+    model, tree_corpus, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    import pinsearch.embed as embed_mod
+
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    items.insert(9, (99, str(tree_corpus.root / "missing.jpg")))
+    config = EmbedConfig(workers=0, batch_size=4, decode=mode)
+    eager = list(iter_embeddings(model, items, config))
+    read: list[int] = []
+    dataset = EncodedPinImages if mode == "device" else PinImages
+    real = dataset.__getitem__
+    monkeypatch.setattr(dataset, "__getitem__", lambda self, i: read.append(i) or real(self, i))
+    monkeypatch.setattr(embed_mod, "_hand_over_late", lambda device: True)  # as on CUDA
+    stream = iter_embeddings(model, items, config)
+    first = next(stream)
+    assert len(read) == 8  # batch 1 is handed over once batch 2 is under way
+    late = [first, *stream]
+    assert [b.keys.tolist() for b in late] == [b.keys.tolist() for b in eager]
+    failed = [b.failed_keys for b in late]
+    assert failed == [b.failed_keys for b in eager] == [[], [], [99], [], [], [], []]
+    for a, b in zip(eager, late):
+        np.testing.assert_array_equal(a.vectors, b.vectors)
+
+
+@pytest.mark.parametrize("mode", ["pil", "device"])
+def test_auto_batch_size_cuda_branch(model, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The CUDA branch's wiring, with the memory probe and the free memory stubbed."""
+    import pinsearch.embed as embed_mod
+
+    probed: list[torch.device] = []
+    per_image, fixed, free = 4 * 2**20, 100 * 2**20, 10 * 2**30
+
+    def probe(m, size, device, config):  # type: ignore[no-untyped-def]
+        probed.append(device)
+        return per_image, fixed
+
+    monkeypatch.setattr(embed_mod, "_probe_memory", probe)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * free))
+    cuda = torch.device("cuda", 0)
+    size = resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=0), cuda, mode)
+    staged = 3 * 160 * 160 * 4 * (3 if mode == "device" else 1)
+    extra = decode_mod.DEFAULT_PIXEL_BUDGET * 24 if mode == "device" else 0
+    assert size == batch_size_for_memory(free, per_image + staged, fixed + extra)
+    assert probed == [cuda] and 8 <= size <= 1024
+    assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=32), cuda) == 32
