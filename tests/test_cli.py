@@ -155,8 +155,8 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
     vectors = {}
     for decode in ("pil", "device"):
         store = tmp_path / decode
-        report = _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
-                        "--workers", "0", "--decode", decode, "--batch-size", "0", "--json"])  # fmt: skip
+        args = ["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet"]
+        report = _json([*args, "--workers", "0", "--decode", decode, "--batch-size", "0", "--json"])
         assert report["embedded"] == 24
         with Store.open(store, read_only=True) as s:
             x, keys = s.vectors("test_efficientnet").load()
