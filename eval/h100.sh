@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 5, one step per device call (each well under the 10-minute
+# limit of a call; all steps together fit the 30 minutes of device time of a session).
+#
+# Here, once:   bash ../shared/gpu/fetch-wheels.sh kneed hypothesis sortedcontainers attrs
+#               (writes .gpu/1 .. .gpu/4; the extra names are imported by pinsearch and the
+#               test modules and are not on the GPU machine)
+# Device calls, back to back within 30 s (run tool, carry=[".gpu/N"]):
+#               source .gpu/*/device-setup.sh                       (for .gpu/1 .. .gpu/3)
+#               source .gpu/*/device-setup.sh && bash eval/h100.sh tests    (with .gpu/4)
+# then, while the machine is warm, one call per step:
+#               source .gpu/*/device-setup.sh && bash eval/h100.sh exact
+#               ... index | embed | query | study
+# Every step writes JSON/text files under $OUT, which come back to this machine.
+set -uo pipefail
+step=${1:?"step: tests | exact | index | embed | query | study"}
+out=${OUT:-/tmp/pinsearch-h100}
+mkdir -p "$out"
+export PINSEARCH_OFFLINE=1
+run() {  # run NAME CMD...: keep the output, say how long it took
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$out/$name" 2> "$out/$name.err"
+  echo "$name: exit $? in $((SECONDS - start)) s"
+}
+case $step in
+  tests)
+    nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+    python3 -m pytest -m gpu -q -p no:cacheprovider -rs > "$out/pytest-gpu.txt" 2>&1
+    echo "pytest -m gpu: exit $?"; tail -5 "$out/pytest-gpu.txt"
+    ;;
+  exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
+    run exact-1m-1024.json pinsearch bench exact --dim 1024 --json
+    ;;
+  index)  # build, memory, QPS and recall@10 at 1M, float32 and float16 GPU indexes
+    for d in 1024 768; do
+      run index-1m-$d.json pinsearch bench index --n 1000000 --dim $d --factory Flat \
+        --factory IVF4096,Flat --factory IVF4096,PQ64 --json
+      run index-1m-$d-fp16.json pinsearch bench index --n 1000000 --dim $d --factory Flat \
+        --factory IVF4096,Flat --factory IVF4096,PQ64 --fp16 --json
+    done
+    ;;
+  embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
+    for b in effnet_lite0 clip-vit-b-32 convnext_base; do
+      run embed-$b.json pinsearch bench embed -b $b --n 16384 --batch-size 0 --decode device \
+        --random-weights --json
+      run embed-$b-pil.json pinsearch bench embed -b $b --n 4096 --batch-size 256 \
+        --decode pil --random-weights --json
+    done
+    ;;
+  query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
+    run query-1m-768.json pinsearch bench query --n 1000000 --dim 768 --json
+    ;;
+  study)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes, 5 folds
+    run study-25600-1024.json pinsearch bench study --n 32000 --dim 1024 --json
+    ;;
+  *)
+    echo "unknown step $step" >&2; exit 2
+    ;;
+esac
+ls -la "$out"
