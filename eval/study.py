@@ -28,6 +28,7 @@ from pinsearch._version import __version__
 from pinsearch.classify import head_context, save_store_head
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.eval.retrieval import RetrievalConfig, load_retrieval
+from pinsearch.gridsearch import batched_grid_search, is_batchable
 from pinsearch.heads import HEADS, create_head
 from pinsearch.labels import labelled_pins as _labelled_pins
 from pinsearch.labels import load_vectors
@@ -118,9 +119,11 @@ class StudyConfig:
     device: str = "auto"  # heads: auto, cpu, cuda
     paper_table: str | None = None  # "001" to print the source paper's Table 4.1 beside ours
     n_jobs: int = 1  # parallel CV fits (joblib)
+    batched_cv: bool = True  # batched grid search (pinsearch.gridsearch) where the head has one
 
     def fingerprint(self) -> str:
-        """Hash of what decides cell results (not the name, store, device or n_jobs)."""
+        """Hash of what decides cell results (not the name, store, device, n_jobs or
+        batched_cv)."""
         keys = (
             "label",
             "drop",
@@ -285,20 +288,26 @@ def _run_cell(
     params = dict(context or {})
     if device != "auto" and head != "zeroshot":
         params["device"] = device
-    estimator = create_head(head, **params)
     cv = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
-    search = GridSearchCV(
-        estimator,
-        grid,
-        scoring="f1_macro",
-        cv=cv,
-        refit=True,
-        n_jobs=config.n_jobs,
-        error_score="raise",
-    )
     y = data.labels
     start = time.perf_counter()
-    search.fit(X[data.train], y[data.train])
+    search: Any
+    if config.batched_cv and is_batchable(head, grid, params):
+        search = batched_grid_search(
+            head, params, grid, X[data.train], y[data.train], cv, n_jobs=config.n_jobs
+        )
+    else:
+        estimator = create_head(head, **params)
+        search = GridSearchCV(
+            estimator,
+            grid,
+            scoring="f1_macro",
+            cv=cv,
+            refit=True,
+            n_jobs=config.n_jobs,
+            error_score="raise",
+        )
+        search.fit(X[data.train], y[data.train])
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     pred = search.best_estimator_.predict(X[data.test])

@@ -31,10 +31,12 @@ __all__ = [
     "LinearSVMHead",
     "MLPHead",
     "create_head",
+    "knn_votes",
     "load_head",
     "register_head",
     "save_head",
     "saved_params",
+    "scaler_stats",
 ]
 
 HEADS: dict[str, type[BaseEstimator]] = {}
@@ -72,6 +74,34 @@ def _torch_device(device: str) -> Any:
     return torch.device(device)
 
 
+def scaler_stats(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale a head standardises with (zeros and ones when ``standardize`` is off;
+    constant features keep scale 1)."""
+    if standardize:
+        scale = X.std(axis=0)
+        return X.mean(axis=0), np.where(scale > 1e-12, scale, 1.0)
+    return np.zeros(X.shape[1], X.dtype), np.ones(X.shape[1], X.dtype)
+
+
+def knn_votes(dist: np.ndarray, labels: np.ndarray, n_classes: int, weights: str) -> np.ndarray:
+    """(n, n_classes) votes of neighbours with distances ``dist`` and encoded ``labels`` (n, k).
+
+    ``distance`` weights are 1 / distance; a query with an exact match (distance 0) is decided
+    by its exact matches alone, as in scikit-learn.
+    """
+    if weights == "uniform":
+        w = np.ones_like(dist)
+    else:
+        with np.errstate(divide="ignore"):
+            w = 1.0 / dist
+        exact = np.isinf(w)
+        rows = exact.any(axis=1)
+        w[rows] = exact[rows]
+    votes = np.zeros((len(dist), n_classes))
+    np.add.at(votes, (np.arange(len(dist))[:, None], labels), w)
+    return votes
+
+
 class _Head(ClassifierMixin, BaseEstimator):
     """Shared plumbing: label encoding, standardisation, (de)serialisation of arrays."""
 
@@ -83,13 +113,7 @@ class _Head(ClassifierMixin, BaseEstimator):
         return encoded
 
     def _fit_scaler(self, X: np.ndarray, standardize: bool) -> np.ndarray:
-        if standardize:
-            self.mean_ = X.mean(axis=0)
-            scale = X.std(axis=0)
-            self.scale_ = np.where(scale > 1e-12, scale, 1.0)
-        else:
-            self.mean_ = np.zeros(X.shape[1], X.dtype)
-            self.scale_ = np.ones(X.shape[1], X.dtype)
+        self.mean_, self.scale_ = scaler_stats(X, standardize)
         return self._scale(X)
 
     def _scale(self, X: np.ndarray) -> np.ndarray:
@@ -194,18 +218,7 @@ class KNNHead(_Head):
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         dist, idx = self.kneighbors(X)
-        labels = self.train_labels_[idx]
-        if self.weights == "uniform":
-            w = np.ones_like(dist)
-        else:
-            with np.errstate(divide="ignore"):
-                w = 1.0 / dist
-            exact = np.isinf(w)
-            rows = exact.any(axis=1)
-            w[rows] = exact[rows]  # an exact match decides alone, as in scikit-learn
-        votes = np.zeros((len(X), len(self.classes_)))
-        np.add.at(votes, (np.arange(len(X))[:, None], labels), w)
-        return votes
+        return knn_votes(dist, self.train_labels_[idx], len(self.classes_), self.weights)
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Share of (weighted) votes per class."""
@@ -406,30 +419,41 @@ class MLPHead(_TorchHead):
             torch.nn.Linear(h2, n_out),
         )
 
+    def _validation_split(self, encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Training rows, validation rows (stratified, seeded) and whether there is a split."""
+        from sklearn.model_selection import train_test_split
+
+        n, n_classes = len(encoded), int(encoded.max()) + 1
+        counts = np.bincount(encoded)
+        use_val = self.validation_fraction > 0 and counts.min() >= 2 and n >= 10
+        if not use_val:
+            return np.arange(n), np.arange(0), False
+        n_val = max(round(self.validation_fraction * n), n_classes)
+        stratify = encoded if n_val <= n - n_classes else None
+        tr, va = train_test_split(
+            np.arange(n), test_size=n_val, stratify=stratify, random_state=self.random_state
+        )
+        return tr, va, True
+
+    def _seeded_network(self, n_in: int, n_out: int) -> Any:
+        """The untrained network, initialised from ``random_state`` (on the CPU)."""
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            return self._build(n_in, n_out)
+
     def fit(self, X: Any, y: Any) -> MLPHead:
         """Train with early stopping on a stratified validation split; keep the best epoch."""
         import torch
-        from sklearn.model_selection import train_test_split
 
         X, y = validate_data(self, X, y, dtype=np.float32)
         encoded = self._encode(y)
         xs = self._fit_scaler(X, self.standardize)
-        counts = np.bincount(encoded)
-        use_val = self.validation_fraction > 0 and counts.min() >= 2 and len(X) >= 10
-        if use_val:
-            n_val = max(round(self.validation_fraction * len(X)), len(self.classes_))
-            stratify = encoded if n_val <= len(X) - len(self.classes_) else None
-            tr, va = train_test_split(
-                np.arange(len(X)), test_size=n_val, stratify=stratify,
-                random_state=self.random_state,
-            )  # fmt: skip
-        else:
-            tr, va = np.arange(len(X)), np.arange(0)
+        tr, va, use_val = self._validation_split(encoded)
         dev = _torch_device(self.device)
         gen = torch.Generator().manual_seed(self.random_state)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.random_state)
-            net = self._build(X.shape[1], len(self.classes_)).to(dev)
+        net = self._seeded_network(X.shape[1], len(self.classes_)).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         x_tr = torch.from_numpy(xs[tr]).to(dev)
         y_tr = torch.from_numpy(encoded[tr]).long().to(dev)
