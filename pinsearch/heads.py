@@ -163,6 +163,8 @@ class KNNHead(_Head):
         weights: ``uniform`` or ``distance`` (1 / distance; cosine/ip use 1 - similarity).
         factory: FAISS factory string of the index built over the training vectors.
         device: index placement: ``auto``, ``cpu`` or ``gpu``.
+        precision: ``float32`` (FAISS), or ``float16`` / ``bfloat16`` for the exact torch scan
+            of a ``Flat`` index (:class:`~pinsearch.indexes.TorchExact`; a GPU speed-up).
     """
 
     _array_names = ("train_vectors_", "train_labels_")
@@ -174,12 +176,14 @@ class KNNHead(_Head):
         weights: str = "uniform",
         factory: str = "Flat",
         device: str = "auto",
+        precision: str = "float32",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.metric = metric
         self.weights = weights
         self.factory = factory
         self.device = device
+        self.precision = precision
 
     def fit(self, X: Any, y: Any) -> KNNHead:
         """Index the training vectors."""
@@ -199,7 +203,12 @@ class KNNHead(_Head):
     def _after_restore(self) -> None:
         from pinsearch.indexes import IndexConfig, build_index
 
-        config = IndexConfig(factory=self.factory, metric=self.metric, device=self.device)  # type: ignore[arg-type]
+        config = IndexConfig(
+            factory=self.factory,
+            metric=self.metric,  # type: ignore[arg-type]
+            device=self.device,  # type: ignore[arg-type]
+            precision=self.precision,  # type: ignore[arg-type]
+        )
         keys = np.arange(len(self.train_vectors_), dtype=np.int64)
         self.index_ = build_index(self.train_vectors_, keys, config)
 

@@ -145,3 +145,20 @@ def test_a_head_file_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
         np.savez(fh, classes=np.array([{"evil": print}], dtype=object), coef=np.zeros((1, 4)))
     with pytest.raises(ValueError, match="pickle"):
         load_head(tmp_path / "h")
+
+
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+def test_knn_reduced_precision_votes_like_float32(tmp_path, precision: str) -> None:  # type: ignore[no-untyped-def]
+    from sklearn.datasets import make_classification
+
+    from pinsearch.heads import KNNHead, load_head, save_head
+
+    X, y = make_classification(1500, 48, n_informative=20, n_classes=4, random_state=1)
+    full = KNNHead(7, metric="cosine", device="cpu").fit(X[:1200], y[:1200])
+    half = KNNHead(7, metric="cosine", device="cpu", precision=precision).fit(X[:1200], y[:1200])
+    assert half.index_.reduced_precision
+    assert (half.predict(X[1200:]) == full.predict(X[1200:])).mean() >= 0.98
+    save_head(half, tmp_path / "knn")
+    back = load_head(tmp_path / "knn")
+    assert back.precision == precision and back.index_.reduced_precision
+    np.testing.assert_array_equal(back.predict(X[1200:]), half.predict(X[1200:]))
