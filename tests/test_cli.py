@@ -169,3 +169,14 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
     bad = runner.invoke(app, ["index", str(tree_copy), "--store", str(tmp_path / "x"),
                               "-b", "test_efficientnet", "--decode", "gpu"])  # fmt: skip
     assert bad.exit_code != 0 and "decode" in str(bad.exception)
+
+
+def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
+    data = _json(["bench", "index", "--n", "500", "--dim", "16",
+                  "--factory", "IVF4096,Flat", "--factory", "Flat", "--json"])  # fmt: skip
+    failed, flat = data["rows"]  # type: ignore[index]
+    assert failed["factory"] == "IVF4096,Flat" and "training points" in failed["error"]
+    assert flat["factory"] == "Flat" and flat["recall_at_10"] == 1.0 and "error" not in flat
+    text = runner.invoke(app, ["bench", "index", "--n", "500", "--dim", "16",
+                               "--factory", "IVF4096,Flat", "--factory", "Flat"])  # fmt: skip
+    assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
