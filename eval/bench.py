@@ -364,10 +364,15 @@ def bench_exact(
         rows.append(row("faiss Flat fp16", sec, found))
     for precision in ("float32", "float16", "bfloat16"):
         for refine in (0, 4) if precision != "float32" else (0,):
-            scan = TorchExact(x, precision=precision, device=placement, refine=refine)
-            sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
             name = f"torch {precision}" + (f" refine {refine}k" if refine else "")
+            try:
+                scan = TorchExact(x, precision=precision, device=placement, refine=refine)
+                sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
+            except (RuntimeError, MemoryError) as exc:  # one path failing ends only its row
+                rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
             rows.append(row(name, sec, found))
+            del scan
     return ExactBench(n, dim, nq, k, placement, rows, machine())
 
 
