@@ -259,14 +259,17 @@ class PinSearcher:
     def _group(self, column: str) -> dict[Any, np.ndarray]:
         """``value -> sorted pin keys`` of one cached metadata column (built on first use)."""
         if column not in self._groups:
-            import pandas as pd
-
             sorted_keys, cols = self._columns()
-            codes, values = pd.factorize(cols[column], use_na_sentinel=True)
+            col = cols[column]
+            null = np.ma.getmaskarray(col) | np.fromiter(
+                (v is None for v in np.ma.getdata(col)), bool, len(col)
+            )
+            values, codes = np.unique(np.ma.getdata(col)[~null], return_inverse=True)
+            keys = sorted_keys[~null]
             order = np.argsort(codes, kind="stable")  # keys stay sorted within each value
             bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
             self._groups[column] = {
-                v: sorted_keys[order[bounds[i] : bounds[i + 1]]] for i, v in enumerate(values)
+                v: keys[order[bounds[i] : bounds[i + 1]]] for i, v in enumerate(values.tolist())
             }
         return self._groups[column]
 
