@@ -238,6 +238,12 @@ def bench(
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
     fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
+    head: Annotated[
+        list[str] | None, typer.Option(help="Heads to time: knn, lsvm, mlp (study; all).")
+    ] = None,
+    sequential: Annotated[
+        bool, typer.Option(help="Study: also time the heads one fit at a time.")
+    ] = True,
     random_weights: Annotated[
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
@@ -264,7 +270,10 @@ def bench(
     elif what == "query":
         result = b.bench_query(n=n or 100_000, dim=dim)
     elif what == "study":
-        result = b.bench_study(n=n or 4000, dim=dim, device=device)
+        result = b.bench_study(
+            n=n or 4000, dim=dim, device=device, heads=head or ("knn", "lsvm", "mlp"),
+            sequential=sequential,
+        )  # fmt: skip
     elif what == "text":
         result = b.bench_text(n=n or 100_000, dim=dim)
     elif what == "dupes":

@@ -10,10 +10,10 @@
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh tests    (with .gpu/4)
 # then, while the machine is warm, one call per step:
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh exact
-#               ... index | embed | query | study
+#               ... index | embed | query | study-knn | study-lsvm | study-mlp
 # Every step writes JSON/text files under $OUT, which come back to this machine.
 set -uo pipefail
-step=${1:?"step: tests | exact | index | embed | query | study"}
+step=${1:?"step: tests | exact | index | embed | query | study-knn | study-lsvm | study-mlp"}
 out=${OUT:-/tmp/pinsearch-h100}
 mkdir -p "$out"
 export PINSEARCH_OFFLINE=1
@@ -51,8 +51,12 @@ case $step in
   query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
     run query-1m-768.json pinsearch bench query --n 1000000 --dim 768 --json
     ;;
-  study)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes, 5 folds
-    run study-25600-1024.json pinsearch bench study --n 32000 --dim 1024 --json
+  study-*)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes, 5 folds;
+    # one head per call (study-knn, study-lsvm, study-mlp): scikit-learn's LinearSVC grid alone
+    # may take most of a call's 10 minutes on 16 cores
+    h=${step#study-}
+    run study-$h-25600-1024.json pinsearch bench study --n 32000 --dim 1024 --head $h \
+      --no-sequential --json
     ;;
   *)
     echo "unknown step $step" >&2; exit 2
