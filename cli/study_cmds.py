@@ -244,6 +244,9 @@ def bench(
     sequential: Annotated[
         bool, typer.Option(help="Study: also time the heads one fit at a time.")
     ] = True,
+    sklearn_timeout: Annotated[
+        float | None, typer.Option(help="Study: stop scikit-learn after this many seconds.")
+    ] = None,
     random_weights: Annotated[
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
@@ -272,7 +275,7 @@ def bench(
     elif what == "study":
         result = b.bench_study(
             n=n or 4000, dim=dim, device=device, heads=head or ("knn", "lsvm", "mlp"),
-            sequential=sequential,
+            sequential=sequential, sklearn_timeout_s=sklearn_timeout,
         )  # fmt: skip
     elif what == "text":
         result = b.bench_text(n=n or 100_000, dim=dim)

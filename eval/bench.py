@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,11 +276,20 @@ def bench_index(
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),
                 "recall_at_10": round(recall, 4),
-                "device": ("gpu fp16" if fp16 else "gpu") if index.on_gpu else "cpu",
+                "device": _placement(index, fp16),
             }
         )
         del index
     return IndexBench(n=n, dim=dim, queries=nq, rows=rows, machine=machine())
+
+
+def _placement(index: Any, fp16: bool) -> str:
+    """``cpu``, ``gpu``, or ``gpu fp16`` (float16 vectors or IVF-PQ lookup tables)."""
+    from pinsearch.indexes import gpu_ivfpq_settings
+
+    if not index.on_gpu:
+        return "cpu"
+    return "gpu fp16" if fp16 or gpu_ivfpq_settings(index.cpu_index())[1] else "gpu"
 
 
 # -- exact k-NN at scale -------------------------------------------------------------------
@@ -730,6 +739,63 @@ class StudyBench:
     machine: dict[str, Any] = field(default_factory=dict)
 
 
+def _grid_search(
+    est: Any, grid: dict[str, Any], cv: Any, jobs: int, xtr: Any, ytr: Any, xte: Any
+) -> tuple[float, np.ndarray]:
+    """Seconds of ``GridSearchCV(...).fit`` + predict, and the test predictions."""
+    from sklearn.model_selection import GridSearchCV
+
+    search = GridSearchCV(est, grid, scoring="f1_macro", cv=cv, n_jobs=jobs)
+    with timed() as t:
+        search.fit(xtr, ytr)
+        pred = search.predict(xte)
+    return t.seconds, pred
+
+
+def _grid_search_child(conn: Any, args: tuple[Any, ...]) -> None:
+    """Child process body: its own process group (killed whole at the limit), result back."""
+    import os
+
+    os.setsid()
+    try:
+        conn.send(("ok", _grid_search(*args)))
+    except BaseException as exc:  # reported to the parent, which raises
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _grid_search_limited(
+    args: tuple[Any, ...], timeout_s: float | None
+) -> tuple[float, np.ndarray] | None:
+    """:func:`_grid_search` here, or in a child process given ``timeout_s`` (None if late).
+
+    The child is a plain (non-daemon) process so that joblib can still use every core inside
+    it; at the limit its whole process group (joblib's workers too) is killed.
+    """
+    if timeout_s is None:
+        return _grid_search(*args)
+    import multiprocessing
+    import os
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_grid_search_child, args=(send, args))
+    proc.start()
+    try:
+        if not receive.poll(timeout_s):
+            return None
+        status, value = receive.recv()
+    finally:
+        if proc.is_alive():
+            with suppress(ProcessLookupError):  # no group yet if the child is still starting
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"scikit-learn grid search failed: {value}")
+    return value
+
+
 def bench_study(
     *,
     n: int = 4000,
@@ -740,6 +806,7 @@ def bench_study(
     heads: Sequence[str] = ("knn", "lsvm", "mlp"),
     sequential: bool = True,
     sklearn_jobs: int = -1,
+    sklearn_timeout_s: float | None = None,
 ) -> StudyBench:
     """Grid-search CV + refit + test for each head: pinsearch's batched grid search, the same
     heads one fit at a time (``GridSearchCV``), and scikit-learn's estimators, timed.
@@ -748,10 +815,12 @@ def bench_study(
     {32, 64, 128}. Data: clustered synthetic vectors with ``classes`` labels, 80/20 split, the
     same folds everywhere. scikit-learn runs its CV fits in parallel on ``sklearn_jobs`` cores
     (-1: all). ``speedup`` is scikit-learn's time over the batched one. One small batched run
-    per head first warms torch/CUDA up (not timed).
+    per head first warms torch/CUDA up (not timed). With ``sklearn_timeout_s``, scikit-learn
+    runs in a child process stopped at that limit; a row it did not finish reports the limit
+    and ``speedup_is_lower_bound`` (a benchmark must come back within a bounded call).
     """
     from sklearn.metrics import f1_score
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
+    from sklearn.model_selection import StratifiedKFold, train_test_split
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -767,7 +836,7 @@ def bench_study(
     x = centers[y] + 4.0 * rng.standard_normal((n, dim)).astype(np.float32)  # overlapping classes
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
-    torch_device = {"device": device} if device != "auto" else {}
+    torch_device = {"device": "cuda" if device == "gpu" else device} if device != "auto" else {}
     knn_device = (
         {"device": "gpu" if device.startswith("cuda") else device} if device != "auto" else {}
     )
@@ -800,17 +869,20 @@ def bench_study(
         out["pinsearch_s"] = round(t.seconds, 2)
         out["pinsearch_macro_f1"] = f1(pred)
         out["batched"] = result.batched
-        runs = [("sklearn", ref, ref_grid, sklearn_jobs)]
         if sequential:
-            runs.insert(0, ("sequential", create_head(head, **params), grid, 1))
-        for tag, est, g, jobs in runs:
-            search = GridSearchCV(est, g, scoring="f1_macro", cv=cv, n_jobs=jobs)
-            with timed() as t:
-                search.fit(xtr, ytr)
-                pred = search.predict(xte)
-            out[f"{tag}_s"] = round(t.seconds, 2)
-            out[f"{tag}_macro_f1"] = f1(pred)
-        out["speedup"] = round(out["sklearn_s"] / out["pinsearch_s"], 2)
-        out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - out["sklearn_macro_f1"]), 4)
+            seconds, pred = _grid_search(create_head(head, **params), grid, cv, 1, xtr, ytr, xte)
+            out["sequential_s"] = round(seconds, 2)
+            out["sequential_macro_f1"] = f1(pred)
+        args = (ref, ref_grid, cv, sklearn_jobs, xtr, ytr, xte)
+        done = _grid_search_limited(args, sklearn_timeout_s)
+        if done is None:  # still running at the limit: the speed-up is at least this
+            out.update(sklearn_s=None, sklearn_macro_f1=None, f1_gap=None)
+            out["speedup"] = round(float(sklearn_timeout_s) / out["pinsearch_s"], 2)  # type: ignore[arg-type]
+            out["speedup_is_lower_bound"] = True
+        else:
+            out["sklearn_s"] = round(done[0], 2)
+            out["sklearn_macro_f1"] = f1(done[1])
+            out["speedup"] = round(out["sklearn_s"] / out["pinsearch_s"], 2)
+            out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - out["sklearn_macro_f1"]), 4)
         rows.append(out)
     return StudyBench(n, dim, classes, folds, device, rows, machine())

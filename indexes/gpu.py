@@ -5,9 +5,38 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["gpu_count", "to_cpu", "to_gpu"]
+__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_ivfpq_settings", "to_cpu", "to_gpu"]
 
 _logger = logging.getLogger(__name__)
+
+#: Largest nprobe (and k) FAISS-GPU answers.
+GPU_MAX_NPROBE = 2048
+# FAISS-GPU IVF-PQ: bytes per code it implements (56, 64 and 96 only with float16 lookup
+# tables), and the shared memory a float32 lookup table (M x 256 x 4 bytes) must fit in.
+_GPU_PQ_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
+_GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
+_SHARED_MEMORY = 48 * 1024
+_RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
+
+
+def gpu_ivfpq_settings(index: Any) -> tuple[bool, bool]:
+    """For a CPU index: ``(can go to the GPU, needs float16 lookup tables there)``.
+
+    Only IVF-PQ indexes are restricted: 8-bit codes of a size FAISS-GPU implements; large
+    codes (56+ bytes) need float16 lookup tables to fit in shared memory.
+    """
+    import faiss
+
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except (RuntimeError, AttributeError):
+        return True, False
+    if not isinstance(ivf, faiss.IndexIVFPQ):
+        return True, False
+    m, nbits = int(ivf.pq.M), int(ivf.pq.nbits)
+    if nbits != 8 or m not in _GPU_PQ_BYTES:
+        return False, False
+    return True, m in _GPU_PQ_FP16_ONLY or 4 * m * 256 > _SHARED_MEMORY
 
 
 def gpu_count() -> int:
@@ -31,11 +60,13 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
     if n == 0:
         raise RuntimeError("no GPU visible to faiss; install faiss-gpu and check CUDA")
     if n == 1:
+        global _RESOURCES
         co = faiss.GpuClonerOptions()
         co.useFloat16 = fp16
-        res = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(res, 0, index, co)
-        gpu.pinsearch_resources = res  # keep the resources alive as long as the index
+        if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle, not one per index
+            _RESOURCES = faiss.StandardGpuResources()
+        gpu = faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
+        gpu.pinsearch_resources = _RESOURCES  # keep the resources alive as long as the index
         return gpu
     co = faiss.GpuMultipleClonerOptions()
     co.shard = True

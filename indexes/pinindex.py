@@ -22,7 +22,7 @@ import numpy as np
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, IndexFileError
 from pinsearch.indexes.exact import TorchExact
-from pinsearch.indexes.gpu import gpu_count, to_cpu, to_gpu
+from pinsearch.indexes.gpu import GPU_MAX_NPROBE, gpu_count, gpu_ivfpq_settings, to_cpu, to_gpu
 from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
 __all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "load_index"]
@@ -30,7 +30,6 @@ __all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "lo
 _logger = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
-_GPU_MAX_K = 2048  # largest k faiss-GPU answers in one search
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -156,7 +155,7 @@ class PinIndex:
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.reduced_precision:
             return self._exact_engine().search(q, k)
-        if self.on_gpu and k > _GPU_MAX_K:
+        if self.on_gpu and k > GPU_MAX_NPROBE:  # the same limit holds for k
             return self.cpu_index().search(q, k, params=params)
         if self.on_gpu or params is None:  # GPU indexes get nprobe when placed (_place)
             return self.index.search(q, k)
@@ -308,12 +307,18 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
     if "HNSW" in factory or config.metric == "l1":
         _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
         return cpu_index, False
-    gpu = to_gpu(cpu_index, fp16=config.fp16)
+    fits, fp16_tables = gpu_ivfpq_settings(cpu_index)
+    if not fits:
+        _logger.info("index %s has a PQ code FAISS-GPU lacks: it stays on the CPU", factory)
+        return cpu_index, False
+    if fp16_tables and not config.fp16:
+        _logger.info("index %s on the GPU with float16 lookup tables (shared memory)", factory)
+    gpu = to_gpu(cpu_index, fp16=config.fp16 or fp16_tables)
     ivf = _ivf_of(cpu_index)
     if ivf is not None:
         import faiss
 
-        nprobe = min(config.nprobe or max(1, ivf.nlist // 16), ivf.nlist)
+        nprobe = min(config.nprobe or max(1, ivf.nlist // 16), ivf.nlist, GPU_MAX_NPROBE)
         faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
     return gpu, True
 

@@ -330,6 +330,11 @@ def _settle(device: torch.device) -> None:
 def _decode(data: torch.Tensor | list[torch.Tensor], device: torch.device) -> Any:
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if device.type == "cuda" and device.index is None:
+        # torchvision rebuilds (and leaks) its nvJPEG decoder whenever the device it is given
+        # differs from the last one: "cuda" and "cuda:0" must be the same device here
+        device = torch.device("cuda", torch.cuda.current_device())
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in favour of torchcodec
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)

@@ -68,7 +68,10 @@ class EmbedConfig:
     """How vectors are computed and stored.
 
     ``decode``, ``compile``, ``batch_size`` and ``workers`` change speed, not the vectors'
-    identity: a store's run record ignores them (see :func:`check_compatible`).
+    identity: a store's run record ignores them (see :func:`check_compatible`). Vectors from
+    GPU decoding are close to, not identical with, the PIL path's (nvJPEG upsamples 4:2:0
+    chroma by nearest neighbour where libjpeg interpolates; on the CPU the two agree to a
+    cosine of 0.9999).
     """
 
     batch_size: int = 64  # images per model batch; 0 = auto (by free GPU memory; 64 on CPU)
@@ -208,6 +211,13 @@ def _probe_memory(
     """Peak bytes of a forward pass as ``(per image, fixed)``, from two small batches."""
     sizes = (8, 16)
     peaks = []
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp),
+    ):  # one untimed pass first: one-off allocations (cuBLAS/cuDNN workspaces) must not
+        x = torch.zeros(1, 3, input_size, input_size, device=device)  # inflate the first peak
+        model(x.contiguous(memory_format=torch.channels_last) if config.channels_last else x)
+        del x
     torch.cuda.synchronize(device)
     for n in sizes:
         torch.cuda.empty_cache()

@@ -180,3 +180,13 @@ def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     text = runner.invoke(app, ["bench", "index", "--n", "500", "--dim", "16",
                                "--factory", "IVF4096,Flat", "--factory", "Flat"])  # fmt: skip
     assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
+
+
+def test_bench_study_batched_vs_sklearn_and_its_time_limit() -> None:
+    args = ["bench", "study", "--n", "320", "--dim", "8", "--head", "knn", "--json"]
+    (row,) = _json(args)["rows"]  # type: ignore[index]
+    assert row["batched"] and row["f1_gap"] == 0.0  # the same votes as scikit-learn's brute KNN
+    assert row["sequential_macro_f1"] == row["pinsearch_macro_f1"] == row["sklearn_macro_f1"]
+    (late,) = _json([*args, "--no-sequential", "--sklearn-timeout", "0.01"])["rows"]  # type: ignore[index]
+    assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
+    assert "sequential_s" not in late

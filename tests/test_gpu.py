@@ -17,6 +17,7 @@ def _data(n: int = 20_000, d: int = 64, nq: int = 100) -> tuple[np.ndarray, np.n
     )
 
 
+@pytest.mark.faiss_gpu
 @pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
 def test_flat_gpu_equals_cpu(metric: str) -> None:
     x, q = _data()
@@ -30,6 +31,7 @@ def test_flat_gpu_equals_cpu(metric: str) -> None:
     np.testing.assert_allclose(d_cpu, d_gpu, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.faiss_gpu
 def test_ivf_gpu_save_load_and_filter(tmp_path) -> None:  # type: ignore[no-untyped-def]
     x, q = _data()
     keys = np.arange(len(x), dtype=np.int64)
@@ -63,6 +65,7 @@ def test_cuda_embedding_matches_cpu(tree_corpus) -> None:  # type: ignore[no-unt
     assert np.min(np.sum(a * b, axis=1)) > 0.98  # bf16 autocast on the GPU
 
 
+@pytest.mark.faiss_gpu  # the KNN head on the GPU
 def test_torch_heads_on_cuda_match_cpu() -> None:
     from sklearn.datasets import make_classification
 

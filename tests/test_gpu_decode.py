@@ -125,7 +125,8 @@ def test_nvjpeg_pixels_close_to_libjpeg(tmp_path: Path) -> None:
     data = []
     for i, (w, h) in enumerate([(640, 480), (333, 500), (64, 64)]):
         path = tmp_path / f"{i}.jpg"
-        _picture(w, h, seed=i).save(path, "JPEG", quality=90)
+        # 4:4:4: nvJPEG upsamples 4:2:0 chroma by nearest neighbour, libjpeg smoothly
+        _picture(w, h, seed=i).save(path, "JPEG", quality=90, subsampling=0)
         data.append(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8))
     cpu = decode_jpegs(data, torch.device("cpu"))
     gpu = decode_jpegs(data, CUDA)

@@ -32,6 +32,7 @@ def _folds(search) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.stack([search.cv_results_[f"split{i}_test_score"] for i in range(FOLDS)], axis=1)
 
 
+@pytest.mark.faiss_gpu
 def test_knn_on_gpu_equals_gridsearchcv_and_the_cpu() -> None:
     X, y = _data()
     X[200:240] = X[0:40]  # exact ties

@@ -487,6 +487,7 @@ def test_device_gpu_without_gpu_raises() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.faiss_gpu
 @pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
 def test_gpu_index_matches_cpu(clustered, tmp_path: Path, factory: str) -> None:
     x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
@@ -503,3 +504,24 @@ def test_gpu_index_matches_cpu(clustered, tmp_path: Path, factory: str) -> None:
     loaded = load_index(tmp_path / "g", config=IndexConfig(device="cpu"))
     assert not loaded.on_gpu and loaded.ntotal == len(x)
     np.testing.assert_array_equal(loaded.ids, keys)
+
+
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [
+        ("Flat", (True, False)),
+        ("IVF16,Flat", (True, False)),
+        ("IVF16,PQ8", (True, False)),
+        ("IVF16,PQ48", (True, False)),  # 48 x 256 x 4 B = 48 KiB: fits in shared memory
+        ("IVF16,PQ64", (True, True)),  # only with float16 lookup tables
+        ("IVF16,PQ96", (True, True)),
+        ("IVF16,PQ128", (False, False)),  # no GPU kernel: stays on the CPU
+        ("IVF16,PQ16x4", (False, False)),  # 4-bit codes: CPU only
+    ],
+)
+def test_gpu_ivfpq_settings_follow_faiss_gpu_limits(factory: str, expected: tuple) -> None:
+    import faiss
+
+    from pinsearch.indexes import gpu_ivfpq_settings
+
+    assert gpu_ivfpq_settings(faiss.index_factory(384, factory)) == expected
