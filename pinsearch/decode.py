@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_PIXEL_BUDGET",
     "DecodedBatch",
     "EncodedPinImages",
+    "PinFiles",
     "PreparedBatch",
     "PreparedImage",
     "collate_prepared",
@@ -206,8 +207,9 @@ def prepare_image(
     return _pil_prepare(key, path, data, transform, max_pixels, min_side, allow_encoded=True)
 
 
-class EncodedPinImages(Dataset):  # type: ignore[type-arg]
-    """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader)."""
+class PinFiles(Dataset):  # type: ignore[type-arg]
+    """``(key, path)`` items with the backbone transform and decoding limits, for a DataLoader;
+    subclasses say what one item becomes."""
 
     def __init__(
         self,
@@ -223,6 +225,10 @@ class EncodedPinImages(Dataset):  # type: ignore[type-arg]
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class EncodedPinImages(PinFiles):
+    """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader)."""
 
     def __getitem__(self, i: int) -> PreparedImage:
         key, path = self.items[i]

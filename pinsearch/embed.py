@@ -28,6 +28,7 @@ from pinsearch.backbones import Backbone, Preprocess, create_backbone
 from pinsearch.decode import (
     DEFAULT_PIXEL_BUDGET,
     EncodedPinImages,
+    PinFiles,
     collate_prepared,
     decode_on_device,
     device_decoder_error,
@@ -277,23 +278,8 @@ def resolve_batch_size(
     return size
 
 
-class PinImages(Dataset):  # type: ignore[type-arg]
+class PinImages(PinFiles):
     """Decodes pin images and applies the backbone transform; bad images become failures."""
-
-    def __init__(
-        self,
-        items: Sequence[tuple[int, str]],
-        transform: Callable[[Any], torch.Tensor],
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        min_side: int | None = None,
-    ) -> None:
-        self.items = list(items)
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str]:
         key, path = self.items[i]
