@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_ivfpq_settings", "to_cpu", "to_gpu"]
+__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_ivfpq_settings", "ivf_of", "to_cpu", "to_gpu"]
 
 _logger = logging.getLogger(__name__)
 
@@ -19,6 +19,16 @@ _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
 
 
+def ivf_of(index: Any) -> Any:
+    """The IVF part of an index (its most specific class: IVF-Flat, IVF-PQ, ...), or None."""
+    import faiss
+
+    try:
+        return faiss.downcast_index(faiss.extract_index_ivf(index))
+    except (RuntimeError, AttributeError):
+        return None
+
+
 def gpu_ivfpq_settings(index: Any) -> tuple[bool, bool]:
     """For a CPU index: ``(can go to the GPU, needs float16 lookup tables there)``.
 
@@ -27,10 +37,7 @@ def gpu_ivfpq_settings(index: Any) -> tuple[bool, bool]:
     """
     import faiss
 
-    try:
-        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-    except (RuntimeError, AttributeError):
-        return True, False
+    ivf = ivf_of(index)
     if not isinstance(ivf, faiss.IndexIVFPQ):
         return True, False
     m, nbits = int(ivf.pq.M), int(ivf.pq.nbits)

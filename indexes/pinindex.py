@@ -22,7 +22,14 @@ import numpy as np
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, IndexFileError
 from pinsearch.indexes.exact import TorchExact
-from pinsearch.indexes.gpu import GPU_MAX_NPROBE, gpu_count, gpu_ivfpq_settings, to_cpu, to_gpu
+from pinsearch.indexes.gpu import (
+    GPU_MAX_NPROBE,
+    gpu_count,
+    gpu_ivfpq_settings,
+    ivf_of,
+    to_cpu,
+    to_gpu,
+)
 from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
 __all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "load_index"]
@@ -117,7 +124,7 @@ class PinIndex:
     def _params(self, selector: Any = None) -> Any:
         import faiss
 
-        ivf = _ivf_of(self.index)
+        ivf = ivf_of(self.index)
         if ivf is not None:
             nprobe = self.config.nprobe or max(1, ivf.nlist // 16)
             return faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, ivf.nlist))
@@ -282,15 +289,6 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
 
 
-def _ivf_of(index: Any) -> Any:
-    import faiss
-
-    try:
-        return faiss.extract_index_ivf(index)
-    except (RuntimeError, AttributeError):
-        return None
-
-
 def _torch_exact(config: IndexConfig, factory: str) -> bool:
     """Whether unfiltered searches use :class:`TorchExact` instead of FAISS."""
     return config.precision != "float32" and factory == "Flat" and config.metric != "l1"
@@ -314,7 +312,7 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
     if fp16_tables and not config.fp16:
         _logger.info("index %s on the GPU with float16 lookup tables (shared memory)", factory)
     gpu = to_gpu(cpu_index, fp16=config.fp16 or fp16_tables)
-    ivf = _ivf_of(cpu_index)
+    ivf = ivf_of(cpu_index)
     if ivf is not None:
         import faiss
 
