@@ -25,16 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.eval.openset import HEAD_DEFAULTS
 from pinsearch.store import Store
 from pinsearch.vectors import unit_rows
 
 __all__ = ["CompactConfig", "compress", "load_compact", "run_compact"]
 
-HEADS: dict[str, dict[str, Any]] = {
-    "knn": {"n_neighbors": 10, "metric": "cosine"},
-    "lsvm": {"C": 0.1},
-    "mlp": {"max_epochs": 40, "patience": 5},
-}
+#: The fixed head settings of the open-set study, so both studies train the same heads.
+HEADS: dict[str, dict[str, Any]] = {h: HEAD_DEFAULTS[h] for h in ("knn", "lsvm", "mlp")}
 
 
 @dataclass
