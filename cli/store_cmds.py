@@ -185,7 +185,8 @@ def remove(
         return
     console.print(
         f"removed {report.pins} pins ({report.boards} boards, {report.users} users) from "
-        f"{report.store}: vectors {report.vectors}; indexes rebuilt {report.indexes}"
+        f"{report.store}: vectors {report.vectors}; indexes updated {report.indexes}"
+        + (f" (rebuilt: {report.rebuilt})" if report.rebuilt else "")
     )
     if report.stale_heads:
         console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")

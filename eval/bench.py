@@ -285,11 +285,11 @@ def bench_index(
 
 def _placement(index: Any, fp16: bool) -> str:
     """``cpu``, ``gpu``, or ``gpu fp16`` (float16 vectors or IVF-PQ lookup tables)."""
-    from pinsearch.indexes import gpu_ivfpq_settings
+    from pinsearch.indexes import gpu_settings
 
     if not index.on_gpu:
         return "cpu"
-    return "gpu fp16" if fp16 or gpu_ivfpq_settings(index.cpu_index())[1] else "gpu"
+    return "gpu fp16" if fp16 or gpu_settings(index.cpu_index())[1] else "gpu"
 
 
 # -- exact k-NN at scale -------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """FAISS indexes over stored pin vectors: specs, automatic choice, GPU placement, persistence."""
 
 from pinsearch.indexes.exact import PRECISIONS, TorchExact
-from pinsearch.indexes.gpu import gpu_count, gpu_ivfpq_settings, to_cpu, to_gpu
+from pinsearch.indexes.gpu import gpu_count, gpu_settings, to_cpu, to_gpu
 from pinsearch.indexes.pinindex import PinIndex, build_index, file_sha256, load_index
 from pinsearch.indexes.spec import (
     METRICS,
@@ -25,7 +25,7 @@ __all__ = [
     "faiss_metric",
     "file_sha256",
     "gpu_count",
-    "gpu_ivfpq_settings",
+    "gpu_settings",
     "ivf_nlist",
     "load_index",
     "to_cpu",

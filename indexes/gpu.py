@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_ivfpq_settings", "ivf_of", "to_cpu", "to_gpu"]
+__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_settings", "ivf_of", "to_cpu", "to_gpu"]
 
 _logger = logging.getLogger(__name__)
 
@@ -29,18 +29,29 @@ def ivf_of(index: Any) -> Any:
         return None
 
 
-def gpu_ivfpq_settings(index: Any) -> tuple[bool, bool]:
-    """For a CPU index: ``(can go to the GPU, needs float16 lookup tables there)``.
+def gpu_settings(index: Any) -> tuple[bool, bool]:
+    """For a CPU index: ``(FAISS-GPU can hold it, it needs float16 lookup tables there)``.
 
-    Only IVF-PQ indexes are restricted: 8-bit codes of a size FAISS-GPU implements; large
-    codes (56+ bytes) need float16 lookup tables to fit in shared memory.
+    FAISS-GPU clones Flat, IVF-Flat, IVF-SQ and IVF-PQ indexes with a flat coarse quantiser,
+    also behind a pre-transform (OPQ, PCA); anything else (HNSW, flat PQ/SQ, LSH, refine
+    wrappers, fast-scan, residual quantisers) stays on the CPU. IVF-PQ needs 8-bit codes of a
+    size FAISS-GPU implements; large codes (56+ bytes) need float16 lookup tables to fit in
+    shared memory.
     """
     import faiss
 
-    ivf = ivf_of(index)
-    if not isinstance(ivf, faiss.IndexIVFPQ):
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return gpu_settings(index.index)
+    if type(index) in (faiss.IndexFlat, faiss.IndexFlatIP, faiss.IndexFlatL2):
         return True, False
-    m, nbits = int(ivf.pq.M), int(ivf.pq.nbits)
+    if type(index) not in (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ):
+        return False, False
+    if not isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat):
+        return False, False
+    if not isinstance(index, faiss.IndexIVFPQ):
+        return True, False
+    m, nbits = int(index.pq.M), int(index.pq.nbits)
     if nbits != 8 or m not in _GPU_PQ_BYTES:
         return False, False
     return True, m in _GPU_PQ_FP16_ONLY or 4 * m * 256 > _SHARED_MEMORY

@@ -25,7 +25,7 @@ from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import (
     GPU_MAX_NPROBE,
     gpu_count,
-    gpu_ivfpq_settings,
+    gpu_settings,
     ivf_of,
     to_cpu,
     to_gpu,
@@ -37,6 +37,8 @@ __all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "lo
 _logger = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 1
+# Most (query, neighbour) entries one post-filtered search holds at once (~200 MB).
+_POST_FILTER_ENTRIES = 1 << 24
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -121,17 +123,75 @@ class PinIndex:
         self._exact = None
         self.ids = np.concatenate([self.ids, keys])
 
-    def _params(self, selector: Any = None) -> Any:
+    def removable(self) -> bool:
+        """Whether :meth:`remove` works in place for this index type.
+
+        Flat-code indexes (Flat, PQ, SQ, LSH) and IVF indexes with in-memory lists (IVF-Flat,
+        IVF-PQ, IVF-SQ; also behind a pre-transform such as OPQ or PCA) do. HNSW and refine
+        wrappers have no removal in FAISS, and fast-scan's removal is unsound: those are
+        rebuilt instead.
+        """
         import faiss
 
-        ivf = ivf_of(self.index)
+        cpu = faiss.downcast_index(self.cpu_index())
+        if isinstance(cpu, faiss.IndexPreTransform):
+            cpu = faiss.downcast_index(cpu.index)
+        if isinstance(cpu, faiss.IndexFlatCodes):
+            return True
+        if not isinstance(cpu, faiss.IndexIVF) or cpu.direct_map.type != faiss.DirectMap.NoMap:
+            return False
+        # Only plain in-memory lists: FAISS 1.15 removes from fast-scan's packed blocks
+        # (BlockInvertedLists) entry by entry and leaves vectors added afterwards unfindable.
+        return isinstance(faiss.downcast_InvertedLists(cpu.invlists), faiss.ArrayInvertedLists)
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Remove pins from the index in place (no retraining, no re-adding).
+
+        FAISS compacts flat-code indexes itself; IVF lists keep the positions they were given,
+        so the positions above each removed one are shifted down here, list by list. Either
+        way positions stay ``0..ntotal-1`` in the id map's order. A GPU index is changed on
+        its CPU copy and placed again.
+
+        Args:
+            keys: pin keys to remove (keys not in the index are ignored).
+
+        Returns:
+            The number of vectors removed.
+
+        Raises:
+            ValueError: this index type cannot remove in place (see :meth:`removable`).
+        """
+        import faiss
+
+        positions = np.unique(self.positions_of(keys))
+        if positions.size == 0:
+            return 0
+        if not self.removable():
+            raise ValueError(f"index {self.factory!r} cannot remove vectors in place")
+        cpu = self.cpu_index()
+        removed = cpu.remove_ids(faiss.IDSelectorBatch(positions))
+        if removed != positions.size:
+            raise IndexFileError(
+                f"index {self.factory!r}: removed {removed} of {positions.size} vectors; "
+                "pinsearch repair rebuilds it"
+            )
+        ivf = ivf_of(cpu)
         if ivf is not None:
-            nprobe = self.config.nprobe or max(1, ivf.nlist // 16)
-            return faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, ivf.nlist))
-        if "HNSW" in self.factory and not self.on_gpu:
-            ef = self.config.ef_search or 0
-            return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, 64))
-        return faiss.SearchParameters(sel=selector) if selector is not None else None
+            _shift_list_ids(ivf, positions)
+        self.ids = np.delete(self.ids, positions)
+        self._order = self._exact = None
+        if self.on_gpu:
+            self.index, self.on_gpu = _place(cpu, self.config, self.factory)
+        else:
+            self.index = cpu
+        self._cpu = cpu if self.on_gpu else None
+        return int(removed)
+
+    def _params(self, selector: Any = None) -> Any:
+        """Search parameters for this index on the CPU: nprobe / efSearch and the selector."""
+        if self.on_gpu:
+            return None  # GPU indexes get nprobe when placed (_place) and take no selector
+        return _search_params(self.index, self.config, selector)
 
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
@@ -163,9 +223,8 @@ class PinIndex:
         if self.reduced_precision:
             return self._exact_engine().search(q, k)
         if self.on_gpu and k > GPU_MAX_NPROBE:  # the same limit holds for k
-            return self.cpu_index().search(q, k, params=params)
-        if self.on_gpu or params is None:  # GPU indexes get nprobe when placed (_place)
-            return self.index.search(q, k)
+            cpu = self.cpu_index()
+            return cpu.search(q, k, params=_search_params(cpu, self.config))
         return self.index.search(q, k, params=params)
 
     def _filtered_search(
@@ -175,21 +234,49 @@ class PinIndex:
 
         positions = self.positions_of(allowed)
         if positions.size == 0:
-            return np.full((len(q), k), np.nan, np.float32), np.full((len(q), k), -1, np.int64)
+            return _empty(len(q), k)
+        # FAISS-GPU takes no id selectors: filtered searches run on the CPU copy.
+        target = self if not self.on_gpu else replace(self, index=self.cpu_index(), on_gpu=False)
+        k = min(k, positions.size)
         bitmap = np.zeros(self.ntotal, dtype=bool)
         bitmap[positions] = True
         packed = np.packbits(bitmap, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(packed))
-        # FAISS-GPU takes no id selectors: filtered searches run on the CPU copy.
-        target = self if not self.on_gpu else replace(self, index=self.cpu_index(), on_gpu=False)
-        params = target._params(selector)
-        d, pos = target.index.search(q, min(k, positions.size), params=params)
+        try:
+            d, pos = target.index.search(q, k, params=target._params(selector))
+        except RuntimeError as exc:
+            # Some index types take no id selector (PQ, LSH, fast-scan, residual
+            # quantisers, NSG): ask the index for more and keep the allowed hits.
+            _logger.debug("index %s refuses a selector (%s): filtering after", self.factory, exc)
+            d, pos = target._post_filtered_search(q, k, bitmap)
         del packed  # the selector reads this buffer during the search above
-        if d.shape[1] < k:
-            pad = k - d.shape[1]
-            d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.nan)
-            pos = np.pad(pos, ((0, 0), (0, pad)), constant_values=-1)
         return d, pos
+
+    def _post_filtered_search(
+        self, q: np.ndarray, k: int, bitmap: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` allowed hits, from unfiltered searches growing until every query has
+        ``k`` of them (or the index has nothing more to give)."""
+        rows = max(1, _POST_FILTER_ENTRIES // self.ntotal)  # bounds the memory of deep searches
+        if len(q) > rows:
+            parts = [
+                self._post_filtered_search(q[i : i + rows], k, bitmap)
+                for i in range(0, len(q), rows)
+            ]
+            return np.concatenate([d for d, _ in parts]), np.concatenate([p for _, p in parts])
+        params = self._params()
+        share = max(int(bitmap.sum()), 1) / self.ntotal
+        depth = min(self.ntotal, max(4 * k, int(2 * k / share)))
+        while True:
+            d, pos = self.index.search(q, depth, params=params)
+            keep = (pos >= 0) & bitmap[np.clip(pos, 0, None)]
+            if depth >= self.ntotal or (keep.sum(axis=1) >= k).all():
+                break
+            depth = min(self.ntotal, depth * 4)
+        first = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # allowed hits, in rank order
+        d, pos = np.take_along_axis(d, first, 1), np.take_along_axis(pos, first, 1)
+        found = np.take_along_axis(keep, first, 1)
+        return np.where(found, d, np.nan), np.where(found, pos, -1)
 
     def _to_keys(self, d: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         keys = np.where(pos >= 0, self.ids[np.clip(pos, 0, None)], -1)
@@ -285,6 +372,46 @@ def _paths(base: Path) -> dict[str, Path]:
     }
 
 
+def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
+    """Renumber the ids left in an IVF's lists after ``removed`` (sorted) positions went."""
+    import faiss
+
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    for list_no in range(ivf.nlist):
+        size = lists.list_size(list_no)
+        if size == 0:
+            continue
+        # A view of the list's own id array (in-memory lists hand out their buffer).
+        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+        ids -= np.searchsorted(removed, ids)
+
+
+def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any:
+    """FAISS search parameters for a CPU index, following its wrappers.
+
+    IVF gets ``nprobe`` (``config.nprobe``, else nlist / 16), HNSW ``efSearch`` (at least
+    64), a refine wrapper its own parameters around its base index's; a pre-transform passes
+    its parameters on. None when there is nothing to set.
+    """
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _search_params(index.index, config, selector)
+    if isinstance(index, faiss.IndexRefine):
+        base = _search_params(index.base_index, config, selector)
+        params = faiss.IndexRefineSearchParameters(k_factor=index.k_factor, sel=selector)
+        params.base_index_params = base
+        params.pinsearch_base = base  # the Python object owns the C++ one: keep it alive
+        return params
+    if isinstance(index, faiss.IndexIVF):
+        nprobe = config.nprobe or max(1, index.nlist // 16)
+        return faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, index.nlist))
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(config.ef_search or 0, 64))
+    return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
 
@@ -302,12 +429,9 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
         raise RuntimeError("device='gpu' was asked for but faiss sees no GPU")
     if not want_gpu:
         return cpu_index, False
-    if "HNSW" in factory or config.metric == "l1":
+    fits, fp16_tables = gpu_settings(cpu_index)
+    if not fits or config.metric == "l1":
         _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
-        return cpu_index, False
-    fits, fp16_tables = gpu_ivfpq_settings(cpu_index)
-    if not fits:
-        _logger.info("index %s has a PQ code FAISS-GPU lacks: it stays on the CPU", factory)
         return cpu_index, False
     if fp16_tables and not config.fp16:
         _logger.info("index %s on the GPU with float16 lookup tables (shared memory)", factory)

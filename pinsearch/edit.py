@@ -11,6 +11,7 @@ training data changed.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.errors import PinNotFoundError
+from pinsearch.errors import IndexFileError, PinNotFoundError
 from pinsearch.store import Store
 
 __all__ = ["AddReport", "RemoveReport", "add_corpus", "mark_heads_stale", "remove_pins"]
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +54,8 @@ class RemoveReport:
     boards: int
     users: int
     vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors removed
-    indexes: list[str] = field(default_factory=list)  # rebuilt (or dropped when emptied)
+    indexes: list[str] = field(default_factory=list)  # updated (or dropped when emptied)
+    rebuilt: list[str] = field(default_factory=list)  # of those, rebuilt from the vectors
     stale_heads: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -183,7 +187,9 @@ def remove_pins(
     """Remove pins (by id, board or user) with their vectors and index entries.
 
     Order of work: vectors first (each backbone's parts swapped in one transaction), then the
-    catalog rows (one transaction), then the derived indexes rebuilt. A crash before the
+    catalog rows (one transaction), then the derived indexes: their entries removed in place
+    where FAISS can (Flat, IVF, PQ, SQ: no retraining, seconds at a million pins), rebuilt
+    from the stored vectors otherwise (HNSW, refine, fast-scan). A crash before the
     catalog commit leaves the pins in place with fewer vectors (``pinsearch index`` re-embeds
     them); after it, ``pinsearch repair`` (or the next ``add``/``index``) rebuilds indexes.
 
@@ -222,16 +228,17 @@ def remove_pins(
         )
         for name in vectors:
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
-    rebuilt = []
+    touched, rebuilt = [], []
     for row in store.catalog.list_indexes():
         if row["backbone"] not in vectors:
             continue
+        touched.append(row["name"])
         if len(store.vectors(row["backbone"])) == 0:
             _drop_index(store, row["name"])
-        else:
+        elif not _remove_in_place(store, row["name"], keys):
             config = IndexConfig(**json.loads(row["config"]))
             store.build_index(row["backbone"], config, name=row["name"])
-        rebuilt.append(row["name"])
+            rebuilt.append(row["name"])
     stale = mark_heads_stale(store, [b for b in vectors if "#" not in b])
     return RemoveReport(
         store=str(store.root),
@@ -239,10 +246,31 @@ def remove_pins(
         boards=n_boards,
         users=n_users,
         vectors=vectors,
-        indexes=rebuilt,
+        indexes=touched,
+        rebuilt=rebuilt,
         stale_heads=stale,
         seconds=time.perf_counter() - start,
     )
+
+
+def _remove_in_place(store: Store, name: str, keys: np.ndarray) -> bool:
+    """Take the pins out of a saved index without rebuilding it; False when it must be
+    rebuilt instead (an index type FAISS cannot remove from, or unreadable files)."""
+    try:
+        index = store.load_index(name)
+    except IndexFileError as exc:
+        _logger.warning("index %s: %s; rebuilding it", name, exc)
+        return False
+    if not index.removable():
+        _logger.info("index %s (%s) cannot remove in place; rebuilding it", name, index.factory)
+        return False
+    try:
+        index.remove(keys)
+        store.save_index(index, name)
+    except BaseException:
+        store.forget_cached(name)  # the files on disk are whole; the object in memory is not
+        raise
+    return True
 
 
 def _drop_index(store: Store, name: str) -> None:

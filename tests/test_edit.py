@@ -79,14 +79,36 @@ def test_remove_unknown_names_nothing_changes(store_copy: Path) -> None:
 
 
 def test_remove_with_an_approximate_index(tree_corpus, tmp_path: Path) -> None:
+    from pinsearch.indexes import IndexConfig
+
     index_corpus(tree_corpus.root, tmp_path / "s", backbone=B, index={"factory": "IVF4,Flat"})
     with Store.open(tmp_path / "s") as store:
+        store.build_index(B, IndexConfig(factory="HNSW8", metric="cosine"), name="graph")
+        store.build_index(B, IndexConfig(factory="Flat", metric="l2"), name="exact")
+        ivf_sha = store.catalog.get_index(B)["sha256"]
+        broken = store.index_base("exact").with_name("exact.ids.npy")
+        broken.write_bytes(b"not an id map")  # damaged: removal falls back to a rebuild
+        store.forget_cached("exact")
         gone = sorted(_ids(store))[5:15]
-        remove_pins(store, pin_ids=gone)
-        index = store.load_index(B)
-        assert index.factory == "IVF4,Flat" and index.ntotal == 14
+        report = remove_pins(store, pin_ids=gone)
+        assert sorted(report.indexes) == sorted([B, "graph", "exact"])
+        assert sorted(report.rebuilt) == ["exact", "graph"]  # the IVF one: in place
+        assert store.catalog.get_index(B)["sha256"] != ivf_sha
+        for name in (B, "graph", "exact"):
+            index = store.load_index(name)
+            assert index.ntotal == 14 and not np.isin(index.ids, _keys_of(store, gone)).any()
+        assert store.load_index(B).factory == "IVF4,Flat"
         assert not (set(gone) & _all_hits(store))
     assert check_store(tmp_path / "s").ok
+    with Store.open(tmp_path / "s", read_only=True) as store:  # what was saved is what is found
+        assert not (set(gone) & _all_hits(store))
+
+
+def _keys_of(store: Store, pin_ids: list[str]) -> np.ndarray:
+    rows = store.catalog.query(
+        "SELECT pin_key FROM pins WHERE pin_id IN (SELECT unnest(?))", [pin_ids]
+    )
+    return np.array([r["pin_key"] for r in rows], dtype=np.int64)
 
 
 def test_add_embeds_only_new_pins_for_every_backbone(tree_corpus, make_tree, tmp_path) -> None:

@@ -222,6 +222,56 @@ def test_filtered_search_returns_only_allowed_keys(clustered, factory: str, extr
         np.testing.assert_allclose(scores, ref_s, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("factory", ["PQ8", "LSH", "PQ8x4fs", "RQ2x8", "IVF32,RQ2x8"])
+def test_filter_on_indexes_without_id_selectors(clustered, factory: str) -> None:
+    # FAISS refuses a selector for these: the index's own ranking, restricted to the allowed
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=32, **CPU))
+    allowed = np.random.default_rng(4).choice(keys, 60, replace=False)
+    scores, found = index.search(q, 10, allowed=allowed)
+    assert np.isin(found, allowed).all()
+    all_s, all_k = index.search(q, len(keys))
+    for row_s, s, k in zip(scores, all_s, all_k):
+        np.testing.assert_allclose(row_s, s[np.isin(k, allowed)][:10], rtol=1e-5)
+    three = keys[[3, 500, 2999]]
+    _, found = index.search(q[:4], 10, allowed=np.concatenate([three, [-5]]))
+    assert all(set(row[:3]) == set(three) and (row[3:] == -1).all() for row in found)
+
+
+def test_post_filtering_in_query_chunks(clustered, monkeypatch) -> None:
+    from pinsearch.indexes import pinindex
+
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="PQ8", metric="l2", **CPU))
+    allowed = keys[::7]
+    whole = index.search(q, 10, allowed=allowed)
+    monkeypatch.setattr(pinindex, "_POST_FILTER_ENTRIES", 3 * len(keys))  # 3 queries a chunk
+    chunked = index.search(q, 10, allowed=allowed)
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_array_equal(chunked[0], whole[0])
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat,RFlat", "IVF32,PQ4,Refine(Flat)"])
+def test_refine_wrappers_pass_nprobe_and_filters_to_their_base(clustered, factory: str) -> None:
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    truth = keys[_brute_force(q, x, 10, "l2")[1]]
+    full = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=32, **CPU))
+    narrow = load_index_like(full, nprobe=1)
+    assert _recall(narrow.search(q, 10)[1], truth) < _recall(full.search(q, 10)[1], truth)
+    if factory.endswith("RFlat"):  # every list probed, re-scored exactly: the exact answer
+        np.testing.assert_array_equal(full.search(q, 10)[1], truth)
+    allowed = np.random.default_rng(4).choice(keys, 60, replace=False)
+    _, found = full.search(q, 10, allowed=allowed)
+    assert np.isin(found[found >= 0], allowed).all() and (found[:, 0] >= 0).all()
+
+
+def load_index_like(index: PinIndex, **settings: object) -> PinIndex:
+    """The same FAISS index under other search settings."""
+    from dataclasses import replace
+
+    return replace(index, config=replace(index.config, **settings))
+
+
 @pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat"])
 def test_filter_with_fewer_allowed_than_k(clustered, factory: str) -> None:
     x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
@@ -264,6 +314,75 @@ def test_add_keeps_the_id_mapping(factory: str) -> None:
         index.add(x[:2], np.array([1], np.int64))
     index.add(np.empty((0, 12), np.float32), np.empty(0, np.int64))
     assert index.ntotal == 600
+
+
+# -- remove ---------------------------------------------------------------------------------
+
+REMOVABLE = [
+    "Flat",
+    "PQ4",
+    "SQ8",
+    "IVF16,Flat",
+    "IVF16,PQ4",
+    "IVF16,SQ8",
+    "OPQ4,IVF16,PQ4",
+    "PCA8,IVF16,Flat",
+    "PCA8,Flat",
+]
+
+
+@pytest.mark.parametrize("factory", REMOVABLE)
+def test_remove_in_place_equals_a_filtered_search(clustered, tmp_path: Path, factory: str) -> None:
+    x, q, keys = clustered["x"][:1200], clustered["q"], clustered["keys"][:1200]
+    config = IndexConfig(factory=factory, metric="l2", nprobe=4, **CPU)
+    index = build_index(x, keys, config)
+    index.save(tmp_path / "before")
+    before = load_index(tmp_path / "before", config=IndexConfig(device="cpu"))
+    rng = np.random.default_rng(3)
+    gone = rng.choice(keys, 300, replace=False)
+    # the nearest neighbours of the queries are among the removed, so the answer must change
+    gone = np.union1d(gone, index.search(q, 3)[1].ravel())
+    left = np.setdiff1d(keys, gone)
+    assert index.removable()
+    asked = np.concatenate([gone, gone[:7], [-5, 10**12]])  # repeats and unknown keys: ignored
+    assert index.remove(asked) == len(gone)
+    assert index.ntotal == len(left) == len(index.ids)
+    np.testing.assert_array_equal(index.ids, keys[np.isin(keys, left)])  # order kept
+    s_after, k_after = index.search(q, 10)
+    assert not np.isin(k_after, gone).any() and (k_after >= 0).all()
+    s_ref, k_ref = before.search(q, 10, allowed=left)
+    np.testing.assert_array_equal(k_after, k_ref)
+    np.testing.assert_allclose(s_after, s_ref, rtol=1e-5, atol=1e-5)
+    # the same after a round trip, and new pins go after the kept ones
+    index.save(tmp_path / "after")
+    loaded = load_index(tmp_path / "after", config=IndexConfig(device="cpu"))
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], k_after)
+    back = x[np.isin(keys, gone)][:5]  # vectors no kept pin has
+    loaded.add(back, np.array([1, 2, 3, 4, 5]))
+    scores, found = loaded.search(back, 50)
+    for key, row_s, row_k in zip([1, 2, 3, 4, 5], scores, found):  # found, at the best score
+        assert key in row_k and row_s[list(row_k).index(key)] == pytest.approx(row_s[0], abs=1e-5)
+    assert loaded.remove(np.array([1, 2, 3, 4, 5])) == 5 and loaded.ntotal == len(left)
+
+
+def test_remove_everything_then_add() -> None:
+    x, keys = _clustered(300, 8, 4, seed=2), _keys(300)
+    index = build_index(x, keys, IndexConfig(factory="IVF4,Flat", metric="l2", nprobe=4, **CPU))
+    assert index.remove(keys) == 300 and index.ntotal == 0 and index.ids.size == 0
+    assert index.remove(keys) == 0
+    index.add(x[:10], keys[:10])
+    np.testing.assert_array_equal(index.search(x[:10], 1)[1][:, 0], keys[:10])
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,Flat,Refine(Flat)", "IVF16,PQ4x4fs"])
+def test_remove_refused_where_faiss_cannot(clustered, factory: str) -> None:
+    x, keys = clustered["x"][:500], clustered["keys"][:500]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", **CPU))
+    assert not index.removable()
+    assert index.remove(np.array([-1])) == 0  # nothing of it in the index: nothing to do
+    with pytest.raises(ValueError, match="cannot remove vectors in place"):
+        index.remove(keys[:3])
+    assert index.ntotal == 500 and len(index.ids) == 500
 
 
 # -- persistence ----------------------------------------------------------------------------
@@ -517,11 +636,21 @@ def test_gpu_index_matches_cpu(clustered, tmp_path: Path, factory: str) -> None:
         ("IVF16,PQ96", (True, True)),
         ("IVF16,PQ128", (False, False)),  # no GPU kernel: stays on the CPU
         ("IVF16,PQ16x4", (False, False)),  # 4-bit codes: CPU only
+        ("OPQ16,IVF16,PQ16", (True, False)),  # the pre-transform is cloned around it
+        ("PCA64,IVF16,Flat", (True, False)),
+        ("IVF16,SQ8", (True, False)),
+        ("HNSW32", (False, False)),  # no GPU clone for these: they stay on the CPU
+        ("PQ16", (False, False)),
+        ("SQ8", (False, False)),
+        ("LSH", (False, False)),
+        ("IVF16,PQ16x4fs", (False, False)),
+        ("IVF16,Flat,RFlat", (False, False)),
+        ("IVF16_HNSW32,Flat", (False, False)),  # coarse quantiser not flat
     ],
 )
-def test_gpu_ivfpq_settings_follow_faiss_gpu_limits(factory: str, expected: tuple) -> None:
+def test_gpu_settings_follow_faiss_gpu_limits(factory: str, expected: tuple) -> None:
     import faiss
 
-    from pinsearch.indexes import gpu_ivfpq_settings
+    from pinsearch.indexes import gpu_settings
 
-    assert gpu_ivfpq_settings(faiss.index_factory(384, factory)) == expected
+    assert gpu_settings(faiss.index_factory(384, factory)) == expected
