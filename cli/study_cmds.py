@@ -74,7 +74,15 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="Where to write the corpus and store (default: a temp dir).")
     ] = None,
-    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backbone",
+            "-b",
+            help="Embed: repeatable, or 'all' (every registered backbone); dupes: one. "
+            "Default effnet_lite0.",
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1)] = 5,
     text: Annotated[
         bool, typer.Option("--text/--no-text", help="Also learn and show text search.")
@@ -228,7 +236,15 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 @app.command()
 def bench(
     what: Annotated[str, typer.Argument(help="embed, index, exact, query, study, text or dupes")],
-    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    backbone: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--backbone",
+            "-b",
+            help="Embed: repeatable, or 'all' (every registered backbone); dupes: one. "
+            "Default effnet_lite0.",
+        ),
+    ] = None,
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
     dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
     batch_size: Annotated[int, typer.Option(help="Embed: 0 = by free GPU memory.")] = 64,
@@ -261,11 +277,16 @@ def bench(
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
+    backbones = backbone or ["effnet_lite0"]
     if what == "embed":
-        result: Any = b.bench_embed(
-            backbone, n=n or 256, batch_size=batch_size, device=device,
-            random_weights=random_weights, decode=decode, compile=compile_model,
+        options = dict(
+            n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
+            decode=decode, compile=compile_model,
         )  # fmt: skip
+        if len(backbones) == 1 and backbones[0] != "all":
+            result: Any = b.bench_embed(backbones[0], **options)
+        else:
+            result = b.bench_embed_backbones(backbones, **options)
     elif what == "index":
         result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)
     elif what == "exact":
@@ -282,7 +303,9 @@ def bench(
     elif what == "dupes":
         if corpus is None:
             raise typer.BadParameter("bench dupes needs --corpus (a folder or manifest of photos)")
-        result = b.bench_dupes(corpus, n=n or 200, backbone=backbone)
+        if len(backbones) != 1 or backbones[0] == "all":
+            raise typer.BadParameter("bench dupes takes one --backbone")
+        result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
     else:
         raise typer.BadParameter(
             f"unknown benchmark {what!r}; expected embed, index, exact, query, study, text or dupes"

@@ -23,12 +23,14 @@ from pinsearch._version import __version__
 
 __all__ = [
     "EmbedBench",
+    "EmbedTable",
     "ExactBench",
     "IndexBench",
     "QueryBench",
     "StudyBench",
     "Timer",
     "bench_embed",
+    "bench_embed_backbones",
     "bench_exact",
     "bench_index",
     "bench_query",
@@ -120,7 +122,57 @@ class EmbedBench:
     machine: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class EmbedTable:
+    """:class:`EmbedBench` for several backbones over the same JPEG files, one row each."""
+
+    images: int
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
 _DISTINCT_IMAGES = 512  # generated images per embedding benchmark; the rest are file copies
+
+
+def write_bench_images(folder: Path, n: int, image_size: int = 320) -> list[tuple[int, str]]:
+    """``n`` generated pin JPEGs in ``folder`` as ``(key, path)`` items; past 512 distinct
+    drawings the files are copies (drawing is slow; decoding costs the same)."""
+    from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
+
+    rng = np.random.default_rng(0)
+    items: list[tuple[int, str]] = []
+    for i in range(n):
+        path = folder / f"{i}.jpg"
+        if i < _DISTINCT_IMAGES:
+            cat = DEMO_CATEGORIES[i % len(DEMO_CATEGORIES)]
+            draw_pin_image(cat, rng, image_size).save(path, quality=90)
+        else:
+            shutil.copyfile(items[i % _DISTINCT_IMAGES][1], path)
+        items.append((i, str(path)))
+    return items
+
+
+def bench_embed_backbones(
+    backbones: Sequence[str], *, n: int = 256, image_size: int = 320, **options: Any
+) -> EmbedTable:
+    """:func:`bench_embed` for each backbone (``all``: every registered one but the test
+    models) over one set of files. A backbone that cannot run (weights not on this machine
+    without ``random_weights``, out of memory, ...) gets its error in its row."""
+    from pinsearch.backbones import list_backbones
+
+    registered = [s.name for s in list_backbones() if not s.name.startswith("test_")]
+    names = [name for b in backbones for name in (registered if b == "all" else [b])]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        items = write_bench_images(Path(tmp), n, image_size)
+        for name in dict.fromkeys(names):
+            try:
+                row = asdict(bench_embed(name, n=n, items=items, **options))
+                row.pop("machine")
+            except Exception as exc:  # one backbone failing does not end the table
+                row = {"backbone": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            rows.append(row)
+    return EmbedTable(images=n, rows=rows, machine=machine())
 
 
 def bench_embed(
@@ -134,13 +186,15 @@ def bench_embed(
     random_weights: bool = False,
     decode: str = "auto",
     compile: bool = False,
+    items: Sequence[tuple[int, str]] | None = None,
 ) -> EmbedBench:
     """Embed ``n`` generated JPEGs from disk, then time the bare model on random tensors.
 
     ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``decode``
     and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s (``compile`` also applies to the
     bare forward). ``random_weights`` builds the architecture with seeded random weights: the
-    same speed, for backbones whose pretrained weights are not on the machine.
+    same speed, for backbones whose pretrained weights are not on the machine. ``items``:
+    ``(key, path)`` JPEGs already written (:func:`write_bench_images`) instead of ``n`` new.
     """
     import dataclasses
 
@@ -155,7 +209,6 @@ def bench_embed(
         resolve_device,
         resolve_workers,
     )
-    from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
 
     dev = resolve_device(device)
     spec = get_backbone_spec(backbone)
@@ -169,21 +222,13 @@ def bench_embed(
     batch_size = resolve_batch_size(model.model, model.preprocess, config, dev, decoder)
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        items = []
-        for i in range(n):
-            path = Path(tmp) / f"{i}.jpg"
-            if i < _DISTINCT_IMAGES:  # drawing is slow; later files are copies (same decode cost)
-                cat = DEMO_CATEGORIES[i % len(DEMO_CATEGORIES)]
-                draw_pin_image(cat, rng, image_size).save(path, quality=90)
-            else:
-                shutil.copyfile(items[i % _DISTINCT_IMAGES][1], path)
-            items.append((i, str(path)))
-        warm = items[: min(len(items), batch_size)]
+        files = list(items) if items is not None else write_bench_images(Path(tmp), n, image_size)
+        warm = files[: min(len(files), batch_size)]
         sum(len(b.keys) for b in iter_embeddings(model, warm, config))
         with timed() as t:
-            done = sum(len(b.keys) for b in iter_embeddings(model, items, config))
+            done = sum(len(b.keys) for b in iter_embeddings(model, files, config))
     e2e = done / t.seconds
+    n = len(files)
     size = model.preprocess.input_size
     x = torch.randn(batch_size, 3, size, size, device=dev)
     net = model.model.to(memory_format=torch.channels_last)

@@ -10,10 +10,10 @@
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh tests    (with .gpu/4)
 # then, while the machine is warm, one call per step:
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh exact
-#               ... index | embed | query | study-knn | study-lsvm | study-mlp
+#               ... index | embed | embed-all | query | study-knn | study-lsvm | study-mlp
 # Every step writes JSON/text files under $OUT, which come back to this machine.
 set -uo pipefail
-step=${1:?"step: tests | exact | index | embed | query | study-knn | study-lsvm | study-mlp"}
+step=${1:?"step: tests | exact | index | embed | embed-all | query | study-knn | study-lsvm | study-mlp"}
 out=${OUT:-/tmp/pinsearch-h100}
 mkdir -p "$out"
 export PINSEARCH_OFFLINE=1
@@ -47,6 +47,10 @@ case $step in
       run embed-$b-pil.json pinsearch bench embed -b $b --n 4096 --batch-size 256 \
         --decode pil --random-weights --json
     done
+    ;;
+  embed-all)  # every registered backbone, one table (random weights: speed only)
+    run embed-all.json pinsearch bench embed -b all --n 4096 --batch-size 0 --decode device \
+      --random-weights --json
     ;;
   query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
     run query-1m-768.json pinsearch bench query --n 1000000 --dim 768 --json

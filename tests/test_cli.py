@@ -171,6 +171,20 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
     assert bad.exit_code != 0 and "decode" in str(bad.exception)
 
 
+def test_bench_embed_one_and_several_backbones() -> None:
+    base = ["bench", "embed", "--n", "20", "--batch-size", "8", "--decode", "device"]
+    one = _json([*base, "-b", "test_efficientnet", "--json"])
+    assert one["backbone"] == "test_efficientnet" and one["images"] == 20  # type: ignore[index]
+    assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
+    assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
+    table = _json([*base, "-b", "test_vit", "-b", "no-such-net", "-b", "test_vit", "--json"])
+    vit, bad = table["rows"]  # type: ignore[index]  # repeats measured once
+    assert table["images"] == 20 and vit["images"] == 20 and vit["ratio"] > 0  # type: ignore[index]
+    assert bad["backbone"] == "no-such-net" and "unknown backbone" in bad["error"]
+    dupes = runner.invoke(app, ["bench", "dupes", "--corpus", ".", "-b", "a", "-b", "b"])
+    assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
+
+
 def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     data = _json(["bench", "index", "--n", "500", "--dim", "16",
                   "--factory", "IVF4096,Flat", "--factory", "Flat", "--json"])  # fmt: skip
