@@ -268,7 +268,9 @@ def bench(
     ] = False,
     queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
     device: Annotated[str, typer.Option()] = "auto",
-    corpus: Annotated[Path | None, typer.Option(help="Real photos (dupes).")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="Real photos: a folder or manifest CSV (embed, dupes).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
@@ -283,10 +285,10 @@ def bench(
             n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
             decode=decode, compile=compile_model,
         )  # fmt: skip
-        if len(backbones) == 1 and backbones[0] != "all":
+        if len(backbones) == 1 and backbones[0] != "all" and corpus is None:
             result: Any = b.bench_embed(backbones[0], **options)
         else:
-            result = b.bench_embed_backbones(backbones, **options)
+            result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
     elif what == "index":
         result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)
     elif what == "exact":

@@ -134,9 +134,13 @@ class EmbedTable:
 _DISTINCT_IMAGES = 512  # generated images per embedding benchmark; the rest are file copies
 
 
-def write_bench_images(folder: Path, n: int, image_size: int = 320) -> list[tuple[int, str]]:
-    """``n`` generated pin JPEGs in ``folder`` as ``(key, path)`` items; past 512 distinct
-    drawings the files are copies (drawing is slow; decoding costs the same)."""
+def write_bench_images(folder: Path, n: int, width: int = 564) -> list[tuple[int, str]]:
+    """``n`` generated pin JPEGs in ``folder`` as ``(key, path)`` items, sized like pins: widths
+    0.8-1.3x ``width`` (Pinterest serves 564 px), heights 1-1.8x the width, every image a size
+    of its own. Past 512 distinct drawings the files are copies (drawing is slow; decoding
+    costs the same)."""
+    from PIL import Image
+
     from pinsearch.synth import DEMO_CATEGORIES, draw_pin_image
 
     rng = np.random.default_rng(0)
@@ -144,27 +148,39 @@ def write_bench_images(folder: Path, n: int, image_size: int = 320) -> list[tupl
     for i in range(n):
         path = folder / f"{i}.jpg"
         if i < _DISTINCT_IMAGES:
-            cat = DEMO_CATEGORIES[i % len(DEMO_CATEGORIES)]
-            draw_pin_image(cat, rng, image_size).save(path, quality=90)
+            w = int(width * rng.uniform(0.8, 1.3))
+            h = int(w * rng.uniform(1.0, 1.8))
+            img = draw_pin_image(DEMO_CATEGORIES[i % len(DEMO_CATEGORIES)], rng, 320)
+            img.resize((w, h), Image.Resampling.BICUBIC).save(path, quality=90)
         else:
             shutil.copyfile(items[i % _DISTINCT_IMAGES][1], path)
         items.append((i, str(path)))
     return items
 
 
+def corpus_bench_images(corpus: Path, n: int) -> list[tuple[int, str]]:
+    """``n`` ``(key, path)`` items from the photos of a folder or manifest CSV (repeated in
+    order when it has fewer)."""
+    photos = _photos(corpus)
+    if not photos:
+        raise ValueError(f"no .jpg/.jpeg/.png photos under {corpus}")
+    return [(i, str(photos[i % len(photos)])) for i in range(n)]
+
+
 def bench_embed_backbones(
-    backbones: Sequence[str], *, n: int = 256, image_size: int = 320, **options: Any
+    backbones: Sequence[str], *, n: int = 256, corpus: Path | None = None, **options: Any
 ) -> EmbedTable:
     """:func:`bench_embed` for each backbone (``all``: every registered one but the test
-    models) over one set of files. A backbone that cannot run (weights not on this machine
-    without ``random_weights``, out of memory, ...) gets its error in its row."""
+    models) over one set of files (generated pins, or ``n`` photos of ``corpus``). A backbone
+    that cannot run (weights not on this machine without ``random_weights``, out of memory,
+    ...) gets its error in its row."""
     from pinsearch.backbones import list_backbones
 
     registered = [s.name for s in list_backbones() if not s.name.startswith("test_")]
     names = [name for b in backbones for name in (registered if b == "all" else [b])]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        items = write_bench_images(Path(tmp), n, image_size)
+        items = corpus_bench_images(corpus, n) if corpus else write_bench_images(Path(tmp), n)
         for name in dict.fromkeys(names):
             try:
                 row = asdict(bench_embed(name, n=n, items=items, **options))
@@ -182,7 +198,6 @@ def bench_embed(
     batch_size: int = 64,
     workers: int | None = None,
     device: str = "auto",
-    image_size: int = 320,
     random_weights: bool = False,
     decode: str = "auto",
     compile: bool = False,
@@ -194,7 +209,8 @@ def bench_embed(
     and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s (``compile`` also applies to the
     bare forward). ``random_weights`` builds the architecture with seeded random weights: the
     same speed, for backbones whose pretrained weights are not on the machine. ``items``:
-    ``(key, path)`` JPEGs already written (:func:`write_bench_images`) instead of ``n`` new.
+    ``(key, path)`` image files to use (:func:`write_bench_images`,
+    :func:`corpus_bench_images`) instead of ``n`` generated pins.
     """
     import dataclasses
 
@@ -222,7 +238,7 @@ def bench_embed(
     batch_size = resolve_batch_size(model.model, model.preprocess, config, dev, decoder)
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
-        files = list(items) if items is not None else write_bench_images(Path(tmp), n, image_size)
+        files = list(items) if items is not None else write_bench_images(Path(tmp), n)
         warm = files[: min(len(files), batch_size)]
         sum(len(b.keys) for b in iter_embeddings(model, warm, config))
         with timed() as t:

@@ -62,6 +62,10 @@ Failure = tuple[int, str, str, str]  # (key, path, reason, detail)
 #: Values of :attr:`EmbedConfig.decode`.
 DECODE_MODES = ("auto", "device", "pil")
 _CPU_AUTO_BATCH = 64
+#: Device memory per decoded pixel while a batch is decoded and transformed on the device:
+#: the uint8 image (3 B), its zero-padded float copy (12 B, up to 1.5x for padding) and the
+#: first resize pass (about 5 B for pins ~560 px wide).
+DECODE_BYTES_PER_PIXEL = 32.0
 
 
 @dataclass(frozen=True)
@@ -264,7 +268,7 @@ def resolve_batch_size(
     input_bytes = 3.0 * preprocess.input_size**2 * 4
     per_image += (3 if decode == "device" else 1) * input_bytes  # next batch, crops, stacks
     if decode == "device":
-        fixed += DEFAULT_PIXEL_BUDGET * 24.0  # decoded uint8 images and their float resize
+        fixed += DEFAULT_PIXEL_BUDGET * DECODE_BYTES_PER_PIXEL
     free, _ = torch.cuda.mem_get_info(device)
     size = batch_size_for_memory(free, per_image, fixed)
     _logger.info(

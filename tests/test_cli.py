@@ -171,7 +171,7 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
     assert bad.exit_code != 0 and "decode" in str(bad.exception)
 
 
-def test_bench_embed_one_and_several_backbones() -> None:
+def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     base = ["bench", "embed", "--n", "20", "--batch-size", "8", "--decode", "device"]
     one = _json([*base, "-b", "test_efficientnet", "--json"])
     assert one["backbone"] == "test_efficientnet" and one["images"] == 20  # type: ignore[index]
@@ -181,6 +181,10 @@ def test_bench_embed_one_and_several_backbones() -> None:
     vit, bad = table["rows"]  # type: ignore[index]  # repeats measured once
     assert table["images"] == 20 and vit["images"] == 20 and vit["ratio"] > 0  # type: ignore[index]
     assert bad["backbone"] == "no-such-net" and "unknown backbone" in bad["error"]
+    real = _json([*base, "-b", "test_vit", "--corpus", str(tree_corpus.root), "--json"])
+    assert real["rows"][0]["images"] == 20 and "error" not in real["rows"][0]  # type: ignore[index]
+    empty = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])
+    assert empty.exit_code != 0 and "no .jpg" in str(empty.exception)
     dupes = runner.invoke(app, ["bench", "dupes", "--corpus", ".", "-b", "a", "-b", "b"])
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
 

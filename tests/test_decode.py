@@ -336,6 +336,41 @@ def test_transform_on_device_matches_timm(kind: str) -> None:
     torch.testing.assert_close(got[-1], got[0])
 
 
+def test_transform_on_device_mixed_sizes_and_autocast() -> None:
+    # a batch of many sizes (padded in groups) gives each image what it gets alone, and the
+    # caller's bf16 autocast does not reach the resize products
+    pre = PREPROCESS["bicubic"]
+    rng = np.random.default_rng(5)
+    sizes = [(int(rng.integers(20, 400)), int(rng.integers(20, 400))) for _ in range(30)]
+    tensors = [
+        torch.from_numpy(np.asarray(_picture(w, h, seed=i)).copy()).permute(2, 0, 1)
+        for i, (h, w) in enumerate(sizes)
+    ]
+    together = transform_on_device(tensors, pre)
+    alone = torch.cat([transform_on_device([t], pre) for t in tensors])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = transform_on_device(tensors, pre)
+    assert under_amp.dtype == torch.float32
+    torch.testing.assert_close(under_amp, together, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("waste", [1.0, 1.5, 4.0])
+def test_padding_groups_bound_the_padding(waste: float) -> None:
+    from pinsearch.decode import _padding_groups
+
+    rng = np.random.default_rng(1)
+    sizes = [(int(rng.integers(1, 900)), int(rng.integers(1, 900))) for _ in range(200)]
+    sizes += [(224, 224)] * 20  # one size: one group
+    groups = _padding_groups(sizes, waste)
+    assert sorted(i for g in groups for i in g) == list(range(len(sizes)))
+    for g in groups:
+        padded = len(g) * max(sizes[i][0] for i in g) * max(sizes[i][1] for i in g)
+        assert len(g) == 1 or padded <= waste * sum(sizes[i][0] * sizes[i][1] for i in g)
+    assert any(len(g) >= 20 for g in groups)
+    assert len(_padding_groups(sizes, 1e9)) == 1 and _padding_groups([], 1.5) == []
+
+
 def test_transform_on_device_rejects_other_interpolations() -> None:
     pre = dataclasses.replace(PREPROCESS["bicubic"], interpolation="lanczos")
     assert not device_transform_supported(pre)
@@ -512,7 +547,8 @@ def test_auto_batch_size_cuda_branch(model, monkeypatch: pytest.MonkeyPatch, mod
     cuda = torch.device("cuda", 0)
     size = resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=0), cuda, mode)
     staged = 3 * 160 * 160 * 4 * (3 if mode == "device" else 1)
-    extra = decode_mod.DEFAULT_PIXEL_BUDGET * 24 if mode == "device" else 0
+    budget = decode_mod.DEFAULT_PIXEL_BUDGET * embed_mod.DECODE_BYTES_PER_PIXEL
+    extra = budget if mode == "device" else 0
     assert size == batch_size_for_memory(free, per_image + staged, fixed + extra)
     assert probed == [cuda] and 8 <= size <= 1024
     assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=32), cuda) == 32
