@@ -74,15 +74,7 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="Where to write the corpus and store (default: a temp dir).")
     ] = None,
-    backbone: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--backbone",
-            "-b",
-            help="Embed: repeatable, or 'all' (every registered backbone); dupes: one. "
-            "Default effnet_lite0.",
-        ),
-    ] = None,
+    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
     k: Annotated[int, typer.Option("-k", "--k", min=1)] = 5,
     text: Annotated[
         bool, typer.Option("--text/--no-text", help="Also learn and show text search.")
