@@ -390,8 +390,9 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any
     """FAISS search parameters for a CPU index, following its wrappers.
 
     IVF gets ``nprobe`` (``config.nprobe``, else nlist / 16), HNSW ``efSearch`` (at least
-    64), a refine wrapper its own parameters around its base index's; a pre-transform passes
-    its parameters on. None when there is nothing to set.
+    64), a refine wrapper its own parameters (``k_factor`` = ``config.refine`` when set)
+    around its base index's; a pre-transform passes its parameters on. None when there is
+    nothing to set.
     """
     import faiss
 
@@ -400,7 +401,8 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any
         return _search_params(index.index, config, selector)
     if isinstance(index, faiss.IndexRefine):
         base = _search_params(index.base_index, config, selector)
-        params = faiss.IndexRefineSearchParameters(k_factor=index.k_factor, sel=selector)
+        k_factor = float(config.refine) if config.refine else index.k_factor
+        params = faiss.IndexRefineSearchParameters(k_factor=k_factor, sel=selector)
         params.base_index_params = base
         params.pinsearch_base = base  # the Python object owns the C++ one: keep it alive
         return params

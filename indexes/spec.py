@@ -45,7 +45,9 @@ class IndexConfig:
     fp16: bool = False  # GPU: store vectors / lookup tables in float16
     # exact search (Flat) in torch at reduced precision: float32 (= FAISS), float16, bfloat16
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
-    refine: int = 0  # reduced precision: re-score refine * k candidates in float32 (0 = off)
+    # re-score refine * k candidates exactly (0 = off / FAISS' own k_factor): the float32 pass
+    # of the reduced-precision scan, and the k_factor of FAISS refine wrappers (...,RFlat)
+    refine: int = 0
     memory_budget: int | None = None  # bytes for the index; None = half the machine's RAM
     nprobe: int | None = None  # IVF lists visited per query (None: about nlist / 16)
     ef_search: int | None = None  # HNSW search breadth (None: faiss default, at least 2k)

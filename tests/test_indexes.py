@@ -260,6 +260,10 @@ def test_refine_wrappers_pass_nprobe_and_filters_to_their_base(clustered, factor
     assert _recall(narrow.search(q, 10)[1], truth) < _recall(full.search(q, 10)[1], truth)
     if factory.endswith("RFlat"):  # every list probed, re-scored exactly: the exact answer
         np.testing.assert_array_equal(full.search(q, 10)[1], truth)
+    else:  # re-scoring more of the PQ candidates (config.refine = FAISS' k_factor) helps
+        deeper = load_index_like(full, refine=8)
+        assert _recall(deeper.search(q, 10)[1], truth) > _recall(full.search(q, 10)[1], truth)
+        assert _recall(deeper.search(q, 10)[1], truth) == 1.0
     allowed = np.random.default_rng(4).choice(keys, 60, replace=False)
     _, found = full.search(q, 10, allowed=allowed)
     assert np.isin(found[found >= 0], allowed).all() and (found[:, 0] >= 0).all()
