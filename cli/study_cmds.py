@@ -227,7 +227,9 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 
 @app.command()
 def bench(
-    what: Annotated[str, typer.Argument(help="embed, index, exact, query, study, text or dupes")],
+    what: Annotated[
+        str, typer.Argument(help="embed, index, exact, query, remove, study, text or dupes")
+    ],
     backbone: Annotated[
         list[str] | None,
         typer.Option(
@@ -259,6 +261,7 @@ def bench(
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
     queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
+    pins: Annotated[int, typer.Option(help="Remove: pins removed at random.")] = 1000,
     device: Annotated[str, typer.Option()] = "auto",
     corpus: Annotated[
         Path | None, typer.Option(help="Real photos: a folder or manifest CSV (embed, dupes).")
@@ -266,8 +269,9 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
-    batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, study
-    (the paper's grid, pinsearch heads vs scikit-learn), text (text and board query latency),
+    batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, remove (pins out of a store
+    vs rebuilding its index), study (the paper's grid, pinsearch heads vs scikit-learn), text
+    (text and board query latency),
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
@@ -287,6 +291,9 @@ def bench(
         result = b.bench_exact(n=n or 1_000_000, dim=dim, nq=queries or 6400, device=device)
     elif what == "query":
         result = b.bench_query(n=n or 100_000, dim=dim)
+    elif what == "remove":
+        first = factory[0] if factory else "auto"
+        result = b.bench_remove(n=n or 100_000, dim=dim, pins=pins, factory=first)
     elif what == "study":
         result = b.bench_study(
             n=n or 4000, dim=dim, device=device, heads=head or ("knn", "lsvm", "mlp"),
@@ -302,7 +309,8 @@ def bench(
         result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
     else:
         raise typer.BadParameter(
-            f"unknown benchmark {what!r}; expected embed, index, exact, query, study, text or dupes"
+            f"unknown benchmark {what!r}; expected embed, index, exact, query, remove, study, "
+            "text or dupes"
         )
     if as_json:
         emit_json(result)

@@ -7,6 +7,7 @@ random tensors (embedding), exact search (index recall), and raw FAISS on the sa
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ __all__ = [
     "ExactBench",
     "IndexBench",
     "QueryBench",
+    "RemoveBench",
     "StudyBench",
     "Timer",
     "bench_embed",
@@ -34,6 +36,7 @@ __all__ = [
     "bench_exact",
     "bench_index",
     "bench_query",
+    "bench_remove",
     "bench_study",
     "clustered_vectors",
     "format_result",
@@ -468,8 +471,11 @@ class QueryBench:
     machine: dict[str, Any] = field(default_factory=dict)
 
 
-def synthetic_store(path: Path, vectors: np.ndarray, *, categories: int = 32) -> None:
-    """Write a store with fake pins (no images) and the given vectors, for query benchmarks."""
+def synthetic_store(
+    path: Path, vectors: np.ndarray, *, categories: int = 32, index: Any = None
+) -> None:
+    """Write a store with fake pins (no images) and the given vectors, for query benchmarks;
+    ``index``: the :class:`~pinsearch.indexes.IndexConfig` of its index (default: auto)."""
     from pinsearch.ingest import IngestResult, PinRecord
     from pinsearch.store import Store
 
@@ -500,7 +506,63 @@ def synthetic_store(path: Path, vectors: np.ndarray, *, categories: int = 32) ->
             store.vectors("synthetic").write_part(
                 vectors[start : start + 65536], keys[start : start + 65536]
             )
-        store.build_index("synthetic")
+        store.build_index("synthetic", index)
+
+
+@dataclass
+class RemoveBench:
+    """Removing pins from a store: in place (the index keeps its training) vs a rebuild."""
+
+    n: int
+    dim: int
+    factory: str
+    in_place: bool  # False: this index type is rebuilt by remove
+    pins: int  # removed at random, by id
+    remove_s: float  # remove_pins: vectors, catalog rows, index entries, files saved
+    board_pins: int
+    board_remove_s: float  # remove_pins of one board
+    rebuild_s: float  # rebuilding the same index from the remaining vectors (the old way)
+    rebuild_over_remove: float
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_remove(
+    *, n: int = 100_000, dim: int = 64, pins: int = 1000, factory: str = "auto"
+) -> RemoveBench:
+    """Time ``pinsearch remove`` on a synthetic store of ``n`` pins, and the index rebuild it
+    avoids, in the same run."""
+    from pinsearch.edit import remove_pins
+    from pinsearch.indexes import IndexConfig
+    from pinsearch.store import Store
+
+    x = clustered_vectors(n, dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store"
+        synthetic_store(path, x, index=IndexConfig(factory=factory))
+        with Store.open(path) as store:
+            chosen = np.random.default_rng(1).choice(n, min(pins, n - 1), replace=False)
+            with timed() as t:
+                report = remove_pins(store, pin_ids=[f"p{i:09d}" for i in chosen])
+            board = store.catalog.query("SELECT board FROM pins LIMIT 1")[0]["board"]
+            with timed() as tb:
+                by_board = remove_pins(store, boards=[board])
+            row = store.catalog.get_index("synthetic")
+            config = IndexConfig(**json.loads(row["config"]))
+            with timed() as tr:
+                store.build_index("synthetic", config)
+    return RemoveBench(
+        n=n,
+        dim=dim,
+        factory=row["factory"],
+        in_place=not report.rebuilt,
+        pins=report.pins,
+        remove_s=round(t.seconds, 3),
+        board_pins=by_board.pins,
+        board_remove_s=round(tb.seconds, 3),
+        rebuild_s=round(tr.seconds, 3),
+        rebuild_over_remove=round(tr.seconds / t.seconds, 1),
+        machine=machine(),
+    )
 
 
 def bench_query(

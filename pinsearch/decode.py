@@ -508,7 +508,8 @@ def transform_on_device(images: Sequence[torch.Tensor], preprocess: Preprocess) 
         # would leave a fifth of them one level apart). An axis left at its length is an
         # identity matrix, so an image resized along one axis only is rounded there too.
         with torch.autocast(device.type, enabled=False):  # float32 products, whatever the caller
-            x = torch.matmul(x, across.transpose(1, 2)[:, None])  # (n, 3, H, S)
+            rows = x.view(len(idx), 3 * top_h, top_w)  # the channels' rows, one batch each
+            x = torch.bmm(rows, across.transpose(1, 2)).view(len(idx), 3, top_h, size)
             x = x.clamp_(0.0, 255.0).add_(0.5).floor_()
             x = torch.matmul(down[:, None], x)  # (n, 3, S, S)
         out.index_copy_(0, torch.tensor(idx, device=device), x)

@@ -189,6 +189,15 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
 
 
+@pytest.mark.parametrize(("factory", "in_place"), [("IVF8,Flat", True), ("HNSW8", False)])
+def test_bench_remove(factory: str, in_place: bool) -> None:
+    data = _json(["bench", "remove", "--n", "1200", "--dim", "8", "--pins", "50",
+                  "--factory", factory, "--json"])  # fmt: skip
+    assert data["factory"] == factory and data["in_place"] is in_place  # type: ignore[index]
+    assert data["pins"] == 50 and data["board_pins"] >= 1  # type: ignore[index]
+    assert data["remove_s"] > 0 and data["rebuild_s"] > 0  # type: ignore[index]
+
+
 def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     data = _json(["bench", "index", "--n", "500", "--dim", "16",
                   "--factory", "IVF4096,Flat", "--factory", "Flat", "--json"])  # fmt: skip
