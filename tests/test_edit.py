@@ -90,13 +90,15 @@ def test_remove_with_an_approximate_index(tree_corpus, tmp_path: Path) -> None:
         broken.write_bytes(b"not an id map")  # damaged: removal falls back to a rebuild
         store.forget_cached("exact")
         gone = sorted(_ids(store))[5:15]
+        gone_keys = _keys_of(store, gone)
+        assert len(gone_keys) == 10 and np.isin(gone_keys, store.load_index(B).ids).all()
         report = remove_pins(store, pin_ids=gone)
         assert sorted(report.indexes) == sorted([B, "graph", "exact"])
         assert sorted(report.rebuilt) == ["exact", "graph"]  # the IVF one: in place
         assert store.catalog.get_index(B)["sha256"] != ivf_sha
         for name in (B, "graph", "exact"):
             index = store.load_index(name)
-            assert index.ntotal == 14 and not np.isin(index.ids, _keys_of(store, gone)).any()
+            assert index.ntotal == 14 and not np.isin(index.ids, gone_keys).any()
         assert store.load_index(B).factory == "IVF4,Flat"
         assert not (set(gone) & _all_hits(store))
     assert check_store(tmp_path / "s").ok
