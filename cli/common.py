@@ -13,7 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = [
+    "EfSearchOpt",
     "JsonOpt",
+    "NprobeOpt",
+    "PrecisionOpt",
+    "RefineOpt",
     "StoreOpt",
     "app",
     "console",
@@ -22,6 +26,7 @@ __all__ = [
     "make_config",
     "print_rows",
     "progress_bar",
+    "search_config",
 ]
 
 app = typer.Typer(
@@ -38,6 +43,35 @@ T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+# search-time index settings (the saved index is the same file whatever they are)
+NprobeOpt = Annotated[
+    int | None, typer.Option(min=1, help="IVF lists visited per query (default nlist / 16).")
+]
+EfSearchOpt = Annotated[int | None, typer.Option(min=1, help="HNSW efSearch (at least 64).")]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option(help="Exact (Flat) search in float32, float16 or bfloat16 (a GPU speed-up)."),
+]
+RefineOpt = Annotated[
+    int | None,
+    typer.Option(min=0, help="Re-score refine x k candidates exactly (16-bit scan, ...,RFlat)."),
+]
+
+
+def search_config(
+    nprobe: int | None, ef_search: int | None, precision: str | None, refine: int | None
+) -> Any:
+    """The :class:`~pinsearch.indexes.IndexConfig` of the search-time options given, or None
+    when none was (the index is searched as saved)."""
+    from pinsearch.indexes import IndexConfig
+
+    asked = {"nprobe": nprobe, "ef_search": ef_search, "precision": precision, "refine": refine}
+    if all(v is None for v in asked.values()):
+        return None
+    try:
+        return make_config(IndexConfig, **asked)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
 
 
 def make_config(cls: type[T], **overrides: Any) -> T:

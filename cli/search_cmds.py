@@ -10,7 +10,11 @@ import typer
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    EfSearchOpt,
     JsonOpt,
+    NprobeOpt,
+    PrecisionOpt,
+    RefineOpt,
     StoreOpt,
     app,
     console,
@@ -18,6 +22,7 @@ from pinsearch.cli.common import (
     err_console,
     make_config,
     print_rows,
+    search_config,
 )
 
 TextOpt = Annotated[
@@ -57,6 +62,10 @@ def query(
     titles_file: Annotated[
         Path | None, typer.Option(help="Candidate titles, one per line.")
     ] = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    precision: PrecisionOpt = None,
+    refine: RefineOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find pins like a stored pin, a new image or a text; rank boards for a text; rank
@@ -74,15 +83,16 @@ def query(
     if classify:
         _classify(store, pin, image, head, k, as_json)
         return
+    config = search_config(nprobe, ef_search, precision, refine)
     with Store.open(store, read_only=True) as s:
         if text is not None or candidates:
             from pinsearch.textsearch import TextSearcher
 
-            searcher: Any = TextSearcher(s, backbone=backbone, index=index_name)
+            searcher: Any = TextSearcher(s, backbone=backbone, index=index_name, config=config)
         else:
             from pinsearch.search import PinSearcher
 
-            searcher = PinSearcher(s, backbone=backbone, index=index_name)
+            searcher = PinSearcher(s, backbone=backbone, index=index_name, config=config)
         filters = {"board": board, "user": user, "category": category}
         if candidates:
             if text is not None:
@@ -276,10 +286,14 @@ def train(
 def serve(
     store: StoreOpt,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    nprobe: NprobeOpt = None,
+    ef_search: EfSearchOpt = None,
+    precision: PrecisionOpt = None,
+    refine: RefineOpt = None,
 ) -> None:
     """Warm query process: JSON requests on stdin, one JSON answer per line on stdout
     (pins like a pin or image, text, boards, titles; see the README)."""
     from pinsearch.serve import serve as run
 
-    n = run(store, backbone)
+    n = run(store, backbone, config=search_config(nprobe, ef_search, precision, refine))
     err_console.print(f"answered {n} requests")

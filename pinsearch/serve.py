@@ -82,8 +82,12 @@ def serve(
     *,
     requests: IO[str] | None = None,
     responses: IO[str] | None = None,
+    config: Any = None,
 ) -> int:
-    """Answer JSON-line requests until the input ends; returns how many were answered."""
+    """Answer JSON-line requests until the input ends; returns how many were answered.
+
+    ``config``: search-time settings of the index (an :class:`~pinsearch.indexes.IndexConfig`:
+    nprobe, ef_search, precision, refine, device), as for :class:`PinSearcher`."""
     from pinsearch.textsearch import TextSearcher
 
     requests = requests or sys.stdin
@@ -91,9 +95,9 @@ def serve(
     with Store.open(store_path, read_only=True) as store:
         searcher: PinSearcher
         try:
-            searcher = TextSearcher(store, backbone=backbone, cache_metadata=True)
+            searcher = TextSearcher(store, backbone=backbone, config=config, cache_metadata=True)
         except ValueError:  # an l2/l1 index: similar pins only
-            searcher = PinSearcher(store, backbone=backbone, cache_metadata=True)
+            searcher = PinSearcher(store, backbone=backbone, config=config, cache_metadata=True)
         searcher.hits(store.vectors(searcher.backbone).keys()[:1], [0.0])  # warm the metadata
         ready = {
             "ready": True,

@@ -217,3 +217,29 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit() -> None:
     (late,) = _json([*args, "--no-sequential", "--sklearn-timeout", "0.01"])["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
     assert "sequential_s" not in late
+
+
+def test_query_and_serve_search_time_settings(tree_copy: Path, tmp_path: Path) -> None:
+    import io
+
+    from pinsearch.indexes import IndexConfig
+    from pinsearch.serve import serve
+    from pinsearch.store import Store
+
+    store = tmp_path / "ivf"
+    _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
+           "--workers", "0", "--factory", "IVF4,Flat", "--json"])  # fmt: skip
+    with Store.open(store, read_only=True) as s:
+        pin = s.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    base = ["query", "--store", str(store), "--pin", pin, "-k", "30", "--json"]
+    one_list = _json(base)["hits"]  # type: ignore[index]  # saved nprobe: 4 // 16 -> 1 list
+    every_list = _json([*base, "--nprobe", "4"])["hits"]  # type: ignore[index]
+    assert len(one_list) < len(every_list) == 23  # all other pins, once every list is probed
+    half = _json([*base, "--precision", "bfloat16", "--refine", "2"])["hits"]  # type: ignore[index]
+    assert [h["pin_id"] for h in half] == [h["pin_id"] for h in one_list]  # IVF: not a Flat scan
+    bad = runner.invoke(app, [*base, "--precision", "float8"])
+    assert bad.exit_code != 0 and "precision" in bad.output
+    out = io.StringIO()
+    request = json.dumps({"pin": pin, "k": 30}) + "\n"
+    serve(store, requests=io.StringIO(request), responses=out, config=IndexConfig(nprobe=4))
+    assert len(json.loads(out.getvalue().splitlines()[1])["hits"]) == 23
