@@ -384,12 +384,17 @@ def iter_embeddings(
         return out.keys, out.images, out.failures
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if config.compile and n < batch_size:
+            # A compiled model recompiles for every new batch shape (a short last batch, or
+            # one with failed images): zero rows keep the shape; images do not mix in eval.
+            x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
             device_type=device.type, dtype=torch.bfloat16, enabled=cuda and config.amp
         ):
-            out = model(x)
+            out = model(x)[:n]
         vecs = out.float()
         if config.normalize:
             vecs = torch.nn.functional.normalize(vecs, dim=1)

@@ -479,6 +479,24 @@ def test_auto_batch_size_on_cpu(model, tree_corpus) -> None:
     assert [len(b.keys) for b in batches] == [24]  # one batch of up to 64
 
 
+def test_compiled_model_is_compiled_once(model, tree_corpus) -> None:
+    # 24 pins in batches of 10: the short last batch is padded, so no second compilation
+    import torch._dynamo
+
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    eager = list(iter_embeddings(model, items, EmbedConfig(workers=0, batch_size=10)))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = list(
+            iter_embeddings(model, items, EmbedConfig(workers=0, batch_size=10, compile=True))
+        )
+    assert [len(b.keys) for b in compiled] == [10, 10, 4]
+    for a, b in zip(eager, compiled):
+        np.testing.assert_array_equal(a.keys, b.keys)
+        np.testing.assert_allclose(a.vectors, b.vectors, atol=1e-4)
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize(
     ("free", "per_image", "fixed", "expected"),
     [
