@@ -403,6 +403,7 @@ def bench_exact(
     import faiss
 
     from pinsearch.indexes import IndexConfig, PinIndex, TorchExact, gpu_count, to_gpu
+    from pinsearch.vectors import unit_rows
 
     x, q = _data_and_queries(n, nq, dim)
     faiss.normalize_L2(x)
@@ -411,7 +412,7 @@ def bench_exact(
     cpu_index = faiss.IndexFlatIP(dim)
     cpu_index.add(x)
     raw_index = to_gpu(cpu_index) if on_gpu else cpu_index
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    qn = unit_rows(q)
     raw_s, (_, truth) = _best_of(lambda: raw_index.search(qn, k), repeat)
     keys = np.arange(n, dtype=np.int64)
 

@@ -407,11 +407,15 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any
         params.pinsearch_base = base  # the Python object owns the C++ one: keep it alive
         return params
     if isinstance(index, faiss.IndexIVF):
-        nprobe = config.nprobe or max(1, index.nlist // 16)
-        return faiss.SearchParametersIVF(sel=selector, nprobe=min(nprobe, index.nlist))
+        return faiss.SearchParametersIVF(sel=selector, nprobe=_nprobe(config, index.nlist))
     if isinstance(index, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=max(config.ef_search or 0, 64))
     return faiss.SearchParameters(sel=selector) if selector is not None else None
+
+
+def _nprobe(config: IndexConfig, nlist: int) -> int:
+    """IVF lists visited per query: ``config.nprobe``, else about nlist / 16 (at most nlist)."""
+    return min(config.nprobe or max(1, nlist // 16), nlist)
 
 
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -442,7 +446,7 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
     if ivf is not None:
         import faiss
 
-        nprobe = min(config.nprobe or max(1, ivf.nlist // 16), ivf.nlist, GPU_MAX_NPROBE)
+        nprobe = min(_nprobe(config, ivf.nlist), GPU_MAX_NPROBE)
         faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
     return gpu, True
 

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from pinsearch.indexes.exact import PRECISIONS
+
 __all__ = [
     "METRICS",
     "IndexConfig",
@@ -59,7 +61,7 @@ class IndexConfig:
             raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"unknown device {self.device!r}; expected auto, cpu or gpu")
-        if self.precision not in ("float32", "float16", "bfloat16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {self.precision!r}; expected float32, float16 or bfloat16"
             )

@@ -214,20 +214,8 @@ def _probe_memory(
     model: torch.nn.Module, input_size: int, device: torch.device, config: EmbedConfig
 ) -> tuple[float, float]:
     """Peak bytes of a forward pass as ``(per image, fixed)``, from two small batches."""
-    sizes = (8, 16)
-    peaks = []
-    with (
-        torch.inference_mode(),
-        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp),
-    ):  # one untimed pass first: one-off allocations (cuBLAS/cuDNN workspaces) must not
-        x = torch.zeros(1, 3, input_size, input_size, device=device)  # inflate the first peak
-        model(x.contiguous(memory_format=torch.channels_last) if config.channels_last else x)
-        del x
-    torch.cuda.synchronize(device)
-    for n in sizes:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+
+    def run(n: int) -> None:  # one forward pass of n zero images, as the run does it
         x = torch.zeros(n, 3, input_size, input_size, device=device)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -237,8 +225,18 @@ def _probe_memory(
         ):
             model(x)
         torch.cuda.synchronize(device)
+
+    # one untimed pass first: one-off allocations (cuBLAS/cuDNN workspaces) must not inflate
+    # the first peak
+    run(1)
+    sizes = (8, 16)
+    peaks = []
+    for n in sizes:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run(n)
         peaks.append(float(torch.cuda.max_memory_allocated(device) - base))
-        del x
     torch.cuda.empty_cache()
     input_bytes = 3.0 * input_size * input_size * 4
     per_image = max((peaks[1] - peaks[0]) / (sizes[1] - sizes[0]), input_bytes)
