@@ -238,6 +238,8 @@ def bench_embed(
         batch_size=batch_size, workers=workers, device=str(dev), decode=decode, compile=compile
     )
     decoder = resolve_decode(config, dev, model.preprocess)
+    if config.channels_last:  # as iter_embeddings runs it, so the memory probe sees the same
+        model.model.to(memory_format=torch.channels_last)
     batch_size = resolve_batch_size(model.model, model.preprocess, config, dev, decoder)
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -348,12 +350,12 @@ def bench_index(
 
 
 def _placement(index: Any, fp16: bool) -> str:
-    """``cpu``, ``gpu``, or ``gpu fp16`` (float16 vectors or IVF-PQ lookup tables)."""
-    from pinsearch.indexes import gpu_settings
+    """``cpu``, ``gpu``, or ``gpu fp16`` (float16 Flat vectors or IVF-PQ lookup tables)."""
+    from pinsearch.indexes.gpu import gpu_float16
 
     if not index.on_gpu:
         return "cpu"
-    return "gpu fp16" if fp16 or gpu_settings(index.cpu_index())[1] else "gpu"
+    return "gpu fp16" if gpu_float16(index.cpu_index(), fp16) else "gpu"
 
 
 # -- exact k-NN at scale -------------------------------------------------------------------

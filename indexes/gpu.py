@@ -5,7 +5,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-__all__ = ["GPU_MAX_NPROBE", "gpu_count", "gpu_settings", "ivf_of", "to_cpu", "to_gpu"]
+__all__ = [
+    "GPU_MAX_NPROBE",
+    "gpu_count",
+    "gpu_float16",
+    "gpu_settings",
+    "ivf_of",
+    "to_cpu",
+    "to_gpu",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -34,7 +42,8 @@ def gpu_settings(index: Any) -> tuple[bool, bool]:
 
     FAISS-GPU clones Flat, IVF-Flat, IVF-SQ and IVF-PQ indexes with a flat coarse quantiser,
     also behind a pre-transform (OPQ, PCA); anything else (HNSW, flat PQ/SQ, LSH, refine
-    wrappers, fast-scan, residual quantisers) stays on the CPU. IVF-PQ needs 8-bit codes of a
+    wrappers, fast-scan, residual quantisers, bf16 scalar quantisers) stays on the CPU.
+    IVF-PQ needs 8-bit codes of a
     size FAISS-GPU implements; large codes (56+ bytes) need float16 lookup tables to fit in
     shared memory.
     """
@@ -49,12 +58,43 @@ def gpu_settings(index: Any) -> tuple[bool, bool]:
         return False, False
     if not isinstance(faiss.downcast_index(index.quantizer), faiss.IndexFlat):
         return False, False
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        return _gpu_sq(index), False
     if not isinstance(index, faiss.IndexIVFPQ):
         return True, False
     m, nbits = int(index.pq.M), int(index.pq.nbits)
     if nbits != 8 or m not in _GPU_PQ_BYTES:
         return False, False
     return True, m in _GPU_PQ_FP16_ONLY or 4 * m * 256 > _SHARED_MEMORY
+
+
+def _gpu_sq(index: Any) -> bool:
+    """FAISS-GPU's scalar quantisers (not bf16 nor signed direct codes); 8- and 4-bit
+    non-uniform ones keep two floats per dimension in shared memory."""
+    import faiss
+
+    sq = faiss.ScalarQuantizer
+    qtype = int(index.sq.qtype)
+    allowed = {sq.QT_8bit, sq.QT_8bit_uniform, sq.QT_8bit_direct, sq.QT_4bit,
+               sq.QT_4bit_uniform, sq.QT_6bit, sq.QT_fp16}  # fmt: skip
+    if qtype not in allowed:
+        return False
+    return qtype not in (sq.QT_8bit, sq.QT_4bit) or index.d < _SHARED_MEMORY // 8
+
+
+def gpu_float16(index: Any, fp16: bool) -> bool:
+    """Whether a CPU index placed on the GPU (with ``fp16`` asked) computes in float16 there:
+    Flat vectors and IVF-PQ lookup tables can be float16; FAISS-GPU ignores the option for
+    IVF-Flat and IVF-SQ (their storage is what the factory says)."""
+    import faiss
+
+    fits, tables = gpu_settings(index)
+    if not fits:
+        return False
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return tables or (fp16 and isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFPQ)))
 
 
 def gpu_count() -> int:
@@ -83,9 +123,9 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
         co.useFloat16 = fp16
         if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle, not one per index
             _RESOURCES = faiss.StandardGpuResources()
-        gpu = faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
-        gpu.pinsearch_resources = _RESOURCES  # keep the resources alive as long as the index
-        return gpu
+        # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
+        # attributes; the module keeps the resources alive)
+        return faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
     co = faiss.GpuMultipleClonerOptions()
     co.shard = True
     co.useFloat16 = fp16

@@ -50,6 +50,15 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _as_f32(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.ndim == 1:
@@ -139,6 +148,8 @@ class PinIndex:
         if isinstance(cpu, faiss.IndexFlatCodes):
             return True
         if not isinstance(cpu, faiss.IndexIVF) or cpu.direct_map.type != faiss.DirectMap.NoMap:
+            return False
+        if isinstance(cpu, faiss.IndexIVFPQR):  # its refinement codes have no removal
             return False
         # Only plain in-memory lists: FAISS 1.15 removes from fast-scan's packed blocks
         # (BlockInvertedLists) entry by entry and leaves vectors added afterwards unfindable.
@@ -359,6 +370,8 @@ class PinIndex:
             "ids": file_sha256(tmp["ids"]),
         }
         tmp["json"].write_text(json.dumps(meta, indent=2, sort_keys=True))
+        for f in tmp.values():  # on disk before any rename (a power loss leaves whole files)
+            fsync_file(f)
         for key in ("faiss", "ids", "json"):  # the JSON last: it vouches for the others
             os.replace(tmp[key], files[key])
         return meta

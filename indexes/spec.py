@@ -44,7 +44,7 @@ class IndexConfig:
     factory: str = "auto"  # FAISS index_factory string, or "auto"
     metric: Metric = "cosine"  # cosine, ip, l2 or l1
     device: Literal["auto", "cpu", "gpu"] = "auto"  # auto = GPU whenever faiss sees one
-    fp16: bool = False  # GPU: store vectors / lookup tables in float16
+    fp16: bool = False  # GPU: Flat vectors / IVF-PQ lookup tables in float16 (not IVF-Flat/SQ)
     # exact search (Flat) in torch at reduced precision: float32 (= FAISS), float16, bfloat16
     precision: Literal["float32", "float16", "bfloat16"] = "float32"
     # re-score refine * k candidates exactly (0 = off / FAISS' own k_factor): the float32 pass

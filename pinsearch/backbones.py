@@ -84,6 +84,8 @@ class Backbone:
     preprocess: Preprocess
     dim: int
     weights: str  # where the weights came from ("bundled:...", "file:...", "random", ...)
+    # where inputs go (a model without parameters, like "classic", cannot tell by itself)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """The eval transform PIL image -> normalised CHW tensor."""
@@ -206,7 +208,7 @@ def create_backbone(
         raise BackboneMismatchError(
             f"backbone {spec.name!r} produces {dim}-d features, its spec says {spec.dim}"
         )
-    return Backbone(spec, model, preprocess, dim, origin)
+    return Backbone(spec, model, preprocess, dim, origin, torch.device(device))
 
 
 def _feature_dim(model: torch.nn.Module, pre: Preprocess, device: str | torch.device) -> int:

@@ -103,7 +103,7 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             k = np.load(kpath, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty key file
             report.add("error", where, "unreadable", f"{path}: {exc}")
             continue
         if arr.ndim != 2 or len(arr) != part["n"] or len(k) != part["n"]:
@@ -146,7 +146,8 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
     if orphans:
         report.add(
             "warning", f"vectors {name}", "orphan_files",
-            f"{len(orphans)} files not in the catalog (e.g. {orphans[0]}); a writer removes them",
+            f"{len(orphans)} files not in the catalog (e.g. {orphans[0]}): retired by the last "
+            "write or left by an interrupted one; the next writer removes them",
         )  # fmt: skip
     return uniq
 
@@ -176,7 +177,11 @@ def _check_index(
     if missing:
         report.add("error", where, "missing_file", f"missing {missing}; pinsearch repair")
         return
-    meta = json.loads(files[".json"].read_text())
+    try:
+        meta = json.loads(files[".json"].read_text())
+    except (ValueError, OSError) as exc:
+        report.add("error", where, "unreadable", f"{files['.json']}: {exc}; pinsearch repair")
+        return
     sums = meta.get("sha256", {})
     for key, suffix in (("faiss", ".faiss"), ("ids", ".ids.npy")):
         if file_sha256(files[suffix]) != sums.get(key):
@@ -295,9 +300,6 @@ def _check_open(store: Store) -> CheckReport:
 
 def repair_store(path: str | Path) -> RepairReport:
     """Fix what ``check`` finds that can be derived again; see the module docstring."""
-    from pinsearch.edit import _drop_index
-    from pinsearch.indexes import IndexConfig
-
     out = RepairReport(store=str(path))
     with Store.open(path, verify=False) as store:  # a writer: orphan files go at open
         before = _check_open(store)
@@ -317,7 +319,7 @@ def repair_store(path: str | Path) -> RepairReport:
             if unknown.get(name):
                 drop = np.setdiff1d(_readable_keys(store, name, bad_parts.get(name, [])), pins)
             if bad_parts.get(name) or drop.size:
-                n = vs.drop_keys(drop, parts=bad_parts.get(name))
+                n = vs.drop_keys(drop, parts=bad_parts.get(name), delete_retired=True)
                 store.catalog.upsert_embedding(name, count=len(vs))
                 out.actions.append(
                     f"vectors {name}: removed {n} vectors (damaged parts "
@@ -326,16 +328,14 @@ def repair_store(path: str | Path) -> RepairReport:
                 )
         for row in store.catalog.list_indexes():
             name, backbone = row["name"], row["backbone"]
-            spaces = store.backbones(text_spaces=True)
-            if backbone not in spaces or len(store.vectors(backbone)) == 0:
-                _drop_index(store, name)
-                out.actions.append(f"index {name}: dropped (no stored vectors to rebuild it from)")
-                continue
+            gone = backbone not in store.backbones(text_spaces=True)
             problems = [f for f in before.findings if f.where == f"index {name}"]
-            if problems or backbone in bad_parts or unknown.get(backbone):
-                store.build_index(backbone, IndexConfig(**json.loads(row["config"])), name=name)
-                n = len(store.vectors(backbone))
-                out.actions.append(f"index {name}: rebuilt from {n} stored vectors")
+            if gone or problems or backbone in bad_parts or unknown.get(backbone):
+                if store.rebuild_index(name) == "dropped":
+                    out.actions.append(f"index {name}: dropped (no stored vectors to rebuild from)")
+                else:
+                    n = len(store.vectors(backbone))
+                    out.actions.append(f"index {name}: rebuilt from {n} stored vectors")
         for f in before.errors:
             if f.where.startswith("head "):
                 head = f.where.removeprefix("head ")

@@ -10,7 +10,6 @@ training data changed.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -20,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.errors import IndexFileError, PinNotFoundError
+from pinsearch.errors import PinNotFoundError
 from pinsearch.store import Store
 
-__all__ = ["AddReport", "RemoveReport", "add_corpus", "mark_heads_stale", "remove_pins"]
+__all__ = ["AddReport", "RemoveReport", "add_corpus", "remove_pins"]
 
 _logger = logging.getLogger(__name__)
 
@@ -63,17 +62,6 @@ class RemoveReport:
         return asdict(self)
 
 
-def mark_heads_stale(store: Store, backbones: Sequence[str]) -> list[str]:
-    """Flag the heads trained on these backbones' vectors; returns their names."""
-    if not backbones:
-        return []
-    rows = store.catalog.query(
-        "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) RETURNING name",
-        [list(backbones)],
-    )
-    return sorted(r["name"] for r in rows)
-
-
 def add_corpus(
     corpus: str | Path,
     store_path: str | Path,
@@ -98,7 +86,7 @@ def add_corpus(
     from pinsearch.search import run_weights_file
 
     start = time.perf_counter()
-    with Store.open(store_path, read_only=True) as store:
+    with Store.open(store_path, read_only=True, verify=False) as store:  # the writers verify
         backbones = store.backbones()
         runs = {b: store.catalog.get_embedding(b) or {} for b in backbones}
     if not backbones:
@@ -129,9 +117,9 @@ def add_corpus(
         )
     first = reports[0]
     stale: list[str] = []
-    if first.added:
+    if first.added or any(r.embedded for r in reports):  # (a killed add: pins in, no vectors)
         with Store.open(store_path) as store:
-            stale = mark_heads_stale(store, backbones)
+            stale = store.mark_heads_stale(backbones)
     return AddReport(
         store=str(store_path),
         corpus=str(corpus),
@@ -197,8 +185,6 @@ def remove_pins(
         PinNotFoundError: an id, board or user matches nothing (nothing is removed).
         ValueError: nothing was asked.
     """
-    from pinsearch.indexes import IndexConfig
-
     if not (pin_ids or boards or users):
         raise ValueError("name pins, boards or users to remove")
     start = time.perf_counter()
@@ -209,6 +195,15 @@ def remove_pins(
         if n:
             vectors[name] = n
     con = store.catalog.connection
+    # Boards and users the removed pins belonged to (besides those named): any of them left
+    # without pins goes too.
+    owners = con.execute(
+        "SELECT list(DISTINCT board), list(DISTINCT user_id) FROM pins "
+        "WHERE pin_key IN (SELECT unnest(?))",
+        [keys.tolist()],
+    ).fetchone()
+    touched_boards = sorted({*boards, *(b for b in owners[0] or [] if b is not None)})
+    touched_users = sorted({*users, *(u for u in owners[1] or [] if u is not None)})
     with store.catalog.transaction():
         con.execute("DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [keys.tolist()])
         n_boards = len(
@@ -216,14 +211,14 @@ def remove_pins(
                 "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
                 "(SELECT unnest(?))) AND board NOT IN "
                 "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
-                [list(boards), list(users)],
+                [touched_boards, list(users)],
             ).fetchall()
         )
         n_users = len(
             con.execute(
                 "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "
                 "(SELECT DISTINCT user_id FROM pins WHERE user_id IS NOT NULL) RETURNING user_id",
-                [list(users)],
+                [touched_users],
             ).fetchall()
         )
         for name in vectors:
@@ -233,13 +228,12 @@ def remove_pins(
         if row["backbone"] not in vectors:
             continue
         touched.append(row["name"])
-        if len(store.vectors(row["backbone"])) == 0:
-            _drop_index(store, row["name"])
-        elif not _remove_in_place(store, row["name"], keys):
-            config = IndexConfig(**json.loads(row["config"]))
-            store.build_index(row["backbone"], config, name=row["name"])
-            rebuilt.append(row["name"])
-    stale = mark_heads_stale(store, [b for b in vectors if "#" not in b])
+        emptied = len(store.vectors(row["backbone"])) == 0
+        if emptied or not store.remove_from_index(row["name"], keys):
+            action = store.rebuild_index(row["name"])  # dropped when emptied
+            if action == "rebuilt":
+                rebuilt.append(row["name"])
+    stale = store.mark_heads_stale([b for b in vectors if "#" not in b])
     return RemoveReport(
         store=str(store.root),
         pins=len(keys),
@@ -251,31 +245,3 @@ def remove_pins(
         stale_heads=stale,
         seconds=time.perf_counter() - start,
     )
-
-
-def _remove_in_place(store: Store, name: str, keys: np.ndarray) -> bool:
-    """Take the pins out of a saved index without rebuilding it; False when it must be
-    rebuilt instead (an index type FAISS cannot remove from, or unreadable files)."""
-    try:
-        index = store.load_index(name)
-    except IndexFileError as exc:
-        _logger.warning("index %s: %s; rebuilding it", name, exc)
-        return False
-    if not index.removable():
-        _logger.info("index %s (%s) cannot remove in place; rebuilding it", name, index.factory)
-        return False
-    try:
-        index.remove(keys)
-        store.save_index(index, name)
-    except BaseException:
-        store.forget_cached(name)  # the files on disk are whole; the object in memory is not
-        raise
-    return True
-
-
-def _drop_index(store: Store, name: str) -> None:
-    base = store.index_base(name)
-    store.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
-    store.forget_cached(name)
-    for suffix in (".faiss", ".ids.npy", ".json"):
-        base.with_name(base.name + suffix).unlink(missing_ok=True)

@@ -332,7 +332,7 @@ def iter_embeddings(
         One :class:`EmbeddedBatch` per DataLoader batch (vectors as float32 numpy).
     """
     config = config or EmbedConfig()
-    device = next(backbone.model.parameters(), torch.empty(0)).device
+    device = backbone.device
     cuda = device.type == "cuda"
     pre = backbone.preprocess
     mode = resolve_decode(config, device, pre)
@@ -458,7 +458,7 @@ def embed_images(
     for img in images:
         pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
         tensors.append(transform(pil.convert("RGB")))
-    device = next(backbone.model.parameters(), torch.empty(0)).device
+    device = backbone.device
     with torch.inference_mode():
         out = backbone.model(torch.stack(tensors).to(device)).float()
     if normalize:

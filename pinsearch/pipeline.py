@@ -87,7 +87,8 @@ def index_corpus(
         index: index settings: a full :class:`IndexConfig`, or a mapping of only the settings
             to change (the rest come from the existing index, or the defaults for a new one).
             Asking another factory or metric than the existing index has rebuilds it.
-        index_name: defaults to the backbone name.
+        index_name: defaults to the backbone name (or the backbone's only index). Every other
+            index over the backbone is brought up to date as well.
         rebuild: rebuild the index from all stored vectors instead of adding to it.
         progress: ``callback(done, total)`` during embedding.
     """
@@ -107,7 +108,9 @@ def index_corpus(
                 f"({skipped} of {found} found were skipped; see pinsearch info)"
             )
         report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
-        name = index_name or backbone
+        names = store.index_names(backbone)
+        # The backbone's index: the one of its name, else its first (a custom name).
+        name = index_name or (backbone if backbone in names or not names else names[0])
         existing = store.catalog.get_index(name)
         saved = json.loads(existing["config"]) if existing is not None else {}
         asked = _index_options(index)
@@ -122,6 +125,9 @@ def index_corpus(
         else:
             built, n_new = store.update_index(name)
             action = f"updated (+{n_new})" if n_new else "unchanged"
+        for other in names:  # the backbone's other indexes take the new pins too
+            if other != name:
+                store.update_index(other)
         titles = _update_titles(store, backbone)
         return IndexReport(
             store=str(store.root),

@@ -29,6 +29,7 @@ from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
 from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
+from pinsearch.indexes.pinindex import fsync_file
 from pinsearch.vectors import VectorStore, backbone_dirname
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
@@ -175,7 +176,11 @@ class Store:
             for backbone in store.backbones(text_spaces=True):
                 store.vectors(backbone).remove_orphans()
         if verify and not snapshot:  # a snapshot may lag the index files the writer updates
-            store._verify_id_maps()
+            problems = store._id_map_problems()
+            if problems and read_only:
+                raise IndexFileError(problems[0][1] + "; pinsearch repair rebuilds it")
+            if problems:
+                store._heal_indexes(problems)
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
         return store
 
@@ -256,12 +261,20 @@ class Store:
         return index
 
     def update_index(self, name: str) -> tuple[PinIndex, int]:
-        """Add to an index the stored vectors it does not hold yet (no rebuild).
+        """Add to an index the stored vectors it does not hold yet (no rebuild; an index
+        whose files are damaged, e.g. by a write killed while swapping them, is rebuilt).
 
         Returns:
             The index and the number of vectors added.
         """
-        index = self.load_index(name)
+        try:
+            index = self.load_index(name)
+        except IndexFileError as exc:
+            _logger.warning("%s; rebuilding it from the stored vectors", exc)
+            before = int((self.catalog.get_index(name) or {}).get("ntotal") or 0)
+            self.rebuild_index(name)
+            index = self.load_index(name)
+            return index, max(index.ntotal - before, 0)
         vs = self.vectors(index.backbone)
         new = np.setdiff1d(vs.keys(), index.ids, assume_unique=True)
         if new.size:
@@ -334,39 +347,111 @@ class Store:
                 f"index {name!r}: the catalog says {row['ntotal']} vectors, the file holds "
                 f"{index.ntotal}; pinsearch repair rebuilds it"
             )
-        self._indexes[name] = index
+        if config is None:  # search-time settings stay with the caller: they must not reach
+            self._indexes[name] = index  # later callers, nor the files a writer saves
         return index
 
-    def _verify_id_maps(self) -> None:
-        """Every index position must map to a stored pin (checked at open)."""
+    def _id_map_problems(self) -> list[tuple[str, str, np.ndarray | None]]:
+        """Indexes whose id map does not fit the catalog (checked at open): ``(name, problem,
+        stray keys)``, the keys set only when pins the index names are gone (the one problem
+        that leaves the index itself whole: a ``remove`` stopped before its index step)."""
         rows = self.catalog.list_indexes()
         if not rows:
-            return
+            return []
         pin_keys = np.array(
             [r[0] for r in self.catalog.connection.execute("SELECT pin_key FROM pins").fetchall()],
             dtype=np.int64,
         )
+        problems: list[tuple[str, str, np.ndarray | None]] = []
         for row in rows:
-            ids_file = self.index_base(row["name"]).with_name(
-                self.index_base(row["name"]).name + ".ids.npy"
-            )
-            if not ids_file.is_file():
-                raise IndexFileError(
-                    f"index {row['name']!r}: id map {ids_file} is missing; pinsearch repair "
-                    "rebuilds it"
-                )
-            ids = np.load(ids_file, allow_pickle=False)
+            name = row["name"]
+            ids_file = self.index_base(name).with_name(self.index_base(name).name + ".ids.npy")
+            try:
+                ids = np.load(ids_file, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as exc:
+                what = "is missing" if not ids_file.is_file() else f"is unreadable: {exc}"
+                problems.append((name, f"index {name!r}: id map {ids_file} {what}", None))
+                continue
             if len(ids) != row["ntotal"]:
-                raise IndexFileError(
-                    f"index {row['name']!r}: id map has {len(ids)} entries, catalog says "
-                    f"{row['ntotal']}"
-                )
+                problems.append((name, f"index {name!r}: id map has {len(ids)} entries, catalog "
+                                 f"says {row['ntotal']}", None))  # fmt: skip
+                continue
             stray = np.setdiff1d(ids, pin_keys)
             if stray.size:
-                raise IndexFileError(
-                    f"index {row['name']!r} refers to {stray.size} pin keys not in the catalog "
-                    f"(e.g. {stray[:3].tolist()}); pinsearch repair rebuilds it"
-                )
+                problems.append((name, f"index {name!r} refers to {stray.size} pin keys not in "
+                                 f"the catalog (e.g. {stray[:3].tolist()})", stray))  # fmt: skip
+        return problems
+
+    def _heal_indexes(self, problems: list[tuple[str, str, np.ndarray | None]]) -> None:
+        """A writer's recovery from an interrupted write (indexes are derived data): entries
+        of removed pins are taken out in place, any other mismatch rebuilds the index from the
+        stored vectors with its saved settings; heads of a backbone that lost pins go stale."""
+        for name, problem, stray in problems:
+            _logger.warning("%s (an interrupted write); recovering it", problem)
+            action = self.remove_from_index(name, stray) if stray is not None else ""
+            if not action:
+                action = self.rebuild_index(name)
+            _logger.warning("index %s %s", name, action)
+            if stray is not None:
+                row = self.catalog.get_index(name)
+                self.mark_heads_stale([row["backbone"]] if row else [])
+
+    def rebuild_index(self, name: str) -> str:
+        """Rebuild a saved index from its backbone's stored vectors with its saved settings,
+        or drop it when none are left. Returns what was done: ``rebuilt`` or ``dropped``."""
+        row = self.catalog.get_index(name)
+        if row is None:
+            raise ValueError(f"no index {name!r} in {self.root}; it has {self.index_names()}")
+        backbone = row["backbone"]
+        if backbone not in self.backbones(text_spaces=True) or len(self.vectors(backbone)) == 0:
+            self.drop_index(name)
+            return "dropped"
+        self.forget_cached(name)
+        self.build_index(backbone, IndexConfig(**json.loads(row["config"])), name=name)
+        return "rebuilt"
+
+    def remove_from_index(self, name: str, keys: np.ndarray) -> str:
+        """Take pins out of a saved index without rebuilding it where FAISS can (Flat, IVF,
+        PQ, SQ: no retraining). Returns ``removed``, or ``""`` when it must be rebuilt instead
+        (an index type FAISS cannot remove from, or unreadable files); the files on disk are
+        left whole either way."""
+        try:
+            index = self.load_index(name)
+        except IndexFileError as exc:
+            _logger.warning("index %s: %s; rebuilding it", name, exc)
+            return ""
+        if not index.removable():
+            _logger.info("index %s (%s) cannot remove in place; rebuilding it", name, index.factory)
+            return ""
+        try:
+            index.remove(keys)
+            self.save_index(index, name)
+        except (RuntimeError, IndexFileError) as exc:  # FAISS refused; the object is not whole
+            self.forget_cached(name)
+            _logger.warning("index %s (%s): %s; rebuilding it", name, index.factory, exc)
+            return ""
+        except BaseException:
+            self.forget_cached(name)
+            raise
+        return "removed"
+
+    def drop_index(self, name: str) -> None:
+        """Forget an index and delete its files."""
+        base = self.index_base(name)
+        self.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
+        self.forget_cached(name)
+        for suffix in (".faiss", ".ids.npy", ".json"):
+            base.with_name(base.name + suffix).unlink(missing_ok=True)
+
+    def mark_heads_stale(self, backbones: list[str]) -> list[str]:
+        """Flag the heads trained on these backbones' vectors; returns their names."""
+        if not backbones:
+            return []
+        rows = self.catalog.query(
+            "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) RETURNING name",
+            [list(backbones)],
+        )
+        return sorted(r["name"] for r in rows)
 
     # -- reporting -----------------------------------------------------------------------
 
@@ -450,6 +535,7 @@ def _publish_snapshot(root: Path) -> None:
         return
     tmp = snap.with_name(snap.name + ".tmp")
     shutil.copyfile(catalog, tmp)
+    fsync_file(tmp)
     os.replace(tmp, snap)
 
 
@@ -481,4 +567,5 @@ def _read_store_meta(path: Path) -> dict[str, Any]:
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    fsync_file(tmp)
     os.replace(tmp, path)

@@ -189,6 +189,16 @@ def text_encoder_name(store: Any, backbone: str) -> str | None:
     return None if found is None else f"align:{found[1]['text_model']}->{backbone}"
 
 
+def _alignment_sha(store: Any, backbone: str) -> str | None:
+    """Checksum of the projection the backbone's text encoder uses (None: a CLIP tower)."""
+    if _is_clip(backbone):
+        return None
+    from pinsearch.align import load_alignment
+
+    found = load_alignment(store, backbone, arrays=False)
+    return None if found is None else str(found[1]["sha256"])
+
+
 def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> TextEncoder:
     """The text encoder into ``backbone``'s space: its CLIP text tower, or the store's alignment.
 
@@ -253,8 +263,9 @@ def embed_text_space(
     if enc_name is None:
         text_encoder_for(store, backbone)  # raises, saying how to get one
     run = store.catalog.get_embedding(name)
-    if rebuild or (run is not None and run["spec"].get("text_encoder") != enc_name):
-        _drop_space(store, name)
+    made_by = {"text_encoder": enc_name, "alignment": _alignment_sha(store, backbone)}
+    if rebuild or (run is not None and any(run["spec"].get(k) != v for k, v in made_by.items())):
+        _drop_space(store, name)  # another encoder, or another projection (align run again)
         run = None
     have = store.vectors(name).keys() if run is not None else np.empty(0, np.int64)
     keys, texts = pin_texts(store)
@@ -266,7 +277,7 @@ def embed_text_space(
     if run is None:
         store.catalog.upsert_embedding(
             name,
-            spec={"text_encoder": encoder.name, "kind": encoder.kind, "dim": encoder.dim},
+            spec={**made_by, "kind": encoder.kind, "dim": encoder.dim},
             preprocess={},
             normalize=True,
             dtype="float32",

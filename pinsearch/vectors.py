@@ -137,10 +137,18 @@ class VectorStore:
         return part
 
     def _next_part(self) -> int:
+        """A part number neither recorded nor on disk (retired parts stay on disk until the
+        next writer opens: readers of the previous snapshot may still read them)."""
         last = self.catalog.scalar(
             "SELECT max(part) FROM vector_parts WHERE backbone = ?", [self.backbone]
         )
-        return 0 if last is None else int(last) + 1
+        numbers = [-1 if last is None else int(last)]
+        if self.folder.is_dir():
+            for f in self.folder.glob("part-*.npy"):
+                digits = f.name[5:].split(".")[0]
+                if digits.isdigit():
+                    numbers.append(int(digits))
+        return max(numbers) + 1
 
     def _write_files(
         self, part: int, vectors: np.ndarray, keys: np.ndarray, dtype: str
@@ -166,13 +174,16 @@ class VectorStore:
         self._locator = None
         return vec_path.relative_to(self.root).as_posix(), len(keys), file_sha256(vec_path)
 
-    def drop_keys(self, keys: np.ndarray, *, parts: list[int] | None = None) -> int:
+    def drop_keys(
+        self, keys: np.ndarray, *, parts: list[int] | None = None, delete_retired: bool = False
+    ) -> int:
         """Remove the vectors of ``keys`` (and, with ``parts``, whole parts by number).
 
         Each part holding such a key is rewritten without it as a new part; the catalog swaps
-        old for new parts in one transaction, and only then are the old files deleted. A crash
-        at any point leaves either the old parts or the new ones recorded (unrecorded files are
-        removed when a writer next opens the store).
+        old for new parts in one transaction. A crash at any point leaves either the old parts
+        or the new ones recorded. The old files stay until a writer next opens the store (it
+        removes unrecorded files): readers of the snapshot published before this write still
+        read them. ``delete_retired`` deletes them at once (``repair``: damaged parts).
 
         Returns:
             The number of vectors removed.
@@ -208,9 +219,8 @@ class VectorStore:
             )
             for number, rel, n, sha in add:
                 self.catalog.add_vector_part(self.backbone, number, rel, n, sha)
-        for p in retire:
-            for f in (self.root / str(p["file"]), self._keys_path(p)):
-                f.unlink(missing_ok=True)
+        if delete_retired:
+            self.remove_orphans()
         self._locator = None
         return removed
 

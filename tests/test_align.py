@@ -25,7 +25,7 @@ from pinsearch.cli.app import app
 from pinsearch.errors import IndexFileError
 from pinsearch.eval.metrics import retrieval_metrics
 from pinsearch.store import Store
-from pinsearch.text import AlignedTextEncoder, text_encoder_for, text_space
+from pinsearch.text import AlignedTextEncoder, pin_texts, text_encoder_for, text_space
 from pinsearch.textsearch import TextSearcher
 
 FAST = AlignConfig(epochs=40, patience=10, batch_size=8, val_fraction=0.25)
@@ -176,6 +176,27 @@ def test_new_pins_get_title_vectors_on_index(aligned: Path, tmp_path: Path, make
     extra = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
     report = index_corpus(extra.root, path, backbone="test_efficientnet")
     assert report.added == 6 and report.title_vectors == 6
+
+
+def test_aligning_again_re_embeds_the_titles(aligned: Path, tmp_path: Path) -> None:
+    """Title vectors are projections: a new alignment (other settings, or copied) replaces
+    them all, or title and fused queries would score with the old projection."""
+    import dataclasses
+
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    with Store.open(path) as store:
+        old, keys = store.vectors(text_space("test_efficientnet")).load()
+        report = align_store(store, "test_efficientnet", dataclasses.replace(FAST, dim=8))
+        assert report.title_vectors == 24
+        new, new_keys = store.vectors(text_space("test_efficientnet")).load()
+        before = dict(zip(keys.tolist(), old))
+        assert not np.allclose(new, np.stack([before[k] for k in new_keys.tolist()]), atol=1e-3)
+        enc = text_encoder_for(store, "test_efficientnet")
+        titles = dict(zip(*pin_texts(store)))
+        np.testing.assert_allclose(
+            new, enc.encode([titles[k] for k in new_keys.tolist()]), atol=1e-5
+        )
 
 
 # -- captions ---------------------------------------------------------------------------------

@@ -121,3 +121,38 @@ def test_cli_check_exit_codes(store_copy: Path) -> None:
     out = runner.invoke(app, ["repair", "--store", str(store_copy), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["after"]["ok"] is True
+
+
+def test_an_empty_key_file_is_reported_and_repaired(store_copy: Path) -> None:
+    (store_copy / "vectors" / B / "part-000000.keys.npy").write_bytes(b"")
+    assert ("error", f"vectors {B} part 0", "unreadable") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert repaired.after is not None and repaired.after.ok
+
+
+def test_an_empty_index_description_is_reported_and_rebuilt(store_copy: Path) -> None:
+    (store_copy / "indexes" / f"{B}.json").write_text("")
+    assert ("error", f"index {B}", "unreadable") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert repaired.actions == [f"index {B}: rebuilt from 24 stored vectors"]
+    assert repaired.after is not None and repaired.after.ok
+
+
+def test_a_torn_index_save_is_rebuilt_by_the_next_writer(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:  # files of a new index saved, catalog not told
+        index = store.load_index(B)
+        index.remove(index.ids[:4])
+        index.save(store.index_base(B))
+    with pytest.raises(IndexFileError, match="id map has 20 entries, catalog says 24"):
+        Store.open(store_copy, read_only=True)
+    with Store.open(store_copy) as store:
+        assert store.load_index(B).ntotal == 24
+    assert check_store(store_copy).ok
+
+
+def test_an_index_damaged_mid_swap_is_rebuilt_by_the_next_index_run(store_copy: Path) -> None:
+    faiss_file = store_copy / "indexes" / f"{B}.faiss"
+    faiss_file.write_bytes(faiss_file.read_bytes()[:-8] + b"\0" * 8)  # id map still agrees
+    report = index_corpus(None, store_copy, backbone=B)
+    assert report.ntotal == 24
+    assert check_store(store_copy).ok

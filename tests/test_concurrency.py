@@ -22,6 +22,9 @@ from pathlib import Path
 from pinsearch.store import Store
 store = Store.open(sys.argv[1])
 store.catalog.set_meta("note", "written by the writer")
+if len(sys.argv) > 3:  # and a removal, which rewrites the vector parts holding the pin
+    from pinsearch.edit import remove_pins
+    remove_pins(store, pin_ids=sys.argv[3:])
 print("ready", flush=True)
 while not Path(sys.argv[2]).exists():
     time.sleep(0.05)
@@ -29,10 +32,10 @@ store.close()
 """
 
 
-def _start_writer(store: Path, done: Path) -> subprocess.Popen:
+def _start_writer(store: Path, done: Path, *remove: str) -> subprocess.Popen:
     env = {**os.environ, "PINSEARCH_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER, str(store), str(done)],
+        [sys.executable, "-c", _WRITER, str(store), str(done), *remove],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -80,3 +83,24 @@ def test_a_killed_writer_leaves_readers_the_last_snapshot(store_copy: Path, tmp_
         assert _query(reader) == 5
     with Store.open(store_copy) as s:  # the next writer replays or drops its log, and works
         assert s.catalog.count_pins() == 24 and _query(s) == 5
+
+
+def test_readers_of_the_snapshot_survive_a_remove(store_copy: Path, tmp_path: Path) -> None:
+    with Store.open(store_copy, read_only=True) as s:
+        gone = s.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 1")[0]["pin_id"]
+    writer = _start_writer(store_copy, tmp_path / "done", gone)  # removed, not yet closed
+    try:
+        with Store.open(store_copy, read_only=True) as reader:
+            assert reader.snapshot and reader.catalog.count_pins() == 24
+            vectors, _ = reader.vectors("test_efficientnet").load()  # the parts it lists
+            assert len(vectors) == 24 and _query(reader) == 5
+    finally:
+        (tmp_path / "done").touch()
+        writer.wait(timeout=60)
+    assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    with Store.open(store_copy) as store:  # the next writer deletes the retired parts
+        assert store.catalog.count_pins() == 23
+        folder = store.vectors("test_efficientnet").folder
+        assert len(list(folder.glob("part-*.npy"))) == 2 * len(
+            store.vectors("test_efficientnet").parts()
+        )

@@ -14,7 +14,7 @@ from pinsearch.check import check_store
 from pinsearch.classify import train_head
 from pinsearch.cli.app import app
 from pinsearch.edit import add_corpus, remove_pins
-from pinsearch.errors import PinNotFoundError
+from pinsearch.errors import IndexFileError, PinNotFoundError
 from pinsearch.pipeline import index_corpus
 from pinsearch.search import PinSearcher
 from pinsearch.store import Store
@@ -171,3 +171,50 @@ def test_cli_add_remove(store_copy: Path, make_tree, tmp_path: Path) -> None:
     assert json.loads(out.output)["pins"] == 1
     out = runner.invoke(app, ["remove", "-s", str(store_copy), "--pin", pin])
     assert out.exit_code != 0
+
+
+def test_pins_removed_one_by_one_take_their_emptied_board_and_user(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        rows = store.catalog.query("SELECT pin_id, board, user_id FROM pins ORDER BY pin_key")
+        user = rows[0]["user_id"]
+        of_user = [r for r in rows if r["user_id"] == user]
+        boards = {r["board"] for r in of_user}
+        report = remove_pins(store, pin_ids=[r["pin_id"] for r in of_user])  # by id, not name
+        assert report.boards == len(boards) and report.users == 1
+        assert not store.catalog.query(
+            "SELECT board FROM boards WHERE board IN (SELECT unnest(?))", [sorted(boards)]
+        )
+        assert not store.catalog.query("SELECT * FROM users WHERE user_id = ?", [user])
+        assert store.info().users == 1
+    assert check_store(store_copy).ok
+
+
+def test_an_interrupted_remove_is_finished_by_the_next_writer(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
+        gone = _keys_of(store, sorted(_ids(store))[:3])
+        # What remove_pins has done when it is killed before its index step:
+        store.vectors(B).drop_keys(gone)
+        store.catalog.connection.execute(
+            "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [gone.tolist()]
+        )
+    with pytest.raises(IndexFileError, match="refers to 3 pin keys"):
+        Store.open(store_copy, read_only=True)  # a reader is told; it changes nothing
+    with Store.open(store_copy) as store:  # any writer takes the entries out
+        index = store.load_index(B)
+        assert index.ntotal == 21 and not np.isin(index.ids, gone).any()
+        assert store.catalog.query("SELECT stale FROM heads")[0]["stale"]
+    assert check_store(store_copy).ok
+
+
+def test_add_updates_every_index_of_the_backbone(store_copy: Path, make_tree, tmp_path) -> None:
+    from pinsearch.indexes import IndexConfig
+
+    with Store.open(store_copy) as store:
+        store.build_index(B, IndexConfig(factory="HNSW8", metric="l2"), name="graph")
+    more = make_tree(tmp_path / "more", seed=7, pins_per_board=1)
+    add_corpus(more.root, store_copy)
+    with Store.open(store_copy, read_only=True) as store:
+        assert {n: store.load_index(n).ntotal for n in store.index_names()} == {B: 30, "graph": 30}
+        assert store.load_index("graph").factory == "HNSW8"
+    assert not check_store(store_copy).findings

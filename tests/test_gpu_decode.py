@@ -147,7 +147,11 @@ def test_large_photos_are_decoded_in_pieces(tmp_path: Path) -> None:
     whole = decode_on_device(batch, model.preprocess, CUDA, transform)
     pieces = decode_on_device(batch, model.preprocess, CUDA, transform, pixel_budget=13_000_000)
     assert whole.keys.tolist() == pieces.keys.tolist() == [0, 1, 2]
-    torch.testing.assert_close(whole.images, pieces.images)
+    # Padded to other shapes, the matrix products may round differently: at most one 8-bit
+    # level here and there.
+    step = 1.0 / 255 / min(model.preprocess.std)
+    diff = (whole.images.float() - pieces.images.float()).abs()
+    assert diff.max() <= 1.01 * step and diff.mean() <= 0.01 * step
 
 
 def test_auto_batch_size_on_cuda(tree_corpus) -> None:

@@ -378,7 +378,9 @@ def test_remove_everything_then_add() -> None:
     np.testing.assert_array_equal(index.search(x[:10], 1)[1][:, 0], keys[:10])
 
 
-@pytest.mark.parametrize("factory", ["HNSW16", "IVF16,Flat,Refine(Flat)", "IVF16,PQ4x4fs"])
+@pytest.mark.parametrize(
+    "factory", ["HNSW16", "IVF16,Flat,Refine(Flat)", "IVF16,PQ4x4fs", "IVF16,PQ4+4"]
+)
 def test_remove_refused_where_faiss_cannot(clustered, factory: str) -> None:
     x, keys = clustered["x"][:500], clustered["keys"][:500]
     index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", **CPU))
@@ -643,6 +645,8 @@ def test_gpu_index_matches_cpu(clustered, tmp_path: Path, factory: str) -> None:
         ("OPQ16,IVF16,PQ16", (True, False)),  # the pre-transform is cloned around it
         ("PCA64,IVF16,Flat", (True, False)),
         ("IVF16,SQ8", (True, False)),
+        ("IVF16,SQfp16", (True, False)),
+        ("IVF16,SQbf16", (False, False)),  # no bf16 scalar quantiser on the GPU
         ("HNSW32", (False, False)),  # no GPU clone for these: they stay on the CPU
         ("PQ16", (False, False)),
         ("SQ8", (False, False)),
@@ -658,3 +662,73 @@ def test_gpu_settings_follow_faiss_gpu_limits(factory: str, expected: tuple) -> 
     from pinsearch.indexes import gpu_settings
 
     assert gpu_settings(faiss.index_factory(384, factory)) == expected
+
+
+@pytest.mark.parametrize(
+    ("factory", "fp16", "expected"),
+    [
+        ("Flat", True, True),
+        ("Flat", False, False),
+        ("IVF16,Flat", True, False),  # FAISS-GPU ignores float16 for IVF-Flat storage
+        ("IVF16,SQ8", True, False),
+        ("IVF16,PQ8", True, True),  # lookup tables
+        ("IVF16,PQ64", False, True),  # always: float32 tables would not fit
+        ("HNSW32", True, False),  # stays on the CPU
+    ],
+)
+def test_gpu_float16_says_what_faiss_gpu_does(factory: str, fp16: bool, expected: bool) -> None:
+    import faiss
+
+    from pinsearch.indexes.gpu import gpu_float16
+
+    assert gpu_float16(faiss.index_factory(384, factory), fp16) is expected
+
+
+@pytest.fixture
+def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> list:
+    """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU"
+    returns a CPU clone (a FAISS index object, with the same attribute rules as a GPU one), so
+    pinsearch's placement code runs here as it would with a GPU (it ran on no GPU before)."""
+    import faiss
+
+    from pinsearch.indexes import gpu
+
+    calls: list = []
+
+    class Options:
+        useFloat16 = False
+        shard = False
+
+    def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
+        calls.append((device, options.useFloat16))
+        return faiss.clone_index(index)
+
+    for name, value in {
+        "get_num_gpus": lambda: 1,
+        "StandardGpuResources": object,
+        "GpuClonerOptions": Options,
+        "index_cpu_to_gpu": to_gpu,
+        "index_gpu_to_cpu": faiss.clone_index,
+        "GpuParameterSpace": faiss.ParameterSpace,
+    }.items():
+        monkeypatch.setattr(faiss, name, value, raising=False)
+    monkeypatch.setattr(gpu, "_RESOURCES", None)
+    return calls
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8"])
+def test_gpu_placement_runs_against_faiss_gpu_entry_points(
+    faiss_gpu_stand_in: list, tmp_path: Path, factory: str
+) -> None:
+    x = _clustered(600, 16, 8, 0)
+    keys = _keys(600)
+    q = x[:20] + 0.01
+    cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, **CPU))
+    placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
+    assert placed.on_gpu and faiss_gpu_stand_in == [(0, True)]
+    np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
+    placed.add(x[:3] * 2, np.array([1, 2, 3]))  # a GPU index grows on its CPU copy
+    placed.remove(np.array([1, 2]))
+    assert placed.ntotal == 601 and placed.on_gpu
+    placed.save(tmp_path / "i")
+    assert load_index(tmp_path / "i").on_gpu  # device auto: placed again

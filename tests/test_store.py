@@ -160,16 +160,18 @@ def test_read_only_store_takes_no_lock(store_copy: Path) -> None:
 # -- integrity checks at open ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("read_only", [False, True], ids=["writer", "reader"])
-def test_index_id_map_with_unknown_key_is_refused(store_copy: Path, read_only: bool) -> None:
+def test_index_id_map_with_unknown_key_is_refused_then_healed(store_copy: Path) -> None:
     ids = np.load(_ids_file(store_copy))
     ids[3] = 10**9  # a pin key the catalog does not know
     np.save(_ids_file(store_copy), ids)
     with pytest.raises(IndexFileError, match="not in the catalog"):
-        Store.open(store_copy, read_only=read_only)
-    # The failed open released the lock: the error is not a StoreLockedError next time.
-    with pytest.raises(IndexFileError):
-        Store.open(store_copy)
+        Store.open(store_copy, read_only=True)  # a reader changes nothing
+    with pytest.raises(IndexFileError, match="not in the catalog"):
+        Store.open(store_copy, read_only=True)
+    with Store.open(store_copy) as store:  # a writer rebuilds the index from the vectors
+        index = store.load_index(BACKBONE)
+        assert index.ntotal == 24 and 10**9 not in index.ids
+        assert sorted(index.ids) == sorted(store.vectors(BACKBONE).keys())
 
 
 def test_index_id_map_of_wrong_length_or_missing(store_copy: Path) -> None:
@@ -334,3 +336,15 @@ def test_store_survives_reading_a_corpus_twice(store_copy: Path, built_store) ->
     with Store.open(store_copy) as store:
         result = read_corpus(built_store.corpus.root, exclude_ids=store.catalog.pin_ids())
         assert result.pins == [] and result.already_present == 24
+
+
+def test_search_time_settings_stay_with_their_caller(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        name = store.index_names()[0]
+        tuned = store.load_index(name, config=IndexConfig(device="cpu", precision="float16"))
+        assert tuned.config.precision == "float16"
+        saved = store.load_index(name)  # not the tuned copy
+        assert saved is not tuned and saved.config.precision == "float32"
+        store.save_index(saved, name)
+    with Store.open(store_copy, read_only=True) as store:
+        assert json.loads(store.catalog.get_index(name)["config"])["precision"] == "float32"
