@@ -41,7 +41,7 @@ def main() -> None:
     """Entry point: turns pinsearch errors into a one-line message and exit code 1."""
     try:
         app()
-    except (PinsearchError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (PinsearchError, ValueError, OSError) as exc:  # OSError: paths (missing, a folder...)
         err_console.print(f"[red]error:[/red] {exc}")
         raise SystemExit(1) from None
 

@@ -70,8 +70,8 @@ def dupes(
     store: StoreOpt,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
     threshold: Annotated[float, typer.Option(help="Cosine at or above which pins pair.")] = 0.95,
-    k: Annotated[int, typer.Option(min=1, help="Neighbours examined per pin.")] = 20,
-    top: Annotated[int, typer.Option(help="Groups shown.")] = 20,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Neighbours examined per pin.")] = 20,
+    top: Annotated[int, typer.Option(min=0, help="Groups shown.")] = 20,
     as_json: JsonOpt = False,
 ) -> None:
     """Find groups of near-duplicate pins (same image re-pinned, resized, re-encoded, or the

@@ -63,6 +63,10 @@ def index(
     ] = None,
     metric: Annotated[str | None, typer.Option(help="cosine, ip, l2 or l1.")] = None,
     index_device: Annotated[str | None, typer.Option(help="Index on auto, cpu or gpu.")] = None,
+    fp16: Annotated[
+        bool | None,
+        typer.Option("--fp16/--no-fp16", help="GPU index: float16 Flat vectors / PQ tables."),
+    ] = None,
     index_name: Annotated[str | None, typer.Option(help="Defaults to the backbone name.")] = None,
     rebuild: Annotated[bool, typer.Option(help="Rebuild the index from all vectors.")] = False,
     as_json: JsonOpt = False,
@@ -94,7 +98,12 @@ def index(
     )
     index_opts = {
         k: v
-        for k, v in {"factory": factory, "metric": metric, "device": index_device}.items()
+        for k, v in {
+            "factory": factory,
+            "metric": metric,
+            "device": index_device,
+            "fp16": fp16,
+        }.items()
         if v is not None
     }
     update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())

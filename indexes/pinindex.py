@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -492,7 +493,7 @@ def build_index(
     try:
         cpu = faiss.index_factory(dim, factory, faiss_metric(config.metric))
     except RuntimeError as exc:
-        raise ValueError(f"FAISS cannot build index {factory!r}: {exc}") from exc
+        raise ValueError(f"FAISS cannot build index {factory!r}: {_faiss_reason(exc)}") from exc
     index, on_gpu = _place(cpu, config, factory)
     pin_index = PinIndex(index, np.empty(0, np.int64), config, factory, dim, backbone, 0.0, on_gpu)
     if not index.is_trained:
@@ -500,10 +501,25 @@ def build_index(
             raise ValueError(f"index {factory!r} needs training vectors; none given")
         rng = np.random.default_rng(config.seed)
         sample = x if n <= config.max_train else x[np.sort(rng.choice(n, config.max_train, False))]
-        index.train(pin_index.prepare(sample))
+        try:
+            index.train(pin_index.prepare(sample))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"FAISS cannot train index {factory!r} on {len(sample)} vectors: "
+                f"{_faiss_reason(exc)}; pick a smaller factory, or 'auto'"
+            ) from exc
     pin_index.add(x, keys)
     pin_index.build_seconds = time.perf_counter() - start
     return pin_index
+
+
+def _faiss_reason(exc: Exception) -> str:
+    """The readable end of a FAISS error ("Error in <C++ signature> at <file>: Error: '<check>'
+    failed: <reason>")."""
+    text = str(exc).strip()
+    found = re.match(r"Error in .*? at \S+:\d+: (?:Error: )?(.*)", text, re.S)
+    reason = found.group(1) if found else text
+    return reason.split("' failed: ", 1)[-1]
 
 
 def load_index(

@@ -102,6 +102,7 @@ class EmbedConfig:
             raise ValueError(
                 f"EmbedConfig.batch_size must be positive, or 0 for auto; got {self.batch_size}"
             )
+        resolve_device(self.device)  # a device this machine has, said before any work
 
 
 @dataclass
@@ -130,10 +131,24 @@ class EmbedReport:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise the named device."""
+    """``auto`` -> cuda if available else cpu; otherwise the named device.
+
+    Raises:
+        ValueError: not a device name, or a CUDA device this machine does not have.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU here; use cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA GPU(s)")
+    return dev
 
 
 def resolve_workers(config: EmbedConfig) -> int:
@@ -571,13 +586,13 @@ def embed_store(
     finally:
         seconds = time.perf_counter() - start
         prev = catalog.get_embedding(backbone_name) or {}
-        total_seconds = float(prev.get("seconds") or 0.0) + seconds
-        catalog.upsert_embedding(
-            backbone_name,
-            seconds=total_seconds,
-            images_per_s=(embedded / seconds) if seconds > 0 and embedded else None,
-            device=str(device),
-        )
+        if embedded or not prev.get("images_per_s"):  # a run with nothing to embed keeps
+            catalog.upsert_embedding(  # the figures of the last one that did
+                backbone_name,
+                seconds=float(prev.get("seconds") or 0.0) + seconds,
+                images_per_s=(embedded / seconds) if seconds > 0 and embedded else None,
+                device=str(device),
+            )
     return EmbedReport(
         backbone=backbone_name,
         embedded=embedded,

@@ -59,10 +59,21 @@ def create_head(name: str, **params: Any) -> BaseEstimator:
     """A head by registry name (``knn``, ``lsvm``, ``mlp``) with hyperparameters.
 
     Raises:
-        ValueError: unknown name (the message lists the registered ones).
+        ValueError: unknown name (the message lists the registered ones) or parameter, or
+            text for a numeric parameter.
     """
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; registered: {sorted(HEADS)}")
+    defaults = HEADS[name]().get_params()
+    for key, value in params.items():
+        if key not in defaults:
+            raise ValueError(
+                f"head {name!r} has no parameter {key!r}; it takes {', '.join(sorted(defaults))}"
+            )
+        default = defaults[key]
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if number and isinstance(value, str):
+            raise ValueError(f"head {name!r}: parameter {key!r} takes a number, not {value!r}")
     return HEADS[name](**params)
 
 

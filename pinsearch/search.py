@@ -24,6 +24,7 @@ __all__ = [
     "PinSearcher",
     "SearchHit",
     "SearchResult",
+    "category_key",
     "exact_search",
     "run_weights_file",
     "store_backbone",
@@ -114,6 +115,15 @@ def _py(value: Any) -> Any:
     if value is np.ma.masked:
         return None
     return value.item() if isinstance(value, np.generic) else value
+
+
+def category_key(category: str | None) -> str | None:
+    """A category filter as ingest stores categories ("Food & Drink" -> "food_drink")."""
+    if category is None:
+        return None
+    from pinsearch.ingest import normalize_category
+
+    return normalize_category(category) or category
 
 
 def _filters(board: str | None, user: str | None, category: str | None) -> dict[str, str]:
@@ -238,6 +248,7 @@ class PinSearcher:
         With ``cache_metadata`` the answer comes from the in-memory columns, grouped once per
         column (a million pins: one DuckDB query of ~15 ms per filtered search otherwise).
         """
+        category = category_key(category)
         if not self.cache_metadata:
             return self.store.catalog.filter_keys(board=board, user=user, category=category)
         parts = []

@@ -171,16 +171,20 @@ class Store:
             raise
         store = cls(root, catalog, lock)
         store.snapshot = snapshot
-        if not read_only:
-            catalog.set_meta("last_written_by", __version__)
-            for backbone in store.backbones(text_spaces=True):
-                store.vectors(backbone).remove_orphans()
-        if verify and not snapshot:  # a snapshot may lag the index files the writer updates
-            problems = store._id_map_problems()
-            if problems and read_only:
-                raise IndexFileError(problems[0][1] + "; pinsearch repair rebuilds it")
-            if problems:
-                store._heal_indexes(problems)
+        try:
+            if not read_only:
+                catalog.set_meta("last_written_by", __version__)
+                for backbone in store.backbones(text_spaces=True):
+                    store.vectors(backbone).remove_orphans()
+            if verify and not snapshot:  # a snapshot may lag the index files a writer updates
+                problems = store._id_map_problems()
+                if problems and read_only:
+                    raise IndexFileError(problems[0][1] + "; pinsearch repair rebuilds it")
+                if problems:
+                    store._heal_indexes(problems)
+        except BaseException:
+            store.close()  # the lock goes with it
+            raise
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
         return store
 

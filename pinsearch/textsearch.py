@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
-from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters
+from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters, category_key
 from pinsearch.text import TextEncoder, text_encoder_for, text_space
 from pinsearch.vectors import unit_rows
 
@@ -313,7 +313,7 @@ class TextSearcher(PinSearcher):
 
     def _board_sizes(self, user: str | None, category: str | None) -> dict[str, int]:
         where, params = [], []
-        for col, value in (("user_id", user), ("category", category)):
+        for col, value in (("user_id", user), ("category", category_key(category))):
             if value is not None:
                 where.append(f"{col} = ?")
                 params.append(value)

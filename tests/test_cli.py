@@ -40,10 +40,13 @@ def test_index_again_is_incremental(
     cli_store: tuple[Path, dict[str, object]], tree_copy: Path
 ) -> None:
     store, _ = cli_store
+    first = _json(["info", "--store", str(store), "--json"])["embeddings"][0]  # type: ignore[index]
     again = _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
                    "--workers", "0", "--json"])  # fmt: skip
     assert again["added"] == 0 and again["already_present"] == 24 and again["embedded"] == 0
     assert again["index_action"] == "unchanged"
+    run = _json(["info", "--store", str(store), "--json"])["embeddings"][0]  # type: ignore[index]
+    assert run["images_per_s"] == first["images_per_s"] > 0  # the run that embedded them
 
 
 def test_query_by_pin_with_filters(cli_store: tuple[Path, dict[str, object]]) -> None:
@@ -243,3 +246,68 @@ def test_query_and_serve_search_time_settings(tree_copy: Path, tmp_path: Path) -
     request = json.dumps({"pin": pin, "k": 30}) + "\n"
     serve(store, requests=io.StringIO(request), responses=out, config=IndexConfig(nprobe=4))
     assert len(json.loads(out.getvalue().splitlines()[1])["hits"]) == 23
+
+
+def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str:
+    """Run ``pinsearch ARGV`` as the console script does; the one-line error it prints."""
+    from pinsearch.cli.app import main
+
+    monkeypatch.setattr("sys.argv", ["pinsearch", *argv])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error:"), err
+    return " ".join(err.split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["train", "--head", "lsvm", "--param", "bogus=1"], "has no parameter 'bogus'"),
+        (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a number"),
+        (["index", "--device", "tpu"], "unknown device 'tpu'"),
+        (["index", "--device", "cuda"], "torch sees no CUDA GPU"),
+        (["index", "--factory", "IVF1024,Flat", "--rebuild"], "cannot train index 'IVF1024,Flat'"),
+        (["query", "--pin", "PIN", "--titles-file", "DIR"], "Is a directory"),
+    ],
+)
+def test_bad_options_are_one_line_errors(
+    store_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, argv, says
+) -> None:
+    from pinsearch.store import Store
+
+    with Store.open(store_copy, read_only=True) as store:
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        before = store.info()
+    argv = [{"PIN": pin, "DIR": str(tmp_path)}.get(a, a) for a in argv]
+    argv += ["--store", str(store_copy)]
+    if argv[0] == "index":
+        argv += ["-b", "test_efficientnet"]
+    assert says in _main_error(argv, monkeypatch, capsys)
+    with Store.open(store_copy, read_only=True) as store:  # nothing was changed
+        after = store.info()
+        assert (after.pins, after.indexes, after.heads) == (before.pins, before.indexes, [])
+
+
+def test_dupes_options(store_copy: Path) -> None:
+    report = _json(["dupes", "--store", str(store_copy), "-k", "5", "--top", "0", "--json"])
+    assert isinstance(report, dict)
+    result = runner.invoke(app, ["dupes", "--store", str(store_copy), "--top", "-1"])
+    assert result.exit_code == 2 and "--top" in result.output
+
+
+def test_category_filters_take_the_label_as_written(store_copy: Path) -> None:
+    from pinsearch.store import Store
+
+    with Store.open(store_copy, read_only=True) as store:
+        pin, category = next(
+            (r["pin_id"], r["category"])
+            for r in store.catalog.query("SELECT pin_id, category FROM pins ORDER BY pin_key")
+        )
+    written = category.replace("_", " & ").title()  # "food_drink" -> "Food & Drink"
+    base = ["query", "--store", str(store_copy), "--pin", pin, "-k", "3", "--json"]
+    stored = _json([*base, "--category", category])
+    typed = _json([*base, "--category", written])
+    assert [h["pin_id"] for h in typed["hits"]] == [h["pin_id"] for h in stored["hits"]]
+    assert stored["hits"] and all(h["category"] == category for h in typed["hits"])
