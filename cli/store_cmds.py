@@ -24,7 +24,11 @@ from pinsearch.cli.common import (
 @app.command()
 def index(
     corpus: Annotated[
-        Path | None, typer.Argument(help="Tree, image folder or CSV/Parquet manifest.")
+        Path | None,
+        typer.Argument(
+            help="Tree, image folder or CSV/Parquet manifest; leave out to embed the pins the "
+            "store holds with --backbone."
+        ),
     ] = None,
     store: StoreOpt = Path("pinsearch-store"),
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",

@@ -684,11 +684,12 @@ def test_gpu_float16_says_what_faiss_gpu_does(factory: str, fp16: bool, expected
     assert gpu_float16(faiss.index_factory(384, factory), fp16) is expected
 
 
-@pytest.fixture
-def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> list:
-    """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU"
+@pytest.fixture(params=[1, 2], ids=["one-gpu", "two-gpus"])
+def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
+    """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU(s)"
     returns a CPU clone (a FAISS index object, with the same attribute rules as a GPU one), so
-    pinsearch's placement code runs here as it would with a GPU (it ran on no GPU before)."""
+    pinsearch's placement code runs here as it would with one GPU or sharded over two (it ran
+    on no GPU before). Records ``(GPUs, shard, float16)`` per placement."""
     import faiss
 
     from pinsearch.indexes import gpu
@@ -700,14 +701,20 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch) -> list:
         shard = False
 
     def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
-        calls.append((device, options.useFloat16))
+        calls.append((1, False, options.useFloat16))
+        return faiss.clone_index(index)
+
+    def to_all_gpus(index: object, co: Options, ngpu: int) -> object:
+        calls.append((ngpu, co.shard, co.useFloat16))
         return faiss.clone_index(index)
 
     for name, value in {
-        "get_num_gpus": lambda: 1,
+        "get_num_gpus": lambda: request.param,
         "StandardGpuResources": object,
         "GpuClonerOptions": Options,
+        "GpuMultipleClonerOptions": Options,
         "index_cpu_to_gpu": to_gpu,
+        "index_cpu_to_all_gpus": to_all_gpus,
         "index_gpu_to_cpu": faiss.clone_index,
         "GpuParameterSpace": faiss.ParameterSpace,
     }.items():
@@ -725,10 +732,34 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     q = x[:20] + 0.01
     cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, **CPU))
     placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
-    assert placed.on_gpu and faiss_gpu_stand_in == [(0, True)]
+    assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], [(2, True, True)])
     np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
     placed.add(x[:3] * 2, np.array([1, 2, 3]))  # a GPU index grows on its CPU copy
     placed.remove(np.array([1, 2]))
     assert placed.ntotal == 601 and placed.on_gpu
     placed.save(tmp_path / "i")
     assert load_index(tmp_path / "i").on_gpu  # device auto: placed again
+
+
+@pytest.mark.parametrize("factory", ["PQ2", "OPQ2,IVF8,PQ2,RFlat"])
+def test_pq_indexes_skip_polysemous_training_and_answer_the_same(factory: str) -> None:
+    """Polysemous training (FAISS's default) only permutes PQ centroids for Hamming filters,
+    which pinsearch never uses; without it an index answers with the same distances."""
+    import faiss
+
+    x, keys = _clustered(1200, 16, 8, 3), _keys(1200)
+    ours = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=8, **CPU))
+    node = faiss.downcast_index(ours.index)
+    while not hasattr(node, "do_polysemous_training"):
+        node = faiss.downcast_index(getattr(node, "index", None) or node.base_index)
+    assert node.do_polysemous_training is False
+    raw = faiss.index_factory(16, factory)  # FAISS's defaults, polysemous training on
+    raw.train(x)
+    raw.add(x)
+    params = faiss.ParameterSpace()
+    if "IVF" in factory:
+        params.set_index_parameter(raw, "nprobe", 8)
+    d_raw, i_raw = raw.search(x[:50], 5)
+    d_ours, k_ours = ours.search(x[:50], 5)
+    np.testing.assert_allclose(d_ours, d_raw, rtol=1e-4, atol=1e-4)
+    assert (k_ours == keys[i_raw]).mean() > 0.95  # ties may swap
