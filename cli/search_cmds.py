@@ -75,7 +75,10 @@ def query(
     if sum(x is not None for x in (pin, image, text)) != 1:
         raise typer.BadParameter("give exactly one of --pin, --image or --text")
     if image is not None and not image.is_file():
-        raise typer.BadParameter(f"image {image} does not exist", param_hint="--image")
+        what = "is a folder, not an image file" if image.is_dir() else "does not exist"
+        raise typer.BadParameter(f"image {image} {what}", param_hint="--image")
+    if classify and text is not None:
+        raise typer.BadParameter("--classify takes a --pin or an --image, not --text")
     candidates = list(titles or [])
     if titles_file is not None:
         lines = titles_file.read_text(encoding="utf-8").splitlines()

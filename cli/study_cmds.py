@@ -46,6 +46,8 @@ def backbones(
     if as_json:
         emit_json(rows)
         return
+    if not rows:
+        raise ValueError(f"no registered backbone matches {pattern!r} (pinsearch backbones)")
     short = [
         {k: r[k] for k in ("name", "source", "dim", "input_size", "offline", "paper")} for r in rows
     ]

@@ -37,6 +37,7 @@ from pinsearch.decode import (
 from pinsearch.errors import BackboneMismatchError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from pinsearch.ingest import SkippedPin
+from pinsearch.vectors import VECTOR_DTYPES
 
 __all__ = [
     "DECODE_MODES",
@@ -101,6 +102,10 @@ class EmbedConfig:
         if self.batch_size < 0:
             raise ValueError(
                 f"EmbedConfig.batch_size must be positive, or 0 for auto; got {self.batch_size}"
+            )
+        if self.dtype not in VECTOR_DTYPES:
+            raise ValueError(
+                f"EmbedConfig.dtype must be one of {', '.join(VECTOR_DTYPES)}, not {self.dtype!r}"
             )
         resolve_device(self.device)  # a device this machine has, said before any work
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,63 +95,90 @@ def index_corpus(
     """
     ingest = ingest or IngestConfig()
     embed = embed or EmbedConfig()
-    with Store.open(store_path, create=True) as store:
-        found = added = already = skipped = sampled_out = 0
-        fmt = ""
-        if corpus is not None:
-            result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_ids())
-            _, added = store.catalog.add_ingest(result, json.dumps(asdict(ingest), default=str))
-            found, already = result.found, result.already_present
-            skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
-        if store.catalog.count_pins() == 0:
-            raise ValueError(
-                f"store {store.root} has no pins to index "
-                f"({skipped} of {found} found were skipped; see pinsearch info)"
+    root = Path(store_path)
+    fresh = not (root / "store.json").is_file()  # this call creates the store
+    existed = root.exists()
+    try:
+        with Store.open(store_path, create=True) as store:
+            found = added = already = skipped = sampled_out = 0
+            fmt = ""
+            if corpus is not None:
+                result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_ids())
+                _, added = store.catalog.add_ingest(result, json.dumps(asdict(ingest), default=str))
+                found, already = result.found, result.already_present
+                skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
+            if store.catalog.count_pins() == 0:
+                raise ValueError(
+                    f"store {store.root} has no pins to index "
+                    f"({skipped} of {found} found were skipped; see pinsearch info)"
+                )
+            report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
+            names = store.index_names(backbone)
+            # The backbone's index: the one of its name, else its first (a custom name).
+            name = index_name or (backbone if backbone in names or not names else names[0])
+            existing = store.catalog.get_index(name)
+            saved = json.loads(existing["config"]) if existing is not None else {}
+            asked = _index_options(index)
+            config = IndexConfig(**{**saved, **asked})
+            differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
+            if existing is not None and differs and not rebuild:
+                rebuild = True
+                _logger.info("index %s: %s changed; rebuilding", name, differs)
+            if existing is None or rebuild:
+                built = store.build_index(backbone, config, name=name)
+                action = "rebuilt" if existing is not None else "built"
+            else:
+                built, n_new = store.update_index(name)
+                action = f"updated (+{n_new})" if n_new else "unchanged"
+            for other in names:  # the backbone's other indexes take the new pins too
+                if other != name:
+                    store.update_index(other)
+            titles = _update_titles(store, backbone)
+            return IndexReport(
+                store=str(store.root),
+                corpus=str(corpus) if corpus is not None else "",
+                format=fmt,
+                backbone=backbone,
+                found=found,
+                added=added,
+                already_present=already,
+                skipped=skipped,
+                sampled_out=sampled_out,
+                embedded=report.embedded,
+                embed_failed=report.failed,
+                embed_seconds=round(report.seconds, 3),
+                images_per_s=round(report.images_per_s, 1),
+                index=name,
+                factory=built.factory,
+                metric=built.config.metric,
+                ntotal=built.ntotal,
+                index_action=action,
+                index_seconds=round(built.build_seconds, 3),
+                title_vectors=titles,
             )
-        report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
-        names = store.index_names(backbone)
-        # The backbone's index: the one of its name, else its first (a custom name).
-        name = index_name or (backbone if backbone in names or not names else names[0])
-        existing = store.catalog.get_index(name)
-        saved = json.loads(existing["config"]) if existing is not None else {}
-        asked = _index_options(index)
-        config = IndexConfig(**{**saved, **asked})
-        differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
-        if existing is not None and differs and not rebuild:
-            rebuild = True
-            _logger.info("index %s: %s changed; rebuilding", name, differs)
-        if existing is None or rebuild:
-            built = store.build_index(backbone, config, name=name)
-            action = "rebuilt" if existing is not None else "built"
+    except BaseException:
+        if fresh:  # a failed first run leaves no empty store behind (bad option, bad corpus)
+            _remove_if_empty(root, keep_folder=existed)
+        raise
+
+
+def _remove_if_empty(root: Path, *, keep_folder: bool) -> None:
+    """Delete a store this run created if nothing was recorded in it (no pin, no ingest: a
+    corpus whose pins were all skipped keeps its store, to say why in ``pinsearch info``)."""
+    try:
+        with Store.open(root, read_only=True, verify=False) as store:
+            if store.catalog.scalar("SELECT count(*) FROM ingests") or store.catalog.count_pins():
+                return
+    except Exception:  # unreadable: left for the user to look at
+        return
+    if not keep_folder:
+        shutil.rmtree(root)
+        return
+    for child in root.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
         else:
-            built, n_new = store.update_index(name)
-            action = f"updated (+{n_new})" if n_new else "unchanged"
-        for other in names:  # the backbone's other indexes take the new pins too
-            if other != name:
-                store.update_index(other)
-        titles = _update_titles(store, backbone)
-        return IndexReport(
-            store=str(store.root),
-            corpus=str(corpus) if corpus is not None else "",
-            format=fmt,
-            backbone=backbone,
-            found=found,
-            added=added,
-            already_present=already,
-            skipped=skipped,
-            sampled_out=sampled_out,
-            embedded=report.embedded,
-            embed_failed=report.failed,
-            embed_seconds=round(report.seconds, 3),
-            images_per_s=round(report.images_per_s, 1),
-            index=name,
-            factory=built.factory,
-            metric=built.config.metric,
-            ntotal=built.ntotal,
-            index_action=action,
-            index_seconds=round(built.build_seconds, 3),
-            title_vectors=titles,
-        )
+            child.unlink()
 
 
 def _update_titles(store: Store, backbone: str) -> int:

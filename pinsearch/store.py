@@ -562,7 +562,8 @@ def _read_store_meta(path: Path) -> dict[str, Any]:
     if meta.get("format_version") != STORE_FORMAT_VERSION:
         raise StoreVersionError(
             f"store {path.parent} has format version {meta.get('format_version')!r} (written by "
-            f"pinsearch {meta.get('created_by')}); this pinsearch {__version__} reads version "
+            f"pinsearch {meta.get('created_by') or '(unknown version)'}); this pinsearch "
+            f"{__version__} reads version "
             f"{STORE_FORMAT_VERSION}. Nothing was changed."
         )
     return meta

@@ -270,6 +270,7 @@ def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str
         (["index", "--device", "cuda"], "torch sees no CUDA GPU"),
         (["index", "--factory", "IVF1024,Flat", "--rebuild"], "cannot train index 'IVF1024,Flat'"),
         (["query", "--pin", "PIN", "--titles-file", "DIR"], "Is a directory"),
+        (["index", "--dtype", "int8"], "dtype must be one of float32, float16"),
     ],
 )
 def test_bad_options_are_one_line_errors(
@@ -311,3 +312,35 @@ def test_category_filters_take_the_label_as_written(store_copy: Path) -> None:
     typed = _json([*base, "--category", written])
     assert [h["pin_id"] for h in typed["hits"]] == [h["pin_id"] for h in stored["hits"]]
     assert stored["hits"] and all(h["category"] == category for h in typed["hits"])
+
+
+def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:
+    base = ["query", "--store", str(store_copy)]
+
+    def usage_error(args: list[str]) -> str:
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2
+        return " ".join(result.output.replace("│", " ").split())  # unwrapped from rich's box
+
+    assert "is a folder, not an image file" in usage_error(["--image", str(tmp_path)])
+    assert "--classify takes a --pin or an --image" in usage_error(["--text", "x", "--classify"])
+
+
+def test_a_failed_first_index_leaves_no_store(
+    tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    manifest = tmp_path / "pins.csv"
+    manifest.write_text("not,the,columns\n1,2,3\n")
+    store = tmp_path / "new-store"
+    _main_error(["index", str(manifest), "--store", str(store)], monkeypatch, capsys)
+    assert not store.exists()
+    store.mkdir()  # a folder the user made stays, empty
+    _main_error(["index", str(tree_copy), "--format", "manifest", "--store", str(store)],
+                monkeypatch, capsys)  # fmt: skip
+    assert store.is_dir() and not any(store.iterdir())
+
+
+def test_backbones_pattern_without_match(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    assert "no registered backbone matches 'zzz*'" in _main_error(
+        ["backbones", "zzz*"], monkeypatch, capsys
+    )
