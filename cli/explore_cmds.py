@@ -28,7 +28,9 @@ def cluster(
     choose: Annotated[str, typer.Option(help="elbow (kneedle) or silhouette.")] = "elbow",
     level: Annotated[str, typer.Option(help="pins or boards.")] = "pins",
     seed: Annotated[int, typer.Option()] = 0,
-    plot: Annotated[Path | None, typer.Option(help="PNG of the k sweep.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG of the k sweep (when k is chosen, not given).")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cluster pins or boards, choose k (elbow or silhouette), compare with the categories, and
@@ -36,6 +38,8 @@ def cluster(
     from pinsearch.clusters import ClusterConfig, cluster_store, plot_sweep
     from pinsearch.store import Store
 
+    if plot is not None and k is not None:
+        raise typer.BadParameter("--plot draws the sweep that chooses k: leave out -k")
     config = ClusterConfig(
         method=method, k=k, k_min=k_min, k_max=k_max, choose=choose, level=level, seed=seed
     )

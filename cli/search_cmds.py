@@ -54,7 +54,9 @@ def query(
     mode: Annotated[
         str, typer.Option(help="With --text: match pin images, titles, or fused.")
     ] = "image",
-    alpha: Annotated[float, typer.Option(help="Image weight of --mode fused.")] = 0.5,
+    alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Image weight of --mode fused.")
+    ] = 0.5,
     titles: Annotated[
         list[str] | None,
         typer.Option("--titles", help="Candidate title to rank for --pin/--image (repeat)."),
@@ -79,6 +81,12 @@ def query(
         raise typer.BadParameter(f"image {image} {what}", param_hint="--image")
     if classify and text is not None:
         raise typer.BadParameter("--classify takes a --pin or an --image, not --text")
+    if classify and (board or user or category):
+        raise typer.BadParameter("--classify takes no --board, --user or --category filter")
+    if text is None and (mode != "image" or alpha != 0.5):
+        raise typer.BadParameter("--mode and --alpha apply to --text queries")
+    if boards and board is not None:
+        raise typer.BadParameter("--boards ranks boards: filter with --user or --category")
     candidates = list(titles or [])
     if titles_file is not None:
         lines = titles_file.read_text(encoding="utf-8").splitlines()
@@ -131,7 +139,7 @@ def _hits_table(title: str, hits: list[Any]) -> None:
         table.add_column(col, overflow="fold")
     for h in hits:
         table.add_row(
-            str(h.rank), f"{h.score:.4f}", h.pin_id, h.title, h.board_name, h.category, h.path
+            str(h.rank), f"{h.score:.4g}", h.pin_id, h.title, h.board_name, h.category, h.path
         )
     console.print(table)
 

@@ -260,6 +260,7 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
         f"{report.users} users, {len(report.categories)} categories, {report.skipped} skipped"
     )
     print_rows("categories", report.categories)
+    print_rows(f"largest boards (of {report.boards})", report.top_boards)
     print_rows("embeddings", report.embeddings)
     print_rows("indexes", report.indexes)
     print_rows("heads", report.heads)

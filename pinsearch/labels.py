@@ -91,6 +91,11 @@ def load_vectors(
     """
     parts = []
     for name in backbone.split("+"):
+        if name not in store.backbones(text_spaces=True):
+            raise ValueError(
+                f"store {store.root} has no {name!r} vectors (it has {store.backbones()}); "
+                f"embed its pins with pinsearch index --store {store.root} --backbone {name}"
+            )
         vectors, found = store.vectors(name).load(keys)
         if len(found) != len(keys):
             raise ValueError(

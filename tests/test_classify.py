@@ -84,3 +84,15 @@ def test_study_cells_become_store_heads(tmp_path: Path) -> None:
         heads = list_heads(store)
         assert [h.name for h in heads] == ["st/synthetic/knn"] and heads[0].source == "study:st"
         assert classify(store, pin_id="p000000001").predicted == "cat01"
+
+
+def test_vectors_of_a_backbone_the_store_lacks_are_named(built_store) -> None:
+    import numpy as np
+
+    from pinsearch.labels import load_vectors
+
+    with Store.open(built_store.path, read_only=True) as store:
+        keys = np.array(store.vectors("test_efficientnet").keys()[:3])
+        assert load_vectors(store, "test_efficientnet", keys).shape[0] == 3
+        with pytest.raises(ValueError, match=r"has no 'nosuch' vectors .*--backbone nosuch"):
+            load_vectors(store, "test_efficientnet+nosuch", keys)

@@ -294,8 +294,7 @@ def test_bad_options_are_one_line_errors(
 def test_dupes_options(store_copy: Path) -> None:
     report = _json(["dupes", "--store", str(store_copy), "-k", "5", "--top", "0", "--json"])
     assert isinstance(report, dict)
-    result = runner.invoke(app, ["dupes", "--store", str(store_copy), "--top", "-1"])
-    assert result.exit_code == 2 and "--top" in result.output
+    assert "--top" in _usage_error(["dupes", "--store", str(store_copy), "--top", "-1"])
 
 
 def test_category_filters_take_the_label_as_written(store_copy: Path) -> None:
@@ -314,16 +313,28 @@ def test_category_filters_take_the_label_as_written(store_copy: Path) -> None:
     assert stored["hits"] and all(h["category"] == category for h in typed["hits"])
 
 
+def _usage_error(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    return " ".join(result.output.replace("│", " ").split())  # unwrapped from rich's box
+
+
 def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:
-    base = ["query", "--store", str(store_copy)]
-
-    def usage_error(args: list[str]) -> str:
-        result = runner.invoke(app, [*base, *args])
-        assert result.exit_code == 2
-        return " ".join(result.output.replace("│", " ").split())  # unwrapped from rich's box
-
-    assert "is a folder, not an image file" in usage_error(["--image", str(tmp_path)])
-    assert "--classify takes a --pin or an --image" in usage_error(["--text", "x", "--classify"])
+    query = ["query", "--store", str(store_copy)]
+    assert "is a folder, not an image file" in _usage_error([*query, "--image", str(tmp_path)])
+    assert "--classify takes a --pin or an --image" in _usage_error(
+        [*query, "--text", "x", "--classify"]
+    )
+    assert "--classify takes no --board" in _usage_error(
+        [*query, "--pin", "p", "--classify", "--user", "u"]
+    )
+    assert "apply to --text queries" in _usage_error([*query, "--pin", "p", "--mode", "fused"])
+    assert "filter with --user or --category" in _usage_error(
+        [*query, "--text", "x", "--boards", "--board", "b"]
+    )
+    assert "--alpha" in _usage_error([*query, "--text", "x", "--alpha", "7"])
+    cluster = ["cluster", "--store", str(store_copy), "-k", "3", "--plot", str(tmp_path / "k.png")]
+    assert "leave out -k" in _usage_error(cluster)
 
 
 def test_a_failed_first_index_leaves_no_store(
@@ -344,3 +355,10 @@ def test_backbones_pattern_without_match(monkeypatch: pytest.MonkeyPatch, capsys
     assert "no registered backbone matches 'zzz*'" in _main_error(
         ["backbones", "zzz*"], monkeypatch, capsys
     )
+
+
+def test_info_text_lists_categories_and_boards(store_copy: Path) -> None:
+    result = runner.invoke(app, ["info", "--store", str(store_copy)])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "24 pins" in text and "categories" in text and "largest boards (of" in text
