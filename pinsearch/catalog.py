@@ -107,7 +107,8 @@ CREATE TABLE IF NOT EXISTS vector_parts (
     part INTEGER,
     file VARCHAR,                   -- relative to the store
     n INTEGER,
-    sha256 VARCHAR,
+    sha256 VARCHAR,                 -- of the vectors file
+    keys_sha256 VARCHAR,            -- of the key file (NULL in parts written before it was kept)
     PRIMARY KEY (backbone, part)
 );
 CREATE TABLE IF NOT EXISTS indexes (
@@ -160,8 +161,13 @@ class Catalog:
         self.path = Path(path)
         self.read_only = read_only
         self._con = duckdb.connect(str(self.path), read_only=read_only)
+        self._keys_sha: bool | None = None  # vector_parts has keys_sha256 (see vector_parts)
         if not read_only:
             self._con.execute(_SCHEMA)
+            # Added after schema version 1 shipped: catalogs from before get it on first write.
+            self._con.execute(
+                "ALTER TABLE vector_parts ADD COLUMN IF NOT EXISTS keys_sha256 VARCHAR"
+            )
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 
@@ -409,16 +415,34 @@ class Catalog:
         )
 
     def vector_parts(self, backbone: str) -> list[dict[str, Any]]:
-        """The committed vector parts of a backbone, in order."""
+        """The committed vector parts of a backbone, in order (``keys_sha256`` None for parts
+        written before key files had checksums, or read from such a catalog)."""
+        keys_sha = "keys_sha256" if self._has_keys_sha() else "NULL AS keys_sha256"
         return self.query(
-            "SELECT part, file, n, sha256 FROM vector_parts WHERE backbone = ? ORDER BY part",
+            f"SELECT part, file, n, sha256, {keys_sha} FROM vector_parts WHERE backbone = ? "
+            "ORDER BY part",
             [backbone],
         )
 
-    def add_vector_part(self, backbone: str, part: int, file: str, n: int, sha256: str) -> None:
-        """Record a committed vector part and bump the run's count."""
+    def _has_keys_sha(self) -> bool:
+        if self._keys_sha is None:  # a read-only catalog from before keeps its schema
+            self._keys_sha = bool(
+                self._con.execute(
+                    "SELECT 1 FROM information_schema.columns WHERE table_name = 'vector_parts' "
+                    "AND column_name = 'keys_sha256'"
+                ).fetchall()
+            )
+        return self._keys_sha
+
+    def add_vector_part(
+        self, backbone: str, part: int, file: str, n: int, sha256: str, keys_sha256: str
+    ) -> None:
+        """Record a committed vector part (checksums of its two files) and bump the run's
+        count."""
         self._con.execute(
-            "INSERT INTO vector_parts VALUES (?, ?, ?, ?, ?)", [backbone, part, file, n, sha256]
+            "INSERT INTO vector_parts (backbone, part, file, n, sha256, keys_sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [backbone, part, file, n, sha256, keys_sha256],
         )
         self._con.execute(
             "UPDATE embeddings SET count = count + ?, updated = ? WHERE backbone = ?",

@@ -100,6 +100,9 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
         if file_sha256(path) != part["sha256"]:
             report.add("error", where, "checksum", f"{path} does not match its recorded SHA-256")
             continue
+        if part.get("keys_sha256") and file_sha256(kpath) != part["keys_sha256"]:
+            report.add("error", where, "checksum", f"{kpath} does not match its recorded SHA-256")
+            continue
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
             k = np.load(kpath, allow_pickle=False)

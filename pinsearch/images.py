@@ -99,6 +99,8 @@ def open_image(
         raise ImageError(path, "not_an_image", "not a recognised image format") from exc
     except OSError as exc:
         raise ImageError(path, "unreadable", str(exc)) from exc
+    except (ValueError, SyntaxError, IndexError, struct.error) as exc:  # a mangled header
+        raise ImageError(path, "corrupt", f"{type(exc).__name__}: {exc}") from exc
     w, h = img.size
     if w <= 0 or h <= 0:
         img.close()

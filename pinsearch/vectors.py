@@ -131,9 +131,9 @@ class VectorStore:
     def write_part(self, vectors: np.ndarray, keys: np.ndarray, dtype: str = "float32") -> int:
         """Write and commit one part; returns its number."""
         part = self._next_part()
-        rel, n, sha = self._write_files(part, vectors, keys, dtype)
+        files = self._write_files(part, vectors, keys, dtype)
         with self.catalog.transaction():
-            self.catalog.add_vector_part(self.backbone, part, rel, n, sha)
+            self.catalog.add_vector_part(self.backbone, part, *files)
         return part
 
     def _next_part(self) -> int:
@@ -152,8 +152,12 @@ class VectorStore:
 
     def _write_files(
         self, part: int, vectors: np.ndarray, keys: np.ndarray, dtype: str
-    ) -> tuple[str, int, str]:
-        """Write a part's two files (temporary file, fsync, rename); not yet recorded."""
+    ) -> tuple[str, int, str, str]:
+        """Write a part's two files (temporary file, fsync, rename); not yet recorded.
+
+        Returns:
+            The vectors file relative to the store, rows, and the two files' SHA-256.
+        """
         if dtype not in VECTOR_DTYPES:
             raise ValueError(f"unknown vector dtype {dtype!r}; expected one of {VECTOR_DTYPES}")
         keys = np.asarray(keys, dtype=np.int64)
@@ -172,7 +176,8 @@ class VectorStore:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
         self._locator = None
-        return vec_path.relative_to(self.root).as_posix(), len(keys), file_sha256(vec_path)
+        rel = vec_path.relative_to(self.root).as_posix()
+        return rel, len(keys), file_sha256(vec_path), file_sha256(key_path)
 
     def drop_keys(
         self, keys: np.ndarray, *, parts: list[int] | None = None, delete_retired: bool = False
@@ -217,8 +222,8 @@ class VectorStore:
                 "DELETE FROM vector_parts WHERE backbone = ? AND part IN (SELECT unnest(?))",
                 [self.backbone, [int(p["part"]) for p in retire]],  # type: ignore[call-overload]
             )
-            for number, rel, n, sha in add:
-                self.catalog.add_vector_part(self.backbone, number, rel, n, sha)
+            for number, *files in add:
+                self.catalog.add_vector_part(self.backbone, number, *files)
         if delete_retired:
             self.remove_orphans()
         self._locator = None

@@ -212,16 +212,34 @@ def test_embedding_rows_and_vector_parts(tmp_path: Path) -> None:
         assert emb["spec"] == {"weights": "random", "dim": 8}
         assert emb["preprocess"] == {"size": 3}
         assert (emb["dim"], emb["dtype"], emb["normalize"], emb["count"]) == (8, "float32", True, 0)
-        cat.add_vector_part("bb", 0, "vectors/bb/part-000000.npy", 5, "abc")
-        cat.add_vector_part("bb", 1, "vectors/bb/part-000001.npy", 3, "def")
+        cat.add_vector_part("bb", 0, "vectors/bb/part-000000.npy", 5, "abc", "k0")
+        cat.add_vector_part("bb", 1, "vectors/bb/part-000001.npy", 3, "def", "k1")
         assert cat.get_embedding("bb")["count"] == 8
-        assert [p["part"] for p in cat.vector_parts("bb")] == [0, 1]
+        assert [(p["part"], p["keys_sha256"]) for p in cat.vector_parts("bb")] == [
+            (0, "k0"),
+            (1, "k1"),
+        ]
         assert cat.vector_parts("other") == []
         cat.upsert_embedding("bb", seconds=1.5)
         assert cat.get_embedding("bb")["seconds"] == 1.5
         assert [e["backbone"] for e in cat.list_embeddings()] == ["bb"]
         with pytest.raises(duckdb.ConstraintException):
-            cat.add_vector_part("bb", 1, "dup", 1, "x")
+            cat.add_vector_part("bb", 1, "dup", 1, "x", "y")
+
+
+def test_a_catalog_from_before_key_checksums(tmp_path: Path) -> None:
+    """vector_parts without keys_sha256: readers see None, the first writer adds the column."""
+    path = tmp_path / "c.duckdb"
+    with Catalog(path) as cat:
+        cat.connection.execute("ALTER TABLE vector_parts DROP COLUMN keys_sha256")
+        cat.connection.execute("INSERT INTO vector_parts VALUES ('bb', 0, 'f.npy', 2, 'abc')")
+    with Catalog(path, read_only=True) as cat:
+        assert cat.vector_parts("bb") == [
+            {"part": 0, "file": "f.npy", "n": 2, "sha256": "abc", "keys_sha256": None}
+        ]
+    with Catalog(path) as cat:
+        cat.add_vector_part("bb", 1, "g.npy", 1, "def", "k1")
+        assert [p["keys_sha256"] for p in cat.vector_parts("bb")] == [None, "k1"]
 
 
 def test_index_rows(tmp_path: Path) -> None:

@@ -125,6 +125,9 @@ def test_cli_check_exit_codes(store_copy: Path) -> None:
 
 def test_an_empty_key_file_is_reported_and_repaired(store_copy: Path) -> None:
     (store_copy / "vectors" / B / "part-000000.keys.npy").write_bytes(b"")
+    assert ("error", f"vectors {B} part 0", "checksum") in _problems(store_copy)
+    with Store.open(store_copy, verify=False) as store:  # a part from before key checksums
+        store.catalog.connection.execute("UPDATE vector_parts SET keys_sha256 = NULL")
     assert ("error", f"vectors {B} part 0", "unreadable") in _problems(store_copy)
     repaired = repair_store(store_copy)
     assert repaired.after is not None and repaired.after.ok
@@ -156,3 +159,11 @@ def test_an_index_damaged_mid_swap_is_rebuilt_by_the_next_index_run(store_copy: 
     report = index_corpus(None, store_copy, backbone=B)
     assert report.ntotal == 24
     assert check_store(store_copy).ok
+
+
+def test_swapped_pin_keys_are_caught_by_their_checksum(store_copy: Path) -> None:
+    keys_file = store_copy / "vectors" / B / "part-000000.keys.npy"
+    keys = np.load(keys_file)
+    keys[[0, 1]] = keys[[1, 0]]  # two pins answer with each other's vectors: still a valid file
+    np.save(keys_file, keys)
+    assert ("error", f"vectors {B} part 0", "checksum") in _problems(store_copy)

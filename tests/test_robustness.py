@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -263,6 +263,7 @@ def test_fuzz_tree_reader(tmp_path: Path, board_meta: bytes, pin_metas: list[byt
     cut=st.integers(0, 4000),
     flips=st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), max_size=6),
 )
+@example(base="png", cut=16, flips=[(11, 0)])  # found by this test: PIL's ValueError at open
 def test_fuzz_image_reader(tmp_path: Path, base: str, cut: int, flips: list) -> None:
     """Truncated or bit-flipped JPEG/PNG bytes: an image comes out or an ImageError does."""
     img = _photo(3, size=(40, 30))
