@@ -92,9 +92,7 @@ def open_image(
     try:
         img = Image.open(path if data is None else io.BytesIO(data))
     except Image.DecompressionBombError as exc:  # far over any limit: PIL refuses to open it
-        raise ImageError(
-            path, "too_large", f"over the limit of {max_pixels} pixels: {exc}"
-        ) from exc
+        raise ImageError(path, "too_large", f"too large for PIL to open: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(path, "not_an_image", "not a recognised image format") from exc
     except OSError as exc:

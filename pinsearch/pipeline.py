@@ -130,6 +130,12 @@ def index_corpus(
             else:
                 built, n_new = store.update_index(name)
                 action = f"updated (+{n_new})" if n_new else "unchanged"
+                settings = sorted(k for k in asked if asked[k] != saved.get(k))
+                if settings:  # placement and search settings (fp16, device, nprobe, ...):
+                    built.config = config  # saved with the index, in effect when it loads
+                    store.save_index(built, name)
+                    store.forget_cached(name)  # this copy was placed with the old settings
+                    action += f", settings changed: {', '.join(settings)}"
             for other in names:  # the backbone's other indexes take the new pins too
                 if other != name:
                     store.update_index(other)
@@ -167,6 +173,8 @@ def _remove_if_empty(root: Path, *, keep_folder: bool) -> None:
     corpus whose pins were all skipped keeps its store, to say why in ``pinsearch info``)."""
     try:
         with Store.open(root, read_only=True, verify=False) as store:
+            if store.snapshot:  # another writer has started working in it meanwhile
+                return
             if store.catalog.scalar("SELECT count(*) FROM ingests") or store.catalog.count_pins():
                 return
     except Exception:  # unreadable: left for the user to look at

@@ -13,6 +13,7 @@ S/catalog.readers.duckdb  the catalog as of the last finished write, for readers
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -29,14 +30,18 @@ from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
 from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
-from pinsearch.indexes.pinindex import fsync_file
+from pinsearch.indexes.pinindex import file_sha256, fsync_file
 from pinsearch.vectors import VectorStore, backbone_dirname
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
 
 _logger = logging.getLogger(__name__)
 
-STORE_FORMAT_VERSION = 1
+#: 2: vector parts record their key file's SHA-256 (``vector_parts.keys_sha256``). Version 1
+#: stores are read as they are and upgraded by their first writer, so a pinsearch that only
+#: knows version 1 refuses them cleanly afterwards instead of failing on the new column.
+STORE_FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 _CATALOG = "catalog.duckdb"
 _SNAPSHOT = "catalog.readers.duckdb"  # what readers open while a writer holds the catalog
 _STORE_FILE = "store.json"
@@ -149,6 +154,10 @@ class Store:
         try:
             if lock is not None:
                 _publish_snapshot(root)  # readers see the state before this writer's changes
+                if meta["format_version"] != STORE_FORMAT_VERSION:  # before the catalog changes
+                    meta = {**meta, "format_version": STORE_FORMAT_VERSION,
+                            "upgraded_by": __version__}  # fmt: skip
+                    _write_json_atomic(meta_file, meta)
             try:
                 catalog = Catalog(root / _CATALOG, read_only=read_only)
             except duckdb.Error as exc:
@@ -177,7 +186,7 @@ class Store:
                 for backbone in store.backbones(text_spaces=True):
                     store.vectors(backbone).remove_orphans()
             if verify and not snapshot:  # a snapshot may lag the index files a writer updates
-                problems = store._id_map_problems()
+                problems = store._id_map_problems(saves=not read_only)
                 if problems and read_only:
                     raise IndexFileError(problems[0][1] + "; pinsearch repair rebuilds it")
                 if problems:
@@ -355,10 +364,12 @@ class Store:
             self._indexes[name] = index  # later callers, nor the files a writer saves
         return index
 
-    def _id_map_problems(self) -> list[tuple[str, str, np.ndarray | None]]:
+    def _id_map_problems(self, *, saves: bool) -> list[tuple[str, str, np.ndarray | None]]:
         """Indexes whose id map does not fit the catalog (checked at open): ``(name, problem,
         stray keys)``, the keys set only when pins the index names are gone (the one problem
-        that leaves the index itself whole: a ``remove`` stopped before its index step)."""
+        that leaves the index itself whole: a ``remove`` stopped before its index step).
+        With ``saves`` (writers, who heal them), also indexes whose files mix two saves;
+        readers meet those when the index loads (checksums)."""
         rows = self.catalog.list_indexes()
         if not rows:
             return []
@@ -379,6 +390,10 @@ class Store:
             if len(ids) != row["ntotal"]:
                 problems.append((name, f"index {name!r}: id map has {len(ids)} entries, catalog "
                                  f"says {row['ntotal']}", None))  # fmt: skip
+                continue
+            if saves and _torn_save(self.index_base(name)):
+                problems.append((name, f"index {name!r}: its files come from two saves (one was "
+                                 "interrupted)", None))  # fmt: skip
                 continue
             stray = np.setdiff1d(ids, pin_keys)
             if stray.size:
@@ -411,7 +426,12 @@ class Store:
             self.drop_index(name)
             return "dropped"
         self.forget_cached(name)
-        self.build_index(backbone, IndexConfig(**json.loads(row["config"])), name=name)
+        config = IndexConfig(**json.loads(row["config"]))
+        try:
+            self.build_index(backbone, config, name=name)
+        except ValueError as exc:  # too few vectors left to train it: exact search instead
+            _logger.warning("index %s: %s; rebuilt as Flat", name, exc)
+            self.build_index(backbone, dataclasses.replace(config, factory="Flat"), name=name)
         return "rebuilt"
 
     def remove_from_index(self, name: str, keys: np.ndarray) -> str:
@@ -524,6 +544,24 @@ class Store:
         )
 
 
+def _torn_save(base: Path) -> bool:
+    """Whether an index's files mix two saves (a save killed between its renames).
+
+    A save renames its ``.faiss`` and ``.ids.npy`` into place before the ``.json`` that
+    vouches for them, written last; so a data file newer than the JSON is suspect, and only
+    then are the checksums read (a whole index at a million pins takes seconds to hash).
+    """
+    files = [base.with_name(base.name + s) for s in (".faiss", ".ids.npy", ".json")]
+    try:
+        mtimes = [f.stat().st_mtime_ns for f in files]
+        if max(mtimes[:2]) <= mtimes[2]:
+            return False
+        sums = json.loads(files[2].read_text()).get("sha256", {})
+    except (OSError, ValueError):
+        return False  # missing or unreadable files are reported when the index loads
+    return file_sha256(files[0]) != sums.get("faiss") or file_sha256(files[1]) != sums.get("ids")
+
+
 def _publish_snapshot(root: Path) -> None:
     """Copy the catalog to ``catalog.readers.duckdb`` (temporary file + rename) when it is newer.
 
@@ -559,12 +597,12 @@ def _read_store_meta(path: Path) -> dict[str, Any]:
         raise StoreVersionError(f"{path} is unreadable: {exc}") from exc
     if meta.get("format") != "pinsearch-store":
         raise StoreVersionError(f"{path} does not describe a pinsearch store")
-    if meta.get("format_version") != STORE_FORMAT_VERSION:
+    if meta.get("format_version") not in _READABLE_VERSIONS:
         raise StoreVersionError(
             f"store {path.parent} has format version {meta.get('format_version')!r} (written by "
             f"pinsearch {meta.get('created_by') or '(unknown version)'}); this pinsearch "
-            f"{__version__} reads version "
-            f"{STORE_FORMAT_VERSION}. Nothing was changed."
+            f"{__version__} reads versions {', '.join(map(str, _READABLE_VERSIONS))}. "
+            "Nothing was changed."
         )
     return meta
 

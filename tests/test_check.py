@@ -167,3 +167,23 @@ def test_swapped_pin_keys_are_caught_by_their_checksum(store_copy: Path) -> None
     keys[[0, 1]] = keys[[1, 0]]  # two pins answer with each other's vectors: still a valid file
     np.save(keys_file, keys)
     assert ("error", f"vectors {B} part 0", "checksum") in _problems(store_copy)
+
+
+def test_a_save_killed_between_its_renames_is_caught_at_open(store_copy: Path, tmp_path) -> None:
+    import os
+
+    base = store_copy / "indexes" / B
+    faiss_file = base.with_name(B + ".faiss")
+    os.utime(faiss_file, ns=(faiss_file.stat().st_atime_ns, 2**62))  # newer than its JSON...
+    with Store.open(store_copy, read_only=True) as store:  # ...but whole: nothing to say
+        assert store.load_index(B).ntotal == 24
+    with Store.open(store_copy) as store:  # a save of other contents, killed after .faiss
+        index = store.load_index(B)
+        index.remove(index.ids[:3])
+        index.save(tmp_path / "other")
+        os.replace(tmp_path / "other.faiss", faiss_file)
+    with Store.open(store_copy, read_only=True) as store, pytest.raises(IndexFileError):
+        store.load_index(B)  # a reader is told when it loads the index (checksum)
+    with Store.open(store_copy) as store:  # the next writer rebuilds it at open
+        assert store.load_index(B).ntotal == 24
+    assert check_store(store_copy).ok

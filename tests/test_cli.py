@@ -267,7 +267,7 @@ def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str
         (["train", "--head", "lsvm", "--param", "bogus=1"], "has no parameter 'bogus'"),
         (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a number"),
         (["index", "--device", "tpu"], "unknown device 'tpu'"),
-        (["index", "--device", "cuda"], "torch sees no CUDA GPU"),
+        (["index", "--device", "cuda:99"], "'cuda:99'"),  # no such GPU, with CUDA or without
         (["index", "--factory", "IVF1024,Flat", "--rebuild"], "cannot train index 'IVF1024,Flat'"),
         (["query", "--pin", "PIN", "--titles-file", "DIR"], "Is a directory"),
         (["index", "--dtype", "int8"], "dtype must be one of float32, float16"),

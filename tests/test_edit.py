@@ -218,3 +218,23 @@ def test_add_updates_every_index_of_the_backbone(store_copy: Path, make_tree, tm
         assert {n: store.load_index(n).ntotal for n in store.index_names()} == {B: 30, "graph": 30}
         assert store.load_index("graph").factory == "HNSW8"
     assert not check_store(store_copy).findings
+
+
+def test_index_options_other_than_factory_and_metric_are_saved(store_copy: Path) -> None:
+    report = index_corpus(None, store_copy, backbone=B, index={"fp16": True, "nprobe": 7})
+    assert report.index_action == "unchanged, settings changed: fp16, nprobe"
+    with Store.open(store_copy, read_only=True) as store:
+        index = store.load_index(B)
+        assert index.config.fp16 and index.config.nprobe == 7 and index.ntotal == 24
+
+
+def test_an_index_too_big_to_retrain_on_what_is_left_becomes_flat(store_copy: Path) -> None:
+    from pinsearch.indexes import IndexConfig
+
+    with Store.open(store_copy) as store:  # 24 vectors train 16 lists; 14 cannot
+        store.build_index(B, IndexConfig(factory="IVF16,Flat,Refine(Flat)"), name="refined")
+        report = remove_pins(store, pin_ids=sorted(_ids(store))[:10])
+        assert "refined" in report.rebuilt
+        index = store.load_index("refined")
+        assert index.factory == "Flat" and index.ntotal == 14
+    assert check_store(store_copy).ok

@@ -303,7 +303,7 @@ def test_later_runs_keep_the_index_metric(store_copy: Path) -> None:
     same = index_corpus(
         None, store_copy, backbone=BACKBONE, embed=FAST, index=IndexConfig(device="cpu")
     )
-    assert (same.index_action, same.metric) == ("unchanged", "l2")
+    assert (same.index_action, same.metric) == ("unchanged, settings changed: device", "l2")
     rebuilt = index_corpus(None, store_copy, backbone=BACKBONE, embed=FAST, rebuild=True)
     assert (rebuilt.index_action, rebuilt.metric) == ("rebuilt", "l2")
 

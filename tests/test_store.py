@@ -169,7 +169,7 @@ def test_index_id_map_with_unknown_key_is_refused_then_healed(store_copy: Path) 
     with pytest.raises(IndexFileError, match="not in the catalog"):
         Store.open(store_copy, read_only=True)
     with Store.open(store_copy) as store:  # a writer rebuilds the index from the vectors
-        index = store.load_index(BACKBONE)
+        index = store.load_index(BACKBONE)  # (it also sees the id map's checksum is off)
         assert index.ntotal == 24 and 10**9 not in index.ids
         assert sorted(index.ids) == sorted(store.vectors(BACKBONE).keys())
 
@@ -348,3 +348,21 @@ def test_search_time_settings_stay_with_their_caller(store_copy: Path) -> None:
         store.save_index(saved, name)
     with Store.open(store_copy, read_only=True) as store:
         assert json.loads(store.catalog.get_index(name)["config"])["precision"] == "float32"
+
+
+def test_a_format_1_store_is_read_then_upgraded_by_its_first_writer(store_copy: Path) -> None:
+    import duckdb
+
+    meta = json.loads((store_copy / "store.json").read_text())
+    (store_copy / "store.json").write_text(json.dumps({**meta, "format_version": 1}))
+    con = duckdb.connect(str(store_copy / "catalog.duckdb"))
+    con.execute("ALTER TABLE vector_parts DROP COLUMN keys_sha256")  # the format-1 schema
+    con.close()
+    with Store.open(store_copy, read_only=True) as store:
+        assert store.info().format_version == 1 and store.vectors(BACKBONE).load()[0].shape[0] == 24
+    assert json.loads((store_copy / "store.json").read_text())["format_version"] == 1
+    with Store.open(store_copy) as store:
+        assert store.info().format_version == STORE_FORMAT_VERSION == 2
+        store.vectors(BACKBONE).drop_keys(store.vectors(BACKBONE).keys()[:1])
+        assert store.vectors(BACKBONE).parts()[-1]["keys_sha256"]
+    assert json.loads((store_copy / "store.json").read_text())["upgraded_by"]
