@@ -33,7 +33,15 @@ from pinsearch.indexes.gpu import (
 )
 from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
 
-__all__ = ["INDEX_FORMAT_VERSION", "PinIndex", "build_index", "file_sha256", "load_index"]
+__all__ = [
+    "INDEX_FORMAT_VERSION",
+    "PinIndex",
+    "build_index",
+    "file_sha256",
+    "fsync_file",
+    "index_files",
+    "load_index",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -360,7 +368,7 @@ class PinIndex:
 
         base = Path(path)
         base.parent.mkdir(parents=True, exist_ok=True)
-        files = _paths(base)
+        files = index_files(base)
         tmp = {k: v.with_name(v.name + ".tmp") for k, v in files.items()}
         faiss.write_index(self.cpu_index(), str(tmp["faiss"]))
         with tmp["ids"].open("wb") as fh:
@@ -378,7 +386,8 @@ class PinIndex:
         return meta
 
 
-def _paths(base: Path) -> dict[str, Path]:
+def index_files(base: Path) -> dict[str, Path]:
+    """An index's three files by kind (``faiss``, ``ids``, ``json``) from its base path."""
     return {
         "faiss": base.with_name(base.name + ".faiss"),
         "ids": base.with_name(base.name + ".ids.npy"),
@@ -557,7 +566,7 @@ def load_index(
     """
     import faiss
 
-    files = _paths(Path(path))
+    files = index_files(Path(path))
     for key, f in files.items():
         if not f.is_file():
             raise IndexFileError(f"index file {f} is missing ({key})")

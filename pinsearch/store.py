@@ -30,7 +30,7 @@ from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
 from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
-from pinsearch.indexes.pinindex import file_sha256, fsync_file
+from pinsearch.indexes.pinindex import file_sha256, fsync_file, index_files
 from pinsearch.vectors import VectorStore, backbone_dirname
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
@@ -380,7 +380,8 @@ class Store:
         problems: list[tuple[str, str, np.ndarray | None]] = []
         for row in rows:
             name = row["name"]
-            ids_file = self.index_base(name).with_name(self.index_base(name).name + ".ids.npy")
+            files = index_files(self.index_base(name))
+            ids_file = files["ids"]
             try:
                 ids = np.load(ids_file, allow_pickle=False)
             except (OSError, ValueError, EOFError) as exc:
@@ -391,7 +392,7 @@ class Store:
                 problems.append((name, f"index {name!r}: id map has {len(ids)} entries, catalog "
                                  f"says {row['ntotal']}", None))  # fmt: skip
                 continue
-            if saves and _torn_save(self.index_base(name)):
+            if saves and _torn_save(files):
                 problems.append((name, f"index {name!r}: its files come from two saves (one was "
                                  "interrupted)", None))  # fmt: skip
                 continue
@@ -461,11 +462,10 @@ class Store:
 
     def drop_index(self, name: str) -> None:
         """Forget an index and delete its files."""
-        base = self.index_base(name)
         self.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
         self.forget_cached(name)
-        for suffix in (".faiss", ".ids.npy", ".json"):
-            base.with_name(base.name + suffix).unlink(missing_ok=True)
+        for f in index_files(self.index_base(name)).values():
+            f.unlink(missing_ok=True)
 
     def mark_heads_stale(self, backbones: list[str]) -> list[str]:
         """Flag the heads trained on these backbones' vectors; returns their names."""
@@ -544,22 +544,21 @@ class Store:
         )
 
 
-def _torn_save(base: Path) -> bool:
+def _torn_save(files: dict[str, Path]) -> bool:
     """Whether an index's files mix two saves (a save killed between its renames).
 
     A save renames its ``.faiss`` and ``.ids.npy`` into place before the ``.json`` that
     vouches for them, written last; so a data file newer than the JSON is suspect, and only
     then are the checksums read (a whole index at a million pins takes seconds to hash).
     """
-    files = [base.with_name(base.name + s) for s in (".faiss", ".ids.npy", ".json")]
     try:
-        mtimes = [f.stat().st_mtime_ns for f in files]
-        if max(mtimes[:2]) <= mtimes[2]:
+        mtime = {kind: f.stat().st_mtime_ns for kind, f in files.items()}
+        if max(mtime["faiss"], mtime["ids"]) <= mtime["json"]:
             return False
-        sums = json.loads(files[2].read_text()).get("sha256", {})
+        sums = json.loads(files["json"].read_text()).get("sha256", {})
     except (OSError, ValueError):
         return False  # missing or unreadable files are reported when the index loads
-    return file_sha256(files[0]) != sums.get("faiss") or file_sha256(files[1]) != sums.get("ids")
+    return any(file_sha256(files[kind]) != sums.get(kind) for kind in ("faiss", "ids"))
 
 
 def _publish_snapshot(root: Path) -> None:
