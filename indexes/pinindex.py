@@ -115,6 +115,31 @@ class PinIndex:
         """True for similarities (cosine, ip), False for distances (l2, l1)."""
         return self.config.metric in ("cosine", "ip")
 
+    def inert_settings(self, config: IndexConfig) -> list[str]:
+        """The search-time settings ``config`` asks for that would change nothing here:
+        ``nprobe`` without IVF lists, ``ef_search`` without an HNSW graph, ``precision``
+        on anything but an exact Flat scan, ``refine`` with neither a refine wrapper nor a
+        16-bit scan (``config.precision``)."""
+        import faiss
+
+        base = faiss.downcast_index(self.cpu_index())
+        while isinstance(base, faiss.IndexPreTransform):
+            base = faiss.downcast_index(base.index)
+        refines = isinstance(base, faiss.IndexRefine)
+        if refines:
+            base = faiss.downcast_index(base.base_index)
+        flat = self.factory == "Flat" and self.config.metric != "l1"
+        inert = []
+        if config.nprobe is not None and ivf_of(base) is None:
+            inert.append("nprobe (no IVF lists)")
+        if config.ef_search is not None and not isinstance(base, faiss.IndexHNSW):
+            inert.append("ef_search (no HNSW graph)")
+        if config.precision != "float32" and not flat:
+            inert.append("precision (16-bit scans are for exact Flat indexes)")
+        if config.refine and not refines and not (flat and config.precision != "float32"):
+            inert.append("refine (needs a refine wrapper like ...,RFlat, or a 16-bit scan)")
+        return inert
+
     def prepare(self, x: np.ndarray) -> np.ndarray:
         """Cast to float32 and normalise when the metric is cosine."""
         x = _as_f32(x)
@@ -234,7 +259,7 @@ class PinIndex:
         if k_eff == 0:
             return _empty(len(q), k)
         if allowed is None:
-            d, pos = self._raw_search(q, k_eff, self._params())
+            d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
         else:
             d, pos = self._filtered_search(q, k_eff, allowed)
         return self._to_keys(d, pos, k)
@@ -246,6 +271,35 @@ class PinIndex:
             cpu = self.cpu_index()
             return cpu.search(q, k, params=_search_params(cpu, self.config))
         return self.index.search(q, k, params=params)
+
+    def _deepen(
+        self, q: np.ndarray, d: np.ndarray, pos: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fill the rows an IVF search left short of ``k`` hits.
+
+        IVF visits ``nprobe`` lists only: when they hold fewer than ``k`` vectors (small or
+        unbalanced lists, a large ``k``) FAISS pads the answer. Those queries are searched
+        again, visiting four times more lists each round, until they have ``k`` hits or every
+        list was visited. Other index types answer as they are.
+        """
+        short = np.flatnonzero((pos < 0).any(axis=1))
+        if short.size == 0 or self.reduced_precision:
+            return d, pos
+        cpu = self.cpu_index()
+        ivf = ivf_of(cpu)
+        if ivf is None:
+            return d, pos
+        nprobe = _nprobe(self.config, ivf.nlist)
+        if self.on_gpu:
+            nprobe = min(nprobe, GPU_MAX_NPROBE)  # what the GPU copy visited
+        k = pos.shape[1]
+        d, pos = d.copy(), pos.copy()
+        while short.size and nprobe < ivf.nlist:
+            nprobe = min(nprobe * 4, ivf.nlist)
+            params = _search_params(cpu, replace(self.config, nprobe=nprobe))
+            d[short], pos[short] = cpu.search(q[short], k, params=params)
+            short = short[(pos[short] < 0).any(axis=1)]
+        return d, pos
 
     def _filtered_search(
         self, q: np.ndarray, k: int, allowed: np.ndarray

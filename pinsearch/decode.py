@@ -351,7 +351,11 @@ def decode_jpegs(
     device: torch.device,
     sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[torch.Tensor | None]:
-    """Decode JPEGs at once on ``device``; image by image if the batch call fails.
+    """Decode JPEGs at once on ``device``; in halves if the batch call fails.
+
+    One stream the decoder refuses fails a whole batched call: the batch is split in two
+    and each half tried again, down to single images, so one bad file among ``n`` costs
+    about ``2 log2 n`` calls instead of ``n``.
 
     Args:
         encoded: 1-D uint8 CPU tensors of encoded JPEGs.
@@ -364,24 +368,24 @@ def decode_jpegs(
     """
     if not encoded:
         return []
-    _settle(device)
-    out: list[torch.Tensor | None]
-    try:
-        out = list(_decode(list(encoded), device))
-    except Exception:  # one bad stream fails the whole call: find it image by image
-        out = []
-        for t in encoded:
-            _settle(device)
-            try:
-                out.append(_decode(t, device))
-            except Exception:
-                out.append(None)
+    out = _decode_halving(list(encoded), device)
     if sizes is not None:
         out = [
             o if o is not None and o.shape[0] == 3 and tuple(o.shape[1:]) == tuple(s) else None
             for o, s in zip(out, sizes)
         ]
     return out
+
+
+def _decode_halving(encoded: list[torch.Tensor], device: torch.device) -> list[Any]:
+    _settle(device)
+    try:
+        return list(_decode(encoded, device))
+    except Exception:  # one bad stream fails the whole call: find it by halving
+        if len(encoded) == 1:
+            return [None]
+        mid = len(encoded) // 2
+        return _decode_halving(encoded[:mid], device) + _decode_halving(encoded[mid:], device)
 
 
 def _interpolation(preprocess: Preprocess) -> str:

@@ -469,7 +469,11 @@ class _Output:
 def embed_images(
     backbone: Backbone, images: Sequence[Any], *, normalize: bool = False
 ) -> np.ndarray:
-    """Embed in-memory PIL images or image paths with a backbone (for queries)."""
+    """Embed in-memory PIL images or image paths with a backbone (for queries).
+
+    On CUDA the forward pass runs as :func:`embed_store` runs it (bf16 autocast,
+    channels_last), so a stored pin's own image comes back next to its stored vector.
+    """
     from PIL import Image
 
     transform = backbone.transform()
@@ -479,8 +483,15 @@ def embed_images(
         pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
         tensors.append(transform(pil.convert("RGB")))
     device = backbone.device
-    with torch.inference_mode():
-        out = backbone.model(torch.stack(tensors).to(device)).float()
+    x = torch.stack(tensors).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda),
+    ):
+        out = backbone.model(x).float()
     if normalize:
         out = torch.nn.functional.normalize(out, dim=1)
     return out.cpu().numpy()

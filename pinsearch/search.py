@@ -174,6 +174,11 @@ class PinSearcher:
             if self.backbone in store.index_names(self.backbone)
             else store.index_names(self.backbone)[0]
         )
+        inert = self.index.inert_settings(config) if config is not None else []
+        if inert:
+            raise ValueError(
+                f"index {self.index_name!r} ({self.index.factory}) would ignore {'; '.join(inert)}"
+            )
         self._embedding = store.catalog.get_embedding(self.backbone) or {}
         self._model: Any = None
 

@@ -32,6 +32,26 @@ from pinsearch.store import Store
 __all__ = ["answer", "serve"]
 
 _FILTERS = ("board", "user", "category")
+# request key -> the request it belongs to (None: any request)
+_KEYS: dict[str, str | None] = {
+    "id": None, "k": None, "pin": None, "image": None, "text": None, "titles": None,
+    **dict.fromkeys(_FILTERS),
+    "mode": "text", "alpha": "text", "boards": "text", "per_board": "boards",
+    "board_score": "boards",
+}  # fmt: skip
+
+
+def _check_keys(request: dict[str, Any]) -> None:
+    """Refuse keys the request would silently ignore: unknown ones (a typo like ``"kk"``)
+    and options of another kind of request (``mode`` without ``text``)."""
+    unknown = sorted(key for key in request if key not in _KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown request key(s) {', '.join(map(repr, unknown))}; known: {', '.join(_KEYS)}"
+        )
+    for key, needs in _KEYS.items():
+        if needs is not None and key in request and not request.get(needs):
+            raise ValueError(f"{key!r} applies to {needs!r} requests only")
 
 
 def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +62,7 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
+    _check_keys(request)
     k = int(request.get("k", 10))
     filters = {f: request[f] for f in _FILTERS if request.get(f) is not None}
     asked = [key for key in ("pin", "image", "text") if request.get(key) is not None]

@@ -222,7 +222,9 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit() -> None:
     assert "sequential_s" not in late
 
 
-def test_query_and_serve_search_time_settings(tree_copy: Path, tmp_path: Path) -> None:
+def test_query_and_serve_search_time_settings(
+    tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     import io
 
     from pinsearch.indexes import IndexConfig
@@ -233,19 +235,36 @@ def test_query_and_serve_search_time_settings(tree_copy: Path, tmp_path: Path) -
     _json(["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet",
            "--workers", "0", "--factory", "IVF4,Flat", "--json"])  # fmt: skip
     with Store.open(store, read_only=True) as s:
-        pin = s.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
-    base = ["query", "--store", str(store), "--pin", pin, "-k", "30", "--json"]
-    one_list = _json(base)["hits"]  # type: ignore[index]  # saved nprobe: 4 // 16 -> 1 list
+        pins = [r["pin_id"] for r in s.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key")]
+    base = ["query", "--store", str(store), "--pin", pins[0], "-k", "30", "--json"]
+    # saved nprobe 4 // 16 -> 1 list; its pins alone cannot fill k: more lists are visited
+    one_list = _json(base)["hits"]  # type: ignore[index]
     every_list = _json([*base, "--nprobe", "4"])["hits"]  # type: ignore[index]
-    assert len(one_list) < len(every_list) == 23  # all other pins, once every list is probed
-    half = _json([*base, "--precision", "bfloat16", "--refine", "2"])["hits"]  # type: ignore[index]
-    assert [h["pin_id"] for h in half] == [h["pin_id"] for h in one_list]  # IVF: not a Flat scan
+    assert len(one_list) == len(every_list) == 23  # all other pins
+    assert "would ignore precision" in _main_error(
+        [*base, "--precision", "bfloat16"], monkeypatch, capsys
+    )
+    assert "would ignore ef_search" in _main_error(
+        [*base, "--ef-search", "64"], monkeypatch, capsys
+    )
     bad = runner.invoke(app, [*base, "--precision", "float8"])
     assert bad.exit_code != 0 and "precision" in bad.output
-    out = io.StringIO()
-    request = json.dumps({"pin": pin, "k": 30}) + "\n"
-    serve(store, requests=io.StringIO(request), responses=out, config=IndexConfig(nprobe=4))
-    assert len(json.loads(out.getvalue().splitlines()[1])["hits"]) == 23
+
+    def served(nprobe: int) -> list[list[str]]:
+        out = io.StringIO()
+        requests = "".join(json.dumps({"pin": p, "k": 3}) + "\n" for p in pins)
+        serve(
+            store, requests=io.StringIO(requests), responses=out, config=IndexConfig(nprobe=nprobe)
+        )
+        return [
+            [h["pin_id"] for h in json.loads(line)["hits"]]
+            for line in out.getvalue().splitlines()[1:]
+        ]
+
+    near, exact = served(1), served(4)  # nprobe reaches FAISS: 1 list misses some neighbours
+    assert any(a != b for a, b in zip(near, exact))
+    top3 = _json([*base[:-3], "-k", "3", "--nprobe", "4", "--json"])["hits"]  # type: ignore[index]
+    assert [h["pin_id"] for h in top3] == exact[0]
 
 
 def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str:

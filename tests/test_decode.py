@@ -249,7 +249,7 @@ def test_refused_jpegs_fall_back_to_pil_then_fail(
     prepared = [prepare_image(k, p, transform) for k, p in items]
     assert [p.kind for p in prepared] == ["encoded", "encoded", "encoded"]
     out = decode_on_device(collate_prepared(prepared), model.preprocess, CPU, transform)
-    assert calls == [3, 1, 1, 1]  # the batch, then image by image
+    assert calls == [3, 1, 2, 1, 1]  # the batch, then halves: [good] and [broken, other]
     assert out.keys.tolist() == [1, 3]
     (failure,) = out.failures
     assert failure[:3] == (2, str(broken), "corrupt")
@@ -290,6 +290,25 @@ def test_decode_jpegs_flags_wrong_sizes_and_bad_streams(tmp_path: Path) -> None:
     assert out[1] is None and out[2] is None  # undecodable; decoded to another size
     assert decode_jpegs([], CPU) == []
     assert device_decoder_error(CPU) is None
+
+
+def test_decode_jpegs_finds_bad_streams_by_halving(tmp_path: Path, monkeypatch) -> None:
+    import pinsearch.decode as decode_mod
+
+    path = tmp_path / "a.jpg"
+    _picture(40, 30).save(path, "JPEG")
+    good = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    bad = torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 broken \xff\xd9"), dtype=torch.uint8)
+    streams = [good] * 32
+    streams[5] = streams[27] = bad
+    calls: list[int] = []
+    real = decode_mod._decode
+    monkeypatch.setattr(decode_mod, "_decode", lambda d, dev: calls.append(len(d)) or real(d, dev))
+    out = decode_jpegs(streams, CPU)
+    assert [o is None for o in out] == [i in (5, 27) for i in range(32)]
+    expected = real([good], CPU)[0]
+    assert all(torch.equal(o, expected) for o in out if o is not None)
+    assert len(calls) < 32 and calls[0] == 32  # not one call per image
 
 
 # -- the tensor transform against timm's --------------------------------------------------------

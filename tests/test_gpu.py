@@ -65,6 +65,27 @@ def test_cuda_embedding_matches_cpu(tree_corpus) -> None:  # type: ignore[no-unt
     assert np.min(np.sum(a * b, axis=1)) > 0.98  # bf16 autocast on the GPU
 
 
+def test_cuda_query_image_lands_on_its_stored_vector(tree_corpus) -> None:  # type: ignore[no-untyped-def]
+    # a query image is embedded as the pins were (bf16 autocast, channels_last, same decode
+    # scale): each pin's own file must come back nearest to its own stored vector
+    import torch
+
+    from pinsearch.backbones import create_backbone
+    from pinsearch.embed import EmbedConfig, embed_images, iter_embeddings
+    from pinsearch.ingest import read_corpus
+
+    paths = [str(p.path) for p in read_corpus(tree_corpus.root).pins]
+    model = create_backbone("effnet_lite0", device=torch.device("cuda"))
+    cfg = EmbedConfig(device="cuda", workers=0, batch_size=8, decode="pil", normalize=True)
+    stored = np.concatenate(
+        [b.vectors for b in iter_embeddings(model, list(enumerate(paths)), cfg)]
+    )
+    queries = embed_images(model, paths, normalize=True)
+    sims = queries @ stored.T
+    assert (sims.argmax(axis=1) == np.arange(len(paths))).all()
+    assert np.diag(sims).min() > 0.99
+
+
 @pytest.mark.faiss_gpu  # the KNN head on the GPU
 def test_torch_heads_on_cuda_match_cpu() -> None:
     from sklearn.datasets import make_classification

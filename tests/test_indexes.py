@@ -163,6 +163,38 @@ def test_ivf_nprobe_is_honoured_without_filters(clustered) -> None:
     assert _recall(unfiltered, keys[truth]) == 1.0
 
 
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32,PQ4", "IVF32,Flat,Refine(Flat)"])
+def test_ivf_fills_answers_its_probed_lists_cannot(clustered, factory: str) -> None:
+    # 3,000 vectors in 32 lists: one list holds ~100, so k=400 with nprobe=1 needs more lists
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=1, **CPU))
+    scores, found = index.search(q, 400)
+    assert (found >= 0).all() and np.isfinite(scores).all()
+    assert all(len(set(row)) == 400 for row in found.tolist())
+    assert (np.diff(scores, axis=1) >= -1e-4).all()  # still ranked nearest first
+    _, first = index.search(q, 5)  # answers already full keep the lists nprobe asked for
+    assert (first >= 0).all()
+
+
+@pytest.mark.parametrize(
+    ("factory", "inert"),
+    [
+        ("Flat", ["nprobe", "ef_search"]),
+        ("IVF16,Flat", ["ef_search", "precision", "refine"]),
+        ("OPQ4,IVF16,PQ4", ["ef_search", "precision", "refine"]),
+        ("IVF16,PQ4,RFlat", ["ef_search", "precision"]),
+        ("HNSW8", ["nprobe", "precision", "refine"]),
+        ("IVF16_HNSW8,Flat", ["ef_search", "precision", "refine"]),  # HNSW is the quantizer
+    ],
+)
+def test_inert_search_settings_are_named(clustered, factory: str, inert: list[str]) -> None:
+    x, keys = clustered["x"][:800], clustered["keys"][:800]
+    index = build_index(x, keys, IndexConfig(factory=factory, metric="l2", **CPU))
+    asked = IndexConfig(nprobe=4, ef_search=32, precision="float16", refine=2)
+    assert [s.split()[0] for s in index.inert_settings(asked)] == inert
+    assert index.inert_settings(IndexConfig()) == []  # nothing asked, nothing ignored
+
+
 def test_hnsw_recall(clustered) -> None:
     x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
     index = build_index(x, keys, IndexConfig(factory="HNSW16", metric="l2", **CPU))

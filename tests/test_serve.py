@@ -80,6 +80,20 @@ def test_answer_rejects_non_objects(built_store) -> None:
         answer(PinSearcher(s), [1, 2])  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("request_", "match"),
+    [
+        ({"pin": "x", "kk": 5}, "unknown request key.*'kk'"),
+        ({"pin": "x", "mode": "fused"}, "'mode' applies to 'text'"),
+        ({"text": "cars", "per_board": 2}, "'per_board' applies to 'boards'"),
+        ({"text": "cars", "boards": False, "board_score": "max"}, "'board_score' applies"),
+    ],
+)
+def test_answer_refuses_keys_it_would_ignore(built_store, request_: dict, match: str) -> None:
+    with Store.open(built_store.path, read_only=True) as s, pytest.raises(ValueError, match=match):
+        answer(PinSearcher(s), request_)
+
+
 def test_cli_serve_process(built_store) -> None:
     with Store.open(built_store.path, read_only=True) as store:
         pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
