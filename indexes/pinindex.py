@@ -120,19 +120,12 @@ class PinIndex:
         ``nprobe`` without IVF lists, ``ef_search`` without an HNSW graph, ``precision``
         on anything but an exact Flat scan, ``refine`` with neither a refine wrapper nor a
         16-bit scan (``config.precision``)."""
-        import faiss
-
-        base = faiss.downcast_index(self.cpu_index())
-        while isinstance(base, faiss.IndexPreTransform):
-            base = faiss.downcast_index(base.index)
-        refines = isinstance(base, faiss.IndexRefine)
-        if refines:
-            base = faiss.downcast_index(base.base_index)
+        ivf, hnsw, refines = _structure(self.index)  # the placed index: no GPU-to-CPU copy
         flat = self.factory == "Flat" and self.config.metric != "l1"
         inert = []
-        if config.nprobe is not None and ivf_of(base) is None:
+        if config.nprobe is not None and not ivf:
             inert.append("nprobe (no IVF lists)")
-        if config.ef_search is not None and not isinstance(base, faiss.IndexHNSW):
+        if config.ef_search is not None and not hnsw:
             inert.append("ef_search (no HNSW graph)")
         if config.precision != "float32" and not flat:
             inert.append("precision (16-bit scans are for exact Flat indexes)")
@@ -461,6 +454,22 @@ def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
         # A view of the list's own id array (in-memory lists hand out their buffer).
         ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
         ids -= np.searchsorted(removed, ids)
+
+
+def _structure(index: Any) -> tuple[bool, bool, bool]:
+    """``(IVF lists, HNSW graph, refine wrapper)`` of a CPU or FAISS-GPU index, looking
+    through pre-transforms (OPQ, PCA) and refine wrappers to the index that is searched."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    refines = isinstance(index, faiss.IndexRefine)
+    if refines:
+        index = faiss.downcast_index(index.base_index)
+    gpu_ivf = getattr(faiss, "GpuIndexIVF", None)  # FAISS-GPU builds only
+    ivf = ivf_of(index) is not None or (gpu_ivf is not None and isinstance(index, gpu_ivf))
+    return ivf, isinstance(index, faiss.IndexHNSW), refines
 
 
 def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any:

@@ -44,6 +44,12 @@ def test_ivf_gpu_save_load_and_filter(tmp_path) -> None:  # type: ignore[no-unty
     allowed = keys[::3]
     _, found = gpu.search(q, 5, allowed=allowed)
     assert np.isin(found, allowed).all()
+    # the GPU index's structure is read where it lies (a GpuIndexIVF holds IVF lists)
+    assert gpu.on_gpu and gpu.inert_settings(IndexConfig(nprobe=8)) == []
+    assert gpu.inert_settings(IndexConfig(ef_search=8)) == ["ef_search (no HNSW graph)"]
+    # k above what nprobe lists of ~300 vectors hold: the answer is filled from more lists
+    short = load_index(tmp_path / "ix", config=IndexConfig(device="gpu", nprobe=1))
+    assert short.on_gpu and (short.search(q[:5], 1000)[1] >= 0).all()
 
 
 def test_cuda_embedding_matches_cpu(tree_corpus) -> None:  # type: ignore[no-untyped-def]
