@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.errors import DeviceError
+
 __all__ = ["PRECISIONS", "SCORE_BLOCK_BYTES", "TorchExact", "torch_device"]
 
 _logger = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def torch_device(device: str) -> Any:
     if torch.cuda.is_available():
         return torch.device("cuda")
     if device == "gpu":
-        raise RuntimeError("device='gpu' was asked for but torch sees no CUDA device")
+        raise DeviceError("device='gpu' was asked for but torch sees no CUDA device")
     return torch.device("cpu")
 
 

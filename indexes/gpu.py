@@ -5,10 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pinsearch.errors import DeviceError
+
 __all__ = [
     "GPU_MAX_NPROBE",
     "gpu_count",
     "gpu_float16",
+    "gpu_index_bytes",
+    "gpu_room",
     "gpu_settings",
     "ivf_of",
     "to_cpu",
@@ -25,6 +29,8 @@ _GPU_PQ_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64
 _GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
 _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
+# StandardGpuResources' default temporary memory on a large GPU (1.5 GiB), plus headroom
+_FAISS_SCRATCH = 2 << 30
 
 
 def ivf_of(index: Any) -> Any:
@@ -97,6 +103,55 @@ def gpu_float16(index: Any, fp16: bool) -> bool:
     return tables or (fp16 and isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFPQ)))
 
 
+def gpu_index_bytes(index: Any, fp16: bool = False) -> int:
+    """Device memory a CPU index takes once cloned to the GPU(s), all shards together:
+    its vectors or codes (IVF-Flat stores float32 there whatever ``fp16`` says), 8-byte ids
+    of IVF lists, and the coarse centroids."""
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    n, d = int(inner.ntotal), int(inner.d)
+    ivf = ivf_of(inner)
+    if ivf is None:  # Flat
+        return n * d * (2 if fp16 else 4)
+    code = d * 4 if isinstance(ivf, faiss.IndexIVFFlat) else int(ivf.code_size)
+    return n * (code + 8) + int(ivf.nlist) * d * 4
+
+
+def gpu_free_bytes() -> list[int] | None:
+    """Free memory of each GPU as CUDA reports it (via torch), or None when it cannot say."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return [int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
+    except Exception:  # a driver problem: let FAISS try
+        _logger.debug("cannot read free GPU memory", exc_info=True)
+        return None
+
+
+def gpu_room(index: Any, fp16: bool = False) -> str | None:
+    """None when the index fits the GPUs FAISS would place it on (sharded evenly over
+    several, with FAISS's scratch memory on each), else why not."""
+    free = gpu_free_bytes()
+    n = gpu_count()
+    if not free or n == 0:
+        return None
+    need = gpu_index_bytes(index, fp16)
+    per_gpu = -(-need // n) + _FAISS_SCRATCH
+    room = min(free[:n])
+    if per_gpu <= room:
+        return None
+    where = "the GPU" if n == 1 else f"each of {n} GPUs"
+    return (
+        f"it needs ~{per_gpu / 2**30:.1f} GiB on {where} (with FAISS's scratch memory), "
+        f"{room / 2**30:.1f} GiB is free"
+    )
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use (0 with faiss-cpu or without CUDA)."""
     import faiss
@@ -116,7 +171,7 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
 
     n = gpu_count()
     if n == 0:
-        raise RuntimeError("no GPU visible to faiss; install faiss-gpu and check CUDA")
+        raise DeviceError("no GPU visible to faiss; install faiss-gpu and check CUDA")
     if n == 1:
         global _RESOURCES
         co = faiss.GpuClonerOptions()

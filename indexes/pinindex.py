@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 
 from pinsearch._version import __version__
-from pinsearch.errors import BackboneMismatchError, IndexFileError
+from pinsearch.errors import BackboneMismatchError, DeviceError, IndexFileError
 from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import (
     GPU_MAX_NPROBE,
     gpu_count,
+    gpu_room,
     gpu_settings,
     ivf_of,
     to_cpu,
@@ -518,12 +519,21 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
         return cpu_index, False
     want_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
     if config.device == "gpu" and gpu_count() == 0:
-        raise RuntimeError("device='gpu' was asked for but faiss sees no GPU")
+        raise DeviceError("device='gpu' was asked for but faiss sees no GPU")
     if not want_gpu:
         return cpu_index, False
     fits, fp16_tables = gpu_settings(cpu_index)
     if not fits or config.metric == "l1":
         _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
+        return cpu_index, False
+    too_big = gpu_room(cpu_index, config.fp16 or fp16_tables)
+    if too_big and config.device == "gpu":
+        raise DeviceError(
+            f"index {factory} does not fit the GPU: {too_big}; use device cpu, or a compressed "
+            "factory (IVF...,PQm)"
+        )
+    if too_big:
+        _logger.warning("index %s stays on the CPU: %s", factory, too_big)
         return cpu_index, False
     if fp16_tables and not config.fp16:
         _logger.info("index %s on the GPU with float16 lookup tables (shared memory)", factory)

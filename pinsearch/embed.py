@@ -34,7 +34,7 @@ from pinsearch.decode import (
     device_decoder_error,
     device_transform_supported,
 )
-from pinsearch.errors import BackboneMismatchError
+from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
 from pinsearch.ingest import SkippedPin
 from pinsearch.vectors import VECTOR_DTYPES
@@ -186,7 +186,7 @@ def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Prepro
             )
         problem = device_decoder_error(device)
         if problem:
-            raise RuntimeError(
+            raise DeviceError(
                 f"decode='device': torchvision cannot decode JPEGs on {device}: {problem}"
             )
         return "device"

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "BackboneMismatchError",
     "CorpusError",
+    "DeviceError",
     "IndexFileError",
     "PinNotFoundError",
     "PinsearchError",
@@ -36,6 +37,11 @@ class BackboneMismatchError(PinsearchError, ValueError):
 
 class WeightsNotFoundError(PinsearchError, FileNotFoundError):
     """No pretrained weights could be found offline for a backbone."""
+
+
+class DeviceError(PinsearchError, RuntimeError):
+    """The device asked for is missing or cannot do the job (no GPU, too little GPU memory,
+    no GPU JPEG decoder)."""
 
 
 class IndexFileError(PinsearchError):

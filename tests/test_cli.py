@@ -310,6 +310,23 @@ def test_bad_options_are_one_line_errors(
         assert (after.pins, after.indexes, after.heads) == (before.pins, before.indexes, [])
 
 
+def test_index_on_a_missing_gpu_is_a_one_line_error(
+    store_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from pinsearch.indexes import gpu_count
+
+    if gpu_count():
+        pytest.skip("faiss sees a GPU here")
+    from pinsearch.store import Store
+
+    argv = ["index", "--store", str(store_copy), "-b", "test_efficientnet", "--rebuild"]
+    assert "faiss sees no GPU" in _main_error([*argv, "--index-device", "gpu"], monkeypatch, capsys)
+    with Store.open(store_copy, read_only=True) as store:  # its index is still there, whole
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    hits = _json(["query", "--store", str(store_copy), "--pin", pin, "-k", "3", "--json"])["hits"]  # type: ignore[index]
+    assert len(hits) == 3
+
+
 def test_dupes_options(store_copy: Path) -> None:
     report = _json(["dupes", "--store", str(store_copy), "-k", "5", "--top", "0", "--json"])
     assert isinstance(report, dict)

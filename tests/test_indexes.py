@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pinsearch.errors import BackboneMismatchError, IndexFileError
+from pinsearch.errors import BackboneMismatchError, DeviceError, IndexFileError
 from pinsearch.indexes import (
     METRICS,
     IndexConfig,
@@ -636,7 +636,7 @@ def test_device_gpu_without_gpu_raises() -> None:
 
     if gpu_count() > 0:
         pytest.skip("a GPU is visible")
-    with pytest.raises(RuntimeError, match="no GPU"):
+    with pytest.raises(DeviceError, match="no GPU"):
         build_index(_random(10, 4, 0), _keys(10), IndexConfig(factory="Flat", device="gpu"))
 
 
@@ -795,3 +795,36 @@ def test_pq_indexes_skip_polysemous_training_and_answer_the_same(factory: str) -
     d_ours, k_ours = ours.search(x[:50], 5)
     np.testing.assert_allclose(d_ours, d_raw, rtol=1e-4, atol=1e-4)
     assert (k_ours == keys[i_raw]).mean() > 0.95  # ties may swap
+
+
+@pytest.mark.parametrize("free_gib", [1.0, 64.0])
+def test_gpu_placement_checks_free_gpu_memory(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch, free_gib: float
+) -> None:
+    """An index larger than the free memory of the GPUs (CUDA's figure, here standing in)
+    stays on the CPU under device auto, and is a clear error under device gpu."""
+    import faiss
+    import torch
+
+    from pinsearch.indexes.gpu import gpu_index_bytes
+
+    ngpu = faiss.get_num_gpus()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_gib * 2**30), 80 << 30))
+    x, keys = _clustered(600, 16, 8, 0), _keys(600)
+    flat = faiss.IndexFlatL2(16)
+    flat.add(x)
+    assert gpu_index_bytes(flat) == 600 * 16 * 4 and gpu_index_bytes(flat, fp16=True) == 600 * 32
+    ivf = faiss.index_factory(16, "IVF8,SQ8")
+    ivf.train(x)
+    ivf.add(x)
+    assert gpu_index_bytes(ivf) == 600 * (16 + 8) + 8 * 16 * 4  # 8-bit codes, ids, centroids
+    # 1 GiB free is less than FAISS's scratch memory alone; 64 GiB holds it
+    auto = build_index(x, keys, IndexConfig(factory="Flat", metric="l2"))
+    assert auto.on_gpu is (free_gib > 2)
+    if free_gib > 2:
+        assert build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device="gpu")).on_gpu
+    else:
+        with pytest.raises(DeviceError, match=r"does not fit the GPU.*GiB is free"):
+            build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device="gpu"))
