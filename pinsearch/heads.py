@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -370,7 +372,24 @@ class LinearSVMHead(_TorchHead):
             return loss
 
         opt.step(closure)
-        self.n_iter_ = int(opt.state[opt.param_groups[0]["params"][0]].get("n_iter", 0))
+        state = opt.state[opt.param_groups[0]["params"][0]]
+        self.n_iter_ = int(state.get("n_iter", 0))
+        ran_out = (
+            self.n_iter_ >= self.max_iter
+            or int(state.get("func_evals", 0)) >= opt.param_groups[0]["max_eval"]
+        )
+        closure()  # the gradient at the solution
+        grad = max(float(w.grad.abs().max()), float(b.grad.abs().max()))  # type: ignore[union-attr]
+        if ran_out and grad > 10 * self.tol:
+            # as LinearSVC does. (L-BFGS also stops when float32 cannot lower the loss any
+            # more, a gradient near 1e-4 on standardised features: that is converged enough.)
+            warnings.warn(
+                f"LinearSVMHead(C={self.C}): L-BFGS stopped after {self.n_iter_} of "
+                f"{self.max_iter} iterations with a gradient of {grad:.1e} (tolerance "
+                f"{self.tol:.0e}); raise max_iter",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
         self.coef_ = w.detach().cpu().numpy().T.copy()
         self.intercept_ = b.detach().cpu().numpy().copy()
 

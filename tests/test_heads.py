@@ -136,6 +136,19 @@ def test_linear_svm_torch_solver_agrees_with_liblinear(data, C) -> None:  # type
         LinearSVMHead(solver="sgd").fit(Xtr, ytr)
 
 
+def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> None:  # type: ignore[no-untyped-def]
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    Xtr, _, ytr, _ = data
+    with pytest.warns(ConvergenceWarning, match="stopped after .* of 3 iterations"):
+        LinearSVMHead(C=100.0, solver="torch", device="cpu", max_iter=3).fit(Xtr, ytr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # converged: silent
+        LinearSVMHead(C=1.0, solver="torch", device="cpu").fit(Xtr, ytr)
+
+
 def test_a_head_file_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
     """Saved heads are plain arrays: an .npz smuggling a pickled object does not load."""
     X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
