@@ -141,9 +141,11 @@ def _scored_cells(store: Store, config: StudyConfig) -> list[tuple[str, str]]:
         "config_hash = ? AND scores IS NOT NULL",
         [config.name, config.fingerprint()],
     ).fetchall()
+    # only the study's own cells: an earlier run under the same settings may have stored
+    # cells of backbones (or heads) this one no longer lists
     rank = {cell: i for i, cell in enumerate(itertools.product(config.backbones, config.heads))}
-    cells = [(str(b), str(h)) for b, h in rows]
-    return sorted(cells, key=lambda c: (rank.get(c, len(rank)), c))  # the study's cell order
+    cells = [(str(b), str(h)) for b, h in rows if (str(b), str(h)) in rank]
+    return sorted(cells, key=rank.__getitem__)  # the study's cell order
 
 
 def _is_probability(head: str, scores: np.ndarray) -> bool:

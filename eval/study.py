@@ -11,6 +11,7 @@ an interrupted study resumes without redoing finished cells.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -84,8 +85,11 @@ CREATE TABLE IF NOT EXISTS study_cells (
     predict_seconds DOUBLE,
     versions VARCHAR,               -- JSON: pinsearch, sklearn, torch, faiss
     finished_at TIMESTAMP,
+    data_hash VARCHAR,              -- hash of the sample, split and vectors (data_digest)
     PRIMARY KEY (study, config_hash, backbone, head)
 );
+-- study_cells from before data_hash: the column is added, NULL (such a cell runs again)
+ALTER TABLE study_cells ADD COLUMN IF NOT EXISTS data_hash VARCHAR;
 CREATE TABLE IF NOT EXISTS study_predictions (
     study VARCHAR,
     config_hash VARCHAR,
@@ -288,6 +292,8 @@ def _run_cell(
     params = dict(context or {})
     if device != "auto" and head != "zeroshot":
         params["device"] = device
+    if "random_state" in inspect.signature(HEADS[head]).parameters and "random_state" not in grid:
+        params.setdefault("random_state", config.seed)  # the study's seed reaches the MLP's init
     cv = StratifiedKFold(n_splits=config.folds, shuffle=True, random_state=config.seed)
     y = data.labels
     start = time.perf_counter()
@@ -349,23 +355,41 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _done_cells(store: Store, config: StudyConfig) -> dict[tuple[str, str], CellResult]:
+def data_digest(data: StudyData, X: np.ndarray) -> str:
+    """Hash of what a cell learns from besides its settings: the sample (pin keys and their
+    labels), the train/test split, and the vectors. A finished cell is resumed only when
+    it is unchanged (pins added or removed, or pins embedded again, change it)."""
+    h = hashlib.sha256()
+    for part in (data.keys, data.train, data.test):
+        h.update(np.ascontiguousarray(part, dtype=np.int64).tobytes())
+    h.update("\0".join(map(str, data.labels.tolist())).encode())
+    h.update(np.ascontiguousarray(X, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _done_cells(
+    store: Store, config: StudyConfig
+) -> dict[tuple[str, str], tuple[CellResult, str | None]]:
+    """Finished cells of this study and fingerprint, with the data digest each was run on."""
     rows = store.catalog.query(
         "SELECT * FROM study_cells WHERE study = ? AND config_hash = ?",
         [config.name, config.fingerprint()],
     )
     return {
-        (r["backbone"], r["head"]): CellResult(
-            r["backbone"],
-            r["head"],
-            json.loads(r["best_params"]),
-            r["cv_mean"],
-            r["cv_std"],
-            r["test_macro_f1"],
-            json.loads(r["metrics"]),
-            r["fit_seconds"],
-            r["predict_seconds"],
-            resumed=True,
+        (r["backbone"], r["head"]): (
+            CellResult(
+                r["backbone"],
+                r["head"],
+                json.loads(r["best_params"]),
+                r["cv_mean"],
+                r["cv_std"],
+                r["test_macro_f1"],
+                json.loads(r["metrics"]),
+                r["fit_seconds"],
+                r["predict_seconds"],
+                resumed=True,
+            ),
+            r["data_hash"],
         )
         for r in rows
     }
@@ -379,6 +403,7 @@ def _save_cell(
     cv_json: str,
     pred: np.ndarray,
     scores: np.ndarray | None,
+    digest: str,
 ) -> None:
     con = store.catalog
     h = config.fingerprint()
@@ -412,7 +437,7 @@ def _save_cell(
         )
         con.connection.execute(
             "INSERT OR REPLACE INTO study_cells VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",
             [
                 config.name,
                 h,
@@ -429,6 +454,7 @@ def _save_cell(
                 res.fit_seconds,
                 res.predict_seconds,
                 json.dumps(_versions()),
+                digest,
             ],
         )
 
@@ -445,9 +471,12 @@ def run_study(
     """
     from pinsearch.pipeline import index_corpus
 
-    if config.corpus is not None:
+    if config.corpus is not None:  # every pin is read and checked; only the sample embedded
         for name in sorted({b for fused in config.backbones for b in fused.split("+")}):
-            index_corpus(config.corpus, config.store, backbone=name, progress=embed_progress)
+            index_corpus(
+                config.corpus, config.store, backbone=name, progress=embed_progress,
+                select=lambda store: select_pins(store, config).keys,
+            )  # fmt: skip
     with Store.open(config.store) as store:
         store.catalog.connection.execute(_STUDY_SCHEMA)
         data = select_pins(store, config)
@@ -458,17 +487,23 @@ def run_study(
         )  # fmt: skip
         done = _done_cells(store, config)
         results = []
-        vectors: dict[str, np.ndarray] = {}  # loaded once per backbone, for all its heads
+        vectors: dict[str, tuple[np.ndarray, str]] = {}  # once per backbone, for all its heads
         for backbone, head in itertools.product(config.backbones, config.heads):
-            if (backbone, head) in done:
-                res = done[(backbone, head)]
+            if backbone not in vectors:
+                vectors.clear()  # keep one backbone's vectors in memory at a time
+                X = load_study_vectors(store, backbone, data.keys, config.normalize)
+                vectors[backbone] = (X, data_digest(data, X))
+            X, digest = vectors[backbone]
+            finished, ran_on = done.get((backbone, head), (None, None))
+            if finished is not None and ran_on == digest:
+                res = finished
             else:
-                if backbone not in vectors:
-                    vectors.clear()  # keep one backbone's vectors in memory at a time
-                    vectors[backbone] = load_study_vectors(
-                        store, backbone, data.keys, config.normalize
-                    )
-                X = vectors[backbone]
+                if finished is not None:
+                    _logger.warning(
+                        "study %s: cell %s/%s was run on another sample, split or vectors "
+                        "(pins added, removed or embedded again since): running it again",
+                        config.name, backbone, head,
+                    )  # fmt: skip
                 context = head_context(store, backbone, head)
                 res, pred, scores, cv_json, best = _run_cell(
                     config, data, X, backbone, head, context
@@ -484,7 +519,7 @@ def run_study(
                         normalize=config.normalize,
                         source=f"study:{config.name}",
                     )
-                _save_cell(store, config, data, res, cv_json, pred, scores)
+                _save_cell(store, config, data, res, cv_json, pred, scores, digest)
             results.append(res)
             if on_cell:
                 on_cell(res)

@@ -426,13 +426,15 @@ for _i, _dim in ((0, 1280), (1, 1280), (2, 1280)):
         )
     )
 
-for _name, _arch, _dim in (
-    ("efficientnetv2_b0", "tf_efficientnetv2_b0.in1k", 1280),
-    ("efficientnetv2_b1", "tf_efficientnetv2_b1.in1k", 1280),
-    ("efficientnetv2_b3", "tf_efficientnetv2_b3.in1k", 1536),
-    ("convnext_tiny", "convnext_tiny.fb_in1k", 768),
-    ("convnext_small", "convnext_small.fb_in1k", 768),
-    ("convnext_base", "convnext_base.fb_in1k", 1024),
+# The paper's Keras weights: EfficientNetV2 B0-B3 and ConvNeXt Tiny/Small trained on
+# ImageNet-1k; Keras' ConvNeXt Base was pre-trained on ImageNet-21k, fine-tuned on 1k.
+for _name, _arch, _dim, _data in (
+    ("efficientnetv2_b0", "tf_efficientnetv2_b0.in1k", 1280, "ImageNet-1k"),
+    ("efficientnetv2_b1", "tf_efficientnetv2_b1.in1k", 1280, "ImageNet-1k"),
+    ("efficientnetv2_b3", "tf_efficientnetv2_b3.in1k", 1536, "ImageNet-1k"),
+    ("convnext_tiny", "convnext_tiny.fb_in1k", 768, "ImageNet-1k"),
+    ("convnext_small", "convnext_small.fb_in1k", 768, "ImageNet-1k"),
+    ("convnext_base", "convnext_base.fb_in22k_ft_in1k", 1024, "ImageNet-21k, fine-tuned on 1k"),
 ):
     register_backbone(
         BackboneSpec(
@@ -441,7 +443,7 @@ for _name, _arch, _dim in (
             arch=_arch,
             dim=_dim,
             paper=True,
-            description=f"{_arch}, ImageNet-1k (a backbone of the source paper)",
+            description=f"{_arch}, {_data} (a backbone of the source paper)",
         )
     )
 

@@ -537,8 +537,9 @@ def embed_store(
     *,
     progress: Progress | None = None,
     backbone: Backbone | None = None,
+    keys: np.ndarray | None = None,
 ) -> EmbedReport:
-    """Embed every pin of ``store`` that has no vector for ``backbone_name`` yet.
+    """Embed every pin of ``store`` (or of ``keys``) that has no vector for ``backbone_name``.
 
     Resumable: committed parts are never recomputed. Pins whose image fails to decode are
     recorded in ``skipped`` (stage ``embed``) and, when no other backbone has a vector for
@@ -566,7 +567,12 @@ def embed_store(
     vs = store.vectors(backbone_name)
     done = vs.keys()
     done_set = set(done.tolist())
-    todo = [(k, p) for k, p in catalog.pin_paths() if k not in done_set]
+    wanted = None if keys is None else set(np.asarray(keys, dtype=np.int64).tolist())
+    todo = [
+        (k, p)
+        for k, p in catalog.pin_paths()
+        if k not in done_set and (wanted is None or k in wanted)
+    ]
     total = len(todo)
     if progress:
         progress(0, total)

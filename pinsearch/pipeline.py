@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store
 from pinsearch.indexes import IndexConfig
@@ -22,6 +24,7 @@ from pinsearch.store import Store
 __all__ = ["IndexReport", "index_corpus"]
 
 _logger = logging.getLogger(__name__)
+_SELECT_ROUNDS = 5  # embedding rounds of a selection whose pins fail to embed
 
 
 @dataclass
@@ -76,6 +79,7 @@ def index_corpus(
     index_name: str | None = None,
     rebuild: bool = False,
     progress: Progress | None = None,
+    select: Callable[[Store], np.ndarray] | None = None,
 ) -> IndexReport:
     """Ingest a corpus into a store (created if needed), embed new pins and index them.
 
@@ -92,6 +96,9 @@ def index_corpus(
             index over the backbone is brought up to date as well.
         rebuild: rebuild the index from all stored vectors instead of adding to it.
         progress: ``callback(done, total)`` during embedding.
+        select: embed only the pins whose keys ``select(store)`` returns (a study's sample;
+            called again when embedding failures removed some of them); the other pins stay
+            in the catalog without vectors.
     """
     ingest = ingest or IngestConfig()
     embed = embed or EmbedConfig()
@@ -112,7 +119,11 @@ def index_corpus(
                     f"store {store.root} has no pins to index "
                     f"({skipped} of {found} found were skipped; see pinsearch info)"
                 )
-            report: EmbedReport = embed_store(store, backbone, embed, progress=progress)
+            report = (
+                embed_store(store, backbone, embed, progress=progress)
+                if select is None
+                else _embed_selection(store, backbone, embed, select, progress)
+            )
             names = store.index_names(backbone)
             # The backbone's index: the one of its name, else its first (a custom name).
             name = index_name or (backbone if backbone in names or not names else names[0])
@@ -166,6 +177,39 @@ def index_corpus(
         if fresh:  # a failed first run leaves no empty store behind (bad option, bad corpus)
             _remove_if_empty(root, keep_folder=existed)
         raise
+
+
+def _embed_selection(
+    store: Store,
+    backbone: str,
+    embed: EmbedConfig,
+    select: Callable[[Store], np.ndarray],
+    progress: Progress | None,
+) -> EmbedReport:
+    """Embed the pins ``select`` picks. An image that fails to embed takes its pin out of the
+    store, which may change the pick: it is taken again until all it names have vectors."""
+    done: list[EmbedReport] = []
+    while True:
+        missing = np.setdiff1d(select(store), store.vectors(backbone).keys())
+        if done and missing.size == 0:
+            break
+        if len(done) == _SELECT_ROUNDS:
+            raise ValueError(
+                f"{missing.size} selected pins still have no {backbone!r} vector after "
+                f"{_SELECT_ROUNDS} rounds: they fail to embed (see pinsearch info) yet stay in "
+                "the store (another backbone has their vectors)"
+            )
+        done.append(embed_store(store, backbone, embed, progress=progress, keys=missing))
+    seconds = sum(r.seconds for r in done)
+    embedded = sum(r.embedded for r in done)
+    return replace(
+        done[-1],
+        embedded=embedded,
+        failed=sum(r.failed for r in done),
+        already=done[0].already,
+        seconds=seconds,
+        images_per_s=embedded / seconds if seconds > 0 else 0.0,
+    )
 
 
 def _remove_if_empty(root: Path, *, keep_folder: bool) -> None:

@@ -123,6 +123,14 @@ def test_soft_vote_of_one_cell_is_that_cell(study: Study) -> None:
             assert res.accuracy == cell.metrics["accuracy"]
 
 
+def test_soft_vote_keeps_to_the_studys_own_cells(study: Study) -> None:
+    # the same settings with fewer backbones: cells stored by the larger run do not vote
+    fewer = replace(study.config, backbones=("synthetic+synthetic",))
+    with Store.open(study.path, read_only=True) as store:
+        res = soft_vote(store, fewer)
+    assert res.members == ["synthetic+synthetic/knn", "synthetic+synthetic/lsvm"]
+
+
 def test_soft_vote_rejects_unknown_members(study: Study) -> None:
     with Store.open(study.path, read_only=True) as store:
         with pytest.raises(ValueError, match=r"\[\('synthetic', 'mlp'\)\] are not scored cells"):

@@ -138,6 +138,48 @@ def test_interrupted_study_resumes_to_the_same_table(clustered_store: Path, tmp_
     assert straight[0].test_macro_f1 > 0.8
 
 
+def test_a_finished_cell_is_run_again_when_its_pins_or_vectors_change(
+    clustered_store: Path, tmp_path: Path
+) -> None:
+    from pinsearch.edit import remove_pins
+
+    store = tmp_path / "s"
+    shutil.copytree(clustered_store, store)
+    (store / ".lock").unlink(missing_ok=True)
+    config = _config(store, heads={"knn": {"n_neighbors": [1, 5]}})
+    first, _ = run_study(config)
+    _, again = run_study(config)
+    assert [c.resumed for c in again] == [True]  # nothing changed
+    with Store.open(store) as s:  # pins leave the store: another sample, another split
+        gone = s.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 20")
+        remove_pins(s, pin_ids=[r["pin_id"] for r in gone])
+    data, after = run_study(config)
+    assert [c.resumed for c in after] == [False] and len(data.keys) == len(first.keys) - 20
+    with Store.open(store, read_only=True) as s:
+        (row,) = s.catalog.query("SELECT n_train, n_test, data_hash FROM study_cells")
+        n_pred = s.catalog.query("SELECT count(*) AS n FROM study_predictions")[0]["n"]
+    assert (row["n_train"], row["n_test"]) == (len(data.train), len(data.test)) and row["data_hash"]
+    assert n_pred == len(data.test)  # the predictions of the old test split are gone
+    assert [c.resumed for c in run_study(config)[1]] == [True]
+
+
+def test_the_study_seed_reaches_the_heads_it_can(clustered_store: Path, tmp_path: Path) -> None:
+    import json
+
+    store = tmp_path / "s"
+    shutil.copytree(clustered_store, store)
+    (store / ".lock").unlink(missing_ok=True)
+    mlp = {"max_epochs": [2], "hidden": [[8, 8]]}
+    run_study(_config(store, seed=3, heads={"mlp": mlp, "knn": {"n_neighbors": [1]}}))
+    run_study(_config(store, name="fixed", heads={"mlp": {**mlp, "random_state": [11]}}))
+    with Store.open(store, read_only=True) as s:
+        rows = s.catalog.query("SELECT name, params FROM heads ORDER BY name")
+    params = {r["name"]: json.loads(r["params"]) for r in rows}
+    assert params["t/synthetic/mlp"]["random_state"] == 3
+    assert params["fixed/synthetic/mlp"]["random_state"] == 11  # a grid's own seed wins
+    assert "random_state" not in params["t/synthetic/knn"]
+
+
 def test_evaluate_writes_report_and_stores_results(clustered_store: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(clustered_store, store)
@@ -185,3 +227,41 @@ def test_fused_backbones_concatenate_normalised_blocks(clustered_store: Path) ->
     assert fused.shape == (3, 2 * DIM)
     np.testing.assert_allclose(np.linalg.norm(fused[:, :DIM], axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(fused[:, :DIM], fused[:, DIM:])
+
+
+def test_a_study_with_a_corpus_embeds_its_sample_only(tree_copy: Path, tmp_path: Path) -> None:
+    # every pin is read and checked into the catalog; only the drawn sample is embedded
+    config = StudyConfig(
+        name="sampled", store=str(tmp_path / "s"), corpus=str(tree_copy),
+        backbones=("test_efficientnet",), heads={"knn": {"n_neighbors": [1]}},
+        per_class=3, min_per_class=2, folds=2, test_size=1 / 3,
+    )  # fmt: skip
+    data, _ = run_study(config)
+    with Store.open(config.store, read_only=True) as s:
+        assert s.catalog.count_pins() == 24
+        embedded = np.sort(s.vectors("test_efficientnet").keys())
+        assert s.index_names() == ["test_efficientnet"]
+    assert len(data.keys) == 9 and np.array_equal(embedded, np.sort(data.keys))
+    assert [c.resumed for c in run_study(config)[1]] == [True]  # nothing new to embed
+
+
+def test_a_selection_is_drawn_again_when_its_pins_fail_to_embed(
+    tree_copy: Path, tmp_path: Path
+) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    # a JPEG whose header passes the ingest check but whose scan cannot be decoded
+    victim = sorted(tree_copy.rglob("*.jpg"))[0]
+    data = bytearray(victim.read_bytes())
+    data[data.index(b"\xff\xda") + 5] = 0x09
+    victim.write_bytes(bytes(data))
+    picks: list[int] = []
+
+    def every_pin(store: Store) -> np.ndarray:
+        keys = np.array([r["pin_key"] for r in store.catalog.query("SELECT pin_key FROM pins")])
+        picks.append(len(keys))
+        return keys
+
+    report = index_corpus(tree_copy, tmp_path / "s", backbone="test_efficientnet", select=every_pin)
+    assert picks == [24, 23]  # the failed pin left the store; the second pick is all embedded
+    assert (report.embedded, report.embed_failed, report.ntotal) == (23, 1, 23)
