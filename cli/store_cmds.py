@@ -264,6 +264,14 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
     print_rows("embeddings", report.embeddings)
     print_rows("indexes", report.indexes)
     print_rows("heads", report.heads)
-    print_rows("text alignments", report.alignments)
+    print_rows(  # validation recall of text -> image, not the whole metrics object
+        "text alignments",
+        [
+            {**{k: v for k, v in a.items() if k != "metrics"},
+             **{m: round(a["metrics"][m], 3) for m in ("recall@1", "recall@10")
+                if m in a["metrics"]}}
+            for a in report.alignments
+        ],
+    )  # fmt: skip
     print_rows("skipped pins by reason", report.skipped_by_reason)
     print_rows("ingests", report.ingests)

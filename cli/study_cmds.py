@@ -242,7 +242,14 @@ def bench(
         ),
     ] = None,
     n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
-    dim: Annotated[int, typer.Option(help="Vector dimension (index, query).")] = 768,
+    dim: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Vector dimension (index, exact, query, remove, study, text; default: each "
+            "benchmark's own: 768, 1024, 768, 64, 256, 768).",
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Embed: 0 = by free GPU memory.")] = 64,
     decode: Annotated[str, typer.Option(help="Embed: auto, device or pil.")] = "auto",
     compile_model: Annotated[bool, typer.Option("--compile", help="Embed: torch.compile.")] = False,
@@ -278,6 +285,7 @@ def bench(
     from pinsearch.eval import bench as b
 
     backbones = backbone or ["effnet_lite0"]
+    sized = {} if dim is None else {"dim": dim}  # each benchmark has its own default size
     if what == "embed":
         options = dict(
             n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
@@ -288,21 +296,21 @@ def bench(
         else:
             result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
     elif what == "index":
-        result = b.bench_index(n=n or 100_000, dim=dim, factories=factory or None, fp16=fp16)
+        result = b.bench_index(n=n or 100_000, **sized, factories=factory or None, fp16=fp16)
     elif what == "exact":
-        result = b.bench_exact(n=n or 1_000_000, dim=dim, nq=queries or 6400, device=device)
+        result = b.bench_exact(n=n or 1_000_000, **sized, nq=queries or 6400, device=device)
     elif what == "query":
-        result = b.bench_query(n=n or 100_000, dim=dim)
+        result = b.bench_query(n=n or 100_000, **sized)
     elif what == "remove":
         first = factory[0] if factory else "auto"
-        result = b.bench_remove(n=n or 100_000, dim=dim, pins=pins, factory=first)
+        result = b.bench_remove(n=n or 100_000, **sized, pins=pins, factory=first)
     elif what == "study":
         result = b.bench_study(
-            n=n or 4000, dim=dim, device=device, heads=head or ("knn", "lsvm", "mlp"),
+            n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
             sequential=sequential, sklearn_timeout_s=sklearn_timeout,
         )  # fmt: skip
     elif what == "text":
-        result = b.bench_text(n=n or 100_000, dim=dim)
+        result = b.bench_text(n=n or 100_000, **sized)
     elif what == "dupes":
         if corpus is None:
             raise typer.BadParameter("bench dupes needs --corpus (a folder or manifest of photos)")

@@ -8,6 +8,7 @@ while it is cheap, IVF-Flat while raw vectors fit the budget, IVF-PQ below it).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -86,6 +87,9 @@ def faiss_metric(metric: str) -> int:
     return table[metric]
 
 
+_PARSE_DIM = 3840  # divisible by every usual PQ / OPQ / PCA size (2^8 x 15)
+
+
 def validate_factory(factory: str, metric: str = "cosine") -> str:
     """Check a factory string without building it.
 
@@ -104,7 +108,25 @@ def validate_factory(factory: str, metric: str = "cosine") -> str:
         raise ValueError(
             f"factory {factory!r} compresses vectors; metric 'l1' needs Flat, IVF...,Flat or HNSW"
         )
+    if text != "auto":
+        _check_syntax(text)
     return text
+
+
+@functools.lru_cache(maxsize=256)  # configs are rebuilt often (dataclasses.replace)
+def _check_syntax(factory: str) -> None:
+    """Let FAISS parse the string (an empty index, nothing trained). Only a parse error is
+    final here: a dimension the string does not fit (PQ7 of 768) shows once the vectors do."""
+    import faiss
+
+    try:
+        faiss.index_factory(_PARSE_DIM, factory)
+    except RuntimeError as exc:
+        if "could not parse" in str(exc):
+            raise ValueError(
+                f"FAISS cannot parse index factory {factory!r}; e.g. Flat, IVF1024,Flat, "
+                "IVF4096,PQ64, HNSW32, OPQ16_64,IVF1024,PQ16"
+            ) from None
 
 
 def ivf_nlist(n: int) -> int:

@@ -299,14 +299,22 @@ class Catalog:
         ingest_id: int | None = None,
         backbone: str | None = None,
     ) -> None:
-        """Record skipped pins."""
+        """Record skipped pins: one row per file, stage and backbone (the latest reason), so
+        indexing the same corpus again does not count its skipped files again."""
         now = _now()
         rows = [
             [s.pin_id, s.path, s.stage, s.reason, s.detail, backbone, ingest_id, now]
             for s in skipped
         ]
-        if rows:
-            self._con.executemany("INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        if not rows:
+            return
+        for stage in sorted({r[2] for r in rows}):
+            self._con.execute(
+                "DELETE FROM skipped WHERE stage = ? AND backbone IS NOT DISTINCT FROM ? AND "
+                "coalesce(path, pin_id) IN (SELECT unnest(?))",  # a file, else its pin id
+                [stage, backbone, [r[1] or r[0] for r in rows if r[2] == stage]],
+            )
+        self._con.executemany("INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def pin_paths(self, keys: Sequence[int] | None = None) -> list[tuple[int, str]]:
         """``(pin_key, path)`` of the given pins (all pins when None), ordered by key."""

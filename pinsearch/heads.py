@@ -446,9 +446,37 @@ class MLPHead(_TorchHead):
         self.device = device
         self.random_state = random_state
 
+    def _check_params(self) -> None:
+        """Clear errors for values that would otherwise fail deep in torch (or loop forever)."""
+        hidden = self.hidden
+        if (
+            not isinstance(hidden, (tuple, list))
+            or len(hidden) != 2
+            or not all(isinstance(h, (int, np.integer)) and h > 0 for h in hidden)
+        ):
+            raise ValueError(
+                f"MLPHead: hidden must be two positive layer sizes like [512, 256], got {hidden!r}"
+            )
+        for name, low, strict in (("batch_size", 1, False), ("max_epochs", 1, False),
+                                  ("patience", 0, False), ("lr", 0, True),
+                                  ("weight_decay", 0, False)):  # fmt: skip
+            value = getattr(self, name)
+            if (
+                not isinstance(value, (int, float, np.number))
+                or value < low
+                or (strict and value == low)
+            ):
+                bound = f"> {low}" if strict else f">= {low}"
+                raise ValueError(f"MLPHead: {name} must be {bound}, got {value!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(
+                f"MLPHead: validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
+            )
+
     def _build(self, n_in: int, n_out: int) -> Any:
         import torch
 
+        self._check_params()
         h1, h2 = self.hidden
         return torch.nn.Sequential(
             torch.nn.Linear(n_in, h1),
@@ -486,6 +514,7 @@ class MLPHead(_TorchHead):
         """Train with early stopping on a stratified validation split; keep the best epoch."""
         import torch
 
+        self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         encoded = self._encode(y)
         xs = self._fit_scaler(X, self.standardize)

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store
+from pinsearch.backbones import Backbone, create_backbone
+from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store, resolve_device
 from pinsearch.indexes import IndexConfig
 from pinsearch.ingest import IngestConfig, read_corpus
 from pinsearch.store import Store
@@ -104,7 +105,13 @@ def index_corpus(
     embed = embed or EmbedConfig()
     root = Path(store_path)
     fresh = not (root / "store.json").is_file()  # this call creates the store
+    if fresh and corpus is None:
+        raise ValueError(f"there is no store at {root}; give a corpus to create one")
     existed = root.exists()
+    # Everything that can be refused is checked before the corpus is read: index options,
+    # then the backbone and its weights (built once, used for the embedding below).
+    asked = _index_options(index)
+    model = create_backbone(backbone, weights=embed.weights, device=resolve_device(embed.device))
     try:
         with Store.open(store_path, create=True) as store:
             found = added = already = skipped = sampled_out = 0
@@ -120,16 +127,15 @@ def index_corpus(
                     f"({skipped} of {found} found were skipped; see pinsearch info)"
                 )
             report = (
-                embed_store(store, backbone, embed, progress=progress)
+                embed_store(store, backbone, embed, progress=progress, backbone=model)
                 if select is None
-                else _embed_selection(store, backbone, embed, select, progress)
+                else _embed_selection(store, backbone, model, embed, select, progress)
             )
             names = store.index_names(backbone)
             # The backbone's index: the one of its name, else its first (a custom name).
             name = index_name or (backbone if backbone in names or not names else names[0])
             existing = store.catalog.get_index(name)
             saved = json.loads(existing["config"]) if existing is not None else {}
-            asked = _index_options(index)
             config = IndexConfig(**{**saved, **asked})
             differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
             if existing is not None and differs and not rebuild:
@@ -182,6 +188,7 @@ def index_corpus(
 def _embed_selection(
     store: Store,
     backbone: str,
+    model: Backbone,
     embed: EmbedConfig,
     select: Callable[[Store], np.ndarray],
     progress: Progress | None,
@@ -199,7 +206,9 @@ def _embed_selection(
                 f"{_SELECT_ROUNDS} rounds: they fail to embed (see pinsearch info) yet stay in "
                 "the store (another backbone has their vectors)"
             )
-        done.append(embed_store(store, backbone, embed, progress=progress, keys=missing))
+        done.append(
+            embed_store(store, backbone, embed, progress=progress, backbone=model, keys=missing)
+        )
     seconds = sum(r.seconds for r in done)
     embedded = sum(r.embedded for r in done)
     return replace(

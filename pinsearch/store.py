@@ -538,10 +538,11 @@ class Store:
     def _alignments(self) -> list[dict[str, Any]]:
         if not self.catalog.has_table("alignments"):
             return []
-        return self.catalog.query(
+        rows = self.catalog.query(
             "SELECT backbone, text_model, pairs, images, source, metrics FROM alignments "
             "ORDER BY backbone"
         )
+        return [{**r, "metrics": json.loads(r["metrics"] or "{}")} for r in rows]
 
 
 def _torn_save(files: dict[str, Path]) -> bool:

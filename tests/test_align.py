@@ -141,7 +141,9 @@ def test_alignment_is_saved_with_checksum_and_used_for_text(aligned: Path) -> No
         res = ts.search_text("red sports car", k=5)
         assert len(res.hits) == 5 and res.query["text_encoder"].startswith("align:minilm")
         assert len(ts.search_text("red sports car", k=3, mode="fused").hits) == 3
-        assert store.info().alignments[0]["backbone"] == "test_efficientnet"
+        (aligned,) = store.info().alignments
+        assert aligned["backbone"] == "test_efficientnet"
+        assert 0.0 <= aligned["metrics"]["recall@10"] <= 1.0  # an object, as align --json has it
         assert len(store.vectors(text_space("test_efficientnet"))) == 24
 
 

@@ -285,6 +285,8 @@ def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str
     [
         (["train", "--head", "lsvm", "--param", "bogus=1"], "has no parameter 'bogus'"),
         (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a number"),
+        (["train", "--head", "mlp", "--param", "hidden=64"], "hidden must be two positive"),
+        (["train", "--head", "mlp", "--param", "batch_size=0"], "batch_size must be >= 1"),
         (["index", "--device", "tpu"], "unknown device 'tpu'"),
         (["index", "--device", "cuda:99"], "'cuda:99'"),  # no such GPU, with CUDA or without
         (["index", "--factory", "IVF1024,Flat", "--rebuild"], "cannot train index 'IVF1024,Flat'"),
@@ -385,6 +387,20 @@ def test_a_failed_first_index_leaves_no_store(
     _main_error(["index", str(tree_copy), "--format", "manifest", "--store", str(store)],
                 monkeypatch, capsys)  # fmt: skip
     assert store.is_dir() and not any(store.iterdir())
+    store.rmdir()
+    # options refused before the corpus is read: no store with pins but no vectors is left
+    for bad, says in (
+        (["--metric", "cos"], "unknown metric 'cos'"),
+        (["--factory", "Blah"], "cannot parse index factory 'Blah'"),
+        (["-b", "convnext_tiny"], "convnext_tiny"),  # no weights offline
+        (["--weights", str(manifest)], "pins.csv"),
+    ):
+        argv = ["index", str(tree_copy), "--store", str(store), *bad]
+        assert says in _main_error(argv, monkeypatch, capsys)
+        assert not store.exists(), bad
+    assert "there is no store at" in _main_error(
+        ["index", "--store", str(store)], monkeypatch, capsys
+    )
 
 
 def test_backbones_pattern_without_match(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -398,3 +414,20 @@ def test_info_text_lists_categories_and_boards(store_copy: Path) -> None:
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     assert "24 pins" in text and "categories" in text and "largest boards (of" in text
+
+
+def test_indexing_again_counts_each_skipped_file_once(tree_copy: Path, tmp_path: Path) -> None:
+    files = sorted(tree_copy.rglob("*.jpg"))
+    files[0].write_bytes(b"")  # skipped at ingest (empty_file)
+    data = bytearray(files[1].read_bytes())  # passes the header check, fails to decode
+    data[data.index(b"\xff\xda") + 5] = 0x09
+    files[1].write_bytes(bytes(data))
+    store = tmp_path / "s"
+    args = ["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet"]
+    for _ in range(3):
+        report = _json([*args, "--workers", "0", "--json"])
+    assert report["skipped"] == 1 and report["embed_failed"] == 1  # type: ignore[index]
+    info = _json(["info", "--store", str(store), "--json"])
+    assert info["pins"] == 22 and info["skipped"] == 2  # type: ignore[index]
+    reasons = {(r["stage"], r["reason"]): r["pins"] for r in info["skipped_by_reason"]}  # type: ignore[index]
+    assert sorted(reasons.values()) == [1, 1] and reasons[("ingest", "empty_file")] == 1

@@ -149,6 +149,22 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
         LinearSVMHead(C=1.0, solver="torch", device="cpu").fit(Xtr, ytr)
 
 
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"hidden": 64}, "hidden must be two positive layer sizes"),
+        ({"hidden": (64, 0)}, "hidden must be two positive layer sizes"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\)"),
+    ],
+)
+def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:  # type: ignore[no-untyped-def]
+    Xtr, _, ytr, _ = data
+    with pytest.raises(ValueError, match=match):
+        MLPHead(**params).fit(Xtr, ytr)
+
+
 def test_a_head_file_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
     """Saved heads are plain arrays: an .npz smuggling a pickled object does not load."""
     X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)

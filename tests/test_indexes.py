@@ -129,8 +129,10 @@ def test_build_index_validates_input() -> None:
         build_index(x, np.zeros(10, np.int64), IndexConfig(factory="Flat", **CPU))
     with pytest.raises(ValueError, match="10 vectors but 9"):
         build_index(x, _keys(9), IndexConfig(factory="Flat", **CPU))
-    with pytest.raises(ValueError, match="FAISS cannot build"):
-        build_index(x, _keys(10), IndexConfig(factory="NotAnIndex42", **CPU))
+    with pytest.raises(ValueError, match="FAISS cannot parse"):  # at once, not at the build
+        IndexConfig(factory="NotAnIndex42", **CPU)
+    with pytest.raises(ValueError, match="FAISS cannot build"):  # parses; PQ3 does not fit d=4
+        build_index(x, _keys(10), IndexConfig(factory="PQ3", **CPU))
     with pytest.raises(ValueError, match="training"):
         build_index(
             np.empty((0, 4), np.float32),
@@ -593,6 +595,8 @@ def test_ivf_nlist(n: int) -> None:
         ("PQ16", "l1", "l1"),
         ("IVF64,SQ8", "l1", "l1"),
         ("LSH", "l1", "l1"),
+        ("Blah", "cosine", "cannot parse"),
+        ("IVF64;Flat", "l2", "cannot parse"),
     ],
 )
 def test_validate_factory_errors(factory: str, metric: str, match: str) -> None:
