@@ -78,8 +78,10 @@ def index(
     """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
     from pinsearch.embed import EmbedConfig
     from pinsearch.ingest import IngestConfig
-    from pinsearch.pipeline import index_corpus
+    from pinsearch.pipeline import index_corpus, stored_run_settings
 
+    # a store's existing run decides what was left unset: its vectors must stay alike
+    stored = stored_run_settings(store, backbone)
     ingest_cfg = make_config(
         IngestConfig,
         format=fmt,
@@ -91,14 +93,14 @@ def index(
     )
     embed_cfg = make_config(
         EmbedConfig,
-        weights=weights,
+        weights=weights if weights is not None else stored.get("weights"),
         batch_size=batch_size,
         workers=workers,
         device=device,
         decode=decode,
         compile=compile_model or None,
-        normalize=normalize,
-        dtype=dtype,
+        normalize=normalize if normalize is not None else stored.get("normalize"),
+        dtype=dtype if dtype is not None else stored.get("dtype"),
     )
     index_opts = {
         k: v

@@ -82,8 +82,7 @@ def add_corpus(
         ValueError: the store has no backbone yet.
     """
     from pinsearch.embed import EmbedConfig
-    from pinsearch.pipeline import index_corpus
-    from pinsearch.search import run_weights_file
+    from pinsearch.pipeline import index_corpus, run_settings
 
     start = time.perf_counter()
     with Store.open(store_path, read_only=True, verify=False) as store:  # the writers verify
@@ -93,11 +92,8 @@ def add_corpus(
         raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
     reports = []
     for i, backbone in enumerate(backbones):
-        run = runs[backbone]
         embed = EmbedConfig(
-            weights=run_weights_file(run),
-            normalize=bool(run.get("normalize")),
-            dtype=str(run.get("dtype") or "float32"),
+            **run_settings(runs[backbone]),
             device=device,
             **{
                 k: v

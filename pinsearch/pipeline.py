@@ -22,7 +22,7 @@ from pinsearch.indexes import IndexConfig
 from pinsearch.ingest import IngestConfig, read_corpus
 from pinsearch.store import Store
 
-__all__ = ["IndexReport", "index_corpus"]
+__all__ = ["IndexReport", "index_corpus", "run_settings", "stored_run_settings"]
 
 _logger = logging.getLogger(__name__)
 _SELECT_ROUNDS = 5  # embedding rounds of a selection whose pins fail to embed
@@ -183,6 +183,28 @@ def index_corpus(
         if fresh:  # a failed first run leaves no empty store behind (bad option, bad corpus)
             _remove_if_empty(root, keep_folder=existed)
         raise
+
+
+def run_settings(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The embedding settings a later run over the same backbone must repeat: its local
+    weights file (if any), normalisation and stored dtype."""
+    from pinsearch.search import run_weights_file
+
+    return {
+        "weights": run_weights_file(dict(run)),
+        "normalize": bool(run.get("normalize")),
+        "dtype": str(run.get("dtype") or "float32"),
+    }
+
+
+def stored_run_settings(store_path: str | Path, backbone: str) -> dict[str, Any]:
+    """:func:`run_settings` of a store's run for ``backbone``; ``{}`` without one."""
+    root = Path(store_path)
+    if not (root / "store.json").is_file():
+        return {}
+    with Store.open(root, read_only=True, verify=False) as store:  # the writer verifies
+        run = store.catalog.get_embedding(backbone)
+    return run_settings(run) if run else {}
 
 
 def _embed_selection(

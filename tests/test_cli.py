@@ -431,3 +431,18 @@ def test_indexing_again_counts_each_skipped_file_once(tree_copy: Path, tmp_path:
     assert info["pins"] == 22 and info["skipped"] == 2  # type: ignore[index]
     reasons = {(r["stage"], r["reason"]): r["pins"] for r in info["skipped_by_reason"]}  # type: ignore[index]
     assert sorted(reasons.values()) == [1, 1] and reasons[("ingest", "empty_file")] == 1
+
+
+def test_indexing_again_repeats_the_stored_runs_settings(
+    tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    store = tmp_path / "s"
+    base = ["index", "--store", str(store), "-b", "test_efficientnet", "--workers", "0"]
+    first = _json([*base[:1], str(tree_copy), *base[1:], "--normalize", "--dtype", "float16",
+                   "--json"])  # fmt: skip
+    assert first["embedded"] == 24  # type: ignore[index]
+    again = _json([*base, "--rebuild", "--json"])  # unset: the stored run's normalize and dtype
+    assert again["index_action"] == "rebuilt"  # type: ignore[index]
+    assert "normalize True vs False" in _main_error(
+        [*base, "--no-normalize"], monkeypatch, capsys
+    )  # asked for explicitly: still refused
