@@ -103,16 +103,17 @@ def gpu_float16(index: Any, fp16: bool) -> bool:
     return tables or (fp16 and isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFPQ)))
 
 
-def gpu_index_bytes(index: Any, fp16: bool = False) -> int:
+def gpu_index_bytes(index: Any, fp16: bool = False, n: int | None = None) -> int:
     """Device memory a CPU index takes once cloned to the GPU(s), all shards together:
     its vectors or codes (IVF-Flat stores float32 there whatever ``fp16`` says), 8-byte ids
-    of IVF lists, and the coarse centroids."""
+    of IVF lists, and the coarse centroids; with ``n`` vectors (default: what it holds; an
+    index about to be built is placed empty)."""
     import faiss
 
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
-    n, d = int(inner.ntotal), int(inner.d)
+    n, d = int(inner.ntotal if n is None else n), int(inner.d)
     ivf = ivf_of(inner)
     if ivf is None:  # Flat
         return n * d * (2 if fp16 else 4)
@@ -133,14 +134,15 @@ def gpu_free_bytes() -> list[int] | None:
         return None
 
 
-def gpu_room(index: Any, fp16: bool = False) -> str | None:
-    """None when the index fits the GPUs FAISS would place it on (sharded evenly over
-    several, with FAISS's scratch memory on each), else why not."""
+def gpu_room(index: Any, fp16: bool = False, n_vectors: int | None = None) -> str | None:
+    """None when the index (with ``n_vectors``, default what it holds) fits the GPUs FAISS
+    would place it on (sharded evenly over several, FAISS's scratch memory on each), else
+    why not."""
     free = gpu_free_bytes()
     n = gpu_count()
     if not free or n == 0:
         return None
-    need = gpu_index_bytes(index, fp16)
+    need = gpu_index_bytes(index, fp16, n_vectors)
     per_gpu = -(-need // n) + _FAISS_SCRATCH
     room = min(free[:n])
     if per_gpu <= room:

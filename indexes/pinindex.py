@@ -514,7 +514,11 @@ def _torch_exact(config: IndexConfig, factory: str) -> bool:
     return config.precision != "float32" and factory == "Flat" and config.metric != "l1"
 
 
-def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool]:
+def _place(
+    cpu_index: Any, config: IndexConfig, factory: str, n_vectors: int | None = None
+) -> tuple[Any, bool]:
+    """The index where ``config`` wants it: on the GPU(s) when asked (or ``auto`` and FAISS
+    sees one) and FAISS-GPU can hold it with ``n_vectors`` (default: what it holds)."""
     if _torch_exact(config, factory):  # torch holds the device copy, in 16 bits
         return cpu_index, False
     want_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
@@ -526,7 +530,7 @@ def _place(cpu_index: Any, config: IndexConfig, factory: str) -> tuple[Any, bool
     if not fits or config.metric == "l1":
         _logger.info("index %s (metric %s) stays on the CPU", factory, config.metric)
         return cpu_index, False
-    too_big = gpu_room(cpu_index, config.fp16 or fp16_tables)
+    too_big = gpu_room(cpu_index, config.fp16 or fp16_tables, n_vectors)
     if too_big and config.device == "gpu":
         raise DeviceError(
             f"index {factory} does not fit the GPU: {too_big}; use device cpu, or a compressed "
@@ -577,7 +581,7 @@ def build_index(
     except RuntimeError as exc:
         raise ValueError(f"FAISS cannot build index {factory!r}: {_faiss_reason(exc)}") from exc
     _skip_polysemous_training(cpu)
-    index, on_gpu = _place(cpu, config, factory)
+    index, on_gpu = _place(cpu, config, factory, n_vectors=n)  # placed empty: judge it full
     pin_index = PinIndex(index, np.empty(0, np.int64), config, factory, dim, backbone, 0.0, on_gpu)
     if not index.is_trained:
         if n == 0:
