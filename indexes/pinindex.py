@@ -219,11 +219,12 @@ class PinIndex:
             _shift_list_ids(ivf, positions)
         self.ids = np.delete(self.ids, positions)
         self._order = self._exact = None
-        if self.on_gpu:
+        # whole on the CPU first: the old GPU copy is freed before the new one is placed (its
+        # memory counts as free again), and a placement that fails leaves a usable index
+        was_gpu, self.index, self.on_gpu, self._cpu = self.on_gpu, cpu, False, None
+        if was_gpu:
             self.index, self.on_gpu = _place(cpu, self.config, self.factory)
-        else:
-            self.index = cpu
-        self._cpu = cpu if self.on_gpu else None
+            self._cpu = cpu if self.on_gpu else None
         return int(removed)
 
     def _params(self, selector: Any = None) -> Any:
@@ -277,19 +278,30 @@ class PinIndex:
         list was visited. Other index types answer as they are.
         """
         short = np.flatnonzero((pos < 0).any(axis=1))
-        if short.size == 0 or self.reduced_precision:
+        if short.size == 0 or self.reduced_precision or not _structure(self.index)[0]:
             return d, pos
-        cpu = self.cpu_index()
-        ivf = ivf_of(cpu)
-        if ivf is None:
-            return d, pos
-        nprobe = _nprobe(self.config, ivf.nlist)
-        if self.on_gpu:
-            nprobe = min(nprobe, GPU_MAX_NPROBE)  # what the GPU copy visited
         k = pos.shape[1]
         d, pos = d.copy(), pos.copy()
-        while short.size and nprobe < ivf.nlist:
-            nprobe = min(nprobe * 4, ivf.nlist)
+        nlist = _nlist(self.index)
+        nprobe = _nprobe(self.config, nlist)
+        if self.on_gpu and k <= GPU_MAX_NPROBE:  # deeper on the GPU copy first, up to its limit
+            import faiss
+
+            nprobe = placed = min(nprobe, GPU_MAX_NPROBE)
+            space, limit = faiss.GpuParameterSpace(), min(nlist, GPU_MAX_NPROBE)
+            try:
+                while short.size and nprobe < limit:
+                    nprobe = min(nprobe * 4, limit)
+                    space.set_index_parameter(self.index, "nprobe", nprobe)
+                    d[short], pos[short] = self.index.search(q[short], k)
+                    short = short[(pos[short] < 0).any(axis=1)]
+            finally:
+                space.set_index_parameter(self.index, "nprobe", placed)
+        if short.size == 0:
+            return d, pos
+        cpu = self.cpu_index()  # past the GPU's nprobe limit: the CPU copy
+        while short.size and nprobe < nlist:
+            nprobe = min(nprobe * 4, nlist)
             params = _search_params(cpu, replace(self.config, nprobe=nprobe))
             d[short], pos[short] = cpu.search(q[short], k, params=params)
             short = short[(pos[short] < 0).any(axis=1)]
@@ -457,20 +469,46 @@ def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
         ids -= np.searchsorted(removed, ids)
 
 
-def _structure(index: Any) -> tuple[bool, bool, bool]:
-    """``(IVF lists, HNSW graph, refine wrapper)`` of a CPU or FAISS-GPU index, looking
-    through pre-transforms (OPQ, PCA) and refine wrappers to the index that is searched."""
+def _searched_part(index: Any) -> tuple[Any, bool]:
+    """The index a search reaches through pre-transforms (OPQ, PCA), multi-GPU shards or
+    replicas (alike inside) and a refine wrapper; and whether there was a refine wrapper."""
     import faiss
 
     index = faiss.downcast_index(index)
-    while isinstance(index, faiss.IndexPreTransform):
-        index = faiss.downcast_index(index.index)
+    while True:
+        if isinstance(index, faiss.IndexPreTransform):
+            index = faiss.downcast_index(index.index)
+        elif isinstance(index, (faiss.IndexShards, faiss.IndexReplicas)) and index.count():
+            index = faiss.downcast_index(index.at(0))
+        else:
+            break
     refines = isinstance(index, faiss.IndexRefine)
     if refines:
         index = faiss.downcast_index(index.base_index)
+    return index, refines
+
+
+def _gpu_ivf(index: Any) -> bool:
+    import faiss
+
     gpu_ivf = getattr(faiss, "GpuIndexIVF", None)  # FAISS-GPU builds only
-    ivf = ivf_of(index) is not None or (gpu_ivf is not None and isinstance(index, gpu_ivf))
-    return ivf, isinstance(index, faiss.IndexHNSW), refines
+    return gpu_ivf is not None and isinstance(index, gpu_ivf)
+
+
+def _structure(index: Any) -> tuple[bool, bool, bool]:
+    """``(IVF lists, HNSW graph, refine wrapper)`` of a CPU or FAISS-GPU index."""
+    import faiss
+
+    inner, refines = _searched_part(index)
+    ivf = ivf_of(inner) is not None or _gpu_ivf(inner)
+    return ivf, isinstance(inner, faiss.IndexHNSW), refines
+
+
+def _nlist(index: Any) -> int:
+    """IVF lists of a CPU or FAISS-GPU IVF index (no copy between them)."""
+    inner, _ = _searched_part(index)
+    ivf = ivf_of(inner)
+    return int(ivf.nlist if ivf is not None else inner.nlist)
 
 
 def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any:

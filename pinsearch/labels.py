@@ -7,17 +7,29 @@ A label is a pins column (``category``, ``board``, ``user_id``) or any key of th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
 
-from pinsearch.ingest import category_rng
 from pinsearch.store import Store
 
 __all__ = ["LABEL_COLUMNS", "labelled_pins", "load_vectors"]
 
 #: Labels read from a pins column; any other label is looked up in ``pins.extra``.
 LABEL_COLUMNS = ("category", "board", "user_id")
+
+
+def _draw_order(seed: int, pin_ids: Sequence[str]) -> np.ndarray:
+    """Pins in the order a seeded per-class sample takes them: by a seeded hash of each pin
+    id. A pin's rank does not depend on the others, so a pin that leaves the store (an image
+    that failed to embed) is replaced by the next one and the rest of the sample stays."""
+    salt = f"{seed}\0".encode()
+    ranks = [
+        int.from_bytes(hashlib.blake2b(salt + str(p).encode(), digest_size=8).digest(), "big")
+        for p in pin_ids
+    ]
+    return np.argsort(np.array(ranks, dtype=np.uint64), kind="stable")
 
 
 def labelled_pins(
@@ -36,7 +48,7 @@ def labelled_pins(
         store: an open store.
         label: a pins column or a key of ``pins.extra``.
         drop: label values left out.
-        per_class: draw at most this many pins per label (seeded per label).
+        per_class: draw at most this many pins per label (seeded; see :func:`_draw_order`).
         min_per_class: labels with fewer pins are left out.
         seed: seed of the per-label draw.
         context: prefix of error messages (e.g. the study's name).
@@ -49,10 +61,10 @@ def labelled_pins(
     """
     con = store.catalog.connection
     if label in LABEL_COLUMNS:  # a fixed column name, never user text
-        rows = con.execute(f"SELECT pin_key, {label} FROM pins ORDER BY pin_id").fetchall()
+        rows = con.execute(f"SELECT pin_key, {label}, pin_id FROM pins ORDER BY pin_id").fetchall()
     else:
         rows = con.execute(
-            "SELECT pin_key, json_extract_string(extra, ?) FROM pins ORDER BY pin_id",
+            "SELECT pin_key, json_extract_string(extra, ?), pin_id FROM pins ORDER BY pin_id",
             [f"$.{label}"],
         ).fetchall()
     keys = np.array([r[0] for r in rows], dtype=np.int64)
@@ -60,12 +72,13 @@ def labelled_pins(
     keep = (labels != "") & ~np.isin(labels, list(drop))
     if not keep.any():
         raise ValueError(f"{context}no pin of store {store.root} has a usable label {label!r}")
+    ids = [r[2] for r, k in zip(rows, keep) if k]
     keys, labels = keys[keep], labels[keep]
     chosen = []
     for value in sorted(set(labels)):
         idx = np.flatnonzero(labels == value)
         if per_class is not None and len(idx) > per_class:
-            idx = np.sort(category_rng(seed, str(value)).choice(idx, per_class, replace=False))
+            idx = np.sort(idx[_draw_order(seed, [ids[i] for i in idx])[:per_class]])
         chosen.append(idx)
     sel = np.sort(np.concatenate(chosen))
     keys, labels = keys[sel], labels[sel].astype(str)

@@ -25,7 +25,7 @@ from pinsearch.store import Store
 __all__ = ["IndexReport", "index_corpus", "run_settings", "stored_run_settings"]
 
 _logger = logging.getLogger(__name__)
-_SELECT_ROUNDS = 5  # embedding rounds of a selection whose pins fail to embed
+_SELECT_ROUNDS = 10  # embedding rounds of a selection whose pins fail to embed
 
 
 @dataclass
@@ -216,21 +216,31 @@ def _embed_selection(
     progress: Progress | None,
 ) -> EmbedReport:
     """Embed the pins ``select`` picks. An image that fails to embed takes its pin out of the
-    store, which may change the pick: it is taken again until all it names have vectors."""
+    store, and the pick takes others in its place (a study's sample keeps the rest: see
+    :func:`pinsearch.labels.labelled_pins`): those are embedded in turn, until every pin it
+    names has a vector."""
     done: list[EmbedReport] = []
+    tried = np.empty(0, np.int64)
     while True:
         missing = np.setdiff1d(select(store), store.vectors(backbone).keys())
         if done and missing.size == 0:
             break
+        stuck = np.intersect1d(missing, tried)
+        if stuck.size:  # failed, yet kept: another backbone has their vectors
+            raise ValueError(
+                f"{stuck.size} selected pins fail to embed with {backbone!r} (see pinsearch "
+                "info) but stay in the store, since another backbone has their vectors; "
+                "remove them (pinsearch remove --pin) or fix their files"
+            )
         if len(done) == _SELECT_ROUNDS:
             raise ValueError(
-                f"{missing.size} selected pins still have no {backbone!r} vector after "
-                f"{_SELECT_ROUNDS} rounds: they fail to embed (see pinsearch info) yet stay in "
-                "the store (another backbone has their vectors)"
+                f"{backbone!r}: the pins drawn in place of those that failed to embed kept "
+                f"failing for {_SELECT_ROUNDS} rounds (see pinsearch info)"
             )
         done.append(
             embed_store(store, backbone, embed, progress=progress, backbone=model, keys=missing)
         )
+        tried = np.union1d(tried, missing)
     seconds = sum(r.seconds for r in done)
     embedded = sum(r.embedded for r in done)
     return replace(

@@ -197,6 +197,25 @@ def test_inert_search_settings_are_named(clustered, factory: str, inert: list[st
     assert index.inert_settings(IndexConfig()) == []  # nothing asked, nothing ignored
 
 
+def test_search_structure_looks_through_multi_gpu_shards_and_replicas(clustered) -> None:
+    # sharded over several GPUs, FAISS wraps the IVF in IndexShardsIVF (replicas: IndexReplicas)
+    import faiss
+
+    from pinsearch.indexes.pinindex import _structure
+
+    x = clustered["x"][:800]
+    ivf = faiss.index_factory(16, "IVF8,Flat")
+    ivf.train(x)
+    shards = faiss.IndexShardsIVF(faiss.IndexFlatL2(16), 8)
+    shards.add_shard(ivf)
+    replicas = faiss.IndexReplicas()
+    replicas.addIndex(ivf)
+    flat_shards = faiss.IndexShards(16)
+    flat_shards.add_shard(faiss.IndexFlatL2(16))
+    assert _structure(shards) == _structure(replicas) == (True, False, False)
+    assert _structure(flat_shards) == (False, False, False)
+
+
 def test_hnsw_recall(clustered) -> None:
     x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
     index = build_index(x, keys, IndexConfig(factory="HNSW16", metric="l2", **CPU))
@@ -763,6 +782,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
 def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     faiss_gpu_stand_in: list, tmp_path: Path, factory: str
 ) -> None:
+    import faiss
+
     x = _clustered(600, 16, 8, 0)
     keys = _keys(600)
     q = x[:20] + 0.01
@@ -775,6 +796,12 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     assert placed.ntotal == 601 and placed.on_gpu
     placed.save(tmp_path / "i")
     assert load_index(tmp_path / "i").on_gpu  # device auto: placed again
+    if "IVF" in factory:  # lists short of k: filled by raising nprobe on the GPU copy itself
+        shallow = load_index(tmp_path / "i", config=IndexConfig(nprobe=1))
+        _, found = shallow.search(q, 300)
+        assert shallow.on_gpu and (found >= 0).all()
+        assert shallow._cpu is None  # no copy to the CPU was needed
+        assert faiss.extract_index_ivf(shallow.index).nprobe == 1  # back where it was
 
 
 @pytest.mark.parametrize("factory", ["PQ2", "OPQ2,IVF8,PQ2,RFlat"])
@@ -835,3 +862,32 @@ def test_gpu_placement_checks_free_gpu_memory(
     else:
         with pytest.raises(DeviceError, match=r"does not fit the GPU.*GiB is free"):
             build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device="gpu"))
+
+
+def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove() changes the CPU copy and places it again: without room on the GPU any more,
+    the index is left on the CPU, complete (device auto quietly, device gpu with the error)."""
+    import faiss
+    import torch
+
+    ngpu = faiss.get_num_gpus()
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    x, keys = _clustered(600, 16, 8, 0), _keys(600)
+    for device in ("auto", "gpu"):
+        index = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device=device))  # type: ignore[arg-type]
+        assert index.on_gpu
+        free["bytes"] = 1 << 30  # the GPU filled up meanwhile
+        if device == "gpu":
+            with pytest.raises(DeviceError, match="does not fit the GPU"):
+                index.remove(keys[:10])
+        else:
+            assert index.remove(keys[:10]) == 10
+        free["bytes"] = 64 << 30
+        assert not index.on_gpu and index.ntotal == len(index.ids) == 590
+        _, found = index.search(x[20:25], 3)
+        assert (found[:, 0] == keys[20:25]).all()

@@ -96,6 +96,26 @@ def test_select_pins_is_stratified_seeded_and_sampled(clustered_store: Path) -> 
     assert set(a.train) | set(a.test) == set(range(160)) and not set(a.train) & set(a.test)
 
 
+def test_a_sample_keeps_its_pins_when_one_leaves_the_store(
+    clustered_store: Path, tmp_path: Path
+) -> None:
+    # (an image that fails to embed takes its pin out: the draw must not start over)
+    from pinsearch.edit import remove_pins
+
+    store = tmp_path / "s"
+    shutil.copytree(clustered_store, store)
+    (store / ".lock").unlink(missing_ok=True)
+    config = _config(store, per_class=40)
+    with Store.open(store) as s:
+        before = select_pins(s, config)
+        gone = int(before.keys[7])
+        pin_id = s.catalog.query("SELECT pin_id FROM pins WHERE pin_key = ?", [gone])[0]["pin_id"]
+        remove_pins(s, pin_ids=[pin_id])
+        after = select_pins(s, config)
+    lost, new = set(before.keys) - set(after.keys), set(after.keys) - set(before.keys)
+    assert lost == {gone} and len(new) == 1 and len(after.keys) == len(before.keys)
+
+
 def test_rare_and_dropped_labels_are_left_out(clustered_store: Path) -> None:
     with Store.open(clustered_store, read_only=True) as store:
         data = select_pins(store, _config(clustered_store, drop=("cat00",)))
