@@ -31,6 +31,8 @@ _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
 # StandardGpuResources' default temporary memory on a large GPU (1.5 GiB), plus headroom
 _FAISS_SCRATCH = 2 << 30
+#: Indexes smaller than this (per GPU) are placed without asking CUDA for free memory.
+ALWAYS_FITS = 256 << 20
 
 
 def ivf_of(index: Any) -> Any:
@@ -108,6 +110,12 @@ def gpu_index_bytes(index: Any, fp16: bool = False, n: int | None = None) -> int
     its vectors or codes (IVF-Flat stores float32 there whatever ``fp16`` says), 8-byte ids
     of IVF lists, and the coarse centroids; with ``n`` vectors (default: what it holds; an
     index about to be built is placed empty)."""
+    data, centroids = _gpu_parts(index, fp16, n)
+    return data + centroids
+
+
+def _gpu_parts(index: Any, fp16: bool, n: int | None) -> tuple[int, int]:
+    """``(bytes split between shards, bytes every GPU holds: the coarse centroids)``."""
     import faiss
 
     inner = faiss.downcast_index(index)
@@ -116,9 +124,9 @@ def gpu_index_bytes(index: Any, fp16: bool = False, n: int | None = None) -> int
     n, d = int(inner.ntotal if n is None else n), int(inner.d)
     ivf = ivf_of(inner)
     if ivf is None:  # Flat
-        return n * d * (2 if fp16 else 4)
+        return n * d * (2 if fp16 else 4), 0
     code = d * 4 if isinstance(ivf, faiss.IndexIVFFlat) else int(ivf.code_size)
-    return n * (code + 8) + int(ivf.nlist) * d * 4
+    return n * (code + 8), int(ivf.nlist) * d * 4
 
 
 def gpu_free_bytes() -> list[int] | None:
@@ -138,12 +146,16 @@ def gpu_room(index: Any, fp16: bool = False, n_vectors: int | None = None) -> st
     """None when the index (with ``n_vectors``, default what it holds) fits the GPUs FAISS
     would place it on (sharded evenly over several, FAISS's scratch memory on each), else
     why not."""
-    free = gpu_free_bytes()
     n = gpu_count()
-    if not free or n == 0:
+    if n == 0:
         return None
-    need = gpu_index_bytes(index, fp16, n_vectors)
-    per_gpu = -(-need // n) + _FAISS_SCRATCH
+    data, centroids = _gpu_parts(index, fp16, n_vectors)
+    per_gpu = -(-data // n) + centroids + _FAISS_SCRATCH
+    if per_gpu - _FAISS_SCRATCH < ALWAYS_FITS:  # not worth starting CUDA in torch to ask
+        return None
+    free = gpu_free_bytes()
+    if not free:
+        return None
     room = min(free[:n])
     if per_gpu <= room:
         return None

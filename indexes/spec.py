@@ -20,6 +20,7 @@ from pinsearch.indexes.exact import PRECISIONS
 __all__ = [
     "METRICS",
     "IndexConfig",
+    "check_factory_syntax",
     "choose_factory",
     "default_memory_budget",
     "faiss_metric",
@@ -69,7 +70,7 @@ class IndexConfig:
         if self.refine < 0:
             raise ValueError(f"refine must be >= 0, got {self.refine}")
         if self.factory != "auto":
-            validate_factory(self.factory, self.metric)
+            object.__setattr__(self, "factory", validate_factory(self.factory, self.metric))
 
 
 def faiss_metric(metric: str) -> int:
@@ -87,7 +88,7 @@ def faiss_metric(metric: str) -> int:
     return table[metric]
 
 
-_PARSE_DIM = 3840  # divisible by every usual PQ / OPQ / PCA size (2^8 x 15)
+_PARSE_DIM = 960  # divisible by most PQ / OPQ / PCA sizes (2^6 x 15)
 
 
 def validate_factory(factory: str, metric: str = "cosine") -> str:
@@ -108,19 +109,24 @@ def validate_factory(factory: str, metric: str = "cosine") -> str:
         raise ValueError(
             f"factory {factory!r} compresses vectors; metric 'l1' needs Flat, IVF...,Flat or HNSW"
         )
-    if text != "auto":
-        _check_syntax(text)
     return text
 
 
-@functools.lru_cache(maxsize=256)  # configs are rebuilt often (dataclasses.replace)
-def _check_syntax(factory: str) -> None:
-    """Let FAISS parse the string (an empty index, nothing trained). Only a parse error is
-    final here: a dimension the string does not fit (PQ7 of 768) shows once the vectors do."""
+@functools.lru_cache(maxsize=64)
+def check_factory_syntax(factory: str) -> None:
+    """Let FAISS parse a factory string before any work is done (an empty index, nothing
+    trained; PQ tables are allocated, so not on every config). Only a parse error is final
+    here: a size the string does not fit (PQ7 of 768) shows once the vectors do.
+
+    Raises:
+        ValueError: FAISS cannot parse it.
+    """
     import faiss
 
+    if factory.strip() == "auto":
+        return
     try:
-        faiss.index_factory(_PARSE_DIM, factory)
+        faiss.index_factory(_PARSE_DIM, factory.strip())
     except RuntimeError as exc:
         if "could not parse" in str(exc):
             raise ValueError(

@@ -53,6 +53,7 @@ __all__ = [
     "resolve_decode",
     "resolve_device",
     "resolve_workers",
+    "run_amp",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -466,13 +467,20 @@ class _Output:
         return self.host.numpy().copy()  # type: ignore[union-attr]  # pinned pages go back
 
 
+def run_amp(run: dict[str, Any]) -> bool:
+    """Whether a store's embedding run used bf16 autocast (it ran on CUDA)."""
+    return str(run.get("device", "")).startswith("cuda")
+
+
 def embed_images(
-    backbone: Backbone, images: Sequence[Any], *, normalize: bool = False
+    backbone: Backbone, images: Sequence[Any], *, normalize: bool = False, amp: bool = True
 ) -> np.ndarray:
     """Embed in-memory PIL images or image paths with a backbone (for queries).
 
-    On CUDA the forward pass runs as :func:`embed_store` runs it (bf16 autocast,
-    channels_last), so a stored pin's own image comes back next to its stored vector.
+    On CUDA the forward pass runs as :func:`embed_store` runs it (channels_last, and bf16
+    autocast unless ``amp`` is off: pass :func:`run_amp` of the store's run, so that a store
+    embedded on the CPU is queried in float32), so a stored pin's own image comes back next
+    to its stored vector.
     """
     from PIL import Image
 
@@ -489,7 +497,7 @@ def embed_images(
         x = x.contiguous(memory_format=torch.channels_last)
     with (
         torch.inference_mode(),
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda),
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and amp),
     ):
         out = backbone.model(x).float()
     if normalize:

@@ -18,7 +18,9 @@ import numpy as np
 
 from pinsearch.backbones import Backbone, create_backbone
 from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store, resolve_device
-from pinsearch.indexes import IndexConfig
+from pinsearch.errors import DeviceError
+from pinsearch.indexes import IndexConfig, gpu_count
+from pinsearch.indexes.spec import check_factory_syntax
 from pinsearch.ingest import IngestConfig, read_corpus
 from pinsearch.store import Store
 
@@ -111,6 +113,10 @@ def index_corpus(
     # Everything that can be refused is checked before the corpus is read: index options,
     # then the backbone and its weights (built once, used for the embedding below).
     asked = _index_options(index)
+    if "factory" in asked:
+        check_factory_syntax(str(asked["factory"]))
+    if asked.get("device") == "gpu" and gpu_count() == 0:
+        raise DeviceError("index device 'gpu' was asked for but faiss sees no GPU")
     model = create_backbone(backbone, weights=embed.weights, device=resolve_device(embed.device))
     try:
         with Store.open(store_path, create=True) as store:

@@ -224,10 +224,11 @@ class PinSearcher:
         Raises:
             BackboneMismatchError: the model now built differs from the stored run.
         """
-        from pinsearch.embed import embed_images
+        from pinsearch.embed import embed_images, run_amp
 
         model = self.backbone_model()
-        vec = embed_images(model, [image], normalize=bool(self._embedding.get("normalize")))
+        run = self._embedding
+        vec = embed_images(model, [image], normalize=bool(run.get("normalize")), amp=run_amp(run))
         label = str(image) if isinstance(image, (str, Path)) else "<image>"
         return self._run(vec, k, {"image": label}, board, user, category)
 

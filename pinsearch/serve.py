@@ -52,6 +52,13 @@ def _check_keys(request: dict[str, Any]) -> None:
     for key, needs in _KEYS.items():
         if needs is not None and key in request and not request.get(needs):
             raise ValueError(f"{key!r} applies to {needs!r} requests only")
+    # keys the request's own kind has no use for
+    unused = {"titles": (*_FILTERS, "k"), "boards": ("mode", "alpha", "board")}
+    for kind, keys in unused.items():
+        if request.get(kind):
+            given = [key for key in keys if key in request]
+            if given:
+                raise ValueError(f"{kind!r} requests take no {', '.join(map(repr, given))}")
 
 
 def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:

@@ -313,7 +313,7 @@ def test_bad_options_are_one_line_errors(
 
 
 def test_index_on_a_missing_gpu_is_a_one_line_error(
-    store_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    store_copy: Path, tree_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     from pinsearch.indexes import gpu_count
 
@@ -323,6 +323,10 @@ def test_index_on_a_missing_gpu_is_a_one_line_error(
 
     argv = ["index", "--store", str(store_copy), "-b", "test_efficientnet", "--rebuild"]
     assert "faiss sees no GPU" in _main_error([*argv, "--index-device", "gpu"], monkeypatch, capsys)
+    fresh = store_copy.parent / "fresh"  # refused before the corpus is read: no store made
+    corpus = ["index", str(tree_copy), "--store", str(fresh), "--index-device", "gpu"]
+    assert "faiss sees no GPU" in _main_error(corpus, monkeypatch, capsys)
+    assert not fresh.exists()
     with Store.open(store_copy, read_only=True) as store:  # its index is still there, whole
         pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
     hits = _json(["query", "--store", str(store_copy), "--pin", pin, "-k", "3", "--json"])["hits"]  # type: ignore[index]

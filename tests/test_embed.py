@@ -318,3 +318,12 @@ def test_embedding_on_cuda_matches_cpu(tree_corpus) -> None:
     # bf16 autocast on CUDA: close in direction, not bit-identical.
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert (cos > 0.98).all()
+
+
+def test_query_images_follow_the_runs_precision() -> None:
+    from pinsearch.embed import run_amp
+
+    # a store embedded on CUDA (bf16 autocast) is queried under autocast; one embedded on the
+    # CPU in float32, wherever the query runs
+    assert run_amp({"device": "cuda"}) and run_amp({"device": "cuda:1"})
+    assert not run_amp({"device": "cpu"}) and not run_amp({})

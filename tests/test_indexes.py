@@ -129,8 +129,8 @@ def test_build_index_validates_input() -> None:
         build_index(x, np.zeros(10, np.int64), IndexConfig(factory="Flat", **CPU))
     with pytest.raises(ValueError, match="10 vectors but 9"):
         build_index(x, _keys(9), IndexConfig(factory="Flat", **CPU))
-    with pytest.raises(ValueError, match="FAISS cannot parse"):  # at once, not at the build
-        IndexConfig(factory="NotAnIndex42", **CPU)
+    with pytest.raises(ValueError, match="FAISS cannot build"):
+        build_index(x, _keys(10), IndexConfig(factory="NotAnIndex42", **CPU))
     with pytest.raises(ValueError, match="FAISS cannot build"):  # parses; PQ3 does not fit d=4
         build_index(x, _keys(10), IndexConfig(factory="PQ3", **CPU))
     with pytest.raises(ValueError, match="training"):
@@ -614,8 +614,6 @@ def test_ivf_nlist(n: int) -> None:
         ("PQ16", "l1", "l1"),
         ("IVF64,SQ8", "l1", "l1"),
         ("LSH", "l1", "l1"),
-        ("Blah", "cosine", "cannot parse"),
-        ("IVF64;Flat", "l2", "cannot parse"),
     ],
 )
 def test_validate_factory_errors(factory: str, metric: str, match: str) -> None:
@@ -623,6 +621,17 @@ def test_validate_factory_errors(factory: str, metric: str, match: str) -> None:
         validate_factory(factory, metric)
     with pytest.raises(ValueError, match=match):
         IndexConfig(factory=factory, metric=metric)  # type: ignore[arg-type]
+
+
+def test_factory_syntax_is_checked_by_faiss_before_any_work() -> None:
+    from pinsearch.indexes.spec import check_factory_syntax
+
+    for bad in ("Blah", "IVF64;Flat", "NotAnIndex42"):
+        with pytest.raises(ValueError, match="FAISS cannot parse"):
+            check_factory_syntax(bad)
+    for fine in ("auto", "Flat", " IVF64,Flat ", "OPQ16_64,IVF256,PQ16", "PQ7", "HNSW32"):
+        check_factory_syntax(fine)  # PQ7 parses; whether it fits the vectors shows at build
+    assert IndexConfig(factory=" IVF64,Flat ").factory == "IVF64,Flat"  # stored stripped
 
 
 @pytest.mark.parametrize("factory", ["Flat", " HNSW32 ", "IVF64,Flat", "IVF64,PQ8"])
@@ -837,6 +846,10 @@ def test_gpu_placement_checks_free_gpu_memory(
     import faiss
     import torch
 
+    from pinsearch.indexes import gpu
+
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
+
     from pinsearch.indexes.gpu import gpu_index_bytes
 
     ngpu = faiss.get_num_gpus()
@@ -872,6 +885,10 @@ def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
     import faiss
     import torch
 
+    from pinsearch.indexes import gpu
+
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
+
     ngpu = faiss.get_num_gpus()
     free = {"bytes": 64 << 30}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -891,3 +908,17 @@ def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
         assert not index.on_gpu and index.ntotal == len(index.ids) == 590
         _, found = index.search(x[20:25], 3)
         assert (found[:, 0] == keys[20:25]).all()
+
+
+def test_small_gpu_indexes_are_placed_without_asking_cuda(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    def no_cuda_here(i: int) -> tuple[int, int]:
+        raise AssertionError("torch's CUDA was started for a 38 kB index")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda_here)
+    x, keys = _clustered(600, 16, 8, 0), _keys(600)
+    assert build_index(x, keys, IndexConfig(factory="Flat", metric="l2")).on_gpu

@@ -87,6 +87,8 @@ def test_answer_rejects_non_objects(built_store) -> None:
         ({"pin": "x", "mode": "fused"}, "'mode' applies to 'text'"),
         ({"text": "cars", "per_board": 2}, "'per_board' applies to 'boards'"),
         ({"text": "cars", "boards": False, "board_score": "max"}, "'board_score' applies"),
+        ({"text": "cars", "boards": True, "mode": "fused"}, "'boards' requests take no 'mode'"),
+        ({"pin": "x", "titles": ["a"], "k": 3}, "'titles' requests take no 'k'"),
     ],
 )
 def test_answer_refuses_keys_it_would_ignore(built_store, request_: dict, match: str) -> None:
