@@ -469,12 +469,14 @@ def run_study(
 
     Cells already in the catalog with the same configuration fingerprint are not run again.
     """
-    from pinsearch.pipeline import index_corpus
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus, stored_run_settings
 
     if config.corpus is not None:  # every pin is read and checked; only the sample embedded
         for name in sorted({b for fused in config.backbones for b in fused.split("+")}):
-            index_corpus(
+            index_corpus(  # a store's own run settings (weights file, normalize, dtype) hold
                 config.corpus, config.store, backbone=name, progress=embed_progress,
+                embed=EmbedConfig(**stored_run_settings(config.store, name)),
                 select=lambda store: select_pins(store, config).keys,
             )  # fmt: skip
     with Store.open(config.store) as store:

@@ -311,7 +311,7 @@ class Catalog:
         for stage in sorted({r[2] for r in rows}):
             self._con.execute(
                 "DELETE FROM skipped WHERE stage = ? AND backbone IS NOT DISTINCT FROM ? AND "
-                "coalesce(path, pin_id) IN (SELECT unnest(?))",  # a file, else its pin id
+                "coalesce(nullif(path, ''), pin_id) IN (SELECT unnest(?))",  # file, else pin id
                 [stage, backbone, [r[1] or r[0] for r in rows if r[2] == stage]],
             )
         self._con.executemany("INSERT INTO skipped VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)

@@ -461,13 +461,17 @@ class MLPHead(_TorchHead):
                                   ("patience", 0, False), ("lr", 0, True),
                                   ("weight_decay", 0, False)):  # fmt: skip
             value = getattr(self, name)
+            whole = name in ("batch_size", "max_epochs", "patience")
+            kinds = (int, np.integer) if whole else (int, float, np.number)
             if (
-                not isinstance(value, (int, float, np.number))
+                isinstance(value, bool)
+                or not isinstance(value, kinds)
                 or value < low
                 or (strict and value == low)
             ):
                 bound = f"> {low}" if strict else f">= {low}"
-                raise ValueError(f"MLPHead: {name} must be {bound}, got {value!r}")
+                what = "a whole number " if whole else ""
+                raise ValueError(f"MLPHead: {name} must be {what}{bound}, got {value!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"MLPHead: validation_fraction must be in [0, 1), got {self.validation_fraction!r}"

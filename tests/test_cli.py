@@ -286,7 +286,7 @@ def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str
         (["train", "--head", "lsvm", "--param", "bogus=1"], "has no parameter 'bogus'"),
         (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a number"),
         (["train", "--head", "mlp", "--param", "hidden=64"], "hidden must be two positive"),
-        (["train", "--head", "mlp", "--param", "batch_size=0"], "batch_size must be >= 1"),
+        (["train", "--head", "mlp", "--param", "batch_size=0"], "batch_size must be a whole"),
         (["index", "--device", "tpu"], "unknown device 'tpu'"),
         (["index", "--device", "cuda:99"], "'cuda:99'"),  # no such GPU, with CUDA or without
         (["index", "--factory", "IVF1024,Flat", "--rebuild"], "cannot train index 'IVF1024,Flat'"),

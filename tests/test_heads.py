@@ -154,7 +154,9 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
     [
         ({"hidden": 64}, "hidden must be two positive layer sizes"),
         ({"hidden": (64, 0)}, "hidden must be two positive layer sizes"),
-        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ({"max_epochs": 2.5}, "max_epochs must be a whole number"),
+        ({"patience": True}, "patience must be"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\)"),
     ],
