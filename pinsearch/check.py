@@ -146,11 +146,18 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
             f"embedding run says {run['count']} vectors, the parts hold {len(allk)}",
         )  # fmt: skip
     orphans = _orphans(store, name)
-    if orphans:
+    retired = set(store.vectors(name).retired())
+    kept = [f for f in orphans if f in retired]  # for readers of the previous snapshot
+    if kept:
+        report.checked["retired_vector_files"] = (
+            report.checked.get("retired_vector_files", 0) + len(kept)
+        )
+    leftovers = [f for f in orphans if f not in retired]
+    if leftovers:
         report.add(
             "warning", f"vectors {name}", "orphan_files",
-            f"{len(orphans)} files not in the catalog (e.g. {orphans[0]}): retired by the last "
-            "write or left by an interrupted one; the next writer removes them",
+            f"{len(leftovers)} files not in the catalog (e.g. {leftovers[0]}): left by an "
+            "interrupted write; the next writer removes them",
         )  # fmt: skip
     return uniq
 

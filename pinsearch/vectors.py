@@ -8,6 +8,7 @@ unrecorded file that the next writer removes: resumption re-embeds nothing that 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -224,6 +225,10 @@ class VectorStore:
             )
             for number, *files in add:
                 self.catalog.add_vector_part(self.backbone, number, *files)
+            if not delete_retired:  # named, so that check tells them from crash leftovers
+                names = [Path(str(p["file"])).name for p in retire]
+                names += [self._keys_path(p).name for p in retire]
+                self.catalog.set_meta(self._retired_key, json.dumps(self.retired() + names))
         if delete_retired:
             self.remove_orphans()
         self._locator = None
@@ -233,8 +238,20 @@ class VectorStore:
         path = self.root / str(part["file"])
         return path.with_name(path.stem + ".keys.npy")
 
+    @property
+    def _retired_key(self) -> str:
+        return f"retired_vector_files/{self.backbone}"
+
+    def retired(self) -> list[str]:
+        """File names of parts a write retired, kept on disk for readers of the snapshot
+        published before it until a writer next opens the store."""
+        return list(json.loads(self.catalog.get_meta(self._retired_key) or "[]"))
+
     def remove_orphans(self) -> int:
-        """Delete part files the catalog does not know (left by an interrupted write)."""
+        """Delete part files the catalog does not know: parts retired by the last write (see
+        :meth:`retired`) and files left by an interrupted one."""
+        if self.retired():
+            self.catalog.set_meta(self._retired_key, "[]")
         if not self.folder.is_dir():
             return 0
         known = {Path(str(p["file"])).name for p in self.parts()}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pinsearch.check import check_store
 from pinsearch.errors import StoreLockedError
 from pinsearch.search import PinSearcher
 from pinsearch.store import Store
@@ -98,9 +99,14 @@ def test_readers_of_the_snapshot_survive_a_remove(store_copy: Path, tmp_path: Pa
         (tmp_path / "done").touch()
         writer.wait(timeout=60)
     assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    # check knows the kept files for what they are: retired by the remove, not crash leftovers
+    report = check_store(store_copy)
+    assert report.ok and not report.findings and report.checked["retired_vector_files"] >= 2
     with Store.open(store_copy) as store:  # the next writer deletes the retired parts
         assert store.catalog.count_pins() == 23
         folder = store.vectors("test_efficientnet").folder
         assert len(list(folder.glob("part-*.npy"))) == 2 * len(
             store.vectors("test_efficientnet").parts()
         )
+        assert store.vectors("test_efficientnet").retired() == []
+    assert "retired_vector_files" not in check_store(store_copy).checked
