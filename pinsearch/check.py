@@ -149,9 +149,9 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
     retired = set(store.vectors(name).retired())
     kept = [f for f in orphans if f in retired]  # for readers of the previous snapshot
     if kept:
-        report.checked["retired_vector_files"] = (
-            report.checked.get("retired_vector_files", 0) + len(kept)
-        )
+        report.checked["retired_vector_files"] = report.checked.get(
+            "retired_vector_files", 0
+        ) + len(kept)
     leftovers = [f for f in orphans if f not in retired]
     if leftovers:
         report.add(

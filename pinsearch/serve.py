@@ -19,6 +19,7 @@ opens no network port (a web server for browsing comes in a later milestone, bou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -121,10 +122,10 @@ def serve(
     requests = requests or sys.stdin
     responses = responses or sys.stdout
     with Store.open(store_path, read_only=True) as store:
-        searcher: PinSearcher
-        try:
+        searcher: PinSearcher | None = None
+        with contextlib.suppress(ValueError):  # an l2/l1 index: similar pins only
             searcher = TextSearcher(store, backbone=backbone, config=config, cache_metadata=True)
-        except ValueError:  # an l2/l1 index: similar pins only
+        if searcher is None:  # built once the failed one (and its GPU copy) is gone
             searcher = PinSearcher(store, backbone=backbone, config=config, cache_metadata=True)
         searcher.hits(store.vectors(searcher.backbone).keys()[:1], [0.0])  # warm the metadata
         ready = {
