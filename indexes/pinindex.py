@@ -315,11 +315,19 @@ class PinIndex:
         positions = self.positions_of(allowed)
         if positions.size == 0:
             return _empty(len(q), k)
-        # FAISS-GPU takes no id selectors: filtered searches run on the CPU copy.
-        target = self if not self.on_gpu else replace(self, index=self.cpu_index(), on_gpu=False)
         k = min(k, positions.size)
         bitmap = np.zeros(self.ntotal, dtype=bool)
         bitmap[positions] = True
+        target = self
+        if self.on_gpu:
+            # FAISS-GPU takes no id selector. While the filter's share of the index lets the
+            # GPU's deepest answer (k <= 2,048) hold k allowed hits, search there and keep
+            # them (the first k allowed of a ranking are the filtered top k); else the CPU copy.
+            if max(4 * k, 2 * k * self.ntotal // positions.size) <= GPU_MAX_NPROBE:
+                d, pos = self._post_filtered_search(q, k, bitmap, max_depth=GPU_MAX_NPROBE)
+                if (pos >= 0).all():
+                    return d, pos
+            target = replace(self, index=self.cpu_index(), on_gpu=False)
         packed = np.packbits(bitmap, bitorder="little")
         selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(packed))
         try:
@@ -333,26 +341,28 @@ class PinIndex:
         return d, pos
 
     def _post_filtered_search(
-        self, q: np.ndarray, k: int, bitmap: np.ndarray
+        self, q: np.ndarray, k: int, bitmap: np.ndarray, max_depth: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` allowed hits, from unfiltered searches growing until every query has
-        ``k`` of them (or the index has nothing more to give)."""
+        ``k`` of them (or the index has nothing more to give, or ``max_depth`` results were
+        asked for: rows short of ``k`` are padded with -1)."""
         rows = max(1, _POST_FILTER_ENTRIES // self.ntotal)  # bounds the memory of deep searches
         if len(q) > rows:
             parts = [
-                self._post_filtered_search(q[i : i + rows], k, bitmap)
+                self._post_filtered_search(q[i : i + rows], k, bitmap, max_depth)
                 for i in range(0, len(q), rows)
             ]
             return np.concatenate([d for d, _ in parts]), np.concatenate([p for _, p in parts])
         params = self._params()
         share = max(int(bitmap.sum()), 1) / self.ntotal
-        depth = min(self.ntotal, max(4 * k, int(2 * k / share)))
+        deepest = min(self.ntotal, max_depth or self.ntotal)
+        depth = min(deepest, max(4 * k, int(2 * k / share)))
         while True:
             d, pos = self.index.search(q, depth, params=params)
             keep = (pos >= 0) & bitmap[np.clip(pos, 0, None)]
-            if depth >= self.ntotal or (keep.sum(axis=1) >= k).all():
+            if depth >= deepest or (keep.sum(axis=1) >= k).all():
                 break
-            depth = min(self.ntotal, depth * 4)
+            depth = min(deepest, depth * 4)
         first = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # allowed hits, in rank order
         d, pos = np.take_along_axis(d, first, 1), np.take_along_axis(pos, first, 1)
         found = np.take_along_axis(keep, first, 1)

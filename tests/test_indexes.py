@@ -800,6 +800,11 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
     assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], [(2, True, True)])
     np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
+    for allowed in (keys[::3], keys[:4]):  # filtered on the GPU copy: no CPU copy is made
+        np.testing.assert_array_equal(
+            placed.search(q, 5, allowed=allowed)[1], cpu.search(q, 5, allowed=allowed)[1]
+        )
+    assert placed._cpu is None
     placed.add(x[:3] * 2, np.array([1, 2, 3]))  # a GPU index grows on its CPU copy
     placed.remove(np.array([1, 2]))
     assert placed.ntotal == 601 and placed.on_gpu
