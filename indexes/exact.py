@@ -98,11 +98,14 @@ class TorchExact:
         size = self.x.element_size() * self.x.numel()
         return size + (4 * self.full.numel() if self.full is not None else 0)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` best rows per query: (scores, positions), like ``faiss.Index.search``.
 
         Scores are inner products (higher first) or squared L2 distances (lower first);
-        positions are -1 where fewer than ``k`` vectors exist.
+        positions are -1 where fewer than ``k`` vectors exist. ``allowed``: a boolean mask
+        over the rows; the others are scanned but never returned (a filter).
         """
         import torch
 
@@ -111,6 +114,12 @@ class TorchExact:
             raise ValueError(f"queries must be (nq, {self.dim}), got {q.shape}")
         nq = len(q)
         kk = min(k, self.n)
+        mask = None
+        if allowed is not None:
+            if allowed.shape != (self.n,):
+                raise ValueError(f"allowed must be a mask of {self.n} rows, got {allowed.shape}")
+            kk = min(kk, int(allowed.sum()))
+            mask = torch.from_numpy(np.asarray(allowed, dtype=bool)).to(self.device)
         if nq == 0 or kk == 0:
             return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
         kc = min(self.n, kk * self.refine) if self.refine else kk
@@ -123,9 +132,9 @@ class TorchExact:
         with torch.inference_mode():
             for a in range(0, nq, rows):
                 qb = qt[a : a + rows]
-                s, i = self._scan(qb, kc, cols, largest)
+                s, i = self._scan(qb, kc, cols, largest, mask)
                 if self.refine:
-                    s, i = self._rescore(qb, i, kk, largest)
+                    s, i = self._rescore(qb, i, kk, largest, mask)
                 out_s[a : a + rows], out_i[a : a + rows] = s, i
         scores, pos = out_s.cpu().numpy(), out_i.cpu().numpy()
         if kk < k:
@@ -133,8 +142,9 @@ class TorchExact:
             pos = np.pad(pos, ((0, 0), (0, k - kk)), constant_values=-1)
         return scores, pos
 
-    def _scores(self, qb: Any, lo: int, hi: int) -> Any:
-        """float32 scores of a query block against rows lo:hi (ip, or squared l2)."""
+    def _scores(self, qb: Any, lo: int, hi: int, mask: Any = None) -> Any:
+        """float32 scores of a query block against rows lo:hi (ip, or squared l2); rows
+        outside ``mask`` score worst."""
         import torch
 
         xb = self.x[lo:hi]
@@ -144,17 +154,20 @@ class TorchExact:
             s = torch.mm(qb.to(self.dtype), xb.T, out_dtype=torch.float32)
         else:
             s = (qb.to(self.dtype) @ xb.T).float()
-        if self.sq is None:
-            return s
-        return (qb * qb).sum(1, keepdim=True) - 2 * s + self.sq[lo:hi]
+        if self.sq is not None:
+            s = (qb * qb).sum(1, keepdim=True) - 2 * s + self.sq[lo:hi]
+        if mask is not None:  # filtered out: never among the best
+            s.masked_fill_(~mask[lo:hi], -torch.inf if self.metric == "ip" else torch.inf)
+        return s
 
-    def _scan(self, qb: Any, k: int, cols: int, largest: bool) -> tuple[Any, Any]:
+    def _scan(self, qb: Any, k: int, cols: int, largest: bool, mask: Any) -> tuple[Any, Any]:
         import torch
 
         best_s = best_i = None
         for lo in range(0, self.n, cols):
             hi = min(self.n, lo + cols)
-            s, i = torch.topk(self._scores(qb, lo, hi), min(k, hi - lo), dim=1, largest=largest)
+            scores = self._scores(qb, lo, hi, mask)
+            s, i = torch.topk(scores, min(k, hi - lo), dim=1, largest=largest)
             i = i + lo
             if best_s is None:
                 best_s, best_i = s, i
@@ -165,12 +178,16 @@ class TorchExact:
             best_i = torch.gather(i, 1, at)
         return best_s, best_i
 
-    def _rescore(self, qb: Any, cand: Any, k: int, largest: bool) -> tuple[Any, Any]:
+    def _rescore(
+        self, qb: Any, cand: Any, k: int, largest: bool, mask: Any = None
+    ) -> tuple[Any, Any]:
         import torch
 
         vecs = self.full[cand]  # (rows, kc, d) float32
         s = torch.einsum("rd,rcd->rc", qb, vecs)
         if self.metric == "l2":
             s = (qb * qb).sum(1, keepdim=True) - 2 * s + (vecs * vecs).sum(2)
+        if mask is not None:  # candidates of a filtered scan past the allowed rows
+            s.masked_fill_(~mask[cand], -torch.inf if largest else torch.inf)
         s, at = torch.topk(s, k, dim=1, largest=largest)
         return s, torch.gather(cand, 1, at)

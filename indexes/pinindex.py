@@ -318,6 +318,8 @@ class PinIndex:
         k = min(k, positions.size)
         bitmap = np.zeros(self.ntotal, dtype=bool)
         bitmap[positions] = True
+        if self.reduced_precision:  # the 16-bit scan, masked (a full scan: fast on a GPU)
+            return self._exact_engine().search(q, k, allowed=bitmap)
         target = self
         if self.on_gpu:
             # FAISS-GPU takes no id selector. While the filter's share of the index lets the

@@ -61,6 +61,27 @@ def test_more_neighbours_than_vectors_are_padded() -> None:
     assert empty_d.shape == empty_i.shape == (0, 3)
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("refine", [0, 4])
+def test_a_masked_scan_is_the_scan_of_the_allowed_rows(data, metric: str, refine: int) -> None:  # type: ignore[no-untyped-def]
+    x, q = data
+    allowed = np.zeros(len(x), bool)
+    allowed[np.random.default_rng(0).choice(len(x), 300, replace=False)] = True
+    rows = np.flatnonzero(allowed)
+    d_ref, i_ref = exact_search(q, x[rows], 10, metric)
+    scan = TorchExact(x, metric=metric, precision="float32", device="cpu", block_bytes=40_000,
+                      refine=refine)  # fmt: skip
+    d, i = scan.search(q, 10, allowed=allowed)
+    assert allowed[i].all() and _overlap(i, rows[i_ref]) >= 0.999
+    np.testing.assert_allclose(d, d_ref, rtol=1e-4, atol=1e-4)
+    few = np.zeros(len(x), bool)
+    few[[3, 9]] = True  # fewer allowed rows than k: padded like FAISS
+    d, i = scan.search(q[:2], 5, allowed=few)
+    assert sorted(i[0, :2]) == [3, 9] and (i[:, 2:] == -1).all() and np.isnan(d[:, 2:]).all()
+    with pytest.raises(ValueError, match="mask of 6000 rows"):
+        scan.search(q, 3, allowed=few[:10])
+
+
 def test_bad_arguments_are_named() -> None:
     x = np.ones((4, 8), np.float32)
     with pytest.raises(ValueError, match="precision 'int8'"):
@@ -86,10 +107,11 @@ def test_pin_index_uses_the_scan_and_keeps_faiss_for_the_rest(data, tmp_path) ->
     assert half._exact is not None  # the torch scan answered
     assert _overlap(k, k_ref) >= 0.99
     np.testing.assert_allclose(d, d_ref, atol=2e-3)
-    # filters go through FAISS' id selectors, on the same stored vectors
+    # filters mask the same 16-bit scan: the float32 filtered answer, up to 16-bit rounding
     allowed = keys[::4]
     _, kf = half.search(q, 5, allowed=allowed)
     assert np.isin(kf, allowed).all()
+    assert _overlap(kf, ref.search(q, 5, allowed=allowed)[1]) >= 0.99
     # vectors added later are searched too (the scan is rebuilt)
     half.add(q[:3] * 10, np.array([-7, -8, -9]))
     assert half._exact is None
