@@ -312,13 +312,15 @@ class PinIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        positions = self.positions_of(allowed)
+        positions = np.unique(self.positions_of(allowed))
         if positions.size == 0:
             return _empty(len(q), k)
         k = min(k, positions.size)
         bitmap = np.zeros(self.ntotal, dtype=bool)
         bitmap[positions] = True
-        if self.reduced_precision:  # the 16-bit scan, masked (a full scan: fast on a GPU)
+        if self.reduced_precision and self._exact_engine().device.type != "cpu":
+            # the 16-bit scan, masked: a full scan, fast on a GPU (a CPU scans only the
+            # allowed rows through FAISS's selector below, much less for small filters)
             return self._exact_engine().search(q, k, allowed=bitmap)
         target = self
         if self.on_gpu:
@@ -348,7 +350,8 @@ class PinIndex:
         """Top ``k`` allowed hits, from unfiltered searches growing until every query has
         ``k`` of them (or the index has nothing more to give, or ``max_depth`` results were
         asked for: rows short of ``k`` are padded with -1)."""
-        rows = max(1, _POST_FILTER_ENTRIES // self.ntotal)  # bounds the memory of deep searches
+        deepest = min(self.ntotal, max_depth or self.ntotal)
+        rows = max(1, _POST_FILTER_ENTRIES // deepest)  # bounds the memory of deep searches
         if len(q) > rows:
             parts = [
                 self._post_filtered_search(q[i : i + rows], k, bitmap, max_depth)
@@ -357,7 +360,6 @@ class PinIndex:
             return np.concatenate([d for d, _ in parts]), np.concatenate([p for _, p in parts])
         params = self._params()
         share = max(int(bitmap.sum()), 1) / self.ntotal
-        deepest = min(self.ntotal, max_depth or self.ntotal)
         depth = min(deepest, max(4 * k, int(2 * k / share)))
         while True:
             d, pos = self.index.search(q, depth, params=params)
@@ -678,7 +680,11 @@ def _faiss_reason(exc: Exception) -> str:
 
 
 def load_index(
-    path: str | Path, *, config: IndexConfig | None = None, verify: bool = True
+    path: str | Path,
+    *,
+    config: IndexConfig | None = None,
+    verify: bool = True,
+    place: bool = True,
 ) -> PinIndex:
     """Load an index saved by :meth:`PinIndex.save`, checking its files against the JSON.
 
@@ -687,6 +693,8 @@ def load_index(
         config: overrides of search-time settings (device, nprobe, ef_search, fp16,
             precision, refine).
         verify: check SHA-256 checksums (reads the whole file once).
+        place: put it where its settings say (a GPU); False keeps it on the CPU with its
+            settings unchanged (a writer editing it, whatever room the GPU has).
 
     Raises:
         IndexFileError: a file is missing or damaged, or the format is unknown.
@@ -734,7 +742,7 @@ def load_index(
             nprobe=config.nprobe if config.nprobe is not None else saved.nprobe,
             ef_search=config.ef_search if config.ef_search is not None else saved.ef_search,
         )
-    index, on_gpu = _place(cpu, saved, meta["factory"])
+    index, on_gpu = _place(cpu, saved, meta["factory"]) if place else (cpu, False)
     return PinIndex(
         index,
         ids.astype(np.int64),

@@ -88,7 +88,9 @@ def faiss_metric(metric: str) -> int:
     return table[metric]
 
 
-_PARSE_DIM = 960  # divisible by most PQ / OPQ / PCA sizes (2^6 x 15)
+# dims to parse factory strings at: divisible by most PQ / OPQ / PCA sizes (2^6 x 15), then
+# by 128 and 256 too (2^8 x 15; larger PQ tables, so only when the first does not fit)
+_PARSE_DIMS = (960, 3840)
 
 
 def validate_factory(factory: str, metric: str = "cosine") -> str:
@@ -125,14 +127,16 @@ def check_factory_syntax(factory: str) -> None:
 
     if factory.strip() == "auto":
         return
-    try:
-        faiss.index_factory(_PARSE_DIM, factory.strip())
-    except RuntimeError as exc:
-        if "could not parse" in str(exc):
-            raise ValueError(
-                f"FAISS cannot parse index factory {factory!r}; e.g. Flat, IVF1024,Flat, "
-                "IVF4096,PQ64, HNSW32, OPQ16_64,IVF1024,PQ16"
-            ) from None
+    for dim in _PARSE_DIMS:  # a size error at one (PQ128 of 960) may hide a parse error after it
+        try:
+            faiss.index_factory(dim, factory.strip())
+            return
+        except RuntimeError as exc:
+            if "could not parse" in str(exc):
+                raise ValueError(
+                    f"FAISS cannot parse index factory {factory!r}; e.g. Flat, IVF1024,Flat, "
+                    "IVF4096,PQ64, HNSW32, OPQ16_64,IVF1024,PQ16"
+                ) from None
 
 
 def ivf_nlist(n: int) -> int:

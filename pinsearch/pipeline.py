@@ -67,8 +67,8 @@ def _index_options(index: IndexConfig | Mapping[str, Any] | None) -> dict[str, A
     if isinstance(index, IndexConfig):
         defaults = asdict(IndexConfig())
         return {k: v for k, v in asdict(index).items() if v != defaults[k]}
-    IndexConfig(**index)  # validate names and values now, with a clear error
-    return dict(index)
+    config = IndexConfig(**index)  # validate names and values now, with a clear error
+    return {k: getattr(config, k) for k in index}  # as the config holds them (factory stripped)
 
 
 def index_corpus(

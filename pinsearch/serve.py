@@ -56,7 +56,7 @@ def _check_keys(request: dict[str, Any]) -> None:
     # keys the request's own kind has no use for
     unused = {"titles": (*_FILTERS, "k"), "boards": ("mode", "alpha", "board")}
     for kind, keys in unused.items():
-        if request.get(kind):
+        if (kind in request) if kind == "titles" else request.get(kind):  # titles: even []
             given = [key for key in keys if key in request]
             if given:
                 raise ValueError(f"{kind!r} requests take no {', '.join(map(repr, given))}")

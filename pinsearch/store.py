@@ -28,7 +28,7 @@ import numpy as np
 
 from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
-from pinsearch.errors import IndexFileError, StoreLockedError, StoreVersionError
+from pinsearch.errors import DeviceError, IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
 from pinsearch.indexes.pinindex import file_sha256, fsync_file, index_files
 from pinsearch.vectors import VectorStore, backbone_dirname
@@ -445,11 +445,21 @@ class Store:
         except IndexFileError as exc:
             _logger.warning("index %s: %s; rebuilding it", name, exc)
             return ""
+        except DeviceError as exc:  # no room on the GPU: the removal needs none
+            _logger.warning("index %s: %s; editing it on the CPU", name, exc)
+            index = load_index(self.index_base(name), place=False)
+            self._indexes[name] = index
         if not index.removable():
             _logger.info("index %s (%s) cannot remove in place; rebuilding it", name, index.factory)
             return ""
         try:
-            index.remove(keys)
+            try:
+                index.remove(keys)
+            except DeviceError as exc:  # removed, but no room on the GPU: whole on the CPU
+                _logger.warning("index %s: %s; saved from the CPU", name, exc)
+                self.save_index(index, name)
+                self.forget_cached(name)  # not kept placed against its settings
+                return "removed"
             self.save_index(index, name)
         except (RuntimeError, IndexFileError) as exc:  # FAISS refused; the object is not whole
             self.forget_cached(name)

@@ -135,3 +135,42 @@ def store_copy(built_store: BuiltStore, tmp_path: Path) -> Path:
     dst = tmp_path / "store"
     shutil.copytree(built_store.path, dst)
     return dst
+
+
+@pytest.fixture(params=[1, 2], ids=["one-gpu", "two-gpus"])
+def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
+    """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU(s)"
+    returns a CPU clone (a FAISS index object, with the same attribute rules as a GPU one), so
+    pinsearch's placement code runs here as it would with one GPU or sharded over two (it ran
+    on no GPU before). Records ``(GPUs, shard, float16)`` per placement."""
+    import faiss
+
+    from pinsearch.indexes import gpu
+
+    calls: list = []
+
+    class Options:
+        useFloat16 = False
+        shard = False
+
+    def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
+        calls.append((1, False, options.useFloat16))
+        return faiss.clone_index(index)
+
+    def to_all_gpus(index: object, co: Options, ngpu: int) -> object:
+        calls.append((ngpu, co.shard, co.useFloat16))
+        return faiss.clone_index(index)
+
+    for name, value in {
+        "get_num_gpus": lambda: request.param,
+        "StandardGpuResources": object,
+        "GpuClonerOptions": Options,
+        "GpuMultipleClonerOptions": Options,
+        "index_cpu_to_gpu": to_gpu,
+        "index_cpu_to_all_gpus": to_all_gpus,
+        "index_gpu_to_cpu": faiss.clone_index,
+        "GpuParameterSpace": faiss.ParameterSpace,
+    }.items():
+        monkeypatch.setattr(faiss, name, value, raising=False)
+    monkeypatch.setattr(gpu, "_RESOURCES", None)
+    return calls

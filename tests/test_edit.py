@@ -238,3 +238,45 @@ def test_an_index_too_big_to_retrain_on_what_is_left_becomes_flat(store_copy: Pa
         index = store.load_index("refined")
         assert index.factory == "Flat" and index.ntotal == 14
     assert check_store(store_copy).ok
+
+
+def test_remove_from_a_gpu_index_without_room_left_saves_it_from_the_cpu(
+    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index is device gpu; by the time pins are removed the GPU is full: the pins leave
+    the index all the same (saved from its CPU copy), and the store stays consistent."""
+    import torch
+
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.indexes import gpu
+
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    index_corpus(None, store_copy, backbone=B, index={"device": "gpu"},
+                 embed=EmbedConfig(workers=0, device="cpu"), rebuild=True)  # fmt: skip
+    with Store.open(store_copy, read_only=True) as store:
+        rows = store.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 2")
+    first, second = (r["pin_id"] for r in rows)
+    with Store.open(store_copy) as store:
+        assert store.load_index(B).on_gpu  # placed while there was room
+        free["bytes"] = 1 << 30  # then the GPU fills up: placing it again after the removal fails
+        assert remove_pins(store, pin_ids=[first]).pins == 1
+        assert store.catalog.get_index(B)["ntotal"] == 23
+    with Store.open(store_copy) as store:  # and loading it on the GPU fails from the start
+        assert remove_pins(store, pin_ids=[second]).pins == 1
+        assert store.catalog.get_index(B)["ntotal"] == 22
+    free["bytes"] = 64 << 30
+    assert check_store(store_copy).ok
+
+
+def test_index_options_are_compared_as_stored(store_copy: Path) -> None:
+    # the saved factory is stripped: " Flat " asked again is the same index, not a rebuild
+    from pinsearch.embed import EmbedConfig
+
+    embed = EmbedConfig(workers=0)
+    first = index_corpus(None, store_copy, backbone=B, index={"factory": " Flat "}, embed=embed)
+    again = index_corpus(None, store_copy, backbone=B, index={"factory": "Flat "}, embed=embed)
+    assert first.factory == "Flat" and again.index_action == "unchanged"

@@ -626,7 +626,7 @@ def test_validate_factory_errors(factory: str, metric: str, match: str) -> None:
 def test_factory_syntax_is_checked_by_faiss_before_any_work() -> None:
     from pinsearch.indexes.spec import check_factory_syntax
 
-    for bad in ("Blah", "IVF64;Flat", "NotAnIndex42"):
+    for bad in ("Blah", "IVF64;Flat", "NotAnIndex42", "OPQ128,IVF1024,PQ128,Refine(Flatt)"):
         with pytest.raises(ValueError, match="FAISS cannot parse"):
             check_factory_syntax(bad)
     for fine in ("auto", "Flat", " IVF64,Flat ", "OPQ16_64,IVF256,PQ16", "PQ7", "HNSW32"):
@@ -746,45 +746,6 @@ def test_gpu_float16_says_what_faiss_gpu_does(factory: str, fp16: bool, expected
     from pinsearch.indexes.gpu import gpu_float16
 
     assert gpu_float16(faiss.index_factory(384, factory), fp16) is expected
-
-
-@pytest.fixture(params=[1, 2], ids=["one-gpu", "two-gpus"])
-def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
-    """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU(s)"
-    returns a CPU clone (a FAISS index object, with the same attribute rules as a GPU one), so
-    pinsearch's placement code runs here as it would with one GPU or sharded over two (it ran
-    on no GPU before). Records ``(GPUs, shard, float16)`` per placement."""
-    import faiss
-
-    from pinsearch.indexes import gpu
-
-    calls: list = []
-
-    class Options:
-        useFloat16 = False
-        shard = False
-
-    def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
-        calls.append((1, False, options.useFloat16))
-        return faiss.clone_index(index)
-
-    def to_all_gpus(index: object, co: Options, ngpu: int) -> object:
-        calls.append((ngpu, co.shard, co.useFloat16))
-        return faiss.clone_index(index)
-
-    for name, value in {
-        "get_num_gpus": lambda: request.param,
-        "StandardGpuResources": object,
-        "GpuClonerOptions": Options,
-        "GpuMultipleClonerOptions": Options,
-        "index_cpu_to_gpu": to_gpu,
-        "index_cpu_to_all_gpus": to_all_gpus,
-        "index_gpu_to_cpu": faiss.clone_index,
-        "GpuParameterSpace": faiss.ParameterSpace,
-    }.items():
-        monkeypatch.setattr(faiss, name, value, raising=False)
-    monkeypatch.setattr(gpu, "_RESOURCES", None)
-    return calls
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8"])
