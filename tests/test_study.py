@@ -39,6 +39,14 @@ def clustered_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _copy(store: Path, tmp_path: Path) -> Path:
+    """A private copy of a module-scoped store, for a test that writes to it."""
+    dst = tmp_path / "s"
+    shutil.copytree(store, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    return dst
+
+
 def _config(store: Path, **kw: object) -> StudyConfig:
     base = StudyConfig(
         name="t",
@@ -102,9 +110,7 @@ def test_a_sample_keeps_its_pins_when_one_leaves_the_store(
     # (an image that fails to embed takes its pin out: the draw must not start over)
     from pinsearch.edit import remove_pins
 
-    store = tmp_path / "s"
-    shutil.copytree(clustered_store, store)
-    (store / ".lock").unlink(missing_ok=True)
+    store = _copy(clustered_store, tmp_path)
     config = _config(store, per_class=40)
     with Store.open(store) as s:
         before = select_pins(s, config)
@@ -163,9 +169,7 @@ def test_a_finished_cell_is_run_again_when_its_pins_or_vectors_change(
 ) -> None:
     from pinsearch.edit import remove_pins
 
-    store = tmp_path / "s"
-    shutil.copytree(clustered_store, store)
-    (store / ".lock").unlink(missing_ok=True)
+    store = _copy(clustered_store, tmp_path)
     config = _config(store, heads={"knn": {"n_neighbors": [1, 5]}})
     first, _ = run_study(config)
     _, again = run_study(config)
@@ -186,9 +190,7 @@ def test_a_finished_cell_is_run_again_when_its_pins_or_vectors_change(
 def test_the_study_seed_reaches_the_heads_it_can(clustered_store: Path, tmp_path: Path) -> None:
     import json
 
-    store = tmp_path / "s"
-    shutil.copytree(clustered_store, store)
-    (store / ".lock").unlink(missing_ok=True)
+    store = _copy(clustered_store, tmp_path)
     mlp = {"max_epochs": [2], "hidden": [[8, 8]]}
     run_study(_config(store, seed=3, heads={"mlp": mlp, "knn": {"n_neighbors": [1]}}))
     run_study(_config(store, name="fixed", heads={"mlp": {**mlp, "random_state": [11]}}))
