@@ -145,7 +145,7 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
             "warning", f"vectors {name}", "count",
             f"embedding run says {run['count']} vectors, the parts hold {len(allk)}",
         )  # fmt: skip
-    orphans = _orphans(store, name)
+    orphans = store.vectors(name).unrecorded_files()
     retired = set(store.vectors(name).retired())
     kept = [f for f in orphans if f in retired]  # for readers of the previous snapshot
     if kept:
@@ -160,16 +160,6 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
             "interrupted write; the next writer removes them",
         )  # fmt: skip
     return uniq
-
-
-def _orphans(store: Store, name: str) -> list[str]:
-    vs = store.vectors(name)
-    if not vs.folder.is_dir():
-        return []
-    known = set()
-    for p in vs.parts():
-        known |= {Path(str(p["file"])).name, vs._keys_path(p).name}
-    return sorted(f.name for f in vs.folder.iterdir() if f.name not in known)
 
 
 def _check_index(

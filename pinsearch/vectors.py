@@ -226,8 +226,7 @@ class VectorStore:
             for number, *files in add:
                 self.catalog.add_vector_part(self.backbone, number, *files)
             if not delete_retired:  # named, so that check tells them from crash leftovers
-                names = [Path(str(p["file"])).name for p in retire]
-                names += [self._keys_path(p).name for p in retire]
+                names = [name for p in retire for name in self._file_names(p)]
                 self.catalog.set_meta(self._retired_key, json.dumps(self.retired() + names))
         if delete_retired:
             self.remove_orphans()
@@ -237,6 +236,17 @@ class VectorStore:
     def _keys_path(self, part: dict[str, object]) -> Path:
         path = self.root / str(part["file"])
         return path.with_name(path.stem + ".keys.npy")
+
+    def _file_names(self, part: dict[str, object]) -> tuple[str, str]:
+        """The names of a part's two files (vectors, keys) in the backbone's folder."""
+        return Path(str(part["file"])).name, self._keys_path(part).name
+
+    def unrecorded_files(self) -> list[str]:
+        """Names of files in the backbone's folder that no recorded part owns (sorted)."""
+        if not self.folder.is_dir():
+            return []
+        known = {name for p in self.parts() for name in self._file_names(p)}
+        return sorted(f.name for f in self.folder.iterdir() if f.name not in known)
 
     @property
     def _retired_key(self) -> str:
@@ -252,15 +262,10 @@ class VectorStore:
         :meth:`retired`) and files left by an interrupted one."""
         if self.retired():
             self.catalog.set_meta(self._retired_key, "[]")
-        if not self.folder.is_dir():
-            return 0
-        known = {Path(str(p["file"])).name for p in self.parts()}
-        known |= {n.replace(".npy", ".keys.npy") for n in known}
-        removed = 0
-        for f in self.folder.iterdir():
-            if f.name not in known:
-                f.unlink()
-                removed += 1
+        unrecorded = self.unrecorded_files()
+        for name in unrecorded:
+            (self.folder / name).unlink()
+        removed = len(unrecorded)
         if removed:
             _logger.info("removed %d unrecorded vector files of %s", removed, self.backbone)
         return removed
