@@ -8,11 +8,13 @@ index is three files written atomically: ``NAME.faiss`` (the CPU index), ``NAME.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -100,6 +102,9 @@ class PinIndex:
         default=None, repr=False
     )  # argsort, sorted
     _exact: TorchExact | None = field(default=None, repr=False)  # reduced-precision scan
+    # FAISS-GPU indexes and their resources take one search at a time (and a search filling
+    # short IVF answers raises the GPU copy's nprobe for its duration)
+    _gpu_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def reduced_precision(self) -> bool:
@@ -236,7 +241,8 @@ class PinIndex:
     def search(
         self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search ``k`` neighbours of each query.
+        """Search ``k`` neighbours of each query (from any thread: searches of a GPU index
+        take turns).
 
         Args:
             queries: (nq, dim) vectors (normalised here when the metric is cosine).
@@ -253,10 +259,11 @@ class PinIndex:
         k_eff = min(k, self.ntotal)
         if k_eff == 0:
             return _empty(len(q), k)
-        if allowed is None:
-            d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
-        else:
-            d, pos = self._filtered_search(q, k_eff, allowed)
+        with self._gpu_lock if self.on_gpu else contextlib.nullcontext():
+            if allowed is None:
+                d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
+            else:
+                d, pos = self._filtered_search(q, k_eff, allowed)
         return self._to_keys(d, pos, k)
 
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -327,7 +334,7 @@ class PinIndex:
             # FAISS-GPU takes no id selector. While the filter's share of the index lets the
             # GPU's deepest answer (k <= 2,048) hold k allowed hits, search there and keep
             # them (the first k allowed of a ranking are the filtered top k); else the CPU copy.
-            if max(4 * k, 2 * k * self.ntotal // positions.size) <= GPU_MAX_NPROBE:
+            if self._gpu_answer_holds(k, positions.size):
                 d, pos = self._post_filtered_search(q, k, bitmap, max_depth=GPU_MAX_NPROBE)
                 if (pos >= 0).all():
                     return d, pos
@@ -343,6 +350,23 @@ class PinIndex:
             d, pos = target._post_filtered_search(q, k, bitmap)
         del packed  # the selector reads this buffer during the search above
         return d, pos
+
+    def _gpu_answer_holds(self, k: int, n_allowed: int) -> bool:
+        """Whether an unfiltered answer of the GPU copy, at most 2,048 deep, may be expected
+        to hold ``k`` of ``n_allowed`` allowed pins (twice their share's expectation)."""
+        return max(4 * k, 2 * k * self.ntotal // max(n_allowed, 1)) <= GPU_MAX_NPROBE
+
+    def filter_copies_to_cpu(self, k: int, allowed: np.ndarray) -> bool:
+        """Whether a search for ``k`` hits among the ``allowed`` pin keys would make (or
+        use) a CPU copy of this GPU index: FAISS-GPU takes no id selector, and the filter is
+        too rare for the GPU copy's deepest answer. Callers holding the pins' vectors can
+        scan the allowed ones exactly instead (:class:`pinsearch.search.PinSearcher` does)."""
+        if not self.on_gpu or (
+            self.reduced_precision and self._exact_engine().device.type != "cpu"
+        ):
+            return False
+        n = self.positions_of(allowed).size
+        return n > 0 and not self._gpu_answer_holds(min(k, n, self.ntotal), n)
 
     def _post_filtered_search(
         self, q: np.ndarray, k: int, bitmap: np.ndarray, max_depth: int | None = None

@@ -108,6 +108,7 @@ def store_backbone(store: Store, backbone: str) -> Any:
 
 
 _NO_KEYS = np.empty(0, np.int64)
+EXACT_FILTER_ROWS = 1 << 16  # filters scanned exactly rather than copying a GPU index
 
 
 def _py(value: Any) -> Any:
@@ -325,14 +326,29 @@ class PinSearcher:
         """Index search with an optional allow-list of pin keys, topped up to ``k`` exactly.
 
         An approximate index (IVF, HNSW) may return fewer than ``k`` allowed hits; the query
-        is then answered by exact search over the allowed pins' stored vectors.
+        is then answered by exact search over the allowed pins' stored vectors. So is a filter
+        of at most 65,536 pins too rare for a GPU index's own filtered search (which would copy
+        the whole index to host memory, and keep it there, for a CPU search with a selector).
         """
+        if (
+            allowed is not None
+            and len(allowed) <= EXACT_FILTER_ROWS
+            and self.index.filter_copies_to_cpu(k, allowed)
+        ):
+            return self._exact_allowed(vectors, k, allowed)
         scores, keys = self.index.search(vectors, k, allowed=allowed)
         if allowed is None:
             return scores, keys
         want = min(k, len(allowed))
         if (keys[:, :want] >= 0).all():
             return scores, keys
+        return self._exact_allowed(vectors, k, allowed)
+
+    def _exact_allowed(
+        self, vectors: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top ``k`` among the allowed pins, from their stored vectors."""
+        want = min(k, len(allowed))
         sub_vecs, sub_keys = self.store.vectors(self.backbone).load(allowed)
         d, pos = exact_search(vectors, sub_vecs, want, self.index.config.metric)
         out_s = np.full((len(vectors), k), np.nan, np.float32)

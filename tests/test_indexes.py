@@ -888,3 +888,23 @@ def test_small_gpu_indexes_are_placed_without_asking_cuda(
     monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda_here)
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     assert build_index(x, keys, IndexConfig(factory="Flat", metric="l2")).on_gpu
+
+
+def test_gpu_searches_from_several_threads_take_turns(faiss_gpu_stand_in: list) -> None:
+    """Searches filling short IVF answers raise the GPU copy's nprobe while they run: from
+    several threads at once each answers as it would alone, and nprobe ends where it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import faiss
+
+    x, keys = _clustered(800, 16, 8, 5), _keys(800)
+    placed = build_index(x, keys, IndexConfig(factory="IVF32,Flat", metric="l2", nprobe=1))
+    assert placed.on_gpu
+    queries = [x[i : i + 5] + 0.01 for i in range(0, 200, 5)]
+    alone = [placed.search(q, 120)[1] for q in queries]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda q: placed.search(q, 120)[1], queries))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)
+        assert (b >= 0).all()
+    assert faiss.extract_index_ivf(placed.index).nprobe == 1

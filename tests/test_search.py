@@ -331,3 +331,32 @@ def test_cached_filters_equal_the_catalog_query(searcher, pins) -> None:
         assert got.tolist() == catalog.filter_keys(**case).tolist(), case
         assert got.dtype == np.int64
     assert searcher.filter_keys() is None
+
+
+def test_rare_filters_on_a_gpu_index_scan_the_allowed_vectors(
+    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter too rare for the GPU copy's deepest answer is answered exactly from the
+    allowed pins' stored vectors: no host copy of the whole index is made (and kept)."""
+    from pinsearch.indexes import pinindex
+
+    monkeypatch.setattr(pinindex, "GPU_MAX_NPROBE", 12)  # 24 pins: as rare as at 1M
+    with Store.open(store_copy) as store:
+        store.build_index(BACKBONE, IndexConfig(factory="IVF4,Flat", nprobe=1), name="gpu")
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store, index="gpu")
+        assert searcher.index.on_gpu
+        vectors = _vectors_by_id(store)
+        rows = store.catalog.pins_by_key(list(range(24)))
+        for cat in sorted({r["category"] for r in rows.values()}):
+            members = sorted(r["pin_id"] for r in rows.values() if r["category"] == cat)
+            allowed = np.array([k for k, r in rows.items() if r["category"] == cat])
+            assert searcher.index.filter_copies_to_cpu(3, allowed)
+            result = searcher.similar_to_pin(members[0], k=3, category=cat)
+            others = np.stack([vectors[m] for m in members[1:]])
+            d, pos = exact_search(vectors[members[0]][None], others, 3, "cosine")
+            assert [h.pin_id for h in result.hits] == [members[1:][p] for p in pos[0]]
+            np.testing.assert_allclose([h.score for h in result.hits], d[0], rtol=1e-5)
+        assert searcher.index._cpu is None  # the old path copied the index to the CPU here
+        common = np.array(list(rows))  # every pin allowed: the GPU copy answers it
+        assert not searcher.index.filter_copies_to_cpu(3, common)
