@@ -106,6 +106,13 @@ class PinIndex:
     # short IVF answers raises the GPU copy's nprobe for its duration)
     _gpu_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
 
+    def __getstate__(self) -> dict[str, Any]:  # pickled heads hold their index (no lock)
+        return {k: v for k, v in self.__dict__.items() if k != "_gpu_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._gpu_lock = threading.RLock()
+
     @property
     def reduced_precision(self) -> bool:
         """True when unfiltered searches run the torch float16/bfloat16 exact scan."""
