@@ -26,6 +26,11 @@ run() {  # run NAME CMD...: keep the output, say how long it took
 case $step in
   tests)
     nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+    python3 -c "import faiss, torch, torchvision as tv; o = faiss.GpuClonerOptions();
+print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(o, 'use_cuvs', None));
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)" \
+      > "$out/versions.txt" 2>&1
+    cat "$out/versions.txt"
     python3 -m pytest -m gpu -q -p no:cacheprovider -rs > "$out/pytest-gpu.txt" 2>&1
     echo "pytest -m gpu: exit $?"; tail -5 "$out/pytest-gpu.txt"
     ;;

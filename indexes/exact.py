@@ -125,6 +125,8 @@ class TorchExact:
         kc = min(self.n, kk * self.refine) if self.refine else kk
         qt = torch.from_numpy(q).to(self.device)
         rows = max(1, min(nq, self.block_bytes // (4 * self.n)))
+        if self.refine:  # the refine pass gathers (rows, kc, dim) float32 candidates
+            rows = max(1, min(rows, self.block_bytes // (4 * kc * self.dim)))
         cols = min(self.n, max(kc, self.block_bytes // (4 * rows)))
         out_s = torch.empty(nq, kk, dtype=torch.float32, device=self.device)
         out_i = torch.empty(nq, kk, dtype=torch.int64, device=self.device)

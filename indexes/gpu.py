@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from pinsearch.errors import DeviceError
 
 __all__ = [
+    "GPU_LOCK",
     "GPU_MAX_NPROBE",
     "gpu_count",
     "gpu_float16",
@@ -29,6 +31,8 @@ _GPU_PQ_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64
 _GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
 _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
+#: FAISS-GPU's resources take one search at a time, and all GPU indexes share them
+GPU_LOCK = threading.RLock()
 # StandardGpuResources' default temporary memory on a large GPU (1.5 GiB), plus headroom
 _FAISS_SCRATCH = 2 << 30
 #: Indexes smaller than this (per GPU) are placed without asking CUDA for free memory.
@@ -136,6 +140,9 @@ def gpu_free_bytes() -> list[int] | None:
 
         if not torch.cuda.is_available():
             return None
+        # blocks torch's caching allocator holds (an embedding run's batches) are free to
+        # torch but not to FAISS: hand them back before counting
+        torch.cuda.empty_cache()
         return [int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count())]
     except Exception:  # a driver problem: let FAISS try
         _logger.debug("cannot read free GPU memory", exc_info=True)
@@ -188,17 +195,25 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
         raise DeviceError("no GPU visible to faiss; install faiss-gpu and check CUDA")
     if n == 1:
         global _RESOURCES
-        co = faiss.GpuClonerOptions()
+        co = _classic_kernels(faiss.GpuClonerOptions())
         co.useFloat16 = fp16
         if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle, not one per index
             _RESOURCES = faiss.StandardGpuResources()
         # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
         # attributes; the module keeps the resources alive)
         return faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
-    co = faiss.GpuMultipleClonerOptions()
+    co = _classic_kernels(faiss.GpuMultipleClonerOptions())
     co.shard = True
     co.useFloat16 = fp16
     return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+
+
+def _classic_kernels(options: Any) -> Any:
+    """FAISS's own GPU kernels, also in builds with NVIDIA cuVS (whose IVF indexes have other
+    limits and parameters than the ones pinsearch checks: k and nprobe <= 2,048, PQ codes)."""
+    if hasattr(options, "use_cuvs"):
+        options.use_cuvs = False
+    return options
 
 
 def to_cpu(index: Any) -> Any:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +25,7 @@ from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, DeviceError, IndexFileError
 from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import (
+    GPU_LOCK,
     GPU_MAX_NPROBE,
     gpu_count,
     gpu_room,
@@ -102,16 +102,6 @@ class PinIndex:
         default=None, repr=False
     )  # argsort, sorted
     _exact: TorchExact | None = field(default=None, repr=False)  # reduced-precision scan
-    # FAISS-GPU indexes and their resources take one search at a time (and a search filling
-    # short IVF answers raises the GPU copy's nprobe for its duration)
-    _gpu_lock: Any = field(default_factory=threading.RLock, repr=False, compare=False)
-
-    def __getstate__(self) -> dict[str, Any]:  # pickled heads hold their index (no lock)
-        return {k: v for k, v in self.__dict__.items() if k != "_gpu_lock"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._gpu_lock = threading.RLock()
 
     @property
     def reduced_precision(self) -> bool:
@@ -266,7 +256,9 @@ class PinIndex:
         k_eff = min(k, self.ntotal)
         if k_eff == 0:
             return _empty(len(q), k)
-        with self._gpu_lock if self.on_gpu else contextlib.nullcontext():
+        # one GPU search at a time: FAISS-GPU's shared resources are not thread-safe, and a
+        # search filling short IVF answers raises the GPU copy's nprobe while it runs
+        with GPU_LOCK if self.on_gpu else contextlib.nullcontext():
             if allowed is None:
                 d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
             else:

@@ -18,7 +18,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["ClassicDescriptor", "rgb_to_hsv"]
 
@@ -252,13 +251,13 @@ class ClassicDescriptor(torch.nn.Module):
 
     def _gradients(self, grey: torch.Tensor) -> list[torch.Tensor]:
         """Hellinger-mapped Sobel magnitude and orientation histograms."""
-        sobel_x = torch.tensor(
-            [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=grey.device
-        )
-        kernel = torch.stack((sobel_x, sobel_x.t())).unsqueeze(1)
-        grad = F.conv2d(grey, kernel)
-        gx = grad[:, 0].flatten(1)
-        gy = grad[:, 1].flatten(1)
+        # Sobel by shifted differences (the valid 3x3 window, like an unpadded convolution):
+        # exact float32 sums on any device, where cuDNN's convolution may round through TF32
+        g = grey[:, 0]
+        dx = g[:, :, 2:] - g[:, :, :-2]  # right - left
+        dy = g[:, 2:, :] - g[:, :-2, :]  # below - above
+        gx = (dx[:, :-2] + 2 * dx[:, 1:-1] + dx[:, 2:]).flatten(1)
+        gy = (dy[:, :, :-2] + 2 * dy[:, :, 1:-1] + dy[:, :, 2:]).flatten(1)
         magnitude = torch.sqrt(gx * gx + gy * gy)
         # Rounding in the convolution leaves ~1e-7 residues on flat regions; without this
         # cut-off they would be normalised into a spurious orientation histogram.

@@ -232,7 +232,11 @@ class KNNHead(_Head):
         raw, idx = self.index_.search(X, k)
         if self.metric == "l2":
             dist = np.sqrt(np.maximum(raw, 0))
-        elif self.metric in ("cosine", "ip"):
+        elif self.metric == "cosine":
+            # a duplicate's similarity may round to just above 1 (by the order of the sums:
+            # the GPU's differs from the CPU's); its distance is 0, not a negative vote weight
+            dist = np.maximum(1.0 - raw, 0.0)
+        elif self.metric == "ip":
             dist = 1.0 - raw
         else:
             dist = raw

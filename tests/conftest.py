@@ -68,6 +68,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+_REAL_GPU: dict[str, object] = {}  # torch's and FAISS's own GPU probes, while hidden
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_unless_marked_gpu() -> Iterator[None]:
+    """On a GPU machine, tests not marked ``gpu`` run as on a CPU one: torch and FAISS see no
+    GPU (device ``auto`` is the CPU, indexes stay there, session stores are built alike) and
+    their expectations hold. Tests marked ``gpu`` see it again (:func:`_gpu_for_gpu_tests`).
+    Nothing changes where there is no GPU."""
+    import faiss
+    import torch
+
+    real = {"torch": torch.cuda.is_available, "faiss": getattr(faiss, "get_num_gpus", None)}
+    if not real["torch"]() and not (real["faiss"] is not None and real["faiss"]() > 0):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        if real["faiss"] is not None:
+            mp.setattr(faiss, "get_num_gpus", lambda: 0)
+        _REAL_GPU.update(real)
+        yield
+        _REAL_GPU.clear()
+
+
+@pytest.fixture(autouse=True)
+def _gpu_for_gpu_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if _REAL_GPU and request.node.get_closest_marker("gpu") is not None:
+        import faiss
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", _REAL_GPU["torch"])
+        if _REAL_GPU["faiss"] is not None:
+            monkeypatch.setattr(faiss, "get_num_gpus", _REAL_GPU["faiss"])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _offline_env() -> Iterator[None]:
     """Keep the whole session offline even if a test or plugin touched the variables."""

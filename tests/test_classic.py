@@ -195,7 +195,7 @@ def test_numpy_integer_bins_accepted() -> None:
     assert d.num_features == 16 + 2 + 4 + 4 + 256
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(desc: ClassicDescriptor, batch: torch.Tensor) -> None:
     cpu = desc(batch)
     gpu = desc(batch.cuda())

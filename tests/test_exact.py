@@ -52,6 +52,28 @@ def test_refine_restores_the_float32_answer(data, precision: str) -> None:  # ty
     assert scan.nbytes == x.size * 2 + x.size * 4  # the 16-bit copy and the float32 copy
 
 
+def test_refine_pass_keeps_to_the_block_size(data, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The refine pass gathers (rows, refine * k, dim) float32 candidates: query blocks are
+    cut so that it too stays within ``block_bytes`` (it was sized for the scores alone)."""
+    x, q = data
+    k, refine = 50, 4  # candidates (200 x 64 floats a query) outweigh scores (6,000 floats)
+    block = 4 * refine * k * x.shape[1] * 3  # three queries' candidates, six queries' scores
+    scan = TorchExact(x, precision="float16", device="cpu", refine=refine, block_bytes=block)
+    gathered = []
+    rescore = scan._rescore
+
+    def counting(qb, cand, *args):  # type: ignore[no-untyped-def]
+        gathered.append(tuple(cand.shape))
+        return rescore(qb, cand, *args)
+
+    monkeypatch.setattr(scan, "_rescore", counting)
+    d, i = scan.search(q, k)
+    assert gathered and max(rows for rows, _ in gathered) <= 3
+    d_ref, i_ref = exact_search(q, x, k, "ip")
+    assert _overlap(i, i_ref) == 1.0
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_more_neighbours_than_vectors_are_padded() -> None:
     x = np.eye(3, 8, dtype=np.float32)
     d, i = TorchExact(x, device="cpu").search(x[:2], 5)

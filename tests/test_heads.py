@@ -193,3 +193,17 @@ def test_knn_reduced_precision_votes_like_float32(tmp_path, precision: str) -> N
     back = load_head(tmp_path / "knn")
     assert back.precision == precision and back.index_.reduced_precision
     np.testing.assert_array_equal(back.predict(X[1200:]), half.predict(X[1200:]))
+
+
+def test_cosine_duplicates_decide_their_own_vote() -> None:
+    """A training vector asked again is its own nearest neighbour at similarity 1, which FAISS
+    may round to just above 1 (by its order of sums; a GPU's differs): its distance is 0,
+    so with distance weights it decides alone (a negative distance voted against it)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 64)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    head = KNNHead(n_neighbors=5, weights="distance", metric="cosine", device="cpu").fit(X, y)
+    dist, _ = head.kneighbors(X)
+    assert (head.index_.search(X, 1)[0] > 1).any()  # the rounding this is about, here
+    assert dist.min() >= 0
+    np.testing.assert_array_equal(head.predict(X), y)
