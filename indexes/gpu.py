@@ -11,6 +11,8 @@ from pinsearch.errors import DeviceError
 __all__ = [
     "GPU_LOCK",
     "GPU_MAX_NPROBE",
+    "GPU_PQ_CODES",
+    "gpu_budget",
     "gpu_count",
     "gpu_float16",
     "gpu_index_bytes",
@@ -27,7 +29,7 @@ _logger = logging.getLogger(__name__)
 GPU_MAX_NPROBE = 2048
 # FAISS-GPU IVF-PQ: bytes per code it implements (56, 64 and 96 only with float16 lookup
 # tables), and the shared memory a float32 lookup table (M x 256 x 4 bytes) must fit in.
-_GPU_PQ_BYTES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
+GPU_PQ_CODES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
 _GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
 _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
@@ -75,7 +77,7 @@ def gpu_settings(index: Any) -> tuple[bool, bool]:
     if not isinstance(index, faiss.IndexIVFPQ):
         return True, False
     m, nbits = int(index.pq.M), int(index.pq.nbits)
-    if nbits != 8 or m not in _GPU_PQ_BYTES:
+    if nbits != 8 or m not in GPU_PQ_CODES:
         return False, False
     return True, m in _GPU_PQ_FP16_ONLY or 4 * m * 256 > _SHARED_MEMORY
 
@@ -171,6 +173,17 @@ def gpu_room(index: Any, fp16: bool = False, n_vectors: int | None = None) -> st
         f"it needs ~{per_gpu / 2**30:.1f} GiB on {where} (with FAISS's scratch memory), "
         f"{room / 2**30:.1f} GiB is free"
     )
+
+
+def gpu_budget() -> int | None:
+    """Bytes of index data the GPUs FAISS would use can take now (shards split an index
+    evenly: the count times the least free memory, less FAISS's scratch on each), or None when
+    CUDA cannot say."""
+    n = gpu_count()
+    free = gpu_free_bytes() if n else None
+    if not free:
+        return None
+    return n * max(min(free[:n]) - _FAISS_SCRATCH, 0)
 
 
 def gpu_count() -> int:

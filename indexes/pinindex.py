@@ -23,10 +23,13 @@ import numpy as np
 
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, DeviceError, IndexFileError
+from pinsearch.indexes import gpu as gpu_module
 from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import (
     GPU_LOCK,
     GPU_MAX_NPROBE,
+    GPU_PQ_CODES,
+    gpu_budget,
     gpu_count,
     gpu_room,
     gpu_settings,
@@ -34,7 +37,12 @@ from pinsearch.indexes.gpu import (
     to_cpu,
     to_gpu,
 )
-from pinsearch.indexes.spec import IndexConfig, choose_factory, faiss_metric
+from pinsearch.indexes.spec import (
+    IndexConfig,
+    choose_factory,
+    default_memory_budget,
+    faiss_metric,
+)
 
 __all__ = [
     "INDEX_FORMAT_VERSION",
@@ -626,6 +634,28 @@ def _place(
     return gpu, True
 
 
+def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
+    """:func:`choose_factory` for where the index will live: on the GPU(s), their free
+    memory is a budget too, and PQ codes are those FAISS-GPU implements (an ``IVF...,PQ128``
+    would stay on the CPU)."""
+    choice = choose_factory(n, dim, config.metric, config.memory_budget)
+    for_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
+    if not for_gpu or config.metric == "l1" or n * dim * 4 < gpu_module.ALWAYS_FITS:
+        return choice  # the small ones fit any GPU: no need to start CUDA to ask
+    budget = config.memory_budget or default_memory_budget()
+    room = gpu_budget()
+    try:
+        gpu_choice = choose_factory(
+            n, dim, config.metric, budget if room is None else min(budget, room),
+            pq_codes=GPU_PQ_CODES,
+        )  # fmt: skip
+    except ValueError:  # nothing fits the GPU: placement keeps the CPU's choice there
+        return choice
+    if gpu_choice != choice:
+        _logger.info("index auto on the GPU: %s (the CPU's budget alone: %s)", gpu_choice, choice)
+    return gpu_choice
+
+
 def build_index(
     vectors: np.ndarray,
     keys: np.ndarray,
@@ -649,7 +679,7 @@ def build_index(
     n, dim = x.shape
     factory = config.factory
     if factory == "auto":
-        factory = choose_factory(max(n, 1), dim, config.metric, config.memory_budget)
+        factory = _auto_factory(max(n, 1), dim, config)
     start = time.perf_counter()
     try:
         cpu = faiss.index_factory(dim, factory, faiss_metric(config.metric))

@@ -12,6 +12,7 @@ import functools
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
@@ -159,9 +160,17 @@ def default_memory_budget() -> int:
 
 
 def choose_factory(
-    n: int, dim: int, metric: str = "cosine", memory_budget: int | None = None
+    n: int,
+    dim: int,
+    metric: str = "cosine",
+    memory_budget: int | None = None,
+    *,
+    pq_codes: Collection[int] | None = None,
 ) -> str:
     """Pick an index type for ``n`` vectors of ``dim`` floats.
+
+    ``pq_codes``: the PQ code sizes (bytes) allowed, e.g. those FAISS-GPU implements; all
+    by default.
 
     Returns:
         ``"Flat"`` for small corpora or L1; ``"IVF{nlist},Flat"`` while raw float32 vectors fit
@@ -184,6 +193,8 @@ def choose_factory(
     if raw * 1.05 + overhead <= budget:
         return f"IVF{nlist},Flat"
     for m in _PQ_CHOICES:
+        if pq_codes is not None and m not in pq_codes:
+            continue
         if dim % m == 0 and n * m + overhead <= budget:
             return f"IVF{nlist},PQ{m}"
     raise ValueError(

@@ -908,3 +908,38 @@ def test_gpu_searches_from_several_threads_take_turns(faiss_gpu_stand_in: list) 
         np.testing.assert_array_equal(a, b)
         assert (b >= 0).all()
     assert faiss.extract_index_ivf(placed.index).nprobe == 1
+
+
+def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auto`` placed on GPUs chooses within their free memory too, and among the PQ codes
+    FAISS-GPU implements: the CPU's choice here (PQ128) would stay on the CPU."""
+    import faiss
+    import torch
+
+    from pinsearch.indexes import choose_factory, gpu
+
+    assert choose_factory(1_000_000, 1024, memory_budget=200_000_000) == "IVF4096,PQ128"
+    gpu_codes = {"pq_codes": gpu.GPU_PQ_CODES}
+    assert choose_factory(1_000_000, 1024, memory_budget=200_000_000, **gpu_codes) == (
+        "IVF4096,PQ64"  # 96 does not divide 1024
+    )
+    ngpu = faiss.get_num_gpus()
+    room = 40_000  # bytes of index data per GPU, past FAISS's scratch
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((2 << 30) + room, 80 << 30))
+    x, keys = _clustered(2000, 16, 8, 0), _keys(2000)  # 128 kB of float32
+    cpu = build_index(x, keys, IndexConfig(factory="auto", **CPU))
+    placed = build_index(x, keys, IndexConfig(factory="auto"))
+    assert cpu.factory == "Flat" and not cpu.on_gpu  # half the RAM: raw vectors fit
+    # IVF-Flat needs ~150 kB; with centroids and ids, 2,000 PQ16 codes take ~50 kB (two GPUs'
+    # 80 kB), PQ8 ~34 kB (one GPU's 40 kB)
+    assert placed.factory == ("IVF32,PQ8" if ngpu == 1 else "IVF32,PQ16") and placed.on_gpu
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 256 << 20)  # small ones: CUDA is not asked
+    asked: list = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (0, 0))
+    assert build_index(x, keys, IndexConfig(factory="auto")).factory == "Flat"
+    assert asked == []
