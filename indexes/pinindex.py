@@ -635,9 +635,10 @@ def _place(
 
 
 def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
-    """:func:`choose_factory` for where the index will live: on the GPU(s), their free
-    memory is a budget too, and PQ codes are those FAISS-GPU implements (an ``IVF...,PQ128``
-    would stay on the CPU)."""
+    """:func:`choose_factory` for where the index will live. Bound for the GPU(s), PQ codes
+    are those FAISS-GPU implements (an ``IVF...,PQ128`` would stay on the CPU); under device
+    ``gpu`` their free memory is a budget too. Under ``auto`` an exact or IVF-Flat choice is
+    not traded for PQ codes to fit a GPU: one too big for it stays on the CPU."""
     choice = choose_factory(n, dim, config.metric, config.memory_budget)
     for_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
     if not for_gpu or config.metric == "l1" or n * dim * 4 < gpu_module.ALWAYS_FITS:
@@ -650,6 +651,8 @@ def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
             pq_codes=GPU_PQ_CODES,
         )  # fmt: skip
     except ValueError:  # nothing fits the GPU: placement keeps the CPU's choice there
+        return choice
+    if config.device == "auto" and "PQ" in gpu_choice and "PQ" not in choice:
         return choice
     if gpu_choice != choice:
         _logger.info("index auto on the GPU: %s (the CPU's budget alone: %s)", gpu_choice, choice)

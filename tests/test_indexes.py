@@ -913,8 +913,10 @@ def test_gpu_searches_from_several_threads_take_turns(faiss_gpu_stand_in: list) 
 def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
     faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``auto`` placed on GPUs chooses within their free memory too, and among the PQ codes
-    FAISS-GPU implements: the CPU's choice here (PQ128) would stay on the CPU."""
+    """``auto`` bound for GPUs chooses among the PQ codes FAISS-GPU implements (the CPU's
+    PQ128 would stay on the CPU), and under device gpu within their free memory too."""
+    import dataclasses
+
     import faiss
     import torch
 
@@ -933,11 +935,16 @@ def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((2 << 30) + room, 80 << 30))
     x, keys = _clustered(2000, 16, 8, 0), _keys(2000)  # 128 kB of float32
     cpu = build_index(x, keys, IndexConfig(factory="auto", **CPU))
-    placed = build_index(x, keys, IndexConfig(factory="auto"))
+    auto = build_index(x, keys, IndexConfig(factory="auto"))
+    placed = build_index(x, keys, IndexConfig(factory="auto", device="gpu"))
     assert cpu.factory == "Flat" and not cpu.on_gpu  # half the RAM: raw vectors fit
+    assert auto.factory == "Flat" and not auto.on_gpu  # not traded for PQ codes under auto
     # IVF-Flat needs ~150 kB; with centroids and ids, 2,000 PQ16 codes take ~50 kB (two GPUs'
     # 80 kB), PQ8 ~34 kB (one GPU's 40 kB)
     assert placed.factory == ("IVF32,PQ8" if ngpu == 1 else "IVF32,PQ16") and placed.on_gpu
+    budget = IndexConfig(factory="auto", memory_budget=100_000)  # the CPU's choice is PQ
+    assert build_index(x, keys, dataclasses.replace(budget, **CPU)).factory == "IVF32,PQ16"
+    assert build_index(x, keys, budget).factory == placed.factory  # fits the GPU under auto
     monkeypatch.setattr(gpu, "ALWAYS_FITS", 256 << 20)  # small ones: CUDA is not asked
     asked: list = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (0, 0))
