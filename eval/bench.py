@@ -49,17 +49,17 @@ class Timer:
     """Elapsed seconds of a ``with timed() as t:`` block, in ``t.seconds``."""
 
     seconds: float = 0.0
+    start: float = 0.0  # time.perf_counter() when the block began
 
 
 @contextmanager
 def timed() -> Iterator[Timer]:
     """Context manager measuring wall time."""
-    t = Timer()
-    start = time.perf_counter()
+    t = Timer(start=time.perf_counter())
     try:
         yield t
     finally:
-        t.seconds = time.perf_counter() - start
+        t.seconds = time.perf_counter() - t.start
 
 
 def machine() -> dict[str, Any]:
@@ -120,7 +120,7 @@ class EmbedBench:
     batch_size: int
     workers: int
     end_to_end_images_per_s: float  # the whole run: pipeline start and first batch included
-    steady_images_per_s: float  # after the first batch came out (the rate a large corpus sees)
+    steady_images_per_s: float  # the second half of the files: (n - n/2) / (t(n) - t(n/2))
     first_batch_s: float  # workers started, first batch read, decoded, embedded, handed over
     forward_images_per_s: float
     ratio: float  # steady / forward
@@ -211,9 +211,11 @@ def bench_embed(
     """Embed ``n`` generated JPEGs from disk, then time the bare model on random tensors.
 
     The end-to-end rate covers the whole run, pipeline start included (workers forked, the
-    first batch read, decoded and embedded); the steady rate counts the images after the
-    first batch came out, over the time since: what a large corpus runs at, and what the
-    ratio to the bare forward compares.
+    first batch read, decoded and embedded: ``first_batch_s``). The steady rate is what the
+    second half of the files adds: a second run over the first half only is timed too, and
+    ``(n - n/2) / (t(n) - t(n/2))`` cancels the start and the pipeline's fill (parallel
+    workers hand their first batches over at once) -- what a large corpus runs at, and what
+    the ratio to the bare forward compares.
 
     ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``decode``
     and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s (``compile`` also applies to the
@@ -251,18 +253,22 @@ def bench_embed(
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(items) if items is not None else write_bench_images(Path(tmp), n)
-        warm = files[: min(len(files), batch_size)]
-        sum(len(b.keys) for b in iter_embeddings(model, warm, config))
-        done, first = 0, None
+
+        def embed(part: Sequence[tuple[int, str]]) -> int:
+            return sum(len(b.keys) for b in iter_embeddings(model, part, config))
+
+        embed(files[:batch_size])  # warm-up
+        done, first_at = 0, 0.0
         with timed() as t:
-            start = time.perf_counter()
             for batch in iter_embeddings(model, files, config):
+                first_at = first_at or time.perf_counter()
                 done += len(batch.keys)
-                first = first or (time.perf_counter() - start, done)
+        first_s = first_at - t.start if first_at else t.seconds
+        with timed() as t_half:
+            half = embed(files[: len(files) // 2])
     e2e = done / t.seconds
-    first_s, first_n = first or (t.seconds, done)
-    # one batch only: no steady state to speak of, the whole run stands for it
-    steady = (done - first_n) / (t.seconds - first_s) if done > first_n else e2e
+    added = t.seconds - t_half.seconds
+    steady = (done - half) / added if done > half and added > 0 else e2e
     n = len(files)
     size = model.preprocess.input_size
     x = torch.randn(batch_size, 3, size, size, device=dev)

@@ -33,7 +33,8 @@ GPU_PQ_CODES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64,
 _GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
 _SHARED_MEMORY = 48 * 1024
 _RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
-#: FAISS-GPU's resources take one search at a time, and all GPU indexes share them
+#: FAISS-GPU's resources take one call at a time, and all GPU indexes share them: searches,
+#: adds, training and copies to and from the GPU hold this lock
 GPU_LOCK = threading.RLock()
 # StandardGpuResources' default temporary memory on a large GPU (1.5 GiB), plus headroom
 _FAISS_SCRATCH = 2 << 30
@@ -206,19 +207,20 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
     n = gpu_count()
     if n == 0:
         raise DeviceError("no GPU visible to faiss; install faiss-gpu and check CUDA")
-    if n == 1:
-        global _RESOURCES
-        co = _classic_kernels(faiss.GpuClonerOptions())
+    with GPU_LOCK:
+        if n == 1:
+            global _RESOURCES
+            co = _classic_kernels(faiss.GpuClonerOptions())
+            co.useFloat16 = fp16
+            if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle per process
+                _RESOURCES = faiss.StandardGpuResources()
+            # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
+            # attributes; the module keeps the resources alive)
+            return faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
+        co = _classic_kernels(faiss.GpuMultipleClonerOptions())
+        co.shard = True
         co.useFloat16 = fp16
-        if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle, not one per index
-            _RESOURCES = faiss.StandardGpuResources()
-        # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
-        # attributes; the module keeps the resources alive)
-        return faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
-    co = _classic_kernels(faiss.GpuMultipleClonerOptions())
-    co.shard = True
-    co.useFloat16 = fp16
-    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+        return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
 
 
 def _classic_kernels(options: Any) -> Any:
@@ -233,4 +235,5 @@ def to_cpu(index: Any) -> Any:
     """A CPU copy of a GPU index."""
     import faiss
 
-    return faiss.index_gpu_to_cpu(index)
+    with GPU_LOCK:
+        return faiss.index_gpu_to_cpu(index)

@@ -164,7 +164,9 @@ class PinIndex:
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
         for start in range(0, len(keys), batch):
-            self.index.add(self.prepare(vectors[start : start + batch]))
+            part = self.prepare(vectors[start : start + batch])
+            with self._gpu_turn():
+                self.index.add(part)
         self._cpu = None
         self._order = None
         self._exact = None
@@ -244,15 +246,24 @@ class PinIndex:
         return _search_params(self.index, self.config, selector)
 
     def search(
-        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed: np.ndarray | None = None,
+        *,
+        host_copy: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search ``k`` neighbours of each query (from any thread: searches of a GPU index
-        take turns).
+        """Search ``k`` neighbours of each query (from any thread: calls into FAISS-GPU take
+        turns).
 
         Args:
             queries: (nq, dim) vectors (normalised here when the metric is cosine).
             k: neighbours per query.
             allowed: if given, only these pin keys may be returned.
+            host_copy: a GPU index may answer a filter its GPU copy cannot (one too rare for
+                its 2,048-deep answer) from a CPU copy, made once and kept (host memory for
+                the whole index). False: rows the GPU copy leaves short of ``k`` allowed hits
+                are returned short (-1), for callers that fill them otherwise.
 
         Returns:
             ``(scores, keys)``, each (nq, k); missing results have key -1 and score NaN.
@@ -264,14 +275,16 @@ class PinIndex:
         k_eff = min(k, self.ntotal)
         if k_eff == 0:
             return _empty(len(q), k)
-        # one GPU search at a time: FAISS-GPU's shared resources are not thread-safe, and a
-        # search filling short IVF answers raises the GPU copy's nprobe while it runs
-        with GPU_LOCK if self.on_gpu else contextlib.nullcontext():
-            if allowed is None:
-                d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
-            else:
-                d, pos = self._filtered_search(q, k_eff, allowed)
+        if allowed is None:
+            d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
+        else:
+            d, pos = self._filtered_search(q, k_eff, allowed, host_copy)
         return self._to_keys(d, pos, k)
+
+    def _gpu_turn(self) -> Any:
+        """The process's GPU lock while this index lives on the GPU: FAISS-GPU's shared
+        resources take one call at a time (a no-op for CPU indexes, searched concurrently)."""
+        return GPU_LOCK if self.on_gpu else contextlib.nullcontext()
 
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
         if self.reduced_precision:
@@ -279,7 +292,8 @@ class PinIndex:
         if self.on_gpu and k > GPU_MAX_NPROBE:  # the same limit holds for k
             cpu = self.cpu_index()
             return cpu.search(q, k, params=_search_params(cpu, self.config))
-        return self.index.search(q, k, params=params)
+        with self._gpu_turn():
+            return self.index.search(q, k, params=params)
 
     def _deepen(
         self, q: np.ndarray, d: np.ndarray, pos: np.ndarray
@@ -303,14 +317,15 @@ class PinIndex:
 
             nprobe = placed = min(nprobe, GPU_MAX_NPROBE)
             space, limit = faiss.GpuParameterSpace(), min(nlist, GPU_MAX_NPROBE)
-            try:
-                while short.size and nprobe < limit:
-                    nprobe = min(nprobe * 4, limit)
-                    space.set_index_parameter(self.index, "nprobe", nprobe)
-                    d[short], pos[short] = self.index.search(q[short], k)
-                    short = short[(pos[short] < 0).any(axis=1)]
-            finally:
-                space.set_index_parameter(self.index, "nprobe", placed)
+            with GPU_LOCK:  # the raised nprobe is seen by no other search
+                try:
+                    while short.size and nprobe < limit:
+                        nprobe = min(nprobe * 4, limit)
+                        space.set_index_parameter(self.index, "nprobe", nprobe)
+                        d[short], pos[short] = self.index.search(q[short], k)
+                        short = short[(pos[short] < 0).any(axis=1)]
+                finally:
+                    space.set_index_parameter(self.index, "nprobe", placed)
         if short.size == 0:
             return d, pos
         cpu = self.cpu_index()  # past the GPU's nprobe limit: the CPU copy
@@ -322,7 +337,7 @@ class PinIndex:
         return d, pos
 
     def _filtered_search(
-        self, q: np.ndarray, k: int, allowed: np.ndarray
+        self, q: np.ndarray, k: int, allowed: np.ndarray, host_copy: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
@@ -341,9 +356,9 @@ class PinIndex:
             # FAISS-GPU takes no id selector. While the filter's share of the index lets the
             # GPU's deepest answer (k <= 2,048) hold k allowed hits, search there and keep
             # them (the first k allowed of a ranking are the filtered top k); else the CPU copy.
-            if self._gpu_answer_holds(k, positions.size):
+            if not host_copy or self._gpu_answer_holds(k, positions.size):
                 d, pos = self._post_filtered_search(q, k, bitmap, max_depth=GPU_MAX_NPROBE)
-                if (pos >= 0).all():
+                if not host_copy or (pos >= 0).all():
                     return d, pos
             target = replace(self, index=self.cpu_index(), on_gpu=False)
         packed = np.packbits(bitmap, bitorder="little")
@@ -393,7 +408,8 @@ class PinIndex:
         share = max(int(bitmap.sum()), 1) / self.ntotal
         depth = min(deepest, max(4 * k, int(2 * k / share)))
         while True:
-            d, pos = self.index.search(q, depth, params=params)
+            with self._gpu_turn():
+                d, pos = self.index.search(q, depth, params=params)
             keep = (pos >= 0) & bitmap[np.clip(pos, 0, None)]
             if depth >= deepest or (keep.sum(axis=1) >= k).all():
                 break
@@ -697,7 +713,8 @@ def build_index(
         rng = np.random.default_rng(config.seed)
         sample = x if n <= config.max_train else x[np.sort(rng.choice(n, config.max_train, False))]
         try:
-            index.train(pin_index.prepare(sample))
+            with pin_index._gpu_turn():
+                index.train(pin_index.prepare(sample))
         except RuntimeError as exc:
             raise ValueError(
                 f"FAISS cannot train index {factory!r} on {len(sample)} vectors: "

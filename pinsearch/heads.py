@@ -203,6 +203,11 @@ class KNNHead(_Head):
         X, y = validate_data(self, X, y, dtype=np.float32)
         if self.weights not in ("uniform", "distance"):
             raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
+        if self.weights == "distance" and self.metric == "ip":
+            raise ValueError(
+                "weights='distance' needs a distance, and metric 'ip' has none (1 - an inner "
+                "product past 1 would weigh negatively): use cosine, l2 or l1"
+            )
         if not 1 <= self.n_neighbors <= len(X):
             raise ValueError(
                 f"n_neighbors={self.n_neighbors} must be between 1 and the number of "

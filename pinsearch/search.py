@@ -108,7 +108,7 @@ def store_backbone(store: Store, backbone: str) -> Any:
 
 
 _NO_KEYS = np.empty(0, np.int64)
-EXACT_FILTER_ROWS = 1 << 16  # filters scanned exactly rather than copying a GPU index
+EXACT_FILTER_BYTES = 64 << 20  # filters scanned exactly rather than copying a GPU index
 
 
 def _py(value: Any) -> Any:
@@ -326,33 +326,35 @@ class PinSearcher:
         """Index search with an optional allow-list of pin keys, topped up to ``k`` exactly.
 
         An approximate index (IVF, HNSW) may return fewer than ``k`` allowed hits; the query
-        is then answered by exact search over the allowed pins' stored vectors. So is a filter
-        of at most 65,536 pins too rare for a GPU index's own filtered search (which would copy
-        the whole index to host memory, and keep it there, for a CPU search with a selector).
+        is then answered by exact search over the allowed pins' stored vectors. On a GPU index
+        so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024 dims) that its GPU copy
+        cannot answer (one too rare for its 2,048-deep answer): the index would otherwise be
+        copied whole to host memory, and kept there, for a CPU search with a selector.
+        Only pins the index holds are returned.
         """
-        if (
-            allowed is not None
-            and len(allowed) <= EXACT_FILTER_ROWS
-            and self.index.filter_copies_to_cpu(k, allowed)
-        ):
-            return self._exact_allowed(vectors, k, allowed)
-        scores, keys = self.index.search(vectors, k, allowed=allowed)
+        vectors = self.index.prepare(vectors)  # dimension checked on every path
         if allowed is None:
-            return scores, keys
-        want = min(k, len(allowed))
-        if (keys[:, :want] >= 0).all():
+            return self.index.search(vectors, k)
+        allowed = self.index.ids[self.index.positions_of(np.unique(allowed))]
+        small = self.index.on_gpu and len(allowed) * 4 * self.index.dim <= EXACT_FILTER_BYTES
+        if small and self.index.filter_copies_to_cpu(k, allowed):
+            return self._exact_allowed(vectors, k, allowed)
+        scores, keys = self.index.search(vectors, k, allowed=allowed, host_copy=not small)
+        if (keys[:, : min(k, len(allowed))] >= 0).all():
             return scores, keys
         return self._exact_allowed(vectors, k, allowed)
 
     def _exact_allowed(
         self, vectors: np.ndarray, k: int, allowed: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top ``k`` among the allowed pins, from their stored vectors."""
-        want = min(k, len(allowed))
+        """Exact top ``k`` among the allowed pins (keys the index holds, each once), from
+        their stored vectors."""
         sub_vecs, sub_keys = self.store.vectors(self.backbone).load(allowed)
-        d, pos = exact_search(vectors, sub_vecs, want, self.index.config.metric)
         out_s = np.full((len(vectors), k), np.nan, np.float32)
         out_k = np.full((len(vectors), k), -1, np.int64)
+        if len(sub_keys) == 0:
+            return out_s, out_k
+        d, pos = exact_search(vectors, sub_vecs, min(k, len(sub_keys)), self.index.config.metric)
         out_s[:, : d.shape[1]] = d
         out_k[:, : d.shape[1]] = np.where(pos >= 0, sub_keys[np.clip(pos, 0, None)], -1)
         return out_s, out_k

@@ -180,7 +180,7 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert one["backbone"] == "test_efficientnet" and one["images"] == 20  # type: ignore[index]
     assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
-    # 3 batches: the steady rate counts the 12 images after the first 8, over the time since
+    # steady: the 10 images the second half of the files adds, over the time they add
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]
     steady, forward = one["steady_images_per_s"], one["forward_images_per_s"]  # type: ignore[index]
     assert one["ratio"] == pytest.approx(steady / forward, rel=0.02)  # type: ignore[index]

@@ -207,3 +207,5 @@ def test_cosine_duplicates_decide_their_own_vote() -> None:
     assert (head.index_.search(X, 1)[0] > 1).any()  # the rounding this is about, here
     assert dist.min() >= 0
     np.testing.assert_array_equal(head.predict(X), y)
+    with pytest.raises(ValueError, match="'ip' has none"):  # 1 - ip is no distance
+        KNNHead(weights="distance", metric="ip", device="cpu").fit(X, y)

@@ -360,3 +360,58 @@ def test_rare_filters_on_a_gpu_index_scan_the_allowed_vectors(
         assert searcher.index._cpu is None  # the old path copied the index to the CPU here
         common = np.array(list(rows))  # every pin allowed: the GPU copy answers it
         assert not searcher.index.filter_copies_to_cpu(3, common)
+
+
+def test_gpu_filters_short_in_the_gpu_copy_are_filled_without_a_host_copy(
+    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filter whose share promises k hits in the GPU copy's deepest answer may still find
+    fewer there (pins far from the query): the rows are filled exactly from the stored
+    vectors, still without a host copy of the index."""
+    from pinsearch.indexes import pinindex
+
+    monkeypatch.setattr(pinindex, "GPU_MAX_NPROBE", 12)  # 24 pins: as deep as 2,048 of 1M
+    with Store.open(store_copy) as store:
+        store.build_index(BACKBONE, IndexConfig(factory="Flat"), name="gpu")
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store, index="gpu")
+        vectors = _vectors_by_id(store)
+        rows = list(store.catalog.pins_by_key(list(range(24))).items())
+        short = 0
+        for board in sorted({r["board"] for _, r in rows}):
+            allowed = np.array([key for key, r in rows if r["board"] == board])  # 4 of 24
+            assert not searcher.index.filter_copies_to_cpu(1, allowed)  # predicted to hold
+            members = [r["pin_id"] for _, r in rows if r["board"] == board]
+            for _, r in rows:
+                if r["board"] == board:
+                    continue
+                query = vectors[r["pin_id"]][None]
+                _, gpu_only = searcher.index.search(query, 1, allowed=allowed, host_copy=False)
+                short += int(gpu_only[0, 0] < 0)
+                hit = searcher.similar_to_vector(vectors[r["pin_id"]], k=1, board=board).hits
+                _, pos = exact_search(query, np.stack([vectors[m] for m in members]), 1, "cosine")
+                assert hit[0].pin_id == members[pos[0, 0]]
+        assert short > 0  # so the filling path ran
+        assert searcher.index._cpu is None
+
+
+def test_filtered_searches_check_the_query_and_return_indexed_pins_once(
+    store_copy: Path,
+) -> None:
+    from pinsearch.errors import BackboneMismatchError
+
+    with Store.open(store_copy) as store:
+        store.build_index(
+            BACKBONE, IndexConfig(factory="IVF4,Flat", nprobe=1, device="cpu"), name="ivf"
+        )
+    with Store.open(store_copy, read_only=True) as store:
+        searcher = PinSearcher(store, index="ivf")
+        some = searcher.index.ids[:6]
+        with pytest.raises(BackboneMismatchError, match="dim 16"):
+            searcher.search_keys(np.ones((1, 16), np.float32), 3, allowed=some)
+        # duplicated keys and keys the index does not hold: each indexed pin once
+        allowed = np.concatenate([some, some, [10**9]])
+        query = store.vectors(BACKBONE).load(some[:1])[0]
+        _, keys = searcher.search_keys(query, 10, allowed=allowed)
+        found = keys[0][keys[0] >= 0]
+        assert sorted(found.tolist()) == sorted(some.tolist())
