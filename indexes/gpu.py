@@ -16,6 +16,7 @@ __all__ = [
     "gpu_count",
     "gpu_float16",
     "gpu_index_bytes",
+    "gpu_parts",
     "gpu_room",
     "gpu_settings",
     "ivf_of",
@@ -117,11 +118,11 @@ def gpu_index_bytes(index: Any, fp16: bool = False, n: int | None = None) -> int
     its vectors or codes (IVF-Flat stores float32 there whatever ``fp16`` says), 8-byte ids
     of IVF lists, and the coarse centroids; with ``n`` vectors (default: what it holds; an
     index about to be built is placed empty)."""
-    data, centroids = _gpu_parts(index, fp16, n)
+    data, centroids = gpu_parts(index, fp16, n)
     return data + centroids
 
 
-def _gpu_parts(index: Any, fp16: bool, n: int | None) -> tuple[int, int]:
+def gpu_parts(index: Any, fp16: bool, n: int | None) -> tuple[int, int]:
     """``(bytes split between shards, bytes every GPU holds: the coarse centroids)``."""
     import faiss
 
@@ -159,7 +160,7 @@ def gpu_room(index: Any, fp16: bool = False, n_vectors: int | None = None) -> st
     n = gpu_count()
     if n == 0:
         return None
-    data, centroids = _gpu_parts(index, fp16, n_vectors)
+    data, centroids = gpu_parts(index, fp16, n_vectors)
     per_gpu = -(-data // n) + centroids + _FAISS_SCRATCH
     if per_gpu - _FAISS_SCRATCH < ALWAYS_FITS:  # not worth starting CUDA in torch to ask
         return None

@@ -233,7 +233,8 @@ class PinIndex:
         self._order = self._exact = None
         # whole on the CPU first: the old GPU copy is freed before the new one is placed (its
         # memory counts as free again), and a placement that fails leaves a usable index
-        was_gpu, self.index, self.on_gpu, self._cpu = self.on_gpu, cpu, False, None
+        with self._gpu_turn():  # the GPU copy is freed here: FAISS-GPU's resources are shared
+            was_gpu, self.index, self.on_gpu, self._cpu = self.on_gpu, cpu, False, None
         if was_gpu:
             self.index, self.on_gpu = _place(cpu, self.config, self.factory)
             self._cpu = cpu if self.on_gpu else None
@@ -458,12 +459,13 @@ class PinIndex:
         return np.sort(order[at[hit]])
 
     def cpu_index(self) -> Any:
-        """The index on the CPU (a copy when it lives on the GPU)."""
+        """The index on the CPU (a copy when it lives on the GPU, made once)."""
         if not self.on_gpu:
             return self.index
-        if self._cpu is None:
-            self._cpu = to_cpu(self.index)
-        return self._cpu
+        with GPU_LOCK:  # threads asking at once share one copy
+            if self._cpu is None:
+                self._cpu = to_cpu(self.index)
+            return self._cpu
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description saved beside the index."""
@@ -652,26 +654,32 @@ def _place(
 
 def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
     """:func:`choose_factory` for where the index will live. Bound for the GPU(s), PQ codes
-    are those FAISS-GPU implements (an ``IVF...,PQ128`` would stay on the CPU); under device
-    ``gpu`` their free memory is a budget too. Under ``auto`` an exact or IVF-Flat choice is
-    not traded for PQ codes to fit a GPU: one too big for it stays on the CPU."""
+    are those FAISS-GPU implements (an ``IVF...,PQ128`` would stay on the CPU). Under device
+    ``gpu`` the choice must also fit the GPUs' free memory, as :func:`gpu_room` judges it
+    (each candidate checked, the next one smaller); under ``auto`` the budget stays the
+    machine's (no index is traded for a smaller one to fit a busy GPU: placement keeps one too
+    big for it on the CPU)."""
     choice = choose_factory(n, dim, config.metric, config.memory_budget)
     for_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
-    if not for_gpu or config.metric == "l1" or n * dim * 4 < gpu_module.ALWAYS_FITS:
-        return choice  # the small ones fit any GPU: no need to start CUDA to ask
+    if not for_gpu or config.metric == "l1":
+        return choice
+    import faiss
+
     budget = config.memory_budget or default_memory_budget()
-    room = gpu_budget()
-    try:
-        gpu_choice = choose_factory(
-            n, dim, config.metric, budget if room is None else min(budget, room),
-            pq_codes=GPU_PQ_CODES,
-        )  # fmt: skip
-    except ValueError:  # nothing fits the GPU: placement keeps the CPU's choice there
-        return choice
-    if config.device == "auto" and "PQ" in gpu_choice and "PQ" not in choice:
-        return choice
+    if config.device == "gpu" and n * dim * 4 >= gpu_module.ALWAYS_FITS:
+        room = gpu_budget()  # (small indexes fit any GPU: no need to start CUDA to ask)
+        budget = budget if room is None else min(budget, room)
+    while True:
+        try:
+            gpu_choice = choose_factory(n, dim, config.metric, budget, pq_codes=GPU_PQ_CODES)
+        except ValueError:  # nothing fits the GPU: placement says so (device gpu)
+            return choice
+        probe = faiss.index_factory(dim, gpu_choice, faiss_metric(config.metric))
+        if config.device != "gpu" or gpu_room(probe, config.fp16, n_vectors=n) is None:
+            break
+        budget = sum(gpu_module.gpu_parts(probe, config.fp16, n)) - 1  # the next one smaller
     if gpu_choice != choice:
-        _logger.info("index auto on the GPU: %s (the CPU's budget alone: %s)", gpu_choice, choice)
+        _logger.info("index auto on the GPU: %s (on the CPU it would be %s)", gpu_choice, choice)
     return gpu_choice
 
 

@@ -147,6 +147,8 @@ def unbatchable_reason(
             return "an approximate index (factory other than Flat) may find other neighbours for k"
         if any(w not in ("uniform", "distance") for w in values("weights", "uniform")):
             return "unknown KNN weights"
+        if "distance" in values("weights", "uniform") and "ip" in values("metric", "l2"):
+            return "distance weights with metric ip (the head refuses them: no distance)"
         if not all(isinstance(k, (int, np.integer)) for k in values("n_neighbors", 5)):
             return "n_neighbors must be integers"
     if head == "lsvm" and "liblinear" in values("solver", "auto"):

@@ -179,6 +179,17 @@ def test_what_is_batchable() -> None:
     assert "scoring" in str(unbatchable_reason("lsvm", {"C": [1]}, scoring="roc_auc_ovr"))
     assert "not parameters" in str(unbatchable_reason("lsvm", {"gamma": [1]}))
     assert "device" in str(unbatchable_reason("mlp", {"device": ["cpu", "cuda"]}))
+    ip_distance = {"metric": ["ip"], "weights": ["uniform", "distance"]}
+    assert "metric ip" in str(unbatchable_reason("knn", ip_distance))
+
+
+def test_candidates_the_head_refuses_are_errors_naming_them() -> None:
+    # (not scored: the batched path would have voted with negative weights; scikit-learn's
+    # grid runs them, with error_score="raise" like every search here)
+    X, y = _data(300, 16, 3)
+    grid = {"metric": ["ip"], "weights": ["uniform", "distance"]}
+    with pytest.raises(ValueError, match="'ip' has none"):
+        batched_grid_search("knn", {"device": "cpu"}, grid, X, y, _cv())
 
 
 def test_unbatchable_searches_fall_back_to_gridsearchcv() -> None:

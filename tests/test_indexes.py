@@ -890,7 +890,9 @@ def test_small_gpu_indexes_are_placed_without_asking_cuda(
     assert build_index(x, keys, IndexConfig(factory="Flat", metric="l2")).on_gpu
 
 
-def test_gpu_searches_from_several_threads_take_turns(faiss_gpu_stand_in: list) -> None:
+def test_gpu_searches_from_several_threads_take_turns(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Searches filling short IVF answers raise the GPU copy's nprobe while they run: from
     several threads at once each answers as it would alone, and nprobe ends where it was."""
     from concurrent.futures import ThreadPoolExecutor
@@ -908,45 +910,64 @@ def test_gpu_searches_from_several_threads_take_turns(faiss_gpu_stand_in: list) 
         np.testing.assert_array_equal(a, b)
         assert (b >= 0).all()
     assert faiss.extract_index_ivf(placed.index).nprobe == 1
+    # rare filters answered from the CPU copy: threads asking at once share one copy
+    copies: list = []
+    clone = faiss.index_gpu_to_cpu
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda i: copies.append(1) or clone(i))
+    placed._cpu = None
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda q: placed.search(q, 3, allowed=keys[:2])[1], queries))
+    assert len(copies) == 1 and all(np.isin(f, [*keys[:2], -1]).all() for f in found)
 
 
 def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
     faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``auto`` bound for GPUs chooses among the PQ codes FAISS-GPU implements (the CPU's
-    PQ128 would stay on the CPU), and under device gpu within their free memory too."""
-    import dataclasses
-
+    PQ128 would stay on the CPU); under device gpu within their free memory too, as placement
+    judges it (centroids on every shard), and under device auto not at all."""
     import faiss
     import torch
 
     from pinsearch.indexes import choose_factory, gpu
+    from pinsearch.indexes.pinindex import _auto_factory
 
     assert choose_factory(1_000_000, 1024, memory_budget=200_000_000) == "IVF4096,PQ128"
     gpu_codes = {"pq_codes": gpu.GPU_PQ_CODES}
     assert choose_factory(1_000_000, 1024, memory_budget=200_000_000, **gpu_codes) == (
         "IVF4096,PQ64"  # 96 does not divide 1024
     )
+    # small: CUDA is not asked, and the GPU's codes still apply (PQ128 stayed on the CPU)
+    asked: list = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (0, 0))
+    for device, want in (("cpu", "IVF32,PQ128"), ("gpu", "IVF32,PQ64"), ("auto", "IVF32,PQ64")):
+        config = IndexConfig(factory="auto", device=device, memory_budget=600_000)  # type: ignore[arg-type]
+        assert _auto_factory(2000, 128, config) == want
+    assert asked == []
     ngpu = faiss.get_num_gpus()
-    room = 40_000  # bytes of index data per GPU, past FAISS's scratch
     monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((2 << 30) + room, 80 << 30))
+
+    def spare(room: int) -> None:  # bytes free past FAISS's scratch on each GPU
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ((2 << 30) + room, 80 << 30))
+
     x, keys = _clustered(2000, 16, 8, 0), _keys(2000)  # 128 kB of float32
+    spare(40_000)
     cpu = build_index(x, keys, IndexConfig(factory="auto", **CPU))
     auto = build_index(x, keys, IndexConfig(factory="auto"))
     placed = build_index(x, keys, IndexConfig(factory="auto", device="gpu"))
     assert cpu.factory == "Flat" and not cpu.on_gpu  # half the RAM: raw vectors fit
-    assert auto.factory == "Flat" and not auto.on_gpu  # not traded for PQ codes under auto
+    assert auto.factory == "Flat" and not auto.on_gpu  # not traded to fit a busy GPU
     # IVF-Flat needs ~150 kB; with centroids and ids, 2,000 PQ16 codes take ~50 kB (two GPUs'
     # 80 kB), PQ8 ~34 kB (one GPU's 40 kB)
     assert placed.factory == ("IVF32,PQ8" if ngpu == 1 else "IVF32,PQ16") and placed.on_gpu
-    budget = IndexConfig(factory="auto", memory_budget=100_000)  # the CPU's choice is PQ
-    assert build_index(x, keys, dataclasses.replace(budget, **CPU)).factory == "IVF32,PQ16"
-    assert build_index(x, keys, budget).factory == placed.factory  # fits the GPU under auto
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 256 << 20)  # small ones: CUDA is not asked
-    asked: list = []
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: asked.append(i) or (0, 0))
-    assert build_index(x, keys, IndexConfig(factory="auto")).factory == "Flat"
-    assert asked == []
+    spare(25_500)  # PQ16 fits the sum of two GPUs' room, not the shard plus its centroids
+    if ngpu == 1:  # not even PQ4 fits one GPU: device gpu says so
+        with pytest.raises(DeviceError, match="does not fit the GPU"):
+            build_index(x, keys, IndexConfig(factory="auto", device="gpu"))
+    else:
+        built = build_index(x, keys, IndexConfig(factory="auto", device="gpu"))
+        assert built.factory == "IVF32,PQ8" and built.on_gpu
+    budget = IndexConfig(factory="auto", memory_budget=100_000)  # the CPU's choice is PQ16
+    assert build_index(x, keys, budget).factory == "IVF32,PQ16"  # under auto, whatever room
