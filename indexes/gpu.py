@@ -12,7 +12,6 @@ __all__ = [
     "GPU_LOCK",
     "GPU_MAX_NPROBE",
     "GPU_PQ_CODES",
-    "gpu_budget",
     "gpu_count",
     "gpu_float16",
     "gpu_index_bytes",
@@ -175,17 +174,6 @@ def gpu_room(index: Any, fp16: bool = False, n_vectors: int | None = None) -> st
         f"it needs ~{per_gpu / 2**30:.1f} GiB on {where} (with FAISS's scratch memory), "
         f"{room / 2**30:.1f} GiB is free"
     )
-
-
-def gpu_budget() -> int | None:
-    """Bytes of index data the GPUs FAISS would use can take now (shards split an index
-    evenly: the count times the least free memory, less FAISS's scratch on each), or None when
-    CUDA cannot say."""
-    n = gpu_count()
-    free = gpu_free_bytes() if n else None
-    if not free:
-        return None
-    return n * max(min(free[:n]) - _FAISS_SCRATCH, 0)
 
 
 def gpu_count() -> int:

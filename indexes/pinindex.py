@@ -23,14 +23,13 @@ import numpy as np
 
 from pinsearch._version import __version__
 from pinsearch.errors import BackboneMismatchError, DeviceError, IndexFileError
-from pinsearch.indexes import gpu as gpu_module
 from pinsearch.indexes.exact import TorchExact
 from pinsearch.indexes.gpu import (
     GPU_LOCK,
     GPU_MAX_NPROBE,
     GPU_PQ_CODES,
-    gpu_budget,
     gpu_count,
+    gpu_parts,
     gpu_room,
     gpu_settings,
     ivf_of,
@@ -379,17 +378,17 @@ class PinIndex:
         to hold ``k`` of ``n_allowed`` allowed pins (twice their share's expectation)."""
         return max(4 * k, 2 * k * self.ntotal // max(n_allowed, 1)) <= GPU_MAX_NPROBE
 
-    def filter_copies_to_cpu(self, k: int, allowed: np.ndarray) -> bool:
-        """Whether a search for ``k`` hits among the ``allowed`` pin keys would make (or
-        use) a CPU copy of this GPU index: FAISS-GPU takes no id selector, and the filter is
-        too rare for the GPU copy's deepest answer. Callers holding the pins' vectors can
-        scan the allowed ones exactly instead (:class:`pinsearch.search.PinSearcher` does)."""
-        if not self.on_gpu or (
-            self.reduced_precision and self._exact_engine().device.type != "cpu"
-        ):
-            return False
-        n = self.positions_of(allowed).size
-        return n > 0 and not self._gpu_answer_holds(min(k, n, self.ntotal), n)
+    def filter_copies_to_cpu(self, k: int, n_allowed: int) -> bool:
+        """Whether a search for ``k`` hits among ``n_allowed`` pins this index holds would
+        make (or use) a CPU copy of it: it lives on the GPU, FAISS-GPU takes no id selector,
+        and the filter is too rare for the GPU copy's deepest answer. Callers holding the pins'
+        vectors can scan the allowed ones exactly instead (:class:`pinsearch.search.PinSearcher`
+        does). (16-bit scans are never placed with FAISS: they filter by a mask.)"""
+        return (
+            self.on_gpu
+            and n_allowed > 0
+            and not self._gpu_answer_holds(min(k, n_allowed), n_allowed)
+        )
 
     def _post_filtered_search(
         self, q: np.ndarray, k: int, bitmap: np.ndarray, max_depth: int | None = None
@@ -666,18 +665,18 @@ def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
     import faiss
 
     budget = config.memory_budget or default_memory_budget()
-    if config.device == "gpu" and n * dim * 4 >= gpu_module.ALWAYS_FITS:
-        room = gpu_budget()  # (small indexes fit any GPU: no need to start CUDA to ask)
-        budget = budget if room is None else min(budget, room)
     while True:
         try:
             gpu_choice = choose_factory(n, dim, config.metric, budget, pq_codes=GPU_PQ_CODES)
         except ValueError:  # nothing fits the GPU: placement says so (device gpu)
             return choice
-        probe = faiss.index_factory(dim, gpu_choice, faiss_metric(config.metric))
-        if config.device != "gpu" or gpu_room(probe, config.fp16, n_vectors=n) is None:
+        if config.device != "gpu":
             break
-        budget = sum(gpu_module.gpu_parts(probe, config.fp16, n)) - 1  # the next one smaller
+        # the placement's own judgement (which asks CUDA only about indexes worth it)
+        probe = faiss.index_factory(dim, gpu_choice, faiss_metric(config.metric))
+        if gpu_room(probe, config.fp16, n_vectors=n) is None:
+            break
+        budget = sum(gpu_parts(probe, config.fp16, n)) - 1  # the next one smaller
     if gpu_choice != choice:
         _logger.info("index auto on the GPU: %s (on the CPU it would be %s)", gpu_choice, choice)
     return gpu_choice

@@ -145,8 +145,7 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
             "warning", f"vectors {name}", "count",
             f"embedding run says {run['count']} vectors, the parts hold {len(allk)}",
         )  # fmt: skip
-    orphans = store.vectors(name).unrecorded_files()
-    retired = set(store.vectors(name).retired())
+    orphans, retired = vs.unrecorded_files(), set(vs.retired())
     kept = [f for f in orphans if f in retired]  # for readers of the previous snapshot
     if kept:
         report.checked["retired_vector_files"] = report.checked.get(

@@ -337,7 +337,7 @@ class PinSearcher:
             return self.index.search(vectors, k)
         allowed = self.index.ids[self.index.positions_of(np.unique(allowed))]
         small = self.index.on_gpu and len(allowed) * 4 * self.index.dim <= EXACT_FILTER_BYTES
-        if small and self.index.filter_copies_to_cpu(k, allowed):
+        if small and self.index.filter_copies_to_cpu(k, len(allowed)):
             return self._exact_allowed(vectors, k, allowed)
         scores, keys = self.index.search(vectors, k, allowed=allowed, host_copy=not small)
         if (keys[:, : min(k, len(allowed))] >= 0).all():

@@ -351,7 +351,7 @@ def test_rare_filters_on_a_gpu_index_scan_the_allowed_vectors(
         for cat in sorted({r["category"] for r in rows.values()}):
             members = sorted(r["pin_id"] for r in rows.values() if r["category"] == cat)
             allowed = np.array([k for k, r in rows.items() if r["category"] == cat])
-            assert searcher.index.filter_copies_to_cpu(3, allowed)
+            assert searcher.index.filter_copies_to_cpu(3, len(allowed))
             result = searcher.similar_to_pin(members[0], k=3, category=cat)
             others = np.stack([vectors[m] for m in members[1:]])
             d, pos = exact_search(vectors[members[0]][None], others, 3, "cosine")
@@ -359,7 +359,7 @@ def test_rare_filters_on_a_gpu_index_scan_the_allowed_vectors(
             np.testing.assert_allclose([h.score for h in result.hits], d[0], rtol=1e-5)
         assert searcher.index._cpu is None  # the old path copied the index to the CPU here
         common = np.array(list(rows))  # every pin allowed: the GPU copy answers it
-        assert not searcher.index.filter_copies_to_cpu(3, common)
+        assert not searcher.index.filter_copies_to_cpu(3, len(common))
 
 
 def test_gpu_filters_short_in_the_gpu_copy_are_filled_without_a_host_copy(
@@ -380,7 +380,7 @@ def test_gpu_filters_short_in_the_gpu_copy_are_filled_without_a_host_copy(
         short = 0
         for board in sorted({r["board"] for _, r in rows}):
             allowed = np.array([key for key, r in rows if r["board"] == board])  # 4 of 24
-            assert not searcher.index.filter_copies_to_cpu(1, allowed)  # predicted to hold
+            assert not searcher.index.filter_copies_to_cpu(1, len(allowed))  # predicted to hold
             members = [r["pin_id"] for _, r in rows if r["board"] == board]
             for _, r in rows:
                 if r["board"] == board:
