@@ -281,6 +281,14 @@ class PinIndex:
             d, pos = self._filtered_search(q, k_eff, allowed, host_copy)
         return self._to_keys(d, pos, k)
 
+    def __del__(self) -> None:
+        # A FAISS-GPU index frees its memory through the shared resources too: whichever
+        # thread collects this object drops the GPU copy under the GPU lock (the last holder
+        # frees it; a shutting-down interpreter may already have lost the lock).
+        if self.__dict__.get("on_gpu"):
+            with contextlib.suppress(Exception), GPU_LOCK:
+                self.index = None
+
     def _gpu_turn(self) -> Any:
         """The process's GPU lock while this index lives on the GPU: FAISS-GPU's shared
         resources take one call at a time (a no-op for CPU indexes, searched concurrently)."""

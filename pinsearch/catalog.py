@@ -98,6 +98,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     seconds DOUBLE,
     images_per_s DOUBLE,
     device VARCHAR,
+    amp BOOLEAN,                    -- the latest vectors came from bf16 autocast (on CUDA)
     pinsearch_version VARCHAR,
     created TIMESTAMP,
     updated TIMESTAMP
@@ -168,6 +169,7 @@ class Catalog:
             self._con.execute(
                 "ALTER TABLE vector_parts ADD COLUMN IF NOT EXISTS keys_sha256 VARCHAR"
             )
+            self._con.execute("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS amp BOOLEAN")
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 

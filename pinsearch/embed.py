@@ -468,7 +468,11 @@ class _Output:
 
 
 def run_amp(run: dict[str, Any]) -> bool:
-    """Whether a store's embedding run used bf16 autocast (it ran on CUDA)."""
+    """Whether a store's embedding run used bf16 autocast: on CUDA, unless ``amp`` was off.
+    A run continued with another setting reports the latest that embedded pins; runs
+    recorded before the ``amp`` column say only their device."""
+    if run.get("amp") is not None:
+        return bool(run["amp"])
     return str(run.get("device", "")).startswith("cuda")
 
 
@@ -556,6 +560,7 @@ def embed_store(
     config = config or EmbedConfig()
     catalog = store.catalog
     device = resolve_device(config.device)
+    amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
     model = backbone or create_backbone(backbone_name, weights=config.weights, device=device)
     existing = catalog.get_embedding(backbone_name)
     if existing is not None:
@@ -570,6 +575,7 @@ def embed_store(
             dtype=config.dtype,
             normalize=config.normalize,
             device=str(device),
+            amp=amp,
             pinsearch_version=__version__,
         )
     vs = store.vectors(backbone_name)
@@ -622,6 +628,7 @@ def embed_store(
                 seconds=float(prev.get("seconds") or 0.0) + seconds,
                 images_per_s=(embedded / seconds) if seconds > 0 and embedded else None,
                 device=str(device),
+                **({"amp": amp} if embedded else {}),
             )
     return EmbedReport(
         backbone=backbone_name,

@@ -88,6 +88,12 @@ def _cpu_unless_marked_gpu() -> Iterator[None]:
         mp.setattr(torch.cuda, "is_available", lambda: False)
         if real["faiss"] is not None:
             mp.setattr(faiss, "get_num_gpus", lambda: 0)
+        # pinsearch started in a subprocess sees none either. CUDA reads the variable once,
+        # when it starts: started here first, this process's gpu tests still see the GPU.
+        if real["torch"]():
+            torch.cuda.init()
+        _REAL_GPU["env"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        mp.setenv("CUDA_VISIBLE_DEVICES", "")
         _REAL_GPU.update(real)
         yield
         _REAL_GPU.clear()
@@ -102,6 +108,10 @@ def _gpu_for_gpu_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Monke
         monkeypatch.setattr(torch.cuda, "is_available", _REAL_GPU["torch"])
         if _REAL_GPU["faiss"] is not None:
             monkeypatch.setattr(faiss, "get_num_gpus", _REAL_GPU["faiss"])
+        if _REAL_GPU["env"] is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(_REAL_GPU["env"]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -325,5 +325,31 @@ def test_query_images_follow_the_runs_precision() -> None:
 
     # a store embedded on CUDA (bf16 autocast) is queried under autocast; one embedded on the
     # CPU in float32, wherever the query runs
-    assert run_amp({"device": "cuda"}) and run_amp({"device": "cuda:1"})
-    assert not run_amp({"device": "cpu"}) and not run_amp({})
+    assert run_amp({"device": "cuda", "amp": True})
+    assert not run_amp({"device": "cpu", "amp": False}) and not run_amp({})
+    # embedded on CUDA with autocast off (--no-amp): float32 vectors, float32 queries
+    assert not run_amp({"device": "cuda", "amp": False})
+    # runs recorded before the amp column: the device decides
+    assert run_amp({"device": "cuda", "amp": None}) and run_amp({"device": "cuda:1"})
+    assert not run_amp({"device": "cpu", "amp": None})
+
+
+def test_store_records_the_runs_precision(built_store) -> None:
+    from pinsearch.embed import run_amp
+
+    with Store.open(built_store.path, read_only=True) as store:
+        run = store.catalog.get_embedding(BACKBONE)
+    assert run["amp"] is False and not run_amp(run)
+
+
+@pytest.mark.gpu
+def test_cuda_run_without_amp_is_recorded_as_float32(tree_corpus, tmp_path: Path) -> None:
+    from pinsearch.embed import run_amp
+
+    for amp in (False, True):
+        path = tmp_path / f"amp-{amp}"
+        _ingest_only(tree_corpus.root, path)
+        with Store.open(path) as store:
+            embed_store(store, BACKBONE, EmbedConfig(device="cuda", amp=amp, workers=0))
+            run = store.catalog.get_embedding(BACKBONE)
+        assert run["device"].startswith("cuda") and run["amp"] is amp and run_amp(run) is amp

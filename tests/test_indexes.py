@@ -920,6 +920,28 @@ def test_gpu_searches_from_several_threads_take_turns(
     assert len(copies) == 1 and all(np.isin(f, [*keys[:2], -1]).all() for f in found)
 
 
+def test_gpu_copy_is_freed_under_the_gpu_lock(faiss_gpu_stand_in: list) -> None:
+    """A GPU index dropped by garbage collection (a searcher reloaded in another thread, say)
+    frees its memory holding the GPU lock, as ``remove`` does."""
+    import gc
+    import weakref
+
+    from pinsearch.indexes.gpu import GPU_LOCK
+
+    x, keys = _clustered(300, 16, 4, 6), _keys(300)
+    placed = build_index(x, keys, IndexConfig(factory="Flat", metric="l2"))
+    assert placed.on_gpu and placed._cpu is None
+    freed: list[bool] = []
+    weakref.finalize(placed.index, lambda: freed.append(GPU_LOCK._is_owned()))
+    del placed
+    gc.collect()
+    assert freed == [True]
+    on_cpu = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", **CPU))
+    weakref.finalize(on_cpu.index, lambda: freed.append(GPU_LOCK._is_owned()))
+    del on_cpu  # a CPU index needs no lock
+    assert freed == [True, False]
+
+
 def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
     faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
