@@ -629,10 +629,9 @@ def _place(
     sees one) and FAISS-GPU can hold it with ``n_vectors`` (default: what it holds)."""
     if _torch_exact(config, factory):  # torch holds the device copy, in 16 bits
         return cpu_index, False
-    want_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
     if config.device == "gpu" and gpu_count() == 0:
         raise DeviceError("device='gpu' was asked for but faiss sees no GPU")
-    if not want_gpu:
+    if not _bound_for_gpu(config):
         return cpu_index, False
     fits, fp16_tables = gpu_settings(cpu_index)
     if not fits or config.metric == "l1":
@@ -659,6 +658,12 @@ def _place(
     return gpu, True
 
 
+def _bound_for_gpu(config: IndexConfig) -> bool:
+    """Whether ``config`` puts an index on the GPU(s): asked for, or ``auto`` where FAISS sees
+    one (whether FAISS-GPU can hold the index, and has room, is for :func:`_place`)."""
+    return config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
+
+
 def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
     """:func:`choose_factory` for where the index will live. Bound for the GPU(s), PQ codes
     are those FAISS-GPU implements (an ``IVF...,PQ128`` would stay on the CPU). Under device
@@ -667,8 +672,7 @@ def _auto_factory(n: int, dim: int, config: IndexConfig) -> str:
     machine's (no index is traded for a smaller one to fit a busy GPU: placement keeps one too
     big for it on the CPU)."""
     choice = choose_factory(n, dim, config.metric, config.memory_budget)
-    for_gpu = config.device == "gpu" or (config.device == "auto" and gpu_count() > 0)
-    if not for_gpu or config.metric == "l1":
+    if not _bound_for_gpu(config) or config.metric == "l1":
         return choice
     import faiss
 

@@ -188,13 +188,13 @@ def classify(
             raise PinNotFoundError(f"pin {pin_id!r} has no {info.backbone!r} vector")
         query: dict[str, Any] = {"pin_id": pin_id}
     else:
-        from pinsearch.embed import embed_images, run_amp
+        from pinsearch.embed import embed_like_run
         from pinsearch.search import store_backbone
 
         # Only the backbone is needed here: no index is loaded to classify an image.
         emb = store.catalog.get_embedding(info.backbone) or {}
         model = store_backbone(store, info.backbone)
-        vec = embed_images(model, [image], normalize=bool(emb.get("normalize")), amp=run_amp(emb))
+        vec = embed_like_run(model, [image], emb)
         query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
     if info.normalize:
         vec = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-12)

@@ -47,6 +47,7 @@ __all__ = [
     "PinImages",
     "batch_size_for_memory",
     "embed_images",
+    "embed_like_run",
     "embed_store",
     "iter_embeddings",
     "resolve_batch_size",
@@ -476,13 +477,19 @@ def run_amp(run: dict[str, Any]) -> bool:
     return str(run.get("device", "")).startswith("cuda")
 
 
+def embed_like_run(backbone: Backbone, images: Sequence[Any], run: dict[str, Any]) -> np.ndarray:
+    """Embed query images as a store's embedding ``run`` embedded its pins: its normalisation
+    and its precision (:func:`run_amp`)."""
+    return embed_images(backbone, images, normalize=bool(run.get("normalize")), amp=run_amp(run))
+
+
 def embed_images(
     backbone: Backbone, images: Sequence[Any], *, normalize: bool = False, amp: bool = True
 ) -> np.ndarray:
     """Embed in-memory PIL images or image paths with a backbone (for queries).
 
     On CUDA the forward pass runs as :func:`embed_store` runs it (channels_last, and bf16
-    autocast unless ``amp`` is off: pass :func:`run_amp` of the store's run, so that a store
+    autocast unless ``amp`` is off: :func:`embed_like_run` passes the store's, so that a store
     embedded on the CPU is queried in float32), so a stored pin's own image comes back next
     to its stored vector.
     """

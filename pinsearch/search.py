@@ -225,11 +225,9 @@ class PinSearcher:
         Raises:
             BackboneMismatchError: the model now built differs from the stored run.
         """
-        from pinsearch.embed import embed_images, run_amp
+        from pinsearch.embed import embed_like_run
 
-        model = self.backbone_model()
-        run = self._embedding
-        vec = embed_images(model, [image], normalize=bool(run.get("normalize")), amp=run_amp(run))
+        vec = embed_like_run(self.backbone_model(), [image], self._embedding)
         label = str(image) if isinstance(image, (str, Path)) else "<image>"
         return self._run(vec, k, {"image": label}, board, user, category)
 

@@ -429,9 +429,9 @@ class TextSearcher(PinSearcher):
                 raise PinNotFoundError(f"pin {pin_id!r} has no {self.backbone!r} vector")
             query: dict[str, Any] = {"pin_id": pin_id}
         else:
-            from pinsearch.embed import embed_images, run_amp
+            from pinsearch.embed import embed_like_run
 
-            vec = embed_images(self.backbone_model(), [image], amp=run_amp(self._embedding))
+            vec = embed_like_run(self.backbone_model(), [image], self._embedding)
             query = {"image": str(image) if isinstance(image, (str, Path)) else "<image>"}
         s = self.embed_text(list(texts)) @ unit_rows(vec)[0]
         order = np.argsort(-s, kind="stable")

@@ -81,7 +81,8 @@ def _cpu_unless_marked_gpu() -> Iterator[None]:
     import torch
 
     real = {"torch": torch.cuda.is_available, "faiss": getattr(faiss, "get_num_gpus", None)}
-    if not real["torch"]() and not (real["faiss"] is not None and real["faiss"]() > 0):
+    torch_gpu = real["torch"]()
+    if not torch_gpu and not (real["faiss"] is not None and real["faiss"]() > 0):
         yield
         return
     with pytest.MonkeyPatch.context() as mp:
@@ -90,7 +91,7 @@ def _cpu_unless_marked_gpu() -> Iterator[None]:
             mp.setattr(faiss, "get_num_gpus", lambda: 0)
         # pinsearch started in a subprocess sees none either. CUDA reads the variable once,
         # when it starts: started here first, this process's gpu tests still see the GPU.
-        if real["torch"]():
+        if torch_gpu:
             torch.cuda.init()
         _REAL_GPU["env"] = os.environ.get("CUDA_VISIBLE_DEVICES")
         mp.setenv("CUDA_VISIBLE_DEVICES", "")
