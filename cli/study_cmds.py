@@ -266,6 +266,13 @@ def bench(
     sklearn_timeout: Annotated[
         float | None, typer.Option(help="Study: stop scikit-learn after this many seconds.")
     ] = None,
+    sklearn_reference: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Study: finished --json runs on the same split (repeatable); stopped rows "
+            "take their scikit-learn macro-F1 from them."
+        ),
+    ] = None,
     random_weights: Annotated[
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
@@ -308,6 +315,7 @@ def bench(
         result = b.bench_study(
             n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
             sequential=sequential, sklearn_timeout_s=sklearn_timeout,
+            sklearn_reference=sklearn_reference or (),
         )  # fmt: skip
     elif what == "text":
         result = b.bench_text(n=n or 100_000, **sized)

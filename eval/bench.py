@@ -890,7 +890,40 @@ class StudyBench:
     folds: int
     device: str
     rows: list[dict[str, Any]]
+    data_sha256: str = ""  # of the split (train and test vectors and labels)
+    sklearn: str = ""  # scikit-learn's version
+    reference: list[dict[str, Any]] | None = None  # where stopped rows' sklearn F1 came from
     machine: dict[str, Any] = field(default_factory=dict)
+
+
+def _split_digest(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _load_reference(path: Path, bench: StudyBench) -> dict[str, Any]:
+    """A finished ``bench study --json`` run on the same split, checked to be one: where it
+    ran and its rows by head."""
+    try:
+        ref = json.loads(Path(path).read_text())
+        same = {k: ref[k] for k in ("n", "dim", "classes", "folds", "data_sha256")}
+        rows = {r["head"]: r for r in ref["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"scikit-learn reference {path}: not a `pinsearch bench study --json` result "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    ours = {k: getattr(bench, k) for k in same}
+    if same != ours:
+        raise ValueError(
+            f"scikit-learn reference {path} was run on another split: {same}, this run {ours}"
+        )
+    return {"file": str(path), "sklearn": ref.get("sklearn"), "machine": ref.get("machine"),
+            "rows": rows}  # fmt: skip
 
 
 def _grid_search(
@@ -961,6 +994,7 @@ def bench_study(
     sequential: bool = True,
     sklearn_jobs: int = -1,
     sklearn_timeout_s: float | None = None,
+    sklearn_reference: Sequence[Path] = (),
 ) -> StudyBench:
     """Grid-search CV + refit + test for each head: pinsearch's batched grid search, the same
     heads one fit at a time (``GridSearchCV``), and scikit-learn's estimators, timed.
@@ -972,7 +1006,12 @@ def bench_study(
     per head first warms torch/CUDA up (not timed). With ``sklearn_timeout_s``, scikit-learn
     runs in a child process stopped at that limit; a row it did not finish reports the limit
     and ``speedup_is_lower_bound`` (a benchmark must come back within a bounded call).
+    ``sklearn_reference``: ``--json`` results of finished runs on the same split (checked by
+    their ``data_sha256``), e.g. on a slower machine without a limit; a stopped row takes its
+    scikit-learn macro-F1 (and F1 gap) from the first one with its head, marked
+    ``sklearn_f1_from``.
     """
+    import sklearn
     from sklearn.metrics import f1_score
     from sklearn.model_selection import StratifiedKFold, train_test_split
     from sklearn.neighbors import KNeighborsClassifier
@@ -990,6 +1029,11 @@ def bench_study(
     x = centers[y] + 4.0 * rng.standard_normal((n, dim)).astype(np.float32)  # overlapping classes
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
     cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    bench = StudyBench(n, dim, classes, folds, device, [], _split_digest(xtr, ytr, xte, yte),
+                       sklearn.__version__, machine=machine())  # fmt: skip
+    references = [_load_reference(path, bench) for path in sklearn_reference]
+    if references:
+        bench.reference = [{k: v for k, v in r.items() if k != "rows"} for r in references]
     torch_device = {"device": "cuda" if device == "gpu" else device} if device != "auto" else {}
     knn_device = (
         {"device": "gpu" if device.startswith("cuda") else device} if device != "auto" else {}
@@ -1008,7 +1052,6 @@ def bench_study(
     def f1(pred: np.ndarray) -> float:
         return round(float(f1_score(yte, pred, average="macro")), 4)
 
-    rows = []
     for head in heads:
         params, ref, grid, param = grids[head]
         ref_grid = {(f"{ref.steps[-1][0]}__{param}" if hasattr(ref, "steps") else param): v
@@ -1033,10 +1076,17 @@ def bench_study(
             out.update(sklearn_s=None, sklearn_macro_f1=None, f1_gap=None)
             out["speedup"] = round(float(sklearn_timeout_s) / out["pinsearch_s"], 2)  # type: ignore[arg-type]
             out["speedup_is_lower_bound"] = True
+            for ref in references:
+                ref_f1 = ref["rows"].get(head, {}).get("sklearn_macro_f1")
+                if ref_f1 is not None:
+                    out["sklearn_macro_f1"] = ref_f1
+                    out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - ref_f1), 4)
+                    out["sklearn_f1_from"] = ref["file"]
+                    break
         else:
             out["sklearn_s"] = round(done[0], 2)
             out["sklearn_macro_f1"] = f1(done[1])
             out["speedup"] = round(out["sklearn_s"] / out["pinsearch_s"], 2)
             out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - out["sklearn_macro_f1"]), 4)
-        rows.append(out)
-    return StudyBench(n, dim, classes, folds, device, rows, machine())
+        bench.rows.append(out)
+    return bench

@@ -216,14 +216,34 @@ def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
 
 
-def test_bench_study_batched_vs_sklearn_and_its_time_limit() -> None:
+def test_bench_study_batched_vs_sklearn_and_its_time_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     args = ["bench", "study", "--n", "320", "--dim", "8", "--head", "knn", "--json"]
-    (row,) = _json(args)["rows"]  # type: ignore[index]
+    finished = _json(args)
+    (row,) = finished["rows"]  # type: ignore[index]
     assert row["batched"] and row["f1_gap"] == 0.0  # the same votes as scikit-learn's brute KNN
     assert row["sequential_macro_f1"] == row["pinsearch_macro_f1"] == row["sklearn_macro_f1"]
-    (late,) = _json([*args, "--no-sequential", "--sklearn-timeout", "0.01"])["rows"]  # type: ignore[index]
+    late_args = [*args, "--no-sequential", "--sklearn-timeout", "0.01"]
+    (late,) = _json(late_args)["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
+    assert late["sklearn_macro_f1"] is None and late["f1_gap"] is None
     assert "sequential_s" not in late
+    # a stopped row takes scikit-learn's F1 from a finished run on the same split
+    ref = tmp_path / "ref.json"
+    finished["rows"][0]["sklearn_macro_f1"] = 0.25  # type: ignore[index]
+    ref.write_text(json.dumps(finished))
+    done = _json([*late_args, "--sklearn-reference", str(ref)])
+    (late,) = done["rows"]  # type: ignore[index]
+    assert late["sklearn_s"] is None and late["sklearn_macro_f1"] == 0.25
+    assert late["f1_gap"] == round(abs(late["pinsearch_macro_f1"] - 0.25), 4)
+    assert late["sklearn_f1_from"] == done["reference"][0]["file"] == str(ref)  # type: ignore[index]
+    assert done["data_sha256"] == finished["data_sha256"]  # type: ignore[index]
+    other = ["bench", "study", "--n", "336", "--dim", "8", "--head", "knn",
+             "--sklearn-timeout", "0.01", "--sklearn-reference", str(ref)]  # fmt: skip
+    assert "was run on another split" in _main_error(other, monkeypatch, capsys)
+    ref.write_text("{}")
+    assert "not a `pinsearch bench study --json` result" in _main_error(other, monkeypatch, capsys)
 
 
 def test_query_and_serve_search_time_settings(
