@@ -69,7 +69,8 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.
     # 5 folds. scikit-learn's grids take far longer than a call (LinearSVC: over 45 min on
     # 2 cores): each is stopped at its limit and the row's speed-up is then a lower bound;
     # its macro-F1 comes from the finished runs on the same split in eval/results/study-cpu2/
-    # (checked by the split's hash). study: all heads, 120 s each; study-HEAD: one, 420 s.
+    # (checked by the split's hash). study: all heads, 120 s each (its "total" is the whole
+    # grid's speed-up); study-HEAD: one, 420 s.
     refs=(); for f in eval/results/study-cpu2/*.json; do [ -f "$f" ] && refs+=(--sklearn-reference "$f"); done
     if [ "$step" = study ]; then heads=(--head knn --head lsvm --head mlp); limit=120
     else heads=(--head "${step#study-}"); limit=420; fi

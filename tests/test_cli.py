@@ -228,7 +228,7 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     (late,) = _json(late_args)["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
     assert late["sklearn_macro_f1"] is None and late["f1_gap"] is None
-    assert "sequential_s" not in late
+    assert "sequential_s" not in late and late["speedup"] > 0
     # a stopped row takes scikit-learn's F1 from a finished run on the same split
     ref = tmp_path / "ref.json"
     finished["rows"][0]["sklearn_macro_f1"] = 0.25  # type: ignore[index]
@@ -244,6 +244,12 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     assert "was run on another split" in _main_error(other, monkeypatch, capsys)
     ref.write_text("{}")
     assert "not a `pinsearch bench study --json` result" in _main_error(other, monkeypatch, capsys)
+    # several heads: their grids add up to the whole grid's figures (limits count as times)
+    both = _json([*late_args, "--head", "lsvm"])
+    assert finished["total"] is None and both["total"]["heads"] == ["knn", "lsvm"]  # type: ignore[index]
+    total = both["total"]  # type: ignore[index]
+    assert total["sklearn_s"] == 0.02 and total["speedup_is_lower_bound"]
+    assert total["pinsearch_s"] == pytest.approx(sum(r["pinsearch_s"] for r in both["rows"]))  # type: ignore[index]
 
 
 def test_query_and_serve_search_time_settings(
