@@ -240,8 +240,11 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     assert late["sklearn_f1_from"] == done["reference"][0]["file"] == str(ref)  # type: ignore[index]
     assert done["data_sha256"] == finished["data_sha256"]  # type: ignore[index]
     other = ["bench", "study", "--n", "336", "--dim", "8", "--head", "knn",
-             "--sklearn-timeout", "0.01", "--sklearn-reference", str(ref)]  # fmt: skip
-    assert "was run on another split" in _main_error(other, monkeypatch, capsys)
+             "--sklearn-timeout", "0.01", "--sklearn-reference", str(ref), "--json"]  # fmt: skip
+    with pytest.warns(UserWarning, match="not used: run on another split"):
+        elsewhere = _json(other)  # still measured, without the reference's F1
+    assert "another split" in elsewhere["reference"][0]["rejected"]  # type: ignore[index]
+    assert elsewhere["rows"][0]["sklearn_macro_f1"] is None  # type: ignore[index]
     ref.write_text("{}")
     assert "not a `pinsearch bench study --json` result" in _main_error(other, monkeypatch, capsys)
     # several heads: their grids add up to the whole grid's figures (limits count as times)
