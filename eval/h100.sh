@@ -66,7 +66,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.
     run query-1m-768.json pinsearch bench query --n 1000000 --dim 768 --json
     ;;
   study|study-*)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes,
-    # 5 folds. scikit-learn's grids take far longer than a call (LinearSVC: over 45 min on
+    # 5 folds. scikit-learn's grids take far longer than a call (LinearSVC: an hour on
     # 2 cores): each is stopped at its limit and the row's speed-up is then a lower bound;
     # its macro-F1 comes from the finished runs on the same split in eval/results/study-cpu2/
     # (checked by the split's hash). study: all heads, 120 s each (its "total" is the whole
