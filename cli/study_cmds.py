@@ -273,6 +273,13 @@ def bench(
             "take their scikit-learn macro-F1 from them."
         ),
     ] = None,
+    progress: Annotated[
+        Path | None,
+        typer.Option(
+            help="Study: keep the result so far in this JSON file (rewritten as the run goes; "
+            "grids still running report a lower bound), for runs that outlast a session."
+        ),
+    ] = None,
     random_weights: Annotated[
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
@@ -315,7 +322,7 @@ def bench(
         result = b.bench_study(
             n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
             sequential=sequential, sklearn_timeout_s=sklearn_timeout,
-            sklearn_reference=sklearn_reference or (),
+            sklearn_reference=sklearn_reference or (), progress=progress,
         )  # fmt: skip
     elif what == "text":
         result = b.bench_text(n=n or 100_000, **sized)

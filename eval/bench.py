@@ -8,12 +8,13 @@ random tensors (embedding), exact search (index recall), and raw FAISS on the sa
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -896,7 +897,13 @@ class StudyBench:
     sklearn: str = ""  # scikit-learn's version
     reference: list[dict[str, Any]] | None = None  # where stopped rows' sklearn F1 came from
     total: dict[str, Any] | None = None  # the heads' grids together (the paper's whole grid)
+    status: str = "done"  # "running" in the snapshots a --progress file holds until the end
     machine: dict[str, Any] = field(default_factory=dict)
+
+
+#: scikit-learn's grids run quickest first: a run stopped at its limit, or by the end of a
+#: bounded device call that reads the --progress snapshots, then loses the least.
+_SKLEARN_ORDER = ("knn", "mlp", "lsvm")
 
 
 def _speedup(theirs: float, ours: float) -> float:
@@ -960,14 +967,19 @@ def _grid_search_child(conn: Any, args: tuple[Any, ...]) -> None:
 
 
 def _grid_search_limited(
-    args: tuple[Any, ...], timeout_s: float | None
+    args: tuple[Any, ...],
+    timeout_s: float | None,
+    on_wait: Callable[[float], None] | None = None,
+    every_s: float = 10.0,
 ) -> tuple[float, np.ndarray] | None:
-    """:func:`_grid_search` here, or in a child process given ``timeout_s`` (None if late).
+    """:func:`_grid_search` here, or in a child process given ``timeout_s`` or ``on_wait``
+    (None if still running at ``timeout_s``).
 
     The child is a plain (non-daemon) process so that joblib can still use every core inside
-    it; at the limit its whole process group (joblib's workers too) is killed.
+    it; at the limit its whole process group (joblib's workers too) is killed. While it runs,
+    ``on_wait(seconds so far)`` is called every ``every_s`` seconds.
     """
-    if timeout_s is None:
+    if timeout_s is None and on_wait is None:
         return _grid_search(*args)
     import multiprocessing
     import os
@@ -976,10 +988,17 @@ def _grid_search_limited(
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_grid_search_child, args=(send, args))
+    start = time.perf_counter()
     proc.start()
     try:
-        if not receive.poll(timeout_s):
-            return None
+        while True:
+            left = math.inf if timeout_s is None else timeout_s - (time.perf_counter() - start)
+            if left <= 0:
+                return None
+            if receive.poll(min(left, every_s)):
+                break
+            if on_wait is not None:
+                on_wait(time.perf_counter() - start)
         status, value = receive.recv()
     finally:
         if proc.is_alive():
@@ -990,6 +1009,69 @@ def _grid_search_limited(
     if status != "ok":
         raise RuntimeError(f"scikit-learn grid search failed: {value}")
     return value
+
+
+def _write_snapshot(path: Path, result: Any) -> None:
+    """``result`` as JSON at ``path``, replaced whole (a reader never sees half a file)."""
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _sklearn_floor(row: dict[str, Any]) -> tuple[float, bool]:
+    """scikit-learn's seconds for a study row and whether they are only a lower bound (a grid
+    stopped at its limit, still running, or not started yet)."""
+    if row.get("sklearn_s") is not None:
+        return float(row["sklearn_s"]), False
+    return float(row.get("sklearn_at_least_s") or 0.0), True
+
+
+def _study_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The heads' grids added up: the paper's whole grid for one backbone."""
+    ours = sum(r["pinsearch_s"] for r in rows)
+    floors = [_sklearn_floor(r) for r in rows]
+    theirs = sum(s for s, _ in floors)
+    return {
+        "heads": [r["head"] for r in rows],
+        "pinsearch_s": round(ours, 2),
+        "sklearn_s": round(theirs, 2),
+        "speedup": _speedup(theirs, ours),
+        "speedup_is_lower_bound": any(low for _, low in floors),
+    }
+
+
+def _sklearn_result(
+    row: dict[str, Any],
+    status: str,
+    seconds: float,
+    f1: float | None,
+    references: list[dict[str, Any]],
+) -> None:
+    """Fill a study row's scikit-learn part: ``status`` is ``done`` (``seconds`` measured),
+    ``stopped`` (at its limit) or ``running`` (for so long); an unfinished row's speed-up is
+    a lower bound and its macro-F1 comes from a reference run on the same split, if any."""
+    for key in ("sklearn_at_least_s", "speedup_is_lower_bound", "sklearn_f1_from"):
+        row.pop(key, None)
+    row["sklearn_status"] = status
+    if status == "done":
+        row["sklearn_s"] = round(seconds, 2)
+        row["sklearn_macro_f1"] = f1
+        row["speedup"] = _speedup(row["sklearn_s"], row["pinsearch_s"])
+        row["f1_gap"] = round(abs(row["pinsearch_macro_f1"] - f1), 4)  # type: ignore[operator]
+        return
+    row.update(sklearn_s=None, sklearn_macro_f1=None, f1_gap=None)
+    row["sklearn_at_least_s"] = round(seconds, 2)
+    row["speedup"] = _speedup(seconds, row["pinsearch_s"])
+    row["speedup_is_lower_bound"] = True
+    for ref in references:
+        ref_f1 = ref["rows"].get(row["head"], {}).get("sklearn_macro_f1")
+        if ref_f1 is not None:
+            row["sklearn_macro_f1"] = ref_f1
+            row["f1_gap"] = round(abs(row["pinsearch_macro_f1"] - ref_f1), 4)
+            row["sklearn_f1_from"] = ref["file"]
+            break
 
 
 def bench_study(
@@ -1004,6 +1086,8 @@ def bench_study(
     sklearn_jobs: int = -1,
     sklearn_timeout_s: float | None = None,
     sklearn_reference: Sequence[Path] = (),
+    progress: Path | None = None,
+    progress_every_s: float = 10.0,
 ) -> StudyBench:
     """Grid-search CV + refit + test for each head: pinsearch's batched grid search, the same
     heads one fit at a time (``GridSearchCV``), and scikit-learn's estimators, timed.
@@ -1020,6 +1104,13 @@ def bench_study(
     their ``data_sha256``), e.g. on a slower machine without a limit; a stopped row takes its
     scikit-learn macro-F1 (and F1 gap) from the first one with its head, marked
     ``sklearn_f1_from``.
+
+    pinsearch's grids all run first, then scikit-learn's, quickest first (KNN, MLP, LSVM).
+    ``progress``: a file holding the result so far (``status`` ``running``), rewritten whole
+    after every step and every ``progress_every_s`` seconds while scikit-learn runs, where a
+    grid still running reports ``sklearn_at_least_s`` and a lower-bound speed-up. A run
+    started in the background (``setsid``) can then outlast a bounded device call, and a
+    later call reads how far it got.
     """
     import sklearn
     from sklearn.metrics import f1_score
@@ -1033,6 +1124,9 @@ def bench_study(
     from pinsearch.gridsearch import batched_grid_search
     from pinsearch.heads import create_head
 
+    unknown = [h for h in heads if h not in _SKLEARN_ORDER]
+    if unknown:
+        raise ValueError(f"bench study: unknown heads {unknown}; expected knn, lsvm or mlp")
     rng = np.random.default_rng(0)
     y = rng.integers(0, classes, n)
     centers = rng.standard_normal((classes, dim)).astype(np.float32)
@@ -1065,10 +1159,16 @@ def bench_study(
     def f1(pred: np.ndarray) -> float:
         return round(float(f1_score(yte, pred, average="macro")), 4)
 
-    for head in heads:
-        params, ref, grid, param = grids[head]
-        ref_grid = {(f"{ref.steps[-1][0]}__{param}" if hasattr(ref, "steps") else param): v
-                    for v in grid.values()}  # fmt: skip
+    bench.status = "running"
+
+    def snapshot() -> None:
+        if len(bench.rows) > 1:  # so far: grids not finished count what they took (a floor)
+            bench.total = _study_total(bench.rows)
+        if progress is not None:
+            _write_snapshot(progress, bench)
+
+    for head in heads:  # pinsearch's grids (and one fit at a time) first, on an idle machine
+        params, _, grid, param = grids[head]
         few = slice(0, min(len(xtr), 20 * classes))
         warm = {param: grid[param][-1:]}
         batched_grid_search(head, params, warm, xtr[few], ytr[few], StratifiedKFold(2))
@@ -1083,33 +1183,27 @@ def bench_study(
             seconds, pred = _grid_search(create_head(head, **params), grid, cv, 1, xtr, ytr, xte)
             out["sequential_s"] = round(seconds, 2)
             out["sequential_macro_f1"] = f1(pred)
-        args = (ref, ref_grid, cv, sklearn_jobs, xtr, ytr, xte)
-        done = _grid_search_limited(args, sklearn_timeout_s)
-        if done is None:  # still running at the limit: the speed-up is at least this
-            out.update(sklearn_s=None, sklearn_macro_f1=None, f1_gap=None)
-            out["speedup"] = _speedup(float(sklearn_timeout_s), out["pinsearch_s"])  # type: ignore[arg-type]
-            out["speedup_is_lower_bound"] = True
-            for ref in references:
-                ref_f1 = ref["rows"].get(head, {}).get("sklearn_macro_f1")
-                if ref_f1 is not None:
-                    out["sklearn_macro_f1"] = ref_f1
-                    out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - ref_f1), 4)
-                    out["sklearn_f1_from"] = ref["file"]
-                    break
-        else:
-            out["sklearn_s"] = round(done[0], 2)
-            out["sklearn_macro_f1"] = f1(done[1])
-            out["speedup"] = _speedup(out["sklearn_s"], out["pinsearch_s"])
-            out["f1_gap"] = round(abs(out["pinsearch_macro_f1"] - out["sklearn_macro_f1"]), 4)
+        out["sklearn_status"] = "pending"
         bench.rows.append(out)
-    if len(bench.rows) > 1:
-        ours = sum(r["pinsearch_s"] for r in bench.rows)
-        theirs = sum(r["sklearn_s"] or float(sklearn_timeout_s or 0) for r in bench.rows)
-        bench.total = {
-            "heads": [r["head"] for r in bench.rows],
-            "pinsearch_s": round(ours, 2),
-            "sklearn_s": round(theirs, 2),
-            "speedup": _speedup(theirs, ours),
-            "speedup_is_lower_bound": any(r.get("speedup_is_lower_bound") for r in bench.rows),
-        }
+        snapshot()
+    for out in sorted(bench.rows, key=lambda r: _SKLEARN_ORDER.index(r["head"])):
+        _, ref, grid, param = grids[out["head"]]
+        ref_grid = {(f"{ref.steps[-1][0]}__{param}" if hasattr(ref, "steps") else param): v
+                    for v in grid.values()}  # fmt: skip
+
+        def waiting(seconds: float, out: dict[str, Any] = out) -> None:
+            _sklearn_result(out, "running", seconds, None, references)
+            snapshot()
+
+        args = (ref, ref_grid, cv, sklearn_jobs, xtr, ytr, xte)
+        done = _grid_search_limited(
+            args, sklearn_timeout_s, waiting if progress is not None else None, progress_every_s
+        )
+        if done is None:  # still running at the limit: the speed-up is at least this
+            _sklearn_result(out, "stopped", float(sklearn_timeout_s), None, references)  # type: ignore[arg-type]
+        else:
+            _sklearn_result(out, "done", done[0], f1(done[1]), references)
+        snapshot()
+    bench.status = "done"
+    snapshot()
     return bench

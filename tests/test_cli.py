@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -227,6 +229,7 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     late_args = [*args, "--no-sequential", "--sklearn-timeout", "0.01"]
     (late,) = _json(late_args)["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
+    assert late["sklearn_status"] == "stopped" and late["sklearn_at_least_s"] == 0.01
     assert late["sklearn_macro_f1"] is None and late["f1_gap"] is None
     assert "sequential_s" not in late and late["speedup"] > 0
     # a stopped row takes scikit-learn's F1 from a finished run on the same split
@@ -253,6 +256,51 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     total = both["total"]  # type: ignore[index]
     assert total["sklearn_s"] == 0.02 and total["speedup_is_lower_bound"]
     assert total["pinsearch_s"] == pytest.approx(sum(r["pinsearch_s"] for r in both["rows"]))  # type: ignore[index]
+    unknown = [*args[:-3], "--head", "svm"]
+    assert "unknown heads ['svm']" in _main_error(unknown, monkeypatch, capsys)
+
+
+def test_bench_study_progress_file_outlasts_a_bounded_call(tmp_path: Path) -> None:
+    """A background study keeps its result so far in a file a later (bounded) call reads:
+    pinsearch's grids first, then scikit-learn's quickest first, a running one as a floor."""
+    import threading
+    import time
+
+    from pinsearch.eval.bench import bench_study
+
+    progress = tmp_path / "study.json"
+    done: list[Any] = []
+    run = threading.Thread(target=lambda: done.append(bench_study(
+        n=320, dim=8, heads=("lsvm", "knn"), sequential=False, progress=progress,
+        progress_every_s=0.02)))  # fmt: skip
+    run.start()
+    snapshots: list[dict[str, Any]] = []
+    while run.is_alive():
+        if progress.exists():  # replaced whole: always a complete JSON document
+            snap = json.loads(progress.read_text())
+            if not snapshots or snap != snapshots[-1]:
+                snapshots.append(snap)
+        time.sleep(0.005)
+    run.join()
+    final = json.loads(progress.read_text())
+    assert final == json.loads(json.dumps(asdict(done[0]), default=str))
+    assert final["status"] == "done" and not final["total"]["speedup_is_lower_bound"]
+    assert [r["head"] for r in final["rows"]] == ["lsvm", "knn"]
+    assert all(r["sklearn_status"] == "done" and r["speedup"] > 0 for r in final["rows"])
+
+    def state(snap: dict[str, Any]) -> dict[str, str]:
+        return {r["head"]: r["sklearn_status"] for r in snap["rows"]}
+
+    running = [s for s in snapshots if s["status"] == "running"]
+    assert {"lsvm": "pending", "knn": "pending"} in [state(s) for s in running]  # ours first
+    # scikit-learn's KNN grid (quicker) ran before its LSVM grid, whatever the heads' order
+    assert {"lsvm": "pending", "knn": "done"} in [state(s) for s in running]
+    assert not any(state(s) == {"lsvm": "done", "knn": "pending"} for s in running)
+    live = [r for s in running for r in s["rows"] if r["sklearn_status"] == "running"]
+    assert live and all(r["sklearn_at_least_s"] > 0 and r["speedup_is_lower_bound"] for r in live)
+    for s in (s for s in running if len(s["rows"]) == 2):  # a floor until both are done
+        unfinished = set(state(s).values()) != {"done"}
+        assert s["total"]["speedup_is_lower_bound"] == unfinished
 
 
 def test_query_and_serve_search_time_settings(
