@@ -10,8 +10,8 @@
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh tests    (with .gpu/4)
 # then, while the machine is warm, one call per step:
 #               source .gpu/*/device-setup.sh && bash eval/h100.sh exact
-#               ... index | embed | query | study | study-wait ... (then, if time is left:
-#               embed-all)
+#               ... index | embed | query | (embed-all, optional) | study | study-wait ...
+#               (nothing else after study: its scikit-learn side is timed in the background)
 # Every step writes JSON/text files under $OUT, which come back to this machine.
 # Device time (30 min a session) is what limits this, so the steps are in the order of what
 # the issue asks and are sized to take about 1 (tests, exact, query) and 3-5 (index, embed)
