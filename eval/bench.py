@@ -961,6 +961,7 @@ def _grid_search_child(conn: Any, args: tuple[Any, ...]) -> None:
 
     os.setsid()
     try:
+        conn.send(("started", None))  # the parent's clock for a lower bound starts here
         conn.send(("ok", _grid_search(*args)))
     except BaseException as exc:  # reported to the parent, which raises
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -971,9 +972,12 @@ def _grid_search_limited(
     timeout_s: float | None,
     on_wait: Callable[[float], None] | None = None,
     every_s: float = 10.0,
-) -> tuple[float, np.ndarray] | None:
-    """:func:`_grid_search` here, or in a child process given ``timeout_s`` or ``on_wait``
-    (None if still running at ``timeout_s``).
+) -> tuple[float, np.ndarray | None]:
+    """:func:`_grid_search` here, or in a child process given ``timeout_s`` or ``on_wait``.
+
+    Returns ``(seconds, test predictions)``; predictions are None when the search was still
+    running at ``timeout_s``, and the seconds are then how long it had run (a lower bound of
+    its time: the child's start and the data's trip to it are not counted).
 
     The child is a plain (non-daemon) process so that joblib can still use every core inside
     it; at the limit its whole process group (joblib's workers too) is killed. While it runs,
@@ -988,18 +992,25 @@ def _grid_search_limited(
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_grid_search_child, args=(send, args))
-    start = time.perf_counter()
+    deadline = math.inf if timeout_s is None else time.perf_counter() + timeout_s
+    began: float | None = None  # when the child began the search
+
+    def ran() -> float:
+        return 0.0 if began is None else time.perf_counter() - began
+
     proc.start()
     try:
         while True:
-            left = math.inf if timeout_s is None else timeout_s - (time.perf_counter() - start)
+            left = deadline - time.perf_counter()
             if left <= 0:
-                return None
+                return ran(), None
             if receive.poll(min(left, every_s)):
-                break
-            if on_wait is not None:
-                on_wait(time.perf_counter() - start)
-        status, value = receive.recv()
+                status, value = receive.recv()
+                if status != "started":
+                    break
+                began = time.perf_counter()
+            elif on_wait is not None:
+                on_wait(ran())
     finally:
         if proc.is_alive():
             with suppress(ProcessLookupError):  # no group yet if the child is still starting
@@ -1097,9 +1108,10 @@ def bench_study(
     same folds everywhere. scikit-learn runs its CV fits in parallel on ``sklearn_jobs`` cores
     (-1: all). ``speedup`` is scikit-learn's time over the batched one. One small batched run
     per head first warms torch/CUDA up (not timed). With ``sklearn_timeout_s``, scikit-learn
-    runs in a child process stopped at that limit; a row it did not finish reports the limit
-    and ``speedup_is_lower_bound`` (a benchmark must come back within a bounded call). With
-    several heads, ``total`` adds their grids up (a stopped one counts its limit).
+    runs in a child process stopped at that limit; a row it did not finish reports how long
+    its search had run (``sklearn_at_least_s``) and ``speedup_is_lower_bound`` (a benchmark
+    must come back within a bounded call). With several heads, ``total`` adds their grids up
+    (an unfinished one counts what it had run).
     ``sklearn_reference``: ``--json`` results of finished runs on the same split (checked by
     their ``data_sha256``), e.g. on a slower machine without a limit; a stopped row takes its
     scikit-learn macro-F1 (and F1 gap) from the first one with its head, marked
@@ -1196,13 +1208,13 @@ def bench_study(
             snapshot()
 
         args = (ref, ref_grid, cv, sklearn_jobs, xtr, ytr, xte)
-        done = _grid_search_limited(
+        seconds, pred = _grid_search_limited(
             args, sklearn_timeout_s, waiting if progress is not None else None, progress_every_s
         )
-        if done is None:  # still running at the limit: the speed-up is at least this
-            _sklearn_result(out, "stopped", float(sklearn_timeout_s), None, references)  # type: ignore[arg-type]
+        if pred is None:  # still running at the limit: the speed-up is at least this
+            _sklearn_result(out, "stopped", seconds, None, references)
         else:
-            _sklearn_result(out, "done", done[0], f1(done[1]), references)
+            _sklearn_result(out, "done", seconds, f1(pred), references)
         snapshot()
     bench.status = "done"
     snapshot()
