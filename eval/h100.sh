@@ -76,7 +76,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.
     dir=/tmp/pinsearch-study; mkdir -p "$dir"
     if [ "$step" = study ] && ! [ -f "$dir/pid" ]; then
       refs=(); for f in "${STUDY_REFS:-eval/results/study-cpu2}"/*.json; do
-        [ -f "$f" ] && refs+=(--sklearn-reference "$f"); done
+        [ -s "$f" ] && refs+=(--sklearn-reference "$f"); done  # empty: a run not finished
       setsid pinsearch bench study --n "${STUDY_N:-32000}" --dim "${STUDY_DIM:-1024}" \
         --head knn --head lsvm --head mlp \
         --no-sequential --sklearn-timeout 1800 "${refs[@]}" \
