@@ -1022,15 +1022,6 @@ def _grid_search_limited(
     return value
 
 
-def _write_snapshot(path: Path, result: Any) -> None:
-    """``result`` as JSON at ``path``, replaced whole (a reader never sees half a file)."""
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(asdict(result), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _sklearn_floor(row: dict[str, Any]) -> tuple[float, bool]:
     """scikit-learn's seconds for a study row and whether they are only a lower bound (a grid
     stopped at its limit, still running, or not started yet)."""
@@ -1135,6 +1126,7 @@ def bench_study(
 
     from pinsearch.gridsearch import batched_grid_search
     from pinsearch.heads import create_head
+    from pinsearch.store import _write_json_atomic
 
     unknown = [h for h in heads if h not in _SKLEARN_ORDER]
     if unknown:
@@ -1176,8 +1168,8 @@ def bench_study(
     def snapshot() -> None:
         if len(bench.rows) > 1:  # so far: grids not finished count what they took (a floor)
             bench.total = _study_total(bench.rows)
-        if progress is not None:
-            _write_snapshot(progress, bench)
+        if progress is not None:  # replaced whole: a reader never sees half a file
+            _write_json_atomic(progress, asdict(bench))
 
     for head in heads:  # pinsearch's grids (and one fit at a time) first, on an idle machine
         params, _, grid, param = grids[head]
