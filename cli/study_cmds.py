@@ -230,7 +230,10 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
 @app.command()
 def bench(
     what: Annotated[
-        str, typer.Argument(help="embed, index, exact, query, remove, study, text or dupes")
+        str,
+        typer.Argument(
+            help="embed, index, exact, query, remove, study, study-reference, text or dupes"
+        ),
     ],
     backbone: Annotated[
         list[str] | None,
@@ -258,7 +261,8 @@ def bench(
     ] = None,
     fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
     head: Annotated[
-        list[str] | None, typer.Option(help="Heads to time: knn, lsvm, mlp (study; all).")
+        list[str] | None,
+        typer.Option(help="Heads: knn, lsvm, mlp (study: all; study-reference: one, lsvm)."),
     ] = None,
     sequential: Annotated[
         bool, typer.Option(help="Study: also time the heads one fit at a time.")
@@ -273,6 +277,16 @@ def bench(
             "take their scikit-learn macro-F1 from them."
         ),
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Study-reference: keep every finished fit in this JSON file and resume from "
+            "it (a grid longer than a session)."
+        ),
+    ] = None,
+    jobs: Annotated[
+        int, typer.Option(help="Study-reference: fits at a time (-1: every core).")
+    ] = -1,
     progress: Annotated[
         Path | None,
         typer.Option(
@@ -293,8 +307,10 @@ def bench(
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
     batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, remove (pins out of a store
-    vs rebuilding its index), study (the paper's grid, pinsearch heads vs scikit-learn), text
-    (text and board query latency),
+    vs rebuilding its index), study (the paper's grid, pinsearch heads vs scikit-learn),
+    study-reference (scikit-learn's grid for one head alone, fit by fit and resumable: the
+    macro-F1 a bounded study takes with --sklearn-reference), text (text and board query
+    latency),
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
@@ -324,6 +340,13 @@ def bench(
             sequential=sequential, sklearn_timeout_s=sklearn_timeout,
             sklearn_reference=sklearn_reference or (), progress=progress,
         )  # fmt: skip
+    elif what == "study-reference":
+        if head is not None and len(head) != 1:
+            raise typer.BadParameter("bench study-reference takes one --head")
+        result = b.bench_study_reference(
+            head=head[0] if head else "lsvm", n=n or 4000, **sized, jobs=jobs,
+            checkpoint=checkpoint,
+        )  # fmt: skip
     elif what == "text":
         result = b.bench_text(n=n or 100_000, **sized)
     elif what == "dupes":
@@ -335,7 +358,7 @@ def bench(
     else:
         raise typer.BadParameter(
             f"unknown benchmark {what!r}; expected embed, index, exact, query, remove, study, "
-            "text or dupes"
+            "study-reference, text or dupes"
         )
     if as_json:
         emit_json(result)

@@ -32,6 +32,7 @@ __all__ = [
     "QueryBench",
     "RemoveBench",
     "StudyBench",
+    "StudyReference",
     "Timer",
     "bench_embed",
     "bench_embed_backbones",
@@ -40,6 +41,7 @@ __all__ = [
     "bench_query",
     "bench_remove",
     "bench_study",
+    "bench_study_reference",
     "clustered_vectors",
     "format_result",
     "machine",
@@ -871,6 +873,8 @@ def format_result(result: Any) -> str:
     lines = [type(result).__name__]
     rows = data.pop("rows", None)
     mach = data.pop("machine", {})
+    if "fits" in data:  # one line per fit is for --json and the checkpoint
+        data["fits"] = len(data["fits"])
     lines += [f"  {k}: {v}" for k, v in data.items()]
     if rows:
         cols = list(dict.fromkeys(c for r in rows for c in r))  # rows may differ (errors)
@@ -904,6 +908,62 @@ class StudyBench:
 #: scikit-learn's grids run quickest first: a run stopped at its limit, or by the end of a
 #: bounded device call that reads the --progress snapshots, then loses the least.
 _SKLEARN_ORDER = ("knn", "mlp", "lsvm")
+
+
+def _check_heads(heads: Sequence[str]) -> None:
+    unknown = [h for h in heads if h not in _SKLEARN_ORDER]
+    if unknown:
+        raise ValueError(f"bench study: unknown heads {unknown}; expected knn, lsvm or mlp")
+
+
+def _study_split(
+    n: int, dim: int, classes: int, folds: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """The study benchmark's data: clustered synthetic vectors with ``classes`` labels, an
+    80/20 stratified split and the CV folds, all from fixed seeds (the same on every machine
+    with the same NumPy: ``data_sha256`` checks it)."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, classes, n)
+    centers = rng.standard_normal((classes, dim)).astype(np.float32)
+    # overlapping classes, as much at any dim: centres sqrt(2 dim) apart, noise 4 sqrt(dim/128)
+    # (a fixed 4 left 1,024-d classes linearly separable: LinearSVC's macro-F1 was 1.0)
+    noise = 4.0 * float(np.sqrt(dim / 128))
+    x = centers[y] + noise * rng.standard_normal((n, dim)).astype(np.float32)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    return xtr, xte, ytr, yte, StratifiedKFold(folds, shuffle=True, random_state=0)
+
+
+def _study_grids(
+    torch_device: dict[str, Any] | None = None, knn_device: dict[str, Any] | None = None
+) -> dict[str, tuple[dict[str, Any], Any, dict[str, list[Any]], str]]:
+    """The paper's grid per head: (pinsearch head options, scikit-learn estimator, grid, the
+    grid's parameter). scikit-learn's estimators are seeded, so a grid run fit by fit
+    (:func:`bench_study_reference`) gives what ``GridSearchCV`` gives."""
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    torch_device, knn_device = torch_device or {}, knn_device or {}
+    return {
+        "knn": (knn_device, KNeighborsClassifier(algorithm="brute"),
+                {"n_neighbors": [1, 5, 10, 20, 50]}, "n_neighbors"),
+        "lsvm": (torch_device, make_pipeline(StandardScaler(),
+                                             LinearSVC(max_iter=5000, random_state=0)),
+                 {"C": [0.01, 0.1, 1, 10, 100]}, "C"),
+        "mlp": ({"max_epochs": 40, **torch_device},
+                make_pipeline(StandardScaler(), MLPClassifier((512, 256), early_stopping=True,
+                                                              max_iter=40, random_state=0)),
+                {"batch_size": [32, 64, 128]}, "batch_size"),
+    }  # fmt: skip
+
+
+def _sklearn_param(est: Any, param: str) -> str:
+    """A grid parameter's name for ``set_params``: a pipeline's last step takes it."""
+    return f"{est.steps[-1][0]}__{param}" if hasattr(est, "steps") else param
 
 
 def _speedup(theirs: float, ours: float) -> float:
@@ -1117,29 +1177,14 @@ def bench_study(
     """
     import sklearn
     from sklearn.metrics import f1_score
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
+    from sklearn.model_selection import StratifiedKFold
 
     from pinsearch.gridsearch import batched_grid_search
     from pinsearch.heads import create_head
     from pinsearch.store import _write_json_atomic
 
-    unknown = [h for h in heads if h not in _SKLEARN_ORDER]
-    if unknown:
-        raise ValueError(f"bench study: unknown heads {unknown}; expected knn, lsvm or mlp")
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, classes, n)
-    centers = rng.standard_normal((classes, dim)).astype(np.float32)
-    # overlapping classes, as much at any dim: centres sqrt(2 dim) apart, noise 4 sqrt(dim/128)
-    # (a fixed 4 left 1,024-d classes linearly separable: LinearSVC's macro-F1 was 1.0)
-    noise = 4.0 * float(np.sqrt(dim / 128))
-    x = centers[y] + noise * rng.standard_normal((n, dim)).astype(np.float32)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    _check_heads(heads)
+    xtr, xte, ytr, yte, cv = _study_split(n, dim, classes, folds)
     bench = StudyBench(n, dim, classes, folds, device, [], _split_digest(xtr, ytr, xte, yte),
                        sklearn.__version__, machine=machine())  # fmt: skip
     references = [_load_reference(path, bench) for path in sklearn_reference]
@@ -1149,16 +1194,7 @@ def bench_study(
     knn_device = (
         {"device": "gpu" if device.startswith("cuda") else device} if device != "auto" else {}
     )
-    grids = {
-        "knn": (knn_device, KNeighborsClassifier(algorithm="brute"),
-                {"n_neighbors": [1, 5, 10, 20, 50]}, "n_neighbors"),
-        "lsvm": (torch_device, make_pipeline(StandardScaler(), LinearSVC(max_iter=5000)),
-                 {"C": [0.01, 0.1, 1, 10, 100]}, "C"),
-        "mlp": ({"max_epochs": 40, **torch_device},
-                make_pipeline(StandardScaler(), MLPClassifier((512, 256), early_stopping=True,
-                                                              max_iter=40, random_state=0)),
-                {"batch_size": [32, 64, 128]}, "batch_size"),
-    }  # fmt: skip
+    grids = _study_grids(torch_device, knn_device)
 
     def f1(pred: np.ndarray) -> float:
         return round(float(f1_score(yte, pred, average="macro")), 4)
@@ -1192,8 +1228,7 @@ def bench_study(
         snapshot()
     for out in sorted(bench.rows, key=lambda r: _SKLEARN_ORDER.index(r["head"])):
         _, ref, grid, param = grids[out["head"]]
-        ref_grid = {(f"{ref.steps[-1][0]}__{param}" if hasattr(ref, "steps") else param): v
-                    for v in grid.values()}  # fmt: skip
+        ref_grid = {_sklearn_param(ref, param): grid[param]}
 
         def waiting(seconds: float, out: dict[str, Any] = out) -> None:
             _sklearn_result(out, "running", seconds, None, references)
@@ -1211,3 +1246,174 @@ def bench_study(
     bench.status = "done"
     snapshot()
     return bench
+
+
+# -- scikit-learn's grid alone, fit by fit (a resumable reference) --------------------------
+
+
+@dataclass
+class StudyReference:
+    """scikit-learn's grid for one head of the study benchmark, run fit by fit and kept in a
+    checkpoint file, so that a grid longer than any one session (LinearSVC at the paper's size
+    on 2 cores) finishes over several. Its ``rows`` have a study row's shape: a finished one
+    is a ``--sklearn-reference`` for ``bench study``."""
+
+    head: str
+    n: int
+    dim: int
+    classes: int
+    folds: int
+    grid: dict[str, list[Any]]
+    rows: list[dict[str, Any]]
+    fits: list[dict[str, Any]]  # one per (value, fold); fold None: the refit, scored on test
+    data_sha256: str = ""
+    sklearn: str = ""
+    jobs: int = 1
+    status: str = "running"  # "done" once the refit is scored
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+_SPLITS: dict[tuple[int, ...], tuple[Any, ...]] = {}  # a fitting process draws its data once
+
+
+def _reference_fit(task: tuple[str, int, int, int, int, Any, int | None]) -> dict[str, Any]:
+    """One fit of a reference grid, in a worker: on fold ``fold``'s training part scored by
+    macro-F1 on its held-out part (as ``GridSearchCV`` scores), or, with ``fold`` None, the
+    refit on the whole training set scored on the test set."""
+    import sklearn
+    from sklearn.base import clone
+    from sklearn.metrics import f1_score
+
+    head, n, dim, classes, folds, value, fold = task
+    key = (n, dim, classes, folds)
+    if key not in _SPLITS:
+        _SPLITS[key] = _study_split(*key)
+    xtr, xte, ytr, yte, cv = _SPLITS[key]
+    _, est, _, param = _study_grids()[head]
+    est = clone(est).set_params(**{_sklearn_param(est, param): value})
+    if fold is None:
+        xa, ya, xb, yb = xtr, ytr, xte, yte
+    else:
+        train, held = list(cv.split(xtr, ytr))[fold]
+        xa, ya, xb, yb = xtr[train], ytr[train], xtr[held], ytr[held]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LinearSVC's convergence warnings, as in the study
+        with timed() as t:
+            est.fit(xa, ya)
+            pred = est.predict(xb)
+    score = round(float(f1_score(yb, pred, average="macro")), 6)
+    return {"value": value, "fold": fold, "seconds": round(t.seconds, 2), "macro_f1": score,
+            "sklearn": sklearn.__version__}  # fmt: skip
+
+
+def _reference_row(ref: StudyReference) -> dict[str, Any]:
+    """The study row a reference's fits make: cross-validated macro-F1 per value, the best
+    (the first of the highest mean, as ``GridSearchCV`` picks) and, once refit, test F1."""
+    ((param, values),) = ref.grid.items()
+    cv = {v: [f["macro_f1"] for f in ref.fits if f["fold"] is not None and f["value"] == v]
+          for v in values}  # fmt: skip
+    row: dict[str, Any] = {"head": ref.head, "param": param}
+    row["cv_macro_f1"] = {str(v): round(float(np.mean(s)), 4) for v, s in cv.items() if s}
+    row["fits_done"] = len(ref.fits)
+    row["fits_total"] = len(values) * ref.folds + 1
+    row["sklearn_fits_s"] = round(sum(f["seconds"] for f in ref.fits), 2)
+    if all(len(s) == ref.folds for s in cv.values()):
+        row["best"] = values[int(np.argmax([np.mean(cv[v]) for v in values]))]
+    refit = [f for f in ref.fits if f["fold"] is None]
+    row["sklearn_status"] = "done" if refit else "running"
+    row["sklearn_macro_f1"] = round(refit[0]["macro_f1"], 4) if refit else None
+    return row
+
+
+def _resume_reference(path: Path, ref: StudyReference) -> list[dict[str, Any]]:
+    """The fits already in a checkpoint; one made for another grid or split is an error (a
+    new file is needed), never mixed in."""
+    try:
+        old = json.loads(path.read_text())
+        fits = list(old["fits"])
+        keys = ("head", "n", "dim", "classes", "folds", "grid", "data_sha256")
+        theirs = {k: old[k] for k in keys}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"reference checkpoint {path}: not a `pinsearch bench study-reference` file "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    ours = {k: getattr(ref, k) for k in keys}
+    if theirs != ours:
+        differ = sorted(k for k in keys if theirs[k] != ours[k])
+        raise ValueError(
+            f"reference checkpoint {path} is for another grid or split ({', '.join(differ)} "
+            "differ); give a new --checkpoint file"
+        )
+    return fits
+
+
+def bench_study_reference(
+    *,
+    head: str = "lsvm",
+    n: int = 4000,
+    dim: int = 256,
+    classes: int = 32,
+    folds: int = 5,
+    jobs: int = -1,
+    checkpoint: Path | None = None,
+    max_fits: int | None = None,
+) -> StudyReference:
+    """scikit-learn's grid for one head of :func:`bench_study` (same data, folds, estimator
+    and grid), fit by fit: each (value, fold) fit in a worker process, ``jobs`` at a time (-1:
+    every core), then the refit with the best value, scored on the test set. Its macro-F1 is
+    what ``GridSearchCV`` gives (the estimators are seeded).
+
+    With ``checkpoint``, every finished fit is written to that JSON file at once (tmp +
+    rename) and a later call with the same file runs only the fits it lacks: a grid that
+    takes longer than any session (LinearSVC at 25,600 x 1,024 on 2 cores) finishes over
+    several, losing at most the fits in flight when one is stopped. ``max_fits`` stops after
+    that many new fits. ``sklearn_fits_s`` adds the fits' own seconds (each on one core).
+    """
+    import multiprocessing
+    import os
+
+    import sklearn
+
+    from pinsearch.store import _write_json_atomic
+
+    _check_heads([head])
+    xtr, xte, ytr, yte, _ = _study_split(n, dim, classes, folds)
+    _, _, grid, _ = _study_grids()[head]
+    jobs = jobs if jobs > 0 else os.cpu_count() or 1
+    digest = _split_digest(xtr, ytr, xte, yte)
+    ref = StudyReference(head, n, dim, classes, folds, grid, [], [], digest, jobs=jobs,
+                         machine=machine())  # fmt: skip
+    del xtr, xte, ytr, yte  # the workers draw their own copy
+    if checkpoint is not None and checkpoint.exists() and checkpoint.stat().st_size:
+        ref.fits = _resume_reference(checkpoint, ref)
+
+    def save() -> None:
+        order = {v: i for i, v in enumerate(grid[next(iter(grid))])}
+        ref.fits.sort(key=lambda f: (order[f["value"]], f["fold"] is None, f["fold"] or 0))
+        ref.rows = [_reference_row(ref)]
+        ref.status = ref.rows[0]["sklearn_status"]
+        ref.sklearn = ", ".join(sorted({f["sklearn"] for f in ref.fits} | {sklearn.__version__}))
+        if checkpoint is not None:
+            _write_json_atomic(checkpoint, asdict(ref))
+
+    (values,) = grid.values()
+    base = (head, n, dim, classes, folds)
+    budget = math.inf if max_fits is None else max_fits
+    done = {(f["value"], f["fold"]) for f in ref.fits}
+    cv_fits = [(*base, v, k) for v in values for k in range(folds) if (v, k) not in done]
+    if cv_fits and budget > 0:
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(min(jobs, len(cv_fits))) as pool:  # left early: its workers terminated
+            for fit in pool.imap_unordered(_reference_fit, cv_fits):
+                ref.fits.append(fit)
+                save()
+                budget -= 1
+                if budget <= 0:
+                    break
+    save()
+    best = ref.rows[0].get("best")
+    if best is not None and ref.status != "done" and budget > 0:
+        ref.fits.append(_reference_fit((*base, best, None)))
+        save()
+    return ref

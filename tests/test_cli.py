@@ -307,6 +307,50 @@ def test_bench_study_progress_file_outlasts_a_bounded_call(tmp_path: Path) -> No
         assert s["total"]["speedup_is_lower_bound"] == unfinished
 
 
+def test_bench_study_reference_resumes_to_what_grid_search_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """scikit-learn's grid fit by fit, stopped and resumed from its checkpoint, gives
+    GridSearchCV's cross-validated scores, choice and test F1; bench study takes its F1."""
+    from sklearn.model_selection import GridSearchCV
+
+    from pinsearch.eval.bench import _study_grids, _study_split, bench_study_reference
+
+    ckpt = tmp_path / "lsvm.json"
+    part = bench_study_reference(head="lsvm", n=320, dim=8, jobs=2, checkpoint=ckpt, max_fits=4)
+    saved = json.loads(ckpt.read_text())
+    assert part.status == saved["status"] == "running" and len(saved["fits"]) == 4
+    assert saved["rows"][0]["sklearn_macro_f1"] is None and saved["rows"][0]["fits_total"] == 26
+    args = ["bench", "study-reference", "--n", "320", "--dim", "8", "--head", "lsvm",
+            "--jobs", "1", "--checkpoint", str(ckpt), "--json"]  # fmt: skip
+    done = _json(args)
+    assert done["status"] == "done" and len(done["fits"]) == 26  # type: ignore[index]
+    assert all(f in done["fits"] for f in saved["fits"])  # type: ignore[index]  # kept, not redone
+    (row,) = done["rows"]  # type: ignore[index]
+    xtr, _, ytr, _, cv = _study_split(320, 8, 32, 5)
+    _, est, grid, _ = _study_grids()["lsvm"]
+    search = GridSearchCV(est, {"linearsvc__C": grid["C"]}, scoring="f1_macro", cv=cv)
+    search.fit(xtr, ytr)
+    means = [round(float(m), 4) for m in search.cv_results_["mean_test_score"]]
+    assert list(row["cv_macro_f1"].values()) == means
+    assert row["best"] == search.best_params_["linearsvc__C"] and row["fits_done"] == 26
+    study = ["bench", "study", "--n", "320", "--dim", "8", "--head", "lsvm", "--no-sequential"]
+    (theirs,) = _json([*study, "--json"])["rows"]  # type: ignore[index]
+    assert theirs["sklearn_macro_f1"] == row["sklearn_macro_f1"]  # what GridSearchCV gives
+    late = _json([*study, "--sklearn-timeout", "0.01", "--sklearn-reference", str(ckpt), "--json"])
+    (late_row,) = late["rows"]  # type: ignore[index]
+    assert late_row["sklearn_status"] == "stopped" and late_row["sklearn_f1_from"] == str(ckpt)
+    assert late_row["sklearn_macro_f1"] == row["sklearn_macro_f1"]
+    assert _json(args) == done  # nothing left to fit: the same result
+    other = [*args[:3], "336", *args[4:]]
+    assert "is for another grid or split (data_sha256, n differ)" in _main_error(
+        other, monkeypatch, capsys
+    )
+    assert json.loads(ckpt.read_text())["n"] == 320  # the checkpoint is left as it was
+    two = [*args[:-3], "--head", "knn", "--json"]
+    assert "takes one --head" in runner.invoke(app, two).output
+
+
 def test_query_and_serve_search_time_settings(
     tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
