@@ -1388,8 +1388,10 @@ def bench_study_reference(
     if checkpoint is not None and checkpoint.exists() and checkpoint.stat().st_size:
         ref.fits = _resume_reference(checkpoint, ref)
 
+    (values,) = grid.values()
+    order = {v: i for i, v in enumerate(values)}
+
     def save() -> None:
-        order = {v: i for i, v in enumerate(grid[next(iter(grid))])}
         ref.fits.sort(key=lambda f: (order[f["value"]], f["fold"] is None, f["fold"] or 0))
         ref.rows = [_reference_row(ref)]
         ref.status = ref.rows[0]["sklearn_status"]
@@ -1397,7 +1399,6 @@ def bench_study_reference(
         if checkpoint is not None:
             _write_json_atomic(checkpoint, asdict(ref))
 
-    (values,) = grid.values()
     base = (head, n, dim, classes, folds)
     budget = math.inf if max_fits is None else max_fits
     done = {(f["value"], f["fold"]) for f in ref.fits}
