@@ -260,6 +260,10 @@ def bench(
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
     fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
+    fp16_also: Annotated[
+        list[str] | None,
+        typer.Option(help="Index: also measure this factory in float16 (repeatable; same data)."),
+    ] = None,
     head: Annotated[
         list[str] | None,
         typer.Option(help="Heads: knn, lsvm, mlp (study: all; study-reference: one, lsvm)."),
@@ -326,7 +330,10 @@ def bench(
         else:
             result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
     elif what == "index":
-        result = b.bench_index(n=n or 100_000, **sized, factories=factory or None, fp16=fp16)
+        result = b.bench_index(
+            n=n or 100_000, **sized, factories=factory or None, fp16=fp16,
+            fp16_also=fp16_also or (),
+        )  # fmt: skip
     elif what == "exact":
         result = b.bench_exact(n=n or 1_000_000, **sized, nq=queries or 6400, device=device)
     elif what == "query":

@@ -1,102 +1,132 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 5, one step per device call (each well under the 10-minute
-# limit of a call; all steps together fit the 30 minutes of device time of a session).
+# The GPU measurements of issue 5, planned for one session's 15 minutes of device time (the
+# machine's start, every call, transfer and idle second count; no machine starts on < 4 min).
 #
-# Here, once:   bash ../shared/gpu/fetch-wheels.sh kneed hypothesis sortedcontainers attrs
-#               (writes .gpu/1 .. .gpu/4; the extra names are imported by pinsearch and the
-#               test modules and are not on the GPU machine)
-# Device calls, back to back within 30 s (run tool, carry=[".gpu/N"]):
-#               source .gpu/*/device-setup.sh                       (for .gpu/1 .. .gpu/3)
-#               source .gpu/*/device-setup.sh && bash eval/h100.sh tests    (with .gpu/4)
-# then, while the machine is warm, one call per step:
-#               source .gpu/*/device-setup.sh && bash eval/h100.sh exact
-#               ... index | embed | query | (embed-all, optional) | study | study-wait ...
-#               (nothing else after study: its scikit-learn side is timed in the background)
-# Every step writes JSON/text files under $OUT, which come back to this machine.
-# Device time (30 min a session) is what limits this, so the steps are in the order of what
-# the issue asks and are sized to take about 1 (tests, exact, query) and 3-5 (index, embed)
-# minutes. study starts the paper's grid in the background (scikit-learn's side takes longer
-# than a call) and waits up to 9 minutes; each study-wait waits 9 more and brings back how far
-# it got: call it until the machine's time runs out or the run is done.
+# Here, once:  bash eval/gpu-wheels.sh        (writes .gpu/1 .. .gpu/3)
+# Device calls, back to back (run tool, kind left out: an H100, else an H200; say which):
+#   1, 2   carry [".gpu/1"], then [".gpu/2"]:  source .gpu/*/device-setup.sh
+#   3      carry [".gpu/3"]:  source .gpu/*/device-setup.sh && bash eval/h100.sh start [STEP...]
+#   4 ...  source .gpu/*/device-setup.sh && WAIT=S bash eval/h100.sh wait
+#   then give_back.
+# `start` runs the steps one after another in a runner of its own process session (setsid),
+# which goes on between calls while the machine is held, then waits like `wait`: up to WAIT
+# seconds (default 480) or until the runner ends, and returns everything written so far as
+# one file, $OUT/h100.tgz (here: unpack it into eval/results/h100/, then
+# `python -m pinsearch.eval.targets eval/results/h100`), printing the steps' log and the
+# issue's targets as measured so far. Give the last wait what status's budget_left_s leaves,
+# less about a minute for the copy back and give_back. A bare machine starts in 1-2 minutes.
+#
+# Steps (default: tests exact query embed index study), cheapest proof first; estimated
+# minutes: tests 2, exact 1, query 2, embed 2-3, index 3 (each stopped at its limit below),
+# study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
+# speed-up it shows is a floor that grows while it runs (nothing else may run beside it).
+# A session that has the others runs `start study` alone. Optional steps: embed-pil (the
+# CPU-decoding baseline), embed-all (every registered backbone, random weights).
 set -uo pipefail
-step=${1:?"step: tests | exact | index | embed | query | study | study-wait | embed-all"}
-out=${OUT:-/tmp/pinsearch-h100}
-mkdir -p "$out"
-export PINSEARCH_OFFLINE=1
-run() {  # run NAME CMD...: keep the output, say how long it took
+self=$(readlink -f "$0")
+cmd=${1:?"usage: h100.sh start [STEP...] | wait | one STEP"}; shift
+dir=${H100_DIR:-/tmp/pinsearch-h100}  # outlives a call while the machine is held
+mkdir -p "$dir"
+export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
+declare -A limit=([tests]=300 [exact]=240 [query]=300 [embed]=420 [index]=480 [embed-pil]=240
+                  [embed-all]=480 [study]=0)
+
+bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
   local name=$1; shift
-  local start=$SECONDS
-  "$@" > "$out/$name" 2> "$out/$name.err"
-  echo "$name: exit $? in $((SECONDS - start)) s"
+  pinsearch bench "$@" --json > "$dir/$name.json" 2> "$dir/$name.err"
 }
-case $step in
-  tests)
-    nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-    python3 -c "import faiss, torch, torchvision as tv; o = faiss.GpuClonerOptions();
+
+one() {  # one step, in the foreground
+  case $1 in
+    tests)
+      nvidia-smi > "$dir/nvidia-smi.txt" 2>&1
+      python3 -c "import faiss, torch, torchvision as tv; o = faiss.GpuClonerOptions();
 print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(o, 'use_cuvs', None));
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)" \
-      > "$out/versions.txt" 2>&1
-    cat "$out/versions.txt"
-    python3 -m pytest -m gpu -q -p no:cacheprovider -rs > "$out/pytest-gpu.txt" 2>&1
-    echo "pytest -m gpu: exit $?"; tail -5 "$out/pytest-gpu.txt"
-    ;;
-  exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
-    run exact-1m-1024.json pinsearch bench exact --dim 1024 --json
-    ;;
-  index)  # build, memory, QPS and recall@10 at 1M, float32 and float16 GPU indexes
-    for d in 1024 768; do
-      run index-1m-$d.json pinsearch bench index --n 1000000 --dim $d --factory Flat \
-        --factory IVF4096,Flat --factory IVF4096,PQ64 --json
-      # float16 changes Flat storage only (IVF-Flat ignores it; PQ64 has float16 tables anyway)
-      run index-1m-$d-fp16.json pinsearch bench index --n 1000000 --dim $d --factory Flat \
-        --fp16 --json
-    done
-    ;;
-  embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory;
-    # the issue's three backbones over one set of files per decoder (a row each)
-    three=(-b effnet_lite0 -b clip-vit-b-32 -b convnext_base)
-    run embed-device.json pinsearch bench embed "${three[@]}" --n 16384 --batch-size 0 \
-      --decode device --random-weights --json
-    run embed-pil.json pinsearch bench embed "${three[@]}" --n 4096 --batch-size 256 \
-      --decode pil --random-weights --json
-    ;;
-  embed-all)  # every registered backbone, one table (random weights: speed only)
-    run embed-all.json pinsearch bench embed -b all --n 4096 --batch-size 0 --decode device \
-      --random-weights --json
-    ;;
-  query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
-    run query-1m-768.json pinsearch bench query --n 1000000 --dim 768 --json
-    ;;
-  study|study-wait)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes,
-    # 5 folds, every head; pinsearch's grids first, then scikit-learn's (LinearSVC's alone
-    # took an hour on 2 cores). The run goes on in its own session (setsid) after this call
-    # returns, rewriting its result so far (a grid still running counts as a lower bound) in
-    # a file that this call and each study-wait bring back. Stopped rows take scikit-learn's
-    # macro-F1 from the finished runs on the same split in eval/results/study-cpu2/.
-    dir=/tmp/pinsearch-study; mkdir -p "$dir"
-    if [ "$step" = study ] && ! [ -f "$dir/pid" ]; then
-      refs=(); for f in "${STUDY_REFS:-eval/results/study-cpu2}"/*.json; do
-        [ -s "$f" ] && refs+=(--sklearn-reference "$f"); done  # empty: a run not finished
-      setsid pinsearch bench study --n "${STUDY_N:-32000}" --dim "${STUDY_DIM:-1024}" \
-        --head knn --head lsvm --head mlp \
-        --no-sequential --sklearn-timeout 1800 "${refs[@]}" \
-        --progress "$dir/study-25600-1024.json" --json \
-        > "$dir/study-final.json" 2> "$dir/study-25600-1024.err" < /dev/null &
-      echo $! > "$dir/pid"
+        > "$dir/versions.txt" 2>&1
+      python3 -m pytest -m gpu -q -p no:cacheprovider -rs > "$dir/pytest-gpu.txt" 2>&1 ;;
+    exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
+      bench exact-1m-1024 exact --dim 1024 ;;
+    query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
+      bench query-1m-768 query --n 1000000 --dim 768 ;;
+    embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
+      bench embed-device embed -b effnet_lite0 -b clip-vit-b-32 -b convnext_base --n 16384 \
+        --batch-size 0 --decode device --random-weights ;;
+    index)  # build, memory, QPS, recall@10 at 1M; Flat once more in float16 (same vectors)
+      for d in 1024 768; do
+        bench "index-1m-$d" index --n 1000000 --dim "$d" --factory Flat \
+          --factory IVF4096,Flat --factory IVF4096,PQ64 --fp16-also Flat || return
+      done ;;
+    embed-pil)
+      bench embed-pil embed -b effnet_lite0 -b clip-vit-b-32 -b convnext_base --n 4096 \
+        --batch-size 256 --decode pil --random-weights ;;
+    embed-all)
+      bench embed-all embed -b all --n 4096 --batch-size 0 --decode device --random-weights ;;
+    study)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes, 5 folds,
+      # every head; pinsearch's grids first, then scikit-learn's (quickest first), rewriting
+      # the result so far in the progress file. Stopped rows take scikit-learn's macro-F1
+      # from finished runs on the same split in eval/results/study-cpu2/.
+      local refs=() f
+      for f in "${STUDY_REFS:-eval/results/study-cpu2}"/*.json; do
+        [ -s "$f" ] && refs+=(--sklearn-reference "$f")  # empty: a run not finished
+      done
+      pinsearch bench study --n "${STUDY_N:-32000}" --dim "${STUDY_DIM:-1024}" --head knn \
+        --head lsvm --head mlp --no-sequential --sklearn-timeout 1800 "${refs[@]}" \
+        --progress "$dir/study-progress.json" --json \
+        > "$dir/study-final.json" 2> "$dir/study.err"
+      local rc=$?  # finished: the last snapshot is the final result
+      [ -s "$dir/study-final.json" ] && rm -f "$dir/study-progress.json"
+      return $rc ;;
+    *) echo "unknown step $1" >&2; return 2 ;;
+  esac
+}
+
+log() { echo "$(date +%T) $*" >> "$dir/steps.log"; }
+
+runner() {  # the steps in order, each within its limit; a failing step does not stop the rest
+  local s start rc
+  for s in "$@"; do
+    start=$SECONDS; log "$s: started"
+    if [ "${limit[$s]}" -gt 0 ]; then
+      timeout -k 10 "${limit[$s]}" bash "$self" one "$s"; rc=$?
+    else
+      bash "$self" one "$s"; rc=$?
     fi
-    [ -f "$dir/pid" ] || { echo "no study running: run the study step first" >&2; exit 2; }
-    start=$SECONDS
-    while kill -0 "$(cat "$dir/pid")" 2> /dev/null && [ $((SECONDS - start)) -lt 540 ]; do
-      sleep 5
+    log "$s: exit $rc after $((SECONDS - start)) s$([ $rc = 124 ] && echo ' (time limit)')"
+  done
+  log "runner: done"
+}
+
+running() { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2> /dev/null; }
+
+wait_and_pack() {
+  local start=$SECONDS out=${OUT:-/tmp/pinsearch-h100-out} f
+  while running && [ $((SECONDS - start)) -lt "${WAIT:-480}" ]; do sleep 5; done
+  mkdir -p "$out"
+  tar czf "$out/h100.tgz" --warning=no-file-changed --ignore-failed-read -C "$dir" \
+    --exclude=pid . 2> /dev/null
+  echo "== runner $(running && echo 'still running' || echo 'ended') after this call's" \
+    "$((SECONDS - start)) s; results: $out/h100.tgz"
+  cat "$dir/steps.log" 2> /dev/null
+  for f in "$dir"/*.err "$dir/pytest-gpu.txt"; do
+    [ -s "$f" ] && { echo "== $(basename "$f") (end)"; tail -n 3 "$f"; }
+  done
+  echo "== targets"
+  python3 -m pinsearch.eval.targets "$dir"
+}
+
+case $cmd in
+  start)
+    if running; then echo "a runner is going already: use wait" >&2; exit 2; fi
+    [ $# -gt 0 ] || set -- tests exact query embed index study
+    for s in "$@"; do
+      [ -n "${limit[$s]+set}" ] || { echo "unknown step $s: ${!limit[*]}" >&2; exit 2; }
     done
-    kill -0 "$(cat "$dir/pid")" 2> /dev/null && state=running || state=ended
-    cp "$dir"/study-* "$out"/ 2> /dev/null
-    echo "study: $state after $((SECONDS - start)) s of this call"
-    python3 -c "import json, sys; r = json.load(open(sys.argv[1]));
-print(r['status'], r['total']); [print(x) for x in r['rows']]" "$dir/study-25600-1024.json"
-    ;;
-  *)
-    echo "unknown step $step" >&2; exit 2
-    ;;
+    setsid bash "$self" runner "$@" > "$dir/runner.log" 2>&1 < /dev/null &
+    echo $! > "$dir/pid"
+    wait_and_pack ;;
+  wait) wait_and_pack ;;
+  runner) runner "$@" ;;
+  one) one "$1" ;;
+  *) echo "unknown command $cmd: start, wait or one" >&2; exit 2 ;;
 esac
-ls -la "$out"

@@ -124,10 +124,14 @@ def test_backbones_json_lists_registry() -> None:
 
 def test_bench_index_prints_numbers() -> None:
     result = runner.invoke(app, ["bench", "index", "--n", "2000", "--dim", "32",
-                                 "--factory", "Flat", "--factory", "HNSW16", "--json"])  # fmt: skip
+                                 "--factory", "Flat", "--factory", "HNSW16",
+                                 "--fp16-also", "Flat", "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert [r["factory"] for r in data["rows"]] == ["Flat", "HNSW16"]
+    rows = [(r["factory"], r["fp16"]) for r in data["rows"]]
+    assert rows == [("Flat", False), ("HNSW16", False), ("Flat", True)]
+    fp16_flat = data["rows"][2]  # float16 storage is FAISS-GPU's: the CPU keeps float32
+    assert fp16_flat["device"] == "cpu" and fp16_flat["recall_at_10"] == 1.0
     assert data["rows"][0]["recall_at_10"] == 1.0 and data["rows"][1]["qps"] > 0
     # Flat holds 2,000 x 32 float32 = 0.24 MiB (plus a small header).
     assert 0.24 <= data["rows"][0]["memory_mb"] <= 0.3

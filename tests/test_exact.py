@@ -24,6 +24,22 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return both[:6000], both[6000:]
 
 
+def test_clustered_vectors_drawn_in_blocks_equal_one_whole_draw() -> None:
+    # the benchmarks' data is drawn in row blocks (1M x 1024 without float64 temporaries); the
+    # vectors must be those of drawing every array at once, so earlier figures stay comparable
+    n, dim, clusters, intrinsic = 70_000, 24, 16, 5  # over two blocks of 32,768 rows
+    rng = np.random.default_rng(3)
+    centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    basis = (rng.standard_normal((intrinsic, dim)) / np.sqrt(intrinsic)).astype(np.float32)
+    whole = centers[rng.integers(0, clusters, n)]
+    whole += rng.standard_normal((n, intrinsic)).astype(np.float32) @ basis
+    whole += 0.1 * rng.standard_normal((n, dim)).astype(np.float32)
+    np.abs(whole, out=whole)
+    got = clustered_vectors(n, dim, clusters=clusters, intrinsic=intrinsic, seed=3)
+    assert got.dtype == np.float32 and got.shape == (n, dim)
+    np.testing.assert_array_equal(got, whole)
+
+
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("precision", ["float32", "float16", "bfloat16"])
 def test_scan_agrees_with_faiss(data, metric: str, precision: str) -> None:  # type: ignore[no-untyped-def]

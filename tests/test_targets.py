@@ -1,0 +1,117 @@
+"""The issue's GPU targets read from real benchmark results (small CPU runs, their figures
+then set to known values: the checker is judged on the results' real shape)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.cli.app import app
+from pinsearch.eval.bench import EmbedBench, EmbedTable
+from pinsearch.eval.targets import check_folder, check_result, main
+
+runner = CliRunner()
+H100 = {"cuda": "NVIDIA H100 80GB HBM3"}
+
+
+def _bench(*args: str) -> dict[str, Any]:
+    result = runner.invoke(app, ["bench", *args, "--json"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    data = json.loads(result.stdout)
+    data["machine"].update(H100)  # as if measured on the GPU the thresholds are set for
+    return data
+
+
+def _states(result: dict[str, Any]) -> list[str]:
+    return [c.state for c in check_result(result)]
+
+
+@pytest.fixture(scope="module")
+def exact() -> dict[str, Any]:
+    return _bench("exact", "--n", "3000", "--dim", "16", "--queries", "40")
+
+
+def test_exact_targets(exact: dict[str, Any]) -> None:
+    rows = {r["path"]: r for r in exact["rows"]}
+    rows["pinsearch Flat"]["vs_raw"] = 1.1
+    for r in exact["rows"]:
+        if "16" in r["path"]:
+            r.update(vs_raw=0.5, agreement=0.999)
+    rows["torch bfloat16"].update(vs_raw=0.25, agreement=0.98)  # fast enough but off
+    rows["torch float16 refine 4k"].update(vs_raw=0.3, agreement=1.0)
+    checks = check_result(exact, "exact.json")
+    assert [c.state for c in checks] == ["pass", "pass"]
+    assert "torch float16 refine 4k: 3.33x" in checks[1].measured  # bfloat16 disagrees: not it
+    rows["pinsearch Flat"]["vs_raw"] = 1.3
+    rows["torch float16 refine 4k"]["vs_raw"] = 0.4
+    assert _states(exact) == ["FAIL", "FAIL"]
+
+
+def test_query_targets() -> None:
+    data = _bench("query", "--n", "2000", "--dim", "16")
+    data.update(pinsearch_p50_ms=4.2, pinsearch_p99_ms=19.0)
+    assert _states(data) == ["pass"]
+    data["pinsearch_p99_ms"] = 21.0
+    assert _states(data) == ["FAIL"]
+
+
+def test_embed_targets() -> None:
+    def row(backbone: str, steady: float, forward: float) -> dict[str, Any]:
+        bench = EmbedBench(backbone, "random", "cuda", "device", 16384, 512, 16, steady * 0.9,
+                           steady, 1.0, forward, round(steady / forward, 3))  # fmt: skip
+        return {k: v for k, v in asdict(bench).items() if k != "machine"}
+
+    rows = [row("effnet_lite0", 9000, 20000), row("clip-vit-b-32", 7000, 9000),
+            row("convnext_base", 2800, 3000), row("convnext_tiny", 1, 10)]  # fmt: skip
+    rows.append({"backbone": "effnet_lite0", "error": "OutOfMemoryError: ..."})
+    table = asdict(EmbedTable(16384, rows, machine=H100))
+    assert _states(table) == ["pass", "FAIL", "pass", "FAIL"]  # no target for convnext_tiny
+    one = asdict(EmbedBench("clip-vit-b-32", "random", "cuda", "device", 16384, 512, 16, 8100,
+                            8300, 1.0, 9000, 0.92, machine=H100))  # fmt: skip
+    assert _states(one) == ["pass"]  # `bench embed` with one backbone prints no table
+
+
+def test_study_targets_lower_bounds_stay_open() -> None:
+    data = _bench("study", "--n", "320", "--dim", "8", "--head", "knn", "--head", "lsvm",
+                  "--no-sequential")  # fmt: skip
+    assert data["total"] is not None and len(data["rows"]) == 2
+    data["total"].update(pinsearch_s=10.0, sklearn_s=120.0, speedup=12.0)
+    for r in data["rows"]:
+        r.update(pinsearch_macro_f1=0.60, sklearn_macro_f1=0.605, f1_gap=0.005)
+    assert _states(data) == ["pass", "pass", "pass"]
+    running = copy.deepcopy(data)  # a snapshot of a run not finished: a floor under 10x
+    running["total"].update(speedup=6.0, speedup_is_lower_bound=True)
+    running["rows"][1].update(sklearn_macro_f1=None, f1_gap=None)
+    assert _states(running) == ["open", "pass", "open"]
+    data["total"]["speedup"] = 8.0  # finished and short of it
+    data["rows"][0]["f1_gap"] = 0.02
+    assert _states(data) == ["FAIL", "FAIL", "pass"]
+
+
+def test_folder_skips_what_is_not_a_result_and_cpu_runs_are_not_judged(
+    exact: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "exact.json").write_text(json.dumps(exact))
+    cpu = copy.deepcopy(exact)
+    cpu["machine"]["cuda"] = None
+    (tmp_path / "exact-cpu.json").write_text(json.dumps(cpu))
+    (tmp_path / "study.json").write_text('{"status": "running", "rows": [')  # cut mid-write
+    (tmp_path / "index.json").write_text(json.dumps({"n": 10, "rows": [{"factory": "Flat"}]}))
+    checks = check_folder(tmp_path)
+    assert [c.source for c in checks] == ["exact-cpu.json"] * 2 + ["steps/exact.json"] * 2
+    assert {c.state for c in checks[:2]} == {"cpu"} and "not judged" in checks[0].measured
+    assert main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 4 and printed[0].startswith("cpu ")
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 0
+    assert "no benchmark results" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2 and main([]) == 2
+    assert "missing: not a folder" in capsys.readouterr().err
