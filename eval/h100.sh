@@ -44,7 +44,10 @@ one() {  # one step, in the foreground
 print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(o, 'use_cuvs', None));
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)" \
         > "$dir/versions.txt" 2>&1
-      python3 -m pytest -m gpu -q -p no:cacheprovider -rs > "$dir/pytest-gpu.txt" 2>&1 ;;
+      local each=()  # a hung test ends alone, not the whole step (pytest-timeout is there)
+      python3 -c "import pytest_timeout" 2> /dev/null && each=(--timeout 120)
+      python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${each[@]}" \
+        > "$dir/pytest-gpu.txt" 2>&1 ;;
     exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
       bench exact-1m-1024 exact --dim 1024 ;;
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
