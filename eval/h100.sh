@@ -6,37 +6,66 @@
 # Device calls, back to back (run tool, kind left out: an H100, else an H200; say which):
 #   1, 2   carry [".gpu/1"], then [".gpu/2"]:  source .gpu/*/device-setup.sh
 #   3      carry [".gpu/3"]:  source .gpu/*/device-setup.sh && bash eval/h100.sh start [STEP...]
-#   4 ...  source .gpu/*/device-setup.sh && WAIT=S bash eval/h100.sh wait
+#   4 ...  WAIT=S bash eval/h100.sh wait       (no setup: the runner has its environment)
 #   then give_back.
 # `start` runs the steps one after another in a runner of its own process session (setsid),
 # which goes on between calls while the machine is held, then waits like `wait`: up to WAIT
-# seconds (default 480) or until the runner ends, and returns everything written so far as
-# one file, $OUT/h100.tgz (here: unpack it into eval/results/h100/, then
-# `python -m pinsearch.eval.targets eval/results/h100`), printing the steps' log and the
-# issue's targets as measured so far. Give the last wait what status's budget_left_s leaves,
-# less about a minute for the copy back and give_back. A bare machine starts in 1-2 minutes.
+# seconds (default 480) or until the runner ends. Both keep everything written so far in one
+# file, $OUT/h100.tgz, packed again every minute while they wait (a call stopped at its limit
+# still returns the last one), and print the steps' log and the issue's targets as measured
+# so far. Here: `rm -rf eval/results/h100 && mkdir -p eval/results/h100 && tar xzf
+# <files_at>/h100.tgz -C eval/results/h100 && python -m pinsearch.eval.targets
+# eval/results/h100` (a clean folder: a finished study's progress file is gone from later
+# archives). Give the last wait what status's budget_left_s leaves, less about a minute for
+# the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
 # Steps (default: tests exact query embed index study), cheapest proof first; estimated
 # minutes: tests 2, exact 1, query 2, embed 2-3, index 3 (each stopped at its limit below),
 # study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
 # speed-up it shows is a floor that grows while it runs (nothing else may run beside it).
-# A session that has the others runs `start study` alone. Optional steps: embed-pil (the
-# CPU-decoding baseline), embed-all (every registered backbone, random weights).
+# About 10 minutes of a session are the runner's: the first session gets the five steps
+# before the study (index has no target, but the study would not finish its floor in the
+# minutes left either), and a session that has them runs `start study` alone. Optional
+# steps: embed-pil (the CPU-decoding baseline), embed-all (every registered backbone).
+# STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
 self=$(readlink -f "$0")
+here=$(dirname "$self")
 cmd=${1:?"usage: h100.sh start [STEP...] | wait | one STEP"}; shift
 dir=${H100_DIR:-/tmp/pinsearch-h100}  # outlives a call while the machine is held
+jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
 declare -A limit=([tests]=300 [exact]=240 [query]=300 [embed]=420 [index]=480 [embed-pil]=240
                   [embed-all]=480 [study]=0)
+three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
 bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
   local name=$1; shift
   pinsearch bench "$@" --json > "$dir/$name.json" 2> "$dir/$name.err"
 }
 
+files=${EMBED_N:-16384}  # generated pin JPEGs, written once, shared by the embedding steps
+write_jpegs() {
+  [ -f "$jpegs/done-$files" ] && return
+  rm -rf "$jpegs" && mkdir -p "$jpegs" && python3 -c "import sys; from pathlib import Path
+from pinsearch.eval.bench import write_bench_images
+write_bench_images(Path(sys.argv[1]), int(sys.argv[2]))" "$jpegs" "$files" \
+    && touch "$jpegs/done-$files"
+}
+
+embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone (a backbone
+  # stopped or failing costs only its own row), over the same files
+  local tag=$1 b rc=0; shift
+  write_jpegs || return
+  for b in "$@"; do
+    bench "embed-$tag-$b" embed -b "$b" --corpus "$jpegs" "${options[@]}" || rc=$?
+  done
+  return $rc
+}
+
 one() {  # one step, in the foreground
+  local options=() rc=0
   case $1 in
     tests)
       nvidia-smi > "$dir/nvidia-smi.txt" 2>&1
@@ -53,18 +82,20 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
       bench query-1m-768 query --n 1000000 --dim 768 ;;
     embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
-      bench embed-device embed -b effnet_lite0 -b clip-vit-b-32 -b convnext_base --n 16384 \
-        --batch-size 0 --decode device --random-weights ;;
+      options=(--n "$files" --batch-size 0 --decode device --random-weights)
+      embed_each device "${three[@]}" ;;
+    embed-pil)
+      options=(--n $((files / 4)) --batch-size 256 --decode pil --random-weights)
+      embed_each pil "${three[@]}" ;;
+    embed-all)
+      options=(--n $((files / 4)) --batch-size 0 --decode device --random-weights)
+      write_jpegs && bench embed-all embed -b all --corpus "$jpegs" "${options[@]}" ;;
     index)  # build, memory, QPS, recall@10 at 1M; Flat once more in float16 (same vectors)
       for d in 1024 768; do
         bench "index-1m-$d" index --n 1000000 --dim "$d" --factory Flat \
-          --factory IVF4096,Flat --factory IVF4096,PQ64 --fp16-also Flat || return
-      done ;;
-    embed-pil)
-      bench embed-pil embed -b effnet_lite0 -b clip-vit-b-32 -b convnext_base --n 4096 \
-        --batch-size 256 --decode pil --random-weights ;;
-    embed-all)
-      bench embed-all embed -b all --n 4096 --batch-size 0 --decode device --random-weights ;;
+          --factory IVF4096,Flat --factory IVF4096,PQ64 --fp16-also Flat || rc=$?
+      done
+      return $rc ;;
     study)  # the paper's grid for one backbone: 25,600 x 1,024 train, 32 classes, 5 folds,
       # every head; pinsearch's grids first, then scikit-learn's (quickest first), rewriting
       # the result so far in the progress file. Stopped rows take scikit-learn's macro-F1
@@ -77,7 +108,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.
         --head lsvm --head mlp --no-sequential --sklearn-timeout 1800 "${refs[@]}" \
         --progress "$dir/study-progress.json" --json \
         > "$dir/study-final.json" 2> "$dir/study.err"
-      local rc=$?  # finished: the last snapshot is the final result
+      rc=$?  # finished: the last snapshot is the final result
       [ -s "$dir/study-final.json" ] && rm -f "$dir/study-progress.json"
       return $rc ;;
     *) echo "unknown step $1" >&2; return 2 ;;
@@ -88,6 +119,7 @@ log() { echo "$(date +%T) $*" >> "$dir/steps.log"; }
 
 runner() {  # the steps in order, each within its limit; a failing step does not stop the rest
   local s start rc
+  echo $$ > "$dir/runner.pid"
   for s in "$@"; do
     start=$SECONDS; log "$s: started"
     if [ "${limit[$s]}" -gt 0 ]; then
@@ -98,16 +130,30 @@ runner() {  # the steps in order, each within its limit; a failing step does not
     log "$s: exit $rc after $((SECONDS - start)) s$([ $rc = 124 ] && echo ' (time limit)')"
   done
   log "runner: done"
+  touch "$dir/ended-$$"
 }
 
-running() { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2> /dev/null; }
+running() {  # a pid alone can outlive its process (a zombie nobody reaps, a pid reused)
+  local pid
+  pid=$(cat "$dir/runner.pid" 2> /dev/null) || return 1
+  kill -0 "$pid" 2> /dev/null && ! [ -f "$dir/ended-$pid" ]
+}
+
+pack() {  # everything so far into $OUT/h100.tgz, replaced whole
+  tar czf "$out/h100.tgz.part" --warning=no-file-changed --ignore-failed-read -C "$dir" \
+    --exclude=runner.pid --exclude='ended-*' --exclude='*.tmp' . 2> /dev/null
+  mv -f "$out/h100.tgz.part" "$out/h100.tgz"
+}
 
 wait_and_pack() {
-  local start=$SECONDS out=${OUT:-/tmp/pinsearch-h100-out} f
-  while running && [ $((SECONDS - start)) -lt "${WAIT:-480}" ]; do sleep 5; done
-  mkdir -p "$out"
-  tar czf "$out/h100.tgz" --warning=no-file-changed --ignore-failed-read -C "$dir" \
-    --exclude=pid . 2> /dev/null
+  local start=$SECONDS packed=$SECONDS f
+  out=${OUT:-/tmp/pinsearch-h100-out}
+  mkdir -p "$out" && pack
+  while running && [ $((SECONDS - start)) -lt "${WAIT:-480}" ]; do
+    sleep 5
+    [ $((SECONDS - packed)) -ge 60 ] && { pack; packed=$SECONDS; }
+  done
+  pack
   echo "== runner $(running && echo 'still running' || echo 'ended') after this call's" \
     "$((SECONDS - start)) s; results: $out/h100.tgz"
   cat "$dir/steps.log" 2> /dev/null
@@ -115,7 +161,7 @@ wait_and_pack() {
     [ -s "$f" ] && { echo "== $(basename "$f") (end)"; tail -n 3 "$f"; }
   done
   echo "== targets"
-  python3 -m pinsearch.eval.targets "$dir"
+  python3 "$here/targets.py" "$dir"  # plain Python: no setup needed in a wait call
 }
 
 case $cmd in
@@ -125,8 +171,10 @@ case $cmd in
     for s in "$@"; do
       [ -n "${limit[$s]+set}" ] || { echo "unknown step $s: ${!limit[*]}" >&2; exit 2; }
     done
+    rm -f "$dir/runner.pid"
     setsid bash "$self" runner "$@" > "$dir/runner.log" 2>&1 < /dev/null &
-    echo $! > "$dir/pid"
+    for _ in $(seq 50); do [ -s "$dir/runner.pid" ] && break; sleep 0.2; done
+    [ -s "$dir/runner.pid" ] || { echo "no runner: $(cat "$dir/runner.log")" >&2; exit 1; }
     wait_and_pack ;;
   wait) wait_and_pack ;;
   runner) runner "$@" ;;

@@ -1,10 +1,13 @@
 """Issue 5's GPU targets, checked against measured benchmark results.
 
-``python -m pinsearch.eval.targets DIR`` reads every ``pinsearch bench ... --json`` file in
-DIR (the unpacked results of ``eval/h100.sh``, or runs of one's own), tells each kind by its
-fields and prints one line per target: ``pass``, ``FAIL`` or ``open`` (a lower bound still
-short of it, or a figure missing), with the measured figure. The thresholds are the issue's,
-set for one H100: a result from a machine without CUDA is marked as such, not judged.
+``python -m pinsearch.eval.targets DIR`` (or ``python eval/targets.py DIR``: plain Python, no
+install needed) reads every ``pinsearch bench ... --json`` file under DIR (the unpacked
+results of ``eval/h100.sh``, or runs of one's own), tells each kind by its fields and prints
+one line per target: ``pass``, ``FAIL``, or ``open`` (a lower bound still short of it, or a
+figure not measured), with the figure. The thresholds are the issue's, set for one H100: a
+result measured without a GPU is listed as ``cpu``, not judged. Embedding rates are the
+steady end-to-end rates (JPEG files on disk to vectors, the pipeline's start left out; the
+whole run's rate is printed beside) of rows decoded on the device (a PIL row is a baseline).
 """
 
 from __future__ import annotations
@@ -17,97 +20,92 @@ from typing import Any
 
 #: the issue's numbers
 EMBED_MIN_IMAGES_PER_S = {"effnet_lite0": 8000.0, "clip-vit-b-32": 8000.0}
-EMBED_MIN_RATIO = {"convnext_base": 0.9}  # end to end over the bare forward, same batch
+EMBED_MIN_RATIO = {"convnext_base": 0.9}  # of the bare forward at the same batch
 EXACT_MAX_VS_RAW = 1.2  # pinsearch over raw FAISS on the same index
 EXACT_MIN_16BIT_SPEEDUP, EXACT_MIN_AGREEMENT = 3.0, 0.99
 QUERY_MAX_P50_MS, QUERY_MAX_P99_MS = 5.0, 20.0
 STUDY_MIN_SPEEDUP, STUDY_MAX_F1_GAP = 10.0, 0.01
+STUDY_HEADS = ("knn", "lsvm", "mlp")
+
+#: every target, by the key its checks carry
+TARGETS = {
+    **{f"embed {b}": f"embed {b} >= {v:,.0f} img/s" for b, v in EMBED_MIN_IMAGES_PER_S.items()},
+    **{f"embed {b}": f"embed {b} >= {v:.0%} of the bare forward"
+       for b, v in EMBED_MIN_RATIO.items()},
+    "exact pinsearch": f"exact: pinsearch within {EXACT_MAX_VS_RAW}x of raw FAISS",
+    "exact 16-bit": f"exact: a 16-bit path >= {EXACT_MIN_16BIT_SPEEDUP:g}x faster, agreement "
+    f">= {EXACT_MIN_AGREEMENT}",
+    "query": f"query with metadata: p50 < {QUERY_MAX_P50_MS:g} ms, p99 < {QUERY_MAX_P99_MS:g} ms",
+    "study speed-up": f"study: grid >= {STUDY_MIN_SPEEDUP:g}x faster than scikit-learn",
+    **{f"study {h} F1": f"study {h}: macro-F1 within {STUDY_MAX_F1_GAP} of scikit-learn"
+       for h in STUDY_HEADS},
+}  # fmt: skip
 
 
 @dataclass
 class Check:
-    """One target: what it is, the figure measured, and whether it is met."""
+    """One target: which (a key of :data:`TARGETS`), the figure, and whether it is met."""
 
     source: str  # the result file
-    target: str
+    key: str
     measured: str
-    state: str  # pass, FAIL or open
+    state: str  # pass, FAIL, open, or cpu (measured without a GPU: not judged)
 
     def line(self) -> str:
-        return f"{self.state:4}  {self.target}: {self.measured}  [{self.source}]"
+        return f"{self.state:4}  {TARGETS[self.key]}: {self.measured}  [{self.source}]"
 
 
 def _state(ok: bool | None) -> str:
     return "open" if ok is None else ("pass" if ok else "FAIL")
 
 
-def _embed(result: dict[str, Any], src: str) -> list[Check]:
+def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
     out = []
-    for row in result["rows"]:
+    for row in rows:
         name = row.get("backbone")
-        if name not in EMBED_MIN_IMAGES_PER_S and name not in EMBED_MIN_RATIO:
+        key = f"embed {name}"
+        if key not in TARGETS or row.get("decode") == "pil":
             continue
         if "error" in row:
-            out.append(Check(src, f"embed {name}", row["error"], "FAIL"))
+            out.append(Check(src, key, row["error"], "FAIL"))
             continue
-        rate, whole, ratio = (
-            row["steady_images_per_s"],
-            row["end_to_end_images_per_s"],
-            row["ratio"],
+        rate, forward = row["steady_images_per_s"], row["forward_images_per_s"]
+        how = (
+            f"{row['decode']} decoding, batch {row['batch_size']}, {row['images']} files; "
+            f"whole run {row['end_to_end_images_per_s']:,.0f} img/s"
         )
-        how = f"{row['decode']} decoding, batch {row['batch_size']}, {row['images']} files"
         if name in EMBED_MIN_IMAGES_PER_S:
-            goal = EMBED_MIN_IMAGES_PER_S[name]
-            measured = f"{rate:,.0f} img/s steady ({whole:,.0f} whole run; {how})"
-            out.append(
-                Check(src, f"embed {name} >= {goal:,.0f} img/s", measured, _state(rate >= goal))
-            )
-        if name in EMBED_MIN_RATIO:
-            goal = EMBED_MIN_RATIO[name]
-            measured = (
-                f"{ratio:.3f} ({rate:,.0f} vs bare forward "
-                f"{row['forward_images_per_s']:,.0f} img/s; {how})"
-            )
-            out.append(
-                Check(
-                    src,
-                    f"embed {name} >= {goal:.0%} of the bare forward",
-                    measured,
-                    _state(ratio >= goal),
-                )
-            )
+            ok = rate >= EMBED_MIN_IMAGES_PER_S[name]
+            out.append(Check(src, key, f"{rate:,.0f} img/s steady ({how})", _state(ok)))
+        else:
+            ok = row["ratio"] >= EMBED_MIN_RATIO[name]
+            measured = f"{row['ratio']:.3f}: {rate:,.0f} vs {forward:,.0f} img/s ({how})"
+            out.append(Check(src, key, measured, _state(ok)))
     return out
 
 
 def _exact(result: dict[str, Any], src: str) -> list[Check]:
-    rows = {r["path"]: r for r in result["rows"] if "error" not in r}
+    rows = {r["path"]: r for r in result["rows"]}
     size = f"{result['queries']:,} queries over {result['n']:,} x {result['dim']}"
     out = []
     ours = rows.get("pinsearch Flat")
-    if ours is not None:
-        out.append(
-            Check(
-                src,
-                f"exact: pinsearch within {EXACT_MAX_VS_RAW}x of raw FAISS",
-                f"{ours['vs_raw']}x ({ours['seconds']} s; {size})",
-                _state(ours["vs_raw"] <= EXACT_MAX_VS_RAW),
-            )
-        )
+    if ours is not None and "error" in ours:
+        out.append(Check(src, "exact pinsearch", ours["error"], "FAIL"))
+    elif ours is not None:
+        ok = ours["vs_raw"] <= EXACT_MAX_VS_RAW
+        measured = f"{ours['vs_raw']}x ({ours['seconds']} s; {size})"
+        out.append(Check(src, "exact pinsearch", measured, _state(ok)))
     half = [r for name, r in rows.items() if "16" in name]  # float16 / bfloat16 paths
-    if half:
-        good = [r for r in half if r["agreement"] >= EXACT_MIN_AGREEMENT] or half
+    ran = [r for r in half if "error" not in r]
+    if ran:
+        good = [r for r in ran if r["agreement"] >= EXACT_MIN_AGREEMENT] or ran
         best = min(good, key=lambda r: r["vs_raw"])
         speedup = 1 / best["vs_raw"] if best["vs_raw"] else float("inf")
         ok = speedup >= EXACT_MIN_16BIT_SPEEDUP and best["agreement"] >= EXACT_MIN_AGREEMENT
-        out.append(
-            Check(
-                src,
-                f"exact: a 16-bit path >= {EXACT_MIN_16BIT_SPEEDUP}x faster, "
-                f"agreement >= {EXACT_MIN_AGREEMENT}",
-                f"{best['path']}: {speedup:.2f}x, agreement {best['agreement']} ({size})",
-                _state(ok),
-            )
-        )
+        measured = f"{best['path']}: {speedup:.2f}x, agreement {best['agreement']} ({size})"
+        out.append(Check(src, "exact 16-bit", measured, _state(ok)))
+    elif half:
+        out.append(Check(src, "exact 16-bit", f"{half[0]['path']}: {half[0]['error']}", "FAIL"))
     return out
 
 
@@ -118,8 +116,7 @@ def _query(result: dict[str, Any], src: str) -> list[Check]:
         f"p50 {p50} ms, p99 {p99} ms over {result['n']:,} pins x {result['dim']} "
         f"({result['factory']}; raw FAISS p50 {result['faiss_p50_ms']} ms)"
     )
-    target = f"query with metadata: p50 < {QUERY_MAX_P50_MS:g} ms, p99 < {QUERY_MAX_P99_MS:g} ms"
-    return [Check(src, target, measured, _state(ok))]
+    return [Check(src, "query", measured, _state(ok))]
 
 
 def _study(result: dict[str, Any], src: str) -> list[Check]:
@@ -138,22 +135,17 @@ def _study(result: dict[str, Any], src: str) -> list[Check]:
         speedup, low = total["speedup"], bool(total.get("speedup_is_lower_bound"))
         ok = True if speedup >= STUDY_MIN_SPEEDUP else (None if low else False)
         bound = "at least " if low else ""
-        out.append(
-            Check(
-                src,
-                f"study: grid >= {STUDY_MIN_SPEEDUP:g}x faster than scikit-learn",
-                f"{bound}{speedup}x ({total['pinsearch_s']} s vs {bound}"
-                f"{total['sklearn_s']} s; {size}; run {result['status']})",
-                _state(ok),
-            )
+        measured = (
+            f"{bound}{speedup}x ({total['pinsearch_s']} s vs {bound}{total['sklearn_s']} s; "
+            f"{size}; run {result['status']})"
         )
+        out.append(Check(src, "study speed-up", measured, _state(ok)))
     for row in result["rows"]:
         gap = row.get("f1_gap")
         source = f" (from {row['sklearn_f1_from']})" if row.get("sklearn_f1_from") else ""
-        measured = f"{row['head']}: {row['pinsearch_macro_f1']} vs {row.get('sklearn_macro_f1')}"
+        measured = f"{row['pinsearch_macro_f1']} vs {row.get('sklearn_macro_f1')}{source}"
         ok = None if gap is None else gap <= STUDY_MAX_F1_GAP
-        target = f"study: macro-F1 within {STUDY_MAX_F1_GAP} of scikit-learn"
-        out.append(Check(src, target, measured + source, _state(ok)))
+        out.append(Check(src, f"study {row['head']} F1", measured, _state(ok)))
     return out
 
 
@@ -164,24 +156,26 @@ def check_result(result: dict[str, Any], source: str = "") -> list[Check]:
     if "pinsearch_p50_ms" in result:
         checks = _query(result, source)
     elif "steady_images_per_s" in result:  # one backbone: bench embed without a table
-        checks = _embed({"rows": [result]}, source)
+        checks = _embed([result], source)
     elif rows and "backbone" in rows[0]:
-        checks = _embed(result, source)
+        checks = _embed(rows, source)
     elif rows and "path" in rows[0]:
         checks = _exact(result, source)
     elif rows and "pinsearch_s" in rows[0] and "data_sha256" in result and "fits" not in result:
         checks = _study(result, source)
     else:
         return []
-    if not (result.get("machine") or {}).get("cuda"):
-        for c in checks:  # the thresholds are set for a GPU: say so instead of judging
-            c.state, c.measured = "cpu", c.measured + " (no CUDA: not judged)"
+    # the thresholds are set for a GPU; an exact run whose FAISS saw none ran on the CPU
+    if not (result.get("machine") or {}).get("cuda") or result.get("device") == "cpu":
+        for c in checks:
+            c.state, c.measured = "cpu", c.measured + " (no GPU: not judged)"
     return checks
 
 
 def check_folder(folder: Path) -> list[Check]:
     """:func:`check_result` for every JSON file under ``folder`` (files that are not
-    benchmark results, or not finished JSON, are skipped)."""
+    benchmark results, or not finished JSON, are skipped), then an ``open`` line for each
+    target no result judged."""
     checks: list[Check] = []
     for path in sorted(Path(folder).rglob("*.json")):
         try:
@@ -190,6 +184,8 @@ def check_folder(folder: Path) -> list[Check]:
             continue
         if isinstance(result, dict):
             checks += check_result(result, str(path.relative_to(folder)))
+    judged = {c.key for c in checks if c.state != "cpu"}
+    checks += [Check("-", key, "not measured", "open") for key in TARGETS if key not in judged]
     return checks
 
 
@@ -201,11 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args[0]).is_dir():
         print(f"{args[0]}: not a folder of benchmark results", file=sys.stderr)
         return 2
-    checks = check_folder(Path(args[0]))
-    for c in checks:
+    for c in check_folder(Path(args[0])):
         print(c.line())
-    if not checks:
-        print(f"no benchmark results with a target under {args[0]}")
     return 0
 
 

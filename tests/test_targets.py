@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
 from pinsearch.eval.bench import EmbedBench, EmbedTable
-from pinsearch.eval.targets import check_folder, check_result, main
+from pinsearch.eval.targets import TARGETS, check_folder, check_result, main
 
 runner = CliRunner()
 H100 = {"cuda": "NVIDIA H100 80GB HBM3"}
@@ -25,6 +25,8 @@ def _bench(*args: str) -> dict[str, Any]:
     assert result.exit_code == 0, result.output + repr(result.exception)
     data = json.loads(result.stdout)
     data["machine"].update(H100)  # as if measured on the GPU the thresholds are set for
+    if "device" in data:
+        data["device"] = "gpu"
     return data
 
 
@@ -33,8 +35,13 @@ def _states(result: dict[str, Any]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exact() -> dict[str, Any]:
+def exact_run() -> dict[str, Any]:
     return _bench("exact", "--n", "3000", "--dim", "16", "--queries", "40")
+
+
+@pytest.fixture
+def exact(exact_run: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(exact_run)  # each test sets its own figures
 
 
 def test_exact_targets(exact: dict[str, Any]) -> None:
@@ -51,6 +58,14 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     rows["pinsearch Flat"]["vs_raw"] = 1.3
     rows["torch float16 refine 4k"]["vs_raw"] = 0.4
     assert _states(exact) == ["FAIL", "FAIL"]
+    broken = copy.deepcopy(exact)  # a path that raised is a failure, not a missing figure
+    oom = "RuntimeError: CUDA out of memory"
+    broken["rows"] = [rows["faiss Flat (raw)"], {"path": "pinsearch Flat", "error": oom},
+                      {"path": "torch float16", "error": oom}]  # fmt: skip
+    checks = check_result(broken)
+    assert [c.state for c in checks] == ["FAIL", "FAIL"] and "out of memory" in checks[1].measured
+    exact["device"] = "cpu"  # FAISS saw no GPU though torch did: not an H100 figure
+    assert _states(exact) == ["cpu", "cpu"]
 
 
 def test_query_targets() -> None:
@@ -70,6 +85,7 @@ def test_embed_targets() -> None:
     rows = [row("effnet_lite0", 9000, 20000), row("clip-vit-b-32", 7000, 9000),
             row("convnext_base", 2800, 3000), row("convnext_tiny", 1, 10)]  # fmt: skip
     rows.append({"backbone": "effnet_lite0", "error": "OutOfMemoryError: ..."})
+    rows.append({**row("clip-vit-b-32", 900, 9000), "decode": "pil"})  # a baseline: not judged
     table = asdict(EmbedTable(16384, rows, machine=H100))
     assert _states(table) == ["pass", "FAIL", "pass", "FAIL"]  # no target for convnext_tiny
     one = asdict(EmbedBench("clip-vit-b-32", "random", "cuda", "device", 16384, 512, 16, 8100,
@@ -94,7 +110,7 @@ def test_study_targets_lower_bounds_stay_open() -> None:
     assert _states(data) == ["FAIL", "FAIL", "pass"]
 
 
-def test_folder_skips_what_is_not_a_result_and_cpu_runs_are_not_judged(
+def test_folder_skips_what_is_not_a_result_and_lists_targets_not_measured(
     exact: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "steps").mkdir()
@@ -105,13 +121,18 @@ def test_folder_skips_what_is_not_a_result_and_cpu_runs_are_not_judged(
     (tmp_path / "study.json").write_text('{"status": "running", "rows": [')  # cut mid-write
     (tmp_path / "index.json").write_text(json.dumps({"n": 10, "rows": [{"factory": "Flat"}]}))
     checks = check_folder(tmp_path)
-    assert [c.source for c in checks] == ["exact-cpu.json"] * 2 + ["steps/exact.json"] * 2
-    assert {c.state for c in checks[:2]} == {"cpu"} and "not judged" in checks[0].measured
+    measured = [c for c in checks if c.source != "-"]
+    assert [c.source for c in measured] == ["exact-cpu.json"] * 2 + ["steps/exact.json"] * 2
+    assert {c.state for c in measured[:2]} == {"cpu"} and "not judged" in measured[0].measured
+    missing = [c for c in checks if c.source == "-"]
+    assert {c.key for c in missing} == set(TARGETS) - {"exact pinsearch", "exact 16-bit"}
+    assert {c.state for c in missing} == {"open"}
     assert main([str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 4 and printed[0].startswith("cpu ")
+    assert len(printed) == len(checks) and printed[0].startswith("cpu ")
+    assert "open  query with metadata: p50 < 5 ms, p99 < 20 ms: not measured  [-]" in printed
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 0
-    assert "no benchmark results" in capsys.readouterr().out
+    assert len(capsys.readouterr().out.splitlines()) == len(TARGETS)  # every one open
     assert main([str(tmp_path / "missing")]) == 2 and main([]) == 2
     assert "missing: not a folder" in capsys.readouterr().err
