@@ -19,8 +19,9 @@ does the cross-validation in batches instead of one fit per (candidate, fold):
   gradient is reported in ``info``.
 - ``mlp``: the folds of one grid candidate train together as a batched ensemble (``bmm`` over
   stacked parameters): each member has the initialisation, shuffling, validation split and
-  early stopping :class:`MLPHead` would give it, an AdamW step of its own (members out of
-  batches or stopped are frozen) and keeps its best epoch.
+  early stopping :class:`MLPHead` would give it, is one parameter of one torch AdamW (fused
+  where there is a kernel, as :class:`MLPHead` trains; members out of batches are frozen,
+  stopped ones leave) and keeps its best epoch.
 
 Anything else (other heads, approximate KNN indexes, ``solver="liblinear"``, a scoring that is
 not computed from predictions, a fold whose training part lacks a class) runs through
@@ -42,7 +43,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import GridSearchCV, ParameterGrid, check_cv
 from sklearn.utils.validation import check_array
 
-from pinsearch.heads import HEADS, _torch_device, create_head, knn_votes, scaler_stats
+from pinsearch.heads import HEADS, _torch_device, adamw, create_head, knn_votes, scaler_stats
 
 __all__ = [
     "BATCHED_HEADS",
@@ -70,8 +71,6 @@ _LBFGS_HISTORY = 10
 _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
 _TOLERANCE_CHANGE = 1e-9  # torch.optim.LBFGS's default
-_ADAM_BETAS = (0.9, 0.999)  # torch.optim.AdamW's defaults, as MLPHead uses them
-_ADAM_EPS = 1e-8
 _ROW_BLOCK = 4096  # rows per forward pass when the MLP scores validation or test rows
 
 
@@ -754,9 +753,8 @@ def _train_ensemble(
     row = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).to(device)
     final = row.repeat(b, 1)  # each member's kept parameters (its best epoch with validation)
     flat = final.clone()
-    exp_avg, exp_avg_sq = torch.zeros_like(flat), torch.zeros_like(flat)
-    steps = torch.zeros(b, dtype=torch.float64, device=device)
     lr, decay, bs = float(head.lr), float(head.weight_decay), int(head.batch_size)
+    members, opt = _member_optimizer(flat, [None] * b, lr, decay)
     gens = [torch.Generator().manual_seed(head.random_state) for _ in range(b)]
     best_loss = np.full(b, np.inf)
     best_epoch = np.zeros(b, dtype=np.int64)
@@ -776,7 +774,6 @@ def _train_ensemble(
         valid_t = torch.from_numpy(np.pad(valid_np, ((0, 0), (0, width - valid_np.shape[1]))))
         idx_t, valid_t = idx_t.to(device), valid_t.to(device).float()
         active_np = np.arange(int(n_steps.max()))[:, None] < n_steps  # (steps, members)
-        active_t = torch.from_numpy(active_np).to(device)
         for j in range(int(n_steps.max())):
             rows = idx_t[:, j * bs : (j + 1) * bs]
             weight = valid_t[:, j * bs : (j + 1) * bs]
@@ -788,9 +785,9 @@ def _train_ensemble(
             per_member = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
             grads = torch.autograd.grad(per_member.sum(), views)
             grad = torch.cat([g.reshape(len(alive), -1) for g in grads], dim=1)
-            with torch.no_grad():
-                _adamw_step(flat, grad, exp_avg, exp_avg_sq, steps, active_t[j],
-                            bool(active_np[j].all()), lr, decay)  # fmt: skip
+            for p, g, on in zip(members, grad, active_np[j]):
+                p.grad = g if on else None  # a member out of batches keeps its state
+            opt.step()
         n_epochs[alive] = epoch + 1
         watched = has_val[alive]
         if not watched.any():
@@ -808,10 +805,13 @@ def _train_ensemble(
             final[sub[at]] = flat[at]
         stop = watched & ~improved & (epoch - best_epoch[alive] >= int(head.patience))
         if stop.any():
-            keep = torch.from_numpy(np.flatnonzero(~stop)).to(device)
+            kept = np.flatnonzero(~stop)
+            keep = torch.from_numpy(kept).to(device)
             alive, sub = alive[~stop], sub[keep]
             flat = flat[keep]
-            exp_avg, exp_avg_sq, steps = exp_avg[keep], exp_avg_sq[keep], steps[keep]
+            if kept.size:  # else none is left and training ends (AdamW needs a parameter)
+                states = [opt.state[members[i]] for i in kept]
+                members, opt = _member_optimizer(flat, states, lr, decay)
     if alive.size:  # ran out of epochs: members without validation keep their last weights
         last = torch.from_numpy(np.flatnonzero(~has_val[alive])).to(device)
         final[sub[last]] = flat[last]
@@ -827,42 +827,22 @@ def _train_ensemble(
     return fold_preds, n_epochs.tolist(), best_epoch.tolist()
 
 
-def _adamw_step(
-    flat: Any,
-    grad: Any,
-    exp_avg: Any,
-    exp_avg_sq: Any,
-    steps: Any,
-    on: Any,
-    all_on: bool,
-    lr: float,
-    decay: float,
-) -> None:
-    """One AdamW step (torch's update and defaults) of each member, in place; members with
-    ``on`` False (no batch left this epoch) keep their parameters and moments."""
+def _member_optimizer(
+    flat: Any, states: list[dict[str, Any] | None], lr: float, decay: float
+) -> tuple[list[Any], Any]:
+    """One parameter per ensemble member, its row of ``flat`` (sharing its memory), under one
+    AdamW, as :class:`MLPHead` trains (fused where there is a kernel: one launch updates
+    every member, where a hand-written batched update took some twenty per step). ``states``:
+    each member's optimizer state so far (moments, step count), None for a new one. A member
+    whose gradient is None in a step keeps its parameters, moments and step count."""
     import torch
 
-    beta1, beta2 = _ADAM_BETAS
-    if all_on:
-        steps += 1
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        # float64 bias corrections, as torch's python floats
-        step_size = (lr / (1 - beta1**steps)).float()[:, None]
-        denom = exp_avg_sq.sqrt().div_(torch.sqrt(1 - beta2**steps).float()[:, None])
-        flat.mul_(1 - lr * decay).sub_((exp_avg / denom.add_(_ADAM_EPS)).mul_(step_size))
-        return
-    steps += on
-    t = steps.clamp(min=1.0)
-    m_new = exp_avg.lerp(grad, 1 - beta1)
-    v_new = exp_avg_sq * beta2 + (1 - beta2) * grad * grad
-    step_size = (lr / (1 - beta1**t)).float()[:, None]
-    denom = v_new.sqrt() / torch.sqrt(1 - beta2**t).float()[:, None] + _ADAM_EPS
-    p_new = flat * (1 - lr * decay) - step_size * (m_new / denom)
-    keep = on[:, None]
-    exp_avg.copy_(torch.where(keep, m_new, exp_avg))
-    exp_avg_sq.copy_(torch.where(keep, v_new, exp_avg_sq))
-    flat.copy_(torch.where(keep, p_new, flat))
+    members = [torch.nn.Parameter(row) for row in flat.unbind(0)]
+    opt = adamw(members, lr, decay)
+    for p, state in zip(members, states):
+        if state:
+            opt.state[p] = state
+    return members, opt
 
 
 def _ensemble_loss(

@@ -149,6 +149,23 @@ def test_mlp_fold_scores_close_to_sequential_heads() -> None:
     assert isinstance(ours.best_estimator_, MLPHead)
 
 
+def test_mlp_members_train_as_the_head_alone_through_early_stops() -> None:
+    # members share one AdamW (a parameter each) as MLPHead.fit trains with it: each member
+    # stops at the epoch its fold's head stops at (members stopping while others go on keep
+    # their optimizer state), and the fold scores are GridSearchCV's
+    X, y = _data(500, 20, 4, sep=1.0)
+    params = {"device": "cpu", "hidden": (32, 16), "max_epochs": 200, "patience": 2}
+    ours = batched_grid_search("mlp", params, {"batch_size": [32]}, X, y, _cv(), refit=False)
+    heads = [MLPHead(**params, batch_size=32).fit(X[tr], y[tr]) for tr, _ in _cv().split(X, y)]
+    epochs = ours.info["mlp"]["epochs"][0]
+    assert epochs == [h.n_epochs_ for h in heads] and len(set(epochs)) > 1
+    assert max(epochs) < 200  # every member stopped early, the last ones ending the training
+    ref = GridSearchCV(MLPHead(**params), {"batch_size": [32]}, scoring="f1_macro", cv=_cv())
+    ref.fit(X, y)
+    np.testing.assert_allclose(_fold_scores(ours.cv_results_), _fold_scores(ref.cv_results_),
+                               atol=0.01)  # fmt: skip
+
+
 def test_mlp_members_without_validation_split_train_all_epochs() -> None:
     X, y = _data(200, 8, 2, sep=2.0)
     params = {"device": "cpu", "hidden": (8, 8), "max_epochs": 6, "validation_fraction": 0.0}
