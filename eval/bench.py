@@ -1020,17 +1020,31 @@ def _load_reference(path: Path, bench: StudyBench) -> dict[str, Any]:
     return out
 
 
+def _cv_scores(search: Any) -> dict[str, Any]:
+    """A grid search's mean cross-validated score per value of its one parameter (keyed by
+    the value as text, as JSON keeps it) and the value it chose: what a study row compares
+    beyond the refit's test F1. ``search``: a fitted ``GridSearchCV`` or a pinsearch
+    :class:`~pinsearch.gridsearch.GridSearchResult`."""
+    results = search.cv_results_
+    ((param,),) = {tuple(p) for p in results["params"]}
+    values = [p[param] for p in results["params"]]
+    means = results["mean_test_score"]
+    return {"cv_macro_f1": {str(v): round(float(m), 4) for v, m in zip(values, means)},
+            "best": search.best_params_[param]}  # fmt: skip
+
+
 def _grid_search(
     est: Any, grid: dict[str, Any], cv: Any, jobs: int, xtr: Any, ytr: Any, xte: Any
-) -> tuple[float, np.ndarray]:
-    """Seconds of ``GridSearchCV(...).fit`` + predict, and the test predictions."""
+) -> tuple[float, np.ndarray, dict[str, Any]]:
+    """Seconds of ``GridSearchCV(...).fit`` + predict, the test predictions and the grid's
+    scores (:func:`_cv_scores`)."""
     from sklearn.model_selection import GridSearchCV
 
     search = GridSearchCV(est, grid, scoring="f1_macro", cv=cv, n_jobs=jobs)
     with timed() as t:
         search.fit(xtr, ytr)
         pred = search.predict(xte)
-    return t.seconds, pred
+    return t.seconds, pred, _cv_scores(search)
 
 
 def _grid_search_child(conn: Any, args: tuple[Any, ...]) -> None:
@@ -1050,12 +1064,13 @@ def _grid_search_limited(
     timeout_s: float | None,
     on_wait: Callable[[float], None] | None = None,
     every_s: float = 10.0,
-) -> tuple[float, np.ndarray | None]:
+) -> tuple[float, np.ndarray | None, dict[str, Any]]:
     """:func:`_grid_search` here, or in a child process given ``timeout_s`` or ``on_wait``.
 
-    Returns ``(seconds, test predictions)``; predictions are None when the search was still
-    running at ``timeout_s``, and the seconds are then how long it had run (a lower bound of
-    its time: the child's start and the data's trip to it are not counted).
+    Returns ``(seconds, test predictions, grid scores)``; predictions are None (and the
+    scores empty) when the search was still running at ``timeout_s``, and the seconds are
+    then how long it had run (a lower bound of its time: the child's start and the data's
+    trip to it are not counted).
 
     The child is a plain (non-daemon) process so that joblib can still use every core inside
     it; at the limit its whole process group (joblib's workers too) is killed. While it runs,
@@ -1081,7 +1096,7 @@ def _grid_search_limited(
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
-                return ran(), None
+                return ran(), None, {}
             if receive.poll(min(left, every_s)):
                 status, value = receive.recv()
                 if status != "started":
@@ -1122,34 +1137,60 @@ def _study_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _sklearn_scores(row: dict[str, Any], f1: float | None, scores: dict[str, Any]) -> None:
+    """A study row's scikit-learn macro-F1 and grid scores, compared with pinsearch's: the
+    test F1 gap, the largest gap of the mean cross-validated scores over the values both
+    have (``cv_gap``) and whether both chose the same value."""
+    row["sklearn_macro_f1"] = f1
+    row["f1_gap"] = None if f1 is None else round(abs(row["pinsearch_macro_f1"] - f1), 4)
+    theirs = scores.get("cv_macro_f1") or {}
+    ours = row.get("pinsearch_cv_macro_f1") or {}
+    row["sklearn_cv_macro_f1"] = theirs or None
+    both = [v for v in ours if v in theirs]
+    row["cv_gap"] = round(max(abs(ours[v] - theirs[v]) for v in both), 4) if both else None
+    row["sklearn_best"] = scores.get("best")
+    row["same_choice"] = (
+        None if scores.get("best") is None else scores["best"] == row.get("pinsearch_best")
+    )
+
+
+def _reference_scores(ref_row: dict[str, Any]) -> dict[str, Any]:
+    """The grid scores of a reference's row: a ``bench study`` row (``sklearn_...``) or a
+    ``bench study-reference`` checkpoint's (scikit-learn's only, so unprefixed)."""
+    if "sklearn_cv_macro_f1" in ref_row:
+        return {"cv_macro_f1": ref_row["sklearn_cv_macro_f1"], "best": ref_row.get("sklearn_best")}
+    return {"cv_macro_f1": ref_row.get("cv_macro_f1"), "best": ref_row.get("best")}
+
+
 def _sklearn_result(
     row: dict[str, Any],
     status: str,
     seconds: float,
     f1: float | None,
     references: list[dict[str, Any]],
+    scores: dict[str, Any] | None = None,
 ) -> None:
-    """Fill a study row's scikit-learn part: ``status`` is ``done`` (``seconds`` measured),
-    ``stopped`` (at its limit) or ``running`` (for so long); an unfinished row's speed-up is
-    a lower bound and its macro-F1 comes from a reference run on the same split, if any."""
+    """Fill a study row's scikit-learn part: ``status`` is ``done`` (``seconds`` measured,
+    ``scores`` its grid's, :func:`_cv_scores`), ``stopped`` (at its limit) or ``running``
+    (for so long); an unfinished row's speed-up is a lower bound and its macro-F1 and grid
+    scores come from a finished reference run on the same split, if any."""
     for key in ("sklearn_at_least_s", "speedup_is_lower_bound", "sklearn_f1_from"):
         row.pop(key, None)
     row["sklearn_status"] = status
     if status == "done":
         row["sklearn_s"] = round(seconds, 2)
-        row["sklearn_macro_f1"] = f1
         row["speedup"] = _speedup(row["sklearn_s"], row["pinsearch_s"])
-        row["f1_gap"] = round(abs(row["pinsearch_macro_f1"] - f1), 4)  # type: ignore[operator]
+        _sklearn_scores(row, f1, scores or {})
         return
-    row.update(sklearn_s=None, sklearn_macro_f1=None, f1_gap=None)
+    row["sklearn_s"] = None
     row["sklearn_at_least_s"] = round(seconds, 2)
     row["speedup"] = _speedup(seconds, row["pinsearch_s"])
     row["speedup_is_lower_bound"] = True
+    _sklearn_scores(row, None, {})
     for ref in references:
-        ref_f1 = ref["rows"].get(row["head"], {}).get("sklearn_macro_f1")
-        if ref_f1 is not None:
-            row["sklearn_macro_f1"] = ref_f1
-            row["f1_gap"] = round(abs(row["pinsearch_macro_f1"] - ref_f1), 4)
+        ref_row = ref["rows"].get(row["head"], {})
+        if ref_row.get("sklearn_macro_f1") is not None:
+            _sklearn_scores(row, ref_row["sklearn_macro_f1"], _reference_scores(ref_row))
             row["sklearn_f1_from"] = ref["file"]
             break
 
@@ -1184,7 +1225,9 @@ def bench_study(
     ``sklearn_reference``: ``--json`` results of finished runs on the same split (checked by
     their ``data_sha256``), e.g. on a slower machine without a limit; a stopped row takes its
     scikit-learn macro-F1 (and F1 gap) from the first one with its head, marked
-    ``sklearn_f1_from``.
+    ``sklearn_f1_from``, and its grid scores with it. Each row compares the two grids
+    beyond the refit's test F1: mean cross-validated macro-F1 per value on both sides, their
+    largest gap (``cv_gap``) and whether both chose the same value (``same_choice``).
 
     pinsearch's grids all run first, then scikit-learn's, quickest first (KNN, MLP, LSVM).
     ``progress``: a file holding the result so far (``status`` ``running``), rewritten whole
@@ -1237,8 +1280,10 @@ def bench_study(
         out["pinsearch_s"] = round(t.seconds, 2)
         out["pinsearch_macro_f1"] = f1(pred)
         out["batched"] = result.batched
+        scores = _cv_scores(result)
+        out["pinsearch_cv_macro_f1"], out["pinsearch_best"] = scores["cv_macro_f1"], scores["best"]
         if sequential:
-            seconds, pred = _grid_search(create_head(head, **params), grid, cv, 1, xtr, ytr, xte)
+            seconds, pred, _ = _grid_search(create_head(head, **params), grid, cv, 1, xtr, ytr, xte)
             out["sequential_s"] = round(seconds, 2)
             out["sequential_macro_f1"] = f1(pred)
         out["sklearn_status"] = "pending"
@@ -1253,13 +1298,13 @@ def bench_study(
             snapshot()
 
         args = (ref, ref_grid, cv, sklearn_jobs, xtr, ytr, xte)
-        seconds, pred = _grid_search_limited(
+        seconds, pred, scores = _grid_search_limited(
             args, sklearn_timeout_s, waiting if progress is not None else None, progress_every_s
         )
         if pred is None:  # still running at the limit: the speed-up is at least this
             _sklearn_result(out, "stopped", seconds, None, references)
         else:
-            _sklearn_result(out, "done", seconds, f1(pred), references)
+            _sklearn_result(out, "done", seconds, f1(pred), references, scores)
         snapshot()
     bench.status = "done"
     snapshot()

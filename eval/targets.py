@@ -144,6 +144,9 @@ def _study(result: dict[str, Any], src: str) -> list[Check]:
         gap = row.get("f1_gap")
         source = f" (from {row['sklearn_f1_from']})" if row.get("sklearn_f1_from") else ""
         measured = f"{row['pinsearch_macro_f1']} vs {row.get('sklearn_macro_f1')}{source}"
+        if row.get("cv_gap") is not None:  # the grids' own scores, beyond the refit's
+            choice = "same" if row.get("same_choice") else "different"
+            measured += f"; CV scores within {row['cv_gap']}, {choice} choice"
         ok = None if gap is None else gap <= STUDY_MAX_F1_GAP
         out.append(Check(src, f"study {row['head']} F1", measured, _state(ok)))
     return out

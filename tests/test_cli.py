@@ -230,6 +230,12 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     (row,) = finished["rows"]  # type: ignore[index]
     assert row["batched"] and row["f1_gap"] == 0.0  # the same votes as scikit-learn's brute KNN
     assert row["sequential_macro_f1"] == row["pinsearch_macro_f1"] == row["sklearn_macro_f1"]
+    # the grids' own scores, per k, compared beyond the refit's test F1
+    assert list(row["pinsearch_cv_macro_f1"]) == ["1", "5", "10", "20", "50"]
+    assert row["sklearn_cv_macro_f1"] == row["pinsearch_cv_macro_f1"] and row["cv_gap"] == 0.0
+    assert row["same_choice"] and row["pinsearch_best"] == row["sklearn_best"]
+    best = max(row["pinsearch_cv_macro_f1"].values())
+    assert row["pinsearch_cv_macro_f1"][str(row["pinsearch_best"])] == best
     late_args = [*args, "--no-sequential", "--sklearn-timeout", "0.01"]
     (late,) = _json(late_args)["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["speedup_is_lower_bound"]
@@ -237,15 +243,19 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     # not counted
     assert late["sklearn_status"] == "stopped" and 0 <= late["sklearn_at_least_s"] <= 0.01
     assert late["sklearn_macro_f1"] is None and late["f1_gap"] is None
+    assert late["cv_gap"] is None and late["same_choice"] is None
     assert "sequential_s" not in late and late["speedup"] >= 0
-    # a stopped row takes scikit-learn's F1 from a finished run on the same split
+    # a stopped row takes scikit-learn's F1 and grid scores from a finished run on the split
     ref = tmp_path / "ref.json"
     finished["rows"][0]["sklearn_macro_f1"] = 0.25  # type: ignore[index]
+    finished["rows"][0]["sklearn_cv_macro_f1"]["5"] += 0.03  # type: ignore[index]
+    finished["rows"][0]["sklearn_best"] = 5  # type: ignore[index]
     ref.write_text(json.dumps(finished))
     done = _json([*late_args, "--sklearn-reference", str(ref)])
     (late,) = done["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["sklearn_macro_f1"] == 0.25
     assert late["f1_gap"] == round(abs(late["pinsearch_macro_f1"] - 0.25), 4)
+    assert late["cv_gap"] == 0.03 and late["same_choice"] is (late["pinsearch_best"] == 5)
     assert late["sklearn_f1_from"] == done["reference"][0]["file"] == str(ref)  # type: ignore[index]
     assert done["data_sha256"] == finished["data_sha256"]  # type: ignore[index]
     other = ["bench", "study", "--n", "336", "--dim", "8", "--head", "knn",
@@ -345,6 +355,8 @@ def test_bench_study_reference_resumes_to_what_grid_search_gives(
     (late_row,) = late["rows"]  # type: ignore[index]
     assert late_row["sklearn_status"] == "stopped" and late_row["sklearn_f1_from"] == str(ckpt)
     assert late_row["sklearn_macro_f1"] == row["sklearn_macro_f1"]
+    assert late_row["sklearn_cv_macro_f1"] == row["cv_macro_f1"] == theirs["sklearn_cv_macro_f1"]
+    assert late_row["sklearn_best"] == row["best"] and late_row["cv_gap"] == theirs["cv_gap"]
     assert _json(args) == done  # nothing left to fit: the same result
     other = [*args[:3], "336", *args[4:]]
     assert "is for another grid or split (data_sha256, n differ)" in _main_error(

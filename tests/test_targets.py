@@ -101,6 +101,8 @@ def test_study_targets_lower_bounds_stay_open() -> None:
     for r in data["rows"]:
         r.update(pinsearch_macro_f1=0.60, sklearn_macro_f1=0.605, f1_gap=0.005)
     assert _states(data) == ["pass", "pass", "pass"]
+    knn = check_result(data)[1]  # the grids' own scores are shown beside the test F1
+    assert knn.measured.endswith("; CV scores within 0.0, same choice")
     running = copy.deepcopy(data)  # a snapshot of a run not finished: a floor under 10x
     running["total"].update(speedup=6.0, speedup_is_lower_bound=True)
     running["rows"][1].update(sklearn_macro_f1=None, f1_gap=None)
