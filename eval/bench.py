@@ -1137,29 +1137,20 @@ def _study_total(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _sklearn_scores(row: dict[str, Any], f1: float | None, scores: dict[str, Any]) -> None:
-    """A study row's scikit-learn macro-F1 and grid scores, compared with pinsearch's: the
-    test F1 gap, the largest gap of the mean cross-validated scores over the values both
-    have (``cv_gap``) and whether both chose the same value."""
+def _sklearn_scores(
+    row: dict[str, Any], f1: float | None, cv: dict[str, float] | None, best: Any
+) -> None:
+    """A study row's scikit-learn macro-F1 and grid scores (mean CV macro-F1 per value, the
+    chosen value), compared with pinsearch's: the test F1 gap, the largest gap of the CV
+    scores over the values both have (``cv_gap``) and whether both chose the same value."""
     row["sklearn_macro_f1"] = f1
     row["f1_gap"] = None if f1 is None else round(abs(row["pinsearch_macro_f1"] - f1), 4)
-    theirs = scores.get("cv_macro_f1") or {}
-    ours = row.get("pinsearch_cv_macro_f1") or {}
+    ours, theirs = row.get("pinsearch_cv_macro_f1") or {}, cv or {}
     row["sklearn_cv_macro_f1"] = theirs or None
     both = [v for v in ours if v in theirs]
     row["cv_gap"] = round(max(abs(ours[v] - theirs[v]) for v in both), 4) if both else None
-    row["sklearn_best"] = scores.get("best")
-    row["same_choice"] = (
-        None if scores.get("best") is None else scores["best"] == row.get("pinsearch_best")
-    )
-
-
-def _reference_scores(ref_row: dict[str, Any]) -> dict[str, Any]:
-    """The grid scores of a reference's row: a ``bench study`` row (``sklearn_...``) or a
-    ``bench study-reference`` checkpoint's (scikit-learn's only, so unprefixed)."""
-    if "sklearn_cv_macro_f1" in ref_row:
-        return {"cv_macro_f1": ref_row["sklearn_cv_macro_f1"], "best": ref_row.get("sklearn_best")}
-    return {"cv_macro_f1": ref_row.get("cv_macro_f1"), "best": ref_row.get("best")}
+    row["sklearn_best"] = best
+    row["same_choice"] = None if best is None else best == row.get("pinsearch_best")
 
 
 def _sklearn_result(
@@ -1180,17 +1171,19 @@ def _sklearn_result(
     if status == "done":
         row["sklearn_s"] = round(seconds, 2)
         row["speedup"] = _speedup(row["sklearn_s"], row["pinsearch_s"])
-        _sklearn_scores(row, f1, scores or {})
+        scores = scores or {}
+        _sklearn_scores(row, f1, scores.get("cv_macro_f1"), scores.get("best"))
         return
     row["sklearn_s"] = None
     row["sklearn_at_least_s"] = round(seconds, 2)
     row["speedup"] = _speedup(seconds, row["pinsearch_s"])
     row["speedup_is_lower_bound"] = True
-    _sklearn_scores(row, None, {})
-    for ref in references:
+    _sklearn_scores(row, None, None, None)
+    for ref in references:  # a bench study row or a study-reference row: the same keys
         ref_row = ref["rows"].get(row["head"], {})
         if ref_row.get("sklearn_macro_f1") is not None:
-            _sklearn_scores(row, ref_row["sklearn_macro_f1"], _reference_scores(ref_row))
+            _sklearn_scores(row, ref_row["sklearn_macro_f1"], ref_row.get("sklearn_cv_macro_f1"),
+                            ref_row.get("sklearn_best"))  # fmt: skip
             row["sklearn_f1_from"] = ref["file"]
             break
 
@@ -1370,18 +1363,19 @@ def _reference_fit(task: tuple[str, int, int, int, int, Any, int | None]) -> dic
 
 
 def _reference_row(ref: StudyReference) -> dict[str, Any]:
-    """The study row a reference's fits make: cross-validated macro-F1 per value, the best
-    (the first of the highest mean, as ``GridSearchCV`` picks) and, once refit, test F1."""
+    """The study row a reference's fits make, with a study row's scikit-learn keys:
+    cross-validated macro-F1 per value, the best (the first of the highest mean, as
+    ``GridSearchCV`` picks) and, once refit, test F1."""
     ((param, values),) = ref.grid.items()
     cv = {v: [f["macro_f1"] for f in ref.fits if f["fold"] is not None and f["value"] == v]
           for v in values}  # fmt: skip
     row: dict[str, Any] = {"head": ref.head, "param": param}
-    row["cv_macro_f1"] = {str(v): round(float(np.mean(s)), 4) for v, s in cv.items() if s}
+    row["sklearn_cv_macro_f1"] = {str(v): round(float(np.mean(s)), 4) for v, s in cv.items() if s}
     row["fits_done"] = len(ref.fits)
     row["fits_total"] = len(values) * ref.folds + 1
     row["sklearn_fits_s"] = round(sum(f["seconds"] for f in ref.fits), 2)
     if all(len(s) == ref.folds for s in cv.values()):
-        row["best"] = values[int(np.argmax([np.mean(cv[v]) for v in values]))]
+        row["sklearn_best"] = values[int(np.argmax([np.mean(cv[v]) for v in values]))]
     refit = [f for f in ref.fits if f["fold"] is None]
     row["sklearn_status"] = "done" if refit else "running"
     row["sklearn_macro_f1"] = round(refit[0]["macro_f1"], 4) if refit else None
@@ -1476,7 +1470,7 @@ def bench_study_reference(
                 if budget <= 0:
                     break
     save()
-    best = ref.rows[0].get("best")
+    best = ref.rows[0].get("sklearn_best")
     if best is not None and ref.status != "done" and budget > 0:
         ref.fits.append(_reference_fit((*base, best, None)))
         save()
