@@ -756,7 +756,7 @@ def _train_ensemble(
     lr, decay, bs = float(head.lr), float(head.weight_decay), int(head.batch_size)
     members, opt = _member_optimizer(flat, [None] * b, lr, decay)
     gens = [torch.Generator().manual_seed(head.random_state) for _ in range(b)]
-    best_loss = np.full(b, np.inf)
+    best_value = np.full(b, np.inf)  # of the monitored value, which is minimised
     best_epoch = np.zeros(b, dtype=np.int64)
     n_epochs = np.zeros(b, dtype=np.int64)
     alive = np.arange(b)  # members still training, in the order of the batched tensors
@@ -793,13 +793,13 @@ def _train_ensemble(
         if not watched.any():
             continue
         with torch.no_grad():
-            val = _ensemble_loss(
+            val = _ensemble_validation(
                 flat, layout, x_all, y_all, mean_t, scale_t, va_idx_all[sub], va_valid_all[sub]
             )
-        val_loss = val.cpu().numpy().astype(np.float64)
-        improved = watched & (val_loss < best_loss[alive] - 1e-4)
+        value = head.monitored(*(v.cpu().numpy().astype(np.float64) for v in val))
+        improved = watched & (value < best_value[alive] - 1e-4)
         if improved.any():
-            best_loss[alive[improved]] = val_loss[improved]
+            best_value[alive[improved]] = value[improved]
             best_epoch[alive[improved]] = epoch
             at = torch.from_numpy(np.flatnonzero(improved)).to(device)
             final[sub[at]] = flat[at]
@@ -845,7 +845,7 @@ def _member_optimizer(
     return members, opt
 
 
-def _ensemble_loss(
+def _ensemble_validation(
     flat: Any,
     layout: list[tuple[int, int, int, int]],
     x_all: Any,
@@ -854,16 +854,20 @@ def _ensemble_loss(
     scale: Any,
     idx: Any,
     valid: Any,
-) -> Any:
-    """Mean cross-entropy (B,) of each member over its own (padded) rows, standardised with
-    its own ``mean`` and ``scale`` (B, 1, d)."""
+) -> tuple[Any, Any]:
+    """Mean cross-entropy and accuracy (each (B,)) of each member over its own (padded) rows,
+    standardised with its own ``mean`` and ``scale`` (B, 1, d)."""
     import torch.nn.functional as F
 
-    total = 0.0
+    loss_sum, hits = 0.0, 0.0
     for start in range(0, idx.shape[1], _ROW_BLOCK):
         rows = idx[:, start : start + _ROW_BLOCK]
+        weight = valid[:, start : start + _ROW_BLOCK]
         logits = _ensemble_forward(_layer_views(flat, layout), (x_all[rows] - mean) / scale)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[2]), y_all[rows].reshape(-1),
+        target = y_all[rows]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[2]), target.reshape(-1),
                                reduction="none").view(rows.shape)  # fmt: skip
-        total = total + (loss * valid[:, start : start + _ROW_BLOCK]).sum(dim=1)
-    return total / valid.sum(dim=1).clamp(min=1.0)
+        loss_sum = loss_sum + (loss * weight).sum(dim=1)
+        hits = hits + ((logits.argmax(dim=2) == target).float() * weight).sum(dim=1)
+    count = valid.sum(dim=1).clamp(min=1.0)
+    return loss_sum / count, hits / count

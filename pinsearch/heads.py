@@ -29,6 +29,7 @@ from pinsearch._version import __version__
 
 __all__ = [
     "HEADS",
+    "MONITORS",
     "KNNHead",
     "LinearSVMHead",
     "MLPHead",
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 HEADS: dict[str, type[BaseEstimator]] = {}
+MONITORS = ("loss", "accuracy")  # what MLPHead's early stopping can watch
 
 
 def register_head(name: str) -> Callable[[type[BaseEstimator]], type[BaseEstimator]]:
@@ -438,11 +440,20 @@ class MLPHead(_TorchHead):
         lr: Adam learning rate.
         max_epochs: most passes over the training data.
         patience: epochs without validation improvement before stopping.
+        monitor: what early stopping watches on the validation split, and which epoch's
+            weights are kept: ``loss`` (cross-entropy, the lowest) or ``accuracy`` (the
+            highest, as scikit-learn's ``MLPClassifier(early_stopping=True)`` and Keras'
+            ``val_accuracy`` do). On overlapping classes accuracy often still rises for
+            epochs after the loss has turned up from over-confidence.
         validation_fraction: stratified share of the training data held out for early stopping.
         weight_decay: L2 penalty (AdamW).
         standardize: scale features first (recorded).
         device: ``auto``, ``cpu`` or ``cuda``.
         random_state: seed of initialisation, shuffling and the validation split.
+
+    After ``fit``: ``n_epochs_`` trained, ``validation_history_`` (validation loss, accuracy)
+    per epoch, and, with a validation split, the kept epoch's ``best_validation_loss_`` and
+    ``best_validation_accuracy_``.
     """
 
     _array_names = ("mean_", "scale_", "w1_", "b1_", "w2_", "b2_", "w3_", "b3_")
@@ -454,6 +465,7 @@ class MLPHead(_TorchHead):
         lr: float = 1e-3,
         max_epochs: int = 100,
         patience: int = 8,
+        monitor: str = "loss",
         validation_fraction: float = 0.1,
         weight_decay: float = 1e-4,
         standardize: bool = True,
@@ -465,6 +477,7 @@ class MLPHead(_TorchHead):
         self.lr = lr
         self.max_epochs = max_epochs
         self.patience = patience
+        self.monitor = monitor
         self.validation_fraction = validation_fraction
         self.weight_decay = weight_decay
         self.standardize = standardize
@@ -497,6 +510,10 @@ class MLPHead(_TorchHead):
                 bound = f"> {low}" if strict else f">= {low}"
                 what = "a whole number " if whole else ""
                 raise ValueError(f"MLPHead: {name} must be {what}{bound}, got {value!r}")
+        if self.monitor not in MONITORS:
+            raise ValueError(
+                f"MLPHead: monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"
+            )
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"MLPHead: validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
@@ -539,8 +556,13 @@ class MLPHead(_TorchHead):
             torch.manual_seed(self.random_state)
             return self._build(n_in, n_out)
 
+    def monitored(self, loss: Any, accuracy: Any) -> Any:
+        """The validation value early stopping minimises: the loss, or minus the accuracy."""
+        return loss if self.monitor == "loss" else -accuracy
+
     def fit(self, X: Any, y: Any) -> MLPHead:
-        """Train with early stopping on a stratified validation split; keep the best epoch."""
+        """Train with early stopping on a stratified validation split (``monitor``); keep the
+        best epoch."""
         import torch
 
         self._check_params()
@@ -556,9 +578,9 @@ class MLPHead(_TorchHead):
         y_tr = torch.from_numpy(encoded[tr]).long().to(dev)
         x_va = torch.from_numpy(xs[va]).to(dev)
         y_va = torch.from_numpy(encoded[va]).long().to(dev)
-        best = (np.inf, 0, [p.detach().clone() for p in net.parameters()])
+        best = (np.inf, 0, [p.detach().clone() for p in net.parameters()], (np.inf, 0.0))
         loss_fn = torch.nn.CrossEntropyLoss()
-        self.n_epochs_ = 0
+        self.n_epochs_, self.validation_history_ = 0, []
         for epoch in range(self.max_epochs):
             net.train()
             order = torch.randperm(len(tr), generator=gen).to(dev)
@@ -572,16 +594,19 @@ class MLPHead(_TorchHead):
                 continue
             net.eval()
             with torch.no_grad():
-                val_loss = float(loss_fn(net(x_va), y_va))
-            if val_loss < best[0] - 1e-4:
-                best = (val_loss, epoch, [p.detach().clone() for p in net.parameters()])
+                logits = net(x_va)
+                val = float(loss_fn(logits, y_va)), float((logits.argmax(1) == y_va).float().mean())
+            self.validation_history_.append(val)
+            watched = self.monitored(*val)
+            if watched < best[0] - 1e-4:
+                best = (watched, epoch, [p.detach().clone() for p in net.parameters()], val)
             elif epoch - best[1] >= self.patience:
                 break
         if use_val:
             with torch.no_grad():
                 for p, saved in zip(net.parameters(), best[2]):
                     p.copy_(saved)
-            self.best_validation_loss_ = best[0]
+            self.best_validation_loss_, self.best_validation_accuracy_ = best[3]
         params = [p.detach().cpu().numpy().copy() for p in net.parameters()]
         self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_ = params
         return self

@@ -101,6 +101,37 @@ def test_mlp_is_deterministic_for_a_seed(data) -> None:  # type: ignore[no-untyp
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("monitor", ["loss", "accuracy"])
+def test_mlp_keeps_the_epoch_best_by_its_monitor(data, monitor: str) -> None:  # type: ignore[no-untyped-def]
+    Xtr, _, ytr, _ = data
+    head = MLPHead(hidden=(32, 16), max_epochs=60, patience=6, monitor=monitor).fit(Xtr, ytr)
+    loss, acc = np.array(head.validation_history_).T
+    assert len(loss) == head.n_epochs_
+    column = loss if monitor == "loss" else -acc
+    kept = int(np.argmax(column <= column.min() + 1e-4))  # the first epoch within tol of best
+    assert (head.best_validation_loss_, head.best_validation_accuracy_) == (loss[kept], acc[kept])
+    # stopped `patience` epochs after the kept one, or at the epoch cap
+    assert head.n_epochs_ - 1 - kept in (6, 7) or head.n_epochs_ == 60
+    # the kept weights are that epoch's: their accuracy on the validation rows is its
+    _, va, _ = head._validation_split(head._encode(ytr))
+    again = np.mean(head.predict(Xtr[va]) == np.asarray(ytr)[va])
+    assert again == pytest.approx(acc[kept], abs=1e-6)
+
+
+def test_mlp_monitors_can_keep_different_epochs(data) -> None:  # type: ignore[no-untyped-def]
+    # the same seed, split and batches: the runs agree until the loss stops improving; the
+    # accuracy-monitored run keeps going while its accuracy does
+    Xtr, _, ytr, _ = data
+    params = {"hidden": (64, 32), "max_epochs": 60, "patience": 6}
+    by_loss = MLPHead(**params).fit(Xtr, ytr)
+    by_acc = MLPHead(**params, monitor="accuracy").fit(Xtr, ytr)
+    n = min(by_loss.n_epochs_, by_acc.n_epochs_)
+    np.testing.assert_allclose(by_loss.validation_history_[:n], by_acc.validation_history_[:n])
+    assert by_acc.n_epochs_ > by_loss.n_epochs_
+    assert by_acc.best_validation_accuracy_ > by_loss.best_validation_accuracy_
+    assert by_acc.best_validation_loss_ > by_loss.best_validation_loss_
+
+
 def test_heads_work_in_grid_search(data) -> None:  # type: ignore[no-untyped-def]
     Xtr, _, ytr, _ = data
     search = GridSearchCV(KNNHead(), {"n_neighbors": [1, 5]}, scoring="f1_macro", cv=3)
@@ -170,6 +201,7 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
         ({"patience": True}, "patience must be"),
         ({"lr": 0.0}, "lr must be > 0"),
         ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\)"),
+        ({"monitor": "f1"}, "monitor must be one of loss, accuracy, got 'f1'"),
     ],
 )
 def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:  # type: ignore[no-untyped-def]
