@@ -29,6 +29,7 @@ from pinsearch._version import __version__
 
 __all__ = [
     "HEADS",
+    "MLP_INITS",
     "MONITORS",
     "KNNHead",
     "LinearSVMHead",
@@ -45,6 +46,7 @@ __all__ = [
 
 HEADS: dict[str, type[BaseEstimator]] = {}
 MONITORS = ("loss", "accuracy")  # what MLPHead's early stopping can watch
+MLP_INITS = ("torch", "glorot")  # how MLPHead's layers start
 
 
 def register_head(name: str) -> Callable[[type[BaseEstimator]], type[BaseEstimator]]:
@@ -446,6 +448,9 @@ class MLPHead(_TorchHead):
             ``val_accuracy`` do). On overlapping classes accuracy often still rises for
             epochs after the loss has turned up from over-confidence.
         validation_fraction: stratified share of the training data held out for early stopping.
+        init: ``torch`` (torch's default for linear layers: weights and biases uniform within
+            1/sqrt(fan_in)) or ``glorot`` (weights and biases uniform within
+            sqrt(6 / (fan_in + fan_out)), as scikit-learn's ``MLPClassifier`` starts).
         weight_decay: L2 penalty (AdamW).
         standardize: scale features first (recorded).
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -467,6 +472,7 @@ class MLPHead(_TorchHead):
         patience: int = 8,
         monitor: str = "loss",
         validation_fraction: float = 0.1,
+        init: str = "torch",
         weight_decay: float = 1e-4,
         standardize: bool = True,
         device: str = "auto",
@@ -479,6 +485,7 @@ class MLPHead(_TorchHead):
         self.patience = patience
         self.monitor = monitor
         self.validation_fraction = validation_fraction
+        self.init = init
         self.weight_decay = weight_decay
         self.standardize = standardize
         self.device = device
@@ -510,10 +517,10 @@ class MLPHead(_TorchHead):
                 bound = f"> {low}" if strict else f">= {low}"
                 what = "a whole number " if whole else ""
                 raise ValueError(f"MLPHead: {name} must be {what}{bound}, got {value!r}")
-        if self.monitor not in MONITORS:
-            raise ValueError(
-                f"MLPHead: monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}"
-            )
+        for name, allowed in (("monitor", MONITORS), ("init", MLP_INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"MLPHead: {name} must be one of {', '.join(allowed)}, "
+                                 f"got {getattr(self, name)!r}")  # fmt: skip
         if not 0 <= self.validation_fraction < 1:
             raise ValueError(
                 f"MLPHead: validation_fraction must be in [0, 1), got {self.validation_fraction!r}"
@@ -524,13 +531,20 @@ class MLPHead(_TorchHead):
 
         self._check_params()
         h1, h2 = self.hidden
-        return torch.nn.Sequential(
+        net = torch.nn.Sequential(
             torch.nn.Linear(n_in, h1),
             torch.nn.ReLU(),
             torch.nn.Linear(h1, h2),
             torch.nn.ReLU(),
             torch.nn.Linear(h2, n_out),
         )
+        if self.init == "glorot":
+            with torch.no_grad():
+                for layer in net[::2]:
+                    bound = float(np.sqrt(6.0 / sum(layer.weight.shape)))
+                    layer.weight.uniform_(-bound, bound)
+                    layer.bias.uniform_(-bound, bound)
+        return net
 
     def _validation_split(self, encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         """Training rows, validation rows (stratified, seeded) and whether there is a split."""

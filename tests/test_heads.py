@@ -132,6 +132,23 @@ def test_mlp_monitors_can_keep_different_epochs(data) -> None:  # type: ignore[n
     assert by_acc.best_validation_loss_ > by_loss.best_validation_loss_
 
 
+@pytest.mark.parametrize(
+    ("init", "bound"),
+    [("torch", lambda o, i: 1 / np.sqrt(i)), ("glorot", lambda o, i: np.sqrt(6 / (o + i)))],
+)
+def test_mlp_initialisation_spans_its_bound(init: str, bound: Any) -> None:
+    head = MLPHead(hidden=(256, 128), init=init, random_state=1)
+    net = head._seeded_network(512, 32)
+    for layer in net[::2]:
+        limit = bound(*layer.weight.shape)
+        for p in (layer.weight, layer.bias):
+            values = p.detach().numpy()
+            assert np.abs(values).max() <= limit and np.abs(values).max() > 0.95 * limit
+    again = head._seeded_network(512, 32)  # seeded: the same start every time
+    for a, b in zip(net.parameters(), again.parameters()):
+        np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
+
+
 def test_heads_work_in_grid_search(data) -> None:  # type: ignore[no-untyped-def]
     Xtr, _, ytr, _ = data
     search = GridSearchCV(KNNHead(), {"n_neighbors": [1, 5]}, scoring="f1_macro", cv=3)
@@ -202,6 +219,7 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
         ({"lr": 0.0}, "lr must be > 0"),
         ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\)"),
         ({"monitor": "f1"}, "monitor must be one of loss, accuracy, got 'f1'"),
+        ({"init": "he"}, "init must be one of torch, glorot, got 'he'"),
     ],
 )
 def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:  # type: ignore[no-untyped-def]
