@@ -531,20 +531,13 @@ class MLPHead(_TorchHead):
 
         self._check_params()
         h1, h2 = self.hidden
-        net = torch.nn.Sequential(
+        return torch.nn.Sequential(
             torch.nn.Linear(n_in, h1),
             torch.nn.ReLU(),
             torch.nn.Linear(h1, h2),
             torch.nn.ReLU(),
             torch.nn.Linear(h2, n_out),
         )
-        if self.init == "glorot":
-            with torch.no_grad():
-                for layer in net[::2]:
-                    bound = float(np.sqrt(6.0 / sum(layer.weight.shape)))
-                    layer.weight.uniform_(-bound, bound)
-                    layer.bias.uniform_(-bound, bound)
-        return net
 
     def _validation_split(self, encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
         """Training rows, validation rows (stratified, seeded) and whether there is a split."""
@@ -563,12 +556,20 @@ class MLPHead(_TorchHead):
         return tr, va, True
 
     def _seeded_network(self, n_in: int, n_out: int) -> Any:
-        """The untrained network, initialised from ``random_state`` (on the CPU)."""
+        """The untrained network, initialised from ``random_state`` (on the CPU) as ``init``
+        says. Only a network about to train is initialised so: a restored one (``_network``)
+        takes its saved weights."""
         import torch
 
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(self.random_state)
-            return self._build(n_in, n_out)
+            net = self._build(n_in, n_out)
+            if self.init == "glorot":
+                for layer in net[::2]:
+                    bound = float(np.sqrt(6.0 / sum(layer.weight.shape)))
+                    layer.weight.uniform_(-bound, bound)
+                    layer.bias.uniform_(-bound, bound)
+            return net
 
     def monitored(self, loss: Any, accuracy: Any) -> Any:
         """The validation value early stopping minimises: the loss, or minus the accuracy."""
@@ -592,7 +593,8 @@ class MLPHead(_TorchHead):
         y_tr = torch.from_numpy(encoded[tr]).long().to(dev)
         x_va = torch.from_numpy(xs[va]).to(dev)
         y_va = torch.from_numpy(encoded[va]).long().to(dev)
-        best = (np.inf, 0, [p.detach().clone() for p in net.parameters()], (np.inf, 0.0))
+        # the kept epoch, its weights and its validation (loss, accuracy): none yet
+        best = (0, [p.detach().clone() for p in net.parameters()], (np.inf, -np.inf))
         loss_fn = torch.nn.CrossEntropyLoss()
         self.n_epochs_, self.validation_history_ = 0, []
         for epoch in range(self.max_epochs):
@@ -611,16 +613,15 @@ class MLPHead(_TorchHead):
                 logits = net(x_va)
                 val = float(loss_fn(logits, y_va)), float((logits.argmax(1) == y_va).float().mean())
             self.validation_history_.append(val)
-            watched = self.monitored(*val)
-            if watched < best[0] - 1e-4:
-                best = (watched, epoch, [p.detach().clone() for p in net.parameters()], val)
-            elif epoch - best[1] >= self.patience:
+            if self.monitored(*val) < self.monitored(*best[2]) - 1e-4:
+                best = (epoch, [p.detach().clone() for p in net.parameters()], val)
+            elif epoch - best[0] >= self.patience:
                 break
         if use_val:
             with torch.no_grad():
-                for p, saved in zip(net.parameters(), best[2]):
+                for p, saved in zip(net.parameters(), best[1]):
                     p.copy_(saved)
-            self.best_validation_loss_, self.best_validation_accuracy_ = best[3]
+            self.best_validation_loss_, self.best_validation_accuracy_ = best[2]
         params = [p.detach().cpu().numpy().copy() for p in net.parameters()]
         self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_ = params
         return self
