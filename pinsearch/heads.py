@@ -286,17 +286,25 @@ class _TorchHead(_Head):
         return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
+        """The fitted layers applied functionally (ReLU between them): no module is built,
+        so predicting neither re-initialises weights it would overwrite nor draws from torch's
+        global random generator."""
         import torch
+        from torch.nn.functional import linear, relu
 
-        net = self._network()
+        arrays = self._layers()
+        h = torch.from_numpy(self._scale(X))
         with torch.inference_mode():
-            out = net(torch.from_numpy(self._scale(X)))
-        return out.numpy()
+            for i in range(0, len(arrays), 2):
+                w, b = (torch.from_numpy(np.asarray(a, np.float32)) for a in arrays[i : i + 2])
+                h = linear(relu(h) if i else h, w, b)
+        return h.numpy()
 
     def _scores(self, X: np.ndarray) -> np.ndarray:
         return self._forward(X)
 
-    def _network(self) -> Any:
+    def _layers(self) -> tuple[np.ndarray, ...]:
+        """Weight (out x in) and bias of each linear layer, in order."""
         raise NotImplementedError
 
 
@@ -422,14 +430,8 @@ class LinearSVMHead(_TorchHead):
         self.coef_ = w.detach().cpu().numpy().T.copy()
         self.intercept_ = b.detach().cpu().numpy().copy()
 
-    def _network(self) -> Any:
-        import torch
-
-        layer = torch.nn.Linear(self.coef_.shape[1], self.coef_.shape[0])
-        with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(np.asarray(self.coef_, np.float32)))
-            layer.bias.copy_(torch.from_numpy(np.asarray(self.intercept_, np.float32)))
-        return layer
+    def _layers(self) -> tuple[np.ndarray, ...]:
+        return self.coef_, self.intercept_
 
 
 @register_head("mlp")
@@ -557,8 +559,8 @@ class MLPHead(_TorchHead):
 
     def _seeded_network(self, n_in: int, n_out: int) -> Any:
         """The untrained network, initialised from ``random_state`` (on the CPU) as ``init``
-        says. Only a network about to train is initialised so: a restored one (``_network``)
-        takes its saved weights."""
+        says. Only a network about to train is built: prediction applies the saved weights
+        functionally (``_forward``)."""
         import torch
 
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -626,15 +628,8 @@ class MLPHead(_TorchHead):
         self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_ = params
         return self
 
-    def _network(self) -> Any:
-        import torch
-
-        net = self._build(self.w1_.shape[1], self.w3_.shape[0])
-        arrays = (self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_)
-        with torch.no_grad():
-            for p, a in zip(net.parameters(), arrays):
-                p.copy_(torch.from_numpy(np.asarray(a, np.float32)))
-        return net.eval()
+    def _layers(self) -> tuple[np.ndarray, ...]:
+        return self.w1_, self.b1_, self.w2_, self.b2_, self.w3_, self.b3_
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax of the network's outputs."""

@@ -171,6 +171,33 @@ def test_save_load_round_trip_without_pickle(data, name, tmp_path: Path) -> None
         assert "classes" in saved.files
 
 
+@pytest.mark.parametrize("name", ["lsvm", "mlp"])
+def test_torch_heads_leave_the_global_generator_alone(data, name) -> None:  # type: ignore[no-untyped-def]
+    """Fitting and predicting draw nothing from torch's global generator (a caller's seeded
+    code is not perturbed), and the scores are the network's: an ``nn.Sequential`` rebuilt
+    from the fitted weights gives the same values."""
+    import torch
+
+    Xtr, Xte, ytr, _ = data
+    params = {"mlp": {"hidden": (32, 16), "max_epochs": 5}, "lsvm": {"C": 0.5, "solver": "torch"}}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    head = create_head(name, **params[name]).fit(Xtr, ytr)
+    scores = head.decision_function(Xte)
+    np.testing.assert_array_equal(torch.rand(3).numpy(), expected.numpy())
+
+    arrays = head._layers()
+    layers: list[Any] = []
+    for i in range(0, len(arrays), 2):
+        linear = torch.nn.Linear(arrays[i].shape[1], arrays[i].shape[0])
+        linear.weight.data, linear.bias.data = torch.tensor(arrays[i]), torch.tensor(arrays[i + 1])
+        layers += [torch.nn.ReLU(), linear] if i else [linear]
+    xs = torch.from_numpy(((Xte - head.mean_) / head.scale_).astype(np.float32))
+    with torch.no_grad():
+        np.testing.assert_allclose(torch.nn.Sequential(*layers)(xs).numpy(), scores, atol=1e-5)
+
+
 def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="registered"):
         create_head("forest")
