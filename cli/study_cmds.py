@@ -307,6 +307,14 @@ def bench(
     corpus: Annotated[
         Path | None, typer.Option(help="Real photos: a folder or manifest CSV (embed, dupes).")
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for torch, FAISS and BLAS in this process (default: theirs); "
+            "use 1 beside another job on a small machine.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
@@ -320,53 +328,56 @@ def bench(
 
     backbones = backbone or ["effnet_lite0"]
     sized = {} if dim is None else {"dim": dim}  # each benchmark has its own default size
-    if what == "embed":
-        options = dict(
-            n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
-            decode=decode, compile=compile_model,
-        )  # fmt: skip
-        if len(backbones) == 1 and backbones[0] != "all" and corpus is None:
-            result: Any = b.bench_embed(backbones[0], **options)
+    with b.threads_limited(threads):
+        if what == "embed":
+            options = dict(
+                n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
+                decode=decode, compile=compile_model,
+            )  # fmt: skip
+            if len(backbones) == 1 and backbones[0] != "all" and corpus is None:
+                result: Any = b.bench_embed(backbones[0], **options)
+            else:
+                result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
+        elif what == "index":
+            result = b.bench_index(
+                n=n or 100_000, **sized, factories=factory or None, fp16=fp16,
+                fp16_also=fp16_also or (),
+            )  # fmt: skip
+        elif what == "exact":
+            result = b.bench_exact(n=n or 1_000_000, **sized, nq=queries or 6400, device=device)
+        elif what == "query":
+            result = b.bench_query(n=n or 100_000, **sized)
+        elif what == "remove":
+            first = factory[0] if factory else "auto"
+            result = b.bench_remove(n=n or 100_000, **sized, pins=pins, factory=first)
+        elif what == "study":
+            result = b.bench_study(
+                n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
+                sequential=sequential, sklearn_timeout_s=sklearn_timeout,
+                sklearn_reference=sklearn_reference or (), progress=progress,
+            )  # fmt: skip
+        elif what == "study-reference":
+            if head is not None and len(head) != 1:
+                raise typer.BadParameter("bench study-reference takes one --head")
+            result = b.bench_study_reference(
+                head=head[0] if head else "lsvm", n=n or 4000, **sized, jobs=jobs,
+                checkpoint=checkpoint,
+            )  # fmt: skip
+        elif what == "text":
+            result = b.bench_text(n=n or 100_000, **sized)
+        elif what == "dupes":
+            if corpus is None:
+                raise typer.BadParameter(
+                    "bench dupes needs --corpus (a folder or manifest of photos)"
+                )
+            if len(backbones) != 1 or backbones[0] == "all":
+                raise typer.BadParameter("bench dupes takes one --backbone")
+            result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
         else:
-            result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
-    elif what == "index":
-        result = b.bench_index(
-            n=n or 100_000, **sized, factories=factory or None, fp16=fp16,
-            fp16_also=fp16_also or (),
-        )  # fmt: skip
-    elif what == "exact":
-        result = b.bench_exact(n=n or 1_000_000, **sized, nq=queries or 6400, device=device)
-    elif what == "query":
-        result = b.bench_query(n=n or 100_000, **sized)
-    elif what == "remove":
-        first = factory[0] if factory else "auto"
-        result = b.bench_remove(n=n or 100_000, **sized, pins=pins, factory=first)
-    elif what == "study":
-        result = b.bench_study(
-            n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
-            sequential=sequential, sklearn_timeout_s=sklearn_timeout,
-            sklearn_reference=sklearn_reference or (), progress=progress,
-        )  # fmt: skip
-    elif what == "study-reference":
-        if head is not None and len(head) != 1:
-            raise typer.BadParameter("bench study-reference takes one --head")
-        result = b.bench_study_reference(
-            head=head[0] if head else "lsvm", n=n or 4000, **sized, jobs=jobs,
-            checkpoint=checkpoint,
-        )  # fmt: skip
-    elif what == "text":
-        result = b.bench_text(n=n or 100_000, **sized)
-    elif what == "dupes":
-        if corpus is None:
-            raise typer.BadParameter("bench dupes needs --corpus (a folder or manifest of photos)")
-        if len(backbones) != 1 or backbones[0] == "all":
-            raise typer.BadParameter("bench dupes takes one --backbone")
-        result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
-    else:
-        raise typer.BadParameter(
-            f"unknown benchmark {what!r}; expected embed, index, exact, query, remove, study, "
-            "study-reference, text or dupes"
-        )
+            raise typer.BadParameter(
+                f"unknown benchmark {what!r}; expected embed, index, exact, query, remove, study, "
+                "study-reference, text or dupes"
+            )
     if as_json:
         emit_json(result)
         return

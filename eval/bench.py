@@ -45,6 +45,7 @@ __all__ = [
     "clustered_vectors",
     "format_result",
     "machine",
+    "threads_limited",
 ]
 
 
@@ -82,8 +83,36 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "faiss": faiss.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()},
     }
     return info
+
+
+@contextmanager
+def threads_limited(threads: int | None) -> Iterator[None]:
+    """Run the block with at most ``threads`` threads in torch, FAISS (OpenMP) and the BLAS and
+    OpenMP pools numpy and scikit-learn use (``None``: leave every default). Beside another job
+    on the same cores, oversubscribed pools can slow a run many times over; benchmarks compared
+    with each other should run with the same count. ``machine()`` records the counts in force.
+    """
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
 
 
 def clustered_vectors(

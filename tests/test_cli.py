@@ -211,6 +211,20 @@ def test_bench_remove(factory: str, in_place: bool) -> None:
     assert data["remove_s"] > 0 and data["rebuild_s"] > 0  # type: ignore[index]
 
 
+def test_bench_threads_limit_the_run_and_are_restored_after() -> None:
+    import faiss
+    import torch
+    from threadpoolctl import threadpool_info
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads(), threadpool_info()
+    data = _json(["bench", "remove", "--n", "600", "--dim", "8", "--pins", "20",
+                  "--factory", "Flat", "--threads", "1", "--json"])  # fmt: skip
+    assert data["machine"]["threads"] == {"torch": 1, "faiss": 1}  # type: ignore[index]
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads(), threadpool_info()) == before
+    bad = runner.invoke(app, ["bench", "remove", "--threads", "0"])
+    assert bad.exit_code != 0 and "--threads" in bad.output
+
+
 def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     data = _json(["bench", "index", "--n", "500", "--dim", "16",
                   "--factory", "IVF4096,Flat", "--factory", "Flat", "--json"])  # fmt: skip
