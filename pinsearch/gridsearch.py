@@ -827,6 +827,7 @@ def _train_ensemble(
     if alive.size:  # ran out of epochs: members without validation keep their last weights
         last = torch.from_numpy(np.flatnonzero(~has_val[alive])).to(device)
         final[sub[last]] = flat[last]
+    best_epoch[~has_val] = n_epochs[~has_val] - 1  # the epoch of the weights they keep
     te_idx, te_valid = _padded([test for _, test in splits])
     out = np.zeros(te_idx.shape, dtype=np.int64)
     with torch.no_grad():

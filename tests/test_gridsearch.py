@@ -175,6 +175,7 @@ def test_mlp_members_without_validation_split_train_all_epochs() -> None:
     ref = GridSearchCV(MLPHead(**params), {"batch_size": [16]}, scoring="f1_macro",  # type: ignore[arg-type]
                        cv=_cv()).fit(X, y)  # fmt: skip
     assert ours.info["mlp"]["epochs"] == [[6] * FOLDS]
+    assert ours.info["mlp"]["best_epochs"] == [[5] * FOLDS]  # the last weights are kept
     gap = abs(ours.cv_results_["mean_test_score"][0] - ref.cv_results_["mean_test_score"][0])
     assert gap <= 0.03
 
