@@ -184,7 +184,9 @@ def train_projection(
     g_all = torch.from_numpy(groups).to(device)
 
     def linear(n_out: int, n_in: int) -> torch.nn.Linear:
-        layer = torch.nn.Linear(n_in, n_out)
+        # skip_init: torch's default initialisation, overwritten at once, would draw from the
+        # global generator and move a caller's seeded random stream
+        layer = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out)
         with torch.no_grad():
             torch.nn.init.normal_(layer.weight, std=n_in**-0.5, generator=gen)
             layer.bias.zero_()
