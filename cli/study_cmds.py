@@ -311,8 +311,9 @@ def bench(
         int | None,
         typer.Option(
             min=1,
-            help="CPU threads for torch, FAISS and BLAS in this process (default: theirs); "
-            "use 1 beside another job on a small machine.",
+            help="CPU threads for torch, FAISS, BLAS and OpenMP, here and in the worker "
+            "processes the run starts (default: theirs); study: scikit-learn's fits N at a "
+            "time (default: one per core). Use 1 beside another job on a small machine.",
         ),
     ] = None,
     as_json: JsonOpt = False,
@@ -355,6 +356,7 @@ def bench(
                 n=n or 4000, **sized, device=device, heads=head or ("knn", "lsvm", "mlp"),
                 sequential=sequential, sklearn_timeout_s=sklearn_timeout,
                 sklearn_reference=sklearn_reference or (), progress=progress,
+                sklearn_jobs=threads or -1,
             )  # fmt: skip
         elif what == "study-reference":
             if head is not None and len(head) != 1:

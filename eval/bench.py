@@ -91,28 +91,40 @@ def machine() -> dict[str, Any]:
 @contextmanager
 def threads_limited(threads: int | None) -> Iterator[None]:
     """Run the block with at most ``threads`` threads in torch, FAISS (OpenMP) and the BLAS and
-    OpenMP pools numpy and scikit-learn use (``None``: leave every default). Beside another job
-    on the same cores, oversubscribed pools can slow a run many times over; benchmarks compared
-    with each other should run with the same count. ``machine()`` records the counts in force.
-    """
+    OpenMP pools numpy and scikit-learn use, and with ``OMP_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS`` and ``MKL_NUM_THREADS`` set to it, so that worker processes
+    started in the block (scikit-learn's, the study's) are held to it as well (``None``: leave
+    every default). Beside another job on the same cores, oversubscribed pools can slow a run
+    many times over; benchmarks compared with each other should run with the same count.
+    ``machine()`` records the counts in force. Everything is restored on the way out."""
     if threads is None:
         yield
         return
     if threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
+    import os
+
     import faiss
     import torch
     from threadpoolctl import threadpool_limits
 
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+    env = {name: os.environ.get(name) for name in names}
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    try:
-        with threadpool_limits(limits=threads):
+    with threadpool_limits(limits=threads):  # first: it records the pools' own counts
+        try:
+            os.environ.update(dict.fromkeys(names, str(threads)))
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
             yield
-    finally:
-        torch.set_num_threads(before[0])
-        faiss.omp_set_num_threads(before[1])
+        finally:
+            torch.set_num_threads(before[0])
+            faiss.omp_set_num_threads(before[1])
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def clustered_vectors(

@@ -19,9 +19,9 @@ does the cross-validation in batches instead of one fit per (candidate, fold):
   gradient is reported in ``info``.
 - ``mlp``: the folds of one grid candidate train together as a batched ensemble (``bmm`` over
   stacked parameters): each member has the initialisation, shuffling, validation split and
-  early stopping :class:`MLPHead` would give it, is one parameter of one torch AdamW (fused
-  where there is a kernel, as :class:`MLPHead` trains; members out of batches are frozen,
-  stopped ones leave) and keeps its best epoch.
+  early stopping :class:`MLPHead` would give it, its layers' weights and biases are
+  parameters of one torch AdamW (fused where there is a kernel, as :class:`MLPHead` trains;
+  members out of batches are frozen, stopped ones leave) and it keeps its best epoch.
 
 Anything else (other heads, approximate KNN indexes, ``solver="liblinear"``, a scoring that is
 not computed from predictions, a fold whose training part lacks a class) runs through
@@ -795,7 +795,10 @@ def _train_ensemble(
             loss = F.cross_entropy(logits.reshape(-1, n_classes), y_all[rows].reshape(-1),
                                    reduction="none").view(rows.shape)  # fmt: skip
             per_member = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
-            grads = torch.autograd.grad(per_member.sum(), views)
+            # each member's parameters take views of these: a fused AdamW needs a gradient laid
+            # out as its parameter (on the CPU it silently misreads another layout); they come
+            # out contiguous, so .contiguous() costs nothing but guards against a torch change
+            grads = [g.contiguous() for g in torch.autograd.grad(per_member.sum(), views)]
             for m, (params, on) in enumerate(zip(members, active_np[j])):
                 for p, g in zip(params, grads):  # a member out of batches keeps its state
                     p.grad = g[m] if on else None

@@ -212,15 +212,28 @@ def test_bench_remove(factory: str, in_place: bool) -> None:
 
 
 def test_bench_threads_limit_the_run_and_are_restored_after() -> None:
+    import os
+
     import faiss
     import torch
-    from threadpoolctl import threadpool_info
 
-    before = torch.get_num_threads(), faiss.omp_get_max_threads(), threadpool_info()
-    data = _json(["bench", "remove", "--n", "600", "--dim", "8", "--pins", "20",
-                  "--factory", "Flat", "--threads", "1", "--json"])  # fmt: skip
-    assert data["machine"]["threads"] == {"torch": 1, "faiss": 1}  # type: ignore[index]
-    assert (torch.get_num_threads(), faiss.omp_get_max_threads(), threadpool_info()) == before
+    from pinsearch.eval.bench import threads_limited
+
+    outside = torch.get_num_threads(), faiss.omp_get_max_threads()
+    env = os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(2)  # a count the run must change, whatever this process started with
+    faiss.omp_set_num_threads(2)
+    try:
+        data = _json(["bench", "remove", "--n", "600", "--dim", "8", "--pins", "20",
+                      "--factory", "Flat", "--threads", "1", "--json"])  # fmt: skip
+        assert data["machine"]["threads"] == {"torch": 1, "faiss": 1}  # type: ignore[index]
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+        with threads_limited(3):  # worker processes inherit the limit through the environment
+            assert os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "3"
+        assert os.environ.get("OMP_NUM_THREADS") == env
+    finally:
+        torch.set_num_threads(outside[0])
+        faiss.omp_set_num_threads(outside[1])
     bad = runner.invoke(app, ["bench", "remove", "--threads", "0"])
     assert bad.exit_code != 0 and "--threads" in bad.output
 

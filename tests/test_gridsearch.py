@@ -151,9 +151,9 @@ def test_mlp_fold_scores_close_to_sequential_heads() -> None:
 
 @pytest.mark.parametrize(("monitor", "init"), [("loss", "torch"), ("accuracy", "glorot")])
 def test_mlp_members_train_as_the_head_alone_through_early_stops(monitor: str, init: str) -> None:
-    # members share one AdamW (a parameter each) as MLPHead.fit trains with it: each member
-    # stops at the epoch its fold's head stops at (members stopping while others go on keep
-    # their optimizer state), and the fold scores are GridSearchCV's
+    # members share one AdamW (a parameter per layer tensor each) as MLPHead.fit trains with it:
+    # each member stops at the epoch its fold's head stops at (members stopping while others
+    # go on keep their optimizer state), and the fold scores are GridSearchCV's
     X, y = _data(500, 20, 4, sep=1.0)
     params = {"device": "cpu", "hidden": (32, 16), "max_epochs": 200, "patience": 2,
               "monitor": monitor, "init": init}  # fmt: skip
