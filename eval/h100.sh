@@ -8,6 +8,8 @@
 #   3      carry [".gpu/3"]:  source .gpu/*/device-setup.sh && bash eval/h100.sh start [STEP...]
 #   4 ...  WAIT=S bash eval/h100.sh wait       (no setup: the runner has its environment)
 #   then give_back.
+# The machine goes back 30 s after a call returns (status: idle_release_s), and the runner and
+# the installed wheels with it: make each call within seconds of the last, nothing between.
 # `start` runs the steps one after another in a runner of its own process session (setsid),
 # which goes on between calls while the machine is held, then waits like `wait`: up to WAIT
 # seconds (default 480) or until the runner ends. Both keep everything written so far in one
