@@ -19,6 +19,7 @@ __all__ = [
     "gpu_room",
     "gpu_settings",
     "ivf_of",
+    "shards_of",
     "to_cpu",
     "to_gpu",
 ]
@@ -32,7 +33,9 @@ GPU_MAX_NPROBE = 2048
 GPU_PQ_CODES = frozenset({1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96})
 _GPU_PQ_FP16_ONLY = frozenset({56, 64, 96})
 _SHARED_MEMORY = 48 * 1024
-_RESOURCES: Any = None  # one StandardGpuResources per process (scratch memory, cuBLAS handle)
+# one StandardGpuResources per GPU and process (scratch memory, cuBLAS handle), shared by every
+# index placed there (FAISS's index_cpu_to_all_gpus would make new ones for each placement)
+_RESOURCES: list[Any] = []
 #: FAISS-GPU's resources take one call at a time, and all GPU indexes share them: searches,
 #: adds, training and copies to and from the GPU hold this lock
 GPU_LOCK = threading.RLock()
@@ -184,12 +187,18 @@ def gpu_count() -> int:
     return int(get()) if get is not None else 0
 
 
-def to_gpu(index: Any, *, fp16: bool = False) -> Any:
-    """Copy a CPU index to the GPU(s): replicated data on one GPU, sharded over several.
+def to_gpu(index: Any, *, fp16: bool = False, one: bool = False) -> Any:
+    """Copy a CPU index to the GPU(s): whole on one GPU, sharded over several.
+
+    Sharded as FAISS shards: a Flat index's rows in successive slices (the shards then take
+    vectors in one ``add`` only: see :func:`shards_of`), an IVF index's lists by id, each
+    shard with its own copy of the coarse quantizer (and PQ codebooks), trained or not.
 
     Args:
         index: a CPU faiss index.
         fp16: keep vectors (Flat) or lookup tables (IVF-PQ) in float16 on the GPU.
+        one: on the first GPU only, however many there are (to train an index once before
+            it is sharded).
     """
     import faiss
 
@@ -197,19 +206,30 @@ def to_gpu(index: Any, *, fp16: bool = False) -> Any:
     if n == 0:
         raise DeviceError("no GPU visible to faiss; install faiss-gpu and check CUDA")
     with GPU_LOCK:
+        n = 1 if one else n
+        while len(_RESOURCES) < n:
+            _RESOURCES.append(faiss.StandardGpuResources())
+        # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
+        # attributes; the module keeps the resources alive)
         if n == 1:
-            global _RESOURCES
             co = _classic_kernels(faiss.GpuClonerOptions())
             co.useFloat16 = fp16
-            if _RESOURCES is None:  # shared: one scratch area and cuBLAS handle per process
-                _RESOURCES = faiss.StandardGpuResources()
-            # (no attribute may be set on the result: FAISS's Python wrappers refuse unknown
-            # attributes; the module keeps the resources alive)
-            return faiss.index_cpu_to_gpu(_RESOURCES, 0, index, co)
+            return faiss.index_cpu_to_gpu(_RESOURCES[0], 0, index, co)
         co = _classic_kernels(faiss.GpuMultipleClonerOptions())
         co.shard = True
         co.useFloat16 = fp16
-        return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=n)
+        return faiss.index_cpu_to_gpu_multiple_py(_RESOURCES[:n], index, co)
+
+
+def shards_of(index: Any) -> Any:
+    """The FAISS ``IndexShards`` an index placed on several GPUs searches through (behind a
+    pre-transform, if any), or None for an index in one piece."""
+    import faiss
+
+    node = faiss.downcast_index(index)
+    while isinstance(node, faiss.IndexPreTransform):
+        node = faiss.downcast_index(node.index)
+    return node if isinstance(node, faiss.IndexShards) else None
 
 
 def _classic_kernels(options: Any) -> Any:

@@ -33,6 +33,7 @@ from pinsearch.indexes.gpu import (
     gpu_room,
     gpu_settings,
     ivf_of,
+    shards_of,
     to_cpu,
     to_gpu,
 )
@@ -153,7 +154,10 @@ class PinIndex:
         return _normalize(x) if self.config.metric == "cosine" else x
 
     def add(self, vectors: np.ndarray, keys: np.ndarray, batch: int = 65536) -> None:
-        """Append vectors of new pins (trained indexes only; no rebuild needed)."""
+        """Append vectors of new pins (trained indexes only; no rebuild needed), in batches of
+        ``batch`` rows. A Flat index sharded over several GPUs takes them on its CPU copy,
+        placed again after: FAISS's Flat shards number their rows on from shard to shard and
+        take one ``add`` in their life."""
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(vectors)} vectors but {len(keys)} pin keys")
@@ -162,14 +166,19 @@ class PinIndex:
         clash = np.intersect1d(keys, self.ids)
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
+        shards = shards_of(self.index) if self.on_gpu else None
+        via_cpu = shards is not None and bool(shards.successive_ids)
+        target = self.cpu_index() if via_cpu else self.index
         for start in range(0, len(keys), batch):
             part = self.prepare(vectors[start : start + batch])
             with self._gpu_turn():
-                self.index.add(part)
-        self._cpu = None
+                target.add(part)
         self._order = None
         self._exact = None
         self.ids = np.concatenate([self.ids, keys])
+        if via_cpu:
+            self._place_again(target)
+        self._cpu = None  # not kept: a host copy of every vector, made again when needed
 
     def removable(self) -> bool:
         """Whether :meth:`remove` works in place for this index type.
@@ -230,14 +239,18 @@ class PinIndex:
             _shift_list_ids(ivf, positions)
         self.ids = np.delete(self.ids, positions)
         self._order = self._exact = None
-        # whole on the CPU first: the old GPU copy is freed before the new one is placed (its
-        # memory counts as free again), and a placement that fails leaves a usable index
+        self._place_again(cpu)
+        return int(removed)
+
+    def _place_again(self, cpu: Any) -> None:
+        """Make ``cpu`` (changed from this index's CPU copy) the index, where this one lived.
+        Whole on the CPU first: the old GPU copy is freed before the new one is placed (its
+        memory counts as free again), and a placement that fails leaves a usable index."""
         with self._gpu_turn():  # the GPU copy is freed here: FAISS-GPU's resources are shared
             was_gpu, self.index, self.on_gpu, self._cpu = self.on_gpu, cpu, False, None
         if was_gpu:
             self.index, self.on_gpu = _place(cpu, self.config, self.factory)
             self._cpu = cpu if self.on_gpu else None
-        return int(removed)
 
     def _params(self, selector: Any = None) -> Any:
         """Search parameters for this index on the CPU: nprobe / efSearch and the selector."""
@@ -732,8 +745,18 @@ def build_index(
         rng = np.random.default_rng(config.seed)
         sample = x if n <= config.max_train else x[np.sort(rng.choice(n, config.max_train, False))]
         try:
-            with pin_index._gpu_turn():
-                index.train(pin_index.prepare(sample))
+            if on_gpu and shards_of(index) is not None:
+                # shards trained apart would each get centroids (and PQ codebooks) of their
+                # own: the index is trained once, on one GPU, and sharded trained
+                one = to_gpu(cpu, fp16=config.fp16 or gpu_settings(cpu)[1], one=True)
+                with GPU_LOCK:
+                    one.train(pin_index.prepare(sample))
+                    cpu = to_cpu(one)
+                    del one
+                pin_index._place_again(cpu)
+            else:
+                with pin_index._gpu_turn():
+                    index.train(pin_index.prepare(sample))
         except RuntimeError as exc:
             raise ValueError(
                 f"FAISS cannot train index {factory!r} on {len(sample)} vectors: "

@@ -189,7 +189,10 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU(s)"
     returns a CPU clone (a FAISS index object, with the same attribute rules as a GPU one), so
     pinsearch's placement code runs here as it would with one GPU or sharded over two (it ran
-    on no GPU before). Records ``(GPUs, shard, float16)`` per placement."""
+    on no GPU before). Sharding builds CPU ``IndexShards`` as FAISS's multi-GPU cloner does
+    (Flat rows in successive slices, which take one ``add`` only; IVF lists by id, each shard
+    with its own quantizer copy), and the copy back merges them as FAISS does. Records
+    ``(GPUs, shard, float16)`` per placement."""
     import faiss
 
     from pinsearch.indexes import gpu
@@ -204,9 +207,42 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         calls.append((1, False, options.useFloat16))
         return faiss.clone_index(index)
 
-    def to_all_gpus(index: object, co: Options, ngpu: int) -> object:
-        calls.append((ngpu, co.shard, co.useFloat16))
-        return faiss.clone_index(index)
+    def shards(index: object, n: int) -> object:
+        node = faiss.downcast_index(index)
+        flat = isinstance(node, faiss.IndexFlat)
+        if not (flat or isinstance(node, faiss.IndexIVF)):
+            return faiss.clone_index(index)  # FAISS shards those two kinds only
+        out = faiss.IndexShards(node.d, False, flat)
+        for i in range(n):
+            part = faiss.clone_index(node)
+            part.reset()
+            if flat:
+                lo, hi = node.ntotal * i // n, node.ntotal * (i + 1) // n
+                if hi > lo:
+                    part.add(node.reconstruct_n(lo, hi - lo))
+            elif node.ntotal:
+                node.copy_subset_to(
+                    faiss.extract_index_ivf(part), faiss.InvertedLists.SUBSET_TYPE_ID_MOD, n, i
+                )
+            out.add_shard(part)  # FAISS's wrapper keeps the shard alive with the shards
+        return out
+
+    def to_gpus(resources: list, index: object, co: Options, gpus: object = None) -> object:
+        calls.append((len(resources), co.shard, co.useFloat16))
+        return shards(index, len(resources)) if co.shard else faiss.clone_index(index)
+
+    def to_cpu(index: object) -> object:
+        node = faiss.downcast_index(index)
+        if not isinstance(node, faiss.IndexShards):
+            return faiss.clone_index(index)
+        parts = [faiss.clone_index(node.at(i)) for i in range(node.count())]
+        whole = parts[0]
+        for part in parts[1:]:  # FAISS's merge: checks that IVF quantizers are identical
+            if node.successive_ids:
+                whole.add(part.reconstruct_n(0, part.ntotal))
+            else:
+                whole.merge_from(part, 0)
+        return whole
 
     for name, value in {
         "get_num_gpus": lambda: request.param,
@@ -214,10 +250,10 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         "GpuClonerOptions": Options,
         "GpuMultipleClonerOptions": Options,
         "index_cpu_to_gpu": to_gpu,
-        "index_cpu_to_all_gpus": to_all_gpus,
-        "index_gpu_to_cpu": faiss.clone_index,
+        "index_cpu_to_gpu_multiple_py": to_gpus,
+        "index_gpu_to_cpu": to_cpu,
         "GpuParameterSpace": faiss.ParameterSpace,
     }.items():
         monkeypatch.setattr(faiss, name, value, raising=False)
-    monkeypatch.setattr(gpu, "_RESOURCES", None)
+    monkeypatch.setattr(gpu, "_RESOURCES", [])
     return calls

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -748,18 +749,35 @@ def test_gpu_float16_says_what_faiss_gpu_does(factory: str, fp16: bool, expected
     assert gpu_float16(faiss.index_factory(384, factory), fp16) is expected
 
 
+def _gpu_nprobes(index: Any) -> set[int]:
+    """nprobe of a placed IVF index: of each shard, when it is sharded over several GPUs."""
+    import faiss
+
+    from pinsearch.indexes.gpu import shards_of
+
+    shards = shards_of(index)
+    parts = [shards.at(i) for i in range(shards.count())] if shards is not None else [index]
+    return {int(faiss.extract_index_ivf(part).nprobe) for part in parts}
+
+
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8"])
 def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     faiss_gpu_stand_in: list, tmp_path: Path, factory: str
 ) -> None:
     import faiss
 
+    from pinsearch.indexes import gpu
+
     x = _clustered(600, 16, 8, 0)
     keys = _keys(600)
     q = x[:20] + 0.01
     cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, **CPU))
     placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
-    assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], [(2, True, True)])
+    # sharded over two GPUs, a Flat index is placed empty, then filled on the CPU and placed
+    # again (its shards take one add); an IVF index is trained on one GPU, then sharded
+    two = [(2, True, True), (2, True, True)] if factory == "Flat" else [
+        (2, True, True), (1, False, True), (2, True, True)]  # fmt: skip
+    assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], two)
     np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
     for allowed in (keys[::3], keys[:4]):  # filtered on the GPU copy: no CPU copy is made
         np.testing.assert_array_equal(
@@ -771,12 +789,13 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     assert placed.ntotal == 601 and placed.on_gpu
     placed.save(tmp_path / "i")
     assert load_index(tmp_path / "i").on_gpu  # device auto: placed again
+    assert len(gpu._RESOURCES) == faiss.get_num_gpus()  # one per GPU, shared by placements
     if "IVF" in factory:  # lists short of k: filled by raising nprobe on the GPU copy itself
         shallow = load_index(tmp_path / "i", config=IndexConfig(nprobe=1))
         _, found = shallow.search(q, 300)
         assert shallow.on_gpu and (found >= 0).all()
         assert shallow._cpu is None  # no copy to the CPU was needed
-        assert faiss.extract_index_ivf(shallow.index).nprobe == 1  # back where it was
+        assert _gpu_nprobes(shallow.index) == {1}  # back where it was
 
 
 @pytest.mark.parametrize("factory", ["PQ2", "OPQ2,IVF8,PQ2,RFlat"])
@@ -909,7 +928,7 @@ def test_gpu_searches_from_several_threads_take_turns(
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
         assert (b >= 0).all()
-    assert faiss.extract_index_ivf(placed.index).nprobe == 1
+    assert _gpu_nprobes(placed.index) == {1}
     # rare filters answered from the CPU copy: threads asking at once share one copy
     copies: list = []
     clone = faiss.index_gpu_to_cpu
