@@ -70,15 +70,23 @@ one() {  # one step, in the foreground
   local options=() rc=0
   case $1 in
     tests)
-      nvidia-smi > "$dir/nvidia-smi.txt" 2>&1
+      { nvidia-smi; df -h /dev/shm; } > "$dir/nvidia-smi.txt" 2>&1  # shm: decode workers
       python3 -c "import faiss, torch, torchvision as tv; o = faiss.GpuClonerOptions();
 print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(o, 'use_cuvs', None));
-print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)" \
-        > "$dir/versions.txt" 2>&1
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)
+from pinsearch.decode import device_decoder_error as why
+print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
       local each=()  # a hung test ends alone, not the whole step (pytest-timeout is there)
       python3 -c "import pytest_timeout" 2> /dev/null && each=(--timeout 120)
-      python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${each[@]}" \
-        > "$dir/pytest-gpu.txt" 2>&1 ;;
+      # torch.compile's test last, alone: a cold compile may take a minute or two of the
+      # step's limit, which the other GPU tests then no longer depend on
+      local compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
+      python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${each[@]}" --deselect "$compile" \
+        > "$dir/pytest-gpu.txt" 2>&1
+      rc=$?
+      python3 -m pytest -q -p no:cacheprovider -rs "${each[@]}" "$compile" \
+        > "$dir/pytest-gpu-compile.txt" 2>&1 || rc=$?
+      return $rc ;;
     exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
       bench exact-1m-1024 exact --dim 1024 ;;
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
@@ -159,7 +167,7 @@ wait_and_pack() {
   echo "== runner $(running && echo 'still running' || echo 'ended') after this call's" \
     "$((SECONDS - start)) s; results: $out/h100.tgz"
   cat "$dir/steps.log" 2> /dev/null
-  for f in "$dir"/*.err "$dir/pytest-gpu.txt"; do
+  for f in "$dir"/*.err "$dir"/pytest-gpu*.txt; do
     [ -s "$f" ] && { echo "== $(basename "$f") (end)"; tail -n 3 "$f"; }
   done
   echo "== targets"
