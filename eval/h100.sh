@@ -76,15 +76,15 @@ print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)
 from pinsearch.decode import device_decoder_error as why
 print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
-      local each=()  # a hung test ends alone, not the whole step (pytest-timeout is there)
-      python3 -c "import pytest_timeout" 2> /dev/null && each=(--timeout 120)
+      local each=() long=()  # a hung test ends alone, not the whole step (pytest-timeout)
+      python3 -c "import pytest_timeout" 2> /dev/null && { each=(--timeout 120); long=(--timeout 240); }
       # torch.compile's test last, alone: a cold compile may take a minute or two of the
       # step's limit, which the other GPU tests then no longer depend on
       local compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
       python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${each[@]}" --deselect "$compile" \
         > "$dir/pytest-gpu.txt" 2>&1
       rc=$?
-      python3 -m pytest -q -p no:cacheprovider -rs "${each[@]}" "$compile" \
+      python3 -m pytest -q -p no:cacheprovider -rs "${long[@]}" "$compile" \
         > "$dir/pytest-gpu-compile.txt" 2>&1 || rc=$?
       return $rc ;;
     exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans

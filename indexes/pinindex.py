@@ -155,9 +155,15 @@ class PinIndex:
 
     def add(self, vectors: np.ndarray, keys: np.ndarray, batch: int = 65536) -> None:
         """Append vectors of new pins (trained indexes only; no rebuild needed), in batches of
-        ``batch`` rows. A Flat index sharded over several GPUs takes them on its CPU copy,
-        placed again after: FAISS's Flat shards number their rows on from shard to shard and
-        take one ``add`` in their life."""
+        ``batch`` rows. A Flat index sharded over several GPUs takes them on a fresh CPU copy,
+        placed again after (FAISS's Flat shards number their rows on from shard to shard and
+        take one ``add`` in their life): until then the index, its kept CPU copy and its ids
+        are as they were, whatever stops the add.
+
+        Raises:
+            DeviceError: (device ``gpu``, a sharded Flat index) the index with the new vectors
+                no longer fits the GPUs; it holds them, on the CPU.
+        """
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(vectors)} vectors but {len(keys)} pin keys")
@@ -168,7 +174,7 @@ class PinIndex:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
         shards = shards_of(self.index) if self.on_gpu else None
         via_cpu = shards is not None and bool(shards.successive_ids)
-        target = self.cpu_index() if via_cpu else self.index
+        target = to_cpu(self.index) if via_cpu else self.index
         for start in range(0, len(keys), batch):
             part = self.prepare(vectors[start : start + batch])
             with self._gpu_turn():
@@ -739,32 +745,40 @@ def build_index(
     _skip_polysemous_training(cpu)
     index, on_gpu = _place(cpu, config, factory, n_vectors=n)  # placed empty: judge it full
     pin_index = PinIndex(index, np.empty(0, np.int64), config, factory, dim, backbone, 0.0, on_gpu)
-    if not index.is_trained:
+    del index  # pin_index holds it (and frees it, under the GPU lock, when it places anew)
+    if not pin_index.index.is_trained:
         if n == 0:
             raise ValueError(f"index {factory!r} needs training vectors; none given")
         rng = np.random.default_rng(config.seed)
         sample = x if n <= config.max_train else x[np.sort(rng.choice(n, config.max_train, False))]
-        try:
-            if on_gpu and shards_of(index) is not None:
-                # shards trained apart would each get centroids (and PQ codebooks) of their
-                # own: the index is trained once, on one GPU, and sharded trained
-                one = to_gpu(cpu, fp16=config.fp16 or gpu_settings(cpu)[1], one=True)
-                with GPU_LOCK:
-                    one.train(pin_index.prepare(sample))
-                    cpu = to_cpu(one)
-                    del one
-                pin_index._place_again(cpu)
-            else:
-                with pin_index._gpu_turn():
-                    index.train(pin_index.prepare(sample))
-        except RuntimeError as exc:
-            raise ValueError(
-                f"FAISS cannot train index {factory!r} on {len(sample)} vectors: "
-                f"{_faiss_reason(exc)}; pick a smaller factory, or 'auto'"
-            ) from exc
+        if on_gpu and shards_of(pin_index.index) is not None:
+            # shards trained apart would each get centroids (and PQ codebooks) of their own:
+            # the index is trained once, on one GPU, and sharded trained
+            one = [to_gpu(cpu, fp16=config.fp16 or gpu_settings(cpu)[1], one=True)]
+            with GPU_LOCK:
+                try:
+                    _train(one[0], pin_index.prepare(sample), factory)
+                    cpu = to_cpu(one[0])
+                finally:
+                    one.clear()  # freed here, under the lock
+            pin_index._place_again(cpu)
+        else:
+            with pin_index._gpu_turn():
+                _train(pin_index.index, pin_index.prepare(sample), factory)
     pin_index.add(x, keys)
     pin_index.build_seconds = time.perf_counter() - start
     return pin_index
+
+
+def _train(index: Any, sample: np.ndarray, factory: str) -> None:
+    """Train ``index`` on ``sample``, a FAISS refusal told as the factory's problem."""
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"FAISS cannot train index {factory!r} on {len(sample)} vectors: "
+            f"{_faiss_reason(exc)}; pick a smaller factory, or 'auto'"
+        ) from exc
 
 
 def _skip_polysemous_training(index: Any) -> None:

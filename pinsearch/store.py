@@ -292,7 +292,13 @@ class Store:
         new = np.setdiff1d(vs.keys(), index.ids, assume_unique=True)
         if new.size:
             vectors, keys = vs.load(new)
-            index.add(vectors, keys)
+            try:
+                index.add(vectors, keys)
+            except DeviceError as exc:  # added, but no room on the GPUs: whole on the CPU
+                _logger.warning("index %s: %s; saved from the CPU", name, exc)
+                self.save_index(index, name)
+                self.forget_cached(name)  # not kept placed against its settings
+                return index, int(new.size)
             self.save_index(index, name)
         return index, int(new.size)
 

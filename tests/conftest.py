@@ -191,7 +191,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     pinsearch's placement code runs here as it would with one GPU or sharded over two (it ran
     on no GPU before). Sharding builds CPU ``IndexShards`` as FAISS's multi-GPU cloner does
     (Flat rows in successive slices, which take one ``add`` only; IVF lists by id, each shard
-    with its own quantizer copy), and the copy back merges them as FAISS does. Records
+    with its own quantizer copy, here seeded apart), and the copy back merges them as FAISS
+    does (identical quantizers required). Pre-transforms are not sharded here. Records
     ``(GPUs, shard, float16)`` per placement."""
     import faiss
 
@@ -220,10 +221,11 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
                 lo, hi = node.ntotal * i // n, node.ntotal * (i + 1) // n
                 if hi > lo:
                     part.add(node.reconstruct_n(lo, hi - lo))
-            elif node.ntotal:
-                node.copy_subset_to(
-                    faiss.extract_index_ivf(part), faiss.InvertedLists.SUBSET_TYPE_ID_MOD, n, i
-                )
+            else:
+                ivf = faiss.extract_index_ivf(part)
+                ivf.cp.seed += i  # trained apart, GPUs' k-means need not agree: here they do not
+                if node.ntotal:
+                    node.copy_subset_to(ivf, faiss.InvertedLists.SUBSET_TYPE_ID_MOD, n, i)
             out.add_shard(part)  # FAISS's wrapper keeps the shard alive with the shards
         return out
 

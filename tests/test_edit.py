@@ -272,6 +272,35 @@ def test_remove_from_a_gpu_index_without_room_left_saves_it_from_the_cpu(
     assert check_store(store_copy).ok
 
 
+def test_update_of_a_gpu_index_without_room_left_saves_it_from_the_cpu(
+    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored vectors an index lacks are added to it; over several GPUs a Flat index then
+    needs placing again, and with the GPUs full (device gpu) it is saved from the CPU, whole."""
+    import faiss
+    import torch
+
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.indexes import gpu
+
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", faiss.get_num_gpus)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    index_corpus(None, store_copy, backbone=B, index={"device": "gpu"},
+                 embed=EmbedConfig(workers=0, device="cpu"), rebuild=True)  # fmt: skip
+    with Store.open(store_copy) as store:
+        index = store.load_index(B)
+        assert index.on_gpu and index.remove(index.ids[:3]) == 3  # 3 stored vectors left out
+        store.save_index(index, B)
+        free["bytes"] = 1 << 30  # the GPUs fill up
+        index, added = store.update_index(B)
+        assert added == 3 and index.ntotal == 24 and store.catalog.get_index(B)["ntotal"] == 24
+    free["bytes"] = 64 << 30
+    assert check_store(store_copy).ok
+
+
 def test_index_options_are_compared_as_stored(store_copy: Path) -> None:
     # the saved factory is stripped: " Flat " asked again is the same index, not a rebuild
     from pinsearch.embed import EmbedConfig

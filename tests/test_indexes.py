@@ -199,7 +199,8 @@ def test_inert_search_settings_are_named(clustered, factory: str, inert: list[st
 
 
 def test_search_structure_looks_through_multi_gpu_shards_and_replicas(clustered) -> None:
-    # sharded over several GPUs, FAISS wraps the IVF in IndexShardsIVF (replicas: IndexReplicas)
+    # sharded over several GPUs, FAISS wraps the IVF in IndexShards (IndexShardsIVF with a
+    # common quantizer; replicas: IndexReplicas)
     import faiss
 
     from pinsearch.indexes.pinindex import _structure
@@ -784,9 +785,12 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
             placed.search(q, 5, allowed=allowed)[1], cpu.search(q, 5, allowed=allowed)[1]
         )
     assert placed._cpu is None
-    placed.add(x[:3] * 2, np.array([1, 2, 3]))  # a GPU index grows on its CPU copy
-    placed.remove(np.array([1, 2]))
+    for index in (placed, cpu):  # a GPU index grows (sharded Flat: on a CPU copy), shrinks
+        index.add(x[:3] * 2, np.array([1, 2, 3]))
+        index.remove(np.array([1, 2]))
     assert placed.ntotal == 601 and placed.on_gpu
+    q2 = np.concatenate([q, x[:3] * 2 + 0.01])
+    np.testing.assert_array_equal(placed.search(q2, 5)[1], cpu.search(q2, 5)[1])
     placed.save(tmp_path / "i")
     assert load_index(tmp_path / "i").on_gpu  # device auto: placed again
     assert len(gpu._RESOURCES) == faiss.get_num_gpus()  # one per GPU, shared by placements
@@ -893,6 +897,38 @@ def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
         assert not index.on_gpu and index.ntotal == len(index.ids) == 590
         _, found = index.search(x[20:25], 3)
         assert (found[:, 0] == keys[20:25]).all()
+
+
+def test_a_sharded_flat_index_that_outgrows_the_gpus_keeps_its_new_vectors(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over several GPUs a Flat index grows on a CPU copy placed again: with no room left for
+    it (device gpu) the add is an error, and the index holds the new vectors, on the CPU. On
+    one GPU the vectors go straight to the GPU copy."""
+    import faiss
+    import torch
+
+    from pinsearch.indexes import gpu
+
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
+    ngpu = faiss.get_num_gpus()
+    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    x, keys = _clustered(600, 16, 8, 0), _keys(600)
+    index = build_index(x[:500], keys[:500], IndexConfig(factory="Flat", metric="l2", device="gpu"))
+    free["bytes"] = 1 << 30  # the GPUs filled up meanwhile
+    if ngpu > 1:
+        with pytest.raises(DeviceError, match="does not fit the GPU"):
+            index.add(x[500:], keys[500:], batch=32)
+        assert not index.on_gpu
+    else:
+        index.add(x[500:], keys[500:], batch=32)
+        assert index.on_gpu
+    assert index.ntotal == len(index.ids) == 600
+    _, found = index.search(x[550:555], 1)
+    assert (found[:, 0] == keys[550:555]).all()
 
 
 def test_small_gpu_indexes_are_placed_without_asking_cuda(
