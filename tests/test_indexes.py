@@ -866,23 +866,28 @@ def test_gpu_placement_checks_free_gpu_memory(
             build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device="gpu"))
 
 
-def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
-    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """remove() changes the CPU copy and places it again: without room on the GPU any more,
-    the index is left on the CPU, complete (device auto quietly, device gpu with the error)."""
+def _free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """CUDA's free memory on each of the stand-in's GPUs, ``free["bytes"]`` (64 GiB at first,
+    changed by the test), asked about for small indexes too."""
     import faiss
     import torch
 
     from pinsearch.indexes import gpu
 
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
-
-    ngpu = faiss.get_num_gpus()
-    free = {"bytes": 64 << 30}
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
+    ngpu, free = faiss.get_num_gpus(), {"bytes": 64 << 30}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    return free
+
+
+def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
+    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove() changes the CPU copy and places it again: without room on the GPU any more,
+    the index is left on the CPU, complete (device auto quietly, device gpu with the error)."""
+    free = _free_gpu_memory(monkeypatch)
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     for device in ("auto", "gpu"):
         index = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device=device))  # type: ignore[arg-type]
@@ -906,20 +911,12 @@ def test_a_sharded_flat_index_that_outgrows_the_gpus_keeps_its_new_vectors(
     it (device gpu) the add is an error, and the index holds the new vectors, on the CPU. On
     one GPU the vectors go straight to the GPU copy."""
     import faiss
-    import torch
 
-    from pinsearch.indexes import gpu
-
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
-    ngpu = faiss.get_num_gpus()
-    free = {"bytes": 64 << 30}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    free = _free_gpu_memory(monkeypatch)
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     index = build_index(x[:500], keys[:500], IndexConfig(factory="Flat", metric="l2", device="gpu"))
     free["bytes"] = 1 << 30  # the GPUs filled up meanwhile
-    if ngpu > 1:
+    if faiss.get_num_gpus() > 1:
         with pytest.raises(DeviceError, match="does not fit the GPU"):
             index.add(x[500:], keys[500:], batch=32)
         assert not index.on_gpu
