@@ -175,9 +175,10 @@ class PinIndex:
         shards = shards_of(self.index) if self.on_gpu else None
         via_cpu = shards is not None and bool(shards.successive_ids)
         target = to_cpu(self.index) if via_cpu else self.index
+        turn = contextlib.nullcontext() if via_cpu else self._gpu_turn()  # a CPU copy: no lock
         for start in range(0, len(keys), batch):
             part = self.prepare(vectors[start : start + batch])
-            with self._gpu_turn():
+            with turn:
                 target.add(part)
         self._order = None
         self._exact = None
@@ -754,13 +755,13 @@ def build_index(
         if on_gpu and shards_of(pin_index.index) is not None:
             # shards trained apart would each get centroids (and PQ codebooks) of their own:
             # the index is trained once, on one GPU, and sharded trained
-            one = [to_gpu(cpu, fp16=config.fp16 or gpu_settings(cpu)[1], one=True)]
+            one = to_gpu(cpu, fp16=config.fp16 or gpu_settings(cpu)[1], one=True)
             with GPU_LOCK:
                 try:
-                    _train(one[0], pin_index.prepare(sample), factory)
-                    cpu = to_cpu(one[0])
+                    _train(one, pin_index.prepare(sample), factory)
+                    cpu = to_cpu(one)
                 finally:
-                    one.clear()  # freed here, under the lock
+                    del one  # freed here, under the lock
             pin_index._place_again(cpu)
         else:
             with pin_index._gpu_turn():
