@@ -192,7 +192,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     on no GPU before). Sharding builds CPU ``IndexShards`` as FAISS's multi-GPU cloner does
     (Flat rows in successive slices, which take one ``add`` only; IVF lists by id, each shard
     with its own quantizer copy, here seeded apart), and the copy back merges them as FAISS
-    does (identical quantizers required). Pre-transforms are not sharded here. Records
+    does (identical quantizers required). Behind a pre-transform (PCA, OPQ) the index inside is
+    sharded, and the transforms copied around the shards, as FAISS's cloner does. Records
     ``(GPUs, shard, float16)`` per placement."""
     import faiss
 
@@ -208,8 +209,16 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         calls.append((1, False, options.useFloat16))
         return faiss.clone_index(index)
 
+    def around(pre: object, inner: object) -> object:  # pre's transforms copied around inner
+        out = faiss.IndexPreTransform(inner)  # (FAISS's wrappers keep inner and the
+        for i in reversed(range(pre.chain.size())):  # transforms alive with out)
+            out.prepend_transform(faiss.Cloner().clone_VectorTransform(pre.chain.at(i)))
+        return out
+
     def shards(index: object, n: int) -> object:
         node = faiss.downcast_index(index)
+        if isinstance(node, faiss.IndexPreTransform):
+            return around(node, shards(node.index, n))
         flat = isinstance(node, faiss.IndexFlat)
         if not (flat or isinstance(node, faiss.IndexIVF)):
             return faiss.clone_index(index)  # FAISS shards those two kinds only
@@ -235,6 +244,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
 
     def to_cpu(index: object) -> object:
         node = faiss.downcast_index(index)
+        if isinstance(node, faiss.IndexPreTransform):
+            return around(node, to_cpu(node.index))
         if not isinstance(node, faiss.IndexShards):
             return faiss.clone_index(index)
         parts = [faiss.clone_index(node.at(i)) for i in range(node.count())]

@@ -761,7 +761,9 @@ def _gpu_nprobes(index: Any) -> set[int]:
     return {int(faiss.extract_index_ivf(part).nprobe) for part in parts}
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF16,Flat", "IVF16,PQ8"])
+@pytest.mark.parametrize(
+    "factory", ["Flat", "IVF16,Flat", "IVF16,PQ8", "PCA8,Flat", "OPQ4,IVF16,PQ4"]
+)
 def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     faiss_gpu_stand_in: list, tmp_path: Path, factory: str
 ) -> None:
@@ -774,10 +776,12 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     q = x[:20] + 0.01
     cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, **CPU))
     placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
-    # sharded over two GPUs, a Flat index is placed empty, then filled on the CPU and placed
-    # again (its shards take one add); an IVF index is trained on one GPU, then sharded
-    two = [(2, True, True), (2, True, True)] if factory == "Flat" else [
-        (2, True, True), (1, False, True), (2, True, True)]  # fmt: skip
+    # sharded over two GPUs (behind the pre-transform, if any), an index is placed empty; one
+    # that needs training (IVF, PCA, OPQ) is trained on one GPU, then sharded; a Flat one is
+    # then filled on the CPU and placed again (its shards take one add)
+    trained = [] if factory == "Flat" else [(1, False, True), (2, True, True)]
+    filled = [] if "IVF" in factory else [(2, True, True)]
+    two = [(2, True, True), *trained, *filled]
     assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], two)
     np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
     for allowed in (keys[::3], keys[:4]):  # filtered on the GPU copy: no CPU copy is made
