@@ -424,9 +424,11 @@ def bench_index(
             {
                 "factory": fac,
                 "fp16": half,
-                # the serialised index (codes + structure), saved from a float32 CPU copy:
-                # float16 GPU storage of Flat vectors holds half of it on the GPU
+                # the serialised index (codes + structure), saved from a float32 CPU copy
                 "memory_mb": round(size / 2**20, 3),
+                # on the GPU(s): vectors or codes as stored there (float16 Flat rows: half),
+                # list ids and centroids, all shards together
+                "gpu_memory_mb": _gpu_mb(index, half),
                 "build_s": round(index.build_seconds, 3),
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),
@@ -436,6 +438,16 @@ def bench_index(
         )
         del index
     return IndexBench(n=n, dim=dim, queries=nq, rows=rows, machine=machine())
+
+
+def _gpu_mb(index: Any, fp16: bool) -> float | None:
+    """What a placed index holds on its GPU(s), in MiB (None on the CPU)."""
+    from pinsearch.indexes.gpu import gpu_float16, gpu_index_bytes
+
+    if not index.on_gpu:
+        return None
+    cpu = index.cpu_index()
+    return round(gpu_index_bytes(cpu, fp16=gpu_float16(cpu, fp16)) / 2**20, 3)
 
 
 def _placement(index: Any, fp16: bool) -> str:

@@ -135,6 +135,21 @@ def test_bench_index_prints_numbers() -> None:
     assert data["rows"][0]["recall_at_10"] == 1.0 and data["rows"][1]["qps"] > 0
     # Flat holds 2,000 x 32 float32 = 0.24 MiB (plus a small header).
     assert 0.24 <= data["rows"][0]["memory_mb"] <= 0.3
+    assert {r["gpu_memory_mb"] for r in data["rows"]} == {None}
+
+
+def test_bench_index_reports_what_gpu_indexes_hold_there(faiss_gpu_stand_in: list) -> None:
+    """On the GPU(s) float16 Flat rows take half the float32 bytes, all shards together."""
+    result = runner.invoke(app, ["bench", "index", "--n", "2000", "--dim", "32",
+                                 "--factory", "Flat", "--factory", "IVF8,PQ4",
+                                 "--fp16-also", "Flat", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    flat, pq, half = json.loads(result.stdout)["rows"]
+    assert [r["device"] for r in (flat, pq, half)] == ["gpu", "gpu", "gpu fp16"]
+    assert flat["gpu_memory_mb"] == round(2000 * 32 * 4 / 2**20, 3)
+    assert half["gpu_memory_mb"] == round(2000 * 32 * 2 / 2**20, 3)
+    # 4-byte codes and 8-byte ids per vector, 8 centroids of 32 floats
+    assert pq["gpu_memory_mb"] == round((2000 * (4 + 8) + 8 * 32 * 4) / 2**20, 3)
 
 
 def test_unknown_store_is_a_clear_error(tmp_path: Path) -> None:
