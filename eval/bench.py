@@ -175,12 +175,13 @@ class EmbedBench:
     decode: str  # where JPEGs were decoded: device (torchvision on the model's device) or pil
     images: int
     batch_size: int
-    workers: int
+    workers: int  # DataLoader workers, as many as their batches fit in /dev/shm
     end_to_end_images_per_s: float  # the whole run: pipeline start and first batch included
     steady_images_per_s: float  # the second half of the files: (n - n/2) / (t(n) - t(n/2))
     first_batch_s: float  # workers started, first batch read, decoded, embedded, handed over
     forward_images_per_s: float
     ratio: float  # steady / forward
+    prefetch: int | None = None  # batches each worker keeps ready (None: no workers)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -289,10 +290,10 @@ def bench_embed(
     from pinsearch.embed import (
         EmbedConfig,
         iter_embeddings,
+        loader_plan,
         resolve_batch_size,
         resolve_decode,
         resolve_device,
-        resolve_workers,
     )
 
     dev = resolve_device(device)
@@ -310,6 +311,7 @@ def bench_embed(
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(items) if items is not None else write_bench_images(Path(tmp), n)
+        plan = loader_plan(config, files, batch_size, model.preprocess, decoder)
 
         def embed(part: Sequence[tuple[int, str]]) -> int:
             return sum(len(b.keys) for b in iter_embeddings(model, part, config))
@@ -355,7 +357,8 @@ def bench_embed(
         decode=decoder,
         images=done,
         batch_size=batch_size,
-        workers=resolve_workers(config),
+        workers=plan[0],
+        prefetch=plan[1],
         end_to_end_images_per_s=round(e2e, 1),
         steady_images_per_s=round(steady, 1),
         first_batch_s=round(first_s, 3),

@@ -50,11 +50,13 @@ __all__ = [
     "embed_like_run",
     "embed_store",
     "iter_embeddings",
+    "loader_plan",
     "resolve_batch_size",
     "resolve_decode",
     "resolve_device",
     "resolve_workers",
     "run_amp",
+    "shared_memory_free",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -163,6 +165,68 @@ def resolve_workers(config: EmbedConfig) -> int:
     if config.workers is not None:
         return config.workers
     return min(8, max(1, (os.cpu_count() or 1) - 1))
+
+
+#: Share of the free shared memory (``/dev/shm``) the batches DataLoader workers hand over may
+#: take at once: each worker keeps up to ``prefetch_factor`` batches ready there, and a worker
+#: that finds no room dies with a bus error (a container's default /dev/shm is 64 MiB).
+SHM_SHARE = 0.5
+_PREFETCH = 4  # batches each worker keeps ready, when they fit
+_SIZE_SAMPLE = 64  # files whose sizes estimate an encoded batch
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the file system DataLoader workers pass tensors through (None where
+    there is none to ask)."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):  # no such file system here (not Linux)
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def loader_plan(
+    config: EmbedConfig,
+    items: Sequence[tuple[int, str]],
+    batch_size: int,
+    preprocess: Preprocess,
+    mode: str,
+    shm_free: int | None = None,
+) -> tuple[int, int | None]:
+    """``(workers, prefetch_factor)`` for the DataLoader: :func:`resolve_workers` workers with 4
+    batches each ready, fewer where their batches would not fit in ``SHM_SHARE`` of the free
+    shared memory (``shm_free``, default :func:`shared_memory_free`): fewer batches each, then
+    fewer workers, at worst none (the main process reads the files; nothing is shared).
+
+    A worker batch is the model inputs as float32 on the PIL path, the encoded files on the
+    device path (the mean size of the first files).
+    """
+    workers = resolve_workers(config)
+    if workers == 0:
+        return 0, None
+    free = shared_memory_free() if shm_free is None else shm_free
+    if free is None:
+        return workers, _PREFETCH
+    if mode == "device":
+        sizes = [os.path.getsize(p) for _, p in items[:_SIZE_SAMPLE] if os.path.isfile(p)]
+        per_image = float(np.mean(sizes)) if sizes else 0.0
+    else:
+        per_image = 3 * preprocess.input_size**2 * 4.0
+    per_batch = max(1.0, per_image * max(1, min(batch_size, len(items))))
+    budget = free * SHM_SHARE
+    prefetch = min(_PREFETCH, int(budget // (workers * per_batch)))
+    plan: tuple[int, int | None] = (workers, prefetch)
+    if prefetch < 1:
+        fit = min(workers, int(budget // per_batch))
+        plan = (fit, 1) if fit else (0, None)
+    if plan != (workers, _PREFETCH):
+        _logger.warning(
+            "%.0f MiB of shared memory (/dev/shm) free for batches of ~%.0f MiB: DataLoader "
+            "workers %d, batches ready per worker %s (asked: %d and %d); a larger /dev/shm "
+            "(docker --shm-size) gives the full pipeline",
+            free / 2**20, per_batch / 2**20, plan[0], plan[1] or 0, workers, _PREFETCH,
+        )  # fmt: skip
+    return plan
 
 
 def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Preprocess) -> str:
@@ -367,7 +431,7 @@ def iter_embeddings(
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     transform = backbone.transform()
-    workers = resolve_workers(config)
+    workers, prefetch = loader_plan(config, items, batch_size, pre, mode)
     dataset: Dataset = (  # type: ignore[type-arg]
         EncodedPinImages(items, transform, config.max_pixels, pre.resize_side)
         if mode == "device"
@@ -381,7 +445,7 @@ def iter_embeddings(
         collate_fn=collate_prepared if mode == "device" else _collate,
         pin_memory=cuda,
         persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=prefetch,
     )
     _logger.info("embedding on %s: decode=%s, batch size %d", device, mode, batch_size)
     # nvJPEG needs an idle current stream (see pinsearch.decode): decode on a side stream, so

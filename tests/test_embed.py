@@ -99,6 +99,43 @@ def test_iter_embeddings_batches_in_order(tmp_path: Path, model, tree_corpus) ->
     np.testing.assert_allclose(direct, vecs, rtol=1e-4, atol=1e-4)
 
 
+def test_loader_plan_fits_the_workers_batches_in_shared_memory(tree_corpus, model) -> None:
+    """Each worker keeps 4 batches ready where they fit in half the free /dev/shm; with less
+    room fewer batches, then fewer workers, at worst none (nothing is then shared)."""
+    from pinsearch.embed import loader_plan
+
+    pre = model.preprocess
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    config = EmbedConfig(workers=4, batch_size=8)
+    batch = 8 * 3 * pre.input_size**2 * 4  # float32 model inputs, on the PIL path
+    assert loader_plan(config, items, 8, pre, "pil", shm_free=32 * batch) == (4, 4)
+    assert loader_plan(config, items, 8, pre, "pil", shm_free=16 * batch) == (4, 2)
+    assert loader_plan(config, items, 8, pre, "pil", shm_free=5 * batch) == (2, 1)
+    assert loader_plan(config, items, 8, pre, "pil", shm_free=batch) == (0, None)
+    assert loader_plan(EmbedConfig(workers=0), items, 8, pre, "pil", shm_free=1) == (0, None)
+    # the device path hands over the encoded files: these small JPEGs need far less room
+    files = 8 * np.mean([Path(p).stat().st_size for _, p in items])
+    assert files < batch / 10
+    assert loader_plan(config, items, 8, pre, "device", shm_free=int(32 * files) + 8) == (4, 4)
+    assert loader_plan(config, items, 8, pre, "device", shm_free=int(2 * files) + 8) == (1, 1)
+
+
+def test_embedding_with_little_shared_memory_gives_the_same_vectors(
+    model, tree_corpus, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pinsearch import embed
+
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    config = EmbedConfig(workers=2, batch_size=8)
+    full = np.concatenate([b.vectors for b in iter_embeddings(model, items, config)])
+    batch = 8 * 3 * model.preprocess.input_size**2 * 4
+    monkeypatch.setattr(embed, "shared_memory_free", lambda: 2 * batch + 1)  # one batch fits
+    with caplog.at_level("WARNING", logger="pinsearch.embed"):
+        few = np.concatenate([b.vectors for b in iter_embeddings(model, items, config)])
+    assert "DataLoader workers 1, batches ready per worker 1 (asked: 2 and 4)" in caplog.text
+    np.testing.assert_array_equal(few, full)
+
+
 def test_embed_images_accepts_pil_and_normalises(model, tree_corpus) -> None:
     path = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[0]
     pil = Image.open(path)
