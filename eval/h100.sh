@@ -21,13 +21,14 @@
 # archives). Give the last wait what status's budget_left_s leaves, less about a minute for
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
-# Steps (default: tests exact query embed index study), cheapest proof first; estimated
-# minutes: tests 2, exact 1, query 2, embed 2-3, index 3 (each stopped at its limit below),
-# study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
-# speed-up it shows is a floor that grows while it runs (nothing else may run beside it).
-# About 10 minutes of a session are the runner's: the first session gets the five steps
-# before the study (index has no target, but the study would not finish its floor in the
-# minutes left either), and a session that has them runs `start study` alone. Optional
+# Steps (default: tests exact query embed index compile study), cheapest proof first;
+# estimated minutes: tests 2, exact 1, query 2, embed 2-3, index 3, compile 1-2 (the
+# torch.compile GPU test; each stopped at its limit below), study 6 or more: scikit-learn's
+# side of the paper's grid outlasts any session, and the speed-up it shows is a floor that
+# grows while it runs (nothing else may run beside it). About 10 minutes of a session are
+# the runner's: the first session gets the five steps before compile (index has no target,
+# but the study would not finish its floor in the minutes left either), and a session that
+# has them runs `start compile study`. Optional
 # steps: embed-pil (the CPU-decoding baseline), embed-all (every registered backbone).
 # STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
@@ -38,7 +39,7 @@ dir=${H100_DIR:-/tmp/pinsearch-h100}  # outlives a call while the machine is hel
 jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
-declare -A limit=([tests]=300 [exact]=240 [query]=300 [embed]=420 [index]=480 [embed-pil]=240
+declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480 [embed-pil]=240
                   [embed-all]=480 [study]=0)
 three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
@@ -66,6 +67,11 @@ embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone 
   return $rc
 }
 
+compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
+timeout_each() {  # a hung test ends alone, not the whole step (with pytest-timeout)
+  python3 -c "import pytest_timeout" 2> /dev/null && echo "--timeout $1"
+}
+
 one() {  # one step, in the foreground
   local options=() rc=0
   case $1 in
@@ -76,17 +82,14 @@ print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)
 from pinsearch.decode import device_decoder_error as why
 print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
-      local each=() long=()  # a hung test ends alone, not the whole step (pytest-timeout)
-      python3 -c "import pytest_timeout" 2> /dev/null && { each=(--timeout 120); long=(--timeout 240); }
-      # torch.compile's test last, alone: a cold compile may take a minute or two of the
-      # step's limit, which the other GPU tests then no longer depend on
-      local compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
-      python3 -m pytest -m gpu -q -p no:cacheprovider -rs "${each[@]}" --deselect "$compile" \
-        > "$dir/pytest-gpu.txt" 2>&1
-      rc=$?
-      python3 -m pytest -q -p no:cacheprovider -rs "${long[@]}" "$compile" \
-        > "$dir/pytest-gpu-compile.txt" 2>&1 || rc=$?
-      return $rc ;;
+      # torch.compile's test is a step of its own (compile): a cold compile may take a minute
+      # or two, which the other GPU tests do not wait for. -v: each test's outcome is in the
+      # file as it ends, also when the step is stopped at its limit
+      python3 -m pytest -m gpu -v --tb=short -p no:cacheprovider -rs $(timeout_each 120) \
+        --deselect "$compile" > "$dir/pytest-gpu.txt" 2>&1 ;;
+    compile)
+      python3 -m pytest -v --tb=short -p no:cacheprovider -rs $(timeout_each 240) "$compile" \
+        > "$dir/pytest-gpu-compile.txt" 2>&1 ;;
     exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
       bench exact-1m-1024 exact --dim 1024 ;;
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
@@ -177,7 +180,7 @@ wait_and_pack() {
 case $cmd in
   start)
     if running; then echo "a runner is going already: use wait" >&2; exit 2; fi
-    [ $# -gt 0 ] || set -- tests exact query embed index study
+    [ $# -gt 0 ] || set -- tests exact query embed index compile study
     for s in "$@"; do
       [ -n "${limit[$s]+set}" ] || { echo "unknown step $s: ${!limit[*]}" >&2; exit 2; }
     done

@@ -43,7 +43,9 @@ def test_knn_on_gpu_equals_gridsearchcv_and_the_cpu() -> None:
     assert gpu.batched and gpu.best_estimator_.index_.on_gpu
     np.testing.assert_array_equal(_folds(gpu), _folds(ref))
     cpu = batched_grid_search("knn", {"device": "cpu"}, grid, X, y, _cv())
-    np.testing.assert_allclose(_folds(gpu), _folds(cpu), atol=0.01)
+    # the duplicated rows carry other labels: CPU FAISS keeps the lower id of equal distances,
+    # FAISS-GPU's selection either one, which moves a fold's macro-F1 by up to ~0.02 at k = 1
+    np.testing.assert_allclose(_folds(gpu), _folds(cpu), atol=0.03)
 
 
 def test_lsvm_on_gpu_equals_the_cpu_and_converges() -> None:
