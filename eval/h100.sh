@@ -2,11 +2,11 @@
 # The GPU measurements of issue 5, planned for one session's 15 minutes of device time (the
 # machine's start, every call, transfer and idle second count; no machine starts on < 4 min).
 #
-# Here, once:  bash eval/gpu-wheels.sh        (writes .gpu/1 .. .gpu/3)
+# Here, once:  bash eval/gpu-wheels.sh        (writes .gpu/1 .. .gpu/N, N = 2 today)
 # Device calls, back to back (run tool, kind left out: an H100, else an H200; say which):
-#   1, 2   carry [".gpu/1"], then [".gpu/2"]:  source .gpu/*/device-setup.sh
-#   3      carry [".gpu/3"]:  source .gpu/*/device-setup.sh && bash eval/h100.sh start [STEP...]
-#   4 ...  WAIT=S bash eval/h100.sh wait       (no setup: the runner has its environment)
+#   1 .. N-1  carry [".gpu/1"], ...:  source .gpu/*/device-setup.sh
+#   N         carry [".gpu/N"]:  source .gpu/*/device-setup.sh && bash eval/h100.sh start [STEP...]
+#   then      WAIT=S bash eval/h100.sh wait    (no setup: the runner has its environment)
 #   then give_back.
 # The machine goes back 30 s after a call returns (status: idle_release_s), and the runner and
 # the installed wheels with it: make each call within seconds of the last, nothing between.
