@@ -8,11 +8,14 @@ figure not measured), with the figure. The thresholds are the issue's, set for o
 result measured without a GPU is listed as ``cpu``, not judged. Embedding rates are the
 steady end-to-end rates (JPEG files on disk to vectors, the pipeline's start left out; the
 whole run's rate is printed beside) of rows decoded on the device (a PIL row is a baseline).
+The GPU tests' pytest output (``pytest-gpu*.txt``, as ``eval/h100.sh`` writes it) is read as
+well: they pass when none failed and none was skipped.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ TARGETS = {
     "study speed-up": f"study: grid >= {STUDY_MIN_SPEEDUP:g}x faster than scikit-learn",
     **{f"study {h} F1": f"study {h}: macro-F1 within {STUDY_MAX_F1_GAP} of scikit-learn"
        for h in STUDY_HEADS},
+    "gpu tests": "GPU tests (pytest -m gpu) pass on the GPU",
 }  # fmt: skip
 
 
@@ -152,6 +156,36 @@ def _study(result: dict[str, Any], src: str) -> list[Check]:
     return out
 
 
+_OUTCOME = re.compile(r"(\d+) (passed|failed|errors?|skipped)\b")
+
+
+def check_pytest(text: str, source: str = "") -> Check:
+    """The ``gpu tests`` target from one pytest run's output (``-v`` for a run stopped before
+    its summary: its outcomes so far are counted)."""
+    summary = [ln for ln in text.splitlines() if re.match(r"^=+ .* in [\d.]+s\b.*=+$", ln)]
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    if summary:
+        for n, what in _OUTCOME.findall(summary[-1]):
+            counts["errors" if what.startswith("error") else what] += int(n)
+    else:  # stopped at its limit: the -v lines so far
+        for what in re.findall(r" (PASSED|FAILED|ERROR|SKIPPED)\b", text):
+            counts[{"ERROR": "errors"}.get(what, what.lower())] += 1
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)|^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)
+    failed = [a or b for a, b in failed]  # the summary's lines, or -v's as they ran
+    measured = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    measured = (measured or "no test ran") + ("" if summary else " (stopped before the end)")
+    if failed:
+        measured += "; " + ", ".join(dict.fromkeys(failed[:3]))
+    if counts["failed"] or counts["errors"]:
+        state = "FAIL"
+    elif counts["skipped"] and "needs CUDA" in text:
+        state = "cpu"
+        measured += " (no GPU: not judged)"
+    else:
+        state = _state(True if summary and counts["passed"] and not counts["skipped"] else None)
+    return Check(source, "gpu tests", measured, state)
+
+
 def check_result(result: dict[str, Any], source: str = "") -> list[Check]:
     """The targets one ``bench --json`` result bears on (none for kinds without a target,
     such as ``bench index``)."""
@@ -187,6 +221,8 @@ def check_folder(folder: Path) -> list[Check]:
             continue
         if isinstance(result, dict):
             checks += check_result(result, str(path.relative_to(folder)))
+    for path in sorted(Path(folder).rglob("pytest-gpu*.txt")):
+        checks.append(check_pytest(path.read_text(errors="replace"), str(path.relative_to(folder))))
     judged = {c.key for c in checks if c.state != "cpu"}
     checks += [Check("-", key, "not measured", "open") for key in TARGETS if key not in judged]
     return checks

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
 from pinsearch.eval.bench import EmbedBench, EmbedTable
-from pinsearch.eval.targets import TARGETS, check_folder, check_result, main
+from pinsearch.eval.targets import TARGETS, check_folder, check_pytest, check_result, main
 
 runner = CliRunner()
 H100 = {"cuda": "NVIDIA H100 80GB HBM3"}
@@ -138,3 +138,26 @@ def test_folder_skips_what_is_not_a_result_and_lists_targets_not_measured(
     assert len(capsys.readouterr().out.splitlines()) == len(TARGETS)  # every one open
     assert main([str(tmp_path / "missing")]) == 2 and main([]) == 2
     assert "missing: not a folder" in capsys.readouterr().err
+
+
+def test_gpu_tests_target_from_pytest_output() -> None:
+    done = "tests/test_gpu.py::test_a PASSED [ 50%]\ntests/test_gpu.py::test_b PASSED [100%]\n"
+    ok = check_pytest(done + "========== 31 passed, 1040 deselected in 95.12s (0:01:35) ==========")
+    assert (ok.state, ok.measured) == ("pass", "31 passed")
+    failing = check_pytest(
+        "tests/test_gpu.py::test_a FAILED [ 50%]\n=== short test summary info ===\n"
+        "FAILED tests/test_gpu.py::test_a - AssertionError: x\n"
+        "===== 1 failed, 30 passed, 2 warnings in 80.00s (0:01:20) ====="
+    )
+    assert failing.state == "FAIL"
+    assert failing.measured == "30 passed, 1 failed; tests/test_gpu.py::test_a"
+    stopped = check_pytest(done + "tests/test_gpu_store.py::test_c FAILED [ 60%]\n")
+    assert stopped.state == "FAIL" and "(stopped before the end)" in stopped.measured
+    assert stopped.measured.startswith("2 passed, 1 failed") and "test_c" in stopped.measured
+    assert check_pytest(done).state == "open"  # stopped, nothing failed so far
+    cpu = check_pytest("SKIPPED [33] tests/test_gpu.py:12: needs CUDA (torch sees no GPU)\n"
+                       "===== 33 skipped, 1029 deselected in 6.42s =====")  # fmt: skip
+    assert cpu.state == "cpu" and cpu.measured.startswith("33 skipped")
+    skipped = check_pytest("===== 30 passed, 1 skipped in 50.0s =====")
+    assert skipped.state == "open"  # a GPU test that did not run (faiss-gpu missing, say)
+    assert check_pytest("===== 1 error in 2.0s =====").state == "FAIL"
