@@ -39,8 +39,8 @@ dir=${H100_DIR:-/tmp/pinsearch-h100}  # outlives a call while the machine is hel
 jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
-declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480 [embed-pil]=240
-                  [embed-all]=480 [study]=0)
+declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480
+                  [embed-pil]=240 [embed-all]=480 [study]=0)
 three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
 bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
