@@ -504,11 +504,14 @@ def bench_exact(
     pinsearch's :class:`PinIndex` over that same index (query normalisation and the id map
     included: ``vs_raw`` should stay near 1), FAISS with float16 storage (GPU only), and the
     torch scan in float32, float16 and bfloat16, without and with a float32 re-scoring of
-    4k candidates. ``agreement`` is the top-k overlap with the raw FAISS answer.
+    4k candidates. ``agreement`` is the top-k overlap with the raw FAISS answer. On a GPU the
+    float16 scans run once more with smaller and larger score blocks than the default
+    (``block_mb``: tuning rows, which the targets leave out).
     """
     import faiss
 
     from pinsearch.indexes import IndexConfig, PinIndex, TorchExact, gpu_count, to_gpu
+    from pinsearch.indexes.exact import PRECISIONS
     from pinsearch.vectors import unit_rows
 
     x, q = _data_and_queries(n, nq, dim)
@@ -542,17 +545,22 @@ def bench_exact(
         half = to_gpu(cpu_index, fp16=True)
         sec, (_, found) = _best_of(lambda: half.search(qn, k), repeat)
         rows.append(row("faiss Flat fp16", sec, found))
-    for precision in ("float32", "float16", "bfloat16"):
-        for refine in (0, 4) if precision != "float32" else (0,):
-            name = f"torch {precision}" + (f" refine {refine}k" if refine else "")
-            try:
-                scan = TorchExact(x, precision=precision, device=placement, refine=refine)
-                sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
-            except (RuntimeError, MemoryError) as exc:  # one path failing ends only its row
-                rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
-                continue
-            rows.append(row(name, sec, found))
-            del scan
+    scans = [(p, r, None) for p in PRECISIONS for r in ((0, 4) if p != "float32" else (0,))]
+    if on_gpu:  # the score block's size, around the default (1 GiB)
+        scans += [("float16", r, mb) for r in (0, 4) for mb in (256, 4096)]
+    for precision, refine, block_mb in scans:
+        name = f"torch {precision}" + (f" refine {refine}k" if refine else "")
+        extra = {} if block_mb is None else {"block_mb": block_mb}
+        name += f" (blocks {block_mb} MiB)" if block_mb else ""
+        try:
+            scan = TorchExact(x, precision=precision, device=placement, refine=refine,
+                              block_bytes=block_mb and block_mb << 20)  # fmt: skip
+            sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
+        except (RuntimeError, MemoryError) as exc:  # one path failing ends only its row
+            rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})
+            continue
+        rows.append(row(name, sec, found, **extra))
+        del scan
     return ExactBench(n, dim, nq, k, placement, rows, machine())
 
 

@@ -89,7 +89,7 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
 
 
 def _exact(result: dict[str, Any], src: str) -> list[Check]:
-    rows = {r["path"]: r for r in result["rows"]}
+    rows = {r["path"]: r for r in result["rows"] if "block_mb" not in r}  # not tuning rows
     size = f"{result['queries']:,} queries over {result['n']:,} x {result['dim']}"
     out = []
     ours = rows.get("pinsearch Flat")

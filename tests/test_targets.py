@@ -58,6 +58,11 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     rows["pinsearch Flat"]["vs_raw"] = 1.3
     rows["torch float16 refine 4k"]["vs_raw"] = 0.4
     assert _states(exact) == ["FAIL", "FAIL"]
+    tuning = {"path": "torch float16 refine 4k (blocks 4096 MiB)", "block_mb": 4096,
+              "vs_raw": 0.2, "agreement": 1.0}  # fmt: skip
+    exact["rows"].append(tuning)  # a block size only the benchmark tries: not pinsearch's
+    assert _states(exact) == ["FAIL", "FAIL"]
+    exact["rows"].pop()
     broken = copy.deepcopy(exact)  # a path that raised is a failure, not a missing figure
     oom = "RuntimeError: CUDA out of memory"
     broken["rows"] = [rows["faiss Flat (raw)"], {"path": "pinsearch Flat", "error": oom},
