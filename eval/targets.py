@@ -168,7 +168,7 @@ def check_pytest(text: str, source: str = "") -> Check:
         for n, what in _OUTCOME.findall(summary[-1]):
             counts["errors" if what.startswith("error") else what] += int(n)
     else:  # stopped at its limit: the -v lines so far
-        for what in re.findall(r" (PASSED|FAILED|ERROR|SKIPPED)\b", text):
+        for what in re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)\b", text, re.M):
             counts[{"ERROR": "errors"}.get(what, what.lower())] += 1
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)|^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)
     failed = [a or b for a, b in failed]  # the summary's lines, or -v's as they ran
