@@ -270,3 +270,21 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
         monkeypatch.setattr(faiss, name, value, raising=False)
     monkeypatch.setattr(gpu, "_RESOURCES", [])
     return calls
+
+
+@pytest.fixture
+def gpu_free_memory(faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """The FAISS-GPU stand-in, with CUDA's free memory on each of its GPUs standing in too:
+    ``free["bytes"]`` (64 GiB at first, changed by the test), asked about for small indexes
+    as well."""
+    import faiss
+    import torch
+
+    from pinsearch.indexes import gpu
+
+    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
+    ngpu, free = faiss.get_num_gpus(), {"bytes": 64 << 30}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    return free

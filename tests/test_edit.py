@@ -241,20 +241,13 @@ def test_an_index_too_big_to_retrain_on_what_is_left_becomes_flat(store_copy: Pa
 
 
 def test_remove_from_a_gpu_index_without_room_left_saves_it_from_the_cpu(
-    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+    gpu_free_memory: dict[str, int], store_copy: Path
 ) -> None:
     """The index is device gpu; by the time pins are removed the GPU is full: the pins leave
     the index all the same (saved from its CPU copy), and the store stays consistent."""
-    import torch
-
     from pinsearch.embed import EmbedConfig
-    from pinsearch.indexes import gpu
 
-    free = {"bytes": 64 << 30}
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    free = gpu_free_memory
     index_corpus(None, store_copy, backbone=B, index={"device": "gpu"},
                  embed=EmbedConfig(workers=0, device="cpu"), rebuild=True)  # fmt: skip
     with Store.open(store_copy, read_only=True) as store:
@@ -273,21 +266,13 @@ def test_remove_from_a_gpu_index_without_room_left_saves_it_from_the_cpu(
 
 
 def test_update_of_a_gpu_index_without_room_left_saves_it_from_the_cpu(
-    faiss_gpu_stand_in: list, store_copy: Path, monkeypatch: pytest.MonkeyPatch
+    gpu_free_memory: dict[str, int], store_copy: Path
 ) -> None:
     """Stored vectors an index lacks are added to it; over several GPUs a Flat index then
     needs placing again, and with the GPUs full (device gpu) it is saved from the CPU, whole."""
-    import faiss
-    import torch
-
     from pinsearch.embed import EmbedConfig
-    from pinsearch.indexes import gpu
 
-    free = {"bytes": 64 << 30}
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", faiss.get_num_gpus)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
+    free = gpu_free_memory
     index_corpus(None, store_copy, backbone=B, index={"device": "gpu"},
                  embed=EmbedConfig(workers=0, device="cpu"), rebuild=True)  # fmt: skip
     with Store.open(store_copy) as store:

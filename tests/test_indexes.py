@@ -864,23 +864,15 @@ def test_pq_indexes_skip_polysemous_training_and_answer_the_same(factory: str) -
 
 @pytest.mark.parametrize("free_gib", [1.0, 2 + 10_000 / 2**30, 64.0])
 def test_gpu_placement_checks_free_gpu_memory(
-    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch, free_gib: float
+    gpu_free_memory: dict[str, int], free_gib: float
 ) -> None:
     """An index larger than the free memory of the GPUs (CUDA's figure, here standing in)
     stays on the CPU under device auto, and is a clear error under device gpu."""
     import faiss
-    import torch
-
-    from pinsearch.indexes import gpu
-
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)  # ask about this small index too
 
     from pinsearch.indexes.gpu import gpu_index_bytes
 
-    ngpu = faiss.get_num_gpus()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (int(free_gib * 2**30), 80 << 30))
+    gpu_free_memory["bytes"] = int(free_gib * 2**30)  # free on each GPU
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     flat = faiss.IndexFlatL2(16)
     flat.add(x)
@@ -902,28 +894,12 @@ def test_gpu_placement_checks_free_gpu_memory(
             build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device="gpu"))
 
 
-def _free_gpu_memory(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """CUDA's free memory on each of the stand-in's GPUs, ``free["bytes"]`` (64 GiB at first,
-    changed by the test), asked about for small indexes too."""
-    import faiss
-    import torch
-
-    from pinsearch.indexes import gpu
-
-    monkeypatch.setattr(gpu, "ALWAYS_FITS", 0)
-    ngpu, free = faiss.get_num_gpus(), {"bytes": 64 << 30}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpu)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (free["bytes"], 80 << 30))
-    return free
-
-
 def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
-    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+    gpu_free_memory: dict[str, int],
 ) -> None:
     """remove() changes the CPU copy and places it again: without room on the GPU any more,
     the index is left on the CPU, complete (device auto quietly, device gpu with the error)."""
-    free = _free_gpu_memory(monkeypatch)
+    free = gpu_free_memory
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     for device in ("auto", "gpu"):
         index = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", device=device))  # type: ignore[arg-type]
@@ -941,14 +917,14 @@ def test_a_gpu_index_stays_whole_when_placing_it_again_fails(
 
 
 def test_a_sharded_flat_index_that_outgrows_the_gpus_keeps_its_new_vectors(
-    faiss_gpu_stand_in: list, monkeypatch: pytest.MonkeyPatch
+    gpu_free_memory: dict[str, int],
 ) -> None:
     """Over several GPUs a Flat index grows on a CPU copy placed again: with no room left for
     it (device gpu) the add is an error, and the index holds the new vectors, on the CPU. On
     one GPU the vectors go straight to the GPU copy."""
     import faiss
 
-    free = _free_gpu_memory(monkeypatch)
+    free = gpu_free_memory
     x, keys = _clustered(600, 16, 8, 0), _keys(600)
     index = build_index(x[:500], keys[:500], IndexConfig(factory="Flat", metric="l2", device="gpu"))
     free["bytes"] = 1 << 30  # the GPUs filled up meanwhile
