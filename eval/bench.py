@@ -423,6 +423,7 @@ def bench_index(
             continue  # limit) must not cost the other rows of a long run
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
         size = len(faiss.serialize_index(index.cpu_index()))
+        device, gpu_mb = _placement(index, half)
         rows.append(
             {
                 "factory": fac,
@@ -431,35 +432,28 @@ def bench_index(
                 "memory_mb": round(size / 2**20, 3),
                 # on the GPU(s): vectors or codes as stored there (float16 Flat rows: half),
                 # list ids and centroids, all shards together
-                "gpu_memory_mb": _gpu_mb(index, half),
+                "gpu_memory_mb": gpu_mb,
                 "build_s": round(index.build_seconds, 3),
                 "search_s": round(t.seconds, 4),
                 "qps": round(nq / t.seconds, 1),
                 "recall_at_10": round(recall, 4),
-                "device": _placement(index, half),
+                "device": device,
             }
         )
         del index
     return IndexBench(n=n, dim=dim, queries=nq, rows=rows, machine=machine())
 
 
-def _gpu_mb(index: Any, fp16: bool) -> float | None:
-    """What a placed index holds on its GPU(s), in MiB (None on the CPU)."""
+def _placement(index: Any, fp16: bool) -> tuple[str, float | None]:
+    """Where an index lives: ``cpu``, ``gpu``, or ``gpu fp16`` (float16 Flat vectors or IVF-PQ
+    lookup tables), and what it holds on its GPU(s) in MiB (None on the CPU)."""
     from pinsearch.indexes.gpu import gpu_float16, gpu_index_bytes
 
     if not index.on_gpu:
-        return None
+        return "cpu", None
     cpu = index.cpu_index()
-    return round(gpu_index_bytes(cpu, fp16=gpu_float16(cpu, fp16)) / 2**20, 3)
-
-
-def _placement(index: Any, fp16: bool) -> str:
-    """``cpu``, ``gpu``, or ``gpu fp16`` (float16 Flat vectors or IVF-PQ lookup tables)."""
-    from pinsearch.indexes.gpu import gpu_float16
-
-    if not index.on_gpu:
-        return "cpu"
-    return "gpu fp16" if gpu_float16(index.cpu_index(), fp16) else "gpu"
+    half = gpu_float16(cpu, fp16)
+    return "gpu fp16" if half else "gpu", round(gpu_index_bytes(cpu, fp16=half) / 2**20, 3)
 
 
 # -- exact k-NN at scale -------------------------------------------------------------------
