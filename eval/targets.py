@@ -89,7 +89,8 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
 
 
 def _exact(result: dict[str, Any], src: str) -> list[Check]:
-    rows = {r["path"]: r for r in result["rows"] if "block_mb" not in r}  # not tuning rows
+    tuning = ("block_mb", "scores")  # rows that try settings pinsearch does not default to
+    rows = {r["path"]: r for r in result["rows"] if not any(key in r for key in tuning)}
     size = f"{result['queries']:,} queries over {result['n']:,} x {result['dim']}"
     out = []
     ours = rows.get("pinsearch Flat")

@@ -9,6 +9,13 @@ out in float32), and each block keeps a running top-k. ``refine`` optionally re-
 ``refine * k`` candidates of each query in float32 against full-precision vectors on the same
 device, which makes the answer exact whenever the true top-k is among those candidates.
 
+With refine on a GPU the candidate pass also keeps its scores in 16 bits (``fast_scores``):
+the products come out of the tensor cores in float16/bfloat16 and ``torch.topk`` selects over
+half the bytes with half the radix passes. The selection over a million columns per query,
+not the product, is most of a float32 scan's time; the refine pass makes the final scores
+float32 again. Float16 scores that could overflow (vectors and queries whose norms multiply
+past float16's range) fall back to float32 scores for that search.
+
 On a CPU without 16-bit matrix units the products run in float32 over upcast blocks (16-bit
 storage then only halves the memory); the reduced-precision speed-up is a GPU feature.
 """
@@ -29,8 +36,11 @@ _logger = logging.getLogger(__name__)
 #: Storage/compute precisions of the exact scan.
 PRECISIONS: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
-#: Bytes of one (queries x vectors) float32 score block, per device type.
+#: Bytes of one (queries x vectors) score block, per device type.
 SCORE_BLOCK_BYTES = {"cuda": 1 << 30, "cpu": 1 << 27}
+
+#: Largest score bound kept in float16 (its maximum is 65,504; margin for rounding).
+_FLOAT16_SAFE = 6.0e4
 
 
 def torch_device(device: str) -> Any:
@@ -57,6 +67,9 @@ class TorchExact:
         refine: re-score the best ``refine * k`` candidates in float32 (0 = off). Keeps a
             float32 copy of the vectors on the device.
         block_bytes: size of one block of scores (default: 1 GiB on CUDA, 128 MiB on CPU).
+        fast_scores: keep the candidate pass's scores in the 16-bit ``precision`` (needs
+            ``refine``, which re-scores them in float32). ``None``: on CUDA whenever it
+            applies; on a CPU it saves nothing (16-bit products are upcast there).
     """
 
     def __init__(
@@ -68,6 +81,7 @@ class TorchExact:
         device: str = "auto",
         refine: int = 0,
         block_bytes: int | None = None,
+        fast_scores: bool | None = None,
     ) -> None:
         import torch
 
@@ -77,6 +91,11 @@ class TorchExact:
             raise ValueError(f"TorchExact scores ip or l2, got {metric!r}")
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
+        if fast_scores and (not refine or precision == "float32"):
+            raise ValueError(
+                "fast_scores needs a 16-bit precision and refine > 0 (the refine pass gives "
+                f"the float32 scores back); got precision={precision!r}, refine={refine}"
+            )
         x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
         self.device = torch_device(device)
         self.metric = metric
@@ -89,6 +108,13 @@ class TorchExact:
         # the norms the scan sees: those of the stored (rounded) vectors, for consistent L2
         self.sq = (self.x.float() ** 2).sum(1) if metric == "l2" else None
         self.full = x.to(self.device) if refine else None
+        if fast_scores is None:
+            fast_scores = self.device.type == "cuda" and bool(refine) and precision != "float32"
+        self.fast_scores = fast_scores
+        self.max_norm = 0.0  # the largest stored norm bounds every score: float16's overflow
+        if fast_scores and precision == "float16" and len(x):
+            norms = np.einsum("ij,ij->i", x.numpy(), x.numpy())  # no (n, d) temporary
+            self.max_norm = float(np.sqrt(norms.max()))
         # 16-bit products are only fast where the hardware has 16-bit matrix units
         self._upcast = self.device.type == "cpu" and precision != "float32"
 
@@ -124,17 +150,19 @@ class TorchExact:
             return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
         kc = min(self.n, kk * self.refine) if self.refine else kk
         qt = torch.from_numpy(q).to(self.device)
-        rows = max(1, min(nq, self.block_bytes // (4 * self.n)))
+        score_dtype = self._score_dtype(q)
+        size = 4 if score_dtype == torch.float32 else 2
+        rows = max(1, min(nq, self.block_bytes // (size * self.n)))
         if self.refine:  # the refine pass gathers (rows, kc, dim) float32 candidates
             rows = max(1, min(rows, self.block_bytes // (4 * kc * self.dim)))
-        cols = min(self.n, max(kc, self.block_bytes // (4 * rows)))
+        cols = min(self.n, max(kc, self.block_bytes // (size * rows)))
         out_s = torch.empty(nq, kk, dtype=torch.float32, device=self.device)
         out_i = torch.empty(nq, kk, dtype=torch.int64, device=self.device)
         largest = self.metric == "ip"
         with torch.inference_mode():
             for a in range(0, nq, rows):
                 qb = qt[a : a + rows]
-                s, i = self._scan(qb, kc, cols, largest, mask)
+                s, i = self._scan(qb, kc, cols, largest, mask, score_dtype)
                 if self.refine:
                     s, i = self._rescore(qb, i, kk, largest, mask)
                 out_s[a : a + rows], out_i[a : a + rows] = s, i
@@ -144,31 +172,56 @@ class TorchExact:
             pos = np.pad(pos, ((0, 0), (0, k - kk)), constant_values=-1)
         return scores, pos
 
-    def _scores(self, qb: Any, lo: int, hi: int, mask: Any = None) -> Any:
-        """float32 scores of a query block against rows lo:hi (ip, or squared l2); rows
-        outside ``mask`` score worst."""
+    def _score_dtype(self, q: np.ndarray) -> Any:
+        """The candidate pass's score type for these queries: the 16-bit storage type with
+        ``fast_scores`` unless float16 could overflow, else float32."""
         import torch
 
+        if not self.fast_scores:
+            return torch.float32
+        if self.dtype == torch.float16:
+            qmax = float(np.sqrt(np.einsum("ij,ij->i", q, q).max()))
+            bound = qmax * self.max_norm if self.metric == "ip" else (qmax + self.max_norm) ** 2
+            if not bound < _FLOAT16_SAFE:
+                _logger.debug("scores up to %.3g: float32 candidate scores", bound)
+                return torch.float32
+        return self.dtype
+
+    def _scores(self, qb: Any, lo: int, hi: int, mask: Any = None, out: Any = None) -> Any:
+        """Scores (``out``: their dtype, default float32) of a query block against rows
+        lo:hi (ip, or squared l2); rows outside ``mask`` score worst."""
+        import torch
+
+        out = torch.float32 if out is None else out
         xb = self.x[lo:hi]
         if self._upcast:
             s = qb @ xb.float().T
-        elif self.device.type == "cuda" and self.dtype != torch.float32:
+        elif self.dtype == torch.float32:
+            s = qb @ xb.T
+        elif self.sq is None and out == self.dtype:  # accumulated in float32, written in 16
+            s = qb.to(self.dtype) @ xb.T
+        elif self.device.type == "cuda":
             s = torch.mm(qb.to(self.dtype), xb.T, out_dtype=torch.float32)
         else:
             s = (qb.to(self.dtype) @ xb.T).float()
-        if self.sq is not None:
-            s = (qb * qb).sum(1, keepdim=True) - 2 * s + self.sq[lo:hi]
+        if self.sq is not None:  # squared l2: |x|^2 - 2 q.x, plus |q|^2 for float32 scores
+            s = self.sq[lo:hi] - 2 * s
+            if out == torch.float32:  # 16-bit candidates: |q|^2 would round away the ranking
+                s += (qb * qb).sum(1, keepdim=True)
+        s = s.to(out)
         if mask is not None:  # filtered out: never among the best
             s.masked_fill_(~mask[lo:hi], -torch.inf if self.metric == "ip" else torch.inf)
         return s
 
-    def _scan(self, qb: Any, k: int, cols: int, largest: bool, mask: Any) -> tuple[Any, Any]:
+    def _scan(
+        self, qb: Any, k: int, cols: int, largest: bool, mask: Any, out: Any
+    ) -> tuple[Any, Any]:
         import torch
 
         best_s = best_i = None
         for lo in range(0, self.n, cols):
             hi = min(self.n, lo + cols)
-            scores = self._scores(qb, lo, hi, mask)
+            scores = self._scores(qb, lo, hi, mask, out)
             s, i = torch.topk(scores, min(k, hi - lo), dim=1, largest=largest)
             i = i + lo
             if best_s is None:

@@ -90,6 +90,65 @@ def test_refine_pass_keeps_to_the_block_size(data, monkeypatch: pytest.MonkeyPat
     np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["float16", "bfloat16"])
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("filtered", [False, True])
+def test_sixteen_bit_candidate_scores_keep_the_refined_answer(
+    data, monkeypatch: pytest.MonkeyPatch, precision: str, metric: str, filtered: bool
+) -> None:  # type: ignore[no-untyped-def]
+    """``fast_scores``: the candidate pass selects over 16-bit scores (half the bytes for
+    topk, the GPU's saving; emulated here by rounding), and refine still gives the float32
+    answer, filtered or not."""
+    import torch
+
+    x, q = data
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)  # vectors on the sphere, as embeddings
+    q = 10 * q  # far queries: for l2, |q|^2 alone would round 16-bit distances to ties
+    allowed = np.arange(len(x)) % 3 != 0 if filtered else None
+    rows = np.flatnonzero(allowed) if filtered else np.arange(len(x))
+    d_ref, i_ref = exact_search(q, x[rows], 10, metric)
+    scan = TorchExact(x, metric=metric, precision=precision, device="cpu", refine=4,
+                      block_bytes=40_000, fast_scores=True)  # fmt: skip
+    seen = []
+    scan_pass = scan._scan
+
+    def recording(*args):  # type: ignore[no-untyped-def]
+        s, i = scan_pass(*args)
+        seen.append((s.dtype, s.shape[0]))
+        return s, i
+
+    monkeypatch.setattr(scan, "_scan", recording)
+    d, i = scan.search(q, 10, allowed=allowed)
+    assert {dtype for dtype, _ in seen} == {getattr(torch, precision)}
+    # 2-byte scores: twice the queries of a float32 block (40,000 B / (2 x 6,000) = 3)
+    assert max(n for _, n in seen) == 3
+    assert _overlap(i, rows[i_ref]) == 1.0
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_float16_candidate_scores_that_could_overflow_stay_float32(data) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    x, q = data
+    # 100 vectors along one direction, 73 of them scoring past float16's 65,504 against the
+    # query: in float16 they would all tie at inf and refine would see 40 of them at random
+    u = np.zeros(64, np.float32)
+    u[0] = 1.0
+    big = np.concatenate([x, np.linspace(300, 400, 100, dtype=np.float32)[:, None] * u])
+    query = 200 * u[None]
+    scan = TorchExact(big, precision="float16", device="cpu", refine=4, fast_scores=True)
+    assert scan._score_dtype(query) == torch.float32
+    assert scan._score_dtype(q / 100) == torch.float16  # a small query: 16 bits are safe
+    d, i = scan.search(query, 10)
+    assert sorted(i[0]) == list(range(len(big) - 10, len(big)))  # the 10 longest
+    np.testing.assert_allclose(d[0], 200 * np.linspace(300, 400, 100)[-10:][::-1], rtol=1e-6)
+    bf = TorchExact(big, precision="bfloat16", device="cpu", refine=4, fast_scores=True)
+    assert bf._score_dtype(query) == torch.bfloat16  # float32's range: no overflow
+    assert sorted(bf.search(query, 10)[1][0]) == list(range(len(big) - 10, len(big)))
+    # the default: 16-bit candidate scores on CUDA only (a CPU upcasts the products anyway)
+    assert not TorchExact(x, precision="float16", device="cpu", refine=4).fast_scores
+
+
 def test_more_neighbours_than_vectors_are_padded() -> None:
     x = np.eye(3, 8, dtype=np.float32)
     d, i = TorchExact(x, device="cpu").search(x[:2], 5)
@@ -128,6 +187,10 @@ def test_bad_arguments_are_named() -> None:
         TorchExact(x, metric="cosine")
     with pytest.raises(ValueError, match="refine"):
         TorchExact(x, refine=-1)
+    with pytest.raises(ValueError, match=r"fast_scores needs .* refine > 0"):
+        TorchExact(x, precision="float16", fast_scores=True)
+    with pytest.raises(ValueError, match="fast_scores needs a 16-bit precision"):
+        TorchExact(x, precision="float32", refine=4, fast_scores=True)
     with pytest.raises(ValueError, match=r"\(nq, 8\)"):
         TorchExact(x, device="cpu").search(np.ones((2, 5), np.float32), 1)
     with pytest.raises(ValueError, match="precision 'half'"):

@@ -127,5 +127,12 @@ def test_reduced_precision_scan_on_cuda(precision: str) -> None:
     # bfloat16's 8-bit mantissa swaps near ties (0.993 when simulated on the CPU); refine
     # gives the exact answer
     assert overlap >= (0.99 if precision == "float16" else 0.98)
-    _, refined = TorchExact(x, precision=precision, device="gpu", refine=4).search(q, 10)
+    fine = TorchExact(x, precision=precision, device="gpu", refine=4)
+    assert fine.fast_scores  # by default the candidate pass keeps 16-bit scores on CUDA
+    _, refined = fine.search(q, 10)
     assert (refined == truth).mean() > 0.999
+    slow = TorchExact(x, precision=precision, device="gpu", refine=4, fast_scores=False)
+    assert (slow.search(q, 10)[1] == truth).mean() > 0.999
+    _, l2_truth = exact_search(q, x, 10, "l2")  # l2: distances in float32, then 16-bit
+    l2 = TorchExact(x, metric="l2", precision=precision, device="gpu", refine=4)
+    assert (l2.search(q, 10)[1] == l2_truth).mean() > 0.999

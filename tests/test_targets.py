@@ -60,9 +60,12 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     assert _states(exact) == ["FAIL", "FAIL"]
     tuning = {"path": "torch float16 refine 4k (blocks 4096 MiB)", "block_mb": 4096,
               "vs_raw": 0.2, "agreement": 1.0}  # fmt: skip
-    exact["rows"].append(tuning)  # a block size only the benchmark tries: not pinsearch's
-    assert _states(exact) == ["FAIL", "FAIL"]
-    exact["rows"].pop()
+    scores = {"path": "torch float16 refine 4k (float32 scores)", "scores": "float32",
+              "vs_raw": 0.2, "agreement": 1.0}  # fmt: skip
+    for row in (tuning, scores):  # settings only the benchmark tries: not pinsearch's
+        exact["rows"].append(row)
+        assert _states(exact) == ["FAIL", "FAIL"]
+        exact["rows"].pop()
     broken = copy.deepcopy(exact)  # a path that raised is a failure, not a missing figure
     oom = "RuntimeError: CUDA out of memory"
     broken["rows"] = [rows["faiss Flat (raw)"], {"path": "pinsearch Flat", "error": oom},
