@@ -500,8 +500,9 @@ def bench_exact(
     torch scan in float32, float16 and bfloat16, without and with a float32 re-scoring of
     4k candidates. ``agreement`` is the top-k overlap with the raw FAISS answer. On a GPU the
     float16 scans run once more with smaller and larger score blocks than the default
-    (``block_mb``), and the refined scans with float32 candidate scores instead of 16-bit ones
-    (``scores``): tuning rows, which the targets leave out.
+    (``block_mb``), the refined scans with float32 candidate scores instead of 16-bit ones
+    (``scores``), and float16 scans selecting by one ``torch.topk`` instead of column groups
+    (``select``): tuning rows, which the targets leave out (``targets.TUNING_KEYS``).
     """
     import faiss
 
@@ -543,19 +544,22 @@ def bench_exact(
     scans: list[tuple[str, int, dict[str, Any]]] = [
         (p, r, {}) for p in PRECISIONS for r in ((0, 4) if p != "float32" else (0,))
     ]
-    if on_gpu:  # tuning: the score block's size around the default (1 GiB), and the refined
-        # scans' candidate pass with float32 scores instead of 16-bit ones (the default)
+    if on_gpu:  # tuning, against the defaults: the score block's size (1 GiB), the refined
+        # scans' 16-bit candidate scores, the grouped selection
         scans += [("float16", r, {"block_mb": mb}) for r in (0, 4) for mb in (256, 4096)]
         scans += [(p, 4, {"scores": "float32"}) for p in ("float16", "bfloat16")]
+        scans += [("float16", r, {"select": "topk"}) for r in (0, 4)]
     for precision, refine, extra in scans:
         name = f"torch {precision}" + (f" refine {refine}k" if refine else "")
         name += f" (blocks {extra['block_mb']} MiB)" if "block_mb" in extra else ""
         name += f" ({extra['scores']} scores)" if "scores" in extra else ""
+        name += " (plain topk)" if "select" in extra else ""
         try:
             block_mb = extra.get("block_mb")
             scan = TorchExact(x, precision=precision, device=placement, refine=refine,
                               block_bytes=block_mb and block_mb << 20,
-                              fast_scores=False if "scores" in extra else None)  # fmt: skip
+                              fast_scores=False if "scores" in extra else None,
+                              group_select="select" not in extra)  # fmt: skip
             sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
         except (RuntimeError, MemoryError) as exc:  # one path failing ends only its row
             rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})

@@ -22,7 +22,7 @@
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
 # Steps (default: tests exact query embed index compile study), cheapest proof first;
-# estimated minutes: tests 2, exact 1, query 2, embed 2-3, index 3, compile 1-2 (the
+# estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, index 3, compile 1-2 (the
 # torch.compile GPU test; each stopped at its limit below), study 6 or more: scikit-learn's
 # side of the paper's grid outlasts any session, and the speed-up it shows is a floor that
 # grows while it runs (nothing else may run beside it). About 10 minutes of a session are

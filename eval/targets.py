@@ -26,6 +26,8 @@ EMBED_MIN_IMAGES_PER_S = {"effnet_lite0": 8000.0, "clip-vit-b-32": 8000.0}
 EMBED_MIN_RATIO = {"convnext_base": 0.9}  # of the bare forward at the same batch
 EXACT_MAX_VS_RAW = 1.2  # pinsearch over raw FAISS on the same index
 EXACT_MIN_16BIT_SPEEDUP, EXACT_MIN_AGREEMENT = 3.0, 0.99
+#: Keys of ``bench exact``'s tuning rows (settings pinsearch does not default to): not judged.
+TUNING_KEYS = frozenset({"block_mb", "scores", "select"})
 QUERY_MAX_P50_MS, QUERY_MAX_P99_MS = 5.0, 20.0
 STUDY_MIN_SPEEDUP, STUDY_MAX_F1_GAP = 10.0, 0.01
 STUDY_HEADS = ("knn", "lsvm", "mlp")
@@ -89,8 +91,7 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
 
 
 def _exact(result: dict[str, Any], src: str) -> list[Check]:
-    tuning = ("block_mb", "scores")  # rows that try settings pinsearch does not default to
-    rows = {r["path"]: r for r in result["rows"] if not any(key in r for key in tuning)}
+    rows = {r["path"]: r for r in result["rows"] if not TUNING_KEYS & r.keys()}
     size = f"{result['queries']:,} queries over {result['n']:,} x {result['dim']}"
     out = []
     ours = rows.get("pinsearch Flat")

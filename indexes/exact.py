@@ -29,7 +29,7 @@ import numpy as np
 
 from pinsearch.errors import DeviceError
 
-__all__ = ["PRECISIONS", "SCORE_BLOCK_BYTES", "TorchExact", "torch_device"]
+__all__ = ["PRECISIONS", "SCORE_BLOCK_BYTES", "TorchExact", "top_k_grouped", "torch_device"]
 
 _logger = logging.getLogger(__name__)
 
@@ -56,6 +56,44 @@ def torch_device(device: str) -> Any:
     return torch.device("cpu")
 
 
+#: Columns per group of :func:`top_k_grouped`.
+GROUP_WIDTH = 64
+
+
+def _top_k(scores: Any, k: int, largest: bool) -> tuple[Any, Any]:
+    import torch
+
+    return torch.topk(scores, k, dim=1, largest=largest)
+
+
+def top_k_grouped(scores: Any, k: int, largest: bool = True) -> tuple[Any, Any]:
+    """``torch.topk(scores, k, dim=1)`` over a wide block, by way of column groups.
+
+    Each row's best ``k`` lie in its ``k`` groups with the best extreme (a group holding one
+    of them has an extreme at least as good, and at most ``k - 1`` groups can beat it), so
+    one reduction pass over the block (each group's max, or min) and a ``topk`` over
+    ``n / GROUP_WIDTH`` extremes pick the ``k * GROUP_WIDTH`` columns to select from. The
+    answer is ``topk``'s (ties may be broken otherwise); ``topk`` itself makes several radix
+    passes over a million columns on a GPU, a partial sort of each row on a CPU.
+    """
+    import torch
+
+    rows, n = scores.shape
+    groups = n // GROUP_WIDTH
+    if groups < 8 * k:  # narrow: the groups would save little
+        return _top_k(scores, k, largest)
+    body = scores[:, : groups * GROUP_WIDTH].view(rows, groups, GROUP_WIDTH)
+    extreme = body.amax(2) if largest else body.amin(2)
+    _, best = torch.topk(extreme, k, dim=1, largest=largest)
+    width = torch.arange(GROUP_WIDTH, device=scores.device)
+    cols = (best[:, :, None] * GROUP_WIDTH + width).reshape(rows, k * GROUP_WIDTH)
+    if groups * GROUP_WIDTH < n:  # the columns past the last whole group: candidates all
+        tail = torch.arange(groups * GROUP_WIDTH, n, device=scores.device)
+        cols = torch.cat([cols, tail.expand(rows, -1)], 1)
+    s, at = torch.topk(torch.gather(scores, 1, cols), k, dim=1, largest=largest)
+    return s, torch.gather(cols, 1, at)
+
+
 class TorchExact:
     """Exact inner-product / L2 k-NN over a fixed set of vectors, held by torch on a device.
 
@@ -70,6 +108,8 @@ class TorchExact:
         fast_scores: keep the candidate pass's scores in the 16-bit ``precision`` (needs
             ``refine``, which re-scores them in float32). ``None``: on CUDA whenever it
             applies; on a CPU it saves nothing (16-bit products are upcast there).
+        group_select: select each block's best through column groups
+            (:func:`top_k_grouped`, the same answer) instead of one ``torch.topk``.
     """
 
     def __init__(
@@ -82,6 +122,7 @@ class TorchExact:
         refine: int = 0,
         block_bytes: int | None = None,
         fast_scores: bool | None = None,
+        group_select: bool = True,
     ) -> None:
         import torch
 
@@ -111,6 +152,7 @@ class TorchExact:
         if fast_scores is None:
             fast_scores = self.device.type == "cuda" and bool(refine) and precision != "float32"
         self.fast_scores = fast_scores
+        self.group_select = group_select
         self.max_norm = 0.0  # the largest stored norm bounds every score: float16's overflow
         if fast_scores and precision == "float16" and len(x):
             norms = np.einsum("ij,ij->i", x.numpy(), x.numpy())  # no (n, d) temporary
@@ -222,7 +264,8 @@ class TorchExact:
         for lo in range(0, self.n, cols):
             hi = min(self.n, lo + cols)
             scores = self._scores(qb, lo, hi, mask, out)
-            s, i = torch.topk(scores, min(k, hi - lo), dim=1, largest=largest)
+            select = top_k_grouped if self.group_select else _top_k
+            s, i = select(scores, min(k, hi - lo), largest)
             i = i + lo
             if best_s is None:
                 best_s, best_i = s, i

@@ -149,6 +149,40 @@ def test_float16_candidate_scores_that_could_overflow_stay_float32(data) -> None
     assert not TorchExact(x, precision="float16", device="cpu", refine=4).fast_scores
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("largest", [True, False])
+def test_grouped_selection_is_topk(dtype: str, largest: bool) -> None:
+    import torch
+
+    from pinsearch.indexes.exact import GROUP_WIDTH, top_k_grouped
+
+    gen = torch.Generator().manual_seed(0)
+    n = 300 * GROUP_WIDTH + 37  # a partial last group: its columns are candidates too
+    scores = torch.randn(16, n, generator=gen).to(getattr(torch, dtype))
+    scores[:, n - 5 :] += 8.0 if largest else -8.0  # the best in the partial tail
+    scores[3] = scores[3].round()  # many ties
+    scores[4, ::2] = -torch.inf if largest else torch.inf  # filtered columns
+    scores[5, : n - 3] = -torch.inf if largest else torch.inf  # fewer allowed than k
+    for k in (1, 10, 37, 2 * n // GROUP_WIDTH):  # the last: too few groups, plain topk
+        want, _ = torch.topk(scores, k, dim=1, largest=largest)
+        got, at = top_k_grouped(scores, k, largest)
+        assert at.dtype == torch.int64 and at.shape == (16, k)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.gather(scores, 1, at), want, rtol=0, atol=0)
+        assert all(len(set(row.tolist())) == k for row in at)  # no column twice
+    assert set(top_k_grouped(scores, 5, largest)[1][0].tolist()) == set(range(n - 5, n))
+
+
+def test_grouped_and_plain_selection_scan_alike(data) -> None:  # type: ignore[no-untyped-def]
+    x, q = data
+    grouped = TorchExact(x, precision="float32", device="cpu")
+    plain = TorchExact(x, precision="float32", device="cpu", group_select=False)
+    d, i = grouped.search(q, 10)
+    d_ref, i_ref = plain.search(q, 10)
+    np.testing.assert_array_equal(d, d_ref)
+    assert _overlap(i, i_ref) == 1.0
+
+
 def test_more_neighbours_than_vectors_are_padded() -> None:
     x = np.eye(3, 8, dtype=np.float32)
     d, i = TorchExact(x, device="cpu").search(x[:2], 5)

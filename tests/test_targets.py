@@ -62,7 +62,9 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
               "vs_raw": 0.2, "agreement": 1.0}  # fmt: skip
     scores = {"path": "torch float16 refine 4k (float32 scores)", "scores": "float32",
               "vs_raw": 0.2, "agreement": 1.0}  # fmt: skip
-    for row in (tuning, scores):  # settings only the benchmark tries: not pinsearch's
+    select = {"path": "torch float16 (plain topk)", "select": "topk", "vs_raw": 0.2,
+              "agreement": 1.0}  # fmt: skip
+    for row in (tuning, scores, select):  # settings only the benchmark tries: not pinsearch's
         exact["rows"].append(row)
         assert _states(exact) == ["FAIL", "FAIL"]
         exact["rows"].pop()
