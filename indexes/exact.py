@@ -10,11 +10,14 @@ out in float32), and each block keeps a running top-k. ``refine`` optionally re-
 device, which makes the answer exact whenever the true top-k is among those candidates.
 
 With refine on a GPU the candidate pass also keeps its scores in 16 bits (``fast_scores``):
-the products come out of the tensor cores in float16/bfloat16 and ``torch.topk`` selects over
-half the bytes with half the radix passes. The selection over a million columns per query,
-not the product, is most of a float32 scan's time; the refine pass makes the final scores
-float32 again. Float16 scores that could overflow (vectors and queries whose norms multiply
-past float16's range) fall back to float32 scores for that search.
+the products are written in float16/bfloat16, which halves the bytes of every score block
+written and then read by the selection; the refine pass makes the final scores float32 again.
+Float16 scores that could overflow (vectors and queries whose norms multiply past float16's
+range) fall back to float32 scores for that search. Each block's best are selected through
+column groups (:func:`top_k_grouped`): one reduction pass instead of ``torch.topk``'s several
+over a million columns. (Both are expected savings on a GPU, where a block's product and its
+selection cost about the same; ``pinsearch bench exact`` measures each against its
+alternative.)
 
 On a CPU without 16-bit matrix units the products run in float32 over upcast blocks (16-bit
 storage then only halves the memory); the reduced-precision speed-up is a GPU feature.
