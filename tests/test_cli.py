@@ -204,7 +204,8 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     # steady: the 10 images the second half of the files adds, over the time they add
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]
     steady, forward = one["steady_images_per_s"], one["forward_images_per_s"]  # type: ignore[index]
-    assert one["ratio"] == pytest.approx(steady / forward, rel=0.02)  # type: ignore[index]
+    # rates and ratio are rounded (the ratio to 3 decimals: a slow, loaded run gives ~0.01)
+    assert one["ratio"] == pytest.approx(steady / forward, rel=0.02, abs=6e-4)  # type: ignore[index]
     table = _json([*base, "-b", "test_vit", "-b", "no-such-net", "-b", "test_vit", "--json"])
     vit, bad = table["rows"]  # type: ignore[index]  # repeats measured once
     assert table["images"] == 20 and vit["images"] == 20 and vit["ratio"] > 0  # type: ignore[index]
