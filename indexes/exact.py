@@ -196,7 +196,8 @@ class TorchExact:
         kc = min(self.n, kk * self.refine) if self.refine else kk
         qt = torch.from_numpy(q).to(self.device)
         score_dtype = self._score_dtype(q)
-        size = 4 if score_dtype == torch.float32 else 2
+        # bytes per score: 16-bit ip scores are written as such; l2 ones pass through float32
+        size = 2 if score_dtype != torch.float32 and self.sq is None else 4
         rows = max(1, min(nq, self.block_bytes // (size * self.n)))
         if self.refine:  # the refine pass gathers (rows, kc, dim) float32 candidates
             rows = max(1, min(rows, self.block_bytes // (4 * kc * self.dim)))
