@@ -294,8 +294,9 @@ def bench(
     progress: Annotated[
         Path | None,
         typer.Option(
-            help="Study: keep the result so far in this JSON file (rewritten as the run goes; "
-            "grids still running report a lower bound), for runs that outlast a session."
+            help="Study, exact: keep the result so far in this JSON file (rewritten as the "
+            "run goes; study grids still running report a lower bound), for runs that may be "
+            "stopped."
         ),
     ] = None,
     random_weights: Annotated[
@@ -345,7 +346,9 @@ def bench(
                 fp16_also=fp16_also or (),
             )  # fmt: skip
         elif what == "exact":
-            result = b.bench_exact(n=n or 1_000_000, **sized, nq=queries or 6400, device=device)
+            result = b.bench_exact(
+                n=n or 1_000_000, **sized, nq=queries or 6400, device=device, progress=progress
+            )
         elif what == "query":
             result = b.bench_query(n=n or 100_000, **sized)
         elif what == "remove":

@@ -470,6 +470,7 @@ class ExactBench:
     device: str
     rows: list[dict[str, Any]]
     machine: dict[str, Any] = field(default_factory=dict)
+    status: str = "done"  # "running" in the snapshots a --progress file holds until the end
 
 
 def _best_of(fn: Any, repeat: int) -> tuple[float, Any]:
@@ -491,6 +492,7 @@ def bench_exact(
     k: int = 10,
     device: str = "auto",
     repeat: int = 3,
+    progress: Path | None = None,
 ) -> ExactBench:
     """Exact k-NN of ``nq`` queries over ``n`` clustered vectors (cosine), several ways.
 
@@ -503,11 +505,14 @@ def bench_exact(
     (``block_mb``), the refined scans with float32 candidate scores instead of 16-bit ones
     (``scores``), and float16 scans selecting by one ``torch.topk`` instead of column groups
     (``select``): tuning rows, which the targets leave out (``targets.TUNING_KEYS``).
+    ``progress``: a file rewritten whole after every row (``status`` ``running``, then
+    ``done``), so a run stopped at a time limit keeps the rows it measured.
     """
     import faiss
 
     from pinsearch.indexes import IndexConfig, PinIndex, TorchExact, gpu_count, to_gpu
     from pinsearch.indexes.exact import PRECISIONS
+    from pinsearch.store import _write_json_atomic
     from pinsearch.vectors import unit_rows
 
     x, q = _data_and_queries(n, nq, dim)
@@ -532,15 +537,22 @@ def bench_exact(
             **extra,
         }
 
-    rows = [row("faiss Flat (raw)", raw_s, truth)]
+    result = ExactBench(n, dim, nq, k, placement, [], machine(), status="running")
+
+    def keep(entry: dict[str, Any]) -> None:
+        result.rows.append(entry)
+        if progress is not None:  # replaced whole: a reader never sees half a file
+            _write_json_atomic(progress, asdict(result))
+
+    keep(row("faiss Flat (raw)", raw_s, truth))
     config = IndexConfig(factory="Flat", device=placement)  # type: ignore[arg-type]
     ours = PinIndex(raw_index, keys, config, "Flat", dim, on_gpu=on_gpu)
     sec, (_, found) = _best_of(lambda: ours.search(q, k), repeat)
-    rows.append(row("pinsearch Flat", sec, found))
+    keep(row("pinsearch Flat", sec, found))
     if on_gpu:
         half = to_gpu(cpu_index, fp16=True)
         sec, (_, found) = _best_of(lambda: half.search(qn, k), repeat)
-        rows.append(row("faiss Flat fp16", sec, found))
+        keep(row("faiss Flat fp16", sec, found))
     scans: list[tuple[str, int, dict[str, Any]]] = [
         (p, r, {}) for p in PRECISIONS for r in ((0, 4) if p != "float32" else (0,))
     ]
@@ -562,11 +574,14 @@ def bench_exact(
                               group_select="select" not in extra)  # fmt: skip
             sec, (_, found) = _best_of(lambda s=scan: s.search(qn, k), repeat)
         except (RuntimeError, MemoryError) as exc:  # one path failing ends only its row
-            rows.append({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})
+            keep({"path": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})
             continue
-        rows.append(row(name, sec, found, **extra))
+        keep(row(name, sec, found, **extra))
         del scan
-    return ExactBench(n, dim, nq, k, placement, rows, machine())
+    result.status = "done"
+    if progress is not None:
+        _write_json_atomic(progress, asdict(result))
+    return result
 
 
 # -- query latency -------------------------------------------------------------------------

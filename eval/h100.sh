@@ -90,8 +90,12 @@ print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
     compile)
       python3 -m pytest -v --tb=short -p no:cacheprovider -rs $(timeout_each 240) "$compile" \
         > "$dir/pytest-gpu-compile.txt" 2>&1 ;;
-    exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans
-      bench exact-1m-1024 exact --dim 1024 ;;
+    exact)  # 6,400 queries over 1M x 1024: raw FAISS-GPU vs pinsearch vs 16-bit scans; the
+      # progress file keeps the rows measured if the step is stopped at its limit
+      bench exact-1m-1024 exact --dim 1024 --progress "$dir/exact-progress.json"
+      rc=$?
+      [ -s "$dir/exact-1m-1024.json" ] && rm -f "$dir/exact-progress.json"
+      return $rc ;;
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
       bench query-1m-768 query --n 1000000 --dim 768 ;;
     embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory

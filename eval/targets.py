@@ -93,6 +93,8 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
 def _exact(result: dict[str, Any], src: str) -> list[Check]:
     rows = {r["path"]: r for r in result["rows"] if not TUNING_KEYS & r.keys()}
     size = f"{result['queries']:,} queries over {result['n']:,} x {result['dim']}"
+    if result.get("status") == "running":  # a --progress snapshot of a run stopped midway
+        size += f"; run stopped after {len(result['rows'])} rows"
     out = []
     ours = rows.get("pinsearch Flat")
     if ours is not None and "error" in ours:

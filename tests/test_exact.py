@@ -265,12 +265,16 @@ def test_pin_index_uses_the_scan_and_keeps_faiss_for_the_rest(data, tmp_path) ->
     assert not ivf.reduced_precision and not l1.reduced_precision
 
 
-def test_bench_exact_prints_every_path() -> None:
+def test_bench_exact_prints_every_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    progress = tmp_path / "exact-progress.json"
     result = CliRunner().invoke(
-        app, ["bench", "exact", "--n", "3000", "--dim", "32", "--queries", "50", "--json"]
-    )
+        app, ["bench", "exact", "--n", "3000", "--dim", "32", "--queries", "50", "--json",
+              "--progress", str(progress)],
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
+    assert data["status"] == "done"
+    assert json.loads(progress.read_text()) == data  # the last snapshot is the result
     paths = [r["path"] for r in data["rows"]]
     assert paths[:2] == ["faiss Flat (raw)", "pinsearch Flat"]
     assert {"torch float16", "torch bfloat16 refine 4k"} <= set(paths)

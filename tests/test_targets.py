@@ -74,6 +74,14 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
                       {"path": "torch float16", "error": oom}]  # fmt: skip
     checks = check_result(broken)
     assert [c.state for c in checks] == ["FAIL", "FAIL"] and "out of memory" in checks[1].measured
+    stopped = copy.deepcopy(exact)  # a --progress snapshot: its rows are judged, and it says so
+    stopped.update(status="running", rows=stopped["rows"][:6])
+    rows6 = {r["path"]: r for r in stopped["rows"]}
+    rows6["pinsearch Flat"]["vs_raw"] = 1.0
+    rows6["torch float16 refine 4k"].update(vs_raw=0.3, agreement=1.0)
+    checks = check_result(stopped)
+    assert [c.state for c in checks] == ["pass", "pass"]
+    assert all("run stopped after 6 rows" in c.measured for c in checks)
     exact["device"] = "cpu"  # FAISS saw no GPU though torch did: not an H100 figure
     assert _states(exact) == ["cpu", "cpu"]
 
