@@ -162,6 +162,9 @@ class TorchExact:
             self.max_norm = float(np.sqrt(norms.max()))
         # 16-bit products are only fast where the hardware has 16-bit matrix units
         self._upcast = self.device.type == "cpu" and precision != "float32"
+        # float32 output straight from 16-bit CUDA products: torch.mm's out_dtype (torch 2.8+);
+        # before it, the product is rounded to 16 bits and then widened
+        self._out_dtype = self.device.type == "cuda" and torch.__version__ >= (2, 8)
 
     @property
     def nbytes(self) -> int:
@@ -246,7 +249,7 @@ class TorchExact:
             s = qb @ xb.T
         elif self.sq is None and out == self.dtype:  # accumulated in float32, written in 16
             s = qb.to(self.dtype) @ xb.T
-        elif self.device.type == "cuda":
+        elif self._out_dtype:
             s = torch.mm(qb.to(self.dtype), xb.T, out_dtype=torch.float32)
         else:
             s = (qb.to(self.dtype) @ xb.T).float()
