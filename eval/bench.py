@@ -539,10 +539,13 @@ def bench_exact(
 
     result = ExactBench(n, dim, nq, k, placement, [], machine(), status="running")
 
-    def keep(entry: dict[str, Any]) -> None:
-        result.rows.append(entry)
+    def save() -> None:
         if progress is not None:  # replaced whole: a reader never sees half a file
             _write_json_atomic(progress, asdict(result))
+
+    def keep(entry: dict[str, Any]) -> None:
+        result.rows.append(entry)
+        save()
 
     keep(row("faiss Flat (raw)", raw_s, truth))
     config = IndexConfig(factory="Flat", device=placement)  # type: ignore[arg-type]
@@ -579,8 +582,7 @@ def bench_exact(
         keep(row(name, sec, found, **extra))
         del scan
     result.status = "done"
-    if progress is not None:
-        _write_json_atomic(progress, asdict(result))
+    save()
     return result
 
 

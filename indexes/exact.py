@@ -267,11 +267,11 @@ class TorchExact:
     ) -> tuple[Any, Any]:
         import torch
 
+        select = top_k_grouped if self.group_select else _top_k
         best_s = best_i = None
         for lo in range(0, self.n, cols):
             hi = min(self.n, lo + cols)
             scores = self._scores(qb, lo, hi, mask, out)
-            select = top_k_grouped if self.group_select else _top_k
             s, i = select(scores, min(k, hi - lo), largest)
             i = i + lo
             if best_s is None:

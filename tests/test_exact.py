@@ -152,14 +152,17 @@ def test_float16_candidate_scores_that_could_overflow_stay_float32(data) -> None
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("largest", [True, False])
-def test_grouped_selection_is_topk(dtype: str, largest: bool) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_grouped_selection_is_topk(dtype: str, largest: bool, device: str) -> None:
     import torch
 
     from pinsearch.indexes.exact import GROUP_WIDTH, top_k_grouped
 
     gen = torch.Generator().manual_seed(0)
-    n = 300 * GROUP_WIDTH + 37  # a partial last group: its columns are candidates too
-    scores = torch.randn(16, n, generator=gen).to(getattr(torch, dtype))
+    # a partial last group, whose columns are candidates too; on CUDA the scan's block width
+    # at a million vectors
+    n = {"cpu": 300, "cuda": 15_625}[device] * GROUP_WIDTH + 37
+    scores = torch.randn(16, n, generator=gen).to(device, getattr(torch, dtype))
     scores[:, n - 5 :] += 8.0 if largest else -8.0  # the best in the partial tail
     scores[3] = scores[3].round()  # many ties
     scores[4, ::2] = -torch.inf if largest else torch.inf  # filtered columns

@@ -136,20 +136,3 @@ def test_reduced_precision_scan_on_cuda(precision: str) -> None:
     _, l2_truth = exact_search(q, x, 10, "l2")  # l2: distances in float32, then 16-bit
     l2 = TorchExact(x, metric="l2", precision=precision, device="gpu", refine=4)
     assert (l2.search(q, 10)[1] == l2_truth).mean() > 0.999
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("largest", [True, False])
-def test_grouped_selection_is_topk_on_cuda(dtype: str, largest: bool) -> None:
-    """The exact scan's selection over a million columns (its block width at 1M vectors)."""
-    import torch
-
-    from pinsearch.indexes.exact import top_k_grouped
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    scores = torch.randn(8, 1_000_003, device="cuda", generator=gen).to(getattr(torch, dtype))
-    scores[1, ::3] = -torch.inf if largest else torch.inf  # a filter's masked columns
-    for k in (10, 40):
-        want, _ = torch.topk(scores, k, dim=1, largest=largest)
-        got, at = top_k_grouped(scores, k, largest)
-        assert torch.equal(got, want) and torch.equal(torch.gather(scores, 1, at), want)
