@@ -155,14 +155,18 @@ class PinIndex:
 
     def add(self, vectors: np.ndarray, keys: np.ndarray, batch: int = 65536) -> None:
         """Append vectors of new pins (trained indexes only; no rebuild needed), in batches of
-        ``batch`` rows. A Flat index sharded over several GPUs takes them on a fresh CPU copy,
-        placed again after (FAISS's Flat shards number their rows on from shard to shard and
-        take one ``add`` in their life): until then the index, its kept CPU copy and its ids
-        are as they were, whatever stops the add.
+        ``batch`` rows; all or nothing: whatever stops an add, the index, its kept CPU copy
+        and its ids are as they were (or hold every new vector).
+
+        A GPU index takes them on the GPU, except (placed again after, from a fresh CPU copy
+        that takes them) a Flat index sharded over several GPUs (FAISS's Flat shards number
+        their rows on from shard to shard and take one ``add`` in their life) and a float16
+        Flat index (its CPU copy holds the vectors as given, see :meth:`cpu_index`). An add
+        that FAISS-GPU refuses part-way (out of memory) is undone and done on a CPU copy too.
 
         Raises:
-            DeviceError: (device ``gpu``, a sharded Flat index) the index with the new vectors
-                no longer fits the GPUs; it holds them, on the CPU.
+            DeviceError: (device ``gpu``, an index added on a CPU copy) the index with the new
+                vectors no longer fits the GPUs; it holds them, on the CPU.
         """
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) != len(vectors):
@@ -172,20 +176,74 @@ class PinIndex:
         clash = np.intersect1d(keys, self.ids)
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
-        shards = shards_of(self.index) if self.on_gpu else None
-        via_cpu = shards is not None and bool(shards.successive_ids)
-        target = to_cpu(self.index) if via_cpu else self.index
-        turn = contextlib.nullcontext() if via_cpu else self._gpu_turn()  # a CPU copy: no lock
-        for start in range(0, len(keys), batch):
-            part = self.prepare(vectors[start : start + batch])
-            with turn:
-                target.add(part)
+        if not (self.on_gpu and self._adds_on_cpu()):
+            try:
+                with self._gpu_turn():
+                    for start in range(0, len(keys), batch):
+                        self.index.add(self.prepare(vectors[start : start + batch]))
+            except Exception as exc:
+                if not self.on_gpu:
+                    self._undo_cpu_add()
+                    raise
+                _logger.warning(
+                    "index %s: FAISS-GPU did not take %d vectors (%s); adding them on a CPU copy",
+                    self.factory, len(keys), _faiss_reason(exc),
+                )  # fmt: skip
+            else:
+                self._added(keys)
+                return
+        # a CPU copy of its own takes them (no lock: searches go on with the placed index)
+        stopped = self.ntotal > len(self.ids)  # the GPU copy took part of them, above
+        target = self._fresh_cpu_copy()
+        _drop_rows(target, len(self.ids))
+        try:
+            for start in range(0, len(keys), batch):
+                target.add(self.prepare(vectors[start : start + batch]))
+        except Exception:
+            if stopped:  # back to the index as it was, without the part the GPU copy took
+                _drop_rows(target, len(self.ids))
+                self._place_again(target)
+            raise
+        self._added(keys)
+        self._place_again(target)
+        if not self._rounds_vectors():
+            self._cpu = None
+
+    def _adds_on_cpu(self) -> bool:
+        """Whether this GPU index takes new vectors on a CPU copy, placed again after."""
+        shards = shards_of(self.index)
+        return self._rounds_vectors() or (shards is not None and bool(shards.successive_ids))
+
+    def _rounds_vectors(self) -> bool:
+        """Whether the GPU copy holds the vectors in float16 only (a Flat index placed with
+        ``fp16``): FAISS-GPU keeps no float32 copy of them, and one copied back would be
+        rounded; the CPU copy is kept instead, as the vectors of record."""
+        return self.on_gpu and self.config.fp16 and not _structure(self.index)[0]
+
+    def _fresh_cpu_copy(self) -> Any:
+        """A CPU copy of this GPU index of its own (the kept one, cloned, when there is one)."""
+        import faiss
+
+        return faiss.clone_index(self._cpu) if self._cpu is not None else to_cpu(self.index)
+
+    def _added(self, keys: np.ndarray) -> None:
+        """Record the keys of vectors just added (in their order)."""
         self._order = None
         self._exact = None
         self.ids = np.concatenate([self.ids, keys])
-        if via_cpu:
-            self._place_again(target)
-        self._cpu = None  # not kept: a host copy of every vector, made again when needed
+        if not self._rounds_vectors():
+            self._cpu = None  # not kept: a host copy of every vector, made again when needed
+
+    def _undo_cpu_add(self) -> None:
+        """Remove what an add stopped part-way left in this CPU index beyond its id map (an
+        index without removal, HNSW, keeps it: the log says to rebuild)."""
+        try:
+            _drop_rows(self.index, len(self.ids))
+        except RuntimeError:
+            _logger.error(
+                "index %s: %d vectors of a stopped add cannot be removed from it; rebuild it "
+                "(pinsearch repair)", self.factory, self.ntotal - len(self.ids),
+            )  # fmt: skip
 
     def removable(self) -> bool:
         """Whether :meth:`remove` works in place for this index type.
@@ -448,8 +506,13 @@ class PinIndex:
         return np.where(found, d, np.nan), np.where(found, pos, -1)
 
     def _to_keys(self, d: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        keys = np.where(pos >= 0, self.ids[np.clip(pos, 0, None)], -1)
-        d = np.where(pos >= 0, d, np.nan).astype(np.float32)
+        # a position beyond the id map is a vector an add in another thread has put in the
+        # index but not yet recorded (or is undoing): not an answer yet
+        ids = self.ids
+        found = (pos >= 0) & (pos < len(ids))
+        keys = np.full(pos.shape, -1, np.int64)
+        keys[found] = ids[pos[found]]
+        d = np.where(found, d, np.nan).astype(np.float32)
         if keys.shape[1] < k:
             pad = k - keys.shape[1]
             keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
@@ -486,7 +549,9 @@ class PinIndex:
         return np.sort(order[at[hit]])
 
     def cpu_index(self) -> Any:
-        """The index on the CPU (a copy when it lives on the GPU, made once)."""
+        """The index on the CPU (a copy when it lives on the GPU, made once; a float16 Flat
+        index on the GPU keeps the CPU index it was placed from, which holds the vectors as
+        they were given: it is what is saved, searched past the GPU's limits and edited)."""
         if not self.on_gpu:
             return self.index
         with GPU_LOCK:  # threads asking at once share one copy
@@ -543,6 +608,15 @@ def index_files(base: Path) -> dict[str, Path]:
         "ids": base.with_name(base.name + ".ids.npy"),
         "json": base.with_name(base.name + ".json"),
     }
+
+
+def _drop_rows(index: Any, n: int) -> None:
+    """Remove the positions from ``n`` on from a CPU index (rows an add stopped part-way
+    left, beyond its id map)."""
+    import faiss
+
+    if index.ntotal > n:
+        index.remove_ids(faiss.IDSelectorRange(n, index.ntotal))
 
 
 def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
@@ -873,7 +947,7 @@ def load_index(
             ef_search=config.ef_search if config.ef_search is not None else saved.ef_search,
         )
     index, on_gpu = _place(cpu, saved, meta["factory"]) if place else (cpu, False)
-    return PinIndex(
+    loaded = PinIndex(
         index,
         ids.astype(np.int64),
         saved,
@@ -883,3 +957,6 @@ def load_index(
         float(meta.get("build_seconds", 0.0)),
         on_gpu,
     )
+    if loaded._rounds_vectors():
+        loaded._cpu = cpu  # the vectors of record (the GPU copy holds them in float16)
+    return loaded

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pinsearch.synth import SyntheticCorpus, make_pinterest_tree
@@ -184,6 +185,12 @@ def store_copy(built_store: BuiltStore, tmp_path: Path) -> Path:
     return dst
 
 
+class _StandInCalls(list):
+    """The stand-in's placements, and the rows its one-GPU Flat indexes take (None: any)."""
+
+    add_limit: int | None = None
+
+
 @pytest.fixture(params=[1, 2], ids=["one-gpu", "two-gpus"])
 def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list:
     """FAISS-GPU's Python entry points, standing in on a CPU build: cloning "to the GPU(s)"
@@ -193,21 +200,58 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     (Flat rows in successive slices, which take one ``add`` only; IVF lists by id, each shard
     with its own quantizer copy, here seeded apart), and the copy back merges them as FAISS
     does (identical quantizers required). Behind a pre-transform (PCA, OPQ) the index inside is
-    sharded, and the transforms copied around the shards, as FAISS's cloner does. Records
-    ``(GPUs, shard, float16)`` per placement."""
+    sharded, and the transforms copied around the shards, as FAISS's cloner does. Placed with
+    float16, Flat vectors are held rounded to float16 (FAISS-GPU keeps no float32 copy: a copy
+    back is rounded too). Records ``(GPUs, shard, float16)`` per placement; ``add_limit`` (rows)
+    makes an add past it to a one-GPU Flat index fail part-way, as FAISS-GPU out of memory."""
     import faiss
 
     from pinsearch.indexes import gpu
 
-    calls: list = []
+    calls = _StandInCalls()
+    halves: list = []  # placements holding float16 Flat vectors
 
     class Options:
         useFloat16 = False
         shard = False
 
+    class LimitedFlat(faiss.IndexFlat):  # a "GPU" Flat that runs out of memory at add_limit
+        def add(self, x: np.ndarray) -> None:
+            room = calls.add_limit - self.ntotal
+            if len(x) > room:
+                super().add(x[: max(room, 0)])
+                raise RuntimeError("Error in StandardGpuResources: alloc fail (stand-in)")
+            super().add(x)
+
+    def round_flat(index: object) -> object:  # Flat vectors in float16, in place
+        node = faiss.downcast_index(index)
+        if isinstance(node, faiss.IndexPreTransform):
+            round_flat(node.index)
+        elif isinstance(node, faiss.IndexShards):
+            for i in range(node.count()):
+                round_flat(node.at(i))
+        elif isinstance(node, faiss.IndexFlat) and node.ntotal:
+            xb = faiss.rev_swig_ptr(node.get_xb(), node.ntotal * node.d)
+            xb[:] = xb.astype(np.float16).astype(np.float32)
+        return index
+
+    def placed(index: object, fp16: bool) -> object:
+        if fp16:
+            halves.append(round_flat(index))
+        return index
+
     def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
         calls.append((1, False, options.useFloat16))
-        return faiss.clone_index(index)
+        node = faiss.downcast_index(index)
+        if calls.add_limit is not None and type(node) in (
+            faiss.IndexFlat,
+            faiss.IndexFlatL2,
+            faiss.IndexFlatIP,
+        ):
+            limited = LimitedFlat(node.d, node.metric_type)
+            faiss.IndexFlat.add(limited, node.reconstruct_n(0, node.ntotal))  # placed whole
+            return placed(limited, options.useFloat16)
+        return placed(faiss.clone_index(index), options.useFloat16)
 
     def around(pre: object, inner: object) -> object:  # pre's transforms copied around inner
         out = faiss.IndexPreTransform(inner)  # (FAISS's wrappers keep inner and the
@@ -240,12 +284,18 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
 
     def to_gpus(resources: list, index: object, co: Options, gpus: object = None) -> object:
         calls.append((len(resources), co.shard, co.useFloat16))
-        return shards(index, len(resources)) if co.shard else faiss.clone_index(index)
+        out = shards(index, len(resources)) if co.shard else faiss.clone_index(index)
+        return placed(out, co.useFloat16)
 
     def to_cpu(index: object) -> object:
+        if any(index is half for half in halves):
+            return round_flat(copied_back(index))
+        return copied_back(index)
+
+    def copied_back(index: object) -> object:
         node = faiss.downcast_index(index)
         if isinstance(node, faiss.IndexPreTransform):
-            return around(node, to_cpu(node.index))
+            return around(node, copied_back(node.index))
         if not isinstance(node, faiss.IndexShards):
             return faiss.clone_index(index)
         parts = [faiss.clone_index(node.at(i)) for i in range(node.count())]

@@ -808,19 +808,24 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     q = x[:20] + 0.01
     cpu = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, **CPU))
     placed = build_index(x, keys, IndexConfig(factory=factory, metric="l2", nprobe=16, fp16=True))
-    # sharded over two GPUs (behind the pre-transform, if any), an index is placed empty; one
-    # that needs training (IVF, PCA, OPQ) is trained on one GPU, then sharded; a Flat one is
-    # then filled on the CPU and placed again (its shards take one add)
-    trained = [] if factory == "Flat" else [(1, False, True), (2, True, True)]
-    filled = [] if "IVF" in factory else [(2, True, True)]
-    two = [(2, True, True), *trained, *filled]
-    assert placed.on_gpu and faiss_gpu_stand_in in ([(1, False, True)], two)
+    # an index is placed empty; sharded over two GPUs (behind the pre-transform, if any), one
+    # that needs training (IVF, PCA, OPQ) is trained on one GPU, then sharded. Flat vectors
+    # are then added on the CPU and placed again: shards take one add, and float16 Flat
+    # vectors on the GPU are rounded (the CPU copy is kept, as the vectors of record)
+    one, two = (1, False, True), (2, True, True)
+    flat = "IVF" not in factory
+    if faiss.get_num_gpus() == 1:
+        assert faiss_gpu_stand_in == [one, one] if flat else [one]
+    else:
+        trained = [] if factory == "Flat" else [one, two]
+        assert faiss_gpu_stand_in == [two, *trained, *([two] if flat else [])]
+    assert placed.on_gpu and (placed._cpu is not None) is flat
     np.testing.assert_array_equal(placed.search(q, 5)[1], cpu.search(q, 5)[1])
     for allowed in (keys[::3], keys[:4]):  # filtered on the GPU copy: no CPU copy is made
         np.testing.assert_array_equal(
             placed.search(q, 5, allowed=allowed)[1], cpu.search(q, 5, allowed=allowed)[1]
         )
-    assert placed._cpu is None
+    assert (placed._cpu is not None) is flat  # no copy made for the filtered searches
     for index in (placed, cpu):  # a GPU index grows (sharded Flat: on a CPU copy), shrinks
         index.add(x[:3] * 2, np.array([1, 2, 3]))
         index.remove(np.array([1, 2]))
@@ -836,6 +841,94 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
         assert shallow.on_gpu and (found >= 0).all()
         assert shallow._cpu is None  # no copy to the CPU was needed
         assert _gpu_nprobes(shallow.index) == {1}  # back where it was
+
+
+@pytest.mark.parametrize("factory", ["Flat", "PCA8,Flat"])
+def test_float16_flat_on_the_gpu_saves_its_vectors_as_given(
+    faiss_gpu_stand_in: list, tmp_path: Path, factory: str
+) -> None:
+    """FAISS-GPU's float16 Flat storage keeps no float32 copy (a copy back is rounded): the
+    CPU copy it was placed from is kept, takes adds and removals, and is what is saved."""
+    import faiss
+
+    x, keys = _clustered(700, 16, 8, 1), _keys(700)
+    config = IndexConfig(factory=factory, metric="l2", fp16=True)
+    placed = build_index(x[:600], keys[:600], config)
+    placed.add(x[600:], keys[600:])
+    placed.remove(keys[:50])
+    assert placed.on_gpu and placed._rounds_vectors()
+    placed.save(tmp_path / "i")
+    reloaded = load_index(tmp_path / "i")  # placed again: the loaded CPU index is kept
+    assert reloaded.on_gpu and reloaded._cpu is not None
+    reference = build_index(x[50:], keys[50:], IndexConfig(factory="Flat", metric="l2", **CPU))
+    for index in (placed, reloaded, load_index(tmp_path / "i", config=IndexConfig(**CPU))):
+        stored = index.cpu_index()
+        if factory == "Flat":  # the vectors themselves, not float16 roundings of them
+            got = faiss.rev_swig_ptr(faiss.downcast_index(stored).get_xb(), 650 * 16)
+            np.testing.assert_array_equal(np.asarray(got).reshape(650, 16), x[50:])
+        else:  # the stored PCA projections, through the saved index's own transform
+            inner = faiss.downcast_index(faiss.downcast_index(stored).index)
+            got = np.asarray(faiss.rev_swig_ptr(inner.get_xb(), 650 * 8)).reshape(650, 8)
+            projected = stored.chain.at(0).apply(x[50:])  # (BLAS blocking: 1e-6 apart)
+            np.testing.assert_allclose(got, projected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(index.ids, reference.ids)
+
+
+@pytest.mark.parametrize("faiss_gpu_stand_in", [1], indirect=True, ids=["one-gpu"])
+def test_gpu_add_stopped_part_way_is_undone_and_done_on_a_cpu_copy(
+    faiss_gpu_stand_in: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    x, keys = _clustered(700, 16, 8, 2), _keys(700)
+    faiss_gpu_stand_in.add_limit = 650  # the "GPU" Flat runs out of memory past 650 rows
+    placed = build_index(x[:600], keys[:600], IndexConfig(factory="Flat", metric="l2"))
+    with caplog.at_level("WARNING", logger="pinsearch.indexes.pinindex"):
+        placed.add(x[600:], keys[600:], batch=30)  # 630 taken, then 20 of the next 30
+    assert "FAISS-GPU did not take 100 vectors" in caplog.text
+    assert placed.on_gpu and placed.ntotal == len(placed.ids) == 700
+    cpu = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", **CPU))
+    for got, want in zip(placed.search(x[::7], 10), cpu.search(x[::7], 10)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_cpu_add_stopped_part_way_is_undone() -> None:
+    import faiss
+
+    class Failing(faiss.IndexFlatL2):  # FAISS refusing an add after 20 more rows
+        def add(self, x: np.ndarray) -> None:
+            if self.ntotal + len(x) > 120:
+                super().add(x[: 120 - self.ntotal])
+                raise RuntimeError("out of memory (stand-in)")
+            super().add(x)
+
+    x, keys = _clustered(200, 8, 4, 3), _keys(200)
+    index = PinIndex(
+        Failing(8),
+        np.empty(0, np.int64),
+        IndexConfig(factory="Flat", metric="l2", **CPU),
+        "Flat",
+        8,
+    )
+    index.add(x[:100], keys[:100])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        index.add(x[100:], keys[100:], batch=15)  # 15 taken, then 5 of the next 15
+    assert index.ntotal == len(index.ids) == 100  # as it was
+    np.testing.assert_array_equal(index.search(x[:5], 3)[1][:, 0], keys[:5])
+
+
+def test_positions_beyond_the_id_map_are_no_answer() -> None:
+    """Vectors an add in another thread has put in the index but not yet recorded."""
+    import faiss
+
+    x, keys = _clustered(50, 8, 4, 4), _keys(50)
+    flat = faiss.IndexFlatL2(8)
+    flat.add(x)
+    index = PinIndex(flat, keys[:40], IndexConfig(factory="Flat", metric="l2", **CPU), "Flat", 8)
+    scores, found = index.search(x[45:], 50)
+    recorded = PinIndex(flat, keys, IndexConfig(factory="Flat", metric="l2", **CPU), "Flat", 8)
+    _, all_found = recorded.search(x[45:], 50)
+    for row, want in zip(found, all_found):  # the recorded ones, in order; the others missing
+        np.testing.assert_array_equal(row[row >= 0], want[np.isin(want, keys[:40])])
+    assert np.isnan(scores[found == -1]).all() and (found == -1).sum() == 5 * 10
 
 
 @pytest.mark.parametrize("factory", ["PQ2", "OPQ2,IVF8,PQ2,RFlat"])
