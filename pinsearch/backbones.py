@@ -315,7 +315,9 @@ def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
 def _seeded_init(fn: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Build a random-init model deterministically (same weights in every process)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        # the CPU generator only: torch.manual_seed would reseed CUDA's as well, which
+        # fork_rng(devices=[]) does not restore
+        torch.default_generator.manual_seed(0)
         return fn()
 
 

@@ -151,7 +151,9 @@ def _build_open_clip(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Pre
             )
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # random-init test models: the same weights in every process
+            # random-init test models: the same weights in every process (the CPU generator
+            # only: torch.manual_seed would reseed CUDA's too, and fork_rng([]) keeps only this)
+            torch.default_generator.manual_seed(0)
             clip = oc.create_model(model, pretrained=pretrained)
     except WeightsNotFoundError:
         raise

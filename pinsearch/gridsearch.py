@@ -561,7 +561,7 @@ def _lsvm_predictions(
     centre = X.mean(axis=0, dtype=np.float64).astype(np.float32)
     xc = torch.from_numpy(X - centre).to(device)
     target = -torch.ones(n, k, device=device)
-    target[torch.arange(n), torch.from_numpy(y_enc).to(device)] = 1.0
+    target[torch.arange(n, device=device), torch.from_numpy(y_enc).to(device)] = 1.0
     stats = {}
     for f, (train, _) in enumerate(splits):
         for standardize in {bool(h.standardize) for h in heads}:  # type: ignore[attr-defined]

@@ -85,11 +85,13 @@ def create_head(name: str, **params: Any) -> BaseEstimator:
 
 
 def _torch_device(device: str) -> Any:
+    """torch's device for a head's ``device``: ``auto``, ``cpu``, ``cuda[:N]``, or FAISS's
+    name ``gpu`` (as ``cuda``)."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return torch.device("cuda" if device == "gpu" else device)
 
 
 def adamw(params: Iterable[Any], lr: float, weight_decay: float) -> Any:
@@ -195,7 +197,8 @@ class KNNHead(_Head):
         metric: ``l2``, ``l1``, ``cosine`` or ``ip``.
         weights: ``uniform`` or ``distance`` (1 / distance; cosine/ip use 1 - similarity).
         factory: FAISS factory string of the index built over the training vectors.
-        device: index placement: ``auto``, ``cpu`` or ``gpu``.
+        device: index placement: ``auto``, ``cpu`` or ``gpu`` (``cuda`` too); a head saved
+            with ``gpu`` is loaded with ``auto`` (on a machine without one, on the CPU).
         precision: ``float32`` (FAISS), or ``float16`` / ``bfloat16`` for the exact torch scan
             of a ``Flat`` index (:class:`~pinsearch.indexes.TorchExact`; a GPU speed-up).
     """
@@ -235,16 +238,21 @@ class KNNHead(_Head):
             )
         self.train_labels_ = self._encode(y)
         self.train_vectors_ = np.ascontiguousarray(X)
-        self._after_restore()
+        self._build_index(self.device)
         return self
 
     def _after_restore(self) -> None:
+        # a head fitted on a GPU loads anywhere: placed where this machine allows
+        gpu = self.device == "gpu" or self.device.startswith("cuda")
+        self._build_index("auto" if gpu else self.device)
+
+    def _build_index(self, device: str) -> None:
         from pinsearch.indexes import IndexConfig, build_index
 
         config = IndexConfig(
             factory=self.factory,
             metric=self.metric,  # type: ignore[arg-type]
-            device=self.device,  # type: ignore[arg-type]
+            device="gpu" if device.startswith("cuda") else device,  # type: ignore[arg-type]
             precision=self.precision,  # type: ignore[arg-type]
         )
         keys = np.arange(len(self.train_vectors_), dtype=np.int64)
@@ -393,7 +401,7 @@ class LinearSVMHead(_TorchHead):
         x = torch.from_numpy(xs).to(dev)
         n_out = len(self.classes_)
         target = -torch.ones(n, n_out, device=dev)
-        target[torch.arange(n), torch.from_numpy(encoded).to(dev)] = 1.0
+        target[torch.arange(n, device=dev), torch.from_numpy(encoded).to(dev)] = 1.0
         w = torch.zeros(d, n_out, device=dev, requires_grad=True)
         b = torch.zeros(n_out, device=dev, requires_grad=True)
         opt = torch.optim.LBFGS(
@@ -564,7 +572,7 @@ class MLPHead(_TorchHead):
         import torch
 
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.random_state)
+            torch.default_generator.manual_seed(self.random_state)  # the CPU's, restored
             net = self._build(n_in, n_out)
             if self.init == "glorot":
                 for layer in net[::2]:

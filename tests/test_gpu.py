@@ -94,6 +94,7 @@ def test_cuda_query_image_lands_on_its_stored_vector(tree_corpus) -> None:  # ty
 
 @pytest.mark.faiss_gpu  # the KNN head on the GPU
 def test_torch_heads_on_cuda_match_cpu() -> None:
+    import torch
     from sklearn.datasets import make_classification
 
     from pinsearch.heads import KNNHead, LinearSVMHead, MLPHead
@@ -102,7 +103,11 @@ def test_torch_heads_on_cuda_match_cpu() -> None:
     cpu = LinearSVMHead(C=1.0, solver="torch", device="cpu").fit(X, y)
     gpu = LinearSVMHead(C=1.0, device="cuda").fit(X, y)  # solver auto -> torch on CUDA
     assert (cpu.predict(X) == gpu.predict(X)).mean() > 0.98
+    torch.cuda.manual_seed(11)  # a caller's seeded CUDA stream, which fitting leaves alone
+    expected = torch.rand(3, device="cuda")
+    torch.cuda.manual_seed(11)
     mlp_gpu = MLPHead(hidden=(64, 32), max_epochs=20, device="cuda").fit(X, y)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
     mlp_cpu = MLPHead(hidden=(64, 32), max_epochs=20, device="cpu").fit(X, y)
     assert abs((mlp_gpu.predict(X) == y).mean() - (mlp_cpu.predict(X) == y).mean()) < 0.05
     knn_gpu = KNNHead(5, device="gpu").fit(X, y)

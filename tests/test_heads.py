@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from pinsearch.errors import DeviceError
 from pinsearch.heads import (
     HEADS,
     KNNHead,
@@ -204,6 +206,23 @@ def test_registry_errors() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_head("knn")(KNNHead)
     assert {"knn", "lsvm", "mlp"} <= set(HEADS)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda"])
+def test_knn_head_fitted_on_a_gpu_loads_without_one(data, tmp_path: Path, device: str) -> None:  # type: ignore[no-untyped-def]
+    """A study on a GPU machine saves its KNN head with device gpu; it loads here (no GPU),
+    placed where this machine allows, and votes alike."""
+    Xtr, Xte, ytr, _ = data
+    head = KNNHead(5, device="cpu").fit(Xtr, ytr)
+    meta = save_head(head, tmp_path / "knn")
+    saved = json.loads(meta.read_text())
+    saved["params"]["device"] = device  # as written where it was fitted
+    meta.write_text(json.dumps(saved))
+    back = load_head(tmp_path / "knn")
+    assert back.device == device and not back.index_.on_gpu
+    np.testing.assert_array_equal(back.predict(Xte), head.predict(Xte))
+    with pytest.raises(DeviceError, match="no GPU"):  # fitting there is still asked for one
+        KNNHead(5, device=device).fit(Xtr, ytr)
 
 
 def test_load_head_missing(tmp_path: Path) -> None:
