@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,8 @@ from torch.utils.data import Dataset
 
 from pinsearch.backbones import Preprocess
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, open_image
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_PIXEL_BUDGET",
@@ -377,11 +380,27 @@ def decode_jpegs(
     return out
 
 
+# A CUDA error that poisons the context: no later call can succeed, so it is no bad stream to
+# look for by halving (torch 2.8+ raises it apart from other RuntimeErrors)
+_CONTEXT_LOST: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None),) if t is not None
+)
+
+
 def _decode_halving(encoded: list[torch.Tensor], device: torch.device) -> list[Any]:
     _settle(device)
     try:
         return list(_decode(encoded, device))
-    except Exception:  # one bad stream fails the whole call: find it by halving
+    except _CONTEXT_LOST:
+        raise
+    except Exception as exc:  # one bad stream fails the whole call: find it by halving
+        if isinstance(exc, torch.cuda.OutOfMemoryError):  # smaller calls may fit: say so
+            _logger.warning(
+                "decoding %d JPEGs at once on %s ran out of memory; trying halves",
+                len(encoded), device,
+            )  # fmt: skip
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         if len(encoded) == 1:
             return [None]
         mid = len(encoded) // 2

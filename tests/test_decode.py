@@ -311,6 +311,40 @@ def test_decode_jpegs_finds_bad_streams_by_halving(tmp_path: Path, monkeypatch) 
     assert len(calls) < 32 and calls[0] == 32  # not one call per image
 
 
+def test_decode_jpegs_halves_on_out_of_memory_but_not_on_a_lost_context(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    import torchvision.io
+
+    path = tmp_path / "a.jpg"
+    _picture(40, 30).save(path, "JPEG")
+    good = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    real = torchvision.io.decode_jpeg
+    calls: list[int] = []
+
+    def short_of_memory(data, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(data))
+        if len(data) > 2:  # the decoder's buffers for more than 2 images do not fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(data, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", short_of_memory)
+    with caplog.at_level("WARNING", logger="pinsearch.decode"):
+        out = decode_jpegs([good] * 8, CPU)
+    assert all(o is not None for o in out) and calls == [8, 4, 2, 2, 4, 2, 2]
+    assert "decoding 8 JPEGs at once on cpu ran out of memory" in caplog.text
+
+    def context_lost(data, **kw):  # type: ignore[no-untyped-def]
+        calls.append(len(data))
+        raise torch.AcceleratorError("CUDA error: an illegal memory access (stand-in)")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", context_lost)
+    calls.clear()
+    with pytest.raises(torch.AcceleratorError):
+        decode_jpegs([good] * 8, CPU)
+    assert calls == [8]  # no halving: every later call would fail as well
+
+
 # -- the tensor transform against timm's --------------------------------------------------------
 
 
