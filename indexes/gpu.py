@@ -88,7 +88,8 @@ def gpu_settings(index: Any) -> tuple[bool, bool]:
 
 def _gpu_sq(index: Any) -> bool:
     """FAISS-GPU's scalar quantisers (not bf16 nor signed direct codes); 8-, 6- and 4-bit
-    non-uniform ones keep two floats per dimension in shared memory."""
+    non-uniform ones keep two floats per dimension in shared memory (FAISS-GPU takes them
+    while ``d`` is below a block's shared memory over 8 bytes: 6,144 dimensions)."""
     import faiss
 
     sq = faiss.ScalarQuantizer
@@ -97,7 +98,7 @@ def _gpu_sq(index: Any) -> bool:
                sq.QT_4bit_uniform, sq.QT_6bit, sq.QT_fp16}  # fmt: skip
     if qtype not in allowed:
         return False
-    return qtype not in (sq.QT_8bit, sq.QT_4bit, sq.QT_6bit) or 8 * index.d <= _SHARED_MEMORY
+    return qtype not in (sq.QT_8bit, sq.QT_4bit, sq.QT_6bit) or 8 * index.d < _SHARED_MEMORY
 
 
 def gpu_float16(index: Any, fp16: bool) -> bool:

@@ -763,6 +763,23 @@ def test_gpu_settings_follow_faiss_gpu_limits(factory: str, expected: tuple) -> 
 
 
 @pytest.mark.parametrize(
+    ("factory", "dim", "expected"),
+    [("IVF4,SQ8", 6136, True), ("IVF4,SQ8", 6144, False), ("IVF4,SQ4", 6144, False),
+     ("IVF4,SQ8_direct", 6144, True), ("IVF4,SQfp16", 6144, True)],
+)  # fmt: skip
+def test_gpu_settings_non_uniform_sq_below_shared_memory(
+    factory: str, dim: int, expected: bool
+) -> None:
+    """FAISS-GPU's non-uniform SQ keeps two floats per dimension in 48 KiB of shared memory
+    and needs ``d < 48 KiB / 8``; the other SQ types keep none."""
+    import faiss
+
+    from pinsearch.indexes import gpu_settings
+
+    assert gpu_settings(faiss.index_factory(dim, factory)) == (expected, False)
+
+
+@pytest.mark.parametrize(
     ("factory", "fp16", "expected"),
     [
         ("Flat", True, True),
