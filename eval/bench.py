@@ -7,6 +7,7 @@ random tensors (embedding), exact search (index recall), and raw FAISS on the sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -182,6 +183,9 @@ class EmbedBench:
     forward_images_per_s: float
     ratio: float  # steady / forward
     prefetch: int | None = None  # batches each worker keeps ready (None: no workers)
+    # the device step alone (decode="device"): batches of files already read into memory
+    # decoded, resized and normalised on the model's device, no reading, workers or model
+    decode_images_per_s: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -327,6 +331,11 @@ def bench_embed(
         first_s = first_at - t.start if first_at else t.seconds
         with timed() as t_half:
             half = embed(files[: len(files) // 2])
+        decode_rate = (
+            _device_decode_rate(model, files, config, dev, transform=model.transform())
+            if decoder == "device"
+            else None
+        )
     e2e = done / t.seconds
     added = t.seconds - t_half.seconds
     # under two batches the difference of the runs is noise: the whole run stands for it
@@ -364,8 +373,44 @@ def bench_embed(
         first_batch_s=round(first_s, 3),
         forward_images_per_s=round(fwd, 1),
         ratio=round(steady / fwd, 3),
+        decode_images_per_s=None if decode_rate is None else round(decode_rate, 1),
         machine=machine(),
     )
+
+
+def _device_decode_rate(
+    model: Any, files: Sequence[tuple[int, str]], config: Any, dev: Any, *, transform: Any
+) -> float:
+    """Images per second of the embedding's device step alone: up to 8 batches of the files,
+    read and packed as the workers do (untimed), then decoded and transformed on ``dev`` as
+    :func:`~pinsearch.embed.iter_embeddings` does (a side stream on CUDA), twice: the second
+    pass is timed. It says whether the decoder (nvJPEG's hardware engine, or its one-by-one
+    fallback) or the rest of the pipeline bounds the end-to-end rate."""
+    import torch
+
+    from pinsearch.decode import EncodedPinImages, collate_prepared, decode_on_device
+
+    pre, size = model.preprocess, config.batch_size
+    data = EncodedPinImages(files[: 8 * size], transform, config.max_pixels, pre.resize_side)
+    batches = [
+        collate_prepared([data[j] for j in range(i, min(i + size, len(data)))])
+        for i in range(0, len(data), size)
+    ]
+    cuda = dev.type == "cuda"
+    side = torch.cuda.Stream(dev) if cuda else None
+    seconds = 0.0
+    for _ in range(2):  # the first pass warms the decoder up (nvJPEG's buffers, kernels)
+        with timed() as t, torch.inference_mode():
+            for batch in batches:
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    decode_on_device(
+                        batch, pre, dev, transform, max_pixels=config.max_pixels,
+                        min_side=pre.resize_side,
+                    )  # fmt: skip
+            if cuda:
+                torch.cuda.synchronize(dev)
+        seconds = t.seconds
+    return sum(len(b) for b in batches) / seconds
 
 
 # -- indexes --------------------------------------------------------------------------------

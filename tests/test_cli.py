@@ -200,6 +200,7 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     one = _json([*base, "-b", "test_efficientnet", "--json"])
     assert one["backbone"] == "test_efficientnet" and one["images"] == 20  # type: ignore[index]
     assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
+    assert one["decode_images_per_s"] > 0  # type: ignore[index]  # the device step alone
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
     # steady: the 10 images the second half of the files adds, over the time they add
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]
@@ -210,6 +211,9 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     vit, bad = table["rows"]  # type: ignore[index]  # repeats measured once
     assert table["images"] == 20 and vit["images"] == 20 and vit["ratio"] > 0  # type: ignore[index]
     assert bad["backbone"] == "no-such-net" and "unknown backbone" in bad["error"]
+    pil = _json(["bench", "embed", "--n", "16", "--batch-size", "8", "--decode", "pil",
+                 "-b", "test_vit", "--json"])  # fmt: skip
+    assert pil["decode"] == "pil" and pil["decode_images_per_s"] is None  # type: ignore[index]
     real = _json([*base, "-b", "test_vit", "--corpus", str(tree_corpus.root), "--json"])
     assert real["rows"][0]["images"] == 20 and "error" not in real["rows"][0]  # type: ignore[index]
     empty = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])
