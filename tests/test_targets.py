@@ -107,8 +107,10 @@ def test_embed_targets() -> None:
     table = asdict(EmbedTable(16384, rows, machine=H100))
     assert _states(table) == ["pass", "FAIL", "pass", "FAIL"]  # no target for convnext_tiny
     one = asdict(EmbedBench("clip-vit-b-32", "random", "cuda", "device", 16384, 512, 16, 8100,
-                            8300, 1.0, 9000, 0.92, machine=H100))  # fmt: skip
+                            8300, 1.0, 9000, 0.92, decode_images_per_s=12345.6,
+                            machine=H100))  # fmt: skip
     assert _states(one) == ["pass"]  # `bench embed` with one backbone prints no table
+    assert "decoding alone 12,346 img/s" in check_result(one)[0].measured
 
 
 def test_study_targets_lower_bounds_stay_open() -> None:
