@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,10 +33,11 @@ from pinsearch.decode import (
     collate_prepared,
     decode_on_device,
     device_decoder_error,
+    device_refusal,
     device_transform_supported,
 )
 from pinsearch.errors import BackboneMismatchError, DeviceError
-from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, open_image
 from pinsearch.ingest import SkippedPin
 from pinsearch.vectors import VECTOR_DTYPES
 
@@ -198,8 +200,9 @@ def loader_plan(
     shared memory (``shm_free``, default :func:`shared_memory_free`): fewer batches each, then
     fewer workers, at worst none (the main process reads the files; nothing is shared).
 
-    A worker batch is the model inputs as float32 on the PIL path, the encoded files on the
-    device path (the mean size of the first files).
+    A worker batch is the model inputs as float32 on the PIL path; on the device path the
+    encoded files, and the model inputs of those the device decoder does not take (PNGs,
+    CMYK or rotated JPEGs: decoded in the worker), as the first files say.
     """
     workers = resolve_workers(config)
     if workers == 0:
@@ -208,7 +211,7 @@ def loader_plan(
     if free is None:
         return workers, _PREFETCH
     if mode == "device":
-        sizes = [os.path.getsize(p) for _, p in items[:_SIZE_SAMPLE] if os.path.isfile(p)]
+        sizes = [_shared_bytes(p, preprocess, config.max_pixels) for _, p in items[:_SIZE_SAMPLE]]
         per_image = float(np.mean(sizes)) if sizes else 0.0
     else:
         per_image = 3 * preprocess.input_size**2 * 4.0
@@ -227,6 +230,19 @@ def loader_plan(
             free / 2**20, per_batch / 2**20, plan[0], plan[1] or 0, workers, _PREFETCH,
         )  # fmt: skip
     return plan
+
+
+def _shared_bytes(path: str, preprocess: Preprocess, max_pixels: int) -> float:
+    """Bytes one file sends through shared memory on the device path: the file, or the model
+    input a worker decodes it to when the device decoder does not take it (nothing for a file
+    that fails: only its reason travels)."""
+    try:
+        data = Path(path).read_bytes()
+        with open_image(path, max_pixels, data=data) as img:
+            refused = device_refusal(img, data) is not None
+    except Exception:  # unreadable, not an image, too large: a failure in the worker
+        return 0.0
+    return 3.0 * preprocess.input_size**2 * 4 if refused else float(len(data))
 
 
 def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Preprocess) -> str:

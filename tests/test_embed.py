@@ -99,7 +99,9 @@ def test_iter_embeddings_batches_in_order(tmp_path: Path, model, tree_corpus) ->
     np.testing.assert_allclose(direct, vecs, rtol=1e-4, atol=1e-4)
 
 
-def test_loader_plan_fits_the_workers_batches_in_shared_memory(tree_corpus, model) -> None:
+def test_loader_plan_fits_the_workers_batches_in_shared_memory(
+    tree_corpus, model, tmp_path
+) -> None:
     """Each worker keeps 4 batches ready where they fit in half the free /dev/shm; with less
     room fewer batches, then fewer workers, at worst none (nothing is then shared)."""
     from pinsearch.embed import loader_plan
@@ -118,6 +120,16 @@ def test_loader_plan_fits_the_workers_batches_in_shared_memory(tree_corpus, mode
     assert files < batch / 10
     assert loader_plan(config, items, 8, pre, "device", shm_free=int(32 * files) + 8) == (4, 4)
     assert loader_plan(config, items, 8, pre, "device", shm_free=int(2 * files) + 8) == (1, 1)
+    # a file the device decoder does not take (here a PNG) is decoded in the worker: its
+    # model input travels, and half such files make a batch ~half the PIL path's
+    mixed = []
+    for i, (key, path) in enumerate(items[:16]):
+        if i % 2:
+            path = str(tmp_path / f"{key}.png")
+            Image.open(items[i][1]).save(path)
+        mixed.append((key, path))
+    assert loader_plan(config, items[:16], 8, pre, "device", shm_free=16 * batch) == (4, 4)
+    assert loader_plan(config, mixed, 8, pre, "device", shm_free=16 * batch) == (4, 3)
 
 
 def test_embedding_with_little_shared_memory_gives_the_same_vectors(
