@@ -12,6 +12,7 @@ board: its size, majority category and most central pins.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.errors import DeviceError
 from pinsearch.store import Store
 from pinsearch.vectors import unit_rows
 
@@ -108,23 +110,33 @@ class ClusterReport:
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, device: str = "auto") -> tuple[
     np.ndarray, np.ndarray, float
 ]:  # fmt: skip
-    """FAISS k-means (spherical: unit centroids, for unit vectors).
+    """FAISS k-means (spherical: unit centroids, for unit vectors), on the GPU(s) with
+    ``device`` ``gpu``, or ``auto`` where FAISS sees one and there are 50,000 points or more.
 
     Returns:
         (labels, centroids, inertia = sum of squared distances to the assigned centroid).
+
+    Raises:
+        DeviceError: ``device="gpu"`` where FAISS sees no GPU.
     """
     import faiss
 
     from pinsearch.indexes import gpu_count
+    from pinsearch.indexes.gpu import GPU_LOCK
 
+    if device == "gpu" and gpu_count() == 0:
+        raise DeviceError("k-means on device 'gpu' was asked for but faiss sees no GPU")
     use_gpu = device == "gpu" or (device == "auto" and gpu_count() > 0 and len(x) >= 50_000)
     km = faiss.Kmeans(
         x.shape[1], k, niter=25, nredo=3 if len(x) < 20_000 else 1, seed=seed,
         spherical=True, gpu=bool(use_gpu), max_points_per_centroid=100_000,
         min_points_per_centroid=1,
     )  # fmt: skip
-    km.train(np.ascontiguousarray(x, dtype=np.float32))
-    _, labels = km.index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    # FAISS's k-means makes GPU resources of its own: it takes its turn with pinsearch's
+    points = np.ascontiguousarray(x, dtype=np.float32)
+    with GPU_LOCK if use_gpu else contextlib.nullcontext():
+        km.train(points)
+        _, labels = km.index.search(points, 1)  # (its index is on the GPU(s) as well)
     centroids = km.centroids
     inertia = float(((x - centroids[labels[:, 0]]) ** 2).sum())
     return labels[:, 0].astype(np.int64), centroids, inertia

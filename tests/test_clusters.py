@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
 from pinsearch.clusters import ClusterConfig, choose_k, cluster_store, kmeans
+from pinsearch.errors import DeviceError
+from pinsearch.indexes import gpu_count as faiss_gpu_count
 from pinsearch.store import Store
 
 B = "test_efficientnet"
@@ -35,6 +37,9 @@ def test_kmeans_finds_planted_clusters() -> None:
     assert adjusted_rand_score(y, labels) == pytest.approx(1.0)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
     assert inertia == pytest.approx(float(((x - centroids[labels]) ** 2).sum()), rel=1e-5)
+    if not faiss_gpu_count():
+        with pytest.raises(DeviceError, match="no GPU"):  # not run on the CPU in silence
+            kmeans(x, 5, device="gpu")
 
 
 def test_choose_k_on_a_planted_sweep() -> None:
