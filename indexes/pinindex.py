@@ -176,6 +176,7 @@ class PinIndex:
         clash = np.intersect1d(keys, self.ids)
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
+        self.prepare(vectors[:1])  # a wrong shape is refused here, before any batch
         if not (self.on_gpu and self._adds_on_cpu()):
             try:
                 with self._gpu_turn():

@@ -899,6 +899,9 @@ def test_gpu_add_stopped_part_way_is_undone_and_done_on_a_cpu_copy(
     faiss_gpu_stand_in.add_limit = 650  # the "GPU" Flat runs out of memory past 650 rows
     placed = build_index(x[:600], keys[:600], IndexConfig(factory="Flat", metric="l2"))
     with caplog.at_level("WARNING", logger="pinsearch.indexes.pinindex"):
+        with pytest.raises(BackboneMismatchError):  # refused before any batch, not retried
+            placed.add(np.zeros((3, 9), np.float32), np.array([1, 2, 3]))
+        assert not caplog.text and placed.ntotal == 600
         placed.add(x[600:], keys[600:], batch=30)  # 630 taken, then 20 of the next 30
     assert "FAISS-GPU did not take 100 vectors" in caplog.text
     assert placed.on_gpu and placed.ntotal == len(placed.ids) == 700
