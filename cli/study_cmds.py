@@ -232,7 +232,8 @@ def bench(
     what: Annotated[
         str,
         typer.Argument(
-            help="embed, index, exact, query, remove, study, study-reference, text or dupes"
+            help="embed, index, exact, query, catalog, remove, study, study-reference, text or "
+            "dupes"
         ),
     ],
     backbone: Annotated[
@@ -304,6 +305,8 @@ def bench(
     ] = False,
     queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
     pins: Annotated[int, typer.Option(help="Remove: pins removed at random.")] = 1000,
+    boards: Annotated[int, typer.Option(min=1, help="Catalog: boards the pins are in.")] = 5000,
+    skipped: Annotated[int, typer.Option(min=0, help="Catalog: skipped files.")] = 1000,
     device: Annotated[str, typer.Option()] = "auto",
     corpus: Annotated[
         Path | None, typer.Option(help="Real photos: a folder or manifest CSV (embed, dupes).")
@@ -320,7 +323,8 @@ def bench(
     as_json: JsonOpt = False,
 ) -> None:
     """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
-    batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, remove (pins out of a store
+    batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, catalog (an ingest's rows
+    written to DuckDB, vs row by row), remove (pins out of a store
     vs rebuilding its index), study (the paper's grid, pinsearch heads vs scikit-learn),
     study-reference (scikit-learn's grid for one head alone, fit by fit and resumable: the
     macro-F1 a bounded study takes with --sklearn-reference), text (text and board query
@@ -351,6 +355,8 @@ def bench(
             )
         elif what == "query":
             result = b.bench_query(n=n or 100_000, **sized)
+        elif what == "catalog":
+            result = b.bench_catalog(n=n or 100_000, boards=boards, skipped=skipped)
         elif what == "remove":
             first = factory[0] if factory else "auto"
             result = b.bench_remove(n=n or 100_000, **sized, pins=pins, factory=first)
@@ -380,8 +386,8 @@ def bench(
             result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
         else:
             raise typer.BadParameter(
-                f"unknown benchmark {what!r}; expected embed, index, exact, query, remove, study, "
-                "study-reference, text or dupes"
+                f"unknown benchmark {what!r}; expected embed, index, exact, query, catalog, "
+                "remove, study, study-reference, text or dupes"
             )
     if as_json:
         emit_json(result)

@@ -26,6 +26,7 @@ import numpy as np
 from pinsearch._version import __version__
 
 __all__ = [
+    "CatalogBench",
     "EmbedBench",
     "EmbedTable",
     "ExactBench",
@@ -35,6 +36,7 @@ __all__ = [
     "StudyBench",
     "StudyReference",
     "Timer",
+    "bench_catalog",
     "bench_embed",
     "bench_embed_backbones",
     "bench_exact",
@@ -653,20 +655,16 @@ class QueryBench:
     machine: dict[str, Any] = field(default_factory=dict)
 
 
-def synthetic_store(
-    path: Path, vectors: np.ndarray, *, categories: int = 32, index: Any = None
-) -> None:
-    """Write a store with fake pins (no images) and the given vectors, for query benchmarks;
-    ``index``: the :class:`~pinsearch.indexes.IndexConfig` of its index (default: auto)."""
-    from pinsearch.ingest import IngestResult, PinRecord
-    from pinsearch.store import Store
+def synthetic_ingest(n: int, *, categories: int = 32, boards: int = 5000, skipped: int = 0) -> Any:
+    """An :class:`~pinsearch.ingest.IngestResult` of ``n`` fake pins (no images) over
+    ``boards`` boards of 500 users, and ``skipped`` skipped files."""
+    from pinsearch.ingest import IngestResult, PinRecord, SkippedPin
 
-    n = len(vectors)
     pins = [
         PinRecord(
             pin_id=f"p{i:09d}",
-            board=f"user{i % 500:03d}/board{i % 5000}",
-            user=f"user{i % 500:03d}",
+            board=f"user{i % boards % 500:03d}/board{i % boards}",  # board j: user j mod 500
+            user=f"user{i % boards % 500:03d}",
             category=f"cat{i % categories:02d}",
             title=f"synthetic pin {i}",
             description="",
@@ -674,10 +672,21 @@ def synthetic_store(
         )
         for i in range(n)
     ]
-    boards = {p.board: p for p in pins}
-    result = IngestResult(Path("synthetic"), "synthetic", pins, [], n, boards=boards)
+    bad = [SkippedPin(f"/nonexistent/bad{i}.jpg", "not_an_image", "") for i in range(skipped)]
+    by_board = {p.board: p for p in pins}
+    return IngestResult(Path("synthetic"), "synthetic", pins, bad, n + skipped, boards=by_board)
+
+
+def synthetic_store(
+    path: Path, vectors: np.ndarray, *, categories: int = 32, index: Any = None
+) -> None:
+    """Write a store with fake pins (no images) and the given vectors, for query benchmarks;
+    ``index``: the :class:`~pinsearch.indexes.IndexConfig` of its index (default: auto)."""
+    from pinsearch.store import Store
+
+    n = len(vectors)
     with Store.open(path, create=True) as store:
-        store.catalog.add_ingest(result, "{}")
+        store.catalog.add_ingest(synthetic_ingest(n, categories=categories), "{}")
         store.catalog.upsert_embedding(
             "synthetic", spec={"weights": "none", "dim": vectors.shape[1]}, preprocess={},
             dim=vectors.shape[1], dtype="float32", normalize=False, device="cpu",
@@ -689,6 +698,67 @@ def synthetic_store(
                 vectors[start : start + 65536], keys[start : start + 65536]
             )
         store.build_index("synthetic", index)
+
+
+@dataclass
+class CatalogBench:
+    """Writing an ingest's rows to the catalog (DuckDB): pins, boards, users, skipped files."""
+
+    pins: int
+    boards: int
+    users: int
+    skipped: int
+    add_ingest_s: float  # Catalog.add_ingest: every row, one transaction
+    pins_per_s: float
+    # the same boards inserted row by row with DuckDB's executemany (how boards, users and
+    # skipped files were written before), into a table of their own, in the same run
+    boards_executemany_s: float
+    boards_speedup: float  # boards_executemany_s over the boards' share of the columnar write
+    boards_columnar_s: float
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) -> CatalogBench:
+    """Time :meth:`~pinsearch.catalog.Catalog.add_ingest` of ``n`` synthetic pins over
+    ``boards`` boards with ``skipped`` skipped files (what ``pinsearch index`` writes to the
+    catalog for such a corpus), and the same boards written row by row as before."""
+    import duckdb
+
+    from pinsearch.catalog import _BOARD_COLUMNS
+    from pinsearch.store import Store
+
+    result = synthetic_ingest(n, boards=boards, skipped=skipped)
+    rows = [[b.board, b.user, b.board_name, b.category, b.board_description]
+            for b in result.boards.values()]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        with Store.open(Path(tmp) / "store", create=True) as store:
+            with timed() as t:
+                store.catalog.add_ingest(result, "{}")
+            users = store.catalog.scalar("SELECT count(*) FROM users")
+        with Store.open(Path(tmp) / "boards", create=True) as store, timed() as t_boards:
+            store.catalog._insert("boards", _BOARD_COLUMNS, rows, keep_existing=True)  # alone
+        con = duckdb.connect(str(Path(tmp) / "rows.duckdb"))
+        con.execute(
+            "CREATE TABLE boards (board VARCHAR PRIMARY KEY, user_id VARCHAR, name VARCHAR, "
+            "category VARCHAR, description VARCHAR)"
+        )
+        with timed() as t_rows:
+            con.executemany(
+                "INSERT INTO boards VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows
+            )
+        con.close()
+    return CatalogBench(
+        pins=n,
+        boards=len(rows),
+        users=int(users),
+        skipped=skipped,
+        add_ingest_s=round(t.seconds, 3),
+        pins_per_s=round(n / t.seconds, 1),
+        boards_executemany_s=round(t_rows.seconds, 3),
+        boards_speedup=round(t_rows.seconds / t_boards.seconds, 1),
+        boards_columnar_s=round(t_boards.seconds, 4),
+        machine=machine(),
+    )
 
 
 @dataclass

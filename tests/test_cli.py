@@ -222,6 +222,13 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
 
 
+def test_bench_catalog() -> None:
+    data = _json(["bench", "catalog", "--n", "600", "--boards", "40", "--skipped", "7", "--json"])
+    assert (data["pins"], data["boards"], data["users"], data["skipped"]) == (600, 40, 40, 7)  # type: ignore[index]
+    assert data["add_ingest_s"] > 0 and data["boards_executemany_s"] > 0  # type: ignore[index]
+    assert data["boards_speedup"] > 0 and data["pins_per_s"] > 0  # type: ignore[index]
+
+
 @pytest.mark.parametrize(("factory", "in_place"), [("IVF8,Flat", True), ("HNSW8", False)])
 def test_bench_remove(factory: str, in_place: bool) -> None:
     data = _json(["bench", "remove", "--n", "1200", "--dim", "8", "--pins", "50",
