@@ -736,7 +736,7 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
                 store.catalog.add_ingest(result, "{}")
             users = store.catalog.scalar("SELECT count(*) FROM users")
         with Store.open(Path(tmp) / "boards", create=True) as store, timed() as t_boards:
-            store.catalog._insert("boards", _BOARD_COLUMNS, rows, keep_existing=True)  # alone
+            store.catalog.insert_rows("boards", _BOARD_COLUMNS, rows, keep_existing=True)  # alone
         con = duckdb.connect(str(Path(tmp) / "rows.duckdb"))
         con.execute(
             "CREATE TABLE boards (board VARCHAR PRIMARY KEY, user_id VARCHAR, name VARCHAR, "

@@ -102,6 +102,12 @@ CREATE TABLE IF NOT EXISTS study_predictions (
 );
 """
 
+# study_predictions' columns, as Catalog.insert_rows writes a cell's rows in one statement
+_PREDICTION_COLUMNS = (
+    ("study", "str"), ("config_hash", "str"), ("backbone", "str"), ("head", "str"),
+    ("pin_key", "int64"), ("label", "str"), ("predicted", "str"), ("scores", "str"),
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class StudyConfig:
@@ -432,9 +438,7 @@ def _save_cell(
             "AND head = ?",
             [config.name, h, res.backbone, res.head],
         )
-        con.connection.executemany(
-            "INSERT INTO study_predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
-        )
+        con.insert_rows("study_predictions", _PREDICTION_COLUMNS, rows)
         con.connection.execute(
             "INSERT OR REPLACE INTO study_cells VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now(), ?)",

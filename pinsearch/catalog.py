@@ -146,7 +146,7 @@ CREATE OR REPLACE VIEW categories AS
 """
 
 
-# Columns written in bulk by Catalog._insert: (name, arrow type), in the rows' order.
+# Columns written in bulk by Catalog.insert_rows: (name, type), in the rows' order.
 _USER_COLUMNS = (("user_id", "str"),)
 _BOARD_COLUMNS = (
     ("board", "str"), ("user_id", "str"), ("name", "str"), ("category", "str"),
@@ -262,14 +262,14 @@ class Catalog:
             ingest_id = int(self.scalar("SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests"))
             next_key = int(self.get_meta("next_pin_key") or 0)
             users = sorted({p.user for p in result.pins if p.user})
-            self._insert("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
+            self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
             boards = [
                 [b.board, b.user, b.board_name, b.category, b.board_description]
                 for b in result.boards.values()
             ]
-            self._insert("boards", _BOARD_COLUMNS, boards, keep_existing=True)
+            self.insert_rows("boards", _BOARD_COLUMNS, boards, keep_existing=True)
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
-            self._insert("pins", _PIN_COLUMNS, rows)
+            self.insert_rows("pins", _PIN_COLUMNS, rows)
             self.set_meta("next_pin_key", str(next_key + len(rows)))
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
@@ -289,7 +289,7 @@ class Catalog:
             )
         return ingest_id, len(rows)
 
-    def _insert(
+    def insert_rows(
         self,
         table: str,
         columns: Sequence[tuple[str, str]],
@@ -297,9 +297,10 @@ class Catalog:
         *,
         keep_existing: bool = False,
     ) -> None:
-        """Insert rows (values in ``columns`` order: ``(name, arrow type)``) in one columnar
-        statement through Arrow; DuckDB's ``executemany`` takes about 1.4 ms a row (7 s for
-        5,000 boards). ``keep_existing``: rows whose key is stored already are left out."""
+        """Insert rows (values in ``columns`` order: ``(name, type)``, the type ``str``,
+        ``int32``, ``int64`` or ``timestamp``) in one columnar statement through Arrow;
+        DuckDB's ``executemany`` takes about 1.4 ms a row (7 s for 5,000 boards).
+        ``keep_existing``: rows whose key is stored already are left out."""
         if not rows:
             return
         import pyarrow as pa
@@ -345,7 +346,7 @@ class Catalog:
                 "coalesce(nullif(path, ''), pin_id) IN (SELECT unnest(?))",  # file, else pin id
                 [stage, backbone, [r[1] or r[0] for r in rows if r[2] == stage]],
             )
-        self._insert("skipped", _SKIPPED_COLUMNS, rows)
+        self.insert_rows("skipped", _SKIPPED_COLUMNS, rows)
 
     def pin_paths(self, keys: Sequence[int] | None = None) -> list[tuple[int, str]]:
         """``(pin_key, path)`` of the given pins (all pins when None), ordered by key."""
