@@ -312,21 +312,46 @@ def batch_size_for_memory(
     return max(low, n - n % 8) if n > 8 else n
 
 
+def _forward_zeros(
+    model: torch.nn.Module, n: int, input_size: int, device: torch.device, config: EmbedConfig
+) -> None:
+    """One forward pass of ``n`` zero images on CUDA, as the run does it."""
+    x = torch.zeros(n, 3, input_size, input_size, device=device)
+    if config.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp),
+    ):
+        model(x)
+    torch.cuda.synchronize(device)
+
+
+def largest_batch_that_runs(size: int, run: Callable[[int], None], low: int = 8) -> int:
+    """``size``, halved (in multiples of 8) while ``run(size)`` runs out of CUDA memory, down
+    to ``low``: an estimate from small batches can miss what a large one takes (another
+    algorithm, workspace or fragmentation). Raises the last out-of-memory error at ``low``."""
+    while True:
+        try:
+            run(size)
+            return size
+        except torch.cuda.OutOfMemoryError:
+            if size <= low:
+                raise
+            smaller = max(low, size // 2 - (size // 2) % 8)
+            _logger.warning("batch %d ran out of GPU memory; trying %d", size, smaller)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = smaller
+
+
 def _probe_memory(
     model: torch.nn.Module, input_size: int, device: torch.device, config: EmbedConfig
 ) -> tuple[float, float]:
     """Peak bytes of a forward pass as ``(per image, fixed)``, from two small batches."""
 
-    def run(n: int) -> None:  # one forward pass of n zero images, as the run does it
-        x = torch.zeros(n, 3, input_size, input_size, device=device)
-        if config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=config.amp),
-        ):
-            model(x)
-        torch.cuda.synchronize(device)
+    def run(n: int) -> None:
+        _forward_zeros(model, n, input_size, device, config)
 
     # one untimed pass first: one-off allocations (cuBLAS/cuDNN workspaces) must not inflate
     # the first peak
@@ -358,7 +383,8 @@ def resolve_batch_size(
     On CUDA the model's peak memory is measured at two small batch sizes under the run's
     autocast and memory format; the inputs staged for the next batch (and, with ``decode``
     ``"device"``, the decode buffers) are added, and :func:`batch_size_for_memory` turns the
-    free memory into a batch size. On CPU auto means 64.
+    free memory into a batch size, which one forward pass then checks (halved while it runs
+    out of memory: :func:`largest_batch_that_runs`). On CPU auto means 64.
     """
     if config.batch_size > 0:
         return config.batch_size
@@ -371,6 +397,10 @@ def resolve_batch_size(
         fixed += DEFAULT_PIXEL_BUDGET * DECODE_BYTES_PER_PIXEL
     free, _ = torch.cuda.mem_get_info(device)
     size = batch_size_for_memory(free, per_image, fixed)
+    size = largest_batch_that_runs(
+        size, lambda n: _forward_zeros(model, n, preprocess.input_size, device, config)
+    )
+    torch.cuda.empty_cache()  # the check's blocks: free for the decoder and FAISS
     _logger.info(
         "auto batch size %d on %s: %.1f GiB free, %.2f MiB per image, %.0f MiB fixed",
         size,

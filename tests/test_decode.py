@@ -35,6 +35,7 @@ from pinsearch.embed import (
     batch_size_for_memory,
     embed_store,
     iter_embeddings,
+    largest_batch_that_runs,
     resolve_batch_size,
     resolve_decode,
 )
@@ -575,6 +576,27 @@ def test_batch_size_for_memory_options() -> None:
         batch_size_for_memory(2**30, 2**20, margin=1.0)
 
 
+def test_largest_batch_that_runs_halves_on_out_of_memory(caplog) -> None:  # type: ignore[no-untyped-def]
+    """The batch chosen from small probes is checked by one forward pass at its size."""
+    tried: list[int] = []
+
+    def forward(limit: int):  # type: ignore[no-untyped-def]
+        def run(n: int) -> None:  # a model whose batches past `limit` do not fit
+            tried.append(n)
+            if n > limit:
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory at {n} (stand-in)")
+
+        return run
+
+    assert largest_batch_that_runs(1024, forward(2000)) == 1024 and tried == [1024]
+    tried.clear()
+    with caplog.at_level("WARNING", logger="pinsearch.embed"):
+        assert largest_batch_that_runs(1000, forward(300)) == 248
+    assert tried == [1000, 496, 248] and "batch 1000 ran out of GPU memory" in caplog.text
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # not even the floor fits
+        largest_batch_that_runs(64, forward(4))
+
+
 @pytest.mark.parametrize("mode", ["pil", "device"])
 def test_late_hand_over_keeps_order(
     model, tree_corpus, monkeypatch: pytest.MonkeyPatch, mode: str
@@ -613,13 +635,22 @@ def test_auto_batch_size_cuda_branch(model, monkeypatch: pytest.MonkeyPatch, mod
         probed.append(device)
         return per_image, fixed
 
+    checked: list[int] = []  # the forward pass that checks the chosen batch
+
+    def forward(m, n, size, device, config):  # type: ignore[no-untyped-def]
+        checked.append(n)
+        if n > 512:
+            raise torch.cuda.OutOfMemoryError("stand-in")
+
     monkeypatch.setattr(embed_mod, "_probe_memory", probe)
+    monkeypatch.setattr(embed_mod, "_forward_zeros", forward)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 8 * free))
     cuda = torch.device("cuda", 0)
     size = resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=0), cuda, mode)
     staged = 3 * 160 * 160 * 4 * (3 if mode == "device" else 1)
     budget = decode_mod.DEFAULT_PIXEL_BUDGET * embed_mod.DECODE_BYTES_PER_PIXEL
     extra = budget if mode == "device" else 0
-    assert size == batch_size_for_memory(free, per_image + staged, fixed + extra)
+    chosen = batch_size_for_memory(free, per_image + staged, fixed + extra)
+    assert chosen > 512 and checked == [chosen, size] and size == chosen // 2 - chosen // 2 % 8
     assert probed == [cuda] and 8 <= size <= 1024
     assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=32), cuda) == 32
