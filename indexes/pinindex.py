@@ -155,56 +155,63 @@ class PinIndex:
 
     def add(self, vectors: np.ndarray, keys: np.ndarray, batch: int = 65536) -> None:
         """Append vectors of new pins (trained indexes only; no rebuild needed), in batches of
-        ``batch`` rows; all or nothing: whatever stops an add, the index, its kept CPU copy
-        and its ids are as they were (or hold every new vector).
+        ``batch`` rows; searches from other threads may run between batches.
+
+        All or nothing for the index types that can remove vectors (:meth:`removable`: every
+        type FAISS-GPU holds): an add stopped part-way is undone, and the index, its kept CPU
+        copy and its ids are as they were. HNSW, refine and fast-scan indexes keep the rows
+        taken (logged), and take no further add until rebuilt (``pinsearch repair``).
 
         A GPU index takes them on the GPU, except (placed again after, from a fresh CPU copy
         that takes them) a Flat index sharded over several GPUs (FAISS's Flat shards number
         their rows on from shard to shard and take one ``add`` in their life) and a float16
         Flat index (its CPU copy holds the vectors as given, see :meth:`cpu_index`). An add
-        that FAISS-GPU refuses part-way (out of memory) is undone and done on a CPU copy too.
+        FAISS-GPU refuses part-way (out of memory) is undone and done on a CPU copy.
 
         Raises:
             DeviceError: (device ``gpu``, an index added on a CPU copy) the index with the new
-                vectors no longer fits the GPUs; it holds them, on the CPU.
+                vectors cannot be placed on the GPUs again; it holds them, on the CPU.
+            IndexFileError: an earlier add left rows this index cannot remove.
         """
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(vectors)} vectors but {len(keys)} pin keys")
         if len(keys) == 0:
             return
+        if self.ntotal != len(self.ids):
+            raise IndexFileError(
+                f"index {self.factory!r} holds {self.ntotal} vectors for {len(self.ids)} pin "
+                "keys (an add stopped part-way); pinsearch repair rebuilds it"
+            )
         clash = np.intersect1d(keys, self.ids)
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
         self.prepare(vectors[:1])  # a wrong shape is refused here, before any batch
         if not (self.on_gpu and self._adds_on_cpu()):
+            was_gpu = self.on_gpu
             try:
-                with self._gpu_turn():
-                    for start in range(0, len(keys), batch):
-                        self.index.add(self.prepare(vectors[start : start + batch]))
+                for start in range(0, len(keys), batch):
+                    part = self.prepare(vectors[start : start + batch])
+                    with self._gpu_turn():  # per batch: searches go on between them
+                        self.index.add(part)
             except Exception as exc:
-                if not self.on_gpu:
-                    self._undo_cpu_add()
+                self._undo_partial_add()
+                if not (was_gpu and isinstance(exc, RuntimeError)):
                     raise
                 _logger.warning(
                     "index %s: FAISS-GPU did not take %d vectors (%s); adding them on a CPU copy",
                     self.factory, len(keys), _faiss_reason(exc),
                 )  # fmt: skip
+                if not self.on_gpu:  # placed again above, it stayed on the CPU
+                    self.add(vectors, keys, batch)
+                    return
             else:
                 self._added(keys)
                 return
         # a CPU copy of its own takes them (no lock: searches go on with the placed index)
-        stopped = self.ntotal > len(self.ids)  # the GPU copy took part of them, above
         target = self._fresh_cpu_copy()
-        _drop_rows(target, len(self.ids))
-        try:
-            for start in range(0, len(keys), batch):
-                target.add(self.prepare(vectors[start : start + batch]))
-        except Exception:
-            if stopped:  # back to the index as it was, without the part the GPU copy took
-                _drop_rows(target, len(self.ids))
-                self._place_again(target)
-            raise
+        for start in range(0, len(keys), batch):
+            target.add(self.prepare(vectors[start : start + batch]))
         self._added(keys)
         self._place_again(target)
         if not self._rounds_vectors():
@@ -235,15 +242,24 @@ class PinIndex:
         if not self._rounds_vectors():
             self._cpu = None  # not kept: a host copy of every vector, made again when needed
 
-    def _undo_cpu_add(self) -> None:
-        """Remove what an add stopped part-way left in this CPU index beyond its id map (an
-        index without removal, HNSW, keeps it: the log says to rebuild)."""
-        try:
-            _drop_rows(self.index, len(self.ids))
-        except RuntimeError:
+    def _undo_partial_add(self) -> None:
+        """Remove the rows an add stopped part-way left beyond the id map: on a GPU index
+        from a CPU copy, placed again (on the CPU if that fails); an index without sound
+        removal (HNSW, refine, fast-scan) keeps them, and the log says to rebuild it."""
+        n = len(self.ids)
+        if self.ntotal <= n:
+            return
+        if self.on_gpu:
+            cpu = self._fresh_cpu_copy()
+            _drop_rows(cpu, n)
+            with contextlib.suppress(DeviceError):  # the add's own error is the one raised
+                self._place_again(cpu)
+        elif self.removable():
+            _drop_rows(self.index, n)
+        else:
             _logger.error(
                 "index %s: %d vectors of a stopped add cannot be removed from it; rebuild it "
-                "(pinsearch repair)", self.factory, self.ntotal - len(self.ids),
+                "(pinsearch repair)", self.factory, self.ntotal - n,
             )  # fmt: skip
 
     def removable(self) -> bool:
@@ -311,12 +327,22 @@ class PinIndex:
     def _place_again(self, cpu: Any) -> None:
         """Make ``cpu`` (changed from this index's CPU copy) the index, where this one lived.
         Whole on the CPU first: the old GPU copy is freed before the new one is placed (its
-        memory counts as free again), and a placement that fails leaves a usable index."""
+        memory counts as free again), and a placement that fails leaves a usable index, on
+        the CPU (a warning; under device ``gpu`` a :class:`DeviceError`)."""
         with self._gpu_turn():  # the GPU copy is freed here: FAISS-GPU's resources are shared
             was_gpu, self.index, self.on_gpu, self._cpu = self.on_gpu, cpu, False, None
-        if was_gpu:
+        if not was_gpu:
+            return
+        try:
             self.index, self.on_gpu = _place(cpu, self.config, self.factory)
-            self._cpu = cpu if self.on_gpu else None
+        except DeviceError:  # no room, under device gpu: it holds everything, on the CPU
+            raise
+        except RuntimeError as exc:  # FAISS-GPU refused the copy (out of memory)
+            reason = f"FAISS-GPU could not place it ({_faiss_reason(exc)})"
+            if self.config.device == "gpu":
+                raise DeviceError(f"index {self.factory}: {reason}; it is on the CPU") from exc
+            _logger.warning("index %s stays on the CPU: %s", self.factory, reason)
+        self._cpu = cpu if self.on_gpu else None
 
     def _params(self, selector: Any = None) -> Any:
         """Search parameters for this index on the CPU: nprobe / efSearch and the selector."""

@@ -6,6 +6,7 @@ plain SQL so that ``duckdb S/catalog.duckdb`` answers questions about a store di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
@@ -307,11 +308,18 @@ class Catalog:
 
         types = {"str": pa.string(), "int32": pa.int32(), "int64": pa.int64(),
                  "timestamp": pa.timestamp("us")}  # fmt: skip
+
+        def column(values: Sequence[Any], kind: str) -> Any:
+            try:
+                return pa.array(values, type=types[kind])
+            except (pa.ArrowTypeError, pa.ArrowInvalid):
+                if kind != "str":
+                    raise
+                # another type in a text column (a number): its text, as executemany wrote it
+                return pa.array([None if v is None else str(v) for v in values], pa.string())
+
         data = pa.table(
-            {
-                name: pa.array(col, type=types[kind])
-                for (name, kind), col in zip(columns, zip(*rows))
-            }
+            {name: column(col, kind) for (name, kind), col in zip(columns, zip(*rows))}
         )
         names = ", ".join(name for name, _ in columns)
         view = f"_new_{table}"
@@ -322,7 +330,10 @@ class Catalog:
                 + (" ON CONFLICT DO NOTHING" if keep_existing else "")
             ).fetchall()  # its count, read: DuckDB keeps the view in use until it is
         finally:
-            self._con.unregister(view)
+            # in a transaction the insert aborted, this fails too (the rollback drops the
+            # view anyway): the insert's own error is the one to see
+            with contextlib.suppress(duckdb.TransactionException):
+                self._con.unregister(view)
 
     def add_skipped(
         self,

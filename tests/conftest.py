@@ -186,9 +186,11 @@ def store_copy(built_store: BuiltStore, tmp_path: Path) -> Path:
 
 
 class _StandInCalls(list):
-    """The stand-in's placements, and the rows its one-GPU Flat indexes take (None: any)."""
+    """The stand-in's placements; the rows its one-GPU Flat indexes take in adds, and the
+    rows an index placed on one GPU may hold (None: any)."""
 
     add_limit: int | None = None
+    place_limit: int | None = None
 
 
 @pytest.fixture(params=[1, 2], ids=["one-gpu", "two-gpus"])
@@ -203,7 +205,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     sharded, and the transforms copied around the shards, as FAISS's cloner does. Placed with
     float16, Flat vectors are held rounded to float16 (FAISS-GPU keeps no float32 copy: a copy
     back is rounded too). Records ``(GPUs, shard, float16)`` per placement; ``add_limit`` (rows)
-    makes an add past it to a one-GPU Flat index fail part-way, as FAISS-GPU out of memory."""
+    makes an add past it to a one-GPU Flat index fail part-way, as FAISS-GPU out of memory, and
+    ``place_limit`` a placement on one GPU of an index holding more."""
     import faiss
 
     from pinsearch.indexes import gpu
@@ -243,6 +246,8 @@ def faiss_gpu_stand_in(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
     def to_gpu(resources: object, device: int, index: object, options: Options) -> object:
         calls.append((1, False, options.useFloat16))
         node = faiss.downcast_index(index)
+        if calls.place_limit is not None and node.ntotal > calls.place_limit:
+            raise RuntimeError("Error in StandardGpuResources: alloc fail (stand-in placement)")
         if calls.add_limit is not None and type(node) in (
             faiss.IndexFlat,
             faiss.IndexFlatL2,

@@ -156,6 +156,25 @@ def test_transaction_rolls_back_on_error(catalog: Catalog) -> None:
     assert 0 not in {k for k, _ in catalog.pin_paths()}
 
 
+def test_insert_rows(catalog: Catalog) -> None:
+    """One columnar insert: existing keys kept (keep_existing), numbers in text columns
+    written as text, and a refused insert in a transaction fails with its own error."""
+    import duckdb
+
+    cols = (("board", "str"), ("user_id", "str"), ("name", "str"), ("category", "str"),
+            ("description", "str"))  # fmt: skip
+    (old,) = catalog.query("SELECT * FROM boards LIMIT 1")
+    rows = [[old["board"], "someone", "renamed", "other", ""], ["new/board", None, 7, "c", None]]
+    catalog.insert_rows("boards", cols, rows, keep_existing=True)
+    assert catalog.query("SELECT * FROM boards WHERE board = ?", [old["board"]]) == [old]
+    (new,) = catalog.query("SELECT * FROM boards WHERE board = 'new/board'")
+    assert (new["user_id"], new["name"], new["description"]) == (None, "7", None)
+    catalog.insert_rows("boards", cols, [])  # nothing to do
+    with pytest.raises(duckdb.ConstraintException), catalog.transaction():
+        catalog.insert_rows("boards", cols, [["new/board", "u", "again", "c", ""]])
+    assert catalog.query("SELECT name FROM boards WHERE board = 'new/board'") == [{"name": "7"}]
+
+
 def test_pin_paths_subset_in_key_order(catalog: Catalog) -> None:
     rows = catalog.pin_paths([5, 1, 3, 999])
     assert [k for k, _ in rows] == [1, 3, 5]

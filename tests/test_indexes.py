@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -832,7 +833,7 @@ def test_gpu_placement_runs_against_faiss_gpu_entry_points(
     one, two = (1, False, True), (2, True, True)
     flat = "IVF" not in factory
     if faiss.get_num_gpus() == 1:
-        assert faiss_gpu_stand_in == [one, one] if flat else [one]
+        assert faiss_gpu_stand_in == ([one, one] if flat else [one])
     else:
         trained = [] if factory == "Flat" else [one, two]
         assert faiss_gpu_stand_in == [two, *trained, *([two] if flat else [])]
@@ -908,6 +909,45 @@ def test_gpu_add_stopped_part_way_is_undone_and_done_on_a_cpu_copy(
     cpu = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", **CPU))
     for got, want in zip(placed.search(x[::7], 10), cpu.search(x[::7], 10)):
         np.testing.assert_array_equal(got, want)
+    # and where the index with them no longer fits the GPU at all: it holds them on the CPU
+    # (device auto: a warning; device gpu: a DeviceError saying so)
+    faiss_gpu_stand_in.place_limit = 650
+    for device in ("auto", "gpu"):
+        index = build_index(
+            x[:600], keys[:600], IndexConfig(factory="Flat", metric="l2", device=device)
+        )  # type: ignore[arg-type]
+        with (
+            contextlib.nullcontext()
+            if device == "auto"
+            else pytest.raises(DeviceError, match="on the CPU")
+        ):
+            index.add(x[600:], keys[600:], batch=30)
+        assert not index.on_gpu and index.ntotal == len(index.ids) == 700
+        for got, want in zip(index.search(x[::7], 10), cpu.search(x[::7], 10)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_add_stopped_part_way_in_an_index_without_removal_is_refused_after() -> None:
+    """HNSW cannot remove the rows a stopped add took: it is left so, and takes no more."""
+    import faiss
+
+    class Failing(faiss.IndexHNSWFlat):  # FAISS refusing an add after 10 more rows
+        def add(self, x: np.ndarray) -> None:
+            if self.ntotal + len(x) > 110:
+                super().add(x[: 110 - self.ntotal])
+                raise RuntimeError("out of memory (stand-in)")
+            super().add(x)
+
+    x, keys = _clustered(200, 8, 4, 5), _keys(200)
+    config = IndexConfig(factory="HNSW8", metric="l2", **CPU)
+    index = PinIndex(Failing(8, 8), np.empty(0, np.int64), config, "HNSW8", 8)
+    index.add(x[:100], keys[:100])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        index.add(x[100:], keys[100:])
+    assert index.ntotal == 110 and len(index.ids) == 100  # what the recorded keys answer
+    assert set(index.search(x[100:110], 5)[1].ravel().tolist()) <= {*keys[:100].tolist(), -1}
+    with pytest.raises(IndexFileError, match="110 vectors for 100 pin keys"):
+        index.add(x[150:], keys[150:])
 
 
 def test_cpu_add_stopped_part_way_is_undone() -> None:
