@@ -927,20 +927,28 @@ def test_gpu_add_stopped_part_way_is_undone_and_done_on_a_cpu_copy(
             np.testing.assert_array_equal(got, want)
 
 
+def _failing_after(base: type, rows: int) -> type:
+    """A FAISS index class whose adds past ``rows`` vectors take what fits, then fail (FAISS
+    running out of memory part-way)."""
+
+    class Failing(base):  # type: ignore[misc, valid-type]
+        def add(self, x: np.ndarray) -> None:
+            if self.ntotal + len(x) > rows:
+                super().add(x[: rows - self.ntotal])
+                raise RuntimeError("out of memory (stand-in)")
+            super().add(x)
+
+    return Failing
+
+
 def test_add_stopped_part_way_in_an_index_without_removal_is_refused_after() -> None:
     """HNSW cannot remove the rows a stopped add took: it is left so, and takes no more."""
     import faiss
 
-    class Failing(faiss.IndexHNSWFlat):  # FAISS refusing an add after 10 more rows
-        def add(self, x: np.ndarray) -> None:
-            if self.ntotal + len(x) > 110:
-                super().add(x[: 110 - self.ntotal])
-                raise RuntimeError("out of memory (stand-in)")
-            super().add(x)
-
     x, keys = _clustered(200, 8, 4, 5), _keys(200)
     config = IndexConfig(factory="HNSW8", metric="l2", **CPU)
-    index = PinIndex(Failing(8, 8), np.empty(0, np.int64), config, "HNSW8", 8)
+    hnsw = _failing_after(faiss.IndexHNSWFlat, 110)(8, 8)
+    index = PinIndex(hnsw, np.empty(0, np.int64), config, "HNSW8", 8)
     index.add(x[:100], keys[:100])
     with pytest.raises(RuntimeError, match="out of memory"):
         index.add(x[100:], keys[100:])
@@ -953,20 +961,10 @@ def test_add_stopped_part_way_in_an_index_without_removal_is_refused_after() -> 
 def test_cpu_add_stopped_part_way_is_undone() -> None:
     import faiss
 
-    class Failing(faiss.IndexFlatL2):  # FAISS refusing an add after 20 more rows
-        def add(self, x: np.ndarray) -> None:
-            if self.ntotal + len(x) > 120:
-                super().add(x[: 120 - self.ntotal])
-                raise RuntimeError("out of memory (stand-in)")
-            super().add(x)
-
     x, keys = _clustered(200, 8, 4, 3), _keys(200)
+    flat = _failing_after(faiss.IndexFlatL2, 120)(8)
     index = PinIndex(
-        Failing(8),
-        np.empty(0, np.int64),
-        IndexConfig(factory="Flat", metric="l2", **CPU),
-        "Flat",
-        8,
+        flat, np.empty(0, np.int64), IndexConfig(factory="Flat", metric="l2", **CPU), "Flat", 8
     )
     index.add(x[:100], keys[:100])
     with pytest.raises(RuntimeError, match="out of memory"):
