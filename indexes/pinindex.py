@@ -204,6 +204,11 @@ class PinIndex:
                 )  # fmt: skip
                 if not self.on_gpu:  # placed again above, it stayed on the CPU
                     self.add(vectors, keys, batch)
+                    if self.config.device == "gpu":
+                        raise DeviceError(
+                            f"index {self.factory}: FAISS-GPU could not take it back; it holds "
+                            "the new vectors, on the CPU"
+                        ) from exc
                     return
             else:
                 self._added(keys)

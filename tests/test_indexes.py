@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -909,18 +910,16 @@ def test_gpu_add_stopped_part_way_is_undone_and_done_on_a_cpu_copy(
     cpu = build_index(x, keys, IndexConfig(factory="Flat", metric="l2", **CPU))
     for got, want in zip(placed.search(x[::7], 10), cpu.search(x[::7], 10)):
         np.testing.assert_array_equal(got, want)
-    # and where the index with them no longer fits the GPU at all: it holds them on the CPU
-    # (device auto: a warning; device gpu: a DeviceError saying so)
-    faiss_gpu_stand_in.place_limit = 650
-    for device in ("auto", "gpu"):
-        index = build_index(
-            x[:600], keys[:600], IndexConfig(factory="Flat", metric="l2", device=device)
-        )  # type: ignore[arg-type]
-        with (
-            contextlib.nullcontext()
-            if device == "auto"
-            else pytest.raises(DeviceError, match="on the CPU")
-        ):
+    # and where the index with them no longer fits the GPU at all (650), or not even the
+    # index without them (550): it holds them on the CPU (device auto: a warning; device
+    # gpu: a DeviceError saying so)
+    for limit, device in itertools.product((650, 550), ("auto", "gpu")):
+        faiss_gpu_stand_in.place_limit = None
+        config = IndexConfig(factory="Flat", metric="l2", device=device)  # type: ignore[arg-type]
+        index = build_index(x[:600], keys[:600], config)
+        faiss_gpu_stand_in.place_limit = limit
+        refused = pytest.raises(DeviceError, match="on the CPU")
+        with contextlib.nullcontext() if device == "auto" else refused:
             index.add(x[600:], keys[600:], batch=30)
         assert not index.on_gpu and index.ntotal == len(index.ids) == 700
         for got, want in zip(index.search(x[::7], 10), cpu.search(x[::7], 10)):
