@@ -318,9 +318,7 @@ class Catalog:
                 # another type in a text column (a number): its text, as executemany wrote it
                 return pa.array([None if v is None else str(v) for v in values], pa.string())
 
-        data = pa.table(
-            {name: column(col, kind) for (name, kind), col in zip(columns, zip(*rows))}
-        )
+        data = pa.table({name: column(col, kind) for (name, kind), col in zip(columns, zip(*rows))})
         names = ", ".join(name for name, _ in columns)
         view = f"_new_{table}"
         self._con.register(view, data)
