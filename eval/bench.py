@@ -711,7 +711,7 @@ class CatalogBench:
     add_ingest_s: float  # Catalog.add_ingest: every row, one transaction
     pins_per_s: float
     # the same boards inserted row by row with DuckDB's executemany (how boards, users and
-    # skipped files were written before), into a table of their own, in the same run
+    # skipped files were written before), into a fresh store, in the same run
     boards_executemany_s: float
     boards_speedup: float  # boards_executemany_s / boards_columnar_s
     boards_columnar_s: float  # the same boards in one columnar insert, into a fresh store
@@ -722,14 +722,11 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
     """Time :meth:`~pinsearch.catalog.Catalog.add_ingest` of ``n`` synthetic pins over
     ``boards`` boards with ``skipped`` skipped files (what ``pinsearch index`` writes to the
     catalog for such a corpus), and the same boards written row by row as before."""
-    import duckdb
-
-    from pinsearch.catalog import _BOARD_COLUMNS
+    from pinsearch.catalog import _BOARD_COLUMNS, _board_row
     from pinsearch.store import Store
 
     result = synthetic_ingest(n, boards=boards, skipped=skipped)
-    rows = [[b.board, b.user, b.board_name, b.category, b.board_description]
-            for b in result.boards.values()]  # fmt: skip
+    rows = [_board_row(b) for b in result.boards.values()]
     with tempfile.TemporaryDirectory() as tmp:
         with Store.open(Path(tmp) / "store", create=True) as store:
             with timed() as t:
@@ -737,16 +734,10 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
             users = store.catalog.scalar("SELECT count(*) FROM users")
         with Store.open(Path(tmp) / "boards", create=True) as store, timed() as t_boards:
             store.catalog.insert_rows("boards", _BOARD_COLUMNS, rows, keep_existing=True)  # alone
-        con = duckdb.connect(str(Path(tmp) / "rows.duckdb"))
-        con.execute(
-            "CREATE TABLE boards (board VARCHAR PRIMARY KEY, user_id VARCHAR, name VARCHAR, "
-            "category VARCHAR, description VARCHAR)"
-        )
-        with timed() as t_rows:
-            con.executemany(
+        with Store.open(Path(tmp) / "rows", create=True) as store, timed() as t_rows:
+            store.catalog.connection.executemany(  # the same boards, as they were written
                 "INSERT INTO boards VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows
             )
-        con.close()
     return CatalogBench(
         pins=n,
         boards=len(rows),

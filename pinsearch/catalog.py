@@ -264,10 +264,7 @@ class Catalog:
             next_key = int(self.get_meta("next_pin_key") or 0)
             users = sorted({p.user for p in result.pins if p.user})
             self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
-            boards = [
-                [b.board, b.user, b.board_name, b.category, b.board_description]
-                for b in result.boards.values()
-            ]
+            boards = [_board_row(b) for b in result.boards.values()]
             self.insert_rows("boards", _BOARD_COLUMNS, boards, keep_existing=True)
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
@@ -531,6 +528,11 @@ class Catalog:
     def list_indexes(self) -> list[dict[str, Any]]:
         """Every index row."""
         return self.query("SELECT * FROM indexes ORDER BY name")
+
+
+def _board_row(b: PinRecord) -> list[Any]:
+    """The ``boards`` row of the board a pin is in (``_BOARD_COLUMNS`` order)."""
+    return [b.board, b.user, b.board_name, b.category, b.board_description]
 
 
 def _pin_row(p: PinRecord, key: int, ingest_id: int) -> list[Any]:
