@@ -1164,10 +1164,11 @@ def _study_grids(
         "lsvm": (torch_device, make_pipeline(StandardScaler(),
                                              LinearSVC(max_iter=5000, random_state=0)),
                  {"C": [0.01, 0.1, 1, 10, 100]}, "C"),
-        # MLPClassifier's recipe: its initialisation, and its early stopping (validation
-        # accuracy; 10 epochs past tol, i.e. the 11th epoch without a gain, stop it)
+        # MLPClassifier's recipe: its initialisation, its L2 penalty (alpha 1e-4 through Adam)
+        # and its early stopping (validation accuracy; 10 epochs past tol, i.e. the 11th
+        # epoch without a gain, stop it)
         "mlp": ({"max_epochs": 40, "monitor": "accuracy", "patience": 11, "init": "glorot",
-                 **torch_device},
+                 "penalty": "l2", "weight_decay": 1e-4, **torch_device},
                 make_pipeline(StandardScaler(), MLPClassifier((512, 256), early_stopping=True,
                                                               max_iter=40, random_state=0)),
                 {"batch_size": [32, 64, 128]}, "batch_size"),

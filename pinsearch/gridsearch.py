@@ -20,8 +20,9 @@ does the cross-validation in batches instead of one fit per (candidate, fold):
 - ``mlp``: the folds of one grid candidate train together as a batched ensemble (``bmm`` over
   stacked parameters): each member has the initialisation, shuffling, validation split and
   early stopping :class:`MLPHead` would give it, its layers' weights and biases are
-  parameters of one torch AdamW (fused where there is a kernel, as :class:`MLPHead` trains;
-  members out of batches are frozen, stopped ones leave) and it keeps its best epoch.
+  parameters of one torch optimizer, the head's own (AdamW, or Adam with scikit-learn's L2
+  penalty; fused where there is a kernel; members out of batches are frozen, stopped ones
+  leave) and it keeps its best epoch.
 
 Anything else (other heads, approximate KNN indexes, ``solver="liblinear"``, a scoring that is
 not computed from predictions, a fold whose training part lacks a class) runs through
@@ -43,7 +44,14 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from sklearn.model_selection import GridSearchCV, ParameterGrid, check_cv
 from sklearn.utils.validation import check_array
 
-from pinsearch.heads import HEADS, _torch_device, adamw, create_head, knn_votes, scaler_stats
+from pinsearch.heads import (
+    HEADS,
+    _torch_device,
+    create_head,
+    knn_votes,
+    mlp_optimizer,
+    scaler_stats,
+)
 
 __all__ = [
     "BATCHED_HEADS",
@@ -740,7 +748,7 @@ def _train_ensemble(
     device: Any,
 ) -> tuple[list[np.ndarray], list[int], list[int]]:
     """Train one MLP per fold as a batched ensemble, each as ``head.fit`` trains it alone:
-    same scaling, validation split, initialisation, batch order, AdamW steps and early
+    same scaling, validation split, initialisation, batch order, optimizer steps and early
     stopping. Members that stop early leave the batch."""
     import torch
     import torch.nn.functional as F
@@ -765,8 +773,8 @@ def _train_ensemble(
     row = _flat_row(net).to(device)
     final = row.repeat(b, 1)  # each member's kept parameters (its best epoch with validation)
     flat = final.clone()
-    lr, decay, bs = float(head.lr), float(head.weight_decay), int(head.batch_size)
-    members, opt = _member_optimizer(flat, layout, [None] * b, lr, decay)
+    bs = int(head.batch_size)
+    members, opt = _member_optimizer(flat, layout, [None] * b, head)
     gens = [torch.Generator().manual_seed(head.random_state) for _ in range(b)]
     best_value = np.full(b, np.inf)  # of the monitored value, which is minimised
     best_epoch = np.zeros(b, dtype=np.int64)
@@ -795,7 +803,7 @@ def _train_ensemble(
             loss = F.cross_entropy(logits.reshape(-1, n_classes), y_all[rows].reshape(-1),
                                    reduction="none").view(rows.shape)  # fmt: skip
             per_member = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
-            # each member's parameters take views of these: a fused AdamW needs a gradient laid
+            # each member's parameters take views of these: a fused Adam(W) needs a gradient laid
             # out as its parameter (on the CPU it silently misreads another layout); they come
             # out contiguous, so .contiguous() costs nothing but guards against a torch change
             grads = [g.contiguous() for g in torch.autograd.grad(per_member.sum(), views)]
@@ -824,9 +832,9 @@ def _train_ensemble(
             keep = torch.from_numpy(kept).to(device)
             alive, sub = alive[~stop], sub[keep]
             flat = flat[keep]
-            if kept.size:  # else none is left and training ends (AdamW needs a parameter)
+            if kept.size:  # else none is left and training ends (Adam needs a parameter)
                 states = [[opt.state[p] for p in members[i]] for i in kept]
-                members, opt = _member_optimizer(flat, layout, states, lr, decay)
+                members, opt = _member_optimizer(flat, layout, states, head)
     if alive.size:  # ran out of epochs: members without validation keep their last weights
         last = torch.from_numpy(np.flatnonzero(~has_val[alive])).to(device)
         final[sub[last]] = flat[last]
@@ -847,21 +855,27 @@ def _member_optimizer(
     flat: Any,
     layout: list[tuple[int, int, int, int]],
     states: list[list[dict[str, Any]] | None],
-    lr: float,
-    decay: float,
+    head: Any,
 ) -> tuple[list[list[Any]], Any]:
     """Per ensemble member, one parameter per layer weight and bias, views of its row of
-    ``flat`` (sharing its memory), all under one AdamW, as :class:`MLPHead` trains (fused
-    where there is a kernel: one launch updates every member, where a hand-written batched
-    update took some twenty per step). Each takes its gradient as a view of the batched
-    backward's, with no copy. ``states``: each member's optimizer states so far (moments,
-    step count; one per parameter), None for a new member. A member whose gradients are None
-    in a step keeps its parameters, moments and step count."""
+    ``flat`` (sharing its memory), all under one optimizer, the one ``head`` trains with
+    (:func:`pinsearch.heads.mlp_optimizer`; fused where there is a kernel: one launch updates
+    every member, where a hand-written batched update took some twenty per step). Each takes
+    its gradient as a view of the batched backward's, with no copy. ``states``: each
+    member's optimizer states so far (moments, step count; one per parameter), None for a new
+    member. A member whose gradients are None in a step keeps its parameters, moments and
+    step count."""
     import torch
 
     views = _layer_views(flat, layout)
     members = [[torch.nn.Parameter(v[m]) for v in views] for m in range(flat.shape[0])]
-    opt = adamw([p for params in members for p in params], lr, decay)
+    opt = mlp_optimizer(
+        [p for params in members for p in params],
+        float(head.lr),
+        float(head.weight_decay),
+        head.penalty,
+        int(head.batch_size),
+    )
     for params, member_states in zip(members, states):
         for p, state in zip(params, member_states or ()):
             if state:

@@ -149,14 +149,20 @@ def test_mlp_fold_scores_close_to_sequential_heads() -> None:
     assert isinstance(ours.best_estimator_, MLPHead)
 
 
-@pytest.mark.parametrize(("monitor", "init"), [("loss", "torch"), ("accuracy", "glorot")])
-def test_mlp_members_train_as_the_head_alone_through_early_stops(monitor: str, init: str) -> None:
-    # members share one AdamW (a parameter per layer tensor each) as MLPHead.fit trains with it:
+@pytest.mark.parametrize(
+    ("monitor", "init", "penalty", "decay"),
+    [("loss", "torch", "adamw", 1e-4), ("accuracy", "glorot", "l2", 1.0)],  # a penalty that steers
+)
+def test_mlp_members_train_as_the_head_alone_through_early_stops(
+    monitor: str, init: str, penalty: str, decay: float
+) -> None:
+    # members share one optimizer (a parameter per layer tensor each) as MLPHead.fit trains with:
     # each member stops at the epoch its fold's head stops at (members stopping while others
     # go on keep their optimizer state), and the fold scores are GridSearchCV's
     X, y = _data(500, 20, 4, sep=1.0)
     params = {"device": "cpu", "hidden": (32, 16), "max_epochs": 200, "patience": 2,
-              "monitor": monitor, "init": init}  # fmt: skip
+              "monitor": monitor, "init": init, "penalty": penalty,
+              "weight_decay": decay}  # fmt: skip
     ours = batched_grid_search("mlp", params, {"batch_size": [32]}, X, y, _cv(), refit=False)
     heads = [MLPHead(**params, batch_size=32).fit(X[tr], y[tr]) for tr, _ in _cv().split(X, y)]
     epochs = ours.info["mlp"]["epochs"][0]

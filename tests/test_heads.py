@@ -26,6 +26,7 @@ from pinsearch.heads import (
     MLPHead,
     create_head,
     load_head,
+    mlp_optimizer,
     register_head,
     save_head,
 )
@@ -151,6 +152,43 @@ def test_mlp_initialisation_spans_its_bound(init: str, bound: Any) -> None:
         np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
 
 
+@pytest.mark.parametrize(("penalty", "same"), [("l2", True), ("adamw", False)])
+def test_l2_penalty_steps_as_mlpclassifier_alpha(penalty: str, same: bool) -> None:
+    # five full-batch steps from the same start: penalty "l2" is MLPClassifier's alpha (an L2
+    # term over the batch's rows, through Adam's moments, weights only); AdamW's decay is not
+    import torch
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 6)).astype(np.float32)
+    y = np.arange(60) % 3
+    alpha, steps = 30.0, 5  # strong enough for the penalty to steer Adam's steps
+    clf = MLPClassifier((5, 4), alpha=alpha, batch_size=60, max_iter=1, shuffle=False,
+                        warm_start=True, tol=0.0, n_iter_no_change=100, random_state=0)  # fmt: skip
+    with pytest.warns(UserWarning):  # one epoch to initialise: ConvergenceWarning
+        clf.fit(X, y)
+    start = [a.copy() for pair in zip(clf.coefs_, clf.intercepts_) for a in pair]
+    clf.set_params(max_iter=steps)
+    with pytest.warns(UserWarning):
+        clf.fit(X, y)  # warm start: new Adam state, the same start as below
+    theirs = [a for pair in zip(clf.coefs_, clf.intercepts_) for a in pair]
+
+    net = MLPHead(hidden=(5, 4))._build(6, 3)
+    with torch.no_grad():
+        for p, a in zip(net.parameters(), start):
+            p.copy_(torch.from_numpy(a.T.copy() if a.ndim == 2 else a))
+    opt = mlp_optimizer(net.parameters(), 1e-3, alpha, penalty, 60)
+    xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        opt.step()
+    ours = [p.detach().numpy() for p in net.parameters()]
+    gap = max(float(np.abs((o.T if o.ndim == 2 else o) - t).max()) for o, t in zip(ours, theirs))
+    moved = max(float(np.abs(t - s).max()) for t, s in zip(theirs, start))
+    assert moved > 3e-3  # the steps went somewhere
+    assert (gap < 1e-5) if same else (gap > 1e-3), gap
+
+
 def test_heads_work_in_grid_search(data) -> None:  # type: ignore[no-untyped-def]
     Xtr, _, ytr, _ = data
     search = GridSearchCV(KNNHead(), {"n_neighbors": [1, 5]}, scoring="f1_macro", cv=3)
@@ -266,6 +304,7 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
         ({"validation_fraction": 1.0}, r"validation_fraction must be in \[0, 1\)"),
         ({"monitor": "f1"}, "monitor must be one of loss, accuracy, got 'f1'"),
         ({"init": "he"}, "init must be one of torch, glorot, got 'he'"),
+        ({"penalty": "l1"}, "penalty must be one of adamw, l2, got 'l1'"),
     ],
 )
 def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:  # type: ignore[no-untyped-def]
