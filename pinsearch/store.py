@@ -292,14 +292,15 @@ class Store:
         new = np.setdiff1d(vs.keys(), index.ids, assume_unique=True)
         if new.size:
             vectors, keys = vs.load(new)
+            on_cpu = False
             try:
                 index.add(vectors, keys)
             except DeviceError as exc:  # added, but no room on the GPUs: whole on the CPU
                 _logger.warning("index %s: %s; saved from the CPU", name, exc)
-                self.save_index(index, name)
-                self.forget_cached(name)  # not kept placed against its settings
-                return index, int(new.size)
+                on_cpu = True
             self.save_index(index, name)
+            if on_cpu:
+                self.forget_cached(name)  # not kept placed against its settings
         return index, int(new.size)
 
     def save_index(self, index: PinIndex, name: str) -> None:
