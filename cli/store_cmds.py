@@ -55,6 +55,15 @@ def index(
     decode: Annotated[
         str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
     ] = None,
+    cpu_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Device decoding: share of the JPEGs the workers decode with PIL anyway "
+            "(CPU cores beside the GPU's decoder).",
+        ),
+    ] = None,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the backbone first.")
     ] = False,
@@ -98,6 +107,7 @@ def index(
         workers=workers,
         device=device,
         decode=decode,
+        cpu_share=cpu_share,
         compile=compile_model or None,
         normalize=normalize if normalize is not None else stored.get("normalize"),
         dtype=dtype if dtype is not None else stored.get("dtype"),
@@ -152,6 +162,15 @@ def add(
     decode: Annotated[
         str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
     ] = None,
+    cpu_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Device decoding: share of the JPEGs the workers decode with PIL anyway "
+            "(CPU cores beside the GPU's decoder).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add new pins or boards to an existing store: only they are embedded, for every backbone
@@ -166,7 +185,7 @@ def add(
     with bar:
         report = add_corpus(
             corpus, store, ingest=ingest_cfg, device=device, batch_size=batch_size,
-            workers=workers, decode=decode, progress=update,
+            workers=workers, decode=decode, cpu_share=cpu_share, progress=update,
         )  # fmt: skip
     if as_json:
         emit_json(report)

@@ -256,6 +256,17 @@ def bench(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Embed: 0 = by free GPU memory.")] = 64,
     decode: Annotated[str, typer.Option(help="Embed: auto, device or pil.")] = "auto",
+    cpu_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Embed, device decoding: share of the JPEGs the workers decode with PIL anyway.",
+        ),
+    ] = 0.0,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Embed: DataLoader workers (default: CPUs - 1, <= 8).")
+    ] = None,
     compile_model: Annotated[bool, typer.Option("--compile", help="Embed: torch.compile.")] = False,
     factory: Annotated[
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
@@ -338,7 +349,7 @@ def bench(
         if what == "embed":
             options = dict(
                 n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
-                decode=decode, compile=compile_model,
+                decode=decode, cpu_share=cpu_share, workers=workers, compile=compile_model,
             )  # fmt: skip
             if len(backbones) == 1 and backbones[0] != "all" and corpus is None:
                 result: Any = b.bench_embed(backbones[0], **options)

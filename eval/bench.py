@@ -185,6 +185,8 @@ class EmbedBench:
     forward_images_per_s: float
     ratio: float  # steady / forward
     prefetch: int | None = None  # batches each worker keeps ready (None: no workers)
+    # device path: share of the JPEGs the device takes that the workers decoded with PIL
+    cpu_share: float = 0.0
     # the device step alone (decode="device"): batches of files already read into memory
     # decoded, resized and normalised on the model's device, no reading, workers or model
     decode_images_per_s: float | None = None
@@ -269,6 +271,7 @@ def bench_embed(
     device: str = "auto",
     random_weights: bool = False,
     decode: str = "auto",
+    cpu_share: float = 0.0,
     compile: bool = False,
     items: Sequence[tuple[int, str]] | None = None,
 ) -> EmbedBench:
@@ -281,10 +284,11 @@ def bench_embed(
     workers hand their first batches over at once) -- what a large corpus runs at, and what
     the ratio to the bare forward compares.
 
-    ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``decode``
-    and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s (``compile`` also applies to the
-    bare forward). ``random_weights`` builds the architecture with seeded random weights: the
-    same speed, for backbones whose pretrained weights are not on the machine. ``items``:
+    ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``workers``,
+    ``decode``, ``cpu_share`` and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s
+    (``compile`` also applies to the bare forward). ``random_weights`` builds the
+    architecture with seeded random weights: the same speed, for backbones whose pretrained
+    weights are not on the machine. ``items``:
     ``(key, path)`` image files to use (:func:`write_bench_images`,
     :func:`corpus_bench_images`) instead of ``n`` generated pins.
     """
@@ -308,7 +312,12 @@ def bench_embed(
         spec = dataclasses.replace(spec, random_init=True)
     model = create_backbone(spec, device=dev)
     config = EmbedConfig(
-        batch_size=batch_size, workers=workers, device=str(dev), decode=decode, compile=compile
+        batch_size=batch_size,
+        workers=workers,
+        device=str(dev),
+        decode=decode,
+        cpu_share=cpu_share,
+        compile=compile,
     )
     decoder = resolve_decode(config, dev, model.preprocess)
     if config.channels_last:  # as iter_embeddings runs it, so the memory probe sees the same
@@ -370,6 +379,7 @@ def bench_embed(
         batch_size=batch_size,
         workers=plan[0],
         prefetch=plan[1],
+        cpu_share=cpu_share if decoder == "device" else 0.0,
         end_to_end_images_per_s=round(e2e, 1),
         steady_images_per_s=round(steady, 1),
         first_batch_s=round(first_s, 3),

@@ -21,15 +21,17 @@
 # archives). Give the last wait what status's budget_left_s leaves, less about a minute for
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
-# Steps (default: tests exact query embed index compile study), cheapest proof first;
-# estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, index 3, compile 1-2 (the
-# torch.compile GPU test; each stopped at its limit below), study 6 or more: scikit-learn's
-# side of the paper's grid outlasts any session, and the speed-up it shows is a floor that
-# grows while it runs (nothing else may run beside it). About 10 minutes of a session are
-# the runner's: the first session gets the five steps before compile (index has no target,
-# but the study would not finish its floor in the minutes left either), and a session that
-# has them runs `start compile study`. Optional
-# steps: embed-pil (the CPU-decoding baseline), embed-all (every registered backbone).
+# Steps (default: tests exact query embed embed-share index compile study), cheapest proof
+# first; estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 2 (the two
+# 8,000 img/s backbones again with a share of the JPEGs decoded by PIL in the workers beside
+# the GPU's decoder: --cpu-share), index 3, compile 1-2 (the torch.compile GPU test; each
+# stopped at its limit below), study 6 or more: scikit-learn's side of the paper's grid
+# outlasts any session, and the speed-up it shows is a floor that grows while it runs
+# (nothing else may run beside it). About 10 minutes of a session are the runner's: the
+# first session gets the six steps before compile (index has no target, but the study would
+# not finish its floor in the minutes left either), and a session that has them runs
+# `start compile study`. Optional steps: embed-pil (the CPU-decoding baseline), embed-all
+# (every registered backbone).
 # STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
 self=$(readlink -f "$0")
@@ -40,7 +42,7 @@ jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
 declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480
-                  [embed-pil]=240 [embed-all]=480 [study]=0)
+                  [embed-share]=240 [embed-pil]=240 [embed-all]=480 [study]=0)
 three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
 bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
@@ -101,6 +103,14 @@ print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
     embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
       options=(--n "$files" --batch-size 0 --decode device --random-weights)
       embed_each device "${three[@]}" ;;
+    embed-share)  # the workers (all cores but two) decode a share of the JPEGs with PIL
+      local share
+      for share in 0.25 0.5; do
+        options=(--n $((files / 2)) --batch-size 0 --decode device --random-weights
+                 --cpu-share "$share" --workers $(($(nproc) - 2)))
+        embed_each "share$share" effnet_lite0 clip-vit-b-32 || rc=$?
+      done
+      return $rc ;;
     embed-pil)
       options=(--n $((files / 4)) --batch-size 256 --decode pil --random-weights)
       embed_each pil "${three[@]}" ;;
@@ -184,7 +194,7 @@ wait_and_pack() {
 case $cmd in
   start)
     if running; then echo "a runner is going already: use wait" >&2; exit 2; fi
-    [ $# -gt 0 ] || set -- tests exact query embed index compile study
+    [ $# -gt 0 ] || set -- tests exact query embed embed-share index compile study
     for s in "$@"; do
       [ -n "${limit[$s]+set}" ] || { echo "unknown step $s: ${!limit[*]}" >&2; exit 2; }
     done

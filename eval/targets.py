@@ -80,6 +80,9 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
             f"{row['decode']} decoding, batch {row['batch_size']}, {row['images']} files; "
             f"whole run {row['end_to_end_images_per_s']:,.0f} img/s"
         )
+        if row.get("cpu_share"):  # part of the JPEGs decoded by the workers (PIL)
+            by = f"{row['workers']} workers" if row.get("workers") else "the main process"
+            how += f"; {row['cpu_share']:.0%} decoded by {by}"
         if row.get("decode_images_per_s"):  # the device step alone, where it was measured
             how += f"; decoding alone {row['decode_images_per_s']:,.0f} img/s"
         if name in EMBED_MIN_IMAGES_PER_S:

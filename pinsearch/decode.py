@@ -5,7 +5,9 @@ and looks at its header only. A plain JPEG (baseline or progressive, YCbCr or gr
 within the pixel limit, ending in its end-of-image marker) travels on as its encoded bytes;
 anything else (PNG, CMYK, EXIF-rotated, odd files) is decoded right there by the PIL path of
 :mod:`pinsearch.images` and the backbone's eval transform, and travels as a ready tensor;
-unreadable files become failures with the same reasons as the PIL path.
+unreadable files become failures with the same reasons as the PIL path. A ``cpu_share`` of the
+JPEGs the device could take is decoded in the workers too (:func:`worker_decodes`), so that the
+CPU cores and the GPU's decoder share the work where the decoder alone would bound the rate.
 
 In the main process, :func:`decode_on_device` decodes the encoded JPEGs of a batch at once with
 ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA, libjpeg-turbo on the
@@ -50,6 +52,7 @@ __all__ = [
     "device_transform_supported",
     "prepare_image",
     "transform_on_device",
+    "worker_decodes",
 ]
 
 #: At most this many decoded pixels are held on the device at once while a batch is decoded
@@ -188,6 +191,7 @@ def prepare_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int | None = None,
+    encoded_ok: bool = True,
 ) -> PreparedImage:
     """The worker step: read a file and route it by its header.
 
@@ -198,6 +202,7 @@ def prepare_image(
             device decoder does not take.
         max_pixels: decompression-bomb guard.
         min_side: reduced-scale JPEG decoding for the PIL path (the backbone's resize side).
+        encoded_ok: False decodes the file here whatever its header says (the PIL path).
 
     Returns:
         Encoded bytes (see :func:`device_refusal`), a ready tensor, or a failure whose reason
@@ -207,7 +212,14 @@ def prepare_image(
         data = Path(path).read_bytes()
     except OSError as exc:
         return PreparedImage(key, path, reason="unreadable", detail=str(exc))
-    return _pil_prepare(key, path, data, transform, max_pixels, min_side, allow_encoded=True)
+    return _pil_prepare(key, path, data, transform, max_pixels, min_side, allow_encoded=encoded_ok)
+
+
+def worker_decodes(i: int, cpu_share: float) -> bool:
+    """Whether item ``i`` is one of the ``cpu_share`` of items decoded in the worker: every
+    item whose position moves ``i * cpu_share`` past a whole number, so the share is spread
+    evenly over the items (and over every batch) and the same on every run."""
+    return cpu_share > 0 and int((i + 1) * cpu_share) > int(i * cpu_share)
 
 
 class PinFiles(Dataset):  # type: ignore[type-arg]
@@ -231,12 +243,25 @@ class PinFiles(Dataset):  # type: ignore[type-arg]
 
 
 class EncodedPinImages(PinFiles):
-    """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader)."""
+    """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader).
+
+    ``cpu_share`` (0 to 1) of the items are decoded in the worker whatever their header says
+    (:func:`worker_decodes`); the others travel encoded where the device decoder takes them.
+    """
+
+    def __init__(self, *args: Any, cpu_share: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cpu_share = cpu_share
 
     def __getitem__(self, i: int) -> PreparedImage:
         key, path = self.items[i]
         return prepare_image(
-            key, path, self.transform, max_pixels=self.max_pixels, min_side=self.min_side
+            key,
+            path,
+            self.transform,
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+            encoded_ok=not worker_decodes(i, self.cpu_share),
         )
 
 

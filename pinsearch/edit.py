@@ -71,6 +71,7 @@ def add_corpus(
     batch_size: int | None = None,
     workers: int | None = None,
     decode: str | None = None,
+    cpu_share: float | None = None,
     progress: Any = None,
 ) -> AddReport:
     """Add a corpus's new pins to an existing store, for every backbone it has.
@@ -97,7 +98,12 @@ def add_corpus(
             device=device,
             **{
                 k: v
-                for k, v in (("batch_size", batch_size), ("workers", workers), ("decode", decode))
+                for k, v in (
+                    ("batch_size", batch_size),
+                    ("workers", workers),
+                    ("decode", decode),
+                    ("cpu_share", cpu_share),
+                )
                 if v is not None
             },
         )

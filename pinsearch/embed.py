@@ -98,6 +98,10 @@ class EmbedConfig:
     weights: str | None = None  # local checkpoint overriding the backbone's default weights
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode: str = "auto"  # auto | device | pil, see resolve_decode
+    # device path: share of the JPEGs the device could decode that the workers decode with
+    # PIL anyway, so that CPU cores and the GPU's decoder work side by side (0: the device
+    # decodes all it can; ignored on the PIL path)
+    cpu_share: float = 0.0
     compile: bool = False  # torch.compile the model once per iter_embeddings call
 
     def __post_init__(self) -> None:
@@ -105,6 +109,8 @@ class EmbedConfig:
             raise ValueError(
                 f"EmbedConfig.decode must be one of {', '.join(DECODE_MODES)}, not {self.decode!r}"
             )
+        if not 0.0 <= self.cpu_share <= 1.0:
+            raise ValueError(f"EmbedConfig.cpu_share must be within 0 and 1, not {self.cpu_share}")
         if self.batch_size < 0:
             raise ValueError(
                 f"EmbedConfig.batch_size must be positive, or 0 for auto; got {self.batch_size}"
@@ -201,8 +207,9 @@ def loader_plan(
     fewer workers, at worst none (the main process reads the files; nothing is shared).
 
     A worker batch is the model inputs as float32 on the PIL path; on the device path the
-    encoded files, and the model inputs of those the device decoder does not take (PNGs,
-    CMYK or rotated JPEGs: decoded in the worker), as the first files say.
+    encoded files, and the model inputs of those the workers decode (PNGs, CMYK or rotated
+    JPEGs, which the device decoder does not take, and ``config.cpu_share`` of the others),
+    as the first files say.
     """
     workers = resolve_workers(config)
     if workers == 0:
@@ -211,7 +218,10 @@ def loader_plan(
     if free is None:
         return workers, _PREFETCH
     if mode == "device":
-        sizes = [_shared_bytes(p, preprocess, config.max_pixels) for _, p in items[:_SIZE_SAMPLE]]
+        sizes = [
+            _shared_bytes(p, preprocess, config.max_pixels, config.cpu_share)
+            for _, p in items[:_SIZE_SAMPLE]
+        ]
         per_image = float(np.mean(sizes)) if sizes else 0.0
     else:
         per_image = 3 * preprocess.input_size**2 * 4.0
@@ -232,17 +242,20 @@ def loader_plan(
     return plan
 
 
-def _shared_bytes(path: str, preprocess: Preprocess, max_pixels: int) -> float:
-    """Bytes one file sends through shared memory on the device path: the file, or the model
-    input a worker decodes it to when the device decoder does not take it (nothing for a file
-    that fails: only its reason travels)."""
+def _shared_bytes(
+    path: str, preprocess: Preprocess, max_pixels: int, cpu_share: float = 0.0
+) -> float:
+    """Bytes one file sends through shared memory on the device path, on average: the file,
+    or the model input a worker decodes it to when the device decoder does not take it (and
+    for ``cpu_share`` of the others); nothing for a file that fails: only its reason travels."""
     try:
         data = Path(path).read_bytes()
         with open_image(path, max_pixels, data=data) as img:
             refused = device_refusal(img, data) is not None
     except Exception:  # unreadable, not an image, too large: a failure in the worker
         return 0.0
-    return 3.0 * preprocess.input_size**2 * 4 if refused else float(len(data))
+    decoded = 3.0 * preprocess.input_size**2 * 4
+    return decoded if refused else (1 - cpu_share) * len(data) + cpu_share * decoded
 
 
 def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Preprocess) -> str:
@@ -479,7 +492,9 @@ def iter_embeddings(
     transform = backbone.transform()
     workers, prefetch = loader_plan(config, items, batch_size, pre, mode)
     dataset: Dataset = (  # type: ignore[type-arg]
-        EncodedPinImages(items, transform, config.max_pixels, pre.resize_side)
+        EncodedPinImages(
+            items, transform, config.max_pixels, pre.resize_side, cpu_share=config.cpu_share
+        )
         if mode == "device"
         else PinImages(items, transform, config.max_pixels, pre.resize_side)
     )

@@ -171,25 +171,29 @@ def test_main_turns_errors_into_messages(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Path) -> None:
-    """--decode device on the CPU and --batch-size 0 give the same vectors as the PIL path."""
+    """--decode device on the CPU (with or without a --cpu-share the workers decode) and
+    --batch-size 0 give the same vectors as the PIL path."""
     import numpy as np
 
     from pinsearch.store import Store
 
     vectors = {}
-    for decode in ("pil", "device"):
-        store = tmp_path / decode
+    for decode, share in (("pil", "0"), ("device", "0"), ("device", "0.5")):
+        store = tmp_path / f"{decode}-{share}"
         args = ["index", str(tree_copy), "--store", str(store), "-b", "test_efficientnet"]
-        report = _json([*args, "--workers", "0", "--decode", decode, "--batch-size", "0", "--json"])
+        report = _json([*args, "--workers", "0", "--decode", decode, "--cpu-share", share,
+                        "--batch-size", "0", "--json"])  # fmt: skip
         assert report["embedded"] == 24
         with Store.open(store, read_only=True) as s:
             x, keys = s.vectors("test_efficientnet").load()
             ids = s.catalog.pins_by_key(keys.tolist())
-            vectors[decode] = {ids[int(k)]["pin_id"]: v for k, v in zip(keys, x)}
-    assert vectors["pil"].keys() == vectors["device"].keys()
-    for pin, a in vectors["pil"].items():
-        b = vectors["device"][pin]
-        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
+            vectors[decode, share] = {ids[int(k)]["pin_id"]: v for k, v in zip(keys, x)}
+    pil = vectors.pop(("pil", "0"))
+    for device in vectors.values():
+        assert pil.keys() == device.keys()
+        for pin, a in pil.items():
+            b = device[pin]
+            assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.999
     bad = runner.invoke(app, ["index", str(tree_copy), "--store", str(tmp_path / "x"),
                               "-b", "test_efficientnet", "--decode", "gpu"])  # fmt: skip
     assert bad.exit_code != 0 and "decode" in str(bad.exception)
@@ -197,8 +201,10 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
 
 def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     base = ["bench", "embed", "--n", "20", "--batch-size", "8", "--decode", "device"]
-    one = _json([*base, "-b", "test_efficientnet", "--json"])
+    one = _json([*base, "-b", "test_efficientnet", "--cpu-share", "0.5", "--workers", "1",
+                 "--json"])  # fmt: skip
     assert one["backbone"] == "test_efficientnet" and one["images"] == 20  # type: ignore[index]
+    assert one["cpu_share"] == 0.5 and one["workers"] == 1  # type: ignore[index]
     assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
     assert one["decode_images_per_s"] > 0  # type: ignore[index]  # the device step alone
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
@@ -214,6 +220,7 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     pil = _json(["bench", "embed", "--n", "16", "--batch-size", "8", "--decode", "pil",
                  "-b", "test_vit", "--json"])  # fmt: skip
     assert pil["decode"] == "pil" and pil["decode_images_per_s"] is None  # type: ignore[index]
+    assert pil["cpu_share"] == 0.0  # type: ignore[index]
     real = _json([*base, "-b", "test_vit", "--corpus", str(tree_corpus.root), "--json"])
     assert real["rows"][0]["images"] == 20 and "error" not in real["rows"][0]  # type: ignore[index]
     empty = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])

@@ -28,6 +28,7 @@ from pinsearch.decode import (
     device_transform_supported,
     prepare_image,
     transform_on_device,
+    worker_decodes,
 )
 from pinsearch.embed import (
     EmbedConfig,
@@ -471,6 +472,42 @@ def test_device_path_on_cpu_agrees_with_pil_path(
     assert cos.min() > 0.9999  # same libjpeg, same resize maths on the CPU
 
 
+@pytest.mark.parametrize(("share", "count"), [(0.0, 0), (0.25, 25), (0.3, 30), (1.0, 100)])
+def test_worker_decodes_spreads_its_share(share: float, count: int) -> None:
+    picked = [i for i in range(100) if worker_decodes(i, share)]
+    assert len(picked) == count
+    for start in range(0, 100, 20):  # every stretch of 20 items takes its part
+        assert sum(start <= i < start + 20 for i in picked) == round(20 * share)
+
+
+def test_cpu_share_decodes_part_of_the_jpegs_in_the_workers(
+    tmp_path: Path, model, tree_corpus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:8]
+    files = _cases(tmp_path)
+    items = [(i, str(p)) for i, p in enumerate(paths)] + [(8, str(files["png"]))]
+    transform, side = model.transform(), model.preprocess.resize_side
+    data = EncodedPinImages(items, transform, MAX_PIXELS, side, cpu_share=0.5)
+    # every other JPEG decoded in the worker, as the PIL path decodes it; the PNG always
+    assert [data[i].kind for i in range(9)] == ["encoded", "image"] * 4 + ["image"]
+    pil = PinImages(items, transform, MAX_PIXELS, side)
+    torch.testing.assert_close(data[1].image, pil[1][1])
+    on_device: list[int] = []  # JPEGs handed to the device decoder, per call
+    decode = decode_mod.decode_jpegs
+    monkeypatch.setattr(decode_mod, "decode_jpegs",
+                        lambda enc, *a: on_device.append(len(enc)) or decode(enc, *a))  # fmt: skip
+    out = {}
+    for share in (0.0, 0.5):
+        on_device.clear()
+        config = EmbedConfig(workers=1, batch_size=4, decode="device", cpu_share=share)
+        out[share] = list(iter_embeddings(model, items, config))
+        assert sum(on_device) == 8 - 8 * share
+    assert [b.keys.tolist() for b in out[0.5]] == [b.keys.tolist() for b in out[0.0]]
+    va, vb = (np.concatenate([b.vectors for b in out[s]]) for s in (0.0, 0.5))
+    cos = (va * vb).sum(1) / (np.linalg.norm(va, axis=1) * np.linalg.norm(vb, axis=1))
+    assert cos.min() > 0.9999  # on the CPU both decoders are libjpeg
+
+
 def test_device_path_agrees_for_effnet_lite0(tree_corpus) -> None:
     lite = create_backbone("effnet_lite0")
     items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:6])]
@@ -510,6 +547,8 @@ def test_embed_store_with_device_decoding_is_compatible(
 def test_decode_value_is_validated() -> None:
     with pytest.raises(ValueError, match="'gpu'"):
         EmbedConfig(decode="gpu")
+    with pytest.raises(ValueError, match=r"cpu_share must be within 0 and 1, not 1\.5"):
+        EmbedConfig(cpu_share=1.5)
     with pytest.raises(ValueError, match="-1"):
         EmbedConfig(batch_size=-1)
     assert EmbedConfig().decode == "auto" and EmbedConfig().compile is False

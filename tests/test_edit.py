@@ -161,7 +161,8 @@ def test_add_refuses_a_missing_store(tree_corpus, tmp_path: Path) -> None:
 def test_cli_add_remove(store_copy: Path, make_tree, tmp_path: Path) -> None:
     runner = CliRunner()
     more = make_tree(tmp_path / "more", seed=3, pins_per_board=1)
-    out = runner.invoke(app, ["add", str(more.root), "--store", str(store_copy), "--json"])
+    out = runner.invoke(app, ["add", str(more.root), "--store", str(store_copy), "--decode",
+                              "device", "--cpu-share", "0.5", "--json"])  # fmt: skip
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["added"] == 6
     with Store.open(store_copy, read_only=True) as s:

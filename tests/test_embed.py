@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,11 @@ def test_loader_plan_fits_the_workers_batches_in_shared_memory(
         mixed.append((key, path))
     assert loader_plan(config, items[:16], 8, pre, "device", shm_free=16 * batch) == (4, 4)
     assert loader_plan(config, mixed, 8, pre, "device", shm_free=16 * batch) == (4, 3)
+    # so is a JPEG of the cpu_share the workers decode anyway: half of them, as half PNGs
+    half = replace(config, cpu_share=0.5)
+    assert loader_plan(half, items[:16], 8, pre, "device", shm_free=16 * batch) == (4, 3)
+    every = replace(config, cpu_share=1.0)  # all of them: the PIL path's batches
+    assert loader_plan(every, items, 8, pre, "device", shm_free=16 * batch) == (4, 2)
 
 
 def test_embedding_with_little_shared_memory_gives_the_same_vectors(

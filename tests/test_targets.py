@@ -111,6 +111,9 @@ def test_embed_targets() -> None:
                             machine=H100))  # fmt: skip
     assert _states(one) == ["pass"]  # `bench embed` with one backbone prints no table
     assert "decoding alone 12,346 img/s" in check_result(one)[0].measured
+    assert "decoded by" not in check_result(one)[0].measured
+    shared = {**one, "cpu_share": 0.3, "workers": 14}  # a row with the workers decoding too
+    assert "30% decoded by 14 workers" in check_result(shared)[0].measured
 
 
 def test_study_targets_lower_bounds_stay_open() -> None:
