@@ -79,8 +79,8 @@ DECODE_BYTES_PER_PIXEL = 32.0
 class EmbedConfig:
     """How vectors are computed and stored.
 
-    ``decode``, ``compile``, ``batch_size`` and ``workers`` change speed, not the vectors'
-    identity: a store's run record ignores them (see :func:`check_compatible`). Vectors from
+    ``decode``, ``cpu_share``, ``compile``, ``batch_size`` and ``workers`` change speed, not
+    the vectors' identity: a store's run record ignores them (see :func:`check_compatible`). Vectors from
     GPU decoding are close to, not identical with, the PIL path's (nvJPEG upsamples 4:2:0
     chroma by nearest neighbour where libjpeg interpolates; on the CPU the two agree to a
     cosine of 0.9999).
