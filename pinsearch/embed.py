@@ -80,10 +80,10 @@ class EmbedConfig:
     """How vectors are computed and stored.
 
     ``decode``, ``cpu_share``, ``compile``, ``batch_size`` and ``workers`` change speed, not
-    the vectors' identity: a store's run record ignores them (see :func:`check_compatible`). Vectors from
-    GPU decoding are close to, not identical with, the PIL path's (nvJPEG upsamples 4:2:0
-    chroma by nearest neighbour where libjpeg interpolates; on the CPU the two agree to a
-    cosine of 0.9999).
+    the vectors' identity: a store's run record ignores them (see :func:`check_compatible`).
+    Vectors from GPU decoding are close to, not identical with, the PIL path's (nvJPEG
+    upsamples 4:2:0 chroma by nearest neighbour where libjpeg interpolates; on the CPU the two
+    agree to a cosine of 0.9999 on small images).
     """
 
     batch_size: int = 64  # images per model batch; 0 = auto (by free GPU memory; 64 on CPU)
