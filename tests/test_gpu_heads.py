@@ -73,10 +73,11 @@ def test_lsvm_on_gpu_in_chunks_gives_the_same_scores() -> None:
     np.testing.assert_allclose(_folds(parts), _folds(whole), atol=0.01)
 
 
-@pytest.mark.parametrize("monitor", ["loss", "accuracy"])
-def test_mlp_on_gpu_close_to_the_cpu_and_sequential_heads(monitor: str) -> None:
+@pytest.mark.parametrize(("monitor", "penalty"), [("loss", "adamw"), ("accuracy", "l2")])
+def test_mlp_on_gpu_close_to_the_cpu_and_sequential_heads(monitor: str, penalty: str) -> None:
     X, y = _data(1500, 32, 4, sep=2.0)
-    params = {"hidden": (64, 32), "max_epochs": 30, "patience": 5, "monitor": monitor}
+    params = {"hidden": (64, 32), "max_epochs": 30, "patience": 5, "monitor": monitor,
+              "penalty": penalty}  # fmt: skip
     grid = {"batch_size": [32, 64, 128]}
     gpu = batched_grid_search("mlp", {**params, "device": "cuda"}, grid, X, y, _cv())
     cpu = batched_grid_search("mlp", {**params, "device": "cpu"}, grid, X, y, _cv())
