@@ -155,9 +155,20 @@ sys.exit(0 if max(r.get('steady_images_per_s', 0) for r in d.get('rows', [d])) >
 
 log() { echo "$(date +%T) $*" >> "$dir/steps.log"; }
 
+roomy_shm() {  # DataLoader workers hand batches over through /dev/shm; a container's default
+  # (64 MiB) leaves the embedding steps no workers (pinsearch.embed.loader_plan): enlarge
+  # it where it is small and this machine lets us (docker --shm-size does the same)
+  local kb
+  kb=$(df -k --output=size /dev/shm 2> /dev/null | tail -n 1 | tr -d ' ') || return 0
+  [ "${kb:-0}" -ge $((4 << 20)) ] && return 0
+  { echo "/dev/shm: ${kb} KiB; remounting with 16G"
+    mount -o remount,size=16G /dev/shm && df -h /dev/shm; } >> "$dir/shm.txt" 2>&1
+}
+
 runner() {  # the steps in order, each within its limit; a failing step does not stop the rest
   local s start rc
   echo $$ > "$dir/runner.pid"
+  roomy_shm
   for s in "$@"; do
     start=$SECONDS; log "$s: started"
     if [ "${limit[$s]}" -gt 0 ]; then
