@@ -21,8 +21,8 @@ does the cross-validation in batches instead of one fit per (candidate, fold):
   stacked parameters): each member has the initialisation, shuffling, validation split and
   early stopping :class:`MLPHead` would give it, its layers' weights and biases are
   parameters of one torch optimizer, the head's own (AdamW, or Adam with scikit-learn's L2
-  penalty; fused where there is a kernel; members out of batches are frozen, stopped ones
-  leave) and it keeps its best epoch.
+  term in each member's loss; fused where there is a kernel; members out of batches are
+  frozen, stopped ones leave) and it keeps its best epoch.
 
 Anything else (other heads, approximate KNN indexes, ``solver="liblinear"``, a scoring that is
 not computed from predictions, a fold whose training part lacks a class) runs through
@@ -49,6 +49,7 @@ from pinsearch.heads import (
     _torch_device,
     create_head,
     knn_votes,
+    l2_penalty,
     mlp_optimizer,
     scaler_stats,
 )
@@ -802,7 +803,10 @@ def _train_ensemble(
             logits = _ensemble_forward(views, (x_all[rows] - mean_t) / scale_t)
             loss = F.cross_entropy(logits.reshape(-1, n_classes), y_all[rows].reshape(-1),
                                    reduction="none").view(rows.shape)  # fmt: skip
-            per_member = (loss * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+            count = weight.sum(dim=1).clamp(min=1.0)  # each member's rows in this step
+            per_member = (loss * weight).sum(dim=1) / count
+            if head.penalty == "l2":  # the weights' L2 term, over each member's own rows
+                per_member = per_member + l2_penalty(views[0::2], float(head.weight_decay), count)
             # each member's parameters take views of these: a fused Adam(W) needs a gradient laid
             # out as its parameter (on the CPU it silently misreads another layout); they come
             # out contiguous, so .contiguous() costs nothing but guards against a torch change
@@ -869,13 +873,8 @@ def _member_optimizer(
 
     views = _layer_views(flat, layout)
     members = [[torch.nn.Parameter(v[m]) for v in views] for m in range(flat.shape[0])]
-    opt = mlp_optimizer(
-        [p for params in members for p in params],
-        float(head.lr),
-        float(head.weight_decay),
-        head.penalty,
-        int(head.batch_size),
-    )
+    everything = [p for member in members for p in member]
+    opt = mlp_optimizer(everything, float(head.lr), float(head.weight_decay), head.penalty)
     for params, member_states in zip(members, states):
         for p, state in zip(params, member_states or ()):
             if state:

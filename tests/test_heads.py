@@ -25,6 +25,7 @@ from pinsearch.heads import (
     LinearSVMHead,
     MLPHead,
     create_head,
+    l2_penalty,
     load_head,
     mlp_optimizer,
     register_head,
@@ -152,6 +153,25 @@ def test_mlp_initialisation_spans_its_bound(init: str, bound: Any) -> None:
         np.testing.assert_array_equal(a.detach().numpy(), b.detach().numpy())
 
 
+def _sklearn_steps(X: np.ndarray, y: np.ndarray, start: list[np.ndarray], **params: Any) -> Any:
+    """MLPClassifier trained from ``start`` (weights (in, out), biases, layer by layer) with
+    a fresh Adam: a first fit initialises it, then the warm start takes ``start``."""
+    clf = MLPClassifier(warm_start=True, shuffle=False, tol=0.0, n_iter_no_change=1000,
+                        random_state=0, **{**params, "max_iter": 1})  # fmt: skip
+    with pytest.warns(UserWarning):  # ConvergenceWarning: one epoch
+        clf.fit(X, y)
+    clf.coefs_, clf.intercepts_ = [a.copy() for a in start[0::2]], [a.copy() for a in start[1::2]]
+    clf.set_params(max_iter=params["max_iter"])
+    with pytest.warns(UserWarning):
+        clf.fit(X, y)
+    return [a for pair in zip(clf.coefs_, clf.intercepts_) for a in pair]
+
+
+def _gap(ours: list[np.ndarray], theirs: list[np.ndarray]) -> float:
+    """Largest difference between torch's (out, in) layers and scikit-learn's (in, out)."""
+    return max(float(np.abs((o.T if o.ndim == 2 else o) - t).max()) for o, t in zip(ours, theirs))
+
+
 @pytest.mark.parametrize(("penalty", "same"), [("l2", True), ("adamw", False)])
 def test_l2_penalty_steps_as_mlpclassifier_alpha(penalty: str, same: bool) -> None:
     # five full-batch steps from the same start: penalty "l2" is MLPClassifier's alpha (an L2
@@ -162,31 +182,42 @@ def test_l2_penalty_steps_as_mlpclassifier_alpha(penalty: str, same: bool) -> No
     X = rng.standard_normal((60, 6)).astype(np.float32)
     y = np.arange(60) % 3
     alpha, steps = 30.0, 5  # strong enough for the penalty to steer Adam's steps
-    clf = MLPClassifier((5, 4), alpha=alpha, batch_size=60, max_iter=1, shuffle=False,
-                        warm_start=True, tol=0.0, n_iter_no_change=100, random_state=0)  # fmt: skip
-    with pytest.warns(UserWarning):  # one epoch to initialise: ConvergenceWarning
-        clf.fit(X, y)
-    start = [a.copy() for pair in zip(clf.coefs_, clf.intercepts_) for a in pair]
-    clf.set_params(max_iter=steps)
-    with pytest.warns(UserWarning):
-        clf.fit(X, y)  # warm start: new Adam state, the same start as below
-    theirs = [a for pair in zip(clf.coefs_, clf.intercepts_) for a in pair]
-
-    net = MLPHead(hidden=(5, 4))._build(6, 3)
-    with torch.no_grad():
-        for p, a in zip(net.parameters(), start):
-            p.copy_(torch.from_numpy(a.T.copy() if a.ndim == 2 else a))
-    opt = mlp_optimizer(net.parameters(), 1e-3, alpha, penalty, 60)
+    net = MLPHead(hidden=(5, 4), init="glorot")._seeded_network(6, 3)
+    start = [p.detach().numpy().T.copy() if p.dim() == 2 else p.detach().numpy().copy()
+             for p in net.parameters()]  # fmt: skip
+    theirs = _sklearn_steps(X, y, start, hidden_layer_sizes=(5, 4), alpha=alpha,
+                            batch_size=60, max_iter=steps)  # fmt: skip
+    opt = mlp_optimizer(net.parameters(), 1e-3, alpha, penalty)
+    weights = [p for p in net.parameters() if p.dim() == 2]
     xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     for _ in range(steps):
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        loss = torch.nn.functional.cross_entropy(net(xt), yt)
+        if penalty == "l2":
+            loss = loss + l2_penalty(weights, alpha, len(X))
+        loss.backward()
         opt.step()
-    ours = [p.detach().numpy() for p in net.parameters()]
-    gap = max(float(np.abs((o.T if o.ndim == 2 else o) - t).max()) for o, t in zip(ours, theirs))
-    moved = max(float(np.abs(t - s).max()) for t, s in zip(theirs, start))
-    assert moved > 3e-3  # the steps went somewhere
+    gap = _gap([p.detach().numpy() for p in net.parameters()], theirs)
+    assert max(float(np.abs(t - s).max()) for t, s in zip(theirs, start)) > 3e-3  # they moved
     assert (gap < 1e-5) if same else (gap > 1e-3), gap
+
+
+def test_mlp_fit_with_l2_penalty_is_mlpclassifier_also_past_the_rows() -> None:
+    # MLPHead.fit end to end against MLPClassifier from the same start: a batch size above
+    # the training rows is the rows (scikit-learn clips it), and so is the penalty's divisor
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((60, 6)).astype(np.float32)
+    y = np.arange(60) % 3
+    params = {"hidden": (5, 4), "init": "glorot", "batch_size": 256, "max_epochs": 5,
+              "validation_fraction": 0.0, "standardize": False, "weight_decay": 30.0,
+              "penalty": "l2", "device": "cpu"}  # fmt: skip
+    head = MLPHead(**params).fit(X, y)
+    net = head._seeded_network(6, 3)  # the start fit began from (seeded)
+    start = [p.detach().numpy().T.copy() if p.dim() == 2 else p.detach().numpy().copy()
+             for p in net.parameters()]  # fmt: skip
+    theirs = _sklearn_steps(X, y, start, hidden_layer_sizes=(5, 4), alpha=30.0,
+                            batch_size=256, max_iter=5)  # fmt: skip
+    assert _gap(list(head._layers()), theirs) < 1e-5
 
 
 def test_heads_work_in_grid_search(data) -> None:  # type: ignore[no-untyped-def]
