@@ -189,6 +189,7 @@ class EmbedBench:
     cpu_share: float = 0.0
     # the device step alone (decode="device"): batches of files already read into memory
     # decoded, resized and normalised on the model's device, no reading, workers or model
+    # (every JPEG the device takes, whatever the cpu_share)
     decode_images_per_s: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 

@@ -22,15 +22,17 @@
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
 # Steps (default: tests exact query embed embed-share index compile study), cheapest proof
-# first; estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-2 (each
-# 8,000 img/s backbone the embed step left short of it, again with a quarter and a half of
-# the JPEGs decoded by PIL in the workers beside the GPU's decoder: --cpu-share), index 3, compile 1-2 (the torch.compile GPU test; each
+# first; estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-3 (each
+# 8,000 img/s backbone the embed step left short of it, again with all cores but two as
+# workers, decoding none, a quarter and a half of the JPEGs with PIL beside the GPU's
+# decoder: --cpu-share), index 3, compile 1-2 (the torch.compile GPU test; each
 # stopped at its limit below), study 6 or more: scikit-learn's side of the paper's grid
 # outlasts any session, and the speed-up it shows is a floor that grows while it runs
 # (nothing else may run beside it). About 10 minutes of a session are the runner's: the
-# first session gets the six steps before compile (index has no target, but the study would
-# not finish its floor in the minutes left either), and a session that has them runs
-# `start compile study`. Optional steps: embed-pil (the CPU-decoding baseline), embed-all
+# first session starts the six steps before compile, of which index (no target) is the one
+# likely cut at the session's end (the study would not finish its floor in the minutes
+# left either), and a session that has the others runs `start compile study` (adding
+# `index` where it was cut). Optional steps: embed-pil (the CPU-decoding baseline), embed-all
 # (every registered backbone).
 # STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
@@ -42,7 +44,7 @@ jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
 declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480
-                  [embed-share]=240 [embed-pil]=240 [embed-all]=480 [study]=0)
+                  [embed-share]=300 [embed-pil]=240 [embed-all]=480 [study]=0)
 three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
 bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
@@ -116,9 +118,10 @@ sys.exit(0 if max(r.get('steady_images_per_s', 0) for r in d.get('rows', [d])) >
         echo "embed: both backbones at 8,000 img/s or more without a share" > "$dir/embed-share.txt"
         return 0
       fi
-      for share in 0.25 0.5; do
+      local workers=$(($(nproc) > 3 ? $(nproc) - 2 : 1))
+      for share in 0 0.25 0.5; do  # 0: the same workers and files without a share
         options=(--n $((files / 2)) --batch-size 0 --decode device --random-weights
-                 --cpu-share "$share" --workers $(($(nproc) - 2)))
+                 --cpu-share "$share" --workers "$workers")
         embed_each "share$share" "${todo[@]}" || rc=$?
       done
       return $rc ;;
@@ -160,7 +163,8 @@ roomy_shm() {  # DataLoader workers hand batches over through /dev/shm; a contai
   # it where it is small and this machine lets us (docker --shm-size does the same)
   local kb
   kb=$(df -k --output=size /dev/shm 2> /dev/null | tail -n 1 | tr -d ' ') || return 0
-  [ "${kb:-0}" -ge $((4 << 20)) ] && return 0
+  [[ $kb =~ ^[0-9]+$ ]] || return 0
+  [ "$kb" -ge $((4 << 20)) ] && return 0
   { echo "/dev/shm: ${kb} KiB; remounting with 16G"
     mount -o remount,size=16G /dev/shm && df -h /dev/shm; } >> "$dir/shm.txt" 2>&1
 }

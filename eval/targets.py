@@ -84,7 +84,8 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
             by = f"{row['workers']} workers" if row.get("workers") else "the main process"
             how += f"; {row['cpu_share']:.0%} decoded by {by}"
         if row.get("decode_images_per_s"):  # the device step alone, where it was measured
-            how += f"; decoding alone {row['decode_images_per_s']:,.0f} img/s"
+            every = " (every JPEG on the device)" if row.get("cpu_share") else ""
+            how += f"; decoding alone{every} {row['decode_images_per_s']:,.0f} img/s"
         if name in EMBED_MIN_IMAGES_PER_S:
             ok = rate >= EMBED_MIN_IMAGES_PER_S[name]
             out.append(Check(src, key, f"{rate:,.0f} img/s steady ({how})", _state(ok)))

@@ -21,7 +21,7 @@ does the cross-validation in batches instead of one fit per (candidate, fold):
   stacked parameters): each member has the initialisation, shuffling, validation split and
   early stopping :class:`MLPHead` would give it, its layers' weights and biases are
   parameters of one torch optimizer, the head's own (AdamW, or Adam with scikit-learn's L2
-  term in each member's loss; fused where there is a kernel; members out of batches are
+  gradient over each member's rows; fused where there is a kernel; members out of batches are
   frozen, stopped ones leave) and it keeps its best epoch.
 
 Anything else (other heads, approximate KNN indexes, ``solver="liblinear"``, a scoring that is
@@ -47,9 +47,9 @@ from sklearn.utils.validation import check_array
 from pinsearch.heads import (
     HEADS,
     _torch_device,
+    add_l2_gradient,
     create_head,
     knn_votes,
-    l2_penalty,
     mlp_optimizer,
     scaler_stats,
 )
@@ -805,12 +805,12 @@ def _train_ensemble(
                                    reduction="none").view(rows.shape)  # fmt: skip
             count = weight.sum(dim=1).clamp(min=1.0)  # each member's rows in this step
             per_member = (loss * weight).sum(dim=1) / count
-            if head.penalty == "l2":  # the weights' L2 term, over each member's own rows
-                per_member = per_member + l2_penalty(views[0::2], float(head.weight_decay), count)
             # each member's parameters take views of these: a fused Adam(W) needs a gradient laid
             # out as its parameter (on the CPU it silently misreads another layout); they come
             # out contiguous, so .contiguous() costs nothing but guards against a torch change
             grads = [g.contiguous() for g in torch.autograd.grad(per_member.sum(), views)]
+            if head.penalty == "l2":  # the weights' L2 gradient, over each member's own rows
+                add_l2_gradient(grads[0::2], views[0::2], float(head.weight_decay), count)
             for m, (params, on) in enumerate(zip(members, active_np[j])):
                 for p, g in zip(params, grads):  # a member out of batches keeps its state
                     p.grad = g[m] if on else None

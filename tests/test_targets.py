@@ -114,6 +114,7 @@ def test_embed_targets() -> None:
     assert "decoded by" not in check_result(one)[0].measured
     shared = {**one, "cpu_share": 0.3, "workers": 14}  # a row with the workers decoding too
     assert "30% decoded by 14 workers" in check_result(shared)[0].measured
+    assert "decoding alone (every JPEG on the device) 12,346" in check_result(shared)[0].measured
 
 
 def test_study_targets_lower_bounds_stay_open() -> None:
