@@ -1482,6 +1482,10 @@ def bench_study(
         out["batched"] = result.batched
         scores = _cv_scores(result)
         out["pinsearch_cv_macro_f1"], out["pinsearch_best"] = scores["cv_macro_f1"], scores["best"]
+        if "epochs" in result.info.get(head, {}):  # MLP: epochs each fold trained, per value
+            values = [str(p[param]) for p in result.cv_results_["params"]]
+            out["pinsearch_epochs"] = dict(zip(values, result.info[head]["epochs"]))
+            out["pinsearch_refit_epochs"] = int(result.best_estimator_.n_epochs_)
         if sequential:
             seconds, pred, _ = _grid_search(create_head(head, **params), grid, cv, 1, xtr, ytr, xte)
             out["sequential_s"] = round(seconds, 2)

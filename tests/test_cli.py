@@ -283,6 +283,16 @@ def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
 
 
+def test_bench_study_mlp_row_records_the_epochs_trained() -> None:
+    args = ["bench", "study", "--n", "320", "--dim", "8", "--head", "mlp", "--no-sequential",
+            "--sklearn-timeout", "0.01", "--json"]  # fmt: skip
+    (row,) = _json(args)["rows"]  # type: ignore[index]
+    epochs = row["pinsearch_epochs"]  # per batch size, each fold's member (at most 40)
+    assert list(epochs) == ["32", "64", "128"]
+    assert all(len(e) == 5 and all(1 <= n <= 40 for n in e) for e in epochs.values())
+    assert 1 <= row["pinsearch_refit_epochs"] <= 40
+
+
 def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
