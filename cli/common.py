@@ -43,6 +43,15 @@ T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+CpuShareOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.0,
+        max=1.0,
+        help="Device decoding: share of the JPEGs the workers decode with PIL anyway "
+        "(CPU cores beside the GPU's decoder).",
+    ),
+]
 # search-time index settings (the saved index is the same file whatever they are)
 NprobeOpt = Annotated[
     int | None, typer.Option(min=1, help="IVF lists visited per query (default nlist / 16).")

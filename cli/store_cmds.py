@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    CpuShareOpt,
     JsonOpt,
     StoreOpt,
     app,
@@ -55,15 +56,7 @@ def index(
     decode: Annotated[
         str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
     ] = None,
-    cpu_share: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Device decoding: share of the JPEGs the workers decode with PIL anyway "
-            "(CPU cores beside the GPU's decoder).",
-        ),
-    ] = None,
+    cpu_share: CpuShareOpt = None,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the backbone first.")
     ] = False,
@@ -162,15 +155,7 @@ def add(
     decode: Annotated[
         str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
     ] = None,
-    cpu_share: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Device decoding: share of the JPEGs the workers decode with PIL anyway "
-            "(CPU cores beside the GPU's decoder).",
-        ),
-    ] = None,
+    cpu_share: CpuShareOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Add new pins or boards to an existing store: only they are embedded, for every backbone
