@@ -104,10 +104,10 @@ def mlp_optimizer(params: Iterable[Any], lr: float, weight_decay: float, penalty
     parameter by ``lr * weight_decay`` each step, apart from the gradient; ``l2``, plain Adam,
     the penalty's gradient being added to the weights' (:func:`add_l2_gradient`) before each
     step, so it goes through Adam's moments with the rest, as in scikit-learn's
-    ``MLPClassifier``. Fused where the device
-    and this torch have a kernel (one launch updates every parameter), else torch's default:
-    the same update either way. A small network's steps are bound by launches and dispatch, not
-    arithmetic: fused, ``MLPHead.fit`` on 16-d data takes a quarter less time on the CPU.
+    ``MLPClassifier``. Fused where the device and this torch have a kernel (one launch updates
+    every parameter), else torch's default: the same update either way. A small network's
+    steps are bound by launches and dispatch, not arithmetic: fused, ``MLPHead.fit`` on 16-d
+    data takes a quarter less time on the CPU.
 
     Raises:
         ValueError: another penalty than those of :data:`MLP_PENALTIES`.
