@@ -362,20 +362,16 @@ def _probe_memory(
     model: torch.nn.Module, input_size: int, device: torch.device, config: EmbedConfig
 ) -> tuple[float, float]:
     """Peak bytes of a forward pass as ``(per image, fixed)``, from two small batches."""
-
-    def run(n: int) -> None:
-        _forward_zeros(model, n, input_size, device, config)
-
     # one untimed pass first: one-off allocations (cuBLAS/cuDNN workspaces) must not inflate
     # the first peak
-    run(1)
+    _forward_zeros(model, 1, input_size, device, config)
     sizes = (8, 16)
     peaks = []
     for n in sizes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        run(n)
+        _forward_zeros(model, n, input_size, device, config)
         peaks.append(float(torch.cuda.max_memory_allocated(device) - base))
     torch.cuda.empty_cache()
     input_bytes = 3.0 * input_size * input_size * 4
