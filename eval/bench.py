@@ -344,7 +344,7 @@ def bench_embed(
         with timed() as t_half:
             half = embed(files[: len(files) // 2])
         decode_rate = (
-            _device_decode_rate(model, files, config, dev, transform=model.transform())
+            _device_decode_rate(model, files, config, dev, transform=model.pixel_transform())
             if decoder == "device"
             else None
         )

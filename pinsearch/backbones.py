@@ -57,6 +57,19 @@ class Preprocess:
         """The shorter side images are resized to before the centre crop."""
         return math.floor(self.input_size / self.crop_pct)
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """8-bit pixels ``(..., 3, S, S)`` -> the model's float32 input, where they are.
+
+        ``pixels`` is uint8, or float holding whole levels 0-255. The steps are torchvision's
+        ``ToTensor`` then ``Normalize`` (divide by 255, subtract the mean, divide by the std,
+        in float32), so the result is bit for bit the eval transform's; done after the copy to
+        the model's device, a batch travels from the workers as 1 byte per value, not 4.
+        """
+        x = pixels.to(torch.float32, copy=True).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1).to(x.device)
+        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1).to(x.device)
+        return x.sub_(mean).div_(std)
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -87,8 +100,20 @@ class Backbone:
     # where inputs go (a model without parameters, like "classic", cannot tell by itself)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
+    def pixel_transform(self) -> Callable[[Any], torch.Tensor]:
+        """The eval transform up to its 8-bit pixels: PIL image -> uint8 CHW crop.
+
+        timm's own prefetcher form of :meth:`transform` (``use_prefetcher=True``): the same
+        resize and centre crop, with the scaling and normalisation left to
+        :meth:`Preprocess.normalize` on the model's device.
+        """
+        return self._eval_transform(pixels=True)
+
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """The eval transform PIL image -> normalised CHW tensor."""
+        return self._eval_transform(pixels=False)
+
+    def _eval_transform(self, *, pixels: bool) -> Callable[[Any], torch.Tensor]:
         from timm.data import create_transform
 
         p = self.preprocess
@@ -99,6 +124,7 @@ class Backbone:
             std=p.std,
             crop_pct=p.crop_pct,
             is_training=False,
+            use_prefetcher=pixels,
         )
 
     def describe(self) -> dict[str, Any]:

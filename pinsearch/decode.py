@@ -4,17 +4,19 @@ The work is split in two steps. In the DataLoader workers, :func:`prepare_image`
 and looks at its header only. A plain JPEG (baseline or progressive, YCbCr or grey, upright,
 within the pixel limit, ending in its end-of-image marker) travels on as its encoded bytes;
 anything else (PNG, CMYK, EXIF-rotated, odd files) is decoded right there by the PIL path of
-:mod:`pinsearch.images` and the backbone's eval transform, and travels as a ready tensor;
-unreadable files become failures with the same reasons as the PIL path. A ``cpu_share`` of the
-JPEGs the device could take is decoded in the workers too (:func:`worker_decodes`), so that the
-CPU cores and the GPU's decoder share the work where the decoder alone would bound the rate.
+:mod:`pinsearch.images` and the backbone's pixel transform, and travels as its 8-bit crop
+(uint8: a quarter of the float input's bytes); unreadable files become failures with the same
+reasons as the PIL path. A ``cpu_share`` of the JPEGs the device could take is decoded in the
+workers too (:func:`worker_decodes`), so that the CPU cores and the GPU's decoder share the
+work where the decoder alone would bound the rate.
 
 In the main process, :func:`decode_on_device` decodes the encoded JPEGs of a batch at once with
 ``torchvision.io.decode_jpeg`` on the model's device (nvJPEG on CUDA, libjpeg-turbo on the
 CPU), resizes, crops and normalises them there the way timm's eval transform does
-(:func:`transform_on_device`), and puts them back in batch order with the worker-decoded
-tensors. A JPEG the device decoder refuses is decoded with PIL instead; only when that fails
-too is it a failure.
+(:func:`transform_on_device`), normalises the worker-decoded crops there too
+(:meth:`~pinsearch.backbones.Preprocess.normalize`), and puts all back in batch order. A JPEG
+the device decoder refuses is decoded with PIL instead; only when that fails too is it a
+failure.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ class PreparedImage:
         key: the caller's key for the pin.
         path: the image file.
         encoded: the file's bytes as a 1-D uint8 tensor, for the device decoder.
-        image: the transformed CHW float tensor, for files decoded in the worker.
+        image: the resized and cropped CHW uint8 pixels, for files decoded in the worker.
         size: ``(height, width)`` from the header of an encoded JPEG.
         reason: failure code (an :class:`~pinsearch.images.ImageError` reason), else "".
         detail: failure detail, else "".
@@ -198,8 +200,9 @@ def prepare_image(
     Args:
         key: the pin's key, carried through.
         path: the image file.
-        transform: the backbone's eval transform (PIL image -> CHW tensor), for the files the
-            device decoder does not take.
+        transform: the backbone's pixel transform (PIL image -> uint8 CHW crop,
+            :meth:`~pinsearch.backbones.Backbone.pixel_transform`), for the files the device
+            decoder does not take.
         max_pixels: decompression-bomb guard.
         min_side: reduced-scale JPEG decoding for the PIL path (the backbone's resize side).
         encoded_ok: False decodes the file here whatever its header says (the PIL path).
@@ -223,8 +226,8 @@ def worker_decodes(i: int, cpu_share: float) -> bool:
 
 
 class PinFiles(Dataset):  # type: ignore[type-arg]
-    """``(key, path)`` items with the backbone transform and decoding limits, for a DataLoader;
-    subclasses say what one item becomes."""
+    """``(key, path)`` items with the backbone's pixel transform and decoding limits, for a
+    DataLoader; subclasses say what one item becomes."""
 
     def __init__(
         self,
@@ -279,7 +282,7 @@ class PreparedBatch:
         offsets: encoded JPEG ``j`` is ``encoded[offsets[j]:offsets[j + 1]]``.
         encoded_at: the batch position of each encoded JPEG.
         sizes: ``(height, width)`` of each encoded JPEG.
-        images: the worker-decoded tensors stacked ``(n, 3, S, S)``.
+        images: the worker-decoded uint8 crops stacked ``(n, 3, S, S)``.
         images_at: the batch position of each worker-decoded tensor.
         failures: ``(position, reason, detail)`` of the items that failed in the worker.
     """
@@ -324,7 +327,11 @@ def collate_prepared(items: list[PreparedImage]) -> PreparedBatch:
         offsets=offsets,
         encoded_at=[i for i, _ in encoded],
         sizes=[it.size for _, it in encoded],
-        images=torch.stack([it.image for _, it in ready]) if ready else torch.empty(0),  # type: ignore[misc]
+        images=(
+            torch.stack([it.image for _, it in ready])  # type: ignore[misc]
+            if ready
+            else torch.empty(0, dtype=torch.uint8)
+        ),
         images_at=[i for i, _ in ready],
         failures=[(i, it.reason, it.detail) for i, it in enumerate(items) if it.kind == "failed"],
     )
@@ -561,10 +568,7 @@ def transform_on_device(images: Sequence[torch.Tensor], preprocess: Preprocess) 
             x = x.clamp_(0.0, 255.0).add_(0.5).floor_()
             x = torch.matmul(down[:, None], x)  # (n, 3, S, S)
         out.index_copy_(0, torch.tensor(idx, device=device), x)
-    out.clamp_(0.0, 255.0).add_(0.5).floor_().div_(255.0)  # 8-bit pixels, then ToTensor
-    mean = torch.tensor(preprocess.mean, dtype=out.dtype).view(1, 3, 1, 1).to(device)
-    std = torch.tensor(preprocess.std, dtype=out.dtype).view(1, 3, 1, 1).to(device)
-    return out.sub_(mean).div_(std)
+    return preprocess.normalize(out.clamp_(0.0, 255.0).add_(0.5).floor_())  # 8-bit levels
 
 
 def _chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
@@ -598,7 +602,8 @@ def decode_on_device(
     Encoded JPEGs are decoded with :func:`decode_jpegs` in groups of at most ``pixel_budget``
     pixels and transformed with :func:`transform_on_device`. A JPEG the device decoder
     refuses is decoded on the CPU by the PIL path and ``transform``; if that fails too it is
-    a failure with the PIL path's reason. Worker-decoded tensors are copied to the device.
+    a failure with the PIL path's reason. Those crops and the worker-decoded ones are copied
+    to the device as uint8 and normalised there.
 
     On CUDA, call this on a stream that has nothing else queued that matters for timing (a
     side stream): the decoder waits for the current stream to drain before each call.
@@ -607,7 +612,7 @@ def decode_on_device(
         batch: from :func:`collate_prepared`.
         preprocess: the backbone's preprocessing.
         device: where to decode and transform (the model's device).
-        transform: the backbone's PIL eval transform, for the CPU fallback.
+        transform: the backbone's pixel transform (uint8 crops), for the CPU fallback.
         max_pixels: decompression-bomb guard of the CPU fallback.
         min_side: reduced-scale JPEG decoding of the CPU fallback.
         pixel_budget: most decoded pixels held at once.
@@ -619,7 +624,7 @@ def decode_on_device(
     size = preprocess.input_size
     parts: list[tuple[list[int], torch.Tensor]] = []  # (batch positions, tensor)
     failures = list(batch.failures)
-    fallback: list[tuple[int, torch.Tensor]] = []
+    pixels: list[tuple[int, torch.Tensor]] = []  # (batch position, uint8 crop) decoded by PIL
     for group in _chunks(batch.sizes, pixel_budget):
         decoded = decode_jpegs(
             [batch.encoded_item(j) for j in group], device, [batch.sizes[j] for j in group]
@@ -643,19 +648,20 @@ def decode_on_device(
                 allow_encoded=False,
             )
             if got.image is not None:
-                fallback.append((pos, got.image))
+                pixels.append((pos, got.image))
             else:
                 failures.append((pos, got.reason, got.detail))
-    if fallback:
-        parts.append(([p for p, _ in fallback], torch.stack([t for _, t in fallback])))
-    if batch.images_at:
-        parts.append((list(batch.images_at), batch.images))
+    if pixels or batch.images_at:
+        crops = [batch.images] if batch.images_at else []
+        crops += [t[None] for _, t in pixels]
+        x = torch.cat(crops).to(device, non_blocking=True)
+        parts.append(([*batch.images_at, *(p for p, _ in pixels)], preprocess.normalize(x)))
     ok = sorted(p for positions, _ in parts for p in positions)
     rank = {p: r for r, p in enumerate(ok)}
     images = torch.empty(len(ok), 3, size, size, dtype=torch.float32, device=device)
     for positions, x in parts:
         index = torch.tensor([rank[p] for p in positions], dtype=torch.int64)
-        images.index_copy_(0, index.to(device), x.to(device, torch.float32, non_blocking=True))
+        images.index_copy_(0, index.to(device), x)
     failures.sort(key=lambda f: f[0])
     return DecodedBatch(
         keys=torch.tensor([batch.keys[p] for p in ok], dtype=torch.int64),

@@ -1,11 +1,12 @@
 """Embedding: pin images -> backbone vectors, batched, resumable, written into a store.
 
-The stages are separate callables: :class:`PinImages` decodes and transforms (in DataLoader
-workers), :func:`iter_embeddings` runs the model and yields float batches, and
-:func:`embed_store` writes parts into the store and records failures. On CUDA the forward pass
-runs under bf16 autocast with channels_last inputs, JPEGs are decoded on the GPU
-(:mod:`pinsearch.decode`) and each batch is handed over one step late, so the GPU computes the
-next batch while Python stores the previous one.
+The stages are separate callables: :class:`PinImages` decodes, resizes and crops images to
+8-bit pixels (in DataLoader workers; they are normalised on the model's device),
+:func:`iter_embeddings` runs the model and yields float batches, and :func:`embed_store`
+writes parts into the store and records failures. On CUDA the forward pass runs under bf16
+autocast with channels_last inputs, JPEGs are decoded on the GPU (:mod:`pinsearch.decode`)
+and each batch is handed over one step late, so the GPU computes the next batch while Python
+stores the previous one.
 """
 
 from __future__ import annotations
@@ -206,8 +207,8 @@ def loader_plan(
     shared memory (``shm_free``, default :func:`shared_memory_free`): fewer batches each, then
     fewer workers, at worst none (the main process reads the files; nothing is shared).
 
-    A worker batch is the model inputs as float32 on the PIL path; on the device path the
-    encoded files, and the model inputs of those the workers decode (PNGs, CMYK or rotated
+    A worker batch is the model inputs as uint8 crops on the PIL path; on the device path the
+    encoded files, and the crops of those the workers decode (PNGs, CMYK or rotated
     JPEGs, which the device decoder does not take, and ``config.cpu_share`` of the others),
     as the first files say.
     """
@@ -224,7 +225,7 @@ def loader_plan(
         ]
         per_image = float(np.mean(sizes)) if sizes else 0.0
     else:
-        per_image = 3 * preprocess.input_size**2 * 4.0
+        per_image = 3.0 * preprocess.input_size**2
     per_batch = max(1.0, per_image * max(1, min(batch_size, len(items))))
     budget = free * SHM_SHARE
     prefetch = min(_PREFETCH, int(budget // (workers * per_batch)))
@@ -246,7 +247,7 @@ def _shared_bytes(
     path: str, preprocess: Preprocess, max_pixels: int, cpu_share: float = 0.0
 ) -> float:
     """Bytes one file sends through shared memory on the device path, on average: the file,
-    or the model input a worker decodes it to when the device decoder does not take it (and
+    or the uint8 crop a worker decodes it to when the device decoder does not take it (and
     for ``cpu_share`` of the others); nothing for a file that fails: only its reason travels."""
     try:
         data = Path(path).read_bytes()
@@ -254,7 +255,7 @@ def _shared_bytes(
             refused = device_refusal(img, data) is not None
     except Exception:  # unreadable, not an image, too large: a failure in the worker
         return 0.0
-    decoded = 3.0 * preprocess.input_size**2 * 4
+    decoded = 3.0 * preprocess.input_size**2
     return decoded if refused else (1 - cpu_share) * len(data) + cpu_share * decoded
 
 
@@ -422,7 +423,8 @@ def resolve_batch_size(
 
 
 class PinImages(PinFiles):
-    """Decodes pin images and applies the backbone transform; bad images become failures."""
+    """Decodes pin images into the backbone's uint8 crops (its pixel transform); bad images
+    become failures."""
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str]:
         key, path = self.items[i]
@@ -441,7 +443,7 @@ def _collate(
     good = [b for b in batch if b[1] is not None]
     bad = [(b[0], b[2], b[3], b[4]) for b in batch if b[1] is None]
     keys = torch.tensor([b[0] for b in good], dtype=torch.int64)
-    images = torch.stack([b[1] for b in good]) if good else torch.empty(0)  # type: ignore[misc]
+    images = torch.stack([b[1] for b in good]) if good else torch.empty(0, dtype=torch.uint8)  # type: ignore[misc]
     return keys, images, bad
 
 
@@ -485,7 +487,7 @@ def iter_embeddings(
     batch_size = resolve_batch_size(model, pre, config, device, mode)
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
-    transform = backbone.transform()
+    transform = backbone.pixel_transform()
     workers, prefetch = loader_plan(config, items, batch_size, pre, mode)
     dataset: Dataset = (  # type: ignore[type-arg]
         EncodedPinImages(
@@ -513,7 +515,8 @@ def iter_embeddings(
     def stage(raw: Any) -> tuple[torch.Tensor, torch.Tensor, list[Failure]]:
         if mode == "pil":
             keys, images, bad = raw
-            return keys, images.to(device, non_blocking=True), list(bad)
+            x = images.to(device, non_blocking=True)
+            return keys, pre.normalize(x) if len(keys) else x, list(bad)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             out = decode_on_device(
                 raw, pre, device, transform, max_pixels=config.max_pixels, min_side=pre.resize_side
@@ -616,14 +619,14 @@ def embed_images(
     """
     from PIL import Image
 
-    transform = backbone.transform()
+    transform = backbone.pixel_transform()
     side = backbone.preprocess.resize_side  # the same reduced-scale JPEG decoding as the pins
     tensors = []
     for img in images:
         pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
         tensors.append(transform(pil.convert("RGB")))
     device = backbone.device
-    x = torch.stack(tensors).to(device)
+    x = backbone.preprocess.normalize(torch.stack(tensors).to(device))
     cuda = device.type == "cuda"
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -191,6 +191,29 @@ def test_transform_output(tiny: Backbone) -> None:
     assert t[0].mean() > 1.5 and t[1].mean() < 0 and t[2].mean() < 0
 
 
+@pytest.mark.parametrize("name", ["test_efficientnet", "test_vit", "test_clip", "classic"])
+def test_pixel_transform_then_normalize_is_the_eval_transform(name: str) -> None:
+    """The embedding hands uint8 crops to the device and normalises them there: the result
+    must be the eval transform's tensor bit for bit, for every kind of preprocessing (crop
+    fractions, CLIP's and identity statistics) and image shape (padded when small)."""
+    from PIL import Image
+
+    bb = create_backbone(name)
+    pixels, full = bb.pixel_transform(), bb.transform()
+    rng = np.random.default_rng(3)
+    for width, height in [(300, 200), (97, 411), (224, 224), (20, 30)]:
+        img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        crop = pixels(img)
+        size = bb.preprocess.input_size
+        assert crop.dtype == torch.uint8 and crop.shape == (3, size, size)
+        assert torch.equal(bb.preprocess.normalize(crop), full(img)), (width, height)
+    levels = crop.float()  # whole levels in float (the device transform's output) do too
+    assert torch.equal(bb.preprocess.normalize(levels), full(img))
+    assert torch.equal(levels, crop.float())  # and are left as they were
+    batch = bb.preprocess.normalize(torch.stack([crop, crop]))
+    assert batch.shape == (2, 3, size, size) and torch.equal(batch[1], full(img))
+
+
 def test_classic_backbone() -> None:
     bb = create_backbone("classic")
     assert bb.weights == "none" and bb.preprocess == Preprocess(

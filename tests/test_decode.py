@@ -114,7 +114,7 @@ EXPECTED = {
 def test_prepare_image_routes_each_kind_like_the_pil_path(tmp_path: Path, model) -> None:
     files = _cases(tmp_path)
     files["missing"] = tmp_path / "missing.jpg"
-    transform = model.transform()
+    transform = model.pixel_transform()
     side = model.preprocess.resize_side
     old = PinImages(
         [(i, str(p)) for i, p in enumerate(files.values())], transform, MAX_PIXELS, side
@@ -127,7 +127,8 @@ def test_prepare_image_routes_each_kind_like_the_pil_path(tmp_path: Path, model)
         if got.kind == "failed":
             assert tensor is None and (got.reason, got.detail) == (reason, detail), name
         elif got.kind == "image":
-            torch.testing.assert_close(got.image, tensor)  # exactly the PIL path's tensor
+            assert got.image.dtype == torch.uint8  # the crop travels as 8-bit pixels
+            assert torch.equal(got.image, tensor)  # exactly the PIL path's crop
         else:
             assert got.encoded.dtype == torch.uint8 and got.encoded.dim() == 1
             assert bytes(got.encoded.numpy()) == path.read_bytes()
@@ -168,7 +169,7 @@ def test_collate_packs_encoded_bytes_back_to_back(tmp_path: Path, model) -> None
     files = _cases(tmp_path)
     ds = EncodedPinImages(
         [(10 + i, str(p)) for i, p in enumerate(files.values())],
-        model.transform(),
+        model.pixel_transform(),
         MAX_PIXELS,
     )
     batch = collate_prepared([ds[i] for i in range(len(ds))])
@@ -190,7 +191,7 @@ def test_collate_packs_encoded_bytes_back_to_back(tmp_path: Path, model) -> None
 
 def test_decode_on_device_keeps_order_and_failures(tmp_path: Path, model) -> None:
     files = _cases(tmp_path)
-    transform = model.transform()
+    transform = model.pixel_transform()
     side = model.preprocess.resize_side
     items = [(100 + i, str(p)) for i, p in enumerate(files.values())]
     prepared = [prepare_image(k, p, transform, max_pixels=MAX_PIXELS, min_side=side)
@@ -208,7 +209,8 @@ def test_decode_on_device_keeps_order_and_failures(tmp_path: Path, model) -> Non
     assert out.keys.tolist() == good
     assert out.images.shape == (len(good), 3, 160, 160) and out.images.dtype == torch.float32
     old = PinImages(items, transform, MAX_PIXELS, side)
-    reference = {k: old[i][1] for i, (k, _) in enumerate(items)}
+    normalize = model.preprocess.normalize
+    reference = {k: normalize(old[i][1]) for i, (k, _) in enumerate(items) if old[i][1] is not None}
     for row, key in enumerate(good):
         # Same decoder (libjpeg) and the same resize maths: at most a rounding step apart.
         diff = (out.images[row] - reference[key]).abs()
@@ -227,7 +229,7 @@ def test_refused_jpegs_fall_back_to_pil_then_fail(
     tmp_path: Path, model, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = _cases(tmp_path)
-    transform = model.transform()
+    transform = model.pixel_transform()
     good, other = files["baseline"], files["progressive"]
     # A JPEG that passes the header check but whose pixel data PIL cannot decode either:
     # its scan names a component the frame does not have.
@@ -256,7 +258,7 @@ def test_refused_jpegs_fall_back_to_pil_then_fail(
     (failure,) = out.failures
     assert failure[:3] == (2, str(broken), "corrupt")
     pil = PinImages([(1, str(good))], transform, min_side=model.preprocess.resize_side)[0][1]
-    torch.testing.assert_close(out.images[0], pil)  # the fallback is the PIL path itself
+    assert torch.equal(out.images[0], model.preprocess.normalize(pil))  # the PIL path itself
 
 
 def test_pixel_budget_splits_decoding_without_changing_results(
@@ -266,7 +268,7 @@ def test_pixel_budget_splits_decoding_without_changing_results(
     for i, (w, h) in enumerate([(120, 90), (90, 120), (200, 200), (64, 48), (120, 90)]):
         paths.append(tmp_path / f"{i}.jpg")
         _picture(w, h, seed=i).save(paths[-1], "JPEG")
-    transform = model.transform()
+    transform = model.pixel_transform()
     batch = collate_prepared([prepare_image(i, str(p), transform) for i, p in enumerate(paths)])
     calls: list[int] = []
     real = decode_mod._decode
@@ -486,12 +488,12 @@ def test_cpu_share_decodes_part_of_the_jpegs_in_the_workers(
     paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:8]
     files = _cases(tmp_path)
     items = [(i, str(p)) for i, p in enumerate(paths)] + [(8, str(files["png"]))]
-    transform, side = model.transform(), model.preprocess.resize_side
+    transform, side = model.pixel_transform(), model.preprocess.resize_side
     data = EncodedPinImages(items, transform, MAX_PIXELS, side, cpu_share=0.5)
     # every other JPEG decoded in the worker, as the PIL path decodes it; the PNG always
     assert [data[i].kind for i in range(9)] == ["encoded", "image"] * 4 + ["image"]
     pil = PinImages(items, transform, MAX_PIXELS, side)
-    torch.testing.assert_close(data[1].image, pil[1][1])
+    assert torch.equal(data[1].image, pil[1][1])
     on_device: list[int] = []  # JPEGs handed to the device decoder, per call
     decode = decode_mod.decode_jpegs
     monkeypatch.setattr(decode_mod, "decode_jpegs",

@@ -71,10 +71,11 @@ def test_pin_images_turns_bad_files_into_failures(tmp_path: Path, model) -> None
     Image.new("RGB", (50, 70), (9, 99, 199)).save(good)
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
-    ds = PinImages([(7, str(good)), (8, str(bad))], model.transform())
+    ds = PinImages([(7, str(good)), (8, str(bad))], model.pixel_transform())
     key, tensor, path, reason, _ = ds[0]
     size = model.preprocess.input_size
     assert (key, path, reason) == (7, str(good), "") and tensor.shape == (3, size, size)
+    assert tensor.dtype == torch.uint8 and tensor[2].float().mean() > 150  # 8-bit blue crop
     key, tensor, path, reason, detail = ds[1]
     assert (key, tensor, reason) == (8, None, "not_an_image") and detail
 
@@ -110,7 +111,7 @@ def test_loader_plan_fits_the_workers_batches_in_shared_memory(
     pre = model.preprocess
     items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
     config = EmbedConfig(workers=4, batch_size=8)
-    batch = 8 * 3 * pre.input_size**2 * 4  # float32 model inputs, on the PIL path
+    batch = 8 * 3 * pre.input_size**2  # uint8 crops, on the PIL path
     assert loader_plan(config, items, 8, pre, "pil", shm_free=32 * batch) == (4, 4)
     assert loader_plan(config, items, 8, pre, "pil", shm_free=16 * batch) == (4, 2)
     assert loader_plan(config, items, 8, pre, "pil", shm_free=5 * batch) == (2, 1)
@@ -146,7 +147,7 @@ def test_embedding_with_little_shared_memory_gives_the_same_vectors(
     items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
     config = EmbedConfig(workers=2, batch_size=8)
     full = np.concatenate([b.vectors for b in iter_embeddings(model, items, config)])
-    batch = 8 * 3 * model.preprocess.input_size**2 * 4
+    batch = 8 * 3 * model.preprocess.input_size**2  # uint8 crops
     monkeypatch.setattr(embed, "shared_memory_free", lambda: 2 * batch + 1)  # one batch fits
     with caplog.at_level("WARNING", logger="pinsearch.embed"):
         few = np.concatenate([b.vectors for b in iter_embeddings(model, items, config)])

@@ -138,7 +138,7 @@ def test_nvjpeg_pixels_close_to_libjpeg(tmp_path: Path) -> None:
 
 def test_large_photos_are_decoded_in_pieces(tmp_path: Path) -> None:
     model = create_backbone("test_efficientnet", device=CUDA)
-    transform = model.transform()
+    transform = model.pixel_transform()
     paths = []
     for i, (w, h) in enumerate([(4000, 3000), (3000, 4000), (800, 600)]):
         paths.append(tmp_path / f"{i}.jpg")
