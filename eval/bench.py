@@ -191,6 +191,10 @@ class EmbedBench:
     # decoded, resized and normalised on the model's device, no reading, workers or model
     # (every JPEG the device takes, whatever the cpu_share)
     decode_images_per_s: float | None = None
+    # the worker step alone: the run's DataLoader (its workers read the files, and decode
+    # those of the PIL path or the cpu_share) drained with no device step and no model,
+    # steady rate as above; under the end-to-end rate's bound when the workers set it
+    loader_images_per_s: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -348,10 +352,9 @@ def bench_embed(
             if decoder == "device"
             else None
         )
+        loader_rate = _loader_rate(model, files, config, decoder, pin_memory=dev.type == "cuda")
     e2e = done / t.seconds
-    added = t.seconds - t_half.seconds
-    # under two batches the difference of the runs is noise: the whole run stands for it
-    steady = (done - half) / added if done >= 2 * batch_size and added > 0 else e2e
+    steady = _steady_rate(done, t.seconds, half, t_half.seconds, batch_size)
     n = len(files)
     size = model.preprocess.input_size
     x = torch.randn(batch_size, 3, size, size, device=dev)
@@ -387,8 +390,43 @@ def bench_embed(
         forward_images_per_s=round(fwd, 1),
         ratio=round(steady / fwd, 3),
         decode_images_per_s=None if decode_rate is None else round(decode_rate, 1),
+        loader_images_per_s=round(loader_rate, 1),
         machine=machine(),
     )
+
+
+def _steady_rate(n: int, seconds: float, half: int, half_seconds: float, batch: int) -> float:
+    """What the second half of ``n`` items adds, ``(n - half) / (seconds - half_seconds)``;
+    under two batches the difference of the runs is noise: the whole run stands for it."""
+    added = seconds - half_seconds
+    return (n - half) / added if n >= 2 * batch and added > 0 else n / seconds
+
+
+def _loader_rate(
+    model: Any, files: Sequence[tuple[int, str]], config: Any, mode: str, *, pin_memory: bool
+) -> float:
+    """Images per second of the embedding's worker step alone: the DataLoader
+    :func:`~pinsearch.embed.iter_embeddings` builds (same workers, prefetch, ``cpu_share``
+    and pinning) drained with nothing else to do, over all the files and over the first
+    half, as the steady rate is taken. It says whether the workers (reading, and decoding
+    on the PIL path or for the ``cpu_share``) bound the end-to-end rate."""
+    from pinsearch.embed import pin_loader
+
+    transform = model.pixel_transform()
+
+    def drain(part: Sequence[tuple[int, str]]) -> float:
+        loader = pin_loader(
+            part, transform, config, config.batch_size, model.preprocess, mode,
+            pin_memory=pin_memory,
+        )  # fmt: skip
+        with timed() as t:
+            for _ in loader:
+                pass
+        return t.seconds
+
+    half = len(files) // 2
+    whole_s, half_s = drain(files), drain(files[:half])
+    return _steady_rate(len(files), whole_s, half, half_s, config.batch_size)
 
 
 def _device_decode_rate(

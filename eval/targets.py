@@ -86,6 +86,8 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
         if row.get("decode_images_per_s"):  # the device step alone, where it was measured
             every = " (every JPEG on the device)" if row.get("cpu_share") else ""
             how += f"; decoding alone{every} {row['decode_images_per_s']:,.0f} img/s"
+        if row.get("loader_images_per_s"):  # the workers alone, where it was measured
+            how += f"; workers alone {row['loader_images_per_s']:,.0f} img/s"
         if name in EMBED_MIN_IMAGES_PER_S:
             ok = rate >= EMBED_MIN_IMAGES_PER_S[name]
             out.append(Check(src, key, f"{rate:,.0f} img/s steady ({how})", _state(ok)))

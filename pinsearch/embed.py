@@ -54,6 +54,7 @@ __all__ = [
     "embed_store",
     "iter_embeddings",
     "loader_plan",
+    "pin_loader",
     "resolve_batch_size",
     "resolve_decode",
     "resolve_device",
@@ -458,6 +459,48 @@ def _embedded(
     )
 
 
+def pin_loader(
+    items: Sequence[tuple[int, str]],
+    transform: Callable[[Any], torch.Tensor],
+    config: EmbedConfig,
+    batch_size: int,
+    preprocess: Preprocess,
+    mode: str,
+    *,
+    pin_memory: bool = False,
+) -> DataLoader:  # type: ignore[type-arg]
+    """The DataLoader of the worker step, in item order: :class:`PinImages` batches on the
+    ``"pil"`` path, :class:`~pinsearch.decode.PreparedBatch` on the ``"device"`` path, with
+    the workers and prefetch :func:`loader_plan` gives.
+
+    Args:
+        items: ``(key, path)`` pairs.
+        transform: the backbone's pixel transform (:meth:`Backbone.pixel_transform`).
+        config: decoding limits, workers and ``cpu_share``.
+        batch_size: items per batch.
+        preprocess: the backbone's preprocessing.
+        mode: :func:`resolve_decode`'s answer.
+        pin_memory: page-locked batches (for asynchronous copies to a GPU).
+    """
+    workers, prefetch = loader_plan(config, items, batch_size, preprocess, mode)
+    side = preprocess.resize_side
+    dataset: Dataset = (  # type: ignore[type-arg]
+        EncodedPinImages(items, transform, config.max_pixels, side, cpu_share=config.cpu_share)
+        if mode == "device"
+        else PinImages(items, transform, config.max_pixels, side)
+    )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_prepared if mode == "device" else _collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=prefetch,
+    )
+
+
 def iter_embeddings(
     backbone: Backbone,
     items: Sequence[tuple[int, str]],
@@ -488,24 +531,7 @@ def iter_embeddings(
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     transform = backbone.pixel_transform()
-    workers, prefetch = loader_plan(config, items, batch_size, pre, mode)
-    dataset: Dataset = (  # type: ignore[type-arg]
-        EncodedPinImages(
-            items, transform, config.max_pixels, pre.resize_side, cpu_share=config.cpu_share
-        )
-        if mode == "device"
-        else PinImages(items, transform, config.max_pixels, pre.resize_side)
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_prepared if mode == "device" else _collate,
-        pin_memory=cuda,
-        persistent_workers=False,
-        prefetch_factor=prefetch,
-    )
+    loader = pin_loader(items, transform, config, batch_size, pre, mode, pin_memory=cuda)
     _logger.info("embedding on %s: decode=%s, batch size %d", device, mode, batch_size)
     # nvJPEG needs an idle current stream (see pinsearch.decode): decode on a side stream, so
     # the main stream keeps running the previous batch's forward pass meanwhile.

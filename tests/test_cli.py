@@ -207,6 +207,7 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert one["cpu_share"] == 0.5 and one["workers"] == 1  # type: ignore[index]
     assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
     assert one["decode_images_per_s"] > 0  # type: ignore[index]  # the device step alone
+    assert one["loader_images_per_s"] > 0  # type: ignore[index]  # the workers alone
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
     # steady: the 10 images the second half of the files adds, over the time they add
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]
@@ -220,7 +221,7 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     pil = _json(["bench", "embed", "--n", "16", "--batch-size", "8", "--decode", "pil",
                  "-b", "test_vit", "--json"])  # fmt: skip
     assert pil["decode"] == "pil" and pil["decode_images_per_s"] is None  # type: ignore[index]
-    assert pil["cpu_share"] == 0.0  # type: ignore[index]
+    assert pil["cpu_share"] == 0.0 and pil["loader_images_per_s"] > 0  # type: ignore[index]
     real = _json([*base, "-b", "test_vit", "--corpus", str(tree_corpus.root), "--json"])
     assert real["rows"][0]["images"] == 20 and "error" not in real["rows"][0]  # type: ignore[index]
     empty = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])

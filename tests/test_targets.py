@@ -115,6 +115,9 @@ def test_embed_targets() -> None:
     shared = {**one, "cpu_share": 0.3, "workers": 14}  # a row with the workers decoding too
     assert "30% decoded by 14 workers" in check_result(shared)[0].measured
     assert "decoding alone (every JPEG on the device) 12,346" in check_result(shared)[0].measured
+    assert "workers alone" not in check_result(shared)[0].measured  # not measured before
+    loaded = {**shared, "loader_images_per_s": 7654.3}
+    assert "; workers alone 7,654 img/s" in check_result(loaded)[0].measured
 
 
 def test_study_targets_lower_bounds_stay_open() -> None:
