@@ -654,7 +654,8 @@ def decode_on_device(
     if pixels or batch.images_at:
         crops = [batch.images] if batch.images_at else []
         crops += [t[None] for _, t in pixels]
-        x = torch.cat(crops).to(device, non_blocking=True)
+        # the workers' crops alone stay the pinned tensor they came in: an asynchronous copy
+        x = (crops[0] if len(crops) == 1 else torch.cat(crops)).to(device, non_blocking=True)
         parts.append(([*batch.images_at, *(p for p, _ in pixels)], preprocess.normalize(x)))
     ok = sorted(p for positions, _ in parts for p in positions)
     rank = {p: r for r, p in enumerate(ok)}
