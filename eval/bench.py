@@ -771,18 +771,18 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
     """Time :meth:`~pinsearch.catalog.Catalog.add_ingest` of ``n`` synthetic pins over
     ``boards`` boards with ``skipped`` skipped files (what ``pinsearch index`` writes to the
     catalog for such a corpus), and the same boards written row by row as before."""
-    from pinsearch.catalog import _BOARD_COLUMNS, _board_row
     from pinsearch.store import Store
 
     result = synthetic_ingest(n, boards=boards, skipped=skipped)
-    rows = [_board_row(b) for b in result.boards.values()]
+    records = list(result.boards.values())
+    rows = [[b.board, b.user, b.board_name, b.category, b.board_description] for b in records]
     with tempfile.TemporaryDirectory() as tmp:
         with Store.open(Path(tmp) / "store", create=True) as store:
             with timed() as t:
                 store.catalog.add_ingest(result, "{}")
             users = store.catalog.scalar("SELECT count(*) FROM users")
         with Store.open(Path(tmp) / "boards", create=True) as store, timed() as t_boards:
-            store.catalog.insert_rows("boards", _BOARD_COLUMNS, rows, keep_existing=True)  # alone
+            store.catalog.add_boards(records)  # alone
         with Store.open(Path(tmp) / "rows", create=True) as store, timed() as t_rows:
             store.catalog.connection.executemany(  # the same boards, as they were written
                 "INSERT INTO boards VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", rows

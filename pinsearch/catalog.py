@@ -253,6 +253,12 @@ class Catalog:
         """Number of stored pins."""
         return int(self.scalar("SELECT count(*) FROM pins"))
 
+    def add_boards(self, boards: Iterable[PinRecord]) -> None:
+        """Insert boards in one columnar write, each given by a pin record of it (board id,
+        user, name, category, description); boards already stored are kept as they are."""
+        rows = [_board_row(b) for b in boards]
+        self.insert_rows("boards", _BOARD_COLUMNS, rows, keep_existing=True)
+
     def add_ingest(self, result: IngestResult, config_json: str) -> tuple[int, int]:
         """Store the pins, boards, users and skipped pins of an ingest in one transaction.
 
@@ -264,8 +270,7 @@ class Catalog:
             next_key = int(self.get_meta("next_pin_key") or 0)
             users = sorted({p.user for p in result.pins if p.user})
             self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
-            boards = [_board_row(b) for b in result.boards.values()]
-            self.insert_rows("boards", _BOARD_COLUMNS, boards, keep_existing=True)
+            self.add_boards(result.boards.values())
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
             self.set_meta("next_pin_key", str(next_key + len(rows)))
