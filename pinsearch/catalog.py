@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS embeddings (
     images_per_s DOUBLE,
     device VARCHAR,
     amp BOOLEAN,                    -- the latest vectors came from bf16 autocast (on CUDA)
+    decode VARCHAR,                 -- where their JPEGs were decoded: device or pil
     pinsearch_version VARCHAR,
     created TIMESTAMP,
     updated TIMESTAMP
@@ -190,6 +191,7 @@ class Catalog:
                 "ALTER TABLE vector_parts ADD COLUMN IF NOT EXISTS keys_sha256 VARCHAR"
             )
             self._con.execute("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS amp BOOLEAN")
+            self._con.execute("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS decode VARCHAR")
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 

@@ -31,11 +31,13 @@ from pinsearch.decode import (
     DEFAULT_PIXEL_BUDGET,
     EncodedPinImages,
     PinFiles,
+    PreparedImage,
     collate_prepared,
     decode_on_device,
     device_decoder_error,
     device_refusal,
     device_transform_supported,
+    prepare_image,
 )
 from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, open_image
@@ -60,6 +62,7 @@ __all__ = [
     "resolve_device",
     "resolve_workers",
     "run_amp",
+    "run_decode",
     "shared_memory_free",
 ]
 
@@ -627,32 +630,76 @@ def run_amp(run: dict[str, Any]) -> bool:
     return str(run.get("device", "")).startswith("cuda")
 
 
+def run_decode(run: dict[str, Any], backbone: Backbone) -> str:
+    """How query image files are decoded to embed as a store's run embedded its pins:
+    ``"device"`` where its latest vectors came from the device path (:mod:`pinsearch.decode`)
+    and ``backbone``'s device can take it, else ``"pil"``. Runs recorded before the ``decode``
+    column took the device path on CUDA wherever the preprocessing allowed it."""
+    decode = run.get("decode")
+    if decode is None and str(run.get("device", "")).startswith("cuda"):
+        decode = "device"
+    if decode != "device" or not device_transform_supported(backbone.preprocess):
+        return "pil"
+    return "pil" if device_decoder_error(backbone.device) else "device"
+
+
 def embed_like_run(backbone: Backbone, images: Sequence[Any], run: dict[str, Any]) -> np.ndarray:
-    """Embed query images as a store's embedding ``run`` embedded its pins: its normalisation
-    and its precision (:func:`run_amp`)."""
-    return embed_images(backbone, images, normalize=bool(run.get("normalize")), amp=run_amp(run))
+    """Embed query images as a store's embedding ``run`` embedded its pins: its normalisation,
+    its precision (:func:`run_amp`) and its decoding of image files (:func:`run_decode`)."""
+    return embed_images(
+        backbone,
+        images,
+        normalize=bool(run.get("normalize")),
+        amp=run_amp(run),
+        decode=run_decode(run, backbone),
+    )
 
 
 def embed_images(
-    backbone: Backbone, images: Sequence[Any], *, normalize: bool = False, amp: bool = True
+    backbone: Backbone,
+    images: Sequence[Any],
+    *,
+    normalize: bool = False,
+    amp: bool = True,
+    decode: str = "pil",
 ) -> np.ndarray:
     """Embed in-memory PIL images or image paths with a backbone (for queries).
 
     On CUDA the forward pass runs as :func:`embed_store` runs it (channels_last, and bf16
     autocast unless ``amp`` is off: :func:`embed_like_run` passes the store's, so that a store
-    embedded on the CPU is queried in float32), so a stored pin's own image comes back next
-    to its stored vector.
+    embedded on the CPU is queried in float32), and image files are decoded as the store's
+    pins were (``decode``: ``"pil"``, or ``"device"`` for :mod:`pinsearch.decode` on the
+    backbone's device, which :func:`embed_like_run` picks for a store embedded that way), so
+    a stored pin's own image comes back next to its stored vector.
+
+    Raises:
+        ImageError: an image file that cannot be used (the reasons of the embedding runs).
     """
     from PIL import Image
 
+    if decode not in ("pil", "device"):
+        raise ValueError(f"decode must be 'pil' or 'device', got {decode!r}")
+    pre, device = backbone.preprocess, backbone.device
     transform = backbone.pixel_transform()
-    side = backbone.preprocess.resize_side  # the same reduced-scale JPEG decoding as the pins
-    tensors = []
-    for img in images:
-        pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
-        tensors.append(transform(pil.convert("RGB")))
-    device = backbone.device
-    x = backbone.preprocess.normalize(torch.stack(tensors).to(device))
+    side = pre.resize_side  # the same reduced-scale JPEG decoding as the pins
+    if decode == "device":  # files as the workers and the device step take them
+        prepared = [
+            PreparedImage(i, "<image>", image=transform(img.convert("RGB")))
+            if isinstance(img, Image.Image)
+            else prepare_image(i, str(img), transform, min_side=side)
+            for i, img in enumerate(images)
+        ]
+        out = decode_on_device(collate_prepared(prepared), pre, device, transform, min_side=side)
+        if out.failures:
+            _, path, reason, detail = out.failures[0]
+            raise ImageError(path, reason, detail)
+        x = out.images
+    else:
+        tensors = []
+        for img in images:
+            pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
+            tensors.append(transform(pil.convert("RGB")))
+        x = pre.normalize(torch.stack(tensors).to(device))
     cuda = device.type == "cuda"
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -660,10 +707,10 @@ def embed_images(
         torch.inference_mode(),
         torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and amp),
     ):
-        out = backbone.model(x).float()
+        out_vecs = backbone.model(x).float()
     if normalize:
-        out = torch.nn.functional.normalize(out, dim=1)
-    return out.cpu().numpy()
+        out_vecs = torch.nn.functional.normalize(out_vecs, dim=1)
+    return out_vecs.cpu().numpy()
 
 
 def _run_record(backbone: Backbone) -> dict[str, Any]:
@@ -719,6 +766,7 @@ def embed_store(
     device = resolve_device(config.device)
     amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
     model = backbone or create_backbone(backbone_name, weights=config.weights, device=device)
+    decode = resolve_decode(config, device, model.preprocess)  # recorded too (run_decode)
     existing = catalog.get_embedding(backbone_name)
     if existing is not None:
         check_compatible(existing, model, config)
@@ -733,6 +781,7 @@ def embed_store(
             normalize=config.normalize,
             device=str(device),
             amp=amp,
+            decode=decode,
             pinsearch_version=__version__,
         )
     vs = store.vectors(backbone_name)
@@ -785,7 +834,7 @@ def embed_store(
                 seconds=float(prev.get("seconds") or 0.0) + seconds,
                 images_per_s=(embedded / seconds) if seconds > 0 and embedded else None,
                 device=str(device),
-                **({"amp": amp} if embedded else {}),
+                **({"amp": amp, "decode": decode} if embedded else {}),
             )
     return EmbedReport(
         backbone=backbone_name,

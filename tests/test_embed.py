@@ -409,3 +409,69 @@ def test_cuda_run_without_amp_is_recorded_as_float32(tree_corpus, tmp_path: Path
             embed_store(store, BACKBONE, EmbedConfig(device="cuda", amp=amp, workers=0))
             run = store.catalog.get_embedding(BACKBONE)
         assert run["device"].startswith("cuda") and run["amp"] is amp and run_amp(run) is amp
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_query_images_are_decoded_as_the_run_decoded_its_pins(make_tree, tmp_path: Path) -> None:
+    """A pin's own image file, queried, comes back as its stored vector whichever path decoded
+    the pins: 400 px photos are decoded at half scale by PIL (libjpeg's DCT scaling) and whole
+    by the device path, so the other path's vectors differ."""
+    from pinsearch.embed import embed_like_run, run_decode
+
+    corpus = make_tree(tmp_path / "corpus", image_size=400, pins_per_board=2)
+    model = create_backbone(BACKBONE)
+    for decode, other in (("device", "pil"), ("pil", "device")):
+        path = tmp_path / decode
+        index_corpus(corpus.root, path, backbone=BACKBONE,
+                     embed=EmbedConfig(workers=0, batch_size=8, decode=decode))  # fmt: skip
+        with Store.open(path, read_only=True) as store:
+            run = store.catalog.get_embedding(BACKBONE)
+            stored, keys = store.vectors(BACKBONE).load()
+            paths = dict(store.catalog.pin_paths())
+        assert run["decode"] == decode and run_decode(run, model) == decode
+        files = [paths[k] for k in keys.tolist()]
+        like = embed_like_run(model, files, run)
+        np.testing.assert_allclose(like, stored, rtol=0, atol=1e-6)
+        unlike = embed_images(model, files, decode=other)
+        assert _cosines(unlike, stored).min() < 0.999  # the check above has teeth
+
+
+def test_run_decode_for_older_runs_and_other_machines(model) -> None:
+    from dataclasses import replace as swap
+
+    from pinsearch.embed import run_decode
+
+    # runs recorded before the decode column: CUDA runs took the device path
+    assert run_decode({"device": "cuda:0", "decode": None}, model) == "device"
+    assert run_decode({"device": "cpu"}, model) == "pil"
+    # a CUDA store queried on a CPU: torchvision decodes the JPEGs there as the GPU did
+    assert run_decode({"device": "cuda", "decode": "device"}, model) == "device"
+    assert run_decode({"device": "cuda", "decode": "pil"}, model) == "pil"
+    nearest = swap(model, preprocess=swap(model.preprocess, interpolation="nearest"))
+    assert run_decode({"device": "cuda", "decode": "device"}, nearest) == "pil"
+
+
+def test_embed_images_on_the_device_path_keeps_order_and_names_bad_files(
+    model, tree_corpus, tmp_path: Path
+) -> None:
+    from pinsearch.images import ImageError
+
+    paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:3]
+    pil = Image.open(paths[1]).convert("RGB")
+    png = tmp_path / "a.png"
+    Image.open(paths[2]).save(png)  # decoded by PIL on the device path too
+    mixed = embed_images(model, [paths[0], pil, png], decode="device")
+    alone = [embed_images(model, [item], decode="device")[0] for item in (paths[0], pil, png)]
+    np.testing.assert_allclose(mixed, np.stack(alone), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(mixed[1], embed_images(model, [pil])[0], rtol=0, atol=1e-6)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not really")
+    for decode in ("device", "pil"):
+        with pytest.raises(ImageError) as err:
+            embed_images(model, [paths[0], bad], decode=decode)
+        assert err.value.path == str(bad) and err.value.reason == "not_an_image"
+    with pytest.raises(ValueError, match="decode"):
+        embed_images(model, [pil], decode="gpu")
