@@ -302,6 +302,7 @@ def bench_embed(
     import torch
 
     from pinsearch.backbones import create_backbone, get_backbone_spec
+    from pinsearch.decode import takes_progressive
     from pinsearch.embed import (
         EmbedConfig,
         iter_embeddings,
@@ -331,7 +332,10 @@ def bench_embed(
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(items) if items is not None else write_bench_images(Path(tmp), n)
-        plan = loader_plan(config, files, batch_size, model.preprocess, decoder)
+        plan = loader_plan(
+            config, files, batch_size, model.preprocess, decoder,
+            progressive=takes_progressive(dev),
+        )  # fmt: skip
 
         def embed(part: Sequence[tuple[int, str]]) -> int:
             return sum(len(b.keys) for b in iter_embeddings(model, part, config))
@@ -352,7 +356,7 @@ def bench_embed(
             if decoder == "device"
             else None
         )
-        loader_rate = _loader_rate(model, files, config, decoder, pin_memory=dev.type == "cuda")
+        loader_rate = _loader_rate(model, files, config, decoder)
     e2e = done / t.seconds
     steady = _steady_rate(done, t.seconds, half, t_half.seconds, batch_size)
     n = len(files)
@@ -402,9 +406,7 @@ def _steady_rate(n: int, seconds: float, half: int, half_seconds: float, batch: 
     return (n - half) / added if n >= 2 * batch and added > 0 else n / seconds
 
 
-def _loader_rate(
-    model: Any, files: Sequence[tuple[int, str]], config: Any, mode: str, *, pin_memory: bool
-) -> float:
+def _loader_rate(model: Any, files: Sequence[tuple[int, str]], config: Any, mode: str) -> float:
     """Images per second of the embedding's worker step alone: the DataLoader
     :func:`~pinsearch.embed.iter_embeddings` builds (same workers, prefetch, ``cpu_share``
     and pinning) drained with nothing else to do, over all the files and over the first
@@ -416,9 +418,8 @@ def _loader_rate(
 
     def drain(part: Sequence[tuple[int, str]]) -> float:
         loader = pin_loader(
-            part, transform, config, config.batch_size, model.preprocess, mode,
-            pin_memory=pin_memory,
-        )  # fmt: skip
+            part, transform, config, config.batch_size, model.preprocess, mode, model.device
+        )
         with timed() as t:
             for _ in loader:
                 pass
@@ -439,10 +440,18 @@ def _device_decode_rate(
     fallback) or the rest of the pipeline bounds the end-to-end rate."""
     import torch
 
-    from pinsearch.decode import EncodedPinImages, collate_prepared, decode_on_device
+    from pinsearch.decode import (
+        EncodedPinImages,
+        collate_prepared,
+        decode_on_device,
+        takes_progressive,
+    )
 
     pre, size = model.preprocess, config.batch_size
-    data = EncodedPinImages(files[: 8 * size], transform, config.max_pixels, pre.resize_side)
+    data = EncodedPinImages(
+        files[: 8 * size], transform, config.max_pixels, pre.resize_side,
+        progressive=takes_progressive(dev),
+    )  # fmt: skip
     batches = [
         collate_prepared([data[j] for j in range(i, min(i + size, len(data)))])
         for i in range(0, len(data), size)

@@ -1,9 +1,10 @@
 """Decoding pin images next to the model: JPEG bytes from the workers, pixels on the device.
 
 The work is split in two steps. In the DataLoader workers, :func:`prepare_image` reads a file
-and looks at its header only. A plain JPEG (baseline or progressive, YCbCr or grey, upright,
-within the pixel limit, ending in its end-of-image marker) travels on as its encoded bytes;
-anything else (PNG, CMYK, EXIF-rotated, odd files) is decoded right there by the PIL path of
+and looks at its header only. A plain JPEG (baseline, or progressive but not on CUDA:
+:func:`takes_progressive`; YCbCr or grey, upright, within the pixel limit, ending in its
+end-of-image marker) travels on as its encoded bytes; anything else (PNG, CMYK, EXIF-rotated,
+odd files) is decoded right there by the PIL path of
 :mod:`pinsearch.images` and the backbone's pixel transform, and travels as its 8-bit crop
 (uint8: a quarter of the float input's bytes); unreadable files become failures with the same
 reasons as the PIL path. A ``cpu_share`` of the JPEGs the device could take is decoded in the
@@ -53,6 +54,7 @@ __all__ = [
     "device_refusal",
     "device_transform_supported",
     "prepare_image",
+    "takes_progressive",
     "transform_on_device",
     "worker_decodes",
 ]
@@ -125,17 +127,18 @@ def _frame_marker(data: bytes) -> int | None:
     return None
 
 
-def device_refusal(img: Image.Image, data: bytes) -> str | None:
+def device_refusal(img: Image.Image, data: bytes, *, progressive: bool = True) -> str | None:
     """Why the device decoder should not take an image, from its header; None if it can.
 
-    It takes baseline and progressive 8-bit JPEGs, YCbCr or grey, whose EXIF orientation, if
-    any, is 1 and whose bytes end with the end-of-image marker (a truncated file goes to PIL,
-    which reports it as ``truncated``).
+    It takes baseline and (with ``progressive``) progressive 8-bit JPEGs, YCbCr or grey, whose
+    EXIF orientation, if any, is 1 and whose bytes end with the end-of-image marker (a
+    truncated file goes to PIL, which reports it as ``truncated``).
 
     Args:
         img: the image opened lazily by :func:`~pinsearch.images.open_image` (size already
             checked against the pixel limit).
         data: the file's bytes.
+        progressive: whether progressive JPEGs go to the device (:func:`takes_progressive`).
     """
     if img.format != "JPEG":
         return f"format {img.format}"
@@ -149,6 +152,8 @@ def device_refusal(img: Image.Image, data: bytes) -> str | None:
     marker = _frame_marker(data)
     if marker not in (_SOF_BASELINE, _SOF_PROGRESSIVE):
         return "frame marker " + (f"{marker:#06x}" if marker is not None else "not found")
+    if marker == _SOF_PROGRESSIVE and not progressive:
+        return "progressive JPEG (nvJPEG decodes those one at a time)"
     if not data.rstrip(b"\x00").endswith(_EOI):
         return "no end-of-image marker"
     try:
@@ -160,6 +165,18 @@ def device_refusal(img: Image.Image, data: bytes) -> str | None:
     return None
 
 
+def takes_progressive(device: torch.device | str) -> bool:
+    """Whether progressive JPEGs should go to the device decoder on ``device``.
+
+    Not on CUDA: torchvision's nvJPEG decoder decodes the baseline JPEGs of a call in one
+    batch (on the GPU's hardware JPEG engine where there is one, as on A100 and H100) but the
+    others one at a time, their Huffman stage on the host in the calling thread, which is the
+    embedding's main loop. The DataLoader workers decode those with PIL instead, in parallel
+    and at reduced scale. On the CPU, libjpeg-turbo decodes both kinds alike.
+    """
+    return torch.device(device).type != "cuda"
+
+
 def _pil_prepare(
     key: int,
     path: str,
@@ -169,10 +186,11 @@ def _pil_prepare(
     min_side: int | None,
     *,
     allow_encoded: bool,
+    progressive: bool = True,
 ) -> PreparedImage:
     try:
         img = open_image(path, max_pixels, data=data)
-        if allow_encoded and device_refusal(img, data) is None:
+        if allow_encoded and device_refusal(img, data, progressive=progressive) is None:
             size = (img.size[1], img.size[0])
             img.close()
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
@@ -194,6 +212,7 @@ def prepare_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int | None = None,
     encoded_ok: bool = True,
+    progressive: bool = True,
 ) -> PreparedImage:
     """The worker step: read a file and route it by its header.
 
@@ -206,6 +225,7 @@ def prepare_image(
         max_pixels: decompression-bomb guard.
         min_side: reduced-scale JPEG decoding for the PIL path (the backbone's resize side).
         encoded_ok: False decodes the file here whatever its header says (the PIL path).
+        progressive: False decodes progressive JPEGs here (:func:`takes_progressive`).
 
     Returns:
         Encoded bytes (see :func:`device_refusal`), a ready tensor, or a failure whose reason
@@ -215,7 +235,16 @@ def prepare_image(
         data = Path(path).read_bytes()
     except OSError as exc:
         return PreparedImage(key, path, reason="unreadable", detail=str(exc))
-    return _pil_prepare(key, path, data, transform, max_pixels, min_side, allow_encoded=encoded_ok)
+    return _pil_prepare(
+        key,
+        path,
+        data,
+        transform,
+        max_pixels,
+        min_side,
+        allow_encoded=encoded_ok,
+        progressive=progressive,
+    )
 
 
 def worker_decodes(i: int, cpu_share: float) -> bool:
@@ -249,12 +278,16 @@ class EncodedPinImages(PinFiles):
     """``(key, path)`` items -> :class:`PreparedImage` (the worker step, for a DataLoader).
 
     ``cpu_share`` (0 to 1) of the items are decoded in the worker whatever their header says
-    (:func:`worker_decodes`); the others travel encoded where the device decoder takes them.
+    (:func:`worker_decodes`); the others travel encoded where the device decoder takes them
+    (progressive JPEGs only with ``progressive``: :func:`takes_progressive`).
     """
 
-    def __init__(self, *args: Any, cpu_share: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, cpu_share: float = 0.0, progressive: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.cpu_share = cpu_share
+        self.progressive = progressive
 
     def __getitem__(self, i: int) -> PreparedImage:
         key, path = self.items[i]
@@ -265,6 +298,7 @@ class EncodedPinImages(PinFiles):
             max_pixels=self.max_pixels,
             min_side=self.min_side,
             encoded_ok=not worker_decodes(i, self.cpu_share),
+            progressive=self.progressive,
         )
 
 

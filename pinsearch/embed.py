@@ -38,6 +38,7 @@ from pinsearch.decode import (
     device_refusal,
     device_transform_supported,
     prepare_image,
+    takes_progressive,
 )
 from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, open_image
@@ -205,6 +206,8 @@ def loader_plan(
     preprocess: Preprocess,
     mode: str,
     shm_free: int | None = None,
+    *,
+    progressive: bool = True,
 ) -> tuple[int, int | None]:
     """``(workers, prefetch_factor)`` for the DataLoader: :func:`resolve_workers` workers with 4
     batches each ready, fewer where their batches would not fit in ``SHM_SHARE`` of the free
@@ -213,8 +216,8 @@ def loader_plan(
 
     A worker batch is the model inputs as uint8 crops on the PIL path; on the device path the
     encoded files, and the crops of those the workers decode (PNGs, CMYK or rotated
-    JPEGs, which the device decoder does not take, and ``config.cpu_share`` of the others),
-    as the first files say.
+    JPEGs, which the device decoder does not take, progressive ones unless ``progressive``,
+    and ``config.cpu_share`` of the others), as the first files say.
     """
     workers = resolve_workers(config)
     if workers == 0:
@@ -224,7 +227,7 @@ def loader_plan(
         return workers, _PREFETCH
     if mode == "device":
         sizes = [
-            _shared_bytes(p, preprocess, config.max_pixels, config.cpu_share)
+            _shared_bytes(p, preprocess, config.max_pixels, config.cpu_share, progressive)
             for _, p in items[:_SIZE_SAMPLE]
         ]
         per_image = float(np.mean(sizes)) if sizes else 0.0
@@ -248,7 +251,11 @@ def loader_plan(
 
 
 def _shared_bytes(
-    path: str, preprocess: Preprocess, max_pixels: int, cpu_share: float = 0.0
+    path: str,
+    preprocess: Preprocess,
+    max_pixels: int,
+    cpu_share: float = 0.0,
+    progressive: bool = True,
 ) -> float:
     """Bytes one file sends through shared memory on the device path, on average: the file,
     or the uint8 crop a worker decodes it to when the device decoder does not take it (and
@@ -256,7 +263,7 @@ def _shared_bytes(
     try:
         data = Path(path).read_bytes()
         with open_image(path, max_pixels, data=data) as img:
-            refused = device_refusal(img, data) is not None
+            refused = device_refusal(img, data, progressive=progressive) is not None
     except Exception:  # unreadable, not an image, too large: a failure in the worker
         return 0.0
     decoded = 3.0 * preprocess.input_size**2
@@ -469,8 +476,7 @@ def pin_loader(
     batch_size: int,
     preprocess: Preprocess,
     mode: str,
-    *,
-    pin_memory: bool = False,
+    device: torch.device | str = "cpu",
 ) -> DataLoader:  # type: ignore[type-arg]
     """The DataLoader of the worker step, in item order: :class:`PinImages` batches on the
     ``"pil"`` path, :class:`~pinsearch.decode.PreparedBatch` on the ``"device"`` path, with
@@ -483,12 +489,25 @@ def pin_loader(
         batch_size: items per batch.
         preprocess: the backbone's preprocessing.
         mode: :func:`resolve_decode`'s answer.
-        pin_memory: page-locked batches (for asynchronous copies to a GPU).
+        device: the model's device: on CUDA the batches are page-locked (for asynchronous
+            copies) and progressive JPEGs are decoded in the workers
+            (:func:`~pinsearch.decode.takes_progressive`).
     """
-    workers, prefetch = loader_plan(config, items, batch_size, preprocess, mode)
+    device = torch.device(device)
+    progressive = takes_progressive(device)
+    workers, prefetch = loader_plan(
+        config, items, batch_size, preprocess, mode, progressive=progressive
+    )
     side = preprocess.resize_side
     dataset: Dataset = (  # type: ignore[type-arg]
-        EncodedPinImages(items, transform, config.max_pixels, side, cpu_share=config.cpu_share)
+        EncodedPinImages(
+            items,
+            transform,
+            config.max_pixels,
+            side,
+            cpu_share=config.cpu_share,
+            progressive=progressive,
+        )
         if mode == "device"
         else PinImages(items, transform, config.max_pixels, side)
     )
@@ -498,7 +517,7 @@ def pin_loader(
         shuffle=False,
         num_workers=workers,
         collate_fn=collate_prepared if mode == "device" else _collate,
-        pin_memory=pin_memory,
+        pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=prefetch,
     )
@@ -534,7 +553,7 @@ def iter_embeddings(
     if config.compile:
         model = torch.compile(model)  # type: ignore[assignment]
     transform = backbone.pixel_transform()
-    loader = pin_loader(items, transform, config, batch_size, pre, mode, pin_memory=cuda)
+    loader = pin_loader(items, transform, config, batch_size, pre, mode, device)
     _logger.info("embedding on %s: decode=%s, batch size %d", device, mode, batch_size)
     # nvJPEG needs an idle current stream (see pinsearch.decode): decode on a side stream, so
     # the main stream keeps running the previous batch's forward pass meanwhile.
@@ -652,6 +671,7 @@ def embed_like_run(backbone: Backbone, images: Sequence[Any], run: dict[str, Any
         normalize=bool(run.get("normalize")),
         amp=run_amp(run),
         decode=run_decode(run, backbone),
+        progressive=takes_progressive(str(run.get("device") or "cpu")),
     )
 
 
@@ -662,15 +682,24 @@ def embed_images(
     normalize: bool = False,
     amp: bool = True,
     decode: str = "pil",
+    progressive: bool | None = None,
 ) -> np.ndarray:
     """Embed in-memory PIL images or image paths with a backbone (for queries).
 
-    On CUDA the forward pass runs as :func:`embed_store` runs it (channels_last, and bf16
-    autocast unless ``amp`` is off: :func:`embed_like_run` passes the store's, so that a store
-    embedded on the CPU is queried in float32), and image files are decoded as the store's
-    pins were (``decode``: ``"pil"``, or ``"device"`` for :mod:`pinsearch.decode` on the
-    backbone's device, which :func:`embed_like_run` picks for a store embedded that way), so
-    a stored pin's own image comes back next to its stored vector.
+    Done as :func:`embed_store` does it, so that a stored pin's own image comes back next to
+    its stored vector: on CUDA channels_last and bf16 autocast, and files decoded by the path
+    the pins took (:func:`embed_like_run` passes a store's settings).
+
+    Args:
+        backbone: the model.
+        images: PIL images or image file paths, in any mix.
+        normalize: L2-normalise the vectors.
+        amp: bf16 autocast on CUDA (off for a store embedded in float32).
+        decode: ``"pil"``, or ``"device"`` for :mod:`pinsearch.decode` on the backbone's
+            device.
+        progressive: with ``decode="device"``, whether progressive JPEGs go to the device
+            decoder (default: :func:`~pinsearch.decode.takes_progressive` for the backbone's
+            device; :func:`embed_like_run` passes what it said for the run's device).
 
     Raises:
         ImageError: an image file that cannot be used (the reasons of the embedding runs).
@@ -680,13 +709,14 @@ def embed_images(
     if decode not in ("pil", "device"):
         raise ValueError(f"decode must be 'pil' or 'device', got {decode!r}")
     pre, device = backbone.preprocess, backbone.device
+    progressive = takes_progressive(device) if progressive is None else progressive
     transform = backbone.pixel_transform()
     side = pre.resize_side  # the same reduced-scale JPEG decoding as the pins
     if decode == "device":  # files as the workers and the device step take them
         prepared = [
             PreparedImage(i, "<image>", image=transform(img.convert("RGB")))
             if isinstance(img, Image.Image)
-            else prepare_image(i, str(img), transform, min_side=side)
+            else prepare_image(i, str(img), transform, min_side=side, progressive=progressive)
             for i, img in enumerate(images)
         ]
         out = decode_on_device(collate_prepared(prepared), pre, device, transform, min_side=side)

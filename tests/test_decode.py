@@ -165,6 +165,44 @@ def test_device_refusal_reads_the_header(tmp_path: Path) -> None:
     assert refusal(data, adobe_transform=1) is None
 
 
+def test_progressive_jpegs_are_decoded_in_the_workers_for_cuda(tmp_path: Path, model) -> None:
+    """nvJPEG takes progressive JPEGs one at a time on the host: on CUDA the workers decode
+    them (as the PIL path does); baseline ones still travel encoded; the CPU takes both."""
+    from pinsearch.decode import takes_progressive
+    from pinsearch.embed import loader_plan, pin_loader
+
+    assert takes_progressive("cpu") and not takes_progressive("cuda")
+    assert not takes_progressive(torch.device("cuda", 1))
+    files = _cases(tmp_path)
+    transform, side = model.pixel_transform(), model.preprocess.resize_side
+    with Image.open(files["progressive"]) as img:
+        data = files["progressive"].read_bytes()
+        assert device_refusal(img, data) is None
+        assert "progressive" in device_refusal(img, data, progressive=False)
+    kinds = {
+        name: prepare_image(0, str(files[name]), transform, min_side=side, progressive=False)
+        for name in ("baseline", "progressive", "grey")
+    }
+    assert {n: k.kind for n, k in kinds.items()} == {
+        "baseline": "encoded", "progressive": "image", "grey": "encoded"
+    }  # fmt: skip
+    pil = PinImages([(0, str(files["progressive"]))], transform, min_side=side)[0][1]
+    assert torch.equal(kinds["progressive"].image, pil)  # the PIL path's own crop
+    items = [(0, str(files["baseline"])), (1, str(files["progressive"]))]
+    config = EmbedConfig(workers=2, batch_size=2)
+    for device, progressive in (("cpu", True), ("cuda", False)):
+        loader = pin_loader(items, transform, config, 2, model.preprocess, "device", device)
+        assert loader.dataset.progressive is progressive  # type: ignore[attr-defined]
+        assert loader.pin_memory is (device == "cuda")
+    # the shared-memory plan charges a progressive file its crop on CUDA only
+    pre, crop = model.preprocess, 3 * model.preprocess.input_size**2
+    encoded = files["baseline"].stat().st_size + files["progressive"].stat().st_size
+    room = int(2 * 4 * 2 * (encoded / 2) / 0.5) + 64  # 2 workers x 4 batches of 2, encoded
+    assert loader_plan(config, items, 2, pre, "device", shm_free=room) == (2, 4)
+    worse = loader_plan(config, items, 2, pre, "device", shm_free=room, progressive=False)
+    assert crop > files["progressive"].stat().st_size and worse != (2, 4)
+
+
 def test_collate_packs_encoded_bytes_back_to_back(tmp_path: Path, model) -> None:
     files = _cases(tmp_path)
     ds = EncodedPinImages(

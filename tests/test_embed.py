@@ -475,3 +475,22 @@ def test_embed_images_on_the_device_path_keeps_order_and_names_bad_files(
         assert err.value.path == str(bad) and err.value.reason == "not_an_image"
     with pytest.raises(ValueError, match="decode"):
         embed_images(model, [pil], decode="gpu")
+
+
+def test_query_files_take_the_routes_of_the_runs_device(model, tmp_path: Path) -> None:
+    """A store embedded on CUDA had its progressive JPEGs decoded by PIL in the workers: a
+    query file like them is decoded the same way wherever the query runs."""
+    from pinsearch.embed import embed_like_run
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "progressive.jpg"
+    pixels = rng.integers(0, 256, (70, 80, 3), dtype=np.uint8).repeat(10, 0).repeat(10, 1)
+    Image.fromarray(pixels).save(path, "JPEG", quality=90, progressive=True)  # 800 x 700
+    run = {"device": "cuda:0", "decode": "device", "normalize": False, "amp": False}
+    like = embed_like_run(model, [path], run)
+    workers = embed_images(model, [path], decode="device", progressive=False)
+    device = embed_images(model, [path], decode="device", progressive=True)
+    np.testing.assert_array_equal(like, workers)
+    assert np.abs(like - device).max() > 1e-4  # decoded whole by torchvision: not the same
+    on_cpu = {**run, "device": "cpu"}  # a CPU run's device path took it whole
+    np.testing.assert_array_equal(embed_like_run(model, [path], on_cpu), device)
