@@ -10,6 +10,7 @@ caches, and the hub when downloads are allowed. Offline with none of these, a
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.util
 import logging
@@ -57,18 +58,41 @@ class Preprocess:
         """The shorter side images are resized to before the centre crop."""
         return math.floor(self.input_size / self.crop_pct)
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalize(self, pixels: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
         """8-bit pixels ``(..., 3, S, S)`` -> the model's float32 input, where they are.
 
         ``pixels`` is uint8, or float holding whole levels 0-255. The steps are torchvision's
         ``ToTensor`` then ``Normalize`` (divide by 255, subtract the mean, divide by the std,
-        in float32), so the result is bit for bit the eval transform's; done after the copy to
-        the model's device, a batch travels from the workers as 1 byte per value, not 4.
+        in float32), so the result is bit for bit the eval transform's on any device: each
+        divisor is a tensor on the pixels' device (CUDA multiplies by the reciprocal of a
+        plain number instead, a bit off), made once per device, so no call waits on a
+        host-to-device copy. Done after the copy to the model's device, a batch travels from
+        the workers as 1 byte per value, not 4.
+
+        Args:
+            pixels: the 8-bit levels.
+            inplace: scale ``pixels`` itself (a float32 tensor the caller no longer needs).
         """
-        x = pixels.to(torch.float32, copy=True).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1).to(x.device)
-        std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1).to(x.device)
-        return x.sub_(mean).div_(std)
+        scale, mean, std = _normalize_constants(self.mean, self.std, pixels.device)
+        if inplace:
+            if pixels.dtype != torch.float32:
+                raise TypeError(f"normalize in place needs float32 pixels, not {pixels.dtype}")
+            x = pixels
+        else:
+            x = pixels.to(torch.float32, copy=True)
+        return x.div_(scale).sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=32)
+def _normalize_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, the mean and the std as float32 tensors on ``device``, shaped to broadcast."""
+    return (
+        torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=device),
+        torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(device),
+        torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(device),
+    )
 
 
 @dataclass(frozen=True)

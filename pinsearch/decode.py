@@ -76,7 +76,7 @@ Transform = Callable[[Any], torch.Tensor]
 
 @dataclass
 class PreparedImage:
-    """One pin after the worker step: encoded JPEG bytes, a ready tensor, or a failure.
+    """One pin after the worker step: encoded JPEG bytes, its uint8 crop, or a failure.
 
     Attributes:
         key: the caller's key for the pin.
@@ -228,7 +228,7 @@ def prepare_image(
         progressive: False decodes progressive JPEGs here (:func:`takes_progressive`).
 
     Returns:
-        Encoded bytes (see :func:`device_refusal`), a ready tensor, or a failure whose reason
+        Encoded bytes (see :func:`device_refusal`), a uint8 crop, or a failure whose reason
         and detail are those :func:`~pinsearch.images.load_rgb` reports.
     """
     try:
@@ -602,7 +602,8 @@ def transform_on_device(images: Sequence[torch.Tensor], preprocess: Preprocess) 
             x = x.clamp_(0.0, 255.0).add_(0.5).floor_()
             x = torch.matmul(down[:, None], x)  # (n, 3, S, S)
         out.index_copy_(0, torch.tensor(idx, device=device), x)
-    return preprocess.normalize(out.clamp_(0.0, 255.0).add_(0.5).floor_())  # 8-bit levels
+    out.clamp_(0.0, 255.0).add_(0.5).floor_()  # 8-bit levels, then ToTensor and Normalize
+    return preprocess.normalize(out, inplace=True)
 
 
 def _chunks(sizes: Sequence[tuple[int, int]], budget: int) -> list[list[int]]:
@@ -685,6 +686,11 @@ def decode_on_device(
                 pixels.append((pos, got.image))
             else:
                 failures.append((pos, got.reason, got.detail))
+    if batch.images_at and batch.images.dtype != torch.uint8:
+        raise TypeError(
+            f"worker-decoded crops must be uint8 (Backbone.pixel_transform), not "
+            f"{batch.images.dtype}"
+        )
     if pixels or batch.images_at:
         crops = [batch.images] if batch.images_at else []
         crops += [t[None] for _, t in pixels]

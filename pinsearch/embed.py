@@ -413,7 +413,8 @@ def resolve_batch_size(
         return _CPU_AUTO_BATCH
     per_image, fixed = _probe_memory(model, preprocess.input_size, device, config)
     input_bytes = 3.0 * preprocess.input_size**2 * 4
-    per_image += (3 if decode == "device" else 1) * input_bytes  # next batch, crops, stacks
+    # the next batch's float inputs, crops and stacks; on the PIL path its uint8 copy too
+    per_image += (3 if decode == "device" else 1.25) * input_bytes
     if decode == "device":
         fixed += DEFAULT_PIXEL_BUDGET * DECODE_BYTES_PER_PIXEL
     free, _ = torch.cuda.mem_get_info(device)
@@ -563,6 +564,8 @@ def iter_embeddings(
     def stage(raw: Any) -> tuple[torch.Tensor, torch.Tensor, list[Failure]]:
         if mode == "pil":
             keys, images, bad = raw
+            if len(keys) and images.dtype != torch.uint8:
+                raise TypeError(f"PinImages crops must be uint8, not {images.dtype}")
             x = images.to(device, non_blocking=True)
             return keys, pre.normalize(x) if len(keys) else x, list(bad)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -653,7 +656,9 @@ def run_decode(run: dict[str, Any], backbone: Backbone) -> str:
     """How query image files are decoded to embed as a store's run embedded its pins:
     ``"device"`` where its latest vectors came from the device path (:mod:`pinsearch.decode`)
     and ``backbone``'s device can take it, else ``"pil"``. Runs recorded before the ``decode``
-    column took the device path on CUDA wherever the preprocessing allowed it."""
+    column took the device path on CUDA wherever the preprocessing allowed it. (The pins of a
+    run's ``cpu_share`` were decoded by PIL in the workers: a query cannot tell which they
+    were, and their own files come back at the two paths' agreement, not as their vectors.)"""
     decode = run.get("decode")
     if decode is None and str(run.get("device", "")).startswith("cuda"):
         decode = "device"
@@ -671,7 +676,8 @@ def embed_like_run(backbone: Backbone, images: Sequence[Any], run: dict[str, Any
         normalize=bool(run.get("normalize")),
         amp=run_amp(run),
         decode=run_decode(run, backbone),
-        progressive=takes_progressive(str(run.get("device") or "cpu")),
+        # runs recorded before the decode column sent progressive JPEGs to the device too
+        progressive=run.get("decode") is None or takes_progressive(str(run.get("device") or "cpu")),
     )
 
 
@@ -793,9 +799,11 @@ def embed_store(
     """
     config = config or EmbedConfig()
     catalog = store.catalog
-    device = resolve_device(config.device)
+    model = backbone or create_backbone(
+        backbone_name, weights=config.weights, device=resolve_device(config.device)
+    )
+    device = model.device  # where the pins are embedded (iter_embeddings), whoever built it
     amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
-    model = backbone or create_backbone(backbone_name, weights=config.weights, device=device)
     decode = resolve_decode(config, device, model.preprocess)  # recorded too (run_decode)
     existing = catalog.get_embedding(backbone_name)
     if existing is not None:

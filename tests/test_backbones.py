@@ -212,6 +212,9 @@ def test_pixel_transform_then_normalize_is_the_eval_transform(name: str) -> None
     assert torch.equal(levels, crop.float())  # and are left as they were
     batch = bb.preprocess.normalize(torch.stack([crop, crop]))
     assert batch.shape == (2, 3, size, size) and torch.equal(batch[1], full(img))
+    assert torch.equal(bb.preprocess.normalize(levels, inplace=True), full(img))
+    with pytest.raises(TypeError, match="float32"):
+        bb.preprocess.normalize(crop, inplace=True)  # uint8 cannot hold the result
 
 
 def test_classic_backbone() -> None:

@@ -287,18 +287,23 @@ def test_refused_jpegs_fall_back_to_pil_then_fail(
         return real(data, device)
 
     monkeypatch.setattr(decode_mod, "_decode", picky)
-    png = files["png"]  # decoded in the worker: its crop joins the fallback's on the device
-    items = [(4, str(png)), (1, str(good)), (2, str(broken)), (3, str(other))]
+    # the PNG is decoded in the worker: its crop joins the fallback's on the device, the
+    # worker's first, though it comes later in the batch
+    png = files["png"]
+    items = [(1, str(good)), (2, str(broken)), (4, str(png)), (3, str(other))]
     prepared = [prepare_image(k, p, transform) for k, p in items]
-    assert [p.kind for p in prepared] == ["image", "encoded", "encoded", "encoded"]
+    assert [p.kind for p in prepared] == ["encoded", "encoded", "image", "encoded"]
     out = decode_on_device(collate_prepared(prepared), model.preprocess, CPU, transform)
     assert calls == [3, 1, 2, 1, 1]  # the batch, then halves: [good] and [broken, other]
-    assert out.keys.tolist() == [4, 1, 3]
+    assert out.keys.tolist() == [1, 4, 3]
     (failure,) = out.failures
     assert failure[:3] == (2, str(broken), "corrupt")
     pil = PinImages(items, transform, min_side=model.preprocess.resize_side)
-    for row, i in ((0, 0), (1, 1)):  # the worker's crop, and the fallback: the PIL path itself
+    for row, i in ((0, 0), (1, 2)):  # the fallback, and the worker's crop: the PIL path itself
         assert torch.equal(out.images[row], model.preprocess.normalize(pil[i][1]))
+    floats = collate_prepared([prepare_image(4, str(png), model.transform())])
+    with pytest.raises(TypeError, match="uint8"):  # the eval transform's output, not crops
+        decode_on_device(floats, model.preprocess, CPU, transform)
 
 
 def test_pixel_budget_splits_decoding_without_changing_results(

@@ -494,3 +494,5 @@ def test_query_files_take_the_routes_of_the_runs_device(model, tmp_path: Path) -
     assert np.abs(like - device).max() > 1e-4  # decoded whole by torchvision: not the same
     on_cpu = {**run, "device": "cpu"}  # a CPU run's device path took it whole
     np.testing.assert_array_equal(embed_like_run(model, [path], on_cpu), device)
+    older = {**run, "decode": None}  # CUDA runs from before the decode column did too
+    np.testing.assert_array_equal(embed_like_run(model, [path], older), device)

@@ -136,6 +136,16 @@ def test_nvjpeg_pixels_close_to_libjpeg(tmp_path: Path) -> None:
         assert diff.mean() < 2.0
 
 
+def test_normalize_on_cuda_is_the_cpu_eval_transform() -> None:
+    """uint8 crops normalised on the GPU are bit for bit the CPU's (and torchvision's): the
+    divisors are device tensors, not numbers CUDA would turn into reciprocals."""
+    pre = create_backbone("test_clip").preprocess  # CLIP's statistics, not round numbers
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 4, 1)[None]  # every level
+    cpu = pre.normalize(levels)
+    assert torch.equal(pre.normalize(levels.to(CUDA)).cpu(), cpu)
+    assert torch.equal(pre.normalize(levels.to(CUDA).float(), inplace=True).cpu(), cpu)
+
+
 def test_large_photos_are_decoded_in_pieces(tmp_path: Path) -> None:
     model = create_backbone("test_efficientnet", device=CUDA)
     transform = model.pixel_transform()
