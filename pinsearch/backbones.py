@@ -73,7 +73,7 @@ class Preprocess:
             pixels: the 8-bit levels.
             inplace: scale ``pixels`` itself (a float32 tensor the caller no longer needs).
         """
-        scale, mean, std = _normalize_constants(self.mean, self.std, pixels.device)
+        scale, mean, std = _normalize_constants(tuple(self.mean), tuple(self.std), pixels.device)
         if inplace:
             if pixels.dtype != torch.float32:
                 raise TypeError(f"normalize in place needs float32 pixels, not {pixels.dtype}")
