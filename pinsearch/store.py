@@ -502,7 +502,7 @@ class Store:
         meta = _read_store_meta(self.root / _STORE_FILE)
         embeddings = [
             {
-                k: r[k]
+                k: r.get(k)  # amp and decode: None in a read-only catalog from before them
                 for k in (
                     "backbone",
                     "dim",
@@ -512,6 +512,8 @@ class Store:
                     "seconds",
                     "images_per_s",
                     "device",
+                    "amp",
+                    "decode",
                 )
             }
             | {"weights": json.loads(r["spec"] or "{}").get("weights")}

@@ -294,6 +294,7 @@ def test_info_counts(built_store) -> None:
         "random",
     )
     assert emb["dim"] > 0 and emb["normalize"] is False
+    assert (emb["device"], emb["amp"], emb["decode"]) == ("cpu", False, "pil")  # how it ran
     (idx,) = info.indexes
     assert (idx["name"], idx["factory"], idx["ntotal"], idx["metric"]) == (
         BACKBONE,
