@@ -25,7 +25,8 @@
 # first; estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-3 (each
 # 8,000 img/s backbone the embed step left short of it, again with all cores but two as
 # workers, decoding none, a quarter and a half of the JPEGs with PIL beside the GPU's
-# decoder: --cpu-share), index 3, compile 1-2 (the torch.compile GPU test; each
+# decoder: --cpu-share; every embedding run has nvidia-smi dmon's engine use beside it,
+# util-embed-*.txt: jpg near 100% says the JPEG engines bound it), index 3, compile 1-2 (the torch.compile GPU test; each
 # stopped at its limit below), study 6 or more: scikit-learn's side of the paper's grid
 # outlasts any session, and the speed-up it shows is a floor that grows while it runs
 # (nothing else may run beside it). About 10 minutes of a session are the runner's: the
@@ -62,11 +63,19 @@ write_bench_images(Path(sys.argv[1]), int(sys.argv[2]))" "$jpegs" "$files" \
 }
 
 embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone (a backbone
-  # stopped or failing costs only its own row), over the same files
-  local tag=$1 b rc=0; shift
+  # stopped or failing costs only its own row), over the same files; beside each, the GPU's
+  # engines sampled every second (nvidia-smi dmon: sm, mem, enc, dec, jpg, ofa in %) into
+  # util-embed-TAG-B.txt: whether the JPEG engines (jpg) or the SMs saturate
+  local tag=$1 b rc=0 mon; shift
   write_jpegs || return
   for b in "$@"; do
+    mon=
+    if command -v nvidia-smi > /dev/null; then  # -c: it ends by itself, also past a timeout
+      nvidia-smi dmon -s u -d 1 -o T -c "${limit[embed]}" > "$dir/util-embed-$tag-$b.txt" 2>&1 &
+      mon=$!
+    fi
     bench "embed-$tag-$b" embed -b "$b" --corpus "$jpegs" "${options[@]}" || rc=$?
+    [ -n "$mon" ] && kill "$mon" 2> /dev/null
   done
   return $rc
 }
