@@ -27,9 +27,9 @@
 # workers, decoding none, a quarter and a half of the JPEGs with PIL beside the GPU's
 # decoder: --cpu-share; every embedding run has nvidia-smi dmon's engine use beside it,
 # util-embed-*.txt: jpg near 100% says the JPEG engines bound it), index 3, compile 1-2
-# (the torch.compile GPU test; each stopped at its limit below), study 6 or more: scikit-learn's side of the paper's grid
-# outlasts any session, and the speed-up it shows is a floor that grows while it runs
-# (nothing else may run beside it). About 10 minutes of a session are the runner's: the
+# (the torch.compile GPU test; each stopped at its limit below), study 6 or more:
+# scikit-learn's side of the paper's grid outlasts any session, and the speed-up it shows is
+# a floor that grows while it runs (nothing else may run beside it). About 10 minutes of a session are the runner's: the
 # first session starts the six steps before compile, of which index (no target) is the one
 # likely cut at the session's end (the study would not finish its floor in the minutes
 # left either), and a session that has the others runs `start compile study` (adding
