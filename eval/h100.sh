@@ -21,20 +21,19 @@
 # archives). Give the last wait what status's budget_left_s leaves, less about a minute for
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
-# Steps (default: tests exact query embed embed-share index compile study), cheapest proof
-# first; estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-3 (each
-# 8,000 img/s backbone the embed step left short of it, again with all cores but two as
-# workers, decoding none, a quarter and a half of the JPEGs with PIL beside the GPU's
-# decoder: --cpu-share; every embedding run has nvidia-smi dmon's engine use beside it,
-# util-embed-*.txt: jpg near 100% says the JPEG engines bound it), index 3, compile 1-2
-# (the torch.compile GPU test; each stopped at its limit below), study 6 or more:
-# scikit-learn's side of the paper's grid outlasts any session, and the speed-up it shows is
-# a floor that grows while it runs (nothing else may run beside it). About 10 minutes of a session are the runner's: the
-# first session starts the six steps before compile, of which index (no target) is the one
-# likely cut at the session's end (the study would not finish its floor in the minutes
-# left either), and a session that has the others runs `start compile study` (adding
-# `index` where it was cut). Optional steps: embed-pil (the CPU-decoding baseline), embed-all
-# (every registered backbone).
+# Steps (default: tests exact query embed embed-share index compile study), cheapest proof first;
+# estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-3 (each 8,000 img/s
+# backbone the embed step left short of it, again with all cores but two as workers, decoding none,
+# a quarter and a half of the JPEGs with PIL beside the GPU's decoder: --cpu-share; every embedding
+# run has nvidia-smi dmon's engine use beside it, util-embed-*.txt: jpg near 100% says the JPEG
+# engines bound it), index 3, compile 1-2 (the torch.compile GPU test; each stopped at its limit
+# below), study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
+# speed-up it shows is a floor that grows while it runs (nothing else may run beside it). About 10
+# minutes of a session are the runner's: the first session starts the six steps before compile, of
+# which index (no target) is the one likely cut at the session's end (the study would not finish its
+# floor in the minutes left either), and a session that has the others runs `start compile study`
+# (adding `index` where it was cut). Optional steps: embed-pil (the CPU-decoding baseline),
+# embed-all (every registered backbone).
 # STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
 self=$(readlink -f "$0")
