@@ -317,7 +317,7 @@ class PreparedBatch:
         encoded_at: the batch position of each encoded JPEG.
         sizes: ``(height, width)`` of each encoded JPEG.
         images: the worker-decoded uint8 crops stacked ``(n, 3, S, S)``.
-        images_at: the batch position of each worker-decoded tensor.
+        images_at: the batch position of each worker-decoded crop.
         failures: ``(position, reason, detail)`` of the items that failed in the worker.
     """
 
@@ -655,6 +655,11 @@ def decode_on_device(
     Returns:
         The inputs and keys of every item that decoded, in batch order, and the failures.
     """
+    if batch.images_at and batch.images.dtype != torch.uint8:
+        raise TypeError(
+            f"worker-decoded crops must be uint8 (Backbone.pixel_transform), not "
+            f"{batch.images.dtype}"
+        )
     device = torch.device(device)
     size = preprocess.input_size
     parts: list[tuple[list[int], torch.Tensor]] = []  # (batch positions, tensor)
@@ -686,11 +691,6 @@ def decode_on_device(
                 pixels.append((pos, got.image))
             else:
                 failures.append((pos, got.reason, got.detail))
-    if batch.images_at and batch.images.dtype != torch.uint8:
-        raise TypeError(
-            f"worker-decoded crops must be uint8 (Backbone.pixel_transform), not "
-            f"{batch.images.dtype}"
-        )
     if pixels or batch.images_at:
         crops = [batch.images] if batch.images_at else []
         crops += [t[None] for _, t in pixels]

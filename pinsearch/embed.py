@@ -455,7 +455,11 @@ def _collate(
     good = [b for b in batch if b[1] is not None]
     bad = [(b[0], b[2], b[3], b[4]) for b in batch if b[1] is None]
     keys = torch.tensor([b[0] for b in good], dtype=torch.int64)
-    images = torch.stack([b[1] for b in good]) if good else torch.empty(0, dtype=torch.uint8)  # type: ignore[misc]
+    images = (
+        torch.stack([b[1] for b in good])  # type: ignore[misc]
+        if good
+        else torch.empty(0, dtype=torch.uint8)
+    )
     return keys, images, bad
 
 
