@@ -232,8 +232,8 @@ def bench(
     what: Annotated[
         str,
         typer.Argument(
-            help="embed, index, exact, query, catalog, remove, study, study-reference, text or "
-            "dupes"
+            help="embed, jpeg, index, exact, query, catalog, remove, study, study-reference, "
+            "text or dupes"
         ),
     ],
     backbone: Annotated[
@@ -245,7 +245,9 @@ def bench(
             "Default effnet_lite0.",
         ),
     ] = None,
-    n: Annotated[int | None, typer.Option(help="Images (embed) or vectors (index, query).")] = None,
+    n: Annotated[
+        int | None, typer.Option(help="Images (embed, jpeg) or vectors (index, query).")
+    ] = None,
     dim: Annotated[
         int | None,
         typer.Option(
@@ -254,7 +256,9 @@ def bench(
             "benchmark's own: 768, 1024, 768, 64, 256, 768).",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Embed: 0 = by free GPU memory.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Embed: 0 = by free GPU memory; jpeg: files a call.")
+    ] = 64,
     decode: Annotated[str, typer.Option(help="Embed: auto, device or pil.")] = "auto",
     cpu_share: Annotated[
         float,
@@ -320,7 +324,8 @@ def bench(
     skipped: Annotated[int, typer.Option(min=0, help="Catalog: skipped files.")] = 1000,
     device: Annotated[str, typer.Option()] = "auto",
     corpus: Annotated[
-        Path | None, typer.Option(help="Real photos: a folder or manifest CSV (embed, dupes).")
+        Path | None,
+        typer.Option(help="Real photos: a folder or manifest CSV (embed, jpeg, dupes)."),
     ] = None,
     threads: Annotated[
         int | None,
@@ -333,7 +338,8 @@ def bench(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Benchmarks that print numbers: embed (end-to-end vs bare forward), index, exact (a query
+    """Benchmarks that print numbers: embed (end-to-end vs bare forward), jpeg (decoding alone,
+    baseline vs progressive, on the device and with PIL), index, exact (a query
     batch: raw FAISS vs pinsearch vs 16-bit exact scans), query, catalog (an ingest's rows
     written to DuckDB, vs row by row), remove (pins out of a store
     vs rebuilding its index), study (the paper's grid, pinsearch heads vs scikit-learn),
@@ -355,6 +361,9 @@ def bench(
                 result: Any = b.bench_embed(backbones[0], **options)
             else:
                 result = b.bench_embed_backbones(backbones, corpus=corpus, **options)
+        elif what == "jpeg":
+            items = b.corpus_bench_images(corpus, n or 256) if corpus else None
+            result = b.bench_jpeg(n=n or 256, batch_size=batch_size, device=device, items=items)
         elif what == "index":
             result = b.bench_index(
                 n=n or 100_000, **sized, factories=factory or None, fp16=fp16,
@@ -397,8 +406,8 @@ def bench(
             result = b.bench_dupes(corpus, n=n or 200, backbone=backbones[0])
         else:
             raise typer.BadParameter(
-                f"unknown benchmark {what!r}; expected embed, index, exact, query, catalog, "
-                "remove, study, study-reference, text or dupes"
+                f"unknown benchmark {what!r}; expected embed, jpeg, index, exact, query, "
+                "catalog, remove, study, study-reference, text or dupes"
             )
     if as_json:
         emit_json(result)

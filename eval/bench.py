@@ -473,6 +473,105 @@ def _device_decode_rate(
     return sum(len(b) for b in batches) / seconds
 
 
+@dataclass
+class JpegBench:
+    """JPEG decoding alone, baseline vs progressive copies of the same pictures: torchvision's
+    batched ``decode_jpeg`` on a device (nvJPEG on CUDA: its hardware engine for baseline
+    files where the GPU has one, one file at a time with the Huffman stage on the host for
+    the rest) and PIL on one core, whole and at the reduced scale the PIL path decodes at."""
+
+    images: int
+    batch_size: int
+    device: str
+    reduced_side: int  # PIL's reduced-scale decoding keeps both sides at least this long
+    rows: list[dict[str, Any]]
+    machine: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_jpeg(
+    *,
+    n: int = 256,
+    batch_size: int = 64,
+    device: str = "auto",
+    reduced_side: int = 256,
+    items: Sequence[tuple[int, str]] | None = None,
+) -> JpegBench:
+    """Decode ``n`` pin-sized JPEGs (:func:`write_bench_images`, or ``items``) saved baseline
+    and progressive, from bytes already in memory: on ``device`` in batches of ``batch_size``
+    (:func:`pinsearch.decode.decode_jpegs`, a warm-up call first), and with PIL on this
+    thread, whole and drafted to ``reduced_side`` (256: the resize side of a 224 px model at
+    crop 0.875). Rows: images/s and megapixels/s per kind and decoder. Says what the device
+    decoder alone gives at pin sizes, and what progressive files cost it
+    (:func:`pinsearch.decode.takes_progressive` sends them to the workers on CUDA)."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    from pinsearch.decode import decode_jpegs
+    from pinsearch.embed import resolve_device
+
+    if batch_size < 1:
+        raise ValueError(f"bench jpeg: batch_size must be at least 1, got {batch_size}")
+    dev = resolve_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = list(items) if items is not None else write_bench_images(Path(tmp), n)
+        pictures = [Path(p).read_bytes() for _, p in files]
+    kinds: dict[str, list[bytes]] = {"baseline": [], "progressive": []}
+    for data in pictures:
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+        for kind in kinds:
+            out = io.BytesIO()
+            rgb.save(out, "JPEG", quality=90, progressive=kind == "progressive")
+            kinds[kind].append(out.getvalue())
+    pixels = 0
+    for data in kinds["baseline"]:
+        with Image.open(io.BytesIO(data)) as img:
+            pixels += img.size[0] * img.size[1]
+    cuda = dev.type == "cuda"
+    rows: list[dict[str, Any]] = []
+    for kind, blobs in kinds.items():
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        decode_jpegs(tensors[:batch_size], dev)  # warm-up: the decoder's buffers, kernels
+        if cuda:
+            torch.cuda.synchronize(dev)
+        with timed() as t:
+            for i in range(0, len(tensors), batch_size):
+                out = decode_jpegs(tensors[i : i + batch_size], dev)
+                if any(o is None for o in out):
+                    raise RuntimeError(f"{dev} refused a {kind} JPEG")
+            if cuda:
+                torch.cuda.synchronize(dev)
+        rows.append(_jpeg_row(kind, f"decode_jpeg ({dev.type})", len(blobs), pixels, t.seconds))
+        for name, side in (("PIL, one core", None), ("PIL reduced, one core", reduced_side)):
+            with timed() as t:
+                for data in blobs:
+                    with Image.open(io.BytesIO(data)) as img:
+                        if side:
+                            img.draft("RGB", (side, side))
+                        img.load()
+            rows.append(_jpeg_row(kind, name, len(blobs), pixels, t.seconds))
+    return JpegBench(
+        images=len(pictures),
+        batch_size=batch_size,
+        device=str(dev),
+        reduced_side=reduced_side,
+        rows=rows,
+        machine=machine(),
+    )
+
+
+def _jpeg_row(kind: str, decoder: str, n: int, pixels: int, seconds: float) -> dict[str, Any]:
+    return {
+        "jpeg": kind,
+        "decoder": decoder,
+        "images_per_s": round(n / seconds, 1),
+        "megapixels_per_s": round(pixels / 1e6 / seconds, 1),  # of the whole pictures
+        "seconds": round(seconds, 3),
+    }
+
+
 # -- indexes --------------------------------------------------------------------------------
 
 

@@ -21,15 +21,16 @@
 # archives). Give the last wait what status's budget_left_s leaves, less about a minute for
 # the copy back and give_back. A bare machine starts in 1-2 minutes.
 #
-# Steps (default: tests exact query embed embed-share index compile study), cheapest proof first;
-# estimated minutes: tests 2, exact 1-2, query 2, embed 2-3, embed-share 0-3 (each 8,000 img/s
+# Steps (default: tests exact query jpeg embed embed-share index compile study), cheapest proof
+# first; estimated minutes: tests 2, exact 1-2, query 2, jpeg 0.5 (decoding alone: nvJPEG on
+# baseline and progressive copies vs PIL on one core), embed 2-3, embed-share 0-3 (each 8,000 img/s
 # backbone the embed step left short of it, again with all cores but two as workers, decoding none,
 # a quarter and a half of the JPEGs with PIL beside the GPU's decoder: --cpu-share; every embedding
 # run has nvidia-smi dmon's engine use beside it, util-embed-*.txt: jpg near 100% says the JPEG
 # engines bound it), index 3, compile 1-2 (the torch.compile GPU test; each stopped at its limit
 # below), study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
 # speed-up it shows is a floor that grows while it runs (nothing else may run beside it). About 10
-# minutes of a session are the runner's: the first session starts the six steps before compile, of
+# minutes of a session are the runner's: the first session starts the seven steps before compile, of
 # which index (no target) is the one likely cut at the session's end (the study would not finish its
 # floor in the minutes left either), and a session that has the others runs `start compile study`
 # (adding `index` where it was cut). Optional steps: embed-pil (the CPU-decoding baseline),
@@ -43,8 +44,8 @@ dir=${H100_DIR:-/tmp/pinsearch-h100}  # outlives a call while the machine is hel
 jpegs=${dir}-jpegs  # the embedding steps' files, not packed
 mkdir -p "$dir"
 export PINSEARCH_OFFLINE=1 PYTHONUNBUFFERED=1
-declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [embed]=420 [index]=480
-                  [embed-share]=300 [embed-pil]=240 [embed-all]=480 [study]=0)
+declare -A limit=([tests]=300 [compile]=270 [exact]=240 [query]=300 [jpeg]=120 [embed]=420
+                  [index]=480 [embed-share]=300 [embed-pil]=240 [embed-all]=480 [study]=0)
 three=(effnet_lite0 clip-vit-b-32 convnext_base)  # the issue's embedding targets
 
 bench() {  # bench NAME ARGS...: one `pinsearch bench ... --json` into NAME.json / NAME.err
@@ -110,6 +111,9 @@ print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
       return $rc ;;
     query)  # one similar-pin query with metadata over 1M pins (warm), vs raw FAISS
       bench query-1m-768 query --n 1000000 --dim 768 ;;
+    jpeg)  # decoding alone at pin sizes, baseline vs progressive copies: nvJPEG in batches of
+      # 128 (the JPEG engines take baseline files; progressive ones go one by one) vs PIL
+      bench jpeg jpeg --n 512 --batch-size 128 ;;
     embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
       options=(--n "$files" --batch-size 0 --decode device --random-weights)
       embed_each device "${three[@]}" ;;
@@ -231,7 +235,7 @@ wait_and_pack() {
 case $cmd in
   start)
     if running; then echo "a runner is going already: use wait" >&2; exit 2; fi
-    [ $# -gt 0 ] || set -- tests exact query embed embed-share index compile study
+    [ $# -gt 0 ] || set -- tests exact query jpeg embed embed-share index compile study
     for s in "$@"; do
       [ -n "${limit[$s]+set}" ] || { echo "unknown step $s: ${!limit[*]}" >&2; exit 2; }
     done

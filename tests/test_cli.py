@@ -230,6 +230,22 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
 
 
+def test_bench_jpeg_decodes_baseline_and_progressive_copies(tree_corpus) -> None:
+    data = _json(["bench", "jpeg", "--n", "12", "--batch-size", "5", "--json"])
+    assert data["images"] == 12 and data["device"] == "cpu" and data["reduced_side"] == 256  # type: ignore[index]
+    rows = data["rows"]  # type: ignore[index]
+    assert [(r["jpeg"], r["decoder"]) for r in rows] == [
+        (kind, decoder)
+        for kind in ("baseline", "progressive")
+        for decoder in ("decode_jpeg (cpu)", "PIL, one core", "PIL reduced, one core")
+    ]
+    assert all(r["images_per_s"] > 0 and r["megapixels_per_s"] > 0 for r in rows)
+    real = _json(["bench", "jpeg", "--n", "6", "--corpus", str(tree_corpus.root), "--json"])
+    assert real["images"] == 6 and len(real["rows"]) == 6  # type: ignore[index]
+    bad = runner.invoke(app, ["bench", "jpeg", "--n", "4", "--batch-size", "0"])
+    assert bad.exit_code != 0 and "batch_size" in str(bad.exception)
+
+
 def test_bench_catalog() -> None:
     data = _json(["bench", "catalog", "--n", "600", "--boards", "40", "--skipped", "7", "--json"])
     assert (data["pins"], data["boards"], data["users"], data["skipped"]) == (600, 40, 40, 7)  # type: ignore[index]
