@@ -195,6 +195,9 @@ class EmbedBench:
     # those of the PIL path or the cpu_share) drained with no device step and no model,
     # steady rate as above; under the end-to-end rate's bound when the workers set it
     loader_images_per_s: float | None = None
+    # local wall-clock time of the whole run, "HH:MM:SS-HH:MM:SS" (as nvidia-smi dmon -o T
+    # stamps its samples: eval/h100.sh's util-embed-*.txt)
+    end_to_end_window: str = ""
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -344,10 +347,12 @@ def bench_embed(
             Path(path).read_bytes()
         embed(files[:batch_size])  # warm-up
         done, first_at = 0, 0.0
+        began = time.strftime("%H:%M:%S")
         with timed() as t:
             for batch in iter_embeddings(model, files, config):
                 first_at = first_at or time.perf_counter()
                 done += len(batch.keys)
+        window = f"{began}-{time.strftime('%H:%M:%S')}"
         first_s = first_at - t.start if first_at else t.seconds
         with timed() as t_half:
             half = embed(files[: len(files) // 2])
@@ -395,6 +400,7 @@ def bench_embed(
         ratio=round(steady / fwd, 3),
         decode_images_per_s=None if decode_rate is None else round(decode_rate, 1),
         loader_images_per_s=round(loader_rate, 1),
+        end_to_end_window=window,
         machine=machine(),
     )
 
@@ -511,8 +517,8 @@ def bench_jpeg(
     from pinsearch.decode import decode_jpegs
     from pinsearch.embed import resolve_device
 
-    if batch_size < 1:
-        raise ValueError(f"bench jpeg: batch_size must be at least 1, got {batch_size}")
+    if batch_size < 1 or (items is None and n < 1):
+        raise ValueError(f"bench jpeg: batch_size and n must be at least 1, got {batch_size}, {n}")
     dev = resolve_device(device)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(items) if items is not None else write_bench_images(Path(tmp), n)
@@ -524,6 +530,9 @@ def bench_jpeg(
         for kind in kinds:
             out = io.BytesIO()
             rgb.save(out, "JPEG", quality=90, progressive=kind == "progressive")
+            with Image.open(out) as saved:  # what the row says it is
+                if bool(saved.info.get("progressive")) != (kind == "progressive"):
+                    raise RuntimeError(f"PIL did not write a {kind} JPEG")
             kinds[kind].append(out.getvalue())
     pixels = 0
     for data in kinds["baseline"]:

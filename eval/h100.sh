@@ -26,15 +26,15 @@
 # baseline and progressive copies vs PIL on one core), embed 2-3, embed-share 0-3 (each 8,000 img/s
 # backbone the embed step left short of it, again with all cores but two as workers, decoding none,
 # a quarter and a half of the JPEGs with PIL beside the GPU's decoder: --cpu-share; every embedding
-# run has nvidia-smi dmon's engine use beside it, util-embed-*.txt: jpg near 100% says the JPEG
-# engines bound it), index 3, compile 1-2 (the torch.compile GPU test; each stopped at its limit
-# below), study 6 or more: scikit-learn's side of the paper's grid outlasts any session, and the
-# speed-up it shows is a floor that grows while it runs (nothing else may run beside it). About 10
-# minutes of a session are the runner's: the first session starts the seven steps before compile, of
-# which index (no target) is the one likely cut at the session's end (the study would not finish its
-# floor in the minutes left either), and a session that has the others runs `start compile study`
-# (adding `index` where it was cut). Optional steps: embed-pil (the CPU-decoding baseline),
-# embed-all (every registered backbone).
+# run has nvidia-smi dmon's engine use beside it, util-embed-*.txt: jpg near 100% within a row's
+# end_to_end_window says the JPEG engines bound it), index 3, compile 1-2 (the torch.compile GPU
+# test; each stopped at its limit below), study 6 or more: scikit-learn's side of the paper's grid
+# outlasts any session, and the speed-up it shows is a floor that grows while it runs (nothing else
+# may run beside it). About 10 minutes of a session are the runner's: the first session starts the
+# seven steps before compile, of which index (no target) is the one likely cut at the session's end
+# (the study would not finish its floor in the minutes left either), and a session that has the
+# others runs `start compile study` (adding `index` where it was cut). Optional steps: embed-pil
+# (the CPU-decoding baseline), embed-all (every registered backbone).
 # STUDY_N, STUDY_DIM, STUDY_REFS and EMBED_N (files) make a try on a small machine small.
 set -uo pipefail
 self=$(readlink -f "$0")
@@ -62,20 +62,27 @@ write_bench_images(Path(sys.argv[1]), int(sys.argv[2]))" "$jpegs" "$files" \
     && touch "$jpegs/done-$files"
 }
 
+with_dmon() {  # with_dmon FILE CMD...: CMD with the GPU's engines sampled every second beside it
+  # (nvidia-smi dmon: sm, mem, enc, dec, jpg, ofa in %, stamped HH:MM:SS as the embedding rows'
+  # end_to_end_window) into FILE: whether the JPEG engines (jpg) or the SMs saturate. Line
+  # buffered, so a sampler stopped at the end keeps its lines; -c ends it by itself as well
+  local file=$1 mon= rc=0; shift
+  if command -v nvidia-smi > /dev/null; then
+    stdbuf -oL nvidia-smi dmon -s u -d 1 -o T -c 600 > "$file" 2>&1 &
+    mon=$!
+  fi
+  "$@" || rc=$?
+  if [ -n "$mon" ]; then kill "$mon" 2> /dev/null; wait "$mon" 2> /dev/null; fi
+  return $rc
+}
+
 embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone (a backbone
-  # stopped or failing costs only its own row), over the same files; beside each, the GPU's
-  # engines sampled every second (nvidia-smi dmon: sm, mem, enc, dec, jpg, ofa in %) into
-  # util-embed-TAG-B.txt: whether the JPEG engines (jpg) or the SMs saturate
-  local tag=$1 b rc=0 mon; shift
+  # stopped or failing costs only its own row), over the same files, each with_dmon
+  local tag=$1 b rc=0; shift
   write_jpegs || return
   for b in "$@"; do
-    mon=
-    if command -v nvidia-smi > /dev/null; then  # -c: it ends by itself, also past a timeout
-      nvidia-smi dmon -s u -d 1 -o T -c "${limit[embed]}" > "$dir/util-embed-$tag-$b.txt" 2>&1 &
-      mon=$!
-    fi
-    bench "embed-$tag-$b" embed -b "$b" --corpus "$jpegs" "${options[@]}" || rc=$?
-    [ -n "$mon" ] && kill "$mon" 2> /dev/null
+    with_dmon "$dir/util-embed-$tag-$b.txt" \
+      bench "embed-$tag-$b" embed -b "$b" --corpus "$jpegs" "${options[@]}" || rc=$?
   done
   return $rc
 }
@@ -145,7 +152,8 @@ sys.exit(0 if rate >= least[sys.argv[3]] else 1)" \
       embed_each pil "${three[@]}" ;;
     embed-all)
       options=(--n $((files / 4)) --batch-size 0 --decode device --random-weights)
-      write_jpegs && bench embed-all embed -b all --corpus "$jpegs" "${options[@]}" ;;
+      write_jpegs && with_dmon "$dir/util-embed-all.txt" \
+        bench embed-all embed -b all --corpus "$jpegs" "${options[@]}" ;;
     index)  # build, memory, QPS, recall@10 at 1M; Flat once more in float16 (same vectors)
       for d in 1024 768; do
         bench "index-1m-$d" index --n 1000000 --dim "$d" --factory Flat \

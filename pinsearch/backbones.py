@@ -87,12 +87,15 @@ class Preprocess:
 def _normalize_constants(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """255, the mean and the std as float32 tensors on ``device``, shaped to broadcast."""
-    return (
-        torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=device),
-        torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(device),
-        torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(device),
-    )
+    """255, the mean and the std as float32 tensors on ``device``, shaped to broadcast (plain
+    tensors even when first asked for under ``torch.inference_mode``, so that a later caller
+    with autograd on may use them too)."""
+    with torch.inference_mode(False):
+        return (
+            torch.full((1, 1, 1), 255.0, dtype=torch.float32, device=device),
+            torch.tensor(mean, dtype=torch.float32).view(3, 1, 1).to(device),
+            torch.tensor(std, dtype=torch.float32).view(3, 1, 1).to(device),
+        )
 
 
 @dataclass(frozen=True)

@@ -217,6 +217,18 @@ def test_pixel_transform_then_normalize_is_the_eval_transform(name: str) -> None
         bb.preprocess.normalize(crop, inplace=True)  # uint8 cannot hold the result
 
 
+def test_normalize_constants_made_under_inference_mode_serve_autograd_too() -> None:
+    """The embedding asks first under inference_mode; a caller with gradients comes later."""
+    from pinsearch.backbones import Preprocess
+
+    pre = Preprocess(8, (0.25, 0.5, 0.75), (0.5, 0.25, 0.125))  # a key no other test uses
+    with torch.inference_mode():
+        pre.normalize(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    x = torch.full((3, 8, 8), 128.0, requires_grad=True)
+    pre.normalize(x).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad[:, 0, 0], 1 / 255 / torch.tensor(pre.std))
+
+
 def test_classic_backbone() -> None:
     bb = create_backbone("classic")
     assert bb.weights == "none" and bb.preprocess == Preprocess(

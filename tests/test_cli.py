@@ -208,6 +208,8 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert one["decode"] == "device" and one["batch_size"] == 8  # type: ignore[index]
     assert one["decode_images_per_s"] > 0  # type: ignore[index]  # the device step alone
     assert one["loader_images_per_s"] > 0  # type: ignore[index]  # the workers alone
+    began, ended = one["end_to_end_window"].split("-")  # type: ignore[index]
+    assert len(began) == len(ended) == 8 and (began <= ended or began > "23:59:00")  # midnight
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
     # steady: the 10 images the second half of the files adds, over the time they add
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]

@@ -146,6 +146,19 @@ def test_normalize_on_cuda_is_the_cpu_eval_transform() -> None:
     assert torch.equal(pre.normalize(levels.to(CUDA).float(), inplace=True).cpu(), cpu)
 
 
+def test_bench_jpeg_on_cuda(tree_corpus) -> None:
+    """`bench jpeg`'s device rows on nvJPEG: baseline files batched (the hardware engine where
+    there is one), progressive ones one by one; both decode."""
+    from pinsearch.eval.bench import bench_jpeg
+
+    items = [(i, str(p)) for i, p in enumerate(sorted(tree_corpus.root.glob("*/*/*/*.jpg")))]
+    result = bench_jpeg(batch_size=8, device="cuda", items=items[:16])
+    assert result.device.startswith("cuda") and result.images == 16
+    device_rows = [r for r in result.rows if r["decoder"] == "decode_jpeg (cuda)"]
+    assert [r["jpeg"] for r in device_rows] == ["baseline", "progressive"]
+    assert all(r["images_per_s"] > 0 for r in device_rows)
+
+
 def test_large_photos_are_decoded_in_pieces(tmp_path: Path) -> None:
     model = create_backbone("test_efficientnet", device=CUDA)
     transform = model.pixel_transform()
