@@ -120,7 +120,7 @@ print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
       bench query-1m-768 query --n 1000000 --dim 768 ;;
     jpeg)  # decoding alone at pin sizes, baseline vs progressive copies: nvJPEG in batches of
       # 128 (the JPEG engines take baseline files; progressive ones go one by one) vs PIL
-      bench jpeg jpeg --n 512 --batch-size 128 ;;
+      bench jpeg jpeg --n 256 --batch-size 128 ;;
     embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
       options=(--n "$files" --batch-size 0 --decode device --random-weights)
       embed_each device "${three[@]}" ;;
