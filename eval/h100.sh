@@ -96,7 +96,9 @@ one() {  # one step, in the foreground
   local options=() rc=0
   case $1 in
     tests)
-      { nvidia-smi; df -h /dev/shm; } > "$dir/nvidia-smi.txt" 2>&1  # shm: decode workers
+      # -d UTILIZATION lists the engines (a JPEG line where the GPU has JPEG engines); shm:
+      # the decode workers' batches
+      { nvidia-smi; nvidia-smi -q -d UTILIZATION; df -h /dev/shm; } > "$dir/nvidia-smi.txt" 2>&1
       python3 -c "import faiss, torch, torchvision as tv; o = faiss.GpuClonerOptions();
 print('faiss', faiss.__version__, 'gpus', faiss.get_num_gpus(), 'cuvs', getattr(o, 'use_cuvs', None));
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchvision', tv.__version__)
