@@ -482,6 +482,16 @@ def _interpolation(preprocess: Preprocess) -> str:
     return preprocess.interpolation
 
 
+def _to_device(values: Sequence[Any], dtype: torch.dtype, device: Any) -> torch.Tensor:
+    """A small tensor of Python numbers on ``device``, without waiting on it: a copy from
+    pageable host memory synchronises the stream (every kernel queued so far), one from pinned
+    memory is queued like a kernel, so a batch's many index and size tensors cost no waits."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _resized_size(height: int, width: int, side: int) -> tuple[int, int]:
     """torchvision's ``Resize(side)`` rule: the shorter side becomes ``side``, the other is
     scaled and truncated."""
@@ -512,8 +522,7 @@ def _axis_weights(
     the downscaling factor; weights normalised over the pixels inside the image). Rows outside
     a resized axis shorter than the crop are zero: torchvision pads those with zeros.
     """
-    length = torch.tensor(lengths, dtype=torch.float32, device=device)[:, None]
-    new = torch.tensor(resized, dtype=torch.float32, device=device)[:, None]
+    length, new = _to_device([lengths, resized], torch.float32, device)[:, :, None]
     i = torch.arange(size, dtype=torch.float32, device=device)[None, :]
     # torchvision's centre crop: round((new - size) / 2) in (half to even, like torch.round),
     # or a pad of (size - new) // 2 before the image when it is shorter than the crop
@@ -601,7 +610,7 @@ def transform_on_device(images: Sequence[torch.Tensor], preprocess: Preprocess) 
             x = torch.bmm(rows, across.transpose(1, 2)).view(len(idx), 3, top_h, size)
             x = x.clamp_(0.0, 255.0).add_(0.5).floor_()
             x = torch.matmul(down[:, None], x)  # (n, 3, S, S)
-        out.index_copy_(0, torch.tensor(idx, device=device), x)
+        out.index_copy_(0, _to_device(idx, torch.int64, device), x)
     out.clamp_(0.0, 255.0).add_(0.5).floor_()  # 8-bit levels, then ToTensor and Normalize
     return preprocess.normalize(out, inplace=True)
 
@@ -701,8 +710,7 @@ def decode_on_device(
     rank = {p: r for r, p in enumerate(ok)}
     images = torch.empty(len(ok), 3, size, size, dtype=torch.float32, device=device)
     for positions, x in parts:
-        index = torch.tensor([rank[p] for p in positions], dtype=torch.int64)
-        images.index_copy_(0, index.to(device), x)
+        images.index_copy_(0, _to_device([rank[p] for p in positions], torch.int64, device), x)
     failures.sort(key=lambda f: f[0])
     return DecodedBatch(
         keys=torch.tensor([batch.keys[p] for p in ok], dtype=torch.int64),
