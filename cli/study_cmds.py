@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    CpuShareOpt,
     JsonOpt,
     app,
     console,
@@ -260,14 +261,7 @@ def bench(
         int, typer.Option(help="Embed: 0 = by free GPU memory; jpeg: files a call.")
     ] = 64,
     decode: Annotated[str, typer.Option(help="Embed: auto, device or pil.")] = "auto",
-    cpu_share: Annotated[
-        float,
-        typer.Option(
-            min=0.0,
-            max=1.0,
-            help="Embed, device decoding: share of the JPEGs the workers decode with PIL anyway.",
-        ),
-    ] = 0.0,
+    cpu_share: CpuShareOpt = None,  # embed
     workers: Annotated[
         int | None, typer.Option(min=0, help="Embed: DataLoader workers (default: CPUs - 1, <= 8).")
     ] = None,
@@ -355,7 +349,7 @@ def bench(
         if what == "embed":
             options = dict(
                 n=n or 256, batch_size=batch_size, device=device, random_weights=random_weights,
-                decode=decode, cpu_share=cpu_share, workers=workers, compile=compile_model,
+                decode=decode, cpu_share=cpu_share or 0.0, workers=workers, compile=compile_model,
             )  # fmt: skip
             if len(backbones) == 1 and backbones[0] != "all" and corpus is None:
                 result: Any = b.bench_embed(backbones[0], **options)

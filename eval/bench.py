@@ -305,7 +305,6 @@ def bench_embed(
     import torch
 
     from pinsearch.backbones import create_backbone, get_backbone_spec
-    from pinsearch.decode import takes_progressive
     from pinsearch.embed import (
         EmbedConfig,
         iter_embeddings,
@@ -335,10 +334,7 @@ def bench_embed(
     config = dataclasses.replace(config, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         files = list(items) if items is not None else write_bench_images(Path(tmp), n)
-        plan = loader_plan(
-            config, files, batch_size, model.preprocess, decoder,
-            progressive=takes_progressive(dev),
-        )  # fmt: skip
+        plan = loader_plan(config, files, batch_size, model.preprocess, decoder, device=dev)
 
         def embed(part: Sequence[tuple[int, str]]) -> int:
             return sum(len(b.keys) for b in iter_embeddings(model, part, config))

@@ -207,7 +207,7 @@ def loader_plan(
     mode: str,
     shm_free: int | None = None,
     *,
-    progressive: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[int, int | None]:
     """``(workers, prefetch_factor)`` for the DataLoader: :func:`resolve_workers` workers with 4
     batches each ready, fewer where their batches would not fit in ``SHM_SHARE`` of the free
@@ -216,8 +216,9 @@ def loader_plan(
 
     A worker batch is the model inputs as uint8 crops on the PIL path; on the device path the
     encoded files, and the crops of those the workers decode (PNGs, CMYK or rotated
-    JPEGs, which the device decoder does not take, progressive ones unless ``progressive``,
-    and ``config.cpu_share`` of the others), as the first files say.
+    JPEGs, which the device decoder does not take, progressive ones on a CUDA ``device``
+    (:func:`~pinsearch.decode.takes_progressive`), and ``config.cpu_share`` of the others), as
+    the first files say.
     """
     workers = resolve_workers(config)
     if workers == 0:
@@ -226,6 +227,7 @@ def loader_plan(
     if free is None:
         return workers, _PREFETCH
     if mode == "device":
+        progressive = takes_progressive(device)
         sizes = [
             _shared_bytes(p, preprocess, config.max_pixels, config.cpu_share, progressive)
             for _, p in items[:_SIZE_SAMPLE]
@@ -499,10 +501,7 @@ def pin_loader(
             (:func:`~pinsearch.decode.takes_progressive`).
     """
     device = torch.device(device)
-    progressive = takes_progressive(device)
-    workers, prefetch = loader_plan(
-        config, items, batch_size, preprocess, mode, progressive=progressive
-    )
+    workers, prefetch = loader_plan(config, items, batch_size, preprocess, mode, device=device)
     side = preprocess.resize_side
     dataset: Dataset = (  # type: ignore[type-arg]
         EncodedPinImages(
@@ -511,7 +510,7 @@ def pin_loader(
             config.max_pixels,
             side,
             cpu_share=config.cpu_share,
-            progressive=progressive,
+            progressive=takes_progressive(device),
         )
         if mode == "device"
         else PinImages(items, transform, config.max_pixels, side)

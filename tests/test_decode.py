@@ -199,7 +199,7 @@ def test_progressive_jpegs_are_decoded_in_the_workers_for_cuda(tmp_path: Path, m
     encoded = files["baseline"].stat().st_size + files["progressive"].stat().st_size
     room = int(2 * 4 * 2 * (encoded / 2) / 0.5) + 64  # 2 workers x 4 batches of 2, encoded
     assert loader_plan(config, items, 2, pre, "device", shm_free=room) == (2, 4)
-    worse = loader_plan(config, items, 2, pre, "device", shm_free=room, progressive=False)
+    worse = loader_plan(config, items, 2, pre, "device", shm_free=room, device="cuda")
     assert crop > files["progressive"].stat().st_size and worse != (2, 4)
 
 
