@@ -71,7 +71,7 @@ def timed() -> Iterator[Timer]:
 
 
 def machine() -> dict[str, Any]:
-    """Where a benchmark ran: CPU, cores, GPU, library versions."""
+    """Where a benchmark ran: CPU, cores, GPU (and its hardware JPEG decoder), library versions."""
     import os
 
     import faiss
@@ -88,6 +88,10 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()},
     }
+    if torch.cuda.is_available():  # A100 and H100 have NVJPG engines; most other GPUs none
+        from pinsearch.decode import jpeg_hardware
+
+        info["jpeg_hardware"] = jpeg_hardware(torch.device("cuda", 0)).describe()
     return info
 
 

@@ -88,6 +88,9 @@ def _embed(rows: list[dict[str, Any]], src: str) -> list[Check]:
             how += f"; decoding alone{every} {row['decode_images_per_s']:,.0f} img/s"
         if row.get("loader_images_per_s"):  # the workers alone, where it was measured
             how += f"; workers alone {row['loader_images_per_s']:,.0f} img/s"
+        hardware = (row.get("machine") or {}).get("jpeg_hardware")
+        if hardware and row["decode"] == "device":  # the GPU's NVJPG engines, where known
+            how += f"; JPEG hardware {hardware}"
         if name in EMBED_MIN_IMAGES_PER_S:
             ok = rate >= EMBED_MIN_IMAGES_PER_S[name]
             out.append(Check(src, key, f"{rate:,.0f} img/s steady ({how})", _state(ok)))

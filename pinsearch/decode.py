@@ -22,9 +22,13 @@ failure.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import functools
 import io
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +48,7 @@ __all__ = [
     "DEFAULT_PIXEL_BUDGET",
     "DecodedBatch",
     "EncodedPinImages",
+    "JpegHardware",
     "PinFiles",
     "PreparedBatch",
     "PreparedImage",
@@ -53,6 +58,7 @@ __all__ = [
     "device_decoder_error",
     "device_refusal",
     "device_transform_supported",
+    "jpeg_hardware",
     "prepare_image",
     "takes_progressive",
     "transform_on_device",
@@ -734,3 +740,106 @@ def device_decoder_error(device: torch.device | str) -> str | None:
     if tuple(out.shape) != (3, 8, 16):
         return f"decode_jpeg returned shape {tuple(out.shape)} for a 16x8 test image"
     return None
+
+
+# -- the GPU's hardware JPEG decoder ---------------------------------------------------------
+
+_NVJPEG_BACKEND_HARDWARE = 3  # nvjpegBackend_t
+_NVJPEG_STATUS_SUCCESS, _NVJPEG_STATUS_ARCH_MISMATCH = 0, 7  # nvjpegStatus_t
+
+
+@dataclass(frozen=True)
+class JpegHardware:
+    """Whether a device has a hardware JPEG decoder (:func:`jpeg_hardware`).
+
+    Attributes:
+        available: True where nvJPEG's hardware backend runs on the device (A100, H100: NVJPG
+            engines), False where it does not (any other CUDA GPU, and every non-CUDA device),
+            None where it could not be told (no nvJPEG library found, an unexpected status).
+        engines: the hardware decoder's engines, 0 where unknown or none.
+        cores_per_engine: the cores of each engine, 0 where unknown or none.
+        detail: why ``available`` is False or None, else "".
+    """
+
+    available: bool | None
+    engines: int = 0
+    cores_per_engine: int = 0
+    detail: str = ""
+
+    def describe(self) -> str:
+        """One line for reports: ``7 engines x 1 core``, ``none (...)``, ``unknown (...)``."""
+        if self.available:
+            e, c = self.engines, self.cores_per_engine
+            return f"{e} engine{'s' * (e != 1)} x {c} core{'s' * (c != 1)}"
+        return f"{'none' if self.available is False else 'unknown'} ({self.detail})"
+
+
+def _nvjpeg_library() -> ctypes.CDLL | None:
+    """The nvJPEG library torchvision's image extension uses (already loaded), else the system's."""
+    import torchvision.io.image  # noqa: F401  (loads the image extension and its libnvjpeg)
+
+    # no /proc (not Linux): the system's library below
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libnvjpeg"):
+                return ctypes.CDLL(path)
+    found = ctypes.util.find_library("nvjpeg")
+    return ctypes.CDLL(found) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def jpeg_hardware(device: torch.device | str) -> JpegHardware:
+    """Whether ``device`` has a hardware JPEG decoder nvJPEG can use (checked once per device).
+
+    Asks nvJPEG as torchvision does before it decodes: a handle on the hardware backend is
+    created on the device (``nvjpegCreateEx``), refused with ``ARCH_MISMATCH`` where there is
+    no such decoder; its engines are counted (``nvjpegGetHardwareDecoderInfo``) and it is
+    destroyed again. Without one, torchvision decodes each JPEG of a call one after another,
+    its Huffman stage on the host in the calling thread, which is why ``decode="auto"`` leaves
+    JPEGs to the DataLoader workers there (:func:`pinsearch.embed.resolve_decode`).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return JpegHardware(False, detail=f"not a CUDA device ({device.type})")
+    if not torch.cuda.is_available():
+        return JpegHardware(None, detail="CUDA is not available")
+    try:
+        lib = _nvjpeg_library()
+    except (ImportError, OSError) as exc:
+        return JpegHardware(None, detail=f"nvJPEG not loadable: {exc}")
+    if lib is None:
+        return JpegHardware(None, detail="no nvJPEG library found")
+    handle = ctypes.c_void_p()
+    lib.nvjpegCreateEx.restype = ctypes.c_int
+    lib.nvjpegCreateEx.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.POINTER(ctypes.c_void_p),
+    ]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):
+        torch.cuda.init()
+        status = lib.nvjpegCreateEx(_NVJPEG_BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))
+    if status == _NVJPEG_STATUS_ARCH_MISMATCH:
+        return JpegHardware(False, detail=f"{torch.cuda.get_device_name(index)} has none")
+    if status != _NVJPEG_STATUS_SUCCESS:
+        return JpegHardware(None, detail=f"nvjpegCreateEx(hardware) returned status {status}")
+    engines, cores = ctypes.c_uint(0), ctypes.c_uint(0)
+    try:
+        info = getattr(lib, "nvjpegGetHardwareDecoderInfo", None)  # nvJPEG 11.4 and later
+        if info is not None:
+            info.restype = ctypes.c_int
+            info.argtypes = [
+                ctypes.c_void_p,
+                ctypes.POINTER(ctypes.c_uint),
+                ctypes.POINTER(ctypes.c_uint),
+            ]
+            info(handle, ctypes.byref(engines), ctypes.byref(cores))
+    finally:
+        lib.nvjpegDestroy.restype = ctypes.c_int
+        lib.nvjpegDestroy.argtypes = [ctypes.c_void_p]
+        lib.nvjpegDestroy(handle)
+    return JpegHardware(True, engines=engines.value, cores_per_engine=cores.value)

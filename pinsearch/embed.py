@@ -37,6 +37,7 @@ from pinsearch.decode import (
     device_decoder_error,
     device_refusal,
     device_transform_supported,
+    jpeg_hardware,
     prepare_image,
     takes_progressive,
 )
@@ -276,9 +277,12 @@ def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Prepro
     """Where images are decoded: ``"device"`` (:mod:`pinsearch.decode`) or ``"pil"`` (workers).
 
     ``auto`` picks the device path when the model is on CUDA, its preprocessing can be done
-    there (bilinear or bicubic) and ``decode_jpeg`` works on it; PIL otherwise. ``device``
-    forces the device path on whatever device the model is on (the CPU too); ``pil`` is the
-    worker path.
+    there (bilinear or bicubic), ``decode_jpeg`` works on it and the GPU has a hardware JPEG
+    decoder (:func:`~pinsearch.decode.jpeg_hardware`: A100, H100; where that cannot be told,
+    the device path); PIL otherwise. Without the hardware decoder torchvision decodes one
+    JPEG after another with its Huffman stage on the host in the embedding's main thread,
+    while the workers decode in parallel. ``device`` forces the device path on whatever
+    device the model is on (the CPU too); ``pil`` is the worker path.
 
     Raises:
         ValueError: ``decode="device"`` with an interpolation the device path lacks.
@@ -300,6 +304,15 @@ def resolve_decode(config: EmbedConfig, device: torch.device, preprocess: Prepro
             )
         return "device"
     if device.type != "cuda" or not supported:
+        return "pil"
+    hardware = jpeg_hardware(device)
+    if hardware.available is False:
+        _logger.info(
+            "decoding JPEGs with PIL in the workers: %s has no hardware JPEG decoder, so "
+            "torchvision would decode them one at a time in the main thread (--decode device "
+            "forces it)",
+            device,
+        )
         return "pil"
     problem = device_decoder_error(device)
     if problem:

@@ -26,6 +26,7 @@ from pinsearch.decode import (
     device_decoder_error,
     device_refusal,
     device_transform_supported,
+    jpeg_hardware,
     prepare_image,
     transform_on_device,
     worker_decodes,
@@ -609,6 +610,30 @@ def test_resolve_decode_on_cpu(model) -> None:
     lanczos = dataclasses.replace(pre, interpolation="lanczos")
     with pytest.raises(ValueError, match="lanczos"):
         resolve_decode(EmbedConfig(decode="device"), CPU, lanczos)
+
+
+def test_jpeg_hardware_off_cuda_and_the_library_it_asks() -> None:
+    import ctypes
+
+    import torchvision
+
+    none = jpeg_hardware(CPU)
+    assert none.available is False and (none.engines, none.cores_per_engine) == (0, 0)
+    assert none.describe() == "none (not a CUDA device (cpu))"
+    if not torch.cuda.is_available():  # asked for CUDA anyway: cannot tell, said so
+        unknown = jpeg_hardware("cuda")
+        assert unknown.available is None and unknown.describe() == "unknown (CUDA is not available)"
+    bundled = list(Path(torchvision.__file__).parent.parent.glob("torchvision.libs/libnvjpeg*"))
+    lib = decode_mod._nvjpeg_library()  # the one torchvision's image extension loaded
+    if lib is None and not bundled:
+        pytest.skip("this torchvision build has no nvJPEG")
+    assert lib is not None
+    if bundled:
+        assert Path(lib._name).resolve() in {b.resolve() for b in bundled}
+    major = ctypes.c_int(-1)
+    assert lib.nvjpegGetProperty(0, ctypes.byref(major)) == 0 and major.value >= 11  # MAJOR_VERSION
+    assert decode_mod.JpegHardware(True, 7, 5).describe() == "7 engines x 5 cores"
+    assert decode_mod.JpegHardware(True, 1, 1).describe() == "1 engine x 1 core"
 
 
 def test_auto_batch_size_on_cpu(model, tree_corpus) -> None:

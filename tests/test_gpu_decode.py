@@ -19,6 +19,7 @@ from pinsearch.decode import (
     decode_jpegs,
     decode_on_device,
     device_decoder_error,
+    jpeg_hardware,
     prepare_image,
     transform_on_device,
 )
@@ -71,7 +72,20 @@ def _embed(model, items, config):  # type: ignore[no-untyped-def]
 def test_nvjpeg_is_available() -> None:
     assert device_decoder_error(CUDA) is None
     model = create_backbone("test_efficientnet", device=CUDA)
-    assert resolve_decode(EmbedConfig(), CUDA, model.preprocess) == "device"
+    hardware = jpeg_hardware(CUDA)
+    auto = "pil" if hardware.available is False else "device"  # see test_jpeg_hardware
+    assert resolve_decode(EmbedConfig(), CUDA, model.preprocess) == auto
+    assert resolve_decode(EmbedConfig(decode="device"), CUDA, model.preprocess) == "device"
+
+
+def test_jpeg_hardware() -> None:
+    hardware = jpeg_hardware(CUDA)
+    name = torch.cuda.get_device_name()
+    print(f"{name}: hardware JPEG decoder {hardware.describe()}")
+    assert hardware.available is not None, hardware.detail  # nvJPEG answered one way or other
+    if any(gpu in name for gpu in ("A100", "H100", "H200")):  # NVJPG engines on these
+        assert hardware.available and hardware.engines >= 1 and hardware.cores_per_engine >= 1
+    assert jpeg_hardware("cuda:0") == hardware or torch.cuda.current_device() != 0
 
 
 def test_cuda_decode_matches_cpu_pil_path(tree_corpus, tmp_path: Path) -> None:

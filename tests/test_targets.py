@@ -118,6 +118,9 @@ def test_embed_targets() -> None:
     assert "workers alone" not in check_result(shared)[0].measured  # not measured before
     loaded = {**shared, "loader_images_per_s": 7654.3}
     assert "; workers alone 7,654 img/s" in check_result(loaded)[0].measured
+    assert "JPEG hardware" not in check_result(loaded)[0].measured  # H100 has no such key
+    engines = {**one, "machine": {**H100, "jpeg_hardware": "7 engines x 5 cores"}}
+    assert check_result(engines)[0].measured.endswith("; JPEG hardware 7 engines x 5 cores)")
 
 
 def test_study_targets_lower_bounds_stay_open() -> None:
