@@ -69,16 +69,17 @@ RefineOpt = Annotated[
 
 def search_config(
     nprobe: int | None, ef_search: int | None, precision: str | None, refine: int | None
-) -> Any:
-    """The :class:`~pinsearch.indexes.IndexConfig` of the search-time options given, or None
-    when none was (the index is searched as saved)."""
-    from pinsearch.indexes import IndexConfig
+) -> dict[str, Any] | None:
+    """The search-time options given, by name (each put over the saved index's setting,
+    the others stay as saved), or None when none was (the index is searched as saved)."""
+    from pinsearch.indexes import search_overrides
 
-    asked = {"nprobe": nprobe, "ef_search": ef_search, "precision": precision, "refine": refine}
-    if all(v is None for v in asked.values()):
+    given = {"nprobe": nprobe, "ef_search": ef_search, "precision": precision, "refine": refine}
+    asked = {k: v for k, v in given.items() if v is not None}
+    if not asked:
         return None
     try:
-        return make_config(IndexConfig, **asked)
+        return search_overrides(asked)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
 

@@ -2,7 +2,13 @@
 
 from pinsearch.indexes.exact import PRECISIONS, TorchExact
 from pinsearch.indexes.gpu import gpu_count, gpu_settings, to_cpu, to_gpu
-from pinsearch.indexes.pinindex import PinIndex, build_index, file_sha256, load_index
+from pinsearch.indexes.pinindex import (
+    PinIndex,
+    build_index,
+    file_sha256,
+    load_index,
+    search_overrides,
+)
 from pinsearch.indexes.spec import (
     METRICS,
     IndexConfig,
@@ -28,6 +34,7 @@ __all__ = [
     "gpu_settings",
     "ivf_nlist",
     "load_index",
+    "search_overrides",
     "to_cpu",
     "to_gpu",
     "validate_factory",

@@ -148,10 +148,12 @@ class TorchExact:
         self.block_bytes = block_bytes or SCORE_BLOCK_BYTES.get(self.device.type, 1 << 27)
         self.dtype = getattr(torch, precision)
         self.n, self.dim = x.shape
-        self.x = x.to(self.device, dtype=self.dtype)
+        # copies of their own (copy=True: float32 on the CPU would otherwise share the
+        # caller's memory, such as a FAISS index's vectors, which its next add may move)
+        self.x = x.to(self.device, dtype=self.dtype, copy=True)
         # the norms the scan sees: those of the stored (rounded) vectors, for consistent L2
         self.sq = (self.x.float() ** 2).sum(1) if metric == "l2" else None
-        self.full = x.to(self.device) if refine else None
+        self.full = x.to(self.device, copy=True) if refine else None
         if fast_scores is None:
             fast_scores = self.device.type == "cuda" and bool(refine) and precision != "float32"
         self.fast_scores = fast_scores

@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -85,12 +87,61 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
         x = x[None, :]
     if x.ndim != 2:
         raise ValueError(f"vectors must be a 2-D array, got shape {x.shape}")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():  # FAISS would file them anywhere, a 16-bit scan ranks NaN first for every query
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"{rows.size} of {len(x)} vectors are not finite (NaN or infinity), the first at "
+            f"row {rows[0]}"
+        )
+    return x
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
+
+
+class _EditLock:
+    """Searches at once, or one edit alone: FAISS indexes take concurrent searches but no
+    search while an ``add`` or ``remove`` reallocates their arrays. A waiting edit goes
+    before searches that come after it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._searches = 0
+        self._editing = False
+        self._edits_waiting = 0
+
+    @contextlib.contextmanager
+    def searching(self) -> Any:
+        with self._cond:
+            while self._editing or self._edits_waiting:
+                self._cond.wait()
+            self._searches += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._searches -= 1
+                if not self._searches:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def editing(self) -> Any:
+        with self._cond:
+            self._edits_waiting += 1
+            while self._editing or self._searches:
+                self._cond.wait()
+            self._edits_waiting -= 1
+            self._editing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._editing = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -110,6 +161,7 @@ class PinIndex:
         default=None, repr=False
     )  # argsort, sorted
     _exact: TorchExact | None = field(default=None, repr=False)  # reduced-precision scan
+    _edits: _EditLock = field(default_factory=_EditLock, repr=False, compare=False)
 
     @property
     def reduced_precision(self) -> bool:
@@ -186,16 +238,21 @@ class PinIndex:
         clash = np.intersect1d(keys, self.ids)
         if clash.size:
             raise ValueError(f"pin keys already in the index: {clash[:5].tolist()}")
+        unique, counts = np.unique(keys, return_counts=True)
+        if unique.size != keys.size:
+            raise ValueError(f"pin keys given more than once: {unique[counts > 1][:5].tolist()}")
         self.prepare(vectors[:1])  # a wrong shape is refused here, before any batch
         if not (self.on_gpu and self._adds_on_cpu()):
             was_gpu = self.on_gpu
             try:
                 for start in range(0, len(keys), batch):
                     part = self.prepare(vectors[start : start + batch])
-                    with self._gpu_turn():  # per batch: searches go on between them
+                    # per batch: searches go on between them
+                    with self._edits.editing(), self._gpu_turn():
                         self.index.add(part)
             except Exception as exc:
-                self._undo_partial_add()
+                with self._edits.editing():
+                    self._undo_partial_add()
                 if not (was_gpu and isinstance(exc, RuntimeError)):
                     raise
                 _logger.warning(
@@ -217,8 +274,9 @@ class PinIndex:
         target = self._fresh_cpu_copy()
         for start in range(0, len(keys), batch):
             target.add(self.prepare(vectors[start : start + batch]))
-        self._added(keys)
-        self._place_again(target)
+        with self._edits.editing():
+            self._added(keys)
+            self._place_again(target)
         if not self._rounds_vectors():
             self._cpu = None
 
@@ -314,19 +372,20 @@ class PinIndex:
             return 0
         if not self.removable():
             raise ValueError(f"index {self.factory!r} cannot remove vectors in place")
-        cpu = self.cpu_index()
-        removed = cpu.remove_ids(faiss.IDSelectorBatch(positions))
-        if removed != positions.size:
-            raise IndexFileError(
-                f"index {self.factory!r}: removed {removed} of {positions.size} vectors; "
-                "pinsearch repair rebuilds it"
-            )
-        ivf = ivf_of(cpu)
-        if ivf is not None:
-            _shift_list_ids(ivf, positions)
-        self.ids = np.delete(self.ids, positions)
-        self._order = self._exact = None
-        self._place_again(cpu)
+        with self._edits.editing():  # a CPU index is edited in place: no search meanwhile
+            cpu = self.cpu_index()
+            removed = cpu.remove_ids(faiss.IDSelectorBatch(positions))
+            if removed != positions.size:
+                raise IndexFileError(
+                    f"index {self.factory!r}: removed {removed} of {positions.size} vectors; "
+                    "pinsearch repair rebuilds it"
+                )
+            ivf = ivf_of(cpu)
+            if ivf is not None:
+                _shift_list_ids(ivf, positions)
+            self.ids = np.delete(self.ids, positions)
+            self._order = self._exact = None
+            self._place_again(cpu)
         return int(removed)
 
     def _place_again(self, cpu: Any) -> None:
@@ -382,14 +441,15 @@ class PinIndex:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         q = self.prepare(queries)
-        k_eff = min(k, self.ntotal)
-        if k_eff == 0:
-            return _empty(len(q), k)
-        if allowed is None:
-            d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
-        else:
-            d, pos = self._filtered_search(q, k_eff, allowed, host_copy)
-        return self._to_keys(d, pos, k)
+        with self._edits.searching():  # not while an add or remove changes the index
+            k_eff = min(k, self.ntotal)
+            if k_eff == 0:
+                return _empty(len(q), k)
+            if allowed is None:
+                d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
+            else:
+                d, pos = self._filtered_search(q, k_eff, allowed, host_copy)
+            return self._to_keys(d, pos, k)
 
     def __del__(self) -> None:
         # A FAISS-GPU index frees its memory through the shared resources too: whichever
@@ -401,7 +461,8 @@ class PinIndex:
 
     def _gpu_turn(self) -> Any:
         """The process's GPU lock while this index lives on the GPU: FAISS-GPU's shared
-        resources take one call at a time (a no-op for CPU indexes, searched concurrently)."""
+        resources take one call at a time (a no-op for CPU indexes, searched concurrently
+        except while an add or remove edits them: ``_edits``)."""
         return GPU_LOCK if self.on_gpu else contextlib.nullcontext()
 
     def _raw_search(self, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -480,7 +541,7 @@ class PinIndex:
                     return d, pos
             target = replace(self, index=self.cpu_index(), on_gpu=False)
         packed = np.packbits(bitmap, bitorder="little")
-        selector = faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(packed))
+        selector = faiss.IDSelectorBitmap(packed.size, faiss.swig_ptr(packed))  # n: bytes
         try:
             d, pos = target.index.search(q, k, params=target._params(selector))
         except RuntimeError as exc:
@@ -647,8 +708,8 @@ def _drop_rows(index: Any, n: int) -> None:
     left, beyond its id map)."""
     import faiss
 
-    if index.ntotal > n:
-        index.remove_ids(faiss.IDSelectorRange(n, index.ntotal))
+    if index.ntotal > n:  # open-ended: ids a failed add gave beyond ntotal go as well
+        index.remove_ids(faiss.IDSelectorRange(n, np.iinfo(np.int64).max))
 
 
 def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
@@ -779,8 +840,13 @@ def _place(
     if ivf is not None:
         import faiss
 
-        nprobe = min(_nprobe(config, ivf.nlist), GPU_MAX_NPROBE)
-        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", nprobe)
+        nprobe = _nprobe(config, ivf.nlist)
+        if nprobe > GPU_MAX_NPROBE:
+            _logger.warning(
+                "index %s: FAISS-GPU visits at most %d lists per query, not nprobe %d",
+                factory, GPU_MAX_NPROBE, nprobe,
+            )  # fmt: skip
+        faiss.GpuParameterSpace().set_index_parameter(gpu, "nprobe", min(nprobe, GPU_MAX_NPROBE))
     return gpu, True
 
 
@@ -915,10 +981,45 @@ def _faiss_reason(exc: Exception) -> str:
     return reason.split("' failed: ", 1)[-1]
 
 
+#: The settings :func:`load_index` takes from a caller's config, and their unset values.
+_SEARCH_SETTINGS = {
+    "device": "auto",
+    "fp16": False,
+    "precision": "float32",
+    "refine": 0,
+    "nprobe": None,
+    "ef_search": None,
+}
+
+
+def search_overrides(config: IndexConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The search-time settings a caller sets over a saved index's (:func:`load_index`).
+
+    A mapping names them itself: any of device, fp16, precision, refine, nprobe and
+    ef_search, each checked as :class:`IndexConfig` checks it (a saved float16 scan searched
+    in float32 again: ``{"precision": "float32"}``). An :class:`IndexConfig` sets those it
+    does not leave unset (None, or its default).
+
+    Raises:
+        ValueError: a name that is no search-time setting, or a value IndexConfig refuses.
+    """
+    if isinstance(config, IndexConfig):
+        return {
+            name: getattr(config, name)
+            for name, unset in _SEARCH_SETTINGS.items()
+            if getattr(config, name) != unset
+        }
+    unknown = sorted(set(config) - set(_SEARCH_SETTINGS))
+    if unknown:
+        raise ValueError(f"not search-time settings: {unknown}; they are {list(_SEARCH_SETTINGS)}")
+    IndexConfig(**config)  # the values, checked
+    return dict(config)
+
+
 def load_index(
     path: str | Path,
     *,
-    config: IndexConfig | None = None,
+    config: IndexConfig | Mapping[str, Any] | None = None,
     verify: bool = True,
     place: bool = True,
 ) -> PinIndex:
@@ -926,8 +1027,11 @@ def load_index(
 
     Args:
         path: the base path (without ``.faiss``).
-        config: overrides of search-time settings (device, nprobe, ef_search, fp16,
-            precision, refine).
+        config: search-time settings (device, nprobe, ef_search, fp16, precision, refine)
+            put over the saved ones: a mapping of those named, or an :class:`IndexConfig`'s
+            that are set (:func:`search_overrides`); the others stay as saved. An index
+            saved with device ``gpu`` loads on the CPU (a warning) where faiss sees no GPU,
+            unless the caller asks for the GPU.
         verify: check SHA-256 checksums (reads the whole file once).
         place: put it where its settings say (a GPU); False keeps it on the CPU with its
             settings unchanged (a writer editing it, whatever room the GPU has).
@@ -945,14 +1049,24 @@ def load_index(
         meta = json.loads(files["json"].read_text())
     except (OSError, ValueError) as exc:
         raise IndexFileError(f"index description {files['json']} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise IndexFileError(f"index description {files['json']} is not a JSON object")
     if meta.get("format_version") != INDEX_FORMAT_VERSION:
         raise IndexFileError(
             f"{files['json']}: index format {meta.get('format_version')!r}, "
             f"this pinsearch reads {INDEX_FORMAT_VERSION}"
         )
+    try:
+        sums = {key: str(meta["sha256"][key]) for key in ("faiss", "ids")}
+        saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
+        size = int(meta["ntotal"]), int(meta["dim"])
+    except (KeyError, TypeError, ValueError) as exc:  # a field missing, unknown or invalid
+        raise IndexFileError(
+            f"index description {files['json']} is damaged ({type(exc).__name__}: {exc})"
+        ) from exc
     if verify:
         for key in ("faiss", "ids"):
-            if file_sha256(files[key]) != meta["sha256"][key]:
+            if file_sha256(files[key]) != sums[key]:
                 raise IndexFileError(
                     f"index file {files[key]} does not match its checksum: it is damaged; "
                     "rebuild it from the stored vectors"
@@ -962,23 +1076,19 @@ def load_index(
         ids = np.load(files["ids"], allow_pickle=False)
     except (RuntimeError, ValueError, OSError) as exc:
         raise IndexFileError(f"cannot read index {files['faiss']}: {exc}") from exc
-    if cpu.ntotal != len(ids) or cpu.ntotal != meta["ntotal"] or cpu.d != meta["dim"]:
+    if cpu.ntotal != len(ids) or (cpu.ntotal, cpu.d) != size:
         raise IndexFileError(
             f"index {files['faiss']} holds {cpu.ntotal} vectors of dim {cpu.d}; its id map has "
-            f"{len(ids)} and its description says {meta['ntotal']} x {meta['dim']}"
+            f"{len(ids)} and its description says {size[0]} x {size[1]}"
         )
-    saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
-    if config is not None:
-        saved = replace(
-            saved,
-            device=config.device,
-            fp16=config.fp16,
-            precision=config.precision,
-            refine=config.refine,
-            nprobe=config.nprobe if config.nprobe is not None else saved.nprobe,
-            ef_search=config.ef_search if config.ef_search is not None else saved.ef_search,
-        )
-    index, on_gpu = _place(cpu, saved, meta["factory"]) if place else (cpu, False)
+    asked = search_overrides(config) if config is not None else {}
+    saved = replace(saved, **asked)
+    where = saved
+    if place and saved.device == "gpu" and "device" not in asked and gpu_count() == 0:
+        # saved for a GPU, not asked for one now: the CPU searches it (saved as it was)
+        _logger.warning("index %s was saved for the GPU; faiss sees none: on the CPU", path)
+        where = replace(saved, device="cpu")
+    index, on_gpu = _place(cpu, where, meta["factory"]) if place else (cpu, False)
     loaded = PinIndex(
         index,
         ids.astype(np.int64),

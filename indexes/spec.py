@@ -70,6 +70,10 @@ class IndexConfig:
             )
         if self.refine < 0:
             raise ValueError(f"refine must be >= 0, got {self.refine}")
+        for name in ("nprobe", "ef_search", "max_train"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.factory != "auto":
             object.__setattr__(self, "factory", validate_factory(self.factory, self.metric))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import BackboneMismatchError, PinNotFoundError
-from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric
+from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric, search_overrides
 from pinsearch.store import Store
 
 __all__ = [
@@ -142,7 +143,9 @@ class PinSearcher:
         store: an open store (read-only is enough).
         backbone: which embedding to search (default: the store's only one).
         index: index name (default: the backbone's index).
-        config: search-time overrides (device, nprobe, ef_search).
+        config: search-time settings over the saved index's (device, nprobe, ef_search,
+            fp16, precision, refine): a mapping of those named, or an IndexConfig's that are
+            set (:func:`~pinsearch.indexes.search_overrides`).
         cache_metadata: keep a columnar copy of the pins' metadata in memory (for long-running
             query processes; a few hundred MB per million pins) instead of one DuckDB query
             per search.
@@ -154,7 +157,7 @@ class PinSearcher:
         *,
         backbone: str | None = None,
         index: str | None = None,
-        config: IndexConfig | None = None,
+        config: IndexConfig | Mapping[str, Any] | None = None,
         cache_metadata: bool = False,
     ) -> None:
         self.store = store
@@ -175,7 +178,8 @@ class PinSearcher:
             if self.backbone in store.index_names(self.backbone)
             else store.index_names(self.backbone)[0]
         )
-        inert = self.index.inert_settings(config) if config is not None else []
+        asked = IndexConfig(**search_overrides(config)) if config is not None else None
+        inert = self.index.inert_settings(asked) if asked is not None else []
         if inert:
             raise ValueError(
                 f"index {self.index_name!r} ({self.index.factory}) would ignore {'; '.join(inert)}"

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
 from pinsearch.errors import DeviceError, IndexFileError, StoreLockedError, StoreVersionError
-from pinsearch.indexes import IndexConfig, PinIndex, build_index, load_index
+from pinsearch.indexes import IndexConfig, PinIndex, build_index, gpu_count, load_index
 from pinsearch.indexes.pinindex import file_sha256, fsync_file, index_files
 from pinsearch.vectors import VectorStore, backbone_dirname
 
@@ -336,9 +337,10 @@ class Store:
         name: str | None = None,
         *,
         backbone: str | None = None,
-        config: IndexConfig | None = None,
+        config: IndexConfig | Mapping[str, Any] | None = None,
     ) -> PinIndex:
-        """Load an index (cached), by name or as the index of a backbone.
+        """Load an index (cached), by name or as the index of a backbone; ``config``: search
+        settings over the saved ones (:func:`~pinsearch.indexes.load_index`), loaded afresh.
 
         Raises:
             IndexFileError: missing or damaged files.
@@ -435,6 +437,11 @@ class Store:
             return "dropped"
         self.forget_cached(name)
         config = IndexConfig(**json.loads(row["config"]))
+        if config.device == "gpu" and gpu_count() == 0:  # saved for a GPU: none here
+            _logger.warning(
+                "index %s was built for the GPU; faiss sees none: rebuilt for any", name
+            )
+            config = dataclasses.replace(config, device="auto")
         try:
             self.build_index(backbone, config, name=name)
         except ValueError as exc:  # too few vectors left to train it: exact search instead

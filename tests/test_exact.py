@@ -187,6 +187,17 @@ def test_grouped_and_plain_selection_scan_alike(data) -> None:  # type: ignore[n
     assert _overlap(i, i_ref) == 1.0
 
 
+@pytest.mark.parametrize(("precision", "refine"), [("float32", 0), ("float16", 4)])
+def test_the_scan_holds_copies_of_its_own(data, precision: str, refine: int) -> None:  # type: ignore[no-untyped-def]
+    x, q = data[0].copy(), data[1]  # as a FAISS index's vectors, which its next add may move
+    scan = TorchExact(x, precision=precision, refine=refine, device="cpu")
+    before = scan.search(q, 5)
+    x[:] = 0
+    after = scan.search(q, 5)
+    np.testing.assert_array_equal(after[1], before[1])
+    np.testing.assert_array_equal(after[0], before[0])
+
+
 def test_more_neighbours_than_vectors_are_padded() -> None:
     x = np.eye(3, 8, dtype=np.float32)
     d, i = TorchExact(x, device="cpu").search(x[:2], 5)
@@ -257,7 +268,9 @@ def test_pin_index_uses_the_scan_and_keeps_faiss_for_the_rest(data, tmp_path) ->
     assert half.search(q[:3], 1)[1][:, 0].tolist() == [-7, -8, -9]
     # precision is a search-time setting: saved as float16, loaded back as float32 or bfloat16
     half.save(tmp_path / "ix")
-    back = load_index(tmp_path / "ix", config=IndexConfig(device="cpu"))
+    same = load_index(tmp_path / "ix", config=IndexConfig(device="cpu"))  # precision not set
+    assert same.config.precision == "float16" and same.reduced_precision
+    back = load_index(tmp_path / "ix", config={"device": "cpu", "precision": "float32"})
     assert back.config.precision == "float32" and not back.reduced_precision
     bf = load_index(tmp_path / "ix", config=IndexConfig(device="cpu", precision="bfloat16"))
     assert bf.reduced_precision

@@ -21,6 +21,7 @@ from pinsearch.indexes import (
     faiss_metric,
     ivf_nlist,
     load_index,
+    search_overrides,
     validate_factory,
 )
 
@@ -124,6 +125,23 @@ def test_bad_queries_are_rejected() -> None:
         index.search(_random(1, 8, 0), 0)
     _, keys = index.search(_random(1, 8, 0)[0], 3)  # a 1-D query is one query
     assert keys.shape == (1, 3)
+
+
+def test_non_finite_vectors_and_repeated_keys_are_refused() -> None:
+    x = _random(10, 4, 0)
+    x[7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"1 of 10 vectors are not finite .* row 7"):
+        build_index(x, _keys(10), IndexConfig(factory="Flat", **CPU))
+    index = build_index(_random(10, 4, 0), _keys(10), IndexConfig(factory="Flat", **CPU))
+    more = _random(3, 4, 1)
+    more[1, 0] = np.inf
+    with pytest.raises(ValueError, match="not finite"):
+        index.add(more, np.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="not finite"):  # a NaN query is no query
+        index.search(more, 2)
+    with pytest.raises(ValueError, match=r"given more than once: \[5\]"):
+        index.add(_random(3, 4, 1), np.array([5, 6, 5]))
+    assert index.ntotal == 10 and len(index.ids) == 10  # nothing taken
 
 
 def test_build_index_validates_input() -> None:
@@ -497,6 +515,43 @@ def test_load_overrides_search_settings(clustered, tmp_path: Path) -> None:
     assert keep.config.nprobe == 2
 
 
+def test_load_keeps_the_saved_settings_a_config_leaves_unset(tmp_path: Path) -> None:
+    x = _random(300, 8, 0)
+    config = IndexConfig(factory="Flat", refine=8, precision="float16", **CPU)
+    build_index(x, _keys(300), config).save(tmp_path / "ix")
+    partial = load_index(tmp_path / "ix", config=IndexConfig(nprobe=4))
+    assert (partial.config.device, partial.config.refine) == ("cpu", 8)
+    assert partial.config.precision == "float16" and partial.config.nprobe == 4
+    named = load_index(tmp_path / "ix", config={"precision": "float32", "refine": 0})
+    assert (named.config.precision, named.config.refine, named.config.device) == (
+        "float32", 0, "cpu",
+    )  # fmt: skip
+    assert search_overrides(IndexConfig(refine=2, device="cpu")) == {"device": "cpu", "refine": 2}
+    with pytest.raises(ValueError, match="not search-time settings: \\['factory'\\]"):
+        load_index(tmp_path / "ix", config={"factory": "HNSW32"})
+    with pytest.raises(ValueError, match="unknown precision"):
+        load_index(tmp_path / "ix", config={"precision": "float8"})
+    with pytest.raises(ValueError, match="nprobe must be at least 1"):
+        IndexConfig(nprobe=0)
+
+
+def test_an_index_saved_for_the_gpu_loads_on_the_cpu_without_one(tmp_path: Path) -> None:
+    from pinsearch.indexes import gpu_count
+
+    if gpu_count() > 0:
+        pytest.skip("a GPU is visible")
+    x = _random(50, 8, 0)
+    build_index(x, _keys(50), IndexConfig(factory="Flat", **CPU)).save(tmp_path / "ix")
+    meta = json.loads((tmp_path / "ix.json").read_text())
+    meta["config"]["device"] = "gpu"  # as saved on a GPU machine (the JSON has no checksum)
+    (tmp_path / "ix.json").write_text(json.dumps(meta))
+    index = load_index(tmp_path / "ix")
+    assert not index.on_gpu and index.config.device == "gpu"  # saved again as it was
+    assert index.search(x[:2], 1)[1][:, 0].tolist() == _keys(50)[:2].tolist()
+    with pytest.raises(DeviceError, match="no GPU"):  # asked for now: told it is not there
+        load_index(tmp_path / "ix", config={"device": "gpu"})
+
+
 def _flip_bytes(path: Path, at: int, n: int = 16) -> None:
     data = bytearray(path.read_bytes())
     for i in range(at, at + n):
@@ -547,6 +602,10 @@ def test_missing_or_foreign_index_files(tmp_path: Path) -> None:
     (tmp_path / "idx.json").write_text("{broken")
     with pytest.raises(IndexFileError, match="unreadable"):
         load_index(tmp_path / "idx")
+    for damage in ({"sha256": None}, {"config": {**meta["config"], "colour": "red"}}, {"dim": []}):
+        (tmp_path / "idx.json").write_text(json.dumps({**meta, **damage}))
+        with pytest.raises(IndexFileError, match=r"idx\.json is damaged"):
+            load_index(tmp_path / "idx")
     (tmp_path / "idx.ids.npy").unlink()
     with pytest.raises(IndexFileError, match="missing"):
         load_index(tmp_path / "idx")
@@ -970,6 +1029,36 @@ def test_cpu_add_stopped_part_way_is_undone() -> None:
         index.add(x[100:], keys[100:], batch=15)  # 15 taken, then 5 of the next 15
     assert index.ntotal == len(index.ids) == 100  # as it was
     np.testing.assert_array_equal(index.search(x[:5], 3)[1][:, 0], keys[:5])
+
+
+def test_searches_wait_while_an_edit_changes_a_cpu_index() -> None:
+    import threading
+
+    x = _random(200, 8, 0)
+    index = build_index(x, _keys(200), IndexConfig(factory="Flat", **CPU))
+    answers: list[np.ndarray] = []
+    with index._edits.editing():  # what add (per batch) and remove hold
+        searcher = threading.Thread(target=lambda: answers.append(index.search(x[:3], 1)[1]))
+        searcher.start()
+        searcher.join(0.3)
+        assert searcher.is_alive() and not answers  # waiting for the edit
+    searcher.join(10)
+    assert not searcher.is_alive() and answers[0][:, 0].tolist() == _keys(200)[:3].tolist()
+    # searches from several threads run alongside each other, and an add between them
+    results: list[bool] = []
+
+    def search_many() -> None:
+        for _ in range(30):
+            _, keys = index.search(x[:5], 1)
+            results.append(keys[:, 0].tolist() == _keys(200)[:5].tolist())
+
+    threads = [threading.Thread(target=search_many) for _ in range(2)]
+    for t in threads:
+        t.start()
+    index.add(_random(3000, 8, 1) * 0.01, np.arange(3000) + 10**6, batch=100)
+    for t in threads:
+        t.join(30)
+    assert len(results) == 60 and all(results) and index.ntotal == 3200
 
 
 def test_positions_beyond_the_id_map_are_no_answer() -> None:
