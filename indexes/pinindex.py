@@ -114,6 +114,12 @@ class _EditLock:
         self._editing = False
         self._edits_waiting = 0
 
+    def __getstate__(self) -> dict[str, Any]:  # a copied (pickled) index: a lock of its own
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
     @contextlib.contextmanager
     def searching(self) -> Any:
         with self._cond:

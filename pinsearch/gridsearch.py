@@ -48,6 +48,7 @@ from pinsearch.heads import (
     HEADS,
     _torch_device,
     add_l2_gradient,
+    check_C,
     create_head,
     knn_votes,
     mlp_optimizer,
@@ -214,8 +215,12 @@ def batched_grid_search(
     reason = unbatchable_reason(head, grid, base, scoring)
     X = check_array(X, dtype=np.float32)
     y = np.asarray(y)
-    splits = list(check_cv(cv, y, classifier=True).split(X, y))
+    if len(y) != len(X):
+        raise ValueError(f"{len(X)} vectors but {len(y)} labels")
     classes, y_enc = np.unique(y, return_inverse=True)
+    if len(classes) < 2:  # before any fold is fitted: a classifier needs two classes
+        raise ValueError(f"a grid search needs at least 2 classes; y has {len(classes)}")
+    splits = list(check_cv(cv, y, classifier=True).split(X, y))
     if reason is None and head in ("lsvm", "mlp"):
         for i, (train, _) in enumerate(splits):
             if len(np.unique(y_enc[train])) < len(classes):
@@ -562,8 +567,7 @@ def _lsvm_predictions(
 
     heads = [create_head("lsvm", **{**base, **c}) for c in candidates]
     for h in heads:
-        if h.C <= 0:  # type: ignore[attr-defined]
-            raise ValueError(f"C must be positive, got {h.C}")  # type: ignore[attr-defined]
+        check_C(h.C)  # type: ignore[attr-defined]
     device = _torch_device(str(base.get("device", "auto")))
     n, d = X.shape
     k = n_classes

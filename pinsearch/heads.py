@@ -36,6 +36,7 @@ __all__ = [
     "LinearSVMHead",
     "MLPHead",
     "add_l2_gradient",
+    "check_C",
     "create_head",
     "knn_votes",
     "load_head",
@@ -146,13 +147,34 @@ def add_l2_gradient(grads: Sequence[Any], weights: Sequence[Any], alpha: float, 
             g.addcmul_(w.detach(), (alpha / rows).view(-1, *[1] * (w.dim() - 1)))
 
 
+def check_C(C: Any) -> None:
+    """Refuse a regularisation ``C`` that is not a finite positive number (NaN and infinity
+    would pass a plain ``C <= 0`` test and fail, or score, far from here)."""
+    if (
+        isinstance(C, bool)
+        or not isinstance(C, (int, float, np.number))
+        or not (np.isfinite(C) and C > 0)
+    ):
+        raise ValueError(f"C must be a finite positive number, got {C!r}")
+
+
 def scaler_stats(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and scale a head standardises with (zeros and ones when ``standardize`` is off;
-    constant features keep scale 1)."""
-    if standardize:
-        scale = X.std(axis=0)
-        return X.mean(axis=0), np.where(scale > 1e-12, scale, 1.0)
-    return np.zeros(X.shape[1], X.dtype), np.ones(X.shape[1], X.dtype)
+    """Mean and scale a head standardises with (zeros and ones when ``standardize`` is off).
+
+    As scikit-learn's ``StandardScaler``: accumulated in float64, and a feature whose
+    variance is within rounding of zero (``n * eps * var + (n * mean * eps) ** 2``) is
+    constant and keeps scale 1. (A float32 standard deviation of a column of 0.1s is about
+    1e-5, not 0: dividing by it blew any other test value of that feature up.)
+    """
+    if not standardize:
+        return np.zeros(X.shape[1], X.dtype), np.ones(X.shape[1], X.dtype)
+    n = X.shape[0]
+    mean = X.mean(axis=0, dtype=np.float64)
+    var = X.var(axis=0, dtype=np.float64)
+    eps = np.finfo(np.float64).eps
+    constant = var <= n * eps * var + (n * mean * eps) ** 2
+    scale = np.where(constant, 1.0, np.sqrt(var))
+    return mean.astype(X.dtype), scale.astype(X.dtype)
 
 
 def knn_votes(dist: np.ndarray, labels: np.ndarray, n_classes: int, weights: str) -> np.ndarray:
@@ -299,6 +321,11 @@ class KNNHead(_Head):
         """Distances (Euclidean for l2, 1 - similarity for cosine/ip) and training rows."""
         X = self._check(X)
         k = n_neighbors or self.n_neighbors
+        if not 1 <= k <= len(self.train_vectors_):
+            raise ValueError(
+                f"n_neighbors must be between 1 and the {len(self.train_vectors_)} training "
+                f"vectors, got {k}"
+            )
         raw, idx = self.index_.search(X, k)
         if self.metric == "l2":
             dist = np.sqrt(np.maximum(raw, 0))
@@ -395,8 +422,7 @@ class LinearSVMHead(_TorchHead):
     def fit(self, X: Any, y: Any) -> LinearSVMHead:
         """Train the one-vs-rest problems (torch: all at once, their objectives are independent)."""
         X, y = validate_data(self, X, y, dtype=np.float32)
-        if self.C <= 0:
-            raise ValueError(f"C must be positive, got {self.C}")
+        check_C(self.C)
         if self.solver not in ("auto", "torch", "liblinear"):
             raise ValueError(f"solver must be auto, torch or liblinear, got {self.solver!r}")
         encoded = self._encode(y)
@@ -570,6 +596,13 @@ class MLPHead(_TorchHead):
                 bound = f"> {low}" if strict else f">= {low}"
                 what = "a whole number " if whole else ""
                 raise ValueError(f"MLPHead: {name} must be {what}{bound}, got {value!r}")
+        if isinstance(self.random_state, bool) or not isinstance(
+            self.random_state, (int, np.integer)
+        ):
+            raise ValueError(
+                f"MLPHead: random_state must be a whole number (the seed of initialisation, "
+                f"shuffling and the validation split), got {self.random_state!r}"
+            )
         for name, allowed in (("monitor", MONITORS), ("init", MLP_INITS),
                               ("penalty", MLP_PENALTIES)):  # fmt: skip
             if getattr(self, name) not in allowed:

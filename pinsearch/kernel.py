@@ -21,7 +21,7 @@ import numpy as np
 from sklearn.kernel_approximation import Nystroem, RBFSampler
 from sklearn.utils.validation import validate_data
 
-from pinsearch.heads import LinearSVMHead, _TorchHead, register_head
+from pinsearch.heads import LinearSVMHead, _TorchHead, check_C, register_head
 
 __all__ = ["KERNEL_MAPS", "RBFSVMHead", "rbf_features", "scale_gamma"]
 
@@ -118,8 +118,7 @@ class RBFSVMHead(_TorchHead):
             isinstance(self.n_components, (int, np.integer)) and self.n_components >= 1
         ):
             raise ValueError(f"n_components must be a positive integer, got {self.n_components!r}")
-        if self.C <= 0:
-            raise ValueError(f"C must be positive, got {self.C}")
+        check_C(self.C)
 
     def fit(self, X: Any, y: Any) -> RBFSVMHead:
         """Fit the kernel map on the standardised inputs, then the linear SVM on its output."""

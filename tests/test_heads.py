@@ -75,6 +75,50 @@ def test_knn_predicts_exactly_what_sklearn_brute_predicts(data, metric, sk_metri
 def test_knn_rejects_k_larger_than_training_set() -> None:
     with pytest.raises(ValueError, match="n_neighbors=10"):
         KNNHead(10).fit(np.eye(4), ["a", "b", "a", "b"])
+    head = KNNHead(3).fit(np.eye(4), ["a", "b", "a", "b"])  # and when asked at query time
+    with pytest.raises(ValueError, match="between 1 and the 4 training vectors, got 10"):
+        head.kneighbors(np.eye(4)[:1], 10)
+
+
+def test_constant_features_keep_scale_one_as_in_standard_scaler() -> None:
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from pinsearch.heads import scaler_stats
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 6)).astype(np.float32)
+    y = (X[:, 1] + X[:, 2] > 0).astype(int) + (X[:, 3] > 1)
+    X[:, 0], X[:, 4] = 0.1, 100.3  # constant in training, not exactly representable
+    mean, scale = scaler_stats(X, True)
+    ref = StandardScaler().fit(X)
+    np.testing.assert_allclose(scale, ref.scale_, rtol=1e-6)
+    assert scale[0] == scale[4] == 1.0
+    np.testing.assert_allclose(mean, ref.mean_, rtol=1e-6)
+    test = X.copy()
+    test[:, 0], test[:, 4] = 0.2, 101.0  # other values of the constant features at test time
+    ours = LinearSVMHead(C=1.0, solver="liblinear").fit(X, y)
+    sk = make_pipeline(StandardScaler(), LinearSVC(C=1.0, random_state=0)).fit(X, y)
+    assert (ours.predict(test) == ours.predict(X)).mean() >= 0.95  # not blown up
+    assert (ours.predict(test) == sk.predict(test)).mean() >= 0.99
+
+
+@pytest.mark.parametrize("C", [float("nan"), float("inf"), 0.0, -1.0, "1"])
+def test_bad_regularisation_is_refused_everywhere(C: Any) -> None:
+    from pinsearch.gridsearch import batched_grid_search
+    from pinsearch.kernel import RBFSVMHead
+
+    X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    y = np.arange(40) % 2
+    with pytest.raises(ValueError, match="C must be a finite positive number"):
+        LinearSVMHead(C=C).fit(X, y)
+    with pytest.raises(ValueError, match="C must be a finite positive number"):
+        RBFSVMHead(C=C).fit(X, y)
+    with pytest.raises(ValueError, match=r"C must be a finite positive number|C' takes a number"):
+        batched_grid_search("lsvm", {"device": "cpu"}, {"C": [1.0, C]}, X, y, cv=2)
+    with pytest.raises(ValueError, match="at least 2 classes; y has 1"):
+        batched_grid_search("lsvm", {"device": "cpu"}, {"C": [1.0]}, X, np.zeros(40), cv=2)
 
 
 @pytest.mark.parametrize("C", [0.01, 1.0, 100.0])
@@ -335,6 +379,7 @@ def test_linear_svm_torch_solver_warns_when_it_runs_out_of_iterations(data) -> N
         ({"monitor": "f1"}, "monitor must be one of loss, accuracy, got 'f1'"),
         ({"init": "he"}, "init must be one of torch, glorot, got 'he'"),
         ({"penalty": "l1"}, "penalty must be one of adamw, l2, got 'l1'"),
+        ({"random_state": None}, "random_state must be a whole number"),
     ],
 )
 def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:  # type: ignore[no-untyped-def]
