@@ -16,7 +16,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -321,6 +321,8 @@ class PinIndex:
         if self.on_gpu:
             cpu = self._fresh_cpu_copy()
             _drop_rows(cpu, n)
+            # FAISS-GPU stopped mid-add may leave its count, or list entries, as they fell
+            _check_positions(cpu, n, self.factory)
             with contextlib.suppress(DeviceError):  # the add's own error is the one raised
                 self._place_again(cpu)
         elif self.removable():
@@ -718,17 +720,36 @@ def _drop_rows(index: Any, n: int) -> None:
         index.remove_ids(faiss.IDSelectorRange(n, np.iinfo(np.int64).max))
 
 
-def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
-    """Renumber the ids left in an IVF's lists after ``removed`` (sorted) positions went."""
+def _list_ids(ivf: Any) -> Iterator[np.ndarray]:
+    """Views of the id arrays of an IVF's non-empty in-memory lists (writable)."""
     import faiss
 
     lists = faiss.downcast_InvertedLists(ivf.invlists)
     for list_no in range(ivf.nlist):
         size = lists.list_size(list_no)
-        if size == 0:
-            continue
-        # A view of the list's own id array (in-memory lists hand out their buffer).
-        ids = faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+        if size:
+            yield faiss.rev_swig_ptr(lists.get_ids(list_no), size)
+
+
+def _check_positions(index: Any, n: int, factory: str) -> None:
+    """Raise :class:`IndexFileError` unless a CPU ``index`` holds positions ``0..n-1``, each
+    once (an IVF's lists are read through), as the id map expects."""
+    ivf = ivf_of(index)
+    held = index.ntotal
+    if held == n and ivf is not None:
+        ids = np.concatenate([np.asarray(v).copy() for v in _list_ids(ivf)] or [np.empty(0)])
+        if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
+            held = -1
+    if held != n:
+        raise IndexFileError(
+            f"index {factory!r}: a stopped add left it inconsistent with its {n} pin keys; "
+            "pinsearch repair rebuilds it"
+        )
+
+
+def _shift_list_ids(ivf: Any, removed: np.ndarray) -> None:
+    """Renumber the ids left in an IVF's lists after ``removed`` (sorted) positions went."""
+    for ids in _list_ids(ivf):  # views of the lists' own arrays (in-memory lists)
         ids -= np.searchsorted(removed, ids)
 
 

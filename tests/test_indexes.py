@@ -1031,6 +1031,32 @@ def test_cpu_add_stopped_part_way_is_undone() -> None:
     np.testing.assert_array_equal(index.search(x[:5], 3)[1][:, 0], keys[:5])
 
 
+def test_rows_a_stopped_gpu_add_leaves_are_dropped_or_refused() -> None:
+    import faiss
+
+    from pinsearch.indexes.pinindex import _check_positions, _drop_rows
+
+    x = _clustered(300, 8, 4, 3)
+    index = build_index(x, _keys(300), IndexConfig(factory="IVF4,Flat", metric="l2", **CPU))
+    cpu = index.index
+    cpu.add(x[:10])  # rows a stopped add took, counted: positions 300..309
+    _drop_rows(cpu, 300)
+    _check_positions(cpu, 300, "IVF4,Flat")
+    assert cpu.ntotal == 300
+    ivf = faiss.extract_index_ivf(cpu)
+    code = faiss.swig_ptr(np.zeros(8, np.float32).view(np.uint8))
+    ivf.invlists.add_entry(1, 10**6, code)  # an entry written, not counted (FAISS-GPU's OOM)
+    _drop_rows(cpu, 300)  # the range is open-ended: the entry goes, the count is off by one
+    with pytest.raises(IndexFileError, match="inconsistent with its 300 pin keys"):
+        _check_positions(cpu, 300, "IVF4,Flat")
+    fresh = build_index(x, _keys(300), IndexConfig(factory="IVF4,Flat", metric="l2", **CPU))
+    faiss.extract_index_ivf(fresh.index).invlists.add_entry(2, 7, code)  # position 7 twice
+    fresh.index.ntotal += 1  # counted: only the lists tell
+    assert fresh.index.ntotal == 301
+    with pytest.raises(IndexFileError, match="inconsistent with its 301 pin keys"):
+        _check_positions(fresh.index, 301, "IVF4,Flat")
+
+
 def test_searches_wait_while_an_edit_changes_a_cpu_index() -> None:
     import threading
 
