@@ -201,6 +201,13 @@ def choose_factory(
             continue
         if dim % m == 0 and n * m + overhead <= budget:
             return f"IVF{nlist},PQ{m}"
+    allowed = [m for m in _PQ_CHOICES if pq_codes is None or m in pq_codes]
+    if not any(dim % m == 0 for m in allowed):
+        raise ValueError(
+            f"{n} vectors of dim {dim} need PQ codes to fit memory budget {budget} bytes, and "
+            f"dim {dim} is divisible by none of the PQ sizes {allowed}; give a factory with a "
+            "PCA or OPQ step (e.g. 'OPQ64_768,IVF4096,PQ64') or a larger budget"
+        )
     raise ValueError(
         f"memory budget {budget} bytes is too small for {n} vectors of dim {dim} "
         "(even 4-byte PQ codes do not fit)"

@@ -649,6 +649,8 @@ def test_choose_factory(n: int, dim: int, metric: str, budget: int | None, expec
 def test_choose_factory_errors() -> None:
     with pytest.raises(ValueError, match="too small"):
         choose_factory(1_000_000, 1024, "cosine", 1_000_000)
+    with pytest.raises(ValueError, match="dim 770 is divisible by none of the PQ sizes"):
+        choose_factory(10_000_000, 770, "cosine", 2 << 30)
     with pytest.raises(ValueError):
         choose_factory(0, 64)
     with pytest.raises(ValueError):
