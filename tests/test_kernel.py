@@ -109,7 +109,7 @@ def test_nystroem_components_capped_at_training_samples(shells) -> None:  # type
         ({"gamma": "auto"}, "gamma must be .* got 'auto'"),
         ({"gamma": -1.0}, "gamma must be .* got -1.0"),
         ({"n_components": 0}, "n_components must be a positive integer, got 0"),
-        ({"C": 0.0}, "C must be positive, got 0.0"),
+        ({"C": 0.0}, "C must be a finite positive number, got 0.0"),
     ],
 )
 def test_bad_hyperparameters_are_named(params: dict, match: str) -> None:
