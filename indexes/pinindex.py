@@ -98,6 +98,13 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
     return x
 
 
+def unique_sorted(a: np.ndarray) -> np.ndarray:
+    """``np.unique(a)``, without its sort when ``a`` is already strictly increasing (a
+    filter's keys usually are: a hash-and-sort of 300k keys costs ~100 ms per query)."""
+    a = np.asarray(a)
+    return a if a.size < 2 or bool((a[1:] > a[:-1]).all()) else np.unique(a)
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norms, 1e-12)
@@ -528,7 +535,7 @@ class PinIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
-        positions = np.unique(self.positions_of(allowed))
+        positions = unique_sorted(self.positions_of(allowed))
         if positions.size == 0:
             return _empty(len(q), k)
         k = min(k, positions.size)

@@ -19,6 +19,7 @@ import numpy as np
 
 from pinsearch.errors import BackboneMismatchError, PinNotFoundError
 from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric, search_overrides
+from pinsearch.indexes.pinindex import unique_sorted
 from pinsearch.store import Store
 
 __all__ = [
@@ -288,10 +289,25 @@ class PinSearcher:
             keys = sorted_keys[~null]
             order = np.argsort(codes, kind="stable")  # keys stay sorted within each value
             bounds = np.searchsorted(codes[order], np.arange(len(values) + 1))
-            self._groups[column] = {
+            groups = {
                 v: keys[order[bounds[i] : bounds[i + 1]]] for i, v in enumerate(values.tolist())
             }
+            for group in groups.values():
+                group.setflags(write=False)  # handed out by filter_keys: not to be changed
+            self._groups[column] = groups
         return self._groups[column]
+
+    def warm(self) -> None:
+        """Load what a first query would (with ``cache_metadata``: the metadata columns and
+        the filter groups), so that it is answered as fast as the next."""
+        if self.cache_metadata:
+            for column in ("board", "board_name", "user_id", "category"):
+                self._group(column)
+
+    def share_metadata(self, other: PinSearcher) -> None:
+        """Use ``other``'s cached metadata (the same store's pins) instead of a copy."""
+        if self.cache_metadata and other.cache_metadata:
+            self._meta_cache, self._groups = other._columns(), other._groups
 
     def _columns(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The pins' metadata as columns sorted by pin key (loaded on first use)."""
@@ -337,7 +353,7 @@ class PinSearcher:
         vectors = self.index.prepare(vectors)  # dimension checked on every path
         if allowed is None:
             return self.index.search(vectors, k)
-        allowed = self.index.ids[self.index.positions_of(np.unique(allowed))]
+        allowed = self.index.ids[self.index.positions_of(unique_sorted(allowed))]
         small = self.index.on_gpu and len(allowed) * 4 * self.index.dim <= EXACT_FILTER_BYTES
         if small and self.index.filter_copies_to_cpu(k, len(allowed)):
             return self._exact_allowed(vectors, k, allowed)
@@ -376,15 +392,21 @@ class PinSearcher:
         start = time.perf_counter()
         filters = _filters(board, user, category)
         allowed = self.filter_keys(board=board, user=user, category=category)
-        if allowed is not None and exclude is not None:
-            allowed = np.setdiff1d(allowed, exclude)
-        extra = 0 if exclude is None or allowed is not None else len(exclude)
-        scores, keys = self.search_keys(vectors, k + extra, allowed)
-        row_s, row_k = scores[0], keys[0]
-        keep = row_k >= 0
-        if exclude is not None:
-            keep &= ~np.isin(row_k, exclude)
-        row_s, row_k = row_s[keep][:k], row_k[keep][:k]
+        if allowed is not None and exclude is not None:  # filter keys: sorted, each once
+            allowed = allowed[~np.isin(allowed, exclude)]
+        want = k + (0 if exclude is None or allowed is not None else len(exclude))
+        while True:
+            scores, keys = self.search_keys(vectors, want, allowed)
+            row_s, row_k = scores[0], keys[0]
+            keep = row_k >= 0
+            if exclude is not None:
+                keep &= ~np.isin(row_k, exclude)
+            hits = self.hits(row_k[keep], row_s[keep])[:k]
+            # An index newer than a snapshot's catalog holds pins it does not know (left out
+            # of the hits): ask for more until k known ones, or the index has no more.
+            if len(hits) >= k or (row_k < 0).any() or want >= self.index.ntotal:
+                break
+            want = min(2 * want, self.index.ntotal)
         return SearchResult(
             query=query,
             backbone=self.backbone,
@@ -392,7 +414,7 @@ class PinSearcher:
             metric=self.index.config.metric,
             k=k,
             filters=filters,
-            hits=self.hits(row_k, row_s),
+            hits=hits,
             seconds=time.perf_counter() - start,
         )
 

@@ -62,6 +62,52 @@ def _check_keys(request: dict[str, Any]) -> None:
                 raise ValueError(f"{kind!r} requests take no {', '.join(map(repr, given))}")
 
 
+#: The most results one request may ask for (``k``, ``per_board``).
+MAX_K = 10_000
+
+
+def _count(request: dict[str, Any], key: str, default: int) -> int:
+    """A whole number from 1 to :data:`MAX_K` (not a bool, a float or a string)."""
+    value = request.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_K:
+        raise ValueError(f"{key!r} must be a whole number from 1 to {MAX_K}, got {value!r}")
+    return value
+
+
+def _texts(request: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse a non-string value (a list, a number) for any of ``keys`` by name."""
+    for key in keys:
+        if request.get(key) is not None and not isinstance(request[key], str):
+            raise ValueError(f"{key!r} must be a string, got {request[key]!r}")
+
+
+def _decoded(raw: str | bytes) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the request is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _alpha(request: dict[str, Any]) -> float:
+    value = request.get("alpha", 0.5)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"'alpha' must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
 def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
     """The response to one request (see the module docstring).
 
@@ -71,7 +117,8 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
     _check_keys(request)
-    k = int(request.get("k", 10))
+    _texts(request, ("pin", "image", "text", "mode", "board_score", *_FILTERS))
+    k = _count(request, "k", 10)
     filters = {f: request[f] for f in _FILTERS if request.get(f) is not None}
     asked = [key for key in ("pin", "image", "text") if request.get(key) is not None]
     if len(asked) != 1:
@@ -89,13 +136,13 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
     if "text" in asked:
         if request.get("boards"):
             return searcher.search_boards(  # type: ignore[attr-defined, no-any-return]
-                request["text"], k, per_board=int(request.get("per_board", 3)),
+                request["text"], k, per_board=_count(request, "per_board", 3),
                 score=str(request.get("board_score", "topm")), user=request.get("user"),
                 category=request.get("category"),
             ).to_dict()  # fmt: skip
         return searcher.search_text(  # type: ignore[attr-defined, no-any-return]
             request["text"], k, mode=str(request.get("mode", "image")),
-            alpha=float(request.get("alpha", 0.5)), **filters,
+            alpha=_alpha(request), **filters,
         ).to_dict()  # fmt: skip
     if "pin" in asked:
         return searcher.similar_to_pin(str(request["pin"]), k, **filters).to_dict()
@@ -109,7 +156,7 @@ def serve(
     store_path: str | Path,
     backbone: str | None = None,
     *,
-    requests: IO[str] | None = None,
+    requests: IO[str] | IO[bytes] | None = None,
     responses: IO[str] | None = None,
     config: Any = None,
 ) -> int:
@@ -119,15 +166,15 @@ def serve(
     nprobe, ef_search, precision, refine, device), as for :class:`PinSearcher`."""
     from pinsearch.textsearch import TextSearcher
 
-    requests = requests or sys.stdin
+    requests = requests if requests is not None else sys.stdin.buffer  # lines decoded one by one
     responses = responses or sys.stdout
-    with Store.open(store_path, read_only=True) as store:
+    with Store.open(store_path, read_only=True, detach=True) as store:
         searcher: PinSearcher | None = None
         with contextlib.suppress(ValueError):  # an l2/l1 index: similar pins only
             searcher = TextSearcher(store, backbone=backbone, config=config, cache_metadata=True)
         if searcher is None:  # built once the failed one (and its GPU copy) is gone
             searcher = PinSearcher(store, backbone=backbone, config=config, cache_metadata=True)
-        searcher.hits(store.vectors(searcher.backbone).keys()[:1], [0.0])  # warm the metadata
+        searcher.warm()  # the metadata and filter groups, before the first request
         ready = {
             "ready": True,
             "store": str(store.root),
@@ -139,16 +186,19 @@ def serve(
         responses.write(json.dumps(ready) + "\n")
         responses.flush()
         answered = 0
-        for line in requests:
-            if not line.strip():
-                continue
+        for raw in requests:
             start = time.perf_counter()
             request: Any = None
-            try:
-                request = json.loads(line)
+            try:  # one bad request gets its error answered; the process goes on
+                line = _decoded(raw)
+                if not line.strip():
+                    continue
+                request = json.loads(line, parse_constant=_no_constant, parse_float=_finite)
                 out = answer(searcher, request)
             except (PinsearchError, ValueError, TypeError, KeyError) as exc:
                 out = {"error": str(exc)}
+            except Exception as exc:  # the store changed under it, recursion, memory...
+                out = {"error": f"{type(exc).__name__}: {exc}"}
             rid = request.get("id") if isinstance(request, dict) else None
             out = {"id": rid, **out, "ms": round((time.perf_counter() - start) * 1000, 3)}
             responses.write(json.dumps(out, default=str) + "\n")

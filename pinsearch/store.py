@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,7 @@ class Store:
         self._indexes: dict[str, PinIndex] = {}
         self._vectors: dict[str, VectorStore] = {}
         self.snapshot = False  # reading the readers' snapshot while a writer works
+        self._private: Path | None = None  # a detached reader's own copy of the catalog
 
     # -- opening -------------------------------------------------------------------------
 
@@ -118,6 +120,7 @@ class Store:
         create: bool = False,
         read_only: bool = False,
         verify: bool = True,
+        detach: bool = False,
     ) -> Store:
         """Open (or create) a store.
 
@@ -127,6 +130,11 @@ class Store:
             read_only: open for reading; no lock is taken and nothing is written.
             verify: check every index's id map against the catalog (``pinsearch check`` and
                 ``repair`` open without it, to report or fix what is wrong).
+            detach: (read-only) read a private copy of the catalog, taken as it opens, so that
+                a long-running reader (``pinsearch serve``) does not hold the store's catalog
+                and writers can open while it runs. It answers from the store as it was when
+                opened (indexes load then, vectors are read as needed); the copy goes on
+                :meth:`close`.
 
         Raises:
             FileNotFoundError: no store at ``path`` and ``create`` is False.
@@ -170,6 +178,14 @@ class Store:
                 snapshot = True
                 _logger.info("store %s is being written (%s); reading its snapshot", root,
                              _lock_holder(root))  # fmt: skip
+            if detach and read_only:  # copied while this reader holds it: no write under way
+                private = _private_copy(Path(catalog.path))
+                catalog.close()
+                try:
+                    catalog = Catalog(private / _CATALOG, read_only=True)
+                except BaseException:
+                    shutil.rmtree(private, ignore_errors=True)
+                    raise
         except Exception as exc:
             if lock is not None:
                 lock.release()
@@ -181,6 +197,8 @@ class Store:
             raise
         store = cls(root, catalog, lock)
         store.snapshot = snapshot
+        if detach and read_only:
+            store._private = Path(catalog.path).parent
         try:
             if not read_only:
                 catalog.set_meta("last_written_by", __version__)
@@ -202,6 +220,9 @@ class Store:
         """Close the catalog and release the write lock (a writer first publishes the
         snapshot that readers use while the next writer works)."""
         self.catalog.close()
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
         if self._lock is not None:
             try:
                 _publish_snapshot(self.root)
@@ -605,6 +626,21 @@ def _publish_snapshot(root: Path) -> None:
     shutil.copyfile(catalog, tmp)
     fsync_file(tmp)
     os.replace(tmp, snap)
+
+
+def _private_copy(catalog: Path) -> Path:
+    """A folder of its own holding a copy of ``catalog`` (and its write-ahead log, if one is
+    pending), named ``catalog.duckdb``."""
+    folder = Path(tempfile.mkdtemp(prefix="pinsearch-reader-"))
+    try:
+        shutil.copyfile(catalog, folder / _CATALOG)
+        wal = catalog.with_name(catalog.name + ".wal")
+        if wal.is_file():
+            shutil.copyfile(wal, folder / (_CATALOG + ".wal"))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def _lock_holder(root: Path) -> str:

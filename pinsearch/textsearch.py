@@ -172,6 +172,7 @@ class TextSearcher(PinSearcher):
             self._titles = PinSearcher(
                 self.store, backbone=name, index=name, cache_metadata=self.cache_metadata
             )
+            self._titles.share_metadata(self)  # the same pins: one copy of their metadata
         return self._titles
 
     # -- pins ------------------------------------------------------------------------------

@@ -109,3 +109,74 @@ def test_cli_serve_process(built_store) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(lines[0])["ready"] and json.loads(lines[1])["id"] == 7
     assert "answered 1 requests" in proc.stderr
+
+
+def test_serve_answers_every_bad_line_and_goes_on(built_store) -> None:
+    with Store.open(built_store.path, read_only=True) as store:
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    lines = [
+        b'{"id": 1, "pin": "%s", "k": 1e400}' % pin.encode(),
+        json.dumps({"id": 2, "pin": pin, "k": 10**12}).encode(),
+        json.dumps({"id": 3, "pin": pin, "k": True}).encode(),
+        json.dumps({"id": 4, "text": 5}).encode(),
+        json.dumps({"id": 5, "pin": pin, "board": ["a"]}).encode(),
+        b'{"id": NaN, "pin": "x"}',
+        b"[" * 100_000,
+        b'{"id": 8, "pin": "\xff\xfe"}',
+        json.dumps({"id": 9, "pin": pin, "k": 2}).encode(),
+    ]
+    out = io.StringIO()
+    assert serve(built_store.path, requests=io.BytesIO(b"\n".join(lines) + b"\n"), responses=out)
+    got = [json.loads(line) for line in out.getvalue().splitlines()[1:]]  # all valid JSON
+    assert len(got) == 9 and all("error" in r for r in got[:8])
+    assert "1e400 is out of range" in got[0]["error"]
+    assert "'k' must be a whole number from 1 to 10000, got 1000000000000" in got[1]["error"]
+    assert "got True" in got[2]["error"] and "'text' must be a string" in got[3]["error"]
+    assert "'board' must be a string" in got[4]["error"] and "NaN" in got[5]["error"]
+    assert (
+        "RecursionError" in got[6]["error"]
+        and "not UTF-8 (invalid start byte at byte 18)" in got[7]["error"]
+    )
+    assert got[8]["id"] == 9 and len(got[8]["hits"]) == 2
+
+
+def test_a_detached_reader_lets_writers_in_and_answers_as_opened(built_store, tmp_path) -> None:
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(built_store.path, path)
+    with Store.open(path, read_only=True, detach=True) as reader:
+        private = reader._private
+        assert private is not None and private.is_dir() and not reader.snapshot
+        searcher = PinSearcher(reader, cache_metadata=True)
+        pin = reader.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 1")[0]["pin_id"]
+        before = [h.pin_id for h in searcher.similar_to_pin(pin, 3).hits]
+        with Store.open(path) as writer:  # the live catalog is free: a writer opens
+            writer.catalog.connection.execute("UPDATE pins SET title = 'changed'")
+        assert [h.pin_id for h in searcher.similar_to_pin(pin, 3).hits] == before
+        assert all(h.title != "changed" for h in searcher.similar_to_pin(pin, 3).hits)
+        keys = searcher.filter_keys(category="architecture")
+        with pytest.raises(ValueError, match="read-only"):
+            keys[:] = -5  # the cache's own groups: not the caller's to change
+    assert not private.exists()
+
+
+def test_hits_the_catalog_does_not_know_are_made_up_from_further_down(
+    built_store, tmp_path
+) -> None:
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(built_store.path, path)
+    with Store.open(path, read_only=True) as store:
+        pin = store.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 1")[0]["pin_id"]
+        first = PinSearcher(store).similar_to_pin(pin, 6).hits
+    with Store.open(path, verify=False) as store:  # as a snapshot older than its index
+        store.catalog.connection.execute(
+            "DELETE FROM pins WHERE pin_id IN (?, ?)", [first[0].pin_id, first[1].pin_id]
+        )
+    with Store.open(path, read_only=True, verify=False) as store:
+        for cache in (False, True):
+            hits = PinSearcher(store, cache_metadata=cache).similar_to_pin(pin, 5).hits
+            assert [h.pin_id for h in hits][:4] == [h.pin_id for h in first[2:]]
+            assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
