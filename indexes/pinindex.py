@@ -654,7 +654,10 @@ class PinIndex:
         at = np.searchsorted(sorted_ids, keys)
         at = np.clip(at, 0, max(len(sorted_ids) - 1, 0))
         hit = sorted_ids[at] == keys if len(sorted_ids) else np.zeros(len(keys), bool)
-        return np.sort(order[at[hit]])
+        positions = order[at[hit]]
+        if positions.size > 1 and not bool((positions[1:] >= positions[:-1]).all()):
+            positions = np.sort(positions)  # (ids added in key order need none)
+        return positions
 
     def cpu_index(self) -> Any:
         """The index on the CPU (a copy when it lives on the GPU, made once; a float16 Flat
