@@ -798,10 +798,44 @@ def jpeg_hardware(device: torch.device | str) -> JpegHardware:
     destroyed again. Without one, torchvision decodes each JPEG of a call one after another,
     its Huffman stage on the host in the calling thread, which is why ``decode="auto"`` leaves
     JPEGs to the DataLoader workers there (:func:`pinsearch.embed.resolve_decode`).
+
+    The question is asked in a child process (a few seconds, once per device and process):
+    whatever goes wrong in the driver or the library stays there, as ``available=None``.
     """
     device = torch.device(device)
     if device.type != "cuda":
         return JpegHardware(False, detail=f"not a CUDA device ({device.type})")
+    if not torch.cuda.is_available():
+        return JpegHardware(None, detail="CUDA is not available")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _probe_in_child(index)
+
+
+def _probe_in_child(index: int, timeout: float = 120.0) -> JpegHardware:
+    """:func:`_probe_jpeg_hardware` run by a fresh Python process, its answer as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import dataclasses, json, sys; from pinsearch.decode import _probe_jpeg_hardware; "
+        "print(json.dumps(dataclasses.asdict(_probe_jpeg_hardware(int(sys.argv[1])))))"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(index)],
+            capture_output=True, text=True, timeout=timeout, check=False,
+        )  # fmt: skip
+        return JpegHardware(**json.loads(done.stdout.strip().splitlines()[-1]))
+    except Exception as exc:  # a crash, a hang, no output: the answer is unknown
+        why = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (IndexError, ValueError)):
+            why = f"the probe ended with status {done.returncode}: {done.stderr.strip()[-200:]}"
+        return JpegHardware(None, detail=f"probe failed ({why})")
+
+
+def _probe_jpeg_hardware(index: int) -> JpegHardware:
+    """The nvJPEG question of :func:`jpeg_hardware`, asked in this process on GPU ``index``."""
     if not torch.cuda.is_available():
         return JpegHardware(None, detail="CUDA is not available")
     try:
@@ -819,7 +853,6 @@ def jpeg_hardware(device: torch.device | str) -> JpegHardware:
         ctypes.c_uint,
         ctypes.POINTER(ctypes.c_void_p),
     ]
-    index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):
         torch.cuda.init()
         status = lib.nvjpegCreateEx(_NVJPEG_BACKEND_HARDWARE, None, None, 0, ctypes.byref(handle))

@@ -634,6 +634,13 @@ def test_jpeg_hardware_off_cuda_and_the_library_it_asks() -> None:
     assert lib.nvjpegGetProperty(0, ctypes.byref(major)) == 0 and major.value >= 11  # MAJOR_VERSION
     assert decode_mod.JpegHardware(True, 7, 5).describe() == "7 engines x 5 cores"
     assert decode_mod.JpegHardware(True, 1, 1).describe() == "1 engine x 1 core"
+    # asked in a child process: its answer comes back whole, its failure as "unknown"
+    child = decode_mod._probe_in_child(0)
+    if not torch.cuda.is_available():  # (on a GPU, the probe stays out of this process)
+        assert child == decode_mod._probe_jpeg_hardware(0)
+        assert child.available is None and child.detail == "CUDA is not available"
+    hung = decode_mod._probe_in_child(0, timeout=0.01)
+    assert hung.available is None and hung.detail.startswith("probe failed (TimeoutExpired")
 
 
 def test_auto_batch_size_on_cpu(model, tree_corpus) -> None:
