@@ -70,8 +70,9 @@ def timed() -> Iterator[Timer]:
         t.seconds = time.perf_counter() - t.start
 
 
-def machine() -> dict[str, Any]:
-    """Where a benchmark ran: CPU, cores, GPU (and its hardware JPEG decoder), library versions."""
+def machine(*, jpeg: bool = False) -> dict[str, Any]:
+    """Where a benchmark ran: CPU, cores, GPU, library versions; with ``jpeg`` (the benches
+    that decode JPEGs) also the GPU's hardware JPEG decoder (asked in a child process once)."""
     import os
 
     import faiss
@@ -88,7 +89,7 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "threads": {"torch": torch.get_num_threads(), "faiss": faiss.omp_get_max_threads()},
     }
-    if torch.cuda.is_available():  # A100 and H100 have NVJPG engines; most other GPUs none
+    if jpeg and torch.cuda.is_available():  # A100 and H100 have NVJPG engines; most GPUs none
         from pinsearch.decode import jpeg_hardware
 
         info["jpeg_hardware"] = jpeg_hardware(torch.device("cuda", 0)).describe()
@@ -271,7 +272,7 @@ def bench_embed_backbones(
             except Exception as exc:  # one backbone failing does not end the table
                 row = {"backbone": name, "error": f"{type(exc).__name__}: {exc}"[:300]}
             rows.append(row)
-    return EmbedTable(images=n, rows=rows, machine=machine())
+    return EmbedTable(images=n, rows=rows, machine=machine(jpeg=True))
 
 
 def bench_embed(
@@ -401,7 +402,7 @@ def bench_embed(
         decode_images_per_s=None if decode_rate is None else round(decode_rate, 1),
         loader_images_per_s=round(loader_rate, 1),
         end_to_end_window=window,
-        machine=machine(),
+        machine=machine(jpeg=True),
     )
 
 
@@ -567,7 +568,7 @@ def bench_jpeg(
         device=str(dev),
         reduced_side=reduced_side,
         rows=rows,
-        machine=machine(),
+        machine=machine(jpeg=True),
     )
 
 
