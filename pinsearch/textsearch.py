@@ -137,6 +137,7 @@ class TextSearcher(PinSearcher):
         self._encoder = encoder
         self._titles: PinSearcher | None = None
         self._centroids: tuple[np.ndarray, np.ndarray] | None = None
+        self._board_size_memo: dict[tuple[str | None, str | None], dict[str, int]] = {}
 
     @property
     def encoder(self) -> TextEncoder:
@@ -313,6 +314,18 @@ class TextSearcher(PinSearcher):
         )
 
     def _board_sizes(self, user: str | None, category: str | None) -> dict[str, int]:
+        """Pins per board (of ``user``, in ``category``): one ``GROUP BY`` over the pins, kept
+        per filter with ``cache_metadata`` (a warm process's store does not change under it)."""
+        if not self.cache_metadata:
+            return self._count_boards(user, category)
+        memo, key = self._board_size_memo, (user, category)
+        if key not in memo:
+            if len(memo) >= 64:  # the oldest filter goes (each holds a count per board)
+                memo.pop(next(iter(memo)))
+            memo[key] = self._count_boards(user, category)
+        return memo[key]
+
+    def _count_boards(self, user: str | None, category: str | None) -> dict[str, int]:
         where, params = [], []
         for col, value in (("user_id", user), ("category", category_key(category))):
             if value is not None:

@@ -205,11 +205,21 @@ def test_board_ranking_matches_brute_force(searcher: TextSearcher, score: str) -
         assert b.pins[0].score >= b.pins[1].score
 
 
-def test_board_ranking_filters(searcher: TextSearcher) -> None:
+def test_board_ranking_filters(searcher: TextSearcher, clip_store: Path) -> None:
     res = searcher.search_boards("anything", k=10, user="user000")
     assert res.boards and all(b.user == "user000" for b in res.boards)
     res = searcher.search_boards("anything", k=10, category="architecture", score="centroid")
     assert {b.category for b in res.boards} == {"architecture"} and len(res.boards) == 2
+    with Store.open(clip_store, read_only=True) as store:  # a warm process: board sizes kept
+        warm = TextSearcher(store, cache_metadata=True)
+        for _ in range(2):
+            for user, category in ((None, None), ("user000", None), (None, "architecture")):
+                got = warm.search_boards("a plate of food", k=10, user=user, category=category)
+                cold = searcher.search_boards("a plate of food", k=10, user=user, category=category)
+                assert [(b.board, b.pins_in_board) for b in got.boards] == [
+                    (b.board, b.pins_in_board) for b in cold.boards
+                ]
+        assert len(warm._board_size_memo) == 3
 
 
 # -- best title -----------------------------------------------------------------------------
