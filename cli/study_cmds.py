@@ -312,7 +312,10 @@ def bench(
     random_weights: Annotated[
         bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
     ] = False,
-    queries: Annotated[int | None, typer.Option(help="Query batch (exact).")] = None,
+    queries: Annotated[
+        int | None,
+        typer.Option(min=1, help="Query batch (exact); single queries timed (query: 1000)."),
+    ] = None,
     pins: Annotated[int, typer.Option(help="Remove: pins removed at random.")] = 1000,
     boards: Annotated[int, typer.Option(min=1, help="Catalog: boards the pins are in.")] = 5000,
     skipped: Annotated[int, typer.Option(min=0, help="Catalog: skipped files.")] = 1000,
@@ -368,7 +371,7 @@ def bench(
                 n=n or 1_000_000, **sized, nq=queries or 6400, device=device, progress=progress
             )
         elif what == "query":
-            result = b.bench_query(n=n or 100_000, **sized)
+            result = b.bench_query(n=n or 100_000, **sized, nq=queries or 1000)
         elif what == "catalog":
             result = b.bench_catalog(n=n or 100_000, boards=boards, skipped=skipped)
         elif what == "remove":

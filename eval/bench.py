@@ -185,7 +185,9 @@ class EmbedBench:
     batch_size: int
     workers: int  # DataLoader workers, as many as their batches fit in /dev/shm
     end_to_end_images_per_s: float  # the whole run: pipeline start and first batch included
-    steady_images_per_s: float  # the second half of the files: (n - n/2) / (t(n) - t(n/2))
+    # past the pipeline's fill: the images of the batches after the workers' first wave,
+    # over the time they took (steady_basis says which batches, or "whole run" when too few)
+    steady_images_per_s: float
     first_batch_s: float  # workers started, first batch read, decoded, embedded, handed over
     forward_images_per_s: float
     ratio: float  # steady / forward
@@ -203,6 +205,7 @@ class EmbedBench:
     # local wall-clock time of the whole run, "HH:MM:SS-HH:MM:SS" (as nvidia-smi dmon -o T
     # stamps its samples: eval/h100.sh's util-embed-*.txt)
     end_to_end_window: str = ""
+    steady_basis: str = ""  # the batches the steady rate is taken over (see _steady_rate)
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -291,11 +294,10 @@ def bench_embed(
     """Embed ``n`` generated JPEGs from disk, then time the bare model on random tensors.
 
     The end-to-end rate covers the whole run, pipeline start included (workers forked, the
-    first batch read, decoded and embedded: ``first_batch_s``). The steady rate is what the
-    second half of the files adds: a second run over the first half only is timed too, and
-    ``(n - n/2) / (t(n) - t(n/2))`` cancels the start and the pipeline's fill (parallel
-    workers hand their first batches over at once) -- what a large corpus runs at, and what
-    the ratio to the bare forward compares.
+    first batch read, decoded and embedded: ``first_batch_s``). The steady rate is taken from
+    the same run, batch by batch (:func:`_steady_rate`): the images handed over after the
+    workers' first wave, over the time from that wave's end to the last batch -- what a
+    large corpus runs at, and what the ratio to the bare forward compares.
 
     ``batch_size`` 0 picks the batch by free GPU memory (as ``pinsearch index``); ``workers``,
     ``decode``, ``cpu_share`` and ``compile`` are :class:`~pinsearch.embed.EmbedConfig`'s
@@ -344,19 +346,17 @@ def bench_embed(
         def embed(part: Sequence[tuple[int, str]]) -> int:
             return sum(len(b.keys) for b in iter_embeddings(model, part, config))
 
-        for _, path in files:  # every file in the page cache: both timed runs read it warm
+        for _, path in files:  # every file in the page cache: the timed run reads it warm
             Path(path).read_bytes()
         embed(files[:batch_size])  # warm-up
-        done, first_at = 0, 0.0
+        done, stamps = 0, []
         began = time.strftime("%H:%M:%S")
         with timed() as t:
             for batch in iter_embeddings(model, files, config):
-                first_at = first_at or time.perf_counter()
                 done += len(batch.keys)
+                stamps.append((time.perf_counter(), done))
         window = f"{began}-{time.strftime('%H:%M:%S')}"
-        first_s = first_at - t.start if first_at else t.seconds
-        with timed() as t_half:
-            half = embed(files[: len(files) // 2])
+        first_s = stamps[0][0] - t.start if stamps else t.seconds
         decode_rate = (
             _device_decode_rate(model, files, config, dev, transform=model.pixel_transform())
             if decoder == "device"
@@ -364,7 +364,7 @@ def bench_embed(
         )
         loader_rate = _loader_rate(model, files, config, decoder)
     e2e = done / t.seconds
-    steady = _steady_rate(done, t.seconds, half, t_half.seconds, batch_size)
+    steady, basis = _steady_rate(stamps, t.start, plan[0])
     n = len(files)
     size = model.preprocess.input_size
     x = torch.randn(batch_size, 3, size, size, device=dev)
@@ -402,39 +402,52 @@ def bench_embed(
         decode_images_per_s=None if decode_rate is None else round(decode_rate, 1),
         loader_images_per_s=round(loader_rate, 1),
         end_to_end_window=window,
+        steady_basis=basis,
         machine=machine(jpeg=True),
     )
 
 
-def _steady_rate(n: int, seconds: float, half: int, half_seconds: float, batch: int) -> float:
-    """What the second half of ``n`` items adds, ``(n - half) / (seconds - half_seconds)``;
-    under two batches the difference of the runs is noise: the whole run stands for it."""
-    added = seconds - half_seconds
-    return (n - half) / added if n >= 2 * batch and added > 0 else n / seconds
+def _steady_rate(
+    stamps: Sequence[tuple[float, int]], start: float, workers: int
+) -> tuple[float, str]:
+    """The rate past a pipeline's fill, from one run's ``(time, items so far)`` after each
+    batch (``start``: when the run began), and the batches it was taken over.
+
+    ``workers`` DataLoader workers start a batch each at once and hand those over together,
+    wave after wave where they bound the rate: the first wave (one batch without workers)
+    is the fill. The rate is the items of the later batches over the time from the first
+    wave's last batch to the run's last (both ends of waves), when at least two more waves
+    follow it; else the whole run's rate stands for it (start included: a rate that errs
+    low), said in the basis.
+    """
+    wave = max(workers, 1)
+    if len(stamps) >= 3 * wave:
+        (t0, n0), (t1, n1) = stamps[wave - 1], stamps[-1]
+        if t1 > t0:
+            return (n1 - n0) / (t1 - t0), f"batches {wave + 1}-{len(stamps)} of {len(stamps)}"
+    n, end = (stamps[-1][1], stamps[-1][0]) if stamps else (0, start)
+    why = f"whole run: {len(stamps)} batches, too few past {wave} workers' first wave"
+    return (n / (end - start) if end > start else 0.0), why
 
 
 def _loader_rate(model: Any, files: Sequence[tuple[int, str]], config: Any, mode: str) -> float:
     """Images per second of the embedding's worker step alone: the DataLoader
     :func:`~pinsearch.embed.iter_embeddings` builds (same workers, prefetch, ``cpu_share``
-    and pinning) drained with nothing else to do, over all the files and over the first
-    half, as the steady rate is taken. It says whether the workers (reading, and decoding
-    on the PIL path or for the ``cpu_share``) bound the end-to-end rate."""
+    and pinning) drained with nothing else to do, its steady rate taken as the end-to-end
+    one is (:func:`_steady_rate`). It says whether the workers (reading, and decoding on the
+    PIL path or for the ``cpu_share``) bound the end-to-end rate."""
     from pinsearch.embed import pin_loader
 
-    transform = model.pixel_transform()
-
-    def drain(part: Sequence[tuple[int, str]]) -> float:
-        loader = pin_loader(
-            part, transform, config, config.batch_size, model.preprocess, mode, model.device
-        )
-        with timed() as t:
-            for _ in loader:
-                pass
-        return t.seconds
-
-    half = len(files) // 2
-    whole_s, half_s = drain(files), drain(files[:half])
-    return _steady_rate(len(files), whole_s, half, half_s, config.batch_size)
+    loader = pin_loader(
+        files, model.pixel_transform(), config, config.batch_size, model.preprocess, mode,
+        model.device,
+    )  # fmt: skip
+    stamps, done = [], 0
+    start = time.perf_counter()
+    for batch in loader:
+        done += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+        stamps.append((time.perf_counter(), done))
+    return _steady_rate(stamps, start, loader.num_workers)[0]
 
 
 def _device_decode_rate(
@@ -812,13 +825,20 @@ class QueryBench:
     k: int
     queries: int
     factory: str
+    # similar_to_pin: a stored pin's similar pins with metadata (its id looked up, its
+    # vector read, itself left out) -- the issue's similar-pin query
     pinsearch_p50_ms: float
     pinsearch_p99_ms: float
     pinsearch_qps: float
+    # the raw FAISS search of the same pins' vectors (k + 1: the pin itself is found too)
     faiss_p50_ms: float
     faiss_p99_ms: float
     overhead_ratio_p50: float
-    filtered_p50_ms: float
+    filtered_p50_ms: float  # similar_to_pin within one category
+    # similar_to_vector: a new vector's similar pins with metadata (no id, no vector read)
+    vector_p50_ms: float = 0.0
+    vector_p99_ms: float = 0.0
+    index_on_gpu: bool = False  # where the searched index lay
     machine: dict[str, Any] = field(default_factory=dict)
 
 
@@ -976,9 +996,12 @@ def bench_remove(
 
 
 def bench_query(
-    *, n: int = 100_000, dim: int = 768, k: int = 10, nq: int = 200, store: Path | None = None
+    *, n: int = 100_000, dim: int = 768, k: int = 10, nq: int = 1000, store: Path | None = None
 ) -> QueryBench:
-    """p50/p99 latency of one similar-pin query with metadata vs raw FAISS on the same index."""
+    """p50/p99 latency of one similar-pin query with metadata, as a warm process answers it
+    (``PinSearcher(cache_metadata=True)``, warmed as ``serve`` warms it), vs the raw FAISS
+    search of the same pins' vectors on the same index; ``nq`` pins spread over the store,
+    each queried once (after one warm-up query)."""
     from pinsearch.search import PinSearcher
     from pinsearch.store import Store
 
@@ -989,24 +1012,32 @@ def bench_query(
             synthetic_store(path, x)
         with Store.open(path, read_only=True) as s:
             searcher = PinSearcher(s, cache_metadata=True)
+            searcher.warm()
             index = searcher.index
-            prepared = index.prepare(q)
+            rows = s.catalog.query("SELECT pin_id, pin_key FROM pins ORDER BY pin_key")
+            picked = [rows[i] for i in np.linspace(0, len(rows) - 1, nq).astype(int)]
+            own, _ = s.vectors(searcher.backbone).load(np.array([r["pin_key"] for r in picked]))
+            prepared, held_out = index.prepare(own), index.prepare(q)
             params = index._params()  # the same search parameters (IVF nprobe) pinsearch uses
-            ours, raw, filtered = [], [], []
-            searcher.similar_to_vector(q[0], k)  # warm-up
-            for i in range(nq):
+            ours, raw, vector, filtered = [], [], [], []
+            searcher.similar_to_pin(picked[-1]["pin_id"], k)  # warm-up
+            searcher.similar_to_vector(q[-1], k)
+            for i, row in enumerate(picked):
                 with timed() as t:
-                    searcher.similar_to_vector(q[i], k)
+                    searcher.similar_to_pin(row["pin_id"], k)
                 ours.append(t.seconds)
                 with timed() as t:
-                    index._raw_search(prepared[i : i + 1], k, params)
+                    index._raw_search(prepared[i : i + 1], k + 1, params)
                 raw.append(t.seconds)
-            # warm-up: the category's key set is grouped once (and on a GPU, a filter too rare
-            # for the GPU copy's deepest answer copies the index to the CPU once)
-            searcher.similar_to_vector(q[0], k, category="cat03")
-            for i in range(min(nq, 50)):
                 with timed() as t:
-                    searcher.similar_to_vector(q[i], k, category="cat03")
+                    searcher.similar_to_vector(held_out[i], k)
+                vector.append(t.seconds)
+            # warm-up: on a GPU, a filter too rare for the GPU copy's deepest answer copies
+            # the index to the CPU once
+            searcher.similar_to_pin(picked[0]["pin_id"], k, category="cat03")
+            for row in picked[: min(nq, 50)]:
+                with timed() as t:
+                    searcher.similar_to_pin(row["pin_id"], k, category="cat03")
                 filtered.append(t.seconds)
     ms = lambda a, p: round(float(np.percentile(a, p)) * 1000, 3)  # noqa: E731
     return QueryBench(
@@ -1022,6 +1053,9 @@ def bench_query(
         faiss_p99_ms=ms(raw, 99),
         overhead_ratio_p50=round(float(np.percentile(ours, 50) / np.percentile(raw, 50)), 2),
         filtered_p50_ms=ms(filtered, 50),
+        vector_p50_ms=ms(vector, 50),
+        vector_p99_ms=ms(vector, 99),
+        index_on_gpu=index.on_gpu,
         machine=machine(),
     )
 

@@ -123,8 +123,9 @@ print('nvjpeg', why('cuda') or 'ok')" > "$dir/versions.txt" 2>&1
     jpeg)  # decoding alone at pin sizes, baseline vs progressive copies: nvJPEG in batches of
       # 128 (the JPEG engines take baseline files; progressive ones go one by one) vs PIL
       bench jpeg jpeg --n 256 --batch-size 128 ;;
-    embed)  # end to end from JPEG files vs the bare forward, GPU decoding, batch by memory
-      options=(--n "$files" --batch-size 0 --decode device --random-weights)
+    embed)  # end to end from JPEG files vs the bare forward, GPU decoding; batches of 256:
+      # 64 of them, so the steady rate is taken past the workers' first wave (_steady_rate)
+      options=(--n "$files" --batch-size 256 --decode device --random-weights)
       embed_each device "${three[@]}" ;;
     embed-share)  # the workers (all cores but two) decode a share of the JPEGs with PIL,
       # for each 8,000 img/s backbone the embed step left short of it
@@ -144,16 +145,16 @@ sys.exit(0 if rate >= least[sys.argv[3]] else 1)" \
       fi
       local workers=$(($(nproc) > 3 ? $(nproc) - 2 : 1))
       for share in 0 0.25 0.5; do  # 0: the same workers and files without a share
-        options=(--n $((files / 2)) --batch-size 0 --decode device --random-weights
-                 --cpu-share "$share" --workers "$workers")
+        options=(--n "$files" --batch-size 256 --decode device --random-weights
+                 --cpu-share "$share" --workers "$workers")  # 64 batches: 4 waves of 14
         embed_each "share$share" "${todo[@]}" || rc=$?
       done
       return $rc ;;
     embed-pil)
-      options=(--n $((files / 4)) --batch-size 256 --decode pil --random-weights)
+      options=(--n $((files / 2)) --batch-size 256 --decode pil --random-weights)
       embed_each pil "${three[@]}" ;;
     embed-all)
-      options=(--n $((files / 4)) --batch-size 0 --decode device --random-weights)
+      options=(--n $((files / 2)) --batch-size 256 --decode device --random-weights)
       write_jpegs && with_dmon "$dir/util-embed-all.txt" \
         bench embed-all embed -b all --corpus "$jpegs" "${options[@]}" ;;
     index)  # build, memory, QPS, recall@10 at 1M; Flat once more in float16 (same vectors)
@@ -205,7 +206,9 @@ runner() {  # the steps in order, each within its limit; a failing step does not
     else
       bash "$self" one "$s"; rc=$?
     fi
-    log "$s: exit $rc after $((SECONDS - start)) s$([ $rc = 124 ] && echo ' (time limit)')"
+    # 124: stopped at the limit; 137: killed 10 s later (timeout -k) when it would not stop
+    log "$s: exit $rc after $((SECONDS - start)) s$( { [ $rc = 124 ] || [ $rc = 137 ]; } \
+      && echo ' (time limit)')"
   done
   log "runner: done"
   touch "$dir/ended-$$"

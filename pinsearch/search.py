@@ -204,7 +204,7 @@ class PinSearcher:
         Raises:
             PinNotFoundError: unknown pin id, or the pin has no vector for this backbone.
         """
-        key = self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
+        key = self._key_of(pin_id)
         if key is None:
             raise PinNotFoundError(f"pin {pin_id!r} is not in store {self.store.root}")
         vectors, _ = self.store.vectors(self.backbone).load(np.array([key]))
@@ -297,12 +297,29 @@ class PinSearcher:
             self._groups[column] = groups
         return self._groups[column]
 
+    def _key_of(self, pin_id: str) -> int | None:
+        """A pin id's key: from the cached columns (a binary search over the ids, sorted
+        once) with ``cache_metadata``, else one catalog query."""
+        if not self.cache_metadata:
+            return self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
+        sorted_keys, cols = self._columns()
+        if "_pin_id_order" not in self._groups:  # ids in order, and the row of each
+            ids = np.asarray(np.ma.getdata(cols["pin_id"]), dtype=object)
+            order = np.argsort(ids, kind="stable")
+            self._groups["_pin_id_order"] = {"ids": ids[order], "keys": sorted_keys[order]}
+        found = self._groups["_pin_id_order"]
+        at = int(np.searchsorted(found["ids"], pin_id))
+        if at < len(found["ids"]) and found["ids"][at] == pin_id:
+            return int(found["keys"][at])
+        return None
+
     def warm(self) -> None:
-        """Load what a first query would (with ``cache_metadata``: the metadata columns and
-        the filter groups), so that it is answered as fast as the next."""
+        """Load what a first query would (with ``cache_metadata``: the metadata columns, the
+        filter groups and the pin ids' order), so that it is answered as fast as the next."""
         if self.cache_metadata:
             for column in ("board", "board_name", "user_id", "category"):
                 self._group(column)
+            self._key_of("")
 
     def share_metadata(self, other: PinSearcher) -> None:
         """Use ``other``'s cached metadata (the same store's pins) instead of a copy."""

@@ -55,6 +55,13 @@ class VectorStore:
         self._locator: tuple[list[dict[str, object]], np.ndarray, np.ndarray, np.ndarray] | None = (
             None
         )
+        self._maps: dict[int, np.ndarray] = {}  # part index -> its vectors, memory-mapped
+        self._dim_value = 0
+
+    def _forget(self) -> None:
+        """Drop what was cached about the parts (after a write changed them)."""
+        self._locator = None
+        self._maps = {}
 
     def parts(self) -> list[dict[str, object]]:
         """Committed parts, in order."""
@@ -108,15 +115,22 @@ class VectorStore:
         found = sorted_keys[at] == want
         want, at = want[found], at[found]
         out = np.empty((len(want), dim), np.float32)
-        for part in np.unique(part_of[at]):
+        for part in np.unique(part_of[at]).tolist():
             sel = part_of[at] == part
-            arr = np.load(self.root / str(parts[part]["file"]), mmap_mode="r", allow_pickle=False)
+            arr = self._maps.get(part)
+            if arr is None:  # mapped once per part: a warm reader's query opens no file
+                path = self.root / str(parts[part]["file"])
+                arr = self._maps[part] = np.load(path, mmap_mode="r", allow_pickle=False)
             out[sel] = arr[row_of[at][sel]]
         return out, want
 
     def _dim(self) -> int:
-        dim = self.catalog.scalar("SELECT dim FROM embeddings WHERE backbone = ?", [self.backbone])
-        return int(dim or 0)
+        if not self._dim_value:  # a backbone's dimension never changes once recorded
+            dim = self.catalog.scalar(
+                "SELECT dim FROM embeddings WHERE backbone = ?", [self.backbone]
+            )
+            self._dim_value = int(dim or 0)
+        return self._dim_value
 
     def _load_all(self) -> tuple[np.ndarray, np.ndarray]:
         vecs: list[np.ndarray] = []
@@ -176,7 +190,7 @@ class VectorStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        self._locator = None
+        self._forget()
         rel = vec_path.relative_to(self.root).as_posix()
         return rel, len(keys), file_sha256(vec_path), file_sha256(key_path)
 
@@ -230,7 +244,7 @@ class VectorStore:
                 self.catalog.set_meta(self._retired_key, json.dumps(self.retired() + names))
         if delete_retired:
             self.remove_orphans()
-        self._locator = None
+        self._forget()
         return removed
 
     def _keys_path(self, part: dict[str, object]) -> Path:

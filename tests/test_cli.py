@@ -211,8 +211,9 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     began, ended = one["end_to_end_window"].split("-")  # type: ignore[index]
     assert len(began) == len(ended) == 8 and (began <= ended or began > "23:59:00")  # midnight
     assert one["end_to_end_images_per_s"] > 0 and one["forward_images_per_s"] > 0  # type: ignore[index]
-    # steady: the 10 images the second half of the files adds, over the time they add
+    # steady: 3 batches with 1 worker, taken past its first (one batch) wave
     assert one["steady_images_per_s"] > 0 and one["first_batch_s"] > 0  # type: ignore[index]
+    assert one["steady_basis"] == "batches 2-3 of 3"  # type: ignore[index]
     steady, forward = one["steady_images_per_s"], one["forward_images_per_s"]  # type: ignore[index]
     # rates and ratio are rounded (the ratio to 3 decimals: a slow, loaded run gives ~0.01)
     assert one["ratio"] == pytest.approx(steady / forward, rel=0.02, abs=6e-4)  # type: ignore[index]
@@ -230,6 +231,20 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert empty.exit_code != 0 and "no .jpg" in str(empty.exception)
     dupes = runner.invoke(app, ["bench", "dupes", "--corpus", ".", "-b", "a", "-b", "b"])
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
+
+
+def test_steady_rate_is_taken_past_the_workers_first_wave() -> None:
+    from pinsearch.eval.bench import _steady_rate
+
+    # 4 workers bound the rate: waves of 4 batches of 10 images, one a second after 2 s start
+    waves = [(2.0 + w, 10 * (4 * w + b + 1)) for w in range(4) for b in range(4)]
+    assert _steady_rate(waves, 0.0, 4) == (40.0, "batches 5-16 of 16")
+    rate, basis = _steady_rate(waves[:11], 0.0, 4)  # under two waves past the first
+    assert basis.startswith("whole run: 11 batches") and rate == pytest.approx(110 / 4.0)
+    # the model bounds it, one batch at a time: the same taken past the first
+    even = [(1.0 + 0.5 * i, 8 * (i + 1)) for i in range(6)]
+    assert _steady_rate(even, 0.0, 0) == (16.0, "batches 2-6 of 6")
+    assert _steady_rate([], 0.0, 2)[0] == 0.0
 
 
 def test_bench_jpeg_decodes_baseline_and_progressive_copies(tree_corpus) -> None:

@@ -225,6 +225,21 @@ def test_vectors_load_by_key(built_store) -> None:
         assert empty_v.shape == (0, all_vecs.shape[1]) and empty_k.size == 0
 
 
+def test_a_reader_maps_each_part_once_and_a_write_drops_the_maps(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        vs = store.vectors(BACKBONE)
+        all_vecs, all_keys = vs.load()
+        first, _ = vs.load(all_keys[:3])
+        mapped = dict(vs._maps)
+        assert mapped and vs.load(all_keys[:3])[0].tobytes() == first.tobytes()
+        assert all(vs._maps[p] is m for p, m in mapped.items())  # the same maps, no new opens
+        vs.write_part(all_vecs[:2] * 2, np.array([1000, 1001]))
+        assert vs._maps == {}  # parts changed: mapped again when next read
+        vecs, keys = vs.load(np.array([1001, all_keys[0]]))
+        assert keys.tolist() == [1001, all_keys[0]]
+        np.testing.assert_array_equal(vecs, np.stack([all_vecs[1] * 2, all_vecs[0]]))
+
+
 def test_write_part_rejects_bad_input(store_copy: Path) -> None:
     with Store.open(store_copy) as store:
         vs = store.vectors(BACKBONE)

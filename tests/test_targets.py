@@ -41,7 +41,9 @@ def exact_run() -> dict[str, Any]:
 
 @pytest.fixture
 def exact(exact_run: dict[str, Any]) -> dict[str, Any]:
-    return copy.deepcopy(exact_run)  # each test sets its own figures
+    data = copy.deepcopy(exact_run)  # each test sets its own figures
+    data.update(n=1_000_000, dim=1024, queries=6400)  # and the issue's size
+    return data
 
 
 def test_exact_targets(exact: dict[str, Any]) -> None:
@@ -55,6 +57,18 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     checks = check_result(exact, "exact.json")
     assert [c.state for c in checks] == ["pass", "pass"]
     assert "torch float16 refine 4k: 3.33x" in checks[1].measured  # bfloat16 disagrees: not it
+    faiss16 = {"path": "faiss Flat fp16", "vs_raw": 0.1, "agreement": 1.0}  # FAISS's, not ours
+    assert (
+        "faiss Flat fp16"
+        not in check_result({**exact, "rows": [*exact["rows"], faiss16]})[1].measured
+    )
+    rows["pinsearch Flat"]["agreement"] = 0.98  # as fast, other answers: not FAISS's search
+    assert _states(exact) == ["FAIL", "pass"]
+    rows["pinsearch Flat"]["agreement"] = 1.0
+    small = {**exact, "n": 100_000}  # a smaller run than the issue's: listed, not passed
+    checks = check_result(small)
+    assert [c.state for c in checks] == ["open", "open"]
+    assert "smaller than the issue's run: n 100,000 < 1,000,000" in checks[0].measured
     rows["pinsearch Flat"]["vs_raw"] = 1.3
     rows["torch float16 refine 4k"]["vs_raw"] = 0.4
     assert _states(exact) == ["FAIL", "FAIL"]
@@ -82,14 +96,20 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     checks = check_result(stopped)
     assert [c.state for c in checks] == ["pass", "pass"]
     assert all("run stopped after 6 rows" in c.measured for c in checks)
+    rows6["torch float16 refine 4k"]["vs_raw"] = 0.5  # short so far: later rows may meet it
+    assert _states(stopped) == ["pass", "open"]
     exact["device"] = "cpu"  # FAISS saw no GPU though torch did: not an H100 figure
     assert _states(exact) == ["cpu", "cpu"]
 
 
 def test_query_targets() -> None:
-    data = _bench("query", "--n", "2000", "--dim", "16")
-    data.update(pinsearch_p50_ms=4.2, pinsearch_p99_ms=19.0)
+    data = _bench("query", "--n", "2000", "--dim", "16", "--queries", "50")
+    assert data["queries"] == 50 and data["vector_p50_ms"] > 0 and data["index_on_gpu"] is False
+    assert _states(data) == ["open"]  # 2,000 pins: not the issue's million
+    data.update(n=1_000_000, pinsearch_p50_ms=4.2, pinsearch_p99_ms=19.0)
     assert _states(data) == ["pass"]
+    assert "50 queries" in check_result(data)[0].measured
+    assert "index on the CPU" in check_result(data)[0].measured
     data["pinsearch_p99_ms"] = 21.0
     assert _states(data) == ["FAIL"]
 
@@ -130,16 +150,22 @@ def test_study_targets_lower_bounds_stay_open() -> None:
     data["total"].update(pinsearch_s=10.0, sklearn_s=120.0, speedup=12.0)
     for r in data["rows"]:
         r.update(pinsearch_macro_f1=0.60, sklearn_macro_f1=0.605, f1_gap=0.005)
-    assert _states(data) == ["pass", "pass", "pass"]
+    assert _states(data) == ["open", "pass", "pass"]  # 320 x 8, two heads: not the paper's grid
+    assert "not the paper's whole grid" in check_result(data)[0].measured
+    mlp = {**data["rows"][1], "head": "mlp"}
+    data.update(n=32_000, dim=1024, rows=[*data["rows"], mlp])
+    assert _states(data) == ["pass", "pass", "pass", "pass"]
+    data["rows"].pop()
     knn = check_result(data)[1]  # the grids' own scores are shown beside the test F1
     assert knn.measured.endswith("; CV scores within 0.0, same choice")
+    data["rows"].append(mlp)
     running = copy.deepcopy(data)  # a snapshot of a run not finished: a floor under 10x
     running["total"].update(speedup=6.0, speedup_is_lower_bound=True)
     running["rows"][1].update(sklearn_macro_f1=None, f1_gap=None)
-    assert _states(running) == ["open", "pass", "open"]
+    assert _states(running) == ["open", "pass", "open", "pass"]
     data["total"]["speedup"] = 8.0  # finished and short of it
     data["rows"][0]["f1_gap"] = 0.02
-    assert _states(data) == ["FAIL", "FAIL", "pass"]
+    assert _states(data) == ["FAIL", "FAIL", "pass", "pass"]
 
 
 def test_folder_skips_what_is_not_a_result_and_lists_targets_not_measured(
@@ -191,3 +217,26 @@ def test_gpu_tests_target_from_pytest_output() -> None:
     skipped = check_pytest("===== 30 passed, 1 skipped in 50.0s =====")
     assert skipped.state == "open"  # a GPU test that did not run (faiss-gpu missing, say)
     assert check_pytest("===== 1 error in 2.0s =====").state == "FAIL"
+
+
+def test_the_compile_test_alone_is_not_the_gpu_tests(tmp_path: Path) -> None:
+    (tmp_path / "pytest-gpu-compile.txt").write_text("===== 1 passed in 83.20s =====\n")
+    checks = {c.key: c for c in check_folder(tmp_path)}
+    assert checks["gpu compile"].state == "pass" and checks["gpu tests"].state == "open"
+    (tmp_path / "pytest-gpu.txt").write_text("===== 40 passed in 95.12s =====\n")
+    assert {c.key: c for c in check_folder(tmp_path)}["gpu tests"].state == "pass"
+
+
+def test_embed_rows_say_where_they_ran_and_how_steady_was_taken() -> None:
+    bench = asdict(EmbedBench("effnet_lite0", "random", "cuda:0", "device", 16384, 256, 8,
+                              7000, 9000, 1.0, 20000, 0.45,
+                              steady_basis="batches 9-64 of 64"))  # fmt: skip
+    bench.pop("machine")
+    table = asdict(
+        EmbedTable(16384, [bench], machine={**H100, "jpeg_hardware": "7 engines x 1 core"})
+    )
+    (check,) = check_result(table)
+    assert check.state == "pass" and "steady over batches 9-64 of 64" in check.measured
+    assert check.measured.endswith("; JPEG hardware 7 engines x 1 core)")  # the table's machine
+    table["rows"][0]["device"] = "cpu"  # a row measured off the GPU: listed, not judged
+    assert _states(table) == ["cpu"]
