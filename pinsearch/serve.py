@@ -117,7 +117,10 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise ValueError("a request is a JSON object")
     _check_keys(request)
-    _texts(request, ("pin", "image", "text", "mode", "board_score", *_FILTERS))
+    _texts(request, ("image", "text", "mode", "board_score", *_FILTERS))
+    pin = request.get("pin")
+    if pin is not None and (isinstance(pin, bool) or not isinstance(pin, (str, int))):
+        raise ValueError(f"'pin' must be a pin id (a string or a whole number), got {pin!r}")
     k = _count(request, "k", 10)
     filters = {f: request[f] for f in _FILTERS if request.get(f) is not None}
     asked = [key for key in ("pin", "image", "text") if request.get(key) is not None]

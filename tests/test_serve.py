@@ -124,11 +124,12 @@ def test_serve_answers_every_bad_line_and_goes_on(built_store) -> None:
         b"[" * 100_000,
         b'{"id": 8, "pin": "\xff\xfe"}',
         json.dumps({"id": 9, "pin": pin, "k": 2}).encode(),
+        json.dumps({"id": 10, "pin": [pin]}).encode(),
     ]
     out = io.StringIO()
     assert serve(built_store.path, requests=io.BytesIO(b"\n".join(lines) + b"\n"), responses=out)
     got = [json.loads(line) for line in out.getvalue().splitlines()[1:]]  # all valid JSON
-    assert len(got) == 9 and all("error" in r for r in got[:8])
+    assert len(got) == 10 and all("error" in r for r in got[:8])
     assert "1e400 is out of range" in got[0]["error"]
     assert "'k' must be a whole number from 1 to 10000, got 1000000000000" in got[1]["error"]
     assert "got True" in got[2]["error"] and "'text' must be a string" in got[3]["error"]
@@ -138,6 +139,7 @@ def test_serve_answers_every_bad_line_and_goes_on(built_store) -> None:
         and "not UTF-8 (invalid start byte at byte 18)" in got[7]["error"]
     )
     assert got[8]["id"] == 9 and len(got[8]["hits"]) == 2
+    assert "'pin' must be a pin id" in got[9]["error"]
 
 
 def test_a_detached_reader_lets_writers_in_and_answers_as_opened(built_store, tmp_path) -> None:
