@@ -315,7 +315,9 @@ class PinSearcher:
 
     def warm(self) -> None:
         """Load what a first query would (with ``cache_metadata``: the metadata columns, the
-        filter groups and the pin ids' order), so that it is answered as fast as the next."""
+        filter groups and the pin ids' order; the vector parts, mapped), so that it is
+        answered as fast as the next, and reads vectors a later writer deletes from disk."""
+        self.store.vectors(self.backbone).map_parts()
         if self.cache_metadata:
             for column in ("board", "board_name", "user_id", "category"):
                 self._group(column)

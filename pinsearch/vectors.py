@@ -117,12 +117,23 @@ class VectorStore:
         out = np.empty((len(want), dim), np.float32)
         for part in np.unique(part_of[at]).tolist():
             sel = part_of[at] == part
-            arr = self._maps.get(part)
-            if arr is None:  # mapped once per part: a warm reader's query opens no file
+            if part not in self._maps:  # mapped once per part: a warm reader opens no file
                 path = self.root / str(parts[part]["file"])
-                arr = self._maps[part] = np.load(path, mmap_mode="r", allow_pickle=False)
-            out[sel] = arr[row_of[at][sel]]
+                self._maps[part] = np.load(path, mmap_mode="r", allow_pickle=False)
+            out[sel] = self._maps[part][row_of[at][sel]]
         return out, want
+
+    def map_parts(self) -> int:
+        """Map every committed part's vectors now (no data is read) and locate the keys, as a
+        long-running reader does before its first query: it then reads its vectors through
+        these maps even after a later writer deletes a retired part's file. Returns the
+        number of parts."""
+        parts = self._locate()[0]
+        for i, part in enumerate(parts):
+            if i not in self._maps:
+                path = self.root / str(part["file"])
+                self._maps[i] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return len(parts)
 
     def _dim(self) -> int:
         if not self._dim_value:  # a backbone's dimension never changes once recorded

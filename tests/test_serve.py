@@ -182,3 +182,25 @@ def test_hits_the_catalog_does_not_know_are_made_up_from_further_down(
             hits = PinSearcher(store, cache_metadata=cache).similar_to_pin(pin, 5).hits
             assert [h.pin_id for h in hits][:4] == [h.pin_id for h in first[2:]]
             assert len(hits) == 5 and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+
+
+def test_a_warm_reader_keeps_reading_parts_a_later_writer_deletes(built_store, tmp_path) -> None:
+    import shutil
+
+    from pinsearch.edit import remove_pins
+
+    path = tmp_path / "s"
+    shutil.copytree(built_store.path, path)
+    query = "SELECT pin_id FROM pins ORDER BY pin_key"
+    with Store.open(path, read_only=True) as cold:  # the answer, before any writer
+        ids = [r["pin_id"] for r in cold.catalog.query(query)]
+        before = [h.pin_id for h in PinSearcher(cold).similar_to_pin(ids[5], 3).hits]
+    with Store.open(path, read_only=True, detach=True) as reader:
+        searcher = PinSearcher(reader, cache_metadata=True)
+        searcher.warm()  # as serve does: every vector part mapped, none read yet
+        files = [path / str(p["file"]) for p in reader.vectors(searcher.backbone).parts()]
+        with Store.open(path) as writer:  # retires the parts holding the removed pin
+            remove_pins(writer, pin_ids=[ids[0]])
+        Store.open(path).close()  # the next writer deletes retired parts' files
+        assert not all(f.exists() for f in files)
+        assert [h.pin_id for h in searcher.similar_to_pin(ids[5], 3).hits] == before
