@@ -399,21 +399,32 @@ class TextSearcher(PinSearcher):
             out.append((board, float(s[i]), self.hits(ks[0][ok], sc[0][ok])))
         return out
 
-    def board_centroids(self) -> tuple[np.ndarray, np.ndarray]:
-        """(board names, unit centroid per board) over the stored vectors (computed once)."""
+    def board_centroids(self, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+        """(board names, unit centroid per board) over the stored vectors (computed once).
+
+        The vectors are read ``chunk`` rows at a time and summed into their boards with one
+        sparse product per chunk: a million pins' vectors are never all in memory at once.
+        Boards without a stored vector are left out."""
         if self._centroids is None:
-            vectors, keys = self.store.vectors(self.backbone).load()
+            from scipy import sparse
+
             rows = self.store.catalog.connection.execute(
                 "SELECT pin_key, board FROM pins ORDER BY pin_key"
             ).fetchnumpy()
             pk = np.asarray(rows["pin_key"], np.int64)
-            boards = np.asarray(rows["board"]).astype(str)
-            at = np.clip(np.searchsorted(pk, keys), 0, max(len(pk) - 1, 0))
-            found = pk[at] == keys
-            names, inv = np.unique(boards[at[found]], return_inverse=True)
-            sums = np.zeros((len(names), vectors.shape[1]), np.float64)
-            np.add.at(sums, inv, unit_rows(vectors[found]))
-            self._centroids = (names, unit_rows(sums))
+            names, code = np.unique(np.asarray(rows["board"]).astype(str), return_inverse=True)
+            sums = np.zeros((len(names), self.index.dim), np.float64)
+            for vectors, keys in self.store.vectors(self.backbone).iter_chunks(chunk):
+                at = np.clip(np.searchsorted(pk, keys), 0, max(len(pk) - 1, 0))
+                found = np.flatnonzero(pk[at] == keys)
+                if found.size:
+                    member = sparse.csr_matrix(
+                        (np.ones(found.size), (code[at[found]], np.arange(found.size))),
+                        shape=(len(names), found.size),
+                    )
+                    sums += member @ unit_rows(vectors[found]).astype(np.float64)
+            held = np.abs(sums).sum(axis=1) > 0
+            self._centroids = (names[held], unit_rows(sums[held]))
         return self._centroids
 
     # -- titles ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,19 @@ class VectorStore:
                 self._maps[part] = np.load(path, mmap_mode="r", allow_pickle=False)
             out[sel] = self._maps[part][row_of[at][sel]]
         return out, want
+
+    def iter_chunks(self, rows: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(vectors as float32, keys)`` of every stored vector, in storage order, at most
+        ``rows`` at a time (one part read at a time, memory-mapped): a pass over a million
+        vectors without holding them all."""
+        if rows < 1:
+            raise ValueError(f"rows must be at least 1, got {rows}")
+        for part in self.parts():
+            keys = self._load_keys(part)
+            vectors = np.load(self.root / str(part["file"]), mmap_mode="r", allow_pickle=False)
+            for start in range(0, len(keys), rows):
+                chunk = np.asarray(vectors[start : start + rows], dtype=np.float32)
+                yield chunk, keys[start : start + rows]
 
     def map_parts(self) -> int:
         """Map every committed part's vectors now (no data is read) and locate the keys, as a

@@ -205,6 +205,20 @@ def test_board_ranking_matches_brute_force(searcher: TextSearcher, score: str) -
         assert b.pins[0].score >= b.pins[1].score
 
 
+def test_board_centroids_read_in_chunks_equal_one_pass(clip_store: Path) -> None:
+    with Store.open(clip_store, read_only=True) as store:
+        whole = TextSearcher(store).board_centroids()
+        chunked = TextSearcher(store).board_centroids(chunk=3)
+        vecs, keys = store.vectors(TextSearcher(store).backbone).load()
+        rows = store.catalog.query("SELECT pin_key, board FROM pins")
+    board_of = {r["pin_key"]: r["board"] for r in rows}
+    assert whole[0].tolist() == chunked[0].tolist() == sorted(set(board_of.values()))
+    np.testing.assert_allclose(chunked[1], whole[1], atol=1e-6)
+    for name, centroid in zip(whole[0], whole[1]):  # the mean direction of its unit vectors
+        mine = _unit(vecs[[board_of[k] == name for k in keys.tolist()]])
+        np.testing.assert_allclose(centroid, _unit(mine.sum(0)), atol=1e-5)
+
+
 def test_board_ranking_filters(searcher: TextSearcher, clip_store: Path) -> None:
     res = searcher.search_boards("anything", k=10, user="user000")
     assert res.boards and all(b.user == "user000" for b in res.boards)

@@ -237,6 +237,12 @@ def test_a_reader_maps_each_part_once_and_a_write_drops_the_maps(store_copy: Pat
         assert vs._maps == {}  # parts changed: mapped again when next read
         vecs, keys = vs.load(np.array([1001, all_keys[0]]))
         assert keys.tolist() == [1001, all_keys[0]]
+        chunks = list(vs.iter_chunks(5))  # storage order, five rows at a time, part by part
+        assert max(len(k) for _, k in chunks) == 5
+        np.testing.assert_array_equal(np.concatenate([k for _, k in chunks]), vs.keys())
+        np.testing.assert_array_equal(np.concatenate([v for v, _ in chunks]), vs.load()[0])
+        with pytest.raises(ValueError, match="rows must be at least 1"):
+            next(vs.iter_chunks(0))
         np.testing.assert_array_equal(vecs, np.stack([all_vecs[1] * 2, all_vecs[0]]))
 
 
