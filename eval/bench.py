@@ -469,7 +469,7 @@ def _device_decode_rate(
 
     pre, size = model.preprocess, config.batch_size
     data = EncodedPinImages(
-        files[: 8 * size], transform, config.max_pixels, pre.resize_side,
+        files[: 8 * size], transform, config.max_pixels, pre.resize_side, draft=False,
         progressive=takes_progressive(dev),
     )  # fmt: skip
     batches = [
@@ -485,7 +485,7 @@ def _device_decode_rate(
                 with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                     decode_on_device(
                         batch, pre, dev, transform, max_pixels=config.max_pixels,
-                        min_side=pre.resize_side,
+                        min_side=pre.resize_side, draft=False,
                     )  # fmt: skip
             if cuda:
                 torch.cuda.synchronize(dev)

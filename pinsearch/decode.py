@@ -29,6 +29,7 @@ import functools
 import io
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -178,7 +179,8 @@ def takes_progressive(device: torch.device | str) -> bool:
     batch (on the GPU's hardware JPEG engine where there is one, as on A100 and H100) but the
     others one at a time, their Huffman stage on the host in the calling thread, which is the
     embedding's main loop. The DataLoader workers decode those with PIL instead, in parallel
-    and at reduced scale. On the CPU, libjpeg-turbo decodes both kinds alike.
+    (whole, as the device decodes the others). On the CPU, libjpeg-turbo decodes both kinds
+    alike.
     """
     return torch.device(device).type != "cuda"
 
@@ -193,6 +195,7 @@ def _pil_prepare(
     *,
     allow_encoded: bool,
     progressive: bool = True,
+    draft: bool = True,
 ) -> PreparedImage:
     try:
         img = open_image(path, max_pixels, data=data)
@@ -201,7 +204,8 @@ def _pil_prepare(
             img.close()
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return PreparedImage(key, path, encoded=encoded, size=size)
-        return PreparedImage(key, path, image=transform(decode_rgb(img, path, min_side=min_side)))
+        rgb = decode_rgb(img, path, min_side=min_side, draft=draft, max_pixels=max_pixels)
+        return PreparedImage(key, path, image=transform(rgb))
     except ImageError as exc:
         return PreparedImage(key, path, reason=exc.reason, detail=exc.detail)
     except Exception as exc:  # a transform failing on odd input must not stop the run
@@ -219,6 +223,7 @@ def prepare_image(
     min_side: int | None = None,
     encoded_ok: bool = True,
     progressive: bool = True,
+    draft: bool = True,
 ) -> PreparedImage:
     """The worker step: read a file and route it by its header.
 
@@ -229,17 +234,22 @@ def prepare_image(
             :meth:`~pinsearch.backbones.Backbone.pixel_transform`), for the files the device
             decoder does not take.
         max_pixels: decompression-bomb guard.
-        min_side: reduced-scale JPEG decoding for the PIL path (the backbone's resize side).
+        min_side: the backbone's resize side: reduced-scale JPEG decoding for the PIL path,
+            and the size guard of the resized copy (:func:`~pinsearch.images.load_rgb`).
         encoded_ok: False decodes the file here whatever its header says (the PIL path).
         progressive: False decodes progressive JPEGs here (:func:`takes_progressive`).
+        draft: False decodes JPEGs whole here, as the device decoder does (a device-path run:
+            its pins all see the same pixels, whichever decoder took them).
 
     Returns:
         Encoded bytes (see :func:`device_refusal`), a uint8 crop, or a failure whose reason
         and detail are those :func:`~pinsearch.images.load_rgb` reports.
     """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read
+            return PreparedImage(key, path, reason="unreadable", detail="not a regular file")
         data = Path(path).read_bytes()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a path with a NUL in it
         return PreparedImage(key, path, reason="unreadable", detail=str(exc))
     return _pil_prepare(
         key,
@@ -250,6 +260,7 @@ def prepare_image(
         min_side,
         allow_encoded=encoded_ok,
         progressive=progressive,
+        draft=draft,
     )
 
 
@@ -270,11 +281,14 @@ class PinFiles(Dataset):  # type: ignore[type-arg]
         transform: Transform,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_side: int | None = None,
+        *,
+        draft: bool = True,
     ) -> None:
         self.items = list(items)
         self.transform = transform
         self.max_pixels = max_pixels
         self.min_side = min_side
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.items)
@@ -305,6 +319,7 @@ class EncodedPinImages(PinFiles):
             min_side=self.min_side,
             encoded_ok=not worker_decodes(i, self.cpu_share),
             progressive=self.progressive,
+            draft=self.draft,
         )
 
 
@@ -645,6 +660,7 @@ def decode_on_device(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int | None = None,
+    draft: bool = True,
     pixel_budget: int = DEFAULT_PIXEL_BUDGET,
 ) -> DecodedBatch:
     """The device step: decode, transform and order a :class:`PreparedBatch`.
@@ -664,7 +680,10 @@ def decode_on_device(
         device: where to decode and transform (the model's device).
         transform: the backbone's pixel transform (uint8 crops), for the CPU fallback.
         max_pixels: decompression-bomb guard of the CPU fallback.
-        min_side: reduced-scale JPEG decoding of the CPU fallback.
+        min_side: the backbone's resize side, for the CPU fallback (the size guard; with
+            ``draft``, reduced-scale JPEG decoding).
+        draft: reduced-scale JPEG decoding in the CPU fallback (False: decoded whole, as the
+            device decodes: the same pixels whichever decoder took the file).
         pixel_budget: most decoded pixels held at once.
 
     Returns:
@@ -701,6 +720,7 @@ def decode_on_device(
                 max_pixels,
                 min_side,
                 allow_encoded=False,
+                draft=draft,
             )
             if got.image is not None:
                 pixels.append((pos, got.image))

@@ -42,7 +42,14 @@ from pinsearch.decode import (
     takes_progressive,
 )
 from pinsearch.errors import BackboneMismatchError, DeviceError
-from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, open_image
+from pinsearch.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_resized,
+    load_rgb,
+    open_image,
+    to_upright_rgb,
+)
 from pinsearch.ingest import SkippedPin
 from pinsearch.vectors import VECTOR_DTYPES
 
@@ -522,6 +529,7 @@ def pin_loader(
             transform,
             config.max_pixels,
             side,
+            draft=False,  # decoded whole, as the device decodes: the same pixels either way
             cpu_share=config.cpu_share,
             progressive=takes_progressive(device),
         )
@@ -586,7 +594,13 @@ def iter_embeddings(
             return keys, pre.normalize(x) if len(keys) else x, list(bad)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             out = decode_on_device(
-                raw, pre, device, transform, max_pixels=config.max_pixels, min_side=pre.resize_side
+                raw,
+                pre,
+                device,
+                transform,
+                max_pixels=config.max_pixels,
+                min_side=pre.resize_side,
+                draft=False,
             )
         if side is not None:
             main.wait_stream(side)  # type: ignore[union-attr]
@@ -734,14 +748,25 @@ def embed_images(
     progressive = takes_progressive(device) if progressive is None else progressive
     transform = backbone.pixel_transform()
     side = pre.resize_side  # the same reduced-scale JPEG decoding as the pins
+    if not images:
+        return np.empty((0, backbone.dim), np.float32)
+
+    def in_memory(img: Image.Image) -> Image.Image:  # as a file of it would be decoded
+        check_resized(img.size, side, DEFAULT_MAX_PIXELS, "<image>")
+        return to_upright_rgb(img)
+
     if decode == "device":  # files as the workers and the device step take them
         prepared = [
-            PreparedImage(i, "<image>", image=transform(img.convert("RGB")))
+            PreparedImage(i, "<image>", image=transform(in_memory(img)))
             if isinstance(img, Image.Image)
-            else prepare_image(i, str(img), transform, min_side=side, progressive=progressive)
+            else prepare_image(
+                i, str(img), transform, min_side=side, progressive=progressive, draft=False
+            )
             for i, img in enumerate(images)
         ]
-        out = decode_on_device(collate_prepared(prepared), pre, device, transform, min_side=side)
+        out = decode_on_device(
+            collate_prepared(prepared), pre, device, transform, min_side=side, draft=False
+        )
         if out.failures:
             _, path, reason, detail = out.failures[0]
             raise ImageError(path, reason, detail)
@@ -749,8 +774,8 @@ def embed_images(
     else:
         tensors = []
         for img in images:
-            pil = img if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
-            tensors.append(transform(pil.convert("RGB")))
+            pil = in_memory(img) if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
+            tensors.append(transform(pil))
         x = pre.normalize(torch.stack(tensors).to(device))
     cuda = device.type == "cuda"
     if cuda:

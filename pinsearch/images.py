@@ -16,11 +16,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageError",
     "ImageInfo",
+    "check_resized",
     "decode_rgb",
     "is_image_file",
     "load_rgb",
     "open_image",
     "probe_image",
+    "to_upright_rgb",
 ]
 
 #: File extensions treated as pin images (lower case).
@@ -145,7 +147,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, min_side: int | None = None
+    path: str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int | None = None,
+    draft: bool = True,
 ) -> Image.Image:
     """Decode an image fully into 8-bit RGB, upright (EXIF orientation applied).
 
@@ -154,34 +160,75 @@ def load_rgb(
     Args:
         path: the image file.
         max_pixels: decompression-bomb guard.
-        min_side: the smallest side the caller needs; a JPEG is then decoded directly at a
-            reduced scale (1/2, 1/4 or 1/8, libjpeg's DCT scaling) as long as both sides stay
-            at least this large — several times faster for large photos.
+        min_side: the side the caller resizes the short side to (a backbone's resize side).
+            A JPEG is then decoded directly at a reduced scale (1/2, 1/4 or 1/8, libjpeg's
+            DCT scaling) as long as both sides stay at least this large -- several times
+            faster for large photos -- unless ``draft`` is False; and an image whose resized
+            copy would exceed ``max_pixels`` is ``too_large`` (a 1 x 20,000 strip resized to
+            a short side of 168 is 168 x 3,360,000 pixels, 1.7 GB in 8-bit RGB).
+        draft: reduced-scale JPEG decoding (False: every JPEG decoded whole, as a GPU
+            decoder decodes it).
 
     Raises:
         ImageError: ``truncated`` or ``corrupt`` pixel data, plus every probe reason.
     """
-    return decode_rgb(open_image(path, max_pixels), path, min_side=min_side)
+    return decode_rgb(
+        open_image(path, max_pixels), path, min_side=min_side, draft=draft, max_pixels=max_pixels
+    )
 
 
-def decode_rgb(img: Image.Image, path: str | Path, *, min_side: int | None = None) -> Image.Image:
+def check_resized(size: tuple[int, int], side: int, max_pixels: int, path: str | Path) -> None:
+    """Refuse an image whose copy resized to a short side of ``side`` (as timm's eval
+    transform makes it before cropping) would hold more than ``max_pixels`` pixels.
+
+    Raises:
+        ImageError: ``too_large``.
+    """
+    w, h = size
+    short, long = min(w, h), max(w, h)
+    resized = side * max(round(long * side / max(short, 1)), 1)
+    if resized > max_pixels:
+        raise ImageError(
+            path,
+            "too_large",
+            f"{w}x{h} resized to a short side of {side} would be {resized} pixels, over the "
+            f"limit of {max_pixels}",
+        )
+
+
+def to_upright_rgb(img: Image.Image) -> Image.Image:
+    """An image already in memory as the files' decoding makes it: EXIF orientation applied,
+    alpha over white, CMYK, palette, grey and 16-bit converted to 8-bit RGB."""
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def decode_rgb(
+    img: Image.Image,
+    path: str | Path,
+    *,
+    min_side: int | None = None,
+    draft: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
     """Decode an image opened by :func:`open_image` into upright 8-bit RGB (see :func:`load_rgb`).
 
     Args:
         img: the lazily opened image; its pixels are decoded here.
         path: the file, named in errors.
-        min_side: as for :func:`load_rgb` (reduced-scale JPEG decoding).
+        min_side, draft, max_pixels: as for :func:`load_rgb` (reduced-scale JPEG decoding,
+            and the resized copy's size).
 
     Raises:
-        ImageError: ``truncated`` or ``corrupt`` pixel data.
+        ImageError: ``truncated`` or ``corrupt`` pixel data; ``too_large`` (:func:`check_resized`).
     """
     path = Path(path)
+    if min_side:
+        check_resized(img.size, min_side, max_pixels, path)
     try:
-        if min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+        if draft and min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
         img.load()
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
+        return to_upright_rgb(img)
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageError(path, reason, str(exc)) from exc

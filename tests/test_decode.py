@@ -35,6 +35,7 @@ from pinsearch.embed import (
     EmbedConfig,
     PinImages,
     batch_size_for_memory,
+    embed_images,
     embed_store,
     iter_embeddings,
     largest_batch_that_runs,
@@ -772,3 +773,69 @@ def test_auto_batch_size_cuda_branch(model, monkeypatch: pytest.MonkeyPatch, mod
     assert chosen > 512 and checked == [chosen, size] and size == chosen // 2 - chosen // 2 % 8
     assert probed == [cuda] and 8 <= size <= 1024
     assert resolve_batch_size(model.model, model.preprocess, EmbedConfig(batch_size=32), cuda) == 32
+
+
+def test_device_path_workers_decode_whole_as_the_device_does(tmp_path: Path, model) -> None:
+    from pinsearch.images import load_rgb
+
+    side, transform = model.preprocess.resize_side, model.pixel_transform()
+    path = tmp_path / "big.jpg"  # short side over twice the resize side: PIL would draft it
+    _picture(3 * side, 4 * side).save(path, "JPEG", quality=92)
+    items = [(0, str(path))]
+    big = 10 * MAX_PIXELS
+    drafted = PinImages(items, transform, big, side)[0][1]  # the PIL path's pixels
+    worker = EncodedPinImages(items, transform, big, side, draft=False, cpu_share=1.0)
+    whole = worker[0].image
+    assert whole is not None and torch.equal(whole, transform(load_rgb(path, draft=False)))
+    assert not torch.equal(whole, drafted)
+    vectors = {}
+    for share in (0.0, 1.0):  # the device decoder, or the workers: the same pixels
+        config = EmbedConfig(workers=0, batch_size=1, decode="device", cpu_share=share)
+        vectors[share] = np.concatenate([b.vectors for b in iter_embeddings(model, items, config)])
+    a, b = vectors[0.0][0], vectors[1.0][0]
+    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99999
+
+
+def test_a_thin_strip_is_too_large_before_it_is_resized(tmp_path: Path, model) -> None:
+    strip, fine = tmp_path / "strip.png", tmp_path / "fine.jpg"
+    Image.new("RGB", (1, 2000), (10, 20, 30)).save(strip)  # 2,000 pixels; resized: 56 million
+    _picture(300, 200).save(fine, "JPEG")
+    items = [(0, str(strip)), (1, str(fine))]
+    for decode in ("pil", "device"):
+        config = EmbedConfig(workers=0, batch_size=2, decode=decode, max_pixels=10_000_000)
+        batches = list(iter_embeddings(model, items, config))
+        fails = [
+            (k, f.reason, f.detail) for b in batches for k, f in zip(b.failed_keys, b.failures)
+        ]
+        assert [f[:2] for f in fails] == [(0, "too_large")]
+        assert "1x2000 resized to a short side of 168 would be" in fails[0][2]
+        assert [k for b in batches for k in b.keys.tolist()] == [1]
+
+
+def test_query_images_in_memory_are_converted_as_files_are(tmp_path: Path, model) -> None:
+    rgba = tmp_path / "rgba.png"
+    pic = _picture(120, 90).convert("RGBA")
+    pic.putalpha(Image.linear_gradient("L").resize((120, 90)))
+    pic.save(rgba)
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _picture(120, 90).save(rotated, "JPEG", exif=exif.tobytes())
+    for decode in ("pil", "device"):
+        for path in (rgba, rotated):
+            from_file = embed_images(model, [path], decode=decode)
+            with Image.open(path) as img:
+                in_memory = embed_images(model, [img], decode=decode)
+            np.testing.assert_allclose(in_memory, from_file, atol=1e-6)
+        assert embed_images(model, [], decode=decode).shape == (0, model.dim)
+
+
+def test_prepare_image_refuses_what_is_no_regular_file(tmp_path: Path, model) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # reading it would block the worker for ever
+    got = prepare_image(0, str(fifo), model.pixel_transform())
+    assert (got.reason, got.detail) == ("unreadable", "not a regular file")
+    nul = prepare_image(1, str(tmp_path / "a\x00b.jpg"), model.pixel_transform())
+    assert nul.reason == "unreadable"

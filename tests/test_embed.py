@@ -478,8 +478,9 @@ def test_embed_images_on_the_device_path_keeps_order_and_names_bad_files(
 
 
 def test_query_files_take_the_routes_of_the_runs_device(model, tmp_path: Path) -> None:
-    """A store embedded on CUDA had its progressive JPEGs decoded by PIL in the workers: a
-    query file like them is decoded the same way wherever the query runs."""
+    """A store embedded on CUDA had its progressive JPEGs decoded by PIL in the workers (whole,
+    as the device decodes): a query file like them is decoded the same way wherever the query
+    runs."""
     from pinsearch.embed import embed_like_run
 
     rng = np.random.default_rng(0)
@@ -491,7 +492,9 @@ def test_query_files_take_the_routes_of_the_runs_device(model, tmp_path: Path) -
     workers = embed_images(model, [path], decode="device", progressive=False)
     device = embed_images(model, [path], decode="device", progressive=True)
     np.testing.assert_array_equal(like, workers)
-    assert np.abs(like - device).max() > 1e-4  # decoded whole by torchvision: not the same
+    # both decoded whole (the workers do not decode at reduced scale on the device path), so
+    # the two routes agree to float noise: PIL's resize against the device's weight matrices
+    assert 0 < np.abs(like - device).max() < 1e-5
     on_cpu = {**run, "device": "cpu"}  # a CPU run's device path took it whole
     np.testing.assert_array_equal(embed_like_run(model, [path], on_cpu), device)
     older = {**run, "decode": None}  # CUDA runs from before the decode column did too
