@@ -747,7 +747,7 @@ def embed_images(
     pre, device = backbone.preprocess, backbone.device
     progressive = takes_progressive(device) if progressive is None else progressive
     transform = backbone.pixel_transform()
-    side = pre.resize_side  # the same reduced-scale JPEG decoding as the pins
+    side = pre.resize_side  # as for the pins: the size guard, and the PIL route's drafting
     if not images:
         return np.empty((0, backbone.dim), np.float32)
 
