@@ -747,7 +747,7 @@ def _check_positions(index: Any, n: int, factory: str) -> None:
     ivf = ivf_of(index)
     held = index.ntotal
     if held == n and ivf is not None:
-        ids = np.concatenate([np.asarray(v).copy() for v in _list_ids(ivf)] or [np.empty(0)])
+        ids = np.concatenate([*_list_ids(ivf), np.empty(0, np.int64)])
         if len(ids) != n or not np.array_equal(np.sort(ids), np.arange(n)):
             held = -1
     if held != n:

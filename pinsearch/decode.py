@@ -846,11 +846,12 @@ def _probe_in_child(index: int, timeout: float = 120.0) -> JpegHardware:
             [sys.executable, "-c", code, str(index)],
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:  # a hang, no interpreter
+        return JpegHardware(None, detail=f"probe failed ({type(exc).__name__}: {exc})")
+    try:
         return JpegHardware(**json.loads(done.stdout.strip().splitlines()[-1]))
-    except Exception as exc:  # a crash, a hang, no output: the answer is unknown
-        why = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, (IndexError, ValueError)):
-            why = f"the probe ended with status {done.returncode}: {done.stderr.strip()[-200:]}"
+    except (IndexError, ValueError, TypeError):  # a crash: no answer, or not one
+        why = f"the probe ended with status {done.returncode}: {done.stderr.strip()[-200:]}"
         return JpegHardware(None, detail=f"probe failed ({why})")
 
 

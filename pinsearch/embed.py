@@ -42,14 +42,7 @@ from pinsearch.decode import (
     takes_progressive,
 )
 from pinsearch.errors import BackboneMismatchError, DeviceError
-from pinsearch.images import (
-    DEFAULT_MAX_PIXELS,
-    ImageError,
-    check_resized,
-    load_rgb,
-    open_image,
-    to_upright_rgb,
-)
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, load_rgb, open_image
 from pinsearch.ingest import SkippedPin
 from pinsearch.vectors import VECTOR_DTYPES
 
@@ -752,8 +745,7 @@ def embed_images(
         return np.empty((0, backbone.dim), np.float32)
 
     def in_memory(img: Image.Image) -> Image.Image:  # as a file of it would be decoded
-        check_resized(img.size, side, DEFAULT_MAX_PIXELS, "<image>")
-        return to_upright_rgb(img)
+        return decode_rgb(img, "<image>", min_side=side, draft=False)
 
     if decode == "device":  # files as the workers and the device step take them
         prepared = [

@@ -22,7 +22,6 @@ __all__ = [
     "load_rgb",
     "open_image",
     "probe_image",
-    "to_upright_rgb",
 ]
 
 #: File extensions treated as pin images (lower case).
@@ -196,12 +195,6 @@ def check_resized(size: tuple[int, int], side: int, max_pixels: int, path: str |
         )
 
 
-def to_upright_rgb(img: Image.Image) -> Image.Image:
-    """An image already in memory as the files' decoding makes it: EXIF orientation applied,
-    alpha over white, CMYK, palette, grey and 16-bit converted to 8-bit RGB."""
-    return _to_rgb(ImageOps.exif_transpose(img))
-
-
 def decode_rgb(
     img: Image.Image,
     path: str | Path,
@@ -228,7 +221,7 @@ def decode_rgb(
         if draft and min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
         img.load()
-        return to_upright_rgb(img)
+        return _to_rgb(ImageOps.exif_transpose(img))
     except OSError as exc:
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageError(path, reason, str(exc)) from exc

@@ -165,6 +165,7 @@ class PinSearcher:
         self.cache_metadata = cache_metadata
         self._meta_cache: tuple[np.ndarray, dict[str, np.ndarray]] | None = None
         self._groups: dict[str, dict[Any, np.ndarray]] = {}  # column -> value -> sorted keys
+        self._id_order: tuple[np.ndarray, np.ndarray] | None = None  # sorted ids, their keys
         if index is not None:
             row = store.catalog.get_index(index)
             if row is None:
@@ -302,16 +303,18 @@ class PinSearcher:
         once) with ``cache_metadata``, else one catalog query."""
         if not self.cache_metadata:
             return self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
-        sorted_keys, cols = self._columns()
-        if "_pin_id_order" not in self._groups:  # ids in order, and the row of each
+        ids, keys = self._pin_ids()
+        at = int(np.searchsorted(ids, pin_id))
+        return int(keys[at]) if at < len(ids) and ids[at] == pin_id else None
+
+    def _pin_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """The cached pin ids in sorted order, and the key of each (sorted on first use)."""
+        if self._id_order is None:
+            sorted_keys, cols = self._columns()
             ids = np.asarray(np.ma.getdata(cols["pin_id"]), dtype=object)
             order = np.argsort(ids, kind="stable")
-            self._groups["_pin_id_order"] = {"ids": ids[order], "keys": sorted_keys[order]}
-        found = self._groups["_pin_id_order"]
-        at = int(np.searchsorted(found["ids"], pin_id))
-        if at < len(found["ids"]) and found["ids"][at] == pin_id:
-            return int(found["keys"][at])
-        return None
+            self._id_order = (ids[order], sorted_keys[order])
+        return self._id_order
 
     def warm(self) -> None:
         """Load what a first query would (with ``cache_metadata``: the metadata columns, the
@@ -321,12 +324,13 @@ class PinSearcher:
         if self.cache_metadata:
             for column in ("board", "board_name", "user_id", "category"):
                 self._group(column)
-            self._key_of("")
+            self._pin_ids()
 
     def share_metadata(self, other: PinSearcher) -> None:
         """Use ``other``'s cached metadata (the same store's pins) instead of a copy."""
         if self.cache_metadata and other.cache_metadata:
             self._meta_cache, self._groups = other._columns(), other._groups
+            self._id_order = other._pin_ids()
 
     def _columns(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The pins' metadata as columns sorted by pin key (loaded on first use)."""

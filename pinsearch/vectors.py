@@ -108,7 +108,7 @@ class VectorStore:
         if keys is None:
             return self._load_all()
         want = np.asarray(keys, dtype=np.int64).ravel()
-        parts, sorted_keys, part_of, row_of = self._locate()
+        _, sorted_keys, part_of, row_of = self._locate()
         dim = self._dim()
         if len(sorted_keys) == 0 or len(want) == 0:
             return np.empty((0, dim), np.float32), np.empty(0, np.int64)
@@ -118,11 +118,16 @@ class VectorStore:
         out = np.empty((len(want), dim), np.float32)
         for part in np.unique(part_of[at]).tolist():
             sel = part_of[at] == part
-            if part not in self._maps:  # mapped once per part: a warm reader opens no file
-                path = self.root / str(parts[part]["file"])
-                self._maps[part] = np.load(path, mmap_mode="r", allow_pickle=False)
-            out[sel] = self._maps[part][row_of[at][sel]]
+            out[sel] = self._mapped(part)[row_of[at][sel]]
         return out, want
+
+    def _mapped(self, i: int) -> np.ndarray:
+        """The vectors of part ``i`` (of :meth:`_locate`'s parts), memory-mapped once per
+        reader: a warm reader's queries open no file."""
+        if i not in self._maps:
+            path = self.root / str(self._locate()[0][i]["file"])
+            self._maps[i] = np.load(path, mmap_mode="r", allow_pickle=False)
+        return self._maps[i]
 
     def iter_chunks(self, rows: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(vectors as float32, keys)`` of every stored vector, in storage order, at most
@@ -130,9 +135,8 @@ class VectorStore:
         vectors without holding them all."""
         if rows < 1:
             raise ValueError(f"rows must be at least 1, got {rows}")
-        for part in self.parts():
-            keys = self._load_keys(part)
-            vectors = np.load(self.root / str(part["file"]), mmap_mode="r", allow_pickle=False)
+        for i, part in enumerate(self._locate()[0]):
+            keys, vectors = self._load_keys(part), self._mapped(i)
             for start in range(0, len(keys), rows):
                 chunk = np.asarray(vectors[start : start + rows], dtype=np.float32)
                 yield chunk, keys[start : start + rows]
@@ -143,10 +147,8 @@ class VectorStore:
         these maps even after a later writer deletes a retired part's file. Returns the
         number of parts."""
         parts = self._locate()[0]
-        for i, part in enumerate(parts):
-            if i not in self._maps:
-                path = self.root / str(part["file"])
-                self._maps[i] = np.load(path, mmap_mode="r", allow_pickle=False)
+        for i in range(len(parts)):
+            self._mapped(i)
         return len(parts)
 
     def _dim(self) -> int:
