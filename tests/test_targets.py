@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
-from pinsearch.eval.bench import EmbedBench, EmbedTable
+from pinsearch.eval.bench import EmbedBench, EmbedTable, round_down, round_up
 from pinsearch.eval.targets import TARGETS, check_folder, check_pytest, check_result, main
 
 runner = CliRunner()
@@ -100,6 +100,15 @@ def test_exact_targets(exact: dict[str, Any]) -> None:
     assert _states(stopped) == ["pass", "open"]
     exact["device"] = "cpu"  # FAISS saw no GPU though torch did: not an H100 figure
     assert _states(exact) == ["cpu", "cpu"]
+
+
+def test_judged_figures_are_rounded_the_way_that_cannot_flatter_them() -> None:
+    # the exact target is "within 1.2x": 1.2004x rounded to 1.2 would pass it
+    assert round_up(1.2004, 3) == 1.201 and round_down(0.98996, 4) == 0.9899
+    assert round_down(9.999, 2) == 9.99 and round_up(0.010001, 4) == 0.0101
+    # float noise on a round value is not rounded away from it
+    assert round_up(0.1 * 12, 3) == 1.2 and round_down(0.7 + 0.1 + 0.1, 1) == 0.9
+    assert round_up(abs(0.6146 - 0.6147), 4) == 0.0001 and round_down(1.0, 4) == 1.0
 
 
 def test_query_targets() -> None:
