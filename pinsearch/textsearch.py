@@ -239,7 +239,10 @@ class TextSearcher(PinSearcher):
         if has.any():
             z_tit[has] = _z(s_tit[has])
         fused = alpha * z_img + (1.0 - alpha) * z_tit
-        order = np.argsort(-fused, kind="stable")[:k]
+        order = np.argsort(-fused, kind="stable")
+        hits = self.hits(ik[order[:k]], fused[order[:k]])
+        if len(hits) < k:  # a snapshot's catalog lacks some pins: further candidates fill in
+            hits = self.hits(ik[order], fused[order])[:k]
         return SearchResult(
             query=query,
             backbone=self.backbone,
@@ -247,7 +250,7 @@ class TextSearcher(PinSearcher):
             metric="fused-z",
             k=k,
             filters=_filters(board, user, category),
-            hits=self.hits(ik[order], fused[order]),
+            hits=hits,
         )
 
     def _empty(self, query: dict[str, Any], k: int, filters: dict[str, str]) -> SearchResult:

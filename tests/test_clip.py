@@ -329,6 +329,23 @@ def test_backbone_without_text_tower_says_how_to_get_one(built_store) -> None:
             TextSearcher(store).search_text("a car")
 
 
+def test_fused_hits_the_catalog_does_not_know_are_made_up_from_further_down(
+    clip_store: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(clip_store, path)
+    text = "tall stone building"
+    with Store.open(path, read_only=True) as store:
+        first = [h.pin_id for h in TextSearcher(store).search_text(text, 7, mode="fused").hits]
+    with Store.open(path, verify=False) as store:  # as a snapshot older than its indexes
+        store.catalog.connection.execute("DELETE FROM pins WHERE pin_id IN (?, ?)", first[:2])
+    with Store.open(path, read_only=True, verify=False) as store:
+        hits = TextSearcher(store).search_text(text, 5, mode="fused").hits
+    assert [h.pin_id for h in hits] == first[2:] and [h.rank for h in hits] == [1, 2, 3, 4, 5]
+
+
 def test_a_clip_checkpoint_holding_code_is_refused(tmp_path: Path) -> None:
     """open_clip loads local checkpoints with weights_only=True: pickled objects are refused."""
     import collections
