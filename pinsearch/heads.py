@@ -352,10 +352,16 @@ class KNNHead(_Head):
 class _TorchHead(_Head):
     """Heads trained with torch on standardised float32 inputs."""
 
+    #: one-vs-rest margins (the SVMs): with two classes, class 0's problem is class 1's negated
+    _one_vs_rest = False
+
     def decision_function(self, X: Any) -> np.ndarray:
-        """Class scores; one column for two classes, as scikit-learn returns."""
+        """Class scores; one column for two classes, as scikit-learn returns (an SVM's is
+        class 1's margin, as ``LinearSVC``'s: half the difference of the two problems')."""
         scores = self._scores(self._check(X))
-        return scores[:, 1] - scores[:, 0] if len(self.classes_) == 2 else scores
+        if len(self.classes_) != 2:
+            return scores
+        return (scores[:, 1] - scores[:, 0]) / (2 if self._one_vs_rest else 1)
 
     def _forward(self, X: np.ndarray) -> np.ndarray:
         """The fitted layers applied functionally (ReLU between them): no module is built,
@@ -402,6 +408,7 @@ class LinearSVMHead(_TorchHead):
     """
 
     _array_names = ("coef_", "intercept_", "mean_", "scale_")
+    _one_vs_rest = True
 
     def __init__(
         self,

@@ -85,6 +85,7 @@ class RBFSVMHead(_TorchHead):
     """
 
     _array_names = ("mean_", "scale_", "gamma_", "svm_coef_", "svm_intercept_")
+    _one_vs_rest = True
 
     def __init__(
         self,

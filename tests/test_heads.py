@@ -104,6 +104,22 @@ def test_constant_features_keep_scale_one_as_in_standard_scaler() -> None:
     assert (ours.predict(test) == sk.predict(test)).mean() >= 0.99
 
 
+@pytest.mark.parametrize("solver", ["liblinear", "torch"])
+def test_two_class_decision_function_is_linearsvcs(solver: str) -> None:
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(300, 5)).astype(np.float32)
+    y = np.where(X[:, 0] - X[:, 1] + 0.3 * rng.normal(size=300) > 0, "b", "a")
+    ours = LinearSVMHead(C=1.0, solver=solver, tol=1e-7, max_iter=2000).fit(X, y)
+    sk = make_pipeline(StandardScaler(), LinearSVC(C=1.0, max_iter=20000, tol=1e-6)).fit(X, y)
+    scores = ours.decision_function(X)
+    assert scores.shape == (300,) and (np.where(scores > 0, "b", "a") == ours.predict(X)).all()
+    np.testing.assert_allclose(scores, sk.decision_function(X), atol=5e-3)
+
+
 @pytest.mark.parametrize("C", [float("nan"), float("inf"), 0.0, -1.0, "1"])
 def test_bad_regularisation_is_refused_everywhere(C: Any) -> None:
     from pinsearch.gridsearch import batched_grid_search
