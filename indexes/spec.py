@@ -177,18 +177,18 @@ def choose_factory(
     by default.
 
     Returns:
-        ``"Flat"`` for small corpora or L1; ``"IVF{nlist},Flat"`` while raw float32 vectors fit
-        the budget; ``"IVF{nlist},PQ{m}"`` with the largest code that fits it otherwise.
+        ``"Flat"`` for small corpora; ``"IVF{nlist},Flat"`` while raw float32 vectors fit
+        the budget; ``"IVF{nlist},PQ{m}"`` with the largest code that fits it otherwise (not
+        for ``l1``, which FAISS measures on raw vectors only).
 
     Raises:
-        ValueError: non-positive sizes, or a budget too small for even 4-byte codes.
+        ValueError: non-positive sizes, or a budget too small for even 4-byte codes (for
+            ``l1``, for the raw vectors).
     """
     if n <= 0 or dim <= 0:
         raise ValueError(f"cannot choose an index for n={n}, dim={dim}")
     budget = memory_budget if memory_budget is not None else default_memory_budget()
     raw = n * dim * 4
-    if metric == "l1":
-        return "Flat" if raw <= budget else "HNSW32"
     if n <= EXACT_MAX and raw <= budget:
         return "Flat"
     nlist = ivf_nlist(n)
@@ -196,6 +196,12 @@ def choose_factory(
     overhead = nlist * dim * 4 + n * 8
     if raw * 1.05 + overhead <= budget:
         return f"IVF{nlist},Flat"
+    if metric == "l1":  # FAISS measures L1 on raw vectors only (Flat, IVF-Flat, HNSW)
+        raise ValueError(
+            f"{n} vectors of dim {dim} take {raw} bytes uncompressed, over the memory budget "
+            f"of {budget} bytes, and metric 'l1' cannot use compressed (PQ) codes; use metric "
+            "cosine or l2, or a larger budget"
+        )
     for m in _PQ_CHOICES:
         if pq_codes is not None and m not in pq_codes:
             continue

@@ -165,7 +165,7 @@ def test_build_index_validates_input() -> None:
 # -- approximate search ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("metric", ["l2", "cosine", "l1"])
 def test_ivf_flat_recall(clustered, metric: str) -> None:
     x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
     index = build_index(x, keys, IndexConfig(factory="IVF32,Flat", metric=metric, nprobe=16, **CPU))
@@ -636,8 +636,8 @@ def test_id_map_length_mismatch_is_detected(tmp_path: Path) -> None:
         (1_000_000, 1024, "cosine", 100_000_000, "IVF4096,PQ64"),
         (1_000_000, 1280, "cosine", 100_000_000, "IVF4096,PQ64"),
         (1_000, 64, "l1", None, "Flat"),
-        (1_000_000, 1024, "l1", 64 << 30, "Flat"),
-        (1_000_000, 1024, "l1", 1 << 30, "HNSW32"),
+        (100_000, 1024, "l1", 64 << 30, "Flat"),
+        (1_000_000, 1024, "l1", 64 << 30, "IVF4096,Flat"),
         (50_000, 512, "cosine", 10_000_000, "IVF1024,PQ128"),
     ],
 )
@@ -649,6 +649,8 @@ def test_choose_factory(n: int, dim: int, metric: str, budget: int | None, expec
 def test_choose_factory_errors() -> None:
     with pytest.raises(ValueError, match="too small"):
         choose_factory(1_000_000, 1024, "cosine", 1_000_000)
+    with pytest.raises(ValueError, match="metric 'l1' cannot use compressed"):  # HNSW is larger
+        choose_factory(1_000_000, 1024, "l1", 1 << 30)
     with pytest.raises(ValueError, match="dim 770 is divisible by none of the PQ sizes"):
         choose_factory(10_000_000, 770, "cosine", 2 << 30)
     with pytest.raises(ValueError):
