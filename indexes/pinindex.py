@@ -65,10 +65,17 @@ _POST_FILTER_ENTRIES = 1 << 24
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
     with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+        return _stream_sha256(fh, chunk)
+
+
+def _stream_sha256(fh: Any, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of an open binary file from its start (left at its start again)."""
+    h = hashlib.sha256()
+    fh.seek(0)
+    while block := fh.read(chunk):
+        h.update(block)
+    fh.seek(0)
     return h.hexdigest()
 
 
@@ -1076,48 +1083,16 @@ def load_index(
     Raises:
         IndexFileError: a file is missing or damaged, or the format is unknown.
     """
-    import faiss
-
     files = index_files(Path(path))
-    for key, f in files.items():
-        if not f.is_file():
-            raise IndexFileError(f"index file {f} is missing ({key})")
-    try:
-        meta = json.loads(files["json"].read_text())
-    except (OSError, ValueError) as exc:
-        raise IndexFileError(f"index description {files['json']} is unreadable: {exc}") from exc
-    if not isinstance(meta, dict):
-        raise IndexFileError(f"index description {files['json']} is not a JSON object")
-    if meta.get("format_version") != INDEX_FORMAT_VERSION:
-        raise IndexFileError(
-            f"{files['json']}: index format {meta.get('format_version')!r}, "
-            f"this pinsearch reads {INDEX_FORMAT_VERSION}"
-        )
-    try:
-        sums = {key: str(meta["sha256"][key]) for key in ("faiss", "ids")}
-        saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
-        size = int(meta["ntotal"]), int(meta["dim"])
-    except (KeyError, TypeError, ValueError) as exc:  # a field missing, unknown or invalid
-        raise IndexFileError(
-            f"index description {files['json']} is damaged ({type(exc).__name__}: {exc})"
-        ) from exc
-    if verify:
-        for key in ("faiss", "ids"):
-            if file_sha256(files[key]) != sums[key]:
-                raise IndexFileError(
-                    f"index file {files[key]} does not match its checksum: it is damaged; "
-                    "rebuild it from the stored vectors"
-                )
-    try:
-        cpu = faiss.read_index(str(files["faiss"]))
-        ids = np.load(files["ids"], allow_pickle=False)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise IndexFileError(f"cannot read index {files['faiss']}: {exc}") from exc
-    if cpu.ntotal != len(ids) or (cpu.ntotal, cpu.d) != size:
-        raise IndexFileError(
-            f"index {files['faiss']} holds {cpu.ntotal} vectors of dim {cpu.d}; its id map has "
-            f"{len(ids)} and its description says {size[0]} x {size[1]}"
-        )
+    for wait in (*_SAVE_SWAP_WAITS, None):
+        try:
+            meta, saved, cpu, ids = _read_index_files(files, verify)
+            break
+        except _MixedSave as exc:  # perhaps read while a writer swapped the files: again
+            if wait is None:
+                raise
+            _logger.info("%s; reading it again in %.2f s", exc, wait)
+            time.sleep(wait)
     asked = search_overrides(config) if config is not None else {}
     saved = replace(saved, **asked)
     where = saved
@@ -1139,3 +1114,66 @@ def load_index(
     if loaded._rounds_vectors():
         loaded._cpu = cpu  # the vectors of record (the GPU copy holds them in float16)
     return loaded
+
+
+#: A reader takes no lock: one loading an index while a writer renames its three new files into
+#: place can read two saves' files. The renames take microseconds, so a mismatch is read again
+#: after these waits (seconds) before it is called damaged.
+_SAVE_SWAP_WAITS = (0.05, 0.25)
+
+
+class _MixedSave(IndexFileError):
+    """An index's files disagree with each other: damaged, or read mid-swap."""
+
+
+def _read_index_files(
+    files: dict[str, Path], verify: bool
+) -> tuple[dict[str, Any], IndexConfig, Any, np.ndarray]:
+    """One read of an index's files: (description, saved config, FAISS index, id map). Each
+    file is opened once, so what is hashed is what is read, even if a writer renames a new
+    file over it meanwhile."""
+    import faiss
+
+    for key, f in files.items():
+        if not f.is_file():
+            raise IndexFileError(f"index file {f} is missing ({key})")
+    with contextlib.ExitStack() as stack:
+        try:
+            fh = {key: stack.enter_context(f.open("rb")) for key, f in files.items()}
+            meta = json.loads(fh["json"].read())
+        except (OSError, ValueError) as exc:
+            raise IndexFileError(f"index description {files['json']} is unreadable: {exc}") from exc
+        if not isinstance(meta, dict):
+            raise IndexFileError(f"index description {files['json']} is not a JSON object")
+        if meta.get("format_version") != INDEX_FORMAT_VERSION:
+            raise IndexFileError(
+                f"{files['json']}: index format {meta.get('format_version')!r}, "
+                f"this pinsearch reads {INDEX_FORMAT_VERSION}"
+            )
+        try:
+            sums = {key: str(meta["sha256"][key]) for key in ("faiss", "ids")}
+            saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
+            size = int(meta["ntotal"]), int(meta["dim"])
+        except (KeyError, TypeError, ValueError) as exc:  # a field missing, unknown or invalid
+            raise IndexFileError(
+                f"index description {files['json']} is damaged ({type(exc).__name__}: {exc})"
+            ) from exc
+        for key in ("faiss", "ids") if verify else ():
+            if _stream_sha256(fh[key]) != sums[key]:
+                raise _MixedSave(
+                    f"index file {files[key]} does not match its checksum: it is damaged; "
+                    "rebuild it from the stored vectors"
+                )
+        # FAISS reads a path: the open file's own (Linux), else the name
+        by_fd = Path(f"/proc/self/fd/{fh['faiss'].fileno()}")
+        try:
+            cpu = faiss.read_index(str(by_fd if by_fd.exists() else files["faiss"]))
+            ids = np.load(fh["ids"], allow_pickle=False)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise IndexFileError(f"cannot read index {files['faiss']}: {exc}") from exc
+    if cpu.ntotal != len(ids) or (cpu.ntotal, cpu.d) != size:
+        raise _MixedSave(
+            f"index {files['faiss']} holds {cpu.ntotal} vectors of dim {cpu.d}; its id map has "
+            f"{len(ids)} and its description says {size[0]} x {size[1]}"
+        )
+    return meta, saved, cpu, ids

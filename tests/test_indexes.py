@@ -583,6 +583,44 @@ def test_damaged_ids_file_raises(tmp_path: Path) -> None:
         load_index(tmp_path / "idx")
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_reader_meeting_a_save_half_swapped_reads_it_again(tmp_path: Path, verify) -> None:
+    import logging
+    import os
+
+    old = build_index(_random(30, 8, 0), _keys(30), IndexConfig(factory="Flat", **CPU))
+    new = build_index(_random(40, 8, 1), _keys(40), IndexConfig(factory="Flat", **CPU))
+    old.save(tmp_path / "idx")
+    new.save(tmp_path / "next")
+    # a writer's save stopped between its renames: the new index file, the old id map and JSON
+    os.replace(tmp_path / "next.faiss", tmp_path / "idx.faiss")
+
+    class FinishTheSave(logging.Handler):  # the writer's last two renames, while we wait
+        def emit(self, record: logging.LogRecord) -> None:
+            self.seen = record.getMessage()
+            for suffix in (".ids.npy", ".json"):
+                os.replace(tmp_path / f"next{suffix}", tmp_path / f"idx{suffix}")
+
+    handler = FinishTheSave(logging.INFO)
+    log = logging.getLogger("pinsearch.indexes.pinindex")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        loaded = load_index(tmp_path / "idx", verify=verify)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+    assert "reading it again" in handler.seen
+    assert loaded.ntotal == 40 and (loaded.ids == new.ids).all()
+    # one that stays mixed is damaged, after the waits
+    os.replace(tmp_path / "idx.faiss", tmp_path / "new.faiss")
+    old.save(tmp_path / "idx")
+    os.replace(tmp_path / "new.faiss", tmp_path / "idx.faiss")
+    with pytest.raises(IndexFileError, match="checksum" if verify else "holds 40 vectors"):
+        load_index(tmp_path / "idx", verify=verify)
+
+
 def test_truncated_faiss_file_without_verification(tmp_path: Path) -> None:
     index = build_index(_random(200, 16, 0), _keys(200), IndexConfig(factory="Flat", **CPU))
     index.save(tmp_path / "idx")
