@@ -474,6 +474,18 @@ _CONTEXT_LOST: tuple[type[BaseException], ...] = tuple(
 )
 
 
+#: How cuBLAS and cuDNN say they found no memory for a workspace or handle (a RuntimeError,
+#: not torch's OutOfMemoryError): smaller work may still fit, as after an allocator failure.
+_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "out of memory")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the GPU ran out of memory (torch's allocator, cuBLAS, cuDNN)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _ALLOC_FAILED)
+
+
 def _decode_halving(encoded: list[torch.Tensor], device: torch.device) -> list[Any]:
     _settle(device)
     try:
@@ -481,7 +493,7 @@ def _decode_halving(encoded: list[torch.Tensor], device: torch.device) -> list[A
     except _CONTEXT_LOST:
         raise
     except Exception as exc:  # one bad stream fails the whole call: find it by halving
-        if isinstance(exc, torch.cuda.OutOfMemoryError):  # smaller calls may fit: say so
+        if out_of_memory(exc):  # smaller calls may fit: say so
             _logger.warning(
                 "decoding %d JPEGs at once on %s ran out of memory; trying halves",
                 len(encoded), device,

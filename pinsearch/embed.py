@@ -38,6 +38,7 @@ from pinsearch.decode import (
     device_refusal,
     device_transform_supported,
     jpeg_hardware,
+    out_of_memory,
     prepare_image,
     takes_progressive,
 )
@@ -368,15 +369,16 @@ def _forward_zeros(
 
 
 def largest_batch_that_runs(size: int, run: Callable[[int], None], low: int = 8) -> int:
-    """``size``, halved (in multiples of 8) while ``run(size)`` runs out of CUDA memory, down
-    to ``low``: an estimate from small batches can miss what a large one takes (another
-    algorithm, workspace or fragmentation). Raises the last out-of-memory error at ``low``."""
+    """``size``, halved (in multiples of 8) while ``run(size)`` runs out of CUDA memory
+    (:func:`~pinsearch.decode.out_of_memory`), down to ``low``: an estimate from small batches
+    can miss what a large one takes (another algorithm, workspace or fragmentation). Raises the
+    last out-of-memory error at ``low``."""
     while True:
         try:
             run(size)
             return size
-        except torch.cuda.OutOfMemoryError:
-            if size <= low:
+        except RuntimeError as exc:  # torch's OutOfMemoryError is one
+            if size <= low or not out_of_memory(exc):
                 raise
             smaller = max(low, size // 2 - (size // 2) % 8)
             _logger.warning("batch %d ran out of GPU memory; trying %d", size, smaller)
@@ -601,7 +603,34 @@ def iter_embeddings(
                 out.images.record_stream(main)  # type: ignore[arg-type]
         return out.keys, out.images, out.failures
 
+    chunk = batch_size  # images per forward pass: lowered for good if one runs out of memory
+
     def forward(x: torch.Tensor) -> torch.Tensor:
+        """The batch's vectors, in passes of ``chunk`` images; a pass that runs out of GPU
+        memory (fragmentation, a decode's buffers, another process) is run again in halves,
+        and later batches too (a compiled model's fixed shape cannot shrink: it raises)."""
+        nonlocal chunk
+        done: list[torch.Tensor] = []
+        at = 0
+        while at < len(x):
+            m = min(chunk, len(x) - at)
+            try:
+                done.append(forward_pass(x[at : at + m]))
+            except RuntimeError as exc:  # torch's OutOfMemoryError is one
+                if config.compile or m == 1 or not out_of_memory(exc):
+                    raise
+            else:
+                at += m
+                continue
+            # out of the except block: the failed pass's tensors are freed with its traceback
+            chunk = max(1, m // 2)
+            _logger.warning("a forward pass of %d images ran out of GPU memory; %d from now on",
+                            m, chunk)  # fmt: skip
+            if cuda:
+                torch.cuda.empty_cache()
+        return done[0] if len(done) == 1 else torch.cat(done)
+
+    def forward_pass(x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if config.compile and n < batch_size:
             # A compiled model recompiles for every new batch shape (a short last batch, or

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -521,6 +522,50 @@ def test_device_path_on_cpu_agrees_with_pil_path(
     assert cos.min() > 0.9999  # same libjpeg, same resize maths on the CPU
 
 
+_OOM = (torch.cuda.OutOfMemoryError, "CUDA out of memory (stand-in)")
+_CUBLAS = (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+
+
+class _ShortOfMemory(torch.nn.Module):
+    """A backbone's network on a GPU short of memory: passes of more than ``limit`` images
+    raise ``error`` (the allocator's, or cuBLAS' RuntimeError)."""
+
+    def __init__(self, net: torch.nn.Module, limit: int, error: tuple[type, str] = _OOM) -> None:
+        super().__init__()
+        self.net, self.limit, self.error, self.sizes = net, limit, error, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise self.error[0](self.error[1])
+        return self.net(x)
+
+
+@pytest.mark.parametrize("error", [_OOM, _CUBLAS])
+def test_a_forward_pass_out_of_memory_is_run_again_in_halves(
+    model, tree_corpus, caplog, error: tuple[type, str]
+) -> None:
+    paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:11]
+    items = [(i, str(p)) for i, p in enumerate(paths)]
+    config = EmbedConfig(workers=0, batch_size=8)
+
+    def run(net: torch.nn.Module) -> list[Any]:
+        return list(iter_embeddings(dataclasses.replace(model, model=net), items, config))
+
+    whole = np.concatenate([b.vectors for b in run(model.model)])
+    short = _ShortOfMemory(model.model, 3, error)
+    with caplog.at_level("WARNING", logger="pinsearch.embed"):
+        batches = run(short)
+    assert [b.keys.tolist() for b in batches] == [list(range(8)), [8, 9, 10]]
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), whole, atol=1e-5)
+    assert short.sizes == [8, 4, 2, 2, 2, 2, 2, 1]  # halved until it fits, and kept there
+    assert "a forward pass of 8 images ran out of GPU memory; 4 from now on" in caplog.text
+    with pytest.raises(error[0], match="CU"):  # not even one image fits
+        run(_ShortOfMemory(model.model, 0, error))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # not memory: not retried
+        run(_ShortOfMemory(model.model, 3, (RuntimeError, "shape mismatch")))
+
+
 @pytest.mark.parametrize(("share", "count"), [(0.0, 0), (0.25, 25), (0.3, 30), (1.0, 100)])
 def test_worker_decodes_spreads_its_share(share: float, count: int) -> None:
     picked = [i for i in range(100) if worker_decodes(i, share)]
@@ -714,6 +759,18 @@ def test_largest_batch_that_runs_halves_on_out_of_memory(caplog) -> None:  # typ
     assert tried == [1000, 496, 248] and "batch 1000 ran out of GPU memory" in caplog.text
     with pytest.raises(torch.cuda.OutOfMemoryError):  # not even the floor fits
         largest_batch_that_runs(64, forward(4))
+
+    def workspace(n: int) -> None:  # cuBLAS says it in a RuntimeError of its own
+        if n > 100:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+
+    assert largest_batch_that_runs(256, workspace) == 64
+
+    def broken(n: int) -> None:
+        raise RuntimeError("Given groups=1, weight of size [8, 3, 3, 3]")
+
+    with pytest.raises(RuntimeError, match="groups"):  # not memory: raised at once
+        largest_batch_that_runs(256, broken)
 
 
 @pytest.mark.parametrize("mode", ["pil", "device"])
