@@ -908,10 +908,13 @@ def embed_store(
         buf_keys, buf_vecs = [], []
         last_flush = time.perf_counter()
 
+    held: np.ndarray | None = None  # pins other backbones hold vectors of (read once, sorted)
     try:
         for batch in iter_embeddings(model, todo, config):
             if batch.failures:
-                _record_failures(store, backbone_name, batch)
+                if held is None:  # this run writes only its own backbone's vectors
+                    held = _held_by_others(store, backbone_name)
+                _record_failures(store, backbone_name, batch, held)
                 failed += len(batch.failures)
             if len(batch.keys):
                 buf_keys.append(batch.keys)
@@ -949,7 +952,17 @@ def embed_store(
     )
 
 
-def _record_failures(store: Any, backbone_name: str, batch: EmbeddedBatch) -> None:
+def _held_by_others(store: Any, backbone_name: str) -> np.ndarray:
+    """Sorted keys of the pins another backbone than ``backbone_name`` holds a vector of."""
+    keys = [store.vectors(b).keys() for b in store.backbones() if b != backbone_name]
+    return np.unique(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+
+
+def _record_failures(
+    store: Any, backbone_name: str, batch: EmbeddedBatch, held: np.ndarray
+) -> None:
+    """Record a batch's failed pins as skipped; drop from the catalog those no other backbone
+    holds a vector of (``held``: those pins' keys, sorted)."""
     catalog = store.catalog
     rows = catalog.query(
         "SELECT pin_key, pin_id FROM pins WHERE pin_key IN (SELECT unnest(?))",
@@ -960,12 +973,10 @@ def _record_failures(store: Any, backbone_name: str, batch: EmbeddedBatch) -> No
         SkippedPin(f.path, f.reason, f.detail, ids.get(k), "embed")
         for k, f in zip(batch.failed_keys, batch.failures)
     ]
-    others = [b for b in store.backbones() if b != backbone_name]
-    keep: set[int] = set()
-    for other in others:
-        keep |= set(store.vectors(other).keys().tolist()) & set(batch.failed_keys)
+    failed = np.asarray(batch.failed_keys, dtype=np.int64)
+    gone = failed[~np.isin(failed, held)]
     with catalog.transaction():
         catalog.add_skipped(failures, backbone=backbone_name)
-        catalog.drop_pins([k for k in batch.failed_keys if k not in keep])
+        catalog.drop_pins(gone.tolist())
     for f in failures:
         _logger.warning("skipped %s: %s (%s)", f.path, f.reason, f.detail)
