@@ -45,7 +45,7 @@ from pinsearch.decode import (
 from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, load_rgb, open_image
 from pinsearch.ingest import SkippedPin
-from pinsearch.vectors import VECTOR_DTYPES
+from pinsearch.vectors import VECTOR_DTYPES, in_sorted
 
 __all__ = [
     "DECODE_MODES",
@@ -974,7 +974,7 @@ def _record_failures(
         for k, f in zip(batch.failed_keys, batch.failures)
     ]
     failed = np.asarray(batch.failed_keys, dtype=np.int64)
-    gone = failed[~np.isin(failed, held)]
+    gone = failed[~in_sorted(held, failed)]
     with catalog.transaction():
         catalog.add_skipped(failures, backbone=backbone_name)
         catalog.drop_pins(gone.tolist())

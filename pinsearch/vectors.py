@@ -34,6 +34,16 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, sorted_keys)`` for an increasing ``sorted_keys``, by binary search:
+    a few keys against a million cost microseconds, not the ~70 ms of ``isin``'s table."""
+    keys = np.asarray(keys)
+    if len(sorted_keys) == 0:
+        return np.zeros(keys.shape, bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
 def backbone_dirname(backbone: str) -> str:
     """A file-system-safe folder name for a backbone name (``timm:a.b`` -> ``timm_a.b``)."""
     return _SAFE_NAME.sub("_", backbone)

@@ -388,3 +388,13 @@ def test_a_format_1_store_is_read_then_upgraded_by_its_first_writer(store_copy: 
         store.vectors(BACKBONE).drop_keys(store.vectors(BACKBONE).keys()[:1])
         assert store.vectors(BACKBONE).parts()[-1]["keys_sha256"]
     assert json.loads((store_copy / "store.json").read_text())["upgraded_by"]
+
+
+def test_in_sorted_is_isin_for_sorted_keys() -> None:
+    from pinsearch.vectors import in_sorted
+
+    rng = np.random.default_rng(0)
+    keys = np.unique(rng.integers(-50, 50, 40))
+    probe = rng.integers(-60, 60, 200)
+    np.testing.assert_array_equal(in_sorted(keys, probe), np.isin(probe, keys))
+    assert not in_sorted(keys[:0], probe).any() and in_sorted(keys, probe[:0]).shape == (0,)
