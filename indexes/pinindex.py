@@ -1091,8 +1091,10 @@ def load_index(
         except _MixedSave as exc:  # perhaps read while a writer swapped the files: again
             if wait is None:
                 raise
-            _logger.info("%s; reading it again in %.2f s", exc, wait)
+            _logger.info("%s; looking again in %.2f s", exc, wait)
             time.sleep(wait)
+            if not exc.replaced():  # nothing renamed over them meanwhile: damaged
+                raise
     asked = search_overrides(config) if config is not None else {}
     saved = replace(saved, **asked)
     where = saved
@@ -1117,13 +1119,29 @@ def load_index(
 
 
 #: A reader takes no lock: one loading an index while a writer renames its three new files into
-#: place can read two saves' files. The renames take microseconds, so a mismatch is read again
-#: after these waits (seconds) before it is called damaged.
+#: place can read two saves' files. The renames take microseconds, so files that disagree are
+#: read again after these waits (seconds) if a file was renamed over one of them meanwhile.
 _SAVE_SWAP_WAITS = (0.05, 0.25)
 
 
 class _MixedSave(IndexFileError):
-    """An index's files disagree with each other: damaged, or read mid-swap."""
+    """An index's files disagree with each other: damaged, or read mid-swap. ``opened``: the
+    path and (device, inode) of each file as read."""
+
+    def __init__(self, message: str, opened: dict[str, tuple[Path, tuple[int, int]]]) -> None:
+        super().__init__(message)
+        self.opened = opened
+
+    def replaced(self) -> bool:
+        """Whether a path now names another file than the one read (or none)."""
+        for path, identity in self.opened.values():
+            try:
+                st = os.stat(path)
+            except OSError:
+                return True
+            if (st.st_dev, st.st_ino) != identity:
+                return True
+        return False
 
 
 def _read_index_files(
@@ -1138,8 +1156,16 @@ def _read_index_files(
         if not f.is_file():
             raise IndexFileError(f"index file {f} is missing ({key})")
     with contextlib.ExitStack() as stack:
+        fh: dict[str, Any] = {}
+        opened: dict[str, tuple[Path, tuple[int, int]]] = {}
+        for key, f in files.items():
+            try:
+                fh[key] = stack.enter_context(f.open("rb"))
+            except OSError as exc:
+                raise IndexFileError(f"index file {f} cannot be opened ({key}): {exc}") from exc
+            st = os.fstat(fh[key].fileno())
+            opened[key] = (f, (st.st_dev, st.st_ino))
         try:
-            fh = {key: stack.enter_context(f.open("rb")) for key, f in files.items()}
             meta = json.loads(fh["json"].read())
         except (OSError, ValueError) as exc:
             raise IndexFileError(f"index description {files['json']} is unreadable: {exc}") from exc
@@ -1159,21 +1185,28 @@ def _read_index_files(
                 f"index description {files['json']} is damaged ({type(exc).__name__}: {exc})"
             ) from exc
         for key in ("faiss", "ids") if verify else ():
-            if _stream_sha256(fh[key]) != sums[key]:
+            try:
+                digest = _stream_sha256(fh[key])
+            except OSError as exc:
+                raise IndexFileError(f"cannot read index file {files[key]}: {exc}") from exc
+            if digest != sums[key]:
                 raise _MixedSave(
                     f"index file {files[key]} does not match its checksum: it is damaged; "
-                    "rebuild it from the stored vectors"
+                    "rebuild it from the stored vectors",
+                    opened,
                 )
-        # FAISS reads a path: the open file's own (Linux), else the name
+        # FAISS reads the open file: by its /proc path (Linux), else through Python reads
         by_fd = Path(f"/proc/self/fd/{fh['faiss'].fileno()}")
+        source = str(by_fd) if by_fd.exists() else faiss.PyCallbackIOReader(fh["faiss"].read)
         try:
-            cpu = faiss.read_index(str(by_fd if by_fd.exists() else files["faiss"]))
+            cpu = faiss.read_index(source)
             ids = np.load(fh["ids"], allow_pickle=False)
-        except (RuntimeError, ValueError, OSError) as exc:
+        except (RuntimeError, ValueError, OSError, EOFError) as exc:
             raise IndexFileError(f"cannot read index {files['faiss']}: {exc}") from exc
     if cpu.ntotal != len(ids) or (cpu.ntotal, cpu.d) != size:
         raise _MixedSave(
             f"index {files['faiss']} holds {cpu.ntotal} vectors of dim {cpu.d}; its id map has "
-            f"{len(ids)} and its description says {size[0]} x {size[1]}"
+            f"{len(ids)} and its description says {size[0]} x {size[1]}",
+            opened,
         )
     return meta, saved, cpu, ids

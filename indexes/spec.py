@@ -178,8 +178,8 @@ def choose_factory(
 
     Returns:
         ``"Flat"`` for small corpora; ``"IVF{nlist},Flat"`` while raw float32 vectors fit
-        the budget; ``"IVF{nlist},PQ{m}"`` with the largest code that fits it otherwise (not
-        for ``l1``, which FAISS measures on raw vectors only).
+        the budget; ``"IVF{nlist},PQ{m}"`` with the largest code that fits it otherwise (for
+        ``l1``, which FAISS measures on raw vectors only, ``"Flat"`` while those fit).
 
     Raises:
         ValueError: non-positive sizes, or a budget too small for even 4-byte codes (for
@@ -196,7 +196,9 @@ def choose_factory(
     overhead = nlist * dim * 4 + n * 8
     if raw * 1.05 + overhead <= budget:
         return f"IVF{nlist},Flat"
-    if metric == "l1":  # FAISS measures L1 on raw vectors only (Flat, IVF-Flat, HNSW)
+    if metric == "l1" and raw <= budget:  # FAISS measures L1 on raw vectors only (Flat,
+        return "Flat"  # IVF-Flat, HNSW): an exact scan where IVF-Flat's lists would not fit
+    if metric == "l1":
         raise ValueError(
             f"{n} vectors of dim {dim} take {raw} bytes uncompressed, over the memory budget "
             f"of {budget} bytes, and metric 'l1' cannot use compressed (PQ) codes; use metric "

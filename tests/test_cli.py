@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
+from pinsearch.eval.bench import round_up
 
 runner = CliRunner()
 
@@ -359,7 +360,7 @@ def test_bench_study_batched_vs_sklearn_and_its_time_limit(
     done = _json([*late_args, "--sklearn-reference", str(ref)])
     (late,) = done["rows"]  # type: ignore[index]
     assert late["sklearn_s"] is None and late["sklearn_macro_f1"] == 0.25
-    assert late["f1_gap"] == round(abs(late["pinsearch_macro_f1"] - 0.25), 4)
+    assert late["f1_gap"] == round_up(abs(late["pinsearch_macro_f1"] - 0.25), 4)
     assert late["cv_gap"] == 0.03 and late["same_choice"] is (late["pinsearch_best"] == 5)
     assert late["sklearn_f1_from"] == done["reference"][0]["file"] == str(ref)  # type: ignore[index]
     assert done["data_sha256"] == finished["data_sha256"]  # type: ignore[index]
@@ -450,7 +451,7 @@ def test_bench_study_reference_resumes_to_what_grid_search_gives(
     _, est, grid, _ = _study_grids()["lsvm"]
     search = GridSearchCV(est, {"linearsvc__C": grid["C"]}, scoring="f1_macro", cv=cv)
     search.fit(xtr, ytr)
-    means = [round(float(m), 4) for m in search.cv_results_["mean_test_score"]]
+    means = [round(float(m), 6) for m in search.cv_results_["mean_test_score"]]
     assert list(row["sklearn_cv_macro_f1"].values()) == means
     assert row["sklearn_best"] == search.best_params_["linearsvc__C"] and row["fits_done"] == 26
     study = ["bench", "study", "--n", "320", "--dim", "8", "--head", "lsvm", "--no-sequential"]

@@ -584,7 +584,9 @@ def test_damaged_ids_file_raises(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("verify", [True, False])
-def test_a_reader_meeting_a_save_half_swapped_reads_it_again(tmp_path: Path, verify) -> None:
+def test_a_reader_meeting_a_save_half_swapped_reads_it_again(
+    tmp_path: Path, verify, caplog
+) -> None:
     import logging
     import os
 
@@ -611,14 +613,19 @@ def test_a_reader_meeting_a_save_half_swapped_reads_it_again(tmp_path: Path, ver
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
-    assert "reading it again" in handler.seen
+    assert "looking again" in handler.seen
     assert loaded.ntotal == 40 and (loaded.ids == new.ids).all()
-    # one that stays mixed is damaged, after the waits
+    # one that stays mixed (no file renamed over it while it waits) is damaged: not read again
     os.replace(tmp_path / "idx.faiss", tmp_path / "new.faiss")
     old.save(tmp_path / "idx")
     os.replace(tmp_path / "new.faiss", tmp_path / "idx.faiss")
-    with pytest.raises(IndexFileError, match="checksum" if verify else "holds 40 vectors"):
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="pinsearch.indexes.pinindex"),
+        pytest.raises(IndexFileError, match="checksum" if verify else "holds 40 vectors"),
+    ):
         load_index(tmp_path / "idx", verify=verify)
+    assert caplog.text.count("looking again") == 1
 
 
 def test_truncated_faiss_file_without_verification(tmp_path: Path) -> None:
@@ -627,6 +634,10 @@ def test_truncated_faiss_file_without_verification(tmp_path: Path) -> None:
     f = tmp_path / "idx.faiss"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
     with pytest.raises(IndexFileError):
+        load_index(tmp_path / "idx", verify=False)
+    index.save(tmp_path / "idx")
+    (tmp_path / "idx.ids.npy").write_bytes(b"")  # numpy says EOFError
+    with pytest.raises(IndexFileError, match="cannot read index"):
         load_index(tmp_path / "idx", verify=False)
 
 
@@ -676,6 +687,7 @@ def test_id_map_length_mismatch_is_detected(tmp_path: Path) -> None:
         (1_000, 64, "l1", None, "Flat"),
         (100_000, 1024, "l1", 64 << 30, "Flat"),
         (1_000_000, 1024, "l1", 64 << 30, "IVF4096,Flat"),
+        (1_000_000, 1024, "l1", int(4.096e9 * 1.02), "Flat"),  # raw fits, IVF-Flat does not
         (50_000, 512, "cosine", 10_000_000, "IVF1024,PQ128"),
     ],
 )

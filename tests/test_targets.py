@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
-from pinsearch.eval.bench import EmbedBench, EmbedTable, round_down, round_up
+from pinsearch.eval.bench import EmbedBench, EmbedTable, _speedup, round_down, round_up
 from pinsearch.eval.targets import TARGETS, check_folder, check_pytest, check_result, main
 
 runner = CliRunner()
@@ -109,6 +110,9 @@ def test_judged_figures_are_rounded_the_way_that_cannot_flatter_them() -> None:
     # float noise on a round value is not rounded away from it
     assert round_up(0.1 * 12, 3) == 1.2 and round_down(0.7 + 0.1 + 0.1, 1) == 0.9
     assert round_up(abs(0.6146 - 0.6147), 4) == 0.0001 and round_down(1.0, 4) == 1.0
+    assert math.isnan(round_up(math.nan, 4)) and round_down(math.inf, 2) == math.inf  # as given
+    # times given to 0.01 s: 10.00 s vs 1.00 s may be 9.995 vs 1.005, 9.94x
+    assert _speedup(10.0, 1.0) == 9.94 and _speedup(120.0, 10.0) == 11.99
 
 
 def test_query_targets() -> None:
