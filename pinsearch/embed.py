@@ -368,6 +368,11 @@ def _forward_zeros(
     torch.cuda.synchronize(device)
 
 
+#: Forward passes at a size lowered for memory before the next doubling is tried (a memory
+#: spike from another process must not leave a long run at a tenth of its batch size).
+_REGROW_AFTER = 100
+
+
 def largest_batch_that_runs(size: int, run: Callable[[int], None], low: int = 8) -> int:
     """``size``, halved (in multiples of 8) while ``run(size)`` runs out of CUDA memory
     (:func:`~pinsearch.decode.out_of_memory`), down to ``low``: an estimate from small batches
@@ -603,13 +608,15 @@ def iter_embeddings(
                 out.images.record_stream(main)  # type: ignore[arg-type]
         return out.keys, out.images, out.failures
 
-    chunk = batch_size  # images per forward pass: lowered for good if one runs out of memory
+    chunk, calm = batch_size, 0  # images per forward pass; passes since one ran out of memory
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        """The batch's vectors, in passes of ``chunk`` images; a pass that runs out of GPU
+        """The batch's vectors, in passes of ``chunk`` images. A pass that runs out of GPU
         memory (fragmentation, a decode's buffers, another process) is run again in halves,
-        and later batches too (a compiled model's fixed shape cannot shrink: it raises)."""
-        nonlocal chunk
+        and later batches too until ``_REGROW_AFTER`` passes have gone through, when the size
+        is doubled again towards the batch size (a compiled model's fixed shape cannot
+        shrink: there it raises)."""
+        nonlocal chunk, calm
         done: list[torch.Tensor] = []
         at = 0
         while at < len(x):
@@ -620,10 +627,13 @@ def iter_embeddings(
                 if config.compile or m == 1 or not out_of_memory(exc):
                     raise
             else:
-                at += m
+                at, calm = at + m, calm + 1
+                if chunk < batch_size and calm >= _REGROW_AFTER:
+                    chunk, calm = min(batch_size, 2 * chunk), 0
+                    _logger.info("forward passes of %d images again", chunk)
                 continue
             # out of the except block: the failed pass's tensors are freed with its traceback
-            chunk = max(1, m // 2)
+            chunk, calm = max(1, m // 2), 0
             _logger.warning("a forward pass of %d images ran out of GPU memory; %d from now on",
                             m, chunk)  # fmt: skip
             if cuda:

@@ -530,26 +530,30 @@ class _ShortOfMemory(torch.nn.Module):
     """A backbone's network on a GPU short of memory: passes of more than ``limit`` images
     raise ``error`` (the allocator's, or cuBLAS' RuntimeError)."""
 
-    def __init__(self, net: torch.nn.Module, limit: int, error: tuple[type, str] = _OOM) -> None:
+    def __init__(
+        self, net: torch.nn.Module, limit: int, error: tuple[type, str] = _OOM, times: int = -1
+    ) -> None:
         super().__init__()
         self.net, self.limit, self.error, self.sizes = net, limit, error, []
+        self.times = times  # failures to come (-1: every pass over the limit fails)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.sizes.append(len(x))
-        if len(x) > self.limit:
+        if len(x) > self.limit and self.times != 0:
+            self.times -= 1
             raise self.error[0](self.error[1])
         return self.net(x)
 
 
 @pytest.mark.parametrize("error", [_OOM, _CUBLAS])
 def test_a_forward_pass_out_of_memory_is_run_again_in_halves(
-    model, tree_corpus, caplog, error: tuple[type, str]
+    model, tree_corpus, caplog, monkeypatch, error: tuple[type, str]
 ) -> None:
     paths = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:11]
     items = [(i, str(p)) for i, p in enumerate(paths)]
-    config = EmbedConfig(workers=0, batch_size=8)
 
-    def run(net: torch.nn.Module) -> list[Any]:
+    def run(net: torch.nn.Module, batch_size: int = 8) -> list[Any]:
+        config = EmbedConfig(workers=0, batch_size=batch_size)
         return list(iter_embeddings(dataclasses.replace(model, model=net), items, config))
 
     whole = np.concatenate([b.vectors for b in run(model.model)])
@@ -562,6 +566,12 @@ def test_a_forward_pass_out_of_memory_is_run_again_in_halves(
     assert "a forward pass of 8 images ran out of GPU memory; 4 from now on" in caplog.text
     with pytest.raises(error[0], match="CU"):  # not even one image fits
         run(_ShortOfMemory(model.model, 0, error))
+    # a passing shortage: after _REGROW_AFTER passes the size is doubled again
+    monkeypatch.setattr("pinsearch.embed._REGROW_AFTER", 2)
+    passing = _ShortOfMemory(model.model, 3, error, times=1)
+    batches = run(passing, batch_size=4)
+    np.testing.assert_allclose(np.concatenate([b.vectors for b in batches]), whole, atol=1e-5)
+    assert passing.sizes == [4, 2, 2, 4, 3]  # 4 fails once; two passes of 2, then 4 again
     with pytest.raises(RuntimeError, match="shape mismatch"):  # not memory: not retried
         run(_ShortOfMemory(model.model, 3, (RuntimeError, "shape mismatch")))
 
