@@ -10,7 +10,7 @@
 # Writes .gpu/1 .. .gpu/N (git-ignored) and prints N; eval/h100.sh says how to carry them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ../shared/gpu/fetch-wheels.sh kneed hypothesis sortedcontainers attrs > /dev/null
+bash ../shared/gpu/fetch-wheels.sh kneed hypothesis sortedcontainers attrs pytest-timeout > /dev/null
 python3 - <<'PY'
 import os
 import shutil

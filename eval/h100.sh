@@ -88,8 +88,10 @@ embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone 
 }
 
 compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
-timeout_each() {  # a hung test ends alone, not the whole step (with pytest-timeout)
+timeout_each() {  # a hung test ends alone, not the whole step (pytest-timeout, carried in
+  # .gpu/); pytest's own faulthandler prints every thread's stack of a test running long
   python3 -c "import pytest_timeout" 2> /dev/null && echo "--timeout $1"
+  echo "-o faulthandler_timeout=$(($1 * 3 / 4))"
 }
 
 one() {  # one step, in the foreground

@@ -201,5 +201,7 @@ def test_cuda_matches_cpu(desc: ClassicDescriptor, batch: torch.Tensor) -> None:
     gpu = desc(batch.cuda())
     assert gpu.device.type == "cuda"
     assert torch.equal(gpu, desc(batch.cuda()))  # deterministic on the device too
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=0)
+    # CUDA divides by a Python float as a multiply by its reciprocal and its atan2 may differ
+    # by an ulp: a pixel at a bin edge may change bins (about 3e-3 of a histogram entry)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-2, rtol=0)
     assert math.isfinite(float(gpu.sum()))
