@@ -896,13 +896,19 @@ def embed_store(
         )
     vs = store.vectors(backbone_name)
     done = vs.keys()
-    done_set = set(done.tolist())
-    wanted = None if keys is None else set(np.asarray(keys, dtype=np.int64).tolist())
-    todo = [
-        (k, p)
-        for k, p in catalog.pin_paths()
-        if k not in done_set and (wanted is None or k in wanted)
-    ]
+    # the pins without a vector, found as columns (a store of a million pins with nothing to
+    # embed reads no path)
+    pins = catalog.connection.execute("SELECT pin_key FROM pins ORDER BY pin_key").fetchnumpy()
+    every = np.asarray(pins["pin_key"], dtype=np.int64)
+    missing = every[~in_sorted(np.sort(done), every)]
+    if keys is not None:
+        missing = missing[in_sorted(np.unique(np.asarray(keys, dtype=np.int64)), missing)]
+    if 4 * len(missing) >= len(every) > 0:  # most pins: one scan beats a long key list
+        paths = catalog.pin_paths()
+        keep = in_sorted(missing, np.fromiter((k for k, _ in paths), np.int64, len(paths)))
+        todo = [paths[i] for i in np.flatnonzero(keep)]
+    else:
+        todo = catalog.pin_paths(missing.tolist()) if len(missing) else []
     total = len(todo)
     if progress:
         progress(0, total)
