@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
+from pinsearch.indexes.pinindex import index_files
 from pinsearch.store import Store
+from pinsearch.vectors import in_sorted
 
 __all__ = ["AddReport", "RemoveReport", "add_corpus", "remove_pins"]
 
@@ -167,6 +169,16 @@ def _keys_to_remove(
     return np.array(sorted(keys), dtype=np.int64)
 
 
+def _index_holds_any(store: Store, name: str, keys: np.ndarray) -> bool:
+    """Whether index ``name``'s id map names any of ``keys`` (sorted); an unreadable id map
+    counts as yes (the index is then rebuilt)."""
+    try:
+        ids = np.load(index_files(store.index_base(name))["ids"], allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return True
+    return bool(in_sorted(keys, ids).any())
+
+
 def remove_pins(
     store: Store,
     *,
@@ -223,19 +235,23 @@ def remove_pins(
                 [touched_users],
             ).fetchall()
         )
-        for name in vectors:
+        for name in store.backbones(text_spaces=True):  # (a remove stopped earlier may have
+            # dropped vectors without counting them)
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
-    touched, rebuilt = [], []
+    touched, rebuilt, lost = [], [], set(vectors)
     for row in store.catalog.list_indexes():
-        if row["backbone"] not in vectors:
+        # by what it holds, not by what this run dropped: a remove stopped after its vector
+        # step and run again drops no vector, and its indexes still name the pins
+        if row["backbone"] not in vectors and not _index_holds_any(store, row["name"], keys):
             continue
         touched.append(row["name"])
+        lost.add(row["backbone"])
         emptied = len(store.vectors(row["backbone"])) == 0
         if emptied or not store.remove_from_index(row["name"], keys):
             action = store.rebuild_index(row["name"])  # dropped when emptied
             if action == "rebuilt":
                 rebuilt.append(row["name"])
-    stale = store.mark_heads_stale([b for b in vectors if "#" not in b])
+    stale = store.mark_heads_stale(sorted(b for b in lost if "#" not in b))
     return RemoveReport(
         store=str(store.root),
         pins=len(keys),

@@ -208,6 +208,21 @@ def test_an_interrupted_remove_is_finished_by_the_next_writer(store_copy: Path) 
     assert check_store(store_copy).ok
 
 
+def test_a_remove_stopped_after_its_vector_step_and_run_again_updates_the_index(
+    store_copy: Path,
+) -> None:
+    with Store.open(store_copy) as store:
+        pin = sorted(_ids(store))[0]
+        store.vectors(B).drop_keys(_keys_of(store, [pin]))  # where the first run was killed
+    with Store.open(store_copy) as store:
+        report = remove_pins(store, pin_ids=[pin])  # run again: no vector left to drop
+        assert report.vectors == {} and report.indexes == [B]
+        assert store.catalog.get_embedding(B)["count"] == len(store.vectors(B)) == 23
+    with Store.open(store_copy, read_only=True) as store:  # readers can open it
+        assert store.load_index(B).ntotal == 23 and pin not in _all_hits(store)
+    assert check_store(store_copy).ok
+
+
 def test_add_updates_every_index_of_the_backbone(store_copy: Path, make_tree, tmp_path) -> None:
     from pinsearch.indexes import IndexConfig
 
