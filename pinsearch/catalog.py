@@ -441,8 +441,8 @@ class Catalog:
         if not rows:
             return None
         row = rows[0]
-        row["spec"] = json.loads(row["spec"])
-        row["preprocess"] = json.loads(row["preprocess"])
+        for key in ("spec", "preprocess"):  # (empty in a row an older pinsearch was killed
+            row[key] = json.loads(row[key]) if row[key] is not None else {}  # writing)
         return row
 
     def list_embeddings(self) -> list[dict[str, Any]]:
@@ -450,18 +450,21 @@ class Catalog:
         return self.query("SELECT * FROM embeddings ORDER BY backbone")
 
     def upsert_embedding(self, backbone: str, **fields: Any) -> None:
-        """Create or update the embedding run row of a backbone."""
+        """Create or update the embedding run row of a backbone, in one statement (a new row
+        is never seen without its fields)."""
         now = _now()
-        if self.get_embedding(backbone) is None:
-            self._con.execute(
-                "INSERT INTO embeddings (backbone, created, count, seconds) VALUES (?, ?, 0, 0)",
-                [backbone, now],
-            )
         fields["updated"] = now
         for key in ("spec", "preprocess"):
             if key in fields and not isinstance(fields[key], str):
                 fields[key] = json.dumps(fields[key], sort_keys=True)
         self._known_columns("embeddings", fields)
+        if not self.scalar("SELECT count(*) FROM embeddings WHERE backbone = ?", [backbone]):
+            row = {"created": now, "count": 0, "seconds": 0, **fields, "backbone": backbone}
+            self._con.execute(
+                f"INSERT INTO embeddings ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            return
         sets = ", ".join(f"{k} = ?" for k in fields)
         self._con.execute(
             f"UPDATE embeddings SET {sets} WHERE backbone = ?", [*fields.values(), backbone]

@@ -310,3 +310,16 @@ def test_user_values_with_quotes_round_trip(tmp_path: Path, tree_copy: Path) -> 
         assert len(keys) == 4
         titles = {r["title"] for r in cat.pins_by_key(keys.tolist()).values()}
         assert "Robert'); DROP TABLE pins;--" in titles
+
+
+def test_a_new_embedding_row_is_written_whole(catalog: Catalog) -> None:
+    catalog.upsert_embedding("b", spec={"arch": "x"}, dim=8, count=3)
+    row = catalog.get_embedding("b")
+    assert (row["spec"], row["dim"], row["count"], row["seconds"]) == ({"arch": "x"}, 8, 3, 0)
+    catalog.upsert_embedding("b", count=5)
+    assert catalog.get_embedding("b")["count"] == 5 and catalog.get_embedding("b")["dim"] == 8
+    # a row an older pinsearch was killed writing (its insert committed, its update not)
+    catalog.connection.execute(
+        "INSERT INTO embeddings (backbone, count, seconds) VALUES ('c', 0, 0)"
+    )
+    assert catalog.get_embedding("c")["spec"] == {}
