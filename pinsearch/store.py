@@ -167,6 +167,13 @@ class Store:
                     meta = {**meta, "format_version": STORE_FORMAT_VERSION,
                             "upgraded_by": __version__}  # fmt: skip
                     _write_json_atomic(meta_file, meta)
+            if lock is not None and (root / (_CATALOG + ".wal")).exists():
+                # A crashed writer's log: replayed (opening the catalog) and checkpointed
+                # (closing it), then published: readers must see that state before the files
+                # it retired are deleted below. (Not while this process holds the catalog:
+                # closing any handle of the file would drop DuckDB's lock on it.)
+                Catalog(root / _CATALOG).close()
+                _publish_snapshot(root)
             try:
                 catalog = Catalog(root / _CATALOG, read_only=read_only)
             except duckdb.Error as exc:

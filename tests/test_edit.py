@@ -223,6 +223,30 @@ def test_a_remove_stopped_after_its_vector_step_and_run_again_updates_the_index(
     assert check_store(store_copy).ok
 
 
+def test_readers_keep_the_files_of_a_crashed_writers_last_state(store_copy: Path) -> None:
+    import subprocess
+    import sys
+
+    with Store.open(store_copy, read_only=True) as store:
+        pin = sorted(_ids(store))[0]
+    crash = (
+        "import os, sys\n"
+        "from pinsearch.edit import remove_pins\n"
+        "from pinsearch.store import Store\n"
+        "store = Store.open(sys.argv[1])  # held: not closed (and checkpointed) on return\n"
+        "remove_pins(store, pin_ids=[sys.argv[2]])\n"
+        "os._exit(9)  # killed after the remove committed, before close publishes\n"
+    )
+    done = subprocess.run([sys.executable, "-c", crash, str(store_copy), pin], capture_output=True)
+    assert done.returncode == 9, done.stderr.decode()
+    assert (store_copy / "catalog.duckdb.wal").exists()  # the crashed writer's log
+    with Store.open(store_copy) as writer:  # replays it, deletes the parts it retired
+        assert writer.catalog.count_pins() == 23
+        with Store.open(store_copy, read_only=True) as reader:  # on the snapshot meanwhile
+            assert reader.snapshot and reader.catalog.count_pins() == 23
+            assert len(reader.vectors(B).load()[1]) == 23  # its parts are still there
+
+
 def test_add_updates_every_index_of_the_backbone(store_copy: Path, make_tree, tmp_path) -> None:
     from pinsearch.indexes import IndexConfig
 
