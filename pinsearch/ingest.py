@@ -465,6 +465,27 @@ def sample_per_category(pins: Sequence[PinRecord], n: int, seed: int) -> list[Pi
     return [p for p in pins if p.pin_id in chosen]
 
 
+def _category_refusal(
+    item: PinRecord, drop: set[str], allowed: set[str] | None
+) -> SkippedPin | None:
+    """Why the category rules skip a pin (``drop_categories``, ``categories``), or None."""
+    if item.category in drop:
+        return SkippedPin(
+            str(item.path),
+            "excluded_category",
+            f"category {item.category!r} is dropped (drop_categories)",
+            item.pin_id,
+        )
+    if allowed is not None and item.category not in allowed:
+        return SkippedPin(
+            str(item.path),
+            "unknown_category",
+            f"category {item.category!r} is not among the allowed {sorted(allowed)}",
+            item.pin_id,
+        )
+    return None
+
+
 def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
     try:
         info = probe_image(pin.path, max_pixels)
@@ -510,8 +531,8 @@ def read_corpus(
         None if config.categories is None else {normalize_category(c) for c in config.categories}
     )
     known = set(exclude_ids)
-    seen: dict[str, str] = {}
-    kept: list[PinRecord] = []
+    present: dict[str, PinRecord] = {}  # stored pins the rules would keep (for the draw)
+    candidates: list[PinRecord] = []
     skipped: list[SkippedPin] = []
     found = already_present = 0
     for item in _iter_records(root, fmt, config):
@@ -519,49 +540,46 @@ def read_corpus(
         if isinstance(item, SkippedPin):
             skipped.append(item)
             continue
+        refusal = _category_refusal(item, drop, allowed)
         if item.pin_id in known:
             already_present += 1
+            if refusal is None:
+                present.setdefault(item.pin_id, item)
             continue
+        if refusal is not None:
+            skipped.append(refusal)
+            continue
+        candidates.append(item)
+    if config.check_images and candidates:
+        with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            probed = list(pool.map(lambda p: _probe(p, config.max_pixels), candidates))
+        candidates = [p for p in probed if isinstance(p, PinRecord)]
+        skipped.extend(p for p in probed if isinstance(p, SkippedPin))
+    # One pin per id, the first usable one in reading order: a copy that cannot be read does
+    # not take the id from a later one that can
+    seen: dict[str, str] = {}
+    kept: list[PinRecord] = []
+    for item in candidates:
         if item.pin_id in seen:
             skipped.append(
                 SkippedPin(
                     str(item.path),
                     "duplicate_id",
-                    f"pin id {item.pin_id!r} also at {seen[item.pin_id]}; the first one is kept",
+                    f"pin id {item.pin_id!r} also at {seen[item.pin_id]}; the first usable one "
+                    "is kept",
                     item.pin_id,
                 )
             )
             continue
         seen[item.pin_id] = str(item.path)
-        if item.category in drop:
-            skipped.append(
-                SkippedPin(
-                    str(item.path),
-                    "excluded_category",
-                    f"category {item.category!r} is dropped (drop_categories)",
-                    item.pin_id,
-                )
-            )
-            continue
-        if allowed is not None and item.category not in allowed:
-            skipped.append(
-                SkippedPin(
-                    str(item.path),
-                    "unknown_category",
-                    f"category {item.category!r} is not among the allowed {sorted(allowed)}",
-                    item.pin_id,
-                )
-            )
-            continue
         kept.append(item)
-    if config.check_images and kept:
-        with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-            probed = list(pool.map(lambda p: _probe(p, config.max_pixels), kept))
-        kept = [p for p in probed if isinstance(p, PinRecord)]
-        skipped.extend(p for p in probed if isinstance(p, SkippedPin))
     sampled_out = 0
     if config.per_category is not None:
-        sampled = sample_per_category(kept, config.per_category, config.seed)
+        # drawn from every pin the rules keep, stored ones included: a run resumed after a
+        # kill adds what the uninterrupted run would have, not another draw from the rest
+        everyone = [*present.values(), *kept]
+        drawn = {p.pin_id for p in sample_per_category(everyone, config.per_category, config.seed)}
+        sampled = [p for p in kept if p.pin_id in drawn]
         sampled_out = len(kept) - len(sampled)
         kept = sampled
     for s in skipped:

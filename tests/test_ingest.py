@@ -329,6 +329,18 @@ def test_duplicate_pin_ids_across_boards(tree_copy: Path) -> None:
     assert result.found == 25 and _balanced(result)
 
 
+def test_a_duplicate_id_goes_to_the_first_usable_copy(tree_copy: Path) -> None:
+    boards = sorted(p for p in tree_copy.glob("*/*") if p.is_dir())
+    src_pin = sorted(d for d in boards[0].iterdir() if d.is_dir())[0]
+    shutil.copytree(src_pin, boards[1] / src_pin.name)
+    next(src_pin.glob("*.jpg")).write_bytes(b"")  # the first copy read cannot be used
+    result = read_corpus(tree_copy)
+    (kept,) = [p for p in result.pins if p.pin_id == src_pin.name]
+    assert kept.path.parent.parent.name == boards[1].name  # the later, usable copy
+    reasons = sorted(s.reason for s in result.skipped if s.pin_id == src_pin.name)
+    assert reasons == ["empty_file"] and len(result.pins) == 24 and _balanced(result)
+
+
 def test_bad_images_are_skipped_with_reasons(tree_copy: Path) -> None:
     pins = sorted(tree_copy.glob("*/*/*/*.jpg"))
     pins[0].write_bytes(b"")
@@ -526,6 +538,18 @@ def test_per_category_caps_each_category(tree_corpus) -> None:
     assert _balanced(result)
     big = read_corpus(tree_corpus.root, IngestConfig(per_category=100))
     assert len(big.pins) == 24 and big.sampled_out == 0
+
+
+def test_a_resumed_sample_adds_what_the_uninterrupted_run_would(tree_corpus) -> None:
+    config = IngestConfig(per_category=3, seed=0)
+    whole = read_corpus(tree_corpus.root, config)
+    drawn = sorted(p.pin_id for p in whole.pins)
+    stored = drawn[::2]  # a first run killed after storing some of its draw
+    again = read_corpus(tree_corpus.root, config, exclude_ids=stored)
+    assert sorted(p.pin_id for p in again.pins) == sorted(set(drawn) - set(stored))
+    assert again.already_present == len(stored) and _balanced(again)
+    done = read_corpus(tree_corpus.root, config, exclude_ids=drawn)  # and once all are in
+    assert done.pins == [] and done.sampled_out == 24 - 9
 
 
 def test_sampling_is_deterministic_and_seed_dependent(tree_corpus) -> None:
