@@ -316,15 +316,58 @@ def _folder_pins(
         )
 
 
+#: where ``csv.DictReader`` puts the fields of a row beyond the header's (a comma in an unquoted
+#: title): such a row is skipped, not read with its columns shifted
+_SURPLUS = "\x00surplus"
+#: longest CSV field read (Python's default, 128 KiB, refuses a long description)
+_CSV_FIELD_LIMIT = 64 << 20
+
+
 def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
     if path.suffix.lower() == ".csv":
-        fh = path.open(newline="", encoding="utf-8-sig")
-        reader = csv.DictReader(fh)
-        return list(reader.fieldnames or []), _close_after(reader, fh)
+        csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))  # process-wide
+        # bytes that are not UTF-8 become surrogates: their rows are skipped by name
+        fh = path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+        reader = csv.DictReader(fh, restkey=_SURPLUS)
+        try:
+            columns = list(reader.fieldnames or [])
+        except csv.Error as exc:
+            fh.close()
+            raise CorpusError(f"manifest {path}: its header is not CSV: {exc}") from exc
+        return columns, _close_after(_csv_rows(reader, path), fh)
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
     return list(table.column_names), iter(table.to_pylist())
+
+
+def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]:
+    """The rows of a CSV manifest; a malformed one ends the read with its line named."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise CorpusError(f"manifest {path}, after line {reader.line_num}: {exc}") from exc
+        yield row
+
+
+def _row_problem(row: dict[str, object], columns: list[str]) -> tuple[str, str] | None:
+    """Why a manifest row cannot be read as its header says: (reason, detail), or None."""
+    surplus = row.get(_SURPLUS)
+    if surplus:
+        n = len(surplus)  # type: ignore[arg-type]
+        return "malformed_row", (
+            f"{n} field(s) more than the header's {len(columns)} (an unquoted comma?)"
+        )
+    for value in row.values():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "non_utf8_row", "the row holds bytes that are not UTF-8"
+    return None
 
 
 def _close_after(rows: Iterable[dict[str, object]], fh: object) -> Iterator[dict[str, object]]:
@@ -356,6 +399,15 @@ def iter_manifest(
             f"manifest {manifest} lacks required column(s) {missing}; it has {columns}"
         )
     for line, row in enumerate(rows, start=2):
+        problem = _row_problem(row, columns)
+        if problem is not None:
+            path_text = _text(row.get("path")).encode("utf-8", "backslashreplace").decode()
+            yield SkippedPin(
+                path_text or f"{manifest}:{line}",
+                problem[0],
+                f"row {line} of {manifest}: {problem[1]}",
+            )
+            continue
         raw_path = _text(row.get("path"))
         if not raw_path:
             yield SkippedPin(

@@ -448,6 +448,41 @@ def test_manifest_user_and_board_columns(tmp_path: Path) -> None:
     assert (pin.pin_id, pin.user, pin.board, pin.board_name) == ("p", "ann", "ann/walls", "walls")
 
 
+def test_manifest_rows_that_do_not_fit_the_header_are_skipped_by_name(
+    tmp_path: Path, monkeypatch
+) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = root / "m.csv"
+    long = "x" * 300_000  # beyond Python's default CSV field limit (128 KiB)
+    manifest.write_bytes(
+        b"path,category,title,note\n"
+        b"img/in.jpg,art,Hello, world,nice pin\n"  # an unquoted comma: one field too many
+        b"img/in.jpg,art,caf\xe9,latin-1\n" + f"img/in.jpg,art,fine,{long}\n".encode()  # not UTF-8
+    )
+    result = read_corpus(manifest)
+    assert [(s.reason, s.path) for s in result.skipped] == [
+        ("malformed_row", "img/in.jpg"),
+        ("non_utf8_row", "img/in.jpg"),
+    ]
+    assert "row 2 of" in result.skipped[0].detail and "row 3 of" in result.skipped[1].detail
+    (pin,) = result.pins
+    assert pin.title == "fine" and dict(pin.extra)["note"] == long and _balanced(result)
+    import csv
+
+    import pinsearch.ingest as ingest
+
+    before = csv.field_size_limit()
+    monkeypatch.setattr(ingest, "_CSV_FIELD_LIMIT", 1000)  # a field the reader cannot take:
+    csv.field_size_limit(1000)  # the manifest and line are named
+    try:
+        with pytest.raises(
+            CorpusError, match=r"m\.csv, after line 3: field larger than field limit"
+        ):
+            read_corpus(manifest)
+    finally:
+        csv.field_size_limit(before)
+
+
 def test_manifest_missing_category_column(tmp_path: Path) -> None:
     root, _ = _manifest_corpus(tmp_path)
     manifest = root / "m.csv"
