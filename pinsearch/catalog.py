@@ -276,6 +276,11 @@ class Catalog:
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
             self.set_meta("next_pin_key", str(next_key + len(rows)))
+            # files skipped by an earlier run (any stage) and stored now: fixed since
+            self._con.execute(
+                "DELETE FROM skipped WHERE path IN (SELECT path FROM pins WHERE ingest_id = ?)",
+                [ingest_id],
+            )
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

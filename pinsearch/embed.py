@@ -944,6 +944,7 @@ def embed_store(
             if progress:
                 progress(embedded + failed, total)
         flush()
+        _forget_embedded_failures(store, backbone_name)
     finally:
         seconds = time.perf_counter() - start
         prev = catalog.get_embedding(backbone_name) or {}
@@ -966,6 +967,27 @@ def embed_store(
         device=str(device),
         weights=model.weights,
     )
+
+
+def _forget_embedded_failures(store: Any, backbone_name: str) -> None:
+    """Drop the embed-stage skipped rows of pins this backbone now holds a vector of (a file
+    fixed since an earlier run failed on it)."""
+    catalog = store.catalog
+    rows = catalog.query(
+        "SELECT DISTINCT p.pin_key FROM skipped s JOIN pins p ON s.pin_id = p.pin_id "
+        "WHERE s.stage = 'embed' AND s.backbone = ?",
+        [backbone_name],
+    )
+    if not rows:
+        return
+    keys = np.array([r["pin_key"] for r in rows], dtype=np.int64)
+    done = keys[in_sorted(np.sort(store.vectors(backbone_name).keys()), keys)]
+    if len(done):
+        catalog.connection.execute(
+            "DELETE FROM skipped WHERE stage = 'embed' AND backbone = ? AND pin_id IN "
+            "(SELECT pin_id FROM pins WHERE pin_key IN (SELECT unnest(?)))",
+            [backbone_name, done.tolist()],
+        )
 
 
 def _held_by_others(store: Any, backbone_name: str) -> np.ndarray:

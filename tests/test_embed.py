@@ -271,6 +271,12 @@ def test_truncated_jpeg_is_skipped_at_embed_stage(tree_copy: Path, tmp_path: Pat
     # Nothing is retried on the next run: the pin is gone, not pending.
     again = index_corpus(None, tmp_path / "s", backbone=BACKBONE, embed=EmbedConfig(**FAST))
     assert (again.embedded, again.embed_failed, again.index_action) == (0, 0, "unchanged")
+    # The file fixed and the corpus indexed again: stored, and no longer counted as skipped
+    victim.write_bytes(data)
+    fixed = index_corpus(tree_copy, tmp_path / "s", backbone=BACKBONE, embed=EmbedConfig(**FAST))
+    assert (fixed.added, fixed.embedded, fixed.ntotal) == (1, 1, 24)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert store.catalog.query("SELECT * FROM skipped") == []
 
 
 def test_failed_pin_is_kept_when_another_backbone_has_its_vector(
@@ -290,6 +296,13 @@ def test_failed_pin_is_kept_when_another_backbone_has_its_vector(
         (row,) = store.catalog.query("SELECT backbone, stage FROM skipped")
         assert row == {"backbone": "test_convnext", "stage": "embed"}
         assert sorted(store.backbones()) == ["test_convnext", BACKBONE]
+        # the file fixed: the next run embeds it and it is no longer counted as skipped
+        store.catalog.connection.execute(
+            "UPDATE pins SET path = ? WHERE path = ?", [str(victim), str(broken)]
+        )
+        report = embed_store(store, "test_convnext", EmbedConfig(**FAST))
+        assert (report.embedded, report.failed) == (1, 0)
+        assert store.catalog.query("SELECT * FROM skipped") == []
 
 
 def test_normalize_stores_unit_vectors(tree_corpus, tmp_path: Path) -> None:
