@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
-from pinsearch.store import Store
+from pinsearch.store import Store, lock_holder
 
 __all__ = ["CheckReport", "Finding", "RepairReport", "check_store", "repair_store"]
 
@@ -277,8 +278,18 @@ def _check_ingests(store: Store, report: CheckReport) -> None:
 
 
 def check_store(path: str | Path) -> CheckReport:
-    """Verify a store (read-only) and report every problem found."""
+    """Verify a store (read-only) and report every problem found.
+
+    Raises:
+        StoreLockedError: a writer is at work (a reader would see its snapshot of the catalog
+            beside the files the writer is changing: differences that are not damage).
+    """
     with Store.open(path, read_only=True, verify=False) as store:
+        if store.snapshot:
+            raise StoreLockedError(
+                f"store {store.root} is being written ({lock_holder(store.root)}); check it "
+                "when that write is done"
+            )
         return _check_open(store)
 
 

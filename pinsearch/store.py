@@ -184,7 +184,7 @@ class Store:
                 catalog = Catalog(root / _SNAPSHOT, read_only=True)
                 snapshot = True
                 _logger.info("store %s is being written (%s); reading its snapshot", root,
-                             _lock_holder(root))  # fmt: skip
+                             lock_holder(root))  # fmt: skip
             if detach and read_only:  # copied while this reader holds it: no write under way
                 private = _private_copy(Path(catalog.path))
                 catalog.close()
@@ -198,7 +198,7 @@ class Store:
                 lock.release()
             if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
                 raise StoreLockedError(
-                    f"store {root} is open in another process ({_lock_holder(root)}); DuckDB "
+                    f"store {root} is open in another process ({lock_holder(root)}); DuckDB "
                     f"allows one writer or several readers at a time: {exc}"
                 ) from exc
             raise
@@ -651,7 +651,7 @@ def _private_copy(catalog: Path) -> Path:
     return folder
 
 
-def _lock_holder(root: Path) -> str:
+def lock_holder(root: Path) -> str:
     """Who holds the write lock, for error messages."""
     try:
         pid = (root / ".lock").read_text().strip()

@@ -187,3 +187,14 @@ def test_a_save_killed_between_its_renames_is_caught_at_open(store_copy: Path, t
     with Store.open(store_copy) as store:  # the next writer rebuilds it at open
         assert store.load_index(B).ntotal == 24
     assert check_store(store_copy).ok
+
+
+def test_check_waits_for_a_writer(store_copy: Path) -> None:
+    from pinsearch.errors import StoreLockedError
+
+    with (  # a writer at work: its snapshot beside its changing files
+        Store.open(store_copy),
+        pytest.raises(StoreLockedError, match="being written"),
+    ):
+        check_store(store_copy)
+    assert check_store(store_copy).ok
