@@ -333,8 +333,18 @@ class Store:
         return index, int(new.size)
 
     def save_index(self, index: PinIndex, name: str) -> None:
-        """Write an index's files atomically and record it in the catalog."""
+        """Write an index's files atomically and record it in the catalog.
+
+        Raises:
+            ValueError: another index's name gives the same file name (``ivf:1``, ``ivf_1``).
+        """
         base = self.index_base(name)
+        for other in self.index_names():
+            if other != name and self.index_base(other) == base:
+                raise ValueError(
+                    f"index name {name!r} would share its files ({base.name}.*) with index "
+                    f"{other!r}; choose another name"
+                )
         meta = index.save(base)
         self.catalog.upsert_index(
             {

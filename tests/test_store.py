@@ -277,6 +277,9 @@ def test_build_update_and_named_indexes(store_copy: Path) -> None:
         assert added == 0
         with pytest.raises(ValueError, match="no index"):
             store.load_index("nope")
+        with pytest.raises(ValueError, match=r"would share its files .* with index 'exact_l2'"):
+            store.build_index(BACKBONE, IndexConfig(factory="Flat", device="cpu"), name="exact:l2")
+        assert store.catalog.get_index("exact_l2")["metric"] == "l2"  # left as it was
     with Store.open(store_copy, read_only=True) as ro:
         loaded = ro.load_index("exact_l2", config=IndexConfig(device="cpu"))
         assert loaded.ntotal == 24 and loaded.config.metric == "l2"
