@@ -472,21 +472,33 @@ def detect_format(root: str | Path) -> str:
         raise CorpusError(f"{root} is a file but not a manifest (.csv or .parquet)")
     if not root.is_dir():
         raise CorpusError(f"corpus {root} does not exist")
-    has_subfolders = False
+    # Looked at whole, not by the first entry found: a stray image at user level does not make
+    # a tree a folder corpus, nor sub-folders of images (cars/sedan/*.jpg) a folder one a tree.
+    images = pin_folders = nested_images = boards = False
     for first in _visible_entries(root):
         if not first.is_dir():
-            if is_image_file(Path(first.name)):
-                return "folder"  # a flat folder of images
+            images |= is_image_file(Path(first.name))  # a flat folder of images
             continue
         for second in _visible_entries(Path(first.path)):
-            if second.is_dir():
-                if (Path(second.path) / "board.json").is_file():
-                    return "tree"
-                has_subfolders = True
-            elif is_image_file(Path(second.name)):
-                return "folder"
-    if has_subfolders:
+            if not second.is_dir():
+                images |= is_image_file(Path(second.name))  # <category>/<image>
+                continue
+            if (Path(second.path) / "board.json").is_file():
+                return "tree"
+            boards = True
+            for third in _visible_entries(Path(second.path)):
+                if third.is_dir():
+                    pin_folders = True  # <user>/<board>/<pin>/
+                else:
+                    nested_images |= is_image_file(Path(third.name))  # <category>/<sub>/<image>
+    if images:
+        return "folder"
+    if pin_folders:
         return "tree"  # boards without board.json: read as a tree, their pins skipped with reasons
+    if nested_images:
+        return "folder"
+    if boards:
+        return "tree"
     raise CorpusError(
         f"{root} holds neither <user>/<board>/ folders (tree) nor images or "
         "<category>/<image> files (folder)"

@@ -531,6 +531,20 @@ def test_nested_folder_corpus_is_detected_as_folder(tmp_path: Path) -> None:
     assert result.skipped == [] and result.found == 4
 
 
+def test_detection_looks_at_the_whole_corpus(tree_copy: Path, tmp_path: Path) -> None:
+    user = sorted(p for p in tree_copy.iterdir() if p.is_dir())[0]
+    Image.new("RGB", (10, 10)).save(user / "_avatar.jpg")  # a stray image at user level
+    assert detect_format(tree_copy) == "tree"
+    root = tmp_path / "nest"  # images only in sub-folders of the categories
+    for cat, sub in (("cars", "sedan"), ("cars", "suv"), ("food", "cake")):
+        (root / cat / sub).mkdir(parents=True)
+        Image.new("RGB", (10, 10)).save(root / cat / sub / "a.jpg")
+    assert detect_format(root) == "folder"
+    result = read_corpus(root)
+    assert sorted(p.category for p in result.pins) == ["cars", "cars", "food"]
+    assert result.skipped == []
+
+
 def test_tree_without_board_json_is_still_a_tree(tmp_path: Path) -> None:
     root = tmp_path / "t"
     _write_pin(root / "u" / "b", "p1")
