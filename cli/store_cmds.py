@@ -45,7 +45,7 @@ def index(
         str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
     ] = None,
     allow_outside_root: Annotated[
-        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+        bool, typer.Option(help="Accept files outside the corpus root (manifest paths, links).")
     ] = False,
     weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
     batch_size: Annotated[
@@ -145,7 +145,7 @@ def add(
         str | None, typer.Option("--format", help="auto, tree, folder, manifest")
     ] = None,
     allow_outside_root: Annotated[
-        bool, typer.Option(help="Manifests: accept paths outside the corpus root.")
+        bool, typer.Option(help="Accept files outside the corpus root (manifest paths, links).")
     ] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     batch_size: Annotated[

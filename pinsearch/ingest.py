@@ -89,7 +89,8 @@ class IngestConfig:
     seed: int = 0  # seed of the sampling
     check_images: bool = True  # probe every image header (empty, non-image, bombs)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb guard
-    allow_outside_root: bool = False  # manifests: accept paths outside the corpus root
+    allow_outside_root: bool = False  # accept files outside the corpus root (manifest paths,
+    # symbolic links in trees and folders)
     workers: int = 8  # threads probing image headers
 
 
@@ -559,13 +560,30 @@ def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
 
 
 def _iter_records(root: Path, fmt: str, config: IngestConfig) -> Iterator[PinRecord | SkippedPin]:
-    if fmt == "tree":
-        return iter_tree(root)
-    if fmt == "folder":
-        return iter_folder(root)
+    if fmt in ("tree", "folder"):
+        records = iter_tree(root) if fmt == "tree" else iter_folder(root)
+        return records if config.allow_outside_root else _inside(records, root.resolve())
     if fmt == "manifest":
         return iter_manifest(root, allow_outside_root=config.allow_outside_root)
     raise ValueError(f"unknown corpus format {fmt!r}; expected one of {CORPUS_FORMATS}")
+
+
+def _inside(
+    records: Iterator[PinRecord | SkippedPin], root: Path
+) -> Iterator[PinRecord | SkippedPin]:
+    """Pins whose file lies under ``root`` once symbolic links are followed; the others
+    skipped as ``path_outside_root``, as a manifest's are."""
+    for record in records:
+        if isinstance(record, PinRecord) and not record.path.resolve().is_relative_to(root):
+            yield SkippedPin(
+                str(record.path),
+                "path_outside_root",
+                f"{record.path} is outside the corpus root {root} (through a symbolic link); "
+                "allow_outside_root (--allow-outside-root) reads it",
+                record.pin_id,
+            )
+            continue
+        yield record
 
 
 def read_corpus(

@@ -431,6 +431,27 @@ def test_manifest_paths_outside_root(tmp_path: Path) -> None:
     assert Counter(s.reason for s in allowed.skipped) == {"missing_path": 1, "missing_category": 1}
 
 
+def test_symbolic_links_out_of_a_tree_or_folder_are_skipped(
+    tree_copy: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (12, 12)).save(outside / "x.jpg")
+    pin_image = sorted(tree_copy.glob("*/*/*/*.jpg"))[0]
+    pin_image.unlink()
+    pin_image.symlink_to(outside / "x.jpg")  # a pin's image elsewhere on the machine
+    result = read_corpus(tree_copy)
+    (skip,) = result.skipped
+    assert skip.reason == "path_outside_root" and skip.pin_id == pin_image.parent.name
+    assert len(result.pins) == 23 and _balanced(result)
+    assert len(read_corpus(tree_copy, IngestConfig(allow_outside_root=True)).pins) == 24
+    folder = make_image_folder(tmp_path / "f", categories=("art",), per_category=2, image_size=32)
+    (folder.root / "food").symlink_to(outside, target_is_directory=True)  # a category elsewhere
+    result = read_corpus(folder.root)
+    assert [s.reason for s in result.skipped] == ["path_outside_root"]
+    assert sorted(p.category for p in result.pins) == ["art", "art"]
+
+
 def test_manifest_root_argument(tmp_path: Path) -> None:
     root, _ = _manifest_corpus(tmp_path)
     manifest = write_manifest(tmp_path / "elsewhere", [{"path": "img/in.jpg", "category": "a"}])
