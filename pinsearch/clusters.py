@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ from pinsearch.store import Store
 from pinsearch.vectors import unit_rows
 
 __all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
+
+_logger = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS cluster_runs (
@@ -212,6 +215,11 @@ def cluster_store(
     k_max = min(config.k_max, len(x) - 1)
     if len(x) < 3 or (config.k is not None and config.k >= len(x)):
         raise ValueError(f"{len(x)} {config.level} cannot make {config.k or 2}+ clusters")
+    if config.k is None and config.k_min > k_max:
+        raise ValueError(
+            f"{len(x)} {config.level} cannot make k_min={config.k_min} clusters (at most "
+            f"{len(x) - 1}); lower k_min"
+        )
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(len(x), min(config.silhouette_sample, len(x)), replace=False)
 
@@ -233,6 +241,11 @@ def cluster_store(
     else:
         k, chosen_by = config.k, "given"
     labels, _ = _label(x, k, config)
+    used = np.unique(labels)
+    if len(used) < k:  # k-means leaves clusters empty when pins share vectors (re-pins)
+        _logger.warning("%d of %d clusters came out empty (identical vectors); k = %d",
+                        k - len(used), k, len(used))  # fmt: skip
+        labels, k = np.searchsorted(used, labels), len(used)
     centres = unit_rows(np.stack([x[labels == c].mean(axis=0) for c in range(k)]))
     distance = 1.0 - np.sum(x * centres[labels], axis=1)
     contingency: dict[str, dict[str, int]] = {}

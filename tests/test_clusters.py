@@ -82,6 +82,22 @@ def test_cluster_boards_with_given_k(built_store) -> None:
     assert all("/" in b for b in central)  # board keys
 
 
+def test_more_clusters_than_items_or_distinct_vectors(built_store, tmp_path: Path) -> None:
+    from pinsearch.eval.bench import synthetic_store
+
+    with (
+        Store.open(built_store.path, read_only=True) as store,
+        pytest.raises(ValueError, match="6 boards cannot make k_min=8 clusters"),
+    ):
+        cluster_store(store, B, ClusterConfig(level="boards", k_min=8, k_max=10))
+    rng = np.random.default_rng(0)  # 5 distinct vectors, each pinned 20 times
+    synthetic_store(tmp_path / "s", np.repeat(rng.normal(size=(5, 8)), 20, axis=0).astype(
+        np.float32), categories=5)  # fmt: skip
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        report = cluster_store(store, "synthetic", ClusterConfig(k=8))
+    assert report.k == 5 and sorted(c["size"] for c in report.clusters) == [20] * 5
+
+
 def test_cluster_config_errors() -> None:
     with pytest.raises(ValueError, match="method"):
         ClusterConfig(method="dbscan")
