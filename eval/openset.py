@@ -71,9 +71,27 @@ def load_openset(data: dict[str, Any], path: Path) -> OpenSetConfig:
     bad = sorted(set(config.heads) - set(HEAD_DEFAULTS))
     if bad:
         raise ValueError(f"{path}: unknown open-set heads {bad}; known: {sorted(HEAD_DEFAULTS)}")
-    if not 0.0 < config.unknown_fraction < 1.0:
-        raise ValueError(f"{path}: unknown_fraction must be in (0, 1)")
+    for name in ("unknown_fraction", "test_size", "val_fraction"):
+        if not 0.0 < getattr(config, name) < 1.0:
+            raise ValueError(f"{path}: {name} must be in (0, 1), got {getattr(config, name)}")
+    if not 0.0 < config.target_tpr <= 1.0:
+        raise ValueError(f"{path}: target_tpr must be in (0, 1], got {config.target_tpr}")
+    if config.splits < 1:
+        raise ValueError(f"{path}: splits must be at least 1, got {config.splits}")
     return config
+
+
+def _unknown_count(n_categories: int, fraction: float) -> int:
+    """Categories held out as unknown in each split."""
+    return max(1, round(fraction * n_categories))
+
+
+def _reject_label(labels: np.ndarray) -> str:
+    """The answer "unknown", spelt so that no category has it (a category named "unknown")."""
+    reject, taken = "unknown", set(labels.tolist())
+    while reject in taken:
+        reject += "_"
+    return reject
 
 
 def _confidence(head: str, model: Any, X: np.ndarray, X_train: np.ndarray) -> np.ndarray:
@@ -94,7 +112,7 @@ def _split_once(
     from sklearn.model_selection import train_test_split
 
     cats = np.unique(labels)
-    n_unknown = max(1, round(config.unknown_fraction * len(cats)))
+    n_unknown = _unknown_count(len(cats), config.unknown_fraction)
     unknown_cats = sorted(rng.choice(cats, n_unknown, replace=False).tolist())
     is_unknown = np.isin(labels, unknown_cats)
     known = np.flatnonzero(~is_unknown)
@@ -123,6 +141,14 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
             seed=config.seed, context=f"open-set study {config.name!r}: ",
         )  # fmt: skip
         labels = labels.astype(str)
+        n_cats = len(np.unique(labels))
+        if n_cats - _unknown_count(n_cats, config.unknown_fraction) < 2:
+            raise ValueError(
+                f"open-set study {config.name!r}: {n_cats} categories leave fewer than 2 known "
+                f"ones once {_unknown_count(n_cats, config.unknown_fraction)} are held out as "
+                "unknown (unknown_fraction); it needs more categories or a smaller fraction"
+            )
+        reject = _reject_label(labels)
         splits = [
             _split_once(labels, config, np.random.default_rng([config.seed, s]))
             for s in range(config.splits)
@@ -144,9 +170,9 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
                     every = np.concatenate([test, unknown])
                     conf = _confidence(head, model, X[every], X[fit])
                     closed = model.predict(X[every])
-                    pred = np.where(conf >= thr, closed, "unknown")
-                    truth = np.where(np.isin(every, unknown), "unknown", labels[every])
-                    is_known = truth != "unknown"
+                    is_known = ~np.isin(every, unknown)
+                    pred = np.where(conf >= thr, closed, reject)
+                    truth = np.where(is_known, labels[every], reject)
                     known_classes = sorted(set(labels[fit].tolist()))
                     per_split.append(
                         {
@@ -159,12 +185,12 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
                                 average="macro", zero_division=0,
                             ),
                             "open_macro_f1": skm.f1_score(
-                                truth, pred, labels=[*known_classes, "unknown"],
+                                truth, pred, labels=[*known_classes, reject],
                                 average="macro", zero_division=0,
                             ),
                             "auroc_unknown": skm.roc_auc_score(~is_known, -conf),
-                            "known_accepted": float(np.mean(pred[is_known] != "unknown")),
-                            "unknown_rejected": float(np.mean(pred[~is_known] == "unknown")),
+                            "known_accepted": float(np.mean(pred[is_known] != reject)),
+                            "unknown_rejected": float(np.mean(pred[~is_known] == reject)),
                             "unknown_categories": unknown_cats,
                         }
                     )  # fmt: skip

@@ -91,3 +91,11 @@ def test_compact_study_file(tmp_path: Path) -> None:
     out = CliRunner().invoke(app, ["evaluate", str(toml), "--out", str(tmp_path), "--json"])
     assert out.exit_code == 0, out.output
     assert [r["variant"] for r in json.loads(out.output)["results"]] == ["float32", "sq8"]
+
+
+def test_compact_settings_are_checked(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    for line, message in (("k = 0", "k (recall@k)"), ("test_size = 0", "test_size")):
+        toml.write_text(f'kind = "compact"\nname = "c"\nstore = "{tmp_path}"\n{line}\n')
+        out = CliRunner().invoke(app, ["evaluate", str(toml)])
+        assert out.exit_code == 1 and message in str(out.exception), line

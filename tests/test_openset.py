@@ -66,3 +66,39 @@ def test_openset_study_file(planted: Path, tmp_path: Path) -> None:
     toml.write_text(f'kind = "openset"\nname = "o"\nstore = "{planted}"\nheads = ["svm"]\n')
     out = CliRunner().invoke(app, ["evaluate", str(toml)])
     assert out.exit_code == 1 and "unknown open-set heads" in str(out.exception)
+
+
+def test_a_category_named_unknown_is_a_category(planted: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pinsearch.store import Store
+
+    path = tmp_path / "s"
+    shutil.copytree(planted, path)
+    with Store.open(path) as store:
+        first = store.catalog.query("SELECT min(category) AS c FROM pins")[0]["c"]
+        store.catalog.connection.execute(
+            "UPDATE pins SET category = 'unknown' WHERE category = ?", [first]
+        )
+    config = OpenSetConfig(
+        name="named", store=str(path), backbones=["synthetic"], heads=["knn-sim"],
+        unknown_fraction=0.25, splits=3,
+    )  # fmt: skip
+    summary = run_openset(config, tmp_path / "out")
+    (sim,) = summary["results"]
+    assert any("unknown" not in s for s in summary["unknown_per_split"])  # known in some split
+    assert sim["closed_macro_f1"] == pytest.approx(1.0) and sim["auroc_unknown"] > 0.99
+
+
+def test_openset_settings_are_checked(planted: Path, tmp_path: Path) -> None:
+    toml = tmp_path / "o.toml"
+    head = f'kind = "openset"\nname = "o"\nstore = "{planted}"\nbackbones = ["synthetic"]\n'
+    for line, message in (("splits = 0", "splits must be"), ("test_size = 1.0", "test_size"),
+                          ("target_tpr = 0", "target_tpr")):  # fmt: skip
+        toml.write_text(head + line + "\n")
+        out = CliRunner().invoke(app, ["evaluate", str(toml)])
+        assert out.exit_code == 1 and message in str(out.exception), line
+    config = OpenSetConfig(name="o", store=str(planted), backbones=["synthetic"],
+                           heads=["knn"], unknown_fraction=0.9)  # fmt: skip
+    with pytest.raises(ValueError, match="8 categories leave fewer than 2 known ones"):
+        run_openset(config, tmp_path / "out")
