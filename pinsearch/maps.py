@@ -146,7 +146,8 @@ def _palette(labels: np.ndarray) -> dict[str, str]:
     names = sorted(set(labels.tolist()))
     cmap = matplotlib.colormaps["tab20"] if len(names) <= 20 else matplotlib.colormaps["hsv"]
     return {
-        n: matplotlib.colors.to_hex(cmap(i / max(len(names) - 1, 1) if len(names) > 20 else i))
+        # hsv is a circle: n steps of 1/n, so the last colour is not the first one again
+        n: matplotlib.colors.to_hex(cmap(i / len(names) if len(names) > 20 else i))
         for i, n in enumerate(names)
     }
 
@@ -194,10 +195,16 @@ def _html(
     lo, hi = xy.min(axis=0), xy.max(axis=0)
     span = np.where(hi - lo > 0, hi - lo, 1.0)
     pts = (xy - lo) / span * 760 + 20
+    pts[:, 1] = 800 - pts[:, 1]  # SVG's y grows downwards: up as in the PNG
+
+    def hover(p: dict[str, Any], lab: str) -> str:  # pin id | category | title (| cluster)
+        parts = [p["pin_id"], p.get("category") or "", p.get("title") or ""]
+        parts += [lab] if lab != parts[1] else []
+        return " | ".join(html.escape(str(part)) for part in parts)
+
     circles = "\n".join(
         f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colours[str(lab)]}">'
-        f"<title>{html.escape(str(p['pin_id']))} | {html.escape(str(lab))} | "
-        f"{html.escape(str(p.get('title') or ''))}</title></circle>"
+        f"<title>{hover(p, str(lab))}</title></circle>"
         for (x, y), lab, p in zip(pts.tolist(), labels.tolist(), pins)
     )
     legend = " ".join(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,18 @@ def test_colour_by_cluster_needs_a_run(store_copy: Path, tmp_path: Path) -> None
         cluster_store(store, config=ClusterConfig(k=3))
     with Store.open(store_copy, read_only=True) as store:
         draw_map(store, tmp_path, config=MapConfig(color="cluster", methods=("pca",)))
-    assert "cluster 0" in (tmp_path / "map_pca.html").read_text()
+    page = (tmp_path / "map_pca.html").read_text()
+    assert "cluster 0" in page
+    assert re.search(r"<title>[^|<]+ \| [a-z_]+ \| [^<|]* \| cluster \d", page)  # and category
+
+
+def test_the_html_map_is_the_png_way_up(tmp_path: Path) -> None:
+    from pinsearch.maps import _html
+
+    pins = [{"pin_id": "low", "category": "a"}, {"pin_id": "high", "category": "a"}]
+    _html(np.array([[0.0, 0.0], [0.0, 1.0]]), np.array(["a", "a"]), pins, tmp_path / "m.html", "t")
+    cy = [float(v) for v in re.findall(r'cy="([\d.]+)"', (tmp_path / "m.html").read_text())]
+    assert cy[1] < cy[0]  # higher y, nearer the top of the page
 
 
 def test_map_config_and_sampling(built_store, tmp_path: Path) -> None:
