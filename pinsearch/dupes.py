@@ -1,10 +1,11 @@
 """``pinsearch dupes``: groups of pins that are the same image (re-pins, resized, re-encoded,
 cropped, mirrored) or show the same object.
 
-Every pin's ``k`` nearest neighbours come from the backbone's index (one batched search); pairs
-at or above a cosine ``threshold`` are joined with union-find, so a group is a connected set of
-near-identical pins. A high threshold (0.95+) finds copies; a lower one (about 0.85) also
-gathers photos of the same object. ``eval/bench.py``'s ``bench_dupes`` measures precision and
+Every pin's ``k`` nearest neighbours come from the backbone's index (batched searches), and
+are scored on the stored vectors (exact cosine, whatever the index compresses); pairs at or
+above a cosine ``threshold`` are joined into connected groups of near-identical pins. A high
+threshold (0.95+) finds copies; a lower one (about 0.85) also gathers photos of the same
+object. ``eval/bench.py``'s ``bench_dupes`` measures precision and
 recall of the pairs on generated near-copies of real photos.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 __all__ = ["DupeGroup", "DupeReport", "find_dupes", "near_pairs"]
 
@@ -26,7 +28,7 @@ class DupeGroup:
     """A connected group of near-identical pins."""
 
     size: int
-    min_similarity: float  # weakest link that joined the group
+    min_similarity: float  # the lowest similarity among the group's linked pairs
     boards: int  # distinct boards it spans (re-pins across boards)
     pins: list[dict[str, Any]] = field(default_factory=list)
 
@@ -47,9 +49,10 @@ class DupeReport:
 
 
 def near_pairs(
-    store: Store, backbone: str, threshold: float, k: int = 20, batch: int = 4096
+    store: Store, backbone: str, threshold: float, k: int = 20, batch: int = 1024
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(key a, key b, cosine) of every pair with cosine >= threshold among each pin's k nearest.
+    """(key a, key b, cosine) of every pair with cosine >= threshold among each pin's k nearest
+    (found by the index, scored on the stored vectors).
 
     Raises:
         ValueError: the backbone's index is not cosine (similarities are needed).
@@ -62,12 +65,19 @@ def near_pairs(
             f"dupes need a cosine index; {searcher.index_name!r} is {searcher.index.config.metric}"
         )
     vectors, keys = store.vectors(backbone).load()
+    unit = unit_rows(vectors)
+    order = np.argsort(keys, kind="stable")
     a, b, s = [], [], []
     for start in range(0, len(keys), batch):
-        scores, nbrs = searcher.search_keys(vectors[start : start + batch], k + 1)
+        _, nbrs = searcher.search_keys(vectors[start : start + batch], k + 1)
+        # the index proposes, the stored vectors decide: a compressed index's (PQ) scores are
+        # off by a few hundredths, enough to lose most pairs near a 0.95 threshold
+        at = order[np.clip(np.searchsorted(keys, nbrs, sorter=order), 0, len(keys) - 1)]
+        found = (nbrs >= 0) & (keys[at] == nbrs)
+        scores = np.einsum("id,ikd->ik", unit[start : start + batch], unit[at])
         mine = np.repeat(keys[start : start + batch], nbrs.shape[1])
         flat_n, flat_s = nbrs.ravel(), scores.ravel()
-        keep = (flat_n >= 0) & (flat_n != mine) & (flat_s >= threshold)
+        keep = found.ravel() & (flat_n != mine) & (flat_s >= threshold)
         lo, hi = np.minimum(mine[keep], flat_n[keep]), np.maximum(mine[keep], flat_n[keep])
         a.append(lo)
         b.append(hi)
@@ -81,27 +91,24 @@ def near_pairs(
 
 
 def _components(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[tuple[list[int], float]]:
-    parent: dict[int, int] = {}
+    """Connected groups of the pairs' keys, each with the lowest similarity of its pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(x: int) -> int:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for x, y in zip(a.tolist(), b.tolist()):
-        rx, ry = find(x), find(y)
-        if rx != ry:
-            parent[rx] = ry
-    members: dict[int, list[int]] = {}
-    weakest: dict[int, float] = {}
-    for x in parent:
-        members.setdefault(find(x), []).append(x)
-    for x, sim in zip(a.tolist(), s.tolist()):
-        root = find(x)
-        weakest[root] = min(weakest.get(root, 1.0), float(sim))
-    return [(sorted(m), weakest.get(r, 1.0)) for r, m in members.items()]
+    if len(a) == 0:
+        return []
+    nodes, idx = np.unique(np.concatenate([a, b]), return_inverse=True)
+    ia, ib = idx[: len(a)], idx[len(a) :]
+    graph = coo_matrix((np.ones(len(a)), (ia, ib)), shape=(len(nodes), len(nodes)))
+    _, label = connected_components(graph, directed=False)
+    weakest = np.ones(label.max() + 1)
+    np.minimum.at(weakest, label[ia], s)
+    order = np.argsort(label, kind="stable")
+    bounds = np.flatnonzero(np.diff(label[order])) + 1
+    return [
+        (nodes[group].tolist(), float(weakest[label[group[0]]]))
+        for group in np.split(order, bounds)
+    ]
 
 
 def find_dupes(

@@ -57,7 +57,7 @@ def test_higher_threshold_finds_fewer_pairs(copies: Path) -> None:
         find_dupes(store, threshold=0)
 
 
-def test_components_union_find() -> None:
+def test_components() -> None:
     a, b = np.array([1, 2, 10]), np.array([2, 3, 11])
     comps = sorted(_components(a, b, np.array([0.9, 0.95, 0.99])))
     assert comps == [([1, 2, 3], 0.9), ([10, 11], 0.99)]
@@ -69,3 +69,24 @@ def test_cli_dupes(copies: Path) -> None:
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert data["threshold"] == 0.8 and data["groups"]
+
+
+def test_pairs_are_judged_on_the_stored_vectors_not_a_compressed_index(tmp_path: Path) -> None:
+    from pinsearch.dupes import near_pairs
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.indexes import IndexConfig
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3000, 64)) + 0.8 * rng.normal(size=(1, 64))  # a shared component
+    x = np.vstack([base, base[:100] + 0.15 * rng.normal(size=(100, 64))]).astype(np.float32)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = u @ u.T
+    np.fill_diagonal(sims, -1)
+    truth = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(sims >= 0.95)))}
+    assert len(truth) >= 90  # most planted copies, a few pushed below by the noise
+    synthetic_store(tmp_path / "s", x, categories=4,
+                    index=IndexConfig(factory="IVF32,PQ8", metric="cosine", nprobe=32))  # fmt: skip
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        a, b, s = near_pairs(store, "synthetic", 0.95, k=20)
+    assert set(zip(a.tolist(), b.tolist())) == truth  # PQ scores alone found about 8 %
+    np.testing.assert_allclose(s, np.sum(u[a] * u[b], axis=1), atol=1e-5)
