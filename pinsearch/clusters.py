@@ -1,13 +1,14 @@
 """``pinsearch cluster``: group pins (or boards) without labels, choose k, compare with categories.
 
 k-means (FAISS, on the GPU when there is one and the data is large) or agglomerative (Ward,
-scikit-learn) clustering of L2-normalised vectors of any backbone. With no ``k`` given, a sweep
-over ``k_min..k_max`` records the k-means objective (inertia) and the silhouette (cosine, on a
-sample) of each k; k is chosen at the elbow of the inertia curve (kneedle, Satopaa et al. 2011,
-via ``kneed``) or at the best silhouette. The clustering is compared with the categories
-(contingency matrix, adjusted Rand index, V-measure, homogeneity, completeness, purity) and
-saved in the catalog (``cluster_runs``, ``clusters``), each cluster described as a proposed
-board: its size, majority category and most central pins.
+SciPy's tree, cut at each k) clustering of L2-normalised vectors of any backbone. With no ``k``
+given, a sweep over ``k_min..k_max`` records the k-means objective (inertia) and the
+silhouette (cosine, on a sample) of each k; k is chosen at the elbow of the inertia curve
+(kneedle, Satopaa et al. 2011, via ``kneed``) or at the best silhouette. The clustering is
+compared with the categories (contingency matrix, adjusted Rand index, V-measure,
+homogeneity, completeness, purity) and saved in the catalog (``cluster_runs``,
+``clusters``), each cluster described as a proposed board: its size, majority category and
+most central pins.
 """
 
 from __future__ import annotations
@@ -140,22 +141,46 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, device: str = "auto") -> tup
     with GPU_LOCK if use_gpu else contextlib.nullcontext():
         km.train(points)
         _, labels = km.index.search(points, 1)  # (its index is on the GPU(s) as well)
-    centroids = km.centroids
-    inertia = float(((x - centroids[labels[:, 0]]) ** 2).sum())
-    return labels[:, 0].astype(np.int64), centroids, inertia
+    centroids, labels = km.centroids, labels[:, 0].astype(np.int64)
+    return labels, centroids, _inertia(points, centroids, labels)
 
 
-def _agglomerative(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Ward clustering (O(n^2) memory: beyond 20k items, a sample, the rest by nearest centre)."""
-    from sklearn.cluster import AgglomerativeClustering
+def _inertia(x: np.ndarray, centres: np.ndarray, labels: np.ndarray, chunk: int = 65_536) -> float:
+    """Sum of squared distances to the assigned centres, a chunk of rows at a time (the whole
+    (n, d) array of differences is another copy of the vectors)."""
+    total = 0.0
+    for i in range(0, len(x), chunk):
+        diff = x[i : i + chunk] - centres[labels[i : i + chunk]]
+        total += float(np.einsum("ij,ij->", diff, diff, dtype=np.float64))
+    return total
+
+
+class _Ward:
+    """Ward clustering of ``x`` (O(n^2) memory: beyond 20k items a sample, the rest by nearest
+    centre). The tree is built once and cut at each k, so a sweep over k costs one build."""
 
     limit = 20_000
-    if len(x) <= limit:
-        return AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
-    idx = np.random.default_rng(seed).choice(len(x), limit, replace=False)
-    sub = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x[idx])
-    centres = unit_rows(np.stack([x[idx][sub == c].mean(axis=0) for c in range(k)]))
-    return np.argmax(x @ centres.T, axis=1)
+
+    def __init__(self, x: np.ndarray, seed: int) -> None:
+        from scipy.cluster.hierarchy import ward
+
+        self.x = x
+        self.idx = (
+            None
+            if len(x) <= self.limit
+            else np.sort(np.random.default_rng(seed).choice(len(x), self.limit, replace=False))
+        )
+        self.tree = ward(x if self.idx is None else x[self.idx])
+
+    def labels(self, k: int) -> np.ndarray:
+        from scipy.cluster.hierarchy import fcluster
+
+        sub = fcluster(self.tree, k, criterion="maxclust") - 1  # 0 .. k-1
+        if self.idx is None:
+            return sub.astype(np.int64)
+        part = self.x[self.idx]
+        centres = unit_rows(np.stack([part[sub == c].mean(axis=0) for c in range(sub.max() + 1)]))
+        return np.argmax(self.x @ centres.T, axis=1).astype(np.int64)
 
 
 def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> tuple[
@@ -189,13 +214,19 @@ def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[st
     return unit_rows(sums), names.tolist(), np.array([cats[b] for b in names])
 
 
-def _label(x: np.ndarray, k: int, config: ClusterConfig) -> tuple[np.ndarray, float]:
+def _label(
+    x: np.ndarray, k: int, config: ClusterConfig, ward: _Ward | None = None
+) -> tuple[np.ndarray, float]:
     if config.method == "kmeans":
         labels, _, inertia = kmeans(x, k, seed=config.seed, device=config.device)
         return labels, inertia
-    labels = _agglomerative(x, k, config.seed)
-    centres = np.stack([x[labels == c].mean(axis=0) for c in range(k)])
-    return labels, float(((x - centres[labels]) ** 2).sum())
+    labels = (ward or _Ward(x, config.seed)).labels(k)
+    from scipy import sparse
+
+    k_made = int(labels.max()) + 1  # each cluster's mean: one sparse product
+    member = sparse.csr_matrix((np.ones(len(x)), (labels, np.arange(len(x)))), (k_made, len(x)))
+    centres = (member @ x) / np.maximum(np.bincount(labels, minlength=k_made), 1)[:, None]
+    return labels, _inertia(x, np.asarray(centres, dtype=x.dtype), labels)
 
 
 def cluster_store(
@@ -230,17 +261,18 @@ def cluster_store(
 
     sweep: list[dict[str, float]] = []
     elbow = best = None
+    ward = _Ward(x, config.seed) if config.method == "agglomerative" else None
     if config.k is None:
         ks = list(range(config.k_min, max(k_max, config.k_min) + 1))
         for k in ks:
-            labels, inertia = _label(x, k, config)
+            labels, inertia = _label(x, k, config, ward)
             sweep.append({"k": k, "inertia": inertia, "silhouette": silhouette(labels)})
         elbow, best = choose_k(ks, [s["inertia"] for s in sweep], [s["silhouette"] for s in sweep])
         k = (elbow if config.choose == "elbow" else best) or best or ks[0]
         chosen_by = config.choose if (elbow if config.choose == "elbow" else best) else "silhouette"
     else:
         k, chosen_by = config.k, "given"
-    labels, _ = _label(x, k, config)
+    labels, _ = _label(x, k, config, ward)
     used = np.unique(labels)
     if len(used) < k:  # k-means leaves clusters empty when pins share vectors (re-pins)
         _logger.warning("%d of %d clusters came out empty (identical vectors); k = %d",

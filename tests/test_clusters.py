@@ -42,6 +42,20 @@ def test_kmeans_finds_planted_clusters() -> None:
             kmeans(x, 5, device="gpu")
 
 
+def test_ward_tree_built_once_cuts_as_scikit_learn_clusters() -> None:
+    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.metrics import adjusted_rand_score
+
+    from pinsearch.clusters import _Ward
+
+    x = np.random.default_rng(3).normal(size=(300, 8)).astype(np.float32)
+    tree = _Ward(x, seed=0)
+    for k in (2, 7, 15):
+        ref = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
+        assert adjusted_rand_score(ref, tree.labels(k)) == pytest.approx(1.0)
+        assert tree.labels(k).max() == k - 1
+
+
 def test_choose_k_on_a_planted_sweep() -> None:
     x, _ = _blobs(k=5)
     from sklearn.metrics import silhouette_score
