@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.store import Store
-from pinsearch.vectors import unit_rows
+from pinsearch.vectors import in_sorted, unit_rows
 
 __all__ = ["MapConfig", "MapReport", "draw_map", "embed_2d"]
 
@@ -111,13 +111,20 @@ def draw_map(
     config = config or MapConfig()
     start = time.perf_counter()
     backbone = store.resolve_backbone(backbone)
-    vectors, keys = store.vectors(backbone).load()
-    meta = store.catalog.pins_by_key(keys.tolist())
-    ok = np.array([int(k) in meta for k in keys], dtype=bool)
-    vectors, keys = vectors[ok], keys[ok]
-    cats_all = np.array([meta[int(k)]["category"] for k in keys])
+    # the sample is drawn from the keys and categories; only its vectors and rows are read
+    vs = store.vectors(backbone)
+    keys = vs.keys()
+    cols = store.catalog.connection.execute(
+        "SELECT pin_key, category FROM pins ORDER BY pin_key"
+    ).fetchnumpy()
+    pin_keys = np.asarray(cols["pin_key"], dtype=np.int64)
+    keys = keys[in_sorted(pin_keys, keys)]  # pins still in the catalog, in storage order
+    cats_all = np.asarray(cols["category"], dtype=object)[np.searchsorted(pin_keys, keys)]
+    cats_all = np.array([str(c) for c in cats_all])
     pick = _sample(cats_all, config.sample, config.seed)
-    x = unit_rows(vectors[pick])
+    vectors, _ = vs.load(keys[pick])  # rows in the order asked
+    x = unit_rows(vectors)
+    meta = store.catalog.pins_by_key(keys[pick].tolist())
     pins = [meta[int(k)] for k in keys[pick]]
     labels = _colours(store, backbone, [p["pin_id"] for p in pins], cats_all[pick], config.color)
     out = Path(out_dir)
