@@ -25,7 +25,7 @@ import numpy as np
 
 from pinsearch.errors import DeviceError
 from pinsearch.store import Store
-from pinsearch.vectors import unit_rows
+from pinsearch.vectors import in_sorted, unit_rows
 
 __all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
 
@@ -199,19 +199,36 @@ def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> 
 
 def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(unit vectors, item names, categories) of pins or boards."""
+    from scipy import sparse
+
+    cols = store.catalog.connection.execute(
+        "SELECT pin_key, pin_id, board, category FROM pins ORDER BY pin_key"
+    ).fetchnumpy()  # columns, not a dict per pin
+    pin_keys = np.asarray(cols["pin_key"], dtype=np.int64)
     vectors, keys = store.vectors(backbone).load()
-    meta = store.catalog.pins_by_key(keys.tolist())
-    ok = np.array([int(k) in meta for k in keys], dtype=bool)
-    vectors, keys = unit_rows(vectors[ok]), keys[ok]
-    pins = [meta[int(k)] for k in keys]
+    ok = in_sorted(pin_keys, keys)
+    if not ok.all():  # (vectors of pins the catalog no longer has)
+        vectors, keys = vectors[ok], keys[ok]
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # in place
+    row = np.searchsorted(pin_keys, keys)
+
+    def column(name: str) -> np.ndarray:
+        return np.array([str(v) for v in np.asarray(cols[name], dtype=object)[row]])
+
     if level == "pins":
-        return vectors, [p["pin_id"] for p in pins], np.array([p["category"] for p in pins])
-    boards = np.array([p["board"] for p in pins])
+        return vectors, column("pin_id").tolist(), column("category")
+    boards = column("board")
     names, inv = np.unique(boards, return_inverse=True)
-    sums = np.zeros((len(names), vectors.shape[1]), np.float64)
-    np.add.at(sums, inv, vectors)
-    cats = {p["board"]: p["category"] for p in pins}
-    return unit_rows(sums), names.tolist(), np.array([cats[b] for b in names])
+    member = sparse.csr_matrix(
+        (np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(names), len(inv))
+    )
+    # a board's category: its pins' most common one (they share it, unless edited since)
+    cats = column("category")
+    cat_names, cat_inv = np.unique(cats, return_inverse=True)
+    counts = sparse.csr_matrix(
+        (np.ones(len(inv)), (inv, cat_inv)), shape=(len(names), len(cat_names))
+    ).toarray()
+    return unit_rows(np.asarray(member @ vectors)), names.tolist(), cat_names[counts.argmax(1)]
 
 
 def _label(
