@@ -64,24 +64,26 @@ def near_pairs(
         raise ValueError(
             f"dupes need a cosine index; {searcher.index_name!r} is {searcher.index.config.metric}"
         )
-    vectors, keys = store.vectors(backbone).load()
-    unit = unit_rows(vectors)
-    order = np.argsort(keys, kind="stable")
+    vs = store.vectors(backbone)
     a, b, s = [], [], []
-    for start in range(0, len(keys), batch):
-        _, nbrs = searcher.search_keys(vectors[start : start + batch], k + 1)
+    for vectors, keys in vs.iter_chunks(batch):  # a chunk of pins at a time, memory-mapped
+        _, nbrs = searcher.search_keys(vectors, k + 1)
         # the index proposes, the stored vectors decide: a compressed index's (PQ) scores are
         # off by a few hundredths, enough to lose most pairs near a 0.95 threshold
-        at = order[np.clip(np.searchsorted(keys, nbrs, sorter=order), 0, len(keys) - 1)]
-        found = (nbrs >= 0) & (keys[at] == nbrs)
-        scores = np.einsum("id,ikd->ik", unit[start : start + batch], unit[at])
-        mine = np.repeat(keys[start : start + batch], nbrs.shape[1])
-        flat_n, flat_s = nbrs.ravel(), scores.ravel()
-        keep = found.ravel() & (flat_n != mine) & (flat_s >= threshold)
-        lo, hi = np.minimum(mine[keep], flat_n[keep]), np.maximum(mine[keep], flat_n[keep])
+        flat = nbrs.ravel()
+        nbr_vecs, nbr_keys = vs.load(np.unique(flat[flat >= 0]))  # sorted keys, as asked
+        if len(nbr_keys) == 0:
+            continue
+        at = np.minimum(np.searchsorted(nbr_keys, flat), len(nbr_keys) - 1)
+        found = (flat >= 0) & (nbr_keys[at] == flat)
+        near = unit_rows(nbr_vecs)[at].reshape(*nbrs.shape, -1)
+        scores = np.einsum("id,ikd->ik", unit_rows(vectors), near).ravel()
+        mine = np.repeat(keys, nbrs.shape[1])
+        keep = found & (flat != mine) & (scores >= threshold)
+        lo, hi = np.minimum(mine[keep], flat[keep]), np.maximum(mine[keep], flat[keep])
         a.append(lo)
         b.append(hi)
-        s.append(flat_s[keep])
+        s.append(scores[keep])
     if not a:
         return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)
     pairs = np.stack([np.concatenate(a), np.concatenate(b)], axis=1)
