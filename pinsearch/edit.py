@@ -219,15 +219,30 @@ def remove_pins(
     touched_boards = sorted({*boards, *(b for b in owners[0] or [] if b is not None)})
     touched_users = sorted({*users, *(u for u in owners[1] or [] if u is not None)})
     with store.catalog.transaction():
-        con.execute("DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [keys.tolist()])
-        n_boards = len(
-            con.execute(
+        gone_ids = [
+            r[0]
+            for r in con.execute(
+                "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?)) RETURNING pin_id",
+                [keys.tolist()],
+            ).fetchall()
+        ]
+        gone_boards = [
+            r[0]
+            for r in con.execute(
                 "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
                 "(SELECT unnest(?))) AND board NOT IN "
                 "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
                 [touched_boards, list(users)],
             ).fetchall()
-        )
+        ]
+        n_boards = len(gone_boards)
+        if store.catalog.has_table("clusters"):  # saved cluster runs forget them too
+            con.execute(
+                "DELETE FROM clusters WHERE (item IN (SELECT unnest(?)) AND run_id IN (SELECT "
+                "run_id FROM cluster_runs WHERE level = 'pins')) OR (item IN (SELECT unnest(?)) "
+                "AND run_id IN (SELECT run_id FROM cluster_runs WHERE level = 'boards'))",
+                [gone_ids, gone_boards],
+            )
         n_users = len(
             con.execute(
                 "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "

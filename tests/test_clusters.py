@@ -130,3 +130,17 @@ def test_cli_cluster(store_copy: Path, tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
     assert report["run_id"] == 1 and (tmp_path / "k.png").stat().st_size > 1000
+
+
+def test_removed_pins_leave_the_saved_cluster_runs(store_copy: Path) -> None:
+    from pinsearch.edit import remove_pins
+
+    with Store.open(store_copy) as store:
+        cluster_store(store, B, ClusterConfig(k=3))
+        board = store.catalog.query("SELECT board FROM pins ORDER BY pin_key LIMIT 1")[0]["board"]
+        cluster_store(store, B, ClusterConfig(level="boards", k=2))
+        pins = [r["pin_id"] for r in store.catalog.query(
+            "SELECT pin_id FROM pins WHERE board = ?", [board])]  # fmt: skip
+        remove_pins(store, boards=[board])
+        items = {r["item"] for r in store.catalog.query("SELECT item FROM clusters")}
+        assert items and not items & {*pins, board}
