@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.eval.openset import HEAD_DEFAULTS
+from pinsearch.eval.openset import HEAD_DEFAULTS, head_params
 from pinsearch.store import Store
 from pinsearch.vectors import unit_rows
 
@@ -177,7 +177,7 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
                     f"recall@{config.k}": round(float(recall), 4),
                 }
                 for head in config.heads:
-                    model = create_head(head, **HEADS[head]).fit(a, labels[tr])
+                    model = create_head(head, **head_params(head, config.seed)).fit(a, labels[tr])
                     row[head] = round(
                         float(f1_score(labels[te], model.predict(b), average="macro")), 4
                     )

@@ -39,6 +39,14 @@ HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+def head_params(head: str, seed: int) -> dict[str, Any]:
+    """A head's fixed settings, the study's seed for the one that draws (the MLP's weights)."""
+    params = dict(HEAD_DEFAULTS[head])
+    if head == "mlp":
+        params["random_state"] = seed
+    return params
+
+
 @dataclass
 class OpenSetConfig:
     """An open-set study (see eval/studies/pins-openset.toml)."""
@@ -158,7 +166,7 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
             for head in config.heads:
                 per_split = []
                 for fit, val, test, unknown, unknown_cats in splits:
-                    params = dict(HEAD_DEFAULTS[head])
+                    params = head_params(head, config.seed)
                     if "n_neighbors" in params:  # small stores: no more neighbours than pins
                         params["n_neighbors"] = min(params["n_neighbors"], len(fit))
                     if config.device != "auto":
