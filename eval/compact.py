@@ -52,6 +52,7 @@ class CompactConfig:
     drop: list[str] = field(default_factory=lambda: ["none", "other"])
     test_size: float = 0.2
     k: int = 10  # recall@k
+    per_class: int | None = None  # sample at most N pins per label (seeded): a million-pin store
     min_per_class: int = 10
     seed: int = 0
 
@@ -147,8 +148,9 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
     skipped: list[str] = []
     with Store.open(config.store, read_only=True) as store:
         keys, labels, _ = labelled_pins(
-            store, config.label, drop=tuple(config.drop), min_per_class=config.min_per_class,
-            seed=config.seed, context=f"compact study {config.name!r}: ",
+            store, config.label, drop=tuple(config.drop), per_class=config.per_class,
+            min_per_class=config.min_per_class, seed=config.seed,
+            context=f"compact study {config.name!r}: ",
         )  # fmt: skip
         labels = labels.astype(str)
         tr, te = train_test_split(

@@ -62,6 +62,7 @@ class OpenSetConfig:
     test_size: float = 0.2  # of the known pins
     val_fraction: float = 0.2  # of the known training pins, for the threshold
     target_tpr: float = 0.95  # share of known validation pins accepted
+    per_class: int | None = None  # sample at most N pins per label (seeded): a million-pin store
     min_per_class: int = 10
     seed: int = 0
     device: str = "auto"
@@ -145,8 +146,9 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
     rows: list[dict[str, Any]] = []
     with Store.open(config.store, read_only=True) as store:
         keys, labels, left_out = labelled_pins(
-            store, config.label, drop=tuple(config.drop), min_per_class=config.min_per_class,
-            seed=config.seed, context=f"open-set study {config.name!r}: ",
+            store, config.label, drop=tuple(config.drop), per_class=config.per_class,
+            min_per_class=config.min_per_class, seed=config.seed,
+            context=f"open-set study {config.name!r}: ",
         )  # fmt: skip
         labels = labels.astype(str)
         n_cats = len(np.unique(labels))

@@ -102,3 +102,14 @@ def test_openset_settings_are_checked(planted: Path, tmp_path: Path) -> None:
                            heads=["knn"], unknown_fraction=0.9)  # fmt: skip
     with pytest.raises(ValueError, match="8 categories leave fewer than 2 known ones"):
         run_openset(config, tmp_path / "out")
+
+
+def test_studies_sample_per_class(planted: Path, tmp_path: Path) -> None:
+    from pinsearch.eval.compact import CompactConfig, run_compact
+
+    config = OpenSetConfig(name="o", store=str(planted), backbones=["synthetic"],
+                           heads=["knn"], splits=1, per_class=20)  # fmt: skip
+    assert run_openset(config, tmp_path / "o")["pins"] == 8 * 20
+    compact = CompactConfig(name="c", store=str(planted), backbones=["synthetic"],
+                            variants=["float32"], heads=["knn"], per_class=20)  # fmt: skip
+    assert run_compact(compact, tmp_path / "c")["pins"] == 8 * 20
