@@ -302,6 +302,13 @@ def _check_open(store: Store) -> CheckReport:
     }
     for row in store.catalog.list_indexes():
         _check_index(store, row, vec_keys, pins, report)
+    stray = store.stray_index_files()
+    if stray:
+        report.add(
+            "warning", "indexes", "orphan_files",
+            f"{len(stray)} files no index owns (e.g. {stray[0].name}): left by an interrupted "
+            "write; the next writer removes them",
+        )  # fmt: skip
     _check_heads(store, report)
     _check_alignments(store, report)
     _check_ingests(store, report)

@@ -211,6 +211,8 @@ class Store:
                 catalog.set_meta("last_written_by", __version__)
                 for backbone in store.backbones(text_spaces=True):
                     store.vectors(backbone).remove_orphans()
+                for stray in store.stray_index_files():  # a killed save's temporary files
+                    stray.unlink()
             if verify and not snapshot:  # a snapshot may lag the index files a writer updates
                 problems = store._id_map_problems(saves=not read_only)
                 if problems and read_only:
@@ -285,6 +287,16 @@ class Store:
         return backbone
 
     # -- indexes -------------------------------------------------------------------------
+
+    def stray_index_files(self) -> list[Path]:
+        """Files of the index folder no recorded index owns: a killed save's ``.tmp`` files,
+        files of an index a crash dropped from the catalog."""
+        folder = self.root / "indexes"
+        if not folder.is_dir():
+            return []
+        bases = [self.index_base(name) for name in self.index_names()]
+        owned = {f.name for base in bases for f in index_files(base).values()}
+        return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
 
     def index_base(self, name: str) -> Path:
         """Base path (no extension) of an index's files."""

@@ -198,3 +198,16 @@ def test_check_waits_for_a_writer(store_copy: Path) -> None:
     ):
         check_store(store_copy)
     assert check_store(store_copy).ok
+
+
+def test_stray_index_files_are_reported_then_removed_by_the_next_writer(store_copy: Path) -> None:
+    leftovers = [store_copy / "indexes" / n for n in (f"{B}.faiss.tmp", "gone.ids.npy")]
+    for f in leftovers:  # a save killed before its renames; an index a crash left unrecorded
+        f.write_bytes(b"x")
+    report = check_store(store_copy)
+    assert [(f.level, f.where, f.problem) for f in report.findings] == [
+        ("warning", "indexes", "orphan_files")
+    ]
+    with Store.open(store_copy) as store:
+        assert store.load_index(B).ntotal == 24
+    assert not any(f.exists() for f in leftovers) and check_store(store_copy).ok
