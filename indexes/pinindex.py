@@ -51,9 +51,11 @@ __all__ = [
     "PinIndex",
     "build_index",
     "file_sha256",
+    "fsync_dir",
     "fsync_file",
     "index_files",
     "load_index",
+    "replace_durably",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -86,6 +88,25 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be
+    opened (Windows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def replace_durably(tmp: Path, path: Path) -> None:
+    """Rename a written temporary file over ``path`` so that a power cut leaves the old file or
+    the new one, whole: its data flushed before the rename, the rename flushed after."""
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:
@@ -716,6 +737,7 @@ class PinIndex:
             fsync_file(f)
         for key in ("faiss", "ids", "json"):  # the JSON last: it vouches for the others
             os.replace(tmp[key], files[key])
+        fsync_dir(base.parent)  # the renames themselves
         return meta
 
 

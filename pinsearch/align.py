@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch import __version__
-from pinsearch.indexes.pinindex import file_sha256
+from pinsearch.indexes.pinindex import file_sha256, replace_durably
 from pinsearch.vectors import backbone_dirname, unit_rows
 
 __all__ = [
@@ -467,7 +467,7 @@ def save_alignment(store: Any, backbone: str, arrays: dict[str, np.ndarray], **i
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     con = store.catalog.connection
     con.execute(_SCHEMA)
     con.execute(

@@ -13,7 +13,6 @@ arrays (``.npz``) plus a JSON description, never pickled.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pinsearch._version import __version__
+from pinsearch.indexes.pinindex import replace_durably
 
 __all__ = [
     "HEADS",
@@ -768,7 +768,7 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
     with tmp.open("wb") as fh:
         # Object arrays would need pickle: labels are stored as text unless already numeric.
         np.savez(fh, classes=classes.astype(str) if classes.dtype == object else classes, **arrays)
-    os.replace(tmp, npz)
+    replace_durably(tmp, npz)
     params = saved_params(head)
     meta = {
         "head": name,
@@ -779,7 +779,7 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
     }
     out = base.with_name(base.name + ".json")
     out.with_name(out.name + ".tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(out.with_name(out.name + ".tmp"), out)
+    replace_durably(out.with_name(out.name + ".tmp"), out)
     return out
 
 

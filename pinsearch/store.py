@@ -32,7 +32,7 @@ from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
 from pinsearch.errors import DeviceError, IndexFileError, StoreLockedError, StoreVersionError
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, gpu_count, load_index
-from pinsearch.indexes.pinindex import file_sha256, fsync_file, index_files
+from pinsearch.indexes.pinindex import file_sha256, index_files, replace_durably
 from pinsearch.vectors import VectorStore, backbone_dirname, in_sorted
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
@@ -654,8 +654,7 @@ def _publish_snapshot(root: Path) -> None:
         return
     tmp = snap.with_name(snap.name + ".tmp")
     shutil.copyfile(catalog, tmp)
-    fsync_file(tmp)
-    os.replace(tmp, snap)
+    replace_durably(tmp, snap)
 
 
 def _private_copy(catalog: Path) -> Path:
@@ -702,5 +701,4 @@ def _read_store_meta(path: Path) -> dict[str, Any]:
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)

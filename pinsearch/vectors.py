@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pinsearch.catalog import Catalog
-from pinsearch.indexes.pinindex import file_sha256
+from pinsearch.indexes.pinindex import file_sha256, replace_durably
 
 __all__ = ["VECTOR_DTYPES", "VectorStore", "unit_rows"]
 
@@ -224,9 +223,7 @@ class VectorStore:
             tmp = path.with_name(path.name + ".tmp")
             with tmp.open("wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            replace_durably(tmp, path)
         self._forget()
         rel = vec_path.relative_to(self.root).as_posix()
         return rel, len(keys), file_sha256(vec_path), file_sha256(key_path)
