@@ -878,6 +878,8 @@ def embed_store(
     amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
     decode = resolve_decode(config, device, model.preprocess)  # recorded too (run_decode)
     existing = catalog.get_embedding(backbone_name)
+    if existing is not None and not existing["spec"] and not store.vectors(backbone_name).parts():
+        existing = None  # a row an older pinsearch was killed writing, before any vector
     if existing is not None:
         check_compatible(existing, model, config)
     else:

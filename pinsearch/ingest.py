@@ -7,6 +7,7 @@ category. Every pin found ends up either kept, skipped (with a reason) or sample
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -233,7 +234,10 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
             image, pin_id, pin_json = Path(entry.path), Path(entry.name).stem, None
         else:
             continue
-        where = str(image or entry.path)
+        # skipped pins are recorded by their resolved path, as stored ones are: a file fixed
+        # since is recognised when it is stored by a later run
+        resolved = Path(image or entry.path).resolve()
+        where = str(resolved)
         if problem:
             reason, detail = problem.split(": ", 1)
             yield SkippedPin(where, reason, detail, pin_id if _valid_name(pin_id) else None)
@@ -263,7 +267,7 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
             title=_text(info.get("title")),
             description=_text(info.get("description")),
             link=_text(info.get("link")),
-            path=image.resolve(),
+            path=resolved,
             board_name=board_name,
             board_description=board_desc,
             extra=_extra(info, _PIN_JSON_KEYS),
@@ -403,6 +407,8 @@ def iter_manifest(
         problem = _row_problem(row, columns)
         if problem is not None:
             path_text = _text(row.get("path")).encode("utf-8", "backslashreplace").decode()
+            with contextlib.suppress(ValueError, OSError):  # resolved where it can be
+                path_text = str((base / path_text).resolve()) if path_text else ""
             yield SkippedPin(
                 path_text or f"{manifest}:{line}",
                 problem[0],
@@ -430,7 +436,7 @@ def iter_manifest(
             continue
         if not allow_outside_root and (rel.is_absolute() or not full.is_relative_to(base)):
             yield SkippedPin(
-                raw_path,
+                str(full),  # resolved, as stored pins' paths are
                 "path_outside_root",
                 f"row {line} of {manifest}: {raw_path!r} is outside the corpus root {base}",
             )
@@ -439,7 +445,7 @@ def iter_manifest(
         pin_id = _text(row.get("pin_id")) or default_id
         if not category:
             yield SkippedPin(
-                raw_path, "missing_category", f"row {line} of {manifest} has no category", pin_id
+                str(full), "missing_category", f"row {line} of {manifest} has no category", pin_id
             )
             continue
         user = _text(row.get("user")) or None

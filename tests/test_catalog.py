@@ -312,7 +312,7 @@ def test_user_values_with_quotes_round_trip(tmp_path: Path, tree_copy: Path) -> 
         assert "Robert'); DROP TABLE pins;--" in titles
 
 
-def test_a_new_embedding_row_is_written_whole(catalog: Catalog) -> None:
+def test_embedding_rows_read_whole(catalog: Catalog) -> None:
     catalog.upsert_embedding("b", spec={"arch": "x"}, dim=8, count=3)
     row = catalog.get_embedding("b")
     assert (row["spec"], row["dim"], row["count"], row["seconds"]) == ({"arch": "x"}, 8, 3, 0)

@@ -512,3 +512,15 @@ def test_query_files_take_the_routes_of_the_runs_device(model, tmp_path: Path) -
     np.testing.assert_array_equal(embed_like_run(model, [path], on_cpu), device)
     older = {**run, "decode": None}  # CUDA runs from before the decode column did too
     np.testing.assert_array_equal(embed_like_run(model, [path], older), device)
+
+
+def test_a_half_written_run_row_of_an_older_pinsearch_is_taken_over(
+    tree_corpus, tmp_path: Path
+) -> None:
+    _ingest_only(tree_corpus.root, tmp_path / "s")
+    with Store.open(tmp_path / "s") as store:  # killed between its insert and its update
+        store.catalog.connection.execute(
+            "INSERT INTO embeddings (backbone, count, seconds) VALUES (?, 0, 0)", [BACKBONE]
+        )
+        report = embed_store(store, BACKBONE, EmbedConfig(**FAST))
+        assert report.embedded == 24 and store.catalog.get_embedding(BACKBONE)["dim"] > 0

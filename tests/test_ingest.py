@@ -421,7 +421,12 @@ def test_manifest_paths_outside_root(tmp_path: Path) -> None:
     reasons = Counter(s.reason for s in result.skipped)
     assert reasons == {"path_outside_root": 3, "missing_path": 1, "missing_category": 1}
     outside_skips = [s for s in result.skipped if s.reason == "path_outside_root"]
-    assert {s.path for s in outside_skips} == {"../x.jpg", str(outside), "img/../../x.jpg"}
+    assert {s.path for s in outside_skips} == {str(outside.resolve())}  # where they lead
+    assert {s.detail.split("'")[1] for s in outside_skips} == {  # what the manifest says
+        "../x.jpg",
+        str(outside),
+        "img/../../x.jpg",
+    }
     assert _balanced(result)
 
     allowed = read_corpus(manifest, IngestConfig(allow_outside_root=True))
@@ -481,9 +486,10 @@ def test_manifest_rows_that_do_not_fit_the_header_are_skipped_by_name(
         b"img/in.jpg,art,caf\xe9,latin-1\n" + f"img/in.jpg,art,fine,{long}\n".encode()  # not UTF-8
     )
     result = read_corpus(manifest)
+    image = str((root / "img" / "in.jpg").resolve())  # resolved, as stored pins' paths are
     assert [(s.reason, s.path) for s in result.skipped] == [
-        ("malformed_row", "img/in.jpg"),
-        ("non_utf8_row", "img/in.jpg"),
+        ("malformed_row", image),
+        ("non_utf8_row", image),
     ]
     assert "row 2 of" in result.skipped[0].detail and "row 3 of" in result.skipped[1].detail
     (pin,) = result.pins
@@ -683,3 +689,20 @@ def test_accounting_with_every_outcome(tree_copy: Path) -> None:
     assert not already & {p.pin_id for p in result.pins}
     assert _balanced(result)
     assert set(result.boards) == {p.board for p in result.pins}
+
+
+def test_a_manifest_row_fixed_since_is_no_longer_counted_as_skipped(tmp_path: Path) -> None:
+    from pinsearch.store import Store
+
+    root, _ = _manifest_corpus(tmp_path)
+    rows = [{"path": "img/in.jpg", "category": ""}]  # relative, skipped before it resolves
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.catalog.add_ingest(read_corpus(write_manifest(root, rows)), "{}")
+        assert [r["reason"] for r in store.catalog.query("SELECT reason FROM skipped")] == [
+            "missing_category"
+        ]
+        rows[0]["category"] = "art"  # fixed
+        again = read_corpus(write_manifest(root, rows), exclude_ids=store.catalog.pin_ids())
+        store.catalog.add_ingest(again, "{}")
+        assert store.catalog.count_pins() == 1
+        assert store.catalog.query("SELECT * FROM skipped") == []
