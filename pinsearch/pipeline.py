@@ -120,6 +120,7 @@ def index_corpus(
     model = create_backbone(backbone, weights=embed.weights, device=resolve_device(embed.device))
     try:
         with Store.open(store_path, create=True) as store:
+            store.check_index_name(index_name or backbone)  # before the corpus is read
             found = added = already = skipped = sampled_out = 0
             fmt = ""
             if corpus is not None:

@@ -288,6 +288,20 @@ class Store:
 
     # -- indexes -------------------------------------------------------------------------
 
+    def check_index_name(self, name: str) -> None:
+        """Refuse a name whose files another index's are (``ivf:1`` and ``ivf_1``).
+
+        Raises:
+            ValueError: naming the other index.
+        """
+        base = self.index_base(name)
+        for other in self.index_names():
+            if other != name and self.index_base(other) == base:
+                raise ValueError(
+                    f"index name {name!r} would share its files ({base.name}.*) with index "
+                    f"{other!r}; choose another name"
+                )
+
     def stray_index_files(self) -> list[Path]:
         """Files of the index folder no recorded index owns: a killed save's ``.tmp`` files,
         files of an index a crash dropped from the catalog."""
@@ -307,6 +321,7 @@ class Store:
     ) -> PinIndex:
         """(Re)build an index from the stored vectors of ``backbone`` and save it."""
         backbone = self.resolve_backbone(backbone)
+        self.check_index_name(name or backbone)  # before minutes of building
         vectors, keys = self.vectors(backbone).load()
         if len(keys) == 0:
             raise ValueError(f"no stored vectors for {backbone!r}; nothing to index")
@@ -351,12 +366,7 @@ class Store:
             ValueError: another index's name gives the same file name (``ivf:1``, ``ivf_1``).
         """
         base = self.index_base(name)
-        for other in self.index_names():
-            if other != name and self.index_base(other) == base:
-                raise ValueError(
-                    f"index name {name!r} would share its files ({base.name}.*) with index "
-                    f"{other!r}; choose another name"
-                )
+        self.check_index_name(name)
         meta = index.save(base)
         self.catalog.upsert_index(
             {
