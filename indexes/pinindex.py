@@ -93,12 +93,14 @@ def fsync_file(path: Path) -> None:
 def fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (a rename in it) to disk; a no-op where folders cannot be
     opened (Windows)."""
-    with contextlib.suppress(OSError):
+    try:
         fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)  # an error here is one a durable write must not hide
+    finally:
+        os.close(fd)
 
 
 def replace_durably(tmp: Path, path: Path) -> None:
