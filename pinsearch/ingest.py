@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -680,9 +680,16 @@ def read_corpus(
     if config.per_category is not None:
         # drawn from every pin the rules keep, stored ones included: a run resumed after a
         # kill adds what the uninterrupted run would have, not another draw from the rest
+        # and never past N per category with the stored ones (a corpus grown since draws anew)
         everyone = [*present.values(), *kept]
         drawn = {p.pin_id for p in sample_per_category(everyone, config.per_category, config.seed)}
-        sampled = [p for p in kept if p.pin_id in drawn]
+        room = Counter({c: config.per_category for c in {p.category for p in kept}})
+        room.subtract(p.category for p in present.values())
+        sampled = []
+        for p in kept:
+            if p.pin_id in drawn and room[p.category] > 0:
+                sampled.append(p)
+                room[p.category] -= 1
         sampled_out = len(kept) - len(sampled)
         kept = sampled
     for s in skipped:

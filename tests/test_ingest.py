@@ -628,6 +628,16 @@ def test_a_resumed_sample_adds_what_the_uninterrupted_run_would(tree_corpus) -> 
     assert done.pins == [] and done.sampled_out == 24 - 9
 
 
+def test_a_grown_corpus_keeps_at_most_n_per_category(tmp_path: Path) -> None:
+    config = IngestConfig(per_category=3, seed=0)
+    folder = make_image_folder(tmp_path / "f", categories=("art", "food"), per_category=10)
+    first = read_corpus(folder.root, config)
+    stored = [p.pin_id for p in first.pins]
+    make_image_folder(tmp_path / "f", categories=("art", "food"), per_category=30)  # grown
+    again = read_corpus(folder.root, config, exclude_ids=stored)
+    assert again.pins == [] and _balanced(again)  # 3 of each are in already
+
+
 def test_sampling_is_deterministic_and_seed_dependent(tree_corpus) -> None:
     def ids(seed: int) -> frozenset[str]:
         return frozenset(
