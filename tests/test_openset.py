@@ -113,3 +113,17 @@ def test_studies_sample_per_class(planted: Path, tmp_path: Path) -> None:
     compact = CompactConfig(name="c", store=str(planted), backbones=["synthetic"],
                             variants=["float32"], heads=["knn"], per_class=20)  # fmt: skip
     assert run_compact(compact, tmp_path / "c")["pins"] == 8 * 20
+
+
+def test_the_study_seed_reaches_the_mlp(planted: Path, tmp_path: Path) -> None:
+    from pinsearch.eval.openset import head_params
+
+    assert head_params("mlp", 7)["random_state"] == 7 and "random_state" not in head_params(
+        "lsvm", 7
+    )
+    runs = [
+        run_openset(OpenSetConfig(name="o", store=str(planted), backbones=["synthetic"],
+                                  heads=["mlp"], splits=1, seed=s), tmp_path / str(s))
+        for s in (3, 3)
+    ]  # fmt: skip
+    assert runs[0]["results"] == runs[1]["results"]  # the same seed, the same MLPs
