@@ -152,11 +152,12 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
         )  # fmt: skip
         labels = labels.astype(str)
         n_cats = len(np.unique(labels))
-        if n_cats - _unknown_count(n_cats, config.unknown_fraction) < 2:
+        n_unknown = _unknown_count(n_cats, config.unknown_fraction)
+        if n_cats - n_unknown < 2:
             raise ValueError(
                 f"open-set study {config.name!r}: {n_cats} categories leave fewer than 2 known "
-                f"ones once {_unknown_count(n_cats, config.unknown_fraction)} are held out as "
-                "unknown (unknown_fraction); it needs more categories or a smaller fraction"
+                f"ones once {n_unknown} are held out as unknown (unknown_fraction); it needs "
+                "more categories or a smaller fraction"
             )
         reject = _reject_label(labels)
         splits = [

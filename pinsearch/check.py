@@ -80,8 +80,7 @@ class RepairReport:
 
 
 def _pin_keys(store: Store) -> np.ndarray:
-    rows = store.catalog.connection.execute("SELECT pin_key FROM pins ORDER BY pin_key")
-    return np.array([r[0] for r in rows.fetchall()], dtype=np.int64)
+    return store.catalog.pin_columns()[0]
 
 
 def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport) -> np.ndarray:

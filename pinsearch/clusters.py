@@ -25,7 +25,7 @@ import numpy as np
 
 from pinsearch.errors import DeviceError
 from pinsearch.store import Store
-from pinsearch.vectors import in_sorted, unit_rows
+from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
 __all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
 
@@ -170,7 +170,8 @@ class _Ward:
             if len(x) <= self.limit
             else np.sort(np.random.default_rng(seed).choice(len(x), self.limit, replace=False))
         )
-        self.tree = ward(x if self.idx is None else x[self.idx])
+        self.part = x if self.idx is None else x[self.idx]  # the rows the tree is built on
+        self.tree = ward(self.part)
 
     def labels(self, k: int) -> np.ndarray:
         from scipy.cluster.hierarchy import fcluster
@@ -178,7 +179,7 @@ class _Ward:
         sub = fcluster(self.tree, k, criterion="maxclust") - 1  # 0 .. k-1
         if self.idx is None:
             return sub.astype(np.int64)
-        part = self.x[self.idx]
+        part = self.part
         centres = unit_rows(np.stack([part[sub == c].mean(axis=0) for c in range(sub.max() + 1)]))
         return np.argmax(self.x @ centres.T, axis=1).astype(np.int64)
 
@@ -199,36 +200,22 @@ def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> 
 
 def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(unit vectors, item names, categories) of pins or boards."""
-    from scipy import sparse
-
-    cols = store.catalog.connection.execute(
-        "SELECT pin_key, pin_id, board, category FROM pins ORDER BY pin_key"
-    ).fetchnumpy()  # columns, not a dict per pin
-    pin_keys = np.asarray(cols["pin_key"], dtype=np.int64)
+    pin_keys, cols = store.catalog.pin_columns("pin_id", "board", "category")
     vectors, keys = store.vectors(backbone).load()
     ok = in_sorted(pin_keys, keys)
     if not ok.all():  # (vectors of pins the catalog no longer has)
         vectors, keys = vectors[ok], keys[ok]
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # in place
     row = np.searchsorted(pin_keys, keys)
-
-    def column(name: str) -> np.ndarray:
-        return np.array([str(v) for v in np.asarray(cols[name], dtype=object)[row]])
-
+    cats = cols["category"][row]
     if level == "pins":
-        return vectors, column("pin_id").tolist(), column("category")
-    boards = column("board")
-    names, inv = np.unique(boards, return_inverse=True)
-    member = sparse.csr_matrix(
-        (np.ones(len(inv)), (inv, np.arange(len(inv)))), shape=(len(names), len(inv))
-    )
+        return vectors, cols["pin_id"][row].tolist(), cats
+    names, inv = np.unique(cols["board"][row], return_inverse=True)
     # a board's category: its pins' most common one (they share it, unless edited since)
-    cats = column("category")
     cat_names, cat_inv = np.unique(cats, return_inverse=True)
-    counts = sparse.csr_matrix(
-        (np.ones(len(inv)), (inv, cat_inv)), shape=(len(names), len(cat_names))
-    ).toarray()
-    return unit_rows(np.asarray(member @ vectors)), names.tolist(), cat_names[counts.argmax(1)]
+    counts = np.bincount(inv * len(cat_names) + cat_inv, minlength=len(names) * len(cat_names))
+    board_cats = cat_names[counts.reshape(len(names), len(cat_names)).argmax(axis=1)]
+    return unit_rows(group_sums(inv, len(names), vectors)), names.tolist(), board_cats
 
 
 def _label(
@@ -238,12 +225,10 @@ def _label(
         labels, _, inertia = kmeans(x, k, seed=config.seed, device=config.device)
         return labels, inertia
     labels = (ward or _Ward(x, config.seed)).labels(k)
-    from scipy import sparse
-
-    k_made = int(labels.max()) + 1  # each cluster's mean: one sparse product
-    member = sparse.csr_matrix((np.ones(len(x)), (labels, np.arange(len(x)))), (k_made, len(x)))
-    centres = (member @ x) / np.maximum(np.bincount(labels, minlength=k_made), 1)[:, None]
-    return labels, _inertia(x, np.asarray(centres, dtype=x.dtype), labels)
+    k_made = int(labels.max()) + 1
+    sizes = np.maximum(np.bincount(labels, minlength=k_made), 1)[:, None]
+    centres = (group_sums(labels, k_made, x) / sizes).astype(x.dtype)
+    return labels, _inertia(x, centres, labels)
 
 
 def cluster_store(

@@ -900,8 +900,7 @@ def embed_store(
     done = vs.keys()
     # the pins without a vector, found as columns (a store of a million pins with nothing to
     # embed reads no path)
-    pins = catalog.connection.execute("SELECT pin_key FROM pins ORDER BY pin_key").fetchnumpy()
-    every = np.asarray(pins["pin_key"], dtype=np.int64)
+    every, _ = catalog.pin_columns()
     missing = every[~in_sorted(np.sort(done), every)]
     if keys is not None:
         missing = missing[in_sorted(np.unique(np.asarray(keys, dtype=np.int64)), missing)]

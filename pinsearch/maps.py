@@ -114,13 +114,9 @@ def draw_map(
     # the sample is drawn from the keys and categories; only its vectors and rows are read
     vs = store.vectors(backbone)
     keys = vs.keys()
-    cols = store.catalog.connection.execute(
-        "SELECT pin_key, category FROM pins ORDER BY pin_key"
-    ).fetchnumpy()
-    pin_keys = np.asarray(cols["pin_key"], dtype=np.int64)
+    pin_keys, cols = store.catalog.pin_columns("category")
     keys = keys[in_sorted(pin_keys, keys)]  # pins still in the catalog, in storage order
-    cats_all = np.asarray(cols["category"], dtype=object)[np.searchsorted(pin_keys, keys)]
-    cats_all = np.array([str(c) for c in cats_all])
+    cats_all = cols["category"][np.searchsorted(pin_keys, keys)]
     pick = _sample(cats_all, config.sample, config.seed)
     vectors, _ = vs.load(keys[pick])  # rows in the order asked
     x = unit_rows(vectors)

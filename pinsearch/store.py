@@ -442,10 +442,7 @@ class Store:
         rows = self.catalog.list_indexes()
         if not rows:
             return []
-        found = self.catalog.connection.execute(
-            "SELECT pin_key FROM pins ORDER BY pin_key"
-        ).fetchnumpy()["pin_key"]
-        pin_keys = np.asarray(found, dtype=np.int64)  # sorted: membership by binary search
+        pin_keys, _ = self.catalog.pin_columns()  # sorted: membership by binary search
         problems: list[tuple[str, str, np.ndarray | None]] = []
         for row in rows:
             name = row["name"]

@@ -30,7 +30,7 @@ import numpy as np
 from pinsearch.errors import PinNotFoundError
 from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters, category_key
 from pinsearch.text import TextEncoder, text_encoder_for, text_space
-from pinsearch.vectors import unit_rows
+from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
 __all__ = [
     "BoardHit",
@@ -409,23 +409,14 @@ class TextSearcher(PinSearcher):
         sparse product per chunk: a million pins' vectors are never all in memory at once.
         Boards without a stored vector are left out."""
         if self._centroids is None:
-            from scipy import sparse
-
-            rows = self.store.catalog.connection.execute(
-                "SELECT pin_key, board FROM pins ORDER BY pin_key"
-            ).fetchnumpy()
-            pk = np.asarray(rows["pin_key"], np.int64)
-            names, code = np.unique(np.asarray(rows["board"]).astype(str), return_inverse=True)
+            pk, cols = self.store.catalog.pin_columns("board")
+            names, code = np.unique(cols["board"], return_inverse=True)
             sums = np.zeros((len(names), self.index.dim), np.float64)
             for vectors, keys in self.store.vectors(self.backbone).iter_chunks(chunk):
-                at = np.clip(np.searchsorted(pk, keys), 0, max(len(pk) - 1, 0))
-                found = np.flatnonzero(pk[at] == keys)
+                found = np.flatnonzero(in_sorted(pk, keys))
                 if found.size:
-                    member = sparse.csr_matrix(
-                        (np.ones(found.size), (code[at[found]], np.arange(found.size))),
-                        shape=(len(names), found.size),
-                    )
-                    sums += member @ unit_rows(vectors[found]).astype(np.float64)
+                    board = code[np.searchsorted(pk, keys[found])]
+                    sums += group_sums(board, len(names), unit_rows(vectors[found]))
             held = np.abs(sums).sum(axis=1) > 0
             self._centroids = (names[held], unit_rows(sums[held]))
         return self._centroids

@@ -43,6 +43,22 @@ def in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[at] == keys
 
 
+def group_sums(groups: np.ndarray, n_groups: int, x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """``(n_groups, d)`` float64 sums of the rows of ``x`` by their group (``groups[i]`` in
+    ``0..n_groups-1``): one sparse product per ``chunk`` rows, so that no float64 copy of all
+    of ``x`` is made."""
+    from scipy import sparse
+
+    out = np.zeros((n_groups, x.shape[1]), np.float64)
+    for i in range(0, len(x), chunk):
+        g = groups[i : i + chunk]
+        member = sparse.csr_matrix(
+            (np.ones(len(g)), (g, np.arange(len(g)))), shape=(n_groups, len(g))
+        )
+        out += member @ x[i : i + chunk].astype(np.float64)
+    return out
+
+
 def backbone_dirname(backbone: str) -> str:
     """A file-system-safe folder name for a backbone name (``timm:a.b`` -> ``timm_a.b``)."""
     return _SAFE_NAME.sub("_", backbone)

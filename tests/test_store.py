@@ -401,3 +401,14 @@ def test_in_sorted_is_isin_for_sorted_keys() -> None:
     probe = rng.integers(-60, 60, 200)
     np.testing.assert_array_equal(in_sorted(keys, probe), np.isin(probe, keys))
     assert not in_sorted(keys[:0], probe).any() and in_sorted(keys, probe[:0]).shape == (0,)
+
+
+def test_group_sums_add_rows_by_group_in_chunks() -> None:
+    from pinsearch.vectors import group_sums
+
+    rng = np.random.default_rng(0)
+    groups, x = rng.integers(0, 7, 1000), rng.normal(size=(1000, 5)).astype(np.float32)
+    expected = np.zeros((7, 5))
+    np.add.at(expected, groups, x.astype(np.float64))
+    np.testing.assert_allclose(group_sums(groups, 7, x, chunk=64), expected, rtol=1e-12)
+    assert group_sums(groups[:0], 3, x[:0]).shape == (3, 5)
