@@ -674,17 +674,29 @@ class PinIndex:
             )
         return self._exact
 
-    def positions_of(self, keys: np.ndarray) -> np.ndarray:
-        """Positions of the given pin keys in this index (keys not in it are ignored)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if self._order is None:  # sorted once per index state, not per filtered query
+    def _sorted_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """(order, ids[order]): sorted once per index state, not per filtered query."""
+        if self._order is None:
             order = np.argsort(self.ids, kind="stable")
             self._order = (order, self.ids[order])
-        order, sorted_ids = self._order
-        at = np.searchsorted(sorted_ids, keys)
-        at = np.clip(at, 0, max(len(sorted_ids) - 1, 0))
+        return self._order
+
+    def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where each key is in the sorted ids, whether it is there)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        sorted_ids = self._sorted_ids()[1]
+        at = np.clip(np.searchsorted(sorted_ids, keys), 0, max(len(sorted_ids) - 1, 0))
         hit = sorted_ids[at] == keys if len(sorted_ids) else np.zeros(len(keys), bool)
-        positions = order[at[hit]]
+        return at, hit
+
+    def holds(self, keys: np.ndarray) -> np.ndarray:
+        """Whether each of the given pin keys has a vector in this index."""
+        return self._find(keys)[1]
+
+    def positions_of(self, keys: np.ndarray) -> np.ndarray:
+        """Positions of the given pin keys in this index (keys not in it are ignored)."""
+        at, hit = self._find(keys)
+        positions = self._sorted_ids()[0][at[hit]]
         if positions.size > 1 and not bool((positions[1:] >= positions[:-1]).all()):
             positions = np.sort(positions)  # (ids added in key order need none)
         return positions

@@ -28,7 +28,14 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
-from pinsearch.search import PinSearcher, SearchHit, SearchResult, _filters, category_key
+from pinsearch.search import (
+    _NO_KEYS,
+    PinSearcher,
+    SearchHit,
+    SearchResult,
+    _filters,
+    category_key,
+)
 from pinsearch.text import TextEncoder, text_encoder_for, text_space
 from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
@@ -374,14 +381,37 @@ class TextSearcher(PinSearcher):
             row = meta.get(int(key))
             if row is not None:
                 by_board.setdefault(row["board"], []).append(i)
+        held = self._held_board_sizes(sorted(by_board), allowed)
         ranked = []
         for board, pos in by_board.items():
-            want = min(m, sizes.get(board, len(pos)))
+            want = min(m, held.get(board, len(pos)))
             top = [float(scores[i]) for i in pos[:want]]
             top += [floor] * (want - len(top))
             ranked.append((board, float(np.mean(top)), pos[:m]))
         ranked.sort(key=lambda r: (-r[1], r[0]))
         return [(b, sc, self.hits(keys[pos], scores[pos])) for b, sc, pos in ranked[:k]]
+
+    def _held_board_sizes(self, boards: list[str], allowed: np.ndarray | None) -> dict[str, int]:
+        """Pins of each of the (sorted) ``boards`` among ``allowed`` that have a vector in this
+        index. A board's top-m pads with the pool's floor only for pins that have a score: in a
+        store with several backbones, pins without this one's vector (outside a sample, or
+        failed) have none."""
+        if self.cache_metadata:
+            groups = self._group("board")
+            parts = [groups.get(b, _NO_KEYS) for b in boards]
+            keys = np.concatenate(parts) if parts else _NO_KEYS
+            code = np.repeat(np.arange(len(boards)), [len(p) for p in parts])
+        else:
+            cols = self.store.catalog.connection.execute(
+                "SELECT board, pin_key FROM pins WHERE board IN (SELECT unnest(?))", [boards]
+            ).fetchnumpy()
+            keys = np.asarray(cols["pin_key"], dtype=np.int64)
+            code = np.searchsorted(np.array(boards), np.asarray(cols["board"]).astype(str))
+        keep = self.index.holds(keys)
+        if allowed is not None:
+            keep &= in_sorted(allowed, keys)
+        counts = np.bincount(code[keep], minlength=len(boards))
+        return dict(zip(boards, counts.tolist()))
 
     def _boards_centroid(
         self, q: np.ndarray, k: int, m: int, sizes: dict[str, int]

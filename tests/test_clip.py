@@ -205,6 +205,33 @@ def test_board_ranking_matches_brute_force(searcher: TextSearcher, score: str) -
         assert b.pins[0].score >= b.pins[1].score
 
 
+def test_top_m_counts_only_pins_with_a_vector(tree_corpus, tmp_path: Path) -> None:
+    """Pins in the catalog without this backbone's vector (outside a sample) have no score: a
+    board with one such vector is ranked by it alone, not padded with the pool's floor."""
+    from pinsearch.pipeline import index_corpus
+
+    thin: list[str] = []
+
+    def sample(store: Store) -> np.ndarray:
+        keys, cols = store.catalog.pin_columns("board")
+        thin.append(str(cols["board"][0]))
+        drop = np.flatnonzero(cols["board"] == thin[0])[1:]  # the board keeps one pin
+        return np.delete(keys, drop)
+
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=CLIP, select=sample)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert len(store.vectors(CLIP)) == 21 and store.catalog.count_pins() == 24
+        for cache in (False, True):
+            searcher = TextSearcher(store, cache_metadata=cache)
+            truth = _board_scores(searcher, "a plate of food", 2)
+            res = searcher.search_boards("a plate of food", k=10, per_board=2)
+            assert len(res.boards) == len(truth) == 6
+            for b in res.boards:
+                assert b.score == pytest.approx(truth[b.board][0], abs=1e-5)
+            got = {b.board: (b.pins_in_board, len(b.pins)) for b in res.boards}
+            assert got[thin[0]] == (4, 1)
+
+
 def test_board_centroids_read_in_chunks_equal_one_pass(clip_store: Path) -> None:
     with Store.open(clip_store, read_only=True) as store:
         whole = TextSearcher(store).board_centroids()
