@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,7 @@ class Store:
         read_only: bool = False,
         verify: bool = True,
         detach: bool = False,
+        wait: float = 10.0,
     ) -> Store:
         """Open (or create) a store.
 
@@ -135,11 +137,15 @@ class Store:
                 and writers can open while it runs. It answers from the store as it was when
                 opened (indexes load then, vectors are read as needed); the copy goes on
                 :meth:`close`.
+            wait: (writing) seconds to wait for readers in other processes that hold the
+                catalog (a ``pinsearch query``) to close it. Readers that start while a writer
+                works read the snapshot, so they do not keep it waiting.
 
         Raises:
             FileNotFoundError: no store at ``path`` and ``create`` is False.
             StoreVersionError: the store has another format version.
-            StoreLockedError: another process is writing to it.
+            StoreLockedError: another process is writing to it, or a reader held the catalog
+                for longer than ``wait``.
         """
         root = Path(path)
         meta_file = root / _STORE_FILE
@@ -172,19 +178,12 @@ class Store:
                 # (closing it), then published: readers must see that state before the files
                 # it retired are deleted below. (Not while this process holds the catalog:
                 # closing any handle of the file would drop DuckDB's lock on it.)
-                Catalog(root / _CATALOG).close()
+                _open_catalog(root / _CATALOG, wait).close()
                 _publish_snapshot(root)
-            try:
-                catalog = Catalog(root / _CATALOG, read_only=read_only)
-            except duckdb.Error as exc:
-                locked = "lock" in str(exc).lower() or "configuration" in str(exc).lower()
-                if not (read_only and locked and (root / _SNAPSHOT).is_file()):
-                    raise
-                # A writer holds the catalog: read its last published snapshot instead.
-                catalog = Catalog(root / _SNAPSHOT, read_only=True)
-                snapshot = True
-                _logger.info("store %s is being written (%s); reading its snapshot", root,
-                             lock_holder(root))  # fmt: skip
+            if read_only:
+                catalog, snapshot = _open_for_reading(root)
+            else:
+                catalog = _open_catalog(root / _CATALOG, wait)
             if detach and read_only:  # copied while this reader holds it: no write under way
                 private = _private_copy(Path(catalog.path))
                 catalog.close()
@@ -197,9 +196,15 @@ class Store:
             if lock is not None:
                 lock.release()
             if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+                holder = (
+                    f"a reader that did not close it within {wait:g} s (a long-running reader "
+                    "should open with detach=True, as pinsearch serve does)"
+                    if lock is not None
+                    else lock_holder(root)
+                )
                 raise StoreLockedError(
-                    f"store {root} is open in another process ({lock_holder(root)}); DuckDB "
-                    f"allows one writer or several readers at a time: {exc}"
+                    f"store {root} is open in another process: {holder}; DuckDB allows one "
+                    f"writer or several readers at a time: {exc}"
                 ) from exc
             raise
         store = cls(root, catalog, lock)
@@ -677,6 +682,55 @@ def _private_copy(catalog: Path) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+def _open_catalog(path: Path, wait: float) -> Catalog:
+    """The catalog opened for writing, retried for up to ``wait`` seconds while readers in
+    other processes hold it (DuckDB's "Could not set lock on file")."""
+    deadline, pause = time.monotonic() + wait, 0.01
+    while True:
+        try:
+            return Catalog(path)
+        except duckdb.IOException as exc:
+            left = deadline - time.monotonic()
+            if "lock" not in str(exc).lower() or left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 0.25)
+
+
+def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
+    """(catalog, whether it is the snapshot): the catalog, or the last published snapshot while
+    a writer works. A live writer's snapshot is opened without touching the catalog, not even
+    for a moment: the writer may be waiting for the catalog's readers to let go."""
+    has_snapshot = (root / _SNAPSHOT).is_file()
+    if not (has_snapshot and _writer_at_work(root)):
+        try:
+            return Catalog(root / _CATALOG, read_only=True), False
+        except duckdb.Error as exc:
+            locked = "lock" in str(exc).lower() or "configuration" in str(exc).lower()
+            if not (locked and has_snapshot):
+                raise
+    _logger.info("store %s is being written (%s); reading its snapshot", root, lock_holder(root))
+    return Catalog(root / _SNAPSHOT, read_only=True), True
+
+
+def _writer_at_work(root: Path) -> bool:
+    """Whether the process named in ``S/.lock`` is alive (the writer writes its PID there once
+    it holds the lock and clears it on release; a killed writer's PID names no process)."""
+    try:
+        pid = int((root / ".lock").read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def lock_holder(root: Path) -> str:

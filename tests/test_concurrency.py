@@ -110,3 +110,59 @@ def test_readers_of_the_snapshot_survive_a_remove(store_copy: Path, tmp_path: Pa
         )
         assert store.vectors("test_efficientnet").retired() == []
     assert "retired_vector_files" not in check_store(store_copy).checked
+
+
+_READER = """
+import sys, time
+from pathlib import Path
+from pinsearch.store import Store
+store = Store.open(sys.argv[1], read_only=True)
+print("snapshot" if store.snapshot else "catalog", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.02)
+store.close()
+"""
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PINSEARCH_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_writer_waits_for_readers_of_the_catalog(store_copy: Path, tmp_path: Path) -> None:
+    """A reader holding the catalog (a CLI query) delays a writer instead of failing it, for up
+    to ``wait``; readers that start meanwhile read the snapshot, so they cannot starve it."""
+    with Store.open(store_copy) as s:  # publishes the snapshot
+        s.catalog.set_meta("note", "before")
+    reader = _start(_READER, str(store_copy), str(tmp_path / "reader-done"))
+    writer = None
+    try:
+        assert reader.stdout.readline().strip() == "catalog"
+        with pytest.raises(StoreLockedError, match="a reader that did not close it within 0.2 s"):
+            Store.open(store_copy, wait=0.2)
+        writer = _start(_WRITER, str(store_copy), str(tmp_path / "writer-done"))
+        deadline = time.monotonic() + 60
+        while (store_copy / ".lock").read_text().strip() != str(writer.pid):
+            assert time.monotonic() < deadline and writer.poll() is None, writer.stderr.read()
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert writer.poll() is None  # holds the lock, waits for the catalog
+        with Store.open(store_copy, read_only=True) as late:  # does not join the catalog's readers
+            assert late.snapshot and late.catalog.get_meta("note") == "before"
+            (tmp_path / "reader-done").touch()
+            assert writer.stdout.readline().strip() == "ready", writer.stderr.read()
+    finally:
+        (tmp_path / "reader-done").touch()
+        (tmp_path / "writer-done").touch()
+        reader.wait(timeout=60)
+        if writer is not None:
+            writer.wait(timeout=60)
+    assert reader.returncode == writer.returncode == 0, writer.stderr.read()
+    with Store.open(store_copy, read_only=True) as after:
+        assert not after.snapshot and after.catalog.get_meta("note") == "written by the writer"
