@@ -292,7 +292,7 @@ class TextSearcher(PinSearcher):
         allowed = self.filter_keys(user=user, category=category)
         sizes = self._board_sizes(user, category)
         if score == "topm":
-            ranked = self._boards_topm(q, k, per_board, allowed, sizes, pool)
+            ranked = self._boards_topm(q, k, per_board, allowed, pool)
         else:
             ranked = self._boards_centroid(q, k, per_board, sizes)
         info = self._board_info([b for b, _, _ in ranked])
@@ -362,7 +362,6 @@ class TextSearcher(PinSearcher):
         k: int,
         m: int,
         allowed: np.ndarray | None,
-        sizes: dict[str, int],
         pool: int | None,
     ) -> list[tuple[str, float, list[SearchHit]]]:
         n = pool or max(2000, 50 * k * m)
@@ -396,6 +395,8 @@ class TextSearcher(PinSearcher):
         index. A board's top-m pads with the pool's floor only for pins that have a score: in a
         store with several backbones, pins without this one's vector (outside a sample, or
         failed) have none."""
+        if not boards:
+            return {}
         if self.cache_metadata:
             groups = self._group("board")
             parts = [groups.get(b, _NO_KEYS) for b in boards]
