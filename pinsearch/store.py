@@ -13,6 +13,7 @@ S/catalog.readers.duckdb  the catalog as of the last finished write, for readers
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -24,7 +25,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import duckdb
 import numpy as np
@@ -72,7 +73,13 @@ class StoreInfo:
 
 
 class _WriteLock:
-    """An exclusive ``flock`` on ``S/.lock``; the holder's PID is written inside."""
+    """An exclusive ``flock`` on ``S/.lock``; the holder's PID is written inside.
+
+    A forked child (a DataLoader worker) closes its copy of the handle as it starts: the lock
+    belongs to the open file, so a worker that outlives its killed writer by a few seconds
+    would otherwise hold the store locked in the name of a dead process."""
+
+    _held: ClassVar[set[_WriteLock]] = set()
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -90,8 +97,26 @@ class _WriteLock:
         self._fh.truncate()
         self._fh.write(str(os.getpid()))
         self._fh.flush()
+        _WriteLock._held.add(self)
+
+    @classmethod
+    def _close_in_child(cls) -> None:
+        """Drop a forked child's reference to the locked file: its descriptor is pointed at
+        /dev/null (closing it outright would leave the file object a number to close again)."""
+        if not cls._held:
+            return
+        with contextlib.suppress(OSError):
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                for lock in cls._held:
+                    if not lock._fh.closed:
+                        os.dup2(null, lock._fh.fileno())
+            finally:
+                os.close(null)
+        cls._held.clear()
 
     def release(self) -> None:
+        _WriteLock._held.discard(self)
         if not self._fh.closed:
             self._fh.seek(0)
             self._fh.truncate()  # no stale PID in later error messages
@@ -682,6 +707,9 @@ def _private_copy(catalog: Path) -> Path:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return folder
+
+
+os.register_at_fork(after_in_child=_WriteLock._close_in_child)
 
 
 def _open_catalog(path: Path, wait: float) -> Catalog:

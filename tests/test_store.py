@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -412,3 +413,33 @@ def test_group_sums_add_rows_by_group_in_chunks() -> None:
     np.add.at(expected, groups, x.astype(np.float64))
     np.testing.assert_allclose(group_sums(groups, 7, x, chunk=64), expected, rtol=1e-12)
     assert group_sums(groups[:0], 3, x[:0]).shape == (3, 5)
+
+
+_FORKING_WRITER = """
+import os, sys, time
+from pinsearch.store import Store
+store = Store.open(sys.argv[1])
+child = os.fork()
+if child == 0:  # a DataLoader worker outliving its writer
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1), os.dup2(null, 2)  # (the test reads the writer's output to its end)
+    time.sleep(30)
+    os._exit(0)
+print(child, flush=True)
+os._exit(0)  # killed: no release
+"""
+
+
+def test_a_killed_writers_forked_children_do_not_hold_its_lock(store_copy: Path) -> None:
+    env = {**os.environ, "PINSEARCH_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKING_WRITER, str(store_copy)],
+        capture_output=True, text=True, env=env, timeout=60, check=True,
+    )  # fmt: skip
+    child = int(out.stdout.strip())
+    try:
+        os.kill(child, 0)  # still alive, holding a copy of the writer's descriptors
+        with Store.open(store_copy, wait=0) as store:
+            assert store.catalog.count_pins() == 24
+    finally:
+        os.kill(child, signal.SIGKILL)
