@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -77,15 +78,18 @@ def open_image(
         The opened image; the caller closes it or decodes it with :func:`decode_rgb`.
 
     Raises:
-        ImageError: ``unreadable``, ``empty_file``, ``not_an_image``, ``too_large`` or
-            ``corrupt`` (an invalid size).
+        ImageError: ``unreadable``, ``not_a_file``, ``empty_file``, ``not_an_image``,
+            ``too_large`` or ``corrupt`` (an invalid size).
     """
     path = Path(path)
     if data is None:
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except OSError as exc:
             raise ImageError(path, "unreadable", str(exc)) from exc
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a device never end
+            raise ImageError(path, "not_a_file", "not a regular file (a FIFO, socket or device)")
+        size = st.st_size
     else:
         size = len(data)
     if size == 0:

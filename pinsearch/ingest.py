@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -116,26 +117,48 @@ _APOSTROPHES = re.compile(r"['\u2019`]")
 def normalize_category(name: str | None) -> str:
     """Normalise a category label: ``"Film, Music & Books"`` -> ``"film_music_books"``.
 
-    Lower case; apostrophes vanish (``"Women's Fashion"`` -> ``"womens_fashion"``); runs of
-    spaces, commas, ``&``, ``/``, ``+`` and ``-`` become one underscore. Returns ``""`` for a
-    missing or blank name.
+    Unicode NFC (a name copied from macOS, decomposed, is the same category); lower case;
+    apostrophes vanish (``"Women's Fashion"`` -> ``"womens_fashion"``); runs of spaces, commas,
+    ``&``, ``/``, ``+`` and ``-`` become one underscore. Returns ``""`` for a missing or blank
+    name.
     """
     if name is None:
         return ""
-    text = _APOSTROPHES.sub("", str(name).strip().lower())
+    text = _APOSTROPHES.sub("", unicodedata.normalize("NFC", str(name)).strip().lower())
     text = _CATEGORY_SEP.sub("_", text)
     text = re.sub(r"_+", "_", text).strip("_")
     return text
 
 
 def _text(value: object) -> str:
-    return "" if value is None else str(value).strip()
+    """A text field as text: JSON values that are not strings or numbers (a list for a
+    title) are kept as their JSON, not as Python's repr."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _label(value: object) -> str:
+    """A board.json category: text or a whole number (a class id); anything else is refused.
+
+    Raises:
+        ValueError: a list, object, boolean or fraction.
+    """
+    if value is None or isinstance(value, str):
+        return normalize_category(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"'category' must be text, got {json.dumps(value, default=str)}")
 
 
 def _read_json(path: Path) -> dict[str, object]:
     """Read a JSON object; raises ValueError describing what is wrong."""
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # (a BOM is allowed)
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
@@ -175,6 +198,47 @@ def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _kind(entry: os.DirEntry[str]) -> str:
+    """``dir``, ``file``, ``broken`` (a symbolic link to nothing, or a loop of links) or
+    ``other`` (a FIFO, socket or device); links are followed."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # ELOOP, EACCES on the target
+        return "broken"
+    return "broken" if entry.is_symlink() else "other"
+
+
+def _unreadable(folder: str | Path, exc: OSError) -> SkippedPin:
+    """A folder that cannot be listed: its pins are unknown, so it counts as one."""
+    return SkippedPin(
+        str(folder), "unreadable", f"folder {folder} cannot be read: {exc.strerror or exc}"
+    )
+
+
+def _stray(entry: os.DirEntry[str], kind: str, where: str) -> SkippedPin | None:
+    """An entry that is not a pin where pins or their folders are expected: recorded when it
+    may have been one (an image, a link to nothing, a FIFO named like an image), else None."""
+    image = is_image_file(Path(entry.name))
+    path = entry.path.encode("utf-8", "backslashreplace").decode("utf-8")
+    if kind == "broken":
+        return SkippedPin(path, "broken_link", f"{path} is a symbolic link to nothing (or a loop)")
+    if kind == "other" and image:
+        return SkippedPin(path, "not_a_file", f"{path} is not a regular file (a FIFO or device?)")
+    if kind == "file" and image and where:
+        return SkippedPin(path, "not_in_board", f"image {path} lies {where}")
+    return None
+
+
+def _root_entries(root: Path) -> list[os.DirEntry[str]]:
+    try:
+        return _visible_entries(root)
+    except OSError as exc:
+        raise CorpusError(f"corpus {root} cannot be read: {exc.strerror or exc}") from exc
+
+
 def _pick_image(pin_dir: Path, files: Sequence[os.DirEntry[str]]) -> Path | None:
     images = [Path(e.path) for e in files if is_image_file(Path(e.name))]
     if not images:
@@ -193,18 +257,34 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
     ``description``, ``link``). Images lying loose in a board folder are pins too (id = stem).
     """
     root = Path(root)
-    for user_entry in _visible_entries(root):
-        if not user_entry.is_dir():
+    outside = "outside any <user>/<board>/ folder"
+    for user_entry in _root_entries(root):
+        kind = _kind(user_entry)
+        if kind != "dir":
+            if (stray := _stray(user_entry, kind, outside)) is not None:
+                yield stray
             continue
-        for board_entry in _visible_entries(Path(user_entry.path)):
-            if board_entry.is_dir():
+        try:
+            boards = _visible_entries(Path(user_entry.path))
+        except OSError as exc:
+            yield _unreadable(user_entry.path, exc)
+            continue
+        for board_entry in boards:
+            kind = _kind(board_entry)
+            if kind == "dir":
                 yield from _iter_board(Path(board_entry.path), user_entry.name)
+            elif (stray := _stray(board_entry, kind, outside)) is not None:
+                yield stray
 
 
 def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
-    entries = _visible_entries(board_dir)
+    try:
+        entries = _visible_entries(board_dir)
+    except OSError as exc:
+        yield _unreadable(board_dir, exc)
+        return
     board_key = f"{user}/{board_dir.name}"
-    problem = ""
+    problem = category = ""
     meta: dict[str, object] = {}
     if not (_valid_name(user) and _valid_name(board_dir.name)):
         problem = "non_utf8_name: the user or board folder name is not valid UTF-8"
@@ -213,9 +293,9 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
     else:
         try:
             meta = _read_json(board_dir / "board.json")
+            category = _label(meta.get("category"))
         except (ValueError, OSError) as exc:
             problem = f"malformed_board_json: {board_dir / 'board.json'}: {exc}"
-    category = normalize_category(_text(meta.get("category"))) if not problem else ""
     if not problem and not category:
         problem = f"missing_category: {board_dir / 'board.json'} has no 'category'"
     board_name = _text(meta.get("name")) or board_dir.name
@@ -223,16 +303,23 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
     for entry in entries:
         if entry.name == "board.json":
             continue
-        if entry.is_dir():
+        kind = _kind(entry)
+        if kind == "dir":
             pin_dir = Path(entry.path)
-            with os.scandir(pin_dir) as it:
-                files = sorted((e for e in it if e.is_file()), key=lambda e: e.name)
+            try:
+                with os.scandir(pin_dir) as it:
+                    files = sorted((e for e in it if _kind(e) == "file"), key=lambda e: e.name)
+            except OSError as exc:
+                yield replace(_unreadable(pin_dir, exc), pin_id=entry.name)
+                continue
             image = _pick_image(pin_dir, files)
             pin_id = entry.name
             pin_json = pin_dir / "pin.json"
-        elif entry.is_file() and is_image_file(Path(entry.name)):
+        elif kind == "file" and is_image_file(Path(entry.name)):
             image, pin_id, pin_json = Path(entry.path), Path(entry.name).stem, None
         else:
+            if (stray := _stray(entry, kind, "")) is not None:
+                yield stray
             continue
         # skipped pins are recorded by their resolved path, as stored ones are: a file fixed
         # since is recognised when it is stored by a later run
@@ -282,15 +369,37 @@ def iter_folder(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
     photos) belong to one board and category named after ROOT itself.
     """
     root = Path(root).resolve()
-    loose = sorted(e.name for e in _visible_entries(root) if e.is_file())
+    entries = _root_entries(root)
+    loose = sorted(e.name for e in entries if _kind(e) != "dir")
     if any(is_image_file(Path(n)) for n in loose):
         yield from _folder_pins(root, root.name, root, loose)
-    for cat_entry in _visible_entries(root):
-        if not cat_entry.is_dir():
+    for cat_entry in entries:
+        if _kind(cat_entry) != "dir":
             continue
-        for dirpath, dirnames, filenames in os.walk(cat_entry.path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # Linked folders are followed (their files outside the root are then skipped by
+        # name); a folder reached again (a loop of links, or two links to one folder) is read
+        # once. A folder that cannot be listed is recorded.
+        errors: list[OSError] = []
+        seen: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(
+            cat_entry.path, onerror=errors.append, followlinks=True
+        ):
+            yield from (_unreadable(e.filename, e) for e in errors)
+            errors.clear()
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                yield SkippedPin(
+                    dirpath, "folder_read_before", f"folder {dirpath} is {real}, read already"
+                )
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(  # a folder's own sub-folders before links to others
+                (d for d in dirnames if not d.startswith(".")),
+                key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d),
+            )
             yield from _folder_pins(root, cat_entry.name, Path(dirpath), filenames)
+        yield from (_unreadable(e.filename, e) for e in errors)
 
 
 def _folder_pins(
@@ -307,6 +416,14 @@ def _folder_pins(
                 str(path).encode("utf-8", "backslashreplace").decode("utf-8"),
                 "non_utf8_name",
                 "the file name is not valid UTF-8",
+            )
+            continue
+        if not category:
+            yield SkippedPin(
+                str(path),
+                "missing_category",
+                f"folder name {folder_name!r} leaves no category (only separators)",
+                rel,
             )
             continue
         yield PinRecord(
@@ -398,6 +515,9 @@ def iter_manifest(
     manifest = Path(manifest)
     base = Path(root).resolve() if root is not None else manifest.resolve().parent
     columns, rows = _manifest_rows(manifest)
+    twice = sorted(c for c, n in Counter(columns).items() if n > 1)
+    if twice:
+        raise CorpusError(f"manifest {manifest} names column(s) {twice} more than once")
     missing = [c for c in ("path", "category") if c not in columns]
     if missing:
         raise CorpusError(
@@ -407,7 +527,7 @@ def iter_manifest(
         problem = _row_problem(row, columns)
         if problem is not None:
             path_text = _text(row.get("path")).encode("utf-8", "backslashreplace").decode()
-            with contextlib.suppress(ValueError, OSError):  # resolved where it can be
+            with contextlib.suppress(ValueError, OSError, RuntimeError):  # resolved if it can be
                 path_text = str((base / path_text).resolve()) if path_text else ""
             yield SkippedPin(
                 path_text or f"{manifest}:{line}",
@@ -427,7 +547,8 @@ def iter_manifest(
             rel = Path(raw_path)
             full = (base / rel).resolve()
             default_id = rel.with_suffix("").as_posix()
-        except (ValueError, OSError) as exc:  # NUL bytes, names like "/" or "..", too long
+        except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, "/" or "..", too
+            # long, a loop of symbolic links (RuntimeError before Python 3.13)
             yield SkippedPin(
                 raw_path.replace("\x00", "\\0"),
                 "bad_path",
@@ -482,19 +603,27 @@ def detect_format(root: str | Path) -> str:
     # Looked at whole, not by the first entry found: a stray image at user level does not make
     # a tree a folder corpus, nor sub-folders of images (cars/sedan/*.jpg) a folder one a tree.
     images = pin_folders = nested_images = boards = False
-    for first in _visible_entries(root):
-        if not first.is_dir():
+
+    def entries(folder: str | Path) -> list[os.DirEntry[str]]:
+        try:  # (what cannot be read is recorded by the reader; it does not decide the format)
+            return _visible_entries(Path(folder))
+        except OSError:
+            return []
+
+    for first in _root_entries(root):
+        if _kind(first) != "dir":
             images |= is_image_file(Path(first.name))  # a flat folder of images
             continue
-        for second in _visible_entries(Path(first.path)):
-            if not second.is_dir():
+        for second in entries(first.path):
+            if _kind(second) != "dir":
                 images |= is_image_file(Path(second.name))  # <category>/<image>
                 continue
-            if (Path(second.path) / "board.json").is_file():
-                return "tree"
+            with contextlib.suppress(OSError):
+                if (Path(second.path) / "board.json").is_file():
+                    return "tree"
             boards = True
-            for third in _visible_entries(Path(second.path)):
-                if third.is_dir():
+            for third in entries(second.path):
+                if _kind(third) == "dir":
                     pin_folders = True  # <user>/<board>/<pin>/
                 else:
                     nested_images |= is_image_file(Path(third.name))  # <category>/<sub>/<image>
@@ -595,7 +724,18 @@ def _inside(
         return not path.is_symlink() or path.resolve().is_relative_to(root)
 
     for record in records:
-        if isinstance(record, PinRecord) and not inside(record.path):
+        if not isinstance(record, PinRecord):
+            yield record
+            continue
+        try:
+            ok = inside(record.path)
+        except (OSError, RuntimeError) as exc:  # a loop of links (RuntimeError before 3.13)
+            yield SkippedPin(
+                str(record.path), "broken_link", f"{record.path} cannot be followed: {exc}",
+                record.pin_id,
+            )  # fmt: skip
+            continue
+        if not ok:
             yield SkippedPin(
                 str(record.path),
                 "path_outside_root",

@@ -716,3 +716,125 @@ def test_a_manifest_row_fixed_since_is_no_longer_counted_as_skipped(tmp_path: Pa
         store.catalog.add_ingest(again, "{}")
         assert store.catalog.count_pins() == 1
         assert store.catalog.query("SELECT * FROM skipped") == []
+
+
+# -- what the file system can hold ------------------------------------------------------------
+
+
+def test_links_to_nothing_loops_and_strays_in_a_tree_are_counted(tree_copy: Path) -> None:
+    """Nothing found is dropped unrecorded, and no entry stops the run: loops of links, links
+    to nothing, a FIFO named like an image, images outside any board folder."""
+    user = sorted(p for p in tree_copy.iterdir() if p.is_dir())[0]
+    board = sorted(p for p in user.iterdir() if p.is_dir())[0]
+    (board / "a.jpg").symlink_to(board / "b.jpg")  # a loop of two links
+    (board / "b.jpg").symlink_to(board / "a.jpg")
+    (board / "gone.jpg").symlink_to(board / "nowhere.jpg")
+    (board / "gone_pin").symlink_to(board / "no_such_folder", target_is_directory=True)
+    os.mkfifo(board / "fifo.jpg")
+    (board / "notes.txt").write_text("not a pin")  # not an image: not one either
+    Image.new("RGB", (20, 20)).save(user / "stray.jpg")
+    Image.new("RGB", (20, 20)).save(tree_copy / "root.jpg")
+    pin = sorted(p for p in board.iterdir() if p.is_dir() and not p.is_symlink())[0]
+    (pin / "loop.jpg").symlink_to(pin / "loop.jpg")  # a pin folder's other file: ignored
+
+    assert detect_format(tree_copy) == "tree"
+    result = read_corpus(tree_copy)
+    reasons = Counter(s.reason for s in result.skipped)
+    assert reasons == {"broken_link": 4, "not_a_file": 1, "not_in_board": 2}, result.skipped
+    assert len(result.pins) == 24 and result.found == 31 and _balanced(result)
+    assert any(p.pin_id == pin.name for p in result.pins)
+    stray = next(s for s in result.skipped if s.path.endswith("stray.jpg"))
+    assert "outside any <user>/<board>/ folder" in stray.detail
+
+
+def test_folder_corpus_follows_linked_folders_once(tmp_path: Path) -> None:
+    folder = make_image_folder(tmp_path / "f", categories=("art", "food"), per_category=2,
+                               image_size=32)  # fmt: skip
+    root = folder.root
+    extra = root / "art" / "more"
+    extra.mkdir()
+    Image.new("RGB", (20, 20)).save(extra / "m.jpg")
+    (root / "art" / "linked").symlink_to(extra, target_is_directory=True)  # read once
+    (root / "food" / "up").symlink_to(root / "food", target_is_directory=True)  # a loop
+    (root / "food" / "self.jpg").symlink_to(root / "food" / "self.jpg")
+    (root / "+++").mkdir()  # a name that leaves no category
+    Image.new("RGB", (20, 20)).save(root / "+++" / "x.jpg")
+    os.mkfifo(root / "food" / "fifo.jpg")
+
+    assert detect_format(root) == "folder"
+    result = read_corpus(root)
+    reasons = Counter(s.reason for s in result.skipped)
+    assert reasons == {
+        "folder_read_before": 2, "broken_link": 1, "missing_category": 1, "not_a_file": 1,
+    }, result.skipped  # fmt: skip
+    assert sorted(p.pin_id for p in result.pins if p.category == "art")[-1] == "art/more/m"
+    assert len(result.pins) == 5 and "" not in {p.category for p in result.pins}
+    assert _balanced(result)
+
+
+def test_folders_that_cannot_be_listed_are_counted(
+    tree_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(Permissions do not stop root, which runs the tests: the OS refusal is simulated.)"""
+    user = sorted(p for p in tree_copy.iterdir() if p.is_dir())[0]
+    board = sorted(p for p in user.iterdir() if p.is_dir())[0]
+    pin = sorted(p for p in board.iterdir() if p.is_dir())[0]
+    other_board = sorted(p for p in user.iterdir() if p.is_dir())[1]
+    folder = make_image_folder(tmp_path / "f", categories=("art",), per_category=2, image_size=32)
+    sub = folder.root / "art" / "sub"
+    sub.mkdir()
+    Image.new("RGB", (20, 20)).save(sub / "s.jpg")
+    refused = {str(pin), str(other_board), str(sub)}
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if str(path) in refused:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    result = read_corpus(tree_copy)
+    unreadable = sorted(s.path for s in result.skipped if s.reason == "unreadable")
+    assert unreadable == sorted([str(pin), str(other_board)])
+    assert len(result.pins) == 24 - 1 - 4 and _balanced(result)
+    result = read_corpus(folder.root)
+    assert [(s.reason, s.path) for s in result.skipped] == [("unreadable", str(sub))]
+    assert len(result.pins) == 2 and _balanced(result)
+    refused.add(str(folder.root))
+    with pytest.raises(CorpusError, match="cannot be read: Permission denied"):
+        list(iter_folder(folder.root))
+
+
+def test_manifest_row_naming_a_loop_of_links_is_skipped(tmp_path: Path) -> None:
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    Image.new("RGB", (20, 20)).save(tmp_path / "ok.jpg")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,category\nloop.jpg,art\nok.jpg,art\n")
+    result = read_corpus(manifest)
+    assert [p.pin_id for p in result.pins] == ["ok"]
+    assert [s.reason for s in result.skipped] == ["bad_path"] and _balanced(result)
+    manifest.write_text("path,category,path\nok.jpg,art,x.jpg\n")
+    with pytest.raises(CorpusError, match=r"names column\(s\) \['path'\] more than once"):
+        read_corpus(manifest)
+
+
+def test_board_and_pin_json_values(tmp_path: Path) -> None:
+    root = tmp_path / "t"
+    nfc, nfd = "Caf\u00e9", "Cafe\u0301"
+    for board, category in (("a", nfc), ("b", nfd), ("c", 7), ("d", ["Food", "Drink"]),
+                            ("e", True), ("f", {"a": 1})):  # fmt: skip
+        _write_board(root / "u" / board, category)
+        _write_pin(root / "u" / board, f"{board}1")
+    (root / "u" / "g").mkdir()
+    (root / "u" / "g" / "board.json").write_bytes(b"\xef\xbb\xbf" + b'{"category": "Art"}')
+    _write_pin(root / "u" / "g", "g1", pin_json=json.dumps({"title": ["x", "y"], "link": 3}))
+    result = read_corpus(root)
+    got = {p.pin_id: (p.category, p.title, p.link) for p in result.pins}
+    assert got == {
+        "a1": ("caf\u00e9", "", ""), "b1": ("caf\u00e9", "", ""), "c1": ("7", "", ""),
+        "g1": ("art", '["x", "y"]', "3"),
+    }  # fmt: skip
+    bad = {s.pin_id: s.detail for s in result.skipped}
+    assert sorted(bad) == ["d1", "e1", "f1"]
+    assert "'category' must be text" in bad["d1"] and _balanced(result)
+    assert normalize_category(nfd) == normalize_category(nfc)
