@@ -41,7 +41,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pinsearch.backbones import Preprocess
-from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb, open_image
+from pinsearch.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    check_resized,
+    decode_rgb,
+    open_image,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -199,6 +205,8 @@ def _pil_prepare(
 ) -> PreparedImage:
     try:
         img = open_image(path, max_pixels, data=data)
+        if min_side:  # the PIL path's guard, so that both paths keep the same pins
+            check_resized(img.size, min_side, max_pixels, path)
         if allow_encoded and device_refusal(img, data, progressive=progressive) is None:
             size = (img.size[1], img.size[0])
             img.close()

@@ -12,6 +12,7 @@ stores the previous one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -106,6 +107,9 @@ class EmbedConfig:
     weights: str | None = None  # local checkpoint overriding the backbone's default weights
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode: str = "auto"  # auto | device | pil, see resolve_decode
+    # PIL path: reduced-scale decoding of JPEGs at least twice the resize side (faster); False
+    # decodes them whole, as the device path does. A store's run keeps one way (embed_store).
+    draft: bool = True
     # device path: share of the JPEGs the device could decode that the workers decode with
     # PIL anyway, so that CPU cores and the GPU's decoder work side by side (0: the device
     # decodes all it can; ignored on the PIL path)
@@ -463,7 +467,7 @@ class PinImages(PinFiles):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str, str]:
         key, path = self.items[i]
         try:
-            img = load_rgb(path, self.max_pixels, min_side=self.min_side)
+            img = load_rgb(path, self.max_pixels, min_side=self.min_side, draft=self.draft)
             return key, self.transform(img), path, "", ""
         except ImageError as exc:
             return key, None, path, exc.reason, exc.detail
@@ -534,7 +538,7 @@ def pin_loader(
             progressive=takes_progressive(device),
         )
         if mode == "device"
-        else PinImages(items, transform, config.max_pixels, side)
+        else PinImages(items, transform, config.max_pixels, side, draft=config.draft)
     )
     return DataLoader(
         dataset,
@@ -729,15 +733,27 @@ def run_decode(run: dict[str, Any], backbone: Backbone) -> str:
     return "pil" if device_decoder_error(backbone.device) else "device"
 
 
+def run_drafts(run: dict[str, Any]) -> bool:
+    """Whether a store's run decoded large JPEGs at reduced scale (PIL's draft mode; recorded
+    as ``decode = "pil"``), not whole (``"device"``: the device decoder, or PIL without
+    drafting where a device-path run went on without the device path)."""
+    decode = run.get("decode")
+    if decode is None:  # recorded before the column: the device path on CUDA
+        return not str(run.get("device", "")).startswith("cuda")
+    return decode != "device"
+
+
 def embed_like_run(backbone: Backbone, images: Sequence[Any], run: dict[str, Any]) -> np.ndarray:
     """Embed query images as a store's embedding ``run`` embedded its pins: its normalisation,
-    its precision (:func:`run_amp`) and its decoding of image files (:func:`run_decode`)."""
+    its precision (:func:`run_amp`) and its decoding of image files (:func:`run_decode`,
+    :func:`run_drafts`)."""
     return embed_images(
         backbone,
         images,
         normalize=bool(run.get("normalize")),
         amp=run_amp(run),
         decode=run_decode(run, backbone),
+        draft=run_drafts(run),
         # runs recorded before the decode column sent progressive JPEGs to the device too
         progressive=run.get("decode") is None or takes_progressive(str(run.get("device") or "cpu")),
     )
@@ -751,6 +767,7 @@ def embed_images(
     amp: bool = True,
     decode: str = "pil",
     progressive: bool | None = None,
+    draft: bool = True,
 ) -> np.ndarray:
     """Embed in-memory PIL images or image paths with a backbone (for queries).
 
@@ -805,7 +822,11 @@ def embed_images(
     else:
         tensors = []
         for img in images:
-            pil = in_memory(img) if isinstance(img, Image.Image) else load_rgb(img, min_side=side)
+            pil = (
+                in_memory(img)
+                if isinstance(img, Image.Image)
+                else load_rgb(img, min_side=side, draft=draft)
+            )
             tensors.append(transform(pil))
         x = pre.normalize(torch.stack(tensors).to(device))
     cuda = device.type == "cuda"
@@ -876,13 +897,16 @@ def embed_store(
     )
     device = model.device  # where the pins are embedded (iter_embeddings), whoever built it
     amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
-    decode = resolve_decode(config, device, model.preprocess)  # recorded too (run_decode)
     existing = catalog.get_embedding(backbone_name)
     if existing is not None and not existing["spec"] and not store.vectors(backbone_name).parts():
         existing = None  # a row an older pinsearch was killed writing, before any vector
     if existing is not None:
         check_compatible(existing, model, config)
-    else:
+        config = _decode_like_run(config, existing, device, model.preprocess)
+    # recorded too (run_decode, run_drafts): "pil" for drafted JPEGs, "device" for whole ones
+    decode = resolve_decode(config, device, model.preprocess)
+    decode = "device" if decode == "device" or not config.draft else "pil"
+    if existing is None:
         record = _run_record(model)
         catalog.upsert_embedding(
             backbone_name,
@@ -968,6 +992,34 @@ def embed_store(
         device=str(device),
         weights=model.weights,
     )
+
+
+def _decode_like_run(
+    config: EmbedConfig, run: dict[str, Any], device: torch.device, preprocess: Preprocess
+) -> EmbedConfig:
+    """The decoding that gives a run's new pins the pixels its earlier ones got: large JPEGs
+    drafted (a ``"pil"`` run: the PIL path, even on a GPU that could decode them) or whole (a
+    ``"device"`` run: the device path, or PIL without drafting where that is not taken).
+    PIL's reduced-scale decoding moves a vector by a cosine of up to ~0.01, enough to put a
+    pin's own image below others in a query. ``decode="pil"`` follows the run's drafting;
+    ``decode="device"`` on a drafted run is obeyed, with a warning."""
+    drafted = run_drafts(run)
+    if config.decode == "device" or (config.decode == "auto" and not drafted):
+        if drafted:
+            _logger.warning(
+                "the store's %s vectors were made from JPEGs decoded at reduced scale (PIL); "
+                "decode=device decodes them whole: the new vectors differ slightly from what "
+                "the same images gave before",
+                run.get("backbone"),
+            )
+        return dataclasses.replace(config, draft=False)
+    if config.decode == "auto" and resolve_decode(config, device, preprocess) == "device":
+        _logger.info(
+            "decoding with PIL, as the store's %s vectors were (reduced-scale JPEGs); "
+            "--decode device is faster here but its vectors would differ slightly",
+            run.get("backbone"),
+        )
+    return dataclasses.replace(config, decode="pil", draft=drafted)
 
 
 def _forget_embedded_failures(store: Any, backbone_name: str) -> None:

@@ -645,6 +645,54 @@ def test_embed_store_with_device_decoding_is_compatible(
         np.testing.assert_allclose(v, ref_ids[ids[k]], rtol=1e-3, atol=1e-3)
 
 
+def test_a_runs_new_pins_get_the_pixels_its_earlier_ones_got(
+    tmp_path: Path, model, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run made with whole JPEGs (the device path) goes on whole where PIL decodes (a CPU, a
+    GPU without a JPEG engine); one made with PIL's reduced-scale JPEGs goes on drafted."""
+    import logging
+
+    from pinsearch.embed import _decode_like_run, embed_like_run, run_drafts
+
+    side = model.preprocess.resize_side
+    root = tmp_path / "corpus" / "art"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    late = tmp_path / "p3.jpg"  # a pin added to each store after its first run
+    for path in [root / f"p{i}.jpg" for i in range(3)] + [late]:  # short sides over twice the
+        noise = rng.integers(0, 256, (4 * side, 3 * side, 3), dtype=np.uint8)  # resize side:
+        Image.fromarray(noise).save(path, "JPEG", quality=92)  # PIL would draft them
+
+    def cos(a: np.ndarray, b: np.ndarray) -> float:
+        return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+    whole = embed_images(model, [late], decode="device")[0]
+    drafted = embed_images(model, [late], decode="pil")[0]
+    assert cos(whole, drafted) < 0.99  # the two ways differ
+    assert cos(embed_images(model, [late], decode="pil", draft=False)[0], whole) > 0.99999
+    for first, expect in (("device", whole), ("pil", drafted)):
+        with Store.open(tmp_path / first, create=True) as store:
+            store.catalog.add_ingest(read_corpus(root.parent), "{}")
+            embed_store(store, BACKBONE, EmbedConfig(workers=0, decode=first))
+            (root / late.name).write_bytes(late.read_bytes())
+            store.catalog.add_ingest(read_corpus(root.parent, exclude_ids=["art/p0", "art/p1",
+                                                 "art/p2"]), "{}")  # fmt: skip
+            assert embed_store(store, BACKBONE, EmbedConfig(workers=0)).embedded == 1  # auto
+            vecs, keys = store.vectors(BACKBONE).load()
+            run = store.catalog.get_embedding(BACKBONE)
+            assert run["decode"] == first and run_drafts(run) == (first == "pil")
+            assert cos(vecs[keys == keys.max()][0], expect) > 0.99999
+            assert cos(embed_like_run(model, [late], run)[0], expect) > 0.99999
+        (root / late.name).unlink()
+    assert "differ slightly" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        forced = _decode_like_run(EmbedConfig(decode="device"), run, CPU, model.preprocess)
+    assert forced.decode == "device" and "decoded at reduced scale (PIL)" in caplog.text
+    assert _decode_like_run(EmbedConfig(), run, CPU, model.preprocess).draft is True
+    assert _decode_like_run(EmbedConfig(decode="pil"), {"decode": "device"}, CPU,
+                            model.preprocess).draft is False  # fmt: skip
+
+
 # -- configuration ------------------------------------------------------------------------------
 
 
@@ -866,15 +914,16 @@ def test_device_path_workers_decode_whole_as_the_device_does(tmp_path: Path, mod
 def test_a_thin_strip_is_too_large_before_it_is_resized(tmp_path: Path, model) -> None:
     strip, fine = tmp_path / "strip.png", tmp_path / "fine.jpg"
     Image.new("RGB", (1, 2000), (10, 20, 30)).save(strip)  # 2,000 pixels; resized: 56 million
-    _picture(300, 200).save(fine, "JPEG")
-    items = [(0, str(strip)), (1, str(fine))]
+    Image.new("RGB", (2, 4000), (10, 20, 30)).save(tmp_path / "strip.jpg")  # one the device
+    _picture(300, 200).save(fine, "JPEG")  # decoder takes: refused before it is sent there
+    items = [(0, str(strip)), (1, str(fine)), (2, str(tmp_path / "strip.jpg"))]
     for decode in ("pil", "device"):
         config = EmbedConfig(workers=0, batch_size=2, decode=decode, max_pixels=10_000_000)
         batches = list(iter_embeddings(model, items, config))
         fails = [
             (k, f.reason, f.detail) for b in batches for k, f in zip(b.failed_keys, b.failures)
         ]
-        assert [f[:2] for f in fails] == [(0, "too_large")]
+        assert [f[:2] for f in fails] == [(0, "too_large"), (2, "too_large")], decode
         assert "1x2000 resized to a short side of 168 would be" in fails[0][2]
         assert [k for b in batches for k in b.keys.tolist()] == [1]
 
