@@ -297,6 +297,7 @@ def train(
 def serve(
     store: StoreOpt,
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    index_name: Annotated[str | None, typer.Option("--index")] = None,
     nprobe: NprobeOpt = None,
     ef_search: EfSearchOpt = None,
     precision: PrecisionOpt = None,
@@ -306,5 +307,10 @@ def serve(
     (pins like a pin or image, text, boards, titles; see the README)."""
     from pinsearch.serve import serve as run
 
-    n = run(store, backbone, config=search_config(nprobe, ef_search, precision, refine))
+    n = run(
+        store,
+        backbone,
+        index=index_name,
+        config=search_config(nprobe, ef_search, precision, refine),
+    )
     err_console.print(f"answered {n} requests")

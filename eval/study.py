@@ -151,6 +151,14 @@ class StudyConfig:
         ]
 
 
+#: the command-line overrides each study kind other than classification takes
+_OVERRIDES = {
+    "retrieval": ("store", "corpus"),
+    "compact": ("store",),
+    "openset": ("store", "device"),
+}
+
+
 def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalConfig:
     """Read a study TOML file; ``overrides`` (not None) replace its values.
 
@@ -168,22 +176,26 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"study file {path} is not valid TOML: {exc}") from exc
-    if data.get("kind", "classification") == "retrieval":
-        retrieval = load_retrieval(data, path)
-        keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "corpus")}
-        return replace(retrieval, **keep)
-    if data.get("kind") == "compact":
-        from pinsearch.eval.compact import load_compact
+    kind = data.get("kind", "classification")
+    takes = _OVERRIDES.get(kind)
+    if takes is not None:  # a study of another kind takes only some of the overrides
+        given = {k: v for k, v in overrides.items() if v is not None}
+        refused = sorted(set(given) - set(takes))
+        if refused:
+            flags = [f"--{k.replace('_', '-')}" for k in refused]
+            raise ValueError(
+                f"study {path} (kind = {kind!r}) has no use for {', '.join(flags)}; it takes "
+                f"{', '.join(f'--{k}' for k in takes)} (the rest is in the study file)"
+            )
+        if kind == "retrieval":
+            return replace(load_retrieval(data, path), **given)
+        if kind == "compact":
+            from pinsearch.eval.compact import load_compact
 
-        compact = load_compact(data, path)
-        keep = {k: v for k, v in overrides.items() if v is not None and k == "store"}
-        return replace(compact, **keep)  # type: ignore[return-value]
-    if data.get("kind") == "openset":
+            return replace(load_compact(data, path), **given)  # type: ignore[return-value]
         from pinsearch.eval.openset import load_openset
 
-        openset = load_openset(data, path)
-        keep = {k: v for k, v in overrides.items() if v is not None and k in ("store", "device")}
-        return replace(openset, **keep)  # type: ignore[return-value]
+        return replace(load_openset(data, path), **given)  # type: ignore[return-value]
     if data.pop("kind", "classification") != "classification":
         raise ValueError(
             f"study {path}: kind must be classification, retrieval, openset or compact"

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -276,6 +277,20 @@ def _feature_dim(model: torch.nn.Module, pre: Preprocess, device: str | torch.de
 # -- weights ------------------------------------------------------------------------------
 
 
+def _unreadable_weights(path: Path, exc: Exception) -> str:
+    """One line on why a checkpoint cannot be read: for a pickled object, which one (torch's
+    own message is a page of advice to unpickle it, which pinsearch will not do)."""
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe:
+        return (
+            f"weights {path} hold pickled Python objects ({unsafe.group(1)}); pinsearch reads "
+            "only plain state dicts (tensors by name) or .safetensors files"
+        )
+    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
+    return f"cannot read weights {path} as a plain state dict: {first[0] if first else exc!r}"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint without unpickling code (safetensors, or torch ``weights_only``)."""
     if path.suffix == ".safetensors":
@@ -286,9 +301,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises several types for bad or unsafe files
-            raise BackboneMismatchError(
-                f"cannot read weights {path} as a plain state dict: {exc}"
-            ) from exc
+            raise BackboneMismatchError(_unreadable_weights(path, exc)) from exc
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -42,9 +42,10 @@ class DemoReport:
     knn_accuracy: float = 0.0
     chance: float = 0.0
     per_category_accuracy: dict[str, float] = field(default_factory=dict)
-    text_encoder: str = ""  # learned by pinsearch align on the demo pins' titles
+    text_encoder: str | None = None  # learned by pinsearch align on the demo pins' titles
     text_examples: list[dict[str, Any]] = field(default_factory=list)
-    text_precision: float = 0.0  # mean share of a category's top-k text hits in that category
+    # mean share of a category's top-k text hits in that category (None: no text part)
+    text_precision: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""

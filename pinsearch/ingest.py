@@ -769,6 +769,10 @@ def read_corpus(
     fmt = detect_format(root) if config.format == "auto" else config.format
     if not root.exists():
         raise CorpusError(f"corpus {root} does not exist")
+    if fmt == "manifest" and not (root.is_file() and root.suffix.lower() in _MANIFEST_SUFFIXES):
+        raise CorpusError(f"format manifest reads a .csv or .parquet file; {root} is not one")
+    if fmt in ("tree", "folder") and not root.is_dir():
+        raise CorpusError(f"format {fmt} reads a folder; {root} is not one")
     drop = {normalize_category(c) for c in config.drop_categories}
     allowed = (
         None if config.categories is None else {normalize_category(c) for c in config.categories}

@@ -159,12 +159,14 @@ def serve(
     store_path: str | Path,
     backbone: str | None = None,
     *,
+    index: str | None = None,
     requests: IO[str] | IO[bytes] | None = None,
     responses: IO[str] | None = None,
     config: Any = None,
 ) -> int:
     """Answer JSON-line requests until the input ends; returns how many were answered.
 
+    ``index``: which of the backbone's indexes answers (the default as for ``query``);
     ``config``: search-time settings of the index (an :class:`~pinsearch.indexes.IndexConfig`:
     nprobe, ef_search, precision, refine, device), as for :class:`PinSearcher`."""
     from pinsearch.textsearch import TextSearcher
@@ -174,9 +176,13 @@ def serve(
     with Store.open(store_path, read_only=True, detach=True) as store:
         searcher: PinSearcher | None = None
         with contextlib.suppress(ValueError):  # an l2/l1 index: similar pins only
-            searcher = TextSearcher(store, backbone=backbone, config=config, cache_metadata=True)
+            searcher = TextSearcher(
+                store, backbone=backbone, index=index, config=config, cache_metadata=True
+            )
         if searcher is None:  # built once the failed one (and its GPU copy) is gone
-            searcher = PinSearcher(store, backbone=backbone, config=config, cache_metadata=True)
+            searcher = PinSearcher(
+                store, backbone=backbone, index=index, config=config, cache_metadata=True
+            )
         searcher.warm()  # the metadata and filter groups, before the first request
         ready = {
             "ready": True,

@@ -339,3 +339,19 @@ def test_effnet_lite0_bundled_weights() -> None:
     assert out.shape == (2, 1280) and torch.isfinite(out).all()
     assert (out >= 0).all()  # pooled after ReLU6: non-negative features
     assert out.std() > 0
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_line(tmp_path: Path) -> None:
+    from pinsearch.backbones import read_state_dict
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2), "hook": print}, evil)
+    with pytest.raises(BackboneMismatchError) as info:
+        read_state_dict(evil)
+    message = str(info.value)
+    assert "hold pickled Python objects (print)" in message
+    assert "\n" not in message and "\x1b" not in message and "weights_only" not in message
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(BackboneMismatchError, match=r"cannot read weights .* as a plain state"):
+        read_state_dict(junk)

@@ -144,7 +144,7 @@ def test_a_writer_waits_for_readers_of_the_catalog(store_copy: Path, tmp_path: P
     writer = None
     try:
         assert reader.stdout.readline().strip() == "catalog"
-        with pytest.raises(StoreLockedError, match="a reader that did not close it within 0.2 s"):
+        with pytest.raises(StoreLockedError, match=r"a reader that did not close it within 0\.2 s"):
             Store.open(store_copy, wait=0.2)
         writer = _start(_WRITER, str(store_copy), str(tmp_path / "writer-done"))
         deadline = time.monotonic() + 60

@@ -33,7 +33,13 @@ def test_demo_runs_offline_with_real_weights(tmp_path: Path) -> None:
     assert [len(ex["hits"]) for ex in report["text_examples"]] == [5, 5]
     # Running it again reuses the store and its alignment: nothing is embedded twice.
     again = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--json", "--no-text"])
-    assert json.loads(again.stdout)["index"]["embedded"] == 0
+    again = json.loads(again.stdout)
+    assert again["index"]["embedded"] == 0
+    assert (again["text_encoder"], again["text_precision"], again["text_examples"]) == (
+        None,
+        None,
+        [],
+    )
 
 
 def test_knn_leave_one_out_matches_a_manual_vote(built_store: object) -> None:

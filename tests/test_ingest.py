@@ -838,3 +838,13 @@ def test_board_and_pin_json_values(tmp_path: Path) -> None:
     assert sorted(bad) == ["d1", "e1", "f1"]
     assert "'category' must be text" in bad["d1"] and _balanced(result)
     assert normalize_category(nfd) == normalize_category(nfc)
+
+
+def test_a_format_given_that_the_corpus_cannot_be(tree_corpus, tmp_path: Path) -> None:
+    with pytest.raises(CorpusError, match=r"reads a \.csv or \.parquet file; .* is not one"):
+        read_corpus(tree_corpus.root, IngestConfig(format="manifest"))
+    (tmp_path / "m.txt").write_text("path,category\n")
+    with pytest.raises(CorpusError, match=r"reads a \.csv"):
+        read_corpus(tmp_path / "m.txt", IngestConfig(format="manifest"))
+    with pytest.raises(CorpusError, match="format folder reads a folder"):
+        read_corpus(tmp_path / "m.txt", IngestConfig(format="folder"))

@@ -204,3 +204,15 @@ def test_a_warm_reader_keeps_reading_parts_a_later_writer_deletes(built_store, t
         Store.open(path).close()  # the next writer deletes retired parts' files
         assert not all(f.exists() for f in files)
         assert [h.pin_id for h in searcher.similar_to_pin(ids[5], 3).hits] == before
+
+
+def test_serve_answers_from_a_named_index(store_copy: Path) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    index_corpus(None, store_copy, backbone="test_efficientnet", index={"factory": "HNSW16"},
+                 index_name="hnsw")  # fmt: skip
+    out = io.StringIO()
+    serve(store_copy, index="hnsw", requests=io.StringIO(""), responses=out)
+    assert json.loads(out.getvalue())["index"] == "hnsw"
+    with pytest.raises(ValueError, match="no index 'nope'"):
+        serve(store_copy, index="nope", requests=io.StringIO(""), responses=io.StringIO())

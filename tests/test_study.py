@@ -287,3 +287,13 @@ def test_a_selection_is_drawn_again_when_its_pins_fail_to_embed(
     report = index_corpus(tree_copy, tmp_path / "s", backbone="test_efficientnet", select=every_pin)
     assert picks == [24, 23]  # the failed pin left the store; the second pick is all embedded
     assert (report.embedded, report.embed_failed, report.ntotal) == (23, 1, 23)
+
+
+def test_other_kinds_refuse_overrides_they_have_no_use_for(tmp_path: Path) -> None:
+    for kind, taken, refused in (("openset", "device", "corpus"), ("compact", "store", "n_jobs")):
+        toml = tmp_path / f"{kind}.toml"
+        toml.write_text(f'kind = "{kind}"\nname = "x"\nstore = "s"\nbackbones = ["b"]\n')
+        assert getattr(load_study(toml, **{taken: "cpu"}), taken) == "cpu"
+        flag = "--" + refused.replace("_", "-")
+        with pytest.raises(ValueError, match=f"kind = '{kind}'.*no use for {flag}"):
+            load_study(toml, **{refused: 2})
