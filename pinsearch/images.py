@@ -130,22 +130,38 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
         return ImageInfo(img.size[0], img.size[1], str(img.format), img.mode)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, band: int = 1024) -> Image.Image:
+    """8-bit RGB: high bit depths scaled (not clipped to white), alpha over white. Done
+    ``band`` rows at a time, so that a 150-Mpixel image is never held whole in float64 or as
+    extra RGBA copies (gigabytes per DataLoader worker); the pixels are those of one pass."""
     mode = img.mode
     if mode == "RGB":
         return img
+    w, h = img.size
+    rows = [(0, y, w, min(h, y + band)) for y in range(0, h, band)]
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # Scale high bit depths to 8 bits instead of letting PIL clip them to white.
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        top = 65535.0
+        if not mode.startswith("I;16"):  # the largest finite value: one NaN is one black pixel
+            top = 1.0
+            for box in rows:
+                part = np.asarray(img.crop(box), dtype=np.float64)
+                finite = part[np.isfinite(part)]
+                top = max(top, float(finite.max()) if finite.size else 1.0)
+        out = np.empty((h, w), np.uint8)
+        for box in rows:
+            part = np.asarray(img.crop(box), dtype=np.float64)
+            part = np.nan_to_num(part, nan=0.0, posinf=top, neginf=0.0)
+            out[box[1] : box[3]] = np.clip(part / top * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(out, mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        out_img = Image.new("RGB", img.size)
+        for box in rows:
+            part = img.crop(box).convert("RGBA")
+            white = Image.new("RGBA", part.size, (255, 255, 255, 255))
+            out_img.paste(Image.alpha_composite(white, part).convert("RGB"), box[:2])
+        return out_img
     return img.convert("RGB")
 
 

@@ -295,3 +295,30 @@ def test_large_jpeg_decodes_at_reduced_scale_when_allowed(tmp_path: Path) -> Non
     # The reduced decode looks like the full one scaled down.
     ref = np.asarray(full.resize(small.size, PILImage.BILINEAR), dtype=float)
     assert np.abs(np.asarray(small, dtype=float) - ref).mean() < 6
+
+
+def test_conversion_in_bands_gives_the_pixels_of_one_pass() -> None:
+    """Large images are converted a band of rows at a time (memory): the same pixels as one
+    band, for every mode that needs converting; a NaN in a float image is one black pixel."""
+    from pinsearch.images import _to_rgb
+
+    rng = np.random.default_rng(0)
+    rgba = Image.fromarray(rng.integers(0, 256, (53, 41, 4), dtype=np.uint8))
+    wide = Image.new("I;16", (41, 53))
+    wide.frombytes(rng.integers(0, 65536, (53, 41), dtype=np.uint16).tobytes())
+    floats = rng.random((53, 41)).astype(np.float32) * 1000
+    palette = rgba.convert("RGB").convert("P")
+    palette.info["transparency"] = 3
+    images = [
+        rgba, rgba.convert("LA"), rgba.convert("RGBa"), palette, wide, Image.fromarray(floats),
+        Image.fromarray(rng.integers(-5, 300_000, (53, 41)).astype(np.int32)),
+        rgba.convert("RGB").convert("CMYK"), rgba.convert("L"),
+    ]  # fmt: skip
+    for img in images:
+        whole = np.asarray(_to_rgb(img, band=10**6))
+        assert np.array_equal(np.asarray(_to_rgb(img, band=7)), whole), img.mode
+    assert np.asarray(_to_rgb(wide)).max() > 250  # scaled, not clipped to white
+    floats[3, 4], floats[5, 6] = np.nan, np.inf
+    out = np.asarray(_to_rgb(Image.fromarray(floats), band=7))
+    assert out[3, 4].tolist() == [0, 0, 0] and out[5, 6].tolist() == [255, 255, 255]
+    assert 100 < out.mean() < 160  # the rest as before: not black, not white
