@@ -25,7 +25,13 @@ from typing import Literal
 import numpy as np
 
 from pinsearch.errors import CorpusError
-from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, is_image_file, probe_image
+from pinsearch.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    is_image_file,
+    load_rgb,
+    probe_image,
+)
 
 __all__ = [
     "CORPUS_FORMATS",
@@ -806,7 +812,16 @@ def read_corpus(
     # not take the id from a later one that can
     seen: dict[str, str] = {}
     kept: list[PinRecord] = []
+    copies = Counter(p.pin_id for p in candidates)
     for item in candidates:
+        if item.pin_id not in seen and copies[item.pin_id] > 1 and config.check_images:
+            # several copies: the first whose pixels decode (a truncated file passes the
+            # header probe and would only fail at embedding, with the good copy skipped)
+            try:
+                load_rgb(item.path, config.max_pixels)
+            except ImageError as exc:
+                skipped.append(SkippedPin(str(item.path), exc.reason, exc.detail, item.pin_id))
+                continue
         if item.pin_id in seen:
             skipped.append(
                 SkippedPin(

@@ -339,6 +339,13 @@ def test_a_duplicate_id_goes_to_the_first_usable_copy(tree_copy: Path) -> None:
     assert kept.path.parent.parent.name == boards[1].name  # the later, usable copy
     reasons = sorted(s.reason for s in result.skipped if s.pin_id == src_pin.name)
     assert reasons == ["empty_file"] and len(result.pins) == 24 and _balanced(result)
+    image = next(src_pin.glob("*.jpg"))  # a copy whose header reads but whose pixels are cut
+    image.write_bytes(next((boards[1] / src_pin.name).glob("*.jpg")).read_bytes()[:700])
+    result = read_corpus(tree_copy)
+    (kept,) = [p for p in result.pins if p.pin_id == src_pin.name]
+    assert kept.path.parent.parent.name == boards[1].name
+    reasons = sorted(s.reason for s in result.skipped if s.pin_id == src_pin.name)
+    assert reasons == ["truncated"] and len(result.pins) == 24 and _balanced(result)
 
 
 def test_bad_images_are_skipped_with_reasons(tree_copy: Path) -> None:
