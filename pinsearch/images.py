@@ -116,6 +116,9 @@ def open_image(
     return img
 
 
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
 def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read an image's header only.
 
@@ -127,7 +130,13 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     """
     path = Path(path)
     with open_image(path, max_pixels) as img:
-        return ImageInfo(img.size[0], img.size[1], str(img.format), img.mode)
+        width, height = img.size
+        try:  # as shown: EXIF orientations 5-8 turn the image a quarter (load_rgb applies it)
+            if img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+                width, height = height, width
+        except Exception:  # a broken EXIF block: the size as stored
+            pass
+        return ImageInfo(width, height, str(img.format), img.mode)
 
 
 def _to_rgb(img: Image.Image, band: int = 1024) -> Image.Image:

@@ -322,3 +322,13 @@ def test_conversion_in_bands_gives_the_pixels_of_one_pass() -> None:
     out = np.asarray(_to_rgb(Image.fromarray(floats), band=7))
     assert out[3, 4].tolist() == [0, 0, 0] and out[5, 6].tolist() == [255, 255, 255]
     assert 100 < out.mean() < 160  # the rest as before: not black, not white
+
+
+def test_probe_reports_the_size_as_shown(tmp_path: Path) -> None:
+    from pinsearch.images import load_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned a quarter: stored 120 x 60, shown 60 x 120
+    Image.new("RGB", (120, 60)).save(tmp_path / "r.jpg", exif=exif.tobytes())
+    info = probe_image(tmp_path / "r.jpg")
+    assert (info.width, info.height) == load_rgb(tmp_path / "r.jpg").size == (60, 120)
