@@ -209,7 +209,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     img.save(path, format="JPEG", quality=95, exif=exif.tobytes())
-    assert (probe_image(path).width, probe_image(path).height) == (60, 40)  # stored size
+    assert (probe_image(path).width, probe_image(path).height) == (40, 60)  # as shown
     out = load_rgb(path)
     assert out.size == (40, 60)  # upright: width and height swapped
     arr = np.asarray(out)
