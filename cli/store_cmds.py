@@ -212,11 +212,18 @@ def remove(
 
 
 @app.command()
-def check(store: StoreOpt, as_json: JsonOpt = False) -> None:
-    """Verify a store: vectors, indexes, heads, alignments, ingest counts. Exit 1 on errors."""
+def check(
+    store: StoreOpt,
+    as_json: JsonOpt = False,
+    sources: Annotated[
+        bool, typer.Option(help="Also look for the pins' image files (missing: a warning).")
+    ] = True,
+) -> None:
+    """Verify a store: vectors, indexes, heads, alignments, ingest counts, the pins' image
+    files. Exit 1 on errors."""
     from pinsearch.check import check_store
 
-    report = check_store(store)
+    report = check_store(store, sources=sources)
     _show_check(report, as_json)
     if not report.ok:
         raise typer.Exit(1)

@@ -9,7 +9,9 @@ The check reads everything a query relies on and reports each problem with where
   missing from the index;
 - heads and alignments: files present (checksum for alignments), loadable, dimension matching;
 - ingests: ``added + skipped + sampled_out + already_present = found``;
-- files the catalog does not list (left by an interrupted write).
+- files the catalog does not list (left by an interrupted write);
+- the pins' image files (``sources``): a pin whose file is gone is a warning (its vectors
+  still answer queries, which return its path; ``pinsearch remove`` drops it).
 
 Errors make ``check`` exit non-zero; warnings (a lagging index, pins not embedded yet) do not.
 ``repair`` rebuilds derived data only — indexes from the stored vectors, vector parts without
@@ -21,6 +23,8 @@ invents vectors.
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -276,8 +280,11 @@ def _check_ingests(store: Store, report: CheckReport) -> None:
             )  # fmt: skip
 
 
-def check_store(path: str | Path) -> CheckReport:
+def check_store(path: str | Path, *, sources: bool = True) -> CheckReport:
     """Verify a store (read-only) and report every problem found.
+
+    Args:
+        sources: also look for the pins' image files (a ``stat`` each, several at once).
 
     Raises:
         StoreLockedError: a writer is at work (a reader would see its snapshot of the catalog
@@ -289,7 +296,27 @@ def check_store(path: str | Path) -> CheckReport:
                 f"store {store.root} is being written ({lock_holder(store.root)}); check it "
                 "when that write is done"
             )
-        return _check_open(store)
+        report = _check_open(store)
+        if sources:
+            _check_sources(store, report)
+        return report
+
+
+def _check_sources(store: Store, report: CheckReport, threads: int = 16) -> None:
+    """Warn about pins whose image file is gone (or is no longer a file)."""
+    _, cols = store.catalog.pin_columns("pin_id", "path")
+    paths = cols["path"].tolist()
+    with ThreadPoolExecutor(max_workers=threads) as pool:  # a stat waits on the disk, not CPU
+        there = list(pool.map(os.path.isfile, paths, chunksize=1024))
+    gone = [i for i, ok in enumerate(there) if not ok]
+    report.checked["source_files"] = len(paths)
+    if gone:
+        examples = ", ".join(f"{cols['pin_id'][i]} ({paths[i]})" for i in gone[:3])
+        report.add(
+            "warning", "sources", "missing_source_files",
+            f"{len(gone)} of {len(paths)} pins' image files are gone (e.g. {examples}): their "
+            "vectors still answer queries; pinsearch remove --pin drops them",
+        )  # fmt: skip
 
 
 def _check_open(store: Store) -> CheckReport:

@@ -26,7 +26,29 @@ def _problems(path: Path) -> set[tuple[str, str, str]]:
 def test_a_healthy_store_checks_ok(built_store) -> None:
     report = check_store(built_store.path)
     assert report.ok and report.findings == [] and report.pins == 24
-    assert report.checked == {"vector_parts": 1, "vectors": 24, "indexes": 1}
+    assert report.checked == {"vector_parts": 1, "vectors": 24, "indexes": 1, "source_files": 24}
+
+
+def test_pins_whose_image_file_is_gone_are_a_warning(store_copy: Path, tree_copy: Path) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    store = store_copy.parent / "own"
+    index_corpus(tree_copy, store, backbone=B)
+    gone = sorted(tree_copy.glob("*/*/*/*.jpg"))[:2]
+    for path in gone:
+        path.unlink()
+    report = check_store(store)
+    (finding,) = report.findings
+    assert report.ok and (finding.level, finding.where, finding.problem) == (
+        "warning", "sources", "missing_source_files",
+    )  # fmt: skip
+    assert (
+        finding.detail.startswith("2 of 24 pins' image files are gone")
+        and gone[0].parent.name in finding.detail
+    )
+    assert check_store(store, sources=False).findings == []
+    out = CliRunner().invoke(app, ["check", "--store", str(store), "--no-sources", "--json"])
+    assert out.exit_code == 0 and "source_files" not in json.loads(out.output)["checked"]
 
 
 def test_damaged_index_file_is_found_and_rebuilt(store_copy: Path) -> None:
