@@ -177,7 +177,7 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"study file {path} is not valid TOML: {exc}") from exc
     kind = data.get("kind", "classification")
-    takes = _OVERRIDES.get(kind)
+    takes = _OVERRIDES.get(kind) if isinstance(kind, str) else None
     if takes is not None:  # a study of another kind takes only some of the overrides
         given = {k: v for k, v in overrides.items() if v is not None}
         refused = sorted(set(given) - set(takes))

@@ -396,7 +396,7 @@ def repair_store(path: str | Path) -> RepairReport:
                     "DELETE FROM alignments WHERE backbone = ?", [backbone]
                 )
                 out.actions.append(f"alignment {backbone}: forgotten; run pinsearch align again")
-    out.after = check_store(path)
+    out.after = check_store(path, sources=False)  # (image files are not repair's business)
     return out
 
 

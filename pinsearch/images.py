@@ -78,14 +78,18 @@ def open_image(
         The opened image; the caller closes it or decodes it with :func:`decode_rgb`.
 
     Raises:
-        ImageError: ``unreadable``, ``not_a_file``, ``empty_file``, ``not_an_image``,
-            ``too_large`` or ``corrupt`` (an invalid size).
+        ImageError: ``unreadable``, ``broken_link``, ``not_a_file``, ``empty_file``,
+            ``not_an_image``, ``too_large`` or ``corrupt`` (an invalid size).
     """
     path = Path(path)
     if data is None:
         try:
             st = path.stat()
         except OSError as exc:
+            if path.is_symlink():  # a link to nothing, or a loop of links
+                raise ImageError(
+                    path, "broken_link", f"a symbolic link that leads nowhere: {exc}"
+                ) from exc
             raise ImageError(path, "unreadable", str(exc)) from exc
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a device never end
             raise ImageError(path, "not_a_file", "not a regular file (a FIFO, socket or device)")
@@ -132,7 +136,9 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     with open_image(path, max_pixels) as img:
         width, height = img.size
         try:  # as shown: EXIF orientations 5-8 turn the image a quarter (load_rgb applies it)
-            if img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+            # (only where EXIF comes with the header: a PNG's getexif decodes the whole image)
+            header = img.format in ("JPEG", "MPO", "TIFF") or "exif" in img.info
+            if header and img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
         except Exception:  # a broken EXIF block: the size as stored
             pass

@@ -367,36 +367,54 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
         )
 
 
-def iter_folder(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
+def iter_folder(
+    root: str | Path, *, allow_outside_root: bool = False
+) -> Iterator[PinRecord | SkippedPin]:
     """Read an image folder ``ROOT/<category>/<image>`` (nested folders allowed).
 
     The board is the category folder, there are no users, and the pin id is the image's path
     relative to ROOT without its extension. Images lying directly in ROOT (a flat folder of
     photos) belong to one board and category named after ROOT itself.
+
+    Linked folders are followed, each real folder read once over the whole corpus (a loop of
+    links, a second link to a folder, a link to another category's folder: recorded as
+    ``folder_read_before``; real folders are read before links to them, so the images keep
+    the category they lie in). A linked folder outside ROOT is one ``path_outside_root``
+    entry unless ``allow_outside_root``. A folder that cannot be listed is recorded.
     """
     root = Path(root).resolve()
     entries = _root_entries(root)
     loose = sorted(e.name for e in entries if _kind(e) != "dir")
     if any(is_image_file(Path(n)) for n in loose):
         yield from _folder_pins(root, root.name, root, loose)
-    for cat_entry in entries:
-        if _kind(cat_entry) != "dir":
-            continue
-        # Linked folders are followed (their files outside the root are then skipped by
-        # name); a folder reached again (a loop of links, or two links to one folder) is read
-        # once. A folder that cannot be listed is recorded.
+    categories = sorted(
+        (e for e in entries if _kind(e) == "dir"), key=lambda e: (e.is_symlink(), e.name)
+    )
+    seen: set[str] = set()
+    own = {os.path.realpath(e.path) for e in categories if not e.is_symlink()}
+    for cat_entry in categories:
         errors: list[OSError] = []
-        seen: set[str] = set()
         for dirpath, dirnames, filenames in os.walk(
             cat_entry.path, onerror=errors.append, followlinks=True
         ):
             yield from (_unreadable(e.filename, e) for e in errors)
             errors.clear()
             real = os.path.realpath(dirpath)
-            if real in seen:
+            top = dirpath == cat_entry.path
+            elsewhere = real in own and not (top and not cat_entry.is_symlink())
+            if real in seen or elsewhere:  # (a category folder is read as its own category)
                 dirnames[:] = []
                 yield SkippedPin(
                     dirpath, "folder_read_before", f"folder {dirpath} is {real}, read already"
+                )
+                continue
+            if not allow_outside_root and not Path(real).is_relative_to(root):
+                dirnames[:] = []
+                yield SkippedPin(
+                    dirpath,
+                    "path_outside_root",
+                    f"folder {dirpath} links to {real}, outside the corpus root {root}; "
+                    "allow_outside_root (--allow-outside-root) reads it",
                 )
                 continue
             seen.add(real)
@@ -521,7 +539,7 @@ def iter_manifest(
     manifest = Path(manifest)
     base = Path(root).resolve() if root is not None else manifest.resolve().parent
     columns, rows = _manifest_rows(manifest)
-    twice = sorted(c for c, n in Counter(columns).items() if n > 1)
+    twice = sorted(c for c, n in Counter(columns).items() if n > 1 and c.strip())
     if twice:
         raise CorpusError(f"manifest {manifest} names column(s) {twice} more than once")
     missing = [c for c in ("path", "category") if c not in columns]
@@ -533,8 +551,8 @@ def iter_manifest(
         problem = _row_problem(row, columns)
         if problem is not None:
             path_text = _text(row.get("path")).encode("utf-8", "backslashreplace").decode()
-            with contextlib.suppress(ValueError, OSError, RuntimeError):  # resolved if it can be
-                path_text = str((base / path_text).resolve()) if path_text else ""
+            with contextlib.suppress(ValueError, OSError):  # resolved where it can be
+                path_text = os.path.realpath(base / path_text) if path_text else ""
             yield SkippedPin(
                 path_text or f"{manifest}:{line}",
                 problem[0],
@@ -551,10 +569,11 @@ def iter_manifest(
             if "\x00" in raw_path:
                 raise ValueError("the path holds a NUL byte")
             rel = Path(raw_path)
-            full = (base / rel).resolve()
+            # (realpath, not resolve: a loop of links stays as it is on every Python, and the
+            # probe names it broken_link)
+            full = Path(os.path.realpath(base / rel))
             default_id = rel.with_suffix("").as_posix()
-        except (ValueError, OSError, RuntimeError) as exc:  # NUL bytes, "/" or "..", too
-            # long, a loop of symbolic links (RuntimeError before Python 3.13)
+        except (ValueError, OSError) as exc:  # NUL bytes, names like "/" or "..", too long
             yield SkippedPin(
                 raw_path.replace("\x00", "\\0"),
                 "bad_path",
@@ -692,6 +711,16 @@ def _category_refusal(
     return None
 
 
+def _pixels_problem(path: str, max_pixels: int) -> ImageError | None:
+    """Why an image's pixels cannot be decoded, or None (JPEGs decoded at reduced scale:
+    libjpeg still reads every scan, so a cut file fails)."""
+    try:
+        load_rgb(path, max_pixels, min_side=64)
+    except ImageError as exc:
+        return exc
+    return None
+
+
 def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
     try:
         info = probe_image(pin.path, max_pixels)
@@ -702,7 +731,11 @@ def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
 
 def _iter_records(root: Path, fmt: str, config: IngestConfig) -> Iterator[PinRecord | SkippedPin]:
     if fmt in ("tree", "folder"):
-        records = iter_tree(root) if fmt == "tree" else iter_folder(root)
+        records = (
+            iter_tree(root)
+            if fmt == "tree"
+            else iter_folder(root, allow_outside_root=config.allow_outside_root)
+        )
         if config.allow_outside_root:
             return records
         return _inside(records, root.resolve(), resolved=fmt == "tree")
@@ -724,24 +757,17 @@ def _inside(
         if resolved:
             return path.is_relative_to(root)
         if path.parent not in folders:
-            folders[path.parent] = path.parent.resolve().is_relative_to(root)
+            folders[path.parent] = Path(os.path.realpath(path.parent)).is_relative_to(root)
         if not folders[path.parent]:
             return False
-        return not path.is_symlink() or path.resolve().is_relative_to(root)
+        # (a loop of links resolves to itself, inside: the probe names it broken_link)
+        return not path.is_symlink() or Path(os.path.realpath(path)).is_relative_to(root)
 
     for record in records:
         if not isinstance(record, PinRecord):
             yield record
             continue
-        try:
-            ok = inside(record.path)
-        except (OSError, RuntimeError) as exc:  # a loop of links (RuntimeError before 3.13)
-            yield SkippedPin(
-                str(record.path), "broken_link", f"{record.path} cannot be followed: {exc}",
-                record.pin_id,
-            )  # fmt: skip
-            continue
-        if not ok:
+        if not inside(record.path):
             yield SkippedPin(
                 str(record.path),
                 "path_outside_root",
@@ -812,16 +838,21 @@ def read_corpus(
     # not take the id from a later one that can
     seen: dict[str, str] = {}
     kept: list[PinRecord] = []
+    # several copies of an id: the first whose pixels decode (a truncated file passes the
+    # header probe and would only fail at embedding, with the good copy skipped); each file
+    # decoded once, at reduced scale, in the probe's threads
     copies = Counter(p.pin_id for p in candidates)
+    doubtful = sorted({str(p.path) for p in candidates if copies[p.pin_id] > 1})
+    broken: dict[str, ImageError | None] = {}
+    if config.check_images and doubtful:
+        with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
+            found_bad = pool.map(lambda path: _pixels_problem(path, config.max_pixels), doubtful)
+            broken = dict(zip(doubtful, found_bad))
     for item in candidates:
-        if item.pin_id not in seen and copies[item.pin_id] > 1 and config.check_images:
-            # several copies: the first whose pixels decode (a truncated file passes the
-            # header probe and would only fail at embedding, with the good copy skipped)
-            try:
-                load_rgb(item.path, config.max_pixels)
-            except ImageError as exc:
-                skipped.append(SkippedPin(str(item.path), exc.reason, exc.detail, item.pin_id))
-                continue
+        problem = broken.get(str(item.path)) if item.pin_id not in seen else None
+        if problem is not None:
+            skipped.append(SkippedPin(str(item.path), problem.reason, problem.detail, item.pin_id))
+            continue
         if item.pin_id in seen:
             skipped.append(
                 SkippedPin(

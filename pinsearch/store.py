@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -84,8 +84,8 @@ class _WriteLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fh = path.open("a+")
-        try:
-            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:  # a reader's probe (_writer_at_work) holds it shared for a moment: tried again
+            _retry_blocked(lambda: fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB))
         except BlockingIOError:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "unknown"
@@ -116,6 +116,9 @@ class _WriteLock:
         cls._held.clear()
 
     def release(self) -> None:
+        if self not in _WriteLock._held:  # never held, or a forked child's copy: closed only
+            self._fh.close()
+            return
         _WriteLock._held.discard(self)
         if not self._fh.closed:
             self._fh.seek(0)
@@ -744,21 +747,34 @@ def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
 
 
 def _writer_at_work(root: Path) -> bool:
-    """Whether the process named in ``S/.lock`` is alive (the writer writes its PID there once
-    it holds the lock and clears it on release; a killed writer's PID names no process)."""
+    """Whether a writer holds ``S/.lock``: asked of the lock itself, by taking it shared for a
+    moment (the PID written inside may name a process that is not the writer: a killed
+    writer's, reused). A writer that meets the probe tries again (:func:`_retry_blocked`)."""
     try:
-        pid = int((root / ".lock").read_text().strip() or 0)
-    except (OSError, ValueError):
+        fh = (root / ".lock").open("rb")
+    except OSError:  # no writer has ever opened the store, or it cannot be read
         return False
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without flock: DuckDB's own lock still decides
+            return False
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def _retry_blocked(take: Callable[[], None], seconds: float = 0.2) -> None:
+    """``take()`` again while it raises BlockingIOError, for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return take()
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
 
 
 def lock_holder(root: Path) -> str:

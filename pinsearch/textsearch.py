@@ -380,7 +380,8 @@ class TextSearcher(PinSearcher):
             row = meta.get(int(key))
             if row is not None:
                 by_board.setdefault(row["board"], []).append(i)
-        held = self._held_board_sizes(sorted(by_board), allowed)
+        short = sorted(b for b, pos in by_board.items() if len(pos) < m)  # the rest have m
+        held = self._held_board_sizes(short, allowed)
         ranked = []
         for board, pos in by_board.items():
             want = min(m, held.get(board, len(pos)))

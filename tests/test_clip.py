@@ -230,6 +230,29 @@ def test_top_m_counts_only_pins_with_a_vector(tree_corpus, tmp_path: Path) -> No
                 assert b.score == pytest.approx(truth[b.board][0], abs=1e-5)
             got = {b.board: (b.pins_in_board, len(b.pins)) for b in res.boards}
             assert got[thin[0]] == (4, 1)
+            # a pool of the best 5: a board's missing pins that have a vector count at the
+            # pool's lowest score, up to per_board
+            q = searcher.encoder.encode(["a plate of food"])[0]
+            vecs, keys = _all_vectors(searcher)
+            board_of = {
+                r["pin_key"]: r["board"]
+                for r in store.catalog.query("SELECT pin_key, board FROM pins")
+            }
+            s = vecs @ q
+            order = np.argsort(-s, kind="stable")[:5]
+            floor = float(s[order[-1]])
+            held = {b: sum(board_of[k] == b for k in keys.tolist()) for b in truth}
+            expect = {}
+            for i in order.tolist():
+                expect.setdefault(board_of[int(keys[i])], []).append(float(s[i]))
+            res = searcher.search_boards("a plate of food", k=10, per_board=2, pool=5)
+            assert {b.board for b in res.boards} == set(expect)
+            for b in res.boards:
+                want = min(2, held[b.board])
+                top = expect[b.board][:want]
+                assert b.score == pytest.approx(
+                    np.mean(top + [floor] * (want - len(top))), abs=1e-5
+                )
 
 
 def test_board_centroids_read_in_chunks_equal_one_pass(clip_store: Path) -> None:

@@ -166,3 +166,14 @@ def test_a_writer_waits_for_readers_of_the_catalog(store_copy: Path, tmp_path: P
     assert reader.returncode == writer.returncode == 0, writer.stderr.read()
     with Store.open(store_copy, read_only=True) as after:
         assert not after.snapshot and after.catalog.get_meta("note") == "written by the writer"
+
+
+def test_a_live_process_named_in_the_lock_file_is_not_taken_for_a_writer(store_copy: Path) -> None:
+    """A killed writer leaves its PID in .lock; another process may get that PID later. The
+    lock itself says whether a writer is at work."""
+    with Store.open(store_copy) as s:  # publishes the snapshot
+        s.catalog.set_meta("note", "latest")
+    (store_copy / ".lock").write_text(str(os.getppid()))  # alive, and no writer
+    with Store.open(store_copy, read_only=True) as reader:
+        assert not reader.snapshot and reader.catalog.get_meta("note") == "latest"
+    assert check_store(store_copy, sources=False).ok

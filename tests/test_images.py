@@ -280,6 +280,17 @@ def test_probe_does_not_decode(tmp_path: Path) -> None:
     assert _reason(load_rgb, path).reason in {"truncated", "corrupt"}
 
 
+def test_probe_of_a_png_reads_no_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(A PNG's getexif decodes the whole image: the probe's orientation check skips it.)"""
+    from PIL import PngImagePlugin
+
+    Image.new("RGB", (300, 200)).save(tmp_path / "p.png")
+    loads = []
+    real = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda im: loads.append(1) or real(im))
+    assert (probe_image(tmp_path / "p.png").width, loads) == (300, [])
+
+
 def test_large_jpeg_decodes_at_reduced_scale_when_allowed(tmp_path: Path) -> None:
     from PIL import Image as PILImage
 

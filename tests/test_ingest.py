@@ -764,6 +764,13 @@ def test_folder_corpus_follows_linked_folders_once(tmp_path: Path) -> None:
     (root / "art" / "linked").symlink_to(extra, target_is_directory=True)  # read once
     (root / "food" / "up").symlink_to(root / "food", target_is_directory=True)  # a loop
     (root / "food" / "self.jpg").symlink_to(root / "food" / "self.jpg")
+    (root / "food" / "gone.jpg").symlink_to(root / "food" / "nowhere.jpg")
+    (root / "food" / "to_art").symlink_to(root / "art", target_is_directory=True)
+    (root / "aaa").symlink_to(root / "food", target_is_directory=True)  # a category's alias
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (20, 20)).save(outside / "o.jpg")
+    (root / "art" / "out").symlink_to(outside, target_is_directory=True)
     (root / "+++").mkdir()  # a name that leaves no category
     Image.new("RGB", (20, 20)).save(root / "+++" / "x.jpg")
     os.mkfifo(root / "food" / "fifo.jpg")
@@ -772,11 +779,15 @@ def test_folder_corpus_follows_linked_folders_once(tmp_path: Path) -> None:
     result = read_corpus(root)
     reasons = Counter(s.reason for s in result.skipped)
     assert reasons == {
-        "folder_read_before": 2, "broken_link": 1, "missing_category": 1, "not_a_file": 1,
+        "folder_read_before": 4, "broken_link": 2, "missing_category": 1, "not_a_file": 1,
+        "path_outside_root": 1,
     }, result.skipped  # fmt: skip
     assert sorted(p.pin_id for p in result.pins if p.category == "art")[-1] == "art/more/m"
     assert len(result.pins) == 5 and "" not in {p.category for p in result.pins}
+    assert {p.category for p in result.pins} == {"art", "food"}  # no pin under two labels
     assert _balanced(result)
+    reached = read_corpus(root, IngestConfig(allow_outside_root=True))
+    assert "art/out/o" in {p.pin_id for p in reached.pins} and _balanced(reached)
 
 
 def test_folders_that_cannot_be_listed_are_counted(
@@ -819,7 +830,7 @@ def test_manifest_row_naming_a_loop_of_links_is_skipped(tmp_path: Path) -> None:
     manifest.write_text("path,category\nloop.jpg,art\nok.jpg,art\n")
     result = read_corpus(manifest)
     assert [p.pin_id for p in result.pins] == ["ok"]
-    assert [s.reason for s in result.skipped] == ["bad_path"] and _balanced(result)
+    assert [s.reason for s in result.skipped] == ["broken_link"] and _balanced(result)
     manifest.write_text("path,category,path\nok.jpg,art,x.jpg\n")
     with pytest.raises(CorpusError, match=r"names column\(s\) \['path'\] more than once"):
         read_corpus(manifest)
@@ -855,3 +866,9 @@ def test_a_format_given_that_the_corpus_cannot_be(tree_corpus, tmp_path: Path) -
         read_corpus(tmp_path / "m.txt", IngestConfig(format="manifest"))
     with pytest.raises(CorpusError, match="format folder reads a folder"):
         read_corpus(tmp_path / "m.txt", IngestConfig(format="folder"))
+
+
+def test_blank_header_cells_are_not_a_column_named_twice(tmp_path: Path) -> None:
+    Image.new("RGB", (20, 20)).save(tmp_path / "ok.jpg")
+    (tmp_path / "m.csv").write_text("path,category,,\nok.jpg,art,,\n")
+    assert [p.pin_id for p in read_corpus(tmp_path / "m.csv").pins] == ["ok"]

@@ -423,6 +423,7 @@ child = os.fork()
 if child == 0:  # a DataLoader worker outliving its writer
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1), os.dup2(null, 2)  # (the test reads the writer's output to its end)
+    store._lock.release()  # a child's copy: closed, nothing else (no error, no unlock)
     time.sleep(30)
     os._exit(0)
 print(child, flush=True)
