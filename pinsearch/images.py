@@ -136,9 +136,10 @@ def probe_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image
     with open_image(path, max_pixels) as img:
         width, height = img.size
         try:  # as shown: EXIF orientations 5-8 turn the image a quarter (load_rgb applies it)
-            # (only where EXIF comes with the header: a PNG's getexif decodes the whole image)
-            header = img.format in ("JPEG", "MPO", "TIFF") or "exif" in img.info
-            if header and img.getexif().get(_ORIENTATION) in (5, 6, 7, 8):
+            # Read with the base class's getexif: the EXIF and XMP that came with the header (a
+            # PNG's own decodes the whole image); Pillow's TIFF reader reports the size as shown.
+            shown = img.format == "TIFF"
+            if not shown and Image.Image.getexif(img).get(_ORIENTATION) in (5, 6, 7, 8):
                 width, height = height, width
         except Exception:  # a broken EXIF block: the size as stored
             pass

@@ -376,22 +376,26 @@ def iter_folder(
     relative to ROOT without its extension. Images lying directly in ROOT (a flat folder of
     photos) belong to one board and category named after ROOT itself.
 
-    Linked folders are followed, each real folder read once over the whole corpus (a loop of
-    links, a second link to a folder, a link to another category's folder: recorded as
-    ``folder_read_before``; real folders are read before links to them, so the images keep
-    the category they lie in). A linked folder outside ROOT is one ``path_outside_root``
-    entry unless ``allow_outside_root``. A folder that cannot be listed is recorded.
+    Linked folders are followed, each real folder read once over the whole corpus and from
+    where it lies: a link to a folder of the corpus (another category's, a sub-folder, the
+    root), a loop of links or a second link to a folder outside it is recorded as
+    ``folder_read_before``, so an image keeps the category and id of the folder it lies in,
+    never two. A linked folder outside ROOT is one ``path_outside_root`` entry unless
+    ``allow_outside_root``. A folder that cannot be listed is recorded; so is a link to
+    nothing (``broken_link``), whatever its name. A linked *file* is a pin of its own.
     """
     root = Path(root).resolve()
     entries = _root_entries(root)
     loose = sorted(e.name for e in entries if _kind(e) != "dir")
-    if any(is_image_file(Path(n)) for n in loose):
-        yield from _folder_pins(root, root.name, root, loose)
-    categories = sorted(
-        (e for e in entries if _kind(e) == "dir"), key=lambda e: (e.is_symlink(), e.name)
-    )
+    yield from _folder_pins(root, root.name, root, loose)  # (and links to nothing there)
+    categories = [e for e in entries if _kind(e) == "dir"]
+    real_dirs = {str(root)}  # the corpus's own folders (links not followed): read where they lie
+    for entry in categories:
+        if not entry.is_symlink():
+            for dirpath, dirnames, _ in os.walk(entry.path, onerror=lambda _: None):
+                real_dirs.add(dirpath)
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     seen: set[str] = set()
-    own = {os.path.realpath(e.path) for e in categories if not e.is_symlink()}
     for cat_entry in categories:
         errors: list[OSError] = []
         for dirpath, dirnames, filenames in os.walk(
@@ -400,12 +404,11 @@ def iter_folder(
             yield from (_unreadable(e.filename, e) for e in errors)
             errors.clear()
             real = os.path.realpath(dirpath)
-            top = dirpath == cat_entry.path
-            elsewhere = real in own and not (top and not cat_entry.is_symlink())
-            if real in seen or elsewhere:  # (a category folder is read as its own category)
+            linked = real != os.path.normpath(dirpath)
+            if real in seen or (linked and real in real_dirs):
                 dirnames[:] = []
                 yield SkippedPin(
-                    dirpath, "folder_read_before", f"folder {dirpath} is {real}, read already"
+                    dirpath, "folder_read_before", f"folder {dirpath} is {real}, read where it lies"
                 )
                 continue
             if not allow_outside_root and not Path(real).is_relative_to(root):
@@ -418,10 +421,7 @@ def iter_folder(
                 )
                 continue
             seen.add(real)
-            dirnames[:] = sorted(  # a folder's own sub-folders before links to others
-                (d for d in dirnames if not d.startswith(".")),
-                key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d),
-            )
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             yield from _folder_pins(root, cat_entry.name, Path(dirpath), filenames)
         yield from (_unreadable(e.filename, e) for e in errors)
 
@@ -432,7 +432,11 @@ def _folder_pins(
     category = normalize_category(folder_name)
     for name in sorted(filenames):
         path = dirpath / name
-        if name.startswith(".") or not is_image_file(path):
+        if name.startswith("."):
+            continue
+        if not is_image_file(path):  # (few files: a stat each; an image's is the probe's)
+            if os.path.islink(path) and not os.path.exists(path):
+                yield SkippedPin(str(path), "broken_link", f"{path} is a symbolic link to nothing")
             continue
         rel = path.relative_to(root).with_suffix("").as_posix()
         if not _valid_name(rel):

@@ -341,5 +341,13 @@ def test_probe_reports_the_size_as_shown(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # turned a quarter: stored 120 x 60, shown 60 x 120
     Image.new("RGB", (120, 60)).save(tmp_path / "r.jpg", exif=exif.tobytes())
-    info = probe_image(tmp_path / "r.jpg")
-    assert (info.width, info.height) == load_rgb(tmp_path / "r.jpg").size == (60, 120)
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-'
+        b'rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    Image.new("RGB", (120, 60)).save(tmp_path / "r.tiff", exif=exif.tobytes())
+    Image.new("RGB", (120, 60)).save(tmp_path / "r.webp", xmp=xmp)  # orientation in XMP only
+    for name in ("r.jpg", "r.tiff", "r.webp"):
+        info = probe_image(tmp_path / name)
+        assert (info.width, info.height) == load_rgb(tmp_path / name).size == (60, 120), name

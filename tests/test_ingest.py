@@ -771,6 +771,13 @@ def test_folder_corpus_follows_linked_folders_once(tmp_path: Path) -> None:
     outside.mkdir()
     Image.new("RGB", (20, 20)).save(outside / "o.jpg")
     (root / "art" / "out").symlink_to(outside, target_is_directory=True)
+    (root / "food" / "sub").mkdir()  # reached first through a link from art: still food's
+    Image.new("RGB", (20, 20)).save(root / "food" / "sub" / "f.jpg")
+    (root / "art" / "x").symlink_to(root / "food" / "sub", target_is_directory=True)
+    Image.new("RGB", (20, 20)).save(root / "loose.jpg")  # the root's own board
+    (root / "art" / "up").symlink_to(root, target_is_directory=True)
+    (root / "gone").symlink_to(root / "nothing")  # names without an image extension too
+    (root / "art" / "gone").symlink_to(root / "nothing")
     (root / "+++").mkdir()  # a name that leaves no category
     Image.new("RGB", (20, 20)).save(root / "+++" / "x.jpg")
     os.mkfifo(root / "food" / "fifo.jpg")
@@ -779,12 +786,14 @@ def test_folder_corpus_follows_linked_folders_once(tmp_path: Path) -> None:
     result = read_corpus(root)
     reasons = Counter(s.reason for s in result.skipped)
     assert reasons == {
-        "folder_read_before": 4, "broken_link": 2, "missing_category": 1, "not_a_file": 1,
+        "folder_read_before": 6, "broken_link": 4, "missing_category": 1, "not_a_file": 1,
         "path_outside_root": 1,
     }, result.skipped  # fmt: skip
     assert sorted(p.pin_id for p in result.pins if p.category == "art")[-1] == "art/more/m"
-    assert len(result.pins) == 5 and "" not in {p.category for p in result.pins}
-    assert {p.category for p in result.pins} == {"art", "food"}  # no pin under two labels
+    assert "food/sub/f" in {p.pin_id for p in result.pins}
+    assert len(result.pins) == 7 and "" not in {p.category for p in result.pins}
+    assert {p.category for p in result.pins} == {"art", "food", "f"}  # (ROOT is named f)
+    assert len({p.path.resolve() for p in result.pins}) == 7  # no image under two labels
     assert _balanced(result)
     reached = read_corpus(root, IngestConfig(allow_outside_root=True))
     assert "art/out/o" in {p.pin_id for p in reached.pins} and _balanced(reached)
