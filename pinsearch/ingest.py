@@ -385,10 +385,11 @@ def iter_folder(
     nothing (``broken_link``), whatever its name. A linked *file* is a pin of its own.
     """
     root = Path(root).resolve()
-    entries = _root_entries(root)
-    loose = sorted(e.name for e in entries if _kind(e) != "dir")
-    yield from _folder_pins(root, root.name, root, loose)  # (and links to nothing there)
-    categories = [e for e in entries if _kind(e) == "dir"]
+    kinds = [(e, _kind(e)) for e in _root_entries(root)]
+    confine = not allow_outside_root
+    loose = sorted(e.name for e, kind in kinds if kind != "dir")
+    yield from _folder_pins(root, root.name, root, loose, confine)  # (links to nothing too)
+    categories = [e for e, kind in kinds if kind == "dir"]
     real_dirs = {str(root)}  # the corpus's own folders (links not followed): read where they lie
     for entry in categories:
         if not entry.is_symlink():
@@ -411,7 +412,7 @@ def iter_folder(
                     dirpath, "folder_read_before", f"folder {dirpath} is {real}, read where it lies"
                 )
                 continue
-            if not allow_outside_root and not Path(real).is_relative_to(root):
+            if confine and not Path(real).is_relative_to(root):
                 dirnames[:] = []
                 yield SkippedPin(
                     dirpath,
@@ -422,13 +423,15 @@ def iter_folder(
                 continue
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            yield from _folder_pins(root, cat_entry.name, Path(dirpath), filenames)
+            yield from _folder_pins(root, cat_entry.name, Path(dirpath), filenames, confine)
         yield from (_unreadable(e.filename, e) for e in errors)
 
 
 def _folder_pins(
-    root: Path, folder_name: str, dirpath: Path, filenames: list[str]
+    root: Path, folder_name: str, dirpath: Path, filenames: list[str], confine: bool
 ) -> Iterator[PinRecord | SkippedPin]:
+    """The pins of one folder (``dirpath``, inside ``root`` once links are followed: the walk
+    sees to that); with ``confine``, a file that links outside ``root`` is skipped."""
     category = normalize_category(folder_name)
     for name in sorted(filenames):
         path = dirpath / name
@@ -453,6 +456,11 @@ def _folder_pins(
                 f"folder name {folder_name!r} leaves no category (only separators)",
                 rel,
             )
+            continue
+        # a file link only (a stat a pin; a loop of links resolves to itself, inside: the
+        # probe names it broken_link)
+        if confine and path.is_symlink() and not Path(os.path.realpath(path)).is_relative_to(root):
+            yield _outside_root(path, root, rel)
             continue
         yield PinRecord(
             pin_id=rel,
@@ -734,51 +742,34 @@ def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
 
 
 def _iter_records(root: Path, fmt: str, config: IngestConfig) -> Iterator[PinRecord | SkippedPin]:
-    if fmt in ("tree", "folder"):
-        records = (
-            iter_tree(root)
-            if fmt == "tree"
-            else iter_folder(root, allow_outside_root=config.allow_outside_root)
-        )
-        if config.allow_outside_root:
-            return records
-        return _inside(records, root.resolve(), resolved=fmt == "tree")
+    if fmt == "tree":
+        records = iter_tree(root)
+        return records if config.allow_outside_root else _confined(records, root.resolve())
+    if fmt == "folder":
+        return iter_folder(root, allow_outside_root=config.allow_outside_root)
     if fmt == "manifest":
         return iter_manifest(root, allow_outside_root=config.allow_outside_root)
     raise ValueError(f"unknown corpus format {fmt!r}; expected one of {CORPUS_FORMATS}")
 
 
-def _inside(
-    records: Iterator[PinRecord | SkippedPin], root: Path, *, resolved: bool
+def _outside_root(path: Path, root: Path, pin_id: str) -> SkippedPin:
+    return SkippedPin(
+        str(path),
+        "path_outside_root",
+        f"{path} is outside the corpus root {root} (through a symbolic link); "
+        "allow_outside_root (--allow-outside-root) reads it",
+        pin_id,
+    )
+
+
+def _confined(
+    records: Iterator[PinRecord | SkippedPin], root: Path
 ) -> Iterator[PinRecord | SkippedPin]:
-    """Pins whose file lies under ``root`` once symbolic links are followed; the others
-    skipped as ``path_outside_root``, as a manifest's are. ``resolved``: the records' paths
-    are resolved already (trees); else each folder is resolved once and a file only when it
-    is a link (a resolve per pin costs ~35 s a million)."""
-    folders: dict[Path, bool] = {}
-
-    def inside(path: Path) -> bool:
-        if resolved:
-            return path.is_relative_to(root)
-        if path.parent not in folders:
-            folders[path.parent] = Path(os.path.realpath(path.parent)).is_relative_to(root)
-        if not folders[path.parent]:
-            return False
-        # (a loop of links resolves to itself, inside: the probe names it broken_link)
-        return not path.is_symlink() or Path(os.path.realpath(path)).is_relative_to(root)
-
+    """A tree's pins (their paths resolved) whose file lies under ``root``; the others
+    skipped as ``path_outside_root``, as a manifest's and a folder corpus's are."""
     for record in records:
-        if not isinstance(record, PinRecord):
-            yield record
-            continue
-        if not inside(record.path):
-            yield SkippedPin(
-                str(record.path),
-                "path_outside_root",
-                f"{record.path} is outside the corpus root {root} (through a symbolic link); "
-                "allow_outside_root (--allow-outside-root) reads it",
-                record.pin_id,
-            )
+        if isinstance(record, PinRecord) and not record.path.is_relative_to(root):
+            yield _outside_root(record.path, root, record.pin_id)
             continue
         yield record
 

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import duckdb
 import numpy as np
@@ -40,6 +40,7 @@ from pinsearch.vectors import VectorStore, backbone_dirname, in_sorted
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
 
 _logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: 2: vector parts record their key file's SHA-256 (``vector_parts.keys_sha256``). Version 1
 #: stores are read as they are and upgraded by their first writer, so a pinsearch that only
@@ -85,7 +86,11 @@ class _WriteLock:
         self.path = path
         self._fh = path.open("a+")
         try:  # a reader's probe (_writer_at_work) holds it shared for a moment: tried again
-            _retry_blocked(lambda: fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB))
+            _retry(
+                lambda: fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB),
+                seconds=0.2,
+                when=lambda exc: isinstance(exc, BlockingIOError),
+            )
         except BlockingIOError:
             self._fh.seek(0)
             holder = self._fh.read().strip() or "unknown"
@@ -718,16 +723,11 @@ os.register_at_fork(after_in_child=_WriteLock._close_in_child)
 def _open_catalog(path: Path, wait: float) -> Catalog:
     """The catalog opened for writing, retried for up to ``wait`` seconds while readers in
     other processes hold it (DuckDB's "Could not set lock on file")."""
-    deadline, pause = time.monotonic() + wait, 0.01
-    while True:
-        try:
-            return Catalog(path)
-        except duckdb.IOException as exc:
-            left = deadline - time.monotonic()
-            if "lock" not in str(exc).lower() or left <= 0:
-                raise
-            time.sleep(min(pause, left))
-            pause = min(2 * pause, 0.25)
+    return _retry(
+        lambda: Catalog(path),
+        seconds=wait,
+        when=lambda exc: isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower(),
+    )
 
 
 def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
@@ -749,7 +749,7 @@ def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
 def _writer_at_work(root: Path) -> bool:
     """Whether a writer holds ``S/.lock``: asked of the lock itself, by taking it shared for a
     moment (the PID written inside may name a process that is not the writer: a killed
-    writer's, reused). A writer that meets the probe tries again (:func:`_retry_blocked`)."""
+    writer's, reused). A writer that meets the probe tries again (:class:`_WriteLock`)."""
     try:
         fh = (root / ".lock").open("rb")
     except OSError:  # no writer has ever opened the store, or it cannot be read
@@ -765,16 +765,19 @@ def _writer_at_work(root: Path) -> bool:
     return False
 
 
-def _retry_blocked(take: Callable[[], None], seconds: float = 0.2) -> None:
-    """``take()`` again while it raises BlockingIOError, for up to ``seconds``."""
-    deadline = time.monotonic() + seconds
+def _retry(take: Callable[[], T], *, seconds: float, when: Callable[[Exception], bool]) -> T:
+    """``take()``, again while it raises an exception ``when`` accepts, for up to ``seconds``
+    (pauses from 5 ms, doubling to 0.25 s)."""
+    deadline, pause = time.monotonic() + seconds, 0.005
     while True:
         try:
             return take()
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
+        except Exception as exc:
+            left = deadline - time.monotonic()
+            if not when(exc) or left <= 0:
                 raise
-            time.sleep(0.005)
+            time.sleep(min(pause, left))
+            pause = min(2 * pause, 0.25)
 
 
 def lock_holder(root: Path) -> str:
