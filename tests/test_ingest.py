@@ -509,12 +509,32 @@ def test_manifest_rows_that_do_not_fit_the_header_are_skipped_by_name(
     monkeypatch.setattr(ingest, "_CSV_FIELD_LIMIT", 1000)  # a field the reader cannot take:
     csv.field_size_limit(1000)  # the manifest and line are named
     try:
-        with pytest.raises(
-            CorpusError, match=r"m\.csv, after line 3: field larger than field limit"
-        ):
+        with pytest.raises(CorpusError, match=r"m\.csv, line 4: field larger than field limit"):
             read_corpus(manifest)
     finally:
         csv.field_size_limit(before)
+
+
+def test_manifest_quotes_that_do_not_close(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    manifest = root / "m.csv"
+    manifest.write_text(
+        "path,category,title,pin_id\n"
+        'img/in.jpg,art,"Sunset" at sea,a\n'  # text after a closing quote: this row alone skipped
+        'img/in.jpg,art,"two\nlines",b\n'  # a quoted field over two lines is read
+        "img/in.jpg,art,plain,c\n"
+    )
+    result = read_corpus(manifest)
+    (skip,) = result.skipped
+    assert skip.reason == "malformed_row" and "closing quote" in skip.detail
+    assert "row 2 of" in skip.detail and "line 2" in skip.detail
+    assert [p.title for p in _records(iter_manifest(manifest))[0]] == ["two\nlines", "plain"]
+    assert _balanced(result)
+    manifest.write_text(  # a quote never closed: the rest of the file is not one title
+        'path,category,title\nimg/in.jpg,art,ok\nimg/in.jpg,art,"open\nimg/in.jpg,art,b\n'
+    )
+    with pytest.raises(CorpusError, match=r"m\.csv: the quote .* starting on line 3 is never"):
+        read_corpus(manifest)
 
 
 def test_manifest_missing_category_column(tmp_path: Path) -> None:
