@@ -9,6 +9,7 @@ and ``study_cmds``; importing this module registers them all on :data:`app`.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from typing import Annotated
 
@@ -49,6 +50,12 @@ def main() -> None:
 # Registering the commands, in the order ``--help`` lists them (each module adds its own).
 for _module in ("store_cmds", "search_cmds", "explore_cmds", "study_cmds"):
     importlib.import_module(f"pinsearch.cli.{_module}")
+# The command list shows each docstring's first paragraph as one flowing line (rich markup
+# keeps the source's line breaks, which cut the list's sentences where the code wraps).
+for _command in app.registered_commands:
+    if _command.short_help is None and _command.callback is not None:
+        _summary = inspect.cleandoc(_command.callback.__doc__ or "").split("\n\n")[0]
+        _command.short_help = " ".join(_summary.split()) or None
 
 if __name__ == "__main__":
     main()

@@ -702,3 +702,13 @@ def test_indexing_again_repeats_the_stored_runs_settings(
     assert "normalize True vs False" in _main_error(
         [*base, "--no-normalize"], monkeypatch, capsys
     )  # asked for explicitly: still refused
+
+
+def test_help_lists_each_command_in_one_flowing_sentence() -> None:
+    # (the docstrings' source line breaks cut the list's summaries where the code wraps)
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "400"}, terminal_width=400)
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[1]: line for line in result.output.splitlines() if line.startswith("│ ")}
+    assert "embedded, for every backbone of the store, and every index is updated" in rows["add"]
+    assert "ingest counts, the pins' image files. Exit 1 on errors." in rows["check"]
+    assert {c.name or c.callback.__name__ for c in app.registered_commands} <= set(rows)
