@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = [
+    "AllowOutsideRootOpt",
     "EfSearchOpt",
     "JsonOpt",
     "NprobeOpt",
@@ -42,6 +43,13 @@ err_console = Console(stderr=True)
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+AllowOutsideRootOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside-root",
+        help="Accept files outside the corpus root (manifest paths, links).",
+    ),
+]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
 CpuShareOpt = Annotated[
     float | None,

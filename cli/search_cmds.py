@@ -263,7 +263,9 @@ def train(
         "category"
     ),
     name: Annotated[str | None, typer.Option(help="Defaults to <backbone>/<head>.")] = None,
-    normalize: Annotated[bool, typer.Option(help="L2-normalise vectors first.")] = False,
+    normalize: Annotated[
+        bool, typer.Option("--normalize", help="L2-normalise vectors first.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a classification head on a backbone's stored vectors and keep it in the store."""

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    AllowOutsideRootOpt,
     CpuShareOpt,
     JsonOpt,
     StoreOpt,
@@ -39,14 +40,12 @@ def index(
     per_category: Annotated[int | None, typer.Option(help="Sample N pins per category.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     keep_excluded: Annotated[
-        bool, typer.Option(help="Keep the categories 'none' and 'other'.")
+        bool, typer.Option("--keep-excluded", help="Keep the categories 'none' and 'other'.")
     ] = False,
     categories: Annotated[
         str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
     ] = None,
-    allow_outside_root: Annotated[
-        bool, typer.Option(help="Accept files outside the corpus root (manifest paths, links).")
-    ] = False,
+    allow_outside_root: AllowOutsideRootOpt = False,
     weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
@@ -74,7 +73,9 @@ def index(
         typer.Option("--fp16/--no-fp16", help="GPU index: float16 Flat vectors / PQ tables."),
     ] = None,
     index_name: Annotated[str | None, typer.Option(help="Defaults to the backbone name.")] = None,
-    rebuild: Annotated[bool, typer.Option(help="Rebuild the index from all vectors.")] = False,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="Rebuild the index from all vectors.")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
@@ -144,9 +145,7 @@ def add(
     fmt: Annotated[
         str | None, typer.Option("--format", help="auto, tree, folder, manifest")
     ] = None,
-    allow_outside_root: Annotated[
-        bool, typer.Option(help="Accept files outside the corpus root (manifest paths, links).")
-    ] = False,
+    allow_outside_root: AllowOutsideRootOpt = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     batch_size: Annotated[
         int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")

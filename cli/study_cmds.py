@@ -269,7 +269,7 @@ def bench(
     factory: Annotated[
         list[str] | None, typer.Option(help="Factory strings to compare (index).")
     ] = None,
-    fp16: Annotated[bool, typer.Option(help="GPU indexes in float16 (index).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="GPU indexes in float16 (index).")] = False,
     fp16_also: Annotated[
         list[str] | None,
         typer.Option(help="Index: also measure this factory in float16 (repeatable; same data)."),
@@ -310,7 +310,10 @@ def bench(
         ),
     ] = None,
     random_weights: Annotated[
-        bool, typer.Option(help="Seeded random weights: speed without the checkpoint (embed).")
+        bool,
+        typer.Option(
+            "--random-weights", help="Seeded random weights: speed without the checkpoint (embed)."
+        ),
     ] = False,
     queries: Annotated[
         int | None,
