@@ -134,8 +134,11 @@ def index(
         return
     table = Table(title=f"indexed into {report.store}", show_header=False)
     for key, value in report.to_dict().items():
-        table.add_row(key, str(value))
+        if key != "stale_heads":
+            table.add_row(key, str(value))
     console.print(table)
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
 
 
 @app.command()

@@ -10,7 +10,7 @@ import json
 import logging
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class IndexReport:
     index_action: str  # built, rebuilt, updated (+N), unchanged
     index_seconds: float
     title_vectors: int = 0  # pins whose titles were embedded into the text space (CLIP, align)
+    stale_heads: list[str] = field(default_factory=list)  # heads trained before these vectors
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -164,6 +165,8 @@ def index_corpus(
                 if other != name:
                     store.update_index(other)
             titles = _update_titles(store, backbone)
+            # heads trained on this backbone's vectors do not know the pins embedded now
+            stale = store.mark_heads_stale([backbone]) if report.embedded else []
             return IndexReport(
                 store=str(store.root),
                 corpus=str(corpus) if corpus is not None else "",
@@ -185,6 +188,7 @@ def index_corpus(
                 index_action=action,
                 index_seconds=round(built.build_seconds, 3),
                 title_vectors=titles,
+                stale_heads=stale,
             )
     except BaseException:
         if fresh:  # a failed first run leaves no empty store behind (bad option, bad corpus)

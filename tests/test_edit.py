@@ -106,6 +106,25 @@ def test_remove_with_an_approximate_index(tree_corpus, tmp_path: Path) -> None:
         assert not (set(gone) & _all_hits(store))
 
 
+def test_index_with_new_pins_marks_the_backbones_heads_stale(
+    tree_corpus, make_tree, tmp_path
+) -> None:
+    store = tmp_path / "s"
+    index_corpus(tree_corpus.root, store, backbone=B)
+    index_corpus(None, store, backbone="test_convnext")
+    with Store.open(store) as s:
+        train_head(s, B, "knn", {"n_neighbors": 1})
+        train_head(s, "test_convnext", "knn", {"n_neighbors": 1})
+    same = index_corpus(tree_corpus.root, store, backbone=B)  # nothing new: heads stay fresh
+    assert same.embedded == 0 and same.stale_heads == []
+    more = make_tree(tmp_path / "more", seed=7, pins_per_board=1)
+    report = index_corpus(more.root, store, backbone=B)  # (add embeds for every backbone)
+    assert report.embedded == 6 and report.stale_heads == [f"{B}/knn"]
+    with Store.open(store, read_only=True) as s:
+        stale = {r["name"]: r["stale"] for r in s.catalog.query("SELECT name, stale FROM heads")}
+    assert stale == {f"{B}/knn": True, "test_convnext/knn": False}
+
+
 def _keys_of(store: Store, pin_ids: list[str]) -> np.ndarray:
     rows = store.catalog.query(
         "SELECT pin_key FROM pins WHERE pin_id IN (SELECT unnest(?))", [pin_ids]
