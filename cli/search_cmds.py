@@ -234,6 +234,8 @@ def align(
             + f" (chance R@10 {val['chance_recall@10']:.3f})"
         )
     console.print(f"title vectors: {report.title_vectors} pins")
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
 
 
 def _classify(

@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 
 from pinsearch._version import __version__
-from pinsearch.classify import head_context, save_store_head
+from pinsearch.classify import head_context, head_context_key, save_store_head
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.eval.retrieval import RetrievalConfig, load_retrieval
 from pinsearch.gridsearch import batched_grid_search, is_batchable
@@ -85,7 +85,7 @@ CREATE TABLE IF NOT EXISTS study_cells (
     predict_seconds DOUBLE,
     versions VARCHAR,               -- JSON: pinsearch, sklearn, torch, faiss
     finished_at TIMESTAMP,
-    data_hash VARCHAR,              -- hash of the sample, split and vectors (data_digest)
+    data_hash VARCHAR,              -- hash of the sample, split, vectors, grid (cell_digest)
     PRIMARY KEY (study, config_hash, backbone, head)
 );
 -- study_cells from before data_hash: the column is added, NULL (such a cell runs again)
@@ -132,8 +132,10 @@ class StudyConfig:
     batched_cv: bool = True  # batched grid search (pinsearch.gridsearch) where the head has one
 
     def fingerprint(self) -> str:
-        """Hash of what decides cell results (not the name, store, device, n_jobs or
-        batched_cv)."""
+        """Hash of what decides every cell's results (not the name, store, device, n_jobs or
+        batched_cv). A head's grid is not in it but in its own cells' digest
+        (:func:`cell_digest`): adding a head, or changing one's grid, leaves the others'
+        finished cells to be resumed."""
         keys = (
             "label",
             "drop",
@@ -143,7 +145,6 @@ class StudyConfig:
             "folds",
             "seed",
             "normalize",
-            "heads",
         )
         data = {k: getattr(self, k) for k in keys}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=list).encode()).hexdigest()[
@@ -207,6 +208,10 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
     for key in ("name", "store", "backbones", "heads"):
         if key not in data:
             raise ValueError(f"study {path} lacks required key {key!r}")
+    if not isinstance(data["heads"], dict) or not data["heads"]:
+        raise ValueError(f"study {path}: [heads] must name at least one head, e.g. [heads.knn]")
+    if not isinstance(data["backbones"], list) or not data["backbones"]:
+        raise ValueError(f"study {path}: backbones must list at least one backbone")
     for head, grid in data["heads"].items():
         if head not in HEADS:
             raise ValueError(f"study {path}: unknown head {head!r}; known: {sorted(HEADS)}")
@@ -385,6 +390,24 @@ def data_digest(data: StudyData, X: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def cell_digest(data_hash: str, head: str, grid: dict[str, list[Any]], context: str) -> str:
+    """Hash of what one cell learns from: :func:`data_digest`, its head's grid, and what the
+    head takes from the store (:func:`~pinsearch.classify.head_context_key`: a zero-shot
+    head's text encoder, so a new alignment runs it again)."""
+    text = json.dumps([data_hash, head, grid, context], sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _head_source(config: StudyConfig, digest: str) -> str:
+    """The ``source`` a study head is saved with: the study and the cell it came from."""
+    return f"study:{config.name} cell {digest}"
+
+
+def _saved_by(store: Store, name: str) -> str | None:
+    rows = store.catalog.query("SELECT source FROM heads WHERE name = ?", [name])
+    return rows[0]["source"] if rows else None
+
+
 def _done_cells(
     store: Store, config: StudyConfig
 ) -> dict[tuple[str, str], tuple[CellResult, str | None]]:
@@ -511,31 +534,47 @@ def run_study(
                 vectors.clear()  # keep one backbone's vectors in memory at a time
                 X = load_study_vectors(store, backbone, data.keys, config.normalize)
                 vectors[backbone] = (X, data_digest(data, X))
-            X, digest = vectors[backbone]
+            X, data_hash = vectors[backbone]
+            digest = cell_digest(
+                data_hash, head, config.heads[head], head_context_key(store, backbone, head)
+            )
+            head_name = f"{config.name}/{backbone}/{head}"
+            fused = "+" in backbone  # fused features have no single store vector to query
             finished, ran_on = done.get((backbone, head), (None, None))
-            if finished is not None and ran_on == digest:
+            stale = None  # why a finished cell runs again
+            if finished is not None and ran_on != digest:
+                stale = (
+                    "was run with another grid, text encoder, sample, split or vectors (pins "
+                    "added, removed or embedded again since)"
+                )
+            elif (
+                finished is not None
+                and not fused
+                and _saved_by(store, head_name) != _head_source(config, digest)
+            ):
+                stale = f"saved head {head_name} is another run's now, or was removed"
+            if finished is not None and stale is None:
                 res = finished
             else:
-                if finished is not None:
+                if stale is not None:
                     _logger.warning(
-                        "study %s: cell %s/%s was run on another sample, split or vectors "
-                        "(pins added, removed or embedded again since): running it again",
-                        config.name, backbone, head,
+                        "study %s: cell %s/%s %s: running it again",
+                        config.name, backbone, head, stale,
                     )  # fmt: skip
                 context = head_context(store, backbone, head)
                 res, pred, scores, cv_json, best = _run_cell(
                     config, data, X, backbone, head, context
                 )
-                if "+" not in backbone:  # fused features have no single store vector to query
+                if not fused:
                     save_store_head(
                         store,
                         best,
-                        name=f"{config.name}/{backbone}/{head}",
+                        name=head_name,
                         backbone=backbone,
                         label=config.label,
                         n_train=len(data.train),
                         normalize=config.normalize,
-                        source=f"study:{config.name}",
+                        source=_head_source(config, digest),
                     )
                 _save_cell(store, config, data, res, cv_json, pred, scores, digest)
             results.append(res)

@@ -98,6 +98,7 @@ class AlignReport:
     val: dict[str, float] = field(default_factory=dict)  # validation retrieval metrics
     seconds: float = 0.0
     title_vectors: int = 0  # pins whose titles were embedded into the text space
+    stale_heads: list[str] = field(default_factory=list)  # zero-shot heads of the old encoder
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -370,7 +371,7 @@ def align_store(
     sentence = SentenceEncoder(config.text_model, device=config.device)
     sentences = sentence.encode(texts)
     arrays, history = train_projection(sentences, pair_item, items, config, groups=groups)
-    save_alignment(
+    stale = save_alignment(
         store,
         backbone,
         arrays,
@@ -397,6 +398,7 @@ def align_store(
         val=history["best_val"],
         seconds=time.perf_counter() - start,
         title_vectors=n_titles,
+        stale_heads=stale,
     )
 
 
@@ -431,7 +433,7 @@ def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> Alig
         raise BackboneMismatchError(
             f"{backbone!r} vectors of {source.root} and {store.root} were preprocessed differently"
         )
-    save_alignment(
+    stale = save_alignment(
         store, backbone, arrays, text_model=row["text_model"], pairs=row["pairs"],
         images=row["images"], source=f"store:{source.root}:{row['source']}",
         metrics=row["metrics"], config=row["config"],
@@ -450,6 +452,7 @@ def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> Alig
         val=row["metrics"],
         seconds=time.perf_counter() - start,
         title_vectors=titles,
+        stale_heads=stale,
     )
 
 
@@ -460,8 +463,12 @@ def _file(store: Any, backbone: str) -> Path:
     return store.root / "align" / f"{backbone_dirname(backbone)}.npz"
 
 
-def save_alignment(store: Any, backbone: str, arrays: dict[str, np.ndarray], **info: Any) -> Path:
-    """Write the projection atomically and record it (replacing an earlier one)."""
+def save_alignment(
+    store: Any, backbone: str, arrays: dict[str, np.ndarray], **info: Any
+) -> list[str]:
+    """Write the projection atomically and record it (replacing an earlier one). The
+    backbone's zero-shot heads, which embed their prompts with the text encoder it replaces,
+    are marked stale; returns their names."""
     path = _file(store, backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -484,7 +491,7 @@ def save_alignment(store: Any, backbone: str, arrays: dict[str, np.ndarray], **i
             json.dumps({**info.get("config", {}), "pinsearch_version": __version__}),
         ],
     )
-    return path
+    return store.mark_heads_stale([backbone], kinds=["zeroshot"])
 
 
 def load_alignment(

@@ -104,6 +104,16 @@ def head_context(store: Store, backbone: str, head: str) -> dict[str, Any]:
     return {"text_encoder": text_encoder_for(store, backbone)}
 
 
+def head_context_key(store: Store, backbone: str, head: str) -> str:
+    """What identifies :func:`head_context`'s parameters without loading them: the zero-shot
+    head's text encoder (a CLIP tower, or the checksum of the alignment in use)."""
+    if head != "zeroshot":
+        return ""
+    from pinsearch.text import text_encoder_identity
+
+    return text_encoder_identity(store, backbone) or ""
+
+
 def train_head(
     store: Store,
     backbone: str,

@@ -8,6 +8,7 @@ A label is a pins column (``category``, ``board``, ``user_id``) or any key of th
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ import numpy as np
 from pinsearch.store import Store
 
 __all__ = ["LABEL_COLUMNS", "labelled_pins", "load_vectors"]
+
+_logger = logging.getLogger(__name__)
 
 #: Labels read from a pins column; any other label is looked up in ``pins.extra``.
 LABEL_COLUMNS = ("category", "board", "user_id")
@@ -69,6 +72,7 @@ def labelled_pins(
         ).fetchall()
     keys = np.array([r[0] for r in rows], dtype=np.int64)
     labels = np.array([r[1] if r[1] is not None else "" for r in rows], dtype=object)
+    drop = _as_stored(store, label, drop, set(labels.tolist()), context)
     keep = (labels != "") & ~np.isin(labels, list(drop))
     if not keep.any():
         raise ValueError(f"{context}no pin of store {store.root} has a usable label {label!r}")
@@ -92,6 +96,24 @@ def labelled_pins(
             f"{context}fewer than 2 labels with at least {min_per_class} pins (counts: {counts})"
         )
     return keys, labels, too_few
+
+
+def _as_stored(
+    store: Store, label: str, drop: Sequence[str], present: set[str], context: str
+) -> list[str]:
+    """Drop values as the catalog holds labels (categories normalised as ingest stores them:
+    ``"Women's Fashion"`` is ``womens_fashion``); one that names no label is warned of, but
+    for the categories ingest leaves out by default (never in a store indexed so)."""
+    from pinsearch.ingest import IngestConfig, normalize_category
+
+    if label == "category":
+        drop = [normalize_category(d) or d for d in drop]
+    unmatched = sorted(set(drop) - present - set(IngestConfig().drop_categories))
+    if unmatched:
+        _logger.warning(
+            "%sdrop value(s) %s name no %r label of store %s", context, unmatched, label, store.root
+        )
+    return list(drop)
 
 
 def load_vectors(

@@ -587,13 +587,15 @@ class Store:
         for f in index_files(self.index_base(name)).values():
             f.unlink(missing_ok=True)
 
-    def mark_heads_stale(self, backbones: list[str]) -> list[str]:
-        """Flag the heads trained on these backbones' vectors; returns their names."""
+    def mark_heads_stale(self, backbones: list[str], kinds: list[str] | None = None) -> list[str]:
+        """Flag the heads trained on these backbones' vectors (of these kinds, e.g.
+        ``["zeroshot"]``, when given); returns their names."""
         if not backbones:
             return []
         rows = self.catalog.query(
-            "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) RETURNING name",
-            [list(backbones)],
+            "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) "
+            "AND (? IS NULL OR head IN (SELECT unnest(?))) RETURNING name",
+            [list(backbones), kinds, kinds],
         )
         return sorted(r["name"] for r in rows)
 

@@ -35,6 +35,7 @@ __all__ = [
     "pin_texts",
     "sentence_model",
     "text_encoder_for",
+    "text_encoder_identity",
     "text_encoder_name",
     "text_space",
 ]
@@ -187,6 +188,14 @@ def text_encoder_name(store: Any, backbone: str) -> str | None:
 
     found = load_alignment(store, backbone, arrays=False)
     return None if found is None else f"align:{found[1]['text_model']}->{backbone}"
+
+
+def text_encoder_identity(store: Any, backbone: str) -> str | None:
+    """The text encoder's name with the checksum of the alignment it uses: a new alignment
+    (``pinsearch align`` run again, or ``--from``) gives another (None: no text tower)."""
+    name = text_encoder_name(store, backbone)
+    sha = _alignment_sha(store, backbone)
+    return name if name is None or sha is None else f"{name}@{sha}"
 
 
 def _alignment_sha(store: Any, backbone: str) -> str | None:

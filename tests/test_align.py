@@ -207,6 +207,33 @@ def test_aligning_again_re_embeds_the_titles(aligned: Path, tmp_path: Path) -> N
         )
 
 
+def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
+    aligned: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from pinsearch.eval.study import StudyConfig, run_study
+
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    config = StudyConfig(
+        name="zs", store=str(path), backbones=("test_efficientnet",),
+        heads={"zeroshot": {"prompts": [["a photo of {}."]]}}, folds=2, test_size=0.25,
+        min_per_class=2, drop=(),
+    )  # fmt: skip
+    assert [c.resumed for c in run_study(config)[1]] == [False]
+    assert [c.resumed for c in run_study(config)[1]] == [True]
+    with Store.open(path) as store:  # the prompts' encoder changes: the head's vectors too
+        report = align_store(store, "test_efficientnet", dataclasses.replace(FAST, seed=7))
+        assert report.stale_heads == ["zs/test_efficientnet/zeroshot"]
+        (row,) = store.catalog.query("SELECT stale FROM heads")
+        assert row["stale"] is True
+    assert [c.resumed for c in run_study(config)[1]] == [False]  # run with the new encoder
+    with Store.open(path, read_only=True) as store:
+        (row,) = store.catalog.query("SELECT stale FROM heads")
+        assert row["stale"] is False
+
+
 # -- captions ---------------------------------------------------------------------------------
 
 

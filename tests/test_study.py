@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -185,6 +186,50 @@ def test_a_finished_cell_is_run_again_when_its_pins_or_vectors_change(
     assert (row["n_train"], row["n_test"]) == (len(data.train), len(data.test)) and row["data_hash"]
     assert n_pred == len(data.test)  # the predictions of the old test split are gone
     assert [c.resumed for c in run_study(config)[1]] == [True]
+
+
+def test_a_cell_is_resumed_with_its_own_grid_and_its_saved_head_only(
+    clustered_store: Path, tmp_path: Path
+) -> None:
+    store = _copy(clustered_store, tmp_path)
+    base = _config(store, heads={"knn": {"n_neighbors": [1]}, "lsvm": {"C": [0.01]}})
+
+    def resumed(config: StudyConfig) -> list[bool]:
+        return [c.resumed for c in run_study(config)[1]]
+
+    def saved_c() -> float:
+        with Store.open(store, read_only=True) as s:
+            rows = s.catalog.query("SELECT params FROM heads WHERE name = 't/synthetic/lsvm'")
+        return json.loads(rows[0]["params"])["C"]
+
+    assert resumed(base) == [False, False]
+    other_grid = replace(base, heads={**base.heads, "lsvm": {"C": [100.0]}})
+    assert resumed(other_grid) == [True, False]  # knn's cell is not touched by lsvm's grid
+    assert saved_c() == 100.0
+    assert resumed(replace(base, heads={"knn": base.heads["knn"]})) == [True]  # one head less
+    assert resumed(base) == [True, False] and saved_c() == 0.01  # back: lsvm's head with it
+    assert resumed(replace(base, seed=1)) == [False, False]  # another split: other cells,
+    assert resumed(base) == [False, False]  # which saved their heads under the same names
+    assert resumed(base) == [True, True] and saved_c() == 0.01
+    with Store.open(store) as s:
+        s.catalog.connection.execute("DELETE FROM heads WHERE head = 'knn'")
+    assert resumed(base) == [False, True]  # a head removed is saved again
+
+
+def test_study_files_need_heads_and_backbones_and_drop_names_as_stored(
+    clustered_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\nstore = "s"\nbackbones = ["a"]\n[heads]\n')
+    with pytest.raises(ValueError, match="must name at least one head"):
+        load_study(bad)
+    bad.write_text('name = "x"\nstore = "s"\nbackbones = []\n[heads.knn]\n')
+    with pytest.raises(ValueError, match="at least one backbone"):
+        load_study(bad)
+    with Store.open(clustered_store, read_only=True) as store:
+        data = select_pins(store, _config(clustered_store, drop=("CAT00", "none", "cats")))
+    assert "cat00" not in set(data.labels) and len(data.keys) == 180  # as ingest stores it
+    assert "['cats'] name no 'category' label" in caplog.text and "none" not in caplog.text
 
 
 def test_the_study_seed_reaches_the_heads_it_can(clustered_store: Path, tmp_path: Path) -> None:
