@@ -218,6 +218,11 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
         for param, values in grid.items():
             if not isinstance(values, list):
                 grid[param] = [values]
+            for value in grid[param]:  # each value named here, not in a traceback mid-study
+                try:
+                    create_head(head, **{param: value})
+                except ValueError as exc:
+                    raise ValueError(f"study {path}: {exc}") from None
     for key in ("backbones", "drop"):
         if key in data:
             data[key] = tuple(data[key])

@@ -49,6 +49,7 @@ from pinsearch.heads import (
     _torch_device,
     add_l2_gradient,
     check_C,
+    check_solver_limits,
     create_head,
     knn_votes,
     mlp_optimizer,
@@ -568,6 +569,7 @@ def _lsvm_predictions(
     heads = [create_head("lsvm", **{**base, **c}) for c in candidates]
     for h in heads:
         check_C(h.C)  # type: ignore[attr-defined]
+        check_solver_limits(h.max_iter, h.tol)  # type: ignore[attr-defined]
     device = _torch_device(str(base.get("device", "auto")))
     n, d = X.shape
     k = n_classes

@@ -37,6 +37,7 @@ __all__ = [
     "MLPHead",
     "add_l2_gradient",
     "check_C",
+    "check_solver_limits",
     "create_head",
     "knn_votes",
     "load_head",
@@ -81,21 +82,52 @@ def create_head(name: str, **params: Any) -> BaseEstimator:
             raise ValueError(
                 f"head {name!r} has no parameter {key!r}; it takes {', '.join(sorted(defaults))}"
             )
-        default = defaults[key]
-        number = isinstance(default, (int, float)) and not isinstance(default, bool)
-        if number and isinstance(value, str):
-            raise ValueError(f"head {name!r}: parameter {key!r} takes a number, not {value!r}")
+        problem = _value_problem(key, value, defaults[key])
+        if problem:
+            raise ValueError(f"head {name!r}: parameter {key!r} {problem}, not {value!r}")
     return HEADS[name](**params)
 
 
-def _torch_device(device: str) -> Any:
-    """torch's device for a head's ``device``: ``auto``, ``cpu``, ``cuda[:N]``, or FAISS's
-    name ``gpu`` (as ``cuda``)."""
-    import torch
+def _value_problem(key: str, value: Any, default: Any) -> str | None:
+    """What a parameter's value lacks, judged by its default's type (None: nothing): a whole
+    number where the default is one (``n_neighbors=2.5`` reached FAISS), a finite number for
+    a real one, true or false for a switch, a device's name (whether this machine has that
+    device is asked when the head is fitted: a head saved on a GPU loads without one)."""
+    if key == "device":
+        import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device("cuda" if device == "gpu" else device)
+        try:
+            if not isinstance(value, str):
+                raise TypeError
+            torch.device("cuda" if value in ("auto", "gpu") else value)
+        except (RuntimeError, TypeError):
+            return "names a device: auto, cpu, gpu or cuda[:N]"
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, (bool, np.bool_)) else "takes true or false"
+    if isinstance(value, (bool, np.bool_)):
+        return "takes a number" if isinstance(default, (int, float)) else None
+    if isinstance(default, int) and not isinstance(value, (int, np.integer)):
+        return "takes a whole number"
+    if isinstance(default, float) and not (
+        isinstance(value, (int, float, np.number)) and np.isfinite(value)
+    ):
+        return "takes a finite number"
+    return None
+
+
+def _torch_device(device: Any) -> Any:
+    """torch's device for a head's ``device``: ``auto``, ``cpu``, ``cuda[:N]``, or FAISS's
+    name ``gpu`` (as ``cuda``).
+
+    Raises:
+        ValueError: not a device name, or a CUDA device this machine lacks.
+    """
+    from pinsearch.embed import resolve_device
+
+    if not isinstance(device, str):
+        raise ValueError(f"a device is named by text (auto, cpu, cuda), got {device!r}")
+    return resolve_device("cuda" if device == "gpu" else device)
 
 
 def mlp_optimizer(params: Iterable[Any], lr: float, weight_decay: float, penalty: str) -> Any:
@@ -156,6 +188,15 @@ def check_C(C: Any) -> None:
         or not (np.isfinite(C) and C > 0)
     ):
         raise ValueError(f"C must be a finite positive number, got {C!r}")
+
+
+def check_solver_limits(max_iter: Any, tol: Any) -> None:
+    """Refuse solver limits that stop it before it starts (``max_iter`` 0 or less gave an
+    all-zero model that always answered the first class) or never (a tolerance of 0 or less)."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
+        raise ValueError(f"max_iter must be a whole number >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol > 0:
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
 
 
 def scaler_stats(X: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +331,8 @@ class KNNHead(_Head):
                 "weights='distance' needs a distance, and metric 'ip' has none (1 - an inner "
                 "product past 1 would weigh negatively): use cosine, l2 or l1"
             )
-        if not 1 <= self.n_neighbors <= len(X):
+        k = self.n_neighbors
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(X):
             raise ValueError(
                 f"n_neighbors={self.n_neighbors} must be between 1 and the number of "
                 f"training samples, n_samples={len(X)}"
@@ -430,6 +472,7 @@ class LinearSVMHead(_TorchHead):
         """Train the one-vs-rest problems (torch: all at once, their objectives are independent)."""
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_C(self.C)
+        check_solver_limits(self.max_iter, self.tol)
         if self.solver not in ("auto", "torch", "liblinear"):
             raise ValueError(f"solver must be auto, torch or liblinear, got {self.solver!r}")
         encoded = self._encode(y)

@@ -536,7 +536,12 @@ def _main_error(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> str
     ("argv", "says"),
     [
         (["train", "--head", "lsvm", "--param", "bogus=1"], "has no parameter 'bogus'"),
-        (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a number"),
+        (["train", "--head", "lsvm", "--param", "C=abc"], "'C' takes a finite number"),
+        (["train", "--head", "knn", "--param", "n_neighbors=2.5"], "takes a whole number, not 2.5"),
+        (["train", "--head", "lsvm", "--param", "device=tpu"], "names a device"),
+        (["train", "--head", "mlp", "--param", "device=cuda:7"], "'cuda:7'"),  # at fit time
+        (["train", "--head", "lsvm", "--param", "max_iter=-5"], "max_iter must be a whole"),
+        (["train", "--head", "lsvm", "--param", "tol=0"], "tol must be a positive number"),
         (["train", "--head", "mlp", "--param", "hidden=64"], "hidden must be two positive"),
         (["train", "--head", "mlp", "--param", "batch_size=0"], "batch_size must be a whole"),
         (["index", "--device", "tpu"], "unknown device 'tpu'"),

@@ -131,7 +131,9 @@ def test_bad_regularisation_is_refused_everywhere(C: Any) -> None:
         LinearSVMHead(C=C).fit(X, y)
     with pytest.raises(ValueError, match="C must be a finite positive number"):
         RBFSVMHead(C=C).fit(X, y)
-    with pytest.raises(ValueError, match=r"C must be a finite positive number|C' takes a number"):
+    with pytest.raises(
+        ValueError, match=r"C must be a finite positive number|C' takes a finite number"
+    ):
         batched_grid_search("lsvm", {"device": "cpu"}, {"C": [1.0, C]}, X, y, cv=2)
     with pytest.raises(ValueError, match="at least 2 classes; y has 1"):
         batched_grid_search("lsvm", {"device": "cpu"}, {"C": [1.0]}, X, np.zeros(40), cv=2)

@@ -73,6 +73,11 @@ def test_load_study_parses_and_validates(tmp_path: Path) -> None:
     bad.write_text('name = "x"\nstore = "s"\nbackbones = ["a"]\nfoldz = 3\n[heads.knn]\n')
     with pytest.raises(ValueError, match="unknown keys \\['foldz'\\]"):
         load_study(bad)
+    bad.write_text(
+        'name = "x"\nstore = "s"\nbackbones = ["a"]\n[heads.knn]\nn_neighbors = [5, 2.5]\n'
+    )
+    with pytest.raises(ValueError, match=r"'n_neighbors' takes a whole number, not 2\.5"):
+        load_study(bad)  # named before any cell runs (it failed in FAISS, mid-study)
     bad.write_text('name = "x"\nstore = "s"\nbackbones = ["a"]\n[heads.forest]\n')
     with pytest.raises(ValueError, match="unknown head 'forest'"):
         load_study(bad)
