@@ -20,6 +20,7 @@ the store) or by its centroid (``centroid``: the normalised mean of its pins' ve
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.errors import PinNotFoundError
+from pinsearch.errors import PinNotFoundError, PinsearchError
 from pinsearch.search import (
     _NO_KEYS,
     PinSearcher,
@@ -144,6 +145,8 @@ class TextSearcher(PinSearcher):
         self._encoder = encoder
         self._titles: PinSearcher | None = None
         self._centroids: tuple[np.ndarray, np.ndarray] | None = None
+        # board names, categories, and each (board, category) pair's board, category and sum
+        self._pair_sums: tuple[np.ndarray, ...] | None = None
         self._board_size_memo: dict[tuple[str | None, str | None], dict[str, int]] = {}
 
     @property
@@ -152,6 +155,17 @@ class TextSearcher(PinSearcher):
         if self._encoder is None:
             self._encoder = text_encoder_for(self.store, self.backbone)
         return self._encoder
+
+    def warm(self) -> None:
+        """As :meth:`PinSearcher.warm`, and what a first text request would load: the text
+        encoder (an alignment is read and checked now: a later ``pinsearch align`` replaces
+        its file) and the title vectors' index, their parts mapped (a later writer deletes
+        them). A store without these warms the image side alone; text requests say why."""
+        super().warm()
+        with contextlib.suppress(PinsearchError, ValueError):
+            _ = self.encoder
+        with contextlib.suppress(PinsearchError, ValueError):
+            self.titles().warm()
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """(n, dim) unit query vectors in the backbone's space.
@@ -294,7 +308,7 @@ class TextSearcher(PinSearcher):
         if score == "topm":
             ranked = self._boards_topm(q, k, per_board, allowed, pool)
         else:
-            ranked = self._boards_centroid(q, k, per_board, sizes)
+            ranked = self._boards_centroid(q, k, per_board, sizes, user, category_key(category))
         info = self._board_info([b for b, _, _ in ranked])
         boards = []
         for board, board_score, pins in ranked:
@@ -416,9 +430,15 @@ class TextSearcher(PinSearcher):
         return dict(zip(boards, counts.tolist()))
 
     def _boards_centroid(
-        self, q: np.ndarray, k: int, m: int, sizes: dict[str, int]
+        self,
+        q: np.ndarray,
+        k: int,
+        m: int,
+        sizes: dict[str, int],
+        user: str | None,
+        category: str | None,
     ) -> list[tuple[str, float, list[SearchHit]]]:
-        names, centroids = self.board_centroids()
+        names, centroids = self.board_centroids(category=category)
         keep = np.isin(names, list(sizes))
         names, centroids = names[keep], centroids[keep]
         if len(names) == 0:
@@ -428,29 +448,46 @@ class TextSearcher(PinSearcher):
         out = []
         for i in order.tolist():
             board = str(names[i])
-            allowed = self.filter_keys(board=board)
+            allowed = self.filter_keys(board=board, user=user, category=category)
             sc, ks = self.search_keys(q, m, allowed)
             ok = ks[0] >= 0
             out.append((board, float(s[i]), self.hits(ks[0][ok], sc[0][ok])))
         return out
 
-    def board_centroids(self, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
-        """(board names, unit centroid per board) over the stored vectors (computed once).
+    def board_centroids(
+        self, chunk: int = 65_536, *, category: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(board names, unit centroid per board) over the stored vectors; with ``category``,
+        each board's centroid over its pins of that category (a manifest's board may mix
+        categories), boards without one left out.
 
-        The vectors are read ``chunk`` rows at a time and summed into their boards with one
-        sparse product per chunk: a million pins' vectors are never all in memory at once.
-        Boards without a stored vector are left out."""
-        if self._centroids is None:
-            pk, cols = self.store.catalog.pin_columns("board")
-            names, code = np.unique(cols["board"], return_inverse=True)
-            sums = np.zeros((len(names), self.index.dim), np.float64)
+        The vectors are summed once per (board, category) pair, read ``chunk`` rows at a time
+        with one sparse product per chunk: a million pins' vectors are never all in memory at
+        once. Boards without a stored vector are left out."""
+        if self._pair_sums is None:
+            pk, cols = self.store.catalog.pin_columns("board", "category")
+            boards, board_code = np.unique(cols["board"], return_inverse=True)
+            cats, cat_code = np.unique(cols["category"], return_inverse=True)
+            pairs, pair_code = np.unique(board_code * len(cats) + cat_code, return_inverse=True)
+            sums = np.zeros((len(pairs), self.index.dim), np.float64)
             for vectors, keys in self.store.vectors(self.backbone).iter_chunks(chunk):
                 found = np.flatnonzero(in_sorted(pk, keys))
                 if found.size:
-                    board = code[np.searchsorted(pk, keys[found])]
-                    sums += group_sums(board, len(names), unit_rows(vectors[found]))
+                    pair = pair_code[np.searchsorted(pk, keys[found])]
+                    sums += group_sums(pair, len(pairs), unit_rows(vectors[found]))
             held = np.abs(sums).sum(axis=1) > 0
-            self._centroids = (names[held], unit_rows(sums[held]))
+            pairs, sums = pairs[held], sums[held]
+            sums32 = sums.astype(np.float32)  # (a float64 copy per board is twice the memory)
+            self._pair_sums = (boards, cats, pairs // len(cats), pairs % len(cats), sums32)
+        boards, cats, pair_board, pair_cat, sums = self._pair_sums
+        if category is not None:
+            at = int(np.searchsorted(cats, category))
+            sel = pair_cat == at if at < len(cats) and cats[at] == category else pair_cat < 0
+            return boards[pair_board[sel]], unit_rows(sums[sel])
+        if self._centroids is None:
+            per_board = group_sums(pair_board, len(boards), sums)
+            held = np.abs(per_board).sum(axis=1) > 0
+            self._centroids = (boards[held], unit_rows(per_board[held]))
         return self._centroids
 
     # -- titles ----------------------------------------------------------------------------

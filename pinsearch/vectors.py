@@ -82,12 +82,14 @@ class VectorStore:
             None
         )
         self._maps: dict[int, np.ndarray] = {}  # part index -> its vectors, memory-mapped
+        self._part_keys: list[np.ndarray] = []  # each located part's keys, in row order
         self._dim_value = 0
 
     def _forget(self) -> None:
         """Drop what was cached about the parts (after a write changed them)."""
         self._locator = None
         self._maps = {}
+        self._part_keys = []
 
     def parts(self) -> list[dict[str, object]]:
         """Committed parts, in order."""
@@ -109,6 +111,7 @@ class VectorStore:
         if self._locator is None:
             parts = self.parts()
             keys = [self._load_keys(p) for p in parts]
+            self._part_keys = keys
             all_keys = np.concatenate(keys) if keys else np.empty(0, np.int64)
             part_of = np.concatenate([np.full(len(k), i) for i, k in enumerate(keys)] or [[]])
             row_of = np.concatenate([np.arange(len(k)) for k in keys] or [[]])
@@ -160,8 +163,9 @@ class VectorStore:
         vectors without holding them all."""
         if rows < 1:
             raise ValueError(f"rows must be at least 1, got {rows}")
-        for i, part in enumerate(self._locate()[0]):
-            keys, vectors = self._load_keys(part), self._mapped(i)
+        self._locate()  # keys read once (a later writer may delete a retired part's files)
+        for i, keys in enumerate(self._part_keys):
+            vectors = self._mapped(i)
             for start in range(0, len(keys), rows):
                 chunk = np.asarray(vectors[start : start + rows], dtype=np.float32)
                 yield chunk, keys[start : start + rows]

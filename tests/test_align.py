@@ -234,6 +234,38 @@ def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
         assert row["stale"] is False
 
 
+def test_a_warm_text_searcher_answers_as_the_store_was_when_it_started(
+    aligned: Path, tmp_path: Path
+) -> None:
+    # (as serve does: writers then remove pins, align again and retire the parts it mapped)
+    import dataclasses
+
+    from pinsearch.edit import remove_pins
+
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+
+    def answers(ts: TextSearcher) -> list[object]:
+        return [
+            [h.pin_id for h in ts.search_text("a red car", 5, mode=mode).hits]
+            for mode in ("image", "title", "fused")
+        ] + [
+            [(b.board, round(b.score, 5)) for b in ts.search_boards("a red car", 3, score=s).boards]
+            for s in ("topm", "centroid")
+        ]
+
+    with Store.open(path, read_only=True, detach=True) as reader:
+        ts = TextSearcher(reader, cache_metadata=True)
+        ts.warm()
+        before = answers(TextSearcher(reader))  # (a cold searcher of the same snapshot)
+        with Store.open(path) as writer:
+            ids = [r["pin_id"] for r in writer.catalog.query("SELECT pin_id FROM pins")]
+            remove_pins(writer, pin_ids=ids[:2])
+            align_store(writer, "test_efficientnet", dataclasses.replace(FAST, seed=7))
+        Store.open(path).close()  # the next writer deletes the retired parts' files
+        assert answers(ts) == before
+
+
 # -- captions ---------------------------------------------------------------------------------
 
 

@@ -269,6 +269,36 @@ def test_board_centroids_read_in_chunks_equal_one_pass(clip_store: Path) -> None
         np.testing.assert_allclose(centroid, _unit(mine.sum(0)), atol=1e-5)
 
 
+def test_centroid_boards_of_a_category_use_that_categorys_pins(
+    clip_store: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(clip_store, path)
+    with Store.open(path) as store:  # half of each board's pins in another category (a
+        store.catalog.connection.execute(  # manifest gives each pin its own)
+            "UPDATE pins SET category = 'other_thing' WHERE pin_key % 2 = 0"
+        )
+    with Store.open(path, read_only=True) as store:
+        ts = TextSearcher(store)
+        vecs, keys = store.vectors(ts.backbone).load()
+        rows = store.catalog.query("SELECT pin_key, board, category FROM pins")
+        q = ts.embed_text(["a plate of food"])[0]
+        res = ts.search_boards("a plate of food", 20, score="centroid", category="Other Thing")
+        whole = ts.search_boards("a plate of food", 20, score="centroid")
+    pin = {r["pin_key"]: r for r in rows}
+    assert res.boards and len(res.boards) == len(whole.boards)
+    for b in res.boards:
+        mine = [
+            pin[k]["board"] == b.board and pin[k]["category"] == "other_thing"
+            for k in keys.tolist()
+        ]
+        assert b.score == pytest.approx(float(_unit(_unit(vecs[mine]).sum(0)) @ q), abs=1e-5)
+        assert b.pins and all(h.category == "other_thing" for h in b.pins)
+    assert {b.board: b.score for b in res.boards} != {b.board: b.score for b in whole.boards}
+
+
 def test_board_ranking_filters(searcher: TextSearcher, clip_store: Path) -> None:
     res = searcher.search_boards("anything", k=10, user="user000")
     assert res.boards and all(b.user == "user000" for b in res.boards)
