@@ -371,9 +371,11 @@ class PinSearcher:
         so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024 dims) that its GPU copy
         cannot answer (one too rare for its 2,048-deep answer): the index would otherwise be
         copied whole to host memory, and kept there, for a CPU search with a selector.
-        Only pins the index holds are returned.
+        Only pins the index holds are returned, at most as many as it holds (a ``k`` of
+        millions asked of a small store allocated its answer at that size).
         """
         vectors = self.index.prepare(vectors)  # dimension checked on every path
+        k = min(k, max(self.index.ntotal, 1))
         if allowed is None:
             return self.index.search(vectors, k)
         allowed = self.index.ids[self.index.positions_of(unique_sorted(allowed))]

@@ -245,7 +245,7 @@ class TextSearcher(PinSearcher):
         allowed = self.filter_keys(board=board, user=user, category=category)
         pool = max(10 * k, 100)
         _, img_keys = self.search_keys(q, pool, allowed)
-        _, tit_keys = titles.search_keys(q, min(pool, max(titles.index.ntotal, 1)), allowed)
+        _, tit_keys = titles.search_keys(q, pool, allowed)
         cand = np.union1d(img_keys[0][img_keys[0] >= 0], tit_keys[0][tit_keys[0] >= 0])
         if cand.size == 0:
             return self._empty(query, k, _filters(board, user, category))

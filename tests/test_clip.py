@@ -299,6 +299,16 @@ def test_centroid_boards_of_a_category_use_that_categorys_pins(
     assert {b.board: b.score for b in res.boards} != {b.board: b.score for b in whole.boards}
 
 
+def test_a_k_beyond_the_store_answers_every_pin(searcher: TextSearcher) -> None:
+    # (a k of 10**9 allocated answer arrays of that size: a MemoryError, not 24 hits)
+    for mode in ("image", "title", "fused"):
+        assert len(searcher.search_text("food", 10**9, mode=mode).hits) == 24
+    pin = searcher.store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    assert len(searcher.similar_to_pin(pin, 10**9).hits) == 23
+    boards = searcher.store.catalog.scalar("SELECT count(*) FROM boards")
+    assert len(searcher.search_boards("food", 10**9, per_board=10**9).boards) == boards
+
+
 def test_board_ranking_filters(searcher: TextSearcher, clip_store: Path) -> None:
     res = searcher.search_boards("anything", k=10, user="user000")
     assert res.boards and all(b.user == "user000" for b in res.boards)
