@@ -896,5 +896,21 @@ def read_corpus(
         kept = sampled
     for s in skipped:
         _logger.info("skipped %s: %s (%s)", s.path, s.reason, s.detail)
-    boards = {p.board: p for p in kept}
-    return IngestResult(root, fmt, kept, skipped, found, sampled_out, already_present, boards)
+    return IngestResult(
+        root, fmt, kept, skipped, found, sampled_out, already_present, _board_records(kept)
+    )
+
+
+def _board_records(pins: list[PinRecord]) -> dict[str, PinRecord]:
+    """One pin record per board, giving its name, user and category: a pin of the board's
+    most common category (ties: the first pin's). A manifest gives each pin its own category;
+    a board mixing them took its last pin's."""
+    by_board: dict[str, list[PinRecord]] = {}
+    for p in pins:
+        by_board.setdefault(p.board, []).append(p)
+    out = {}
+    for board, members in by_board.items():
+        counts = Counter(p.category for p in members)
+        most = max(counts.values())
+        out[board] = next(p for p in members if counts[p.category] == most)
+    return out

@@ -481,6 +481,20 @@ def test_manifest_user_and_board_columns(tmp_path: Path) -> None:
     assert (pin.pin_id, pin.user, pin.board, pin.board_name) == ("p", "ann", "ann/walls", "walls")
 
 
+def test_a_manifest_board_of_mixed_categories_takes_the_most_common(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    rows = [
+        {"path": "img/in.jpg", "category": c, "board": "mix", "pin_id": f"p{i}"}
+        for i, c in enumerate(["food", "cars", "food", "food", "cars"])  # the last: cars
+    ] + [
+        {"path": "img/in.jpg", "category": c, "board": "tie", "pin_id": f"t{i}"}
+        for i, c in enumerate(["art", "cars", "art", "cars"])  # a tie: the first pin's
+    ]
+    result = read_corpus(write_manifest(root, rows))
+    assert {b: r.category for b, r in result.boards.items()} == {"mix": "food", "tie": "art"}
+    assert Counter(p.category for p in result.pins) == {"food": 3, "cars": 4, "art": 2}
+
+
 def test_manifest_rows_that_do_not_fit_the_header_are_skipped_by_name(
     tmp_path: Path, monkeypatch
 ) -> None:
