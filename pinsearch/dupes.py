@@ -48,6 +48,11 @@ class DupeReport:
         return asdict(self)
 
 
+#: float32 rounding of a cosine: identical vectors score 0.99999994 as often as 1.0, so a
+#: score this close below the threshold counts (threshold 1.0 finds every exact copy)
+COSINE_SLACK = 1e-5
+
+
 def near_pairs(
     store: Store, backbone: str, threshold: float, k: int = 20, batch: int = 1024
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,8 +83,9 @@ def near_pairs(
         found = (flat >= 0) & (nbr_keys[at] == flat)
         near = unit_rows(nbr_vecs)[at].reshape(*nbrs.shape, -1)
         scores = np.einsum("id,ikd->ik", unit_rows(vectors), near).ravel()
+        np.clip(scores, -1.0, 1.0, out=scores)  # (identical vectors: 1.0000001)
         mine = np.repeat(keys, nbrs.shape[1])
-        keep = found & (flat != mine) & (scores >= threshold)
+        keep = found & (flat != mine) & (scores >= threshold - COSINE_SLACK)
         lo, hi = np.minimum(mine[keep], flat[keep]), np.maximum(mine[keep], flat[keep])
         a.append(lo)
         b.append(hi)

@@ -90,3 +90,19 @@ def test_pairs_are_judged_on_the_stored_vectors_not_a_compressed_index(tmp_path:
         a, b, s = near_pairs(store, "synthetic", 0.95, k=20)
     assert set(zip(a.tolist(), b.tolist())) == truth  # PQ scores alone found about 8 %
     np.testing.assert_allclose(s, np.sum(u[a] * u[b], axis=1), atol=1e-5)
+
+
+def test_threshold_one_finds_every_exact_copy(tmp_path: Path) -> None:
+    # (float32 cosines of identical vectors come out 0.99999994 as often as 1.0)
+    from pinsearch.dupes import near_pairs
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.indexes import IndexConfig
+
+    base = np.random.default_rng(1).normal(size=(200, 1280)).astype(np.float32)
+    synthetic_store(tmp_path / "s", np.vstack([base, base]), categories=4,
+                    index=IndexConfig(factory="Flat", metric="cosine"))  # fmt: skip
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        a, b, s = near_pairs(store, "synthetic", 1.0, k=5)
+        keys = np.sort(store.vectors("synthetic").load()[1])
+    assert len(a) == 200 and (s <= 1.0).all()
+    assert set(zip(a.tolist(), b.tolist())) == {(int(k), int(k) + 200) for k in keys[:200]}
