@@ -81,18 +81,51 @@ def query(
         raise typer.BadParameter(f"image {image} {what}", param_hint="--image")
     if classify and text is not None:
         raise typer.BadParameter("--classify takes a --pin or an --image, not --text")
-    if classify and (board or user or category):
-        raise typer.BadParameter("--classify takes no --board, --user or --category filter")
-    if text is None and (mode != "image" or alpha != 0.5):
-        raise typer.BadParameter("--mode and --alpha apply to --text queries")
-    if boards and board is not None:
-        raise typer.BadParameter("--boards ranks boards: filter with --user or --category")
     candidates = list(titles or [])
     if titles_file is not None:
         lines = titles_file.read_text(encoding="utf-8").splitlines()
         candidates += [line.strip() for line in lines if line.strip()]
+        if not candidates:
+            raise typer.BadParameter(f"{titles_file} holds no title", param_hint="--titles-file")
+    kind = (
+        "--classify" if classify
+        else "--titles" if titles is not None or titles_file is not None
+        else "--boards" if boards
+        else "--text" if text is not None
+        else "--pin/--image"
+    )  # fmt: skip
+    given = {
+        "--board": board is not None, "--user": user is not None,
+        "--category": category is not None, "-k": k != 10, "--index": index_name is not None,
+        "--boards": boards,
+        "--head": head is not None, "--per-board": per_board != 3,
+        "--board-score": board_score != "topm", "--mode": mode != "image", "--alpha": alpha != 0.5,
+        "--nprobe": nprobe is not None, "--ef-search": ef_search is not None,
+        "--precision": precision is not None, "--refine": refine is not None,
+    }  # fmt: skip
+    index_opts = ("--index", "--nprobe", "--ef-search", "--precision", "--refine")
+    uses = {  # what each kind of query does something with (-b: every kind)
+        "--classify": ("-k", "--head"),
+        "--titles": ("--index",),
+        "--boards": (
+            "--boards",
+            "-k",
+            "--user",
+            "--category",
+            "--per-board",
+            "--board-score",
+            *index_opts,
+        ),
+        "--text": ("-k", "--board", "--user", "--category", "--mode", "--alpha", *index_opts),
+        "--pin/--image": ("-k", "--board", "--user", "--category", *index_opts),
+    }[kind]
+    unused = [flag for flag, on in given.items() if on and flag not in uses]
+    if unused:  # (refused, not ignored: an option that does nothing misleads)
+        raise typer.BadParameter(f"{kind} queries take no {', '.join(unused)}")
+    if alpha != 0.5 and mode != "fused":
+        raise typer.BadParameter("--alpha weighs --mode fused only")
     if classify:
-        _classify(store, pin, image, head, k, as_json)
+        _classify(store, pin, image, head, k, as_json, backbone)
         return
     config = search_config(nprobe, ef_search, precision, refine)
     with Store.open(store, read_only=True) as s:
@@ -239,18 +272,29 @@ def align(
 
 
 def _classify(
-    store: Path, pin: str | None, image: Path | None, head: str | None, top: int, as_json: bool
+    store: Path,
+    pin: str | None,
+    image: Path | None,
+    head: str | None,
+    top: int,
+    as_json: bool,
+    backbone: str | None,
 ) -> None:
     from pinsearch.classify import classify
     from pinsearch.store import Store
 
     with Store.open(store, read_only=True) as s:
-        result = classify(s, pin_id=pin, image=image, head=head, top=top)
+        result = classify(s, pin_id=pin, image=image, head=head, top=top, backbone=backbone)
     if as_json:
         emit_json(result)
         return
     console.print(f"[bold]{result.predicted}[/bold] (head {result.head}, {result.backbone})")
     print_rows("class scores", result.scores)
+    if result.stale:
+        err_console.print(
+            f"[yellow]head {result.head} is stale[/yellow]: trained before pins of "
+            f"{result.backbone} were added, removed or embedded; retrain it (pinsearch train)"
+        )
 
 
 @app.command()

@@ -38,7 +38,8 @@ class HeadInfo:
     classes: list[str]
     n_train: int
     normalize: bool
-    source: str  # "train" or "study:<name>"
+    source: str  # "train" or "study:<name> cell <digest>"
+    stale: bool = False  # trained before pins of its backbone were added, removed or embedded
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Classification:
     backbone: str
     predicted: str
     scores: list[dict[str, Any]] = field(default_factory=list)  # [{class, score}], best first
+    stale: bool = False  # the head was trained before its backbone's pins changed
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -151,17 +153,30 @@ def list_heads(store: Store) -> list[HeadInfo]:
     rows = store.catalog.query("SELECT * FROM heads ORDER BY name")
     return [
         HeadInfo(r["name"], r["backbone"], r["head"], json.loads(r["params"]), r["label"],
-                 json.loads(r["classes"]), r["n_train"], bool(r["normalize"]), r["source"])
+                 json.loads(r["classes"]), r["n_train"], bool(r["normalize"]), r["source"],
+                 bool(r["stale"]))
         for r in rows
     ]  # fmt: skip
 
 
-def _pick(store: Store, name: str | None) -> tuple[HeadInfo, Any]:
+def _pick(store: Store, name: str | None, backbone: str | None = None) -> tuple[HeadInfo, Any]:
     heads = {h.name: h for h in list_heads(store)}
     if not heads:
         raise ValueError(
             f"store {store.root} has no trained head; run pinsearch train or pinsearch evaluate"
         )
+    if backbone is not None:  # the heads trained on this backbone's vectors
+        backbone = store.resolve_backbone(backbone)
+        if name in heads and heads[name].backbone != backbone:
+            raise ValueError(
+                f"head {name!r} was trained on {heads[name].backbone!r}, not {backbone!r}"
+            )
+        heads = {n: h for n, h in heads.items() if h.backbone == backbone}
+        if not heads:
+            raise ValueError(
+                f"store {store.root} has no head trained on {backbone!r}; run pinsearch train "
+                f"--backbone {backbone}"
+            )
     if name is None:
         if len(heads) > 1:
             raise ValueError(f"store {store.root} has several heads {sorted(heads)}; name one")
@@ -179,16 +194,19 @@ def classify(
     image: Any = None,
     head: str | None = None,
     top: int = 5,
+    backbone: str | None = None,
 ) -> Classification:
-    """Classify a stored pin or a new image with a stored head.
+    """Classify a stored pin or a new image with a stored head (``head`` by name, or the one
+    head of the store, or of ``backbone``).
 
     Raises:
-        ValueError: neither or both of ``pin_id`` and ``image``; unknown or ambiguous head.
+        ValueError: neither or both of ``pin_id`` and ``image``; unknown or ambiguous head, or
+            one of another backbone than ``backbone``.
         PinNotFoundError: unknown pin, or no vector for the head's backbone.
     """
     if (pin_id is None) == (image is None):
         raise ValueError("give exactly one of pin_id or image")
-    info, estimator = _pick(store, head)
+    info, estimator = _pick(store, head, backbone)
     if pin_id is not None:
         key = store.catalog.keys_for_ids([pin_id]).get(pin_id)
         if key is None:
@@ -217,4 +235,5 @@ def classify(
         backbone=info.backbone,
         predicted=str(classes[order[0]]),
         scores=[{"class": str(classes[i]), "score": float(scores[i])} for i in order[:top]],
+        stale=info.stale,
     )

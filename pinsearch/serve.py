@@ -53,6 +53,10 @@ def _check_keys(request: dict[str, Any]) -> None:
     for key, needs in _KEYS.items():
         if needs is not None and key in request and not request.get(needs):
             raise ValueError(f"{key!r} applies to {needs!r} requests only")
+    if "alpha" in request and request.get("mode") != "fused":
+        raise ValueError("'alpha' weighs mode 'fused' only")
+    if "titles" in request and request.get("text") is not None:
+        raise ValueError("'titles' requests rank texts for a 'pin' or an 'image', not a 'text'")
     # keys the request's own kind has no use for
     unused = {"titles": (*_FILTERS, "k"), "boards": ("mode", "alpha", "board")}
     for kind, keys in unused.items():

@@ -512,7 +512,9 @@ class TextSearcher(PinSearcher):
         start = time.perf_counter()
         if pin_id is not None:
             key = self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
-            vec, _ = self.store.vectors(self.backbone).load(np.array([-1 if key is None else key]))
+            if key is None:
+                raise PinNotFoundError(f"pin {pin_id!r} is not in store {self.store.root}")
+            vec, _ = self.store.vectors(self.backbone).load(np.array([key]))
             if key is None or len(vec) == 0:
                 raise PinNotFoundError(f"pin {pin_id!r} has no {self.backbone!r} vector")
             query: dict[str, Any] = {"pin_id": pin_id}

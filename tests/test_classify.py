@@ -48,6 +48,31 @@ def test_classify_a_new_image_and_errors(store_copy: Path) -> None:
             classify(store, head="svm")
 
 
+def test_classify_picks_the_backbones_head_and_says_when_it_is_stale(
+    store_copy: Path, tree_corpus, make_tree, tmp_path: Path
+) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    index_corpus(None, store_copy, backbone="test_convnext")
+    with Store.open(store_copy) as store:
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1})
+        train_head(store, "test_convnext", "knn", {"n_neighbors": 1})
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        with pytest.raises(ValueError, match="several heads"):
+            classify(store, pin_id=pin)
+        got = classify(store, pin_id=pin, backbone="test_convnext")
+        assert (got.head, got.backbone, got.stale) == ("test_convnext/knn", "test_convnext", False)
+        with pytest.raises(ValueError, match="trained on 'test_efficientnet', not 'test_convnext'"):
+            classify(store, pin_id=pin, head="test_efficientnet/knn", backbone="test_convnext")
+        with pytest.raises(ValueError, match="no vectors for 'effnet_lite0'"):
+            classify(store, pin_id=pin, backbone="effnet_lite0")
+    more = make_tree(tmp_path / "more", seed=7, pins_per_board=1)
+    index_corpus(more.root, store_copy, backbone="test_convnext")
+    with Store.open(store_copy, read_only=True) as store:
+        assert classify(store, pin_id=pin, backbone="test_convnext").stale
+        assert not classify(store, pin_id=pin, backbone="test_efficientnet").stale
+
+
 def test_cli_train_and_query_classify(store_copy: Path) -> None:
     runner = CliRunner()
     args = ["train", "-s", str(store_copy), "--head", "mlp", "--param", "hidden=[16, 8]"]

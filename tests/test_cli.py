@@ -624,14 +624,30 @@ def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:
     assert "--classify takes a --pin or an --image" in _usage_error(
         [*query, "--text", "x", "--classify"]
     )
-    assert "--classify takes no --board" in _usage_error(
+    assert "--classify queries take no --user" in _usage_error(
         [*query, "--pin", "p", "--classify", "--user", "u"]
     )
-    assert "apply to --text queries" in _usage_error([*query, "--pin", "p", "--mode", "fused"])
-    assert "filter with --user or --category" in _usage_error(
+    assert "--pin/--image queries take no --mode" in _usage_error(
+        [*query, "--pin", "p", "--mode", "fused"]
+    )
+    assert "--boards queries take no --board" in _usage_error(
         [*query, "--text", "x", "--boards", "--board", "b"]
     )
     assert "--alpha" in _usage_error([*query, "--text", "x", "--alpha", "7"])
+    # options the query would ignore are refused by name (from a review)
+    for argv, says in [
+        (["--pin", "p", "--classify", "--index", "i", "--nprobe", "5"],
+         "--classify queries take no --index, --nprobe"),
+        (["--pin", "p", "--titles", "a", "--category", "c"], "--titles queries take no --category"),
+        (["--text", "x", "--boards", "--mode", "fused"], "--boards queries take no --mode"),
+        (["--text", "x", "--per-board", "5"], "--text queries take no --per-board"),
+        (["--pin", "p", "--board-score", "centroid"], "--pin/--image queries take no --board-sc"),
+        (["--pin", "p", "--head", "h"], "--pin/--image queries take no --head"),
+        (["--text", "x", "--alpha", "0.3"], "--alpha weighs --mode fused only"),
+        (["--pin", "p", "--titles-file", str(tmp_path / "empty.txt")], "holds no title"),
+    ]:  # fmt: skip
+        (tmp_path / "empty.txt").write_text("\n  \n")
+        assert says in _usage_error([*query, *argv]), argv
     cluster = ["cluster", "--store", str(store_copy), "-k", "3", "--plot", str(tmp_path / "k.png")]
     assert "leave out -k" in _usage_error(cluster)
 

@@ -85,6 +85,8 @@ def test_answer_rejects_non_objects(built_store) -> None:
     [
         ({"pin": "x", "kk": 5}, "unknown request key.*'kk'"),
         ({"pin": "x", "mode": "fused"}, "'mode' applies to 'text'"),
+        ({"text": "cars", "alpha": 0.3}, "'alpha' weighs mode 'fused' only"),
+        ({"text": "cars", "titles": ["a"]}, "rank texts for a 'pin' or an 'image', not a 'text'"),
         ({"text": "cars", "per_board": 2}, "'per_board' applies to 'boards'"),
         ({"text": "cars", "boards": False, "board_score": "max"}, "'board_score' applies"),
         ({"text": "cars", "boards": True, "mode": "fused"}, "'boards' requests take no 'mode'"),
