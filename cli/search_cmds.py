@@ -266,7 +266,10 @@ def align(
             + ", ".join(f"R@{k} {val[f'recall@{k}']:.3f}" for k in (1, 5, 10))
             + f" (chance R@10 {val['chance_recall@10']:.3f})"
         )
-    console.print(f"title vectors: {report.title_vectors} pins")
+    console.print(
+        f"titles embedded now: {report.title_vectors} (those embedded before with this "
+        "projection are kept)"
+    )
     if report.stale_heads:
         console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
 
