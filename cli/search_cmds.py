@@ -315,6 +315,13 @@ def train(
     normalize: Annotated[
         bool, typer.Option("--normalize", help="L2-normalise vectors first.")
     ] = False,
+    only_embedded: Annotated[
+        bool,
+        typer.Option(
+            "--only-embedded",
+            help="Train on the labelled pins that have a vector (after a per_class study).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a classification head on a backbone's stored vectors and keep it in the store."""
@@ -333,7 +340,7 @@ def train(
     with Store.open(store) as s:
         info_ = train_head(
             s, backbone or s.resolve_backbone(None), head, params, label=label, name=name,
-            normalize=normalize,
+            normalize=normalize, only_embedded=only_embedded,
         )  # fmt: skip
     if as_json:
         emit_json(info_)

@@ -19,7 +19,7 @@ from pinsearch.errors import PinNotFoundError
 from pinsearch.heads import create_head, load_head, save_head, saved_params
 from pinsearch.labels import labelled_pins, load_vectors
 from pinsearch.store import Store
-from pinsearch.vectors import backbone_dirname
+from pinsearch.vectors import backbone_dirname, in_sorted
 
 __all__ = ["Classification", "HeadInfo", "classify", "list_heads", "save_store_head", "train_head"]
 
@@ -125,6 +125,7 @@ def train_head(
     label: str = "category",
     name: str | None = None,
     normalize: bool = False,
+    only_embedded: bool = False,
 ) -> HeadInfo:
     """Train a head on every stored pin of ``backbone`` that has a label, and save it.
 
@@ -136,10 +137,26 @@ def train_head(
         label: ``category`` or a key of the pins' ``extra`` fields.
         name: defaults to ``<backbone>/<head>``.
         normalize: L2-normalise vectors first (recorded; applied to queries too).
+        only_embedded: train on the labelled pins that have a vector of ``backbone`` (a
+            study's ``per_class`` sample embeds only its pins); otherwise a pin without one
+            is an error.
     """
     backbone = store.resolve_backbone(backbone)
     keys, labels, _ = labelled_pins(store, label)
-    X = load_vectors(store, backbone, keys, normalize)
+    if only_embedded:
+        held = in_sorted(np.sort(store.vectors(backbone).keys()), keys)
+        if not held.all():
+            _logger.warning(
+                "training %s on the %d labelled pins with a vector (%d have none)",
+                backbone, int(held.sum()), int((~held).sum()),
+            )  # fmt: skip
+        keys, labels = keys[held], labels[held]
+    try:
+        X = load_vectors(store, backbone, keys, normalize)
+    except ValueError as exc:
+        if "have no" not in str(exc):
+            raise
+        raise ValueError(f"{exc} (or train on the pins that have one: --only-embedded)") from None
     estimator = create_head(head, **head_context(store, backbone, head), **(params or {}))
     estimator.fit(X, labels)
     return save_store_head(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -71,6 +72,21 @@ def test_classify_picks_the_backbones_head_and_says_when_it_is_stale(
     with Store.open(store_copy, read_only=True) as store:
         assert classify(store, pin_id=pin, backbone="test_convnext").stale
         assert not classify(store, pin_id=pin, backbone="test_efficientnet").stale
+
+
+def test_train_on_the_pins_a_sample_embedded(store_copy: Path) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    def sample(store: Store) -> np.ndarray:  # (as a study's per_class sample is embedded)
+        keys = store.catalog.query("SELECT pin_key FROM pins ORDER BY pin_key")
+        return np.array([r["pin_key"] for r in keys][::2], dtype=np.int64)
+
+    index_corpus(None, store_copy, backbone="test_convnext", select=sample)
+    with Store.open(store_copy) as store:
+        with pytest.raises(ValueError, match=r"12 pins have no .* --only-embedded"):
+            train_head(store, "test_convnext", "knn", {"n_neighbors": 1})
+        info = train_head(store, "test_convnext", "knn", {"n_neighbors": 1}, only_embedded=True)
+    assert info.n_train == 12
 
 
 def test_cli_train_and_query_classify(store_copy: Path) -> None:
