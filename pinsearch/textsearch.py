@@ -20,7 +20,7 @@ the store) or by its centroid (``centroid``: the normalised mean of its pins' ve
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +47,8 @@ __all__ = [
     "TextSearcher",
     "TitleResult",
 ]
+
+_logger = logging.getLogger(__name__)
 
 SEARCH_MODES = ("image", "title", "fused")
 BOARD_SCORES = ("topm", "centroid")
@@ -145,8 +147,9 @@ class TextSearcher(PinSearcher):
         self._encoder = encoder
         self._titles: PinSearcher | None = None
         self._centroids: tuple[np.ndarray, np.ndarray] | None = None
-        # board names, categories, and each (board, category) pair's board, category and sum
-        self._pair_sums: tuple[np.ndarray, ...] | None = None
+        # board names, categories, and each (board, category) pair's board, category, unit
+        # centroid and the length of its sum
+        self._pairs: tuple[np.ndarray, ...] | None = None
         self._board_size_memo: dict[tuple[str | None, str | None], dict[str, int]] = {}
 
     @property
@@ -162,10 +165,16 @@ class TextSearcher(PinSearcher):
         its file) and the title vectors' index, their parts mapped (a later writer deletes
         them). A store without these warms the image side alone; text requests say why."""
         super().warm()
-        with contextlib.suppress(PinsearchError, ValueError):
-            _ = self.encoder
-        with contextlib.suppress(PinsearchError, ValueError):
-            self.titles().warm()
+        for part, load in (("text encoder", lambda: self.encoder), ("titles", self._warm_titles)):
+            try:
+                load()
+            except (PinsearchError, ValueError):  # no text tower or no titles: said per request
+                pass
+            except Exception as exc:  # a model folder broken, a GPU gone: text alone fails
+                _logger.warning("text search not warmed (%s: %s); text requests say why", part, exc)
+
+    def _warm_titles(self) -> None:
+        self.titles().warm()
 
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """(n, dim) unit query vectors in the backbone's space.
@@ -464,30 +473,36 @@ class TextSearcher(PinSearcher):
         The vectors are summed once per (board, category) pair, read ``chunk`` rows at a time
         with one sparse product per chunk: a million pins' vectors are never all in memory at
         once. Boards without a stored vector are left out."""
-        if self._pair_sums is None:
+        if self._pairs is None:
             pk, cols = self.store.catalog.pin_columns("board", "category")
             boards, board_code = np.unique(cols["board"], return_inverse=True)
             cats, cat_code = np.unique(cols["category"], return_inverse=True)
             pairs, pair_code = np.unique(board_code * len(cats) + cat_code, return_inverse=True)
-            sums = np.zeros((len(pairs), self.index.dim), np.float64)
+            sums = np.zeros((len(pairs), self.index.dim), np.float32)  # (float32: the memory)
             for vectors, keys in self.store.vectors(self.backbone).iter_chunks(chunk):
                 found = np.flatnonzero(in_sorted(pk, keys))
                 if found.size:
                     pair = pair_code[np.searchsorted(pk, keys[found])]
-                    sums += group_sums(pair, len(pairs), unit_rows(vectors[found]))
-            held = np.abs(sums).sum(axis=1) > 0
-            pairs, sums = pairs[held], sums[held]
-            sums32 = sums.astype(np.float32)  # (a float64 copy per board is twice the memory)
-            self._pair_sums = (boards, cats, pairs // len(cats), pairs % len(cats), sums32)
-        boards, cats, pair_board, pair_cat, sums = self._pair_sums
+                    group_sums(pair, len(pairs), unit_rows(vectors[found]), out=sums)
+            norms = np.linalg.norm(sums, axis=1)
+            held = norms > 0
+            pairs, sums, norms = pairs[held], sums[held], norms[held]
+            sums /= norms[:, None]  # in place: each pair's unit centroid
+            self._pairs = (boards, cats, pairs // len(cats), pairs % len(cats), sums, norms)
+        boards, cats, pair_board, pair_cat, units, norms = self._pairs
         if category is not None:
             at = int(np.searchsorted(cats, category))
             sel = pair_cat == at if at < len(cats) and cats[at] == category else pair_cat < 0
-            return boards[pair_board[sel]], unit_rows(sums[sel])
+            return boards[pair_board[sel]], units[sel]
         if self._centroids is None:
-            per_board = group_sums(pair_board, len(boards), sums)
-            held = np.abs(per_board).sum(axis=1) > 0
-            self._centroids = (boards[held], unit_rows(per_board[held]))
+            if len(np.unique(pair_board)) == len(pair_board):  # no board mixes categories
+                self._centroids = (boards[pair_board], units)  # (the same rows, not a copy)
+            else:
+                per_board = group_sums(
+                    pair_board, len(boards), units, dtype=np.float32, weights=norms
+                )
+                held = np.abs(per_board).sum(axis=1) > 0
+                self._centroids = (boards[held], unit_rows(per_board[held]))
         return self._centroids
 
     # -- titles ----------------------------------------------------------------------------

@@ -43,19 +43,35 @@ def in_sorted(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[at] == keys
 
 
-def group_sums(groups: np.ndarray, n_groups: int, x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """``(n_groups, d)`` float64 sums of the rows of ``x`` by their group (``groups[i]`` in
-    ``0..n_groups-1``): one sparse product per ``chunk`` rows, so that no float64 copy of all
-    of ``x`` is made."""
-    from scipy import sparse
-
-    out = np.zeros((n_groups, x.shape[1]), np.float64)
+def group_sums(
+    groups: np.ndarray,
+    n_groups: int,
+    x: np.ndarray,
+    chunk: int = 65_536,
+    *,
+    dtype: np.dtype | type = np.float64,
+    weights: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``(n_groups, d)`` sums of the rows of ``x`` (each times its ``weights`` entry, when
+    given) by their group (``groups[i]`` in ``0..n_groups-1``), added into ``out`` when given
+    (else a new ``dtype`` array). ``chunk`` rows at a time: each chunk's rows are sorted by
+    group and summed with ``np.add.reduceat`` into the groups it holds, so that neither a
+    float64 copy of ``x`` nor a dense ``(n_groups, d)`` array per chunk is made (a sparse
+    product made one: gigabytes for 100k boards)."""
+    if out is None:
+        out = np.zeros((n_groups, x.shape[1]), dtype)
     for i in range(0, len(x), chunk):
-        g = groups[i : i + chunk]
-        member = sparse.csr_matrix(
-            (np.ones(len(g)), (g, np.arange(len(g)))), shape=(n_groups, len(g))
-        )
-        out += member @ x[i : i + chunk].astype(np.float64)
+        g = np.asarray(groups[i : i + chunk])
+        order = np.argsort(g, kind="stable")
+        g = g[order]
+        if len(g) == 0:
+            continue
+        rows = x[i : i + chunk][order]
+        if weights is not None:
+            rows = rows * weights[i : i + chunk][order][:, None]
+        starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+        out[g[starts]] += np.add.reduceat(rows, starts, axis=0, dtype=out.dtype)
     return out
 
 

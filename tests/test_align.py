@@ -254,16 +254,41 @@ def test_a_warm_text_searcher_answers_as_the_store_was_when_it_started(
             for s in ("topm", "centroid")
         ]
 
+    with Store.open(path, read_only=True) as cold:  # the answers, before any writer
+        before = answers(TextSearcher(cold))
     with Store.open(path, read_only=True, detach=True) as reader:
         ts = TextSearcher(reader, cache_metadata=True)
-        ts.warm()
-        before = answers(TextSearcher(reader))  # (a cold searcher of the same snapshot)
+        ts.warm()  # (nothing but warm may load the text side before the writers)
         with Store.open(path) as writer:
             ids = [r["pin_id"] for r in writer.catalog.query("SELECT pin_id FROM pins")]
             remove_pins(writer, pin_ids=ids[:2])
             align_store(writer, "test_efficientnet", dataclasses.replace(FAST, seed=7))
         Store.open(path).close()  # the next writer deletes the retired parts' files
         assert answers(ts) == before
+
+
+def test_serve_answers_pins_when_the_text_model_cannot_load(aligned: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import io
+    import json
+
+    from pinsearch.serve import serve
+    from pinsearch.text import _sentence_path, sentence_model
+
+    model = tmp_path / "tm"
+    shutil.copytree(_sentence_path("minilm"), model)
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    with Store.open(path) as store:
+        align_store(store, "test_efficientnet", dataclasses.replace(FAST, text_model=str(model)))
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    (model / "model.safetensors").unlink()  # a model folder broken since
+    sentence_model.cache_clear()
+    out = io.StringIO()
+    requests = io.StringIO(json.dumps({"pin": pin, "k": 3}) + "\n" + '{"text": "a car"}\n')
+    assert serve(path, requests=requests, responses=out) == 2
+    ready, by_pin, by_text = (json.loads(line) for line in out.getvalue().splitlines())
+    assert ready["ready"] and len(by_pin["hits"]) == 3 and "error" in by_text
 
 
 # -- captions ---------------------------------------------------------------------------------
