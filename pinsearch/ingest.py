@@ -477,8 +477,6 @@ def _folder_pins(
 #: where ``csv.DictReader`` puts the fields of a row beyond the header's (a comma in an unquoted
 #: title): such a row is skipped, not read with its columns shifted
 _SURPLUS = "\x00surplus"
-#: where ``_csv_rows`` puts why a row could not be parsed as CSV (text after a closing quote)
-_UNPARSED = "\x00unparsed"
 #: longest CSV field read (Python's default, 128 KiB, refuses a long description)
 _CSV_FIELD_LIMIT = 64 << 20
 
@@ -488,8 +486,7 @@ def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
         csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))  # process-wide
         # bytes that are not UTF-8 become surrogates: their rows are skipped by name
         fh = path.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
-        # strict: a quote never closed is an error, not the rest of the file read as one field
-        reader = csv.DictReader(fh, restkey=_SURPLUS, strict=True)
+        reader = csv.DictReader(fh, restkey=_SURPLUS)
         try:
             columns = list(reader.fieldnames or [])
         except csv.Error as exc:
@@ -503,33 +500,51 @@ def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
 
 
 def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]:
-    """The rows of a CSV manifest. A row with text after a closing quote comes as one holding
-    only ``_UNPARSED`` (skipped, the reader goes on at the next line); a quote the file never
-    closes, or a row the reader cannot take, ends the read with its line named."""
+    """The rows of a CSV manifest, read leniently (text after a closing quote is kept, as
+    Python's reader does). A row the reader cannot take ends the read with its line named, and
+    so does a quote the file never closes: the last row, if it spans lines, is checked by a
+    strict read (else the rest of the file would be one field of it)."""
     lines = reader.reader  # (DictReader's own line_num stays at its last good row)
+    last: dict[str, object] | None = None
     while True:
-        start = lines.line_num + 1
         try:
             row = next(reader)
         except StopIteration:
-            return
+            break
         except csv.Error as exc:
-            if str(exc).startswith("unexpected end of data"):
-                raise CorpusError(
-                    f"manifest {path}: the quote opened in the row starting on line {start} "
-                    "is never closed (the rest of the file would be one field)"
-                ) from exc
-            if "expected after" in str(exc):
-                yield {_UNPARSED: f"text after a closing quote ({exc}) on line {lines.line_num}"}
-                continue
             raise CorpusError(f"manifest {path}, line {lines.line_num}: {exc}") from exc
-        yield row
+        if last is not None:
+            yield last
+        last = row
+    if last is None:
+        return
+    spans = any(isinstance(v, str) and ("\n" in v or "\r" in v) for v in last.values())
+    opened = _unclosed_quote(path) if spans else None
+    if opened is not None:
+        raise CorpusError(
+            f"manifest {path}: the quote opened in the row starting on line {opened} is never "
+            "closed (the rest of the file would be one field)"
+        )
+    yield last
+
+
+def _unclosed_quote(path: Path) -> int | None:
+    """The line of the row a quote opens and the file never closes, by a strict read."""
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+        strict = csv.reader(fh, strict=True)
+        while True:
+            start = strict.line_num + 1
+            try:
+                next(strict)
+            except StopIteration:
+                return None
+            except csv.Error as exc:  # other strict complaints: the lenient read took those
+                if str(exc).startswith("unexpected end of data"):
+                    return start
 
 
 def _row_problem(row: dict[str, object], columns: list[str]) -> tuple[str, str] | None:
     """Why a manifest row cannot be read as its header says: (reason, detail), or None."""
-    if _UNPARSED in row:
-        return "malformed_row", str(row[_UNPARSED])
     surplus = row.get(_SURPLUS)
     if surplus:
         n = len(surplus)  # type: ignore[arg-type]
