@@ -404,8 +404,9 @@ def cell_digest(data_hash: str, head: str, grid: dict[str, list[Any]], context: 
 
 
 def _head_source(config: StudyConfig, digest: str) -> str:
-    """The ``source`` a study head is saved with: the study and the cell it came from."""
-    return f"study:{config.name} cell {digest}"
+    """The ``source`` a study head is saved with: the study and the cell it came from (the
+    settings every cell shares, such as ``folds``, and the cell's own digest)."""
+    return f"study:{config.name} cell {config.fingerprint()}/{digest}"
 
 
 def _saved_by(store: Store, name: str) -> str | None:
@@ -560,6 +561,10 @@ def run_study(
                 stale = f"saved head {head_name} is another run's now, or was removed"
             if finished is not None and stale is None:
                 res = finished
+                if not fused:  # its saved head is what the study would train again
+                    store.catalog.connection.execute(
+                        "UPDATE heads SET stale = false WHERE name = ?", [head_name]
+                    )
             else:
                 if stale is not None:
                     _logger.warning(

@@ -466,15 +466,17 @@ def _file(store: Any, backbone: str) -> Path:
 def save_alignment(
     store: Any, backbone: str, arrays: dict[str, np.ndarray], **info: Any
 ) -> list[str]:
-    """Write the projection atomically and record it (replacing an earlier one). The
-    backbone's zero-shot heads, which embed their prompts with the text encoder it replaces,
-    are marked stale; returns their names."""
+    """Write the projection atomically and record it (replacing an earlier one). If it
+    differs from the earlier one, the backbone's zero-shot heads, which embed their prompts
+    with the text encoder it replaces, are marked stale; returns their names."""
+    before = load_alignment(store, backbone, arrays=False)
     path = _file(store, backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
         np.savez(fh, **arrays)
     replace_durably(tmp, path)
+    sha = file_sha256(path)
     con = store.catalog.connection
     con.execute(_SCHEMA)
     con.execute(
@@ -483,7 +485,7 @@ def save_alignment(
             backbone,
             info["text_model"],
             path.relative_to(store.root).as_posix(),
-            file_sha256(path),
+            sha,
             int(info["pairs"]),
             int(info["images"]),
             str(info["source"]),
@@ -491,6 +493,8 @@ def save_alignment(
             json.dumps({**info.get("config", {}), "pinsearch_version": __version__}),
         ],
     )
+    if before is not None and before[1]["sha256"] == sha:
+        return []  # the same projection (align run again with the same settings)
     return store.mark_heads_stale([backbone], kinds=["zeroshot"])
 
 

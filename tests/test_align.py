@@ -223,6 +223,8 @@ def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
     )  # fmt: skip
     assert [c.resumed for c in run_study(config)[1]] == [False]
     assert [c.resumed for c in run_study(config)[1]] == [True]
+    with Store.open(path) as store:  # the same settings: the same projection, nothing stale
+        assert align_store(store, "test_efficientnet", FAST).stale_heads == []
     with Store.open(path) as store:  # the prompts' encoder changes: the head's vectors too
         report = align_store(store, "test_efficientnet", dataclasses.replace(FAST, seed=7))
         assert report.stale_heads == ["zs/test_efficientnet/zeroshot"]

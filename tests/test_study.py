@@ -216,6 +216,13 @@ def test_a_cell_is_resumed_with_its_own_grid_and_its_saved_head_only(
     assert resumed(replace(base, seed=1)) == [False, False]  # another split: other cells,
     assert resumed(base) == [False, False]  # which saved their heads under the same names
     assert resumed(base) == [True, True] and saved_c() == 0.01
+    assert resumed(replace(base, folds=2)) == [False, False]  # the same data, other folds
+    assert resumed(base) == [False, False]  # (the heads' sources tell the runs apart)
+    with Store.open(store) as s:  # stale (pins added to a category the study drops, say):
+        s.mark_heads_stale(["synthetic"])
+    assert resumed(base) == [True, True]  # resumed, its heads are what it would train again
+    with Store.open(store, read_only=True) as s:
+        assert not any(r["stale"] for r in s.catalog.query("SELECT stale FROM heads"))
     with Store.open(store) as s:
         s.catalog.connection.execute("DELETE FROM heads WHERE head = 'knn'")
     assert resumed(base) == [False, True]  # a head removed is saved again
