@@ -97,7 +97,7 @@ def query(
     given = {
         "--board": board is not None, "--user": user is not None,
         "--category": category is not None, "-k": k != 10, "--index": index_name is not None,
-        "--boards": boards,
+        "--boards": boards, "--titles": titles is not None or titles_file is not None,
         "--head": head is not None, "--per-board": per_board != 3,
         "--board-score": board_score != "topm", "--mode": mode != "image", "--alpha": alpha != 0.5,
         "--nprobe": nprobe is not None, "--ef-search": ef_search is not None,
@@ -106,19 +106,14 @@ def query(
     index_opts = ("--index", "--nprobe", "--ef-search", "--precision", "--refine")
     uses = {  # what each kind of query does something with (-b: every kind)
         "--classify": ("-k", "--head"),
-        "--titles": ("--index",),
-        "--boards": (
-            "--boards",
-            "-k",
-            "--user",
-            "--category",
-            "--per-board",
-            "--board-score",
-            *index_opts,
-        ),
-        "--text": ("-k", "--board", "--user", "--category", "--mode", "--alpha", *index_opts),
+        "--titles": ("--titles", "--index"),
+        "--boards": ("--boards", "-k", "--user", "--category", "--per-board", "--board-score",
+                     *index_opts),
+        # (title mode searches the title vectors' index: the image index's settings idle)
+        "--text": ("-k", "--board", "--user", "--category", "--mode", "--alpha",
+                   *(index_opts if mode != "title" else ())),
         "--pin/--image": ("-k", "--board", "--user", "--category", *index_opts),
-    }[kind]
+    }[kind]  # fmt: skip
     unused = [flag for flag, on in given.items() if on and flag not in uses]
     if unused:  # (refused, not ignored: an option that does nothing misleads)
         raise typer.BadParameter(f"{kind} queries take no {', '.join(unused)}")

@@ -151,6 +151,11 @@ def train_head(
                 backbone, int(held.sum()), int((~held).sum()),
             )  # fmt: skip
         keys, labels = keys[held], labels[held]
+        if len(set(labels.tolist())) < 2:
+            raise ValueError(
+                f"the pins with a {backbone!r} vector have {len(set(labels.tolist()))} "
+                f"{label!r} label(s); a head needs at least 2"
+            )
     try:
         X = load_vectors(store, backbone, keys, normalize)
     except ValueError as exc:

@@ -85,6 +85,8 @@ def create_head(name: str, **params: Any) -> BaseEstimator:
         problem = _value_problem(key, value, defaults[key])
         if problem:
             raise ValueError(f"head {name!r}: parameter {key!r} {problem}, not {value!r}")
+    # numpy scalars as Python's (FAISS refuses a numpy k; JSON cannot save one)
+    params = {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
     return HEADS[name](**params)
 
 
@@ -368,7 +370,7 @@ class KNNHead(_Head):
                 f"n_neighbors must be between 1 and the {len(self.train_vectors_)} training "
                 f"vectors, got {k}"
             )
-        raw, idx = self.index_.search(X, k)
+        raw, idx = self.index_.search(X, int(k))  # (FAISS takes no numpy integer)
         if self.metric == "l2":
             dist = np.sqrt(np.maximum(raw, 0))
         elif self.metric == "cosine":

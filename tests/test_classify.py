@@ -77,16 +77,26 @@ def test_classify_picks_the_backbones_head_and_says_when_it_is_stale(
 def test_train_on_the_pins_a_sample_embedded(store_copy: Path) -> None:
     from pinsearch.pipeline import index_corpus
 
-    def sample(store: Store) -> np.ndarray:  # (as a study's per_class sample is embedded)
-        keys = store.catalog.query("SELECT pin_key FROM pins ORDER BY pin_key")
-        return np.array([r["pin_key"] for r in keys][::2], dtype=np.int64)
+    def keys(store: Store, where: str) -> np.ndarray:  # (as a study's sample is embedded)
+        rows = store.catalog.query(f"SELECT pin_key FROM pins WHERE {where} ORDER BY pin_key")
+        return np.array([r["pin_key"] for r in rows], dtype=np.int64)
 
-    index_corpus(None, store_copy, backbone="test_convnext", select=sample)
+    index_corpus(None, store_copy, backbone="test_convnext",
+                 select=lambda s: keys(s, "category = 'food_drink'"))  # fmt: skip
     with Store.open(store_copy) as store:
-        with pytest.raises(ValueError, match=r"12 pins have no .* --only-embedded"):
+        with pytest.raises(ValueError, match=r"\d+ pins have no .* --only-embedded"):
             train_head(store, "test_convnext", "knn", {"n_neighbors": 1})
-        info = train_head(store, "test_convnext", "knn", {"n_neighbors": 1}, only_embedded=True)
-    assert info.n_train == 12
+        with pytest.raises(ValueError, match="1 'category' label"):  # one class: no head
+            train_head(store, "test_convnext", "knn", {"n_neighbors": 1}, only_embedded=True)
+    index_corpus(None, store_copy, backbone="test_convnext",
+                 select=lambda s: keys(s, "pin_key % 2 = 0"))  # fmt: skip
+    with Store.open(store_copy) as store:
+        info = train_head(store, "test_convnext", "knn", {"n_neighbors": np.int64(1)},
+                          only_embedded=True)  # fmt: skip
+        assert info.n_train == len(store.vectors("test_convnext")) < 24
+        assert info.params["n_neighbors"] == 1  # (a numpy integer: saved, and FAISS takes it)
+        pin = store.catalog.query("SELECT pin_id FROM pins WHERE pin_key = 0")[0]["pin_id"]
+        assert classify(store, pin_id=pin, head=info.name).predicted
 
 
 def test_cli_train_and_query_classify(store_copy: Path) -> None:

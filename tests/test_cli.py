@@ -645,6 +645,8 @@ def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:
         (["--pin", "p", "--head", "h"], "--pin/--image queries take no --head"),
         (["--text", "x", "--alpha", "0.3"], "--alpha weighs --mode fused only"),
         (["--pin", "p", "--titles-file", str(tmp_path / "empty.txt")], "holds no title"),
+        (["--pin", "p", "--classify", "--titles", "a"], "--classify queries take no --titles"),
+        (["--text", "x", "--mode", "title", "--nprobe", "4"], "--text queries take no --nprobe"),
     ]:  # fmt: skip
         (tmp_path / "empty.txt").write_text("\n  \n")
         assert says in _usage_error([*query, *argv]), argv
