@@ -143,25 +143,25 @@ def train_head(
     """
     backbone = store.resolve_backbone(backbone)
     keys, labels, _ = labelled_pins(store, label)
-    if only_embedded:
-        held = in_sorted(np.sort(store.vectors(backbone).keys()), keys)
-        if not held.all():
-            _logger.warning(
-                "training %s on the %d labelled pins with a vector (%d have none)",
-                backbone, int(held.sum()), int((~held).sum()),
-            )  # fmt: skip
+    held = in_sorted(store.vectors(backbone).sorted_keys(), keys)
+    if not held.all():
+        lacking = int((~held).sum())
+        if not only_embedded:
+            raise ValueError(
+                f"{lacking} pins have no {backbone!r} vector; index them first (or train on "
+                "the pins that have one: --only-embedded)"
+            )
+        _logger.warning(
+            "training %s on the %d labelled pins with a vector (%d have none)",
+            backbone, int(held.sum()), lacking,
+        )  # fmt: skip
         keys, labels = keys[held], labels[held]
         if len(set(labels.tolist())) < 2:
             raise ValueError(
                 f"the pins with a {backbone!r} vector have {len(set(labels.tolist()))} "
                 f"{label!r} label(s); a head needs at least 2"
             )
-    try:
-        X = load_vectors(store, backbone, keys, normalize)
-    except ValueError as exc:
-        if "have no" not in str(exc):
-            raise
-        raise ValueError(f"{exc} (or train on the pins that have one: --only-embedded)") from None
+    X = load_vectors(store, backbone, keys, normalize)
     estimator = create_head(head, **head_context(store, backbone, head), **(params or {}))
     estimator.fit(X, labels)
     return save_store_head(

@@ -1034,7 +1034,7 @@ def _forget_embedded_failures(store: Any, backbone_name: str) -> None:
     if not rows:
         return
     keys = np.array([r["pin_key"] for r in rows], dtype=np.int64)
-    done = keys[in_sorted(np.sort(store.vectors(backbone_name).keys()), keys)]
+    done = keys[in_sorted(store.vectors(backbone_name).sorted_keys(), keys)]
     if len(done):
         catalog.connection.execute(
             "DELETE FROM skipped WHERE stage = 'embed' AND backbone = ? AND pin_id IN "

@@ -116,6 +116,10 @@ class VectorStore:
         arrays = [self._load_keys(p) for p in self.parts()]
         return np.concatenate(arrays) if arrays else np.empty(0, np.int64)
 
+    def sorted_keys(self) -> np.ndarray:
+        """Pin keys of every stored vector, sorted (the locator's, cached until a write)."""
+        return self._locate()[1]
+
     def __len__(self) -> int:
         return int(sum(int(p["n"]) for p in self.parts()))  # type: ignore[call-overload]
 
