@@ -1,4 +1,4 @@
-"""Commands that build and maintain a store: index, add, remove, check, repair, info."""
+"""Commands that build and maintain a store: index, add, remove, refresh, check, repair, info."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ from pinsearch.cli.common import (
     print_rows,
     progress_bar,
 )
+
+BatchSizeOpt = Annotated[
+    int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda ...")]
+WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader workers.")]
+DecodeOpt = Annotated[
+    str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
+]
 
 
 @app.command()
@@ -47,14 +56,10 @@ def index(
     ] = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
-    decode: Annotated[
-        str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
-    ] = None,
+    decode: DecodeOpt = None,
     cpu_share: CpuShareOpt = None,
     compile_model: Annotated[
         bool, typer.Option("--compile", help="torch.compile the backbone first.")
@@ -149,14 +154,10 @@ def add(
         str | None, typer.Option("--format", help="auto, tree, folder, manifest")
     ] = None,
     allow_outside_root: AllowOutsideRootOpt = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
-    batch_size: Annotated[
-        int | None, typer.Option(help="Images per forward pass; 0 = by free GPU memory.")
-    ] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader workers.")] = None,
-    decode: Annotated[
-        str | None, typer.Option(help="JPEG decoding: auto (GPU with CUDA), device or pil.")
-    ] = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    decode: DecodeOpt = None,
     cpu_share: CpuShareOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -214,11 +215,75 @@ def remove(
 
 
 @app.command()
+def refresh(
+    store: StoreOpt,
+    pin: Annotated[
+        list[str] | None,
+        typer.Option("--pin", help="Embed this pin again whatever its file's state (repeat)."),
+    ] = None,
+    remove_missing: Annotated[
+        bool, typer.Option("--remove-missing", help="Remove the pins whose file is gone.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Only say what changed; write nothing.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = None,
+    workers: WorkersOpt = None,
+    decode: DecodeOpt = None,
+    cpu_share: CpuShareOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed again the pins whose image files changed since they were read, in every backbone
+    and index; report (or remove) pins whose files are gone."""
+    from pinsearch.edit import refresh_store
+
+    update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
+    with bar:
+        report = refresh_store(
+            store, pin_ids=pin or [], remove_missing=remove_missing, dry_run=dry_run,
+            device=device, batch_size=batch_size, workers=workers, decode=decode,
+            cpu_share=cpu_share, progress=update,
+        )  # fmt: skip
+    if as_json:
+        emit_json(report)
+        return
+    verb = "would embed again" if dry_run else "embedded again"
+    console.print(
+        f"{report.store}: {report.pins} pins' files looked at in {report.seconds:.1f} s: "
+        f"{report.changed} changed, {report.missing} gone"
+        + (f" ({report.removed} removed)" if report.removed else "")
+        + f"; {verb} {report.refreshed} pins"
+        + (f" and {report.pending} left by an interrupted refresh" if report.pending else "")
+        + (f"; file state recorded for {report.recorded}" if report.recorded else "")
+    )
+    for backbone, n in report.vectors.items():
+        console.print(f"  {backbone}: {n} vectors")
+    if report.indexes:
+        console.print(
+            f"indexes updated: {', '.join(report.indexes)}"
+            + (f" (rebuilt: {', '.join(report.rebuilt)})" if report.rebuilt else "")
+        )
+    for what in ("unreadable", "missing"):
+        for p in report.examples.get(what, [])[:5]:
+            why = f": {p['reason']}: {p['detail']}" if what == "unreadable" else ""
+            console.print(f"[yellow]{what}[/yellow] {p['pin_id']} ({p['path']}){why}")
+    if report.unreadable:
+        console.print(
+            f"[yellow]{report.unreadable} changed files no longer decode: their pins keep "
+            "their vectors (the next refresh tries again)[/yellow]"
+        )
+    if report.stale_heads:
+        console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+@app.command()
 def check(
     store: StoreOpt,
     as_json: JsonOpt = False,
     sources: Annotated[
-        bool, typer.Option(help="Also look for the pins' image files (missing: a warning).")
+        bool,
+        typer.Option(help="Also look at the pins' image files (missing or changed: a warning)."),
     ] = True,
 ) -> None:
     """Verify a store: vectors, indexes, heads, alignments, ingest counts, the pins' image

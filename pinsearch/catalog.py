@@ -64,7 +64,9 @@ CREATE TABLE IF NOT EXISTS pins (
     width INTEGER,
     height INTEGER,
     ingest_id INTEGER,
-    extra VARCHAR                   -- JSON object: other pin.json keys / manifest columns
+    extra VARCHAR,                  -- JSON object: other pin.json keys / manifest columns
+    file_size BIGINT,               -- the image file's size and modification time when it was
+    file_mtime_ns BIGINT            -- read (NULL: not recorded); pinsearch refresh compares them
 );
 CREATE TABLE IF NOT EXISTS skipped (
     pin_id VARCHAR,
@@ -158,8 +160,9 @@ _PIN_COLUMNS = (
     ("pin_key", "int64"), ("pin_id", "str"), ("board", "str"), ("user_id", "str"),
     ("category", "str"), ("title", "str"), ("description", "str"), ("link", "str"),
     ("path", "str"), ("width", "int32"), ("height", "int32"), ("ingest_id", "int32"),
-    ("extra", "str"),
+    ("extra", "str"), ("file_size", "int64"), ("file_mtime_ns", "int64"),
 )  # fmt: skip
+_FILE_STATE = ("pin_key", "file_size", "file_mtime_ns")
 _SKIPPED_COLUMNS = (
     ("pin_id", "str"), ("path", "str"), ("stage", "str"), ("reason", "str"),
     ("detail", "str"), ("backbone", "str"), ("ingest_id", "int32"),
@@ -183,7 +186,7 @@ class Catalog:
         self.path = Path(path)
         self.read_only = read_only
         self._con = duckdb.connect(str(self.path), read_only=read_only)
-        self._keys_sha: bool | None = None  # vector_parts has keys_sha256 (see vector_parts)
+        self._columns: dict[tuple[str, str], bool] = {}  # has_column's answers
         if not read_only:
             self._con.execute(_SCHEMA)
             # Added after schema version 1 shipped: catalogs from before get it on first write.
@@ -192,6 +195,8 @@ class Catalog:
             )
             self._con.execute("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS amp BOOLEAN")
             self._con.execute("ALTER TABLE embeddings ADD COLUMN IF NOT EXISTS decode VARCHAR")
+            for column in ("file_size", "file_mtime_ns"):
+                self._con.execute(f"ALTER TABLE pins ADD COLUMN IF NOT EXISTS {column} BIGINT")
             if self.get_meta("schema_version") is None:
                 self.set_meta("schema_version", str(SCHEMA_VERSION))
 
@@ -387,6 +392,53 @@ class Catalog:
             )
         return [(int(k), str(p)) for k, p in cur.fetchall()]
 
+    def file_states(self) -> dict[str, np.ndarray]:
+        """Every pin's ``pin_key`` (sorted), ``pin_id``, ``path`` and its file's recorded
+        ``file_size`` and ``file_mtime_ns`` (int64, -1 where none was recorded: pins stored
+        before pinsearch kept them, or read from such a catalog), as columns."""
+        stated = self.has_column("pins", "file_size")
+        cols = self._con.execute(
+            "SELECT pin_key, pin_id, path, "
+            + (
+                "coalesce(file_size, -1) AS file_size, coalesce(file_mtime_ns, -1) AS file_mtime_ns"
+                if stated
+                else "-1 AS file_size, -1 AS file_mtime_ns"
+            )
+            + " FROM pins ORDER BY pin_key"
+        ).fetchnumpy()
+        out = {n: np.asarray(cols[n], dtype=np.int64) for n in _FILE_STATE}
+        for name in ("pin_id", "path"):
+            out[name] = np.asarray(cols[name], dtype=object).astype(str)
+        return out
+
+    def set_file_states(self, rows: Sequence[tuple[int, int, int, int | None, int | None]]) -> None:
+        """Record ``(pin_key, file_size, file_mtime_ns, width, height)`` of pins whose files
+        were read again (a width or height of None keeps the stored one), in one statement."""
+        if not rows:
+            return
+        import pyarrow as pa
+
+        keys, sizes, mtimes, widths, heights = zip(*rows)
+        data = pa.table(
+            {
+                "pin_key": pa.array(keys, pa.int64()),
+                "file_size": pa.array(sizes, pa.int64()),
+                "file_mtime_ns": pa.array(mtimes, pa.int64()),
+                "width": pa.array(widths, pa.int32()),
+                "height": pa.array(heights, pa.int32()),
+            }
+        )
+        self._con.register("_file_states", data)
+        try:
+            self._con.execute(
+                "UPDATE pins SET file_size = s.file_size, file_mtime_ns = s.file_mtime_ns, "
+                "width = coalesce(s.width, pins.width), height = coalesce(s.height, pins.height) "
+                "FROM _file_states s WHERE pins.pin_key = s.pin_key"
+            ).fetchall()
+        finally:
+            with contextlib.suppress(duckdb.TransactionException):
+                self._con.unregister("_file_states")
+
     def keys_for_ids(self, pin_ids: Sequence[str]) -> dict[str, int]:
         """Map pin ids to pin keys (unknown ids are absent from the result)."""
         cur = self._con.execute(
@@ -487,22 +539,29 @@ class Catalog:
     def vector_parts(self, backbone: str) -> list[dict[str, Any]]:
         """The committed vector parts of a backbone, in order (``keys_sha256`` None for parts
         written before key files had checksums, or read from such a catalog)."""
-        keys_sha = "keys_sha256" if self._has_keys_sha() else "NULL AS keys_sha256"
+        keys_sha = (
+            "keys_sha256"
+            if self.has_column("vector_parts", "keys_sha256")
+            else "NULL AS keys_sha256"
+        )
         return self.query(
             f"SELECT part, file, n, sha256, {keys_sha} FROM vector_parts WHERE backbone = ? "
             "ORDER BY part",
             [backbone],
         )
 
-    def _has_keys_sha(self) -> bool:
-        if self._keys_sha is None:  # a read-only catalog from before keeps its schema
-            self._keys_sha = bool(
+    def has_column(self, table: str, column: str) -> bool:
+        """Whether ``table`` has ``column``: a catalog opened read-only keeps the schema of
+        the pinsearch that wrote it (columns added since come with the first write)."""
+        if (table, column) not in self._columns:
+            self._columns[table, column] = bool(
                 self._con.execute(
-                    "SELECT 1 FROM information_schema.columns WHERE table_name = 'vector_parts' "
-                    "AND column_name = 'keys_sha256'"
+                    "SELECT 1 FROM information_schema.columns WHERE table_name = ? "
+                    "AND column_name = ?",
+                    [table, column],
                 ).fetchall()
             )
-        return self._keys_sha
+        return self._columns[table, column]
 
     def add_vector_part(
         self, backbone: str, part: int, file: str, n: int, sha256: str, keys_sha256: str
@@ -574,6 +633,8 @@ def _pin_row(p: PinRecord, key: int, ingest_id: int) -> list[Any]:
         p.height,
         ingest_id,
         json.dumps(dict(p.extra)) if p.extra else None,
+        p.file_size,
+        p.file_mtime_ns,
     ]
 
 

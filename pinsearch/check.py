@@ -11,7 +11,8 @@ The check reads everything a query relies on and reports each problem with where
 - ingests: ``added + skipped + sampled_out + already_present = found``;
 - files the catalog does not list (left by an interrupted write);
 - the pins' image files (``sources``): a pin whose file is gone is a warning (its vectors
-  still answer queries, which return its path; ``pinsearch remove`` drops it).
+  still answer queries, which return its path; ``pinsearch remove`` drops it), and so is one
+  whose file changed since it was read (``pinsearch refresh`` embeds it again).
 
 Errors make ``check`` exit non-zero; warnings (a lagging index, pins not embedded yet) do not.
 ``repair`` rebuilds derived data only — indexes from the stored vectors, vector parts without
@@ -23,8 +24,6 @@ invents vectors.
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,32 +296,52 @@ def check_store(path: str | Path, *, sources: bool = True) -> CheckReport:
                 "when that write is done"
             )
         report = _check_open(store)
+        _check_refresh(store, report)
         if sources:
             _check_sources(store, report)
         return report
 
 
-def _check_sources(store: Store, report: CheckReport, threads: int = 16) -> None:
-    """Warn about pins whose image file is gone (or is no longer a file)."""
-    _, cols = store.catalog.pin_columns("pin_id", "path")
-    paths = cols["path"].tolist()
-    chunks = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]  # a future per stat
-    # would cost 12x the stats; threads pay where a stat waits on a cold or remote disk
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        there = [ok for part in pool.map(_are_files, chunks) for ok in part]
-    gone = [i for i, ok in enumerate(there) if not ok]
-    report.checked["source_files"] = len(paths)
-    if gone:
-        examples = ", ".join(f"{cols['pin_id'][i]} ({paths[i]})" for i in gone[:3])
+def _check_refresh(store: Store, report: CheckReport) -> None:
+    from pinsearch.edit import pending_refresh
+
+    pending = pending_refresh(store)
+    if pending:
         report.add(
-            "warning", "sources", "missing_source_files",
-            f"{len(gone)} of {len(paths)} pins' image files are gone (e.g. {examples}): their "
-            "vectors still answer queries; pinsearch remove --pin drops them",
+            "warning", "refresh", "refresh_pending",
+            f"an interrupted pinsearch refresh left {len(set().union(*pending.values()))} pins "
+            f"to embed again ({', '.join(sorted(pending))}); pinsearch refresh finishes it",
         )  # fmt: skip
 
 
-def _are_files(paths: list[str]) -> list[bool]:
-    return [os.path.isfile(p) for p in paths]
+def _check_sources(store: Store, report: CheckReport) -> None:
+    """Warn about pins whose image file is gone (or is no longer a file), or changed since it
+    was read, and about a refresh left unfinished."""
+    from pinsearch.edit import changed_files, stat_files
+
+    states = store.catalog.file_states()
+    size, mtime = stat_files(states["path"].tolist())
+    report.checked["source_files"] = len(size)
+
+    def examples(where: np.ndarray) -> str:
+        return ", ".join(f"{states['pin_id'][i]} ({states['path'][i]})" for i in where[:3])
+
+    gone = np.flatnonzero(size < 0)
+    if gone.size:
+        report.add(
+            "warning", "sources", "missing_source_files",
+            f"{gone.size} of {len(size)} pins' image files are gone (e.g. {examples(gone)}): "
+            "their vectors still answer queries; pinsearch remove --pin drops them (pinsearch "
+            "refresh --remove-missing: all of them)",
+        )  # fmt: skip
+    changed = np.flatnonzero(changed_files(states, size, mtime))
+    if changed.size:
+        report.add(
+            "warning", "sources", "changed_source_files",
+            f"{changed.size} of {len(size)} pins' image files changed since they were read "
+            f"(e.g. {examples(changed)}): their vectors are of the old images; pinsearch "
+            "refresh embeds them again",
+        )  # fmt: skip
 
 
 def _check_open(store: Store) -> CheckReport:

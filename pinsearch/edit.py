@@ -1,18 +1,22 @@
-"""Incremental changes to a store: ``pinsearch add`` and ``pinsearch remove``.
+"""Incremental changes to a store: ``pinsearch add``, ``remove`` and ``refresh``.
 
 ``add`` ingests new pins or boards into an existing store and embeds only what is new, for every
 backbone the store has, then updates each index (and title vectors). ``remove`` deletes pins —
 by id, by board or by user — with their vectors in every backbone and their index entries
 (derived indexes are rebuilt from the remaining vectors, so approximate indexes stay
-consistent). Either way, heads trained on the store's backbones are marked stale: their
-training data changed.
+consistent). ``refresh`` re-embeds the pins whose image files changed since they were read.
+Each way, heads trained on the store's backbones are marked stale: their training data changed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import stat
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +24,22 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, probe_image
 from pinsearch.indexes.pinindex import index_files
 from pinsearch.store import Store
 from pinsearch.vectors import in_sorted
 
-__all__ = ["AddReport", "RemoveReport", "add_corpus", "remove_pins"]
+__all__ = [
+    "AddReport",
+    "RefreshReport",
+    "RemoveReport",
+    "add_corpus",
+    "changed_files",
+    "pending_refresh",
+    "refresh_store",
+    "remove_pins",
+    "stat_files",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -84,8 +99,7 @@ def add_corpus(
         FileNotFoundError: no store at ``store_path`` (use ``pinsearch index`` to create one).
         ValueError: the store has no backbone yet.
     """
-    from pinsearch.embed import EmbedConfig
-    from pinsearch.pipeline import index_corpus, run_settings
+    from pinsearch.pipeline import index_corpus
 
     start = time.perf_counter()
     with Store.open(store_path, read_only=True, verify=False) as store:  # the writers verify
@@ -94,21 +108,10 @@ def add_corpus(
     if not backbones:
         raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
     reports = []
+    options = {"batch_size": batch_size, "workers": workers, "decode": decode,
+               "cpu_share": cpu_share}  # fmt: skip
     for i, backbone in enumerate(backbones):
-        embed = EmbedConfig(
-            **run_settings(runs[backbone]),
-            device=device,
-            **{
-                k: v
-                for k, v in (
-                    ("batch_size", batch_size),
-                    ("workers", workers),
-                    ("decode", decode),
-                    ("cpu_share", cpu_share),
-                )
-                if v is not None
-            },
-        )
+        embed = _run_config(runs[backbone], device, options)
         reports.append(
             index_corpus(
                 corpus if i == 0 else None,
@@ -134,6 +137,17 @@ def add_corpus(
         stale_heads=stale,
         seconds=time.perf_counter() - start,
     )
+
+
+def _run_config(run: dict[str, Any], device: str, options: dict[str, Any]) -> Any:
+    """The :class:`~pinsearch.embed.EmbedConfig` that embeds more pins like a stored run (its
+    weights, normalisation and dtype) on ``device``, with the throughput ``options`` given
+    (None: the default)."""
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import run_settings
+
+    given = {k: v for k, v in options.items() if v is not None}
+    return EmbedConfig(**run_settings(run), device=device, **given)
 
 
 def _keys_to_remove(
@@ -278,3 +292,237 @@ def remove_pins(
         stale_heads=stale,
         seconds=time.perf_counter() - start,
     )
+
+
+_PLAN_KEY = "refresh_pending"  # catalog meta: {backbone: [pin keys]} a refresh has yet to embed
+_EXAMPLES = 20  # pins named in a refresh report's lists
+
+
+@dataclass
+class RefreshReport:
+    """What ``refresh`` found and did (``dry_run``: found only)."""
+
+    store: str
+    pins: int  # pins whose files were looked at
+    changed: int  # files changed since they were read (size or modification time)
+    refreshed: int  # pins whose changed (or named) file was read again
+    pending: int  # pins an interrupted refresh had left to re-embed (done by this one)
+    recorded: int  # pins whose file state was recorded for the first time (kept as they are)
+    missing: int  # pins whose file is gone (or no longer a file)
+    removed: int  # of those, removed (remove_missing)
+    unreadable: int  # changed files that no longer decode: their pins keep their vectors
+    vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors re-embedded
+    indexes: list[str] = field(default_factory=list)  # updated
+    rebuilt: list[str] = field(default_factory=list)  # of those, rebuilt from the vectors
+    stale_heads: list[str] = field(default_factory=list)
+    examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)  # changed, missing,
+    # unreadable: the first pins of each ({pin_id, path}, and reason and detail if unreadable)
+    dry_run: bool = False
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def stat_files(paths: Sequence[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Each path's size and modification time in ns (int64 arrays; -1 where it is not a
+    regular file or cannot be read), a ``stat`` each in ``threads`` threads: they pay where a
+    stat waits on a cold or remote disk."""
+    chunks = [paths[i : i + 4096] for i in range(0, len(paths), 4096)]  # a future per stat
+    # would cost 12x the stats
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        states = [s for part in pool.map(_stat_chunk, chunks) for s in part]
+    out = np.array(states, dtype=np.int64).reshape(-1, 2)
+    return out[:, 0], out[:, 1]
+
+
+def _stat_chunk(paths: Sequence[str]) -> list[tuple[int, int]]:
+    out = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # (ValueError: a NUL in the path)
+            out.append((-1, -1))
+            continue
+        out.append((st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else (-1, -1))
+    return out
+
+
+def changed_files(states: dict[str, np.ndarray], size: np.ndarray, mtime: np.ndarray) -> np.ndarray:
+    """Which pins' files (``Catalog.file_states`` rows, stat as now) differ from the state
+    recorded when they were read; pins without a recorded state or a file are not counted."""
+    recorded = states["file_size"] >= 0
+    return (
+        recorded
+        & (size >= 0)
+        & ((size != states["file_size"]) | (mtime != states["file_mtime_ns"]))
+    )
+
+
+def _decodes(path: str, max_pixels: int) -> tuple[int, int] | ImageError:
+    """An image's shown size, once its header and every pixel decode (a file cut short
+    passes the header probe); the error otherwise."""
+    try:
+        info = probe_image(path, max_pixels)
+        load_rgb(path, max_pixels, min_side=64)
+    except ImageError as exc:
+        return exc
+    return info.width, info.height
+
+
+def pending_refresh(store: Store) -> dict[str, list[int]]:
+    """The pins an interrupted refresh left to re-embed, by backbone (empty when none)."""
+    return {b: list(k) for b, k in json.loads(store.catalog.get_meta(_PLAN_KEY) or "{}").items()}
+
+
+def refresh_store(
+    store_path: str | Path,
+    *,
+    pin_ids: Sequence[str] = (),
+    remove_missing: bool = False,
+    dry_run: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    decode: str | None = None,
+    cpu_share: float | None = None,
+    progress: Any = None,
+) -> RefreshReport:
+    """Bring a store up to date with its pins' image files.
+
+    Every pin's file is looked at (a ``stat`` each). A pin whose file changed since it was
+    read (size or modification time), or that ``pin_ids`` names, is read again: once its new
+    file decodes, its width and height are updated and, in every backbone that has its
+    vector, the vector is embedded again (with the run's weights, normalisation and dtype)
+    and replaces the old one in every index; heads trained on those backbones are marked
+    stale. A changed file that no longer decodes leaves its pin as it was (counted in
+    ``unreadable``; the next refresh tries it again). Pins stored before pinsearch recorded
+    file states get theirs recorded and keep their vectors. Pins whose file is gone are
+    counted, and removed with ``remove_missing``.
+
+    Crash-safe: the pins to re-embed are recorded in the catalog, with their new file states,
+    before any vector is dropped; a refresh run after an interrupted one finishes its work.
+
+    Raises:
+        FileNotFoundError: no store at ``store_path``.
+        PinNotFoundError: a pin id in ``pin_ids`` is not in the store (nothing is done).
+    """
+    start = time.perf_counter()
+    with Store.open(store_path, read_only=dry_run, verify=not dry_run) as store:
+        catalog = store.catalog
+        states = catalog.file_states()
+        unknown = sorted(set(pin_ids) - set(states["pin_id"].tolist()))
+        if unknown:
+            raise PinNotFoundError(
+                f"{len(unknown)} pin id(s) not in store {store.root}: {unknown[:5]}; "
+                "nothing refreshed"
+            )
+        plan = pending_refresh(store)
+        size, mtime = stat_files(states["path"].tolist())
+        gone = size < 0
+        changed = changed_files(states, size, mtime)
+        todo = np.flatnonzero((changed | np.isin(states["pin_id"], list(pin_ids))) & ~gone)
+        first = np.flatnonzero((states["file_size"] < 0) & ~gone)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            read = list(pool.map(lambda i: _decodes(states["path"][i], max_pixels), todo))
+        bad = [(i, r) for i, r in zip(todo, read) if isinstance(r, ImageError)]
+        good = [(i, r) for i, r in zip(todo, read) if not isinstance(r, ImageError)]
+
+        def pin(i: int, **more: str) -> dict[str, str]:
+            return {"pin_id": str(states["pin_id"][i]), "path": str(states["path"][i]), **more}
+
+        report = RefreshReport(
+            store=str(store.root),
+            pins=len(gone),
+            changed=int(changed.sum()),
+            refreshed=len(good),
+            recorded=len(first),
+            missing=int(gone.sum()),
+            removed=0,
+            unreadable=len(bad),
+            pending=len(set().union(*plan.values())),
+            examples={
+                "changed": [pin(i) for i in np.flatnonzero(changed)[:_EXAMPLES]],
+                "missing": [pin(i) for i in np.flatnonzero(gone)[:_EXAMPLES]],
+                "unreadable": [
+                    pin(i, reason=r.reason, detail=r.detail) for i, r in bad[:_EXAMPLES]
+                ],
+            },
+            dry_run=dry_run,
+        )
+        for i, r in bad:
+            _logger.warning("%s changed and no longer decodes: %s", states["path"][i], r)
+        if dry_run:
+            report.seconds = time.perf_counter() - start
+            return report
+        if remove_missing and gone.any():
+            removal = remove_pins(store, pin_ids=states["pin_id"][gone].tolist())
+            report.removed = removal.pins
+            report.indexes += removal.indexes
+            report.rebuilt += removal.rebuilt
+            report.stale_heads += removal.stale_heads
+        # The plan and the new file states in one transaction, before any vector is dropped
+        keys = states["pin_key"][[i for i, _ in good]]
+        for backbone in store.backbones():
+            held = store.vectors(backbone).keys()
+            mine = np.union1d(plan.get(backbone, []), keys[np.isin(keys, held)])
+            if mine.size:
+                plan[backbone] = mine.astype(np.int64).tolist()
+        with catalog.transaction():
+            catalog.set_file_states(
+                [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), *wh) for i, wh in good]
+                + [
+                    (int(states["pin_key"][i]), int(size[i]), int(mtime[i]), None, None)
+                    for i in first
+                ]
+            )
+            catalog.set_meta(_PLAN_KEY, json.dumps(plan))
+        options = {"batch_size": batch_size, "workers": workers, "decode": decode,
+                   "cpu_share": cpu_share}  # fmt: skip
+        for backbone in sorted(plan):
+            mine = np.asarray(plan[backbone], dtype=np.int64)
+            run = catalog.get_embedding(backbone)
+            if run is not None:
+                report.vectors[backbone] = _reembed(store, backbone, mine, run, device, options,
+                                                    progress, report)  # fmt: skip
+            del plan[backbone]
+            catalog.set_meta(_PLAN_KEY, json.dumps(plan))
+        report.stale_heads = sorted(
+            {*report.stale_heads, *store.mark_heads_stale(sorted(report.vectors))}
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _reembed(
+    store: Store,
+    backbone: str,
+    keys: np.ndarray,
+    run: dict[str, Any],
+    device: str,
+    options: dict[str, Any],
+    progress: Any,
+    report: RefreshReport,
+) -> int:
+    """Replace the vectors of ``keys`` in one backbone and its indexes; the number embedded.
+
+    Backbone by backbone, so a pin whose new file fails to embed keeps the vectors of the
+    backbones not done yet (``embed_store`` removes a failing pin only when no backbone has a
+    vector of it)."""
+    from pinsearch.embed import embed_store
+
+    store.vectors(backbone).drop_keys(keys)
+    embedded = embed_store(
+        store, backbone, _run_config(run, device, options), progress=progress, keys=keys
+    ).embedded
+    store.catalog.upsert_embedding(backbone, count=len(store.vectors(backbone)))
+    for name in store.index_names(backbone):
+        held = _index_holds_any(store, name, keys)
+        if held and not store.remove_from_index(name, keys):
+            store.rebuild_index(name)  # from the vectors stored now: the new ones included
+            report.rebuilt.append(name)
+        else:
+            store.update_index(name)  # the new vectors in
+        report.indexes.append(name)
+    return embedded

@@ -73,6 +73,8 @@ class PinRecord:
     width: int | None = None  # filled by the header probe
     height: int | None = None
     extra: tuple[tuple[str, str], ...] = ()  # other pin.json keys / manifest columns, as text
+    file_size: int | None = None  # the image file as it was read (stat): pinsearch refresh
+    file_mtime_ns: int | None = None  # re-embeds a pin whose file changed since
 
 
 @dataclass(frozen=True)
@@ -765,7 +767,14 @@ def _pixels_problem(path: str, max_pixels: int) -> ImageError | None:
     return None
 
 
-def _probe(pin: PinRecord, max_pixels: int) -> PinRecord | SkippedPin:
+def _probe(pin: PinRecord, max_pixels: int, check: bool = True) -> PinRecord | SkippedPin:
+    """The pin with its file's state (size, modification time: taken before the file is
+    read, so a change made meanwhile shows as one) and, when ``check``, its header probed."""
+    with contextlib.suppress(OSError):  # (a file gone is the probe's to say)
+        st = os.stat(pin.path)
+        pin = replace(pin, file_size=st.st_size, file_mtime_ns=st.st_mtime_ns)
+    if not check:
+        return pin
     try:
         info = probe_image(pin.path, max_pixels)
     except ImageError as exc:
@@ -856,9 +865,11 @@ def read_corpus(
             skipped.append(refusal)
             continue
         candidates.append(item)
-    if config.check_images and candidates:
+    if candidates:
         with ThreadPoolExecutor(max_workers=max(1, config.workers)) as pool:
-            probed = list(pool.map(lambda p: _probe(p, config.max_pixels), candidates))
+            probed = list(
+                pool.map(lambda p: _probe(p, config.max_pixels, config.check_images), candidates)
+            )
         candidates = [p for p in probed if isinstance(p, PinRecord)]
         skipped.extend(p for p in probed if isinstance(p, SkippedPin))
     # One pin per id, the first usable one in reading order: a copy that cannot be read does

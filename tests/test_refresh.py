@@ -1,0 +1,204 @@
+"""``pinsearch refresh``: pins whose image files changed since they were read are embedded
+again in every backbone and index; files gone are reported (or their pins removed); old
+stores get their file states recorded; an interrupted refresh is finished by the next."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pinsearch.check import check_store
+from pinsearch.classify import train_head
+from pinsearch.cli.app import app
+from pinsearch.edit import refresh_store
+from pinsearch.embed import EmbedConfig
+from pinsearch.errors import PinNotFoundError
+from pinsearch.pipeline import index_corpus
+from pinsearch.search import PinSearcher
+from pinsearch.store import Store
+
+B = "test_efficientnet"
+EMBED = EmbedConfig(workers=0, batch_size=16)
+
+
+@pytest.fixture
+def indexed(tree_copy: Path, tmp_path: Path) -> Path:
+    """A store over a private copy of the small tree (its files may change)."""
+    store = tmp_path / "store"
+    index_corpus(tree_copy, store, backbone=B, embed=EMBED)
+    return store
+
+
+def _pins(store_path: Path) -> dict[str, dict]:
+    with Store.open(store_path, read_only=True) as store:
+        rows = store.catalog.query("SELECT * FROM pins ORDER BY pin_id")
+    return {r["pin_id"]: r for r in rows}
+
+
+def _vectors(store_path: Path, backbone: str = B) -> dict[str, np.ndarray]:
+    with Store.open(store_path, read_only=True) as store:
+        vecs, keys = store.vectors(backbone).load()
+        rows = store.catalog.pins_by_key(keys.tolist())
+    return {rows[int(k)]["pin_id"]: v for k, v in zip(keys, vecs)}
+
+
+def _copy_over(src: str, dst: str) -> None:
+    """Give ``dst`` the bytes of ``src`` (a newer modification time, whatever the size)."""
+    shutil.copyfile(src, dst)
+    st = os.stat(dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_ingest_records_each_files_state(indexed: Path) -> None:
+    for row in _pins(indexed).values():
+        st = os.stat(row["path"])
+        assert (row["file_size"], row["file_mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+
+
+def test_changed_file_is_embedded_again_everywhere(indexed: Path) -> None:
+    pins = _pins(indexed)
+    a, b = sorted(pins)[:2]  # a takes b's image
+    before = _vectors(indexed)
+    with Store.open(indexed) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
+    # a second index that FAISS cannot remove from (rebuilt), beside the Flat one
+    index_corpus(None, indexed, backbone=B, embed=EMBED, index={"factory": "HNSW8"},
+                 index_name="hnsw")  # fmt: skip
+    _copy_over(pins[b]["path"], pins[a]["path"])
+
+    dry = refresh_store(indexed, dry_run=True)
+    assert (dry.changed, dry.refreshed, dry.vectors, dry.dry_run) == (1, 1, {}, True)
+    assert dry.examples["changed"] == [{"pin_id": a, "path": pins[a]["path"]}]
+    np.testing.assert_array_equal(_vectors(indexed)[a], before[a])  # nothing written
+    found = check_store(indexed)
+    assert found.ok and [f.problem for f in found.findings] == ["changed_source_files"]
+    assert a in found.findings[0].detail
+
+    report = refresh_store(indexed)
+    assert (report.changed, report.refreshed, report.missing, report.unreadable) == (1, 1, 0, 0)
+    assert report.vectors == {B: 1} and sorted(report.indexes) == ["hnsw", B]
+    assert report.rebuilt == ["hnsw"] and report.stale_heads == [f"{B}/knn"]
+    after = _vectors(indexed)
+    np.testing.assert_allclose(after[a], before[b], atol=1e-5)  # the new image's vector
+    assert all(np.array_equal(after[p], before[p]) for p in pins if p != a)
+    row = _pins(indexed)[a]
+    st = os.stat(row["path"])
+    assert (row["file_size"], row["file_mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+    with Store.open(indexed, read_only=True) as store:
+        for name in (B, "hnsw"):
+            assert store.load_index(name).ntotal == len(pins)
+            hits = (
+                PinSearcher(store, backbone=B, index=name)
+                .similar_to_image(pins[b]["path"], k=2)
+                .hits
+            )
+            assert {h.pin_id for h in hits} == {a, b} and hits[1].score > 0.999
+        assert store.catalog.query("SELECT stale FROM heads")[0]["stale"] is True
+    assert not check_store(indexed).findings
+    again = refresh_store(indexed)
+    assert (again.changed, again.refreshed, again.vectors) == (0, 0, {})
+
+
+def test_named_pin_unreadable_file_and_unknown_id(indexed: Path) -> None:
+    pins = _pins(indexed)
+    a, b = sorted(pins)[:2]
+    before = _vectors(indexed)
+    with pytest.raises(PinNotFoundError, match="nope"):
+        refresh_store(indexed, pin_ids=[a, "nope"])
+    # named: embedded again whatever its state says (the same file: the same vector)
+    report = refresh_store(indexed, pin_ids=[a])
+    assert (report.changed, report.refreshed, report.vectors) == (0, 1, {B: 1})
+    np.testing.assert_allclose(_vectors(indexed)[a], before[a], atol=1e-6)
+    # a changed file cut short: its pin keeps its vector and is tried again next time
+    data = Path(pins[b]["path"]).read_bytes()
+    Path(pins[b]["path"]).write_bytes(data[: len(data) // 2])
+    report = refresh_store(indexed)
+    assert (report.changed, report.refreshed, report.unreadable, report.vectors) == (1, 0, 1, {})
+    assert report.examples["unreadable"][0]["pin_id"] == b
+    np.testing.assert_array_equal(_vectors(indexed)[b], before[b])
+    assert refresh_store(indexed, dry_run=True).unreadable == 1
+    Path(pins[b]["path"]).write_bytes(data)  # put back: its state differs still (time)
+    report = refresh_store(indexed)
+    assert (report.refreshed, report.unreadable, report.vectors) == (1, 0, {B: 1})
+    np.testing.assert_allclose(_vectors(indexed)[b], before[b], atol=1e-6)
+
+
+def test_missing_files_are_reported_then_removed(indexed: Path) -> None:
+    pins = _pins(indexed)
+    gone = sorted(pins)[:2]
+    for p in gone:
+        os.remove(pins[p]["path"])
+    assert [f.problem for f in check_store(indexed).findings] == ["missing_source_files"]
+    report = refresh_store(indexed)
+    assert (report.missing, report.removed, report.refreshed) == (2, 0, 0)
+    assert sorted(e["pin_id"] for e in report.examples["missing"]) == gone
+    assert len(_pins(indexed)) == len(pins)
+    report = refresh_store(indexed, remove_missing=True)
+    assert (report.missing, report.removed, report.indexes) == (2, 2, [B])
+    assert set(_pins(indexed)) == set(pins) - set(gone)
+    assert not check_store(indexed).findings
+
+
+def test_store_from_before_file_states_gets_them_recorded(indexed: Path) -> None:
+    with Store.open(indexed) as store:  # a catalog written before the columns existed
+        con = store.catalog.connection
+        con.execute("ALTER TABLE pins DROP COLUMN file_size")
+        con.execute("ALTER TABLE pins DROP COLUMN file_mtime_ns")
+    before = _vectors(indexed)
+    with Store.open(indexed, read_only=True) as store:  # read as it is
+        assert (store.catalog.file_states()["file_size"] == -1).all()
+    assert not check_store(indexed).findings  # nothing recorded: nothing to compare
+    report = refresh_store(indexed)
+    assert (report.recorded, report.changed, report.refreshed, report.vectors) == (24, 0, 0, {})
+    after = _vectors(indexed)
+    assert all(np.array_equal(after[p], before[p]) for p in before)
+    for row in _pins(indexed).values():
+        assert row["file_size"] == os.stat(row["path"]).st_size
+    assert refresh_store(indexed).recorded == 0
+
+
+def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
+    """The plan is written (with the new file states) before any vector is dropped: a
+    refresh killed after it — here, its state left as a kill after the plan leaves it — is
+    finished by the next one, although the files now look unchanged."""
+    pins = _pins(indexed)
+    a, b = sorted(pins)[:2]
+    before = _vectors(indexed)
+    _copy_over(pins[b]["path"], pins[a]["path"])
+    st = os.stat(pins[a]["path"])
+    with Store.open(indexed) as store:
+        key = store.catalog.keys_for_ids([a])[a]
+        store.catalog.set_file_states([(key, st.st_size, st.st_mtime_ns, None, None)])
+        store.catalog.set_meta("refresh_pending", json.dumps({B: [key]}))
+        store.vectors(B).drop_keys(np.array([key]))  # killed after dropping the old vector
+    found = check_store(indexed)
+    assert "refresh_pending" in [f.problem for f in found.findings]
+    assert refresh_store(indexed, dry_run=True).pending == 1
+    report = refresh_store(indexed)
+    assert (report.changed, report.pending, report.vectors) == (0, 1, {B: 1})
+    np.testing.assert_allclose(_vectors(indexed)[a], before[b], atol=1e-5)
+    with Store.open(indexed, read_only=True) as store:
+        assert store.load_index(B).ntotal == len(pins)
+    assert not check_store(indexed).findings
+
+
+def test_refresh_cli(indexed: Path) -> None:
+    pins = _pins(indexed)
+    a, b = sorted(pins)[:2]
+    _copy_over(pins[b]["path"], pins[a]["path"])
+    runner = CliRunner()
+    out = runner.invoke(app, ["refresh", "--store", str(indexed), "--dry-run", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["changed"] == 1
+    out = runner.invoke(app, ["refresh", "--store", str(indexed), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "1 changed" in out.output and "embedded again 1 pins" in out.output
+    assert f"{B}: 1 vectors" in out.output
+    out = runner.invoke(app, ["refresh", "--store", str(indexed), "--pin", "nope"])
+    assert isinstance(out.exception, PinNotFoundError) and "nope" in str(out.exception)
