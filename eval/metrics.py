@@ -132,7 +132,8 @@ def retrieval_metrics(
 
     Returns:
         ``recall@k`` for each k (fraction of queries whose item ranks in the top k), the
-        median and mean rank (1 = first), and ``chance_recall@k`` = k / n_items.
+        median and mean rank (1 = first; an answer whose score is not finite ranks last),
+        and ``chance_recall@k`` = k / n_items.
     """
     scores = np.asarray(scores, dtype=np.float64)
     relevant = np.asarray(relevant, dtype=np.int64)
@@ -141,6 +142,7 @@ def retrieval_metrics(
     target = scores[np.arange(len(scores)), relevant][:, None]
     # Ties count against the query: an item scoring as high as the answer ranks before it.
     ranks = (scores > target).sum(axis=1) + (scores == target).sum(axis=1)
+    ranks[~np.isfinite(target[:, 0])] = scores.shape[1]  # an answer scored NaN: found last
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall@{k}"] = float(np.mean(ranks <= k))

@@ -63,17 +63,28 @@ def run_retrieval(
     config: RetrievalConfig, out_dir: str | Path | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Run a retrieval study and write ``report.md`` + ``results.json``; returns the summary."""
-    from pinsearch.align import AlignConfig, align_store, caption_pairs
+    from pinsearch.align import AlignConfig, caption_pairs, fit_alignment
     from pinsearch.backbones import get_backbone_spec
     from pinsearch.eval.metrics import retrieval_metrics
     from pinsearch.pipeline import index_corpus
-    from pinsearch.text import text_encoder_for
+    from pinsearch.text import AlignedTextEncoder, SentenceEncoder, text_encoder_for
 
+    modes = {}
+    for backbone in config.backbones:  # before any work
+        is_clip = get_backbone_spec(backbone).source == "open_clip"
+        modes[backbone] = config.text if config.text != "auto" else ("clip" if is_clip else "align")
+        if modes[backbone] == "clip" and not is_clip:
+            raise ValueError(
+                f'{config.name}: text = "clip" but backbone {backbone!r} has no CLIP text '
+                'tower; use text = "align" (or "auto")'
+            )
     if config.corpus is not None:
         for backbone in config.backbones:
             index_corpus(config.corpus, config.store, backbone=backbone)
     results: dict[str, dict[str, Any]] = {}
-    with Store.open(config.store) as store:
+    # Read only: the alignments are trained on the train images in memory; the store's own
+    # (pinsearch align) stays as it is
+    with Store.open(config.store, read_only=True) as store:
         keys, captions, unmatched = caption_pairs(store, config.captions)
         images = np.unique(keys)
         if config.train_images >= len(images):
@@ -84,17 +95,21 @@ def run_retrieval(
         order = np.random.default_rng(config.seed).permutation(images)
         train, test = np.sort(order[: config.train_images]), np.sort(order[config.train_images :])
         for backbone in config.backbones:
-            is_clip = get_backbone_spec(backbone).source == "open_clip"
-            mode = config.text if config.text != "auto" else ("clip" if is_clip else "align")
+            mode = modes[backbone]
             start = time.perf_counter()
             report = None
             if mode == "align":
                 align_cfg = AlignConfig(**{**config.align, **overrides})
-                report = align_store(
-                    store, backbone, align_cfg, captions=config.captions, keys=train,
-                    embed_titles=False,
-                )  # fmt: skip
-            encoder = text_encoder_for(store, backbone, device="auto")
+                arrays, report = fit_alignment(
+                    store, backbone, align_cfg, captions=config.captions, keys=train
+                )
+                encoder = AlignedTextEncoder(
+                    SentenceEncoder(align_cfg.text_model, device=align_cfg.device),
+                    arrays,
+                    f"align:{align_cfg.text_model}->{backbone}",
+                )
+            else:
+                encoder = text_encoder_for(store, backbone, device="auto")
             vectors, vkeys = store.vectors(backbone).load(test)
             vectors = unit_rows(vectors)
             in_test = np.isin(keys, vkeys)

@@ -40,6 +40,7 @@ __all__ = [
     "align_store",
     "caption_pairs",
     "copy_alignment",
+    "fit_alignment",
     "load_alignment",
     "project_text",
     "save_alignment",
@@ -84,7 +85,7 @@ class AlignConfig:
 
 @dataclass
 class AlignReport:
-    """What ``align_store`` did."""
+    """What ``align_store`` (or ``fit_alignment``: nothing saved, no title vectors) did."""
 
     store: str
     backbone: str
@@ -323,26 +324,25 @@ def caption_pairs(store: Any, captions: str | Path) -> tuple[np.ndarray, list[st
     return np.asarray(keys, np.int64), texts, unmatched
 
 
-def align_store(
+def fit_alignment(
     store: Any,
     backbone: str | None = None,
     config: AlignConfig | None = None,
     *,
     captions: str | Path | None = None,
     keys: np.ndarray | None = None,
-    embed_titles: bool = True,
-) -> AlignReport:
-    """Train and save the text alignment of a store's backbone.
+) -> tuple[dict[str, np.ndarray], AlignReport]:
+    """Train the text alignment of a store's backbone without saving it: the projection's
+    arrays (for :class:`~pinsearch.text.AlignedTextEncoder`) and what was done.
 
     Args:
-        store: a store opened for writing.
+        store: an open store.
         backbone: the image backbone (default: the store's only one).
         config: training settings.
         captions: a CSV of captions (default: the pins' titles and descriptions).
         keys: only pins with these keys take part (e.g. a training split).
-        embed_titles: embed all pin titles into the backbone's text space afterwards.
     """
-    from pinsearch.text import SentenceEncoder, embed_text_space, pin_texts, text_encoder_for
+    from pinsearch.text import SentenceEncoder, pin_texts
 
     config = config or AlignConfig()
     start = time.perf_counter()
@@ -371,21 +371,7 @@ def align_store(
     sentence = SentenceEncoder(config.text_model, device=config.device)
     sentences = sentence.encode(texts)
     arrays, history = train_projection(sentences, pair_item, items, config, groups=groups)
-    stale = save_alignment(
-        store,
-        backbone,
-        arrays,
-        text_model=config.text_model,
-        pairs=len(texts),
-        images=len(item_keys),
-        source=source,
-        metrics=history["best_val"],
-        config=asdict(config),
-    )
-    n_titles = embed_text_space(store, backbone, text_encoder_for(store, backbone)) * int(
-        embed_titles
-    )
-    return AlignReport(
+    return arrays, AlignReport(
         store=str(store.root),
         backbone=backbone,
         text_model=config.text_model,
@@ -397,9 +383,48 @@ def align_store(
         best_epoch=history["best_epoch"],
         val=history["best_val"],
         seconds=time.perf_counter() - start,
-        title_vectors=n_titles,
-        stale_heads=stale,
     )
+
+
+def align_store(
+    store: Any,
+    backbone: str | None = None,
+    config: AlignConfig | None = None,
+    *,
+    captions: str | Path | None = None,
+    keys: np.ndarray | None = None,
+) -> AlignReport:
+    """Train and save the text alignment of a store's backbone (:func:`fit_alignment`), then
+    embed the pins' titles into the backbone's text space with it.
+
+    Args:
+        store: a store opened for writing.
+        backbone: the image backbone (default: the store's only one).
+        config: training settings.
+        captions: a CSV of captions (default: the pins' titles and descriptions).
+        keys: only pins with these keys take part (e.g. a training split).
+    """
+    from pinsearch.text import embed_text_space, text_encoder_for
+
+    config = config or AlignConfig()
+    start = time.perf_counter()
+    arrays, report = fit_alignment(store, backbone, config, captions=captions, keys=keys)
+    report.stale_heads = save_alignment(
+        store,
+        report.backbone,
+        arrays,
+        text_model=config.text_model,
+        pairs=report.pairs,
+        images=report.images,
+        source=report.source,
+        metrics=report.val,
+        config=asdict(config),
+    )
+    report.title_vectors = embed_text_space(
+        store, report.backbone, text_encoder_for(store, report.backbone)
+    )
+    report.seconds = time.perf_counter() - start
+    return report
 
 
 def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> AlignReport:

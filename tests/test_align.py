@@ -49,6 +49,10 @@ def test_retrieval_metrics_known_cases() -> None:
     rank3 = np.tile(np.array([[0.9, 0.8, 0.7, 0.1]]), (2, 1))
     m = retrieval_metrics(rank3, np.array([2, 0]), ks=(1, 3))
     assert m["recall@1"] == 0.5 and m["recall@3"] == 1.0 and m["mean_rank"] == 2.0
+    nan = np.eye(3, 4)
+    nan[0] = np.nan  # an answer scored NaN ranks last, not first
+    m = retrieval_metrics(nan, np.arange(3), ks=(1,))
+    assert m["recall@1"] == pytest.approx(2 / 3) and m["mean_rank"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="do not match"):
         retrieval_metrics(np.zeros((3, 4)), np.zeros(2, int))
 
@@ -381,6 +385,21 @@ def test_retrieval_study_end_to_end(caption_corpus, tmp_path: Path) -> None:
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| test_efficientnet | align:minilm->test_efficientnet |" in report
     assert config.train_images == 24
+    # trained in memory: the store gets no alignment, and keeps one it has as it is
+    with Store.open(tmp_path / "s") as store:
+        assert load_alignment(store, "test_efficientnet") is None
+        assert store.backbones(text_spaces=True) == ["test_efficientnet"]
+        align_store(store, "test_efficientnet", FAST)
+        before = load_alignment(store, "test_efficientnet", arrays=False)[1]
+    again = CliRunner().invoke(app, ["evaluate", str(toml), "--out", str(tmp_path / "o2")])
+    assert again.exit_code == 0, again.output
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert load_alignment(store, "test_efficientnet", arrays=False)[1] == before
+    clip = tmp_path / "clip.toml"  # no CLIP tower on this backbone: refused before any work
+    clip.write_text(toml.read_text().replace("train_images", 'text = "clip"\ntrain_images'))
+    refused = CliRunner().invoke(app, ["evaluate", str(clip), "--out", str(tmp_path / "o3")])
+    assert refused.exit_code != 0
+    assert "no CLIP text tower" in refused.output + str(refused.exception)
 
 
 def test_retrieval_study_config_errors(tmp_path: Path) -> None:
