@@ -228,6 +228,24 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
     console.print(f"report: {summary['report']}")
 
 
+# The options each benchmark takes (besides --threads and --json): another one given is refused
+_BENCH_OPTIONS = {
+    "embed": {"--backbone", "--n", "--batch-size", "--decode", "--cpu-share", "--workers",
+              "--compile", "--device", "--random-weights", "--corpus"},
+    "jpeg": {"--n", "--batch-size", "--device", "--corpus"},
+    "index": {"--n", "--dim", "--factory", "--fp16", "--fp16-also"},
+    "exact": {"--n", "--dim", "--queries", "--device", "--progress"},
+    "query": {"--n", "--dim", "--queries"},
+    "catalog": {"--n", "--boards", "--skipped"},
+    "remove": {"--n", "--dim", "--pins", "--factory"},
+    "study": {"--n", "--dim", "--device", "--head", "--no-sequential", "--sklearn-timeout",
+              "--sklearn-reference", "--progress"},
+    "study-reference": {"--head", "--n", "--dim", "--jobs", "--checkpoint"},
+    "text": {"--n", "--dim"},
+    "dupes": {"--corpus", "--n", "--backbone"},
+}  # fmt: skip
+
+
 @app.command()
 def bench(
     what: Annotated[
@@ -247,7 +265,8 @@ def bench(
         ),
     ] = None,
     n: Annotated[
-        int | None, typer.Option(help="Images (embed, jpeg) or vectors (index, query).")
+        int | None,
+        typer.Option(min=1, help="Images (embed, jpeg) or vectors (index, query)."),
     ] = None,
     dim: Annotated[
         int | None,
@@ -349,6 +368,27 @@ def bench(
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
+    given = {
+        "--backbone": backbone is not None, "--n": n is not None, "--dim": dim is not None,
+        "--batch-size": batch_size != 64, "--decode": decode != "auto",
+        "--cpu-share": cpu_share is not None, "--workers": workers is not None,
+        "--compile": compile_model, "--factory": bool(factory), "--fp16": fp16,
+        "--fp16-also": bool(fp16_also), "--head": head is not None,
+        "--no-sequential": not sequential, "--sklearn-timeout": sklearn_timeout is not None,
+        "--sklearn-reference": bool(sklearn_reference), "--checkpoint": checkpoint is not None,
+        "--jobs": jobs != -1, "--progress": progress is not None,
+        "--random-weights": random_weights, "--queries": queries is not None,
+        "--pins": pins != 1000, "--boards": boards != 5000, "--skipped": skipped != 1000,
+        "--device": device != "auto", "--corpus": corpus is not None,
+    }  # fmt: skip
+    uses = _BENCH_OPTIONS.get(what)
+    if uses is not None:  # (an unknown benchmark is named below)
+        unused = [flag for flag, on in given.items() if on and flag not in uses]
+        if unused:
+            raise typer.BadParameter(
+                f"bench {what} has no use for {', '.join(unused)}; it takes "
+                f"{', '.join(sorted(uses))} and --threads"
+            )
     backbones = backbone or ["effnet_lite0"]
     sized = {} if dim is None else {"dim": dim}  # each benchmark has its own default size
     with b.threads_limited(threads):

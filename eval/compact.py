@@ -81,6 +81,8 @@ def load_compact(data: dict[str, Any], path: Path) -> CompactConfig:
 def _parse(variant: str) -> tuple[str, int]:
     for prefix in ("pca", "pq"):
         if variant.startswith(prefix) and variant[len(prefix) :].isdigit():
+            if int(variant[len(prefix) :]) < 1:
+                raise ValueError(f"compact variant {variant!r}: {prefix}N needs N >= 1")
             return prefix, int(variant[len(prefix) :])
     if variant in ("float32", "float16", "sq8"):
         return variant, 0
@@ -157,6 +159,11 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
             np.arange(len(keys)), test_size=config.test_size, stratify=labels,
             random_state=config.seed,
         )  # fmt: skip
+        if config.k > len(tr):
+            raise ValueError(
+                f"compact study {config.name!r}: k = {config.k} (recall@k) exceeds the "
+                f"{len(tr)} training pins the neighbours are drawn from"
+            )
         for backbone in config.backbones:
             X = load_vectors(store, backbone, keys, False)
             exact = faiss.knn(

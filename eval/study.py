@@ -208,10 +208,11 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
     for key in ("name", "store", "backbones", "heads"):
         if key not in data:
             raise ValueError(f"study {path} lacks required key {key!r}")
+    from pinsearch.eval.configs import check_fields
+
+    check_fields(StudyConfig, data, path, "study", skip=("heads",))
     if not isinstance(data["heads"], dict) or not data["heads"]:
         raise ValueError(f"study {path}: [heads] must name at least one head, e.g. [heads.knn]")
-    if not isinstance(data["backbones"], list) or not data["backbones"]:
-        raise ValueError(f"study {path}: backbones must list at least one backbone")
     for head, grid in data["heads"].items():
         if head not in HEADS:
             raise ValueError(f"study {path}: unknown head {head!r}; known: {sorted(HEADS)}")

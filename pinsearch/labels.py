@@ -60,8 +60,10 @@ def labelled_pins(
         ``(keys, labels, left_out)`` ordered by pin id; ``left_out`` maps rare labels to counts.
 
     Raises:
-        ValueError: no pin has the label, or fewer than 2 labels remain.
+        ValueError: no pin has the label, fewer than 2 labels remain, or ``per_class`` < 1.
     """
+    if per_class is not None and per_class < 1:
+        raise ValueError(f"{context}per_class must be at least 1, got {per_class}")
     con = store.catalog.connection
     if label in LABEL_COLUMNS:  # a fixed column name, never user text
         rows = con.execute(f"SELECT pin_key, {label}, pin_id FROM pins ORDER BY pin_id").fetchall()

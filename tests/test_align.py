@@ -415,6 +415,12 @@ def test_retrieval_study_config_errors(tmp_path: Path) -> None:
     bad.write_text('kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\n[align]\nx = 1\n')
     with pytest.raises(ValueError, match="unknown \\[align\\] keys"):
         load_study(bad)
+    for line, message in (("ks = 5", "'ks' must be a list of whole numbers"),
+                          ("ks = [0, 5]", "'ks' must hold whole numbers >= 1"),
+                          ("backbones = []", "'backbones' must list at least one")):  # fmt: skip
+        bad.write_text(f'kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\n{line}\n')
+        with pytest.raises(ValueError, match=message):
+            load_study(bad)
 
 
 # -- CLI --------------------------------------------------------------------------------------

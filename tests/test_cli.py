@@ -318,6 +318,19 @@ def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
 
 
+def test_bench_refuses_options_its_benchmark_has_no_use_for() -> None:
+    for args, named in (
+        (["index", "--queries", "50"], "--queries"),
+        (["query", "--factory", "IVF16,Flat"], "--factory"),
+        (["remove", "--device", "cpu"], "--device"),
+        (["text", "--fp16"], "--fp16"),
+    ):
+        bad = runner.invoke(app, ["bench", *args, "--n", "100"])
+        assert bad.exit_code != 0 and f"has no use for {named}" in bad.output, bad.output
+    zero = runner.invoke(app, ["bench", "catalog", "--n", "0"])  # (it meant the default)
+    assert zero.exit_code != 0 and "--n" in zero.output
+
+
 def test_bench_study_mlp_row_records_the_epochs_trained() -> None:
     args = ["bench", "study", "--n", "320", "--dim", "8", "--head", "mlp", "--no-sequential",
             "--sklearn-timeout", "0.01", "--json"]  # fmt: skip

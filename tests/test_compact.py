@@ -95,7 +95,19 @@ def test_compact_study_file(tmp_path: Path) -> None:
 
 def test_compact_settings_are_checked(tmp_path: Path) -> None:
     toml = tmp_path / "c.toml"
-    for line, message in (("k = 0", "k (recall@k)"), ("test_size = 0", "test_size")):
+    for line, message in (
+        ("k = 0", "'k' must be at least 1"), ("test_size = 0", "test_size"),
+        ('k = "10"', "'k' must be a whole number, got '10'"),
+        ("k = true", "'k' must be a whole number"),
+        ('variants = ["pq0"]', "pqN needs N >= 1"), ("variants = []", "list at least one"),
+        ("test_size = nan", "'test_size' must be a number"),
+    ):  # fmt: skip
         toml.write_text(f'kind = "compact"\nname = "c"\nstore = "{tmp_path}"\n{line}\n')
         out = CliRunner().invoke(app, ["evaluate", str(toml)])
         assert out.exit_code == 1 and message in str(out.exception), line
+    rng = np.random.default_rng(3)
+    synthetic_store(tmp_path / "s", rng.normal(size=(60, 8)).astype(np.float32), categories=3)
+    config = CompactConfig(name="c", store=str(tmp_path / "s"), backbones=["synthetic"],
+                           variants=["float32"], heads=["knn"], k=50, min_per_class=2)  # fmt: skip
+    with pytest.raises(ValueError, match=r"k = 50 .* exceeds the 48 training pins"):
+        run_compact(config, tmp_path / "out")  # (FAISS pads with -1: recall came out 0.8)

@@ -93,8 +93,12 @@ def test_a_category_named_unknown_is_a_category(planted: Path, tmp_path: Path) -
 def test_openset_settings_are_checked(planted: Path, tmp_path: Path) -> None:
     toml = tmp_path / "o.toml"
     head = f'kind = "openset"\nname = "o"\nstore = "{planted}"\nbackbones = ["synthetic"]\n'
-    for line, message in (("splits = 0", "splits must be"), ("test_size = 1.0", "test_size"),
-                          ("target_tpr = 0", "target_tpr")):  # fmt: skip
+    for line, message in (("splits = 0", "'splits' must be at least 1"),
+                          ("test_size = 1.0", "test_size"), ("target_tpr = 0", "target_tpr"),
+                          ('splits = "2"', "'splits' must be a whole number"),
+                          ("splits = 1.5", "'splits' must be a whole number"),
+                          ("per_class = -1", "'per_class' must be at least 1"),
+                          ('heads = "knn"', "'heads' must be a list of texts")):  # fmt: skip
         toml.write_text(head + line + "\n")
         out = CliRunner().invoke(app, ["evaluate", str(toml)])
         assert out.exit_code == 1 and message in str(out.exception), line

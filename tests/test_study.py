@@ -236,8 +236,16 @@ def test_study_files_need_heads_and_backbones_and_drop_names_as_stored(
     with pytest.raises(ValueError, match="must name at least one head"):
         load_study(bad)
     bad.write_text('name = "x"\nstore = "s"\nbackbones = []\n[heads.knn]\n')
-    with pytest.raises(ValueError, match="at least one backbone"):
+    with pytest.raises(ValueError, match="'backbones' must list at least one"):
         load_study(bad)
+    for line, message in (("folds = 1", "'folds' must be at least 2"),
+                          ('folds = "5"', "'folds' must be a whole number"),
+                          ("normalize = 1", "'normalize' must be true or false"),
+                          ("per_class = 0", "'per_class' must be at least 1"),
+                          ("seed = -1", "'seed' must be at least 0")):  # fmt: skip
+        bad.write_text(f'name = "x"\nstore = "s"\nbackbones = ["a"]\n{line}\n[heads.knn]\n')
+        with pytest.raises(ValueError, match=message):
+            load_study(bad)
     with Store.open(clustered_store, read_only=True) as store:
         data = select_pins(store, _config(clustered_store, drop=("CAT00", "none", "cats")))
     assert "cat00" not in set(data.labels) and len(data.keys) == 180  # as ingest stores it
