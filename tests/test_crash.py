@@ -1,6 +1,7 @@
-"""Kill -9 at random points of ``index``, ``add`` and ``evaluate`` (real subprocesses, killed
-several times each): the next run resumes, and the final store is the one an uninterrupted run
-makes — same pins, same vectors, same index answers, same study results — and checks clean."""
+"""Kill -9 at random points of ``index``, ``add``, ``refresh`` and ``evaluate`` (real
+subprocesses, killed several times each): the next run resumes, and the final store is the one
+an uninterrupted run makes — same pins, same vectors, same index answers, same study results —
+and checks clean."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ import sys
 from pinsearch.edit import add_corpus
 print("ready", flush=True)
 add_corpus(sys.argv[1], sys.argv[2], workers=0, batch_size=4)
+"""
+
+_REFRESH = """
+import sys
+from pinsearch.edit import refresh_store
+print("ready", flush=True)
+refresh_store(sys.argv[1], workers=0, batch_size=4)
 """
 
 _STUDY = """
@@ -176,6 +184,30 @@ def test_add_survives_kill_9(indexed: Path, make_tree, tmp_path: Path) -> None:
     _same(_snapshot(tmp_path / "s"), _snapshot(tmp_path / "ref"))
     assert check_store(tmp_path / "s").ok
     print(f"add: survived {kills} kill -9")
+
+
+def test_refresh_survives_kill_9(make_tree, tmp_path: Path) -> None:
+    """Every pin's image replaced by another's: the killed refreshes' store ends as the
+    uninterrupted one (the plan written before any vector was dropped is finished)."""
+    from pinsearch.edit import refresh_store
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+
+    made = make_tree(tmp_path / "corpus", seed=5, pins_per_board=8)
+    index_corpus(made.root, tmp_path / "base", backbone=B, embed=EmbedConfig(workers=0))
+    for name in ("ref", "s"):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+    files = sorted(Path(made.root).rglob("*.jpg"))
+    data = [f.read_bytes() for f in files]
+    for f, other in zip(files, data[1:] + data[:1]):  # each takes the next one's image
+        f.write_bytes(other)
+    work = _timed(refresh_store, tmp_path / "ref", workers=0, batch_size=4)
+    kills = _kill_repeatedly(_REFRESH, str(tmp_path / "s"), work=work, seed=4)
+    assert kills == KILLS
+    _same(_snapshot(tmp_path / "s"), _snapshot(tmp_path / "ref"))
+    assert not check_store(tmp_path / "s").findings
+    assert refresh_store(tmp_path / "s", dry_run=True).changed == 0
+    print(f"refresh: survived {kills} kill -9")
 
 
 def test_evaluate_survives_kill_9(indexed: Path, tmp_path: Path) -> None:
