@@ -64,7 +64,9 @@ CpuShareOpt = Annotated[
 NprobeOpt = Annotated[
     int | None, typer.Option(min=1, help="IVF lists visited per query (default nlist / 16).")
 ]
-EfSearchOpt = Annotated[int | None, typer.Option(min=1, help="HNSW efSearch (at least 64).")]
+EfSearchOpt = Annotated[
+    int | None, typer.Option(min=1, help="HNSW efSearch (default 64; FAISS searches at least k).")
+]
 PrecisionOpt = Annotated[
     str | None,
     typer.Option(help="Exact (Flat) search in float32, float16 or bfloat16 (a GPU speed-up)."),

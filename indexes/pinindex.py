@@ -871,7 +871,8 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=_nprobe(config, index.nlist))
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(config.ef_search or 0, 64))
+        ef = config.ef_search if config.ef_search is not None else 64  # (FAISS: at least k)
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
     return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
@@ -1018,7 +1019,15 @@ def build_index(
         else:
             with pin_index._gpu_turn():
                 _train(pin_index.index, pin_index.prepare(sample), factory)
-    pin_index.add(x, keys)
+    try:
+        pin_index.add(x, keys)
+    except DeviceError:
+        raise
+    except RuntimeError as exc:  # FAISS refused the vectors (NSG under 100 of them, ...)
+        raise ValueError(
+            f"FAISS cannot fill index {factory!r} with {n} vectors: {_faiss_reason(exc)}; "
+            "pick another factory, or 'auto'"
+        ) from exc
     pin_index.build_seconds = time.perf_counter() - start
     return pin_index
 
@@ -1214,7 +1223,9 @@ def _read_index_files(
             )
         try:
             sums = {key: str(meta["sha256"][key]) for key in ("faiss", "ids")}
-            saved = IndexConfig(**{**meta["config"], "factory": meta["factory"]})
+            # as asked ("auto" stays auto: a rebuild chooses again); the factory it gave is
+            saved = IndexConfig(**meta["config"])  # the index's own (PinIndex.factory)
+            meta["factory"] = str(meta["factory"])
             size = int(meta["ntotal"]), int(meta["dim"])
         except (KeyError, TypeError, ValueError) as exc:  # a field missing, unknown or invalid
             raise IndexFileError(

@@ -55,7 +55,7 @@ class IndexConfig:
     refine: int = 0
     memory_budget: int | None = None  # bytes for the index; None = half the machine's RAM
     nprobe: int | None = None  # IVF lists visited per query (None: about nlist / 16)
-    ef_search: int | None = None  # HNSW search breadth (None: faiss default, at least 2k)
+    ef_search: int | None = None  # HNSW search breadth (None: 64); FAISS searches at least k
     max_train: int = 200_000  # most vectors used to train IVF / PQ
     seed: int = 0  # seed of the training sample
 

@@ -180,8 +180,10 @@ class PinSearcher:
             if self.backbone in store.index_names(self.backbone)
             else store.index_names(self.backbone)[0]
         )
-        asked = IndexConfig(**search_overrides(config)) if config is not None else None
-        inert = self.index.inert_settings(asked) if asked is not None else []
+        # the settings asked for, judged with those in effect (a refine asked of an index
+        # saved with a 16-bit scan refines it)
+        asked = search_overrides(config) if config is not None else {}
+        inert = [s for s in self.index.inert_settings(self.index.config) if s.split()[0] in asked]
         if inert:
             raise ValueError(
                 f"index {self.index_name!r} ({self.index.factory}) would ignore {'; '.join(inert)}"
@@ -367,17 +369,25 @@ class PinSearcher:
         """Index search with an optional allow-list of pin keys, topped up to ``k`` exactly.
 
         An approximate index (IVF, HNSW) may return fewer than ``k`` allowed hits; the query
-        is then answered by exact search over the allowed pins' stored vectors. On a GPU index
-        so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024 dims) that its GPU copy
-        cannot answer (one too rare for its 2,048-deep answer): the index would otherwise be
-        copied whole to host memory, and kept there, for a CPU search with a selector.
+        is then answered by exact search over the allowed pins' stored vectors (over all of
+        them when no filter is given and a graph index reached fewer than ``k`` pins). On a GPU
+        index so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024 dims) that its
+        GPU copy cannot answer (one too rare for its 2,048-deep answer): the index would
+        otherwise be copied whole to host memory, and kept there, for a CPU search with a
+        selector.
         Only pins the index holds are returned, at most as many as it holds (a ``k`` of
         millions asked of a small store allocated its answer at that size).
         """
         vectors = self.index.prepare(vectors)  # dimension checked on every path
         k = min(k, max(self.index.ntotal, 1))
         if allowed is None:
-            return self.index.search(vectors, k)
+            scores, keys = self.index.search(vectors, k)
+            short = (keys < 0).any(axis=1)  # a graph (HNSW, NSG) that reached fewer than k
+            if short.any() and self.index.ntotal:
+                scores[short], keys[short] = self._exact_allowed(
+                    vectors[short], k, np.sort(self.index.ids)
+                )
+            return scores, keys
         allowed = self.index.ids[self.index.positions_of(unique_sorted(allowed))]
         small = self.index.on_gpu and len(allowed) * 4 * self.index.dim <= EXACT_FILTER_BYTES
         if small and self.index.filter_copies_to_cpu(k, len(allowed)):

@@ -392,6 +392,12 @@ class Store:
             except DeviceError as exc:  # added, but no room on the GPUs: whole on the CPU
                 _logger.warning("index %s: %s; saved from the CPU", name, exc)
                 on_cpu = True
+            except RuntimeError as exc:  # a type FAISS adds to only once (NSG): built again
+                _logger.warning("index %s (%s) takes no more vectors (%s); rebuilding it",
+                                name, index.factory, exc)  # fmt: skip
+                self.forget_cached(name)
+                self.rebuild_index(name)
+                return self.load_index(name), int(new.size)
             self.save_index(index, name)
             if on_cpu:
                 self.forget_cached(name)  # not kept placed against its settings

@@ -1376,3 +1376,89 @@ def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
         assert built.factory == "IVF32,PQ8" and built.on_gpu
     budget = IndexConfig(factory="auto", memory_budget=100_000)  # the CPU's choice is PQ16
     assert build_index(x, keys, budget).factory == "IVF32,PQ16"  # under auto, whatever room
+
+
+# -- from the review of the index layer --------------------------------------------------------
+
+
+def test_a_factory_faiss_cannot_fill_is_a_clean_error() -> None:
+    x = _random(50, 16, 0)
+    with pytest.raises(ValueError, match=r"FAISS cannot fill index 'NSG16,Flat' with 50 vectors"):
+        build_index(x, np.arange(50), IndexConfig(factory="NSG16,Flat", metric="l2", **CPU))
+
+
+def test_an_index_faiss_adds_to_once_is_rebuilt_on_update(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.store import Store
+
+    x = _random(200, 16, 1)
+    synthetic_store(tmp_path / "s", x[:150], index=IndexConfig(factory="NSG16,Flat", metric="l2"))
+    with Store.open(tmp_path / "s") as store:
+        store.vectors("synthetic").write_part(x[150:], np.arange(150, 200))
+        index, added = store.update_index("synthetic")  # FAISS: no incremental add to NSG
+        assert added == 50 and index.ntotal == 200 and index.factory == "NSG16,Flat"
+        assert sorted(index.ids.tolist()) == list(range(200))
+    assert "takes no more vectors" in caplog.text
+
+
+def test_a_loaded_index_keeps_the_factory_asked_for(tmp_path: Path) -> None:
+    """``auto`` stays auto (what it gave is the index's factory): a rebuild chooses again."""
+    x = _random(300, 16, 2)
+    build_index(x, np.arange(300), IndexConfig(**CPU)).save(tmp_path / "i")
+    loaded = load_index(tmp_path / "i")
+    assert loaded.config.factory == "auto" and loaded.factory == "Flat"
+    loaded.add(_random(5, 16, 3), np.arange(300, 305))
+    loaded.save(tmp_path / "i")
+    assert load_index(tmp_path / "i").config.factory == "auto"
+
+
+def test_graph_index_short_of_k_is_topped_up_exactly(tmp_path: Path) -> None:
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.search import PinSearcher
+    from pinsearch.store import Store
+
+    x = _random(2000, 16, 4)
+    synthetic_store(tmp_path / "s", x, index=IndexConfig(factory="HNSW16"))
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        searcher = PinSearcher(store)
+        q = searcher.index.prepare(x[:3])
+        raw = searcher.index.search(q, 1000)[1]
+        assert ((raw >= 0).sum(axis=1) < 1000).all()  # HNSW reaches ~640 of 2,000 here
+        scores, keys = searcher.search_keys(x[:3], 1000)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    top = np.argsort(-(unit[:3] @ unit.T), axis=1)[:, :1000]
+    assert all(set(a) == set(b) for a, b in zip(keys.tolist(), top.tolist()))
+    assert np.isfinite(scores).all()
+
+
+def test_ef_search_below_64_is_used() -> None:
+    x, q = _clustered(3000, 32, 30, 5), _clustered(300, 32, 30, 6)
+    index = build_index(x, np.arange(3000), IndexConfig(factory="HNSW4", metric="l2", **CPU))
+    truth = build_index(x, np.arange(3000), IndexConfig(factory="Flat", metric="l2", **CPU))
+    exact = truth.search(q, 10)[1]
+
+    def recall(ef: int) -> float:
+        index.config = IndexConfig(factory="HNSW4", metric="l2", ef_search=ef, **CPU)
+        got = index.search(q, 10)[1]
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+
+    assert recall(10) < recall(64) < recall(512)  # (10 searched as 64 before)
+
+
+def test_refine_on_an_index_saved_with_a_16_bit_scan(tmp_path: Path) -> None:
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.search import PinSearcher
+    from pinsearch.store import Store
+
+    synthetic_store(tmp_path / "s", _random(200, 16, 7), index=IndexConfig(factory="Flat"))
+    with Store.open(tmp_path / "s") as store:
+        index = store.load_index("synthetic")
+        index.config = IndexConfig(factory="Flat", precision="float16")
+        store.save_index(index, "synthetic")
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        searcher = PinSearcher(store, config={"refine": 4})  # refused before: "ignore refine"
+        assert searcher.index.config.refine == 4 and searcher.index.config.precision == "float16"
+        with pytest.raises(ValueError, match="would ignore nprobe"):
+            PinSearcher(store, config={"nprobe": 4})
