@@ -395,14 +395,8 @@ def align_store(
     keys: np.ndarray | None = None,
 ) -> AlignReport:
     """Train and save the text alignment of a store's backbone (:func:`fit_alignment`), then
-    embed the pins' titles into the backbone's text space with it.
-
-    Args:
-        store: a store opened for writing.
-        backbone: the image backbone (default: the store's only one).
-        config: training settings.
-        captions: a CSV of captions (default: the pins' titles and descriptions).
-        keys: only pins with these keys take part (e.g. a training split).
+    embed the pins' titles into the backbone's text space with it. Arguments as
+    :func:`fit_alignment`'s, the store opened for writing.
     """
     from pinsearch.text import embed_text_space, text_encoder_for
 

@@ -422,8 +422,9 @@ def refresh_store(
         size, mtime = stat_files(states["path"].tolist())
         gone = size < 0
         changed = changed_files(states, size, mtime)
-        todo = np.flatnonzero((changed | np.isin(states["pin_id"], list(pin_ids))) & ~gone)
-        first = np.flatnonzero((states["file_size"] < 0) & ~gone)
+        named = np.isin(states["pin_id"], list(pin_ids))
+        todo = np.flatnonzero((changed | named) & ~gone)
+        first = np.flatnonzero((states["file_size"] < 0) & ~gone & ~named)  # (named: read again)
         with ThreadPoolExecutor(max_workers=8) as pool:
             read = list(pool.map(lambda i: _decodes(states["path"][i], max_pixels), todo))
         bad = [(i, r) for i, r in zip(todo, read) if isinstance(r, ImageError)]

@@ -111,6 +111,7 @@ def store_backbone(store: Store, backbone: str) -> Any:
 
 _NO_KEYS = np.empty(0, np.int64)
 EXACT_FILTER_BYTES = 64 << 20  # filters scanned exactly rather than copying a GPU index
+EXACT_TOP_UP_BYTES = 1 << 30  # most stored vectors read to answer a short unfiltered query
 
 
 def _py(value: Any) -> Any:
@@ -370,11 +371,11 @@ class PinSearcher:
 
         An approximate index (IVF, HNSW) may return fewer than ``k`` allowed hits; the query
         is then answered by exact search over the allowed pins' stored vectors (over all of
-        them when no filter is given and a graph index reached fewer than ``k`` pins). On a GPU
-        index so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024 dims) that its
-        GPU copy cannot answer (one too rare for its 2,048-deep answer): the index would
-        otherwise be copied whole to host memory, and kept there, for a CPU search with a
-        selector.
+        them, up to 1 GiB, when no filter is given and a graph index reached fewer than ``k``
+        pins). On a GPU index so is a filter of up to 64 MiB of vectors (16,384 pins of 1,024
+        dims) that its GPU copy cannot answer (one too rare for its 2,048-deep answer): the
+        index would otherwise be copied whole to host memory, and kept there, for a CPU search
+        with a selector.
         Only pins the index holds are returned, at most as many as it holds (a ``k`` of
         millions asked of a small store allocated its answer at that size).
         """
@@ -384,9 +385,15 @@ class PinSearcher:
             scores, keys = self.index.search(vectors, k)
             short = (keys < 0).any(axis=1)  # a graph (HNSW, NSG) that reached fewer than k
             if short.any() and self.index.ntotal:
-                scores[short], keys[short] = self._exact_allowed(
-                    vectors[short], k, np.sort(self.index.ids)
-                )
+                if self.index.ntotal * 4 * self.index.dim <= EXACT_TOP_UP_BYTES:
+                    scores[short], keys[short] = self._exact_allowed(
+                        vectors[short], k, np.sort(self.index.ids)
+                    )
+                else:  # (a k near the size of a store this large)
+                    _logger.warning(
+                        "index %s reached fewer than k = %d pins; answered as it is (an exact "
+                        "scan would read %d vectors)", self.index_name, k, self.index.ntotal
+                    )  # fmt: skip
             return scores, keys
         allowed = self.index.ids[self.index.positions_of(unique_sorted(allowed))]
         small = self.index.on_gpu and len(allowed) * 4 * self.index.dim <= EXACT_FILTER_BYTES
