@@ -418,6 +418,8 @@ def bench(
         elif what == "catalog":
             result = b.bench_catalog(n=n or 100_000, boards=boards, skipped=skipped)
         elif what == "remove":
+            if factory is not None and len(factory) > 1:
+                raise typer.BadParameter("bench remove takes one --factory")
             first = factory[0] if factory else "auto"
             result = b.bench_remove(n=n or 100_000, **sized, pins=pins, factory=first)
         elif what == "study":

@@ -309,8 +309,9 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
     if pending:
         report.add(
             "warning", "refresh", "refresh_pending",
-            f"an interrupted pinsearch refresh left {len(set().union(*pending.values()))} pins "
-            f"to embed again ({', '.join(sorted(pending))}); pinsearch refresh finishes it",
+            f"an interrupted pinsearch refresh left the new vectors of "
+            f"{len(set().union(*pending.values()))} pins out of the indexes of "
+            f"{', '.join(sorted(pending))} (their old ones answer); pinsearch refresh finishes it",
         )  # fmt: skip
 
 

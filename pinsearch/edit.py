@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError
-from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, load_rgb, probe_image
+from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
 from pinsearch.indexes.pinindex import index_files
 from pinsearch.store import Store
 from pinsearch.vectors import in_sorted
@@ -267,6 +267,9 @@ def remove_pins(
         for name in store.backbones(text_spaces=True):  # (a remove stopped earlier may have
             # dropped vectors without counting them)
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+        pending = pending_refresh(store)  # a refresh's note of these pins goes with them
+        for name, noted in pending.items():
+            _set_pending(store, name, np.setdiff1d(noted, keys).tolist())
     touched, rebuilt, lost = [], [], set(vectors)
     for row in store.catalog.list_indexes():
         # by what it holds, not by what this run dropped: a remove stopped after its vector
@@ -294,8 +297,10 @@ def remove_pins(
     )
 
 
-_PLAN_KEY = "refresh_pending"  # catalog meta: {backbone: [pin keys]} a refresh has yet to embed
+_PLAN_KEY = "refresh_pending"  # catalog meta: {backbone: [pin keys]} whose vectors a refresh
+# replaced and whose index entries it has yet to replace
 _EXAMPLES = 20  # pins named in a refresh report's lists
+_MISSING_SHARE = 0.5  # remove_missing refuses beyond this share of pins gone (a corpus moved)
 
 
 @dataclass
@@ -305,13 +310,14 @@ class RefreshReport:
     store: str
     pins: int  # pins whose files were looked at
     changed: int  # files changed since they were read (size or modification time)
-    refreshed: int  # pins whose changed (or named) file was read again
-    pending: int  # pins an interrupted refresh had left to re-embed (done by this one)
+    refreshed: int  # pins whose changed (or named) file was read again, and embedded again
+    # in every backbone that has their vector (their file state recorded)
+    pending: int  # pins whose new vectors an interrupted refresh left out of the indexes
     recorded: int  # pins whose file state was recorded for the first time (kept as they are)
     missing: int  # pins whose file is gone (or no longer a file)
     removed: int  # of those, removed (remove_missing)
-    unreadable: int  # changed files that no longer decode: their pins keep their vectors
-    vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors re-embedded
+    unreadable: int  # changed files that do not decode or embed: their pins keep their vectors
+    vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors replaced
     indexes: list[str] = field(default_factory=list)  # updated
     rebuilt: list[str] = field(default_factory=list)  # of those, rebuilt from the vectors
     stale_heads: list[str] = field(default_factory=list)
@@ -322,6 +328,12 @@ class RefreshReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def touched(self, index: str, rebuilt: bool = False) -> None:
+        """Note an index updated (and rebuilt), once."""
+        for names, yes in ((self.indexes, True), (self.rebuilt, rebuilt)):
+            if yes and index not in names:
+                names.append(index)
 
 
 def stat_files(paths: Sequence[str], threads: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -359,20 +371,29 @@ def changed_files(states: dict[str, np.ndarray], size: np.ndarray, mtime: np.nda
     )
 
 
-def _decodes(path: str, max_pixels: int) -> tuple[int, int] | ImageError:
-    """An image's shown size, once its header and every pixel decode (a file cut short
-    passes the header probe); the error otherwise."""
+def _shown_size(path: str, max_pixels: int) -> tuple[int, int] | ImageError:
+    """An image's shown size from its header, or why it cannot be read (a file whose pixels
+    fail to decode is found by the embedding, which leaves its pin as it was)."""
     try:
         info = probe_image(path, max_pixels)
-        load_rgb(path, max_pixels, min_side=64)
     except ImageError as exc:
         return exc
     return info.width, info.height
 
 
 def pending_refresh(store: Store) -> dict[str, list[int]]:
-    """The pins an interrupted refresh left to re-embed, by backbone (empty when none)."""
+    """The pins whose new vectors an interrupted refresh left out of the indexes, by backbone
+    (empty when none)."""
     return {b: list(k) for b, k in json.loads(store.catalog.get_meta(_PLAN_KEY) or "{}").items()}
+
+
+def _set_pending(store: Store, backbone: str, keys: Sequence[int]) -> None:
+    plan = pending_refresh(store)
+    if len(keys):
+        plan[backbone] = sorted({int(k) for k in keys})
+    else:
+        plan.pop(backbone, None)
+    store.catalog.set_meta(_PLAN_KEY, json.dumps(plan))
 
 
 def refresh_store(
@@ -392,21 +413,24 @@ def refresh_store(
     """Bring a store up to date with its pins' image files.
 
     Every pin's file is looked at (a ``stat`` each). A pin whose file changed since it was
-    read (size or modification time), or that ``pin_ids`` names, is read again: once its new
-    file decodes, its width and height are updated and, in every backbone that has its
-    vector, the vector is embedded again (with the run's weights, normalisation and dtype)
-    and replaces the old one in every index; heads trained on those backbones are marked
-    stale. A changed file that no longer decodes leaves its pin as it was (counted in
-    ``unreadable``; the next refresh tries it again). Pins stored before pinsearch recorded
-    file states get theirs recorded and keep their vectors. Pins whose file is gone are
-    counted, and removed with ``remove_missing``.
+    read (size or modification time), or that ``pin_ids`` names, is read again: in every
+    backbone that has its vector, the new image is embedded (with the run's weights,
+    normalisation, dtype and decoding) and its vector replaces the old one, then its entry in
+    every index; its width, height and file state are recorded once every backbone took it.
+    Heads trained on those backbones are marked stale. A changed file that cannot be read or
+    embedded leaves its pin as it was (``unreadable``; the next refresh tries it again). Pins
+    stored before pinsearch recorded file states get theirs recorded and keep their vectors.
+    Pins whose file is gone are counted, and removed with ``remove_missing`` (refused when
+    more than half of the store's are gone: a corpus moved or not mounted).
 
-    Crash-safe: the pins to re-embed are recorded in the catalog, with their new file states,
-    before any vector is dropped; a refresh run after an interrupted one finishes its work.
+    Crash-safe: new vectors replace old ones in one transaction per part written, with a note
+    of the pins whose index entries are still old; a refresh run after an interrupted one
+    puts those in the indexes first, and embeds again the pins whose state was not recorded.
 
     Raises:
         FileNotFoundError: no store at ``store_path``.
         PinNotFoundError: a pin id in ``pin_ids`` is not in the store (nothing is done).
+        ValueError: ``remove_missing`` with most pins' files gone (nothing is done).
     """
     start = time.perf_counter()
     with Store.open(store_path, read_only=dry_run, verify=not dry_run) as store:
@@ -426,9 +450,9 @@ def refresh_store(
         todo = np.flatnonzero((changed | named) & ~gone)
         first = np.flatnonzero((states["file_size"] < 0) & ~gone & ~named)  # (named: read again)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            read = list(pool.map(lambda i: _decodes(states["path"][i], max_pixels), todo))
-        bad = [(i, r) for i, r in zip(todo, read) if isinstance(r, ImageError)]
-        good = [(i, r) for i, r in zip(todo, read) if not isinstance(r, ImageError)]
+            read = list(pool.map(lambda i: _shown_size(states["path"][i], max_pixels), todo))
+        bad = [(int(i), r) for i, r in zip(todo, read) if isinstance(r, ImageError)]
+        good = {int(i): r for i, r in zip(todo, read) if not isinstance(r, ImageError)}
 
         def pin(i: int, **more: str) -> dict[str, str]:
             return {"pin_id": str(states["pin_id"][i]), "path": str(states["path"][i]), **more}
@@ -437,61 +461,77 @@ def refresh_store(
             store=str(store.root),
             pins=len(gone),
             changed=int(changed.sum()),
-            refreshed=len(good),
+            refreshed=0,
             recorded=len(first),
             missing=int(gone.sum()),
             removed=0,
-            unreadable=len(bad),
+            unreadable=0,
             pending=len(set().union(*plan.values())),
             examples={
                 "changed": [pin(i) for i in np.flatnonzero(changed)[:_EXAMPLES]],
                 "missing": [pin(i) for i in np.flatnonzero(gone)[:_EXAMPLES]],
-                "unreadable": [
-                    pin(i, reason=r.reason, detail=r.detail) for i, r in bad[:_EXAMPLES]
-                ],
+                "unreadable": [],
             },
             dry_run=dry_run,
         )
+
+        def unreadable(i: int, reason: str, detail: str) -> None:
+            report.unreadable += 1
+            _logger.warning("%s changed and cannot be read: %s: %s", states["path"][i], reason,
+                            detail)  # fmt: skip
+            if len(report.examples["unreadable"]) < _EXAMPLES:
+                report.examples["unreadable"].append(pin(i, reason=reason, detail=detail))
+
         for i, r in bad:
-            _logger.warning("%s changed and no longer decodes: %s", states["path"][i], r)
+            unreadable(i, r.reason, r.detail)
         if dry_run:
+            report.refreshed = len(good)  # (would be)
             report.seconds = time.perf_counter() - start
             return report
         if remove_missing and gone.any():
+            if gone.mean() > _MISSING_SHARE:
+                raise ValueError(
+                    f"{int(gone.sum())} of {len(gone)} pins' image files are gone (e.g. "
+                    f"{states['path'][np.flatnonzero(gone)[0]]}): is the corpus moved or not "
+                    "mounted? --remove-missing removes at most half of a store's pins; "
+                    "pinsearch remove --board/--user removes more; nothing removed"
+                )
             removal = remove_pins(store, pin_ids=states["pin_id"][gone].tolist())
             report.removed = removal.pins
-            report.indexes += removal.indexes
-            report.rebuilt += removal.rebuilt
+            for name in removal.indexes:
+                report.touched(name, name in removal.rebuilt)
             report.stale_heads += removal.stale_heads
-        # The plan and the new file states in one transaction, before any vector is dropped
-        keys = states["pin_key"][[i for i, _ in good]]
-        for backbone in store.backbones():
-            held = store.vectors(backbone).keys()
-            mine = np.union1d(plan.get(backbone, []), keys[np.isin(keys, held)])
-            if mine.size:
-                plan[backbone] = mine.astype(np.int64).tolist()
-        with catalog.transaction():
-            catalog.set_file_states(
-                [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), *wh) for i, wh in good]
-                + [
-                    (int(states["pin_key"][i]), int(size[i]), int(mtime[i]), None, None)
-                    for i in first
-                ]
-            )
-            catalog.set_meta(_PLAN_KEY, json.dumps(plan))
+        plan = pending_refresh(store)  # (a removal takes its pins out of it)
+        for backbone, keys in sorted(plan.items()):  # an interrupted refresh's new vectors
+            if backbone in store.backbones():
+                _update_indexes(store, backbone, np.asarray(keys, np.int64), report)
+            _set_pending(store, backbone, [])
+        by_key = {int(states["pin_key"][i]): i for i in good}
+        wanted = np.array(sorted(by_key), dtype=np.int64)
+        failed: set[int] = set()
         options = {"batch_size": batch_size, "workers": workers, "decode": decode,
                    "cpu_share": cpu_share}  # fmt: skip
-        for backbone in sorted(plan):
-            mine = np.asarray(plan[backbone], dtype=np.int64)
-            run = catalog.get_embedding(backbone)
-            if run is not None:
-                report.vectors[backbone] = _reembed(store, backbone, mine, run, device, options,
-                                                    progress, report)  # fmt: skip
-            del plan[backbone]
-            catalog.set_meta(_PLAN_KEY, json.dumps(plan))
-        report.stale_heads = sorted(
-            {*report.stale_heads, *store.mark_heads_stale(sorted(report.vectors))}
+        for backbone in store.backbones():
+            mine = wanted[in_sorted(np.sort(store.vectors(backbone).keys()), wanted)]
+            if not mine.size:
+                continue
+            run = catalog.get_embedding(backbone) or {}
+            done, failures = _reembed(store, backbone, mine, run, device, options, progress)
+            report.vectors[backbone] = done
+            _update_indexes(store, backbone, np.setdiff1d(mine, list(failures)), report)
+            _set_pending(store, backbone, [])
+            for key, (reason, detail) in failures.items():
+                if key not in failed:
+                    failed.add(key)
+                    unreadable(by_key[key], reason, detail)
+        refreshed = [i for key, i in by_key.items() if key not in failed]
+        report.refreshed = len(refreshed)
+        catalog.set_file_states(
+            [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), *good[i]) for i in refreshed]
+            + [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), None, None) for i in first]
         )
+        stale = [b for b, n in report.vectors.items() if n]
+        report.stale_heads = sorted({*report.stale_heads, *store.mark_heads_stale(stale)})
     report.seconds = time.perf_counter() - start
     return report
 
@@ -504,26 +544,60 @@ def _reembed(
     device: str,
     options: dict[str, Any],
     progress: Any,
-    report: RefreshReport,
-) -> int:
-    """Replace the vectors of ``keys`` in one backbone and its indexes; the number embedded.
+) -> tuple[int, dict[int, tuple[str, str]]]:
+    """Embed the new images of ``keys`` (which have a vector in ``backbone``) and swap them
+    for the stored vectors, a part at a time, each swap committed with the note that those
+    pins' index entries are still old. A pin whose image fails to embed keeps its vector.
 
-    Backbone by backbone, so a pin whose new file fails to embed keeps the vectors of the
-    backbones not done yet (``embed_store`` removes a failing pin only when no backbone has a
-    vector of it)."""
-    from pinsearch.embed import embed_store
+    Returns:
+        The number of vectors replaced, and the failed pins' ``{key: (reason, detail)}``.
+    """
+    from pinsearch.backbones import create_backbone
+    from pinsearch.embed import iter_embeddings, like_run, resolve_device
 
-    store.vectors(backbone).drop_keys(keys)
-    embedded = embed_store(
-        store, backbone, _run_config(run, device, options), progress=progress, keys=keys
-    ).embedded
-    store.catalog.upsert_embedding(backbone, count=len(store.vectors(backbone)))
+    config = _run_config(run, device, options)
+    model = create_backbone(backbone, weights=config.weights, device=resolve_device(config.device))
+    config = like_run(run, model, config)
+    dtype = str(run.get("dtype") or "float32")
+    vs = store.vectors(backbone)
+    items = store.catalog.pin_paths(keys.tolist())
+    failures: dict[int, tuple[str, str]] = {}
+    swapped: list[int] = []
+    buf_k: list[np.ndarray] = []
+    buf_v: list[np.ndarray] = []
+
+    def swap() -> None:
+        if buf_k:
+            k, v = np.concatenate(buf_k), np.concatenate(buf_v)
+            noted = [*swapped, *k.tolist()]
+            vs.replace(v, k, dtype, also=lambda: _set_pending(store, backbone, noted))
+            swapped.extend(k.tolist())
+            buf_k.clear()
+            buf_v.clear()
+
+    if progress:
+        progress(0, len(items))
+    for batch in iter_embeddings(model, items, config):
+        for key, f in zip(batch.failed_keys, batch.failures):
+            failures[int(key)] = (f.reason, f.detail)
+        if len(batch.keys):
+            buf_k.append(batch.keys)
+            buf_v.append(batch.vectors)
+        if sum(len(k) for k in buf_k) >= config.part_size:
+            swap()
+        if progress:
+            progress(len(swapped) + sum(len(k) for k in buf_k) + len(failures), len(items))
+    swap()
+    return len(swapped), failures
+
+
+def _update_indexes(store: Store, backbone: str, keys: np.ndarray, report: RefreshReport) -> None:
+    """Replace the entries of ``keys`` (whose vectors were replaced) in every index of the
+    backbone: removed and added where FAISS can, the index rebuilt otherwise."""
     for name in store.index_names(backbone):
-        held = _index_holds_any(store, name, keys)
-        if held and not store.remove_from_index(name, keys):
+        if _index_holds_any(store, name, keys) and not store.remove_from_index(name, keys):
             store.rebuild_index(name)  # from the vectors stored now: the new ones included
-            report.rebuilt.append(name)
+            report.touched(name, rebuilt=True)
         else:
             store.update_index(name)  # the new vectors in
-        report.indexes.append(name)
-    return embedded
+            report.touched(name)

@@ -59,6 +59,7 @@ __all__ = [
     "embed_like_run",
     "embed_store",
     "iter_embeddings",
+    "like_run",
     "loader_plan",
     "pin_loader",
     "resolve_batch_size",
@@ -901,8 +902,7 @@ def embed_store(
     if existing is not None and not existing["spec"] and not store.vectors(backbone_name).parts():
         existing = None  # a row an older pinsearch was killed writing, before any vector
     if existing is not None:
-        check_compatible(existing, model, config)
-        config = _decode_like_run(config, existing, device, model.preprocess)
+        config = like_run(existing, model, config)
     # recorded too (run_decode, run_drafts): "pil" for drafted JPEGs, "device" for whole ones
     decode = resolve_decode(config, device, model.preprocess)
     decode = "device" if decode == "device" or not config.draft else "pil"
@@ -992,6 +992,14 @@ def embed_store(
         device=str(device),
         weights=model.weights,
     )
+
+
+def like_run(run: dict[str, Any], backbone: Backbone, config: EmbedConfig) -> EmbedConfig:
+    """``config`` as it must be to embed more pins of a stored run with ``backbone``: the
+    run's decoding (:func:`_decode_like_run`), after checking the model, preprocessing and
+    normalisation match it (:func:`check_compatible`)."""
+    check_compatible(run, backbone, config)
+    return _decode_like_run(config, run, backbone.device, backbone.preprocess)
 
 
 def _decode_like_run(

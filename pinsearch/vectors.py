@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -269,7 +269,13 @@ class VectorStore:
         return rel, len(keys), file_sha256(vec_path), file_sha256(key_path)
 
     def drop_keys(
-        self, keys: np.ndarray, *, parts: list[int] | None = None, delete_retired: bool = False
+        self,
+        keys: np.ndarray,
+        *,
+        parts: list[int] | None = None,
+        delete_retired: bool = False,
+        new: tuple[np.ndarray, np.ndarray, str] | None = None,
+        also: Callable[[], None] | None = None,
     ) -> int:
         """Remove the vectors of ``keys`` (and, with ``parts``, whole parts by number).
 
@@ -278,6 +284,8 @@ class VectorStore:
         or the new ones recorded. The old files stay until a writer next opens the store (it
         removes unrecorded files): readers of the snapshot published before this write still
         read them. ``delete_retired`` deletes them at once (``repair``: damaged parts).
+        ``new`` (vectors, their keys, dtype) is written as one more part, committed in the
+        same transaction (see :meth:`replace`), and so are ``also``'s catalog writes.
 
         Returns:
             The number of vectors removed.
@@ -304,22 +312,42 @@ class VectorStore:
                     next_part, arr[~hit], part_keys[~hit], str(arr.dtype)
                 )))  # fmt: skip
                 next_part += 1
-        if not retire:
+        if new is not None:
+            add.append((next_part, *self._write_files(next_part, *new)))
+        if not retire and not add:
             return 0
         with self.catalog.transaction():
             self.catalog.connection.execute(
                 "DELETE FROM vector_parts WHERE backbone = ? AND part IN (SELECT unnest(?))",
                 [self.backbone, [int(p["part"]) for p in retire]],  # type: ignore[call-overload]
             )
+            self.catalog.connection.execute(  # (the parts added below count theirs)
+                "UPDATE embeddings SET count = count - ? WHERE backbone = ?",
+                [sum(int(p["n"]) for p in retire), self.backbone],  # type: ignore[call-overload]
+            )
             for number, *files in add:
                 self.catalog.add_vector_part(self.backbone, number, *files)
-            if not delete_retired:  # named, so that check tells them from crash leftovers
-                names = [name for p in retire for name in self._file_names(p)]
+            if retire and not delete_retired:  # named, so that check tells them from crash
+                names = [name for p in retire for name in self._file_names(p)]  # leftovers
                 self.catalog.set_meta(self._retired_key, json.dumps(self.retired() + names))
+            if also is not None:
+                also()
         if delete_retired:
             self.remove_orphans()
         self._forget()
         return removed
+
+    def replace(
+        self,
+        vectors: np.ndarray,
+        keys: np.ndarray,
+        dtype: str,
+        also: Callable[[], None] | None = None,
+    ) -> int:
+        """Swap the vectors of ``keys`` (stored or not) for ``vectors``, and commit ``also``'s
+        catalog writes, in one transaction: a crash leaves the old vectors or the new ones.
+        Returns the number of old vectors replaced."""
+        return self.drop_keys(keys, new=(vectors, keys, dtype), also=also)
 
     def _keys_path(self, part: dict[str, object]) -> Path:
         path = self.root / str(part["file"])

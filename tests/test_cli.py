@@ -327,6 +327,8 @@ def test_bench_refuses_options_its_benchmark_has_no_use_for() -> None:
     ):
         bad = runner.invoke(app, ["bench", *args, "--n", "100"])
         assert bad.exit_code != 0 and f"has no use for {named}" in bad.output, bad.output
+    two = runner.invoke(app, ["bench", "remove", "--factory", "Flat", "--factory", "HNSW8"])
+    assert two.exit_code != 0 and "takes one --factory" in two.output  # (the second was dropped)
     zero = runner.invoke(app, ["bench", "catalog", "--n", "0"])  # (it meant the default)
     assert zero.exit_code != 0 and "--n" in zero.output
 

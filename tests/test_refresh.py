@@ -115,14 +115,18 @@ def test_named_pin_unreadable_file_and_unknown_id(indexed: Path) -> None:
     report = refresh_store(indexed, pin_ids=[a])
     assert (report.changed, report.refreshed, report.vectors) == (0, 1, {B: 1})
     np.testing.assert_allclose(_vectors(indexed)[a], before[a], atol=1e-6)
-    # a changed file cut short: its pin keeps its vector and is tried again next time
+    # a changed file cut short (its header reads, its pixels do not): its pin keeps its vector,
+    # its index entry and its recorded state, and is tried again next time
     data = Path(pins[b]["path"]).read_bytes()
     Path(pins[b]["path"]).write_bytes(data[: len(data) // 2])
     report = refresh_store(indexed)
-    assert (report.changed, report.refreshed, report.unreadable, report.vectors) == (1, 0, 1, {})
+    assert (report.changed, report.refreshed, report.unreadable) == (1, 0, 1)
+    assert report.vectors == {B: 0} and report.stale_heads == []
     assert report.examples["unreadable"][0]["pin_id"] == b
+    assert set(_pins(indexed)) == set(pins)
     np.testing.assert_array_equal(_vectors(indexed)[b], before[b])
-    assert refresh_store(indexed, dry_run=True).unreadable == 1
+    assert not check_store(indexed, sources=False).findings
+    assert refresh_store(indexed, dry_run=True).changed == 1
     Path(pins[b]["path"]).write_bytes(data)  # put back: its state differs still (time)
     report = refresh_store(indexed)
     assert (report.refreshed, report.unreadable, report.vectors) == (1, 0, {B: 1})
@@ -139,8 +143,17 @@ def test_missing_files_are_reported_then_removed(indexed: Path) -> None:
     assert (report.missing, report.removed, report.refreshed) == (2, 0, 0)
     assert sorted(e["pin_id"] for e in report.examples["missing"]) == gone
     assert len(_pins(indexed)) == len(pins)
+    # with a changed one beside them, and a graph index: each index updated once
+    index_corpus(None, indexed, backbone=B, embed=EMBED, index={"factory": "HNSW8"},
+                 index_name="hnsw")  # fmt: skip
+    a, b = sorted(set(pins) - set(gone))[:2]
+    _copy_over(pins[b]["path"], pins[a]["path"])
+    with Store.open(indexed) as store:  # a refresh's note of a pin removed meanwhile goes too
+        key = store.catalog.keys_for_ids([gone[0]])[gone[0]]
+        store.catalog.set_meta("refresh_pending", json.dumps({B: [key]}))
     report = refresh_store(indexed, remove_missing=True)
-    assert (report.missing, report.removed, report.indexes) == (2, 2, [B])
+    assert (report.missing, report.removed, report.refreshed) == (2, 2, 1)
+    assert sorted(report.indexes) == ["hnsw", B] and report.rebuilt == ["hnsw"]
     assert set(_pins(indexed)) == set(pins) - set(gone)
     assert not check_store(indexed).findings
 
@@ -164,28 +177,57 @@ def test_store_from_before_file_states_gets_them_recorded(indexed: Path) -> None
 
 
 def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
-    """The plan is written (with the new file states) before any vector is dropped: a
-    refresh killed after it — here, its state left as a kill after the plan leaves it — is
-    finished by the next one, although the files now look unchanged."""
+    """New vectors replace old ones with a note of the pins whose index entries are still the
+    old ones: a refresh killed after that (here, its state as such a kill leaves it) is a
+    store whose old entries answer (check: a warning), and the next refresh replaces them."""
     pins = _pins(indexed)
     a, b = sorted(pins)[:2]
     before = _vectors(indexed)
     _copy_over(pins[b]["path"], pins[a]["path"])
-    st = os.stat(pins[a]["path"])
     with Store.open(indexed) as store:
         key = store.catalog.keys_for_ids([a])[a]
-        store.catalog.set_file_states([(key, st.st_size, st.st_mtime_ns, None, None)])
-        store.catalog.set_meta("refresh_pending", json.dumps({B: [key]}))
-        store.vectors(B).drop_keys(np.array([key]))  # killed after dropping the old vector
+        store.vectors(B).replace(
+            before[b][None], np.array([key]), "float32",
+            also=lambda: store.catalog.set_meta("refresh_pending", json.dumps({B: [key]})),
+        )  # fmt: skip
     found = check_store(indexed)
-    assert "refresh_pending" in [f.problem for f in found.findings]
+    assert found.ok and {f.problem for f in found.findings} == {
+        "refresh_pending", "changed_source_files"
+    }  # fmt: skip
     assert refresh_store(indexed, dry_run=True).pending == 1
     report = refresh_store(indexed)
-    assert (report.changed, report.pending, report.vectors) == (0, 1, {B: 1})
+    assert (report.changed, report.pending, report.refreshed, report.vectors) == (1, 1, 1, {B: 1})
+    assert report.indexes == [B]
     np.testing.assert_allclose(_vectors(indexed)[a], before[b], atol=1e-5)
     with Store.open(indexed, read_only=True) as store:
-        assert store.load_index(B).ntotal == len(pins)
+        hits = PinSearcher(store, backbone=B).similar_to_vector(before[b], k=2).hits
+        assert {h.pin_id for h in hits} == {a, b} and hits[1].score > 0.999
     assert not check_store(indexed).findings
+
+
+def test_two_backbones_a_failing_pin_and_the_missing_guard(indexed: Path) -> None:
+    index_corpus(None, indexed, backbone="classic", embed=EMBED)
+    pins = _pins(indexed)
+    a, b, c = sorted(pins)[:3]
+    before = {name: _vectors(indexed, name) for name in (B, "classic")}
+    _copy_over(pins[b]["path"], pins[a]["path"])
+    data = Path(pins[c]["path"]).read_bytes()
+    Path(pins[c]["path"]).write_bytes(data[: len(data) // 2])  # passes the header, not decoding
+    report = refresh_store(indexed)
+    assert (report.changed, report.refreshed, report.unreadable) == (2, 1, 1)
+    assert report.vectors == {B: 1, "classic": 1} and sorted(report.indexes) == ["classic", B]
+    for name in (B, "classic"):
+        after = _vectors(indexed, name)
+        np.testing.assert_allclose(after[a], before[name][b], atol=1e-5)
+        np.testing.assert_array_equal(after[c], before[name][c])  # kept, in both
+    assert set(_pins(indexed)) == set(pins)
+    assert [f.problem for f in check_store(indexed).findings] == ["changed_source_files"]
+    # most files gone (a corpus moved): --remove-missing refuses, nothing removed
+    for row in list(pins.values())[:13]:
+        os.remove(row["path"])
+    with pytest.raises(ValueError, match="13 of 24 pins' image files are gone"):
+        refresh_store(indexed, remove_missing=True)
+    assert set(_pins(indexed)) == set(pins)
 
 
 def test_refresh_cli(indexed: Path) -> None:
