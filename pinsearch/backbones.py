@@ -127,6 +127,7 @@ class Backbone:
     weights: str  # where the weights came from ("bundled:...", "file:...", "random", ...)
     # where inputs go (a model without parameters, like "classic", cannot tell by itself)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    weights_sha256: str | None = None  # of a local checkpoint ("file:..." weights)
 
     def pixel_transform(self) -> Callable[[Any], torch.Tensor]:
         """The eval transform up to its 8-bit pixels: PIL image -> uint8 CHW crop.
@@ -157,7 +158,22 @@ class Backbone:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description stored with every embedding run."""
-        return {"spec": asdict(self.spec), "dim": self.dim, "weights": self.weights}
+        out = {"spec": asdict(self.spec), "dim": self.dim, "weights": self.weights}
+        if self.weights_sha256 is not None:
+            out["weights_sha256"] = self.weights_sha256
+        return out
+
+    def same_weights(self, recorded: dict[str, Any]) -> bool:
+        """Whether a run's recorded spec (:meth:`describe`) names these weights. Local files
+        are the same by checksum where both have one (the same file at another path is;
+        another file written over the same path is not), else by resolved path."""
+        have = str(recorded.get("weights", ""))
+        if not (have.startswith("file:") and self.weights.startswith("file:")):
+            return have == self.weights
+        sha = recorded.get("weights_sha256")
+        if sha and self.weights_sha256:
+            return bool(sha == self.weights_sha256)
+        return Path(have[5:]).resolve() == Path(self.weights[5:]).resolve()
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -211,6 +227,14 @@ def get_backbone_spec(name: str) -> BackboneSpec:
         arch = rest.split(".")[0]
         if not timm.is_model(arch):
             raise ValueError(f"{rest!r} is not a timm model (see timm.list_models())")
+        if "." in rest:
+            try:
+                timm.models.get_pretrained_cfg(rest)
+            except RuntimeError as exc:  # "Invalid pretrained tag (...) for ..."
+                tags = timm.list_pretrained(f"{arch}.*")
+                raise ValueError(
+                    f"timm model {rest!r}: {exc} (its tags: {', '.join(tags) or 'none'})"
+                ) from None
         return BackboneSpec(name=name, source="timm", arch=rest, description=f"timm {rest}")
     if sep and prefix == "clip" and rest:
         from pinsearch.clip import clip_spec
@@ -223,8 +247,11 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 def downloads_allowed() -> bool:
-    """Whether weights may be fetched from a hub (no offline variable set)."""
-    return not any(os.environ.get(v, "").strip() not in ("", "0") for v in _OFFLINE_ENV)
+    """Whether weights may be fetched from a hub (no offline variable set to a true value:
+    1, true, yes, on, as huggingface_hub reads them)."""
+    return not any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_ENV
+    )
 
 
 def create_backbone(
@@ -249,6 +276,8 @@ def create_backbone(
     weights_path = Path(weights) if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
         raise FileNotFoundError(f"weights file {weights_path} does not exist")
+    if weights_path is not None:  # recorded as found from anywhere (queries run elsewhere)
+        weights_path = weights_path.resolve()
     model, preprocess, origin = _SOURCES[spec.source](spec, weights_path)
     if spec.mean is not None or spec.std is not None:
         preprocess = replace(
@@ -262,12 +291,21 @@ def create_backbone(
         raise BackboneMismatchError(
             f"backbone {spec.name!r} produces {dim}-d features, its spec says {spec.dim}"
         )
-    return Backbone(spec, model, preprocess, dim, origin, torch.device(device))
+    sha = None
+    if weights_path is not None and origin.startswith("file:"):
+        from pinsearch.indexes.pinindex import file_sha256
+
+        sha = file_sha256(weights_path)
+    return Backbone(spec, model, preprocess, dim, origin, torch.device(device), sha)
 
 
 def _feature_dim(model: torch.nn.Module, pre: Preprocess, device: str | torch.device) -> int:
+    """The model's output width: timm's ``num_features``, measured by one forward pass where
+    that is not it (a head of its own: ``head_hidden_size``, as MobileNetV3's 1024 beside
+    its 288 features) or not given."""
     num = getattr(model, "num_features", None)
-    if isinstance(num, int) and num > 0:
+    head = getattr(model, "head_hidden_size", None)
+    if isinstance(num, int) and num > 0 and head in (None, num):
         return num
     with torch.inference_mode():
         out = model(torch.zeros(1, 3, pre.input_size, pre.input_size, device=device))
@@ -296,7 +334,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        sd: Any = load_file(str(path))
+        try:
+            sd: Any = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise BackboneMismatchError(_unreadable_weights(path, exc)) from exc
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
@@ -319,6 +360,10 @@ def _load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], origin: str)
     agrees.
     """
     target = model.state_dict()
+    # BatchNorm's step counters (torch fills them in; checkpoints often leave them out)
+    counters = {k for k in target if k.endswith("num_batches_tracked")}
+    if counters - set(sd) and set(target) - counters <= set(sd):
+        sd = {**sd, **{k: target[k] for k in counters - set(sd)}}
     if not set(target) <= set(sd):
         body = [v for k, v in sd.items() if not k.startswith(("_fc.", "classifier.", "head.fc."))]
         if len(body) == len(target) and all(
@@ -369,6 +414,13 @@ def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
 
     cfg = resolve_model_data_config(model)
     size = cfg["input_size"][-1]
+    crop = cfg.get("crop_mode") or "center"
+    if crop != "center" or cfg["input_size"][-2] != size:
+        raise BackboneMismatchError(
+            f"timm model {getattr(model, 'default_cfg', {}).get('architecture', '')!r} is "
+            f"evaluated with crop_mode {crop!r} at {tuple(cfg['input_size'][1:])}; pinsearch "
+            "resizes the short side and crops a centred square: pick another pretrained tag"
+        )
     return Preprocess(
         input_size=int(size),
         mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]
@@ -424,6 +476,9 @@ def _build_timm(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preproce
 def _build_lite(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Preprocess, str]:
     import timm
 
+    if spec.random_init and weights is None:
+        model = _seeded_init(lambda: timm.create_model(spec.arch, pretrained=False, num_classes=0))
+        return model, _timm_preprocess(model), "random"
     model = timm.create_model(spec.arch, pretrained=False, num_classes=0)
     if weights is not None:
         path, origin = weights, f"file:{weights}"

@@ -68,6 +68,7 @@ __all__ = [
     "resolve_workers",
     "run_amp",
     "run_decode",
+    "run_differences",
     "shared_memory_free",
 ]
 
@@ -131,6 +132,19 @@ class EmbedConfig:
         if self.dtype not in VECTOR_DTYPES:
             raise ValueError(
                 f"EmbedConfig.dtype must be one of {', '.join(VECTOR_DTYPES)}, not {self.dtype!r}"
+            )
+        whole = {"workers": (self.workers, 0), "part_size": (self.part_size, 1),
+                 "max_pixels": (self.max_pixels, 1)}  # fmt: skip
+        for name, (value, least) in whole.items():
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
+            ):
+                raise ValueError(
+                    f"EmbedConfig.{name} must be a whole number >= {least}, not {value!r}"
+                )
+        if not self.flush_seconds > 0:
+            raise ValueError(
+                f"EmbedConfig.flush_seconds must be positive, not {self.flush_seconds}"
             )
         resolve_device(self.device)  # a device this machine has, said before any work
 
@@ -801,8 +815,9 @@ def embed_images(
     if not images:
         return np.empty((0, backbone.dim), np.float32)
 
-    def in_memory(img: Image.Image) -> Image.Image:  # as a file of it would be decoded
-        return decode_rgb(img, "<image>", min_side=side, draft=False)
+    def in_memory(img: Image.Image, draft: bool = False) -> Image.Image:  # as a file of it
+        # would be: a JPEG still unread drafted where the run drafted (a decoded one is whole)
+        return decode_rgb(img, "<image>", min_side=side, draft=draft)
 
     if decode == "device":  # files as the workers and the device step take them
         prepared = [
@@ -824,7 +839,7 @@ def embed_images(
         tensors = []
         for img in images:
             pil = (
-                in_memory(img)
+                in_memory(img, draft)
                 if isinstance(img, Image.Image)
                 else load_rgb(img, min_side=side, draft=draft)
             )
@@ -847,23 +862,30 @@ def _run_record(backbone: Backbone) -> dict[str, Any]:
     return {"spec": backbone.describe(), "preprocess": asdict(backbone.preprocess)}
 
 
+def run_differences(run: dict[str, Any], backbone: Backbone) -> list[str]:
+    """How ``backbone`` differs from the one a stored run embedded with: weights
+    (:meth:`~pinsearch.backbones.Backbone.same_weights`), dimension, preprocessing."""
+    want = _run_record(backbone)
+    spec, problems = run["spec"], []
+    if not backbone.same_weights(spec):
+        changed = " (the file changed since)" if spec.get("weights") == backbone.weights else ""
+        problems.append(f"weights {spec.get('weights')} vs {backbone.weights}{changed}")
+    if spec.get("dim") != backbone.dim:
+        problems.append(f"dim {spec.get('dim')} vs {backbone.dim}")
+    if json.dumps(run["preprocess"], sort_keys=True) != json.dumps(
+        json.loads(json.dumps(want["preprocess"])), sort_keys=True
+    ):
+        problems.append(f"preprocessing {run['preprocess']} vs {want['preprocess']}")
+    return problems
+
+
 def check_compatible(existing: dict[str, Any], backbone: Backbone, config: EmbedConfig) -> None:
     """Refuse to mix vectors of another model, preprocessing or normalisation into a run.
 
     Raises:
         BackboneMismatchError: naming what differs.
     """
-    want = _run_record(backbone)
-    have = {"spec": existing["spec"], "preprocess": existing["preprocess"]}
-    problems = []
-    if have["spec"].get("weights") != want["spec"]["weights"]:
-        problems.append(f"weights {have['spec'].get('weights')} vs {want['spec']['weights']}")
-    if have["spec"].get("dim") != want["spec"]["dim"]:
-        problems.append(f"dim {have['spec'].get('dim')} vs {want['spec']['dim']}")
-    if json.dumps(have["preprocess"], sort_keys=True) != json.dumps(
-        json.loads(json.dumps(want["preprocess"])), sort_keys=True
-    ):
-        problems.append(f"preprocessing {have['preprocess']} vs {want['preprocess']}")
+    problems = run_differences(existing, backbone)
     if bool(existing["normalize"]) != config.normalize:
         problems.append(f"normalize {existing['normalize']} vs {config.normalize}")
     if existing["dtype"] != config.dtype:

@@ -151,7 +151,7 @@ def _to_rgb(img: Image.Image, band: int = 1024) -> Image.Image:
     ``band`` rows at a time, so that a 150-Mpixel image is never held whole in float64 or as
     extra RGBA copies (gigabytes per DataLoader worker); the pixels are those of one pass."""
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     w, h = img.size
     rows = [(0, y, w, min(h, y + band)) for y in range(0, h, band)]
@@ -169,8 +169,8 @@ def _to_rgb(img: Image.Image, band: int = 1024) -> Image.Image:
             part = np.nan_to_num(part, nan=0.0, posinf=top, neginf=0.0)
             out[box[1] : box[3]] = np.clip(part / top * 255.0, 0, 255).astype(np.uint8)
         return Image.fromarray(out, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
+    if mode in ("P", "L", "RGB") and "transparency" in img.info:
+        img = img.convert("RGBA")  # a colour marked transparent (PNG tRNS): over white too
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         out_img = Image.new("RGB", img.size)
         for box in rows:
@@ -254,7 +254,9 @@ def decode_rgb(
     if min_side:
         check_resized(img.size, min_side, max_pixels, path)
     try:
-        if draft and min_side and img.format == "JPEG" and min(img.size) >= 2 * min_side:
+        # (an MPO, as phones write, is JPEGs one after another: PIL reads the first)
+        jpeg = img.format in ("JPEG", "MPO")
+        if draft and min_side and jpeg and min(img.size) >= 2 * min_side:
             img.draft("RGB", (min_side, min_side))
         img.load()
         return _to_rgb(ImageOps.exif_transpose(img))

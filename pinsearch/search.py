@@ -92,19 +92,21 @@ def store_backbone(store: Store, backbone: str) -> Any:
     """Build the backbone a store's vectors were made with, for embedding new query images.
 
     Raises:
-        BackboneMismatchError: this machine builds other weights or another dimension.
+        BackboneMismatchError: this machine builds other weights (or the weights file changed
+            since), another dimension or other preprocessing.
     """
     from pinsearch.backbones import create_backbone
-    from pinsearch.embed import resolve_device
+    from pinsearch.embed import resolve_device, run_differences
 
     run = store.catalog.get_embedding(backbone) or {}
-    weights = str(run.get("spec", {}).get("weights", ""))
-    dim = run.get("dim")
     model = create_backbone(backbone, weights=run_weights_file(run), device=resolve_device("auto"))
-    if model.weights != weights or model.dim != dim:
+    problems = run_differences(
+        {"spec": run.get("spec") or {}, "preprocess": run.get("preprocess") or {}}, model
+    )
+    if problems:
         raise BackboneMismatchError(
-            f"store vectors of {backbone!r} were made with weights {weights} (dim {dim}); "
-            f"this machine builds {model.weights} (dim {model.dim}); pass the same weights"
+            f"store vectors of {backbone!r} were made otherwise than this machine embeds "
+            f"queries: {'; '.join(problems)}; use the same weights and versions"
         )
     return model
 

@@ -110,6 +110,8 @@ def test_offline_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     assert downloads_allowed() is True
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert downloads_allowed() is True
+    monkeypatch.setenv("HF_HUB_OFFLINE", "false")  # (huggingface_hub: online)
+    assert downloads_allowed() is True
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "yes")
     assert downloads_allowed() is False
 
@@ -239,8 +241,8 @@ def test_classic_backbone() -> None:
         create_backbone("classic", weights=__file__)
 
 
-def _perturbed_state(tiny: Backbone) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
+def _perturbed_state(tiny: Backbone, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
     return {
         k: (
             v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
@@ -355,3 +357,67 @@ def test_a_checkpoint_holding_pickled_objects_is_refused_in_one_line(tmp_path: P
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(BackboneMismatchError, match=r"cannot read weights .* as a plain state"):
         read_state_dict(junk)
+
+
+# -- from the review of the backbone and embedding paths ---------------------------------------
+
+
+def test_a_timm_model_with_a_head_of_its_own_records_its_output_width(tmp_path: Path) -> None:
+    import timm
+
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False, num_classes=0)
+    assert model.num_features == 288 and model.head_hidden_size == 1024
+    path = tmp_path / "m.pth"
+    torch.save(model.state_dict(), path)
+    bb = create_backbone("timm:mobilenetv3_small_050", weights=path)
+    assert bb.dim == 1024 == bb.model(_x(224, 1)).shape[-1]  # (288 was recorded)
+
+
+def test_bad_weights_files_and_tags_are_one_line_errors(tiny: Backbone, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BackboneMismatchError, match="cannot read weights"):
+        create_backbone("test_efficientnet", weights=bad)
+    with pytest.raises(ValueError, match=r"Invalid pretrained tag.*its tags: resnet18\.a1_in1k"):
+        get_backbone_spec("timm:resnet18.badtag")
+    # BatchNorm step counters left out of a checkpoint: torch fills them in
+    state = {k: v for k, v in _perturbed_state(tiny).items() if "num_batches_tracked" not in k}
+    torch.save(state, tmp_path / "no_counters.pth")
+    loaded = create_backbone("test_efficientnet", weights=tmp_path / "no_counters.pth")
+    assert torch.equal(loaded.model.state_dict()["conv_stem.weight"], state["conv_stem.weight"])
+
+
+def test_weights_files_are_named_resolved_and_checked_by_checksum(
+    tiny: Backbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save(_perturbed_state(tiny), tmp_path / "w.pth")
+    bb = create_backbone("test_efficientnet", weights="w.pth")
+    assert bb.weights == f"file:{tmp_path / 'w.pth'}"  # found from anywhere
+    recorded = bb.describe()
+    assert recorded["weights_sha256"] == bb.weights_sha256 and len(bb.weights_sha256) == 64
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "w.pth").write_bytes((tmp_path / "w.pth").read_bytes())
+    assert create_backbone("test_efficientnet", weights="copy/w.pth").same_weights(recorded)
+    torch.save(_perturbed_state(tiny, seed=5), tmp_path / "w.pth")  # another file, same path
+    assert not create_backbone("test_efficientnet", weights="w.pth").same_weights(recorded)
+    # a run recorded before checksums and absolute paths: the path, resolved here
+    old = {"weights": "file:w.pth"}
+    assert create_backbone("test_efficientnet", weights=tmp_path / "w.pth").same_weights(old)
+
+
+def test_an_eval_crop_pinsearch_does_not_make_is_refused() -> None:
+    from pinsearch.backbones import _timm_preprocess
+
+    model = create_backbone("test_efficientnet").model
+    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash"}
+    with pytest.raises(BackboneMismatchError, match="crop_mode 'squash'"):
+        _timm_preprocess(model)
+
+
+def test_random_weights_for_the_lite_backbones() -> None:
+    spec = get_backbone_spec("effnet_lite0")
+    from dataclasses import replace
+
+    bb = create_backbone(replace(spec, random_init=True))
+    assert bb.weights == "random" and bb.dim == 1280

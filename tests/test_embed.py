@@ -448,6 +448,8 @@ def test_query_images_are_decoded_as_the_run_decoded_its_pins(make_tree, tmp_pat
         files = [paths[k] for k in keys.tolist()]
         like = embed_like_run(model, files, run)
         np.testing.assert_allclose(like, stored, rtol=0, atol=1e-6)
+        opened = embed_like_run(model, [Image.open(f) for f in files], run)  # still unread
+        np.testing.assert_allclose(opened, stored, rtol=0, atol=1e-6)  # (drafted as files)
         unlike = embed_images(model, files, decode=other)
         assert _cosines(unlike, stored).min() < 0.999  # the check above has teeth
 
@@ -524,3 +526,58 @@ def test_a_half_written_run_row_of_an_older_pinsearch_is_taken_over(
         )
         report = embed_store(store, BACKBONE, EmbedConfig(**FAST))
         assert report.embedded == 24 and store.catalog.get_embedding(BACKBONE)["dim"] > 0
+
+
+# -- from the review of the backbone and embedding paths ---------------------------------------
+
+
+def test_embed_settings_are_checked_before_any_work(tree_corpus, tmp_path: Path) -> None:
+    for bad, match in (({"workers": -1}, "workers must be a whole number >= 0"),
+                       ({"workers": 1.5}, "workers"), ({"part_size": 0}, "part_size"),
+                       ({"max_pixels": 0}, "max_pixels"),
+                       ({"flush_seconds": 0}, "flush")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            EmbedConfig(**bad)
+    from typer.testing import CliRunner
+
+    from pinsearch.cli.app import app
+
+    out = CliRunner().invoke(
+        app, ["index", str(tree_corpus.root), "--store", str(tmp_path / "s"), "-b", BACKBONE,
+              "--workers", "-1"],
+    )  # fmt: skip
+    assert out.exit_code != 0 and "workers" in str(out.exception)
+    assert not (tmp_path / "s").exists()  # refused before the corpus was read
+
+
+def test_queries_are_refused_when_the_run_was_made_otherwise(
+    tree_corpus, store_copy: Path, tmp_path: Path
+) -> None:
+    """Other preprocessing recorded (as after a timm upgrade), or the weights file written
+    over since: a query image would be embedded otherwise than the pins were."""
+    from pinsearch.search import store_backbone
+
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute(
+            "UPDATE embeddings SET preprocess = json_merge_patch(preprocess, '{\"crop_pct\": 0.5}')"
+        )
+    with (
+        Store.open(store_copy, read_only=True) as store,
+        pytest.raises(BackboneMismatchError, match="preprocessing"),
+    ):
+        store_backbone(store, BACKBONE)
+    model = create_backbone(BACKBONE)
+    ckpt = tmp_path / "w.pth"
+    torch.save(model.model.state_dict(), ckpt)
+    weighted = tmp_path / "weighted"
+    index_corpus(tree_corpus.root, weighted, backbone=BACKBONE,
+                 embed=EmbedConfig(**FAST, weights=str(ckpt)))  # fmt: skip
+    with Store.open(weighted, read_only=True) as store:
+        assert store_backbone(store, BACKBONE).weights == f"file:{ckpt}"
+    torch.save({k: v + 1 if v.is_floating_point() else v
+                for k, v in model.model.state_dict().items()}, ckpt)  # fmt: skip
+    with (
+        Store.open(weighted, read_only=True) as store,
+        pytest.raises(BackboneMismatchError, match="the file changed since"),
+    ):
+        store_backbone(store, BACKBONE)

@@ -351,3 +351,25 @@ def test_probe_reports_the_size_as_shown(tmp_path: Path) -> None:
     for name in ("r.jpg", "r.tiff", "r.webp"):
         info = probe_image(tmp_path / name)
         assert (info.width, info.height) == load_rgb(tmp_path / name).size == (60, 120), name
+
+
+def test_a_colour_marked_transparent_is_white_too(tmp_path: Path) -> None:
+    """PNG tRNS on grey and RGB images, as on palette ones: over white, not black."""
+    for mode, clear in (("L", 0), ("RGB", (0, 0, 0))):
+        img = Image.new(mode, (80, 80), clear)
+        img.paste(200 if mode == "L" else (200, 10, 10), (40, 0, 80, 80))
+        img.save(tmp_path / f"{mode}.png", transparency=clear)
+        out = np.asarray(load_rgb(tmp_path / f"{mode}.png"))
+        assert out[0, 0].tolist() == [255, 255, 255], mode
+        assert out[0, 79].tolist() == ([200] * 3 if mode == "L" else [200, 10, 10])
+
+
+def test_phone_mpo_jpegs_are_drafted_like_jpegs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)) for _ in "ab"]
+    frames[0].save(tmp_path / "p.mpo", "MPO", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "p.jpg", "JPEG")
+    with Image.open(tmp_path / "p.mpo") as opened:
+        assert opened.format == "MPO"
+    assert load_rgb(tmp_path / "p.mpo", min_side=100).size == (200, 150)  # as the JPEG's
+    assert load_rgb(tmp_path / "p.jpg", min_side=100).size == (200, 150)
