@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +276,8 @@ def create_backbone(
     spec = get_backbone_spec(name) if isinstance(name, str) else name
     weights_path = Path(weights) if weights is not None else None
     if weights_path is not None and not weights_path.is_file():
-        raise FileNotFoundError(f"weights file {weights_path} does not exist")
+        what = "is not a file" if weights_path.exists() else "does not exist"
+        raise FileNotFoundError(f"weights file {weights_path} {what}")
     if weights_path is not None:  # recorded as found from anywhere (queries run elsewhere)
         weights_path = weights_path.resolve()
     model, preprocess, origin = _SOURCES[spec.source](spec, weights_path)
@@ -325,8 +327,12 @@ def _unreadable_weights(path: Path, exc: Exception) -> str:
             f"weights {path} hold pickled Python objects ({unsafe.group(1)}); pinsearch reads "
             "only plain state dicts (tensors by name) or .safetensors files"
         )
-    first = re.sub(r"\x1b\[[0-9;]*m", "", text).strip().splitlines()
-    return f"cannot read weights {path} as a plain state dict: {first[0] if first else exc!r}"
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if ln.strip()]
+    # torch's weights_only refusal wraps the reason in advice to unpickle, which pinsearch
+    # will not do: the line after "WeightsUnpickler error:" is the reason
+    after = [b for a, b in pairwise(lines) if a.endswith("WeightsUnpickler error:")]
+    reason = after[0] if after else lines[0] if lines else repr(exc)
+    return f"cannot read weights {path} as a plain state dict: {reason}"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -299,14 +299,16 @@ def test_weights_of_another_architecture(tmp_path: Path) -> None:
 def test_unreadable_or_unsafe_weights(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(BackboneMismatchError, match="cannot read"):
-        create_backbone("test_efficientnet", weights=junk)
+    with pytest.raises(BackboneMismatchError, match="plain state dict: Unsupported operand"):
+        create_backbone("test_efficientnet", weights=junk)  # (not torch's advice to unpickle)
     listed = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], listed)
     with pytest.raises(BackboneMismatchError, match="not a dict"):
         create_backbone("test_efficientnet", weights=listed)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         create_backbone("test_efficientnet", weights=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        create_backbone("test_efficientnet", weights=tmp_path)
 
 
 def test_spec_dim_is_checked() -> None:
