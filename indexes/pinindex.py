@@ -991,6 +991,13 @@ def build_index(
     factory = config.factory
     if factory == "auto":
         factory = _auto_factory(max(n, 1), dim, config)
+    if re.search(r"(^|,)NSG", factory) and n < NSG_MIN_VECTORS:
+        # FAISS 1.15's NNDescent refuses under 100 vectors, and on some sets of 101-121 fails
+        # an assertion that aborts the whole process
+        raise ValueError(
+            f"index {factory!r} needs at least {NSG_MIN_VECTORS} vectors, got {n} (FAISS's "
+            "graph build stops the process on some smaller sets); use Flat, HNSW or 'auto'"
+        )
     start = time.perf_counter()
     try:
         cpu = faiss.index_factory(dim, factory, faiss_metric(config.metric))
@@ -1030,6 +1037,9 @@ def build_index(
         ) from exc
     pin_index.build_seconds = time.perf_counter() - start
     return pin_index
+
+
+NSG_MIN_VECTORS = 1000  # below this an NSG graph is refused (a rebuild makes it Flat)
 
 
 def _train(index: Any, sample: np.ndarray, factory: str) -> None:

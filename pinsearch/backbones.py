@@ -129,6 +129,7 @@ class Backbone:
     # where inputs go (a model without parameters, like "classic", cannot tell by itself)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     weights_sha256: str | None = None  # of a local checkpoint ("file:..." weights)
+    new_run_refusal: str | None = None  # why no new embedding run may use it (eval_crop_problem)
 
     def pixel_transform(self) -> Callable[[Any], torch.Tensor]:
         """The eval transform up to its 8-bit pixels: PIL image -> uint8 CHW crop.
@@ -298,7 +299,8 @@ def create_backbone(
         from pinsearch.indexes.pinindex import file_sha256
 
         sha = file_sha256(weights_path)
-    return Backbone(spec, model, preprocess, dim, origin, torch.device(device), sha)
+    refusal = eval_crop_problem(model) if spec.source in ("timm", "lite") else None
+    return Backbone(spec, model, preprocess, dim, origin, torch.device(device), sha, refusal)
 
 
 def _feature_dim(model: torch.nn.Module, pre: Preprocess, device: str | torch.device) -> int:
@@ -415,18 +417,32 @@ def _cached_weights(arch: str) -> Path | None:
     return None
 
 
+def eval_crop_problem(model: torch.nn.Module) -> str | None:
+    """Why pinsearch's eval transform (short side resized, a centred square cropped) is not the
+    one a timm model's pretrained config asks for (``crop_mode`` squash or border, a
+    non-square input), or None. A new embedding run refuses such a model; a run made with it
+    before goes on as it was made."""
+    from timm.data import resolve_model_data_config
+
+    try:
+        cfg = resolve_model_data_config(model)
+    except Exception:  # not a timm model
+        return None
+    crop, size = cfg.get("crop_mode") or "center", tuple(cfg["input_size"][1:])
+    if crop == "center" and size[0] == size[1]:
+        return None
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    return (
+        f"timm model {name!r} is evaluated with crop_mode {crop!r} at {size}; pinsearch resizes "
+        "the short side and crops a centred square: pick another pretrained tag"
+    )
+
+
 def _timm_preprocess(model: torch.nn.Module) -> Preprocess:
     from timm.data import resolve_model_data_config
 
     cfg = resolve_model_data_config(model)
     size = cfg["input_size"][-1]
-    crop = cfg.get("crop_mode") or "center"
-    if crop != "center" or cfg["input_size"][-2] != size:
-        raise BackboneMismatchError(
-            f"timm model {getattr(model, 'default_cfg', {}).get('architecture', '')!r} is "
-            f"evaluated with crop_mode {crop!r} at {tuple(cfg['input_size'][1:])}; pinsearch "
-            "resizes the short side and crops a centred square: pick another pretrained tag"
-        )
     return Preprocess(
         input_size=int(size),
         mean=tuple(float(x) for x in cfg["mean"]),  # type: ignore[arg-type]

@@ -442,7 +442,11 @@ def refresh_store(
                 f"{len(unknown)} pin id(s) not in store {store.root}: {unknown[:5]}; "
                 "nothing refreshed"
             )
-        plan = pending_refresh(store)
+        options = {"batch_size": batch_size, "workers": workers, "decode": decode,
+                   "cpu_share": cpu_share, "max_pixels": max_pixels}  # fmt: skip
+        runs = {b: catalog.get_embedding(b) or {} for b in store.backbones()}
+        configs = {b: _run_config(run, device, options) for b, run in runs.items()}  # (checked
+        plan = pending_refresh(store)  # before any work)
         size, mtime = stat_files(states["path"].tolist())
         gone = size < 0
         changed = changed_files(states, size, mtime)
@@ -508,22 +512,17 @@ def refresh_store(
             _set_pending(store, backbone, [])
         by_key = {int(states["pin_key"][i]): i for i in good}
         wanted = np.array(sorted(by_key), dtype=np.int64)
-        failed: set[int] = set()
-        options = {"batch_size": batch_size, "workers": workers, "decode": decode,
-                   "cpu_share": cpu_share}  # fmt: skip
-        for backbone in store.backbones():
-            mine = wanted[in_sorted(np.sort(store.vectors(backbone).keys()), wanted)]
-            if not mine.size:
-                continue
-            run = catalog.get_embedding(backbone) or {}
-            done, failures = _reembed(store, backbone, mine, run, device, options, progress)
-            report.vectors[backbone] = done
-            _update_indexes(store, backbone, np.setdiff1d(mine, list(failures)), report)
+        held = {b: np.sort(store.vectors(b).keys()) for b in runs}
+        held = {b: k for b, k in held.items() if in_sorted(k, wanted).any()}
+        failures = _reembed(store, wanted, {b: (runs[b], configs[b], k) for b, k in held.items()},
+                            progress, report)  # fmt: skip
+        failed = set(failures)
+        for key, (reason, detail) in sorted(failures.items()):
+            unreadable(by_key[key], reason, detail)
+        for backbone in held:
+            done = np.setdiff1d(wanted[in_sorted(held[backbone], wanted)], list(failed))
+            _update_indexes(store, backbone, done, report)
             _set_pending(store, backbone, [])
-            for key, (reason, detail) in failures.items():
-                if key not in failed:
-                    failed.add(key)
-                    unreadable(by_key[key], reason, detail)
         refreshed = [i for key, i in by_key.items() if key not in failed]
         report.refreshed = len(refreshed)
         catalog.set_file_states(
@@ -538,57 +537,64 @@ def refresh_store(
 
 def _reembed(
     store: Store,
-    backbone: str,
     keys: np.ndarray,
-    run: dict[str, Any],
-    device: str,
-    options: dict[str, Any],
+    backbones: dict[str, tuple[dict[str, Any], Any, np.ndarray]],
     progress: Any,
-) -> tuple[int, dict[int, tuple[str, str]]]:
-    """Embed the new images of ``keys`` (which have a vector in ``backbone``) and swap them
-    for the stored vectors, a part at a time, each swap committed with the note that those
-    pins' index entries are still old. A pin whose image fails to embed keeps its vector.
+    report: RefreshReport,
+) -> dict[int, tuple[str, str]]:
+    """Embed the new images of ``keys`` in every backbone that holds them (``{backbone: (run,
+    its EmbedConfig, its stored keys sorted)}``), a part at a time, and swap the new vectors of
+    the pins no backbone failed on for the stored ones: each backbone's swap one transaction,
+    committed with the note that those pins' index entries are still old. A pin whose image
+    fails in any backbone keeps every vector it has (``report.vectors`` counts the swapped).
 
     Returns:
-        The number of vectors replaced, and the failed pins' ``{key: (reason, detail)}``.
+        The failed pins' ``{key: (reason, detail)}``.
     """
     from pinsearch.backbones import create_backbone
     from pinsearch.embed import iter_embeddings, like_run, resolve_device
 
-    config = _run_config(run, device, options)
-    model = create_backbone(backbone, weights=config.weights, device=resolve_device(config.device))
-    config = like_run(run, model, config)
-    dtype = str(run.get("dtype") or "float32")
-    vs = store.vectors(backbone)
-    items = store.catalog.pin_paths(keys.tolist())
+    models = {}
+    for backbone, (run, config, _) in backbones.items():
+        model = create_backbone(backbone, weights=config.weights,
+                                device=resolve_device(config.device))  # fmt: skip
+        models[backbone] = (model, like_run(run, model, config))
+    mine = {b: keys[in_sorted(held, keys)] for b, (_, _, held) in backbones.items()}
+    total, done = sum(len(k) for k in mine.values()), 0
+    step = min(config.part_size for _, config in models.values()) if models else 1
     failures: dict[int, tuple[str, str]] = {}
-    swapped: list[int] = []
-    buf_k: list[np.ndarray] = []
-    buf_v: list[np.ndarray] = []
-
-    def swap() -> None:
-        if buf_k:
-            k, v = np.concatenate(buf_k), np.concatenate(buf_v)
-            noted = [*swapped, *k.tolist()]
-            vs.replace(v, k, dtype, also=lambda: _set_pending(store, backbone, noted))
-            swapped.extend(k.tolist())
-            buf_k.clear()
-            buf_v.clear()
-
+    swapped: dict[str, list[int]] = {b: [] for b in backbones}
     if progress:
-        progress(0, len(items))
-    for batch in iter_embeddings(model, items, config):
-        for key, f in zip(batch.failed_keys, batch.failures):
-            failures[int(key)] = (f.reason, f.detail)
-        if len(batch.keys):
-            buf_k.append(batch.keys)
-            buf_v.append(batch.vectors)
-        if sum(len(k) for k in buf_k) >= config.part_size:
-            swap()
-        if progress:
-            progress(len(swapped) + sum(len(k) for k in buf_k) + len(failures), len(items))
-    swap()
-    return len(swapped), failures
+        progress(0, total)
+    for start in range(0, len(keys), step):
+        chunk = keys[start : start + step]
+        new: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for backbone, (model, config) in models.items():
+            part = chunk[in_sorted(mine[backbone], chunk)]
+            got_k, got_v = [], []
+            for batch in iter_embeddings(model, store.catalog.pin_paths(part.tolist()), config):
+                for key, f in zip(batch.failed_keys, batch.failures):
+                    failures.setdefault(int(key), (f.reason, f.detail))
+                got_k.append(batch.keys)
+                got_v.append(batch.vectors)
+                done += len(batch.keys) + len(batch.failed_keys)
+                if progress:
+                    progress(done, total)
+            if got_k:
+                new[backbone] = (np.concatenate(got_k), np.concatenate(got_v))
+        for backbone, (k, v) in new.items():
+            ok = ~np.isin(k, list(failures))
+            if not ok.any():
+                continue
+            noted = [*swapped[backbone], *k[ok].tolist()]
+            dtype = str(backbones[backbone][0].get("dtype") or "float32")
+            store.vectors(backbone).replace(
+                v[ok], k[ok], dtype, also=lambda b=backbone, n=noted: _set_pending(store, b, n)
+            )
+            swapped[backbone] = noted
+    for backbone, keys_done in swapped.items():
+        report.vectors[backbone] = len(keys_done)
+    return failures
 
 
 def _update_indexes(store: Store, backbone: str, keys: np.ndarray, report: RefreshReport) -> None:

@@ -142,9 +142,9 @@ class EmbedConfig:
                 raise ValueError(
                     f"EmbedConfig.{name} must be a whole number >= {least}, not {value!r}"
                 )
-        if not self.flush_seconds > 0:
+        if not self.flush_seconds >= 0:  # (0: a part after every batch)
             raise ValueError(
-                f"EmbedConfig.flush_seconds must be positive, not {self.flush_seconds}"
+                f"EmbedConfig.flush_seconds must be 0 or more, not {self.flush_seconds}"
             )
         resolve_device(self.device)  # a device this machine has, said before any work
 
@@ -928,6 +928,8 @@ def embed_store(
     # recorded too (run_decode, run_drafts): "pil" for drafted JPEGs, "device" for whole ones
     decode = resolve_decode(config, device, model.preprocess)
     decode = "device" if decode == "device" or not config.draft else "pil"
+    if existing is None and model.new_run_refusal:
+        raise BackboneMismatchError(model.new_run_refusal)
     if existing is None:
         record = _run_record(model)
         catalog.upsert_embedding(

@@ -18,7 +18,7 @@ import numpy as np
 
 from pinsearch.backbones import Backbone, create_backbone
 from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store, resolve_device
-from pinsearch.errors import DeviceError
+from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.indexes import IndexConfig, gpu_count
 from pinsearch.indexes.spec import check_factory_syntax
 from pinsearch.ingest import IngestConfig, read_corpus
@@ -122,6 +122,8 @@ def index_corpus(
     try:
         with Store.open(store_path, create=True) as store:
             store.check_index_name(index_name or backbone)  # before the corpus is read
+            if model.new_run_refusal and store.catalog.get_embedding(backbone) is None:
+                raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
             found = added = already = skipped = sampled_out = 0
             fmt = ""
             if corpus is not None:

@@ -408,13 +408,31 @@ def test_weights_files_are_named_resolved_and_checked_by_checksum(
     assert create_backbone("test_efficientnet", weights=tmp_path / "w.pth").same_weights(old)
 
 
-def test_an_eval_crop_pinsearch_does_not_make_is_refused() -> None:
-    from pinsearch.backbones import _timm_preprocess
+def test_an_eval_crop_pinsearch_does_not_make_refuses_new_runs_only(
+    tree_corpus, tmp_path: Path
+) -> None:
+    from dataclasses import replace
 
-    model = create_backbone("test_efficientnet").model
-    model.pretrained_cfg = {**model.pretrained_cfg, "crop_mode": "squash"}
-    with pytest.raises(BackboneMismatchError, match="crop_mode 'squash'"):
-        _timm_preprocess(model)
+    from pinsearch.backbones import eval_crop_problem
+    from pinsearch.embed import EmbedConfig, embed_store
+    from pinsearch.pipeline import index_corpus
+    from pinsearch.store import Store
+
+    bb = create_backbone("test_efficientnet")
+    assert bb.new_run_refusal is None and eval_crop_problem(bb.model) is None
+    bb.model.pretrained_cfg = {**bb.model.pretrained_cfg, "crop_mode": "squash"}
+    assert "crop_mode 'squash'" in eval_crop_problem(bb.model)
+    squash = replace(bb, new_run_refusal=eval_crop_problem(bb.model))
+    index_corpus(tree_corpus.root, tmp_path / "made", backbone="test_efficientnet",
+                 embed=EmbedConfig(workers=0))  # fmt: skip
+    with Store.open(tmp_path / "made") as store:  # a run made before goes on
+        made = embed_store(store, "test_efficientnet", EmbedConfig(workers=0), backbone=squash)
+        assert made.already == 24
+    with (
+        Store.open(tmp_path / "new", create=True) as store,
+        pytest.raises(BackboneMismatchError, match="crop_mode 'squash'"),
+    ):
+        embed_store(store, "test_efficientnet", EmbedConfig(workers=0), backbone=squash)
 
 
 def test_random_weights_for_the_lite_backbones() -> None:

@@ -535,7 +535,7 @@ def test_embed_settings_are_checked_before_any_work(tree_corpus, tmp_path: Path)
     for bad, match in (({"workers": -1}, "workers must be a whole number >= 0"),
                        ({"workers": 1.5}, "workers"), ({"part_size": 0}, "part_size"),
                        ({"max_pixels": 0}, "max_pixels"),
-                       ({"flush_seconds": 0}, "flush")):  # fmt: skip
+                       ({"flush_seconds": -1}, "flush")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             EmbedConfig(**bad)
     from typer.testing import CliRunner

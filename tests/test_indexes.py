@@ -1382,9 +1382,12 @@ def test_auto_index_for_the_gpu_fits_its_memory_and_kernels(
 
 
 def test_a_factory_faiss_cannot_fill_is_a_clean_error() -> None:
-    x = _random(50, 16, 0)
-    with pytest.raises(ValueError, match=r"FAISS cannot fill index 'NSG16,Flat' with 50 vectors"):
-        build_index(x, np.arange(50), IndexConfig(factory="NSG16,Flat", metric="l2", **CPU))
+    x = _random(120, 16, 0)
+    with pytest.raises(ValueError, match=r"FAISS cannot fill index 'MinMax,SQ8' with 120"):
+        build_index(x, np.arange(120), IndexConfig(factory="MinMax,SQ8", metric="l2", **CPU))
+    for n in (50, 104):  # (FAISS aborted the process on 104 of these vectors)
+        with pytest.raises(ValueError, match=f"'NSG16,Flat' needs at least 1000 vectors, got {n}"):
+            build_index(x[:n], np.arange(n), IndexConfig(factory="NSG16,Flat", **CPU))
 
 
 def test_an_index_faiss_adds_to_once_is_rebuilt_on_update(
@@ -1393,13 +1396,13 @@ def test_an_index_faiss_adds_to_once_is_rebuilt_on_update(
     from pinsearch.eval.bench import synthetic_store
     from pinsearch.store import Store
 
-    x = _random(200, 16, 1)
-    synthetic_store(tmp_path / "s", x[:150], index=IndexConfig(factory="NSG16,Flat", metric="l2"))
+    x = _random(1100, 16, 1)
+    synthetic_store(tmp_path / "s", x[:1050], index=IndexConfig(factory="NSG16,Flat", metric="l2"))
     with Store.open(tmp_path / "s") as store:
-        store.vectors("synthetic").write_part(x[150:], np.arange(150, 200))
+        store.vectors("synthetic").write_part(x[1050:], np.arange(1050, 1100))
         index, added = store.update_index("synthetic")  # FAISS: no incremental add to NSG
-        assert added == 50 and index.ntotal == 200 and index.factory == "NSG16,Flat"
-        assert sorted(index.ids.tolist()) == list(range(200))
+        assert added == 50 and index.ntotal == 1100 and index.factory == "NSG16,Flat"
+        assert sorted(index.ids.tolist()) == list(range(1100))
     assert "takes no more vectors" in caplog.text
 
 

@@ -205,23 +205,37 @@ def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
     assert not check_store(indexed).findings
 
 
-def test_two_backbones_a_failing_pin_and_the_missing_guard(indexed: Path) -> None:
+def test_two_backbones_failing_pins_and_the_missing_guard(indexed: Path) -> None:
+    from PIL import Image
+
     index_corpus(None, indexed, backbone="classic", embed=EMBED)
     pins = _pins(indexed)
-    a, b, c = sorted(pins)[:3]
+    a, b, c, d = sorted(pins)[:4]
     before = {name: _vectors(indexed, name) for name in (B, "classic")}
     _copy_over(pins[b]["path"], pins[a]["path"])
     data = Path(pins[c]["path"]).read_bytes()
     Path(pins[c]["path"]).write_bytes(data[: len(data) // 2])  # passes the header, not decoding
+    # a 4000 x 1 strip: test_efficientnet (short side to 168) takes it, classic (224: 200M
+    # pixels) refuses it as too large; it is swapped in neither
+    Image.new("RGB", (4000, 1), (90, 30, 200)).save(pins[d]["path"], "PNG")
+    with pytest.raises(ValueError, match="workers"):  # options checked before any work
+        refresh_store(indexed, workers=-1)
     report = refresh_store(indexed)
-    assert (report.changed, report.refreshed, report.unreadable) == (2, 1, 1)
+    assert (report.changed, report.refreshed, report.unreadable) == (3, 1, 2)
+    assert {e["pin_id"]: e["reason"] for e in report.examples["unreadable"]} == {
+        c: "truncated", d: "too_large"
+    }  # fmt: skip
     assert report.vectors == {B: 1, "classic": 1} and sorted(report.indexes) == ["classic", B]
     for name in (B, "classic"):
         after = _vectors(indexed, name)
         np.testing.assert_allclose(after[a], before[name][b], atol=1e-5)
-        np.testing.assert_array_equal(after[c], before[name][c])  # kept, in both
+        for kept in (c, d):  # in both backbones
+            np.testing.assert_array_equal(after[kept], before[name][kept])
     assert set(_pins(indexed)) == set(pins)
     assert [f.problem for f in check_store(indexed).findings] == ["changed_source_files"]
+    # the size limit given applies to the embedding too
+    report = refresh_store(indexed, max_pixels=300_000_000)
+    assert (report.refreshed, report.unreadable, report.vectors) == (1, 1, {B: 1, "classic": 1})
     # most files gone (a corpus moved): --remove-missing refuses, nothing removed
     for row in list(pins.values())[:13]:
         os.remove(row["path"])
