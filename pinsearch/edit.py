@@ -300,6 +300,7 @@ def remove_pins(
 _PLAN_KEY = "refresh_pending"  # catalog meta: {backbone: [pin keys]} whose vectors a refresh
 # replaced and whose index entries it has yet to replace
 _EXAMPLES = 20  # pins named in a refresh report's lists
+_REFRESH_ROUND = 16384  # pins embedded in every backbone before their vectors are swapped
 _MISSING_SHARE = 0.5  # remove_missing refuses beyond this share of pins gone (a corpus moved)
 
 
@@ -445,8 +446,9 @@ def refresh_store(
         options = {"batch_size": batch_size, "workers": workers, "decode": decode,
                    "cpu_share": cpu_share, "max_pixels": max_pixels}  # fmt: skip
         runs = {b: catalog.get_embedding(b) or {} for b in store.backbones()}
-        configs = {b: _run_config(run, device, options) for b, run in runs.items()}  # (checked
-        plan = pending_refresh(store)  # before any work)
+        # every backbone's settings built here, so checked before any work
+        configs = {b: _run_config(run, device, options) for b, run in runs.items()}
+        plan = pending_refresh(store)
         size, mtime = stat_files(states["path"].tolist())
         gone = size < 0
         changed = changed_files(states, size, mtime)
@@ -561,7 +563,8 @@ def _reembed(
         models[backbone] = (model, like_run(run, model, config))
     mine = {b: keys[in_sorted(held, keys)] for b, (_, _, held) in backbones.items()}
     total, done = sum(len(k) for k in mine.values()), 0
-    step = min(config.part_size for _, config in models.values()) if models else 1
+    # pins per round (each backbone's loader started once a round): a part or more
+    step = max([_REFRESH_ROUND, *(config.part_size for _, config in models.values())])
     failures: dict[int, tuple[str, str]] = {}
     swapped: dict[str, list[int]] = {b: [] for b in backbones}
     if progress:
