@@ -493,10 +493,25 @@ class Catalog:
         return np.asarray(cur.fetchnumpy()["pin_key"], dtype=np.int64)
 
     def drop_pins(self, keys: Sequence[int]) -> None:
-        """Delete pins (used when a pin's image fails to decode and it has no vectors)."""
-        if len(keys):
+        """Delete pins (used when a pin's image fails to decode and it has no vectors), and
+        the boards and users they leave without pins (``info`` counts them; ``remove`` could
+        no longer name them)."""
+        if not len(keys):
+            return
+        owners = self._con.execute(
+            "SELECT list(DISTINCT board), list(DISTINCT user_id) FROM pins "
+            "WHERE pin_key IN (SELECT unnest(?))",
+            [[int(k) for k in keys]],
+        ).fetchone()
+        self._con.execute(
+            "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [[int(k) for k in keys]]
+        )
+        pairs = (("boards", "board", owners[0]), ("users", "user_id", owners[1]))
+        for table, column, touched in pairs:  # (fixed names, never user text)
             self._con.execute(
-                "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [[int(k) for k in keys]]
+                f"DELETE FROM {table} WHERE {column} IN (SELECT unnest(?)) AND {column} NOT IN "
+                f"(SELECT DISTINCT {column} FROM pins WHERE {column} IS NOT NULL)",
+                [[t for t in touched or [] if t is not None]],
             )
 
     # -- embeddings and vector parts -------------------------------------------------------

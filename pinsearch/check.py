@@ -16,9 +16,9 @@ The check reads everything a query relies on and reports each problem with where
 
 Errors make ``check`` exit non-zero; warnings (a lagging index, pins not embedded yet) do not.
 ``repair`` rebuilds derived data only — indexes from the stored vectors, vector parts without
-the vectors of unknown pins — and forgets what cannot be trusted (a damaged vector part, whose
-pins the next ``pinsearch index`` re-embeds; a head or alignment whose files are gone). It never
-invents vectors.
+the vectors of unknown pins, one copy of a vector stored twice — and forgets what cannot be
+trusted (a damaged vector part, whose pins the next ``pinsearch index`` re-embeds; a head or
+alignment whose files are gone). It never invents vectors.
 """
 
 from __future__ import annotations
@@ -181,10 +181,12 @@ def _check_index(
         return
     try:
         meta = json.loads(files[".json"].read_text())
-    except (ValueError, OSError) as exc:
-        report.add("error", where, "unreadable", f"{files['.json']}: {exc}; pinsearch repair")
+        sums = meta["sha256"]
+        if not isinstance(sums, dict):
+            raise TypeError(f"its sha256 is a {type(sums).__name__}, not an object")
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # (valid JSON of another shape)
+        report.add("error", where, "unreadable", f"{files['.json']}: {exc!r}; pinsearch repair")
         return
-    sums = meta.get("sha256", {})
     for key, suffix in (("faiss", ".faiss"), ("ids", ".ids.npy")):
         if file_sha256(files[suffix]) != sums.get(key):
             report.add("error", where, "checksum", f"{files[suffix]} does not match its JSON")
@@ -374,6 +376,7 @@ def repair_store(path: str | Path) -> RepairReport:
         before = _check_open(store)
         bad_parts: dict[str, list[int]] = {}
         unknown: dict[str, bool] = {}
+        twice: dict[str, bool] = {}
         for f in before.errors:
             kind, _, rest = f.where.partition(" ")
             if kind == "vectors" and " part " in rest and f.problem != "duplicate_vectors":
@@ -381,6 +384,8 @@ def repair_store(path: str | Path) -> RepairReport:
                 bad_parts.setdefault(name, []).append(int(number))
             elif kind == "vectors" and f.problem == "unknown_pins":
                 unknown[rest] = True
+            elif kind == "vectors" and f.problem == "duplicate_vectors":
+                twice[rest.partition(" part ")[0]] = True
         pins = _pin_keys(store)
         for name in store.backbones(text_spaces=True):
             vs = store.vectors(name)
@@ -395,11 +400,23 @@ def repair_store(path: str | Path) -> RepairReport:
                     f"{bad_parts.get(name, [])}, {drop.size} of unknown pins); "
                     "pinsearch index re-embeds the pins that lost theirs"
                 )
+            if twice.get(name):
+                n = _keep_one_copy(vs)
+                out.actions.append(
+                    f"vectors {name}: kept one vector of each of {n} pins stored more than once "
+                    "(the newest part's)"
+                )
         for row in store.catalog.list_indexes():
             name, backbone = row["name"], row["backbone"]
             gone = backbone not in store.backbones(text_spaces=True)
             problems = [f for f in before.findings if f.where == f"index {name}"]
-            if gone or problems or backbone in bad_parts or unknown.get(backbone):
+            if (
+                gone
+                or problems
+                or backbone in bad_parts
+                or unknown.get(backbone)
+                or twice.get(backbone)
+            ):
                 if store.rebuild_index(name) == "dropped":
                     out.actions.append(f"index {name}: dropped (no stored vectors to rebuild from)")
                 else:
@@ -418,6 +435,29 @@ def repair_store(path: str | Path) -> RepairReport:
                 out.actions.append(f"alignment {backbone}: forgotten; run pinsearch align again")
     out.after = check_store(path, sources=False)  # (image files are not repair's business)
     return out
+
+
+def _keep_one_copy(vs: Any) -> int:
+    """Swap every vector a backbone stores more than once for one copy, the last part's;
+    returns how many pins had several."""
+    parts = vs.parts()
+    keys = [vs._load_keys(p) for p in parts]
+    every = np.concatenate(keys) if keys else np.empty(0, np.int64)
+    unique, counts = np.unique(every, return_counts=True)
+    twice = unique[counts > 1]
+    if not twice.size:
+        return 0
+    newest: dict[int, np.ndarray] = {}
+    dtype = "float32"
+    for part, part_keys in zip(parts, keys):
+        hit = np.isin(part_keys, twice)
+        if hit.any():
+            rows = np.load(vs.root / str(part["file"]), allow_pickle=False)
+            dtype = str(rows.dtype)
+            newest.update(zip(part_keys[hit].tolist(), rows[hit]))
+    order = np.array(sorted(newest), dtype=np.int64)
+    vs.replace(np.stack([newest[int(k)] for k in order]), order, dtype)
+    return len(order)
 
 
 def _readable_keys(store: Store, name: str, skip: list[int]) -> np.ndarray:

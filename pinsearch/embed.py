@@ -1100,6 +1100,6 @@ def _record_failures(
     gone = failed[~in_sorted(held, failed)]
     with catalog.transaction():
         catalog.add_skipped(failures, backbone=backbone_name)
-        catalog.drop_pins(gone.tolist())
+        catalog.drop_pins(gone.tolist())  # (their boards and users too, once left without pins)
     for f in failures:
         _logger.warning("skipped %s: %s (%s)", f.path, f.reason, f.detail)

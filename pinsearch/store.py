@@ -686,10 +686,10 @@ def _torn_save(files: dict[str, Path]) -> bool:
         mtime = {kind: f.stat().st_mtime_ns for kind, f in files.items()}
         if max(mtime["faiss"], mtime["ids"]) <= mtime["json"]:
             return False
-        sums = json.loads(files["json"].read_text()).get("sha256", {})
-    except (OSError, ValueError):
+        sums = json.loads(files["json"].read_text())["sha256"]
+        return any(file_sha256(files[kind]) != sums.get(kind) for kind in ("faiss", "ids"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False  # missing or unreadable files are reported when the index loads
-    return any(file_sha256(files[kind]) != sums.get(kind) for kind in ("faiss", "ids"))
 
 
 def _publish_snapshot(root: Path) -> None:
@@ -743,6 +743,13 @@ def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
     a writer works. A live writer's snapshot is opened without touching the catalog, not even
     for a moment: the writer may be waiting for the catalog's readers to let go."""
     has_snapshot = (root / _SNAPSHOT).is_file()
+    if not (has_snapshot or (root / _CATALOG).is_file()):  # (DuckDB would say it in a page)
+        if _writer_at_work(root):
+            raise StoreLockedError(
+                f"store {root} is being created ({lock_holder(root)}); read it when that write "
+                "is done"
+            )
+        raise FileNotFoundError(f"store {root} has no catalog ({_CATALOG}): it is not whole")
     if not (has_snapshot and _writer_at_work(root)):
         try:
             return Catalog(root / _CATALOG, read_only=True), False

@@ -294,6 +294,7 @@ class VectorStore:
         whole = set(parts or [])
         removed, retire, add = 0, [], []
         next_part = self._next_part()
+        rewrite = []  # (part, its keys, which go)
         for p in self.parts():
             number = int(p["part"])  # type: ignore[call-overload]
             if number in whole:
@@ -302,8 +303,11 @@ class VectorStore:
                 continue
             part_keys = self._load_keys(p)
             hit = np.isin(part_keys, drop)
-            if not hit.any():
-                continue
+            if hit.any():
+                rewrite.append((p, part_keys, hit))
+        for p, *_ in rewrite:  # all checked before any is written
+            self._check_sums(p)
+        for p, part_keys, hit in rewrite:
             retire.append(p)
             removed += int(hit.sum())
             if (~hit).any():
@@ -329,13 +333,30 @@ class VectorStore:
                 self.catalog.add_vector_part(self.backbone, number, *files)
             if retire and not delete_retired:  # named, so that check tells them from crash
                 names = [name for p in retire for name in self._file_names(p)]  # leftovers
-                self.catalog.set_meta(self._retired_key, json.dumps(self.retired() + names))
+                self.catalog.set_meta(self._retired_key, json.dumps(self._listed(0) + names))
             if also is not None:
                 also()
         if delete_retired:
-            self.remove_orphans()
+            self.remove_orphans(keep_last=False)
         self._forget()
         return removed
+
+    def _check_sums(self, part: dict[str, object]) -> None:
+        """Refuse to rewrite a part whose files differ from their recorded checksums: the
+        copy would record the damage as sound.
+
+        Raises:
+            ValueError: naming the part and ``pinsearch repair``; nothing is changed.
+        """
+        files = {"sha256": self.root / str(part["file"]), "keys_sha256": self._keys_path(part)}
+        for column, path in files.items():
+            want = part.get(column)
+            if want is not None and file_sha256(path) != want:
+                raise ValueError(
+                    f"vector part {path} of {self.backbone!r} does not match its checksum: it "
+                    "is damaged; pinsearch repair drops it (pinsearch index then embeds its "
+                    "pins again); nothing changed"
+                )
 
     def replace(
         self,
@@ -368,17 +389,26 @@ class VectorStore:
     def _retired_key(self) -> str:
         return f"retired_vector_files/{self.backbone}"
 
-    def retired(self) -> list[str]:
-        """File names of parts a write retired, kept on disk for readers of the snapshot
-        published before it until a writer next opens the store."""
-        return list(json.loads(self.catalog.get_meta(self._retired_key) or "[]"))
+    def _listed(self, generation: int) -> list[str]:
+        """Files retired by the last write (0), or by the write before it (1)."""
+        key = self._retired_key if generation == 0 else f"{self._retired_key}/before"
+        return list(json.loads(self.catalog.get_meta(key) or "[]"))
 
-    def remove_orphans(self) -> int:
-        """Delete part files the catalog does not know: parts retired by the last write (see
-        :meth:`retired`) and files left by an interrupted one."""
+    def retired(self) -> list[str]:
+        """File names of parts the last two writes retired, kept on disk for readers of the
+        snapshots published before them: a reader that opened while one write worked reads
+        its snapshot until the second writer after it opens."""
+        return self._listed(0) + self._listed(1)
+
+    def remove_orphans(self, *, keep_last: bool = True) -> int:
+        """Delete part files the catalog does not know: parts retired by the write before the
+        last (the last's stay, unless not ``keep_last``: ``repair``) and files left by an
+        interrupted one. The last write's retired parts become the write before's."""
+        last = self._listed(0) if keep_last else []
         if self.retired():
+            self.catalog.set_meta(f"{self._retired_key}/before", json.dumps(last))
             self.catalog.set_meta(self._retired_key, "[]")
-        unrecorded = self.unrecorded_files()
+        unrecorded = [f for f in self.unrecorded_files() if f not in set(last)]
         for name in unrecorded:
             (self.folder / name).unlink()
         removed = len(unrecorded)

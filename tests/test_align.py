@@ -269,7 +269,8 @@ def test_a_warm_text_searcher_answers_as_the_store_was_when_it_started(
             ids = [r["pin_id"] for r in writer.catalog.query("SELECT pin_id FROM pins")]
             remove_pins(writer, pin_ids=ids[:2])
             align_store(writer, "test_efficientnet", dataclasses.replace(FAST, seed=7))
-        Store.open(path).close()  # the next writer deletes the retired parts' files
+        for _ in range(2):  # the second writer after deletes the retired parts' files
+            Store.open(path).close()
         assert answers(ts) == before
 
 

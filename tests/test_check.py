@@ -233,3 +233,73 @@ def test_stray_index_files_are_reported_then_removed_by_the_next_writer(store_co
     with Store.open(store_copy) as store:
         assert store.load_index(B).ntotal == 24
     assert not any(f.exists() for f in leftovers) and check_store(store_copy).ok
+
+
+# -- from the review of the store's integrity machinery ------------------------------------------
+
+
+def test_a_damaged_part_is_not_rewritten_with_fresh_checksums(store_copy: Path) -> None:
+    from pinsearch.edit import remove_pins
+
+    with Store.open(store_copy, read_only=True) as store:
+        part = store.vectors(B).parts()[0]
+        key = int(store.vectors(B)._load_keys(part)[0])
+        pin = store.catalog.pins_by_key([key])[key]["pin_id"]
+    path = store_copy / str(part["file"])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # one flipped byte in the last vector
+    path.write_bytes(bytes(data))
+    damaged = [f.problem for f in check_store(store_copy).errors]
+    assert "checksum" in damaged
+    with Store.open(store_copy) as store, pytest.raises(ValueError, match="pinsearch repair"):
+        remove_pins(store, pin_ids=[pin])  # (it recorded the damage as sound: check ok)
+    assert [f.problem for f in check_store(store_copy).errors] == damaged
+    with Store.open(store_copy, read_only=True) as store:
+        assert store.catalog.count_pins() == 24
+
+
+def test_an_index_description_of_another_shape_is_reported(store_copy: Path) -> None:
+    for text in ("null", '{"sha256": "x"}', "[]"):
+        (store_copy / "indexes" / f"{B}.json").write_text(text)
+        report = check_store(store_copy)
+        assert [f.problem for f in report.errors] == ["unreadable"], text
+    repaired = repair_store(store_copy)
+    assert repaired.after is not None and repaired.after.ok
+
+
+def test_a_pin_dropped_at_embedding_takes_its_empty_board_and_user(
+    tree_copy: Path, tmp_path: Path
+) -> None:
+    board = tree_copy / "user009" / "lonely"
+    (board / "999").mkdir(parents=True)
+    (board / "board.json").write_text(json.dumps({"name": "Lonely", "category": "Art"}))
+    good = next(tree_copy.rglob("*.jpg")).read_bytes()
+    (board / "999" / "999.jpg").write_bytes(good[: len(good) // 2])  # header whole, pixels cut
+    index_corpus(tree_copy, tmp_path / "s", backbone=B)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert not store.catalog.query("SELECT * FROM pins WHERE pin_id = '999'")
+        assert not store.catalog.query("SELECT * FROM boards WHERE board = 'user009/lonely'")
+        assert not store.catalog.query("SELECT * FROM users WHERE user_id = 'user009'")
+
+
+def test_a_store_without_its_catalog_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "store.json").write_text(
+        json.dumps({"format": "pinsearch-store", "format_version": 2, "created_by": "0.1.0"})
+    )
+    with pytest.raises(FileNotFoundError, match="has no catalog"):
+        Store.open(tmp_path / "s", read_only=True)
+
+
+def test_repair_keeps_one_copy_of_a_vector_stored_twice(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        vecs, keys = store.vectors(B).load()
+        store.vectors(B).write_part(vecs[:3] + 1.0, keys[:3])  # a second, newer copy
+    assert "duplicate_vectors" in [f.problem for f in check_store(store_copy).errors]
+    report = repair_store(store_copy)
+    assert any("kept one vector of each of 3 pins" in a for a in report.actions)
+    assert report.after is not None and report.after.ok, report.after.findings
+    with Store.open(store_copy, read_only=True) as store:
+        after, _ = store.vectors(B).load(keys[:3])
+        np.testing.assert_array_equal(after, vecs[:3] + 1.0)  # the newest part's
+        assert len(store.vectors(B)) == 24 and store.load_index(B).ntotal == 24

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pinsearch.check import check_store
+from pinsearch.edit import remove_pins
 from pinsearch.errors import StoreLockedError
 from pinsearch.search import PinSearcher
 from pinsearch.store import Store
@@ -102,13 +103,29 @@ def test_readers_of_the_snapshot_survive_a_remove(store_copy: Path, tmp_path: Pa
     # check knows the kept files for what they are: retired by the remove, not crash leftovers
     report = check_store(store_copy)
     assert report.ok and not report.findings and report.checked["retired_vector_files"] >= 2
-    with Store.open(store_copy) as store:  # the next writer deletes the retired parts
-        assert store.catalog.count_pins() == 23
-        folder = store.vectors("test_efficientnet").folder
-        assert len(list(folder.glob("part-*.npy"))) == 2 * len(
-            store.vectors("test_efficientnet").parts()
-        )
-        assert store.vectors("test_efficientnet").retired() == []
+    for kept in (True, False):  # the second writer after the remove deletes the retired parts
+        with Store.open(store_copy) as store:
+            assert store.catalog.count_pins() == 23
+            vs = store.vectors("test_efficientnet")
+            files = len(list(vs.folder.glob("part-*.npy")))
+            assert (files > 2 * len(vs.parts())) is kept and bool(vs.retired()) is kept
+    assert "retired_vector_files" not in check_store(store_copy).checked
+
+
+def test_a_snapshot_reader_outlives_the_next_writer(store_copy: Path) -> None:
+    """A reader that opened the snapshot while a remove worked reads the parts it retired
+    after the next writer opened too (it deleted them at once: FileNotFoundError)."""
+    with Store.open(store_copy) as writer:
+        first = writer.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 1")[0]
+        remove_pins(writer, pin_ids=[first["pin_id"]])
+        reader = Store.open(store_copy, read_only=True)  # the snapshot: before the remove
+    try:
+        assert reader.snapshot and reader.catalog.count_pins() == 24
+        Store.open(store_copy).close()  # the next writer
+        assert len(reader.vectors("test_efficientnet").load()[1]) == 24 and _query(reader) == 5
+    finally:
+        reader.close()
+    Store.open(store_copy).close()  # the one after deletes them
     assert "retired_vector_files" not in check_store(store_copy).checked
 
 
