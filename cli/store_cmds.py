@@ -88,6 +88,18 @@ def index(
     from pinsearch.ingest import IngestConfig
     from pinsearch.pipeline import index_corpus, stored_run_settings
 
+    if corpus is None:  # (they read a corpus)
+        given = {"--format": fmt, "--per-category": per_category, "--seed": seed,
+                 "--keep-excluded": keep_excluded or None, "--categories": categories,
+                 "--allow-outside-root": allow_outside_root or None}  # fmt: skip
+        unused = [flag for flag, value in given.items() if value is not None]
+        if unused:
+            raise typer.BadParameter(
+                f"{', '.join(unused)} read a corpus; give one, or leave them out to embed "
+                "the pins the store holds"
+            )
+    if seed is not None and per_category is None:
+        raise typer.BadParameter("--seed draws the --per-category sample; give that too")
     # a store's existing run decides what was left unset: its vectors must stay alike
     stored = stored_run_settings(store, backbone)
     ingest_cfg = make_config(

@@ -256,6 +256,10 @@ class Catalog:
         """Every stored pin id."""
         return {r[0] for r in self._con.execute("SELECT pin_id FROM pins").fetchall()}
 
+    def pin_id_paths(self) -> dict[str, str]:
+        """Every stored pin id with its image's path."""
+        return dict(self._con.execute("SELECT pin_id, path FROM pins").fetchall())
+
     def count_pins(self) -> int:
         """Number of stored pins."""
         return int(self.scalar("SELECT count(*) FROM pins"))

@@ -105,6 +105,11 @@ def add_corpus(
     with Store.open(store_path, read_only=True, verify=False) as store:  # the writers verify
         backbones = store.backbones()
         runs = {b: store.catalog.get_embedding(b) or {} for b in backbones}
+        # a backbone holding some of the pins only (a study's per-class sample) embeds the new
+        # ones only, not every pin it left out
+        first_new = int(store.catalog.get_meta("next_pin_key") or 0)
+        pins = store.catalog.count_pins()
+        partial = {b for b in backbones if len(store.vectors(b)) < pins}
     if not backbones:
         raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
     reports = []
@@ -120,6 +125,7 @@ def add_corpus(
                 ingest=ingest,
                 embed=embed,
                 progress=progress,
+                select=_pins_from(first_new) if backbone in partial else None,
             )
         )
     first = reports[0]
@@ -137,6 +143,17 @@ def add_corpus(
         stale_heads=stale,
         seconds=time.perf_counter() - start,
     )
+
+
+def _pins_from(first: int) -> Any:
+    """A ``select`` for :func:`~pinsearch.pipeline.index_corpus`: the pins whose key is
+    ``first`` or above (those an ``add`` stores)."""
+
+    def keys(store: Store) -> np.ndarray:
+        every, _ = store.catalog.pin_columns()
+        return every[every >= first]
+
+    return keys
 
 
 def _run_config(run: dict[str, Any], device: str, options: dict[str, Any]) -> Any:

@@ -11,12 +11,13 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import re
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,6 +104,12 @@ class IngestConfig:
     # symbolic links in trees and folders)
     workers: int = 8  # threads probing image headers
 
+    def __post_init__(self) -> None:  # said before any corpus is read
+        if self.per_category is not None and self.per_category < 1:
+            raise ValueError(f"per_category must be positive, got {self.per_category}")
+        if self.seed < 0:
+            raise ValueError(f"the sampling seed must be 0 or more, got {self.seed}")
+
 
 @dataclass
 class IngestResult:
@@ -145,6 +152,10 @@ def _text(value: object) -> str:
         return ""
     if isinstance(value, str):
         return value.strip()
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""  # (a Parquet column's missing value: NaN)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # a Parquet id column of floats: 1.0 is the CSV's 1
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return json.dumps(value, ensure_ascii=False, default=str)
@@ -819,7 +830,7 @@ def read_corpus(
     root: str | Path,
     config: IngestConfig | None = None,
     *,
-    exclude_ids: Iterable[str] = (),
+    exclude_ids: Iterable[str] | Mapping[str, str] = (),
 ) -> IngestResult:
     """Read a corpus and apply the cleaning rules of ``config``.
 
@@ -827,6 +838,9 @@ def read_corpus(
         root: a tree or folder corpus directory, or a manifest file.
         config: reading rules; defaults to :class:`IngestConfig`.
         exclude_ids: pin ids already stored; they are neither re-read nor counted as duplicates.
+            Given with their paths (a mapping), a pin of a stored id at another path, while
+            the stored path is still there, is skipped as ``duplicate_id`` (another image: a
+            second folder laid out as the first).
 
     Returns:
         The kept pins (in reading order), the skipped pins with reasons, and counts such that
@@ -845,6 +859,7 @@ def read_corpus(
     allowed = (
         None if config.categories is None else {normalize_category(c) for c in config.categories}
     )
+    paths = dict(exclude_ids) if isinstance(exclude_ids, Mapping) else {}
     known = set(exclude_ids)
     present: dict[str, PinRecord] = {}  # stored pins the rules would keep (for the draw)
     candidates: list[PinRecord] = []
@@ -856,6 +871,19 @@ def read_corpus(
             skipped.append(item)
             continue
         refusal = _category_refusal(item, drop, allowed)
+        # a stored id at another path that is still there is another image (a stored path
+        # that is gone: the corpus moved, and the pin is the stored one)
+        stored = paths.get(item.pin_id)
+        if stored is not None and stored != str(item.path) and os.path.exists(stored):
+            skipped.append(
+                SkippedPin(
+                    str(item.path), "duplicate_id",
+                    f"pin id {item.pin_id!r} is stored already, from {stored}; another image "
+                    "needs another id",
+                    item.pin_id,
+                )
+            )  # fmt: skip
+            continue
         if item.pin_id in known:
             already_present += 1
             if refusal is None:

@@ -127,7 +127,7 @@ def index_corpus(
             found = added = already = skipped = sampled_out = 0
             fmt = ""
             if corpus is not None:
-                result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_ids())
+                result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_id_paths())
                 _, added = store.catalog.add_ingest(result, json.dumps(asdict(ingest), default=str))
                 found, already = result.found, result.already_present
                 skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format

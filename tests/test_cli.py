@@ -750,3 +750,13 @@ def test_help_lists_each_command_in_one_flowing_sentence() -> None:
     assert "embedded, for every backbone of the store, and every index is updated" in rows["add"]
     assert "ingest counts, the pins' image files. Exit 1 on errors." in rows["check"]
     assert {c.name or c.callback.__name__ for c in app.registered_commands} <= set(rows)
+
+
+def test_index_without_a_corpus_refuses_the_options_that_read_one(built_store) -> None:
+    for args, named in ((["--per-category", "2"], "--per-category"),
+                        (["--categories", "art"], "--categories"),
+                        (["--format", "folder"], "--format")):  # fmt: skip
+        bad = runner.invoke(app, ["index", "--store", str(built_store.path), *args])
+        assert bad.exit_code != 0 and named in bad.output and "read a corpus" in bad.output
+    seed = runner.invoke(app, ["index", "x", "--store", str(built_store.path), "--seed", "3"])
+    assert seed.exit_code != 0 and "--per-category" in seed.output

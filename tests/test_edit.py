@@ -4,6 +4,7 @@ step, queries are right straight after, heads go stale."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,42 @@ def test_index_options_are_compared_as_stored(store_copy: Path) -> None:
     first = index_corpus(None, store_copy, backbone=B, index={"factory": " Flat "}, embed=embed)
     again = index_corpus(None, store_copy, backbone=B, index={"factory": "Flat "}, embed=embed)
     assert first.factory == "Flat" and again.index_action == "unchanged"
+
+
+# -- from the review of ingest and incremental runs --------------------------------------------
+
+
+def test_add_to_a_sampled_store_embeds_the_new_pins_only(make_tree, tmp_path: Path) -> None:
+    from pinsearch.embed import EmbedConfig
+
+    corpus = make_tree(tmp_path / "c", pins_per_board=4)
+    index_corpus(
+        corpus.root,
+        tmp_path / "s",
+        backbone=B,
+        embed=EmbedConfig(workers=0),
+        select=lambda store: store.catalog.pin_columns()[0][:8],
+    )  # a study's sample
+    more = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
+    report = add_corpus(more.root, tmp_path / "s", workers=0)
+    assert report.added == 6 and report.backbones[0]["embedded"] == 6  # (it embedded 46)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert len(store.vectors(B)) == 14 and store.catalog.count_pins() == 30
+
+
+def test_a_stored_id_from_another_image_is_skipped_as_a_duplicate(tmp_path: Path) -> None:
+    from pinsearch.synth import make_image_folder
+
+    one = make_image_folder(tmp_path / "one", per_category=2, image_size=64, seed=1)
+    two = make_image_folder(tmp_path / "two", per_category=3, image_size=64, seed=2)
+    index_corpus(one.root, tmp_path / "s", backbone=B)
+    report = add_corpus(two.root, tmp_path / "s", workers=0)
+    stored = len(list(Path(one.root).rglob("*.jpg")))
+    fresh = len(list(Path(two.root).rglob("*.jpg"))) - stored
+    assert (report.added, report.already_present, report.skipped) == (fresh, 0, stored)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        reasons = store.catalog.query("SELECT DISTINCT reason FROM skipped")
+        assert [r["reason"] for r in reasons] == ["duplicate_id"]
+    shutil.move(one.root, tmp_path / "moved")  # the stored files gone: a corpus moved
+    again = add_corpus(tmp_path / "moved", tmp_path / "s", workers=0)
+    assert (again.added, again.already_present, again.skipped) == (0, stored, 0)

@@ -914,3 +914,15 @@ def test_blank_header_cells_are_not_a_column_named_twice(tmp_path: Path) -> None
     Image.new("RGB", (20, 20)).save(tmp_path / "ok.jpg")
     (tmp_path / "m.csv").write_text("path,category,,\nok.jpg,art,,\n")
     assert [p.pin_id for p in read_corpus(tmp_path / "m.csv").pins] == ["ok"]
+
+
+def test_sampling_settings_are_checked_up_front_and_parquet_float_ids_read_as_csv_ones(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ValueError, match="seed must be 0 or more"):
+        IngestConfig(seed=-1, per_category=2)
+    with pytest.raises(ValueError, match="per_category must be positive"):
+        IngestConfig(per_category=0)
+    from pinsearch.ingest import _text
+
+    assert (_text(1.0), _text(float("nan")), _text(2.5)) == ("1", "", "2.5")
