@@ -270,6 +270,21 @@ class Catalog:
         rows = [_board_row(b) for b in boards]
         self.insert_rows("boards", _BOARD_COLUMNS, rows, keep_existing=True)
 
+    def _board_categories(self, boards: Sequence[str]) -> None:
+        """Set each of ``boards``' category to its stored pins' most common one (ties: the
+        category of its first pin): a board a later ingest adds pins of another category to
+        follows them, as one ingest's board does (:func:`pinsearch.ingest._board_records`)."""
+        if not boards:
+            return
+        self._con.execute(
+            "WITH c AS (SELECT board, category, count(*) AS n, min(pin_key) AS first FROM pins "
+            "WHERE board IN (SELECT unnest(?)) GROUP BY board, category), "
+            "best AS (SELECT board, category FROM (SELECT *, row_number() OVER (PARTITION BY "
+            "board ORDER BY n DESC, first) AS r FROM c) WHERE r = 1) "
+            "UPDATE boards SET category = best.category FROM best WHERE boards.board = best.board",
+            [list(boards)],
+        )
+
     def add_ingest(self, result: IngestResult, config_json: str) -> tuple[int, int]:
         """Store the pins, boards, users and skipped pins of an ingest in one transaction.
 
@@ -284,6 +299,7 @@ class Catalog:
             self.add_boards(result.boards.values())
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
+            self._board_categories(sorted(result.boards))
             self.set_meta("next_pin_key", str(next_key + len(rows)))
             # files skipped by an earlier run (any stage) and stored now: fixed since
             self._con.execute(

@@ -658,7 +658,7 @@ class Store:
                 "ORDER BY name"
             ),
             top_boards=c.query(
-                "SELECT p.board, any_value(b.name) AS name, any_value(p.category) AS category, "
+                "SELECT p.board, any_value(b.name) AS name, any_value(b.category) AS category, "
                 "count(*) AS pins FROM pins p LEFT JOIN boards b ON b.board = p.board "
                 "GROUP BY p.board ORDER BY pins DESC, p.board LIMIT 20"
             ),

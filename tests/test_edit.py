@@ -16,6 +16,7 @@ from pinsearch.classify import train_head
 from pinsearch.cli.app import app
 from pinsearch.edit import add_corpus, remove_pins
 from pinsearch.errors import IndexFileError, PinNotFoundError
+from pinsearch.ingest import IngestConfig
 from pinsearch.pipeline import index_corpus
 from pinsearch.search import PinSearcher
 from pinsearch.store import Store
@@ -393,3 +394,27 @@ def test_a_stored_id_from_another_image_is_skipped_as_a_duplicate(tmp_path: Path
     shutil.move(one.root, tmp_path / "moved")  # the stored files gone: a corpus moved
     again = add_corpus(tmp_path / "moved", tmp_path / "s", workers=0)
     assert (again.added, again.already_present, again.skipped) == (0, stored, 0)
+
+
+def test_a_board_follows_the_categories_of_the_pins_added_to_it(tmp_path: Path) -> None:
+    from pinsearch.synth import make_image_folder
+
+    made = make_image_folder(tmp_path / "img", per_category=3, image_size=64)
+    files = sorted(Path(made.root).rglob("*.jpg"))
+    art = [f for f in files if f.parent.name == "art"]
+    food = [f for f in files if f.parent.name == "food_drink"]
+
+    def manifest(name: str, rows: list[tuple[Path, str]]) -> Path:
+        path = tmp_path / name
+        path.write_text("path,category,board,user\n" + "".join(
+            f"{f},{c},B,u1\n" for f, c in rows))  # fmt: skip
+        return path
+
+    index_corpus(manifest("a.csv", [(art[0], "art")]), tmp_path / "s", backbone=B,
+                 ingest=IngestConfig(allow_outside_root=True))  # fmt: skip
+    add_corpus(manifest("b.csv", [(food[0], "food_drink"), (food[1], "food_drink")]),
+               tmp_path / "s", ingest=IngestConfig(allow_outside_root=True), workers=0)  # fmt: skip
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        row = store.catalog.query("SELECT category FROM boards WHERE board = 'u1/B'")
+        assert row == [{"category": "food_drink"}]  # (it kept 'art', its first run's)
+        assert store.info().top_boards[0]["category"] == "food_drink"
