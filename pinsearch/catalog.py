@@ -296,10 +296,19 @@ class Catalog:
             next_key = int(self.get_meta("next_pin_key") or 0)
             users = sorted({p.user for p in result.pins if p.user})
             self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
+            # boards stored before take pins now: their category is their pins' again (a new
+            # board's is its pins' already: ingest._board_records)
+            grown = [
+                r[0]
+                for r in self._con.execute(
+                    "SELECT board FROM boards WHERE board IN (SELECT unnest(?))",
+                    [sorted(result.boards)],
+                ).fetchall()
+            ]
             self.add_boards(result.boards.values())
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
-            self._board_categories(sorted(result.boards))
+            self._board_categories(grown)
             self.set_meta("next_pin_key", str(next_key + len(rows)))
             # files skipped by an earlier run (any stage) and stored now: fixed since
             self._con.execute(
