@@ -71,8 +71,6 @@ def load_compact(data: dict[str, Any], path: Path) -> CompactConfig:
         raise ValueError(f"{path}: unknown heads {bad_heads}; known: {sorted(HEADS)}")
     for v in config.variants:
         _parse(v)
-    if config.k < 1:
-        raise ValueError(f"{path}: k (recall@k) must be at least 1, got {config.k}")
     if not 0.0 < config.test_size < 1.0:
         raise ValueError(f"{path}: test_size must be in (0, 1), got {config.test_size}")
     return config

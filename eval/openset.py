@@ -85,8 +85,6 @@ def load_openset(data: dict[str, Any], path: Path) -> OpenSetConfig:
             raise ValueError(f"{path}: {name} must be in (0, 1), got {getattr(config, name)}")
     if not 0.0 < config.target_tpr <= 1.0:
         raise ValueError(f"{path}: target_tpr must be in (0, 1], got {config.target_tpr}")
-    if config.splits < 1:
-        raise ValueError(f"{path}: splits must be at least 1, got {config.splits}")
     return config
 
 

@@ -67,7 +67,7 @@ def run_retrieval(
     from pinsearch.backbones import get_backbone_spec
     from pinsearch.eval.metrics import retrieval_metrics
     from pinsearch.pipeline import index_corpus
-    from pinsearch.text import AlignedTextEncoder, SentenceEncoder, text_encoder_for
+    from pinsearch.text import text_encoder_for
 
     modes = {}
     for backbone in config.backbones:  # before any work
@@ -100,13 +100,8 @@ def run_retrieval(
             report = None
             if mode == "align":
                 align_cfg = AlignConfig(**{**config.align, **overrides})
-                arrays, report = fit_alignment(
+                encoder, report = fit_alignment(  # (trained in memory)
                     store, backbone, align_cfg, captions=config.captions, keys=train
-                )
-                encoder = AlignedTextEncoder(
-                    SentenceEncoder(align_cfg.text_model, device=align_cfg.device),
-                    arrays,
-                    f"align:{align_cfg.text_model}->{backbone}",
                 )
             else:
                 encoder = text_encoder_for(store, backbone, device="auto")

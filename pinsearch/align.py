@@ -331,9 +331,10 @@ def fit_alignment(
     *,
     captions: str | Path | None = None,
     keys: np.ndarray | None = None,
-) -> tuple[dict[str, np.ndarray], AlignReport]:
-    """Train the text alignment of a store's backbone without saving it: the projection's
-    arrays (for :class:`~pinsearch.text.AlignedTextEncoder`) and what was done.
+) -> tuple[Any, AlignReport]:
+    """Train the text alignment of a store's backbone without saving it: the text encoder it
+    makes (a :class:`~pinsearch.text.AlignedTextEncoder`, its projection in ``.arrays``)
+    and what was done.
 
     Args:
         store: an open store.
@@ -342,7 +343,7 @@ def fit_alignment(
         captions: a CSV of captions (default: the pins' titles and descriptions).
         keys: only pins with these keys take part (e.g. a training split).
     """
-    from pinsearch.text import SentenceEncoder, pin_texts
+    from pinsearch.text import AlignedTextEncoder, SentenceEncoder, aligned_name, pin_texts
 
     config = config or AlignConfig()
     start = time.perf_counter()
@@ -371,7 +372,8 @@ def fit_alignment(
     sentence = SentenceEncoder(config.text_model, device=config.device)
     sentences = sentence.encode(texts)
     arrays, history = train_projection(sentences, pair_item, items, config, groups=groups)
-    return arrays, AlignReport(
+    encoder = AlignedTextEncoder(sentence, arrays, aligned_name(config.text_model, backbone))
+    return encoder, AlignReport(
         store=str(store.root),
         backbone=backbone,
         text_model=config.text_model,
@@ -402,11 +404,11 @@ def align_store(
 
     config = config or AlignConfig()
     start = time.perf_counter()
-    arrays, report = fit_alignment(store, backbone, config, captions=captions, keys=keys)
+    encoder, report = fit_alignment(store, backbone, config, captions=captions, keys=keys)
     report.stale_heads = save_alignment(
         store,
         report.backbone,
-        arrays,
+        encoder.arrays,
         text_model=config.text_model,
         pairs=report.pairs,
         images=report.images,

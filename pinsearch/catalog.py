@@ -521,27 +521,42 @@ class Catalog:
         )
         return np.asarray(cur.fetchnumpy()["pin_key"], dtype=np.int64)
 
-    def drop_pins(self, keys: Sequence[int]) -> None:
-        """Delete pins (used when a pin's image fails to decode and it has no vectors), and
-        the boards and users they leave without pins (``info`` counts them; ``remove`` could
-        no longer name them)."""
-        if not len(keys):
-            return
+    def drop_pins(
+        self, keys: Sequence[int], *, boards: Sequence[str] = (), users: Sequence[str] = ()
+    ) -> tuple[list[str], list[str], list[str]]:
+        """Delete pins, and the boards and users left without pins: theirs, and those named
+        (``info`` counts what is stored; ``remove`` could no longer name an empty one).
+
+        Returns:
+            The pin ids, boards and users deleted.
+        """
+        keys = [int(k) for k in keys]
         owners = self._con.execute(
             "SELECT list(DISTINCT board), list(DISTINCT user_id) FROM pins "
             "WHERE pin_key IN (SELECT unnest(?))",
-            [[int(k) for k in keys]],
+            [keys],
         ).fetchone()
-        self._con.execute(
-            "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?))", [[int(k) for k in keys]]
+        touched_boards = sorted({*boards, *(b for b in owners[0] or [] if b is not None)})
+        touched_users = sorted({*users, *(u for u in owners[1] or [] if u is not None)})
+
+        def deleted(sql: str, params: list[Any]) -> list[str]:
+            return [r[0] for r in self._con.execute(sql, params).fetchall()]
+
+        ids = deleted(
+            "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?)) RETURNING pin_id", [keys]
         )
-        pairs = (("boards", "board", owners[0]), ("users", "user_id", owners[1]))
-        for table, column, touched in pairs:  # (fixed names, never user text)
-            self._con.execute(
-                f"DELETE FROM {table} WHERE {column} IN (SELECT unnest(?)) AND {column} NOT IN "
-                f"(SELECT DISTINCT {column} FROM pins WHERE {column} IS NOT NULL)",
-                [[t for t in touched or [] if t is not None]],
-            )
+        gone_boards = deleted(
+            "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
+            "(SELECT unnest(?))) AND board NOT IN "
+            "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
+            [touched_boards, list(users)],
+        )
+        gone_users = deleted(
+            "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "
+            "(SELECT DISTINCT user_id FROM pins WHERE user_id IS NOT NULL) RETURNING user_id",
+            [touched_users],
+        )
+        return ids, gone_boards, gone_users
 
     # -- embeddings and vector parts -------------------------------------------------------
 

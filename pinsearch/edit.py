@@ -240,33 +240,13 @@ def remove_pins(
         if n:
             vectors[name] = n
     con = store.catalog.connection
-    # Boards and users the removed pins belonged to (besides those named): any of them left
-    # without pins goes too.
-    owners = con.execute(
-        "SELECT list(DISTINCT board), list(DISTINCT user_id) FROM pins "
-        "WHERE pin_key IN (SELECT unnest(?))",
-        [keys.tolist()],
-    ).fetchone()
-    touched_boards = sorted({*boards, *(b for b in owners[0] or [] if b is not None)})
-    touched_users = sorted({*users, *(u for u in owners[1] or [] if u is not None)})
     with store.catalog.transaction():
-        gone_ids = [
-            r[0]
-            for r in con.execute(
-                "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?)) RETURNING pin_id",
-                [keys.tolist()],
-            ).fetchall()
-        ]
-        gone_boards = [
-            r[0]
-            for r in con.execute(
-                "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
-                "(SELECT unnest(?))) AND board NOT IN "
-                "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
-                [touched_boards, list(users)],
-            ).fetchall()
-        ]
-        n_boards = len(gone_boards)
+        # boards and users the removed pins belonged to (besides those named): any of them
+        # left without pins goes too
+        gone_ids, gone_boards, gone_users = store.catalog.drop_pins(
+            keys.tolist(), boards=boards, users=users
+        )
+        n_boards, n_users = len(gone_boards), len(gone_users)
         if store.catalog.has_table("clusters"):  # saved cluster runs forget them too
             con.execute(
                 "DELETE FROM clusters WHERE (item IN (SELECT unnest(?)) AND run_id IN (SELECT "
@@ -274,13 +254,6 @@ def remove_pins(
                 "AND run_id IN (SELECT run_id FROM cluster_runs WHERE level = 'boards'))",
                 [gone_ids, gone_boards],
             )
-        n_users = len(
-            con.execute(
-                "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "
-                "(SELECT DISTINCT user_id FROM pins WHERE user_id IS NOT NULL) RETURNING user_id",
-                [touched_users],
-            ).fetchall()
-        )
         for name in store.backbones(text_spaces=True):  # (a remove stopped earlier may have
             # dropped vectors without counting them)
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
@@ -531,7 +504,7 @@ def refresh_store(
             _set_pending(store, backbone, [])
         by_key = {int(states["pin_key"][i]): i for i in good}
         wanted = np.array(sorted(by_key), dtype=np.int64)
-        held = {b: np.sort(store.vectors(b).keys()) for b in runs}
+        held = {b: store.vectors(b).sorted_keys() for b in runs}
         held = {b: k for b, k in held.items() if in_sorted(k, wanted).any()}
         failures = _reembed(store, wanted, {b: (runs[b], configs[b], k) for b, k in held.items()},
                             progress, report)  # fmt: skip
@@ -607,9 +580,11 @@ def _reembed(
             if not ok.any():
                 continue
             noted = [*swapped[backbone], *k[ok].tolist()]
-            dtype = str(backbones[backbone][0].get("dtype") or "float32")
             store.vectors(backbone).replace(
-                v[ok], k[ok], dtype, also=lambda b=backbone, n=noted: _set_pending(store, b, n)
+                v[ok],
+                k[ok],
+                models[backbone][1].dtype,  # (the run's: run_settings)
+                also=lambda b=backbone, n=noted: _set_pending(store, b, n),
             )
             swapped[backbone] = noted
     for backbone, keys_done in swapped.items():

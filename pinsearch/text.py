@@ -31,6 +31,7 @@ __all__ = [
     "NoTextTowerError",
     "SentenceEncoder",
     "TextEncoder",
+    "aligned_name",
     "embed_text_space",
     "pin_texts",
     "sentence_model",
@@ -179,6 +180,11 @@ def _is_clip(backbone: str) -> bool:
         return False
 
 
+def aligned_name(text_model: str, backbone: str) -> str:
+    """The name of the text encoder an alignment of ``backbone`` with ``text_model`` makes."""
+    return f"align:{text_model}->{backbone}"
+
+
 def text_encoder_name(store: Any, backbone: str) -> str | None:
     """The name of the text encoder :func:`text_encoder_for` would build (None: no text
     tower), without loading any model."""
@@ -187,7 +193,7 @@ def text_encoder_name(store: Any, backbone: str) -> str | None:
     from pinsearch.align import load_alignment
 
     found = load_alignment(store, backbone, arrays=False)
-    return None if found is None else f"align:{found[1]['text_model']}->{backbone}"
+    return None if found is None else aligned_name(found[1]["text_model"], backbone)
 
 
 def text_encoder_identity(store: Any, backbone: str) -> str | None:
@@ -230,7 +236,7 @@ def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> Text
         )
     arrays, meta = found
     sentence = SentenceEncoder(meta["text_model"], device=device)
-    return AlignedTextEncoder(sentence, arrays, f"align:{meta['text_model']}->{backbone}")
+    return AlignedTextEncoder(sentence, arrays, aligned_name(meta["text_model"], backbone))
 
 
 # -- the title space -----------------------------------------------------------------------

@@ -8,6 +8,8 @@ unrecorded file that the next writer removes: resumption re-embeds nothing that 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import re
@@ -281,9 +283,10 @@ class VectorStore:
 
         Each part holding such a key is rewritten without it as a new part; the catalog swaps
         old for new parts in one transaction. A crash at any point leaves either the old parts
-        or the new ones recorded. The old files stay until a writer next opens the store (it
-        removes unrecorded files): readers of the snapshot published before this write still
-        read them. ``delete_retired`` deletes them at once (``repair``: damaged parts).
+        or the new ones recorded. The old files stay until the second writer after this one
+        opens (see :meth:`remove_orphans`): readers of the snapshot published before this
+        write still read them. ``delete_retired`` deletes them at once (``repair``: damaged
+        parts). A part is rewritten only once its files match their checksums.
         ``new`` (vectors, their keys, dtype) is written as one more part, committed in the
         same transaction (see :meth:`replace`), and so are ``also``'s catalog writes.
 
@@ -305,19 +308,23 @@ class VectorStore:
             hit = np.isin(part_keys, drop)
             if hit.any():
                 rewrite.append((p, part_keys, hit))
-        for p, *_ in rewrite:  # all checked before any is written
-            self._check_sums(p)
-        for p, part_keys, hit in rewrite:
-            retire.append(p)
-            removed += int(hit.sum())
-            if (~hit).any():
-                arr = np.load(self.root / str(p["file"]), allow_pickle=False)
-                add.append((next_part, *self._write_files(
-                    next_part, arr[~hit], part_keys[~hit], str(arr.dtype)
-                )))  # fmt: skip
-                next_part += 1
-        if new is not None:
-            add.append((next_part, *self._write_files(next_part, *new)))
+        try:
+            for p, part_keys, hit in rewrite:
+                arr = self._checked_vectors(p)  # (read once: checked, then copied)
+                retire.append(p)
+                removed += int(hit.sum())
+                if (~hit).any():
+                    add.append((next_part, *self._write_files(
+                        next_part, arr[~hit], part_keys[~hit], str(arr.dtype)
+                    )))  # fmt: skip
+                    next_part += 1
+            if new is not None:
+                add.append((next_part, *self._write_files(next_part, *new)))
+        except BaseException:  # a damaged part (or a failed write): the new files go
+            for _, rel, *_ in add:
+                for f in (self.root / rel, self._keys_path({"file": rel})):
+                    f.unlink(missing_ok=True)
+            raise
         if not retire and not add:
             return 0
         with self.catalog.transaction():
@@ -341,22 +348,27 @@ class VectorStore:
         self._forget()
         return removed
 
-    def _check_sums(self, part: dict[str, object]) -> None:
-        """Refuse to rewrite a part whose files differ from their recorded checksums: the
-        copy would record the damage as sound.
+    def _checked_vectors(self, part: dict[str, object]) -> np.ndarray:
+        """A part's vectors, read once, after its files matched their recorded checksums: a
+        copy of a damaged part would record the damage as sound.
 
         Raises:
             ValueError: naming the part and ``pinsearch repair``; nothing is changed.
         """
-        files = {"sha256": self.root / str(part["file"]), "keys_sha256": self._keys_path(part)}
-        for column, path in files.items():
-            want = part.get(column)
-            if want is not None and file_sha256(path) != want:
+        path = self.root / str(part["file"])
+        data = path.read_bytes()
+        sums = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "keys_sha256": file_sha256(self._keys_path(part)),
+        }
+        for column, got in sums.items():
+            if part.get(column) is not None and got != part[column]:
                 raise ValueError(
                     f"vector part {path} of {self.backbone!r} does not match its checksum: it "
                     "is damaged; pinsearch repair drops it (pinsearch index then embeds its "
                     "pins again); nothing changed"
                 )
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
     def replace(
         self,
@@ -408,7 +420,8 @@ class VectorStore:
         if self.retired():
             self.catalog.set_meta(f"{self._retired_key}/before", json.dumps(last))
             self.catalog.set_meta(self._retired_key, "[]")
-        unrecorded = [f for f in self.unrecorded_files() if f not in set(last)]
+        kept = set(last)
+        unrecorded = [f for f in self.unrecorded_files() if f not in kept]
         for name in unrecorded:
             (self.folder / name).unlink()
         removed = len(unrecorded)
