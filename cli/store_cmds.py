@@ -194,6 +194,11 @@ def add(
         f"added {report.added} pins ({report.skipped} skipped, {report.already_present} already "
         f"there) to {report.store} in {report.seconds:.1f} s"
     )
+    if report.updated:
+        console.print(
+            f"metadata updated for {report.updated} pins already there"
+            + (f" ({report.moved} moved)" if report.moved else "")
+        )
     for b in report.backbones:
         console.print(f"  {b['backbone']}: embedded {b['embedded']}, index {b['index_action']}")
     if report.stale_heads:
@@ -271,6 +276,9 @@ def refresh(
     )
     for backbone, n in report.vectors.items():
         console.print(f"  {backbone}: {n} vectors")
+    if report.titles:
+        console.print(f"title vectors {'to embed' if dry_run else 'embedded'} again: "
+                      f"{report.titles} (titles changed by an interrupted ingest)")  # fmt: skip
     if report.indexes:
         console.print(
             f"indexes updated: {', '.join(report.indexes)}"

@@ -8,6 +8,7 @@ random tensors (embedding), exact search (index recall), and raw FAISS on the sa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
@@ -923,16 +924,32 @@ class CatalogBench:
     boards_executemany_s: float
     boards_speedup: float  # boards_executemany_s / boards_columnar_s
     boards_columnar_s: float  # the same boards in one columnar insert, into a fresh store
+    # the same corpus read again into that store: every pin stored already, compared with
+    # what the catalog holds; unchanged, then with 1% of the titles edited (written back)
+    reread_s: float = 0.0
+    reread_edited_s: float = 0.0
+    reread_edited: int = 0  # pins the second re-read found changed
     machine: dict[str, Any] = field(default_factory=dict)
 
 
 def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) -> CatalogBench:
     """Time :meth:`~pinsearch.catalog.Catalog.add_ingest` of ``n`` synthetic pins over
     ``boards`` boards with ``skipped`` skipped files (what ``pinsearch index`` writes to the
-    catalog for such a corpus), and the same boards written row by row as before."""
+    catalog for such a corpus), the same boards written row by row as before, and the corpus
+    read again (its pins compared with the stored ones: unchanged, then 1% of titles edited)."""
     from pinsearch.store import Store
 
     result = synthetic_ingest(n, boards=boards, skipped=skipped)
+    again = dataclasses.replace(
+        result, pins=[], skipped=[], already_present=n, boards={}, stored=result.pins
+    )
+    edited = dataclasses.replace(
+        again,
+        stored=[
+            dataclasses.replace(p, title=p.title + " (edited)") if i % 100 == 0 else p
+            for i, p in enumerate(result.pins)
+        ],
+    )
     records = list(result.boards.values())
     rows = [[b.board, b.user, b.board_name, b.category, b.board_description] for b in records]
     with tempfile.TemporaryDirectory() as tmp:
@@ -940,6 +957,10 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
             with timed() as t:
                 store.catalog.add_ingest(result, "{}")
             users = store.catalog.scalar("SELECT count(*) FROM users")
+            with timed() as t_again:
+                store.catalog.add_ingest(again, "{}")
+            with timed() as t_edited:
+                changes = store.catalog.add_ingest(edited, "{}").changes
         with Store.open(Path(tmp) / "boards", create=True) as store, timed() as t_boards:
             store.catalog.add_boards(records)  # alone
         with Store.open(Path(tmp) / "rows", create=True) as store, timed() as t_rows:
@@ -956,6 +977,9 @@ def bench_catalog(*, n: int = 100_000, boards: int = 5000, skipped: int = 1000) 
         boards_executemany_s=round(t_rows.seconds, 3),
         boards_speedup=round(t_rows.seconds / t_boards.seconds, 1),
         boards_columnar_s=round(t_boards.seconds, 4),
+        reread_s=round(t_again.seconds, 3),
+        reread_edited_s=round(t_edited.seconds, 3),
+        reread_edited=len(changes.pins),
         machine=machine(),
     )
 

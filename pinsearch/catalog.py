@@ -9,17 +9,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
 
 from pinsearch.ingest import IngestResult, PinRecord, SkippedPin
 
-__all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog"]
+__all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog", "Ingested", "StoredChanges"]
 
 _logger = logging.getLogger(__name__)
 
@@ -163,11 +164,39 @@ _PIN_COLUMNS = (
     ("extra", "str"), ("file_size", "int64"), ("file_mtime_ns", "int64"),
 )  # fmt: skip
 _FILE_STATE = ("pin_key", "file_size", "file_mtime_ns")
+# A stored pin's fields an ingest reads again (Catalog.add_ingest), in _pin_row's types
+_STORED_COLUMNS = (
+    ("board", "str"), ("user_id", "str"), ("category", "str"), ("title", "str"),
+    ("description", "str"), ("link", "str"), ("path", "str"), ("extra", "str"),
+)  # fmt: skip
+_TITLES_KEY = "titles_pending"  # meta: keys of pins whose title vectors are of an old title
 _SKIPPED_COLUMNS = (
     ("pin_id", "str"), ("path", "str"), ("stage", "str"), ("reason", "str"),
     ("detail", "str"), ("backbone", "str"), ("ingest_id", "int32"),
     ("created_at", "timestamp"),
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StoredChanges:
+    """What an ingest changed in the pins and boards it found stored already."""
+
+    pins: list[str] = field(default_factory=list)  # ids of pins whose metadata changed
+    moved: int = 0  # of those, pins whose image path changed (their corpus moved)
+    retitled: list[int] = field(default_factory=list)  # keys of pins whose title or
+    # description changed (their title vectors are of the old text)
+    labels: list[str] = field(default_factory=list)  # label fields changed in some pin:
+    # "category" and keys of the extra fields (heads trained on them are stale)
+    boards: list[str] = field(default_factory=list)  # boards whose pins, category, owner,
+    # name or description changed
+
+
+class Ingested(NamedTuple):
+    """What :meth:`Catalog.add_ingest` stored."""
+
+    ingest_id: int
+    added: int  # new pins
+    changes: StoredChanges  # in pins stored before
 
 
 def _now() -> datetime:
@@ -285,17 +314,23 @@ class Catalog:
             [list(boards)],
         )
 
-    def add_ingest(self, result: IngestResult, config_json: str) -> tuple[int, int]:
-        """Store the pins, boards, users and skipped pins of an ingest in one transaction.
+    def add_ingest(self, result: IngestResult, config_json: str) -> Ingested:
+        """Store the pins, boards, users and skipped pins of an ingest in one transaction, and
+        the metadata of the pins stored before as read now (``result.stored``: title,
+        description, link, category, board, user, extra fields, path), with the boards' names
+        and descriptions; a pin whose title or description changed is noted for its title
+        vectors (:meth:`titles_pending`).
 
         Returns:
-            ``(ingest_id, added)``.
+            ``(ingest_id, added, changes)``.
         """
         with self.transaction():
             ingest_id = int(self.scalar("SELECT coalesce(max(ingest_id), 0) + 1 FROM ingests"))
             next_key = int(self.get_meta("next_pin_key") or 0)
-            users = sorted({p.user for p in result.pins if p.user})
+            read = [*result.pins, *result.stored]
+            users = sorted({p.user for p in read if p.user})
             self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
+            boards = {p.board: p for p in reversed(result.stored)} | result.boards
             # boards stored before take pins now: their category is their pins' again (a new
             # board's is its pins' already: ingest._board_records)
             grown = [
@@ -305,10 +340,17 @@ class Catalog:
                     [sorted(result.boards)],
                 ).fetchall()
             ]
-            self.add_boards(result.boards.values())
+            self.add_boards(boards.values())
             rows = [_pin_row(p, next_key + i, ingest_id) for i, p in enumerate(result.pins)]
             self.insert_rows("pins", _PIN_COLUMNS, rows)
-            self._board_categories(grown)
+            changes, left = self._update_stored(result.stored)
+            renamed = self._update_boards(boards.values())
+            self._board_categories(sorted({*grown, *left[0], *changes.boards}))
+            self._drop_empty(left[0], left[1])
+            changes = replace(changes, boards=sorted({*changes.boards, *renamed}))
+            if changes.retitled:
+                self.set_meta(_TITLES_KEY, json.dumps(sorted({*self.titles_pending(),
+                                                              *changes.retitled})))  # fmt: skip
             self.set_meta("next_pin_key", str(next_key + len(rows)))
             # files skipped by an earlier run (any stage) and stored now: fixed since
             self._con.execute(
@@ -331,7 +373,89 @@ class Catalog:
                     _now(),
                 ],
             )
-        return ingest_id, len(rows)
+        return Ingested(ingest_id, len(rows), changes)
+
+    def _update_stored(
+        self, records: Sequence[PinRecord]
+    ) -> tuple[StoredChanges, tuple[list[str], list[str]]]:
+        """Write the metadata of stored pins as read now where it differs (NULL and empty
+        text are the same; extra fields compared as objects).
+
+        Returns:
+            What changed, and the boards and users the changed pins were in before.
+        """
+        if not records:
+            return StoredChanges(), ([], [])
+        names = [n for n, _ in _STORED_COLUMNS]
+        read = [
+            [p.pin_id, p.board, p.user, p.category, p.title, p.description, p.link, str(p.path),
+             json.dumps(dict(p.extra)) if p.extra else None]
+            for p in records
+        ]  # fmt: skip
+        with self._rows_view("_read_pins", (("pin_id", "str"), *_STORED_COLUMNS), read) as view:
+            found = self._con.execute(
+                f"SELECT p.pin_key, {', '.join(f'p.{n}' for n in names)}, "
+                f"{', '.join(f'v.{n}' for n in names)} FROM pins p JOIN {view} v "
+                f"USING (pin_id) WHERE {_differs('p', 'v', names)} ORDER BY p.pin_key"
+            ).fetchall()
+        rows, ids, retitled, labels, boards = [], [], [], set(), set()
+        old_boards, old_users, moved = set(), set(), 0
+        for key, *both in found:
+            old = dict(zip(names, both[: len(names)]))
+            new = dict(zip(names, both[len(names) :]))
+            was, now = (json.loads(d["extra"] or "{}") for d in (old, new))
+            fields = {n for n in names if n != "extra" and (old[n] or "") != (new[n] or "")}
+            extra = {k for k in {*was, *now} if was.get(k) != now.get(k)}
+            if not fields and not extra:  # the same extra fields in another order
+                continue
+            rows.append([key, *(new[n] for n in names)])
+            retitled += [key] if fields & {"title", "description"} else []
+            labels |= extra | ({"category"} & fields)
+            moved += "path" in fields
+            if fields & {"board", "user_id", "category"}:
+                boards |= {b for b in (old["board"], new["board"]) if b is not None}
+            if fields & {"board", "user_id"}:
+                old_boards.add(old["board"])
+                old_users.add(old["user_id"])
+        if rows:
+            with self._rows_view("_changed_pins", (("pin_key", "int64"), *_STORED_COLUMNS),
+                                 rows) as view:  # fmt: skip
+                sets = ", ".join(f"{n} = v.{n}" for n in names)
+                self._con.execute(
+                    f"UPDATE pins SET {sets} FROM {view} v WHERE pins.pin_key = v.pin_key"
+                ).fetchall()
+            ids = [r[0] for r in self._con.execute(
+                "SELECT pin_id FROM pins WHERE pin_key IN (SELECT unnest(?)) ORDER BY pin_key",
+                [[r[0] for r in rows]],
+            ).fetchall()]  # fmt: skip
+        changes = StoredChanges(ids, moved, retitled, sorted(labels), sorted(boards))
+        return changes, (sorted(b for b in old_boards if b), sorted(u for u in old_users if u))
+
+    def _update_boards(self, boards: Iterable[PinRecord]) -> list[str]:
+        """Give stored boards the owner, name and description read now; returns those
+        changed."""
+        rows = [[b.board, b.user, b.board_name, b.board_description] for b in boards]
+        if not rows:
+            return []
+        cols = (("board", "str"), ("user_id", "str"), ("name", "str"), ("description", "str"))
+        with self._rows_view("_read_boards", cols, rows) as view:
+            changed = self._con.execute(
+                f"UPDATE boards SET user_id = v.user_id, name = v.name, "
+                f"description = v.description FROM {view} v WHERE boards.board = v.board AND "
+                f"({_differs('boards', 'v', ('user_id', 'name', 'description'))}) "
+                "RETURNING boards.board"
+            ).fetchall()
+        return sorted(r[0] for r in changed)
+
+    def titles_pending(self) -> list[int]:
+        """Keys of pins whose title or description changed since their title vectors were
+        embedded (:func:`pinsearch.edit.refresh_titles` embeds them again)."""
+        return [int(k) for k in json.loads(self.get_meta(_TITLES_KEY) or "[]")]
+
+    def clear_titles_pending(self, keys: Sequence[int]) -> None:
+        """Forget ``keys`` from :meth:`titles_pending` (their title vectors are new now)."""
+        done = {int(k) for k in keys}
+        self.set_meta(_TITLES_KEY, json.dumps([k for k in self.titles_pending() if k not in done]))
 
     def insert_rows(
         self,
@@ -347,6 +471,18 @@ class Catalog:
         ``keep_existing``: rows whose key is stored already are left out."""
         if not rows:
             return
+        names = ", ".join(name for name, _ in columns)
+        with self._rows_view(f"_new_{table}", columns, rows) as view:
+            self._con.execute(
+                f"INSERT INTO {table} ({names}) SELECT {names} FROM {view}"
+                + (" ON CONFLICT DO NOTHING" if keep_existing else "")
+            ).fetchall()  # its count, read: DuckDB keeps the view in use until it is
+
+    @contextlib.contextmanager
+    def _rows_view(
+        self, view: str, columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]
+    ) -> Iterator[str]:
+        """``rows`` as a DuckDB view of ``columns`` (an Arrow table) while the block runs."""
         import pyarrow as pa
 
         types = {"str": pa.string(), "int32": pa.int32(), "int64": pa.int64(),
@@ -362,17 +498,12 @@ class Catalog:
                 return pa.array([None if v is None else str(v) for v in values], pa.string())
 
         data = pa.table({name: column(col, kind) for (name, kind), col in zip(columns, zip(*rows))})
-        names = ", ".join(name for name, _ in columns)
-        view = f"_new_{table}"
         self._con.register(view, data)
         try:
-            self._con.execute(
-                f"INSERT INTO {table} ({names}) SELECT {names} FROM {view}"
-                + (" ON CONFLICT DO NOTHING" if keep_existing else "")
-            ).fetchall()  # its count, read: DuckDB keeps the view in use until it is
+            yield view
         finally:
-            # in a transaction the insert aborted, this fails too (the rollback drops the
-            # view anyway): the insert's own error is the one to see
+            # in a transaction a statement aborted, this fails too (the rollback drops the
+            # view anyway): the statement's own error is the one to see
             with contextlib.suppress(duckdb.TransactionException):
                 self._con.unregister(view)
 
@@ -538,25 +669,37 @@ class Catalog:
         ).fetchone()
         touched_boards = sorted({*boards, *(b for b in owners[0] or [] if b is not None)})
         touched_users = sorted({*users, *(u for u in owners[1] or [] if u is not None)})
+        ids = [
+            r[0]
+            for r in self._con.execute(
+                "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?)) RETURNING pin_id", [keys]
+            ).fetchall()
+        ]
+        if self.titles_pending():
+            self.clear_titles_pending(keys)
+        return ids, *self._drop_empty(touched_boards, touched_users, users)
+
+    def _drop_empty(
+        self, boards: Sequence[str], users: Sequence[str], named_users: Sequence[str] = ()
+    ) -> tuple[list[str], list[str]]:
+        """Delete those of ``boards`` and ``users`` (and the boards of ``named_users``) that
+        hold no pin; returns the boards and users deleted."""
 
         def deleted(sql: str, params: list[Any]) -> list[str]:
             return [r[0] for r in self._con.execute(sql, params).fetchall()]
 
-        ids = deleted(
-            "DELETE FROM pins WHERE pin_key IN (SELECT unnest(?)) RETURNING pin_id", [keys]
-        )
         gone_boards = deleted(
             "DELETE FROM boards WHERE (board IN (SELECT unnest(?)) OR user_id IN "
             "(SELECT unnest(?))) AND board NOT IN "
             "(SELECT DISTINCT board FROM pins WHERE board IS NOT NULL) RETURNING board",
-            [touched_boards, list(users)],
+            [list(boards), list(named_users)],
         )
         gone_users = deleted(
             "DELETE FROM users WHERE user_id IN (SELECT unnest(?)) AND user_id NOT IN "
             "(SELECT DISTINCT user_id FROM pins WHERE user_id IS NOT NULL) RETURNING user_id",
-            [touched_users],
+            [list(users)],
         )
-        return ids, gone_boards, gone_users
+        return gone_boards, gone_users
 
     # -- embeddings and vector parts -------------------------------------------------------
 
@@ -670,6 +813,13 @@ class Catalog:
     def list_indexes(self) -> list[dict[str, Any]]:
         """Every index row."""
         return self.query("SELECT * FROM indexes ORDER BY name")
+
+
+def _differs(a: str, b: str, columns: Sequence[str]) -> str:
+    """SQL: whether rows ``a`` and ``b`` differ in any of ``columns`` (NULL and empty text
+    the same)."""
+    return " OR ".join(f"coalesce({a}.{n}, '') IS DISTINCT FROM coalesce({b}.{n}, '')"
+                       for n in columns)  # fmt: skip
 
 
 def _board_row(b: PinRecord) -> list[Any]:

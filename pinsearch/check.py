@@ -33,6 +33,7 @@ import numpy as np
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
 from pinsearch.store import Store, lock_holder
+from pinsearch.text import TEXT_SPACE_SUFFIX
 
 __all__ = ["CheckReport", "Finding", "RepairReport", "check_store", "repair_store"]
 
@@ -314,6 +315,15 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
             f"an interrupted pinsearch refresh left the new vectors of "
             f"{len(set().union(*pending.values()))} pins out of the indexes of "
             f"{', '.join(sorted(pending))} (their old ones answer); pinsearch refresh finishes it",
+        )  # fmt: skip
+    retitled = store.catalog.titles_pending()
+    spaces = [b for b in store.backbones(text_spaces=True) if b.endswith(TEXT_SPACE_SUFFIX)]
+    if retitled and spaces:
+        report.add(
+            "warning", "titles", "titles_pending",
+            f"{len(retitled)} pins' titles or descriptions changed and an interrupted run left "
+            f"their title vectors in {', '.join(spaces)} of the old text; pinsearch refresh "
+            "embeds them again",
         )  # fmt: skip
 
 

@@ -25,8 +25,8 @@ import numpy as np
 
 from pinsearch.errors import PinNotFoundError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
-from pinsearch.indexes.pinindex import index_files
 from pinsearch.store import Store
+from pinsearch.text import refresh_titles, text_space
 from pinsearch.vectors import in_sorted
 
 __all__ = [
@@ -53,6 +53,8 @@ class AddReport:
     added: int
     skipped: int
     already_present: int
+    updated: int = 0  # of those, pins whose metadata changed (title, category, board, path, ...)
+    moved: int = 0  # of those, pins whose image path changed
     backbones: list[dict[str, Any]] = field(default_factory=list)
     stale_heads: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -129,16 +131,18 @@ def add_corpus(
             )
         )
     first = reports[0]
-    stale: list[str] = []
+    stale = sorted({h for r in reports for h in r.stale_heads})  # (labels changed)
     if first.added or any(r.embedded for r in reports):  # (a killed add: pins in, no vectors)
         with Store.open(store_path) as store:
-            stale = store.mark_heads_stale(backbones)
+            stale = sorted({*stale, *store.mark_heads_stale(backbones)})
     return AddReport(
         store=str(store_path),
         corpus=str(corpus),
         added=first.added,
         skipped=first.skipped,
         already_present=first.already_present,
+        updated=first.updated,
+        moved=first.moved,
         backbones=[r.to_dict() for r in reports],
         stale_heads=stale,
         seconds=time.perf_counter() - start,
@@ -200,16 +204,6 @@ def _keys_to_remove(
     return np.array(sorted(keys), dtype=np.int64)
 
 
-def _index_holds_any(store: Store, name: str, keys: np.ndarray) -> bool:
-    """Whether index ``name``'s id map names any of ``keys`` (sorted); an unreadable id map
-    counts as yes (the index is then rebuilt)."""
-    try:
-        ids = np.load(index_files(store.index_base(name))["ids"], allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return True
-    return bool(in_sorted(keys, ids).any())
-
-
 def remove_pins(
     store: Store,
     *,
@@ -264,7 +258,7 @@ def remove_pins(
     for row in store.catalog.list_indexes():
         # by what it holds, not by what this run dropped: a remove stopped after its vector
         # step and run again drops no vector, and its indexes still name the pins
-        if row["backbone"] not in vectors and not _index_holds_any(store, row["name"], keys):
+        if row["backbone"] not in vectors and not store.index_holds_any(row["name"], keys):
             continue
         touched.append(row["name"])
         lost.add(row["backbone"])
@@ -308,6 +302,8 @@ class RefreshReport:
     missing: int  # pins whose file is gone (or no longer a file)
     removed: int  # of those, removed (remove_missing)
     unreadable: int  # changed files that do not decode or embed: their pins keep their vectors
+    titles: int = 0  # title vectors embedded again: pins whose title or description an ingest
+    # changed and that no run re-embedded since (an interrupted one; dry_run: pins noted)
     vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors replaced
     indexes: list[str] = field(default_factory=list)  # updated
     rebuilt: list[str] = field(default_factory=list)  # of those, rebuilt from the vectors
@@ -482,6 +478,8 @@ def refresh_store(
             unreadable(i, r.reason, r.detail)
         if dry_run:
             report.refreshed = len(good)  # (would be)
+            spaces = any(catalog.get_embedding(text_space(b)) for b in store.backbones())
+            report.titles = len(catalog.titles_pending()) if spaces else 0
             report.seconds = time.perf_counter() - start
             return report
         if remove_missing and gone.any():
@@ -497,6 +495,7 @@ def refresh_store(
             for name in removal.indexes:
                 report.touched(name, name in removal.rebuilt)
             report.stale_heads += removal.stale_heads
+        report.titles = refresh_titles(store)
         plan = pending_refresh(store)  # (a removal takes its pins out of it)
         for backbone, keys in sorted(plan.items()):  # an interrupted refresh's new vectors
             if backbone in store.backbones():
@@ -593,12 +592,6 @@ def _reembed(
 
 
 def _update_indexes(store: Store, backbone: str, keys: np.ndarray, report: RefreshReport) -> None:
-    """Replace the entries of ``keys`` (whose vectors were replaced) in every index of the
-    backbone: removed and added where FAISS can, the index rebuilt otherwise."""
-    for name in store.index_names(backbone):
-        if _index_holds_any(store, name, keys) and not store.remove_from_index(name, keys):
-            store.rebuild_index(name)  # from the vectors stored now: the new ones included
-            report.touched(name, rebuilt=True)
-        else:
-            store.update_index(name)  # the new vectors in
-            report.touched(name)
+    """Replace the entries of ``keys`` in every index of the backbone, noted in ``report``."""
+    for name, rebuilt in store.renew_entries(backbone, keys):
+        report.touched(name, rebuilt)

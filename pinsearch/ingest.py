@@ -123,6 +123,8 @@ class IngestResult:
     sampled_out: int = 0
     already_present: int = 0  # pins whose id the store already holds
     boards: dict[str, PinRecord] = field(default_factory=dict)  # one example record per board
+    stored: list[PinRecord] = field(default_factory=list)  # pins the store holds already, as
+    # read now (those the rules keep; no header probed): their metadata may have changed
 
 
 _CATEGORY_SEP = re.compile(r"[\s,&/+\-]+")
@@ -844,7 +846,9 @@ def read_corpus(
 
     Returns:
         The kept pins (in reading order), the skipped pins with reasons, and counts such that
-        ``len(pins) + len(skipped) + sampled_out + already_present == found``.
+        ``len(pins) + len(skipped) + sampled_out + already_present == found``; ``stored``
+        holds the records of the stored pins as read now (their title, board, path, ... may
+        have changed since), those the rules keep.
     """
     config = config or IngestConfig()
     root = Path(root)
@@ -951,8 +955,9 @@ def read_corpus(
     for s in skipped:
         _logger.info("skipped %s: %s (%s)", s.path, s.reason, s.detail)
     return IngestResult(
-        root, fmt, kept, skipped, found, sampled_out, already_present, _board_records(kept)
-    )
+        root, fmt, kept, skipped, found, sampled_out, already_present, _board_records(kept),
+        list(present.values()),
+    )  # fmt: skip
 
 
 def _board_records(pins: list[PinRecord]) -> dict[str, PinRecord]:

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 
 from pinsearch.backbones import Backbone, create_backbone
+from pinsearch.catalog import StoredChanges
 from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store, resolve_device
 from pinsearch.errors import BackboneMismatchError, DeviceError
 from pinsearch.indexes import IndexConfig, gpu_count
 from pinsearch.indexes.spec import check_factory_syntax
 from pinsearch.ingest import IngestConfig, read_corpus
 from pinsearch.store import Store
+from pinsearch.text import refresh_titles
 
 __all__ = ["IndexReport", "index_corpus", "run_settings", "stored_run_settings"]
 
@@ -41,6 +43,8 @@ class IndexReport:
     found: int
     added: int
     already_present: int
+    updated: int  # of those, pins whose metadata changed (title, category, board, path, ...)
+    moved: int  # of those, pins whose image path changed (their corpus moved)
     skipped: int
     sampled_out: int
     embedded: int
@@ -53,7 +57,8 @@ class IndexReport:
     ntotal: int
     index_action: str  # built, rebuilt, updated (+N), unchanged
     index_seconds: float
-    title_vectors: int = 0  # pins whose titles were embedded into the text space (CLIP, align)
+    title_vectors: int = 0  # pins whose titles were embedded into the text space (CLIP, align):
+    # new pins, and pins whose title or description changed (in every text space)
     stale_heads: list[str] = field(default_factory=list)  # heads trained before these vectors
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,9 +131,12 @@ def index_corpus(
                 raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
             found = added = already = skipped = sampled_out = 0
             fmt = ""
+            changes = StoredChanges()
             if corpus is not None:
                 result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_id_paths())
-                _, added = store.catalog.add_ingest(result, json.dumps(asdict(ingest), default=str))
+                _, added, changes = store.catalog.add_ingest(
+                    result, json.dumps(asdict(ingest), default=str)
+                )
                 found, already = result.found, result.already_present
                 skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
             if store.catalog.count_pins() == 0:
@@ -166,9 +174,12 @@ def index_corpus(
             for other in names:  # the backbone's other indexes take the new pins too
                 if other != name:
                     store.update_index(other)
-            titles = _update_titles(store, backbone)
-            # heads trained on this backbone's vectors do not know the pins embedded now
+            titles = refresh_titles(store) + _update_titles(store, backbone)
+            # heads trained on this backbone's vectors do not know the pins embedded now, nor
+            # any head the labels it learnt that changed since
             stale = store.mark_heads_stale([backbone]) if report.embedded else []
+            stale = sorted({*stale, *store.mark_heads_stale(store.backbones(),
+                                                            labels=changes.labels)})  # fmt: skip
             return IndexReport(
                 store=str(store.root),
                 corpus=str(corpus) if corpus is not None else "",
@@ -177,6 +188,8 @@ def index_corpus(
                 found=found,
                 added=added,
                 already_present=already,
+                updated=len(changes.pins),
+                moved=changes.moved,
                 skipped=skipped,
                 sampled_out=sampled_out,
                 embedded=report.embedded,

@@ -586,6 +586,33 @@ class Store:
             raise
         return "removed"
 
+    def index_holds_any(self, name: str, keys: np.ndarray) -> bool:
+        """Whether index ``name``'s id map names any of ``keys`` (sorted); an unreadable id
+        map counts as yes (the index is then rebuilt)."""
+        try:
+            ids = np.load(index_files(self.index_base(name))["ids"], allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return True
+        return bool(in_sorted(keys, ids).any())
+
+    def renew_entries(self, backbone: str, keys: np.ndarray) -> list[tuple[str, bool]]:
+        """Bring every index of a backbone up to its stored vectors after those of ``keys``
+        (sorted) were replaced or removed: their entries are taken out where FAISS can (the
+        index rebuilt otherwise), then the stored vectors it lacks are added.
+
+        Returns:
+            ``(index name, rebuilt)`` for each index.
+        """
+        out = []
+        for name in self.index_names(backbone):
+            if self.index_holds_any(name, keys) and not self.remove_from_index(name, keys):
+                self.rebuild_index(name)  # from the vectors stored now: the new ones included
+                out.append((name, True))
+            else:
+                self.update_index(name)  # the new vectors in
+                out.append((name, False))
+        return out
+
     def drop_index(self, name: str) -> None:
         """Forget an index and delete its files."""
         self.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
@@ -593,15 +620,23 @@ class Store:
         for f in index_files(self.index_base(name)).values():
             f.unlink(missing_ok=True)
 
-    def mark_heads_stale(self, backbones: list[str], kinds: list[str] | None = None) -> list[str]:
+    def mark_heads_stale(
+        self,
+        backbones: list[str],
+        kinds: list[str] | None = None,
+        *,
+        labels: list[str] | None = None,
+    ) -> list[str]:
         """Flag the heads trained on these backbones' vectors (of these kinds, e.g.
-        ``["zeroshot"]``, when given); returns their names."""
-        if not backbones:
+        ``["zeroshot"]``, and learning these labels, e.g. ``["category"]``, when given);
+        returns their names."""
+        if not backbones or labels == []:
             return []
         rows = self.catalog.query(
             "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) "
-            "AND (? IS NULL OR head IN (SELECT unnest(?))) RETURNING name",
-            [list(backbones), kinds, kinds],
+            "AND (? IS NULL OR head IN (SELECT unnest(?))) "
+            "AND (? IS NULL OR label IN (SELECT unnest(?))) RETURNING name",
+            [list(backbones), kinds, kinds, labels, labels],
         )
         return sorted(r["name"] for r in rows)
 

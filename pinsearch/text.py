@@ -34,6 +34,7 @@ __all__ = [
     "aligned_name",
     "embed_text_space",
     "pin_texts",
+    "refresh_titles",
     "sentence_model",
     "text_encoder_for",
     "text_encoder_identity",
@@ -261,11 +262,18 @@ def pin_texts(store: Any, keys: np.ndarray | None = None) -> tuple[np.ndarray, l
 
 
 def embed_text_space(
-    store: Any, backbone: str, encoder: TextEncoder | None = None, *, rebuild: bool = False
+    store: Any,
+    backbone: str,
+    encoder: TextEncoder | None = None,
+    *,
+    rebuild: bool = False,
+    again: np.ndarray | None = None,
 ) -> int:
     """Embed the titles of pins that have none yet in ``<backbone>#text`` and index them.
 
     Nothing is loaded when every pin with text already has a title vector of the same encoder.
+    ``again``: keys of pins whose title or description changed: their title vectors are
+    dropped (with their index entries) and, where they still have text, embedded anew.
 
     Returns:
         The number of pins newly embedded.
@@ -283,32 +291,61 @@ def embed_text_space(
         _drop_space(store, name)  # another encoder, or another projection (align run again)
         run = None
     have = store.vectors(name).keys() if run is not None else np.empty(0, np.int64)
+    again_keys = np.asarray([] if again is None else again, np.int64)
+    stale = np.intersect1d(have, again_keys)
+    if len(stale):  # out first: a pin whose text is gone keeps no vector of it
+        store.vectors(name).drop_keys(stale)
+        store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+        have = np.setdiff1d(have, stale, assume_unique=True)
     keys, texts = pin_texts(store)
     todo = ~np.isin(keys, have)
     keys, texts = keys[todo], [t for t, m in zip(texts, todo) if m]
-    if len(keys) == 0:
-        return 0
-    encoder = encoder or text_encoder_for(store, backbone)
-    if run is None:
-        store.catalog.upsert_embedding(
-            name,
-            spec={**made_by, "kind": encoder.kind, "dim": encoder.dim},
-            preprocess={},
-            normalize=True,
-            dtype="float32",
-            dim=encoder.dim,
-        )
-    for i in range(0, len(keys), 4096):
-        vecs = encoder.encode(texts[i : i + 4096])
-        store.vectors(name).write_part(vecs, keys[i : i + 4096])
-    store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
-    if store.catalog.get_index(name) is None:
+    if len(keys):
+        encoder = encoder or text_encoder_for(store, backbone)
+        if run is None:
+            store.catalog.upsert_embedding(
+                name,
+                spec={**made_by, "kind": encoder.kind, "dim": encoder.dim},
+                preprocess={},
+                normalize=True,
+                dtype="float32",
+                dim=encoder.dim,
+            )
+        for i in range(0, len(keys), 4096):
+            vecs = encoder.encode(texts[i : i + 4096])
+            store.vectors(name).write_part(vecs, keys[i : i + 4096])
+        store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+    if len(keys) and store.catalog.get_index(name) is None:
         from pinsearch.indexes import IndexConfig
 
         store.build_index(name, IndexConfig(factory="Flat", metric="cosine"), name=name)
-    else:
-        store.update_index(name)
+    elif len(keys) or len(stale):
+        # entries of the dropped vectors out, also those a run killed after its drop left
+        # (their pins have no vector now, so they are among keys)
+        store.renew_entries(name, np.union1d(stale, np.intersect1d(keys, again_keys)))
     return len(keys)
+
+
+def refresh_titles(store: Any) -> int:
+    """Embed again the title vectors of the pins whose title or description changed
+    (:meth:`~pinsearch.catalog.Catalog.titles_pending`, noted by the ingest that read the new
+    text), in every text space of the store, then forget the note.
+
+    Returns:
+        The number of title vectors embedded again (pins left without text lose theirs).
+    """
+    pending = store.catalog.titles_pending()
+    if not pending:
+        return 0
+    again = np.asarray(sorted(pending), np.int64)
+    n = 0
+    for backbone in store.backbones():
+        # (a space whose encoder is gone, an alignment repair forgot, is no longer searched)
+        space = store.catalog.get_embedding(text_space(backbone))
+        if space is not None and text_encoder_name(store, backbone) is not None:
+            n += embed_text_space(store, backbone, again=again)
+    store.catalog.clear_titles_pending(pending)
+    return n
 
 
 def _drop_space(store: Any, name: str) -> None:

@@ -78,15 +78,15 @@ def test_add_ingest_stores_pins_boards_users(catalog: Catalog, ingest_result, tr
 def test_second_ingest_continues_keys(catalog: Catalog, tmp_path: Path, make_tree) -> None:
     second = make_tree(tmp_path / "second", seed=5, categories=("art",), pins_per_board=2)
     result = read_corpus(second.root, exclude_ids=catalog.pin_ids())
-    ingest_id, added = catalog.add_ingest(result, "{}")
-    assert (ingest_id, added) == (2, 4)
+    ingest_id, added, changes = catalog.add_ingest(result, "{}")
+    assert (ingest_id, added, changes.pins) == (2, 4, [])
     new_keys = sorted(catalog.keys_for_ids([p.pin_id for p in result.pins]).values())
     assert new_keys == [24, 25, 26, 27]
     assert catalog.count_pins() == 28
     # Re-reading the same corpus adds nothing.
     again = read_corpus(second.root, exclude_ids=catalog.pin_ids())
     assert again.pins == [] and again.already_present == 4
-    assert catalog.add_ingest(again, "{}") == (3, 0)
+    assert catalog.add_ingest(again, "{}")[:2] == (3, 0)
     assert catalog.count_pins() == 28
 
 
@@ -201,7 +201,7 @@ def test_ingest_records_skipped(tmp_path: Path, tree_copy: Path) -> None:
     first.write_bytes(b"")
     result = read_corpus(tree_copy, IngestConfig(per_category=6))
     with Catalog(tmp_path / "c.duckdb") as cat:
-        ingest_id, added = cat.add_ingest(result, "{}")
+        ingest_id, added, _ = cat.add_ingest(result, "{}")
         assert added == 18
         rows = cat.query("SELECT pin_id, reason, stage, ingest_id FROM skipped")
         assert rows == [
