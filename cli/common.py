@@ -51,6 +51,16 @@ AllowOutsideRootOpt = Annotated[
     ),
 ]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+# the reading rules of index and add
+FormatOpt = Annotated[str | None, typer.Option("--format", help="auto, tree, folder, manifest")]
+PerCategoryOpt = Annotated[int | None, typer.Option(help="Sample N pins per category.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Sampling seed.")]
+KeepExcludedOpt = Annotated[
+    bool, typer.Option("--keep-excluded", help="Keep the categories 'none' and 'other'.")
+]
+CategoriesOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
+]
 CpuShareOpt = Annotated[
     float | None,
     typer.Option(
@@ -96,7 +106,34 @@ def search_config(
 
 def make_config(cls: type[T], **overrides: Any) -> T:
     """Build a config dataclass from the options the user actually set."""
-    return cls(**{k: v for k, v in overrides.items() if v is not None})
+    return cls(**given(**overrides))
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user actually set (those not None)."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def ingest_rules(
+    fmt: str | None,
+    per_category: int | None,
+    seed: int | None,
+    keep_excluded: bool,
+    categories: str | None,
+    allow_outside_root: bool,
+) -> dict[str, Any]:
+    """The :class:`~pinsearch.ingest.IngestConfig` fields that ``index``'s and ``add``'s
+    reading options set (those given only)."""
+    if seed is not None and per_category is None:
+        raise typer.BadParameter("--seed draws the --per-category sample; give that too")
+    return given(
+        format=fmt,
+        per_category=per_category,
+        seed=seed,
+        drop_categories=() if keep_excluded else None,
+        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
+        allow_outside_root=allow_outside_root or None,
+    )
 
 
 def emit_json(obj: Any) -> None:

@@ -11,12 +11,18 @@ from rich.table import Table
 
 from pinsearch.cli.common import (
     AllowOutsideRootOpt,
+    CategoriesOpt,
     CpuShareOpt,
+    FormatOpt,
     JsonOpt,
+    KeepExcludedOpt,
+    PerCategoryOpt,
+    SeedOpt,
     StoreOpt,
     app,
     console,
     emit_json,
+    ingest_rules,
     make_config,
     print_rows,
     progress_bar,
@@ -43,17 +49,11 @@ def index(
     ] = None,
     store: StoreOpt = Path("pinsearch-store"),
     backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
-    ] = None,
-    per_category: Annotated[int | None, typer.Option(help="Sample N pins per category.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    keep_excluded: Annotated[
-        bool, typer.Option("--keep-excluded", help="Keep the categories 'none' and 'other'.")
-    ] = False,
-    categories: Annotated[
-        str | None, typer.Option(help="Comma-separated categories to keep (others skipped).")
-    ] = None,
+    fmt: FormatOpt = None,
+    per_category: PerCategoryOpt = None,
+    seed: SeedOpt = None,
+    keep_excluded: KeepExcludedOpt = False,
+    categories: CategoriesOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     weights: Annotated[str | None, typer.Option(help="Local checkpoint for the backbone.")] = None,
     batch_size: BatchSizeOpt = None,
@@ -98,19 +98,10 @@ def index(
                 f"{', '.join(unused)} read a corpus; give one, or leave them out to embed "
                 "the pins the store holds"
             )
-    if seed is not None and per_category is None:
-        raise typer.BadParameter("--seed draws the --per-category sample; give that too")
+    rules = ingest_rules(fmt, per_category, seed, keep_excluded, categories, allow_outside_root)
     # a store's existing run decides what was left unset: its vectors must stay alike
     stored = stored_run_settings(store, backbone)
-    ingest_cfg = make_config(
-        IngestConfig,
-        format=fmt,
-        per_category=per_category,
-        seed=seed,
-        drop_categories=() if keep_excluded else None,
-        categories=tuple(c.strip() for c in categories.split(",")) if categories else None,
-        allow_outside_root=allow_outside_root or None,
-    )
+    ingest_cfg = IngestConfig(**rules)
     embed_cfg = make_config(
         EmbedConfig,
         weights=weights if weights is not None else stored.get("weights"),
@@ -162,9 +153,11 @@ def index(
 def add(
     corpus: Annotated[Path, typer.Argument(help="Tree, image folder or manifest with new pins.")],
     store: StoreOpt,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="auto, tree, folder, manifest")
-    ] = None,
+    fmt: FormatOpt = None,
+    per_category: PerCategoryOpt = None,
+    seed: SeedOpt = None,
+    keep_excluded: KeepExcludedOpt = False,
+    categories: CategoriesOpt = None,
     allow_outside_root: AllowOutsideRootOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
@@ -174,17 +167,15 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add new pins or boards to an existing store: only they are embedded, for every backbone
-    of the store, and every index is updated; heads are marked stale."""
+    of the store, and every index is updated; heads are marked stale. The corpus is read by
+    the store's category rules (those of its latest ingest) unless options say otherwise."""
     from pinsearch.edit import add_corpus
-    from pinsearch.ingest import IngestConfig
 
-    ingest_cfg = make_config(
-        IngestConfig, format=fmt, allow_outside_root=allow_outside_root or None
-    )
+    rules = ingest_rules(fmt, per_category, seed, keep_excluded, categories, allow_outside_root)
     update, bar = progress_bar(enabled=not as_json and sys.stderr.isatty())
     with bar:
         report = add_corpus(
-            corpus, store, ingest=ingest_cfg, device=device, batch_size=batch_size,
+            corpus, store, ingest=rules, device=device, batch_size=batch_size,
             workers=workers, decode=decode, cpu_share=cpu_share, progress=update,
         )  # fmt: skip
     if as_json:
@@ -194,6 +185,15 @@ def add(
         f"added {report.added} pins ({report.skipped} skipped, {report.already_present} already "
         f"there) to {report.store} in {report.seconds:.1f} s"
     )
+    rules = report.rules
+    said = []
+    if rules["categories"] is not None:
+        said.append(f"categories {', '.join(rules['categories'])}")
+    if rules["per_category"] is not None:
+        said.append(f"{rules['per_category']} per category (seed {rules['seed']})")
+    if said:
+        dropped = ", ".join(rules["drop_categories"]) or "none"
+        console.print(f"read by the rules: {'; '.join(said)}; dropped: {dropped}")
     if report.updated:
         console.print(
             f"metadata updated for {report.updated} pins already there"

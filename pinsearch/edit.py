@@ -15,7 +15,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 
 from pinsearch.errors import PinNotFoundError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
+from pinsearch.ingest import IngestConfig
 from pinsearch.store import Store
 from pinsearch.text import refresh_titles, text_space
 from pinsearch.vectors import in_sorted
@@ -39,6 +40,7 @@ __all__ = [
     "refresh_store",
     "remove_pins",
     "stat_files",
+    "store_rules",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class AddReport:
     added: int
     skipped: int
     already_present: int
+    rules: dict[str, Any] = field(default_factory=dict)  # the reading rules applied
     updated: int = 0  # of those, pins whose metadata changed (title, category, board, path, ...)
     moved: int = 0  # of those, pins whose image path changed
     backbones: list[dict[str, Any]] = field(default_factory=list)
@@ -81,11 +84,29 @@ class RemoveReport:
         return asdict(self)
 
 
+#: The reading rules ``add`` takes from the store's latest ingest unless told otherwise: which
+#: categories a store holds, and how its images were checked (not the sampling of one
+#: corpus, nor leave to read outside a corpus's root)
+INHERITED_RULES = ("drop_categories", "categories", "check_images", "max_pixels")
+
+
+_REPORTED_RULES = ("categories", "drop_categories", "per_category", "seed")
+
+
+def store_rules(store: Store) -> dict[str, Any]:
+    """The :data:`INHERITED_RULES` of the store's latest ingest (empty before any)."""
+    rows = store.catalog.query("SELECT config FROM ingests ORDER BY ingest_id DESC LIMIT 1")
+    saved = json.loads(rows[0]["config"] or "{}") if rows else {}
+    return {
+        k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in INHERITED_RULES
+    }
+
+
 def add_corpus(
     corpus: str | Path,
     store_path: str | Path,
     *,
-    ingest: Any = None,
+    ingest: IngestConfig | Mapping[str, Any] | None = None,
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
@@ -95,7 +116,10 @@ def add_corpus(
 ) -> AddReport:
     """Add a corpus's new pins to an existing store, for every backbone it has.
 
-    Each backbone embeds with the weights, normalisation and dtype of its stored run.
+    The corpus is read by the store's category and image rules (:func:`store_rules`: those of
+    its latest ingest), with ``ingest``'s settings over them (a mapping of only those to
+    change); a full :class:`~pinsearch.ingest.IngestConfig` is used as it is. Each backbone
+    embeds with the weights, normalisation and dtype of its stored run.
 
     Raises:
         FileNotFoundError: no store at ``store_path`` (use ``pinsearch index`` to create one).
@@ -112,6 +136,8 @@ def add_corpus(
         first_new = int(store.catalog.get_meta("next_pin_key") or 0)
         pins = store.catalog.count_pins()
         partial = {b for b in backbones if len(store.vectors(b)) < pins}
+        if not isinstance(ingest, IngestConfig):  # (checked here, before any work)
+            ingest = IngestConfig(**{**store_rules(store), **(ingest or {})})
     if not backbones:
         raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
     reports = []
@@ -141,6 +167,7 @@ def add_corpus(
         added=first.added,
         skipped=first.skipped,
         already_present=first.already_present,
+        rules={k: getattr(ingest, k) for k in _REPORTED_RULES},
         updated=first.updated,
         moved=first.moved,
         backbones=[r.to_dict() for r in reports],

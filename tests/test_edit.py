@@ -174,6 +174,49 @@ def test_add_then_remove_gives_back_the_same_answers(store_copy: Path, make_tree
     np.testing.assert_allclose([h.score for h in after.hits], [h.score for h in before.hits], 1e-6)
 
 
+def test_add_reads_by_the_stores_category_rules(make_tree, tmp_path: Path) -> None:
+    cats = ("art", "food_drink", "other")
+    first = make_tree(tmp_path / "first", seed=3, categories=cats, pins_per_board=1)
+    more = make_tree(tmp_path / "more", seed=4, categories=cats, pins_per_board=1)
+    store = tmp_path / "s"
+    index_corpus(first.root, store, backbone=B,
+                 ingest=IngestConfig(categories=("art", "other"), drop_categories=()))  # fmt: skip
+
+    def categories() -> dict[str, int]:
+        with Store.open(store, read_only=True) as s:
+            rows = s.catalog.query("SELECT category, pins FROM categories")
+        return {r["category"]: r["pins"] for r in rows}
+
+    held = categories()
+    assert set(held) == {"art", "other"}
+    report = add_corpus(more.root, store, workers=0)  # the store's rules: art and other kept
+    assert report.rules["categories"] == ("art", "other") and report.rules["drop_categories"] == ()
+    assert set(categories()) == {"art", "other"} and report.added == sum(held.values())
+    with Store.open(store, read_only=True) as s:
+        reasons = {r["reason"] for r in s.catalog.query(
+            "SELECT reason FROM skipped WHERE ingest_id = 2")}  # fmt: skip
+    assert reasons == {"unknown_category"}
+    # options say otherwise; the CLI's too, and the next add follows the latest rules
+    third = make_tree(tmp_path / "third", seed=5, categories=cats, pins_per_board=1)
+    result = CliRunner().invoke(app, ["add", str(third.root), "--store", str(store),
+                                      "--categories", "food_drink", "--workers", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "read by the rules: categories food_drink; dropped: none" in result.output
+    assert categories()["food_drink"] == held["art"]
+    assert store_rules_of(store) == {"categories": ("food_drink",), "drop_categories": (),
+                                     "check_images": True, "max_pixels": 150_000_000}  # fmt: skip
+    whole = add_corpus(more.root, store, ingest=IngestConfig(), workers=0)  # as given
+    assert whole.rules["categories"] is None and whole.added == held["art"]  # food_drink's
+    assert check_store(store).ok
+
+
+def store_rules_of(path: Path) -> dict:
+    from pinsearch.edit import store_rules
+
+    with Store.open(path, read_only=True) as s:
+        return store_rules(s)
+
+
 def test_add_refuses_a_missing_store(tree_corpus, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no pinsearch store"):
         add_corpus(tree_corpus.root, tmp_path / "nothing")
