@@ -186,9 +186,12 @@ class StoredChanges:
     retitled: list[int] = field(default_factory=list)  # keys of pins whose title or
     # description changed (their title vectors are of the old text)
     labels: list[str] = field(default_factory=list)  # label fields changed in some pin:
-    # "category" and keys of the extra fields (heads trained on them are stale)
+    # category, board, user_id and keys of the extra fields (heads learning them are stale)
     boards: list[str] = field(default_factory=list)  # boards whose pins, category, owner,
     # name or description changed
+    paths: list[str] = field(default_factory=list)  # the new paths of the moved pins
+    stale_heads: list[str] = field(default_factory=list)  # heads marked stale: their label
+    # changed in some pin
 
 
 class Ingested(NamedTuple):
@@ -330,7 +333,7 @@ class Catalog:
             read = [*result.pins, *result.stored]
             users = sorted({p.user for p in read if p.user})
             self.insert_rows("users", _USER_COLUMNS, [[u] for u in users], keep_existing=True)
-            boards = {p.board: p for p in reversed(result.stored)} | result.boards
+            boards = _board_names(read, result.boards)
             # boards stored before take pins now: their category is their pins' again (a new
             # board's is its pins' already: ingest._board_records)
             grown = [
@@ -346,16 +349,25 @@ class Catalog:
             changes, left = self._update_stored(result.stored)
             renamed = self._update_boards(boards.values())
             self._board_categories(sorted({*grown, *left[0], *changes.boards}))
-            self._drop_empty(left[0], left[1])
-            changes = replace(changes, boards=sorted({*changes.boards, *renamed}))
+            self.forget_cluster_items([], self._drop_empty(left[0], left[1])[0])
+            # heads that learnt a changed label, marked in this transaction: a run killed
+            # later finds the rows as read and would not see the change again
+            stale = self.query(
+                "UPDATE heads SET stale = true WHERE label IN (SELECT unnest(?)) RETURNING name",
+                [changes.labels],
+            )
+            changes = replace(changes, boards=sorted({*changes.boards, *renamed}),
+                              stale_heads=sorted(r["name"] for r in stale))  # fmt: skip
             if changes.retitled:
                 self.set_meta(_TITLES_KEY, json.dumps(sorted({*self.titles_pending(),
                                                               *changes.retitled})))  # fmt: skip
             self.set_meta("next_pin_key", str(next_key + len(rows)))
-            # files skipped by an earlier run (any stage) and stored now: fixed since
+            # files skipped by an earlier run (any stage) and stored now: fixed since, or a
+            # copy that is a stored pin's image now its first is gone
             self._con.execute(
-                "DELETE FROM skipped WHERE path IN (SELECT path FROM pins WHERE ingest_id = ?)",
-                [ingest_id],
+                "DELETE FROM skipped WHERE path IN (SELECT path FROM pins WHERE ingest_id = ?) "
+                "OR path IN (SELECT unnest(?))",
+                [ingest_id, changes.paths],
             )
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
@@ -399,7 +411,7 @@ class Catalog:
                 f"USING (pin_id) WHERE {_differs('p', 'v', names)} ORDER BY p.pin_key"
             ).fetchall()
         rows, ids, retitled, labels, boards = [], [], [], set(), set()
-        old_boards, old_users, moved = set(), set(), 0
+        old_boards, old_users, paths = set(), set(), []
         for key, *both in found:
             old = dict(zip(names, both[: len(names)]))
             new = dict(zip(names, both[len(names) :]))
@@ -410,8 +422,8 @@ class Catalog:
                 continue
             rows.append([key, *(new[n] for n in names)])
             retitled += [key] if fields & {"title", "description"} else []
-            labels |= extra | ({"category"} & fields)
-            moved += "path" in fields
+            labels |= extra | ({"category", "board", "user_id"} & fields)
+            paths += [new["path"]] if "path" in fields else []
             if fields & {"board", "user_id", "category"}:
                 boards |= {b for b in (old["board"], new["board"]) if b is not None}
             if fields & {"board", "user_id"}:
@@ -428,7 +440,7 @@ class Catalog:
                 "SELECT pin_id FROM pins WHERE pin_key IN (SELECT unnest(?)) ORDER BY pin_key",
                 [[r[0] for r in rows]],
             ).fetchall()]  # fmt: skip
-        changes = StoredChanges(ids, moved, retitled, sorted(labels), sorted(boards))
+        changes = StoredChanges(ids, len(paths), retitled, sorted(labels), sorted(boards), paths)
         return changes, (sorted(b for b in old_boards if b), sorted(u for u in old_users if u))
 
     def _update_boards(self, boards: Iterable[PinRecord]) -> list[str]:
@@ -679,6 +691,16 @@ class Catalog:
             self.clear_titles_pending(keys)
         return ids, *self._drop_empty(touched_boards, touched_users, users)
 
+    def forget_cluster_items(self, pin_ids: Sequence[str], boards: Sequence[str]) -> None:
+        """Take pins and boards that are gone out of the saved cluster runs of their level."""
+        if self.has_table("clusters") and (pin_ids or boards):
+            self._con.execute(
+                "DELETE FROM clusters WHERE (item IN (SELECT unnest(?)) AND run_id IN (SELECT "
+                "run_id FROM cluster_runs WHERE level = 'pins')) OR (item IN (SELECT unnest(?)) "
+                "AND run_id IN (SELECT run_id FROM cluster_runs WHERE level = 'boards'))",
+                [list(pin_ids), list(boards)],
+            )
+
     def _drop_empty(
         self, boards: Sequence[str], users: Sequence[str], named_users: Sequence[str] = ()
     ) -> tuple[list[str], list[str]]:
@@ -813,6 +835,24 @@ class Catalog:
     def list_indexes(self) -> list[dict[str, Any]]:
         """Every index row."""
         return self.query("SELECT * FROM indexes ORDER BY name")
+
+
+def _board_names(
+    records: Sequence[PinRecord], chosen: dict[str, PinRecord]
+) -> dict[str, PinRecord]:
+    """One record per board read, giving its owner, name and description: the least of
+    those its pins carry (a folder corpus's "Home Decor" and "home-decor" are one board; a
+    manifest's rows may disagree), whichever pins are new, so a board's name does not follow
+    them from run to run; its category is ``chosen``'s (the new pins' most common) if there."""
+    out: dict[str, PinRecord] = {}
+    for p in records:
+        best = out.get(p.board)
+        mine = (p.board_name, p.board_description, p.user or "")
+        if best is None or mine < (best.board_name, best.board_description, best.user or ""):
+            out[p.board] = p
+    return {
+        b: replace(p, category=chosen[b].category) if b in chosen else p for b, p in out.items()
+    }
 
 
 def _differs(a: str, b: str, columns: Sequence[str]) -> str:

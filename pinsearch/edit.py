@@ -260,7 +260,6 @@ def remove_pins(
         n = store.vectors(name).drop_keys(keys)
         if n:
             vectors[name] = n
-    con = store.catalog.connection
     with store.catalog.transaction():
         # boards and users the removed pins belonged to (besides those named): any of them
         # left without pins goes too
@@ -268,13 +267,7 @@ def remove_pins(
             keys.tolist(), boards=boards, users=users
         )
         n_boards, n_users = len(gone_boards), len(gone_users)
-        if store.catalog.has_table("clusters"):  # saved cluster runs forget them too
-            con.execute(
-                "DELETE FROM clusters WHERE (item IN (SELECT unnest(?)) AND run_id IN (SELECT "
-                "run_id FROM cluster_runs WHERE level = 'pins')) OR (item IN (SELECT unnest(?)) "
-                "AND run_id IN (SELECT run_id FROM cluster_runs WHERE level = 'boards'))",
-                [gone_ids, gone_boards],
-            )
+        store.catalog.forget_cluster_items(gone_ids, gone_boards)
         for name in store.backbones(text_spaces=True):  # (a remove stopped earlier may have
             # dropped vectors without counting them)
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))

@@ -890,8 +890,12 @@ def read_corpus(
             continue
         if item.pin_id in known:
             already_present += 1
-            if refusal is None:
-                present.setdefault(item.pin_id, item)
+            if refusal is None and (
+                item.pin_id not in present  # several copies, the stored path gone: the copy
+                # whose path ends most like it (the corpus moved: the same folders below it)
+                or _common_tail(item.path, stored) > _common_tail(present[item.pin_id].path, stored)
+            ):
+                present[item.pin_id] = item
             continue
         if refusal is not None:
             skipped.append(refusal)
@@ -958,6 +962,18 @@ def read_corpus(
         root, fmt, kept, skipped, found, sampled_out, already_present, _board_records(kept),
         list(present.values()),
     )  # fmt: skip
+
+
+def _common_tail(path: Path, other: str | None) -> int:
+    """How many trailing path components ``path`` and ``other`` share."""
+    if other is None:
+        return 0
+    n = 0
+    for a, b in zip(reversed(path.parts), reversed(Path(other).parts)):
+        if a != b:
+            break
+        n += 1
+    return n
 
 
 def _board_records(pins: list[PinRecord]) -> dict[str, PinRecord]:

@@ -178,8 +178,7 @@ def index_corpus(
             # heads trained on this backbone's vectors do not know the pins embedded now, nor
             # any head the labels it learnt that changed since
             stale = store.mark_heads_stale([backbone]) if report.embedded else []
-            stale = sorted({*stale, *store.mark_heads_stale(store.backbones(),
-                                                            labels=changes.labels)})  # fmt: skip
+            stale = sorted({*stale, *changes.stale_heads})
             return IndexReport(
                 store=str(store.root),
                 corpus=str(corpus) if corpus is not None else "",

@@ -620,23 +620,15 @@ class Store:
         for f in index_files(self.index_base(name)).values():
             f.unlink(missing_ok=True)
 
-    def mark_heads_stale(
-        self,
-        backbones: list[str],
-        kinds: list[str] | None = None,
-        *,
-        labels: list[str] | None = None,
-    ) -> list[str]:
+    def mark_heads_stale(self, backbones: list[str], kinds: list[str] | None = None) -> list[str]:
         """Flag the heads trained on these backbones' vectors (of these kinds, e.g.
-        ``["zeroshot"]``, and learning these labels, e.g. ``["category"]``, when given);
-        returns their names."""
-        if not backbones or labels == []:
+        ``["zeroshot"]``, when given); returns their names."""
+        if not backbones:
             return []
         rows = self.catalog.query(
             "UPDATE heads SET stale = true WHERE backbone IN (SELECT unnest(?)) "
-            "AND (? IS NULL OR head IN (SELECT unnest(?))) "
-            "AND (? IS NULL OR label IN (SELECT unnest(?))) RETURNING name",
-            [list(backbones), kinds, kinds, labels, labels],
+            "AND (? IS NULL OR head IN (SELECT unnest(?))) RETURNING name",
+            [list(backbones), kinds, kinds],
         )
         return sorted(r["name"] for r in rows)
 

@@ -21,6 +21,7 @@ import pytest
 from pinsearch.catalog import Catalog
 from pinsearch.check import check_store
 from pinsearch.classify import train_head
+from pinsearch.clusters import ClusterConfig, cluster_store
 from pinsearch.edit import add_corpus, refresh_store
 from pinsearch.embed import EmbedConfig
 from pinsearch.ingest import read_corpus
@@ -164,6 +165,9 @@ def test_category_and_board_edits_stale_only_the_heads_of_that_label(
 def test_pins_moved_to_another_board_and_a_moved_corpus(
     corpus: Path, store: Path, tmp_path: Path
 ) -> None:
+    with Store.open(store) as s:
+        train_head(s, CLIP, "knn", {"n_neighbors": 3}, label="board", name="by_board")
+        cluster_store(s, CLIP, ClusterConfig(level="boards", k=2))
     # every pin of user000 moves to user001's board of its category: user000's boards and
     # user000 go
     targets = {}
@@ -182,7 +186,9 @@ def test_pins_moved_to_another_board_and_a_moved_corpus(
     assert not any(b.startswith("user000/") for b in _boards(store))
     with Store.open(store, read_only=True) as s:
         assert [r["user_id"] for r in s.catalog.query("SELECT * FROM users")] == ["user001"]
-    assert report.stale_heads == []  # same category: no label changed
+        items = {r["item"] for r in s.catalog.query("SELECT item FROM clusters")}
+        assert items == {b for b in _boards(store)} and len(items) == 3  # the saved run's
+    assert report.stale_heads == ["by_board"]  # same category and mood: their heads hold
     # the whole corpus moved (mtimes kept): paths follow, and no image counts as changed
     elsewhere = tmp_path / "moved"
     shutil.move(corpus, elsewhere)
@@ -253,3 +259,77 @@ def test_a_rewritten_manifest_row(tmp_path: Path, tree_copy: Path) -> None:
     with Catalog(store / "catalog.duckdb", read_only=True) as cat:
         assert cat.titles_pending() == []
     assert check_store(store).ok
+
+
+def test_heads_of_a_changed_label_are_stale_once_the_catalog_has_it(
+    corpus: Path, store: Path
+) -> None:
+    """Marked in the ingest's transaction: a run killed right after would not see the change
+    again (the rows hold the new labels)."""
+    _edit_json(corpus / "user000" / "food_drink-1" / "board.json", category="Travel")
+    with Store.open(store) as s:
+        result = read_corpus(corpus, exclude_ids=s.catalog.pin_id_paths())
+        changes = s.catalog.add_ingest(result, "{}").changes
+    assert changes.labels == ["category"] and changes.stale_heads == ["by_category"]
+    assert _heads_stale(store) == {"by_category": True, "by_mood": False}
+    assert index_corpus(corpus, store, backbone=CLIP, embed=EMBED).updated == 0
+
+
+def test_a_moved_corpus_keeps_the_stored_copy_of_a_duplicate_id(
+    corpus: Path, tmp_path: Path
+) -> None:
+    dirs = _pin_dirs(corpus)
+    stored = next(d for d in dirs.values() if d.parts[-3] == "user001")  # read after user000
+    # a copy of its folder, read first, whose image is cut: the first run kept the good one
+    copy = corpus / "user000" / "architecture-1" / stored.name
+    shutil.copytree(stored, copy)
+    image = next(copy.glob("*.jpg"))
+    image.write_bytes(image.read_bytes()[:400])
+    store = tmp_path / "store"
+    index_corpus(corpus, store, backbone=CLIP, embed=EMBED)
+    first = _pins(store)[stored.name]
+    assert Path(first["path"]).parent == stored.resolve()
+    elsewhere = tmp_path / "moved"
+    shutil.move(corpus, elsewhere)
+    index_corpus(elsewhere, store, backbone=CLIP, embed=EMBED)
+    now = _pins(store)[stored.name]
+    assert (now["board"], now["category"]) == (first["board"], first["category"])
+    assert Path(now["path"]).parent == (elsewhere / stored.relative_to(corpus)).resolve()
+
+
+def test_a_copy_that_becomes_the_stored_image_leaves_the_skipped_table(
+    corpus: Path, store: Path
+) -> None:
+    dirs = _pin_dirs(corpus)
+    pin_id, original = next(iter(dirs.items()))
+    other_board = next(d.parent for d in dirs.values() if d.parent != original.parent)
+    shutil.copytree(original, other_board / pin_id)  # a re-pin: skipped, the id is stored
+    assert index_corpus(corpus, store, backbone=CLIP, embed=EMBED).skipped == 1
+
+    def skipped() -> list[str]:
+        with Store.open(store, read_only=True) as s:
+            return [r["reason"] for r in s.catalog.query("SELECT reason FROM skipped")]
+
+    assert skipped() == ["duplicate_id"]
+    shutil.rmtree(original)  # the first is gone: the copy is the pin's image now
+    report = index_corpus(corpus, store, backbone=CLIP, embed=EMBED)
+    assert (report.moved, report.skipped) == (1, 0) and skipped() == []
+    assert _pins(store)[pin_id]["board"] == f"{other_board.parent.name}/{other_board.name}"
+
+
+def test_a_boards_name_does_not_follow_the_new_pins(tmp_path: Path, tree_corpus) -> None:
+    """Two folders of one board ("Home Decor", "home-decor"): its name is the least of its
+    pins', whichever are new."""
+    images = sorted(Path(tree_corpus.root).rglob("*.jpg"))
+    root = tmp_path / "photos"
+    for folder, picked in (("Home Decor", images[:2]), ("home-decor", images[2:4])):
+        (root / folder).mkdir(parents=True)
+        for f in picked:
+            shutil.copy(f, root / folder / f.name)
+    store = tmp_path / "store"
+    index_corpus(root, store, backbone=CLIP, embed=EMBED)
+    assert _boards(store)["home_decor"]["name"] == "Home Decor"
+    shutil.copy(images[4], root / "home-decor" / images[4].name)  # new pins in the other
+    assert index_corpus(root, store, backbone=CLIP, embed=EMBED).added == 1
+    assert _boards(store)["home_decor"]["name"] == "Home Decor"
+    assert index_corpus(root, store, backbone=CLIP, embed=EMBED).updated == 0
