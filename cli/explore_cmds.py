@@ -23,38 +23,51 @@ def cluster(
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
     method: Annotated[str, typer.Option(help="kmeans or agglomerative.")] = "kmeans",
     k: Annotated[int | None, typer.Option("-k", "--k", help="Clusters (default: choose).")] = None,
-    k_min: Annotated[int, typer.Option(min=2)] = 2,
-    k_max: Annotated[int, typer.Option(min=2)] = 30,
-    choose: Annotated[str, typer.Option(help="elbow (kneedle) or silhouette.")] = "elbow",
+    k_min: Annotated[int | None, typer.Option(min=2, help="Least k tried [default: 2].")] = None,
+    k_max: Annotated[int | None, typer.Option(min=2, help="Most k tried [default: 30].")] = None,
+    choose: Annotated[
+        str | None, typer.Option(help="elbow (kneedle) or silhouette [default: elbow].")
+    ] = None,
     level: Annotated[str, typer.Option(help="pins or boards.")] = "pins",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
     plot: Annotated[
-        Path | None, typer.Option(help="PNG of the k sweep (when k is chosen, not given).")
+        Path | None,
+        typer.Option(help="Figure of the k sweep (.png, .pdf, .svg; when k is chosen, not given)."),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cluster pins or boards, choose k (elbow or silhouette), compare with the categories, and
     save the clusters in the catalog as proposed boards."""
-    from pinsearch.clusters import ClusterConfig, cluster_store, plot_sweep
+    from pinsearch.clusters import ClusterConfig, check_plot_path, cluster_store, plot_sweep
     from pinsearch.store import Store
 
-    if plot is not None and k is not None:
-        raise typer.BadParameter("--plot draws the sweep that chooses k: leave out -k")
+    sweep = {"--k-min": k_min, "--k-max": k_max, "--choose": choose, "--plot": plot}
+    if k is not None and any(v is not None for v in sweep.values()):
+        given = ", ".join(flag for flag, v in sweep.items() if v is not None)
+        raise typer.BadParameter(
+            f"{given}: for a sweep that chooses k, and -k gives it; leave out one or the other"
+        )
+    if plot is not None:
+        check_plot_path(plot)  # before the work
     config = ClusterConfig(
-        method=method, k=k, k_min=k_min, k_max=k_max, choose=choose, level=level, seed=seed
-    )
+        method=method, k=k, level=level, seed=seed,
+        **{name: v for name, v in (("k_min", k_min), ("k_max", k_max), ("choose", choose))
+           if v is not None},
+    )  # fmt: skip
     with Store.open(store) as s:
         report = cluster_store(s, backbone, config)
     if plot is not None and report.sweep:
-        plot_sweep(report, plot)
+        report.plot = str(plot_sweep(report, plot))
     if as_json:
         emit_json(report)
         return
+    silhouette = "undefined" if report.silhouette is None else f"{report.silhouette:.3f}"
     console.print(
         f"{report.method} on {report.items} {report.level} ({report.backbone}): k = {report.k} "
         f"({report.chosen_by}; elbow {report.elbow_k}, best silhouette {report.silhouette_k}); "
         f"ARI {report.ari:.3f}, V-measure {report.v_measure:.3f}, purity {report.purity:.3f}, "
-        f"silhouette {report.silhouette:.3f}; saved as run {report.run_id}"
+        f"silhouette {silhouette}; saved as run {report.run_id}"
+        + (f"; sweep drawn in {report.plot}" if report.plot else "")
     )
     rows = [
         {
@@ -76,6 +89,10 @@ def dupes(
     threshold: Annotated[float, typer.Option(help="Cosine at or above which pins pair.")] = 0.95,
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Neighbours examined per pin.")] = 20,
     top: Annotated[int, typer.Option(min=0, help="Groups shown.")] = 20,
+    index: Annotated[
+        str | None,
+        typer.Option(help="The cosine index proposing neighbours (default: the backbone's)."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Find groups of near-duplicate pins (same image re-pinned, resized, re-encoded, or the
@@ -84,13 +101,14 @@ def dupes(
     from pinsearch.store import Store
 
     with Store.open(store, read_only=True) as s:
-        report = find_dupes(s, backbone, threshold=threshold, k=k)
+        report = find_dupes(s, backbone, threshold=threshold, k=k, index=index)
     if as_json:
         emit_json(report)
         return
     console.print(
         f"{len(report.groups)} groups ({report.pins_in_groups} of {report.pins} pins, "
-        f"{report.pairs} pairs) at cosine >= {report.threshold} ({report.backbone})"
+        f"{report.pairs} pairs) at cosine >= {report.threshold} ({report.backbone}, index "
+        f"{report.index})"
     )
     rows = [
         {

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,16 @@ from pinsearch.errors import DeviceError
 from pinsearch.store import Store
 from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
-__all__ = ["ClusterConfig", "ClusterReport", "choose_k", "cluster_store", "kmeans"]
+__all__ = [
+    "ClusterConfig",
+    "ClusterReport",
+    "check_plot_path",
+    "check_seed",
+    "choose_k",
+    "cluster_store",
+    "kmeans",
+    "plot_sweep",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -80,6 +90,7 @@ class ClusterConfig:
             raise ValueError(f"k must be at least 2, got {self.k}")
         if not 2 <= self.k_min <= self.k_max:
             raise ValueError(f"need 2 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -92,19 +103,21 @@ class ClusterReport:
     level: str
     items: int
     k: int
-    chosen_by: str  # given, elbow or silhouette
+    chosen_by: str  # given, elbow, silhouette, or k_min (neither found one)
     elbow_k: int | None
     silhouette_k: int | None
-    sweep: list[dict[str, float]] = field(default_factory=list)  # k, inertia, silhouette
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # k, inertia, silhouette (None
+    # where undefined: the sample's pins all in one cluster)
     ari: float = 0.0
     v_measure: float = 0.0
     homogeneity: float = 0.0
     completeness: float = 0.0
     purity: float = 0.0
-    silhouette: float = 0.0
+    silhouette: float | None = None  # (None: undefined, the sample all in one cluster)
     clusters: list[dict[str, Any]] = field(default_factory=list)  # proposed boards
     contingency: dict[str, dict[str, int]] = field(default_factory=dict)  # cluster -> cat -> n
     run_id: int | None = None
+    plot: str | None = None  # the sweep's figure, where one was written
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -184,7 +197,13 @@ class _Ward:
         return np.argmax(self.x @ centres.T, axis=1).astype(np.int64)
 
 
-def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> tuple[
+def check_seed(seed: int) -> None:
+    """A seed FAISS and scikit-learn both take (a 32-bit signed int, not negative)."""
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in 0 .. {2**31 - 1}, got {seed}")
+
+
+def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float | None]) -> tuple[
     int | None, int | None
 ]:  # fmt: skip
     """(elbow k by kneedle on the inertia curve, k of the best silhouette)."""
@@ -194,7 +213,8 @@ def choose_k(ks: list[int], inertias: list[float], silhouettes: list[float]) -> 
     if len(ks) >= 3:
         knee = KneeLocator(ks, inertias, curve="convex", direction="decreasing").knee
         elbow = int(knee) if knee is not None else None
-    best = int(ks[int(np.argmax(silhouettes))]) if silhouettes else None
+    defined = [(v, k) for v, k in zip(silhouettes, ks) if v is not None and np.isfinite(v)]
+    best = int(max(defined, key=lambda t: t[0])[1]) if defined else None  # (first of ties)
     return elbow, best
 
 
@@ -256,9 +276,9 @@ def cluster_store(
     rng = np.random.default_rng(config.seed)
     sample = rng.choice(len(x), min(config.silhouette_sample, len(x)), replace=False)
 
-    def silhouette(labels: np.ndarray) -> float:
+    def silhouette(labels: np.ndarray) -> float | None:
         if len(np.unique(labels[sample])) < 2:
-            return -1.0
+            return None  # undefined
         return float(skm.silhouette_score(x[sample], labels[sample], metric="cosine"))
 
     sweep: list[dict[str, float]] = []
@@ -269,9 +289,15 @@ def cluster_store(
         for k in ks:
             labels, inertia = _label(x, k, config, ward)
             sweep.append({"k": k, "inertia": inertia, "silhouette": silhouette(labels)})
-        elbow, best = choose_k(ks, [s["inertia"] for s in sweep], [s["silhouette"] for s in sweep])
-        k = (elbow if config.choose == "elbow" else best) or best or ks[0]
-        chosen_by = config.choose if (elbow if config.choose == "elbow" else best) else "silhouette"
+        with warnings.catch_warnings():  # (kneed: "no knee found" on a flat curve)
+            warnings.simplefilter("ignore")
+            elbow, best = choose_k(ks, [s["inertia"] for s in sweep],
+                                   [s["silhouette"] for s in sweep])  # fmt: skip
+        wanted = elbow if config.choose == "elbow" else best
+        k, chosen_by = next(
+            (k, by) for k, by in ((wanted, config.choose), (best, "silhouette"), (ks[0], "k_min"))
+            if k is not None
+        )  # fmt: skip
     else:
         k, chosen_by = config.k, "given"
     labels, _ = _label(x, k, config, ward)
@@ -364,6 +390,25 @@ def _save(
     return run_id
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Refuse, before any work, a figure path matplotlib cannot write: no or an unknown
+    format suffix, a folder, or a parent that is a file."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ValueError(
+            f"plot {path}: name a figure file ending in one of "
+            f"{', '.join('.' + f for f in sorted(formats))}"
+        )
+    if path.is_dir():
+        raise ValueError(f"plot {path} is a folder; name a file")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"plot {path}: {parent} is not a folder")
+
+
 def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
     """PNG of the k sweep: inertia with the elbow, and silhouette with its best k."""
     import matplotlib
@@ -375,7 +420,8 @@ def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     a.plot(ks, [s["inertia"] for s in report.sweep], marker=".")
     a.set(xlabel="k", ylabel="inertia", title=f"elbow (kneedle): k = {report.elbow_k}")
-    b.plot(ks, [s["silhouette"] for s in report.sweep], marker=".", color="tab:orange")
+    b.plot(ks, [np.nan if s["silhouette"] is None else s["silhouette"] for s in report.sweep],
+           marker=".", color="tab:orange")  # fmt: skip
     b.set(
         xlabel="k",
         ylabel="silhouette (cosine)",

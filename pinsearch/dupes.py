@@ -20,7 +20,7 @@ import numpy as np
 from pinsearch.store import Store
 from pinsearch.vectors import unit_rows
 
-__all__ = ["DupeGroup", "DupeReport", "find_dupes", "near_pairs"]
+__all__ = ["DupeGroup", "DupeReport", "cosine_index", "find_dupes", "near_pairs"]
 
 
 @dataclass
@@ -37,6 +37,7 @@ class DupeGroup:
 class DupeReport:
     store: str
     backbone: str
+    index: str  # the cosine index that proposed the neighbours
     threshold: float
     pins: int
     pairs: int
@@ -53,22 +54,58 @@ class DupeReport:
 COSINE_SLACK = 1e-5
 
 
-def near_pairs(
-    store: Store, backbone: str, threshold: float, k: int = 20, batch: int = 1024
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(key a, key b, cosine) of every pair with cosine >= threshold among each pin's k nearest
-    (found by the index, scored on the stored vectors).
+def cosine_index(store: Store, backbone: str, index: str | None = None) -> str:
+    """The index of ``backbone`` that ranks by cosine: ``index`` if given, else the
+    backbone's own one if it does, else another of its indexes that does. An inner-product
+    index of unit vectors ranks as cosine does.
 
     Raises:
-        ValueError: the backbone's index is not cosine (similarities are needed).
+        ValueError: no such index, or the one named ranks otherwise.
+    """
+    unit = bool((store.catalog.get_embedding(backbone) or {}).get("normalize"))
+
+    def ranks_by_cosine(name: str) -> bool:
+        metric = (store.catalog.get_index(name) or {}).get("metric")
+        return metric == "cosine" or (metric == "ip" and unit)
+
+    names = store.index_names(backbone)
+    if index is not None:
+        if index not in names:
+            raise ValueError(f"no index {index!r} of {backbone!r} in {store.root}; it has {names}")
+        if not ranks_by_cosine(index):
+            raise ValueError(
+                f"dupes need a cosine index; {index!r} is "
+                f"{store.catalog.get_index(index)['metric']}"  # type: ignore[index]
+            )
+        return index
+    ordered = sorted(names, key=lambda n: n != backbone)  # the backbone's own first
+    for name in ordered:
+        if ranks_by_cosine(name):
+            return name
+    metrics = {n: (store.catalog.get_index(n) or {}).get("metric") for n in names}
+    raise ValueError(
+        f"dupes need a cosine index; {backbone!r} has {metrics or 'none'}: build one with "
+        f"pinsearch index --store {store.root} -b {backbone} --metric cosine --index-name NAME"
+    )
+
+
+def near_pairs(
+    store: Store,
+    backbone: str,
+    threshold: float,
+    k: int = 20,
+    batch: int = 1024,
+    index: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(key a, key b, cosine) of every pair with cosine >= threshold among each pin's k nearest
+    (found by the index, :func:`cosine_index`, scored on the stored vectors).
+
+    Raises:
+        ValueError: the backbone has no index ranking by cosine (or ``index`` does not).
     """
     from pinsearch.search import PinSearcher
 
-    searcher = PinSearcher(store, backbone=backbone)
-    if searcher.index.config.metric != "cosine":
-        raise ValueError(
-            f"dupes need a cosine index; {searcher.index_name!r} is {searcher.index.config.metric}"
-        )
+    searcher = PinSearcher(store, index=cosine_index(store, backbone, index))
     vs = store.vectors(backbone)
     a, b, s = [], [], []
     for vectors, keys in vs.iter_chunks(batch):  # a chunk of pins at a time, memory-mapped
@@ -120,14 +157,24 @@ def _components(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[tuple[list[
 
 
 def find_dupes(
-    store: Store, backbone: str | None = None, *, threshold: float = 0.95, k: int = 20
+    store: Store,
+    backbone: str | None = None,
+    *,
+    threshold: float = 0.95,
+    k: int = 20,
+    index: str | None = None,
 ) -> DupeReport:
-    """Groups of near-duplicate pins (largest first)."""
+    """Groups of near-duplicate pins (largest first); ``index`` names the cosine index that
+    proposes the neighbours (default: :func:`cosine_index`'s choice)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     start = time.perf_counter()
+    if index is not None and backbone is None:
+        row = store.catalog.get_index(index)
+        backbone = row["backbone"] if row is not None else None
     backbone = store.resolve_backbone(backbone)
-    a, b, s = near_pairs(store, backbone, threshold, k)
+    index = cosine_index(store, backbone, index)
+    a, b, s = near_pairs(store, backbone, threshold, k, index=index)
     comps = _components(a, b, s)
     meta = store.catalog.pins_by_key(sorted({x for m, _ in comps for x in m}))
     groups = []
@@ -149,6 +196,7 @@ def find_dupes(
     return DupeReport(
         store=str(store.root),
         backbone=backbone,
+        index=index,
         threshold=threshold,
         pins=len(store.vectors(backbone)),
         pairs=len(a),

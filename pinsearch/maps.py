@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.clusters import check_seed
 from pinsearch.store import Store
 from pinsearch.vectors import in_sorted, unit_rows
 
@@ -41,6 +42,12 @@ class MapConfig:
             raise ValueError(f"methods must be among {PROJECTIONS}, got {self.methods}")
         if self.color not in ("category", "cluster"):
             raise ValueError(f"color must be category or cluster, got {self.color!r}")
+        if self.sample < 2 or self.thumbnails < 0 or not self.perplexity > 0:
+            raise ValueError(
+                f"need sample >= 2, thumbnails >= 0 and perplexity > 0, got {self.sample}, "
+                f"{self.thumbnails}, {self.perplexity}"
+            )
+        check_seed(self.seed)
 
 
 @dataclass
@@ -74,14 +81,29 @@ def embed_2d(x: np.ndarray, method: str, *, perplexity: float = 30.0, seed: int 
 
 
 def _sample(cats: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most ``n`` rows, stratified by category: one of each category first (of ``n``
+    categories drawn at random when there are more), the rest shared in proportion to the
+    categories' sizes (largest remainders), each category's rows drawn at random."""
     if len(cats) <= n:
         return np.arange(len(cats))
     rng = np.random.default_rng(seed)
-    out = []
-    for c in np.unique(cats):
-        idx = np.flatnonzero(cats == c)
-        take = max(1, round(n * len(idx) / len(cats)))
-        out.append(rng.choice(idx, min(take, len(idx)), replace=False))
+    names, inverse, sizes = np.unique(cats, return_inverse=True, return_counts=True)
+    take = np.zeros(len(names), np.int64)
+    if len(names) >= n:
+        take[rng.choice(len(names), n, replace=False)] = 1
+    else:
+        take[:] = 1
+        share = (n - len(names)) * (sizes - 1) / (sizes - 1).sum()
+        take += np.floor(share).astype(np.int64)
+        left = n - int(take.sum())
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        take[order[:left]] += 1
+        take = np.minimum(take, sizes)
+    out = [
+        rng.choice(np.flatnonzero(inverse == c), int(t), replace=False)
+        for c, t in enumerate(take)
+        if t
+    ]
     return np.sort(np.concatenate(out))
 
 
@@ -118,8 +140,19 @@ def draw_map(
     keys = keys[in_sorted(pin_keys, keys)]  # pins still in the catalog, in storage order
     cats_all = cols["category"][np.searchsorted(pin_keys, keys)]
     pick = _sample(cats_all, config.sample, config.seed)
+    least = 3 if "tsne" in config.methods else 2  # (t-SNE: a perplexity below the pins)
+    if len(pick) < least:
+        raise ValueError(
+            f"a {'t-SNE ' if least == 3 else ''}map needs at least {least} pins with a "
+            f"{backbone!r} vector; the store has {len(pick)}"
+        )
     vectors, _ = vs.load(keys[pick])  # rows in the order asked
     x = unit_rows(vectors)
+    if not (x != x[0]).any():  # no spread: PCA's ratios are NaN and t-SNE crashes
+        raise ValueError(
+            f"the {len(pick)} pins drawn all have the same {backbone!r} vector (copies of one "
+            "image): there is nothing to lay out"
+        )
     meta = store.catalog.pins_by_key(keys[pick].tolist())
     pins = [meta[int(k)] for k in keys[pick]]
     labels = _colours(store, backbone, [p["pin_id"] for p in pins], cats_all[pick], config.color)

@@ -50,8 +50,10 @@ def _check_keys(request: dict[str, Any]) -> None:
         raise ValueError(
             f"unknown request key(s) {', '.join(map(repr, unknown))}; known: {', '.join(_KEYS)}"
         )
-    for key, needs in _KEYS.items():
-        if needs is not None and key in request and not request.get(needs):
+    if "boards" in request and not isinstance(request["boards"], bool):
+        raise ValueError(f"'boards' must be true or false, got {request['boards']!r}")
+    for key, needs in _KEYS.items():  # (an empty text is a text request: said empty later)
+        if needs is not None and key in request and request.get(needs) in (None, False):
             raise ValueError(f"{key!r} applies to {needs!r} requests only")
     if "alpha" in request and request.get("mode") != "fused":
         raise ValueError("'alpha' weighs mode 'fused' only")
@@ -153,7 +155,9 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
         ).to_dict()  # fmt: skip
     if "pin" in asked:
         return searcher.similar_to_pin(str(request["pin"]), k, **filters).to_dict()
-    path = Path(str(request["image"]))
+    if not request["image"].strip():
+        raise ValueError("'image' is empty; give the path of an image file")
+    path = Path(request["image"])
     if not path.is_file():
         raise ValueError(f"image {path} does not exist")
     return searcher.similar_to_image(path, k, **filters).to_dict()
@@ -203,7 +207,7 @@ def serve(
             start = time.perf_counter()
             request: Any = None
             try:  # one bad request gets its error answered; the process goes on
-                line = _decoded(raw)
+                line = _decoded(raw).removeprefix("\ufeff")  # (a BOM, as Windows tools write)
                 if not line.strip():
                     continue
                 request = json.loads(line, parse_constant=_no_constant, parse_float=_finite)

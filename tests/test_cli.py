@@ -665,8 +665,9 @@ def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:
     ]:  # fmt: skip
         (tmp_path / "empty.txt").write_text("\n  \n")
         assert says in _usage_error([*query, *argv]), argv
-    cluster = ["cluster", "--store", str(store_copy), "-k", "3", "--plot", str(tmp_path / "k.png")]
-    assert "leave out -k" in _usage_error(cluster)
+    cluster = ["cluster", "--store", str(store_copy), "-k", "3"]
+    for argv in (["--plot", str(tmp_path / "k.png")], ["--k-max", "5"], ["--choose", "elbow"]):
+        assert "for a sweep that chooses k, and -k gives it" in _usage_error([*cluster, *argv])
 
 
 def test_a_failed_first_index_leaves_no_store(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pinsearch.cli.app import app
 from pinsearch.clusters import ClusterConfig, choose_k, cluster_store, kmeans
 from pinsearch.errors import DeviceError
+from pinsearch.eval.bench import synthetic_store
 from pinsearch.indexes import gpu_count as faiss_gpu_count
 from pinsearch.store import Store
 
@@ -130,6 +131,39 @@ def test_cli_cluster(store_copy: Path, tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     report = json.loads(out.output)
     assert report["run_id"] == 1 and (tmp_path / "k.png").stat().st_size > 1000
+    assert report["plot"] == str(tmp_path / "k.png")
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("k", "name a figure file ending in"), ("k.txt", "name a figure file ending in"),
+     ("folder.png", "is a folder"), ("afile/k.png", "is not a folder")],
+)  # fmt: skip
+def test_cli_cluster_refuses_a_plot_path_before_the_work(
+    store_copy: Path, tmp_path: Path, name: str, says: str
+) -> None:
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "afile").write_text("")
+    out = CliRunner().invoke(
+        app, ["cluster", "--store", str(store_copy), "--plot", str(tmp_path / name)]
+    )
+    assert isinstance(out.exception, ValueError) and says in str(out.exception), out.output
+    with Store.open(store_copy, read_only=True) as store:
+        assert not store.catalog.has_table("cluster_runs")  # nothing run, nothing saved
+
+
+def test_seed_bounds_and_an_undefined_silhouette(tmp_path: Path) -> None:
+    for seed in (-1, 2**31):
+        with pytest.raises(ValueError, match=r"seed must be in 0 \.\. 2147483647"):
+            ClusterConfig(seed=seed)
+    # every pin the same vector: one cluster whatever k, the silhouette undefined (not -1)
+    store = tmp_path / "s"
+    synthetic_store(store, np.ones((12, 8), np.float32))
+    with Store.open(store) as s:
+        report = cluster_store(s, "synthetic", ClusterConfig(k_max=4))
+    assert report.k == 1 and report.silhouette is None
+    assert all(row["silhouette"] is None for row in report.sweep)
+    assert report.silhouette_k is None and report.chosen_by in ("elbow", "k_min")
 
 
 def test_removed_pins_leave_the_saved_cluster_runs(store_copy: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import combinations
 from pathlib import Path
 
@@ -106,3 +107,29 @@ def test_threshold_one_finds_every_exact_copy(tmp_path: Path) -> None:
         keys = np.sort(store.vectors("synthetic").load()[1])
     assert len(a) == 200 and (s <= 1.0).all()
     assert set(zip(a.tolist(), b.tolist())) == {(int(k), int(k) + 200) for k in keys[:200]}
+
+
+def test_the_cosine_index_is_found_or_named(tmp_path: Path) -> None:
+    from pinsearch.eval.bench import synthetic_store
+    from pinsearch.indexes import IndexConfig
+
+    base = np.random.default_rng(2).normal(size=(50, 32)).astype(np.float32)
+    path = tmp_path / "s"
+    synthetic_store(path, np.vstack([base, 3 * base]), categories=2,
+                    index=IndexConfig(factory="Flat", metric="l2"))  # fmt: skip
+    says = re.escape("'synthetic' has {'synthetic': 'l2'}: build one")
+    with Store.open(path, read_only=True) as store, pytest.raises(ValueError, match=says):
+        find_dupes(store)
+    with Store.open(path) as store:
+        store.build_index("synthetic", IndexConfig(factory="Flat", metric="ip"), name="ip")
+        store.build_index("synthetic", IndexConfig(factory="Flat", metric="cosine"), name="cos")
+    with Store.open(path, read_only=True) as store:
+        report = find_dupes(store, threshold=0.999)  # the l2 default passed over
+        assert report.index == "cos" and report.pairs == 50  # each vector and its multiple
+        assert find_dupes(store, index="cos").groups == report.groups
+        for name, says in (("synthetic", "'synthetic' is l2"), ("ip", "'ip' is ip"),
+                           ("nope", "no index 'nope'")):  # fmt: skip
+            with pytest.raises(ValueError, match=says):  # (ip: these vectors are not unit)
+                find_dupes(store, index=name)
+    out = CliRunner().invoke(app, ["dupes", "--store", str(path), "--index", "cos", "--json"])
+    assert out.exit_code == 0 and json.loads(out.output)["index"] == "cos", out.output

@@ -70,6 +70,42 @@ def test_map_config_and_sampling(built_store, tmp_path: Path) -> None:
     assert report.pins == 12 and report.total == 24  # 4 of each of the 3 categories
 
 
+def test_the_sample_is_at_most_its_size_and_stratified() -> None:
+    from pinsearch.maps import _sample
+
+    cats = np.repeat([f"c{i:02d}" for i in range(12)], 2)  # 12 categories of 2
+    for n in (20, 12, 10, 5):
+        pick = _sample(cats, n, seed=0)
+        assert len(pick) == n and len(set(pick.tolist())) == n
+        drawn = {str(c) for c in cats[pick]}
+        assert len(drawn) == min(n, 12)  # every category once before any twice
+    cats = np.array(["big"] * 90 + ["small"] * 10)
+    counts = dict(zip(*np.unique(cats[_sample(cats, 20, seed=1)], return_counts=True)))
+    assert counts == {"big": 17, "small": 3}  # 1 each, the other 18 shared 89:9
+
+
+def test_maps_refuse_what_cannot_be_laid_out(tmp_path: Path) -> None:
+    from pinsearch.eval.bench import synthetic_store
+
+    for seed in (-1, 2**31):
+        with pytest.raises(ValueError, match="seed must be"):
+            MapConfig(seed=seed)
+    same = tmp_path / "same"
+    synthetic_store(same, np.ones((6, 8), np.float32))  # copies of one image
+    two = tmp_path / "two"
+    synthetic_store(two, np.eye(2, 8, dtype=np.float32))
+    for store, config, says in (
+        (same, MapConfig(methods=("pca",)), "all have the same 'synthetic' vector"),
+        (two, MapConfig(), "a t-SNE map needs at least 3 pins"),
+    ):
+        out = tmp_path / f"out-{store.name}"
+        with Store.open(store, read_only=True) as s, pytest.raises(ValueError, match=says):
+            draw_map(s, out, config=config)
+        assert not out.exists()  # refused before anything was written
+    with Store.open(two, read_only=True) as s:  # two pins lay out along one PCA axis
+        assert draw_map(s, tmp_path / "ok", config=MapConfig(methods=("pca",))).pins == 2
+
+
 def test_cli_map(built_store, tmp_path: Path) -> None:
     out = CliRunner().invoke(
         app,

@@ -91,6 +91,9 @@ def test_answer_rejects_non_objects(built_store) -> None:
         ({"text": "cars", "boards": False, "board_score": "max"}, "'board_score' applies"),
         ({"text": "cars", "boards": True, "mode": "fused"}, "'boards' requests take no 'mode'"),
         ({"pin": "x", "titles": ["a"], "k": 3}, "'titles' requests take no 'k'"),
+        ({"text": "cars", "boards": "false"}, "'boards' must be true or false, got 'false'"),
+        ({"image": " "}, "'image' is empty; give the path of an image file"),
+        ({"text": "", "mode": "image"}, "cannot answer text"),  # an empty text, not a 'mode'
     ],
 )
 def test_answer_refuses_keys_it_would_ignore(built_store, request_: dict, match: str) -> None:
@@ -127,11 +130,12 @@ def test_serve_answers_every_bad_line_and_goes_on(built_store) -> None:
         b'{"id": 8, "pin": "\xff\xfe"}',
         json.dumps({"id": 9, "pin": pin, "k": 2}).encode(),
         json.dumps({"id": 10, "pin": [pin]}).encode(),
+        b"\xef\xbb\xbf" + json.dumps({"id": 11, "pin": pin, "k": 1}).encode(),  # a BOM first
     ]
     out = io.StringIO()
     assert serve(built_store.path, requests=io.BytesIO(b"\n".join(lines) + b"\n"), responses=out)
     got = [json.loads(line) for line in out.getvalue().splitlines()[1:]]  # all valid JSON
-    assert len(got) == 10 and all("error" in r for r in got[:8])
+    assert len(got) == 11 and all("error" in r for r in got[:8])
     assert "1e400 is out of range" in got[0]["error"]
     assert "'k' must be a whole number from 1 to 10000, got 1000000000000" in got[1]["error"]
     assert "got True" in got[2]["error"] and "'text' must be a string" in got[3]["error"]
@@ -142,6 +146,7 @@ def test_serve_answers_every_bad_line_and_goes_on(built_store) -> None:
     )
     assert got[8]["id"] == 9 and len(got[8]["hits"]) == 2
     assert "'pin' must be a pin id" in got[9]["error"]
+    assert got[10]["id"] == 11 and len(got[10]["hits"]) == 1
 
 
 def test_a_detached_reader_lets_writers_in_and_answers_as_opened(built_store, tmp_path) -> None:
