@@ -109,6 +109,22 @@ def make_config(cls: type[T], **overrides: Any) -> T:
     return cls(**given(**overrides))
 
 
+def given_flags(ctx: typer.Context) -> set[str]:
+    """The options set on the command line (or from the environment), each by its long flag
+    (``-k`` for one-letter ones): an option left out is not among them even where its value
+    is what a user could have typed, so one its command has no use for is refused either way."""
+    out = set()
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name or "")
+        if (
+            p.param_type_name == "option"
+            and source is not None
+            and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+        ):
+            out.add(next((o for o in p.opts if o.startswith("--") and len(o) > 3), p.opts[0]))
+    return out
+
+
 def given(**options: Any) -> dict[str, Any]:
     """The options the user actually set (those not None)."""
     return {k: v for k, v in options.items() if v is not None}

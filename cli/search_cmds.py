@@ -20,6 +20,7 @@ from pinsearch.cli.common import (
     console,
     emit_json,
     err_console,
+    given_flags,
     make_config,
     print_rows,
     search_config,
@@ -32,6 +33,7 @@ TextOpt = Annotated[
 
 @app.command()
 def query(
+    ctx: typer.Context,
     store: StoreOpt,
     pin: Annotated[str | None, typer.Option("--pin", help="A stored pin id.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="A new image file.")] = None,
@@ -83,7 +85,7 @@ def query(
         raise typer.BadParameter("--classify takes a --pin or an --image, not --text")
     candidates = list(titles or [])
     if titles_file is not None:
-        lines = titles_file.read_text(encoding="utf-8").splitlines()
+        lines = titles_file.read_text(encoding="utf-8-sig").splitlines()
         candidates += [line.strip() for line in lines if line.strip()]
         if not candidates:
             raise typer.BadParameter(f"{titles_file} holds no title", param_hint="--titles-file")
@@ -94,15 +96,14 @@ def query(
         else "--text" if text is not None
         else "--pin/--image"
     )  # fmt: skip
+    flags = given_flags(ctx)  # (given, whatever the value: -k 10 is given too)
     given = {
-        "--board": board is not None, "--user": user is not None,
-        "--category": category is not None, "-k": k != 10, "--index": index_name is not None,
-        "--boards": boards, "--titles": titles is not None or titles_file is not None,
-        "--head": head is not None, "--per-board": per_board != 3,
-        "--board-score": board_score != "topm", "--mode": mode != "image", "--alpha": alpha != 0.5,
-        "--nprobe": nprobe is not None, "--ef-search": ef_search is not None,
-        "--precision": precision is not None, "--refine": refine is not None,
+        flag: flag in flags
+        for flag in ("--board", "--user", "--category", "-k", "--index", "--boards", "--head",
+                     "--per-board", "--board-score", "--mode", "--alpha", "--nprobe",
+                     "--ef-search", "--precision", "--refine")
     }  # fmt: skip
+    given["--titles"] = titles is not None or titles_file is not None
     index_opts = ("--index", "--nprobe", "--ef-search", "--precision", "--refine")
     uses = {  # what each kind of query does something with (-b: every kind)
         "--classify": ("-k", "--head"),
@@ -117,7 +118,7 @@ def query(
     unused = [flag for flag, on in given.items() if on and flag not in uses]
     if unused:  # (refused, not ignored: an option that does nothing misleads)
         raise typer.BadParameter(f"{kind} queries take no {', '.join(unused)}")
-    if alpha != 0.5 and mode != "fused":
+    if "--alpha" in flags and mode != "fused":
         raise typer.BadParameter("--alpha weighs --mode fused only")
     if classify:
         _classify(store, pin, image, head, k, as_json, backbone)
@@ -229,6 +230,14 @@ def align(
     from pinsearch.align import AlignConfig, align_store, copy_alignment
     from pinsearch.store import Store
 
+    if from_store is not None:
+        trained = {"--captions": captions, "--text-model": text_model, "--epochs": epochs,
+                   "--dim": dim, "--device": device, "--seed": seed}  # fmt: skip
+        given = [flag for flag, value in trained.items() if value is not None]
+        if given:
+            raise typer.BadParameter(
+                f"--from copies an alignment trained elsewhere; {', '.join(given)} train one"
+            )
     if captions is not None and not captions.is_file():
         raise typer.BadParameter(f"captions file {captions} does not exist")
     config = make_config(
@@ -290,8 +299,9 @@ def _classify(
     print_rows("class scores", result.scores)
     if result.stale:
         err_console.print(
-            f"[yellow]head {result.head} is stale[/yellow]: trained before pins of "
-            f"{result.backbone} were added, removed or embedded; retrain it (pinsearch train)"
+            f"[yellow]head {result.head} is stale[/yellow]: what it learnt from changed since "
+            f"(pins of {result.backbone} added, removed or embedded again, labels edited, or a "
+            "new text alignment for a zero-shot head); retrain it (pinsearch train)"
         )
 
 

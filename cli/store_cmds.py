@@ -48,7 +48,14 @@ def index(
         ),
     ] = None,
     store: StoreOpt = Path("pinsearch-store"),
-    backbone: Annotated[str, typer.Option("--backbone", "-b")] = "effnet_lite0",
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone",
+            "-b",
+            help="Default: the store's only backbone; effnet_lite0 for a new store.",
+        ),
+    ] = None,
     fmt: FormatOpt = None,
     per_category: PerCategoryOpt = None,
     seed: SeedOpt = None,
@@ -86,7 +93,7 @@ def index(
     """Ingest a corpus, embed new pins with a backbone, and build or update its FAISS index."""
     from pinsearch.embed import EmbedConfig
     from pinsearch.ingest import IngestConfig
-    from pinsearch.pipeline import index_corpus, stored_run_settings
+    from pinsearch.pipeline import default_backbone, index_corpus, stored_run_settings
 
     if corpus is None:  # (they read a corpus)
         given = {"--format": fmt, "--per-category": per_category, "--seed": seed,
@@ -99,6 +106,7 @@ def index(
                 "the pins the store holds"
             )
     rules = ingest_rules(fmt, per_category, seed, keep_excluded, categories, allow_outside_root)
+    backbone = backbone or default_backbone(store)
     # a store's existing run decides what was left unset: its vectors must stay alike
     stored = stored_run_settings(store, backbone)
     ingest_cfg = IngestConfig(**rules)

@@ -17,6 +17,7 @@ from pinsearch.cli.common import (
     console,
     emit_json,
     err_console,
+    given_flags,
     print_rows,
     progress_bar,
 )
@@ -238,7 +239,7 @@ _BENCH_OPTIONS = {
     "query": {"--n", "--dim", "--queries"},
     "catalog": {"--n", "--boards", "--skipped"},
     "remove": {"--n", "--dim", "--pins", "--factory"},
-    "study": {"--n", "--dim", "--device", "--head", "--no-sequential", "--sklearn-timeout",
+    "study": {"--n", "--dim", "--device", "--head", "--sequential", "--sklearn-timeout",
               "--sklearn-reference", "--progress"},
     "study-reference": {"--head", "--n", "--dim", "--jobs", "--checkpoint"},
     "text": {"--n", "--dim"},
@@ -248,6 +249,7 @@ _BENCH_OPTIONS = {
 
 @app.command()
 def bench(
+    ctx: typer.Context,
     what: Annotated[
         str,
         typer.Argument(
@@ -368,22 +370,10 @@ def bench(
     dupes (near-copy precision and recall on real photos)."""
     from pinsearch.eval import bench as b
 
-    given = {
-        "--backbone": backbone is not None, "--n": n is not None, "--dim": dim is not None,
-        "--batch-size": batch_size != 64, "--decode": decode != "auto",
-        "--cpu-share": cpu_share is not None, "--workers": workers is not None,
-        "--compile": compile_model, "--factory": bool(factory), "--fp16": fp16,
-        "--fp16-also": bool(fp16_also), "--head": head is not None,
-        "--no-sequential": not sequential, "--sklearn-timeout": sklearn_timeout is not None,
-        "--sklearn-reference": bool(sklearn_reference), "--checkpoint": checkpoint is not None,
-        "--jobs": jobs != -1, "--progress": progress is not None,
-        "--random-weights": random_weights, "--queries": queries is not None,
-        "--pins": pins != 1000, "--boards": boards != 5000, "--skipped": skipped != 1000,
-        "--device": device != "auto", "--corpus": corpus is not None,
-    }  # fmt: skip
+    given = given_flags(ctx) - {"--threads", "--json"}  # (given, whatever the value)
     uses = _BENCH_OPTIONS.get(what)
     if uses is not None:  # (an unknown benchmark is named below)
-        unused = [flag for flag, on in given.items() if on and flag not in uses]
+        unused = sorted(given - uses)
         if unused:
             raise typer.BadParameter(
                 f"bench {what} has no use for {', '.join(unused)}; it takes "

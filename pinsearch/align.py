@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+_FEW_PAIRS = 20  # pins with text below which align warns
+_CSV_FIELD_LIMIT = 64 << 20  # longest caption read (Python's default: 128 KiB)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alignments (
@@ -81,6 +83,14 @@ class AlignConfig:
     patience: int = 30  # epochs without validation gain before stopping
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        from pinsearch.text import SENTENCE_MODELS
+
+        # a local folder is recorded where it is (a relative one would name another folder,
+        # or none, for a query run elsewhere)
+        if self.text_model not in SENTENCE_MODELS and Path(self.text_model).exists():
+            self.text_model = str(Path(self.text_model).resolve())
 
 
 @dataclass
@@ -284,13 +294,15 @@ def train_projection(
 def caption_pairs(store: Any, captions: str | Path) -> tuple[np.ndarray, list[str], int]:
     """(pin keys, captions, unmatched rows) from a CSV of ``image|path|pin_id, caption|text``.
 
-    A row's image is matched to a pin by pin id, by the id without extension, or by file name
-    (when no two pins share it).
+    A row's image is matched to a pin by pin id, by the id without extension, by the image's
+    path (as stored, or relative to the CSV's folder), or by file name (when no two pins
+    share it).
 
     Raises:
         ValueError: the CSV lacks the needed columns (named in the message).
     """
     path = Path(captions)
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))  # (process-wide)
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
@@ -301,18 +313,25 @@ def caption_pairs(store: Any, captions: str | Path) -> tuple[np.ndarray, list[st
                 f"{path}: captions need a pin_id, image or path column and a caption or text "
                 f"column; it has {cols}"
             )
-        rows = [(r[ref] or "", r[text] or "") for r in reader]
+        try:
+            rows = [(r[ref] or "", r[text] or "") for r in reader]
+        except csv.Error as exc:
+            raise ValueError(f"{path}, line {reader.line_num}: {exc}") from exc
     lookup: dict[str, int] = {}
+    by_path: dict[str, int] = {}
     by_name: dict[str, list[int]] = {}
     for key, pin_id, pin_path in store.catalog.connection.execute(
         "SELECT pin_key, pin_id, path FROM pins"
     ).fetchall():
         lookup[pin_id] = key
+        by_path[pin_path or ""] = key
         by_name.setdefault(os.path.basename(pin_path or ""), []).append(key)
     keys, texts, unmatched = [], [], 0
     for ref_value, caption in rows:
         value = ref_value.strip()
         key = lookup.get(value, lookup.get(os.path.splitext(value)[0]))
+        if key is None and value:  # the image's path, as given or from the CSV's folder
+            key = by_path.get(value, by_path.get(str((path.parent / value).resolve())))
         if key is None:
             named = by_name.get(os.path.basename(value), [])
             key = named[0] if len(named) == 1 else None
@@ -358,12 +377,20 @@ def fit_alignment(
     vec_keys = store.vectors(backbone).keys()
     allowed = vec_keys if keys is None else np.intersect1d(vec_keys, keys)
     keep = np.isin(pair_keys, allowed)
+    if captions is not None:  # rows naming a pin without a vector here match no image
+        unmatched += int((~np.isin(pair_keys, vec_keys)).sum())
     pair_keys, texts = pair_keys[keep], [t for t, k in zip(texts, keep) if k]
     if len(np.unique(pair_keys)) < 2:
         raise ValueError(
             f"store {store.root}: fewer than 2 pins with {backbone!r} vectors have text "
             f"({'captions from ' + source if captions else 'titles or descriptions'}); "
             "nothing to align"
+        )
+    if len(np.unique(pair_keys)) < _FEW_PAIRS:
+        _logger.warning(
+            "aligning on only %d pins with text: too few to hold any out for early stopping "
+            "or to learn much (hundreds are usual)",
+            len(np.unique(pair_keys)),
         )
     item_keys, pair_item = np.unique(pair_keys, return_inverse=True)
     items, _ = store.vectors(backbone).load(item_keys)
@@ -404,6 +431,7 @@ def align_store(
 
     config = config or AlignConfig()
     start = time.perf_counter()
+    _refuse_clip(store, backbone)
     encoder, report = fit_alignment(store, backbone, config, captions=captions, keys=keys)
     report.stale_heads = save_alignment(
         store,
@@ -423,6 +451,21 @@ def align_store(
     return report
 
 
+def _refuse_clip(store: Any, backbone: str | None) -> str:
+    """The backbone named (or the store's only one); refused when it has a CLIP text tower,
+    which answers its text queries whatever alignment is saved."""
+    from pinsearch.text import _is_clip
+
+    backbone = store.resolve_backbone(backbone)
+    if _is_clip(backbone):
+        raise ValueError(
+            f"{backbone!r} is a CLIP backbone: its own text tower answers text queries, and an "
+            "alignment saved for it would not be used; align learns text search for a "
+            "backbone without one"
+        )
+    return backbone
+
+
 def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> AlignReport:
     """Reuse another store's alignment (e.g. one learned on a captioned collection) here.
 
@@ -433,23 +476,27 @@ def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> Alig
         ValueError: the source has no alignment of ``backbone``.
         BackboneMismatchError: the two stores' vectors differ.
     """
+    from pinsearch.backbones import same_recorded_weights
     from pinsearch.errors import BackboneMismatchError
     from pinsearch.text import embed_text_space
 
     start = time.perf_counter()
-    backbone = store.resolve_backbone(backbone)
+    backbone = _refuse_clip(store, backbone)
     found = load_alignment(source, backbone)
     if found is None:
         raise ValueError(f"store {source.root} has no alignment of {backbone!r} to copy")
     arrays, row = found
     mine, theirs = store.catalog.get_embedding(backbone), source.catalog.get_embedding(backbone)
-    for what in ("weights", "dim"):
-        a, b = (mine or {}).get("spec", {}).get(what), (theirs or {}).get("spec", {}).get(what)
-        if a != b:
-            raise BackboneMismatchError(
-                f"{backbone!r} vectors differ between {source.root} and {store.root}: "
-                f"{what} {b} vs {a}"
-            )
+    a, b = (mine or {}).get("spec", {}), (theirs or {}).get("spec", {})
+    differ = [] if same_recorded_weights(a, b) else ["weights"]
+    differ += ["dim"] if a.get("dim") != b.get("dim") else []
+    for what in differ:
+        sums = f" (checksums {b.get('weights_sha256')} vs {a.get('weights_sha256')})"
+        raise BackboneMismatchError(
+            f"{backbone!r} vectors differ between {source.root} and {store.root}: "
+            f"{what} {b.get(what)} vs {a.get(what)}"
+            + (sums if what == "weights" and a.get("weights_sha256") else "")
+        )
     if (mine or {}).get("preprocess") != (theirs or {}).get("preprocess"):
         raise BackboneMismatchError(
             f"{backbone!r} vectors of {source.root} and {store.root} were preprocessed differently"

@@ -166,16 +166,22 @@ class Backbone:
         return out
 
     def same_weights(self, recorded: dict[str, Any]) -> bool:
-        """Whether a run's recorded spec (:meth:`describe`) names these weights. Local files
-        are the same by checksum where both have one (the same file at another path is;
-        another file written over the same path is not), else by resolved path."""
-        have = str(recorded.get("weights", ""))
-        if not (have.startswith("file:") and self.weights.startswith("file:")):
-            return have == self.weights
-        sha = recorded.get("weights_sha256")
-        if sha and self.weights_sha256:
-            return bool(sha == self.weights_sha256)
-        return Path(have[5:]).resolve() == Path(self.weights[5:]).resolve()
+        """Whether a run's recorded spec (:meth:`describe`) names these weights
+        (:func:`same_recorded_weights`)."""
+        return same_recorded_weights(recorded, self.describe())
+
+
+def same_recorded_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two recorded specs (:meth:`Backbone.describe`) name the same weights. Local
+    files are the same by checksum where both have one (the same file at another path is;
+    another file written over the same path is not), else by resolved path."""
+    wa, wb = str(a.get("weights", "")), str(b.get("weights", ""))
+    if not (wa.startswith("file:") and wb.startswith("file:")):
+        return wa == wb
+    sha_a, sha_b = a.get("weights_sha256"), b.get("weights_sha256")
+    if sha_a and sha_b:
+        return bool(sha_a == sha_b)
+    return Path(wa[5:]).resolve() == Path(wb[5:]).resolve()
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

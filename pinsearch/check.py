@@ -33,7 +33,7 @@ import numpy as np
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
 from pinsearch.store import Store, lock_holder
-from pinsearch.text import TEXT_SPACE_SUFFIX
+from pinsearch.text import TEXT_SPACE_SUFFIX, title_space_outdated
 
 __all__ = ["CheckReport", "Finding", "RepairReport", "check_store", "repair_store"]
 
@@ -316,6 +316,15 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
             f"{len(set().union(*pending.values()))} pins out of the indexes of "
             f"{', '.join(sorted(pending))} (their old ones answer); pinsearch refresh finishes it",
         )  # fmt: skip
+    for backbone in store.backbones():
+        if title_space_outdated(store, backbone):
+            report.add(
+                "warning", "titles", "title_space_outdated",
+                f"the title vectors of {backbone!r} were made by another text encoder or "
+                "alignment than its text queries use (an align stopped before it embedded "
+                "them again): title and fused queries refuse them; pinsearch refresh embeds "
+                "them again",
+            )  # fmt: skip
     retitled = store.catalog.titles_pending()
     spaces = [b for b in store.backbones(text_spaces=True) if b.endswith(TEXT_SPACE_SUFFIX)]
     if retitled and spaces:

@@ -39,7 +39,8 @@ class HeadInfo:
     n_train: int
     normalize: bool
     source: str  # "train" or "study:<name> cell <digest>"
-    stale: bool = False  # trained before pins of its backbone were added, removed or embedded
+    stale: bool = False  # what it learnt from changed since: pins added, removed or embedded
+    # again, labels edited, a new alignment (zero-shot)
 
 
 @dataclass

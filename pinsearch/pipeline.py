@@ -26,10 +26,19 @@ from pinsearch.ingest import IngestConfig, read_corpus
 from pinsearch.store import Store
 from pinsearch.text import refresh_titles
 
-__all__ = ["IndexReport", "index_corpus", "run_settings", "stored_run_settings"]
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "IndexReport",
+    "default_backbone",
+    "index_corpus",
+    "run_settings",
+    "stored_run_settings",
+]
 
 _logger = logging.getLogger(__name__)
 _SELECT_ROUNDS = 10  # embedding rounds of a selection whose pins fail to embed
+#: The backbone of a new store when none is named.
+DEFAULT_BACKBONE = "effnet_lite0"
 
 
 @dataclass
@@ -81,7 +90,7 @@ def index_corpus(
     corpus: str | Path | None,
     store_path: str | Path,
     *,
-    backbone: str = "effnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     ingest: IngestConfig | None = None,
     embed: EmbedConfig | None = None,
     index: IndexConfig | Mapping[str, Any] | None = None,
@@ -220,6 +229,23 @@ def run_settings(run: Mapping[str, Any]) -> dict[str, Any]:
         "normalize": bool(run.get("normalize")),
         "dtype": str(run.get("dtype") or "float32"),
     }
+
+
+def default_backbone(store_path: str | Path) -> str:
+    """The backbone ``index`` uses when none is named: the store's only one, or
+    :data:`DEFAULT_BACKBONE` for a new store (or one with none yet).
+
+    Raises:
+        ValueError: the store has several.
+    """
+    root = Path(store_path)
+    if not (root / "store.json").is_file():
+        return DEFAULT_BACKBONE
+    with Store.open(root, read_only=True, verify=False) as store:
+        known = store.backbones()
+    if len(known) > 1:
+        raise ValueError(f"store {root} has several backbones {known}; name one (--backbone)")
+    return known[0] if known else DEFAULT_BACKBONE
 
 
 def stored_run_settings(store_path: str | Path, backbone: str) -> dict[str, Any]:

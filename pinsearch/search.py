@@ -176,7 +176,7 @@ class PinSearcher:
                     f"no index {index!r} in {store.root}; it has {store.index_names()}"
                 )
             backbone = row["backbone"]
-        self.backbone = store.resolve_backbone(backbone)
+        self.backbone = store.resolve_backbone(backbone, text_spaces=index is not None)
         self.index: PinIndex = store.load_index(index, backbone=self.backbone, config=config)
         self.index_name = index or (
             self.backbone

@@ -307,12 +307,19 @@ class Store:
             self._vectors[backbone] = VectorStore(self.root, backbone, self.catalog)
         return self._vectors[backbone]
 
-    def resolve_backbone(self, backbone: str | None) -> str:
-        """The given backbone if the store has it; the only one when None.
+    def resolve_backbone(self, backbone: str | None, *, text_spaces: bool = False) -> str:
+        """The given backbone if the store has it; the only one when None. A title space
+        (``<backbone>#text``) only with ``text_spaces`` (the store's own uses: its indexes).
 
         Raises:
             ValueError: unknown backbone, or several and none named.
         """
+        if backbone is not None and not text_spaces and "#" in backbone:
+            base = backbone.split("#")[0]
+            raise ValueError(
+                f"{backbone!r} names the title vectors of {base!r}, not a backbone; "
+                f"name {base!r} (text queries use its title vectors by themselves)"
+            )
         known = self.backbones()
         if backbone is None:
             if len(known) == 1:
@@ -357,8 +364,9 @@ class Store:
     def build_index(
         self, backbone: str, config: IndexConfig | None = None, *, name: str | None = None
     ) -> PinIndex:
-        """(Re)build an index from the stored vectors of ``backbone`` and save it."""
-        backbone = self.resolve_backbone(backbone)
+        """(Re)build an index from the stored vectors of ``backbone`` (or a title space)
+        and save it."""
+        backbone = self.resolve_backbone(backbone, text_spaces=True)
         self.check_index_name(name or backbone)  # before minutes of building
         vectors, keys = self.vectors(backbone).load()
         if len(keys) == 0:
@@ -451,7 +459,7 @@ class Store:
             ValueError: no such index.
         """
         if name is None:
-            backbone = self.resolve_backbone(backbone)
+            backbone = self.resolve_backbone(backbone, text_spaces=True)
             names = self.index_names(backbone)
             if not names:
                 raise ValueError(f"store {self.root} has no index over {backbone!r}")

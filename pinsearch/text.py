@@ -40,6 +40,7 @@ __all__ = [
     "text_encoder_identity",
     "text_encoder_name",
     "text_space",
+    "title_space_outdated",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -287,13 +288,14 @@ def embed_text_space(
         text_encoder_for(store, backbone)  # raises, saying how to get one
     run = store.catalog.get_embedding(name)
     made_by = {"text_encoder": enc_name, "alignment": _alignment_sha(store, backbone)}
-    if rebuild or (run is not None and any(run["spec"].get(k) != v for k, v in made_by.items())):
+    if rebuild or (run is not None and _made_by_another(run, made_by)):
         _drop_space(store, name)  # another encoder, or another projection (align run again)
         run = None
     have = store.vectors(name).keys() if run is not None else np.empty(0, np.int64)
     again_keys = np.asarray([] if again is None else again, np.int64)
     stale = np.intersect1d(have, again_keys)
     if len(stale):  # out first: a pin whose text is gone keeps no vector of it
+        encoder = encoder or text_encoder_for(store, backbone)  # (loads: before any drop)
         store.vectors(name).drop_keys(stale)
         store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
         have = np.setdiff1d(have, stale, assume_unique=True)
@@ -326,25 +328,44 @@ def embed_text_space(
     return len(keys)
 
 
+def _made_by_another(run: dict[str, Any], made_by: dict[str, Any]) -> bool:
+    return any(run["spec"].get(k) != v for k, v in made_by.items())
+
+
+def title_space_outdated(store: Any, backbone: str) -> bool:
+    """Whether the backbone's title vectors were made by another text encoder or alignment
+    than the one its text queries use now (an ``align`` stopped before it embedded them
+    again); no model is loaded."""
+    run = store.catalog.get_embedding(text_space(backbone))
+    name = text_encoder_name(store, backbone)
+    if run is None or name is None:
+        return False
+    return _made_by_another(
+        run, {"text_encoder": name, "alignment": _alignment_sha(store, backbone)}
+    )
+
+
 def refresh_titles(store: Any) -> int:
     """Embed again the title vectors of the pins whose title or description changed
     (:meth:`~pinsearch.catalog.Catalog.titles_pending`, noted by the ingest that read the new
-    text), in every text space of the store, then forget the note.
+    text), in every text space of the store, then forget the note; and every title vector of
+    a space made by another encoder than its backbone's now (:func:`title_space_outdated`).
 
     Returns:
         The number of title vectors embedded again (pins left without text lose theirs).
     """
     pending = store.catalog.titles_pending()
-    if not pending:
-        return 0
     again = np.asarray(sorted(pending), np.int64)
     n = 0
     for backbone in store.backbones():
         # (a space whose encoder is gone, an alignment repair forgot, is no longer searched)
         space = store.catalog.get_embedding(text_space(backbone))
-        if space is not None and text_encoder_name(store, backbone) is not None:
+        if space is None or text_encoder_name(store, backbone) is None:
+            continue
+        if pending or title_space_outdated(store, backbone):
             n += embed_text_space(store, backbone, again=again)
-    store.catalog.clear_titles_pending(pending)
+    if pending:
+        store.catalog.clear_titles_pending(pending)
     return n
 
 

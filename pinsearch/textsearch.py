@@ -37,7 +37,7 @@ from pinsearch.search import (
     _filters,
     category_key,
 )
-from pinsearch.text import TextEncoder, text_encoder_for, text_space
+from pinsearch.text import TextEncoder, text_encoder_for, text_space, title_space_outdated
 from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
 __all__ = [
@@ -139,10 +139,17 @@ class TextSearcher(PinSearcher):
         super().__init__(
             store, backbone=backbone, index=index, config=config, cache_metadata=cache_metadata
         )
-        if self.index.config.metric not in ("cosine", "ip"):
+        metric = self.index.config.metric
+        if metric not in ("cosine", "ip"):
             raise ValueError(
-                f"index {self.index_name!r} uses the {self.index.config.metric} metric; text "
+                f"index {self.index_name!r} uses the {metric} metric; text "
                 "search needs a cosine or ip index (pinsearch index --metric cosine --rebuild)"
+            )
+        if metric == "ip" and not self._embedding.get("normalize"):
+            raise ValueError(
+                f"index {self.index_name!r} ranks by inner product over vectors that are not "
+                "unit length (their length counts), while text scores are cosines; text search "
+                "needs a cosine index (pinsearch index --metric cosine --rebuild)"
             )
         self._encoder = encoder
         self._titles: PinSearcher | None = None
@@ -200,6 +207,12 @@ class TextSearcher(PinSearcher):
                     f"store {self.store.root} has no title vectors for {self.backbone!r}; "
                     "they are made by pinsearch index (CLIP backbones) or pinsearch align"
                 )
+            if title_space_outdated(self.store, self.backbone):
+                raise ValueError(
+                    f"the title vectors of {self.backbone!r} in {self.store.root} were made by "
+                    "another text encoder than its queries use (an align stopped before it "
+                    "embedded them again); pinsearch refresh embeds them again"
+                )
             self._titles = PinSearcher(
                 self.store, backbone=name, index=name, cache_metadata=self.cache_metadata
             )
@@ -250,19 +263,24 @@ class TextSearcher(PinSearcher):
     ) -> SearchResult:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        titles = self.titles()
+        # no title vectors at all (no pin has a title): every pin takes its image score
+        untitled = self.store.catalog.get_index(text_space(self.backbone)) is None
+        titles = None if untitled else self.titles()
+        index = self.index_name + ("" if titles is None else f"+{titles.index_name}")
         allowed = self.filter_keys(board=board, user=user, category=category)
         pool = max(10 * k, 100)
         _, img_keys = self.search_keys(q, pool, allowed)
-        _, tit_keys = titles.search_keys(q, pool, allowed)
+        tit_keys = titles.search_keys(q, pool, allowed)[1] if titles else np.empty((1, 0), int)
         cand = np.union1d(img_keys[0][img_keys[0] >= 0], tit_keys[0][tit_keys[0] >= 0])
         if cand.size == 0:
-            return self._empty(query, k, _filters(board, user, category))
+            return SearchResult(query, self.backbone, index, "fused-z", k,
+                                _filters(board, user, category))  # fmt: skip
         iv, ik = self.store.vectors(self.backbone).load(cand)
         s_img = unit_rows(iv) @ q[0]
-        tv, tk = self.store.vectors(titles.backbone).load(ik)
         s_tit = np.full(len(ik), np.nan, np.float32)
-        s_tit[np.searchsorted(ik, tk)] = unit_rows(tv) @ q[0]
+        if titles is not None:
+            tv, tk = self.store.vectors(titles.backbone).load(ik)
+            s_tit[np.searchsorted(ik, tk)] = unit_rows(tv) @ q[0]
         z_img = _z(s_img)
         has = ~np.isnan(s_tit)
         z_tit = z_img.copy()
@@ -276,15 +294,12 @@ class TextSearcher(PinSearcher):
         return SearchResult(
             query=query,
             backbone=self.backbone,
-            index=f"{self.index_name}+{titles.index_name}",
+            index=index,
             metric="fused-z",
             k=k,
             filters=_filters(board, user, category),
             hits=hits,
         )
-
-    def _empty(self, query: dict[str, Any], k: int, filters: dict[str, str]) -> SearchResult:
-        return SearchResult(query, self.backbone, self.index_name, "", k, filters)
 
     # -- boards ----------------------------------------------------------------------------
 

@@ -67,8 +67,11 @@ class ZeroShotHead(_Head):
                 "the zeroshot head needs a text encoder (a CLIP backbone, or pinsearch align)"
             )
         prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
-        if not prompts or any("{}" not in p for p in prompts):
-            raise ValueError(f"every prompt needs one '{{}}' for the class name: {prompts}")
+        if not prompts or not all(_one_slot(p) for p in prompts):
+            raise ValueError(
+                f"every prompt needs exactly one '{{}}' for the class name and no other braces "
+                f"(write {{{{ and }}}} for a literal brace): {prompts}"
+            )
         names = [label_text(c) for c in self.classes_]
         vectors = np.zeros((len(names), 0), np.float32)
         for template in prompts:
@@ -95,3 +98,17 @@ class ZeroShotHead(_Head):
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def _one_slot(template: object) -> bool:
+    """Whether a prompt template has exactly one empty ``{}`` field and no other."""
+    import string
+
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)
+                  if f is not None]  # fmt: skip
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [("", "", None)]

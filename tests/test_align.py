@@ -17,8 +17,10 @@ from pinsearch.align import (
     AlignConfig,
     align_store,
     caption_pairs,
+    fit_alignment,
     load_alignment,
     project_text,
+    save_alignment,
     train_projection,
 )
 from pinsearch.cli.app import app
@@ -500,3 +502,115 @@ def test_copy_alignment_between_stores_of_one_backbone(
         pytest.raises(ValueError, match="no alignment"),
     ):
         copy_alignment(src, dst, "test_efficientnet")
+
+
+def test_copy_alignment_compares_local_weights_by_checksum(aligned: Path, tmp_path: Path) -> None:
+    from pinsearch.align import copy_alignment
+    from pinsearch.errors import BackboneMismatchError
+
+    B = "test_efficientnet"
+    src_path, dst_path = tmp_path / "src", tmp_path / "dst"
+    shutil.copytree(aligned, src_path)
+    shutil.copytree(aligned, dst_path)
+
+    def weights(path: Path, file: str, sha: str) -> None:
+        with Store.open(path) as s:
+            spec = s.catalog.get_embedding(B)["spec"]
+            s.catalog.upsert_embedding(B, spec={**spec, "weights": f"file:{file}",
+                                                "weights_sha256": sha})  # fmt: skip
+
+    weights(src_path, "/a/w.pt", "c1fabb2e47ce")
+    weights(dst_path, "/b/w.pt", "c1fabb2e47ce")  # the same file elsewhere: the same weights
+    with Store.open(src_path, read_only=True) as src, Store.open(dst_path) as dst:
+        assert copy_alignment(src, dst, B).pairs == 24
+    weights(dst_path, "/a/w.pt", "65f39647cee1")  # another file over the same path
+    with (
+        Store.open(src_path, read_only=True) as src,
+        Store.open(dst_path) as dst,
+        pytest.raises(BackboneMismatchError, match="checksums c1fabb2e47ce vs 65f39647cee1"),
+    ):
+        copy_alignment(src, dst, B)
+
+
+def test_align_refuses_what_it_cannot_use(aligned: Path, built_store, tmp_path: Path) -> None:
+    from pinsearch.zeroshot import ZeroShotHead
+
+    with Store.open(aligned) as store:
+        with pytest.raises(ValueError, match="names the title vectors of 'test_efficientnet'"):
+            align_store(store, "test_efficientnet#text", FAST)
+        with pytest.raises(ValueError, match="names the title vectors"):
+            TextSearcher(store, backbone="test_efficientnet#text")
+    runner = CliRunner()
+    out = runner.invoke(app, ["align", "--store", str(aligned), "--from", str(built_store.path),
+                              "--epochs", "3", "--seed", "1"])  # fmt: skip
+    assert out.exit_code != 0 and "--from copies an alignment trained elsewhere" in out.output
+    assert "--epochs" in out.output and "--seed" in out.output
+    encoder = AlignedTextEncoder.__new__(AlignedTextEncoder)  # (fit validates before encoding)
+    for prompts in (("a {} photo of {x}",), ("{} and {}",), ("{0}",), ("no slot",)):
+        with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
+            ZeroShotHead(encoder, prompts=prompts).fit(np.zeros((2, 4)), np.array(["a", "b"]))
+
+
+def test_captions_match_by_path_and_count_what_has_no_vector(tmp_path: Path) -> None:
+    """A folder corpus repeats file names across categories: its paths tell the pins apart."""
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+    from pinsearch.synth import make_image_folder
+
+    made = make_image_folder(tmp_path / "photos", per_category=3, image_size=64)
+    for folder in Path(made.root).iterdir():  # 0.jpg, 1.jpg, ... in every category
+        for i, f in enumerate(sorted(folder.glob("*.jpg"))):
+            f.rename(folder / f"{i}.jpg")
+    store = tmp_path / "store"
+    index_corpus(made.root, store, backbone="test_efficientnet",
+                 embed=EmbedConfig(workers=0, batch_size=8))  # fmt: skip
+    with Store.open(store, read_only=True) as s:
+        pins = s.catalog.query("SELECT pin_key, path FROM pins ORDER BY pin_key")
+        names = [Path(p["path"]).name for p in pins]
+        assert len(set(names)) < len(names)  # the same names in several folders
+        rows = [
+            (pins[0]["path"], "as stored"),
+            (str(Path(pins[1]["path"]).relative_to(tmp_path)), "relative to the CSV"),
+            ("x" * 10 + ".jpg", "matches nothing"),
+            (pins[2]["path"], "a caption " * 20_000),
+        ]  # fmt: skip (200 k characters)
+        keys, texts, unmatched = caption_pairs(s, _captions(tmp_path / "c.csv", rows))
+        assert keys.tolist() == [p["pin_key"] for p in pins[:3]] and unmatched == 1
+        assert texts[:2] == ["as stored", "relative to the CSV"]
+    with Store.open(store) as s:  # a pin without a vector counts as unmatched, not as a pair
+        s.vectors("test_efficientnet").drop_keys(np.array([pins[0]["pin_key"]]))
+        rows = [(p["path"], f"caption {i}") for i, p in enumerate(pins)]
+        _, report = fit_alignment(s, "test_efficientnet", FAST,
+                                  captions=_captions(tmp_path / "all.csv", rows))  # fmt: skip
+        assert report.pairs == len(pins) - 1 and report.unmatched == 1
+
+
+def test_an_interrupted_align_leaves_title_vectors_refused_until_refreshed(
+    aligned: Path, tmp_path: Path
+) -> None:
+    from pinsearch.check import check_store
+    from pinsearch.edit import refresh_store
+
+    B = "test_efficientnet"
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    with Store.open(path) as store:  # align saved a new projection, then was killed
+        arrays, row = load_alignment(store, B)
+        changed = {k: v * 1.5 if v.dtype.kind == "f" else v for k, v in arrays.items()}
+        save_alignment(store, B, changed, text_model=row["text_model"], pairs=row["pairs"],
+                       images=row["images"], source=row["source"])  # fmt: skip
+    report = check_store(path)
+    assert report.ok and [f.problem for f in report.findings] == ["title_space_outdated"]
+    with Store.open(path, read_only=True) as store:
+        ts = TextSearcher(store)
+        with pytest.raises(ValueError, match="made by another text encoder"):
+            ts.search_text("a cake", k=3, mode="title")
+        assert len(ts.search_text("a cake", k=3).hits) == 3  # image mode needs no titles
+    assert refresh_store(path, workers=0).titles == 24
+    assert not check_store(path).findings
+    with Store.open(path, read_only=True) as store:
+        keys, texts = pin_texts(store)
+        vecs, _ = store.vectors(text_space(B)).load(keys)
+        want = text_encoder_for(store, B).encode(texts)
+        np.testing.assert_allclose(vecs, want, atol=1e-5)
+        assert len(TextSearcher(store).search_text("a cake", k=3, mode="title").hits) == 3

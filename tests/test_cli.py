@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
 from pinsearch.eval.bench import round_up
+from pinsearch.store import Store
 
 runner = CliRunner()
 
@@ -324,6 +325,9 @@ def test_bench_refuses_options_its_benchmark_has_no_use_for() -> None:
         (["query", "--factory", "IVF16,Flat"], "--factory"),
         (["remove", "--device", "cpu"], "--device"),
         (["text", "--fp16"], "--fp16"),
+        (["index", "--pins", "1000"], "--pins"),  # given at its default: given all the same
+        (["query", "--device", "auto"], "--device"),
+        (["catalog", "--sequential"], "--sequential"),
     ):
         bad = runner.invoke(app, ["bench", *args, "--n", "100"])
         assert bad.exit_code != 0 and f"has no use for {named}" in bad.output, bad.output
@@ -631,6 +635,34 @@ def _usage_error(args: list[str]) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     return " ".join(result.output.replace("│", " ").split())  # unwrapped from rich's box
+
+
+def test_an_option_given_at_its_default_is_given(store_copy: Path) -> None:
+    query = ["query", "--store", str(store_copy)]
+    for argv, says in (
+        (["--pin", "p", "--titles", "a", "-k", "10"], "--titles queries take no -k"),
+        (["--text", "x", "--alpha", "0.5"], "--alpha weighs --mode fused only"),
+        (["--text", "x", "--per-board", "3"], "--text queries take no --per-board"),
+        (["--pin", "p", "--mode", "image"], "--pin/--image queries take no --mode"),
+        (["--pin", "p", "--board-score", "topm"], "--pin/--image queries take no --board-score"),
+    ):
+        assert says in _usage_error([*query, *argv]), argv
+
+
+def test_index_defaults_to_the_stores_own_backbone(
+    store_copy: Path, tree_corpus, make_tree, tmp_path: Path
+) -> None:
+    more = make_tree(tmp_path / "more", seed=21, pins_per_board=1)
+    out = runner.invoke(app, ["index", str(more.root), "--store", str(store_copy), "--json",
+                              "--workers", "0"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["backbone"] == "test_efficientnet"  # not a new effnet_lite0
+    with Store.open(store_copy, read_only=True) as s:
+        assert s.backbones() == ["test_efficientnet"]
+    assert runner.invoke(app, ["index", "--store", str(store_copy), "-b", "test_convnext",
+                               "--workers", "0"]).exit_code == 0  # fmt: skip
+    two = runner.invoke(app, ["index", str(more.root), "--store", str(store_copy)])
+    assert two.exit_code == 1 and "has several backbones" in str(two.exception)
 
 
 def test_usage_errors_name_the_option(store_copy: Path, tmp_path: Path) -> None:

@@ -444,3 +444,36 @@ def test_a_clip_checkpoint_holding_code_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": collections.Counter(a=1), "hook": print}, evil)
     with pytest.raises(Exception, match="cannot load"):
         create_backbone("clip:pinsearch-test-clip", weights=evil)
+
+
+def test_fused_queries_without_any_title_and_refusals(tree_copy: Path, tmp_path: Path) -> None:
+    """No pin with a title: fused is the image ranking. An ip index over vectors that are not
+    unit length, and an alignment of a CLIP backbone, are refused."""
+    import json as _json
+
+    from pinsearch.align import AlignConfig, align_store
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+
+    for pin_json in tree_copy.rglob("pin.json"):
+        data = _json.loads(pin_json.read_text())
+        pin_json.write_text(_json.dumps({k: v for k, v in data.items()
+                                         if k not in ("title", "description")}))  # fmt: skip
+    path = tmp_path / "store"
+    report = index_corpus(tree_copy, path, backbone=CLIP, embed=EmbedConfig(workers=0))
+    assert report.title_vectors == 0
+    with Store.open(path, read_only=True) as store:
+        ts = TextSearcher(store)
+        image = ts.search_text("a red car", k=5)
+        fused = ts.search_text("a red car", k=5, mode="fused", alpha=0.3)
+        assert [h.pin_id for h in fused.hits] == [h.pin_id for h in image.hits]
+        assert fused.metric == "fused-z" and fused.index == ts.index_name
+        empty = ts.search_text("a red car", k=5, mode="fused", category="nope")
+        assert empty.hits == [] and empty.metric == "fused-z"
+    with Store.open(path) as store, pytest.raises(ValueError, match="is a CLIP backbone"):
+        align_store(store, CLIP, AlignConfig(epochs=2))
+    raw = tmp_path / "raw"
+    index_corpus(tree_copy, raw, backbone=CLIP, index={"metric": "ip"},
+                 embed=EmbedConfig(workers=0, normalize=False))  # fmt: skip
+    with Store.open(raw, read_only=True) as store, pytest.raises(ValueError, match="not unit"):
+        TextSearcher(store)
