@@ -279,6 +279,7 @@ def refresh(
         f"{report.changed} changed, {report.missing} gone"
         + (f" ({report.removed} removed)" if report.removed else "")
         + f"; {verb} {report.refreshed} pins"
+        + (f" ({report.unchanged} came out as stored: kept)" if report.unchanged else "")
         + (f" and {report.pending} left by an interrupted refresh" if report.pending else "")
         + (f"; file state recorded for {report.recorded}" if report.recorded else "")
     )

@@ -322,6 +322,8 @@ class RefreshReport:
     missing: int  # pins whose file is gone (or no longer a file)
     removed: int  # of those, removed (remove_missing)
     unreadable: int  # changed files that do not decode or embed: their pins keep their vectors
+    unchanged: int = 0  # of the refreshed, pins whose new vectors equal the stored ones in
+    # every backbone (a file touched, copied or checked out as it was): nothing swapped
     titles: int = 0  # title vectors embedded again: pins whose title or description an ingest
     # changed and that no run re-embedded since (an interrupted one; dry_run: pins noted)
     vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors replaced
@@ -525,17 +527,21 @@ def refresh_store(
         wanted = np.array(sorted(by_key), dtype=np.int64)
         held = {b: store.vectors(b).sorted_keys() for b in runs}
         held = {b: k for b, k in held.items() if in_sorted(k, wanted).any()}
-        failures = _reembed(store, wanted, {b: (runs[b], configs[b], k) for b, k in held.items()},
-                            progress, report)  # fmt: skip
+        failures, swapped = _reembed(
+            store, wanted, {b: (runs[b], configs[b], k) for b, k in held.items()}, progress,
+            report,
+        )  # fmt: skip
         failed = set(failures)
         for key, (reason, detail) in sorted(failures.items()):
             unreadable(by_key[key], reason, detail)
-        for backbone in held:
-            done = np.setdiff1d(wanted[in_sorted(held[backbone], wanted)], list(failed))
-            _update_indexes(store, backbone, done, report)
+        for backbone, done in swapped.items():
+            if len(done):
+                _update_indexes(store, backbone, done, report)
             _set_pending(store, backbone, [])
         refreshed = [i for key, i in by_key.items() if key not in failed]
         report.refreshed = len(refreshed)
+        moved = np.unique(np.concatenate([np.empty(0, np.int64), *swapped.values()]))
+        report.unchanged = len(refreshed) - int(np.isin(wanted, moved).sum())
         catalog.set_file_states(
             [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), *good[i]) for i in refreshed]
             + [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), None, None) for i in first]
@@ -552,15 +558,18 @@ def _reembed(
     backbones: dict[str, tuple[dict[str, Any], Any, np.ndarray]],
     progress: Any,
     report: RefreshReport,
-) -> dict[int, tuple[str, str]]:
+) -> tuple[dict[int, tuple[str, str]], dict[str, np.ndarray]]:
     """Embed the new images of ``keys`` in every backbone that holds them (``{backbone: (run,
     its EmbedConfig, its stored keys sorted)}``), a part at a time, and swap the new vectors of
     the pins no backbone failed on for the stored ones: each backbone's swap one transaction,
     committed with the note that those pins' index entries are still old. A pin whose image
-    fails in any backbone keeps every vector it has (``report.vectors`` counts the swapped).
+    fails in any backbone keeps every vector it has; a new vector equal to the stored one (a
+    file touched, copied or checked out unchanged) is not swapped (``report.vectors`` counts
+    the swapped).
 
     Returns:
-        The failed pins' ``{key: (reason, detail)}``.
+        The failed pins' ``{key: (reason, detail)}``, and each backbone's swapped keys
+        (sorted).
     """
     from pinsearch.backbones import create_backbone
     from pinsearch.embed import iter_embeddings, like_run, resolve_device
@@ -595,20 +604,30 @@ def _reembed(
             if got_k:
                 new[backbone] = (np.concatenate(got_k), np.concatenate(got_v))
         for backbone, (k, v) in new.items():
-            ok = ~np.isin(k, list(failures))
+            dtype = models[backbone][1].dtype  # (the run's: run_settings)
+            ok = ~np.isin(k, list(failures)) & ~_same_vectors(store, backbone, k, v, dtype)
             if not ok.any():
                 continue
             noted = [*swapped[backbone], *k[ok].tolist()]
             store.vectors(backbone).replace(
-                v[ok],
-                k[ok],
-                models[backbone][1].dtype,  # (the run's: run_settings)
-                also=lambda b=backbone, n=noted: _set_pending(store, b, n),
+                v[ok], k[ok], dtype, also=lambda b=backbone, n=noted: _set_pending(store, b, n)
             )
             swapped[backbone] = noted
     for backbone, keys_done in swapped.items():
         report.vectors[backbone] = len(keys_done)
-    return failures
+    return failures, {b: np.sort(np.asarray(k, np.int64)) for b, k in swapped.items()}
+
+
+def _same_vectors(
+    store: Store, backbone: str, keys: np.ndarray, vectors: np.ndarray, dtype: str
+) -> np.ndarray:
+    """Which of ``vectors`` (new ones of stored ``keys``) equal the stored ones as they would
+    be stored (in ``dtype``), to a relative 1e-5 of each row's largest component."""
+    old, _ = store.vectors(backbone).load(keys)  # (rows in the order asked)
+    old = old.astype(np.float32)
+    new = vectors.astype(dtype).astype(np.float32)
+    scale = np.maximum(np.abs(old).max(axis=1, keepdims=True), 1e-12)
+    return np.all(np.abs(new - old) <= 1e-5 * scale, axis=1)
 
 
 def _update_indexes(store: Store, backbone: str, keys: np.ndarray, report: RefreshReport) -> None:

@@ -111,10 +111,11 @@ def test_named_pin_unreadable_file_and_unknown_id(indexed: Path) -> None:
     before = _vectors(indexed)
     with pytest.raises(PinNotFoundError, match="nope"):
         refresh_store(indexed, pin_ids=[a, "nope"])
-    # named: embedded again whatever its state says (the same file: the same vector)
+    # named: embedded again whatever its state says (the same file: the same vector, kept)
     report = refresh_store(indexed, pin_ids=[a])
-    assert (report.changed, report.refreshed, report.vectors) == (0, 1, {B: 1})
-    np.testing.assert_allclose(_vectors(indexed)[a], before[a], atol=1e-6)
+    assert (report.changed, report.refreshed, report.unchanged) == (0, 1, 1)
+    assert report.vectors == {B: 0} and report.indexes == []
+    np.testing.assert_array_equal(_vectors(indexed)[a], before[a])
     # a changed file cut short (its header reads, its pixels do not): its pin keeps its vector,
     # its index entry and its recorded state, and is tried again next time
     data = Path(pins[b]["path"]).read_bytes()
@@ -129,8 +130,30 @@ def test_named_pin_unreadable_file_and_unknown_id(indexed: Path) -> None:
     assert refresh_store(indexed, dry_run=True).changed == 1
     Path(pins[b]["path"]).write_bytes(data)  # put back: its state differs still (time)
     report = refresh_store(indexed)
-    assert (report.refreshed, report.unreadable, report.vectors) == (1, 0, {B: 1})
-    np.testing.assert_allclose(_vectors(indexed)[b], before[b], atol=1e-6)
+    assert (report.refreshed, report.unreadable, report.unchanged) == (1, 0, 1)
+    assert report.vectors == {B: 0}  # the image is the stored one again: nothing swapped
+    np.testing.assert_array_equal(_vectors(indexed)[b], before[b])
+    assert refresh_store(indexed, dry_run=True).changed == 0  # its state recorded
+
+
+def test_a_touched_file_keeps_its_vector_heads_and_index(indexed: Path) -> None:
+    """A file touched, copied or checked out as it was: embedded again to the same vector,
+    which is not swapped; its state is recorded, and no head goes stale."""
+    pins = _pins(indexed)
+    a = sorted(pins)[0]
+    with Store.open(indexed) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
+        index_before = store.catalog.get_index(B)["sha256"]
+    st = os.stat(pins[a]["path"])
+    os.utime(pins[a]["path"], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    report = refresh_store(indexed)
+    assert (report.changed, report.refreshed, report.unchanged, report.vectors) == (1, 1, 1, {B: 0})
+    assert report.indexes == [] and report.stale_heads == []
+    with Store.open(indexed, read_only=True) as store:
+        assert store.catalog.query("SELECT stale FROM heads")[0]["stale"] is False
+        assert store.catalog.get_index(B)["sha256"] == index_before
+    assert _pins(indexed)[a]["file_mtime_ns"] == st.st_mtime_ns + 5_000_000_000
+    assert not check_store(indexed).findings
 
 
 def test_missing_files_are_reported_then_removed(indexed: Path) -> None:
@@ -196,8 +219,9 @@ def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
     }  # fmt: skip
     assert refresh_store(indexed, dry_run=True).pending == 1
     report = refresh_store(indexed)
-    assert (report.changed, report.pending, report.refreshed, report.vectors) == (1, 1, 1, {B: 1})
-    assert report.indexes == [B]
+    assert (report.changed, report.pending, report.refreshed) == (1, 1, 1)
+    # the swapped vector is already the new image's: embedded again, it is not swapped again
+    assert report.vectors == {B: 0} and report.unchanged == 1 and report.indexes == [B]
     np.testing.assert_allclose(_vectors(indexed)[a], before[b], atol=1e-5)
     with Store.open(indexed, read_only=True) as store:
         hits = PinSearcher(store, backbone=B).similar_to_vector(before[b], k=2).hits
