@@ -121,7 +121,9 @@ def given_flags(ctx: typer.Context) -> set[str]:
             and source is not None
             and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
         ):
-            out.add(next((o for o in p.opts if o.startswith("--") and len(o) > 3), p.opts[0]))
+            off = getattr(p, "secondary_opts", []) and ctx.params.get(p.name or "") is False
+            names = p.secondary_opts if off else p.opts  # (--no-x given: named so)
+            out.add(next((o for o in names if o.startswith("--") and len(o) > 3), names[0]))
     return out
 
 

@@ -133,7 +133,7 @@ def map_(
     color: Annotated[str, typer.Option(help="category or cluster.")] = "category",
     sample: Annotated[int, typer.Option(min=10, help="Most pins drawn (stratified).")] = 5000,
     thumbnails: Annotated[int, typer.Option(min=0, help="Pins drawn as images (PNG).")] = 0,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Draw the pins in 2-D (PCA, t-SNE), coloured by category or cluster: PNG + HTML."""

@@ -388,8 +388,8 @@ def fit_alignment(
         )
     if len(np.unique(pair_keys)) < _FEW_PAIRS:
         _logger.warning(
-            "aligning on only %d pins with text: too few to hold any out for early stopping "
-            "or to learn much (hundreds are usual)",
+            "aligning on only %d pins with text: few to learn a projection from, and fewer "
+            "held out to stop on (hundreds are usual)",
             len(np.unique(pair_keys)),
         )
     item_keys, pair_item = np.unique(pair_keys, return_inverse=True)

@@ -33,7 +33,13 @@ import numpy as np
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
 from pinsearch.store import Store, lock_holder
-from pinsearch.text import TEXT_SPACE_SUFFIX, title_space_outdated
+from pinsearch.text import (
+    TEXT_SPACE_SUFFIX,
+    pin_texts,
+    text_encoder_name,
+    text_space,
+    title_space_outdated,
+)
 
 __all__ = ["CheckReport", "Finding", "RepairReport", "check_store", "repair_store"]
 
@@ -316,7 +322,10 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
             f"{len(set().union(*pending.values()))} pins out of the indexes of "
             f"{', '.join(sorted(pending))} (their old ones answer); pinsearch refresh finishes it",
         )  # fmt: skip
+    texts = None
     for backbone in store.backbones():
+        if text_encoder_name(store, backbone) is None:
+            continue
         if title_space_outdated(store, backbone):
             report.add(
                 "warning", "titles", "title_space_outdated",
@@ -324,6 +333,20 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
                 "alignment than its text queries use (an align stopped before it embedded "
                 "them again): title and fused queries refuse them; pinsearch refresh embeds "
                 "them again",
+            )  # fmt: skip
+            continue
+        texts = texts or pin_texts(store)
+        space = text_space(backbone)
+        have = store.vectors(space).keys() if store.catalog.get_embedding(space) else []
+        lacking = int((~np.isin(texts[0], have)).sum())
+        unindexed = len(have) > 0 and store.catalog.get_index(space) is None
+        if lacking or unindexed:
+            report.add(
+                "warning", "titles", "title_vectors_missing",
+                f"{lacking} pins with a title or description have no vector in {space}"
+                + (", and its vectors no index" if unindexed else "")
+                + " (a run stopped before it made them): title and fused queries miss them; "
+                "pinsearch refresh embeds them",
             )  # fmt: skip
     retitled = store.catalog.titles_pending()
     spaces = [b for b in store.backbones(text_spaces=True) if b.endswith(TEXT_SPACE_SUFFIX)]

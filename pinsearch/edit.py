@@ -27,7 +27,7 @@ from pinsearch.errors import PinNotFoundError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
 from pinsearch.ingest import IngestConfig
 from pinsearch.store import Store
-from pinsearch.text import refresh_titles, text_space
+from pinsearch.text import pin_texts, refresh_titles, title_work
 from pinsearch.vectors import in_sorted
 
 __all__ = [
@@ -500,8 +500,8 @@ def refresh_store(
             unreadable(i, r.reason, r.detail)
         if dry_run:
             report.refreshed = len(good)  # (would be)
-            spaces = any(catalog.get_embedding(text_space(b)) for b in store.backbones())
-            report.titles = len(catalog.titles_pending()) if spaces else 0
+            texts = pin_texts(store)
+            report.titles = sum(title_work(store, b, texts) for b in store.backbones())
             report.seconds = time.perf_counter() - start
             return report
         if remove_missing and gone.any():

@@ -144,7 +144,7 @@ def draw_map(
     if len(pick) < least:
         raise ValueError(
             f"a {'t-SNE ' if least == 3 else ''}map needs at least {least} pins with a "
-            f"{backbone!r} vector; the store has {len(pick)}"
+            f"{backbone!r} vector; {len(pick)} drawn of the store's {len(keys)}"
         )
     vectors, _ = vs.load(keys[pick])  # rows in the order asked
     x = unit_rows(vectors)

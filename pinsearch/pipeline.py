@@ -158,6 +158,9 @@ def index_corpus(
                 if select is None
                 else _embed_selection(store, backbone, model, embed, select, progress)
             )
+            # heads trained on this backbone's vectors do not know the pins embedded now
+            # (marked before the rest: a run stopped later embeds nothing when run again)
+            stale = store.mark_heads_stale([backbone]) if report.embedded else []
             names = store.index_names(backbone)
             # The backbone's index: the one of its name, else its first (a custom name).
             name = index_name or (backbone if backbone in names or not names else names[0])
@@ -183,11 +186,8 @@ def index_corpus(
             for other in names:  # the backbone's other indexes take the new pins too
                 if other != name:
                     store.update_index(other)
-            titles = refresh_titles(store) + _update_titles(store, backbone)
-            # heads trained on this backbone's vectors do not know the pins embedded now, nor
-            # any head the labels it learnt that changed since
-            stale = store.mark_heads_stale([backbone]) if report.embedded else []
-            stale = sorted({*stale, *changes.stale_heads})
+            titles = refresh_titles(store)  # (new pins' too, in every text space)
+            stale = sorted({*stale, *changes.stale_heads})  # (and heads of changed labels)
             return IndexReport(
                 store=str(store.root),
                 corpus=str(corpus) if corpus is not None else "",
@@ -323,12 +323,3 @@ def _remove_if_empty(root: Path, *, keep_folder: bool) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
-
-
-def _update_titles(store: Store, backbone: str) -> int:
-    """Embed new pins' titles into the backbone's text space when it has a text encoder."""
-    from pinsearch.text import embed_text_space, text_encoder_name
-
-    if text_encoder_name(store, backbone) is None:
-        return 0
-    return embed_text_space(store, backbone)

@@ -153,6 +153,8 @@ class PinSearcher:
         cache_metadata: keep a columnar copy of the pins' metadata in memory (for long-running
             query processes; a few hundred MB per million pins) instead of one DuckDB query
             per search.
+        title_space: search a backbone's title vectors (``<backbone>#text``): the text
+            searcher's own use; refused otherwise.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class PinSearcher:
         index: str | None = None,
         config: IndexConfig | Mapping[str, Any] | None = None,
         cache_metadata: bool = False,
+        title_space: bool = False,
     ) -> None:
         self.store = store
         self.cache_metadata = cache_metadata
@@ -176,7 +179,13 @@ class PinSearcher:
                     f"no index {index!r} in {store.root}; it has {store.index_names()}"
                 )
             backbone = row["backbone"]
-        self.backbone = store.resolve_backbone(backbone, text_spaces=index is not None)
+            if "#" in backbone and not title_space:
+                raise ValueError(
+                    f"index {index!r} holds the title vectors of {backbone.split('#')[0]!r}, "
+                    "which text queries search by themselves (--mode title); name an index "
+                    f"of its images: {store.index_names(backbone.split('#')[0])}"
+                )
+        self.backbone = store.resolve_backbone(backbone, text_spaces=title_space)
         self.index: PinIndex = store.load_index(index, backbone=self.backbone, config=config)
         self.index_name = index or (
             self.backbone

@@ -19,7 +19,6 @@ opens no network port (a web server for browsing comes in a later milestone, bou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 import time
@@ -134,7 +133,10 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("give exactly one of pin, image or text")
     text_search = asked == ["text"] or "titles" in request
     if text_search and not hasattr(searcher, "search_text"):
-        raise ValueError(f"index {searcher.index_name!r} cannot answer text (l2 or l1 metric)")
+        raise ValueError(
+            getattr(searcher, "text_refusal", "")
+            or f"index {searcher.index_name!r} cannot answer text (l2 or l1 metric)"
+        )
     if "titles" in request:
         titles = request["titles"]
         if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
@@ -183,14 +185,18 @@ def serve(
     responses = responses or sys.stdout
     with Store.open(store_path, read_only=True, detach=True) as store:
         searcher: PinSearcher | None = None
-        with contextlib.suppress(ValueError):  # an l2/l1 index: similar pins only
+        no_text = ""
+        try:
             searcher = TextSearcher(
                 store, backbone=backbone, index=index, config=config, cache_metadata=True
             )
+        except ValueError as exc:  # an l2/l1 index, an ip one of raw vectors: similar pins only
+            no_text = str(exc)
         if searcher is None:  # built once the failed one (and its GPU copy) is gone
             searcher = PinSearcher(
                 store, backbone=backbone, index=index, config=config, cache_metadata=True
             )
+            searcher.text_refusal = no_text  # type: ignore[attr-defined]
         searcher.warm()  # the metadata and filter groups, before the first request
         ready = {
             "ready": True,

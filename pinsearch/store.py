@@ -317,8 +317,7 @@ class Store:
         if backbone is not None and not text_spaces and "#" in backbone:
             base = backbone.split("#")[0]
             raise ValueError(
-                f"{backbone!r} names the title vectors of {base!r}, not a backbone; "
-                f"name {base!r} (text queries use its title vectors by themselves)"
+                f"{backbone!r} names the title vectors of {base!r}, not a backbone; name {base!r}"
             )
         known = self.backbones()
         if backbone is None:

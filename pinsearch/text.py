@@ -41,6 +41,7 @@ __all__ = [
     "text_encoder_name",
     "text_space",
     "title_space_outdated",
+    "title_work",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -88,6 +89,11 @@ def _sentence_path(name: str) -> str:
         return str(Path(found.origin).parent / "model")
     if Path(name).exists():
         return str(name)
+    if Path(name).is_absolute() or name.startswith(".") or name.count("/") > 1:  # (no hub id)
+        raise WeightsNotFoundError(
+            f"sentence model folder {name} does not exist (moved or deleted since it was "
+            "recorded); put it back, or align again with another --text-model"
+        )
     from pinsearch.backbones import downloads_allowed
 
     if not downloads_allowed():
@@ -246,18 +252,17 @@ def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> Text
 
 def pin_texts(store: Any, keys: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
     """(keys, "title. description") of pins with any text, in key order."""
-    rows = store.catalog.query(
-        "SELECT pin_key, coalesce(title, '') AS t, coalesce(description, '') AS d FROM pins "
-        "ORDER BY pin_key"
-    )
+    rows = store.catalog.connection.execute(
+        "SELECT pin_key, coalesce(title, ''), coalesce(description, '') FROM pins ORDER BY pin_key"
+    ).fetchall()
     wanted = None if keys is None else set(np.asarray(keys).tolist())
     out_k, out_t = [], []
-    for r in rows:
-        if wanted is not None and r["pin_key"] not in wanted:
+    for key, title, description in rows:
+        if wanted is not None and key not in wanted:
             continue
-        text = ". ".join(s.strip() for s in (r["t"], r["d"]) if s and s.strip())
+        text = ". ".join(s.strip() for s in (title, description) if s and s.strip())
         if text:
-            out_k.append(r["pin_key"])
+            out_k.append(key)
             out_t.append(text)
     return np.asarray(out_k, np.int64), out_t
 
@@ -269,12 +274,14 @@ def embed_text_space(
     *,
     rebuild: bool = False,
     again: np.ndarray | None = None,
+    texts: tuple[np.ndarray, list[str]] | None = None,
 ) -> int:
     """Embed the titles of pins that have none yet in ``<backbone>#text`` and index them.
 
-    Nothing is loaded when every pin with text already has a title vector of the same encoder.
-    ``again``: keys of pins whose title or description changed: their title vectors are
-    dropped (with their index entries) and, where they still have text, embedded anew.
+    Nothing is loaded when every pin with text already has a title vector of the same encoder
+    and the space its index. ``again``: keys of pins whose title or description changed:
+    their title vectors are dropped (with their index entries) and, where they still have
+    text, embedded anew. ``texts``: :func:`pin_texts` of the store, when read already.
 
     Returns:
         The number of pins newly embedded.
@@ -289,6 +296,7 @@ def embed_text_space(
     run = store.catalog.get_embedding(name)
     made_by = {"text_encoder": enc_name, "alignment": _alignment_sha(store, backbone)}
     if rebuild or (run is not None and _made_by_another(run, made_by)):
+        encoder = encoder or text_encoder_for(store, backbone)  # (loads: before the drop)
         _drop_space(store, name)  # another encoder, or another projection (align run again)
         run = None
     have = store.vectors(name).keys() if run is not None else np.empty(0, np.int64)
@@ -299,9 +307,9 @@ def embed_text_space(
         store.vectors(name).drop_keys(stale)
         store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
         have = np.setdiff1d(have, stale, assume_unique=True)
-    keys, texts = pin_texts(store)
+    keys, strings = texts if texts is not None else pin_texts(store)
     todo = ~np.isin(keys, have)
-    keys, texts = keys[todo], [t for t, m in zip(texts, todo) if m]
+    keys, strings = keys[todo], [t for t, m in zip(strings, todo) if m]
     if len(keys):
         encoder = encoder or text_encoder_for(store, backbone)
         if run is None:
@@ -314,10 +322,11 @@ def embed_text_space(
                 dim=encoder.dim,
             )
         for i in range(0, len(keys), 4096):
-            vecs = encoder.encode(texts[i : i + 4096])
+            vecs = encoder.encode(strings[i : i + 4096])
             store.vectors(name).write_part(vecs, keys[i : i + 4096])
         store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
-    if len(keys) and store.catalog.get_index(name) is None:
+    if store.catalog.get_index(name) is None and len(store.vectors(name)):
+        # (new, or a run stopped between its vectors and its index)
         from pinsearch.indexes import IndexConfig
 
         store.build_index(name, IndexConfig(factory="Flat", metric="cosine"), name=name)
@@ -346,27 +355,44 @@ def title_space_outdated(store: Any, backbone: str) -> bool:
 
 
 def refresh_titles(store: Any) -> int:
-    """Embed again the title vectors of the pins whose title or description changed
-    (:meth:`~pinsearch.catalog.Catalog.titles_pending`, noted by the ingest that read the new
-    text), in every text space of the store, then forget the note; and every title vector of
-    a space made by another encoder than its backbone's now (:func:`title_space_outdated`).
+    """Bring every text space of the store up to its pins' titles: the title vectors of the
+    pins whose title or description changed (:meth:`~pinsearch.catalog.Catalog.titles_pending`,
+    noted by the ingest that read the new text) embedded again, then the note forgotten;
+    every title vector of a space made by another encoder than its backbone's now
+    (:func:`title_space_outdated`); and those of pins with text that have none (new pins,
+    or a run stopped before it embedded them or indexed them). No model is loaded where
+    nothing is to do.
 
     Returns:
-        The number of title vectors embedded again (pins left without text lose theirs).
+        The number of title vectors embedded (pins left without text lose theirs).
     """
     pending = store.catalog.titles_pending()
     again = np.asarray(sorted(pending), np.int64)
+    texts = None
     n = 0
     for backbone in store.backbones():
-        # (a space whose encoder is gone, an alignment repair forgot, is no longer searched)
-        space = store.catalog.get_embedding(text_space(backbone))
-        if space is None or text_encoder_name(store, backbone) is None:
-            continue
-        if pending or title_space_outdated(store, backbone):
-            n += embed_text_space(store, backbone, again=again)
+        if text_encoder_name(store, backbone) is None:
+            continue  # (no text tower; or its alignment repair forgot: no longer searched)
+        texts = texts or pin_texts(store)
+        n += embed_text_space(store, backbone, again=again, texts=texts)
     if pending:
         store.catalog.clear_titles_pending(pending)
     return n
+
+
+def title_work(store: Any, backbone: str, texts: tuple[np.ndarray, list[str]] | None = None) -> int:
+    """How many title vectors :func:`refresh_titles` would embed in the backbone's text
+    space now (0 without a text encoder); no model is loaded and nothing written."""
+    if text_encoder_name(store, backbone) is None:
+        return 0
+    keys, _ = texts if texts is not None else pin_texts(store)
+    if store.catalog.get_embedding(text_space(backbone)) is None or title_space_outdated(
+        store, backbone
+    ):
+        return len(keys)
+    have = store.vectors(text_space(backbone)).keys()
+    again = np.intersect1d(np.asarray(store.catalog.titles_pending(), np.int64), have)
+    return int((~np.isin(keys, have)).sum() + np.isin(keys, again).sum())
 
 
 def _drop_space(store: Any, name: str) -> None:
@@ -380,3 +406,7 @@ def _drop_space(store: Any, name: str) -> None:
         store.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
     store.forget_cached(name)
     shutil.rmtree(folder, ignore_errors=True)
+    from pinsearch.indexes.pinindex import index_files
+
+    for f in index_files(store.index_base(name)).values():  # (its index's files too)
+        f.unlink(missing_ok=True)

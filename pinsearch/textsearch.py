@@ -37,7 +37,13 @@ from pinsearch.search import (
     _filters,
     category_key,
 )
-from pinsearch.text import TextEncoder, text_encoder_for, text_space, title_space_outdated
+from pinsearch.text import (
+    TextEncoder,
+    pin_texts,
+    text_encoder_for,
+    text_space,
+    title_space_outdated,
+)
 from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
 __all__ = [
@@ -205,16 +211,22 @@ class TextSearcher(PinSearcher):
             if self.store.catalog.get_index(name) is None:
                 raise ValueError(
                     f"store {self.store.root} has no title vectors for {self.backbone!r}; "
-                    "they are made by pinsearch index (CLIP backbones) or pinsearch align"
+                    "they are made by pinsearch index (CLIP backbones) or pinsearch align, "
+                    "and by pinsearch refresh after a run stopped before it made them"
                 )
             if title_space_outdated(self.store, self.backbone):
                 raise ValueError(
                     f"the title vectors of {self.backbone!r} in {self.store.root} were made by "
                     "another text encoder than its queries use (an align stopped before it "
-                    "embedded them again); pinsearch refresh embeds them again"
+                    "embedded them again); pinsearch refresh embeds them again (a running "
+                    "pinsearch serve sees them once restarted)"
                 )
             self._titles = PinSearcher(
-                self.store, backbone=name, index=name, cache_metadata=self.cache_metadata
+                self.store,
+                backbone=name,
+                index=name,
+                cache_metadata=self.cache_metadata,
+                title_space=True,
             )
             self._titles.share_metadata(self)  # the same pins: one copy of their metadata
         return self._titles
@@ -263,8 +275,11 @@ class TextSearcher(PinSearcher):
     ) -> SearchResult:
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
-        # no title vectors at all (no pin has a title): every pin takes its image score
-        untitled = self.store.catalog.get_index(text_space(self.backbone)) is None
+        # no pin has a title or description: every pin takes its image score (where some
+        # have, titles() says why their vectors are missing)
+        untitled = self.store.catalog.get_index(text_space(self.backbone)) is None and not len(
+            pin_texts(self.store)[0]
+        )
         titles = None if untitled else self.titles()
         index = self.index_name + ("" if titles is None else f"+{titles.index_name}")
         allowed = self.filter_keys(board=board, user=user, category=category)

@@ -614,3 +614,71 @@ def test_an_interrupted_align_leaves_title_vectors_refused_until_refreshed(
         want = text_encoder_for(store, B).encode(texts)
         np.testing.assert_allclose(vecs, want, atol=1e-5)
         assert len(TextSearcher(store).search_text("a cake", k=3, mode="title").hits) == 3
+
+
+def test_a_title_space_lost_midway_is_rebuilt_and_reported(aligned: Path, tmp_path: Path) -> None:
+    """Killed after the old title vectors were dropped (an align or an outdated space's
+    rebuild), or between the vectors and their index: check says so, title and fused queries
+    refuse (not the image ranking), and refresh makes them again."""
+    from pinsearch.check import check_store
+    from pinsearch.edit import refresh_store
+    from pinsearch.search import PinSearcher
+    from pinsearch.text import _drop_space
+
+    B = "test_efficientnet"
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    with Store.open(path) as store:
+        _drop_space(store, text_space(B))
+    found = check_store(path)
+    assert [f.problem for f in found.findings] == ["title_vectors_missing"]
+    assert "24 pins with a title" in found.findings[0].detail
+    with (
+        Store.open(path, read_only=True) as store,
+        pytest.raises(ValueError, match="no title vectors"),
+    ):
+        TextSearcher(store).search_text("a cake", k=3, mode="fused")
+    assert refresh_store(path, dry_run=True).titles == 24
+    assert refresh_store(path, workers=0).titles == 24
+    assert not check_store(path).findings
+    with Store.open(path) as store:  # vectors made, index not yet
+        store.drop_index(text_space(B))
+    found = check_store(path)
+    assert [f.problem for f in found.findings] == ["title_vectors_missing"]
+    assert "and its vectors no index" in found.findings[0].detail
+    refresh_store(path, workers=0)
+    assert not check_store(path).findings
+    with Store.open(path, read_only=True) as store:
+        assert len(TextSearcher(store).search_text("a cake", k=3, mode="fused").hits) == 3
+        with pytest.raises(ValueError, match="holds the title vectors of 'test_efficientnet'"):
+            PinSearcher(store, index=text_space(B))
+
+
+def test_a_text_model_folder_is_recorded_whole_and_loaded_before_any_drop(
+    built_store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pinsearch.edit import refresh_store
+    from pinsearch.errors import WeightsNotFoundError
+    from pinsearch.text import _sentence_path, sentence_model
+
+    B = "test_efficientnet"
+    shutil.copytree(_sentence_path("minilm"), tmp_path / "tm")
+    path = tmp_path / "store"
+    shutil.copytree(built_store.path, path)
+    monkeypatch.chdir(tmp_path)
+    config = AlignConfig(text_model="tm", epochs=5, patience=5, batch_size=8, val_fraction=0.25)
+    assert config.text_model == str(tmp_path / "tm")  # not "tm": queries run from elsewhere
+    with Store.open(path) as store, caplog.at_level("WARNING"):
+        align_store(store, B, config, keys=store.vectors(B).keys()[:12])
+    assert "aligning on only 12 pins with text" in caplog.text
+    with Store.open(path) as store:  # a new projection saved, its titles not embedded yet
+        arrays, row = load_alignment(store, B)
+        save_alignment(store, B, {k: v * 2 if v.dtype.kind == "f" else v
+                                  for k, v in arrays.items()}, text_model=row["text_model"],
+                       pairs=row["pairs"], images=row["images"], source=row["source"])  # fmt: skip
+    shutil.move(tmp_path / "tm", tmp_path / "elsewhere")
+    sentence_model.cache_clear()  # (a new process: the model is read from its folder)
+    with pytest.raises(WeightsNotFoundError):
+        refresh_store(path, workers=0)
+    with Store.open(path, read_only=True) as store:  # the old title vectors are all still there
+        assert len(store.vectors(text_space(B))) == 24

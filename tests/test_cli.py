@@ -328,6 +328,7 @@ def test_bench_refuses_options_its_benchmark_has_no_use_for() -> None:
         (["index", "--pins", "1000"], "--pins"),  # given at its default: given all the same
         (["query", "--device", "auto"], "--device"),
         (["catalog", "--sequential"], "--sequential"),
+        (["catalog", "--no-sequential"], "--no-sequential"),
     ):
         bad = runner.invoke(app, ["bench", *args, "--n", "100"])
         assert bad.exit_code != 0 and f"has no use for {named}" in bad.output, bad.output

@@ -477,3 +477,20 @@ def test_fused_queries_without_any_title_and_refusals(tree_copy: Path, tmp_path:
                  embed=EmbedConfig(workers=0, normalize=False))  # fmt: skip
     with Store.open(raw, read_only=True) as store, pytest.raises(ValueError, match="not unit"):
         TextSearcher(store)
+
+
+def test_serve_says_why_a_store_cannot_answer_text(clip_store: Path, tree_copy, tmp_path) -> None:
+    import io
+
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.pipeline import index_corpus
+    from pinsearch.serve import answer, serve
+
+    with Store.open(clip_store, read_only=True) as store, pytest.raises(ValueError, match="empty"):
+        answer(TextSearcher(store), {"text": "", "mode": "image"})
+    raw = tmp_path / "raw"
+    index_corpus(tree_copy, raw, backbone=CLIP, index={"metric": "ip"},
+                 embed=EmbedConfig(workers=0, normalize=False))  # fmt: skip
+    out = io.StringIO()
+    serve(raw, requests=io.StringIO('{"text": "a red car"}\n'), responses=out)
+    assert "not unit length" in out.getvalue().splitlines()[1]
