@@ -286,8 +286,8 @@ def refresh(
     for backbone, n in report.vectors.items():
         console.print(f"  {backbone}: {n} vectors")
     if report.titles:
-        console.print(f"title vectors {'to embed' if dry_run else 'embedded'} again: "
-                      f"{report.titles} (titles changed by an interrupted ingest)")  # fmt: skip
+        console.print(f"title vectors {'to embed' if dry_run else 'embedded'}: {report.titles} "
+                      "(titles edited, or missing, or made by another encoder)")  # fmt: skip
     if report.indexes:
         console.print(
             f"indexes updated: {', '.join(report.indexes)}"

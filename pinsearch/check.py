@@ -35,7 +35,8 @@ from pinsearch.indexes.pinindex import file_sha256
 from pinsearch.store import Store, lock_holder
 from pinsearch.text import (
     TEXT_SPACE_SUFFIX,
-    pin_texts,
+    lacking_titles,
+    text_candidates,
     text_encoder_name,
     text_space,
     title_space_outdated,
@@ -335,18 +336,18 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
                 "them again",
             )  # fmt: skip
             continue
-        texts = texts or pin_texts(store)
+        texts = text_candidates(store) if texts is None else texts
         space = text_space(backbone)
-        have = store.vectors(space).keys() if store.catalog.get_embedding(space) else []
-        lacking = int((~np.isin(texts[0], have)).sum())
-        unindexed = len(have) > 0 and store.catalog.get_index(space) is None
+        lacking = lacking_titles(store, backbone, texts)
+        unindexed = len(store.vectors(space)) > 0 and store.catalog.get_index(space) is None
         if lacking or unindexed:
             report.add(
                 "warning", "titles", "title_vectors_missing",
                 f"{lacking} pins with a title or description have no vector in {space}"
                 + (", and its vectors no index" if unindexed else "")
-                + " (a run stopped before it made them): title and fused queries miss them; "
-                "pinsearch refresh embeds them",
+                + " (a run stopped before it made them): title and fused queries "
+                + ("refuse the space" if unindexed else "miss those pins")
+                + "; pinsearch refresh makes them",
             )  # fmt: skip
     retitled = store.catalog.titles_pending()
     spaces = [b for b in store.backbones(text_spaces=True) if b.endswith(TEXT_SPACE_SUFFIX)]

@@ -27,7 +27,7 @@ from pinsearch.errors import PinNotFoundError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
 from pinsearch.ingest import IngestConfig
 from pinsearch.store import Store
-from pinsearch.text import pin_texts, refresh_titles, title_work
+from pinsearch.text import refresh_titles, text_candidates, title_work
 from pinsearch.vectors import in_sorted
 
 __all__ = [
@@ -324,8 +324,8 @@ class RefreshReport:
     unreadable: int  # changed files that do not decode or embed: their pins keep their vectors
     unchanged: int = 0  # of the refreshed, pins whose new vectors equal the stored ones in
     # every backbone (a file touched, copied or checked out as it was): nothing swapped
-    titles: int = 0  # title vectors embedded again: pins whose title or description an ingest
-    # changed and that no run re-embedded since (an interrupted one; dry_run: pins noted)
+    titles: int = 0  # title vectors embedded (dry_run: to embed), in every text space: of
+    # edited titles no run re-embedded yet, missing, or made by another encoder
     vectors: dict[str, int] = field(default_factory=dict)  # backbone -> vectors replaced
     indexes: list[str] = field(default_factory=list)  # updated
     rebuilt: list[str] = field(default_factory=list)  # of those, rebuilt from the vectors
@@ -500,8 +500,8 @@ def refresh_store(
             unreadable(i, r.reason, r.detail)
         if dry_run:
             report.refreshed = len(good)  # (would be)
-            texts = pin_texts(store)
-            report.titles = sum(title_work(store, b, texts) for b in store.backbones())
+            candidates = text_candidates(store)
+            report.titles = sum(title_work(store, b, candidates) for b in store.backbones())
             report.seconds = time.perf_counter() - start
             return report
         if remove_missing and gone.any():
@@ -517,11 +517,12 @@ def refresh_store(
             for name in removal.indexes:
                 report.touched(name, name in removal.rebuilt)
             report.stale_heads += removal.stale_heads
-        report.titles = refresh_titles(store)
         plan = pending_refresh(store)  # (a removal takes its pins out of it)
         for backbone, keys in sorted(plan.items()):  # an interrupted refresh's new vectors
             if backbone in store.backbones():
                 _update_indexes(store, backbone, np.asarray(keys, np.int64), report)
+                # (their heads were marked with the swap; named here as the run's)
+                report.stale_heads += store.mark_heads_stale([backbone]) if len(keys) else []
             _set_pending(store, backbone, [])
         by_key = {int(states["pin_key"][i]): i for i in good}
         wanted = np.array(sorted(by_key), dtype=np.int64)
@@ -540,14 +541,20 @@ def refresh_store(
             _set_pending(store, backbone, [])
         refreshed = [i for key, i in by_key.items() if key not in failed]
         report.refreshed = len(refreshed)
+        # pins a backbone holds, read again, whose vectors no backbone swapped
+        kept = np.unique(np.concatenate([np.empty(0, np.int64), *held.values()]))
+        kept = kept[np.isin(kept, wanted) & ~np.isin(kept, list(failed))]
         moved = np.unique(np.concatenate([np.empty(0, np.int64), *swapped.values()]))
-        report.unchanged = len(refreshed) - int(np.isin(wanted, moved).sum())
+        report.unchanged = int((~np.isin(kept, moved)).sum())
         catalog.set_file_states(
             [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), *good[i]) for i in refreshed]
             + [(int(states["pin_key"][i]), int(size[i]), int(mtime[i]), None, None) for i in first]
         )
         stale = [b for b, n in report.vectors.items() if n]
         report.stale_heads = sorted({*report.stale_heads, *store.mark_heads_stale(stale)})
+        # title vectors last: an encoder that cannot load leaves them (with a warning), not
+        # the images
+        report.titles = refresh_titles(store)
     report.seconds = time.perf_counter() - start
     return report
 
@@ -610,7 +617,7 @@ def _reembed(
                 continue
             noted = [*swapped[backbone], *k[ok].tolist()]
             store.vectors(backbone).replace(
-                v[ok], k[ok], dtype, also=lambda b=backbone, n=noted: _set_pending(store, b, n)
+                v[ok], k[ok], dtype, also=lambda b=backbone, n=noted: _swapped(store, b, n)
             )
             swapped[backbone] = noted
     for backbone, keys_done in swapped.items():
@@ -618,16 +625,27 @@ def _reembed(
     return failures, {b: np.sort(np.asarray(k, np.int64)) for b, k in swapped.items()}
 
 
+def _swapped(store: Store, backbone: str, keys: list[int]) -> None:
+    """The catalog writes that go with a swap of ``keys``' vectors (in its transaction): the
+    note that their index entries are still old, and the backbone's heads marked stale (a
+    refresh stopped after it finds the new vectors stored: as they are, nothing is swapped)."""
+    _set_pending(store, backbone, keys)
+    store.mark_heads_stale([backbone])
+
+
 def _same_vectors(
     store: Store, backbone: str, keys: np.ndarray, vectors: np.ndarray, dtype: str
 ) -> np.ndarray:
     """Which of ``vectors`` (new ones of stored ``keys``) equal the stored ones as they would
     be stored (in ``dtype``), to a relative 1e-5 of each row's largest component."""
-    old, _ = store.vectors(backbone).load(keys)  # (rows in the order asked)
-    old = old.astype(np.float32)
+    stored, _ = store.vectors(backbone).load(keys)  # (rows in the order asked)
+    old = stored.astype(np.float32)
     new = vectors.astype(dtype).astype(np.float32)
     scale = np.maximum(np.abs(old).max(axis=1, keepdims=True), 1e-12)
-    return np.all(np.abs(new - old) <= 1e-5 * scale, axis=1)
+    tol = 1e-5 * scale
+    if np.dtype(dtype).itemsize < 4:  # a rounding flip is one step of the stored type
+        tol = np.maximum(tol, 2 * np.spacing(np.abs(stored).astype(dtype)).astype(np.float32))
+    return np.all(np.abs(new - old) <= tol, axis=1)
 
 
 def _update_indexes(store: Store, backbone: str, keys: np.ndarray, report: RefreshReport) -> None:

@@ -33,9 +33,11 @@ __all__ = [
     "TextEncoder",
     "aligned_name",
     "embed_text_space",
+    "lacking_titles",
     "pin_texts",
     "refresh_titles",
     "sentence_model",
+    "text_candidates",
     "text_encoder_for",
     "text_encoder_identity",
     "text_encoder_name",
@@ -251,20 +253,32 @@ def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> Text
 
 
 def pin_texts(store: Any, keys: np.ndarray | None = None) -> tuple[np.ndarray, list[str]]:
-    """(keys, "title. description") of pins with any text, in key order."""
-    rows = store.catalog.connection.execute(
-        "SELECT pin_key, coalesce(title, ''), coalesce(description, '') FROM pins ORDER BY pin_key"
-    ).fetchall()
-    wanted = None if keys is None else set(np.asarray(keys).tolist())
+    """(keys, "title. description") of pins with any text (of ``keys`` when given), in key
+    order."""
+    sql = (
+        "SELECT pin_key, coalesce(title, ''), coalesce(description, '') FROM pins "
+        + ("WHERE pin_key IN (SELECT unnest(?)) " if keys is not None else "")
+        + "ORDER BY pin_key"
+    )
+    params = [np.asarray(keys, np.int64).tolist()] if keys is not None else []
     out_k, out_t = [], []
-    for key, title, description in rows:
-        if wanted is not None and key not in wanted:
-            continue
+    for key, title, description in store.catalog.connection.execute(sql, params).fetchall():
         text = ". ".join(s.strip() for s in (title, description) if s and s.strip())
         if text:
             out_k.append(key)
             out_t.append(text)
     return np.asarray(out_k, np.int64), out_t
+
+
+def text_candidates(store: Any) -> np.ndarray:
+    """Keys (sorted) of the pins that may have text: a title or description with a character
+    other than a space. Keys only, so cheap at a million pins; a superset of
+    :func:`pin_texts`'s (a title of tabs passes here, not there)."""
+    got = store.catalog.connection.execute(
+        "SELECT pin_key FROM pins WHERE trim(coalesce(title, '')) <> '' "
+        "OR trim(coalesce(description, '')) <> '' ORDER BY pin_key"
+    ).fetchnumpy()["pin_key"]
+    return np.asarray(got, np.int64)
 
 
 def embed_text_space(
@@ -274,14 +288,15 @@ def embed_text_space(
     *,
     rebuild: bool = False,
     again: np.ndarray | None = None,
-    texts: tuple[np.ndarray, list[str]] | None = None,
+    candidates: np.ndarray | None = None,
 ) -> int:
     """Embed the titles of pins that have none yet in ``<backbone>#text`` and index them.
 
     Nothing is loaded when every pin with text already has a title vector of the same encoder
-    and the space its index. ``again``: keys of pins whose title or description changed:
-    their title vectors are dropped (with their index entries) and, where they still have
-    text, embedded anew. ``texts``: :func:`pin_texts` of the store, when read already.
+    and the space its index; only the texts of the pins to embed are read. ``again``: keys
+    of pins whose title or description changed: their title vectors are dropped (with their
+    index entries) and, where they still have text, embedded anew. ``candidates``:
+    :func:`text_candidates` of the store, when read already.
 
     Returns:
         The number of pins newly embedded.
@@ -307,9 +322,9 @@ def embed_text_space(
         store.vectors(name).drop_keys(stale)
         store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
         have = np.setdiff1d(have, stale, assume_unique=True)
-    keys, strings = texts if texts is not None else pin_texts(store)
-    todo = ~np.isin(keys, have)
-    keys, strings = keys[todo], [t for t, m in zip(strings, todo) if m]
+    cand = text_candidates(store) if candidates is None else candidates
+    missing = cand[~np.isin(cand, have)]
+    keys, strings = pin_texts(store, missing) if len(missing) else (missing, [])
     if len(keys):
         encoder = encoder or text_encoder_for(store, backbone)
         if run is None:
@@ -361,38 +376,56 @@ def refresh_titles(store: Any) -> int:
     every title vector of a space made by another encoder than its backbone's now
     (:func:`title_space_outdated`); and those of pins with text that have none (new pins,
     or a run stopped before it embedded them or indexed them). No model is loaded where
-    nothing is to do.
+    nothing is to do. A space whose text encoder cannot load is left as it is, with a
+    warning (``check`` names what it lacks; the note stays for the next run).
 
     Returns:
         The number of title vectors embedded (pins left without text lose theirs).
     """
     pending = store.catalog.titles_pending()
     again = np.asarray(sorted(pending), np.int64)
-    texts = None
-    n = 0
+    candidates = None
+    n, whole = 0, True
     for backbone in store.backbones():
         if text_encoder_name(store, backbone) is None:
             continue  # (no text tower; or its alignment repair forgot: no longer searched)
-        texts = texts or pin_texts(store)
-        n += embed_text_space(store, backbone, again=again, texts=texts)
-    if pending:
+        candidates = text_candidates(store) if candidates is None else candidates
+        try:
+            n += embed_text_space(store, backbone, again=again, candidates=candidates)
+        except (WeightsNotFoundError, NoTextTowerError) as exc:  # (image work goes on)
+            _logger.warning("title vectors of %s left as they are: %s", backbone, exc)
+            whole = False
+    if pending and whole:
         store.catalog.clear_titles_pending(pending)
     return n
 
 
-def title_work(store: Any, backbone: str, texts: tuple[np.ndarray, list[str]] | None = None) -> int:
+def lacking_titles(store: Any, backbone: str, candidates: np.ndarray | None = None) -> int:
+    """How many pins with text have no vector in the backbone's text space (0 without a
+    text encoder); reads the texts of those only."""
+    if text_encoder_name(store, backbone) is None:
+        return 0
+    cand = text_candidates(store) if candidates is None else candidates
+    space = text_space(backbone)
+    have = store.vectors(space).keys() if store.catalog.get_embedding(space) else []
+    missing = cand[~np.isin(cand, have)]
+    return len(pin_texts(store, missing)[0]) if len(missing) else 0
+
+
+def title_work(store: Any, backbone: str, candidates: np.ndarray | None = None) -> int:
     """How many title vectors :func:`refresh_titles` would embed in the backbone's text
     space now (0 without a text encoder); no model is loaded and nothing written."""
     if text_encoder_name(store, backbone) is None:
         return 0
-    keys, _ = texts if texts is not None else pin_texts(store)
+    cand = text_candidates(store) if candidates is None else candidates
     if store.catalog.get_embedding(text_space(backbone)) is None or title_space_outdated(
         store, backbone
     ):
-        return len(keys)
+        return len(pin_texts(store, cand)[0]) if len(cand) else 0
     have = store.vectors(text_space(backbone)).keys()
     again = np.intersect1d(np.asarray(store.catalog.titles_pending(), np.int64), have)
-    return int((~np.isin(keys, have)).sum() + np.isin(keys, again).sum())
+    again = again[np.isin(again, cand)]
+    return lacking_titles(store, backbone, cand) + len(again)
 
 
 def _drop_space(store: Any, name: str) -> None:

@@ -40,6 +40,7 @@ from pinsearch.search import (
 from pinsearch.text import (
     TextEncoder,
     pin_texts,
+    text_candidates,
     text_encoder_for,
     text_space,
     title_space_outdated,
@@ -164,6 +165,7 @@ class TextSearcher(PinSearcher):
         # centroid and the length of its sum
         self._pairs: tuple[np.ndarray, ...] | None = None
         self._board_size_memo: dict[tuple[str | None, str | None], dict[str, int]] = {}
+        self._has_text: bool | None = None  # any pin with a title or description
 
     @property
     def encoder(self) -> TextEncoder:
@@ -277,8 +279,8 @@ class TextSearcher(PinSearcher):
             raise ValueError(f"k must be positive, got {k}")
         # no pin has a title or description: every pin takes its image score (where some
         # have, titles() says why their vectors are missing)
-        untitled = self.store.catalog.get_index(text_space(self.backbone)) is None and not len(
-            pin_texts(self.store)[0]
+        untitled = self.store.catalog.get_index(text_space(self.backbone)) is None and (
+            not self._any_text()
         )
         titles = None if untitled else self.titles()
         index = self.index_name + ("" if titles is None else f"+{titles.index_name}")
@@ -399,6 +401,16 @@ class TextSearcher(PinSearcher):
             sql += " WHERE " + " AND ".join(where)
         rows = self.store.catalog.query(sql + " GROUP BY board", params)
         return {r["board"]: int(r["n"]) for r in rows}
+
+    def _any_text(self) -> bool:
+        """Whether any pin has a title or description (read once per searcher)."""
+        if self._has_text is None:
+            candidates = text_candidates(self.store)
+            self._has_text = bool(len(candidates)) and bool(
+                len(pin_texts(self.store, candidates[:100_000])[0])
+                or len(pin_texts(self.store, candidates)[0])
+            )
+        return self._has_text
 
     def _board_info(self, boards: list[str]) -> dict[str, dict[str, Any]]:
         if not boards:

@@ -657,6 +657,7 @@ def test_a_title_space_lost_midway_is_rebuilt_and_reported(aligned: Path, tmp_pa
 def test_a_text_model_folder_is_recorded_whole_and_loaded_before_any_drop(
     built_store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    from pinsearch.check import check_store
     from pinsearch.edit import refresh_store
     from pinsearch.errors import WeightsNotFoundError
     from pinsearch.text import _sentence_path, sentence_model
@@ -678,7 +679,12 @@ def test_a_text_model_folder_is_recorded_whole_and_loaded_before_any_drop(
                        pairs=row["pairs"], images=row["images"], source=row["source"])  # fmt: skip
     shutil.move(tmp_path / "tm", tmp_path / "elsewhere")
     sentence_model.cache_clear()  # (a new process: the model is read from its folder)
-    with pytest.raises(WeightsNotFoundError):
-        refresh_store(path, workers=0)
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the images' refresh goes on; the titles wait
+        assert refresh_store(path, workers=0).titles == 0
+    assert "title vectors of test_efficientnet left as they are" in caplog.text
     with Store.open(path, read_only=True) as store:  # the old title vectors are all still there
         assert len(store.vectors(text_space(B))) == 24
+        with pytest.raises(WeightsNotFoundError, match="does not exist"):
+            text_encoder_for(store, B)
+    assert [f.problem for f in check_store(path).findings] == ["title_space_outdated"]

@@ -154,6 +154,13 @@ def test_a_touched_file_keeps_its_vector_heads_and_index(indexed: Path) -> None:
         assert store.catalog.get_index(B)["sha256"] == index_before
     assert _pins(indexed)[a]["file_mtime_ns"] == st.st_mtime_ns + 5_000_000_000
     assert not check_store(indexed).findings
+    # a pin no backbone holds is read again, but is not one whose vectors came out the same
+    c = sorted(pins)[1]
+    with Store.open(indexed) as store:
+        store.vectors(B).drop_keys(np.array([store.catalog.keys_for_ids([c])[c]]))
+    report = refresh_store(indexed, pin_ids=[a, c])
+    assert (report.refreshed, report.unchanged) == (2, 1)
+    index_corpus(None, indexed, backbone=B, embed=EMBED)  # (c embedded again)
 
 
 def test_missing_files_are_reported_then_removed(indexed: Path) -> None:
@@ -208,6 +215,7 @@ def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
     before = _vectors(indexed)
     _copy_over(pins[b]["path"], pins[a]["path"])
     with Store.open(indexed) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
         key = store.catalog.keys_for_ids([a])[a]
         store.vectors(B).replace(
             before[b][None], np.array([key]), "float32",
@@ -222,6 +230,7 @@ def test_interrupted_refresh_is_finished_by_the_next(indexed: Path) -> None:
     assert (report.changed, report.pending, report.refreshed) == (1, 1, 1)
     # the swapped vector is already the new image's: embedded again, it is not swapped again
     assert report.vectors == {B: 0} and report.unchanged == 1 and report.indexes == [B]
+    assert report.stale_heads == [f"{B}/knn"]  # a vector did change: the interrupted run's
     np.testing.assert_allclose(_vectors(indexed)[a], before[b], atol=1e-5)
     with Store.open(indexed, read_only=True) as store:
         hits = PinSearcher(store, backbone=B).similar_to_vector(before[b], k=2).hits
@@ -282,3 +291,20 @@ def test_refresh_cli(indexed: Path) -> None:
     assert f"{B}: 1 vectors" in out.output
     out = runner.invoke(app, ["refresh", "--store", str(indexed), "--pin", "nope"])
     assert isinstance(out.exception, PinNotFoundError) and "nope" in str(out.exception)
+
+
+def test_a_float16_store_keeps_a_vector_one_rounding_step_away(tree_copy: Path, tmp_path) -> None:
+    from pinsearch.edit import _same_vectors
+
+    path = tmp_path / "s16"
+    index_corpus(tree_copy, path, backbone=B,
+                 embed=EmbedConfig(workers=0, batch_size=16, dtype="float16"))  # fmt: skip
+    with Store.open(path, read_only=True) as store:
+        stored, keys = store.vectors(B).load()
+        x = stored.astype(np.float32)
+        step = np.spacing(stored).astype(np.float32)  # one float16 step of every component
+        assert _same_vectors(store, B, keys, x + 0.9 * step, "float16").all()
+        assert _same_vectors(store, B, keys, x, "float32").all()
+        moved = x.copy()
+        moved[:, 0] += 0.05 * np.abs(x).max(axis=1)  # another image's vector
+        assert not _same_vectors(store, B, keys, moved, "float16").any()
