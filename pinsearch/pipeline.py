@@ -155,17 +155,15 @@ def index_corpus(
                 )
             # heads trained on this backbone's vectors will not know the pins it embeds now:
             # marked before, so a run stopped after the embedding cannot leave them unmarked
-            early = []
             if select is None and len(store.vectors(backbone)) < store.catalog.count_pins():
-                early = store.mark_heads_stale([backbone])
+                store.mark_heads_stale([backbone])
             report = (
                 embed_store(store, backbone, embed, progress=progress, backbone=model)
                 if select is None
                 else _embed_selection(store, backbone, model, embed, select, progress)
             )
-            # (a selection's: after; a run stopped later embeds nothing when run again)
+            # (named; a selection's marked now: a run stopped later embeds nothing again)
             stale = store.mark_heads_stale([backbone]) if report.embedded else []
-            stale = sorted({*stale, *(early if report.embedded else [])})
             names = store.index_names(backbone)
             # The backbone's index: the one of its name, else its first (a custom name).
             name = index_name or (backbone if backbone in names or not names else names[0])
