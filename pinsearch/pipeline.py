@@ -66,8 +66,8 @@ class IndexReport:
     ntotal: int
     index_action: str  # built, rebuilt, updated (+N), unchanged
     index_seconds: float
-    title_vectors: int = 0  # pins whose titles were embedded into the text space (CLIP, align):
-    # new pins, and pins whose title or description changed (in every text space)
+    title_vectors: int = 0  # title vectors embedded in every text space (CLIP, align): new
+    # pins', edited titles', and any missing or made by another encoder
     stale_heads: list[str] = field(default_factory=list)  # heads trained before these vectors
 
     def to_dict(self) -> dict[str, Any]:

@@ -309,7 +309,7 @@ def embed_text_space(
     if enc_name is None:
         text_encoder_for(store, backbone)  # raises, saying how to get one
     run = store.catalog.get_embedding(name)
-    made_by = {"text_encoder": enc_name, "alignment": _alignment_sha(store, backbone)}
+    made_by = _made_by(store, backbone, enc_name)
     if rebuild or (run is not None and _made_by_another(run, made_by)):
         encoder = encoder or text_encoder_for(store, backbone)  # (loads: before the drop)
         _drop_space(store, name)  # another encoder, or another projection (align run again)
@@ -352,6 +352,11 @@ def embed_text_space(
     return len(keys)
 
 
+def _made_by(store: Any, backbone: str, encoder_name: str | None) -> dict[str, Any]:
+    """What a backbone's title vectors record of the encoder that made them."""
+    return {"text_encoder": encoder_name, "alignment": _alignment_sha(store, backbone)}
+
+
 def _made_by_another(run: dict[str, Any], made_by: dict[str, Any]) -> bool:
     return any(run["spec"].get(k) != v for k, v in made_by.items())
 
@@ -364,9 +369,7 @@ def title_space_outdated(store: Any, backbone: str) -> bool:
     name = text_encoder_name(store, backbone)
     if run is None or name is None:
         return False
-    return _made_by_another(
-        run, {"text_encoder": name, "alignment": _alignment_sha(store, backbone)}
-    )
+    return _made_by_another(run, _made_by(store, backbone, name))
 
 
 def refresh_titles(store: Any) -> int:
@@ -437,9 +440,5 @@ def _drop_space(store: Any, name: str) -> None:
         for table in ("vector_parts", "embeddings"):
             store.catalog.connection.execute(f"DELETE FROM {table} WHERE backbone = ?", [name])
         store.catalog.connection.execute("DELETE FROM indexes WHERE name = ?", [name])
-    store.forget_cached(name)
     shutil.rmtree(folder, ignore_errors=True)
-    from pinsearch.indexes.pinindex import index_files
-
-    for f in index_files(store.index_base(name)).values():  # (its index's files too)
-        f.unlink(missing_ok=True)
+    store.drop_index(name)  # its index's files (its row went in the transaction)

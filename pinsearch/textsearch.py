@@ -406,9 +406,9 @@ class TextSearcher(PinSearcher):
         """Whether any pin has a title or description (read once per searcher)."""
         if self._has_text is None:
             candidates = text_candidates(self.store)
-            self._has_text = bool(len(candidates)) and bool(
-                len(pin_texts(self.store, candidates[:100_000])[0])
-                or len(pin_texts(self.store, candidates)[0])
+            self._has_text = any(  # (texts read a chunk at a time, up to the first found)
+                len(pin_texts(self.store, candidates[i : i + 100_000])[0])
+                for i in range(0, len(candidates), 100_000)
             )
         return self._has_text
 
