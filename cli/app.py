@@ -14,6 +14,7 @@ import logging
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from pinsearch._version import __version__
 from pinsearch.cli.common import app, console, err_console
@@ -43,7 +44,7 @@ def main() -> None:
     try:
         app()
     except (PinsearchError, ValueError, OSError) as exc:  # OSError: paths (missing, a folder...)
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
         raise SystemExit(1) from None
 
 

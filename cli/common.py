@@ -37,8 +37,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: what is printed holds user data (a label "[vintage]_cars", a title "[DIY] ...",
+# a path) that Rich would read as tags and swallow. A styled line asks for markup itself and
+# escapes its data (rich.markup.escape).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 T = TypeVar("T")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pinsearch.cli.common import (
@@ -295,13 +296,18 @@ def _classify(
     if as_json:
         emit_json(result)
         return
-    console.print(f"[bold]{result.predicted}[/bold] (head {result.head}, {result.backbone})")
+    console.print(
+        f"[bold]{escape(result.predicted)}[/bold] "
+        f"({escape(f'head {result.head}, {result.backbone}')})",
+        markup=True,
+    )
     print_rows("class scores", result.scores)
     if result.stale:
         err_console.print(
-            f"[yellow]head {result.head} is stale[/yellow]: what it learnt from changed since "
-            f"(pins of {result.backbone} added, removed or embedded again, labels edited, or a "
-            "new text alignment for a zero-shot head); retrain it (pinsearch train)"
+            f"[yellow]head {escape(result.head)} is stale[/yellow]: what it learnt from changed "
+            f"since (pins of {escape(result.backbone)} added, removed or embedded again, labels "
+            "edited, or a new text alignment for a zero-shot head); retrain it (pinsearch train)",
+            markup=True,
         )
 
 
@@ -351,8 +357,12 @@ def train(
         emit_json(info_)
         return
     console.print(
-        f"trained head [bold]{info_.name}[/bold] ({info_.head} {info_.params}) on "
-        f"{info_.n_train} pins, {len(info_.classes)} classes of {info_.label!r}"
+        f"trained head [bold]{escape(info_.name)}[/bold] "
+        + escape(
+            f"({info_.head} {info_.params}) on {info_.n_train} pins, {len(info_.classes)} "
+            f"classes of {info_.label!r}"
+        ),
+        markup=True,
     )
 
 

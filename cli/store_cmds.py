@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pinsearch.cli.common import (
@@ -296,11 +297,13 @@ def refresh(
     for what in ("unreadable", "missing"):
         for p in report.examples.get(what, [])[:5]:
             why = f": {p['reason']}: {p['detail']}" if what == "unreadable" else ""
-            console.print(f"[yellow]{what}[/yellow] {p['pin_id']} ({p['path']}){why}")
+            said = escape(f"{p['pin_id']} ({p['path']}){why}")
+            console.print(f"[yellow]{what}[/yellow] {said}", markup=True)
     if report.unreadable:
         console.print(
             f"[yellow]{report.unreadable} changed files no longer decode: their pins keep "
-            "their vectors (the next refresh tries again)[/yellow]"
+            "their vectors (the next refresh tries again)[/yellow]",
+            markup=True,
         )
     if report.stale_heads:
         console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
@@ -348,10 +351,13 @@ def _show_check(report: Any, as_json: bool) -> None:
         return
     status = "[green]ok[/green]" if report.ok else "[red]errors[/red]"
     counts = ", ".join(f"{v} {k}" for k, v in report.checked.items())
-    console.print(f"{report.store}: {status} ({report.pins} pins; checked {counts})")
+    console.print(
+        f"{escape(report.store)}: {status} ({report.pins} pins; checked {counts})", markup=True
+    )
     for f in report.findings:
         colour = "red" if f.level == "error" else "yellow"
-        console.print(f"[{colour}]{f.level}[/{colour}] {f.where}: {f.problem}: {f.detail}")
+        said = escape(f"{f.where}: {f.problem}: {f.detail}")
+        console.print(f"[{colour}]{f.level}[/{colour}] {said}", markup=True)
 
 
 @app.command()
@@ -365,8 +371,9 @@ def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
         emit_json(report)
         return
     console.print(
-        f"[bold]{report.path}[/bold]: {report.pins} pins, {report.boards} boards, "
-        f"{report.users} users, {len(report.categories)} categories, {report.skipped} skipped"
+        f"[bold]{escape(report.path)}[/bold]: {report.pins} pins, {report.boards} boards, "
+        f"{report.users} users, {len(report.categories)} categories, {report.skipped} skipped",
+        markup=True,
     )
     print_rows("categories", report.categories)
     print_rows(f"largest boards (of {report.boards})", report.top_boards)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pinsearch.cli.common import (
@@ -99,22 +100,28 @@ def demo(
     idx = report.index
     console.print(
         f"[bold]pinsearch demo[/bold]: {report.pins} pins in {len(report.categories)} categories "
-        f"-> {report.store}\n{report.backbone} ({idx['images_per_s']} img/s), index "
-        f"{idx['factory']} / {idx['metric']}, {idx['ntotal']} vectors"
+        + escape(
+            f"-> {report.store}\n{report.backbone} ({idx['images_per_s']} img/s), index "
+            f"{idx['factory']} / {idx['metric']}, {idx['ntotal']} vectors"
+        ),
+        markup=True,
     )
     for ex in report.examples:
         print_rows(f"pins like {ex['query']}", ex["hits"])
     console.print(
         f"leave-one-out {report.knn_k}-NN category accuracy: [bold]{report.knn_accuracy:.3f}[/bold]"
-        f" (chance {report.chance:.3f})"
+        f" (chance {report.chance:.3f})",
+        markup=True,
     )
     for ex in report.text_examples:
         print_rows(f"pins matching the text {ex['query']!r}", ex["hits"])
     if report.text_encoder:
         console.print(
-            f"text search ({report.text_encoder}, learned from the pins' titles): asking each "
-            f"category's name, [bold]{report.text_precision:.3f}[/bold] of the top {report.knn_k}"
-            f" are in that category (chance {1 / max(len(report.categories), 1):.3f})"
+            f"text search ({escape(report.text_encoder)}, learned from the pins' titles): asking "
+            f"each category's name, [bold]{report.text_precision:.3f}[/bold] of the top "
+            f"{report.knn_k} are in that category "
+            f"(chance {1 / max(len(report.categories), 1):.3f})",
+            markup=True,
         )
     console.print(
         f"try: pinsearch query --store {report.store} --pin {report.examples[0]['query']} -k 5"

@@ -39,13 +39,15 @@ def config_from_toml(
 # The least values of settings several study kinds share, by name
 _LEAST = {
     "per_class": 1,
-    "min_per_class": 0,
+    "min_per_class": 2,  # (a stratified split needs two pins of each label)
     "folds": 2,
     "seed": 0,  # (numpy's generators refuse a negative seed)
     "splits": 1,
     "k": 1,
     "train_images": 1,
 }
+_MOST = {"seed": 2**32 - 1}  # (numpy's and scikit-learn's seeds are 32-bit)
+_FRACTIONS = ("test_size",)  # a share of the pins, strictly between 0 and 1
 _NONEMPTY = ("backbones", "heads", "variants", "ks")  # lists a study cannot run without
 
 
@@ -71,6 +73,14 @@ def check_fields(
         least = _LEAST.get(key)
         if least is not None and isinstance(value, int) and value < least:
             raise ValueError(f"{path}: {what} key {key!r} must be at least {least}, got {value}")
+        most = _MOST.get(key)
+        if most is not None and isinstance(value, int) and value > most:
+            raise ValueError(f"{path}: {what} key {key!r} must be at most {most}, got {value}")
+        if key in _FRACTIONS and isinstance(value, (int, float)) and not 0 < value < 1:
+            raise ValueError(
+                f"{path}: {what} key {key!r} is a fraction of the pins, strictly between 0 "
+                f"and 1, got {value}"
+            )
         if key in _NONEMPTY and isinstance(value, list) and not value:
             raise ValueError(f"{path}: {what} key {key!r} must list at least one")
         if key == "ks" and isinstance(value, list) and any(k < 1 for k in value):

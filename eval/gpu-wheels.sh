@@ -10,7 +10,9 @@
 # Writes .gpu/1 .. .gpu/N (git-ignored) and prints N; eval/h100.sh says how to carry them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash ../shared/gpu/fetch-wheels.sh kneed hypothesis sortedcontainers attrs pytest-timeout > /dev/null
+# (hypothesis, attrs, sortedcontainers and pytest-timeout are on the machine's image: the
+# first call's folder is within a MiB of its limit, 64 MiB with the working tree, without them)
+bash ../shared/gpu/fetch-wheels.sh kneed > /dev/null
 python3 - <<'PY'
 import os
 import shutil

@@ -88,10 +88,15 @@ embed_each() {  # embed_each TAG ARGS...: one process and one file per backbone 
 }
 
 compile=tests/test_gpu_decode.py::test_compile_runs_and_agrees
-timeout_each() {  # a hung test ends alone, not the whole step (pytest-timeout, carried in
-  # .gpu/); pytest's own faulthandler prints every thread's stack of a test running long
-  python3 -c "import pytest_timeout" 2> /dev/null && echo "--timeout $1"
-  echo "-o faulthandler_timeout=$(($1 * 3 / 4))"
+timeout_each() {  # a hung test ends alone, not the whole step, with every thread's stack
+  # (pytest-timeout, on the image); without it, pytest's own faulthandler prints
+  # the stacks of a test running long (and not beside it: a dump between a test's name and
+  # its outcome parts them, which targets.py allows for, but a second dump is noise)
+  if python3 -c "import pytest_timeout" 2> /dev/null; then
+    echo "--timeout $1"
+  else
+    echo "-o faulthandler_timeout=$(($1 * 3 / 4))"
+  fi
 }
 
 one() {  # one step, in the foreground

@@ -18,6 +18,7 @@ __all__ = [
     "ClassificationMetrics",
     "chance_macro_f1",
     "classification_metrics",
+    "macro_f1",
     "roc_curves",
 ]
 
@@ -82,9 +83,7 @@ def classification_metrics(
                 y_bin = np.hstack([1 - y_bin, y_bin])
             auc = float(skm.roc_auc_score(y_bin, scores, average="macro"))
     return ClassificationMetrics(
-        macro_f1=float(
-            skm.f1_score(y_true, y_pred, labels=classes, average="macro", zero_division=0)
-        ),
+        macro_f1=macro_f1(y_true, y_pred, classes),
         accuracy=float(skm.accuracy_score(y_true, y_pred)),
         balanced_accuracy=float(skm.balanced_accuracy_score(y_true, y_pred)),
         auc_ovr=auc,
@@ -92,6 +91,19 @@ def classification_metrics(
         per_class=per_class,
         confusion=skm.confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     )
+
+
+def macro_f1(y_true: Any, y_pred: Any, labels: Any = None) -> float:
+    """Macro-F1 over the ``labels`` (default: every one seen) that the true or the predicted
+    labels hold. A class with no test pin that is never predicted has no F1 to average (it
+    would count 0 against a perfect classifier); one predicted without support counts 0. The
+    set is scikit-learn's default, which the cross-validation scorer (``f1_macro``) uses."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    seen = np.union1d(y_true, y_pred)
+    chosen = seen if labels is None else [c for c in labels if c in set(seen.tolist())]
+    if len(chosen) == 0:
+        return 0.0
+    return float(skm.f1_score(y_true, y_pred, labels=chosen, average="macro", zero_division=0))
 
 
 def roc_curves(

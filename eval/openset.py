@@ -137,6 +137,7 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
     """Run the open-set study; writes ``report.md`` and ``results.json``; returns the summary."""
     from sklearn import metrics as skm
 
+    from pinsearch.eval.metrics import macro_f1
     from pinsearch.heads import create_head
     from pinsearch.labels import labelled_pins, load_vectors
 
@@ -185,17 +186,14 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
                     known_classes = sorted(set(labels[fit].tolist()))
                     per_split.append(
                         {
-                            "known_macro_f1": skm.f1_score(
-                                truth[is_known], pred[is_known], labels=known_classes,
-                                average="macro", zero_division=0,
+                            "known_macro_f1": macro_f1(
+                                truth[is_known], pred[is_known], known_classes
                             ),
-                            "closed_macro_f1": skm.f1_score(
-                                truth[is_known], closed[is_known], labels=known_classes,
-                                average="macro", zero_division=0,
+                            "closed_macro_f1": macro_f1(
+                                truth[is_known], closed[is_known], known_classes
                             ),
-                            "open_macro_f1": skm.f1_score(
-                                truth, pred, labels=[*known_classes, reject],
-                                average="macro", zero_division=0,
+                            "open_macro_f1": macro_f1(
+                                truth, pred, [*known_classes, reject]
                             ),
                             "auroc_unknown": skm.roc_auc_score(~is_known, -conf),
                             "known_accepted": float(np.mean(pred[is_known] != reject)),

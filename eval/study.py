@@ -223,12 +223,28 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
                 try:
                     create_head(head, **{param: value})
                 except ValueError as exc:
-                    raise ValueError(f"study {path}: {exc}") from None
+                    default = HEADS[head]().get_params().get(param)
+                    hint = (
+                        f" (a grid lists its values: one value of {param} is a list in a "
+                        f"list, {param} = [{json.dumps(list(grid[param]))}])"
+                        if isinstance(default, tuple) and not isinstance(value, list)
+                        else ""
+                    )
+                    raise ValueError(f"study {path}: {exc}{hint}") from None
     for key in ("backbones", "drop"):
         if key in data:
             data[key] = tuple(data[key])
     config = StudyConfig(**data)
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    if config.n_jobs == 0:
+        raise ValueError(f"study {path}: n_jobs must be a number of jobs, or -1 for every core")
+    try:  # (whether this machine has it is asked as the heads are fitted)
+        create_head("knn", device=config.device)
+    except ValueError:
+        raise ValueError(
+            f"study {path}: device must be auto, cpu, gpu or cuda[:N], got {config.device!r}"
+        ) from None
+    return config
 
 
 @dataclass

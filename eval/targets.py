@@ -234,11 +234,12 @@ def check_pytest(text: str, source: str = "", key: str = "gpu tests") -> Check:
     if summary:
         for n, what in _OUTCOME.findall(summary[-1]):
             counts["errors" if what.startswith("error") else what] += int(n)
-    else:  # stopped at its limit: the -v lines so far
-        for what in re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED)\b", text, re.M):
+    outcomes = _verbose_outcomes(text)
+    if not summary:  # stopped at its limit: the -v lines so far
+        for _, what in outcomes:
             counts[{"ERROR": "errors"}.get(what, what.lower())] += 1
-    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)|^(\S+::\S+) (?:FAILED|ERROR)\b", text, re.M)
-    failed = [a or b for a, b in failed]  # the summary's lines, or -v's as they ran
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)  # the summary's lines,
+    failed += [test for test, what in outcomes if what in ("FAILED", "ERROR")]  # or -v's
     measured = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
     measured = (measured or "no test ran") + ("" if summary else " (stopped before the end)")
     if failed:
@@ -251,6 +252,25 @@ def check_pytest(text: str, source: str = "", key: str = "gpu tests") -> Check:
     else:
         state = _state(True if summary and counts["passed"] and not counts["skipped"] else None)
     return Check(source, key, measured, state)
+
+
+def _verbose_outcomes(text: str) -> list[tuple[str, str]]:
+    """``(test, outcome)`` of each test a ``-v`` run reported, in order. The outcome follows
+    the test's name on its line, or, where something printed in between (a stack dump of a
+    test running long), alone at the start of a later line."""
+    out, waiting = [], None
+    for line in text.splitlines():
+        named = re.match(r"^(\S+::\S+)(?: (PASSED|FAILED|ERROR|SKIPPED)\b)?", line)
+        if named:
+            waiting = None if named[2] else named[1]
+            if named[2]:
+                out.append((named[1], named[2]))
+            continue
+        bare = re.match(r"^(PASSED|FAILED|ERROR|SKIPPED)\b(?! \S+::)", line)
+        if bare and waiting:
+            out.append((waiting, bare[1]))
+            waiting = None
+    return out
 
 
 def check_result(result: dict[str, Any], source: str = "") -> list[Check]:

@@ -238,7 +238,8 @@ def _check_index(
 def _check_heads(store: Store, report: CheckReport) -> None:
     from pinsearch.heads import load_head
 
-    for row in store.catalog.query("SELECT name, backbone, file FROM heads ORDER BY name"):
+    rows = store.catalog.query("SELECT name, backbone, file, classes FROM heads ORDER BY name")
+    for row in rows:
         where = f"head {row['name']}"
         report.checked["heads"] = report.checked.get("heads", 0) + 1
         base = store.root / row["file"]
@@ -246,6 +247,14 @@ def _check_heads(store: Store, report: CheckReport) -> None:
             head = load_head(base)
         except Exception as exc:  # missing, truncated or altered files raise several types
             report.add("error", where, "unreadable", f"{base}: {exc}")
+            continue
+        recorded = json.loads(row["classes"] or "[]")
+        if [str(c) for c in head.classes_] != recorded:  # another head's files
+            report.add(
+                "error", where, "classes",
+                f"{base}: its classes {_few(head.classes_)} are not those recorded "
+                f"{_few(recorded)}",
+            )  # fmt: skip
             continue
         run = store.catalog.get_embedding(row["backbone"]) or {}
         dims = {run.get("dim")}
@@ -507,3 +516,10 @@ def _readable_keys(store: Store, name: str, skip: list[int]) -> np.ndarray:
     vs = store.vectors(name)
     keys = [vs._load_keys(p) for p in vs.parts() if int(p["part"]) not in skip]
     return np.concatenate(keys) if keys else np.empty(0, np.int64)
+
+
+def _few(values: Any, n: int = 5) -> str:
+    """The first ``n`` of ``values`` as text, and how many more there are."""
+    items = [str(v) for v in values]
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return f"{items[:n]}{more}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from pinsearch.vectors import backbone_dirname, in_sorted
 __all__ = ["Classification", "HeadInfo", "classify", "list_heads", "save_store_head", "train_head"]
 
 _logger = logging.getLogger(__name__)
+_NAME_CHARS = 80  # of a head's name in its file names (a file name has 255 bytes at most)
 
 
 @dataclass
@@ -60,7 +62,13 @@ class Classification:
 
 
 def _head_base(store: Store, name: str) -> Path:
-    return store.root / "heads" / backbone_dirname(name.replace("/", "__"))
+    """A new base path for a head's files: its name made safe, and a token of this save. Each
+    save writes new files (two names made alike, such as ``my head`` and ``my_head``, never
+    share them), and the catalog row switches to them at once: a retrain stopped midway
+    leaves the previous head whole. The writer that opens the store next deletes the files no
+    row names (:meth:`~pinsearch.store.Store.stray_head_files`)."""
+    safe = backbone_dirname(name.replace("/", "__"))[:_NAME_CHARS]
+    return store.root / "heads" / f"{safe}-{secrets.token_hex(6)}"
 
 
 def save_store_head(

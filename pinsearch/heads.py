@@ -82,19 +82,26 @@ def create_head(name: str, **params: Any) -> BaseEstimator:
             raise ValueError(
                 f"head {name!r} has no parameter {key!r}; it takes {', '.join(sorted(defaults))}"
             )
-        problem = _value_problem(key, value, defaults[key])
+        problem = _value_problem(key, value, defaults[key], HEADS[name])
         if problem:
             raise ValueError(f"head {name!r}: parameter {key!r} {problem}, not {value!r}")
     # numpy scalars as Python's (FAISS refuses a numpy k; JSON cannot save one)
     params = {k: v.item() if isinstance(v, np.generic) else v for k, v in params.items()}
-    return HEADS[name](**params)
+    head = HEADS[name](**params)
+    try:
+        head.check_params()  # (values that need no data: a study's grid, before any cell)
+    except ValueError as exc:
+        raise ValueError(f"head {name!r}: {exc}") from None
+    return head
 
 
-def _value_problem(key: str, value: Any, default: Any) -> str | None:
+def _value_problem(key: str, value: Any, default: Any, kind: type) -> str | None:
     """What a parameter's value lacks, judged by its default's type (None: nothing): a whole
     number where the default is one (``n_neighbors=2.5`` reached FAISS), a finite number for
-    a real one, true or false for a switch, a device's name (whether this machine has that
-    device is asked when the head is fitted: a head saved on a GPU loads without one)."""
+    a real one, true or false for a switch, text for text (a number is taken where the head
+    names the parameter in ``_text_or_number``), a device's name (whether this machine has
+    that device is asked when the head is fitted: a head saved on a GPU loads without one).
+    Ranges are the head's :meth:`check_params`'."""
     if key == "device":
         import torch
 
@@ -107,6 +114,11 @@ def _value_problem(key: str, value: Any, default: Any) -> str | None:
         return None
     if isinstance(default, bool):
         return None if isinstance(value, (bool, np.bool_)) else "takes true or false"
+    if isinstance(default, str) and not isinstance(value, str):
+        number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        either = key in getattr(kind, "_text_or_number", ())
+        if not (number and either):
+            return "takes text or a number" if either else "takes text"
     if isinstance(value, (bool, np.bool_)):
         return "takes a number" if isinstance(default, (int, float)) else None
     if isinstance(default, int) and not isinstance(value, (int, np.integer)):
@@ -244,6 +256,15 @@ class _Head(ClassifierMixin, BaseEstimator):
 
     _array_names: tuple[str, ...] = ()
 
+    def check_params(self) -> None:
+        """Refuse hyperparameters no data could make sense of (a range, a choice), before
+        any fitting: :func:`create_head` calls it, and ``fit`` again (a head built or changed
+        by ``set_params``, as a grid search's are).
+
+        Raises:
+            ValueError: naming the parameter and its value.
+        """
+
     def _encode(self, y: np.ndarray) -> np.ndarray:
         check_classification_targets(y)
         self.classes_, encoded = np.unique(y, return_inverse=True)
@@ -323,9 +344,7 @@ class KNNHead(_Head):
         self.device = device
         self.precision = precision
 
-    def fit(self, X: Any, y: Any) -> KNNHead:
-        """Index the training vectors."""
-        X, y = validate_data(self, X, y, dtype=np.float32)
+    def check_params(self) -> None:
         if self.weights not in ("uniform", "distance"):
             raise ValueError(f"weights must be 'uniform' or 'distance', got {self.weights!r}")
         if self.weights == "distance" and self.metric == "ip":
@@ -334,7 +353,23 @@ class KNNHead(_Head):
                 "product past 1 would weigh negatively): use cosine, l2 or l1"
             )
         k = self.n_neighbors
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(X):
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"n_neighbors must be a whole number >= 1, got {k!r}")
+        if not all(isinstance(v, str) for v in (self.factory, self.metric, self.precision)):
+            raise ValueError(
+                "factory, metric and precision are text, got "
+                f"{self.factory!r}, {self.metric!r}, {self.precision!r}"
+            )
+        from pinsearch.indexes import IndexConfig
+
+        IndexConfig(factory=self.factory, metric=self.metric, precision=self.precision)  # type: ignore[arg-type]
+
+    def fit(self, X: Any, y: Any) -> KNNHead:
+        """Index the training vectors."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.check_params()
+        k = self.n_neighbors
+        if not k <= len(X):
             raise ValueError(
                 f"n_neighbors={self.n_neighbors} must be between 1 and the number of "
                 f"training samples, n_samples={len(X)}"
@@ -470,13 +505,16 @@ class LinearSVMHead(_TorchHead):
         self.device = device
         self.solver = solver
 
-    def fit(self, X: Any, y: Any) -> LinearSVMHead:
-        """Train the one-vs-rest problems (torch: all at once, their objectives are independent)."""
-        X, y = validate_data(self, X, y, dtype=np.float32)
+    def check_params(self) -> None:
         check_C(self.C)
         check_solver_limits(self.max_iter, self.tol)
         if self.solver not in ("auto", "torch", "liblinear"):
             raise ValueError(f"solver must be auto, torch or liblinear, got {self.solver!r}")
+
+    def fit(self, X: Any, y: Any) -> LinearSVMHead:
+        """Train the one-vs-rest problems (torch: all at once, their objectives are independent)."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.check_params()
         encoded = self._encode(y)
         if len(self.classes_) < 2:
             raise ValueError(
@@ -622,7 +660,7 @@ class MLPHead(_TorchHead):
         self.device = device
         self.random_state = random_state
 
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
         """Clear errors for values that would otherwise fail deep in torch (or loop forever)."""
         hidden = self.hidden
         if (
@@ -668,7 +706,7 @@ class MLPHead(_TorchHead):
     def _build(self, n_in: int, n_out: int) -> Any:
         import torch
 
-        self._check_params()
+        self.check_params()
         h1, h2 = self.hidden
         return torch.nn.Sequential(
             torch.nn.Linear(n_in, h1),
@@ -719,7 +757,7 @@ class MLPHead(_TorchHead):
         best epoch."""
         import torch
 
-        self._check_params()
+        self.check_params()
         X, y = validate_data(self, X, y, dtype=np.float32)
         encoded = self._encode(y)
         xs = self._fit_scaler(X, self.standardize)

@@ -85,6 +85,7 @@ class RBFSVMHead(_TorchHead):
     """
 
     _array_names = ("mean_", "scale_", "gamma_", "svm_coef_", "svm_intercept_")
+    _text_or_number = ("gamma",)  # "scale" or a number
     _one_vs_rest = True
 
     def __init__(
@@ -107,14 +108,13 @@ class RBFSVMHead(_TorchHead):
         self.tol = tol
         self.device = device
 
-    def _check_params(self) -> None:
-        if self.method not in KERNEL_MAPS:
+    def check_params(self) -> None:
+        if not isinstance(self.method, str) or self.method not in KERNEL_MAPS:
             raise ValueError(f"method must be one of {sorted(KERNEL_MAPS)}, got {self.method!r}")
-        if isinstance(self.gamma, str):
-            if self.gamma != "scale":
-                raise ValueError(f"gamma must be a positive float or 'scale', got {self.gamma!r}")
-        elif not self.gamma > 0:
-            raise ValueError(f"gamma must be a positive float or 'scale', got {self.gamma!r}")
+        gamma = self.gamma
+        number = isinstance(gamma, (int, float, np.number)) and not isinstance(gamma, bool)
+        if gamma != "scale" and not (number and np.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"gamma must be a positive number or 'scale', got {gamma!r}")
         if isinstance(self.n_components, bool) or not (
             isinstance(self.n_components, (int, np.integer)) and self.n_components >= 1
         ):
@@ -124,7 +124,7 @@ class RBFSVMHead(_TorchHead):
     def fit(self, X: Any, y: Any) -> RBFSVMHead:
         """Fit the kernel map on the standardised inputs, then the linear SVM on its output."""
         X, y = validate_data(self, X, y, dtype=np.float32)
-        self._check_params()
+        self.check_params()
         encoded = self._encode(y)
         if len(self.classes_) < 2:
             raise ValueError(

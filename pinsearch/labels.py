@@ -70,7 +70,7 @@ def labelled_pins(
     else:
         rows = con.execute(
             "SELECT pin_key, json_extract_string(extra, ?), pin_id FROM pins ORDER BY pin_id",
-            [f"$.{label}"],
+            [json_pointer(label)],
         ).fetchall()
     keys = np.array([r[0] for r in rows], dtype=np.int64)
     labels = np.array([r[1] if r[1] is not None else "" for r in rows], dtype=object)
@@ -142,3 +142,9 @@ def load_vectors(
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         parts.append(vectors)
     return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+
+def json_pointer(key: str) -> str:
+    """The JSON pointer (RFC 6901) of a top-level key, as DuckDB's JSON functions take it:
+    any key (``a.b``, ``$x``, ``a/b``) names itself, where a ``$.`` path would parse it."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")

@@ -249,7 +249,8 @@ class Store:
                 catalog.set_meta("last_written_by", __version__)
                 for backbone in store.backbones(text_spaces=True):
                     store.vectors(backbone).remove_orphans()
-                for stray in store.stray_index_files():  # a killed save's temporary files
+                # a killed save's temporary files, and heads' files a retrain replaced
+                for stray in [*store.stray_index_files(), *store.stray_head_files()]:
                     stray.unlink()
             if verify and not snapshot:  # a snapshot may lag the index files a writer updates
                 problems = store._id_map_problems(saves=not read_only)
@@ -354,6 +355,20 @@ class Store:
             return []
         bases = [self.index_base(name) for name in self.index_names()]
         owned = {f.name for base in bases for f in index_files(base).values()}
+        return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
+
+    def stray_head_files(self) -> list[Path]:
+        """Files of the heads folder no head's catalog row names: those of a head trained
+        again (the readers of the snapshot published as this writer opened the store name the
+        new ones), of a save that was killed."""
+        folder = self.root / "heads"
+        if not folder.is_dir():
+            return []
+        owned = {
+            f"{Path(row['file']).name}{ext}"
+            for row in self.catalog.query("SELECT file FROM heads")
+            for ext in (".npz", ".json")
+        }
         return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
 
     def index_base(self, name: str) -> Path:

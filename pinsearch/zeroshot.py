@@ -58,6 +58,22 @@ class ZeroShotHead(_Head):
         self.prompts = prompts
         self.scale = scale
 
+    def _prompts(self) -> tuple[Any, ...]:
+        """The templates: one, or a list of them (anything else: none, refused)."""
+        if isinstance(self.prompts, str):
+            return (self.prompts,)
+        return tuple(self.prompts) if isinstance(self.prompts, (list, tuple)) else ()
+
+    def check_params(self) -> None:
+        prompts = self._prompts()
+        if not prompts or not all(isinstance(p, str) and _one_slot(p) for p in prompts):
+            raise ValueError(
+                f"every prompt needs exactly one '{{}}' for the class name and no other braces "
+                f"(write {{{{ and }}}} for a literal brace): {prompts}"
+            )
+        if not self.scale > 0:
+            raise ValueError(f"scale must be a positive number, got {self.scale!r}")
+
     def fit(self, X: Any, y: Any) -> ZeroShotHead:
         """Embed the prompts of every class in ``y`` (``X`` only fixes the dimension)."""
         X, y = validate_data(self, X, y, dtype=np.float32)
@@ -66,12 +82,8 @@ class ZeroShotHead(_Head):
             raise ValueError(
                 "the zeroshot head needs a text encoder (a CLIP backbone, or pinsearch align)"
             )
-        prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
-        if not prompts or not all(_one_slot(p) for p in prompts):
-            raise ValueError(
-                f"every prompt needs exactly one '{{}}' for the class name and no other braces "
-                f"(write {{{{ and }}}} for a literal brace): {prompts}"
-            )
+        self.check_params()
+        prompts = self._prompts()
         names = [label_text(c) for c in self.classes_]
         vectors = np.zeros((len(names), 0), np.float32)
         for template in prompts:

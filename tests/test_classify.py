@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from pinsearch.check import check_store, repair_store
 from pinsearch.classify import classify, list_heads, train_head
 from pinsearch.cli.app import app
 from pinsearch.errors import PinNotFoundError
@@ -148,3 +149,96 @@ def test_vectors_of_a_backbone_the_store_lacks_are_named(built_store) -> None:
         assert load_vectors(store, "test_efficientnet", keys).shape[0] == 3
         with pytest.raises(ValueError, match=r"has no 'nosuch' vectors .*--backbone nosuch"):
             load_vectors(store, "test_efficientnet+nosuch", keys)
+
+
+def _head_files(store_root: Path) -> list[str]:
+    return sorted(f.name for f in (store_root / "heads").iterdir())
+
+
+def test_heads_whose_names_are_made_alike_keep_their_own_files(store_copy: Path) -> None:
+    """``my head``, ``my_head`` and ``my/head`` are one safe file name: each save writes files
+    of its own, so no head answers with another's model; ``.`` is a name like any."""
+    with Store.open(store_copy) as store:
+        made = [("my head", "lsvm", "category"), ("my_head", "knn", "board"),
+                ("my/head", "knn", "user_id"), (".", "knn", "category")]  # fmt: skip
+        for name, head, label in made:
+            params = {"n_neighbors": 1} if head == "knn" else {}
+            train_head(store, "test_efficientnet", head, params, name=name, label=label)
+        pin = store.catalog.query("SELECT pin_id, category, board, user_id FROM pins LIMIT 1")[0]
+        assert classify(store, pin_id=pin["pin_id"], head="my head").predicted == pin["category"]
+        assert classify(store, pin_id=pin["pin_id"], head="my_head").predicted == pin["board"]
+        assert classify(store, pin_id=pin["pin_id"], head="my/head").predicted == pin["user_id"]
+        assert classify(store, pin_id=pin["pin_id"], head=".").predicted == pin["category"]
+        files = {r["file"] for r in store.catalog.query("SELECT file FROM heads")}
+    assert len(files) == 4 and all(f.startswith("heads/") for f in files)
+    assert not (store_copy / "heads.npz").exists()  # (".": its files were the store's root)
+    assert check_store(store_copy).ok
+
+
+def test_a_retrain_switches_files_at_once_and_the_next_writer_deletes_the_old(
+    store_copy: Path,
+) -> None:
+    from pinsearch.heads import create_head, save_head
+
+    with Store.open(store_copy) as store:
+        train_head(store, "test_efficientnet", "lsvm", {"C": 1.0}, name="h")
+        first = _head_files(store_copy)
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, name="h", label="board")
+        assert len(_head_files(store_copy)) == 4  # the old files stay while this writer works
+        # a retrain killed between its files and its catalog row: new files, the old row
+        vectors, _ = store.vectors("test_efficientnet").load()
+        killed = create_head("knn", n_neighbors=1).fit(vectors, np.arange(len(vectors)) % 2)
+        save_head(killed, store_copy / "heads" / "h-killed")
+        pin = store.catalog.query("SELECT pin_id, board FROM pins LIMIT 1")[0]
+        assert classify(store, pin_id=pin["pin_id"], head="h").predicted == pin["board"]
+    with Store.open(store_copy) as store:  # the next writer: only the row's files are left
+        left = _head_files(store_copy)
+        assert len(left) == 2 and not set(left) & set(first) and "h-killed.npz" not in left
+        assert classify(store, pin_id=pin["pin_id"], head="h").predicted == pin["board"]
+    assert check_store(store_copy).ok
+
+
+def test_check_names_a_head_whose_files_hold_other_classes(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, name="a")
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, name="b", label="board")
+        rows = {r["name"]: r["file"] for r in store.catalog.query("SELECT name, file FROM heads")}
+    for ext in (".npz", ".json"):  # b's files copied over a's
+        (store_copy / (rows["a"] + ext)).write_bytes((store_copy / (rows["b"] + ext)).read_bytes())
+    report = check_store(store_copy)
+    assert [(f.where, f.problem) for f in report.errors] == [("head a", "classes")]
+    assert "head a: forgotten (classes); train it again" in repair_store(store_copy).actions
+
+
+def test_a_label_key_with_a_dot_or_a_slash_is_a_key(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute(
+            """UPDATE pins SET extra = json_object('a.b', category, 'c/d', board, '$x', 1)"""
+        )
+        for key, column in (("a.b", "category"), ("c/d", "board")):
+            info = train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, label=key,
+                              name=key)  # fmt: skip
+            stored = store.catalog.query(f"SELECT DISTINCT {column} AS v FROM pins")
+            assert sorted(info.classes) == sorted(r["v"] for r in stored)
+
+
+def test_cli_prints_labels_and_errors_with_brackets_as_they_are(
+    store_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    from test_cli import _main_error
+
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute("UPDATE pins SET category = '[' || category || ']'")
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, name="[bold]")
+        pin = store.catalog.query("SELECT pin_id, category FROM pins LIMIT 1")[0]
+    runner = CliRunner()
+    out = runner.invoke(app, ["query", "--store", str(store_copy), "--pin", pin["pin_id"],
+                              "--classify", "--head", "[bold]"])  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "head [bold]" in out.output
+    for category in ("[architecture]", "[cars_motorcycles]", "[food_drink]"):  # the scores
+        assert category in out.output
+    study = tmp_path / "s.toml"
+    study.write_text('name = "s"\nstore = "x"\nbackbones = ["b"]\nheads = 3\n')
+    said = _main_error(["evaluate", str(study)], monkeypatch, capsys)
+    assert "[heads] must name at least one head, e.g. [heads.knn]" in said

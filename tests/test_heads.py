@@ -406,6 +406,32 @@ def test_mlp_refuses_bad_values_by_name(data, params: dict, match: str) -> None:
         MLPHead(**params).fit(Xtr, ytr)
 
 
+@pytest.mark.parametrize(
+    ("head", "params", "match"),
+    [
+        ("rbf_svm", {"gamma": [1]}, "'gamma' takes text or a number, not \\[1\\]"),
+        ("rbf_svm", {"gamma": None}, "'gamma' takes text or a number"),
+        ("rbf_svm", {"gamma": True}, "'gamma' takes text or a number"),
+        ("rbf_svm", {"gamma": -0.5}, "gamma must be a positive number or 'scale'"),
+        ("rbf_svm", {"method": [1]}, "'method' takes text"),
+        ("knn", {"factory": 5}, "'factory' takes text, not 5"),
+        ("knn", {"n_neighbors": 0}, "n_neighbors must be a whole number >= 1"),
+        ("knn", {"metric": "hamming"}, "unknown metric 'hamming'"),
+        ("knn", {"weights": "distance", "metric": "ip"}, "metric 'ip' has none"),
+        ("lsvm", {"C": -1.0}, "C must be a finite positive number"),
+        ("lsvm", {"solver": "sgd"}, "solver must be auto, torch or liblinear"),
+        ("mlp", {"batch_size": 0}, "batch_size must be a whole number >= 1"),
+        ("zeroshot", {"prompts": 3}, "every prompt needs exactly one"),
+        ("zeroshot", {"scale": -1.0}, "scale must be a positive number"),
+    ],
+)
+def test_create_head_refuses_values_no_data_could_use(head: str, params: dict, match: str) -> None:
+    """Named as the head is made (a study's grid is checked before any cell), not by a
+    traceback in the fit."""
+    with pytest.raises(ValueError, match=f"head '{head}': .*{match}"):
+        create_head(head, **params)
+
+
 def test_a_head_file_holding_pickled_objects_is_refused(tmp_path: Path) -> None:
     """Saved heads are plain arrays: an .npz smuggling a pickled object does not load."""
     X = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)

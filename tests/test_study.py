@@ -85,6 +85,27 @@ def test_load_study_parses_and_validates(tmp_path: Path) -> None:
         load_study(tmp_path / "missing.toml")
 
 
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[heads.lsvm]\nC = [1, -1.0]", "C must be a finite positive number, got -1.0"),
+        ("[heads.mlp]\nhidden = [512, 256]", r"hidden = \[\[512, 256\]\]"),
+        ("[heads.rbf_svm]\ngamma = [[0.1]]", "'gamma' takes text or a number"),
+        ("test_size = 1.5\n[heads.knn]", "'test_size' is a fraction of the pins"),
+        ("test_size = 0\n[heads.knn]", "'test_size' is a fraction of the pins"),
+        ("min_per_class = 1\n[heads.knn]", "'min_per_class' must be at least 2"),
+        ("seed = 5000000000\n[heads.knn]", "'seed' must be at most 4294967295"),
+        ('device = "banana"\n[heads.knn]', "device must be auto, cpu, gpu or cuda"),
+        ("n_jobs = 0\n[heads.knn]", "n_jobs must be a number of jobs"),
+    ],
+)
+def test_load_study_refuses_values_before_any_cell(tmp_path: Path, text: str, match: str) -> None:
+    study = tmp_path / "s.toml"
+    study.write_text(f'name = "x"\nstore = "s"\nbackbones = ["a"]\n{text}\n')
+    with pytest.raises(ValueError, match=match):
+        load_study(study)
+
+
 def test_shipped_studies_load() -> None:
     root = Path(__file__).resolve().parents[1] / "eval" / "studies"
     paper = load_study(root / "paper.toml")
@@ -284,6 +305,20 @@ def test_evaluate_writes_report_and_stores_results(clustered_store: Path, tmp_pa
         run = s.catalog.query("SELECT pins, test, finished_at FROM study_runs")[0]
     assert run["pins"] == N and run["finished_at"] is not None
     assert [r["head"] for r in rows] == ["knn", "lsvm"] and preds == 2 * rows[0]["n_test"]
+
+
+def test_macro_f1_averages_the_classes_the_test_holds_or_predicts() -> None:
+    """A class with no test pin that is never predicted has no F1 (it scored 0: a perfect
+    classifier got 0.667); one predicted without support counts 0, as in scikit-learn's
+    default, which the cross-validation scorer uses."""
+    classes = np.array(["a", "b", "c"])
+    y = np.array(["a", "a", "b", "b"])
+    assert classification_metrics(y, y, classes).macro_f1 == 1.0
+    wrong = np.array(["a", "c", "b", "b"])
+    m = classification_metrics(y, wrong, classes)
+    assert m.macro_f1 == pytest.approx(skm.f1_score(y, wrong, average="macro"))
+    assert m.per_class[2] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0,
+                              "support": 0}  # fmt: skip
 
 
 def test_classification_metrics_agree_with_sklearn() -> None:

@@ -230,6 +230,14 @@ def test_gpu_tests_target_from_pytest_output() -> None:
     skipped = check_pytest("===== 30 passed, 1 skipped in 50.0s =====")
     assert skipped.state == "open"  # a GPU test that did not run (faiss-gpu missing, say)
     assert check_pytest("===== 1 error in 2.0s =====").state == "FAIL"
+    # a stack dump of a test running long parts its name from its outcome (faulthandler)
+    dumped = check_pytest(
+        done + "tests/test_gpu.py::test_hang Timeout (0:01:30)!\nThread 0x1 (most recent call "
+        "first):\n  File \"x.py\", line 3 in f\n\nFAILED [ 75%]\ntests/test_gpu.py::test_d "
+        "PASSED [100%]\n"
+    )
+    assert dumped.state == "FAIL" and dumped.measured.startswith("3 passed, 1 failed")
+    assert "test_hang" in dumped.measured
 
 
 def test_the_compile_test_alone_is_not_the_gpu_tests(tmp_path: Path) -> None:
