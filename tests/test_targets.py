@@ -233,7 +233,7 @@ def test_gpu_tests_target_from_pytest_output() -> None:
     # a stack dump of a test running long parts its name from its outcome (faulthandler)
     dumped = check_pytest(
         done + "tests/test_gpu.py::test_hang Timeout (0:01:30)!\nThread 0x1 (most recent call "
-        "first):\n  File \"x.py\", line 3 in f\n\nFAILED [ 75%]\ntests/test_gpu.py::test_d "
+        'first):\n  File "x.py", line 3 in f\n\nFAILED [ 75%]\ntests/test_gpu.py::test_d '
         "PASSED [100%]\n"
     )
     assert dumped.state == "FAIL" and dumped.measured.startswith("3 passed, 1 failed")
