@@ -297,10 +297,11 @@ def ablation(
     """Test macro-F1 of KNN and linear-SVM variants on the study's split (no CV).
 
     Settings: ``normalization`` -- raw vs L2-normalised vectors for KNN (l2, k=10) and the
-    linear SVM (C=1); ``k`` -- KNN (l2) on normalised vectors for each k (k larger than the
-    training part skipped); ``metric`` -- KNN (k=10) on the vectors as the study used them
-    (on normalised vectors l2 and cosine rank neighbours alike). k=10 becomes the training
-    part's size when that is smaller.
+    linear SVM (C=1), not for a fused backbone (its blocks are normalised before they are
+    joined: the two would be the same vectors up to a factor); ``k`` -- KNN (l2) on
+    normalised vectors for each k (k larger than the training part skipped); ``metric`` --
+    KNN (k=10) on the vectors as the study used them (on normalised vectors l2 and cosine
+    rank neighbours alike). k=10 becomes the training part's size when that is smaller.
 
     Raises:
         ValueError: a k below 1 or an unknown metric (named).
@@ -323,8 +324,9 @@ def ablation(
         return _macro_f1(y[test], model.predict(X[test]), classes)[0]
 
     rows = []
+    compared = (("raw", raw), ("normalised", norm)) if "+" not in backbone else ()
     for head, params in (("knn", {"n_neighbors": k10, "metric": "l2"}), ("lsvm", {"C": 1.0})):
-        for tag, X in (("raw", raw), ("normalised", norm)):
+        for tag, X in compared:
             rows.append(
                 AblationRow(backbone, "normalization", f"{head} {tag}", score(head, params, X))
             )
@@ -419,6 +421,9 @@ def _ablation_lines(store: Store, config: StudyConfig, data: StudyData, backbone
     rows = ablation(store, config, data, backbone)
     lines = ["| setting | value | macro-F1 |", "| --- | --- | --- |"]
     lines += [f"| {r.setting} | {r.value} | {r.macro_f1:.3f} |" for r in rows]
+    if "+" in backbone:  # (fused)
+        lines += ["", "Normalisation is not compared for fused features: each block is "
+                  "L2-normalised before they are joined."]  # fmt: skip
     return lines
 
 

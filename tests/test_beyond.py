@@ -183,6 +183,9 @@ def test_ablation_covers_normalization_k_and_metric(study: Study) -> None:
         "metric": ["l2", "cosine", "l1"],
     }
     assert all(r.macro_f1 > 0.5 for r in rows if r.setting != "k" or r.value != "1")
+    with Store.open(study.path, read_only=True) as store:  # fused blocks are unit already:
+        fused = ablation(store, study.config, study.data, "synthetic+synthetic", ks=(5,))
+    assert {r.setting for r in fused} == {"k", "metric"}  # raw = normalised, not compared
 
 
 def test_beyond_section(study: Study) -> None:
