@@ -64,9 +64,9 @@ def run_retrieval(
 ) -> dict[str, Any]:
     """Run a retrieval study and write ``report.md`` + ``results.json``; returns the summary."""
     from pinsearch.align import AlignConfig, caption_pairs, fit_alignment
-    from pinsearch.backbones import get_backbone_spec
+    from pinsearch.backbones import check_weights, get_backbone_spec
     from pinsearch.eval.metrics import retrieval_metrics
-    from pinsearch.pipeline import index_corpus
+    from pinsearch.pipeline import index_corpus, stored_run_settings
     from pinsearch.text import text_encoder_for
 
     modes = {}
@@ -79,6 +79,8 @@ def run_retrieval(
                 'tower; use text = "align" (or "auto")'
             )
     if config.corpus is not None:
+        for backbone in config.backbones:  # every backbone's weights, before the first embeds
+            check_weights(backbone, stored_run_settings(config.store, backbone).get("weights"))
         for backbone in config.backbones:
             index_corpus(config.corpus, config.store, backbone=backbone)
     results: dict[str, dict[str, Any]] = {}

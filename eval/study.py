@@ -531,11 +531,15 @@ def run_study(
 
     Cells already in the catalog with the same configuration fingerprint are not run again.
     """
+    from pinsearch.backbones import check_weights
     from pinsearch.embed import EmbedConfig
     from pinsearch.pipeline import index_corpus, stored_run_settings
 
     if config.corpus is not None:  # every pin is read and checked; only the sample embedded
-        for name in sorted({b for fused in config.backbones for b in fused.split("+")}):
+        names = sorted({b for fused in config.backbones for b in fused.split("+")})
+        for name in names:  # every backbone's weights, before the first embeds
+            check_weights(name, stored_run_settings(config.store, name).get("weights"))
+        for name in names:
             index_corpus(  # a store's own run settings (weights file, normalize, dtype) hold
                 config.corpus, config.store, backbone=name, progress=embed_progress,
                 embed=EmbedConfig(**stored_run_settings(config.store, name)),

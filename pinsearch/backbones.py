@@ -31,6 +31,7 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "Preprocess",
+    "check_weights",
     "create_backbone",
     "downloads_allowed",
     "get_backbone_spec",
@@ -260,6 +261,23 @@ def downloads_allowed() -> bool:
     return not any(
         os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_ENV
     )
+
+
+def check_weights(name: str | BackboneSpec, weights: str | Path | None = None) -> None:
+    """Raise what :func:`create_backbone` would for weights this machine lacks and may not
+    download, without building the model where they are at hand: a run over several backbones
+    checks each before it embeds with the first.
+
+    Raises:
+        WeightsNotFoundError: naming the package, checkpoint or cache to provide.
+    """
+    spec = get_backbone_spec(name) if isinstance(name, str) else name
+    if weights is not None or weights_available_offline(spec):
+        return  # (a weights file is checked as the model is built)
+    if spec.source == "lite":
+        _bundled_weights(spec)  # the package to install
+    elif not downloads_allowed():
+        create_backbone(spec)  # the sources to provide, named as the build would
 
 
 def create_backbone(

@@ -367,6 +367,21 @@ def test_a_study_with_a_corpus_embeds_its_sample_only(tree_copy: Path, tmp_path:
     assert [c.resumed for c in run_study(config)[1]] == [True]  # nothing new to embed
 
 
+def test_a_study_checks_every_backbones_weights_before_it_embeds(
+    tree_copy: Path, tmp_path: Path
+) -> None:
+    from pinsearch.errors import WeightsNotFoundError
+
+    config = StudyConfig(
+        name="w", store=str(tmp_path / "s"), corpus=str(tree_copy),
+        backbones=("test_efficientnet", "test_efficientnet+convnext_tiny"),
+        heads={"knn": {"n_neighbors": [1]}}, min_per_class=2, folds=2,
+    )  # fmt: skip
+    with pytest.raises(WeightsNotFoundError, match="'convnext_tiny'"):  # offline, not cached
+        run_study(config)
+    assert not (tmp_path / "s").exists()  # (it failed after embedding the first backbone)
+
+
 def test_a_selection_is_drawn_again_when_its_pins_fail_to_embed(
     tree_copy: Path, tmp_path: Path
 ) -> None:
