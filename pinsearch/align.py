@@ -432,6 +432,7 @@ def align_store(
     config = config or AlignConfig()
     start = time.perf_counter()
     _refuse_clip(store, backbone)
+    _refuse_unsearchable(store, store.resolve_backbone(backbone))
     encoder, report = fit_alignment(store, backbone, config, captions=captions, keys=keys)
     report.stale_heads = save_alignment(
         store,
@@ -449,6 +450,25 @@ def align_store(
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _refuse_unsearchable(store: Any, backbone: str) -> None:
+    """Refuse, before minutes of training, a backbone none of whose indexes could answer text
+    queries (:func:`~pinsearch.textsearch.text_index_problem`): its alignment would serve no
+    search until an index is rebuilt."""
+    from pinsearch.textsearch import text_index_problem
+
+    unit = bool((store.catalog.get_embedding(backbone) or {}).get("normalize"))
+    problems = []
+    for row in store.catalog.list_indexes():
+        if row["backbone"] != backbone:
+            continue
+        problem = text_index_problem(row["name"], str(row["metric"]), unit)
+        if problem is None:
+            return
+        problems.append(problem)
+    if problems:
+        raise ValueError(f"{problems[0]}; align first needs an index text search can use")
 
 
 def _refuse_clip(store: Any, backbone: str | None) -> str:

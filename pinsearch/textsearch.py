@@ -121,6 +121,24 @@ def _z(x: np.ndarray) -> np.ndarray:
     return (x - float(np.mean(x))) / sd if sd > 1e-12 else np.zeros_like(x)
 
 
+def text_index_problem(name: str, metric: str, unit: bool) -> str | None:
+    """Why an index cannot answer text queries (None: it can): text scores are cosines, so
+    the index must rank by them: a cosine index, or an inner-product one over unit vectors
+    (``unit``: the backbone's run normalises them)."""
+    if metric not in ("cosine", "ip"):
+        return (
+            f"index {name!r} uses the {metric} metric; text search needs a cosine or ip index "
+            "(pinsearch index --metric cosine --rebuild)"
+        )
+    if metric == "ip" and not unit:
+        return (
+            f"index {name!r} ranks by inner product over vectors that are not unit length "
+            "(their length counts), while text scores are cosines; text search needs a cosine "
+            "index (pinsearch index --metric cosine --rebuild)"
+        )
+    return None
+
+
 class TextSearcher(PinSearcher):
     """Similar-pin and text queries over one backbone of a store.
 
@@ -146,18 +164,11 @@ class TextSearcher(PinSearcher):
         super().__init__(
             store, backbone=backbone, index=index, config=config, cache_metadata=cache_metadata
         )
-        metric = self.index.config.metric
-        if metric not in ("cosine", "ip"):
-            raise ValueError(
-                f"index {self.index_name!r} uses the {metric} metric; text "
-                "search needs a cosine or ip index (pinsearch index --metric cosine --rebuild)"
-            )
-        if metric == "ip" and not self._embedding.get("normalize"):
-            raise ValueError(
-                f"index {self.index_name!r} ranks by inner product over vectors that are not "
-                "unit length (their length counts), while text scores are cosines; text search "
-                "needs a cosine index (pinsearch index --metric cosine --rebuild)"
-            )
+        problem = text_index_problem(
+            self.index_name, self.index.config.metric, bool(self._embedding.get("normalize"))
+        )
+        if problem:
+            raise ValueError(problem)
         self._encoder = encoder
         self._titles: PinSearcher | None = None
         self._centroids: tuple[np.ndarray, np.ndarray] | None = None

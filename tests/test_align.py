@@ -551,6 +551,18 @@ def test_align_refuses_what_it_cannot_use(aligned: Path, built_store, tmp_path: 
             ZeroShotHead(encoder, prompts=prompts).fit(np.zeros((2, 4)), np.array(["a", "b"]))
 
 
+def test_align_refuses_a_backbone_no_index_of_which_text_search_could_use(
+    store_copy: Path,
+) -> None:
+    from pinsearch.pipeline import index_corpus
+
+    index_corpus(None, store_copy, backbone="test_efficientnet", index={"metric": "l2"})
+    with Store.open(store_copy) as store:
+        with pytest.raises(ValueError, match="uses the l2 metric.*align first needs an index"):
+            align_store(store, "test_efficientnet", FAST)  # (before any training)
+        assert store.catalog.get_embedding("test_efficientnet#text") is None
+
+
 def test_captions_match_by_path_and_count_what_has_no_vector(tmp_path: Path) -> None:
     """A folder corpus repeats file names across categories: its paths tell the pins apart."""
     from pinsearch.embed import EmbedConfig
