@@ -23,10 +23,10 @@ def cluster(
     backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
     method: Annotated[str, typer.Option(help="kmeans or agglomerative.")] = "kmeans",
     k: Annotated[int | None, typer.Option("-k", "--k", help="Clusters (default: choose).")] = None,
-    k_min: Annotated[int | None, typer.Option(min=2, help="Least k tried [default: 2].")] = None,
-    k_max: Annotated[int | None, typer.Option(min=2, help="Most k tried [default: 30].")] = None,
+    k_min: Annotated[int | None, typer.Option(min=2, help="Least k tried (default 2).")] = None,
+    k_max: Annotated[int | None, typer.Option(min=2, help="Most k tried (default 30).")] = None,
     choose: Annotated[
-        str | None, typer.Option(help="elbow (kneedle) or silhouette [default: elbow].")
+        str | None, typer.Option(help="elbow (kneedle) or silhouette (default elbow).")
     ] = None,
     level: Annotated[str, typer.Option(help="pins or boards.")] = "pins",
     seed: Annotated[int, typer.Option(min=0, max=2**31 - 1)] = 0,
@@ -62,9 +62,12 @@ def cluster(
         emit_json(report)
         return
     silhouette = "undefined" if report.silhouette is None else f"{report.silhouette:.3f}"
+    how = report.chosen_by
+    if report.sweep:  # (a k given sweeps nothing)
+        how += f"; elbow {report.elbow_k}, best silhouette {report.silhouette_k}"
     console.print(
         f"{report.method} on {report.items} {report.level} ({report.backbone}): k = {report.k} "
-        f"({report.chosen_by}; elbow {report.elbow_k}, best silhouette {report.silhouette_k}); "
+        f"({how}); "
         f"ARI {report.ari:.3f}, V-measure {report.v_measure:.3f}, purity {report.purity:.3f}, "
         f"silhouette {silhouette}; saved as run {report.run_id}"
         + (f"; sweep drawn in {report.plot}" if report.plot else "")
@@ -75,7 +78,7 @@ def cluster(
             "size": c["size"],
             "majority category": c["majority_category"],
             "purity": c["purity"],
-            "central pins": ", ".join(c["central"][:3]),
+            f"central {report.level}": ", ".join(c["central"][:3]),
         }
         for c in report.clusters
     ]

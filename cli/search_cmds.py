@@ -146,6 +146,8 @@ def query(
             found = searcher.search_boards(
                 text, k, per_board=per_board, score=board_score, user=user, category=category
             )
+            if not found.boards:
+                _say_unmatched(searcher, user=user, category=category)
             _show_boards(found, as_json)
             return
         if text is not None:
@@ -154,6 +156,8 @@ def query(
             result = searcher.similar_to_pin(pin, k, **filters)
         else:
             result = searcher.similar_to_image(image, k, **filters)
+        if not result.hits:
+            _say_unmatched(searcher, **filters)
     if as_json:
         emit_json(result)
         return
@@ -161,6 +165,16 @@ def query(
     _hits_table(
         f"{len(result.hits)} pins like {what} ({result.backbone}, {result.metric})", result.hits
     )
+
+
+def _say_unmatched(searcher: Any, **filters: str | None) -> None:
+    """On stderr (beside --json too): the filters that alone name no pin of the store."""
+    unmatched = searcher.unmatched_filters(**filters)
+    if unmatched:
+        err_console.print(
+            f"no pin of the store has {' or '.join(unmatched)} (pinsearch info lists the "
+            "categories and boards; --board takes a board's key or its name)"
+        )
 
 
 def _hits_table(title: str, hits: list[Any]) -> None:

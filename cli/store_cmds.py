@@ -103,8 +103,8 @@ def index(
         unused = [flag for flag, value in given.items() if value is not None]
         if unused:
             raise typer.BadParameter(
-                f"{', '.join(unused)} read a corpus; give one, or leave them out to embed "
-                "the pins the store holds"
+                f"{', '.join(unused)}: {'options' if len(unused) > 1 else 'an option'} for "
+                "reading a corpus; give one, or leave them out to embed the pins the store holds"
             )
     rules = ingest_rules(fmt, per_category, seed, keep_excluded, categories, allow_outside_root)
     backbone = backbone or default_backbone(store)

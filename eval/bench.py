@@ -1225,6 +1225,8 @@ def _edit(img: Any, edit: str) -> Any:
 
 
 def _photos(corpus: Path) -> list[Path]:
+    if not corpus.exists():
+        raise FileNotFoundError(f"corpus {corpus} does not exist (a folder of photos or a CSV)")
     if corpus.suffix.lower() == ".csv":
         import csv
 

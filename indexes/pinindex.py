@@ -1249,7 +1249,7 @@ def _read_index_files(
             if digest != sums[key]:
                 raise _MixedSave(
                     f"index file {files[key]} does not match its checksum: it is damaged; "
-                    "rebuild it from the stored vectors",
+                    "rebuild it from the stored vectors (pinsearch repair)",
                     opened,
                 )
         # FAISS reads the open file: by its /proc path (Linux), else through Python reads

@@ -266,8 +266,12 @@ def cluster_store(
     backbone = store.resolve_backbone(backbone)
     x, names, cats = _items(store, backbone, config.level)
     k_max = min(config.k_max, len(x) - 1)
-    if len(x) < 3 or (config.k is not None and config.k >= len(x)):
-        raise ValueError(f"{len(x)} {config.level} cannot make {config.k or 2}+ clusters")
+    if len(x) < 3:
+        raise ValueError(f"{len(x)} {config.level} are too few to cluster (3 at least)")
+    if config.k is not None and config.k >= len(x):
+        raise ValueError(
+            f"{len(x)} {config.level} cannot make k={config.k} clusters (at most {len(x) - 1})"
+        )
     if config.k is None and config.k_min > k_max:
         raise ValueError(
             f"{len(x)} {config.level} cannot make k_min={config.k_min} clusters (at most "

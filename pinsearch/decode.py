@@ -257,6 +257,10 @@ def prepare_image(
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read
             return PreparedImage(key, path, reason="unreadable", detail="not a regular file")
         data = Path(path).read_bytes()
+    except FileNotFoundError:  # (load_rgb's reason: a broken link's is found by the stat)
+        if os.path.islink(path):
+            return PreparedImage(key, path, reason="broken_link", detail="a link to nothing")
+        return PreparedImage(key, path, reason="missing_file", detail="no such file")
     except (OSError, ValueError) as exc:  # ValueError: a path with a NUL in it
         return PreparedImage(key, path, reason="unreadable", detail=str(exc))
     return _pil_prepare(

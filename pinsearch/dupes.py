@@ -172,6 +172,11 @@ def find_dupes(
     if index is not None and backbone is None:
         row = store.catalog.get_index(index)
         backbone = row["backbone"] if row is not None else None
+        if backbone is not None and "#" in backbone:
+            raise ValueError(
+                f"index {index!r} holds title vectors; dupes compare images: name an index of "
+                f"them: {store.index_names(text_spaces=False)}"
+            )
     backbone = store.resolve_backbone(backbone)
     index = cosine_index(store, backbone, index)
     a, b, s = near_pairs(store, backbone, threshold, k, index=index)

@@ -78,8 +78,8 @@ def open_image(
         The opened image; the caller closes it or decodes it with :func:`decode_rgb`.
 
     Raises:
-        ImageError: ``unreadable``, ``broken_link``, ``not_a_file``, ``empty_file``,
-            ``not_an_image``, ``too_large`` or ``corrupt`` (an invalid size).
+        ImageError: ``missing_file``, ``unreadable``, ``broken_link``, ``not_a_file``,
+            ``empty_file``, ``not_an_image``, ``too_large`` or ``corrupt`` (an invalid size).
     """
     path = Path(path)
     if data is None:
@@ -90,6 +90,8 @@ def open_image(
                 raise ImageError(
                     path, "broken_link", f"a symbolic link that leads nowhere: {exc}"
                 ) from exc
+            if isinstance(exc, FileNotFoundError):
+                raise ImageError(path, "missing_file", "no such file") from exc
             raise ImageError(path, "unreadable", str(exc)) from exc
         if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a device never end
             raise ImageError(path, "not_a_file", "not a regular file (a FIFO, socket or device)")

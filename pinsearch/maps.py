@@ -116,7 +116,10 @@ def _colours(store: Store, backbone: str, pin_ids: list[str], cats: np.ndarray, 
         [backbone],
     ) if store.catalog.has_table("cluster_runs") else []  # fmt: skip
     if not rows:
-        raise ValueError(f"no pins cluster run of {backbone!r}; run pinsearch cluster first")
+        raise ValueError(
+            f"no pins cluster run of {backbone!r} (--color cluster colours pins by the latest "
+            "one; a boards run colours none); run pinsearch cluster --level pins first"
+        )
     by_pin = {r["item"]: f"cluster {r['cluster']}" for r in rows}
     return np.array([by_pin.get(p, "unclustered") for p in pin_ids])
 

@@ -292,6 +292,18 @@ class PinSearcher:
             out = np.intersect1d(out, more, assume_unique=True)
         return out
 
+    def unmatched_filters(
+        self, *, board: str | None = None, user: str | None = None, category: str | None = None
+    ) -> list[str]:
+        """The filters whose value alone names no pin (``"category 'x'"``): what a query that
+        found nothing may owe to a misspelling rather than to its filters together."""
+        out = []
+        for what, value in (("board", board), ("user", user), ("category", category)):
+            alone = {"board": None, "user": None, "category": None, what: value}
+            if value is not None and len(self.filter_keys(**alone)) == 0:  # type: ignore[arg-type]
+                out.append(f"{what} {value!r}")
+        return out
+
     def _group(self, column: str) -> dict[Any, np.ndarray]:
         """``value -> sorted pin keys`` of one cached metadata column (built on first use)."""
         if column not in self._groups:

@@ -450,12 +450,14 @@ class Store:
         )
         self._indexes[name] = index
 
-    def index_names(self, backbone: str | None = None) -> list[str]:
-        """Names of the indexes (of one backbone when given)."""
+    def index_names(self, backbone: str | None = None, *, text_spaces: bool = True) -> list[str]:
+        """Names of the indexes (of one backbone when given; without those of title spaces,
+        ``<backbone>#text``, unless ``text_spaces``: the ones a user can name)."""
         return [
             r["name"]
             for r in self.catalog.list_indexes()
-            if backbone is None or r["backbone"] == backbone
+            if (backbone is None or r["backbone"] == backbone)
+            and (text_spaces or "#" not in r["backbone"])
         ]
 
     def load_index(
@@ -482,7 +484,9 @@ class Store:
             return self._indexes[name]
         row = self.catalog.get_index(name)
         if row is None:
-            raise ValueError(f"no index {name!r} in {self.root}; it has {self.index_names()}")
+            raise ValueError(
+                f"no index {name!r} in {self.root}; it has {self.index_names(text_spaces=False)}"
+            )
         index = load_index(self.index_base(name), config=config)
         if index.ntotal != row["ntotal"] and self.snapshot:
             # The writer has updated the index since the snapshot: its files vouch for
@@ -554,7 +558,9 @@ class Store:
         or drop it when none are left. Returns what was done: ``rebuilt`` or ``dropped``."""
         row = self.catalog.get_index(name)
         if row is None:
-            raise ValueError(f"no index {name!r} in {self.root}; it has {self.index_names()}")
+            raise ValueError(
+                f"no index {name!r} in {self.root}; it has {self.index_names(text_spaces=False)}"
+            )
         backbone = row["backbone"]
         if backbone not in self.backbones(text_spaces=True) or len(self.vectors(backbone)) == 0:
             self.drop_index(name)

@@ -558,7 +558,7 @@ def test_align_refuses_a_backbone_no_index_of_which_text_search_could_use(
 
     index_corpus(None, store_copy, backbone="test_efficientnet", index={"metric": "l2"})
     with Store.open(store_copy) as store:
-        with pytest.raises(ValueError, match="uses the l2 metric.*align first needs an index"):
+        with pytest.raises(ValueError, match=r"uses the l2 metric.*align first needs an index"):
             align_store(store, "test_efficientnet", FAST)  # (before any training)
         assert store.catalog.get_embedding("test_efficientnet#text") is None
 

@@ -144,7 +144,7 @@ def test_prepare_image_routes_each_kind_like_the_pil_path(tmp_path: Path, model)
         "random": "not_an_image",
         "empty": "empty_file",
         "huge": "too_large",
-        "missing": "unreadable",
+        "missing": "missing_file",
     }
 
 

@@ -89,9 +89,9 @@ def test_zero_byte_file(tmp_path: Path, fn) -> None:
     assert str(path) in str(err)
 
 
-def test_missing_file_is_unreadable(tmp_path: Path) -> None:
+def test_missing_file_is_named_so(tmp_path: Path) -> None:
     err = _reason(probe_image, tmp_path / "nope.jpg")
-    assert err.reason == "unreadable"
+    assert err.reason == "missing_file"
 
 
 def test_truncated_jpeg(tmp_path: Path) -> None:

@@ -146,6 +146,31 @@ def test_filters_with_no_match_and_injection(searcher, pins) -> None:
     assert searcher.store.catalog.count_pins() == 24
 
 
+def test_unmatched_filters_name_the_values_that_match_nothing_alone(searcher, pins) -> None:
+    row = pins[sorted(pins)[0]]
+    other_user = next(r["user_id"] for r in pins.values() if r["category"] != row["category"])
+    assert searcher.unmatched_filters(category=row["category"], user=row["user_id"]) == []
+    # each matches pins, together maybe none: not a misspelling
+    assert searcher.unmatched_filters(category=row["category"], user=other_user) == []
+    assert searcher.unmatched_filters(category="nosuch", board=row["board"]) == [
+        "category 'nosuch'"
+    ]
+    assert searcher.unmatched_filters(board="x", user="y") == ["board 'x'", "user 'y'"]
+
+
+def test_cli_says_which_filter_matched_nothing(built_store) -> None:
+    from typer.testing import CliRunner
+
+    from pinsearch.cli.app import app
+
+    with Store.open(built_store.path, read_only=True) as store:
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+    out = CliRunner().invoke(
+        app, ["query", "--store", str(built_store.path), "--pin", pin, "--category", "nosuch"]
+    )
+    assert out.exit_code == 0 and "no pin of the store has category 'nosuch'" in out.output
+
+
 def test_unknown_pin(searcher) -> None:
     with pytest.raises(PinNotFoundError, match="nope") as info:
         searcher.similar_to_pin("nope")
