@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import sys
 from typing import Annotated
 
 import typer
@@ -45,6 +46,13 @@ def main() -> None:
         app()
     except (PinsearchError, ValueError, OSError) as exc:  # OSError: paths (missing, a folder...)
         err_console.print(f"[red]error:[/red] {escape(str(exc))}", markup=True)
+        raise SystemExit(1) from None
+    except Exception as exc:  # DuckDB's own (a disk full under the catalog): one line too
+        duckdb = sys.modules.get("duckdb")
+        if duckdb is None or not isinstance(exc, duckdb.Error):
+            raise
+        said = escape(f"the catalog: {type(exc).__name__}: {exc}")
+        err_console.print(f"[red]error:[/red] {said}", markup=True)
         raise SystemExit(1) from None
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 __all__ = [
+    "DEFAULT_STORE",
     "AllowOutsideRootOpt",
     "EfSearchOpt",
     "JsonOpt",
@@ -46,6 +47,13 @@ err_console = Console(stderr=True, markup=False)
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option("--backbone", "-b", help="Backbone (default: the store's only one)."),
+]
+IndexOpt = Annotated[
+    str | None, typer.Option("--index", help="Index of the backbone (default: its own).")
+]
 AllowOutsideRootOpt = Annotated[
     bool,
     typer.Option(
@@ -54,6 +62,7 @@ AllowOutsideRootOpt = Annotated[
     ),
 ]
 StoreOpt = Annotated[Path, typer.Option("--store", "-s", help="Store folder.")]
+DEFAULT_STORE = Path("pinsearch-store")  # every command's store when --store is left out
 # the reading rules of index and add
 FormatOpt = Annotated[str | None, typer.Option("--format", help="auto, tree, folder, manifest")]
 PerCategoryOpt = Annotated[int | None, typer.Option(help="Sample N pins per category.")]

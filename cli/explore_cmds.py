@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from pinsearch.cli.common import (
+    DEFAULT_STORE,
+    BackboneOpt,
     JsonOpt,
     StoreOpt,
     app,
@@ -19,8 +21,8 @@ from pinsearch.cli.common import (
 
 @app.command()
 def cluster(
-    store: StoreOpt,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    backbone: BackboneOpt = None,
     method: Annotated[str, typer.Option(help="kmeans or agglomerative.")] = "kmeans",
     k: Annotated[int | None, typer.Option("-k", "--k", help="Clusters (default: choose).")] = None,
     k_min: Annotated[int | None, typer.Option(min=2, help="Least k tried (default 2).")] = None,
@@ -87,8 +89,8 @@ def cluster(
 
 @app.command()
 def dupes(
-    store: StoreOpt,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    backbone: BackboneOpt = None,
     threshold: Annotated[float, typer.Option(help="Cosine at or above which pins pair.")] = 0.95,
     k: Annotated[int, typer.Option("--k", "-k", min=1, help="Neighbours examined per pin.")] = 20,
     top: Annotated[int, typer.Option(min=0, help="Groups shown.")] = 20,
@@ -127,9 +129,9 @@ def dupes(
 
 @app.command(name="map")
 def map_(
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     out: Annotated[Path, typer.Option(help="Folder for map_<method>.png/.html.")] = Path("map"),
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    backbone: BackboneOpt = None,
     method: Annotated[
         list[str] | None, typer.Option("--method", help="pca and/or tsne (repeat).")
     ] = None,

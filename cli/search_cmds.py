@@ -11,7 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    DEFAULT_STORE,
+    BackboneOpt,
     EfSearchOpt,
+    IndexOpt,
     JsonOpt,
     NprobeOpt,
     PrecisionOpt,
@@ -35,7 +38,7 @@ TextOpt = Annotated[
 @app.command()
 def query(
     ctx: typer.Context,
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     pin: Annotated[str | None, typer.Option("--pin", help="A stored pin id.")] = None,
     image: Annotated[Path | None, typer.Option("--image", help="A new image file.")] = None,
     text: TextOpt = None,
@@ -43,8 +46,8 @@ def query(
     board: Annotated[str | None, typer.Option(help="Only pins of this board.")] = None,
     user: Annotated[str | None, typer.Option(help="Only pins of this user.")] = None,
     category: Annotated[str | None, typer.Option(help="Only pins of this category.")] = None,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
-    index_name: Annotated[str | None, typer.Option("--index")] = None,
+    backbone: BackboneOpt = None,
+    index_name: IndexOpt = None,
     classify: Annotated[
         bool, typer.Option("--classify", help="Predict the category with a stored head.")
     ] = False,
@@ -219,8 +222,8 @@ def _show_titles(result: Any, as_json: bool) -> None:
 
 @app.command()
 def align(
-    store: StoreOpt,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    backbone: BackboneOpt = None,
     captions: Annotated[
         Path | None,
         typer.Option(help="CSV of image (or path, pin_id) + caption; default: pin titles."),
@@ -327,8 +330,8 @@ def _classify(
 
 @app.command()
 def train(
-    store: StoreOpt,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    backbone: BackboneOpt = None,
     head: Annotated[str, typer.Option(help="knn, lsvm, mlp, ...")] = "lsvm",
     param: Annotated[
         list[str] | None, typer.Option(help="Hyperparameter NAME=VALUE (JSON value), repeatable.")
@@ -382,9 +385,9 @@ def train(
 
 @app.command()
 def serve(
-    store: StoreOpt,
-    backbone: Annotated[str | None, typer.Option("--backbone", "-b")] = None,
-    index_name: Annotated[str | None, typer.Option("--index")] = None,
+    store: StoreOpt = DEFAULT_STORE,
+    backbone: BackboneOpt = None,
+    index_name: IndexOpt = None,
     nprobe: NprobeOpt = None,
     ef_search: EfSearchOpt = None,
     precision: PrecisionOpt = None,

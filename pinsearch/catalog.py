@@ -217,7 +217,8 @@ class Catalog:
     def __init__(self, path: str | Path, *, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self._con = duckdb.connect(str(self.path), read_only=read_only)
+        # (absolute: DuckDB reads a path starting ":memory:" or "md:" as no file at all)
+        self._con = duckdb.connect(str(self.path.absolute()), read_only=read_only)
         self._columns: dict[tuple[str, str], bool] = {}  # has_column's answers
         if not read_only:
             self._con.execute(_SCHEMA)
@@ -281,6 +282,10 @@ class Catalog:
     def set_meta(self, key: str, value: str) -> None:
         """Insert or replace a value of the ``meta`` table."""
         self._con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+    def delete_meta(self, key: str) -> None:
+        """Remove a value of the ``meta`` table (none: nothing to do)."""
+        self._con.execute("DELETE FROM meta WHERE key = ?", [key])
 
     # -- pins -----------------------------------------------------------------------------
 

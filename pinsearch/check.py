@@ -32,7 +32,7 @@ import numpy as np
 
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
-from pinsearch.store import Store, lock_holder
+from pinsearch.store import Store, catalog_error, lock_holder
 from pinsearch.text import (
     TEXT_SPACE_SUFFIX,
     lacking_titles,
@@ -308,16 +308,21 @@ def check_store(path: str | Path, *, sources: bool = True) -> CheckReport:
         StoreLockedError: a writer is at work (a reader would see its snapshot of the catalog
             beside the files the writer is changing: differences that are not damage).
     """
+    import duckdb
+
     with Store.open(path, read_only=True, verify=False) as store:
         if store.snapshot:
             raise StoreLockedError(
                 f"store {store.root} is being written ({lock_holder(store.root)}); check it "
                 "when that write is done"
             )
-        report = _check_open(store)
-        _check_refresh(store, report)
-        if sources:
-            _check_sources(store, report)
+        try:
+            report = _check_open(store)
+            _check_refresh(store, report)
+            if sources:
+                _check_sources(store, report)
+        except duckdb.Error as exc:  # (pages read as they are needed: damage shows here)
+            raise catalog_error(store.root, exc) from exc
         return report
 
 

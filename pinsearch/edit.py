@@ -91,6 +91,7 @@ INHERITED_RULES = ("drop_categories", "categories", "check_images", "max_pixels"
 
 
 _REPORTED_RULES = ("categories", "drop_categories", "per_category", "seed")
+_ADD_PENDING = "add_pending"  # catalog meta: the first pin key of an add not finished yet
 
 
 def store_rules(store: Store) -> dict[str, Any]:
@@ -125,42 +126,54 @@ def add_corpus(
         FileNotFoundError: no store at ``store_path`` (use ``pinsearch index`` to create one).
         ValueError: the store has no backbone yet.
     """
-    from pinsearch.pipeline import index_corpus
+    from pinsearch.backbones import check_weights, create_backbone
+    from pinsearch.embed import resolve_device
+    from pinsearch.pipeline import index_into
 
     start = time.perf_counter()
-    with Store.open(store_path, read_only=True, verify=False) as store:  # the writers verify
+    with Store.open(store_path, read_only=True, verify=False) as store:  # the writer verifies
         backbones = store.backbones()
         runs = {b: store.catalog.get_embedding(b) or {} for b in backbones}
-        # a backbone holding some of the pins only (a study's per-class sample) embeds the new
-        # ones only, not every pin it left out
-        first_new = int(store.catalog.get_meta("next_pin_key") or 0)
-        pins = store.catalog.count_pins()
-        partial = {b for b in backbones if len(store.vectors(b)) < pins}
         if not isinstance(ingest, IngestConfig):  # (checked here, before any work)
             ingest = IngestConfig(**{**store_rules(store), **(ingest or {})})
     if not backbones:
         raise ValueError(f"store {store_path} has no backbone yet; create it with pinsearch index")
-    reports = []
     options = {"batch_size": batch_size, "workers": workers, "decode": decode,
                "cpu_share": cpu_share}  # fmt: skip
-    for i, backbone in enumerate(backbones):
-        embed = _run_config(runs[backbone], device, options)
-        reports.append(
-            index_corpus(
-                corpus if i == 0 else None,
-                store_path,
-                backbone=backbone,
-                ingest=ingest,
-                embed=embed,
-                progress=progress,
+    embeds = {b: _run_config(runs[b], device, options) for b in backbones}
+    for b in backbones:  # every backbone's weights, before the first embeds
+        check_weights(b, embeds[b].weights)
+    reports = []
+    with Store.open(store_path) as store:  # one writer for the whole add
+        # the pins this add stores: from the first key it gives, or the one of an add that
+        # stopped before every backbone had embedded its pins (noted in the catalog)
+        pending = store.catalog.get_meta(_ADD_PENDING)
+        first_new = int(pending or store.catalog.get_meta("next_pin_key") or 0)
+        if pending is None:
+            store.catalog.set_meta(_ADD_PENDING, str(first_new))
+        # a backbone holding some of the pins stored before (a study's per-class sample)
+        # embeds the new ones only, not every pin it left out
+        every, _ = store.catalog.pin_columns()
+        before = int(np.count_nonzero(every < first_new))
+        partial = {b for b in backbones if len(store.vectors(b)) < before}
+        unfinished = len(every) > before  # (pins of the add that stopped: heads go stale)
+        for i, backbone in enumerate(backbones):
+            model = create_backbone(
+                backbone, weights=embeds[backbone].weights,
+                device=resolve_device(embeds[backbone].device),
+            )  # fmt: skip
+            report = index_into(
+                store, corpus if i == 0 else None, model=model, backbone=backbone,
+                ingest=ingest, embed=embeds[backbone], asked={}, progress=progress,
                 select=_pins_from(first_new) if backbone in partial else None,
-            )
-        )
-    first = reports[0]
-    stale = sorted({h for r in reports for h in r.stale_heads})  # (labels changed)
-    if first.added or any(r.embedded for r in reports):  # (a killed add: pins in, no vectors)
-        with Store.open(store_path) as store:
+            )  # fmt: skip
+            reports.append(report)
+            del model
+        first = reports[0]
+        stale = sorted({h for r in reports for h in r.stale_heads})  # (labels changed)
+        if first.added or unfinished or any(r.embedded for r in reports):
             stale = sorted({*stale, *store.mark_heads_stale(backbones)})
+        store.catalog.delete_meta(_ADD_PENDING)  # every backbone holds this add's pins
     return AddReport(
         store=str(store_path),
         corpus=str(corpus),
@@ -255,25 +268,40 @@ def remove_pins(
         raise ValueError("name pins, boards or users to remove")
     start = time.perf_counter()
     keys = _keys_to_remove(store, pin_ids, boards, users)
-    vectors = {}
-    for name in store.backbones(text_spaces=True):
-        n = store.vectors(name).drop_keys(keys)
-        if n:
-            vectors[name] = n
-    with store.catalog.transaction():
-        # boards and users the removed pins belonged to (besides those named): any of them
-        # left without pins goes too
-        gone_ids, gone_boards, gone_users = store.catalog.drop_pins(
-            keys.tolist(), boards=boards, users=users
-        )
-        n_boards, n_users = len(gone_boards), len(gone_users)
-        store.catalog.forget_cluster_items(gone_ids, gone_boards)
-        for name in store.backbones(text_spaces=True):  # (a remove stopped earlier may have
-            # dropped vectors without counting them)
+    # every backbone's new parts written (every part checked) before any is swapped: a
+    # damaged part stops the remove with nothing changed
+    plans: dict[str, Any] = {}
+    try:
+        for name in store.backbones(text_spaces=True):
+            plans[name] = store.vectors(name).stage_drop(keys)
+        plans = {name: plan for name, plan in plans.items() if plan is not None}
+        with store.catalog.transaction():  # the swaps, the pins' rows and the heads at once
+            for name, plan in plans.items():
+                store.vectors(name).commit_drop(plan)
+            # boards and users the removed pins belonged to (besides those named): any of
+            # them left without pins goes too
+            gone_ids, gone_boards, gone_users = store.catalog.drop_pins(
+                keys.tolist(), boards=boards, users=users
+            )
+            n_boards, n_users = len(gone_boards), len(gone_users)
+            store.catalog.forget_cluster_items(gone_ids, gone_boards)
+            pending = pending_refresh(store)  # a refresh's note of these pins goes with them
+            for name, noted in pending.items():
+                _set_pending(store, name, np.setdiff1d(noted, keys).tolist())
+            # heads that learnt from these pins (marked here: a remove stopped after this
+            # commit finds nothing left to remove, and would not mark them)
+            stale = store.mark_heads_stale(store.backbones()) if gone_ids else []
+    except BaseException:
+        for name, plan in plans.items():
+            if plan is not None:
+                store.vectors(name).discard_drop(plan)
+        raise
+    for name in plans:
+        store.vectors(name).finish_drop()
+    vectors = {name: plan.removed for name, plan in plans.items() if plan.removed}
+    with store.catalog.transaction():  # (a remove stopped earlier may have dropped vectors
+        for name in store.backbones(text_spaces=True):  # without counting them)
             store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
-        pending = pending_refresh(store)  # a refresh's note of these pins goes with them
-        for name, noted in pending.items():
-            _set_pending(store, name, np.setdiff1d(noted, keys).tolist())
     touched, rebuilt, lost = [], [], set(vectors)
     for row in store.catalog.list_indexes():
         # by what it holds, not by what this run dropped: a remove stopped after its vector
@@ -287,7 +315,7 @@ def remove_pins(
             action = store.rebuild_index(row["name"])  # dropped when emptied
             if action == "rebuilt":
                 rebuilt.append(row["name"])
-    stale = store.mark_heads_stale(sorted(b for b in lost if "#" not in b))
+    stale = sorted({*stale, *store.mark_heads_stale(sorted(b for b in lost if "#" not in b))})
     return RemoveReport(
         store=str(store.root),
         pins=len(keys),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackboneMismatchError",
+    "CatalogError",
     "CorpusError",
     "DeviceError",
     "IndexFileError",
@@ -25,6 +26,10 @@ class CorpusError(PinsearchError, ValueError):
 
 class StoreVersionError(PinsearchError):
     """The store was written by an incompatible pinsearch store format."""
+
+
+class CatalogError(PinsearchError):
+    """A store's catalog (its DuckDB file) cannot be read: damaged, cut short, not DuckDB."""
 
 
 class StoreLockedError(PinsearchError):

@@ -31,6 +31,7 @@ __all__ = [
     "IndexReport",
     "default_backbone",
     "index_corpus",
+    "index_into",
     "run_settings",
     "stored_run_settings",
 ]
@@ -135,91 +136,115 @@ def index_corpus(
     model = create_backbone(backbone, weights=embed.weights, device=resolve_device(embed.device))
     try:
         with Store.open(store_path, create=True) as store:
-            store.check_index_name(index_name or backbone)  # before the corpus is read
-            if model.new_run_refusal and store.catalog.get_embedding(backbone) is None:
-                raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
-            found = added = already = skipped = sampled_out = 0
-            fmt = ""
-            changes = StoredChanges()
-            if corpus is not None:
-                result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_id_paths())
-                _, added, changes = store.catalog.add_ingest(
-                    result, json.dumps(asdict(ingest), default=str)
-                )
-                found, already = result.found, result.already_present
-                skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
-            if store.catalog.count_pins() == 0:
-                raise ValueError(
-                    f"store {store.root} has no pins to index "
-                    f"({skipped} of {found} found were skipped; see pinsearch info)"
-                )
-            # heads trained on this backbone's vectors will not know the pins it embeds now:
-            # marked before, so a run stopped after the embedding cannot leave them unmarked
-            if select is None and len(store.vectors(backbone)) < store.catalog.count_pins():
-                store.mark_heads_stale([backbone])
-            report = (
-                embed_store(store, backbone, embed, progress=progress, backbone=model)
-                if select is None
-                else _embed_selection(store, backbone, model, embed, select, progress)
-            )
-            # (named; a selection's marked now: a run stopped later embeds nothing again)
-            stale = store.mark_heads_stale([backbone]) if report.embedded else []
-            names = store.index_names(backbone)
-            # The backbone's index: the one of its name, else its first (a custom name).
-            name = index_name or (backbone if backbone in names or not names else names[0])
-            existing = store.catalog.get_index(name)
-            saved = json.loads(existing["config"]) if existing is not None else {}
-            config = IndexConfig(**{**saved, **asked})
-            differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
-            if existing is not None and differs and not rebuild:
-                rebuild = True
-                _logger.info("index %s: %s changed; rebuilding", name, differs)
-            if existing is None or rebuild:
-                built = store.build_index(backbone, config, name=name)
-                action = "rebuilt" if existing is not None else "built"
-            else:
-                built, n_new = store.update_index(name)
-                action = f"updated (+{n_new})" if n_new else "unchanged"
-                settings = sorted(k for k in asked if asked[k] != saved.get(k))
-                if settings:  # placement and search settings (fp16, device, nprobe, ...):
-                    built.config = config  # saved with the index, in effect when it loads
-                    store.save_index(built, name)
-                    store.forget_cached(name)  # this copy was placed with the old settings
-                    action += f", settings changed: {', '.join(settings)}"
-            for other in names:  # the backbone's other indexes take the new pins too
-                if other != name:
-                    store.update_index(other)
-            titles = refresh_titles(store)  # (new pins' too, in every text space)
-            stale = sorted({*stale, *changes.stale_heads})  # (and heads of changed labels)
-            return IndexReport(
-                store=str(store.root),
-                corpus=str(corpus) if corpus is not None else "",
-                format=fmt,
-                backbone=backbone,
-                found=found,
-                added=added,
-                already_present=already,
-                updated=len(changes.pins),
-                moved=changes.moved,
-                skipped=skipped,
-                sampled_out=sampled_out,
-                embedded=report.embedded,
-                embed_failed=report.failed,
-                embed_seconds=round(report.seconds, 3),
-                images_per_s=round(report.images_per_s, 1),
-                index=name,
-                factory=built.factory,
-                metric=built.config.metric,
-                ntotal=built.ntotal,
-                index_action=action,
-                index_seconds=round(built.build_seconds, 3),
-                title_vectors=titles,
-                stale_heads=stale,
-            )
+            return index_into(
+                store, corpus, model=model, backbone=backbone, ingest=ingest, embed=embed,
+                asked=asked, index_name=index_name, rebuild=rebuild, progress=progress,
+                select=select,
+            )  # fmt: skip
     except BaseException:
         if fresh:  # a failed first run leaves no empty store behind (bad option, bad corpus)
             _remove_if_empty(root, keep_folder=existed)
         raise
+
+
+def index_into(
+    store: Store,
+    corpus: str | Path | None,
+    *,
+    model: Backbone,
+    backbone: str,
+    ingest: IngestConfig,
+    embed: EmbedConfig,
+    asked: Mapping[str, Any],
+    index_name: str | None = None,
+    rebuild: bool = False,
+    progress: Progress | None = None,
+    select: Callable[[Store], np.ndarray] | None = None,
+) -> IndexReport:
+    """:func:`index_corpus`'s work in a store opened for writing, with the backbone built
+    (``model``) and the index settings asked for already checked (``asked``): several runs
+    under one writer's open (``pinsearch add``, one per backbone)."""
+    store.check_index_name(index_name or backbone)  # before the corpus is read
+    if model.new_run_refusal and store.catalog.get_embedding(backbone) is None:
+        raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
+    found = added = already = skipped = sampled_out = 0
+    fmt = ""
+    changes = StoredChanges()
+    if corpus is not None:
+        result = read_corpus(corpus, ingest, exclude_ids=store.catalog.pin_id_paths())
+        _, added, changes = store.catalog.add_ingest(
+            result, json.dumps(asdict(ingest), default=str)
+        )
+        found, already = result.found, result.already_present
+        skipped, sampled_out, fmt = len(result.skipped), result.sampled_out, result.format
+    if store.catalog.count_pins() == 0:
+        raise ValueError(
+            f"store {store.root} has no pins to index "
+            f"({skipped} of {found} found were skipped; see pinsearch info)"
+        )
+    # heads trained on this backbone's vectors will not know the pins it embeds now:
+    # marked before, so a run stopped after the embedding cannot leave them unmarked
+    if select is None and len(store.vectors(backbone)) < store.catalog.count_pins():
+        store.mark_heads_stale([backbone])
+    report = (
+        embed_store(store, backbone, embed, progress=progress, backbone=model)
+        if select is None
+        else _embed_selection(store, backbone, model, embed, select, progress)
+    )
+    # (named; a selection's marked now: a run stopped later embeds nothing again)
+    stale = store.mark_heads_stale([backbone]) if report.embedded else []
+    names = store.index_names(backbone)
+    # The backbone's index: the one of its name, else its first (a custom name).
+    name = index_name or (backbone if backbone in names or not names else names[0])
+    existing = store.catalog.get_index(name)
+    saved = json.loads(existing["config"]) if existing is not None else {}
+    config = IndexConfig(**{**saved, **asked})
+    differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
+    if existing is not None and differs and not rebuild:
+        rebuild = True
+        _logger.info("index %s: %s changed; rebuilding", name, differs)
+    if existing is None or rebuild:
+        built = store.build_index(backbone, config, name=name)
+        action = "rebuilt" if existing is not None else "built"
+    else:
+        built, n_new = store.update_index(name)
+        action = f"updated (+{n_new})" if n_new else "unchanged"
+        settings = sorted(k for k in asked if asked[k] != saved.get(k))
+        if settings:  # placement and search settings (fp16, device, nprobe, ...):
+            built.config = config  # saved with the index, in effect when it loads
+            store.save_index(built, name)
+            store.forget_cached(name)  # this copy was placed with the old settings
+            action += f", settings changed: {', '.join(settings)}"
+    for other in names:  # the backbone's other indexes take the new pins too
+        if other != name:
+            store.update_index(other)
+    titles = refresh_titles(store)  # (new pins' too, in every text space)
+    stale = sorted({*stale, *changes.stale_heads})  # (and heads of changed labels)
+    return IndexReport(
+        store=str(store.root),
+        corpus=str(corpus) if corpus is not None else "",
+        format=fmt,
+        backbone=backbone,
+        found=found,
+        added=added,
+        already_present=already,
+        updated=len(changes.pins),
+        moved=changes.moved,
+        skipped=skipped,
+        sampled_out=sampled_out,
+        embedded=report.embedded,
+        embed_failed=report.failed,
+        embed_seconds=round(report.seconds, 3),
+        images_per_s=round(report.images_per_s, 1),
+        index=name,
+        factory=built.factory,
+        metric=built.config.metric,
+        ntotal=built.ntotal,
+        index_action=action,
+        index_seconds=round(built.build_seconds, 3),
+        title_vectors=titles,
+        stale_heads=stale,
+    )
 
 
 def run_settings(run: Mapping[str, Any]) -> dict[str, Any]:

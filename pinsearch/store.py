@@ -32,7 +32,13 @@ import numpy as np
 
 from pinsearch._version import __version__
 from pinsearch.catalog import Catalog
-from pinsearch.errors import DeviceError, IndexFileError, StoreLockedError, StoreVersionError
+from pinsearch.errors import (
+    CatalogError,
+    DeviceError,
+    IndexFileError,
+    StoreLockedError,
+    StoreVersionError,
+)
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, gpu_count, load_index
 from pinsearch.indexes.pinindex import file_sha256, index_files, replace_durably
 from pinsearch.vectors import VectorStore, backbone_dirname, in_sorted
@@ -239,6 +245,8 @@ class Store:
                     f"store {root} is open in another process: {holder}; DuckDB allows one "
                     f"writer or several readers at a time: {exc}"
                 ) from exc
+            if isinstance(exc, duckdb.Error):  # (a file cut short, overwritten, not DuckDB's)
+                raise catalog_error(root, exc) from exc
             raise
         store = cls(root, catalog, lock)
         store.snapshot = snapshot
@@ -258,8 +266,10 @@ class Store:
                     raise IndexFileError(problems[0][1] + "; pinsearch repair rebuilds it")
                 if problems:
                     store._heal_indexes(problems)
-        except BaseException:
+        except BaseException as exc:
             store.close()  # the lock goes with it
+            if isinstance(exc, duckdb.Error):  # (its pages are read as they are needed)
+                raise catalog_error(root, exc) from exc
             raise
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
         return store
@@ -532,6 +542,10 @@ class Store:
                 problems.append((name, f"index {name!r}: its files come from two saves (one was "
                                  "interrupted)", None))  # fmt: skip
                 continue
+            if saves and _saved_sha256(files["json"]) != row["sha256"]:
+                problems.append((name, f"index {name!r}: its files are of a save the catalog "
+                                 "did not record (one was interrupted)", None))  # fmt: skip
+                continue
             ids = np.sort(ids)  # sorted queries: a cache-friendly binary search (0.1 s at 1M)
             stray = np.unique(ids[~in_sorted(pin_keys, ids)])
             if stray.size:
@@ -745,6 +759,24 @@ def _torn_save(files: dict[str, Path]) -> bool:
         return any(file_sha256(files[kind]) != sums.get(kind) for kind in ("faiss", "ids"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False  # missing or unreadable files are reported when the index loads
+
+
+def catalog_error(root: Path, exc: Exception) -> CatalogError:
+    """The error a store whose catalog DuckDB cannot read gives (a file cut short, written
+    over, not DuckDB's), naming the file and DuckDB's words."""
+    return CatalogError(
+        f"the catalog of store {root} cannot be read ({type(exc).__name__}: {exc}); restore "
+        f"{_CATALOG} from a copy: the vectors and indexes are read through it"
+    )
+
+
+def _saved_sha256(description: Path) -> str | None:
+    """The SHA-256 of the ``.faiss`` file an index description (``.json``) records (None:
+    unreadable; the index's load names the problem)."""
+    try:
+        return str(json.loads(description.read_text())["sha256"]["faiss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _publish_snapshot(root: Path) -> None:

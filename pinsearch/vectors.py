@@ -14,7 +14,9 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +82,16 @@ def group_sums(
 def backbone_dirname(backbone: str) -> str:
     """A file-system-safe folder name for a backbone name (``timm:a.b`` -> ``timm_a.b``)."""
     return _SAFE_NAME.sub("_", backbone)
+
+
+@dataclass
+class DropPlan:
+    """A staged :meth:`VectorStore.drop_keys`: the parts to retire, the new parts' files
+    written (``(number, file, rows, sha256, keys sha256)``), and the vectors removed."""
+
+    retire: list[dict[str, object]] = field(default_factory=list)
+    add: list[tuple[Any, ...]] = field(default_factory=list)
+    removed: int = 0
 
 
 class VectorStore:
@@ -289,20 +301,49 @@ class VectorStore:
         parts). A part is rewritten only once its files match their checksums.
         ``new`` (vectors, their keys, dtype) is written as one more part, committed in the
         same transaction (see :meth:`replace`), and so are ``also``'s catalog writes.
+        (:meth:`stage_drop` and :meth:`commit_drop` are its two halves, for a caller that
+        commits several backbones' swaps in one transaction of its own.)
 
         Returns:
             The number of vectors removed.
         """
+        plan = self.stage_drop(keys, parts=parts, new=new)
+        if plan is None:
+            return 0
+        try:
+            with self.catalog.transaction():
+                self.commit_drop(plan, delete_retired=delete_retired)
+                if also is not None:
+                    also()
+        except BaseException:
+            self.discard_drop(plan)
+            raise
+        self.finish_drop(delete_retired=delete_retired)
+        return plan.removed
+
+    def stage_drop(
+        self,
+        keys: np.ndarray,
+        *,
+        parts: list[int] | None = None,
+        new: tuple[np.ndarray, np.ndarray, str] | None = None,
+    ) -> DropPlan | None:
+        """:meth:`drop_keys`' first half: the new parts' files written (each rewritten part
+        checked against its checksums first), nothing recorded. None: nothing to drop.
+
+        Raises:
+            ValueError: a damaged part (its new files are deleted; nothing changed).
+        """
         drop = np.unique(np.asarray(keys, dtype=np.int64))
         whole = set(parts or [])
-        removed, retire, add = 0, [], []
+        plan = DropPlan()
         next_part = self._next_part()
         rewrite = []  # (part, its keys, which go)
         for p in self.parts():
             number = int(p["part"])  # type: ignore[call-overload]
             if number in whole:
-                retire.append(p)
-                removed += int(p["n"])  # type: ignore[call-overload]
+                plan.retire.append(p)
+                plan.removed += int(p["n"])  # type: ignore[call-overload]
                 continue
             part_keys = self._load_keys(p)
             hit = np.isin(part_keys, drop)
@@ -311,42 +352,50 @@ class VectorStore:
         try:
             for p, part_keys, hit in rewrite:
                 arr = self._checked_vectors(p)  # (read once: checked, then copied)
-                retire.append(p)
-                removed += int(hit.sum())
+                plan.retire.append(p)
+                plan.removed += int(hit.sum())
                 if (~hit).any():
-                    add.append((next_part, *self._write_files(
+                    plan.add.append((next_part, *self._write_files(
                         next_part, arr[~hit], part_keys[~hit], str(arr.dtype)
                     )))  # fmt: skip
                     next_part += 1
             if new is not None:
-                add.append((next_part, *self._write_files(next_part, *new)))
+                plan.add.append((next_part, *self._write_files(next_part, *new)))
         except BaseException:  # a damaged part (or a failed write): the new files go
-            for _, rel, *_ in add:
-                for f in (self.root / rel, self._keys_path({"file": rel})):
-                    f.unlink(missing_ok=True)
+            self.discard_drop(plan)
             raise
-        if not retire and not add:
-            return 0
-        with self.catalog.transaction():
-            self.catalog.connection.execute(
-                "DELETE FROM vector_parts WHERE backbone = ? AND part IN (SELECT unnest(?))",
-                [self.backbone, [int(p["part"]) for p in retire]],  # type: ignore[call-overload]
-            )
-            self.catalog.connection.execute(  # (the parts added below count theirs)
-                "UPDATE embeddings SET count = count - ? WHERE backbone = ?",
-                [sum(int(p["n"]) for p in retire), self.backbone],  # type: ignore[call-overload]
-            )
-            for number, *files in add:
-                self.catalog.add_vector_part(self.backbone, number, *files)
-            if retire and not delete_retired:  # named, so that check tells them from crash
-                names = [name for p in retire for name in self._file_names(p)]  # leftovers
-                self.catalog.set_meta(self._retired_key, json.dumps(self._listed(0) + names))
-            if also is not None:
-                also()
+        return plan if plan.retire or plan.add else None
+
+    def commit_drop(self, plan: DropPlan, *, delete_retired: bool = False) -> None:
+        """:meth:`drop_keys`' second half, in the caller's transaction: the catalog's parts
+        swapped (then :meth:`finish_drop` once it commits, or :meth:`discard_drop` if not)."""
+        con = self.catalog.connection
+        con.execute(
+            "DELETE FROM vector_parts WHERE backbone = ? AND part IN (SELECT unnest(?))",
+            [self.backbone, [int(p["part"]) for p in plan.retire]],  # type: ignore[call-overload]
+        )
+        con.execute(  # (the parts added below count theirs)
+            "UPDATE embeddings SET count = count - ? WHERE backbone = ?",
+            [sum(int(p["n"]) for p in plan.retire), self.backbone],  # type: ignore[call-overload]
+        )
+        for number, *files in plan.add:
+            self.catalog.add_vector_part(self.backbone, number, *files)
+        if plan.retire and not delete_retired:  # named, so that check tells them from crash
+            names = [name for p in plan.retire for name in self._file_names(p)]  # leftovers
+            self.catalog.set_meta(self._retired_key, json.dumps(self._listed(0) + names))
+
+    def discard_drop(self, plan: DropPlan) -> None:
+        """Delete the files a staged drop wrote (its transaction did not commit)."""
+        for _, rel, *_ in plan.add:
+            for f in (self.root / rel, self._keys_path({"file": rel})):
+                f.unlink(missing_ok=True)
+
+    def finish_drop(self, *, delete_retired: bool = False) -> None:
+        """After a drop committed: the retired files deleted at once with
+        ``delete_retired``, and what this object knew of the parts forgotten."""
         if delete_retired:
             self.remove_orphans(keep_last=False)
         self._forget()
-        return removed
 
     def _checked_vectors(self, part: dict[str, object]) -> np.ndarray:
         """A part's vectors, read once, after its files matched their recorded checksums: a
@@ -391,11 +440,16 @@ class VectorStore:
         return Path(str(part["file"])).name, self._keys_path(part).name
 
     def unrecorded_files(self) -> list[str]:
-        """Names of files in the backbone's folder that no recorded part owns (sorted)."""
+        """Names of files in the backbone's folder that no recorded part owns (sorted; a
+        folder made in it is no part's, and is left alone)."""
         if not self.folder.is_dir():
             return []
         known = {name for p in self.parts() for name in self._file_names(p)}
-        return sorted(f.name for f in self.folder.iterdir() if f.name not in known)
+        return sorted(
+            f.name
+            for f in self.folder.iterdir()
+            if f.name not in known and (f.is_symlink() or not f.is_dir())
+        )
 
     @property
     def _retired_key(self) -> str:

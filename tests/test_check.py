@@ -303,3 +303,54 @@ def test_repair_keeps_one_copy_of_a_vector_stored_twice(store_copy: Path) -> Non
         after, _ = store.vectors(B).load(keys[:3])
         np.testing.assert_array_equal(after, vecs[:3] + 1.0)  # the newest part's
         assert len(store.vectors(B)) == 24 and store.load_index(B).ntotal == 24
+
+
+def test_an_index_saved_but_not_recorded_is_rebuilt_by_the_next_writer(store_copy: Path) -> None:
+    """A save's files renamed into place, killed before its catalog row: a writer compares
+    the description's checksum with the catalog's and rebuilds what the catalog records."""
+    from pinsearch.indexes import IndexConfig, build_index
+
+    with Store.open(store_copy) as store:
+        vectors, keys = store.vectors(B).load()
+        other = build_index(vectors, keys, IndexConfig(factory="IVF2,Flat"), backbone=B)
+        other.save(store.index_base(B))  # (no catalog row)
+    assert ("error", f"index {B}", "checksum") in _problems(store_copy)
+    with Store.open(store_copy) as store:  # healed as it opens
+        assert store.catalog.get_index(B)["factory"] == "Flat"  # type: ignore[index]
+        assert store.load_index(B).factory == "Flat"
+    assert check_store(store_copy).ok
+
+
+def test_a_folder_among_the_vector_parts_stops_no_writer(store_copy: Path) -> None:
+    (store_copy / "vectors" / B / "made-by-hand").mkdir()
+    (store_copy / "vectors" / B / "part-000042.npy").write_bytes(b"left by a crash")
+    with Store.open(store_copy) as store:  # the stray file goes, the folder stays
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        from pinsearch.edit import remove_pins
+
+        remove_pins(store, pin_ids=[pin])
+    assert (store_copy / "vectors" / B / "made-by-hand").is_dir()
+    assert not (store_copy / "vectors" / B / "part-000042.npy").exists()
+    assert check_store(store_copy).ok
+
+
+def test_a_damaged_catalog_is_one_clear_error(store_copy: Path, monkeypatch, capsys) -> None:
+    from test_cli import _main_error
+
+    from pinsearch.errors import CatalogError
+
+    catalog = store_copy / "catalog.duckdb"
+    catalog.write_bytes(catalog.read_bytes()[: catalog.stat().st_size // 2])
+    (store_copy / "catalog.readers.duckdb").unlink(missing_ok=True)
+    with pytest.raises(CatalogError, match="cannot be read"):
+        check_store(store_copy)
+    said = _main_error(["check", "--store", str(store_copy)], monkeypatch, capsys)
+    assert said.startswith(f"error: the catalog of store {store_copy} cannot be read")
+
+
+def test_a_store_path_duckdb_would_read_as_memory_is_a_folder(tree_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    index_corpus(tree_corpus.root, ":memory:s", backbone=B)
+    assert (tmp_path / ":memory:s" / "catalog.duckdb").is_file()
+    with Store.open(":memory:s", read_only=True) as store:
+        assert store.catalog.count_pins() == 24

@@ -201,7 +201,7 @@ def test_index_with_device_decoding_and_auto_batch(tree_copy: Path, tmp_path: Pa
     assert bad.exit_code != 0 and "decode" in str(bad.exception)
 
 
-def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
+def test_bench_embed_one_and_several_backbones(tree_corpus, tmp_path: Path) -> None:
     base = ["bench", "embed", "--n", "20", "--batch-size", "8", "--decode", "device"]
     one = _json([*base, "-b", "test_efficientnet", "--cpu-share", "0.5", "--workers", "1",
                  "--json"])  # fmt: skip
@@ -229,7 +229,10 @@ def test_bench_embed_one_and_several_backbones(tree_corpus) -> None:
     assert pil["cpu_share"] == 0.0 and pil["loader_images_per_s"] > 0  # type: ignore[index]
     real = _json([*base, "-b", "test_vit", "--corpus", str(tree_corpus.root), "--json"])
     assert real["rows"][0]["images"] == 20 and "error" not in real["rows"][0]  # type: ignore[index]
-    empty = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])
+    missing = runner.invoke(app, [*base, "--corpus", str(tree_corpus.root / "nothing")])
+    assert missing.exit_code != 0 and "does not exist" in str(missing.exception)
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, [*base, "--corpus", str(tmp_path / "empty")])
     assert empty.exit_code != 0 and "no .jpg" in str(empty.exception)
     dupes = runner.invoke(app, ["bench", "dupes", "--corpus", ".", "-b", "a", "-b", "b"])
     assert dupes.exit_code != 0 and "one --backbone" in str(dupes.output + str(dupes.exception))
@@ -791,6 +794,6 @@ def test_index_without_a_corpus_refuses_the_options_that_read_one(built_store) -
                         (["--categories", "art"], "--categories"),
                         (["--format", "folder"], "--format")):  # fmt: skip
         bad = runner.invoke(app, ["index", "--store", str(built_store.path), *args])
-        assert bad.exit_code != 0 and named in bad.output and "read a corpus" in bad.output
+        assert bad.exit_code != 0 and named in bad.output and "for reading a corpus" in bad.output
     seed = runner.invoke(app, ["index", "x", "--store", str(built_store.path), "--seed", "3"])
     assert seed.exit_code != 0 and "--per-category" in seed.output

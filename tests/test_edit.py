@@ -421,6 +421,83 @@ def test_add_to_a_sampled_store_embeds_the_new_pins_only(make_tree, tmp_path: Pa
         assert len(store.vectors(B)) == 14 and store.catalog.count_pins() == 30
 
 
+@pytest.mark.parametrize("sampled", [False, True], ids=["whole", "sampled"])
+def test_an_add_stopped_after_its_ingest_is_finished_by_the_next(
+    make_tree, tmp_path: Path, sampled: bool
+) -> None:
+    """The pins an add stored before it stopped (a kill, a full disk) are embedded by the next
+    add, in every backbone, a sampled one too (they were counted already present, and no
+    backbone embedded them)."""
+    from pinsearch.embed import EmbedConfig
+
+    corpus = make_tree(tmp_path / "c", pins_per_board=2)
+    sample = (lambda store: store.catalog.pin_columns()[0][:5]) if sampled else None
+    index_corpus(corpus.root, tmp_path / "s", backbone=B, embed=EmbedConfig(workers=0),
+                 select=sample)  # fmt: skip
+    index_corpus(None, tmp_path / "s", backbone="test_convnext", select=sample)
+    with Store.open(tmp_path / "s") as store:
+        train_head(store, B, "knn", {"n_neighbors": 1}, only_embedded=True)
+    more = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
+
+    def stop(done: int, total: int) -> None:
+        if done:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        add_corpus(more.root, tmp_path / "s", workers=0, progress=stop)
+    again = add_corpus(more.root, tmp_path / "s", workers=0)
+    assert again.added == 0 and again.already_present == 6
+    assert [b["embedded"] for b in again.backbones] == [6, 6]
+    assert again.stale_heads == [f"{B}/knn"]
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        held = 5 if sampled else 12
+        assert [len(store.vectors(b)) for b in (B, "test_convnext")] == [held + 6] * 2
+        assert store.catalog.get_meta("add_pending") is None
+    assert check_store(tmp_path / "s").ok or sampled  # (a sample leaves pins not embedded)
+    assert add_corpus(more.root, tmp_path / "s", workers=0).stale_heads == []  # done
+
+
+def test_a_damaged_part_in_any_backbone_stops_a_remove_with_nothing_changed(
+    store_copy: Path,
+) -> None:
+    index_corpus(None, store_copy, backbone="test_convnext")
+    with Store.open(store_copy) as store:
+        last = store.backbones()[-1]  # checked before the first backbone's swap
+        counts = {b: len(store.vectors(b)) for b in store.backbones()}
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        part = store.vectors(last).parts()[0]
+    damaged = store_copy / "vectors" / last.replace(":", "_") / Path(str(part["file"])).name
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with Store.open(store_copy) as store:
+        with pytest.raises(ValueError, match="damaged"):
+            remove_pins(store, pin_ids=[pin])
+        assert {b: len(store.vectors(b)) for b in store.backbones()} == counts
+        assert pin in store.catalog.pin_ids()
+    errors = {(f.where, f.problem) for f in check_store(store_copy).errors}
+    assert (f"vectors {last} part 0", "checksum") in errors  # the other backbone: whole
+    assert not [w for w, _ in errors if w.endswith(next(b for b in counts if b != last))]
+
+
+def test_heads_go_stale_with_the_pins_a_remove_commits(store_copy: Path) -> None:
+    """Marked in the transaction that removes the pins: a remove stopped later (before its
+    index step) leaves nothing to remove, and would leave them fresh."""
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1})
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+
+        def stop(*args: object, **kwargs: object) -> bool:
+            raise KeyboardInterrupt  # the index step, after the catalog's commit
+
+        store.remove_from_index = stop  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            remove_pins(store, pin_ids=[pin])
+    with Store.open(store_copy) as store:
+        assert pin not in store.catalog.pin_ids()
+        assert [h["stale"] for h in store.info().heads] == [True]
+
+
 def test_a_stored_id_from_another_image_is_skipped_as_a_duplicate(tmp_path: Path) -> None:
     from pinsearch.synth import make_image_folder
 
