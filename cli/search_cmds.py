@@ -122,6 +122,10 @@ def query(
     unused = [flag for flag, on in given.items() if on and flag not in uses]
     if unused:  # (refused, not ignored: an option that does nothing misleads)
         raise typer.BadParameter(f"{kind} queries take no {', '.join(unused)}")
+    if mode not in ("image", "title", "fused"):
+        raise typer.BadParameter(f"--mode takes image, title or fused, not {mode!r}")
+    if board_score not in ("topm", "centroid"):
+        raise typer.BadParameter(f"--board-score takes topm or centroid, not {board_score!r}")
     if "--alpha" in flags and mode != "fused":
         raise typer.BadParameter("--alpha weighs --mode fused only")
     if classify:

@@ -231,6 +231,12 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
                         else ""
                     )
                     raise ValueError(f"study {path}: {exc}{hint}") from None
+    fused = [b for b in data["backbones"] if "+" in b]
+    if "zeroshot" in data["heads"] and fused:
+        raise ValueError(
+            f"study {path}: the zeroshot head compares prompts with one backbone's vectors; "
+            f"fused features {fused} have no text encoder: list them in a study without it"
+        )
     for key in ("backbones", "drop"):
         if key in data:
             data[key] = tuple(data[key])

@@ -97,11 +97,13 @@ def test_load_study_parses_and_validates(tmp_path: Path) -> None:
         ("seed = 5000000000\n[heads.knn]", "'seed' must be at most 4294967295"),
         ('device = "banana"\n[heads.knn]', "device must be auto, cpu, gpu or cuda"),
         ("n_jobs = 0\n[heads.knn]", "n_jobs must be a number of jobs"),
+        ('backbones = ["a", "a+b"]\n[heads.zeroshot]', r"fused features \['a\+b'\] have no"),
     ],
 )
 def test_load_study_refuses_values_before_any_cell(tmp_path: Path, text: str, match: str) -> None:
     study = tmp_path / "s.toml"
-    study.write_text(f'name = "x"\nstore = "s"\nbackbones = ["a"]\n{text}\n')
+    backbones = "" if text.startswith("backbones") else 'backbones = ["a"]\n'
+    study.write_text(f'name = "x"\nstore = "s"\n{backbones}{text}\n')
     with pytest.raises(ValueError, match=match):
         load_study(study)
 
