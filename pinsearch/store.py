@@ -793,8 +793,12 @@ def _publish_snapshot(root: Path) -> None:
     if snap.is_file() and snap.stat().st_mtime_ns >= catalog.stat().st_mtime_ns:
         return
     tmp = snap.with_name(snap.name + ".tmp")
-    shutil.copyfile(catalog, tmp)
-    replace_durably(tmp, snap)
+    try:
+        shutil.copyfile(catalog, tmp)
+        replace_durably(tmp, snap)
+    except BaseException:  # (a full disk: no half copy left behind)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _private_copy(catalog: Path) -> Path:
