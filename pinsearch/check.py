@@ -32,7 +32,7 @@ import numpy as np
 
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
-from pinsearch.store import Store, catalog_error, lock_holder
+from pinsearch.store import Store, catalog_error, damaged, lock_holder
 from pinsearch.text import (
     TEXT_SPACE_SUFFIX,
     lacking_titles,
@@ -322,6 +322,8 @@ def check_store(path: str | Path, *, sources: bool = True) -> CheckReport:
             if sources:
                 _check_sources(store, report)
         except duckdb.Error as exc:  # (pages read as they are needed: damage shows here)
+            if not damaged(exc):
+                raise
             raise catalog_error(store.root, exc) from exc
         return report
 

@@ -65,8 +65,9 @@ def _head_base(store: Store, name: str) -> Path:
     """A new base path for a head's files: its name made safe, and a token of this save. Each
     save writes new files (two names made alike, such as ``my head`` and ``my_head``, never
     share them), and the catalog row switches to them at once: a retrain stopped midway
-    leaves the previous head whole. The writer that opens the store next deletes the files no
-    row names (:meth:`~pinsearch.store.Store.stray_head_files`)."""
+    leaves the previous head whole. The replaced files stay for readers of older snapshots
+    until the second writer after this one opens
+    (:meth:`~pinsearch.store.Store.remove_stray_head_files`)."""
     safe = backbone_dirname(name.replace("/", "__"))[:_NAME_CHARS]
     return store.root / "heads" / f"{safe}-{secrets.token_hex(6)}"
 
@@ -85,6 +86,9 @@ def save_store_head(
     """Save a fitted head into the store and record it in the catalog."""
     base = _head_base(store, name)
     save_head(estimator, base)
+    old = store.catalog.query("SELECT file FROM heads WHERE name = ?", [name])
+    if old:  # the replaced files, for readers of snapshots from before (see Store.open)
+        store.retire_head_files(store.root / old[0]["file"])
     info = HeadInfo(
         name=name,
         backbone=backbone,

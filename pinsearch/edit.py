@@ -155,20 +155,28 @@ def add_corpus(
         # embeds the new ones only, not every pin it left out
         every, _ = store.catalog.pin_columns()
         before = int(np.count_nonzero(every < first_new))
-        partial = {b for b in backbones if len(store.vectors(b)) < before}
+        partial = {  # (by the pins stored before: a stopped add's may be embedded already)
+            b for b in backbones
+            if np.count_nonzero(store.vectors(b).sorted_keys() < first_new) < before
+        }  # fmt: skip
         unfinished = len(every) > before  # (pins of the add that stopped: heads go stale)
-        for i, backbone in enumerate(backbones):
-            model = create_backbone(
-                backbone, weights=embeds[backbone].weights,
-                device=resolve_device(embeds[backbone].device),
-            )  # fmt: skip
-            report = index_into(
-                store, corpus if i == 0 else None, model=model, backbone=backbone,
-                ingest=ingest, embed=embeds[backbone], asked={}, progress=progress,
-                select=_pins_from(first_new) if backbone in partial else None,
-            )  # fmt: skip
-            reports.append(report)
-            del model
+        try:
+            for i, backbone in enumerate(backbones):
+                model = create_backbone(
+                    backbone, weights=embeds[backbone].weights,
+                    device=resolve_device(embeds[backbone].device),
+                )  # fmt: skip
+                report = index_into(
+                    store, corpus if i == 0 else None, model=model, backbone=backbone,
+                    ingest=ingest, embed=embeds[backbone], asked={}, progress=progress,
+                    select=_pins_from(first_new) if backbone in partial else None,
+                )  # fmt: skip
+                reports.append(report)
+                del model
+        except BaseException:
+            if pending is None and not np.any(store.catalog.pin_columns()[0] >= first_new):
+                store.catalog.delete_meta(_ADD_PENDING)  # (stopped before storing a pin)
+            raise
         first = reports[0]
         stale = sorted({h for r in reports for h in r.stale_heads})  # (labels changed)
         if first.added or unfinished or any(r.embedded for r in reports):
@@ -253,12 +261,13 @@ def remove_pins(
 ) -> RemoveReport:
     """Remove pins (by id, board or user) with their vectors and index entries.
 
-    Order of work: vectors first (each backbone's parts swapped in one transaction), then the
-    catalog rows (one transaction), then the derived indexes: their entries removed in place
-    where FAISS can (Flat, IVF, PQ, SQ: no retraining, seconds at a million pins), rebuilt
-    from the stored vectors otherwise (HNSW, refine, fast-scan). A crash before the
-    catalog commit leaves the pins in place with fewer vectors (``pinsearch index`` re-embeds
-    them); after it, ``pinsearch repair`` (or the next ``add``/``index``) rebuilds indexes.
+    Order of work: every backbone's rewritten vector parts written (each old part checked
+    first: a damaged one stops the remove with nothing changed), then one transaction swaps
+    them, deletes the pins' rows and marks the heads stale, then the derived indexes: their
+    entries removed in place where FAISS can (Flat, IVF, PQ, SQ: no retraining, seconds at a
+    million pins), rebuilt from the stored vectors otherwise (HNSW, refine, fast-scan). A
+    crash before the commit changes nothing (its new files are removed by the next writer);
+    after it, the next writer takes the entries out of the indexes.
 
     Raises:
         PinNotFoundError: an id, board or user matches nothing (nothing is removed).
@@ -290,7 +299,7 @@ def remove_pins(
                 _set_pending(store, name, np.setdiff1d(noted, keys).tolist())
             # heads that learnt from these pins (marked here: a remove stopped after this
             # commit finds nothing left to remove, and would not mark them)
-            stale = store.mark_heads_stale(store.backbones()) if gone_ids else []
+            stale = store.mark_heads_stale([n for n in plans if "#" not in n])
     except BaseException:
         for name, plan in plans.items():
             if plan is not None:

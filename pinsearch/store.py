@@ -55,6 +55,7 @@ STORE_FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 _CATALOG = "catalog.duckdb"
 _SNAPSHOT = "catalog.readers.duckdb"  # what readers open while a writer holds the catalog
+_RETIRED_HEADS = "retired_head_files"  # catalog meta: heads' files the last write replaced
 _STORE_FILE = "store.json"
 
 
@@ -234,7 +235,7 @@ class Store:
         except Exception as exc:
             if lock is not None:
                 lock.release()
-            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+            if _locked(exc):
                 holder = (
                     f"a reader that did not close it within {wait:g} s (a long-running reader "
                     "should open with detach=True, as pinsearch serve does)"
@@ -245,7 +246,7 @@ class Store:
                     f"store {root} is open in another process: {holder}; DuckDB allows one "
                     f"writer or several readers at a time: {exc}"
                 ) from exc
-            if isinstance(exc, duckdb.Error):  # (a file cut short, overwritten, not DuckDB's)
+            if damaged(exc):  # (a file cut short, overwritten, not DuckDB's)
                 raise catalog_error(root, exc) from exc
             raise
         store = cls(root, catalog, lock)
@@ -257,9 +258,9 @@ class Store:
                 catalog.set_meta("last_written_by", __version__)
                 for backbone in store.backbones(text_spaces=True):
                     store.vectors(backbone).remove_orphans()
-                # a killed save's temporary files, and heads' files a retrain replaced
-                for stray in [*store.stray_index_files(), *store.stray_head_files()]:
+                for stray in store.stray_index_files():  # a killed save's temporary files
                     stray.unlink()
+                store.remove_stray_head_files()
             if verify and not snapshot:  # a snapshot may lag the index files a writer updates
                 problems = store._id_map_problems(saves=not read_only)
                 if problems and read_only:
@@ -268,7 +269,7 @@ class Store:
                     store._heal_indexes(problems)
         except BaseException as exc:
             store.close()  # the lock goes with it
-            if isinstance(exc, duckdb.Error):  # (its pages are read as they are needed)
+            if damaged(exc):  # (its pages are read as they are needed)
                 raise catalog_error(root, exc) from exc
             raise
         _logger.debug("opened store %s (format %s)", root, meta["format_version"])
@@ -369,8 +370,8 @@ class Store:
 
     def stray_head_files(self) -> list[Path]:
         """Files of the heads folder no head's catalog row names: those of a head trained
-        again (the readers of the snapshot published as this writer opened the store name the
-        new ones), of a save that was killed."""
+        again (kept a while for readers: :meth:`remove_stray_head_files`), of a save that was
+        killed."""
         folder = self.root / "heads"
         if not folder.is_dir():
             return []
@@ -380,6 +381,27 @@ class Store:
             for ext in (".npz", ".json")
         }
         return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
+
+    def retire_head_files(self, base: Path) -> None:
+        """Note the files of a head a retrain replaced (``base`` + ``.npz``/``.json``): they
+        stay, as retired vector parts do, until the second writer after this one opens, for
+        readers of the snapshots published before (a head loads when first asked for)."""
+        names = json.loads(self.catalog.get_meta(_RETIRED_HEADS) or "[]")
+        self.catalog.set_meta(_RETIRED_HEADS, json.dumps([*names, base.name]))
+
+    def remove_stray_head_files(self) -> int:
+        """Delete the heads folder's files no row names (:meth:`stray_head_files`) but those
+        the last write retired, which the write before's become (as vector parts'); returns
+        how many went."""
+        last = json.loads(self.catalog.get_meta(_RETIRED_HEADS) or "[]")
+        if last or self.catalog.get_meta(_RETIRED_HEADS + "/before"):
+            self.catalog.set_meta(_RETIRED_HEADS + "/before", json.dumps(last))
+            self.catalog.set_meta(_RETIRED_HEADS, "[]")
+        kept = {f"{name}{ext}" for name in last for ext in (".npz", ".json")}
+        gone = [f for f in self.stray_head_files() if f.name not in kept]
+        for f in gone:
+            f.unlink()
+        return len(gone)
 
     def index_base(self, name: str) -> Path:
         """Base path (no extension) of an index's files."""
@@ -763,10 +785,35 @@ def _torn_save(files: dict[str, Path]) -> bool:
 
 def catalog_error(root: Path, exc: Exception) -> CatalogError:
     """The error a store whose catalog DuckDB cannot read gives (a file cut short, written
-    over, not DuckDB's), naming the file and DuckDB's words."""
+    over, not DuckDB's), with DuckDB's words (which name the file)."""
     return CatalogError(
-        f"the catalog of store {root} cannot be read ({type(exc).__name__}: {exc}); restore "
-        f"{_CATALOG} from a copy: the vectors and indexes are read through it"
+        f"the catalog of store {root} cannot be read ({type(exc).__name__}: {exc}); if it was "
+        f"damaged, restore {_CATALOG} from a copy: the vectors and indexes are read through it"
+    )
+
+
+def _locked(exc: BaseException) -> bool:
+    """Whether a DuckDB error says another process holds the file (DuckDB: "Could not set
+    lock on file ...: Conflicting lock is held"; not any message with "lock" in it, such as
+    a damaged "block")."""
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.Error) and (
+        "could not set lock" in text or "conflicting lock" in text
+    )
+
+
+_NOT_DAMAGE = ("no space left", "disk full", "permission denied", "read-only file system")
+
+
+def damaged(exc: BaseException) -> bool:
+    """Whether a DuckDB error met opening or reading the catalog says the file is damaged:
+    not a lock, nor a full disk or a permission (whose own words are clearer, and restoring
+    an older copy would lose writes)."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, duckdb.Error)
+        and not _locked(exc)
+        and not any(t in text for t in _NOT_DAMAGE)
     )
 
 
@@ -825,7 +872,7 @@ def _open_catalog(path: Path, wait: float) -> Catalog:
     return _retry(
         lambda: Catalog(path),
         seconds=wait,
-        when=lambda exc: isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower(),
+        when=_locked,
     )
 
 
@@ -845,7 +892,7 @@ def _open_for_reading(root: Path) -> tuple[Catalog, bool]:
         try:
             return Catalog(root / _CATALOG, read_only=True), False
         except duckdb.Error as exc:
-            locked = "lock" in str(exc).lower() or "configuration" in str(exc).lower()
+            locked = _locked(exc) or "configuration" in str(exc).lower()
             if not (locked and has_snapshot):
                 raise
     _logger.info("store %s is being written (%s); reading its snapshot", root, lock_holder(root))

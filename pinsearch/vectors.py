@@ -385,8 +385,17 @@ class VectorStore:
             self.catalog.set_meta(self._retired_key, json.dumps(self._listed(0) + names))
 
     def discard_drop(self, plan: DropPlan) -> None:
-        """Delete the files a staged drop wrote (its transaction did not commit)."""
+        """Delete the files a staged drop wrote that the catalog does not record (its
+        transaction did not commit; one stopped just after its commit keeps them)."""
+        recorded = {
+            r[0]
+            for r in self.catalog.connection.execute(
+                "SELECT file FROM vector_parts WHERE backbone = ?", [self.backbone]
+            ).fetchall()
+        }
         for _, rel, *_ in plan.add:
+            if rel in recorded:
+                continue
             for f in (self.root / rel, self._keys_path({"file": rel})):
                 f.unlink(missing_ok=True)
 

@@ -340,8 +340,16 @@ def test_a_damaged_catalog_is_one_clear_error(store_copy: Path, monkeypatch, cap
     from pinsearch.errors import CatalogError
 
     catalog = store_copy / "catalog.duckdb"
-    catalog.write_bytes(catalog.read_bytes()[: catalog.stat().st_size // 2])
-    (store_copy / "catalog.readers.duckdb").unlink(missing_ok=True)
+    good = catalog.read_bytes()
+    with Store.open(store_copy):  # (a writer publishes the readers' snapshot)
+        pass
+    assert (store_copy / "catalog.readers.duckdb").is_file()
+    catalog.write_bytes(good[:4096] + bytes(4096) + good[8192:])  # "Corrupt ... block"
+    with pytest.raises(CatalogError, match="cannot be read"):  # (not a writer's lock: the
+        Store.open(store_copy, read_only=True)  # snapshot is not read in its place)
+    with pytest.raises(CatalogError, match="cannot be read"):
+        check_store(store_copy)
+    catalog.write_bytes(good[: len(good) // 2])  # cut short
     with pytest.raises(CatalogError, match="cannot be read"):
         check_store(store_copy)
     said = _main_error(["check", "--store", str(store_copy)], monkeypatch, capsys)

@@ -175,7 +175,7 @@ def test_heads_whose_names_are_made_alike_keep_their_own_files(store_copy: Path)
     assert check_store(store_copy).ok
 
 
-def test_a_retrain_switches_files_at_once_and_the_next_writer_deletes_the_old(
+def test_a_retrain_switches_files_at_once_and_the_second_writer_after_deletes_the_old(
     store_copy: Path,
 ) -> None:
     from pinsearch.heads import create_head, save_head
@@ -191,11 +191,34 @@ def test_a_retrain_switches_files_at_once_and_the_next_writer_deletes_the_old(
         save_head(killed, store_copy / "heads" / "h-killed")
         pin = store.catalog.query("SELECT pin_id, board FROM pins LIMIT 1")[0]
         assert classify(store, pin_id=pin["pin_id"], head="h").predicted == pin["board"]
-    with Store.open(store_copy) as store:  # the next writer: only the row's files are left
+    with Store.open(store_copy):  # the next writer: the killed save's files go, the
+        left = _head_files(store_copy)  # replaced ones stay for readers of older snapshots
+        assert set(first) <= set(left) and "h-killed.npz" not in left and len(left) == 4
+    with Store.open(store_copy) as store:  # the second writer after: only the row's are left
         left = _head_files(store_copy)
-        assert len(left) == 2 and not set(left) & set(first) and "h-killed.npz" not in left
+        assert len(left) == 2 and not set(left) & set(first)
         assert classify(store, pin_id=pin["pin_id"], head="h").predicted == pin["board"]
     assert check_store(store_copy).ok
+
+
+def test_a_reader_of_an_older_snapshot_loads_the_head_it_knows_after_a_retrain(
+    store_copy: Path,
+) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, "test_efficientnet", "knn", {"n_neighbors": 1}, name="h")
+        pin = store.catalog.query("SELECT pin_id, category, board FROM pins LIMIT 1")[0]
+    writer = Store.open(store_copy)
+    try:
+        reader = Store.open(store_copy, read_only=True)  # the snapshot of before the retrain
+        train_head(writer, "test_efficientnet", "knn", {"n_neighbors": 1}, name="h",
+                   label="board")  # fmt: skip
+    finally:
+        writer.close()
+    with Store.open(store_copy):  # one more write
+        pass
+    with reader:
+        assert reader.snapshot
+        assert classify(reader, pin_id=pin["pin_id"], head="h").predicted == pin["category"]
 
 
 def test_check_names_a_head_whose_files_hold_other_classes(store_copy: Path) -> None:
