@@ -374,6 +374,13 @@ class Catalog:
                 "OR path IN (SELECT unnest(?))",
                 [ingest_id, changes.paths],
             )
+            # reading a pin skipped before, stored or not, went well this time (a board.json
+            # mended, an image put back in its folder): its reading's reasons are gone
+            self._con.execute(
+                "DELETE FROM skipped WHERE stage = 'ingest' AND (pin_id IN (SELECT unnest(?)) "
+                "OR path IN (SELECT unnest(?)))",
+                [[p.pin_id for p in read], [str(p.path) for p in read]],
+            )
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

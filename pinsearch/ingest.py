@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
+import decimal
 import json
 import logging
 import math
@@ -160,6 +162,10 @@ def _text(value: object) -> str:
         return str(int(value))  # a Parquet id column of floats: 1.0 is the CSV's 1
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, bytes | bytearray):  # (a Parquet binary column)
+        return bytes(value).decode("utf-8", errors="replace").strip()
+    if isinstance(value, decimal.Decimal | datetime.date | datetime.time):  # (Parquet types)
+        return str(value)
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
@@ -184,6 +190,8 @@ def _read_json(path: Path) -> dict[str, object]:
         raise ValueError(f"not UTF-8 ({exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"invalid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except RecursionError:  # (arrays in arrays, thousands deep)
+        raise ValueError("JSON nested too deep") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
     return data
@@ -328,8 +336,9 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
         if kind == "dir":
             pin_dir = Path(entry.path)
             try:
-                with os.scandir(pin_dir) as it:
-                    files = sorted((e for e in it if _kind(e) == "file"), key=lambda e: e.name)
+                with os.scandir(pin_dir) as it:  # (not hidden: macOS's ._photo.jpg)
+                    found = [e for e in it if _kind(e) == "file" and not e.name.startswith(".")]
+                files = sorted(found, key=lambda e: e.name)
             except OSError as exc:
                 yield replace(_unreadable(pin_dir, exc), pin_id=entry.name)
                 continue
@@ -510,8 +519,10 @@ def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
         return columns, _close_after(_csv_rows(reader, path), fh)
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    return list(table.column_names), iter(table.to_pylist())
+    columns = list(pq.read_schema(path).names)
+    if len(set(columns)) < len(columns):  # (named by read_manifest; the table would not read)
+        return columns, iter(())
+    return columns, iter(pq.read_table(path).to_pylist())
 
 
 def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]:
@@ -645,6 +656,12 @@ def iter_manifest(
                 "path_outside_root",
                 f"row {line} of {manifest}: {raw_path!r} is outside the corpus root {base}",
             )
+            continue
+        if not full.exists() and os.path.islink(base / rel):  # (realpath followed it)
+            yield SkippedPin(
+                str(base / rel), "broken_link",
+                f"row {line} of {manifest}: {raw_path!r} is a symbolic link to nothing",
+            )  # fmt: skip
             continue
         category = normalize_category(_text(row.get("category")))
         pin_id = _text(row.get("pin_id")) or default_id

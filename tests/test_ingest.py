@@ -926,3 +926,81 @@ def test_sampling_settings_are_checked_up_front_and_parquet_float_ids_read_as_cs
     from pinsearch.ingest import _text
 
     assert (_text(1.0), _text(float("nan")), _text(2.5)) == ("1", "", "2.5")
+
+
+def test_a_board_mended_since_is_no_longer_counted_as_skipped(tmp_path: Path) -> None:
+    """Its pins were skipped, then stored once board.json reads; and a pin folder whose image
+    came back: reading them went well, so the old reasons go (info counted them for good)."""
+    from pinsearch.store import Store
+
+    board = tmp_path / "c" / "user0" / "board0"
+    _write_board(board, "art")
+    for pin in ("p1", "p2"):
+        _write_pin(board, pin)
+    image = _write_pin(board, "p3")
+    (board / "board.json").write_text("{bad")
+    moved = image.rename(tmp_path / "p3.jpg")
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.catalog.add_ingest(read_corpus(tmp_path / "c"), "{}")
+        reasons = sorted(r["reason"] for r in store.catalog.query("SELECT reason FROM skipped"))
+        assert reasons == ["malformed_board_json"] * 3
+        _write_board(board, "art")  # mended: two stored, one folder without its image
+        store.catalog.add_ingest(read_corpus(tmp_path / "c"), "{}")
+        assert [r["reason"] for r in store.catalog.query("SELECT reason FROM skipped")] == [
+            "no_image"
+        ]
+        moved.rename(image)  # the image put back
+        again = read_corpus(tmp_path / "c", exclude_ids=store.catalog.pin_id_paths())
+        store.catalog.add_ingest(again, "{}")
+        assert store.catalog.count_pins() == 3
+        assert store.catalog.query("SELECT * FROM skipped") == []
+
+
+def test_deep_json_and_hidden_files_in_pin_folders(tmp_path: Path) -> None:
+    board = tmp_path / "c" / "user0" / "board0"
+    _write_board(board, "art")
+    _write_pin(board, "deep", pin_json='{"title": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    shown = _write_pin(board, "mac")  # copied from a Mac: its AppleDouble file beside it
+    (shown.parent / f"._{shown.name}").write_bytes(b"\x00\x05\x16\x07 not an image")
+    result = read_corpus(tmp_path / "c")
+    assert [p.pin_id for p in result.pins] == ["mac"] and result.pins[0].path == shown
+    assert [(s.pin_id, s.reason) for s in result.skipped] == [("deep", "malformed_pin_json")]
+    assert "nested too deep" in result.skipped[0].detail
+
+
+def test_a_manifest_row_naming_a_link_to_nothing_is_a_broken_link(tmp_path: Path) -> None:
+    root, _ = _manifest_corpus(tmp_path)
+    (root / "img" / "gone.jpg").symlink_to(root / "img" / "nowhere.jpg")
+    rows = [{"path": "img/gone.jpg", "category": "art"}]
+    result = read_corpus(write_manifest(root, rows))
+    assert [s.reason for s in result.skipped] == ["broken_link"]
+
+
+def test_parquet_columns_of_other_types_and_named_twice(tmp_path: Path) -> None:
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "c"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (10, 10)).save(root / "img" / "0.jpg")
+    pq.write_table(
+        pa.table({
+            "path": pa.array([b"img/0.jpg"], pa.binary()),
+            "category": ["Art"],
+            "pin_id": pa.array([decimal.Decimal("260095629898002920")], pa.decimal128(20, 0)),
+            "title": [datetime.date(2020, 1, 1)],
+        }),
+        root / "m.parquet",
+    )  # fmt: skip
+    (pin,) = read_corpus(root / "m.parquet").pins
+    assert (pin.pin_id, pin.title, pin.path) == (
+        "260095629898002920", "2020-01-01", (root / "img" / "0.jpg").resolve()
+    )  # fmt: skip
+    table = pa.table([pa.array(["img/0.jpg"]), pa.array(["a"]), pa.array(["b"])],
+                     names=["path", "category", "category"])  # fmt: skip
+    pq.write_table(table, root / "twice.parquet")
+    with pytest.raises(CorpusError, match=r"names column\(s\) \['category'\] more than once"):
+        read_corpus(root / "twice.parquet")
