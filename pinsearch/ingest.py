@@ -501,6 +501,7 @@ def _folder_pins(
 #: where ``csv.DictReader`` puts the fields of a row beyond the header's (a comma in an unquoted
 #: title): such a row is skipped, not read with its columns shifted
 _SURPLUS = "\x00surplus"
+_CUT = "\x00cut"  # a row's mark: the file ends in it, short of the header's fields
 #: longest CSV field read (Python's default, 128 KiB, refuses a long description)
 _CSV_FIELD_LIMIT = 64 << 20
 
@@ -551,7 +552,19 @@ def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]
             f"manifest {path}: the quote opened in the row starting on line {opened} is never "
             "closed (the rest of the file would be one field)"
         )
+    if any(v is None for v in last.values()) and not _ends_a_line(path):
+        last[_CUT] = True  # (a file cut short: its fields would overwrite stored ones)
     yield last
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether a file's last byte ends a line (a file cut short mid-row does not)."""
+    with path.open("rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) in (b"\n", b"\r")
 
 
 def _unclosed_quote(path: Path) -> int | None:
@@ -571,6 +584,12 @@ def _unclosed_quote(path: Path) -> int | None:
 
 def _row_problem(row: dict[str, object], columns: list[str]) -> tuple[str, str] | None:
     """Why a manifest row cannot be read as its header says: (reason, detail), or None."""
+    if row.get(_CUT):
+        given = sum(v is not None for k, v in row.items() if k in columns)
+        return "malformed_row", (
+            f"the file ends in this row, with {given} of the header's {len(columns)} fields "
+            "(cut short?)"
+        )
     surplus = row.get(_SURPLUS)
     if surplus:
         n = len(surplus)  # type: ignore[arg-type]

@@ -1004,3 +1004,18 @@ def test_parquet_columns_of_other_types_and_named_twice(tmp_path: Path) -> None:
     pq.write_table(table, root / "twice.parquet")
     with pytest.raises(CorpusError, match=r"names column\(s\) \['category'\] more than once"):
         read_corpus(root / "twice.parquet")
+
+
+def test_a_manifest_cut_short_mid_row_skips_that_row(tmp_path: Path) -> None:
+    """Its fields would overwrite a stored pin's (a title cut to "Bl", a description emptied);
+    a short row that ends its line is read as before (trailing fields left out)."""
+    root, _ = _manifest_corpus(tmp_path)
+    text = "path,category,title,description\nimg/in.jpg,art,Blue car,Another\n"
+    manifest = root / "m.csv"
+    manifest.write_text(text[: text.index("Blue") + 2])  # ends in "Bl"
+    result = read_corpus(manifest)
+    assert result.pins == [] and [s.reason for s in result.skipped] == ["malformed_row"]
+    assert "3 of the header's 4 fields" in result.skipped[0].detail
+    manifest.write_text("path,category,title,description\nimg/in.jpg,art,Blue car\n")
+    (pin,) = read_corpus(manifest).pins
+    assert (pin.title, pin.description) == ("Blue car", "")
