@@ -337,12 +337,18 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
             pin_dir = Path(entry.path)
             try:
                 with os.scandir(pin_dir) as it:  # (not hidden: macOS's ._photo.jpg)
-                    found = [e for e in it if _kind(e) == "file" and not e.name.startswith(".")]
-                files = sorted(found, key=lambda e: e.name)
+                    listed = [(e, _kind(e)) for e in it if not e.name.startswith(".")]
+                files = sorted((e for e, k in listed if k == "file"), key=lambda e: e.name)
             except OSError as exc:
                 yield replace(_unreadable(pin_dir, exc), pin_id=entry.name)
                 continue
             image = _pick_image(pin_dir, files)
+            unusable = [_stray(e, k, "") for e, k in sorted(listed, key=lambda x: x[0].name)
+                        if k in ("broken", "other")] if image is None else []  # fmt: skip
+            why = next((u for u in unusable if u is not None), None)
+            if why is not None:  # its image is a link to nothing, or a FIFO: said so
+                yield replace(why, pin_id=entry.name if _valid_name(entry.name) else None)
+                continue
             pin_id = entry.name
             pin_json = pin_dir / "pin.json"
         elif kind == "file" and is_image_file(Path(entry.name)):

@@ -1019,3 +1019,19 @@ def test_a_manifest_cut_short_mid_row_skips_that_row(tmp_path: Path) -> None:
     manifest.write_text("path,category,title,description\nimg/in.jpg,art,Blue car\n")
     (pin,) = read_corpus(manifest).pins
     assert (pin.title, pin.description) == ("Blue car", "")
+
+
+def test_a_pin_folder_whose_image_is_a_link_to_nothing_or_a_fifo_says_so(tmp_path: Path) -> None:
+    board = tmp_path / "c" / "user0" / "board0"
+    _write_board(board, "art")
+    _write_pin(board, "good")
+    (board / "gone").mkdir()
+    (board / "gone" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (board / "pipe").mkdir()
+    os.mkfifo(board / "pipe" / "pipe.jpg")
+    (board / "empty").mkdir()
+    result = read_corpus(tmp_path / "c")
+    assert [p.pin_id for p in result.pins] == ["good"]
+    assert sorted((s.pin_id, s.reason) for s in result.skipped) == [
+        ("empty", "no_image"), ("gone", "broken_link"), ("pipe", "not_a_file")
+    ]  # fmt: skip
