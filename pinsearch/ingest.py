@@ -243,15 +243,18 @@ def _kind(entry: os.DirEntry[str]) -> str:
 def _unreadable(folder: str | Path, exc: OSError) -> SkippedPin:
     """A folder that cannot be listed: its pins are unknown, so it counts as one."""
     return SkippedPin(
-        str(folder), "unreadable", f"folder {folder} cannot be read: {exc.strerror or exc}"
-    )
+        os.path.abspath(folder), "unreadable",
+        f"folder {folder} cannot be read: {exc.strerror or exc}",
+    )  # fmt: skip
 
 
 def _stray(entry: os.DirEntry[str], kind: str, where: str) -> SkippedPin | None:
     """An entry that is not a pin where pins or their folders are expected: recorded when it
     may have been one (an image, a link to nothing, a FIFO named like an image), else None."""
     image = is_image_file(Path(entry.name))
-    path = entry.path.encode("utf-8", "backslashreplace").decode("utf-8")
+    # absolute (not resolved: a link is named as it lies), so a run from another folder or by
+    # another spelling of the root records the same file once
+    path = os.path.abspath(entry.path).encode("utf-8", "backslashreplace").decode("utf-8")
     if kind == "broken":
         return SkippedPin(path, "broken_link", f"{path} is a symbolic link to nothing (or a loop)")
     if kind == "other" and image:

@@ -1035,3 +1035,20 @@ def test_a_pin_folder_whose_image_is_a_link_to_nothing_or_a_fifo_says_so(tmp_pat
     assert sorted((s.pin_id, s.reason) for s in result.skipped) == [
         ("empty", "no_image"), ("gone", "broken_link"), ("pipe", "not_a_file")
     ]  # fmt: skip
+
+
+def test_strays_are_recorded_once_whatever_the_roots_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pinsearch.store import Store
+
+    board = tmp_path / "c" / "user0" / "board0"
+    _write_board(board, "art")
+    _write_pin(board, "p1")
+    Image.new("RGB", (20, 20)).save(tmp_path / "c" / "stray.jpg")
+    monkeypatch.chdir(tmp_path)
+    with Store.open(tmp_path / "s", create=True) as store:
+        for root in ("c", str(tmp_path / "c"), "./c"):
+            store.catalog.add_ingest(read_corpus(root), "{}")
+        rows = store.catalog.query("SELECT path, reason FROM skipped")
+    assert rows == [{"path": str(tmp_path / "c" / "stray.jpg"), "reason": "not_in_board"}]
