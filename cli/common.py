@@ -87,7 +87,7 @@ NprobeOpt = Annotated[
     int | None, typer.Option(min=1, help="IVF lists visited per query (default nlist / 16).")
 ]
 EfSearchOpt = Annotated[
-    int | None, typer.Option(min=1, help="HNSW efSearch (default 64; FAISS searches at least k).")
+    int | None, typer.Option(min=1, help="HNSW efSearch (default 64; at least k).")
 ]
 PrecisionOpt = Annotated[
     str | None,

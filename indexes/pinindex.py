@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import operator
 import os
 import re
 import threading
@@ -387,8 +389,8 @@ class PinIndex:
             return True
         if not isinstance(cpu, faiss.IndexIVF) or cpu.direct_map.type != faiss.DirectMap.NoMap:
             return False
-        if isinstance(cpu, faiss.IndexIVFPQR):  # its refinement codes have no removal
-            return False
+        if isinstance(cpu, faiss.IndexIVFPQR | faiss.IndexIVFFlatDedup):
+            return False  # refinement codes, a table of duplicates: no removal of their own
         # Only plain in-memory lists: FAISS 1.15 removes from fast-scan's packed blocks
         # (BlockInvertedLists) entry by entry and leaves vectors added afterwards unfindable.
         return isinstance(faiss.downcast_InvertedLists(cpu.invlists), faiss.ArrayInvertedLists)
@@ -453,11 +455,12 @@ class PinIndex:
             _logger.warning("index %s stays on the CPU: %s", self.factory, reason)
         self._cpu = cpu if self.on_gpu else None
 
-    def _params(self, selector: Any = None) -> Any:
-        """Search parameters for this index on the CPU: nprobe / efSearch and the selector."""
+    def _params(self, selector: Any = None, k: int = 0) -> Any:
+        """Search parameters for this index on the CPU, for ``k`` neighbours: nprobe /
+        efSearch and the selector."""
         if self.on_gpu:
             return None  # GPU indexes get nprobe when placed (_place) and take no selector
-        return _search_params(self.index, self.config, selector)
+        return _search_params(self.index, self.config, selector, k)
 
     def search(
         self,
@@ -483,6 +486,7 @@ class PinIndex:
             ``(scores, keys)``, each (nq, k); missing results have key -1 and score NaN.
             Scores are similarities for cosine/ip and distances (squared for l2) otherwise.
         """
+        k = operator.index(k)  # (a numpy integer: FAISS's binding takes a Python int)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         q = self.prepare(queries)
@@ -491,7 +495,7 @@ class PinIndex:
             if k_eff == 0:
                 return _empty(len(q), k)
             if allowed is None:
-                d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params()))
+                d, pos = self._deepen(q, *self._raw_search(q, k_eff, self._params(k=k_eff)))
             else:
                 d, pos = self._filtered_search(q, k_eff, allowed, host_copy)
             return self._to_keys(d, pos, k)
@@ -515,7 +519,7 @@ class PinIndex:
             return self._exact_engine().search(q, k)
         if self.on_gpu and k > GPU_MAX_NPROBE:  # the same limit holds for k
             cpu = self.cpu_index()
-            return cpu.search(q, k, params=_search_params(cpu, self.config))
+            return cpu.search(q, k, params=_search_params(cpu, self.config, k=k))
         with self._gpu_turn():
             return self.index.search(q, k, params=params)
 
@@ -555,7 +559,7 @@ class PinIndex:
         cpu = self.cpu_index()  # past the GPU's nprobe limit: the CPU copy
         while short.size and nprobe < nlist:
             nprobe = min(nprobe * 4, nlist)
-            params = _search_params(cpu, replace(self.config, nprobe=nprobe))
+            params = _search_params(cpu, replace(self.config, nprobe=nprobe), k=k)
             d[short], pos[short] = cpu.search(q[short], k, params=params)
             short = short[(pos[short] < 0).any(axis=1)]
         return d, pos
@@ -588,7 +592,7 @@ class PinIndex:
         packed = np.packbits(bitmap, bitorder="little")
         selector = faiss.IDSelectorBitmap(packed.size, faiss.swig_ptr(packed))  # n: bytes
         try:
-            d, pos = target.index.search(q, k, params=target._params(selector))
+            d, pos = target.index.search(q, k, params=target._params(selector, k))
         except RuntimeError as exc:
             # Some index types take no id selector (PQ, LSH, fast-scan, residual
             # quantisers, NSG): ask the index for more and keep the allowed hits.
@@ -628,12 +632,11 @@ class PinIndex:
                 for i in range(0, len(q), rows)
             ]
             return np.concatenate([d for d, _ in parts]), np.concatenate([p for _, p in parts])
-        params = self._params()
         share = max(int(bitmap.sum()), 1) / self.ntotal
         depth = min(deepest, max(4 * k, int(2 * k / share)))
         while True:
             with self._gpu_turn():
-                d, pos = self.index.search(q, depth, params=params)
+                d, pos = self.index.search(q, depth, params=self._params(k=depth))
             keep = (pos >= 0) & bitmap[np.clip(pos, 0, None)]
             if depth >= deepest or (keep.sum(axis=1) >= k).all():
                 break
@@ -848,22 +851,24 @@ def _nlist(index: Any) -> int:
     return int(ivf.nlist if ivf is not None else inner.nlist)
 
 
-def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any:
-    """FAISS search parameters for a CPU index, following its wrappers.
+def _search_params(index: Any, config: IndexConfig, selector: Any = None, k: int = 0) -> Any:
+    """FAISS search parameters for a CPU index searched for ``k`` neighbours, following its
+    wrappers.
 
-    IVF gets ``nprobe`` (``config.nprobe``, else nlist / 16), HNSW ``efSearch`` (at least
-    64), a refine wrapper its own parameters (``k_factor`` = ``config.refine`` when set)
-    around its base index's; a pre-transform passes its parameters on. None when there is
-    nothing to set.
+    IVF gets ``nprobe`` (``config.nprobe``, else nlist / 16), HNSW ``efSearch``
+    (``config.ef_search``, else 64; at least ``k``: FAISS takes a smaller one as it is, and
+    answers fewer or worse neighbours), a refine wrapper its own parameters (``k_factor`` =
+    ``config.refine`` when set) around its base index's, which searches ``k * k_factor``; a
+    pre-transform passes its parameters on. None when there is nothing to set.
     """
     import faiss
 
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexPreTransform):
-        return _search_params(index.index, config, selector)
+        return _search_params(index.index, config, selector, k)
     if isinstance(index, faiss.IndexRefine):
-        base = _search_params(index.base_index, config, selector)
         k_factor = float(config.refine) if config.refine else index.k_factor
+        base = _search_params(index.base_index, config, selector, math.ceil(k * k_factor))
         params = faiss.IndexRefineSearchParameters(k_factor=k_factor, sel=selector)
         params.base_index_params = base
         params.pinsearch_base = base  # the Python object owns the C++ one: keep it alive
@@ -871,8 +876,8 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None) -> Any
     if isinstance(index, faiss.IndexIVF):
         return faiss.SearchParametersIVF(sel=selector, nprobe=_nprobe(config, index.nlist))
     if isinstance(index, faiss.IndexHNSW):
-        ef = config.ef_search if config.ef_search is not None else 64  # (FAISS: at least k)
-        return faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        ef = config.ef_search if config.ef_search is not None else 64
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=max(ef, k))
     return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 

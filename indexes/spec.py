@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +38,7 @@ METRICS: tuple[str, ...] = ("cosine", "ip", "l2", "l1")
 EXACT_MAX = 100_000
 
 _PQ_CHOICES = (128, 96, 64, 48, 32, 24, 16, 12, 8, 4)
+_PQ_TRAIN_MIN = 256  # vectors to train 8-bit PQ codes (one centroid each)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class IndexConfig:
     refine: int = 0
     memory_budget: int | None = None  # bytes for the index; None = half the machine's RAM
     nprobe: int | None = None  # IVF lists visited per query (None: about nlist / 16)
-    ef_search: int | None = None  # HNSW search breadth (None: 64); FAISS searches at least k
+    ef_search: int | None = None  # HNSW search breadth (None: 64); raised to k where smaller
     max_train: int = 200_000  # most vectors used to train IVF / PQ
     seed: int = 0  # seed of the training sample
 
@@ -112,11 +113,31 @@ def validate_factory(factory: str, metric: str = "cosine") -> str:
         raise ValueError(
             f"factory {factory!r}: drop the IDMap prefix; pinsearch maps ids to pins itself"
         )
-    if metric == "l1" and re.search(r"PQ|SQ|LSH|RQ", text):
+    if metric == "l1" and not _L1_FACTORY.fullmatch(text):
         raise ValueError(
-            f"factory {factory!r} compresses vectors; metric 'l1' needs Flat, IVF...,Flat or HNSW"
+            f"factory {factory!r}: metric 'l1' needs the raw vectors, searched as they are: "
+            "Flat, IVF<n>,Flat or HNSW<M> (no compression, transform or refine step)"
         )
+    for name, value, least in _sizes(text):
+        if value < least:
+            raise ValueError(f"factory {factory!r}: {name} {value} must be at least {least}")
     return text
+
+
+# what FAISS computes L1 on: raw vectors without a transform (a rotation or PCA keeps L2
+# and inner products, not L1) or a refine step (whose flat store has no L1)
+_L1_FACTORY = re.compile(r"Flat|IVF\d+,Flat|HNSW\d+(?:,Flat)?")
+
+
+def _sizes(text: str) -> Iterator[tuple[str, int, int]]:
+    """``(what, value, least)`` of the sizes a factory string gives that FAISS would take
+    and then crash, hang or fail every search on (``HNSW1``, ``IVF0``, ``PQ8x0``)."""
+    for name, value in re.findall(r"(IVF|HNSW|NSG)(\d+)", text):
+        yield f"{name}'s size", int(value), 1 if name == "IVF" else 2
+    for m, bits in re.findall(r"PQ(\d+)(?:x(\d+))?", text):
+        yield "PQ's sub-quantizers", int(m), 1
+        if bits:
+            yield "PQ's bits", int(bits), 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -203,6 +224,12 @@ def choose_factory(
             f"{n} vectors of dim {dim} take {raw} bytes uncompressed, over the memory budget "
             f"of {budget} bytes, and metric 'l1' cannot use compressed (PQ) codes; use metric "
             "cosine or l2, or a larger budget"
+        )
+    if n < _PQ_TRAIN_MIN:  # (auto would pick what it cannot train)
+        raise ValueError(
+            f"{n} vectors of dim {dim} take {raw} bytes, over the memory budget of {budget} "
+            f"bytes, and are too few to train PQ codes ({_PQ_TRAIN_MIN} at least): use a "
+            "larger budget"
         )
     for m in _PQ_CHOICES:
         if pq_codes is not None and m not in pq_codes:
