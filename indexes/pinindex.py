@@ -206,6 +206,8 @@ class PinIndex:
         default=None, repr=False
     )  # argsort, sorted
     _exact: TorchExact | None = field(default=None, repr=False)  # reduced-precision scan
+    # where it searches when not where it was saved for (a GPU index loaded without a GPU)
+    _device: str | None = field(default=None, repr=False)
     _edits: _EditLock = field(default_factory=_EditLock, repr=False, compare=False)
 
     @property
@@ -672,7 +674,7 @@ class PinIndex:
                 x,
                 metric="l2" if self.config.metric == "l2" else "ip",
                 precision=self.config.precision,
-                device=self.config.device,
+                device=self._device or self.config.device,
                 refine=self.config.refine,
             )
         return self._exact
@@ -890,6 +892,16 @@ def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), np.nan, np.float32), np.full((nq, k), -1, np.int64)
 
 
+def _has_gpu(by_torch: bool) -> bool:
+    """Whether the library that would search on it sees a GPU: torch (the 16-bit scan) or
+    FAISS."""
+    if by_torch:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return gpu_count() > 0
+
+
 def _torch_exact(config: IndexConfig, factory: str) -> bool:
     """Whether unfiltered searches use :class:`TorchExact` instead of FAISS."""
     return config.precision != "float32" and factory == "Flat" and config.metric != "l1"
@@ -901,6 +913,8 @@ def _place(
     """The index where ``config`` wants it: on the GPU(s) when asked (or ``auto`` and FAISS
     sees one) and FAISS-GPU can hold it with ``n_vectors`` (default: what it holds)."""
     if _torch_exact(config, factory):  # torch holds the device copy, in 16 bits
+        if config.device == "gpu" and not _has_gpu(True):
+            raise DeviceError("index device 'gpu' was asked for but torch sees no CUDA device")
         return cpu_index, False
     if config.device == "gpu" and gpu_count() == 0:
         raise DeviceError("device='gpu' was asked for but faiss sees no GPU")
@@ -1158,9 +1172,10 @@ def load_index(
     asked = search_overrides(config) if config is not None else {}
     saved = replace(saved, **asked)
     where = saved
-    if place and saved.device == "gpu" and "device" not in asked and gpu_count() == 0:
+    by_torch = _torch_exact(saved, meta["factory"])  # (the 16-bit scan: torch's GPU)
+    if place and saved.device == "gpu" and "device" not in asked and not _has_gpu(by_torch):
         # saved for a GPU, not asked for one now: the CPU searches it (saved as it was)
-        _logger.warning("index %s was saved for the GPU; faiss sees none: on the CPU", path)
+        _logger.warning("index %s was saved for the GPU; none is seen: on the CPU", path)
         where = replace(saved, device="cpu")
     index, on_gpu = _place(cpu, where, meta["factory"]) if place else (cpu, False)
     loaded = PinIndex(
@@ -1172,6 +1187,7 @@ def load_index(
         meta.get("backbone", ""),
         float(meta.get("build_seconds", 0.0)),
         on_gpu,
+        _device=where.device,
     )
     if loaded._rounds_vectors():
         loaded._cpu = cpu  # the vectors of record (the GPU copy holds them in float16)

@@ -552,6 +552,18 @@ def test_an_index_saved_for_the_gpu_loads_on_the_cpu_without_one(tmp_path: Path)
     assert index.search(x[:2], 1)[1][:, 0].tolist() == _keys(50)[:2].tolist()
     with pytest.raises(DeviceError, match="no GPU"):  # asked for now: told it is not there
         load_index(tmp_path / "ix", config={"device": "gpu"})
+    if torch_cuda_available():
+        return
+    half = load_index(tmp_path / "ix", config={"precision": "float16"})  # the 16-bit scan too
+    assert half.search(x[:2], 1)[1][:, 0].tolist() == _keys(50)[:2].tolist()
+    with pytest.raises(DeviceError, match="torch sees no CUDA"):  # (it saved, then failed)
+        build_index(x, _keys(50), IndexConfig(factory="Flat", precision="float16", device="gpu"))
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _flip_bytes(path: Path, at: int, n: int = 16) -> None:
