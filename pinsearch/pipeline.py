@@ -108,9 +108,11 @@ def index_corpus(
         backbone: registry name or ``timm:<model>``.
         ingest: reading rules (format, categories, sampling).
         embed: embedding settings (batch, device, normalisation, dtype, weights).
-        index: index settings: a full :class:`IndexConfig`, or a mapping of only the settings
-            to change (the rest come from the existing index, or the defaults for a new one).
-            Asking another factory or metric than the existing index has rebuilds it.
+        index: index settings: a mapping of only the settings to change (the rest come from
+            the existing index, or the defaults for a new one), or an :class:`IndexConfig`,
+            whose fields other than the defaults are those settings (a field left at its
+            default keeps the existing index's: ask ``{"metric": "cosine"}`` to go back to
+            it). Asking another factory or metric than the existing index has rebuilds it.
         index_name: defaults to the backbone name (or the backbone's only index). Every other
             index over the backbone is brought up to date as well.
         rebuild: rebuild the index from all stored vectors instead of adding to it.
