@@ -289,12 +289,16 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
     ``description``, ``link``). Images lying loose in a board folder are pins too (id = stem).
     """
     root = Path(root)
+    real_root = root.resolve()
     outside = "outside any <user>/<board>/ folder"
     for user_entry in _root_entries(root):
         kind = _kind(user_entry)
         if kind != "dir":
             if (stray := _stray(user_entry, kind, outside)) is not None:
                 yield stray
+            continue
+        if (elsewhere := _read_elsewhere(user_entry, real_root)) is not None:
+            yield elsewhere
             continue
         try:
             boards = _visible_entries(Path(user_entry.path))
@@ -303,13 +307,29 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
             continue
         for board_entry in boards:
             kind = _kind(board_entry)
-            if kind == "dir":
-                yield from _iter_board(Path(board_entry.path), user_entry.name)
+            if kind == "dir" and (elsewhere := _read_elsewhere(board_entry, real_root)):
+                yield elsewhere
+            elif kind == "dir":
+                yield from _iter_board(Path(board_entry.path), user_entry.name, real_root)
             elif (stray := _stray(board_entry, kind, outside)) is not None:
                 yield stray
 
 
-def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
+def _read_elsewhere(entry: os.DirEntry[str], root: Path) -> SkippedPin | None:
+    """A linked folder of a tree whose real folder lies in the tree (so read where it lies,
+    with the user, board and id of its place: a link must not give its pins another's), or a
+    loop: ``folder_read_before``. None for any other entry (a link out of the tree follows
+    the outside-the-root rule)."""
+    if not entry.is_symlink():
+        return None
+    real = Path(os.path.realpath(entry.path))
+    if not real.is_relative_to(root):
+        return None
+    path = os.path.abspath(entry.path)
+    return SkippedPin(path, "folder_read_before", f"folder {path} is {real}, read where it lies")
+
+
+def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | SkippedPin]:
     try:
         entries = _visible_entries(board_dir)
     except OSError as exc:
@@ -336,6 +356,9 @@ def _iter_board(board_dir: Path, user: str) -> Iterator[PinRecord | SkippedPin]:
         if entry.name == "board.json":
             continue
         kind = _kind(entry)
+        if kind == "dir" and (elsewhere := _read_elsewhere(entry, root)) is not None:
+            yield elsewhere
+            continue
         if kind == "dir":
             pin_dir = Path(entry.path)
             try:

@@ -1053,3 +1053,18 @@ def test_strays_are_recorded_once_whatever_the_roots_spelling(
             store.catalog.add_ingest(read, "{}")
         rows = store.catalog.query("SELECT path, reason FROM skipped")
     assert rows == [{"path": str(tmp_path / "c" / "stray.jpg"), "reason": "not_in_board"}]
+
+
+def test_a_linked_folder_inside_a_tree_is_read_where_it_lies(tmp_path: Path) -> None:
+    """A link to a user's, board's or pin's folder of the same tree gave its pins the link's
+    user and board (first in name order), and the real copies were duplicates."""
+    board = tmp_path / "c" / "user1" / "board0"
+    _write_board(board, "art")
+    _write_pin(board, "p1")
+    (tmp_path / "c" / "aaa_user").symlink_to(tmp_path / "c" / "user1")
+    (tmp_path / "c" / "user1" / "aaa_board").symlink_to(board)
+    (board / "aaa_pin").symlink_to(board / "p1")
+    result = read_corpus(tmp_path / "c")
+    assert [(p.pin_id, p.user, p.board) for p in result.pins] == [("p1", "user1", "user1/board0")]
+    assert sorted(s.reason for s in result.skipped) == ["folder_read_before"] * 3
+    assert _balanced(result)
