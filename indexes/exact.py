@@ -148,11 +148,14 @@ class TorchExact:
         self.block_bytes = block_bytes or SCORE_BLOCK_BYTES.get(self.device.type, 1 << 27)
         self.dtype = getattr(torch, precision)
         self.n, self.dim = x.shape
-        if precision == "float16" and x.numel() and float(x.abs().max()) > _FLOAT16_SAFE:
-            raise ValueError(
-                f"vector components up to {float(x.abs().max()):.3g} overflow float16 (at most "
-                "65,504): use precision bfloat16, or float32"
-            )
+        if precision == "float16" and x.numel():
+            lo, hi = torch.aminmax(x)  # (no copy of the vectors)
+            peak = max(-float(lo), float(hi))
+            if peak > 65504:
+                raise ValueError(
+                    f"vector components up to {peak:.3g} overflow float16 (at most 65,504): "
+                    "use precision bfloat16, or float32"
+                )
         # copies of their own (copy=True: float32 on the CPU would otherwise share the
         # caller's memory, such as a FAISS index's vectors, which its next add may move)
         self.x = x.to(self.device, dtype=self.dtype, copy=True)

@@ -113,7 +113,7 @@ def validate_factory(factory: str, metric: str = "cosine") -> str:
         raise ValueError(
             f"factory {factory!r}: drop the IDMap prefix; pinsearch maps ids to pins itself"
         )
-    if metric == "l1" and not _L1_FACTORY.fullmatch(text):
+    if metric == "l1" and _NOT_L1.search(text):
         raise ValueError(
             f"factory {factory!r}: metric 'l1' needs the raw vectors, searched as they are: "
             "Flat, IVF<n>,Flat or HNSW<M> (no compression, transform or refine step)"
@@ -124,9 +124,10 @@ def validate_factory(factory: str, metric: str = "cosine") -> str:
     return text
 
 
-# what FAISS computes L1 on: raw vectors without a transform (a rotation or PCA keeps L2
-# and inner products, not L1) or a refine step (whose flat store has no L1)
-_L1_FACTORY = re.compile(r"Flat|IVF\d+,Flat|HNSW\d+(?:,Flat)?")
+# what FAISS cannot compute L1 on: codes (PQ, SQ, LSH, residual quantisers, RaBitQ: it aborts),
+# transforms (a rotation or PCA keeps L2 and inner products, not L1), refine steps (their
+# flat store has no L1: every search fails)
+_NOT_L1 = re.compile(r"PQ|SQ|LSH|RQ|RaBitQ|Refine|RFlat|PCA|RR\d|ITQ|L2norm")
 
 
 def _sizes(text: str) -> Iterator[tuple[str, int, int]]:

@@ -374,13 +374,17 @@ class Catalog:
                 "OR path IN (SELECT unnest(?))",
                 [ingest_id, changes.paths],
             )
-            # reading a pin skipped before, stored or not, went well this time (a board.json
-            # mended, an image put back in its folder): its reading's reasons are gone
-            self._con.execute(
-                "DELETE FROM skipped WHERE stage = 'ingest' AND (pin_id IN (SELECT unnest(?)) "
-                "OR path IN (SELECT unnest(?)))",
-                [[p.pin_id for p in read], [str(p.path) for p in read]],
-            )
+            # reading a pin skipped before went well this time (a board.json mended, an
+            # image put back in its folder): the reasons recorded at its file, or at its
+            # folder under its id, are gone (another file's, a duplicate's, stay)
+            places = [[p.pin_id, str(p.path), str(Path(p.path).parent)] for p in read]
+            cols = (("pin_id", "str"), ("path", "str"), ("folder", "str"))
+            with self._rows_view("_read_now", cols, places or [[None] * 3]) as view:
+                self._con.execute(
+                    f"DELETE FROM skipped WHERE stage = 'ingest' AND (path IN (SELECT path "
+                    f"FROM {view}) OR EXISTS (SELECT 1 FROM {view} v WHERE v.pin_id = "
+                    "skipped.pin_id AND v.folder = skipped.path))"
+                ).fetchall()
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

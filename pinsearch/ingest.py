@@ -297,7 +297,7 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
             if (stray := _stray(user_entry, kind, outside)) is not None:
                 yield stray
             continue
-        if (elsewhere := _read_elsewhere(user_entry, real_root)) is not None:
+        if (elsewhere := _read_elsewhere(user_entry, real_root, 1)) is not None:
             yield elsewhere
             continue
         try:
@@ -307,7 +307,7 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
             continue
         for board_entry in boards:
             kind = _kind(board_entry)
-            if kind == "dir" and (elsewhere := _read_elsewhere(board_entry, real_root)):
+            if kind == "dir" and (elsewhere := _read_elsewhere(board_entry, real_root, 2)):
                 yield elsewhere
             elif kind == "dir":
                 yield from _iter_board(Path(board_entry.path), user_entry.name, real_root)
@@ -315,15 +315,19 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
                 yield stray
 
 
-def _read_elsewhere(entry: os.DirEntry[str], root: Path) -> SkippedPin | None:
-    """A linked folder of a tree whose real folder lies in the tree (so read where it lies,
-    with the user, board and id of its place: a link must not give its pins another's), or a
-    loop: ``folder_read_before``. None for any other entry (a link out of the tree follows
-    the outside-the-root rule)."""
+def _read_elsewhere(entry: os.DirEntry[str], root: Path, depth: int) -> SkippedPin | None:
+    """A linked folder of a tree (user: ``depth`` 1, board 2, pin 3) whose real folder the
+    tree reads where it lies, at that depth and not hidden (so with the user, board and id of
+    its place: a link must not give its pins another's): ``folder_read_before``. None for any
+    other entry: a link out of the tree follows the outside-the-root rule, and one to a folder
+    the tree does not read (hidden, another depth) is read through the link."""
     if not entry.is_symlink():
         return None
     real = Path(os.path.realpath(entry.path))
     if not real.is_relative_to(root):
+        return None
+    parts = real.relative_to(root).parts
+    if len(parts) != depth or any(p.startswith(".") for p in parts):
         return None
     path = os.path.abspath(entry.path)
     return SkippedPin(path, "folder_read_before", f"folder {path} is {real}, read where it lies")
@@ -356,7 +360,7 @@ def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | 
         if entry.name == "board.json":
             continue
         kind = _kind(entry)
-        if kind == "dir" and (elsewhere := _read_elsewhere(entry, root)) is not None:
+        if kind == "dir" and (elsewhere := _read_elsewhere(entry, root, 3)) is not None:
             yield elsewhere
             continue
         if kind == "dir":
@@ -533,7 +537,6 @@ def _folder_pins(
 #: where ``csv.DictReader`` puts the fields of a row beyond the header's (a comma in an unquoted
 #: title): such a row is skipped, not read with its columns shifted
 _SURPLUS = "\x00surplus"
-_CUT = "\x00cut"  # a row's mark: the file ends in it, short of the header's fields
 #: longest CSV field read (Python's default, 128 KiB, refuses a long description)
 _CSV_FIELD_LIMIT = 64 << 20
 
@@ -553,9 +556,17 @@ def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
     import pyarrow.parquet as pq
 
     columns = list(pq.read_schema(path).names)
-    if len(set(columns)) < len(columns):  # (named by read_manifest; the table would not read)
+    if _named_twice(columns):  # (named by read_manifest; the table would not read)
         return columns, iter(())
-    return columns, iter(pq.read_table(path).to_pylist())
+    table = pq.ParquetFile(path).read()  # (read_table refuses names given twice, blank too)
+    keep = [i for i, c in enumerate(columns) if c.strip()]  # (blank ones, as CSV's: unused)
+    return columns, iter(table.select(keep).to_pylist())
+
+
+def _named_twice(columns: Sequence[str]) -> list[str]:
+    """Column names a manifest's header gives more than once (blank ones aside: a
+    spreadsheet export leaves those)."""
+    return sorted(c for c, n in Counter(columns).items() if n > 1 and c.strip())
 
 
 def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]:
@@ -584,19 +595,7 @@ def _csv_rows(reader: csv.DictReader, path: Path) -> Iterator[dict[str, object]]
             f"manifest {path}: the quote opened in the row starting on line {opened} is never "
             "closed (the rest of the file would be one field)"
         )
-    if any(v is None for v in last.values()) and not _ends_a_line(path):
-        last[_CUT] = True  # (a file cut short: its fields would overwrite stored ones)
     yield last
-
-
-def _ends_a_line(path: Path) -> bool:
-    """Whether a file's last byte ends a line (a file cut short mid-row does not)."""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        if fh.tell() == 0:
-            return True
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) in (b"\n", b"\r")
 
 
 def _unclosed_quote(path: Path) -> int | None:
@@ -616,12 +615,6 @@ def _unclosed_quote(path: Path) -> int | None:
 
 def _row_problem(row: dict[str, object], columns: list[str]) -> tuple[str, str] | None:
     """Why a manifest row cannot be read as its header says: (reason, detail), or None."""
-    if row.get(_CUT):
-        given = sum(v is not None for k, v in row.items() if k in columns)
-        return "malformed_row", (
-            f"the file ends in this row, with {given} of the header's {len(columns)} fields "
-            "(cut short?)"
-        )
     surplus = row.get(_SURPLUS)
     if surplus:
         n = len(surplus)  # type: ignore[arg-type]
@@ -660,7 +653,7 @@ def iter_manifest(
     manifest = Path(manifest)
     base = Path(root).resolve() if root is not None else manifest.resolve().parent
     columns, rows = _manifest_rows(manifest)
-    twice = sorted(c for c, n in Counter(columns).items() if n > 1 and c.strip())
+    twice = _named_twice(columns)
     if twice:
         raise CorpusError(f"manifest {manifest} names column(s) {twice} more than once")
     missing = [c for c in ("path", "category") if c not in columns]
@@ -709,9 +702,10 @@ def iter_manifest(
             )
             continue
         if not full.exists() and os.path.islink(base / rel):  # (realpath followed it)
-            yield SkippedPin(
-                str(base / rel), "broken_link",
+            yield SkippedPin(  # (by where it leads, as a stored pin's path: cleared once there)
+                str(full), "broken_link",
                 f"row {line} of {manifest}: {raw_path!r} is a symbolic link to nothing",
+                _text(row.get("pin_id")) or default_id,
             )  # fmt: skip
             continue
         category = normalize_category(_text(row.get("category")))

@@ -1501,7 +1501,9 @@ def test_factories_faiss_would_crash_on_are_refused(factory: str, metric: str, m
     with pytest.raises(ValueError, match=re.escape(match)):
         validate_factory(factory, metric)
     for fine, m in (("Flat", "l1"), ("IVF8,Flat", "l1"), ("HNSW16,Flat", "l1"),
-                    ("OPQ16_64,IVF256_HNSW32,PQ16x4fs", "l2")):  # fmt: skip
+                    ("NSG32,Flat", "l1"), ("HNSW32_Flat", "l1"), ("IVF8(Flat),Flat", "l1"),
+                    ("IVF8,FlatDedup", "l1"), ("OPQ16_64,IVF256_HNSW32,PQ16x4fs", "l2"),
+                    ("IVF65536(IVF256,PQ32x4fs,RFlat),SQ8", "l2")):  # fmt: skip
         assert validate_factory(fine, m) == fine
 
 
@@ -1510,7 +1512,7 @@ def test_auto_does_not_choose_pq_codes_too_few_vectors_could_train() -> None:
         choose_factory(200, 64, "l2", memory_budget=20_000)
 
 
-def test_hnsw_searches_at_least_k_broad(clustered) -> None:
+def test_hnsw_searches_at_least_k_broad(clustered) -> None:  # (up to 2,048)
     """FAISS takes an efSearch below k as it is (worse and missing neighbours)."""
     x, keys = clustered["x"], clustered["keys"]
     index = build_index(x, keys, IndexConfig(factory="HNSW16", metric="l2", ef_search=4, **CPU))

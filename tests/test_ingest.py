@@ -1006,18 +1006,12 @@ def test_parquet_columns_of_other_types_and_named_twice(tmp_path: Path) -> None:
         read_corpus(root / "twice.parquet")
 
 
-def test_a_manifest_cut_short_mid_row_skips_that_row(tmp_path: Path) -> None:
-    """Its fields would overwrite a stored pin's (a title cut to "Bl", a description emptied);
-    a short row that ends its line is read as before (trailing fields left out)."""
+def test_a_short_last_row_without_a_final_newline_reads_as_any_short_row(tmp_path: Path) -> None:
+    """Trailing fields left out of the last row of a file an editor saved without a final
+    newline are empty, as in any other short row."""
     root, _ = _manifest_corpus(tmp_path)
-    text = "path,category,title,description\nimg/in.jpg,art,Blue car,Another\n"
-    manifest = root / "m.csv"
-    manifest.write_text(text[: text.index("Blue") + 2])  # ends in "Bl"
-    result = read_corpus(manifest)
-    assert result.pins == [] and [s.reason for s in result.skipped] == ["malformed_row"]
-    assert "3 of the header's 4 fields" in result.skipped[0].detail
-    manifest.write_text("path,category,title,description\nimg/in.jpg,art,Blue car\n")
-    (pin,) = read_corpus(manifest).pins
+    (root / "m.csv").write_text("path,category,title,description\nimg/in.jpg,art,Blue car")
+    (pin,) = read_corpus(root / "m.csv").pins
     assert (pin.title, pin.description) == ("Blue car", "")
 
 
@@ -1068,3 +1062,64 @@ def test_a_linked_folder_inside_a_tree_is_read_where_it_lies(tmp_path: Path) -> 
     assert [(p.pin_id, p.user, p.board) for p in result.pins] == [("p1", "user1", "user1/board0")]
     assert sorted(s.reason for s in result.skipped) == ["folder_read_before"] * 3
     assert _balanced(result)
+
+
+def test_a_tree_link_to_a_folder_it_does_not_read_is_read_through_the_link(
+    tmp_path: Path,
+) -> None:
+    hidden = tmp_path / "c" / ".boards" / "cats"  # (hidden: the tree reads no such folder)
+    _write_board(hidden, "art")
+    _write_pin(hidden, "p1")
+    (tmp_path / "c" / "alice").mkdir()
+    (tmp_path / "c" / "alice" / "cats").symlink_to(hidden)
+    result = read_corpus(tmp_path / "c")
+    assert [(p.pin_id, p.board) for p in result.pins] == [("p1", "alice/cats")]
+
+
+def test_reading_a_pin_well_keeps_another_files_duplicate_row(tmp_path: Path) -> None:
+    from pinsearch.store import Store
+
+    for name in ("a", "b"):
+        board = tmp_path / name / "user0" / "board0"
+        _write_board(board, "art")
+        _write_pin(board, "x", colour=(10, 200, 10) if name == "b" else (200, 10, 10))
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.catalog.add_ingest(read_corpus(tmp_path / "a"), "{}")
+        for name in ("b", "a"):  # b's x is a duplicate; a read again keeps b's row
+            read = read_corpus(tmp_path / name, exclude_ids=store.catalog.pin_id_paths())
+            store.catalog.add_ingest(read, "{}")
+        reasons = [r["reason"] for r in store.catalog.query("SELECT reason FROM skipped")]
+    assert reasons == ["duplicate_id"]
+
+
+def test_a_manifest_link_fixed_since_is_no_longer_counted(tmp_path: Path) -> None:
+    from pinsearch.store import Store
+
+    root, _ = _manifest_corpus(tmp_path)
+    (root / "img" / "late.jpg").symlink_to(root / "img" / "later.jpg")
+    manifest = write_manifest(root, [{"path": "img/late.jpg", "category": "art"}])
+    with Store.open(tmp_path / "s", create=True) as store:
+        store.catalog.add_ingest(read_corpus(manifest), "{}")
+        assert [r["reason"] for r in store.catalog.query("SELECT reason FROM skipped")] == [
+            "broken_link"
+        ]
+        Image.new("RGB", (12, 12)).save(root / "img" / "later.jpg")
+        store.catalog.add_ingest(
+            read_corpus(manifest, exclude_ids=store.catalog.pin_id_paths()), "{}"
+        )
+        assert store.catalog.count_pins() == 1
+        assert store.catalog.query("SELECT * FROM skipped") == []
+
+
+def test_parquet_blank_column_names_repeated_are_left_out(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "c"
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (10, 10)).save(root / "img" / "0.jpg")
+    table = pa.table([pa.array(["img/0.jpg"]), pa.array(["Art"]), pa.array(["x"]),
+                      pa.array(["y"])], names=["path", "category", "", ""])  # fmt: skip
+    pq.write_table(table, root / "m.parquet")
+    (pin,) = read_corpus(root / "m.parquet").pins
+    assert pin.category == "art" and not pin.extra
