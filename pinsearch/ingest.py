@@ -373,10 +373,14 @@ def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | 
                 yield replace(_unreadable(pin_dir, exc), pin_id=entry.name)
                 continue
             image = _pick_image(pin_dir, files)
-            unusable = [_stray(e, k, "") for e, k in sorted(listed, key=lambda x: x[0].name)
-                        if k in ("broken", "other")] if image is None else []  # fmt: skip
+            # no image, but one named like one is a link to nothing, or a FIFO: said so
+            unusable = [
+                _stray(e, k, "")
+                for e, k in sorted(listed, key=lambda x: x[0].name)
+                if image is None and k in ("broken", "other") and is_image_file(Path(e.name))
+            ]
             why = next((u for u in unusable if u is not None), None)
-            if why is not None:  # its image is a link to nothing, or a FIFO: said so
+            if why is not None:
                 yield replace(why, pin_id=entry.name if _valid_name(entry.name) else None)
                 continue
             pin_id = entry.name
