@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -377,14 +378,7 @@ class Catalog:
             # reading a pin skipped before went well this time (a board.json mended, an
             # image put back in its folder): the reasons recorded at its file, or at its
             # folder under its id, are gone (another file's, a duplicate's, stay)
-            places = [[p.pin_id, str(p.path), str(Path(p.path).parent)] for p in read]
-            cols = (("pin_id", "str"), ("path", "str"), ("folder", "str"))
-            with self._rows_view("_read_now", cols, places or [[None] * 3]) as view:
-                self._con.execute(
-                    f"DELETE FROM skipped WHERE stage = 'ingest' AND (path IN (SELECT path "
-                    f"FROM {view}) OR EXISTS (SELECT 1 FROM {view} v WHERE v.pin_id = "
-                    "skipped.pin_id AND v.folder = skipped.path))"
-                ).fetchall()
+            self._forget_read_well(read)
             self.add_skipped(result.skipped, ingest_id=ingest_id)
             self._con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -402,6 +396,32 @@ class Catalog:
                 ],
             )
         return Ingested(ingest_id, len(rows), changes)
+
+    def _forget_read_well(self, read: Sequence[PinRecord]) -> None:
+        """Delete the reading's skipped rows of pins read well now: those at a pin's file, or
+        at its folder under its id. Matched here against the (few) rows recorded, so a clean
+        corpus of a million pins costs one small query."""
+        old = self._con.execute(
+            "SELECT pin_id, path FROM skipped WHERE stage = 'ingest'"
+        ).fetchall()
+        if not old:
+            return
+        paths = {path for _, path in old}
+        folders = {(pin_id, path) for pin_id, path in old if pin_id is not None}
+        ids = {pin_id for pin_id, _ in folders}
+        at_file, at_folder = [], []
+        for p in read:
+            path = str(p.path)
+            if path in paths:
+                at_file.append(path)
+            if p.pin_id in ids and (p.pin_id, os.path.dirname(path)) in folders:
+                at_folder.append(f"{p.pin_id}/{os.path.dirname(path)}")
+        if at_file or at_folder:
+            self._con.execute(
+                "DELETE FROM skipped WHERE stage = 'ingest' AND (path IN (SELECT unnest(?)) "
+                "OR pin_id || '/' || path IN (SELECT unnest(?)))",
+                [at_file, at_folder],
+            )
 
     def _update_stored(
         self, records: Sequence[PinRecord]
