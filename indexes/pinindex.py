@@ -864,10 +864,11 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None, k: int
     wrappers.
 
     IVF gets ``nprobe`` (``config.nprobe``, else nlist / 16), HNSW ``efSearch``
-    (``config.ef_search``, else 64; at least ``k``: FAISS takes a smaller one as it is, and
-    answers fewer or worse neighbours), a refine wrapper its own parameters (``k_factor`` =
-    ``config.refine`` when set) around its base index's, which searches ``k * k_factor``; a
-    pre-transform passes its parameters on. None when there is nothing to set.
+    (``config.ef_search``, else 64; at least ``k`` up to :data:`_EF_MAX_RAISE`: FAISS takes
+    a smaller one as it is, and answers fewer or worse neighbours), a refine wrapper its own
+    parameters (``k_factor`` = ``config.refine`` when set) around its base index's, which
+    searches ``k * k_factor``; a pre-transform passes its parameters on. None when there is
+    nothing to set.
     """
     import faiss
 
