@@ -174,8 +174,9 @@ def add_corpus(
                 reports.append(report)
                 del model
         except BaseException:
-            if pending is None and not np.any(store.catalog.pin_columns()[0] >= first_new):
-                store.catalog.delete_meta(_ADD_PENDING)  # (stopped before storing a pin)
+            stored = int(store.catalog.get_meta("next_pin_key") or 0) > first_new
+            if pending is None and not stored:  # (stopped before storing a pin)
+                store.catalog.delete_meta(_ADD_PENDING)
             raise
         first = reports[0]
         stale = sorted({h for r in reports for h in r.stale_heads})  # (labels changed)
