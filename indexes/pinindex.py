@@ -656,6 +656,7 @@ class PinIndex:
         keys = np.full(pos.shape, -1, np.int64)
         keys[found] = ids[pos[found]]
         d = np.where(found, d, np.nan).astype(np.float32)
+        d, keys = order_ties(d, keys, self.higher_is_better, by=pos)
         if keys.shape[1] < k:
             pad = k - keys.shape[1]
             keys = np.pad(keys, ((0, 0), (0, pad)), constant_values=-1)
@@ -893,6 +894,32 @@ def _search_params(index: Any, config: IndexConfig, selector: Any = None, k: int
 def _nprobe(config: IndexConfig, nlist: int) -> int:
     """IVF lists visited per query: ``config.nprobe``, else about nlist / 16 (at most nlist)."""
     return min(config.nprobe or max(1, nlist // 16), nlist)
+
+
+def order_ties(
+    scores: np.ndarray, keys: np.ndarray, higher_is_better: bool, by: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of an answer with equal scores ordered by ``by`` (default: the keys), ascending;
+    missing hits (key -1) last.
+
+    FAISS orders tied hits as its heap leaves them, which depends on ``k``: the first three of
+    an 8-deep answer were not the 3-deep answer. Exact searches keep the tied candidates of
+    lowest position, so ordered by position a shorter answer is a prefix of a longer one.
+    Rows without ties (nearly all) are left as they are, without a sort.
+    """
+    found = keys >= 0
+    tied = (scores[:, 1:] == scores[:, :-1]) & found[:, 1:] & found[:, :-1]
+    rows = np.flatnonzero(tied.any(axis=1))
+    if rows.size == 0:
+        return scores, keys
+    by = keys if by is None else by
+    s, key, ok = scores[rows], keys[rows], found[rows]
+    rank = np.where(ok, -s if higher_is_better else s, np.inf)
+    order = np.lexsort((np.where(ok, by[rows], np.iinfo(np.int64).max), rank), axis=1)
+    scores, keys = scores.copy(), keys.copy()
+    scores[rows] = np.take_along_axis(s, order, 1)
+    keys[rows] = np.take_along_axis(key, order, 1)
+    return scores, keys
 
 
 def _empty(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:

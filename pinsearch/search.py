@@ -19,7 +19,7 @@ import numpy as np
 
 from pinsearch.errors import BackboneMismatchError, PinNotFoundError
 from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric, search_overrides
-from pinsearch.indexes.pinindex import unique_sorted
+from pinsearch.indexes.pinindex import order_ties, unique_sorted
 from pinsearch.store import Store
 
 __all__ = [
@@ -440,7 +440,7 @@ class PinSearcher:
         d, pos = exact_search(vectors, sub_vecs, min(k, len(sub_keys)), self.index.config.metric)
         out_s[:, : d.shape[1]] = d
         out_k[:, : d.shape[1]] = np.where(pos >= 0, sub_keys[np.clip(pos, 0, None)], -1)
-        return out_s, out_k
+        return order_ties(out_s, out_k, self.index.higher_is_better)
 
     def _run(
         self,

@@ -25,6 +25,7 @@ from pinsearch.indexes import (
     search_overrides,
     validate_factory,
 )
+from pinsearch.indexes.pinindex import order_ties
 
 CPU = {"device": "cpu"}
 
@@ -1531,3 +1532,33 @@ def test_float16_refuses_components_it_cannot_hold() -> None:
             x, _keys(50), IndexConfig(factory="Flat", metric="ip", precision="float16", **CPU)
         )
         index.search(x[:2], 3)
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW8"])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_tied_scores_are_ordered_as_stored_so_a_shorter_answer_is_a_prefix(factory, metric):
+    # 30 copies of one vector: FAISS returned the tied hits in an order that depended on k
+    # (the first three of a 8-deep answer were not the 3-deep answer)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 8)).astype(np.float32)
+    x[10:40] = x[5]
+    keys = np.arange(300, dtype=np.int64)[::-1] * 7  # keys in the other order than positions
+    index = build_index(x, keys, IndexConfig(factory=factory, metric=metric, nprobe=4))
+    answers = {k: index.search(x[5:6].repeat(3, 0), k)[1] for k in (3, 8, 25)}
+    for k in (3, 8, 25):
+        row = answers[k][0]
+        assert (answers[k] == row).all()
+        if factory == "Flat":  # exact: the tied group is the 31 copies, first stored first
+            assert row.tolist() == keys[[5, *range(10, 40)]][:k].tolist()
+        else:
+            assert (np.diff(row) < 0).all()  # every hit tied: in stored order
+
+
+def test_order_ties_sorts_only_tied_rows_and_keeps_missing_hits_last():
+    scores = np.array([[0.1, 0.1, 0.3, np.nan], [0.1, 0.2, 0.3, 0.4]], np.float32)
+    keys = np.array([[9, 4, 7, -1], [5, 3, 2, 1]], np.int64)
+    s, k = order_ties(scores, keys, higher_is_better=False)
+    assert k.tolist() == [[4, 9, 7, -1], [5, 3, 2, 1]]  # the second row has no tie: as it was
+    assert np.isnan(s[0, 3]) and s[0, :3].tolist() == pytest.approx([0.1, 0.1, 0.3])
+    s, k = order_ties(scores[:1], keys[:1], higher_is_better=True, by=np.array([[1, 0, 2, 3]]))
+    assert k.tolist() == [[7, 4, 9, -1]]  # similarities: highest first, ties by `by`
