@@ -558,13 +558,39 @@ def _manifest_rows(path: Path) -> tuple[list[str], Iterable[dict[str, object]]]:
             raise CorpusError(f"manifest {path}: its header is not CSV: {exc}") from exc
         return columns, _close_after(_csv_rows(reader, path), fh)
     import pyarrow.parquet as pq
+    from pyarrow import types as pa_types
 
     columns = list(pq.read_schema(path).names)
     if _named_twice(columns):  # (named by read_manifest; the table would not read)
         return columns, iter(())
     table = pq.ParquetFile(path).read()  # (read_table refuses names given twice, blank too)
     keep = [i for i, c in enumerate(columns) if c.strip()]  # (blank ones, as CSV's: unused)
-    return columns, iter(table.select(keep).to_pylist())
+    rows = table.select(keep).to_pylist()
+    id_type = table.schema.field("pin_id").type if "pin_id" in columns else None
+    if id_type is not None and pa_types.is_floating(id_type):
+        exact = 2 ** {16: 11, 32: 24, 64: 53}[id_type.bit_width]  # whole numbers held exactly
+        for row in rows:
+            value = row["pin_id"]
+            if value is not None and math.isfinite(value) and abs(value) >= exact:
+                row["pin_id"] = _InexactId(value, str(id_type), exact)
+    return columns, iter(rows)
+
+
+@dataclass(frozen=True)
+class _InexactId:
+    """A Parquet pin id in a float column, too large for the float to tell whole numbers
+    apart (ids near 2^53 in a float64 column: 2^53 and 2^53 + 1 are one value)."""
+
+    value: float
+    type: str
+    exact: int
+
+    def problem(self) -> str:
+        return (
+            f"pin_id {self.value:.0f} of a {self.type} column is at or past {self.exact:,}, "
+            "where that type cannot tell neighbouring whole numbers apart: the id may not be "
+            "the one written (store pin ids as integers or text)"
+        )
 
 
 def _named_twice(columns: Sequence[str]) -> list[str]:
@@ -704,6 +730,12 @@ def iter_manifest(
                 "path_outside_root",
                 f"row {line} of {manifest}: {raw_path!r} is outside the corpus root {base}",
             )
+            continue
+        if isinstance(row.get("pin_id"), _InexactId):
+            yield SkippedPin(
+                str(full), "inexact_pin_id",
+                f"row {line} of {manifest}: {row['pin_id'].problem()}", _text(row["pin_id"].value)
+            )  # fmt: skip
             continue
         if not full.exists() and os.path.islink(base / rel):  # (realpath followed it)
             yield SkippedPin(  # (by where it leads, as a stored pin's path: cleared once there)

@@ -1123,3 +1123,29 @@ def test_parquet_blank_column_names_repeated_are_left_out(tmp_path: Path) -> Non
     pq.write_table(table, root / "m.parquet")
     (pin,) = read_corpus(root / "m.parquet").pins
     assert pin.category == "art" and not pin.extra
+
+
+@pytest.mark.parametrize(("dtype", "big"), [("float64", 2.0**53 + 2), ("float32", 2.0**24)])
+def test_parquet_float_ids_too_large_to_be_exact_are_skipped(tmp_path: Path, dtype, big) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "c"
+    (root / "img").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (10, 10), (i * 60, 0, 0)).save(root / "img" / f"{i}.jpg")
+    pq.write_table(
+        pa.table({
+            "path": [f"img/{i}.jpg" for i in range(3)],
+            "category": ["art"] * 3,
+            "pin_id": pa.array([12.0, big, -big], getattr(pa, dtype)()),
+        }),
+        root / "m.parquet",
+    )  # fmt: skip
+    result = read_corpus(root / "m.parquet")
+    assert [p.pin_id for p in result.pins] == ["12"]
+    assert [s.reason for s in result.skipped] == ["inexact_pin_id"] * 2
+    assert f"pin_id {big:.0f} of a {'double' if dtype == 'float64' else 'float'} column" in (
+        result.skipped[0].detail
+    )
+    assert result.skipped[0].pin_id == f"{big:.0f}"
