@@ -177,8 +177,9 @@ def _label(value: object) -> str:
     """
     if value is None or isinstance(value, str):
         return normalize_category(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+    whole = isinstance(value, float) and math.isfinite(value) and value.is_integer()
+    if whole or (isinstance(value, int) and not isinstance(value, bool)):
+        return normalize_category(_text(value))  # as a manifest's: -5 and "-5" are "5"
     raise ValueError(f"'category' must be text, got {json.dumps(value, default=str)}")
 
 

@@ -1149,3 +1149,24 @@ def test_parquet_float_ids_too_large_to_be_exact_are_skipped(tmp_path: Path, dty
         result.skipped[0].detail
     )
     assert result.skipped[0].pin_id == f"{big:.0f}"
+
+
+def test_board_json_number_categories_read_as_a_manifest_reads_them(tmp_path: Path) -> None:
+    """A class id in board.json is the category a manifest gives for it: whole numbers as
+    text (7.0 is 7), cleaned alike (-7 is 7, as "-7" in a manifest); fractions and booleans
+    are malformed."""
+    root = tmp_path / "c"
+    for board, category in [("int", 7), ("neg", -7), ("whole", 7.0), ("half", 7.5), ("yes", True)]:
+        _write_board(root / "u" / board, category)
+        _write_pin(root / "u" / board, f"p_{board}")
+    result = read_corpus(root)
+    assert sorted((p.pin_id, p.category) for p in result.pins) == [
+        ("p_int", "7"), ("p_neg", "7"), ("p_whole", "7")
+    ]  # fmt: skip
+    assert sorted((s.pin_id, s.reason) for s in result.skipped) == [
+        ("p_half", "malformed_board_json"), ("p_yes", "malformed_board_json")
+    ]  # fmt: skip
+    (root / "img").mkdir()
+    Image.new("RGB", (10, 10)).save(root / "img" / "0.jpg")
+    (root / "m.csv").write_text("path,category\nimg/0.jpg,-7\n")
+    assert [p.category for p in read_corpus(root / "m.csv").pins] == ["7"]
