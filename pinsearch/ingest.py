@@ -129,16 +129,19 @@ class IngestResult:
     # read now (those the rules keep; no header probed): their metadata may have changed
 
 
-_CATEGORY_SEP = re.compile(r"[\s,&/+\-]+")
-_APOSTROPHES = re.compile(r"['\u2019`]")
+# (dashes: hyphen-minus, the hyphens, figure/en/em dashes, minus; apostrophes: typewriter, the
+# typographic pair, the modifier letter, backtick)
+_CATEGORY_SEP = re.compile(r"[\s,&/+\-\u2010-\u2015\u2212]+")
+_APOSTROPHES = re.compile(r"['\u2018\u2019\u02bc`]")
 
 
 def normalize_category(name: str | None) -> str:
     """Normalise a category label: ``"Film, Music & Books"`` -> ``"film_music_books"``.
 
     Unicode NFC (a name copied from macOS, decomposed, is the same category); lower case;
-    apostrophes vanish (``"Women's Fashion"`` -> ``"womens_fashion"``); runs of spaces, commas,
-    ``&``, ``/``, ``+`` and ``-`` become one underscore. Returns ``""`` for a missing or blank
+    apostrophes vanish, typographic ones too (``"Women's Fashion"`` and ``"Women’s Fashion"`` ->
+    ``"womens_fashion"``); runs of spaces, commas, ``&``, ``/``, ``+`` and dashes (``-``, en and
+    em dashes, the minus sign) become one underscore. Returns ``""`` for a missing or blank
     name.
     """
     if name is None:

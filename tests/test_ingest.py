@@ -108,6 +108,11 @@ def _write_pin(
         ("Hair + Beauty", "hair_beauty"),
         ("ART", "art"),
         ("-Weird--name-", "weird_name"),
+        ("Arts \u2013 Crafts", "arts_crafts"),  # en dash
+        ("Arts\u2014Crafts", "arts_crafts"),  # em dash
+        ("Women\u2018s Fashion", "womens_fashion"),  # a left quote typed as an apostrophe
+        ("Women\u2019s Fashion", "womens_fashion"),
+        ("Women\u02bcs Fashion", "womens_fashion"),
         ("", ""),
         ("   ", ""),
         (None, ""),
