@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import duckdb
 import numpy as np
 
-from pinsearch.ingest import IngestResult, PinRecord, SkippedPin
+from pinsearch.ingest import IngestResult, PinRecord, SkippedPin, unicode_spellings
 
 __all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog", "Ingested", "StoredChanges"]
 
@@ -648,12 +648,20 @@ class Catalog:
                 self._con.unregister("_file_states")
 
     def keys_for_ids(self, pin_ids: Sequence[str]) -> dict[str, int]:
-        """Map pin ids to pin keys (unknown ids are absent from the result)."""
+        """Map pin ids to pin keys (unknown ids are absent from the result). An id stored in
+        another Unicode spelling than the one given (NFC, NFD) is found when the given one is
+        not stored."""
+        spelled = {i: unicode_spellings(str(i)) for i in pin_ids}
         cur = self._con.execute(
             "SELECT pin_id, pin_key FROM pins WHERE pin_id IN (SELECT unnest(?))",
-            [list(pin_ids)],
+            [sorted({s for forms in spelled.values() for s in forms})],
         )
-        return {str(i): int(k) for i, k in cur.fetchall()}
+        stored = {str(i): int(k) for i, k in cur.fetchall()}
+        out = {}
+        for given, forms in spelled.items():
+            if (form := next((s for s in forms if s in stored), None)) is not None:
+                out[given] = stored[form]
+        return out
 
     def pins_by_key(self, keys: Sequence[int]) -> dict[int, dict[str, Any]]:
         """Metadata rows for the given pin keys, in one query."""
@@ -677,16 +685,17 @@ class Catalog:
     ) -> np.ndarray | None:
         """Pin keys matching all given filters (None when no filter is given).
 
-        A board matches its key (``user/board``) or its display name.
+        A board matches its key (``user/board``) or its display name; boards and users
+        match in any Unicode spelling (NFC, NFD) of the value given.
         """
         clauses: list[str] = []
         params: list[Any] = []
         if board is not None:
-            clauses.append("(p.board = ? OR b.name = ?)")
-            params += [board, board]
+            clauses.append("(p.board IN (SELECT unnest(?)) OR b.name IN (SELECT unnest(?)))")
+            params += [unicode_spellings(board)] * 2
         if user is not None:
-            clauses.append("p.user_id = ?")
-            params.append(user)
+            clauses.append("p.user_id IN (SELECT unnest(?))")
+            params.append(unicode_spellings(user))
         if category is not None:
             clauses.append("p.category = ?")
             params.append(category)

@@ -25,7 +25,7 @@ import numpy as np
 
 from pinsearch.errors import PinNotFoundError
 from pinsearch.images import DEFAULT_MAX_PIXELS, ImageError, probe_image
-from pinsearch.ingest import IngestConfig
+from pinsearch.ingest import IngestConfig, unicode_spellings
 from pinsearch.store import Store
 from pinsearch.text import refresh_titles, text_candidates, title_work
 from pinsearch.vectors import in_sorted
@@ -233,21 +233,23 @@ def _keys_to_remove(
     for column, values in (("board", boards), ("user_id", users)):
         if not values:
             continue
+        spelled = {v: unicode_spellings(v) for v in values}  # (as the query filters match)
+        wanted = sorted({s for forms in spelled.values() for s in forms})
         known = {
             r["v"]
             for r in store.catalog.query(
                 f"SELECT DISTINCT {column} AS v FROM pins WHERE {column} IN (SELECT unnest(?))",
-                [list(values)],
+                [wanted],
             )
         }
-        unknown = sorted(set(values) - known)
+        unknown = sorted(v for v, forms in spelled.items() if known.isdisjoint(forms))
         if unknown:
             what = "board" if column == "board" else "user"
             raise PinNotFoundError(
                 f"no pins of {what}(s) {unknown[:5]} in store {store.root}; nothing removed"
             )
         rows = store.catalog.query(
-            f"SELECT pin_key FROM pins WHERE {column} IN (SELECT unnest(?))", [list(values)]
+            f"SELECT pin_key FROM pins WHERE {column} IN (SELECT unnest(?))", [wanted]
         )
         keys |= {r["pin_key"] for r in rows}
     return np.array(sorted(keys), dtype=np.int64)

@@ -152,6 +152,17 @@ def normalize_category(name: str | None) -> str:
     return text
 
 
+def unicode_spellings(text: str) -> list[str]:
+    """``text`` first, then its other canonically equivalent spellings (NFC, NFD): a name
+    typed on one system may be stored from another's file names (macOS writes ``é`` as ``e``
+    and a combining accent)."""
+    out = [text]
+    for form in ("NFC", "NFD"):
+        if (other := unicodedata.normalize(form, text)) not in out:
+            out.append(other)
+    return out
+
+
 def _text(value: object) -> str:
     """A text field as text: JSON values that are not strings or numbers (a list for a
     title) are kept as their JSON, not as Python's repr."""

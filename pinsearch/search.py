@@ -8,6 +8,7 @@ filtered query returns ``k`` hits whenever ``k`` matching pins exist.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ import numpy as np
 from pinsearch.errors import BackboneMismatchError, PinNotFoundError
 from pinsearch.indexes import IndexConfig, PinIndex, faiss_metric, search_overrides
 from pinsearch.indexes.pinindex import order_ties, unique_sorted
+from pinsearch.ingest import unicode_spellings
 from pinsearch.store import Store
 
 __all__ = [
@@ -278,11 +280,9 @@ class PinSearcher:
             return self.store.catalog.filter_keys(board=board, user=user, category=category)
         parts = []
         if board is not None:  # a board matches its key (user/board) or its display name
-            by_key, by_name = self._group("board").get(board), self._group("board_name").get(board)
-            found = [a for a in (by_key, by_name) if a is not None]
-            parts.append(np.union1d(*found) if len(found) == 2 else (found or [_NO_KEYS])[0])
+            parts.append(self._grouped(("board", "board_name"), board))
         if user is not None:
-            parts.append(self._group("user_id").get(user, _NO_KEYS))
+            parts.append(self._grouped(("user_id",), user))
         if category is not None:
             parts.append(self._group("category").get(category, _NO_KEYS))
         if not parts:
@@ -303,6 +303,15 @@ class PinSearcher:
             if value is not None and len(self.filter_keys(**alone)) == 0:  # type: ignore[arg-type]
                 out.append(f"{what} {value!r}")
         return out
+
+    def _grouped(self, columns: tuple[str, ...], value: str) -> np.ndarray:
+        """Sorted keys of the pins whose value in any of ``columns`` is ``value``, in any
+        Unicode spelling (NFC, NFD), as the catalog's filter matches."""
+        groups = [self._group(column) for column in columns]
+        found = [g[v] for g in groups for v in unicode_spellings(value) if v in g]
+        if len(found) <= 1:
+            return found[0] if found else _NO_KEYS
+        return functools.reduce(np.union1d, found)
 
     def _group(self, column: str) -> dict[Any, np.ndarray]:
         """``value -> sorted pin keys`` of one cached metadata column (built on first use)."""
@@ -330,8 +339,11 @@ class PinSearcher:
         if not self.cache_metadata:
             return self.store.catalog.keys_for_ids([pin_id]).get(pin_id)
         ids, keys = self._pin_ids()
-        at = int(np.searchsorted(ids, pin_id))
-        return int(keys[at]) if at < len(ids) and ids[at] == pin_id else None
+        for spelled in unicode_spellings(pin_id):  # as the catalog: the id given first
+            at = int(np.searchsorted(ids, spelled))
+            if at < len(ids) and ids[at] == spelled:
+                return int(keys[at])
+        return None
 
     def _pin_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """The cached pin ids in sorted order, and the key of each (sorted on first use)."""

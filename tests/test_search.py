@@ -440,3 +440,33 @@ def test_filtered_searches_check_the_query_and_return_indexed_pins_once(
         _, keys = searcher.search_keys(query, 10, allowed=allowed)
         found = keys[0][keys[0] >= 0]
         assert sorted(found.tolist()) == sorted(some.tolist())
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["duckdb", "cached"])
+def test_names_stored_in_another_unicode_spelling_are_found(tree_copy: Path, tmp_path, cache):
+    """Folders copied from macOS name ``é`` as ``e`` + a combining accent (NFD): pin ids,
+    boards and users typed as one character (NFC) still find them, in queries and removes."""
+    import unicodedata
+
+    from pinsearch.edit import remove_pins
+
+    nfd = unicodedata.normalize("NFD", "jos\u00e9")
+    user = sorted(p for p in tree_copy.iterdir() if p.is_dir())[0].rename(tree_copy / nfd)
+    board = sorted(p for p in user.iterdir() if p.is_dir())[0].rename(user / "caf\u0065\u0301")
+    pin = sorted(p for p in board.iterdir() if p.is_dir())[0].rename(board / f"cr{nfd}me")
+    index_corpus(tree_copy, tmp_path / "s", backbone=BACKBONE, embed=FAST)
+    nfc = unicodedata.normalize("NFC", pin.name)
+    assert nfc != pin.name
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        searcher = PinSearcher(store, cache_metadata=cache)
+        hits = searcher.similar_to_pin(nfc, k=3, board="jos\u00e9/caf\u00e9").hits
+        assert hits and {h.board for h in hits} == {f"{nfd}/{board.name}"}
+        by_user = searcher.similar_to_vector(np.ones(searcher.index.dim), k=50, user="jos\u00e9")
+        assert {h.user for h in by_user.hits} == {nfd}
+        assert searcher.unmatched_filters(board="jos\u00e9/caf\u00e9", user="jos\u00e9") == []
+    with Store.open(tmp_path / "s") as store:
+        n = store.catalog.count_pins()
+        remove_pins(store, pin_ids=[nfc])
+        remove_pins(store, boards=["jos\u00e9/caf\u00e9"])
+        assert store.catalog.keys_for_ids([nfc, pin.name]) == {}
+        assert store.catalog.count_pins() == n - sum(p.is_dir() for p in board.iterdir())
