@@ -195,6 +195,7 @@ def index_into(
     )
     # (named; a selection's marked now: a run stopped later embeds nothing again)
     stale = store.mark_heads_stale([backbone]) if report.embedded else []
+    store.revive_indexes(backbone)  # (after a remove of every pin: their settings kept)
     names = store.index_names(backbone)
     # The backbone's index: the one of its name, else its first (a custom name).
     name = index_name or (backbone if backbone in names or not names else names[0])

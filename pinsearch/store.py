@@ -56,6 +56,9 @@ _READABLE_VERSIONS = (1, 2)
 _CATALOG = "catalog.duckdb"
 _SNAPSHOT = "catalog.readers.duckdb"  # what readers open while a writer holds the catalog
 _RETIRED_HEADS = "retired_head_files"  # catalog meta: heads' files the last write replaced
+# catalog meta: {name: {backbone, config}} of indexes dropped when their backbone lost every
+# vector (all pins removed), built again with those settings when pins come back
+_EMPTIED_INDEXES = "emptied_indexes"
 _STORE_FILE = "store.json"
 
 
@@ -599,10 +602,39 @@ class Store:
             )
         backbone = row["backbone"]
         if backbone not in self.backbones(text_spaces=True) or len(self.vectors(backbone)) == 0:
-            self.drop_index(name)
+            with self.catalog.transaction():  # its settings kept for when pins come back
+                kept = self._emptied_indexes()
+                kept[name] = {"backbone": backbone, "config": json.loads(row["config"])}
+                self.catalog.set_meta(_EMPTIED_INDEXES, json.dumps(kept, sort_keys=True))
+                self.drop_index(name)
             return "dropped"
+        self._build_saved(name, backbone, IndexConfig(**json.loads(row["config"])))
+        return "rebuilt"
+
+    def _emptied_indexes(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self.catalog.get_meta(_EMPTIED_INDEXES) or "{}")
+
+    def revive_indexes(self, backbone: str) -> list[str]:
+        """Build again, with their saved settings, the indexes of ``backbone`` dropped when a
+        remove left it no vector (every pin removed), now that it has vectors again; an
+        index made since under the same name stands. Returns the names built."""
+        kept = self._emptied_indexes()
+        mine = sorted(n for n, e in kept.items() if e["backbone"] == backbone)
+        if not mine or len(self.vectors(backbone)) == 0:
+            return []
+        built = []
+        for name in mine:
+            if self.catalog.get_index(name) is None:
+                self._build_saved(name, backbone, IndexConfig(**kept[name]["config"]))
+                built.append(name)
+            del kept[name]
+            self.catalog.set_meta(_EMPTIED_INDEXES, json.dumps(kept, sort_keys=True))
+        return built
+
+    def _build_saved(self, name: str, backbone: str, config: IndexConfig) -> None:
+        """Build index ``name`` from the stored vectors with saved settings (exact search
+        when too few are left to train it; the GPU's settings for any device without one)."""
         self.forget_cached(name)
-        config = IndexConfig(**json.loads(row["config"]))
         if config.device == "gpu" and gpu_count() == 0:  # saved for a GPU: none here
             _logger.warning(
                 "index %s was built for the GPU; faiss sees none: rebuilt for any", name
@@ -613,7 +645,6 @@ class Store:
         except ValueError as exc:  # too few vectors left to train it: exact search instead
             _logger.warning("index %s: %s; rebuilt as Flat", name, exc)
             self.build_index(backbone, dataclasses.replace(config, factory="Flat"), name=name)
-        return "rebuilt"
 
     def remove_from_index(self, name: str, keys: np.ndarray) -> str:
         """Take pins out of a saved index without rebuilding it where FAISS can (Flat, IVF,

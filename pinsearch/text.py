@@ -340,6 +340,7 @@ def embed_text_space(
             vecs = encoder.encode(strings[i : i + 4096])
             store.vectors(name).write_part(vecs, keys[i : i + 4096])
         store.catalog.upsert_embedding(name, count=len(store.vectors(name)))
+    store.revive_indexes(name)  # (after a remove of every pin: their settings kept)
     if store.catalog.get_index(name) is None and len(store.vectors(name)):
         # (new, or a run stopped between its vectors and its index)
         from pinsearch.indexes import IndexConfig

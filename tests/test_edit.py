@@ -543,3 +543,27 @@ def test_a_board_follows_the_categories_of_the_pins_added_to_it(tmp_path: Path) 
         row = store.catalog.query("SELECT category FROM boards WHERE board = 'u1/B'")
         assert row == [{"category": "food_drink"}]  # (it kept 'art', its first run's)
         assert store.info().top_boards[0]["category"] == "food_drink"
+
+
+def test_indexes_of_a_store_emptied_by_a_remove_come_back_with_their_settings(
+    tree_corpus, tmp_path: Path
+) -> None:
+    """Removing every pin drops the indexes (nothing to search); adding pins again builds
+    them with the factories, metrics and names they had, not the default index alone."""
+    from pinsearch.indexes import IndexConfig
+
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B, index={"factory": "HNSW8"})
+    with Store.open(tmp_path / "s") as store:
+        store.build_index(B, IndexConfig(factory="Flat", metric="l2", nprobe=3), name="exact")
+        before = {r["name"]: r["config"] for r in store.catalog.list_indexes()}
+        report = remove_pins(store, users=["user000", "user001"])
+        assert report.pins == 24 and store.catalog.list_indexes() == []
+    add_corpus(tree_corpus.root, tmp_path / "s")
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert {r["name"]: r["config"] for r in store.catalog.list_indexes()} == before
+        assert {r["factory"] for r in store.catalog.list_indexes()} == {"HNSW8", "Flat"}
+        assert (
+            store.load_index("exact").ntotal == 24
+            and store.catalog.get_meta("emptied_indexes") == "{}"
+        )
+    assert check_store(tmp_path / "s").ok
