@@ -15,6 +15,7 @@ from pinsearch.cli.common import (
     app,
     console,
     emit_json,
+    err_console,
     print_rows,
 )
 
@@ -59,7 +60,10 @@ def cluster(
     with Store.open(store) as s:
         report = cluster_store(s, backbone, config)
     if plot is not None and report.sweep:
-        report.plot = str(plot_sweep(report, plot))
+        try:
+            report.plot = str(plot_sweep(report, plot))
+        except ValueError as exc:  # (the run is saved: reported all the same)
+            err_console.print(f"warning: {exc}")
     if as_json:
         emit_json(report)
         return

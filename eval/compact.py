@@ -184,7 +184,8 @@ def run_compact(config: CompactConfig, out_dir: str | Path | None = None) -> dic
                     f"recall@{config.k}": round(float(recall), 4),
                 }
                 for head in config.heads:
-                    model = create_head(head, **head_params(head, config.seed)).fit(a, labels[tr])
+                    params = head_params(head, config.seed, len(tr))
+                    model = create_head(head, **params).fit(a, labels[tr])
                     row[head] = round(
                         float(f1_score(labels[te], model.predict(b), average="macro")), 4
                     )

@@ -83,8 +83,18 @@ def check_fields(
             )
         if key in _NONEMPTY and isinstance(value, list) and not value:
             raise ValueError(f"{path}: {what} key {key!r} must list at least one")
+        if key == "name" and isinstance(value, str) and not _plain_name(value):
+            raise ValueError(
+                f"{path}: {what} key 'name' names its results folder (eval/results/NAME): "
+                f"one folder name without '/', '\\' or '..', got {value!r}"
+            )
         if key == "ks" and isinstance(value, list) and any(k < 1 for k in value):
             raise ValueError(f"{path}: {what} key 'ks' must hold whole numbers >= 1, got {value}")
+
+
+def _plain_name(name: str) -> bool:
+    """A name that is one folder name: not blank, no separator, not ``.`` or ``..``."""
+    return bool(name.strip()) and not any(c in name for c in "/\\\0") and name not in (".", "..")
 
 
 def _fits(value: Any, tp: Any) -> bool:

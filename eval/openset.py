@@ -39,11 +39,14 @@ HEAD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def head_params(head: str, seed: int) -> dict[str, Any]:
-    """A head's fixed settings, the study's seed for the one that draws (the MLP's weights)."""
+def head_params(head: str, seed: int, n_train: int) -> dict[str, Any]:
+    """A head's fixed settings for ``n_train`` training pins: the study's seed for the one that
+    draws (the MLP's weights), no more neighbours than pins (small stores)."""
     params = dict(HEAD_DEFAULTS[head])
     if head == "mlp":
         params["random_state"] = seed
+    if "n_neighbors" in params:
+        params["n_neighbors"] = min(params["n_neighbors"], n_train)
     return params
 
 
@@ -168,9 +171,7 @@ def run_openset(config: OpenSetConfig, out_dir: str | Path | None = None) -> dic
             for head in config.heads:
                 per_split = []
                 for fit, val, test, unknown, unknown_cats in splits:
-                    params = head_params(head, config.seed)
-                    if "n_neighbors" in params:  # small stores: no more neighbours than pins
-                        params["n_neighbors"] = min(params["n_neighbors"], len(fit))
+                    params = head_params(head, config.seed, len(fit))
                     if config.device != "auto":
                         knn_gpu = head.startswith("knn") and config.device.startswith("cuda")
                         params["device"] = "gpu" if knn_gpu else config.device

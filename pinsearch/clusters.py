@@ -194,7 +194,9 @@ class _Ward:
             return sub.astype(np.int64)
         part = self.part
         centres = unit_rows(np.stack([part[sub == c].mean(axis=0) for c in range(sub.max() + 1)]))
-        return np.argmax(self.x @ centres.T, axis=1).astype(np.int64)
+        out = np.argmax(self.x @ centres.T, axis=1).astype(np.int64)  # the rest: nearest centre
+        out[self.idx] = sub  # the sample keeps the tree's own clusters
+        return out
 
 
 def check_seed(seed: int) -> None:
@@ -228,7 +230,7 @@ def _items(store: Store, backbone: str, level: str) -> tuple[np.ndarray, list[st
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # in place
     row = np.searchsorted(pin_keys, keys)
     cats = cols["category"][row]
-    if level == "pins":
+    if level == "pins" or len(keys) == 0:  # (none: too few, said by the caller)
         return vectors, cols["pin_id"][row].tolist(), cats
     names, inv = np.unique(cols["board"][row], return_inverse=True)
     # a board's category: its pins' most common one (they share it, unless edited since)
@@ -396,16 +398,26 @@ def _save(
 
 def check_plot_path(path: str | Path) -> None:
     """Refuse, before any work, a figure path matplotlib cannot write: no or an unknown
-    format suffix, a folder, or a parent that is a file."""
+    format suffix, a format this machine cannot render (``.pgf`` without LaTeX), a folder, or
+    a parent that is a file."""
+    import io
+
     from matplotlib.figure import Figure
 
     path = Path(path)
     formats = Figure().canvas.get_supported_filetypes()
-    if path.suffix.lower().lstrip(".") not in formats:
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
         raise ValueError(
             f"plot {path}: name a figure file ending in one of "
             f"{', '.join('.' + f for f in sorted(formats))}"
         )
+    probe = Figure(figsize=(1, 1))
+    probe.text(0.5, 0.5, "k")  # (text: what .pgf hands to LaTeX)
+    try:  # in memory: a format needing a program this machine lacks fails here
+        probe.savefig(io.BytesIO(), format=suffix)
+    except Exception as exc:  # (whatever the backend raises)
+        raise ValueError(f"plot {path}: .{suffix} cannot be written here ({exc})") from None
     if path.is_dir():
         raise ValueError(f"plot {path} is a folder; name a file")
     parent = next((p for p in path.parents if p.exists()), Path("."))
@@ -437,7 +449,11 @@ def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
     fig.suptitle(f"{report.method}, {report.items} {report.level}, {report.backbone}")
     fig.tight_layout()
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except (OSError, RuntimeError) as exc:  # (the run itself is saved: say so, no traceback)
+        raise ValueError(f"plot {out} not written: {exc}") from exc
+    finally:
+        plt.close(fig)
     return out

@@ -60,8 +60,10 @@ def cosine_index(store: Store, backbone: str, index: str | None = None) -> str:
     index of unit vectors ranks as cosine does.
 
     Raises:
-        ValueError: no such index, or the one named ranks otherwise.
+        ValueError: no such index, or the one named ranks otherwise; no vector to search.
     """
+    if len(store.vectors(backbone)) == 0:  # (every pin removed: its indexes went too)
+        raise ValueError(f"store {store.root} holds no pin with a {backbone!r} vector")
     unit = bool((store.catalog.get_embedding(backbone) or {}).get("normalize"))
 
     def ranks_by_cosine(name: str) -> bool:

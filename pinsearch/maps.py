@@ -48,6 +48,7 @@ class MapConfig:
                 f"{self.thumbnails}, {self.perplexity}"
             )
         check_seed(self.seed)
+        self.methods = tuple(dict.fromkeys(self.methods))  # each drawn once
 
 
 @dataclass

@@ -4,6 +4,7 @@ agreement with the categories, runs saved in the catalog."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from pinsearch.errors import DeviceError
 from pinsearch.eval.bench import synthetic_store
 from pinsearch.indexes import gpu_count as faiss_gpu_count
 from pinsearch.store import Store
+from pinsearch.vectors import unit_rows
 
 B = "test_efficientnet"
 
@@ -55,6 +57,23 @@ def test_ward_tree_built_once_cuts_as_scikit_learn_clusters() -> None:
         ref = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(x)
         assert adjusted_rand_score(ref, tree.labels(k)) == pytest.approx(1.0)
         assert tree.labels(k).max() == k - 1
+
+
+def test_ward_on_a_sample_keeps_the_tree_clusters_of_the_sampled_items(monkeypatch) -> None:
+    """Beyond its limit the tree is built on a sample and the rest join the nearest centre;
+    the sampled items keep the clusters the tree gave them (9-13% were moved)."""
+    from scipy.cluster.hierarchy import fcluster
+
+    from pinsearch.clusters import _Ward
+
+    monkeypatch.setattr(_Ward, "limit", 100)  # (20,000 for a store)
+    x = unit_rows(np.random.default_rng(0).normal(size=(400, 8)).astype(np.float32))
+    tree = _Ward(x, seed=0)
+    assert tree.idx is not None and len(tree.idx) == 100
+    for k in (3, 6, 10):
+        labels = tree.labels(k)
+        assert (labels[tree.idx] == fcluster(tree.tree, k, criterion="maxclust") - 1).all()
+        assert len(labels) == 400 and set(labels.tolist()) == set(range(k))
 
 
 def test_choose_k_on_a_planted_sweep() -> None:
@@ -137,11 +156,14 @@ def test_cli_cluster(store_copy: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "says"),
     [("k", "name a figure file ending in"), ("k.txt", "name a figure file ending in"),
-     ("folder.png", "is a folder"), ("afile/k.png", "is not a folder")],
+     ("folder.png", "is a folder"), ("afile/k.png", "is not a folder"),
+     ("k.pgf", "cannot be written here")],
 )  # fmt: skip
 def test_cli_cluster_refuses_a_plot_path_before_the_work(
     store_copy: Path, tmp_path: Path, name: str, says: str
 ) -> None:
+    if name == "k.pgf" and shutil.which("xelatex"):
+        pytest.skip("this machine writes .pgf (LaTeX installed)")
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "afile").write_text("")
     out = CliRunner().invoke(
@@ -178,3 +200,21 @@ def test_removed_pins_leave_the_saved_cluster_runs(store_copy: Path) -> None:
         remove_pins(store, boards=[board])
         items = {r["item"] for r in store.catalog.query("SELECT item FROM clusters")}
         assert items and not items & {*pins, board}
+
+
+def test_a_store_emptied_by_a_remove_is_too_few_to_cluster_or_search_for_copies(
+    tmp_path: Path,
+) -> None:
+    from pinsearch.dupes import find_dupes
+    from pinsearch.edit import remove_pins
+
+    synthetic_store(tmp_path / "s", np.random.default_rng(0).normal(size=(4, 8)), categories=2)
+    with Store.open(tmp_path / "s") as store:
+        remove_pins(
+            store, pin_ids=[r["pin_id"] for r in store.catalog.query("SELECT pin_id FROM pins")]
+        )
+        for level in ("pins", "boards"):  # (boards: argmax of an empty sequence)
+            with pytest.raises(ValueError, match=f"0 {level} are too few to cluster"):
+                cluster_store(store, "synthetic", ClusterConfig(level=level))
+        with pytest.raises(ValueError, match="holds no pin with a 'synthetic' vector"):
+            find_dupes(store, "synthetic")  # (it said: build a cosine index)

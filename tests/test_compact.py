@@ -101,8 +101,10 @@ def test_compact_settings_are_checked(tmp_path: Path) -> None:
         ("k = true", "'k' must be a whole number"),
         ('variants = ["pq0"]', "pqN needs N >= 1"), ("variants = []", "list at least one"),
         ("test_size = nan", "'test_size' must be a number"),
+        ('name = "../../up"', "'name' names its results folder"),
     ):  # fmt: skip
-        toml.write_text(f'kind = "compact"\nname = "c"\nstore = "{tmp_path}"\n{line}\n')
+        name = "" if line.startswith("name") else 'name = "c"\n'
+        toml.write_text(f'kind = "compact"\n{name}store = "{tmp_path}"\n{line}\n')
         out = CliRunner().invoke(app, ["evaluate", str(toml)])
         assert out.exit_code == 1 and message in str(out.exception), line
     rng = np.random.default_rng(3)
@@ -111,3 +113,14 @@ def test_compact_settings_are_checked(tmp_path: Path) -> None:
                            variants=["float32"], heads=["knn"], k=50, min_per_class=2)  # fmt: skip
     with pytest.raises(ValueError, match=r"k = 50 .* exceeds the 48 training pins"):
         run_compact(config, tmp_path / "out")  # (FAISS pads with -1: recall came out 0.8)
+
+
+def test_a_compact_study_of_fewer_training_pins_than_the_knn_default(tmp_path: Path) -> None:
+    """9 training pins: the KNN head takes 9 neighbours (its default, 10, failed the study)."""
+    rng = np.random.default_rng(4)
+    synthetic_store(tmp_path / "s", rng.normal(size=(12, 16)).astype(np.float32), categories=2)
+    config = CompactConfig(name="c", store=str(tmp_path / "s"), backbones=["synthetic"],
+                           variants=["float32"], heads=["knn"], k=3, min_per_class=2,
+                           test_size=0.25)  # fmt: skip
+    summary = run_compact(config, tmp_path / "out")
+    assert summary["train"] == 9 and 0 <= summary["results"][0]["knn"] <= 1

@@ -65,6 +65,7 @@ def test_the_html_map_is_the_png_way_up(tmp_path: Path) -> None:
 def test_map_config_and_sampling(built_store, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="methods"):
         MapConfig(methods=("umap",))
+    assert MapConfig(methods=("pca", "tsne", "pca")).methods == ("pca", "tsne")  # each once
     with Store.open(built_store.path, read_only=True) as store:
         report = draw_map(store, tmp_path, config=MapConfig(methods=("pca",), sample=12))
     assert report.pins == 12 and report.total == 24  # 4 of each of the 3 categories

@@ -122,9 +122,9 @@ def test_studies_sample_per_class(planted: Path, tmp_path: Path) -> None:
 def test_the_study_seed_reaches_the_mlp(planted: Path, tmp_path: Path) -> None:
     from pinsearch.eval.openset import head_params
 
-    assert head_params("mlp", 7)["random_state"] == 7 and "random_state" not in head_params(
-        "lsvm", 7
-    )
+    assert head_params("mlp", 7, 100)["random_state"] == 7
+    assert "random_state" not in head_params("lsvm", 7, 100)
+    assert head_params("knn", 7, 4)["n_neighbors"] == 4  # no more neighbours than pins
     runs = [
         run_openset(OpenSetConfig(name="o", store=str(planted), backbones=["synthetic"],
                                   heads=["mlp"], splits=1, seed=s), tmp_path / str(s))

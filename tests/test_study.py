@@ -98,12 +98,16 @@ def test_load_study_parses_and_validates(tmp_path: Path) -> None:
         ('device = "banana"\n[heads.knn]', "device must be auto, cpu, gpu or cuda"),
         ("n_jobs = 0\n[heads.knn]", "n_jobs must be a number of jobs"),
         ('backbones = ["a", "a+b"]\n[heads.zeroshot]', r"fused features \['a\+b'\] have no"),
+        ('name = "../up"\n[heads.knn]', "'name' names its results folder"),
+        ('name = "/tmp/elsewhere"\n[heads.knn]', "one folder name without"),
+        ('name = " "\n[heads.knn]', "one folder name without"),
     ],
 )
 def test_load_study_refuses_values_before_any_cell(tmp_path: Path, text: str, match: str) -> None:
     study = tmp_path / "s.toml"
     backbones = "" if text.startswith("backbones") else 'backbones = ["a"]\n'
-    study.write_text(f'name = "x"\nstore = "s"\n{backbones}{text}\n')
+    name = "" if text.startswith("name") else 'name = "x"\n'
+    study.write_text(f'{name}store = "s"\n{backbones}{text}\n')
     with pytest.raises(ValueError, match=match):
         load_study(study)
 
