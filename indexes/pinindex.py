@@ -526,14 +526,15 @@ class PinIndex:
             return self.index.search(q, k, params=params)
 
     def _deepen(
-        self, q: np.ndarray, d: np.ndarray, pos: np.ndarray
+        self, q: np.ndarray, d: np.ndarray, pos: np.ndarray, selector: Any = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Fill the rows an IVF search left short of ``k`` hits.
 
         IVF visits ``nprobe`` lists only: when they hold fewer than ``k`` vectors (small or
-        unbalanced lists, a large ``k``) FAISS pads the answer. Those queries are searched
-        again, visiting four times more lists each round, until they have ``k`` hits or every
-        list was visited. Other index types answer as they are.
+        unbalanced lists, a large ``k``, or few allowed pins with a ``selector``) FAISS pads
+        the answer. Those queries are searched again, visiting four times more lists each
+        round, until they have ``k`` hits or every list was visited. Other index types answer
+        as they are.
         """
         short = np.flatnonzero((pos < 0).any(axis=1))
         if short.size == 0 or self.reduced_precision or not _structure(self.index)[0]:
@@ -542,7 +543,8 @@ class PinIndex:
         d, pos = d.copy(), pos.copy()
         nlist = _nlist(self.index)
         nprobe = _nprobe(self.config, nlist)
-        if self.on_gpu and k <= GPU_MAX_NPROBE:  # deeper on the GPU copy first, up to its limit
+        if self.on_gpu and selector is None and k <= GPU_MAX_NPROBE:  # deeper on the GPU copy
+            # first, up to its limit (it takes no selector)
             import faiss
 
             nprobe = placed = min(nprobe, GPU_MAX_NPROBE)
@@ -561,7 +563,7 @@ class PinIndex:
         cpu = self.cpu_index()  # past the GPU's nprobe limit: the CPU copy
         while short.size and nprobe < nlist:
             nprobe = min(nprobe * 4, nlist)
-            params = _search_params(cpu, replace(self.config, nprobe=nprobe), k=k)
+            params = _search_params(cpu, replace(self.config, nprobe=nprobe), selector, k=k)
             d[short], pos[short] = cpu.search(q[short], k, params=params)
             short = short[(pos[short] < 0).any(axis=1)]
         return d, pos
@@ -595,6 +597,7 @@ class PinIndex:
         selector = faiss.IDSelectorBitmap(packed.size, faiss.swig_ptr(packed))  # n: bytes
         try:
             d, pos = target.index.search(q, k, params=target._params(selector, k))
+            d, pos = target._deepen(q, d, pos, selector)  # (IVF lists short of allowed pins)
         except RuntimeError as exc:
             # Some index types take no id selector (PQ, LSH, fast-scan, residual
             # quantisers, NSG): ask the index for more and keep the allowed hits.

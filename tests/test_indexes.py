@@ -366,6 +366,17 @@ def test_filter_with_fewer_allowed_than_k(clustered, factory: str) -> None:
     assert (none == -1).all()
 
 
+def test_a_filtered_ivf_search_visits_more_lists_until_k_allowed_hits(clustered) -> None:
+    """With nprobe 1 the lists a query visits may hold few of the allowed pins: the search
+    goes deeper, as an unfiltered one does, until each has k allowed hits."""
+    x, q, keys = clustered["x"], clustered["q"], clustered["keys"]
+    index = build_index(x, keys, IndexConfig(factory="IVF32,Flat", metric="l2", nprobe=1, **CPU))
+    allowed = np.random.default_rng(5).choice(keys, 40, replace=False)
+    _, found = index.search(q, 10, allowed=allowed)
+    assert (found >= 0).all()  # (rows came back short, -1)
+    assert np.isin(found, allowed).all() and all(len(set(row)) == 10 for row in found)
+
+
 def test_positions_of(clustered) -> None:
     keys = clustered["keys"]
     index = build_index(clustered["x"][:50], keys[:50], IndexConfig(factory="Flat", **CPU))
