@@ -304,6 +304,15 @@ class PinSearcher:
                 out.append(f"{what} {value!r}")
         return out
 
+    def _board_keys(self, board: str) -> np.ndarray:
+        """Sorted keys of the pins of the board whose key is ``board`` (not a display name)."""
+        if self.cache_metadata:
+            return self._group("board").get(board, _NO_KEYS)
+        cur = self.store.catalog.connection.execute(
+            "SELECT pin_key FROM pins WHERE board = ? ORDER BY pin_key", [board]
+        )
+        return np.asarray(cur.fetchnumpy()["pin_key"], dtype=np.int64)
+
     def _grouped(self, columns: tuple[str, ...], value: str) -> np.ndarray:
         """Sorted keys of the pins whose value in any of ``columns`` is ``value``, in any
         Unicode spelling (NFC, NFD), as the catalog's filter matches."""

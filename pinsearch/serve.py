@@ -141,8 +141,9 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
         titles = request["titles"]
         if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
             raise ValueError("titles must be a list of strings")
+        image = None if request.get("image") is None else _image_path(request)
         return searcher.rank_texts(  # type: ignore[attr-defined, no-any-return]
-            titles, pin_id=request.get("pin"), image=request.get("image")
+            titles, pin_id=None if pin is None else str(pin), image=image
         ).to_dict()
     if "text" in asked:
         if request.get("boards"):
@@ -157,12 +158,18 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
         ).to_dict()  # fmt: skip
     if "pin" in asked:
         return searcher.similar_to_pin(str(request["pin"]), k, **filters).to_dict()
+    return searcher.similar_to_image(_image_path(request), k, **filters).to_dict()
+
+
+def _image_path(request: dict[str, Any]) -> Path:
+    """A request's image: a file (an empty path, a folder or nothing there is refused)."""
     if not request["image"].strip():
         raise ValueError("'image' is empty; give the path of an image file")
     path = Path(request["image"])
     if not path.is_file():
-        raise ValueError(f"image {path} does not exist")
-    return searcher.similar_to_image(path, k, **filters).to_dict()
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise ValueError(f"image {path} {what}")
+    return path
 
 
 def serve(

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from pinsearch.errors import WeightsNotFoundError
+from pinsearch.errors import IndexFileError, WeightsNotFoundError
 from pinsearch.vectors import unit_rows
 
 __all__ = [
@@ -224,8 +224,14 @@ def _alignment_sha(store: Any, backbone: str) -> str | None:
     return None if found is None else str(found[1]["sha256"])
 
 
-def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> TextEncoder:
+def text_encoder_for(
+    store: Any, backbone: str, *, device: str = "auto", image_model: Callable[[], Any] | None = None
+) -> TextEncoder:
     """The text encoder into ``backbone``'s space: its CLIP text tower, or the store's alignment.
+
+    ``image_model``: gives the backbone as already built for the store's image queries
+    (:meth:`pinsearch.search.PinSearcher.backbone_model`); a CLIP text tower is then taken
+    from it rather than from a second copy of the whole model.
 
     Raises:
         NoTextTowerError: neither exists; the message says how to get one.
@@ -234,7 +240,8 @@ def text_encoder_for(store: Any, backbone: str, *, device: str = "auto") -> Text
         from pinsearch.clip import ClipTextEncoder
         from pinsearch.search import store_backbone
 
-        return ClipTextEncoder(store_backbone(store, backbone))
+        model = image_model() if image_model is not None else store_backbone(store, backbone)
+        return ClipTextEncoder(model)
     from pinsearch.align import load_alignment
 
     found = load_alignment(store, backbone)
@@ -396,7 +403,8 @@ def refresh_titles(store: Any) -> int:
         candidates = text_candidates(store) if candidates is None else candidates
         try:
             n += embed_text_space(store, backbone, again=again, candidates=candidates)
-        except (WeightsNotFoundError, NoTextTowerError) as exc:  # (image work goes on)
+        except (WeightsNotFoundError, NoTextTowerError, IndexFileError) as exc:
+            # (no weights, an alignment file missing or altered: the image work goes on)
             _logger.warning("title vectors of %s left as they are: %s", backbone, exc)
             whole = False
     if pending and whole:

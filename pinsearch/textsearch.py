@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import PinNotFoundError, PinsearchError
+from pinsearch.ingest import unicode_spellings
 from pinsearch.search import (
     _NO_KEYS,
     PinSearcher,
@@ -139,6 +140,29 @@ def text_index_problem(name: str, metric: str, unit: bool) -> str | None:
     return None
 
 
+def _cosine_index_instead(store: Any, backbone: str | None) -> str | None:
+    """An index for text queries when none is named and the backbone's own one (the one
+    image queries search) cannot rank by cosine: its first index that can. None: the own
+    one can, or none can (the caller says why)."""
+    name = store.resolve_backbone(backbone)
+    names = store.index_names(name, text_spaces=False)
+    if not names:
+        return None
+    unit = bool((store.catalog.get_embedding(name) or {}).get("normalize"))
+
+    def ranks_by_cosine(index: str) -> bool:
+        row = store.catalog.get_index(index) or {}
+        return text_index_problem(index, row.get("metric", ""), unit) is None
+
+    own = name if name in names else names[0]
+    if ranks_by_cosine(own):
+        return None
+    instead = next((n for n in names if ranks_by_cosine(n)), None)
+    if instead is not None:
+        _logger.info("text queries search index %s (%s ranks otherwise)", instead, own)
+    return instead
+
+
 class TextSearcher(PinSearcher):
     """Similar-pin and text queries over one backbone of a store.
 
@@ -161,6 +185,8 @@ class TextSearcher(PinSearcher):
         cache_metadata: bool = False,
         encoder: TextEncoder | None = None,
     ) -> None:
+        if index is None:  # (the backbone's own index, unless it cannot rank by cosine)
+            index = _cosine_index_instead(store, backbone)
         super().__init__(
             store, backbone=backbone, index=index, config=config, cache_metadata=cache_metadata
         )
@@ -182,7 +208,9 @@ class TextSearcher(PinSearcher):
     def encoder(self) -> TextEncoder:
         """The text encoder (built on first use: loading a text model takes seconds)."""
         if self._encoder is None:
-            self._encoder = text_encoder_for(self.store, self.backbone)
+            self._encoder = text_encoder_for(  # (a CLIP model shared with image queries)
+                self.store, self.backbone, image_model=self.backbone_model
+            )
         return self._encoder
 
     def warm(self) -> None:
@@ -221,6 +249,11 @@ class TextSearcher(PinSearcher):
         """
         if self._titles is None:
             name = text_space(self.backbone)
+            if self.store.catalog.get_index(name) is None and not self._any_text():
+                raise ValueError(
+                    f"no pin of store {self.store.root} has a title or description: title "
+                    "search has nothing to search (--mode image searches the images)"
+                )
             if self.store.catalog.get_index(name) is None:
                 raise ValueError(
                     f"store {self.store.root} has no title vectors for {self.backbone!r}; "
@@ -371,7 +404,9 @@ class TextSearcher(PinSearcher):
                     board=board,
                     board_name=row.get("name") or board,
                     user=row.get("user_id"),
-                    category=row.get("category"),
+                    # (under a category filter, the category its pins here have: a
+                    # manifest's board may mix categories)
+                    category=row.get("category") if category is None else category_key(category),
                     score=float(board_score),
                     pins_in_board=int(sizes.get(board, 0)),
                     pins=pins,
@@ -402,11 +437,14 @@ class TextSearcher(PinSearcher):
         return memo[key]
 
     def _count_boards(self, user: str | None, category: str | None) -> dict[str, int]:
-        where, params = [], []
-        for col, value in (("user_id", user), ("category", category_key(category))):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
+        where: list[str] = []
+        params: list[Any] = []
+        if user is not None:  # (either Unicode spelling, as filter_keys matches)
+            where.append("user_id IN (SELECT unnest(?))")
+            params.append(unicode_spellings(user))
+        if category is not None:
+            where.append("category = ?")
+            params.append(category_key(category))
         sql = "SELECT board, count(*) AS n FROM pins"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -507,10 +545,15 @@ class TextSearcher(PinSearcher):
             return []
         s = centroids @ q[0]
         order = np.argsort(-s, kind="stable")[:k]
+        within = self.filter_keys(user=user, category=category)
         out = []
         for i in order.tolist():
             board = str(names[i])
-            allowed = self.filter_keys(board=board, user=user, category=category)
+            # the board's own pins, by key (a board filter also takes display names: another
+            # board's name may be this one's key)
+            allowed = self._board_keys(board)
+            if within is not None:
+                allowed = np.intersect1d(allowed, within, assume_unique=True)
             sc, ks = self.search_keys(q, m, allowed)
             ok = ks[0] >= 0
             out.append((board, float(s[i]), self.hits(ks[0][ok], sc[0][ok])))

@@ -329,6 +329,10 @@ def test_board_ranking_filters(searcher: TextSearcher, clip_store: Path) -> None
 # -- best title -----------------------------------------------------------------------------
 
 
+def test_text_queries_share_the_clip_model_of_image_queries(searcher: TextSearcher) -> None:
+    assert searcher.encoder.backbone is searcher.backbone_model()  # (it was built twice)
+
+
 def test_rank_texts_for_a_pin(searcher: TextSearcher) -> None:
     pin = searcher.store.catalog.query("SELECT pin_id, pin_key FROM pins LIMIT 1")[0]
     texts = ["a sports car", "a cathedral", "a cup of coffee"]
@@ -470,6 +474,8 @@ def test_fused_queries_without_any_title_and_refusals(tree_copy: Path, tmp_path:
         assert fused.metric == "fused-z" and fused.index == ts.index_name
         empty = ts.search_text("a red car", k=5, mode="fused", category="nope")
         assert empty.hits == [] and empty.metric == "fused-z"
+        with pytest.raises(ValueError, match=r"no pin of store .* has a title or description"):
+            ts.search_text("a red car", k=5, mode="title")  # (it said: made by index or align)
     with Store.open(path) as store, pytest.raises(ValueError, match="is a CLIP backbone"):
         align_store(store, CLIP, AlignConfig(epochs=2))
     raw = tmp_path / "raw"
@@ -477,6 +483,13 @@ def test_fused_queries_without_any_title_and_refusals(tree_copy: Path, tmp_path:
                  embed=EmbedConfig(workers=0, normalize=False))  # fmt: skip
     with Store.open(raw, read_only=True) as store, pytest.raises(ValueError, match="not unit"):
         TextSearcher(store)
+    with Store.open(raw) as store:  # a second index that ranks by cosine: text queries use it
+        from pinsearch.indexes import IndexConfig
+
+        store.build_index(CLIP, IndexConfig(factory="Flat", metric="cosine"), name="cos")
+    with Store.open(raw, read_only=True) as store:
+        assert TextSearcher(store).index_name == "cos"
+        assert TextSearcher(store).search_text("a red car", k=3).index == "cos"
 
 
 def test_serve_says_why_a_store_cannot_answer_text(clip_store: Path, tree_copy, tmp_path) -> None:
@@ -486,11 +499,62 @@ def test_serve_says_why_a_store_cannot_answer_text(clip_store: Path, tree_copy, 
     from pinsearch.pipeline import index_corpus
     from pinsearch.serve import answer, serve
 
-    with Store.open(clip_store, read_only=True) as store, pytest.raises(ValueError, match="empty"):
-        answer(TextSearcher(store), {"text": "", "mode": "image"})
+    with Store.open(clip_store, read_only=True) as store:
+        searcher = TextSearcher(store)
+        with pytest.raises(ValueError, match="empty"):
+            answer(searcher, {"text": "", "mode": "image"})
+        for image, says in (("", "'image' is empty"), (str(tmp_path), "is a folder, not an image")):
+            for request in ({"image": image}, {"image": image, "titles": ["a red car"]}):
+                with pytest.raises(ValueError, match=says):  # (titles: "not_a_file: a FIFO")
+                    answer(searcher, request)
     raw = tmp_path / "raw"
     index_corpus(tree_copy, raw, backbone=CLIP, index={"metric": "ip"},
                  embed=EmbedConfig(workers=0, normalize=False))  # fmt: skip
     out = io.StringIO()
     serve(raw, requests=io.StringIO('{"text": "a red car"}\n'), responses=out)
     assert "not unit length" in out.getvalue().splitlines()[1]
+
+
+def test_board_ranking_keeps_boards_apart_and_filters_as_pin_search(tree_corpus, tmp_path) -> None:
+    """A board keyed ``Recipes`` (a manifest row without a user) beside ``u2/Recipes`` and
+    ``josé/Recipes``, both named "Recipes": each board shows its own pins (centroid ranking
+    took the pins of every board named so). A user typed in the other Unicode spelling counts
+    the same pins as pin search finds; under a category filter a board is of that category."""
+    import csv
+    import unicodedata
+
+    from pinsearch.embed import EmbedConfig
+    from pinsearch.ingest import IngestConfig
+    from pinsearch.pipeline import index_corpus
+
+    jose = unicodedata.normalize("NFC", "jos\u00e9")
+    images = sorted(tree_corpus.root.glob("*/*/*/*.jpg"))[:7]
+    rows = [
+        {"path": str(p), "category": "cars" if i in (3, 4) else "food", "pin_id": f"p{i}",
+         "board": "Recipes", "user": ["u2", "u2", "u2", jose, jose, jose, ""][i],
+         "title": f"soup {i}"}
+        for i, p in enumerate(images)
+    ]  # fmt: skip
+    with (tmp_path / "m.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    index_corpus(tmp_path / "m.csv", tmp_path / "s", backbone=CLIP, embed=EmbedConfig(workers=0),
+                 ingest=IngestConfig(allow_outside_root=True))  # fmt: skip
+    nfd = unicodedata.normalize("NFD", jose)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        for cache in (False, True):
+            ts = TextSearcher(store, cache_metadata=cache)
+            for score in ("topm", "centroid"):
+                boards = ts.search_boards("soup", 5, per_board=3, score=score).boards
+                assert sorted(b.board for b in boards) == [
+                    "Recipes",
+                    f"{jose}/Recipes",
+                    "u2/Recipes",
+                ]
+                for b in boards:
+                    assert {p.board for p in b.pins} == {b.board}, (score, b.board)
+                (mine,) = ts.search_boards("soup", 5, score=score, user=nfd).boards
+                assert mine.pins_in_board == 3 and len(mine.pins) == 3
+                (cars,) = ts.search_boards("soup", 5, score=score, category="cars").boards
+                assert cars.category == "cars" and {p.category for p in cars.pins} == {"cars"}
