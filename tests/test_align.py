@@ -182,6 +182,24 @@ def test_altered_alignment_is_refused(aligned: Path, tmp_path: Path) -> None:
         text_encoder_for(store, "test_efficientnet")
 
 
+def test_a_missing_alignment_file_leaves_the_image_work_of_an_add_whole(
+    aligned: Path, tmp_path: Path, make_tree, caplog
+) -> None:
+    """The alignment's file gone: new pins are stored, embedded and indexed, their title
+    vectors left out with a warning (every index, add and refresh failed, after its work)."""
+    from pinsearch.pipeline import index_corpus
+
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    next((path / "align").glob("*.npz")).unlink()
+    extra = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
+    with caplog.at_level("WARNING"):
+        report = index_corpus(extra.root, path, backbone="test_efficientnet")
+    assert report.added == 6 and report.title_vectors == 0 and report.ntotal == 30
+    assert "title vectors of test_efficientnet left as they are" in caplog.text
+    assert "missing or altered" in caplog.text
+
+
 def test_new_pins_get_title_vectors_on_index(aligned: Path, tmp_path: Path, make_tree) -> None:
     from pinsearch.pipeline import index_corpus
 
