@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.eval.markdown import escape
 from pinsearch.store import Store
 
 __all__ = ["OpenSetConfig", "load_openset", "run_openset"]
@@ -251,6 +252,9 @@ def _markdown(config: OpenSetConfig, summary: dict[str, Any]) -> str:
         cells = " | ".join(f"{r[c]:.3f} ± {r[c + '_std']:.3f}" for c, _ in cols)
         lines.append(f"| {r['backbone']} | {r['head']} | {cells} |")
     lines += ["", "Unknown categories per split:", ""]
-    lines += [f"- split {i}: {', '.join(u)}" for i, u in enumerate(summary["unknown_per_split"])]
+    lines += [
+        f"- split {i}: {', '.join(escape(c) for c in u)}"
+        for i, u in enumerate(summary["unknown_per_split"])
+    ]
     lines += ["", "Settings: `" + json.dumps(asdict(config)) + "`", ""]
     return "\n".join(lines)

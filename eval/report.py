@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 
 from pinsearch.eval.beyond import beyond_section
+from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import chance_macro_f1, roc_curves
+from pinsearch.plots import pyplot
 
 __all__ = ["PAPER_TABLE_001", "markdown_table", "write_report"]
 
@@ -59,47 +61,39 @@ def markdown_table(table: dict[str, dict[str, float]], heads: list[str]) -> str:
 
 
 def _plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(confusion, dtype=float)
-    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    size = max(5.0, 0.35 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot() as plt:
+        cm = np.asarray(confusion, dtype=float)
+        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+        size = max(5.0, 0.35 * len(classes) + 2)
+        fig, ax = plt.subplots(figsize=(size, size))
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def _plot_roc(
     path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name, (fpr, tpr, auc) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
-        ax.plot(fpr, tpr, lw=1, label=f"{name} ({auc:.2f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    if len(curves) <= 34:
-        ax.legend(fontsize=6, loc="lower right", ncol=2 if len(curves) > 12 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with pyplot() as plt:
+        fig, ax = plt.subplots(figsize=(6, 6))
+        for name, (fpr, tpr, auc) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
+            ax.plot(fpr, tpr, lw=1, label=f"{name} ({auc:.2f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title(title, fontsize=9)
+        if len(curves) <= 34:
+            ax.legend(fontsize=6, loc="lower right", ncol=2 if len(curves) > 12 else 1)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
 
 
 def write_report(
@@ -136,7 +130,8 @@ def write_report(
         f"Chance level (random guessing): {chance:.3f}.",
     ]
     if data.left_out:
-        md += ["", f"Left out (fewer than {config.min_per_class} pins): {data.left_out}."]
+        left = ", ".join(f"{escape(c)} ({n})" for c, n in sorted(data.left_out.items()))
+        md += ["", f"Left out (fewer than {config.min_per_class} pins): {left}."]
     if config.paper_table == "001":
         # the whole table, so that its means are the paper's (ours average the heads and
         # backbones this study ran, extra heads included)
@@ -173,7 +168,7 @@ def write_report(
     ]
     for row in sorted(m["per_class"], key=lambda x: -x["f1"]):
         md.append(
-            f"| {row['class']} | {row['precision']:.3f} | {row['recall']:.3f} | "
+            f"| {escape(row['class'])} | {row['precision']:.3f} | {row['recall']:.3f} | "
             f"{row['f1']:.3f} | {row['support']} |"
         )
     title = f"{config.name}: {best.backbone} + {best.head}"

@@ -313,6 +313,22 @@ def test_evaluate_writes_report_and_stores_results(clustered_store: Path, tmp_pa
     assert [r["head"] for r in rows] == ["knn", "lsvm"] and preds == 2 * rows[0]["n_test"]
 
 
+def test_a_report_shows_odd_category_names_as_written(clustered_store: Path, tmp_path) -> None:
+    """Cleaned names keep |, * and $: a | split the per-class row into one cell too many, and
+    a $ made matplotlib read the name as mathematics and fail the figure (no report)."""
+    store = _copy(clustered_store, tmp_path)
+    odd = {"cat00": "a|b", "cat01": "x*y*", "cat02": "gifts_under_$10_$20"}
+    with Store.open(store) as s:
+        for old, new in odd.items():
+            s.catalog.connection.execute("UPDATE pins SET category = ? WHERE category = ?",
+                                         [new, old])  # fmt: skip
+    summary = evaluate(_config(store, heads={"knn": {"n_neighbors": [1]}}), tmp_path / "r")
+    report = Path(summary["report"]).read_text()
+    for row in (r"| a\|b | ", r"| x\*y\* | ", r"| gifts_under_\$10_\$20 | "):
+        assert row in report
+    assert (tmp_path / "r" / "confusion.png").stat().st_size > 1000
+
+
 def test_macro_f1_averages_the_classes_the_test_holds_or_predicts() -> None:
     """A class with no test pin that is never predicted has no F1 (it scored 0: a perfect
     classifier got 0.667); one predicted without support counts 0, as in scikit-learn's
