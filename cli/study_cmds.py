@@ -310,7 +310,8 @@ def bench(
         bool, typer.Option(help="Study: also time the heads one fit at a time.")
     ] = True,
     sklearn_timeout: Annotated[
-        float | None, typer.Option(help="Study: stop scikit-learn after this many seconds.")
+        float | None,
+        typer.Option(min=0.001, help="Study: stop scikit-learn after this many seconds."),
     ] = None,
     sklearn_reference: Annotated[
         list[Path] | None,
@@ -347,7 +348,7 @@ def bench(
         int | None,
         typer.Option(min=1, help="Query batch (exact); single queries timed (query: 1000)."),
     ] = None,
-    pins: Annotated[int, typer.Option(help="Remove: pins removed at random.")] = 1000,
+    pins: Annotated[int, typer.Option(min=1, help="Remove: pins removed at random.")] = 1000,
     boards: Annotated[int, typer.Option(min=1, help="Catalog: boards the pins are in.")] = 5000,
     skipped: Annotated[int, typer.Option(min=0, help="Catalog: skipped files.")] = 1000,
     device: Annotated[str, typer.Option()] = "auto",

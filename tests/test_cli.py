@@ -7,11 +7,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from pinsearch.cli.app import app
-from pinsearch.eval.bench import round_up
+from pinsearch.eval.bench import overlap_at_k, round_up
 from pinsearch.store import Store
 
 runner = CliRunner()
@@ -138,6 +139,20 @@ def test_bench_index_prints_numbers() -> None:
     # Flat holds 2,000 x 32 float32 = 0.24 MiB (plus a small header).
     assert 0.24 <= data["rows"][0]["memory_mb"] <= 0.3
     assert {r["gpu_memory_mb"] for r in data["rows"]} == {None}
+
+
+def test_bench_index_of_fewer_vectors_than_k_and_a_refused_factory() -> None:
+    """5 vectors at k = 10: exact search scores recall 1 (the padding counted as a shared
+    hit: 0.6); a factory its settings refuse is that row's error, not the whole run's."""
+    result = runner.invoke(app, ["bench", "index", "--n", "5", "--dim", "8", "--factory", "Flat",
+                                 "--factory", "IVF4,PQ0", "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    flat, bad = json.loads(result.stdout)["rows"]
+    assert flat["recall_at_10"] == 1.0 and "PQ's sub-quantizers 0" in bad["error"]
+    small = runner.invoke(app, ["bench", "index", "--n", "300", "--dim", "8", "--json"])
+    assert small.exit_code == 0, small.output  # (the default list asked PQ0 of 8 dims)
+    assert "IVF7,PQ1" in [r["factory"] for r in json.loads(small.stdout)["rows"]]
+    assert overlap_at_k(np.array([[3, 1, -1]]), np.array([[1, 2, -1]])) == 0.5
 
 
 def test_bench_index_reports_what_gpu_indexes_hold_there(faiss_gpu_stand_in: list) -> None:
@@ -320,6 +335,17 @@ def test_bench_index_reports_a_failing_type_and_goes_on() -> None:
     text = runner.invoke(app, ["bench", "index", "--n", "500", "--dim", "16",
                                "--factory", "IVF4096,Flat", "--factory", "Flat"])  # fmt: skip
     assert text.exit_code == 0 and "error" in text.output  # the table takes mixed rows
+
+
+def test_bench_refuses_values_no_run_could_use() -> None:
+    for args, says in (
+        (["remove", "--n", "50", "--dim", "8", "--pins", "0"], "--pins"),
+        (["study", "--n", "400", "--dim", "8", "--head", "knn", "--sklearn-timeout", "-5"],
+         "--sklearn-timeout"),
+        (["study", "--n", "100", "--dim", "8", "--head", "knn"], "give a larger --n"),
+    ):  # fmt: skip
+        result = runner.invoke(app, ["bench", *args])
+        assert result.exit_code != 0 and says in result.output + str(result.exception), args
 
 
 def test_bench_refuses_options_its_benchmark_has_no_use_for() -> None:
