@@ -230,7 +230,7 @@ def _retrieval(config: Any, out: Path | None, as_json: bool) -> None:
             backbone,
             r["text"],
             *(f"{m[f'recall@{k}']:.3f}" for k in config.ks),
-            f"{m['median_rank']:.0f}",
+            f"{m['median_rank']:g}",
         )
     console.print(table)
     console.print(f"report: {summary['report']}")

@@ -54,9 +54,30 @@ def load_retrieval(data: dict[str, Any], base: Path) -> RetrievalConfig:
     bad = sorted(set(config.align) - {f.name for f in fields(AlignConfig)})
     if bad:
         raise ValueError(f"{base}: unknown [align] keys {bad}")
+    try:  # (values checked now: they failed mid-study, or trained nothing)
+        AlignConfig(**config.align)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{base}: [align]: {exc}") from None
     if config.text not in ("auto", "clip", "align"):
         raise ValueError(f"{base}: text must be auto, clip or align, got {config.text!r}")
+    uses_align = config.text == "align" or (
+        config.text == "auto" and not all(_is_clip(b) for b in config.backbones)
+    )
+    if uses_align and config.train_images < 2:
+        raise ValueError(
+            f"{base}: train_images = {config.train_images}: an alignment learns from the "
+            "captions of at least 2 train images"
+        )
     return config
+
+
+def _is_clip(backbone: str) -> bool:
+    from pinsearch.backbones import get_backbone_spec
+
+    try:
+        return get_backbone_spec(backbone).source == "open_clip"
+    except (KeyError, ValueError):  # (an unknown backbone: named when the study runs)
+        return False
 
 
 def run_retrieval(
@@ -88,6 +109,16 @@ def run_retrieval(
     # (pinsearch align) stays as it is
     with Store.open(config.store, read_only=True) as store:
         keys, captions, unmatched = caption_pairs(store, config.captions)
+        # only images every backbone has a vector of (a classification study's sample embeds
+        # some pins only): the others would be drawn into the split and queried by no caption
+        held = None
+        for backbone in config.backbones:
+            have = store.vectors(backbone).keys()
+            held = have if held is None else np.intersect1d(held, have)
+        embedded = np.isin(keys, held)
+        no_vector = int((~embedded).sum())
+        keys = keys[embedded]
+        captions = [c for c, m in zip(captions, embedded.tolist()) if m]
         images = np.unique(keys)
         if config.train_images >= len(images):
             raise ValueError(
@@ -127,6 +158,7 @@ def run_retrieval(
         "test_images": len(test),
         "captions": len(captions),
         "unmatched_captions": unmatched,
+        "captions_without_vector": no_vector,
         "results": results,
     }
     from pinsearch.eval.configs import write_study_files
@@ -140,9 +172,14 @@ def _markdown(config: RetrievalConfig, summary: dict[str, Any]) -> str:
         f"# Text-to-image retrieval: {config.name}",
         "",
         f"{summary['images']} images with {summary['captions']} captions "
-        f"({summary['unmatched_captions']} caption rows matched no image); "
-        f"{config.train_images} images train the alignment (seed {config.seed}), each of the "
-        f"{summary['test_images']} test images' captions queries the test images.",
+        f"({summary['unmatched_captions']} caption rows matched no image, "
+        f"{summary['captions_without_vector']} named an image some backbone has no vector of); "
+        + (
+            f"{config.train_images} images train the alignment (seed {config.seed}), each of "
+            if any(r["align"] is not None for r in summary["results"].values())
+            else f"{config.train_images} images held out (seed {config.seed}), each of "
+        )
+        + f"the {summary['test_images']} test images' captions queries the test images.",
         "",
         "| backbone | text encoder | "
         + " | ".join(f"R@{k}" for k in ks)
@@ -154,13 +191,13 @@ def _markdown(config: RetrievalConfig, summary: dict[str, Any]) -> str:
         lines.append(
             f"| {backbone} | {r['text']} | "
             + " | ".join(f"{m[f'recall@{k}']:.3f}" for k in ks)
-            + f" | {m['median_rank']:.0f} | {m['mean_rank']:.1f} |"
+            + f" | {m['median_rank']:g} | {m['mean_rank']:.1f} |"
         )
     any_m = next(iter(summary["results"].values()))["metrics"]
     lines.append(
         "| chance | | "
         + " | ".join(f"{any_m[f'chance_recall@{k}']:.3f}" for k in ks)
-        + f" | {(summary['test_images'] + 1) / 2:.0f} | |"
+        + f" | {(summary['test_images'] + 1) / 2:g} | |"
     )
     lines += ["", "Settings: `" + json.dumps(asdict(config)) + "`", ""]
     return "\n".join(lines)

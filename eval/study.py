@@ -231,6 +231,11 @@ def load_study(path: str | Path, **overrides: Any) -> StudyConfig | RetrievalCon
                         else ""
                     )
                     raise ValueError(f"study {path}: {exc}{hint}") from None
+    if data.get("paper_table") not in (None, "001"):  # (the one published table shown)
+        raise ValueError(
+            f'study {path}: paper_table = {data["paper_table"]!r}; "001" shows the source '
+            "paper's Table 4.1 beside this study's (or leave it out)"
+        )
     fused = [b for b in data["backbones"] if "+" in b]
     if "zeroshot" in data["heads"] and fused:
         raise ValueError(

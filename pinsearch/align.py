@@ -87,6 +87,20 @@ class AlignConfig:
     def __post_init__(self) -> None:
         from pinsearch.text import SENTENCE_MODELS
 
+        least = {"dim": 0, "hidden": 0, "epochs": 1, "batch_size": 1, "patience": 0, "seed": 0}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"align {name} must be a whole number >= {low}, got {value!r}")
+        for name, positive in (("lr", True), ("temperature", True), ("weight_decay", False)):
+            value = getattr(self, name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or not (value > 0 if positive else value >= 0) or value == float("inf"):
+                sign = "> 0" if positive else ">= 0"
+                raise ValueError(f"align {name} must be a finite number {sign}, got {value!r}")
+        vf = self.val_fraction
+        if isinstance(vf, bool) or not isinstance(vf, int | float) or not 0 <= vf < 1:
+            raise ValueError(f"align val_fraction must be in [0, 1), got {vf!r}")
         # a local folder is recorded where it is (a relative one would name another folder,
         # or none, for a query run elsewhere)
         if self.text_model not in SENTENCE_MODELS and Path(self.text_model).exists():

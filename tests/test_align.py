@@ -438,10 +438,22 @@ def test_retrieval_study_config_errors(tmp_path: Path) -> None:
         load_study(bad)
     for line, message in (("ks = 5", "'ks' must be a list of whole numbers"),
                           ("ks = [0, 5]", "'ks' must hold whole numbers >= 1"),
-                          ("backbones = []", "'backbones' must list at least one")):  # fmt: skip
+                          ("backbones = []", "'backbones' must list at least one"),
+                          ("train_images = 1", "at least 2 train images"),
+                          # (an untrained projection reported as trained; tracebacks mid-study)
+                          ("[align]\nbatch_size = -1", "batch_size must be a whole number >= 1"),
+                          ("[align]\nepochs = 0", "epochs must be a whole number >= 1"),
+                          ('[align]\nepochs = "5"', "epochs must be a whole number >= 1"),
+                          ("[align]\nval_fraction = 1.0", r"val_fraction must be in \[0, 1\)"),
+                          ("[align]\nlr = 0", "lr must be a finite number > 0")):  # fmt: skip
         bad.write_text(f'kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\n{line}\n')
         with pytest.raises(ValueError, match=message):
             load_study(bad)
+    clip = (
+        'kind = "retrieval"\nname = "x"\nstore = "s"\ncaptions = "c"\nbackbones = ["test_clip"]\n'
+    )
+    bad.write_text(clip + "train_images = 1\n")  # (CLIP trains nothing: one image is fine)
+    assert load_study(bad).train_images == 1
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -718,3 +730,32 @@ def test_a_text_model_folder_is_recorded_whole_and_loaded_before_any_drop(
         with pytest.raises(WeightsNotFoundError, match="does not exist"):
             text_encoder_for(store, B)
     assert [f.problem for f in check_store(path).findings] == ["title_space_outdated"]
+
+
+def test_a_retrieval_study_splits_only_images_every_backbone_has_a_vector_of(
+    caption_corpus, tmp_path: Path
+) -> None:
+    """A second backbone embedded 20 of the 36 images (a classification sample does that):
+    the other 16 are neither drawn into the split nor counted as test images (they were,
+    and no caption queried them); their caption rows are counted."""
+    from pinsearch.embed import EmbedConfig, embed_store
+    from pinsearch.eval.retrieval import RetrievalConfig, run_retrieval
+    from pinsearch.pipeline import index_corpus
+
+    images, captions = caption_corpus
+    index_corpus(images, tmp_path / "s", backbone="test_efficientnet")
+    with Store.open(tmp_path / "s") as store:
+        keys = np.sort(store.vectors("test_efficientnet").keys())[:20]
+        embed_store(store, "test_clip", EmbedConfig(workers=0), keys=keys)
+    config = RetrievalConfig(name="r", store=str(tmp_path / "s"), captions=str(captions),
+                             backbones=["test_efficientnet", "test_clip"], train_images=8,
+                             align={"epochs": 5, "batch_size": 8})  # fmt: skip
+    summary = run_retrieval(config, tmp_path / "out")
+    assert summary["images"] == 20 and summary["test_images"] == 12
+    assert summary["captions"] == 40 and summary["captions_without_vector"] == 32
+    for r in summary["results"].values():
+        assert r["metrics"]["items"] == 12 and r["metrics"]["queries"] == 24
+    assert (
+        "32 named an image some backbone has no vector of"
+        in (tmp_path / "out" / "report.md").read_text()
+    )

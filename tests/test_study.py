@@ -101,6 +101,7 @@ def test_load_study_parses_and_validates(tmp_path: Path) -> None:
         ('name = "../up"\n[heads.knn]', "'name' names its results folder"),
         ('name = "/tmp/elsewhere"\n[heads.knn]', "one folder name without"),
         ('name = " "\n[heads.knn]', "one folder name without"),
+        ('paper_table = "4.1"\n[heads.knn]', '"001" shows the source paper\'s Table 4.1'),
     ],
 )
 def test_load_study_refuses_values_before_any_cell(tmp_path: Path, text: str, match: str) -> None:
