@@ -323,7 +323,11 @@ def create_backbone(
         from pinsearch.indexes.pinindex import file_sha256
 
         sha = file_sha256(weights_path)
-    refusal = eval_crop_problem(model) if spec.source in ("timm", "lite") else None
+    refusal = (
+        eval_crop_problem(model)
+        if spec.source in ("timm", "lite")
+        else getattr(model, "eval_problem", None)  # (open_clip's squash models)
+    )
     return Backbone(spec, model, preprocess, dim, origin, torch.device(device), sha, refusal)
 
 

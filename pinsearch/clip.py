@@ -65,6 +65,7 @@ class ClipImageTower(torch.nn.Module):
         self.clip = clip
         self.tokenizer = tokenizer
         self.num_features = embed_dim
+        self.eval_problem: str | None = None  # why pinsearch's eval transform is not its own
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(images)
@@ -112,17 +113,35 @@ def clip_weights_cached(model: str, tag: str) -> Path | None:
     return None
 
 
-def _preprocess(oc: Any, model: str, tag: str, clip: Any) -> Preprocess:
-    cfg = (oc.get_pretrained_cfg(model, tag) or {}) if tag else {}
+def _preprocess(oc: Any, model: str, tag: str, clip: Any) -> tuple[Preprocess, str | None]:
+    """The eval transform open_clip gives the model (its own settings, its pretrained tag's
+    over them), and why pinsearch's differs where it does (None: it does not).
+
+    pinsearch resizes the shorter side and crops a centred square, as open_clip's
+    ``resize_mode`` ``shortest`` does; a model evaluated otherwise (``squash``: the whole
+    image stretched to the square, as SigLIP's) is refused for new runs, as timm's are.
+    """
+    cfg = dict(getattr(clip.visual, "preprocess_cfg", None) or {})
+    cfg.update((oc.get_pretrained_cfg(model, tag) or {}) if tag else {})
     size = clip.visual.image_size
     side = int(size[0] if isinstance(size, (tuple, list)) else size)
-    return Preprocess(
+    mode = str(cfg.get("resize_mode") or "shortest")
+    square = not isinstance(size, (tuple, list)) or size[0] == size[-1]
+    problem = None
+    if mode != "shortest" or not square:
+        problem = (
+            f"open_clip evaluates {model} ({tag or 'no tag'}) with resize_mode {mode!r} at "
+            f"{size}; pinsearch resizes the short side and crops a centred square: pick "
+            "another pretrained tag or model"
+        )
+    pre = Preprocess(
         input_size=side,
-        mean=tuple(cfg.get("mean", _OPENAI_MEAN)),
-        std=tuple(cfg.get("std", _OPENAI_STD)),
-        interpolation=str(cfg.get("interpolation", "bicubic")),
+        mean=tuple(cfg.get("mean") or _OPENAI_MEAN),
+        std=tuple(cfg.get("std") or _OPENAI_STD),
+        interpolation=str(cfg.get("interpolation") or "bicubic"),
         crop_pct=1.0,  # CLIP resizes the shorter side to the input size, then centre-crops
     )
+    return pre, problem
 
 
 @register_source("open_clip")
@@ -170,7 +189,8 @@ def _build_open_clip(spec: BackboneSpec, weights: Path | None) -> tuple[Any, Pre
         ) from exc
     embed_dim = int(oc.get_model_config(model)["embed_dim"])
     tower = ClipImageTower(clip, oc.get_tokenizer(model), embed_dim)
-    return tower, _preprocess(oc, model, tag, clip), origin
+    preprocess, tower.eval_problem = _preprocess(oc, model, tag, clip)
+    return tower, preprocess, origin
 
 
 class ClipTextEncoder:

@@ -558,3 +558,25 @@ def test_board_ranking_keeps_boards_apart_and_filters_as_pin_search(tree_corpus,
                 assert mine.pins_in_board == 3 and len(mine.pins) == 3
                 (cars,) = ts.search_boards("soup", 5, score=score, category="cars").boards
                 assert cars.category == "cars" and {p.category for p in cars.pins} == {"cars"}
+
+
+def test_clip_models_open_clip_evaluates_by_squashing_are_refused_for_new_runs() -> None:
+    """open_clip stretches SigLIP-style models' images to the square (resize_mode squash);
+    pinsearch crops a centred square, which cut a quarter off each side of a 2:1 image: such a
+    model is refused for new runs, as timm's other crop modes are. The settings are the
+    model's own with its tag's over them."""
+    from types import SimpleNamespace
+
+    import open_clip
+
+    from pinsearch.clip import _preprocess
+
+    visual = SimpleNamespace(
+        image_size=224, preprocess_cfg={"mean": (0.1, 0.2, 0.3), "resize_mode": "shortest"}
+    )
+    clip = SimpleNamespace(visual=visual)
+    pre, problem = _preprocess(open_clip, "ViT-B-16-SigLIP", "webli", clip)
+    assert "resize_mode 'squash'" in problem and pre.mean == (0.5, 0.5, 0.5)
+    pre, problem = _preprocess(open_clip, "ViT-B-32", "laion2b_s34b_b79k", clip)
+    assert problem is None and pre.input_size == 224 and pre.interpolation == "bicubic"
+    assert create_backbone(CLIP).new_run_refusal is None
