@@ -134,8 +134,10 @@ def query(
     config = search_config(nprobe, ef_search, precision, refine)
     with Store.open(store, read_only=True) as s:
         if text is not None or candidates:
-            from pinsearch.textsearch import TextSearcher
+            from pinsearch.textsearch import TextSearcher, text_index_for
 
+            if index_name is None and text is not None:  # (an l2 default: a cosine one)
+                index_name = text_index_for(s, backbone)
             searcher: Any = TextSearcher(s, backbone=backbone, index=index_name, config=config)
         else:
             from pinsearch.search import PinSearcher

@@ -140,10 +140,10 @@ def text_index_problem(name: str, metric: str, unit: bool) -> str | None:
     return None
 
 
-def _cosine_index_instead(store: Any, backbone: str | None) -> str | None:
-    """An index for text queries when none is named and the backbone's own one (the one
-    image queries search) cannot rank by cosine: its first index that can. None: the own
-    one can, or none can (the caller says why)."""
+def text_index_for(store: Any, backbone: str | None) -> str | None:
+    """The index a text query names when the user names none and the backbone's own one (the
+    one image queries search) cannot rank by cosine (an l2 index): its first index that can.
+    None: the own one can, or none can (:class:`TextSearcher` says why)."""
     name = store.resolve_backbone(backbone)
     names = store.index_names(name, text_spaces=False)
     if not names:
@@ -185,8 +185,6 @@ class TextSearcher(PinSearcher):
         cache_metadata: bool = False,
         encoder: TextEncoder | None = None,
     ) -> None:
-        if index is None:  # (the backbone's own index, unless it cannot rank by cosine)
-            index = _cosine_index_instead(store, backbone)
         super().__init__(
             store, backbone=backbone, index=index, config=config, cache_metadata=cache_metadata
         )
@@ -194,6 +192,9 @@ class TextSearcher(PinSearcher):
             self.index_name, self.index.config.metric, bool(self._embedding.get("normalize"))
         )
         if problem:
+            other = text_index_for(store, self.backbone) if index is None else None
+            if other is not None:
+                problem += f"; its index {other!r} ranks by cosine: --index {other}"
             raise ValueError(problem)
         self._encoder = encoder
         self._titles: PinSearcher | None = None

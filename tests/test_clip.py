@@ -488,8 +488,30 @@ def test_fused_queries_without_any_title_and_refusals(tree_copy: Path, tmp_path:
 
         store.build_index(CLIP, IndexConfig(factory="Flat", metric="cosine"), name="cos")
     with Store.open(raw, read_only=True) as store:
-        assert TextSearcher(store).index_name == "cos"
-        assert TextSearcher(store).search_text("a red car", k=3).index == "cos"
+        pin = store.catalog.query("SELECT pin_id FROM pins LIMIT 1")[0]["pin_id"]
+        with pytest.raises(ValueError, match="--index cos"):
+            TextSearcher(store)  # (the default index answers images: text names the other)
+    _text_query_and_serve_on_an_l2_default_beside_a_cosine_index(raw, pin)
+
+
+def _text_query_and_serve_on_an_l2_default_beside_a_cosine_index(store: Path, pin: str) -> None:
+    import io
+    import json
+
+    from typer.testing import CliRunner
+
+    from pinsearch.cli.app import app
+    from pinsearch.serve import serve
+
+    out = CliRunner().invoke(app, ["query", "-s", str(store), "--text", "a red car", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["index"] == "cos"  # the CLI's text query takes it
+    answers = io.StringIO()  # serve: pins from the default index, text refused naming "cos"
+    requests = json.dumps({"pin": pin, "k": 2}) + "\n" + json.dumps({"text": "a red car"}) + "\n"
+    serve(store, requests=io.StringIO(requests), responses=answers)
+    ready, by_pin, by_text = (json.loads(line) for line in answers.getvalue().splitlines())
+    assert ready["index"] == CLIP and by_pin["index"] == CLIP
+    assert "--index cos" in by_text["error"]
 
 
 def test_serve_says_why_a_store_cannot_answer_text(clip_store: Path, tree_copy, tmp_path) -> None:
