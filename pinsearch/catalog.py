@@ -690,12 +690,16 @@ class Catalog:
         """
         clauses: list[str] = []
         params: list[Any] = []
+        # (one equality per spelling: an IN over a list parameter made a 1M-pin board filter
+        # 3-6x slower than "p.board = ?")
         if board is not None:
-            clauses.append("(p.board IN (SELECT unnest(?)) OR b.name IN (SELECT unnest(?)))")
-            params += [unicode_spellings(board)] * 2
+            forms = unicode_spellings(board)
+            clauses.append("(" + " OR ".join(["p.board = ?", "b.name = ?"] * len(forms)) + ")")
+            params += [v for form in forms for v in (form, form)]
         if user is not None:
-            clauses.append("p.user_id IN (SELECT unnest(?))")
-            params.append(unicode_spellings(user))
+            forms = unicode_spellings(user)
+            clauses.append("(" + " OR ".join(["p.user_id = ?"] * len(forms)) + ")")
+            params += forms
         if category is not None:
             clauses.append("p.category = ?")
             params.append(category)

@@ -485,7 +485,8 @@ def refresh_store(
     with Store.open(store_path, read_only=dry_run, verify=not dry_run) as store:
         catalog = store.catalog
         states = catalog.file_states()
-        unknown = sorted(set(pin_ids) - set(states["pin_id"].tolist()))
+        found = catalog.keys_for_ids(list(pin_ids))  # (either Unicode spelling, as remove)
+        unknown = sorted(set(pin_ids) - set(found))
         if unknown:
             raise PinNotFoundError(
                 f"{len(unknown)} pin id(s) not in store {store.root}: {unknown[:5]}; "
@@ -500,7 +501,7 @@ def refresh_store(
         size, mtime = stat_files(states["path"].tolist())
         gone = size < 0
         changed = changed_files(states, size, mtime)
-        named = np.isin(states["pin_id"], list(pin_ids))
+        named = np.isin(states["pin_key"], list(found.values()))
         todo = np.flatnonzero((changed | named) & ~gone)
         first = np.flatnonzero((states["file_size"] < 0) & ~gone & ~named)  # (named: read again)
         with ThreadPoolExecutor(max_workers=8) as pool:

@@ -452,7 +452,7 @@ def test_names_stored_in_another_unicode_spelling_are_found(tree_copy: Path, tmp
     boards and users typed as one character (NFC) still find them, in queries and removes."""
     import unicodedata
 
-    from pinsearch.edit import remove_pins
+    from pinsearch.edit import refresh_store, remove_pins
 
     nfd = unicodedata.normalize("NFD", "jos\u00e9")
     user = sorted(p for p in tree_copy.iterdir() if p.is_dir())[0].rename(tree_copy / nfd)
@@ -468,6 +468,7 @@ def test_names_stored_in_another_unicode_spelling_are_found(tree_copy: Path, tmp
         by_user = searcher.similar_to_vector(np.ones(searcher.index.dim), k=50, user="jos\u00e9")
         assert {h.user for h in by_user.hits} == {nfd}
         assert searcher.unmatched_filters(board="jos\u00e9/caf\u00e9", user="jos\u00e9") == []
+    assert refresh_store(tmp_path / "s", pin_ids=[nfc]).refreshed == 1  # (it was not found)
     with Store.open(tmp_path / "s") as store:
         n = store.catalog.count_pins()
         remove_pins(store, pin_ids=[nfc])
