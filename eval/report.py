@@ -17,7 +17,7 @@ import numpy as np
 from pinsearch.eval.beyond import beyond_section
 from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import chance_macro_f1, roc_curves
-from pinsearch.plots import pyplot
+from pinsearch.plots import literal, pyplot
 
 __all__ = ["PAPER_TABLE_001", "markdown_table", "write_report"]
 
@@ -67,8 +67,9 @@ def _plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], 
         size = max(5.0, 0.35 * len(classes) + 2)
         fig, ax = plt.subplots(figsize=(size, size))
         im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), classes, fontsize=7)
+        names = [literal(c) for c in classes]
+        ax.set_xticks(range(len(classes)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(classes)), names, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title(title, fontsize=9)
@@ -84,7 +85,7 @@ def _plot_roc(
     with pyplot() as plt:
         fig, ax = plt.subplots(figsize=(6, 6))
         for name, (fpr, tpr, auc) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
-            ax.plot(fpr, tpr, lw=1, label=f"{name} ({auc:.2f})")
+            ax.plot(fpr, tpr, lw=1, label=f"{literal(name)} ({auc:.2f})")
         ax.plot([0, 1], [0, 1], "k--", lw=0.8)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
@@ -171,7 +172,7 @@ def write_report(
             f"| {escape(row['class'])} | {row['precision']:.3f} | {row['recall']:.3f} | "
             f"{row['f1']:.3f} | {row['support']} |"
         )
-    title = f"{config.name}: {best.backbone} + {best.head}"
+    title = literal(f"{config.name}: {best.backbone} + {best.head}")
     _plot_confusion(out / "confusion.png", m["confusion"], m["classes"], title)
     md += ["", "![confusion matrix](confusion.png)"]
     scores = _stored_scores(store, config, best)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.errors import DeviceError
-from pinsearch.plots import pyplot
+from pinsearch.plots import literal, pyplot
 from pinsearch.store import Store
 from pinsearch.vectors import group_sums, in_sorted, unit_rows
 
@@ -443,7 +443,7 @@ def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
         for ax, k in ((a, report.elbow_k), (b, report.silhouette_k)):
             if k is not None:
                 ax.axvline(k, color="grey", linestyle="--")
-        fig.suptitle(f"{report.method}, {report.items} {report.level}, {report.backbone}")
+        fig.suptitle(literal(f"{report.method}, {report.items} {report.level}, {report.backbone}"))
         fig.tight_layout()
         out = Path(path)
         try:

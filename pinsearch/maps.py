@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.clusters import check_seed
-from pinsearch.plots import pyplot
+from pinsearch.plots import literal, pyplot
 from pinsearch.store import Store
 from pinsearch.vectors import in_sorted, unit_rows
 
@@ -204,7 +204,7 @@ def _png(
         fig, ax = plt.subplots(figsize=(11, 8))
         for name, colour in colours.items():
             sel = labels == name
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colour, label=name, alpha=0.75)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colour, label=literal(name), alpha=0.75)
         if config.thumbnails:
             from pinsearch.images import ImageError, load_rgb
 
@@ -217,7 +217,7 @@ def _png(
                 img.thumbnail((40, 40))
                 box = AnnotationBbox(OffsetImage(np.asarray(img), zoom=0.6), xy[i], frameon=False)
                 ax.add_artist(box)
-        ax.set_title(title)
+        ax.set_title(literal(title))
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2)

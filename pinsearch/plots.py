@@ -6,18 +6,21 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["pyplot"]
+__all__ = ["literal", "pyplot"]
 
 
 @contextlib.contextmanager
 def pyplot() -> Iterator[Any]:
-    """``matplotlib.pyplot`` on the Agg backend (files, no display) for figures drawn inside,
-    their text taken as written: a ``$`` in a category name (``gifts_under_$10_$20``) is not
-    read as mathematics, which failed the save."""
+    """``matplotlib.pyplot`` on the Agg backend (files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with matplotlib.rc_context({"text.parse_math": False}):
-        yield plt
+    yield plt
+
+
+def literal(text: object) -> str:
+    """Text from the data (a category, a study's name) as a figure should show it: a ``$``
+    in ``gifts_under_$10_$20`` is no mathematics (matplotlib failed the save)."""
+    return str(text).replace("$", r"\$")

@@ -115,3 +115,13 @@ def test_cli_map(built_store, tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     assert len(json.loads(out.output)["files"]) == 2
+
+
+def test_a_map_of_a_category_with_dollar_signs_is_drawn(store_copy: Path, tmp_path: Path) -> None:
+    """matplotlib read ``$10_$`` in a legend as mathematics and failed the save."""
+    with Store.open(store_copy) as store:
+        store.catalog.connection.execute(
+            "UPDATE pins SET category = 'gifts_under_$10_$20' WHERE pin_key % 3 = 0"
+        )
+        report = draw_map(store, tmp_path, config=MapConfig(methods=("pca",)))
+    assert Path(report.files[0]).stat().st_size > 1000
