@@ -25,6 +25,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import train_test_split
 
+from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.eval.study import StudyConfig, StudyData, load_study_vectors, select_pins
 from pinsearch.heads import HEADS, create_head
@@ -350,7 +351,7 @@ def _part(name: str, lines: Callable[[], list[str]]) -> list[str]:
     except Exception as exc:  # one failing analysis must not sink the report
         _logger.warning("beyond the paper: %s failed: %s", name, exc)
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        return [f"_{name} skipped: {reason}_"]
+        return [f"_{name} skipped: {escape(reason)}_"]  # (the reason may name categories)
 
 
 def _ensemble_lines(store: Store, config: StudyConfig, results: list[Any]) -> list[str]:

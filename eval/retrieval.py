@@ -60,15 +60,19 @@ def load_retrieval(data: dict[str, Any], base: Path) -> RetrievalConfig:
         raise ValueError(f"{base}: [align]: {exc}") from None
     if config.text not in ("auto", "clip", "align"):
         raise ValueError(f"{base}: text must be auto, clip or align, got {config.text!r}")
+    _check_train_images(config, str(base))
+    return config
+
+
+def _check_train_images(config: RetrievalConfig, where: str) -> None:
     uses_align = config.text == "align" or (
         config.text == "auto" and not all(_is_clip(b) for b in config.backbones)
     )
     if uses_align and config.train_images < 2:
         raise ValueError(
-            f"{base}: train_images = {config.train_images}: an alignment learns from the "
+            f"{where}: train_images = {config.train_images}: an alignment learns from the "
             "captions of at least 2 train images"
         )
-    return config
 
 
 def _is_clip(backbone: str) -> bool:
@@ -90,6 +94,7 @@ def run_retrieval(
     from pinsearch.pipeline import index_corpus, stored_run_settings
     from pinsearch.text import text_encoder_for
 
+    _check_train_images(config, config.name)  # (a config made in Python, not loaded)
     modes = {}
     for backbone in config.backbones:  # before any work
         is_clip = get_backbone_spec(backbone).source == "open_clip"

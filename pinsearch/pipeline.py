@@ -195,12 +195,16 @@ def index_into(
     )
     # (named; a selection's marked now: a run stopped later embeds nothing again)
     stale = store.mark_heads_stale([backbone]) if report.embedded else []
-    store.revive_indexes(backbone)  # (after a remove of every pin: their settings kept)
+    # After a remove of every pin the indexes' settings were kept: built again, but for the
+    # one this run builds with new settings (once, from its kept ones and those asked)
+    target = index_name or backbone
+    kept = store.emptied_index_config(target) if rebuild or asked else None
+    store.revive_indexes(backbone, but=target if kept is not None else None)
     names = store.index_names(backbone)
     # The backbone's index: the one of its name, else its first (a custom name).
     name = index_name or (backbone if backbone in names or not names else names[0])
     existing = store.catalog.get_index(name)
-    saved = json.loads(existing["config"]) if existing is not None else {}
+    saved = json.loads(existing["config"]) if existing is not None else (kept or {})
     config = IndexConfig(**{**saved, **asked})
     differs = [k for k in ("factory", "metric") if k in asked and asked[k] != saved.get(k)]
     if existing is not None and differs and not rebuild:

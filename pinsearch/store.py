@@ -614,17 +614,23 @@ class Store:
     def _emptied_indexes(self) -> dict[str, dict[str, Any]]:
         return json.loads(self.catalog.get_meta(_EMPTIED_INDEXES) or "{}")
 
-    def revive_indexes(self, backbone: str) -> list[str]:
+    def emptied_index_config(self, name: str) -> dict[str, Any] | None:
+        """The saved settings of index ``name`` if a remove of every pin dropped it."""
+        return (self._emptied_indexes().get(name) or {}).get("config")
+
+    def revive_indexes(self, backbone: str, but: str | None = None) -> list[str]:
         """Build again, with their saved settings, the indexes of ``backbone`` dropped when a
         remove left it no vector (every pin removed), now that it has vectors again; an
-        index made since under the same name stands. Returns the names built."""
+        index made since under the same name stands, and index ``but`` (one the caller
+        builds with new settings, read first with :meth:`emptied_index_config`) is left to
+        the caller. Returns the names built."""
         kept = self._emptied_indexes()
         mine = sorted(n for n, e in kept.items() if e["backbone"] == backbone)
         if not mine or len(self.vectors(backbone)) == 0:
             return []
         built = []
         for name in mine:
-            if self.catalog.get_index(name) is None:
+            if name != but and self.catalog.get_index(name) is None:
                 self._build_saved(name, backbone, IndexConfig(**kept[name]["config"]))
                 built.append(name)
             del kept[name]

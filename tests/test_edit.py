@@ -567,3 +567,29 @@ def test_indexes_of_a_store_emptied_by_a_remove_come_back_with_their_settings(
             and store.catalog.get_meta("emptied_indexes") == "{}"
         )
     assert check_store(tmp_path / "s").ok
+
+
+def test_an_index_asked_anew_after_every_pin_was_removed_is_built_once(
+    tree_corpus, tmp_path: Path, monkeypatch
+) -> None:
+    """index --factory after a remove of every pin: the index is built with the kept settings
+    and the asked ones over them, once (it was revived, then rebuilt for the new factory)."""
+    from pinsearch.indexes import IndexConfig
+
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B,
+                 index={"factory": "HNSW8", "ef_search": 40})  # fmt: skip
+    with Store.open(tmp_path / "s") as store:
+        remove_pins(store, users=["user000", "user001"])
+    calls = []
+    original = Store.build_index
+
+    def counted(self, backbone, config=None, *, name=None):
+        calls.append((name, (config or IndexConfig()).factory))
+        return original(self, backbone, config, name=name)
+
+    monkeypatch.setattr(Store, "build_index", counted)  # (counted, and done as always)
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B, index={"factory": "Flat"})
+    assert calls == [(B, "Flat")]
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        config = json.loads(store.catalog.get_index(B)["config"])
+        assert (config["factory"], config["ef_search"]) == ("Flat", 40)
