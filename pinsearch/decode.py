@@ -255,7 +255,10 @@ def prepare_image(
     """
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block the read
-            return PreparedImage(key, path, reason="unreadable", detail="not a regular file")
+            return PreparedImage(  # (load_rgb's reason and words)
+                key, path, reason="not_a_file",
+                detail="not a regular file (a FIFO, socket or device)",
+            )  # fmt: skip
         data = Path(path).read_bytes()
     except FileNotFoundError:  # (load_rgb's reason: a broken link's is found by the stat)
         if os.path.islink(path):

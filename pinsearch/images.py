@@ -165,11 +165,16 @@ def _to_rgb(img: Image.Image, band: int = 1024) -> Image.Image:
                 part = np.asarray(img.crop(box), dtype=np.float64)
                 finite = part[np.isfinite(part)]
                 top = max(top, float(finite.max()) if finite.size else 1.0)
+        clear = img.info.get("transparency")  # (a PNG tRNS grey level: over white)
         out = np.empty((h, w), np.uint8)
         for box in rows:
             part = np.asarray(img.crop(box), dtype=np.float64)
+            see_through = part == clear if isinstance(clear, int | float) else None
             part = np.nan_to_num(part, nan=0.0, posinf=top, neginf=0.0)
-            out[box[1] : box[3]] = np.clip(part / top * 255.0, 0, 255).astype(np.uint8)
+            grey = np.clip(part / top * 255.0, 0, 255).astype(np.uint8)
+            if see_through is not None:
+                grey[see_through] = 255
+            out[box[1] : box[3]] = grey
         return Image.fromarray(out, mode="L").convert("RGB")
     if mode in ("P", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")  # a colour marked transparent (PNG tRNS): over white too

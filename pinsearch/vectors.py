@@ -270,10 +270,16 @@ class VectorStore:
             raise ValueError(f"{len(vectors)} vectors but {len(keys)} keys")
         if not np.isfinite(vectors).all():
             raise ValueError(f"backbone {self.backbone!r} produced non-finite vectors")
+        stored = np.asarray(vectors, dtype=dtype)
+        if not np.isfinite(stored).all():  # (float16 ends at 65,504: inf stored otherwise)
+            raise ValueError(
+                f"backbone {self.backbone!r} produced components past the {dtype} range; "
+                "store its vectors as float32"
+            )
         self.folder.mkdir(parents=True, exist_ok=True)
         vec_path = self.folder / f"part-{part:06d}.npy"
         key_path = self.folder / f"part-{part:06d}.keys.npy"
-        for path, arr in ((vec_path, np.asarray(vectors, dtype=dtype)), (key_path, keys)):
+        for path, arr in ((vec_path, stored), (key_path, keys)):
             tmp = path.with_name(path.name + ".tmp")
             with tmp.open("wb") as fh:
                 np.save(fh, arr, allow_pickle=False)

@@ -176,6 +176,16 @@ def test_la_png_composited_over_white(tmp_path: Path) -> None:
     assert np.asarray(load_rgb(path))[1, 1].tolist() == [255, 255, 255]
 
 
+def test_16bit_grey_png_with_a_transparent_level_shows_it_white(tmp_path: Path) -> None:
+    """A tRNS grey level is transparent: over white, as every other mode's (it was black)."""
+    path = tmp_path / "grey16t.png"
+    Image.fromarray(np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)).save(
+        path, transparency=0
+    )
+    out = np.asarray(load_rgb(path))
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [4, 4, 4]
+
+
 def test_16bit_grey_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     path = tmp_path / "grey16.png"
     arr = np.zeros((8, 8), np.uint16)

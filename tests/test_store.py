@@ -255,6 +255,8 @@ def test_write_part_rejects_bad_input(store_copy: Path) -> None:
             vs.write_part(np.full((1, dim), np.nan, np.float32), np.array([0]))
         with pytest.raises(ValueError, match="dtype"):
             vs.write_part(np.zeros((1, dim), np.float32), np.array([0]), dtype="int8")
+        with pytest.raises(ValueError, match="past the float16 range"):  # (inf was stored)
+            vs.write_part(np.full((1, dim), 1e5, np.float32), np.array([0]), dtype="float16")
         with pytest.raises(ValueError, match="keys"):
             vs.write_part(np.zeros((2, dim), np.float32), np.array([0]))
         assert len(vs) == 24 and len(vs.parts()) == len(store.vectors(BACKBONE).parts())
