@@ -415,6 +415,14 @@ def _check_open(store: Store) -> CheckReport:
     }
     for row in store.catalog.list_indexes():
         _check_index(store, row, vec_keys, pins, report)
+    for backbone in _unindexed(store):
+        kept = sorted(store.emptied_indexes_of(backbone))
+        report.add(
+            "error", f"backbone {backbone}", "no_index",
+            f"{len(store.vectors(backbone))} stored vectors and no index (a run stopped before "
+            "it built one" + (f"; kept settings of {kept}" if kept else "") + "): its queries "
+            "fail; pinsearch repair builds it",
+        )  # fmt: skip
     stray = store.stray_index_files()
     if stray:
         report.add(
@@ -481,6 +489,12 @@ def repair_store(path: str | Path) -> RepairReport:
                 else:
                     n = len(store.vectors(backbone))
                     out.actions.append(f"index {name}: rebuilt from {n} stored vectors")
+        for backbone in _unindexed(store):  # (with the settings a remove of every pin kept)
+            built = store.revive_indexes(backbone)
+            if not built:
+                store.build_index(backbone)  # (the default settings, under its name)
+                built = [backbone]
+            out.actions.append(f"backbone {backbone}: built index(es) {built}")
         for f in before.errors:
             if f.where.startswith("head "):
                 head = f.where.removeprefix("head ")
@@ -494,6 +508,15 @@ def repair_store(path: str | Path) -> RepairReport:
                 out.actions.append(f"alignment {backbone}: forgotten; run pinsearch align again")
     out.after = check_store(path, sources=False)  # (image files are not repair's business)
     return out
+
+
+def _unindexed(store: Store) -> list[str]:
+    """Image backbones with stored vectors and no index (title spaces are checked apart)."""
+    return [
+        b
+        for b in store.backbones()
+        if not store.index_names(b, text_spaces=False) and len(store.vectors(b))
+    ]
 
 
 def _keep_one_copy(vs: Any) -> int:

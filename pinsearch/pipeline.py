@@ -197,9 +197,10 @@ def index_into(
     stale = store.mark_heads_stale([backbone]) if report.embedded else []
     # After a remove of every pin the indexes' settings were kept: built again, but for the
     # one this run builds with new settings (once, from its kept ones and those asked)
-    target = index_name or backbone
-    kept = store.emptied_index_config(target) if rebuild or asked else None
-    store.revive_indexes(backbone, but=target if kept is not None else None)
+    emptied = store.emptied_indexes_of(backbone)
+    target = index_name or (backbone if backbone in emptied or not emptied else next(iter(emptied)))
+    kept = emptied.get(target) if rebuild or asked else None
+    revived = store.revive_indexes(backbone, but=target if kept is not None else None)
     names = store.index_names(backbone)
     # The backbone's index: the one of its name, else its first (a custom name).
     name = index_name or (backbone if backbone in names or not names else names[0])
@@ -215,7 +216,7 @@ def index_into(
         action = "rebuilt" if existing is not None else "built"
     else:
         built, n_new = store.update_index(name)
-        action = f"updated (+{n_new})" if n_new else "unchanged"
+        action = "built" if name in revived else f"updated (+{n_new})" if n_new else "unchanged"
         settings = sorted(k for k in asked if asked[k] != saved.get(k))
         if settings:  # placement and search settings (fp16, device, nprobe, ...):
             built.config = config  # saved with the index, in effect when it loads

@@ -614,15 +614,17 @@ class Store:
     def _emptied_indexes(self) -> dict[str, dict[str, Any]]:
         return json.loads(self.catalog.get_meta(_EMPTIED_INDEXES) or "{}")
 
-    def emptied_index_config(self, name: str) -> dict[str, Any] | None:
-        """The saved settings of index ``name`` if a remove of every pin dropped it."""
-        return (self._emptied_indexes().get(name) or {}).get("config")
+    def emptied_indexes_of(self, backbone: str) -> dict[str, dict[str, Any]]:
+        """``{name: saved settings}`` of the indexes of ``backbone`` a remove of every pin
+        dropped, by name."""
+        kept = self._emptied_indexes()
+        return {n: e["config"] for n, e in sorted(kept.items()) if e["backbone"] == backbone}
 
     def revive_indexes(self, backbone: str, but: str | None = None) -> list[str]:
         """Build again, with their saved settings, the indexes of ``backbone`` dropped when a
         remove left it no vector (every pin removed), now that it has vectors again; an
         index made since under the same name stands, and index ``but`` (one the caller
-        builds with new settings, read first with :meth:`emptied_index_config`) is left to
+        builds with new settings, read first with :meth:`emptied_indexes_of`) is left to
         the caller. Returns the names built."""
         kept = self._emptied_indexes()
         mine = sorted(n for n, e in kept.items() if e["backbone"] == backbone)

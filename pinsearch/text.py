@@ -357,6 +357,8 @@ def embed_text_space(
         # entries of the dropped vectors out, also those a run killed after its drop left
         # (their pins have no vector now, so they are among keys)
         store.renew_entries(name, np.union1d(stale, np.intersect1d(keys, again_keys)))
+    elif (row := store.catalog.get_index(name)) and len(store.vectors(name)) > row["ntotal"]:
+        store.update_index(name)  # vectors a run killed before indexing them left out
     return len(keys)
 
 

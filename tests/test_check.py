@@ -362,3 +362,34 @@ def test_a_store_path_duckdb_would_read_as_memory_is_a_folder(tree_corpus, tmp_p
     assert (tmp_path / ":memory:s" / "catalog.duckdb").is_file()
     with Store.open(":memory:s", read_only=True) as store:
         assert store.catalog.count_pins() == 24
+
+
+def test_vectors_without_any_index_are_an_error_repair_builds(store_copy: Path, tree_corpus):
+    """A run killed between its vectors and its index (or an add after a remove of every pin,
+    killed before the kept indexes came back): check said ok and every query failed."""
+    from pinsearch.edit import remove_pins
+    from pinsearch.embed import EmbedConfig, embed_store
+    from pinsearch.indexes import IndexConfig
+    from pinsearch.ingest import read_corpus
+
+    with Store.open(store_copy) as store:
+        store.drop_index(B)  # (as a first index run killed before its index)
+    report = check_store(store_copy)
+    assert [f.problem for f in report.errors] == ["no_index"] and "repair builds it" in str(
+        report.errors[0]
+    )
+    assert repair_store(store_copy).after.ok
+    with Store.open(store_copy) as store:
+        assert store.index_names(B) == [B]
+        store.build_index(B, IndexConfig(factory="HNSW8", metric="l2"), name="graph")
+        store.drop_index(B)
+        remove_pins(store, users=["user000", "user001"])  # every pin: "graph" kept for later
+    with Store.open(store_copy) as store:  # pins back, embedded, the add killed before indexes
+        store.catalog.add_ingest(read_corpus(tree_corpus.root), "{}")
+        embed_store(store, B, EmbedConfig(workers=0))
+    found = check_store(store_copy).errors
+    assert [f.problem for f in found] == ["no_index"] and "['graph']" in str(found[0])
+    repaired = repair_store(store_copy)
+    assert repaired.after.ok and any("['graph']" in a for a in repaired.actions)
+    with Store.open(store_copy, read_only=True) as store:
+        assert store.catalog.get_index("graph")["factory"] == "HNSW8"

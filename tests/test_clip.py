@@ -602,3 +602,26 @@ def test_clip_models_open_clip_evaluates_by_squashing_are_refused_for_new_runs()
     pre, problem = _preprocess(open_clip, "ViT-B-32", "laion2b_s34b_b79k", clip)
     assert problem is None and pre.input_size == 224 and pre.interpolation == "bicubic"
     assert create_backbone(CLIP).new_run_refusal is None
+
+
+def test_a_title_index_left_behind_its_vectors_is_caught_up_by_the_next_run(
+    clip_store: Path, tree_corpus, tmp_path: Path
+) -> None:
+    """A run killed between the title vectors and their index entries: the next index run
+    adds them (only repair did; check's hint named index)."""
+    import shutil
+
+    from pinsearch.check import check_store
+    from pinsearch.pipeline import index_corpus
+
+    path = tmp_path / "s"
+    shutil.copytree(clip_store, path)
+    space = text_space(CLIP)
+    with Store.open(path) as store:
+        keys = np.sort(store.vectors(space).keys())[:3]
+        assert store.remove_from_index(space, keys) == "removed"  # (as the killed run left it)
+    assert "lagging" in str(check_store(path, sources=False).findings)
+    index_corpus(tree_corpus.root, path, backbone=CLIP)  # nothing new to embed
+    with Store.open(path, read_only=True) as store:
+        assert store.load_index(space).ntotal == 24
+    assert check_store(path, sources=False).ok

@@ -593,3 +593,23 @@ def test_an_index_asked_anew_after_every_pin_was_removed_is_built_once(
     with Store.open(tmp_path / "s", read_only=True) as store:
         config = json.loads(store.catalog.get_index(B)["config"])
         assert (config["factory"], config["ef_search"]) == ("Flat", 40)
+
+
+def test_kept_index_settings_stay_with_their_backbone(tree_corpus, tmp_path: Path) -> None:
+    """After a remove of every pin, index "hn" of one backbone keeps its settings for it: a
+    new index of that name over another backbone is built as asked (it took HNSW16), and the
+    kept one's return is reported as built (it said unchanged)."""
+    from pinsearch.indexes import IndexConfig
+
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B)
+    with Store.open(tmp_path / "s") as store:
+        store.build_index(B, IndexConfig(factory="HNSW16", metric="l2"), name="hn")
+        remove_pins(store, users=["user000", "user001"])
+    other = index_corpus(tree_corpus.root, tmp_path / "s", backbone="test_vit", index_name="hn",
+                         index={"metric": "ip"})  # fmt: skip
+    assert other.index_action == "built"
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        row = store.catalog.get_index("hn")
+        assert (row["backbone"], row["factory"], row["metric"]) == ("test_vit", "Flat", "ip")
+    back = index_corpus(tree_corpus.root, tmp_path / "s", backbone=B)
+    assert back.index_action == "built" and back.ntotal == 24
