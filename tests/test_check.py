@@ -63,6 +63,8 @@ def test_damaged_index_file_is_found_and_rebuilt(store_copy: Path) -> None:
 def test_missing_id_map_is_found_and_rebuilt(store_copy: Path) -> None:
     (store_copy / "indexes" / f"{B}.ids.npy").unlink()
     assert ("error", f"index {B}", "missing_file") in _problems(store_copy)
+    info = CliRunner().invoke(app, ["info", "-s", str(store_copy), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["pins"] == 24  # (counts still read)
     assert repair_store(store_copy).after.ok
 
 
