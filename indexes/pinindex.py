@@ -105,6 +105,22 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def inside_store(root: Path, folder: Path) -> bool:
+    """Whether ``folder`` lies inside the store at ``root`` as it is reached (no link leads
+    out): only there may a writer delete the files no record names. A store someone sent
+    could link its ``heads`` or ``indexes`` folder to any folder of the receiver's."""
+    return folder.resolve().is_relative_to(root.resolve())
+
+
+def temp_beside(path: Path) -> Path:
+    """``path`` + ``.tmp``, to write and then :func:`replace_durably`: whatever lies there is
+    removed first (a link left there, in a store someone sent, would have the write go
+    wherever it leads)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    return tmp
+
+
 def replace_durably(tmp: Path, path: Path) -> None:
     """Rename a written temporary file over ``path`` so that a power cut leaves the old file or
     the new one, whole: its data flushed before the rename, the rename flushed after."""
@@ -746,7 +762,7 @@ class PinIndex:
         base = Path(path)
         base.parent.mkdir(parents=True, exist_ok=True)
         files = index_files(base)
-        tmp = {k: v.with_name(v.name + ".tmp") for k, v in files.items()}
+        tmp = {k: temp_beside(v) for k, v in files.items()}
         faiss.write_index(self.cpu_index(), str(tmp["faiss"]))
         with tmp["ids"].open("wb") as fh:
             np.save(fh, self.ids.astype(np.int64), allow_pickle=False)

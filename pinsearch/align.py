@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch import __version__
-from pinsearch.indexes.pinindex import file_sha256, replace_durably
+from pinsearch.indexes.pinindex import file_sha256, replace_durably, temp_beside
 from pinsearch.vectors import backbone_dirname, unit_rows
 
 __all__ = [
@@ -574,7 +574,7 @@ def save_alignment(
     before = load_alignment(store, backbone, arrays=False)
     path = _file(store, backbone)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     with tmp.open("wb") as fh:
         np.savez(fh, **arrays)
     replace_durably(tmp, path)

@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pinsearch._version import __version__
-from pinsearch.indexes.pinindex import replace_durably
+from pinsearch.indexes.pinindex import replace_durably, temp_beside
 
 __all__ = [
     "HEADS",
@@ -847,7 +847,7 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
     classes = state.pop("classes_")
     arrays = {k.rstrip("_"): v for k, v in state.items()}
     npz = base.with_name(base.name + ".npz")
-    tmp = npz.with_name(npz.name + ".tmp")
+    tmp = temp_beside(npz)
     with tmp.open("wb") as fh:
         # Object arrays would need pickle: labels are stored as text unless already numeric.
         np.savez(fh, classes=classes.astype(str) if classes.dtype == object else classes, **arrays)
@@ -861,8 +861,9 @@ def save_head(head: BaseEstimator, path: str | Path) -> Path:
         "pinsearch_version": __version__,
     }
     out = base.with_name(base.name + ".json")
-    out.with_name(out.name + ".tmp").write_text(json.dumps(meta, indent=2))
-    replace_durably(out.with_name(out.name + ".tmp"), out)
+    tmp = temp_beside(out)
+    tmp.write_text(json.dumps(meta, indent=2))
+    replace_durably(tmp, out)
     return out
 
 

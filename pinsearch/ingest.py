@@ -296,15 +296,21 @@ def _pick_image(pin_dir: Path, files: Sequence[os.DirEntry[str]]) -> Path | None
     return images[0]
 
 
-def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
+def iter_tree(
+    root: str | Path, *, allow_outside_root: bool = True
+) -> Iterator[PinRecord | SkippedPin]:
     """Read a Pinterest tree ``ROOT/<user>/<board>/<pin>/``.
 
     Each board folder holds ``board.json`` (``name``, ``category``, ``description``); each pin
     folder holds one image (preferably ``<pin>.jpg``) and an optional ``pin.json`` (``title``,
     ``description``, ``link``). Images lying loose in a board folder are pins too (id = stem).
+    Without ``allow_outside_root`` a ``board.json`` or ``pin.json`` that is a link out of the
+    root is not read (``path_outside_root``: a corpus someone sent could otherwise copy any
+    JSON file of the reader's into the catalog); images are confined by the caller.
     """
     root = Path(root)
     real_root = root.resolve()
+    confine = None if allow_outside_root else real_root
     outside = "outside any <user>/<board>/ folder"
     for user_entry in _root_entries(root):
         kind = _kind(user_entry)
@@ -325,7 +331,7 @@ def iter_tree(root: str | Path) -> Iterator[PinRecord | SkippedPin]:
             if kind == "dir" and (elsewhere := _read_elsewhere(board_entry, real_root, 2)):
                 yield elsewhere
             elif kind == "dir":
-                yield from _iter_board(Path(board_entry.path), user_entry.name, real_root)
+                yield from _iter_board(Path(board_entry.path), user_entry.name, real_root, confine)
             elif (stray := _stray(board_entry, kind, outside)) is not None:
                 yield stray
 
@@ -348,7 +354,19 @@ def _read_elsewhere(entry: os.DirEntry[str], root: Path, depth: int) -> SkippedP
     return SkippedPin(path, "folder_read_before", f"folder {path} is {real}, read where it lies")
 
 
-def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | SkippedPin]:
+def _leads_out(path: Path, confine: Path | None) -> str:
+    """Why ``path`` may not be read (a link out of the ``confine`` root), or ""."""
+    if confine is None or Path(os.path.realpath(path)).is_relative_to(confine):
+        return ""
+    return (
+        f"path_outside_root: {path} leads outside the corpus root {confine} (a symbolic "
+        "link); allow_outside_root (--allow-outside-root) reads it"
+    )
+
+
+def _iter_board(
+    board_dir: Path, user: str, root: Path, confine: Path | None = None
+) -> Iterator[PinRecord | SkippedPin]:
     try:
         entries = _visible_entries(board_dir)
     except OSError as exc:
@@ -361,6 +379,8 @@ def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | 
         problem = "non_utf8_name: the user or board folder name is not valid UTF-8"
     elif not (board_dir / "board.json").is_file():
         problem = f"missing_board_json: {board_dir / 'board.json'} does not exist"
+    elif outside := _leads_out(board_dir / "board.json", confine):
+        problem = outside
     else:
         try:
             meta = _read_json(board_dir / "board.json")
@@ -426,6 +446,10 @@ def _iter_board(board_dir: Path, user: str, root: Path) -> Iterator[PinRecord | 
             continue
         info: dict[str, object] = {}
         if pin_json is not None and pin_json.is_file():
+            if outside := _leads_out(pin_json, confine):
+                reason, detail = outside.split(": ", 1)
+                yield SkippedPin(where, reason, detail, pin_id)
+                continue
             try:
                 info = _read_json(pin_json)
             except (ValueError, OSError) as exc:
@@ -910,7 +934,7 @@ def _probe(pin: PinRecord, max_pixels: int, check: bool = True) -> PinRecord | S
 
 def _iter_records(root: Path, fmt: str, config: IngestConfig) -> Iterator[PinRecord | SkippedPin]:
     if fmt == "tree":
-        records = iter_tree(root)
+        records = iter_tree(root, allow_outside_root=config.allow_outside_root)
         return records if config.allow_outside_root else _confined(records, root.resolve())
     if fmt == "folder":
         return iter_folder(root, allow_outside_root=config.allow_outside_root)

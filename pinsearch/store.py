@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,7 +41,13 @@ from pinsearch.errors import (
     StoreVersionError,
 )
 from pinsearch.indexes import IndexConfig, PinIndex, build_index, gpu_count, load_index
-from pinsearch.indexes.pinindex import file_sha256, index_files, replace_durably
+from pinsearch.indexes.pinindex import (
+    file_sha256,
+    index_files,
+    inside_store,
+    replace_durably,
+    temp_beside,
+)
 from pinsearch.vectors import VectorStore, backbone_dirname, in_sorted
 
 __all__ = ["STORE_FORMAT_VERSION", "Store", "StoreInfo"]
@@ -60,6 +67,9 @@ _RETIRED_HEADS = "retired_head_files"  # catalog meta: heads' files the last wri
 # vector (all pins removed), built again with those settings when pins come back
 _EMPTIED_INDEXES = "emptied_indexes"
 _STORE_FILE = "store.json"
+# the names of the files pinsearch writes in its folders (the only ones a writer deletes)
+_INDEX_FILE = re.compile(r".+\.(faiss|ids\.npy|json)(\.tmp)?")
+_HEAD_FILE = re.compile(r".+\.(npz|json)(\.tmp)?")
 
 
 @dataclass
@@ -94,7 +104,11 @@ class _WriteLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh = path.open("a+")
+        try:  # (not through a link: a store someone sent could point .lock at any file)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise StoreLockedError(f"store {path.parent}: cannot take {path.name}: {exc}") from None
+        self._fh = os.fdopen(fd, "r+")
         try:  # a reader's probe (_writer_at_work) holds it shared for a moment: tried again
             _retry(
                 lambda: fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB),
@@ -365,25 +379,33 @@ class Store:
         """Files of the index folder no recorded index owns: a killed save's ``.tmp`` files,
         files of an index a crash dropped from the catalog."""
         folder = self.root / "indexes"
-        if not folder.is_dir():
-            return []
+        if not folder.is_dir() or not inside_store(self.root, folder):
+            return []  # (a folder a link leads out to holds no file of ours to delete)
         bases = [self.index_base(name) for name in self.index_names()]
         owned = {f.name for base in bases for f in index_files(base).values()}
-        return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
+        return sorted(
+            f
+            for f in folder.iterdir()
+            if f.is_file() and f.name not in owned and _INDEX_FILE.fullmatch(f.name)
+        )
 
     def stray_head_files(self) -> list[Path]:
         """Files of the heads folder no head's catalog row names: those of a head trained
         again (kept a while for readers: :meth:`remove_stray_head_files`), of a save that was
         killed."""
         folder = self.root / "heads"
-        if not folder.is_dir():
-            return []
+        if not folder.is_dir() or not inside_store(self.root, folder):
+            return []  # (a folder a link leads out to holds no file of ours to delete)
         owned = {
             f"{Path(row['file']).name}{ext}"
             for row in self.catalog.query("SELECT file FROM heads")
             for ext in (".npz", ".json")
         }
-        return sorted(f for f in folder.iterdir() if f.is_file() and f.name not in owned)
+        return sorted(
+            f
+            for f in folder.iterdir()
+            if f.is_file() and f.name not in owned and _HEAD_FILE.fullmatch(f.name)
+        )
 
     def retire_head_files(self, base: Path) -> None:
         """Note the files of a head a retrain replaced (``base`` + ``.npz``/``.json``): they
@@ -878,7 +900,7 @@ def _publish_snapshot(root: Path) -> None:
         return
     if snap.is_file() and snap.stat().st_mtime_ns >= catalog.stat().st_mtime_ns:
         return
-    tmp = snap.with_name(snap.name + ".tmp")
+    tmp = temp_beside(snap)
     try:
         shutil.copyfile(catalog, tmp)
         replace_durably(tmp, snap)
@@ -999,6 +1021,6 @@ def _read_store_meta(path: Path) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_beside(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
     replace_durably(tmp, path)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.catalog import Catalog
-from pinsearch.indexes.pinindex import file_sha256, replace_durably
+from pinsearch.indexes.pinindex import file_sha256, inside_store, replace_durably, temp_beside
 
 __all__ = ["VECTOR_DTYPES", "VectorStore", "unit_rows"]
 
@@ -29,6 +29,8 @@ _logger = logging.getLogger(__name__)
 
 VECTOR_DTYPES = ("float32", "float16")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+_PART_FILE = re.compile(r"part-\d+(\.keys)?\.npy(\.tmp)?")  # what a writer may delete
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -280,7 +282,7 @@ class VectorStore:
         vec_path = self.folder / f"part-{part:06d}.npy"
         key_path = self.folder / f"part-{part:06d}.keys.npy"
         for path, arr in ((vec_path, stored), (key_path, keys)):
-            tmp = path.with_name(path.name + ".tmp")
+            tmp = temp_beside(path)
             with tmp.open("wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
             replace_durably(tmp, path)
@@ -457,13 +459,15 @@ class VectorStore:
     def unrecorded_files(self) -> list[str]:
         """Names of files in the backbone's folder that no recorded part owns (sorted; a
         folder made in it is no part's, and is left alone)."""
-        if not self.folder.is_dir():
-            return []
+        if not self.folder.is_dir() or not inside_store(self.root, self.folder):
+            return []  # (a folder a link leads out to holds no file of ours to delete)
         known = {name for p in self.parts() for name in self._file_names(p)}
         return sorted(
             f.name
             for f in self.folder.iterdir()
-            if f.name not in known and (f.is_symlink() or not f.is_dir())
+            if f.name not in known
+            and _PART_FILE.fullmatch(f.name)
+            and (f.is_symlink() or not f.is_dir())
         )
 
     @property

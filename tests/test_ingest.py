@@ -1175,3 +1175,29 @@ def test_board_json_number_categories_read_as_a_manifest_reads_them(tmp_path: Pa
     Image.new("RGB", (10, 10)).save(root / "img" / "0.jpg")
     (root / "m.csv").write_text("path,category\nimg/0.jpg,-7\n")
     assert [p.category for p in read_corpus(root / "m.csv").pins] == ["7"]
+
+
+def test_tree_metadata_that_links_out_of_the_root_is_not_read(tmp_path: Path) -> None:
+    """A pin.json or board.json linked to a file outside the corpus (a secret of the reader's)
+    was read into the catalog; it is path_outside_root unless --allow-outside-root."""
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"name": "SECRET", "category": "art", "token": "s3cr3t"}')
+    board = tmp_path / "c" / "u" / "b"
+    _write_board(board, "art")
+    _write_pin(board, "p1")
+    _write_pin(board, "p2")
+    (board / "p1" / "pin.json").unlink(missing_ok=True)
+    (board / "p1" / "pin.json").symlink_to(secret)
+    other = tmp_path / "c" / "u" / "linked"
+    other.mkdir()
+    _write_pin(other, "p3")
+    (other / "board.json").symlink_to(secret)
+    result = read_corpus(tmp_path / "c")
+    assert [p.pin_id for p in result.pins] == ["p2"]
+    assert sorted((s.pin_id, s.reason) for s in result.skipped) == [
+        ("p1", "path_outside_root"), ("p3", "path_outside_root")
+    ]  # fmt: skip
+    trusted = read_corpus(tmp_path / "c", IngestConfig(allow_outside_root=True))
+    assert {p.pin_id: dict(p.extra).get("token") for p in trusted.pins} == {
+        "p1": "s3cr3t", "p2": None, "p3": None
+    }  # fmt: skip

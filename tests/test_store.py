@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -446,3 +447,35 @@ def test_a_killed_writers_forked_children_do_not_hold_its_lock(store_copy: Path)
             assert store.catalog.count_pins() == 24
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_writer_deletes_and_writes_nothing_through_links_a_store_holds(
+    store_copy: Path, tmp_path: Path
+) -> None:
+    """A store someone sent may link its folders or its lock and temporary files at the
+    receiver's files: a writer deleted every file of a linked heads/indexes/vectors folder
+    and wrote its lock and catalog copy into the files the links named."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("thesis.docx", "config.json", "part-000001.npy"):
+        (victim / name).write_text("precious")
+    heads = store_copy / "heads"
+    shutil.rmtree(heads, ignore_errors=True)
+    heads.symlink_to(victim)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    snapshot_tmp = store_copy / "catalog.readers.duckdb.tmp"
+    snapshot_tmp.symlink_to(notes)
+    (store_copy / "catalog.readers.duckdb").unlink(missing_ok=True)
+    with Store.open(store_copy):  # a writer: cleans its folders, publishes its snapshot
+        pass
+    assert sorted(p.name for p in victim.iterdir()) == [
+        "config.json", "part-000001.npy", "thesis.docx"
+    ]  # fmt: skip
+    assert notes.read_text() == "my notes" and not snapshot_tmp.is_symlink()
+    lock = store_copy / ".lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(notes)
+    with pytest.raises(StoreLockedError, match=r"cannot take \.lock"):
+        Store.open(store_copy)
+    assert notes.read_text() == "my notes"
