@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -41,8 +42,19 @@ app = typer.Typer(
 # Markup off: what is printed holds user data (a label "[vintage]_cars", a title "[DIY] ...",
 # a path) that Rich would read as tags and swallow. A styled line asks for markup itself and
 # escapes its data (rich.markup.escape).
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+# Control characters in stored text (a title holding ESC [2J clears the screen, ESC ] sets the
+# window's title, OSC 8 fakes links) are shown as \xNN escapes: Rich passes ESC through.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class _Console(Console):
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        shown = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+        return super().render_str(shown, **kwargs)
+
+
+console = _Console(markup=False)
+err_console = _Console(stderr=True, markup=False)
 
 T = TypeVar("T")
 

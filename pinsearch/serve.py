@@ -69,6 +69,9 @@ def _check_keys(request: dict[str, Any]) -> None:
 
 #: The most results one request may ask for (``k``, ``per_board``).
 MAX_K = 10_000
+#: The most texts one ``titles`` request may rank, and the longest each may be: a request
+#: that held 20,000 kept a 2-core server from every other request for two minutes.
+MAX_TITLES, MAX_TITLE_CHARS = 1_000, 10_000
 
 
 def _count(request: dict[str, Any], key: str, default: int) -> int:
@@ -141,6 +144,11 @@ def answer(searcher: PinSearcher, request: dict[str, Any]) -> dict[str, Any]:
         titles = request["titles"]
         if not isinstance(titles, list) or not all(isinstance(t, str) for t in titles):
             raise ValueError("titles must be a list of strings")
+        if len(titles) > MAX_TITLES or any(len(t) > MAX_TITLE_CHARS for t in titles):
+            raise ValueError(
+                f"titles holds {len(titles)} texts; at most {MAX_TITLES:,} of up to "
+                f"{MAX_TITLE_CHARS:,} characters each per request"
+            )
         image = None if request.get("image") is None else _image_path(request)
         return searcher.rank_texts(  # type: ignore[attr-defined, no-any-return]
             titles, pin_id=None if pin is None else str(pin), image=image

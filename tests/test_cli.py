@@ -823,3 +823,15 @@ def test_index_without_a_corpus_refuses_the_options_that_read_one(built_store) -
         assert bad.exit_code != 0 and named in bad.output and "for reading a corpus" in bad.output
     seed = runner.invoke(app, ["index", "x", "--store", str(built_store.path), "--seed", "3"])
     assert seed.exit_code != 0 and "--per-category" in seed.output
+
+
+def test_control_characters_in_stored_text_are_shown_not_sent(store_copy: Path) -> None:
+    """A title holding ESC [2J cleared the reader's screen (Rich passes ESC through)."""
+    with Store.open(store_copy) as store:
+        pin = store.catalog.query("SELECT pin_id FROM pins ORDER BY pin_key LIMIT 1")[0]["pin_id"]
+        store.catalog.connection.execute("UPDATE pins SET title = 'a\x1b[2Jb\x07c'")
+    result = runner.invoke(app, ["query", "-s", str(store_copy), "--pin", pin, "-k", "2"],
+                           env={"COLUMNS": "400"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "\\x1b" in result.output and "\\x07" in result.output  # shown as escapes

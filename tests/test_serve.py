@@ -67,12 +67,14 @@ def test_serve_text_boards_titles(tmp_path: Path, built_store) -> None:
             json.dumps({"text": "food", "boards": True, "k": 2, "per_board": 2}),
             json.dumps({"pin": pin, "titles": ["a cake", "a car"]}),
             json.dumps({"pin": pin, "titles": "a cake"}),
+            json.dumps({"pin": pin, "titles": ["a cake"] * 1001}),  # (minutes of a server)
         ],
     )
     assert len(got[0]["hits"]) == 4 and got[0]["metric"] == "fused-z"
     assert len(got[1]["boards"]) == 2
     assert {m["text"] for m in got[2]["matches"]} == {"a cake", "a car"}
     assert "list of strings" in got[3]["error"]
+    assert "at most 1,000 of up to 10,000 characters" in got[4]["error"]
 
 
 def test_answer_rejects_non_objects(built_store) -> None:
