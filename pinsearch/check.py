@@ -284,6 +284,30 @@ def _check_alignments(store: Store, report: CheckReport) -> None:
             report.add("error", where, "dimension", "projection does not fit the backbone")
 
 
+def _renamed_categories(store: Store) -> dict[str, str]:
+    """Stored categories today's cleaning rules spell otherwise (``arts_–_crafts`` ->
+    ``arts_crafts``, stored before dashes and typographic apostrophes were cleaned)."""
+    from pinsearch.ingest import normalize_category
+
+    rows = store.catalog.query(
+        "SELECT DISTINCT category AS c FROM pins WHERE category IS NOT NULL "
+        "UNION SELECT DISTINCT category FROM boards WHERE category IS NOT NULL"
+    )
+    return {r["c"]: new for r in rows if (new := normalize_category(r["c"])) and new != r["c"]}
+
+
+def _check_categories(store: Store, report: CheckReport) -> None:
+    renamed = _renamed_categories(store)
+    if renamed:
+        pairs = ", ".join(f"{old!r} -> {new!r}" for old, new in sorted(renamed.items())[:5])
+        report.add(
+            "warning", "categories", "categories_not_normalised",
+            f"{len(renamed)} categories stored before today's cleaning rules ({pairs}): a "
+            "filter typed either way misses them and an add files new pins under the new "
+            "name; pinsearch repair renames them (heads trained on them go stale)",
+        )  # fmt: skip
+
+
 def _check_ingests(store: Store, report: CheckReport) -> None:
     rows = store.catalog.query(
         "SELECT ingest_id, found, added, skipped, sampled_out, already_present FROM ingests"
@@ -433,6 +457,7 @@ def _check_open(store: Store) -> CheckReport:
     _check_heads(store, report)
     _check_alignments(store, report)
     _check_ingests(store, report)
+    _check_categories(store, report)
     return report
 
 
@@ -489,6 +514,19 @@ def repair_store(path: str | Path) -> RepairReport:
                 else:
                     n = len(store.vectors(backbone))
                     out.actions.append(f"index {name}: rebuilt from {n} stored vectors")
+        renamed = _renamed_categories(store)
+        if renamed:
+            con = store.catalog.connection
+            with store.catalog.transaction():
+                for old, new in renamed.items():
+                    for table in ("pins", "boards"):
+                        con.execute(f"UPDATE {table} SET category = ? WHERE category = ?",
+                                    [new, old])  # fmt: skip
+                stale = store.mark_heads_stale(store.backbones())
+            out.actions.append(
+                f"categories: renamed {len(renamed)} to today's spelling"
+                + (f"; heads now stale: {stale}" if stale else "")
+            )
         for backbone in _unindexed(store):  # (with the settings a remove of every pin kept)
             built = store.revive_indexes(backbone)
             if not built:

@@ -395,3 +395,28 @@ def test_vectors_without_any_index_are_an_error_repair_builds(store_copy: Path, 
     assert repaired.after.ok and any("['graph']" in a for a in repaired.actions)
     with Store.open(store_copy, read_only=True) as store:
         assert store.catalog.get_index("graph")["factory"] == "HNSW8"
+
+
+def test_categories_stored_before_todays_cleaning_rules_are_renamed_by_repair(
+    store_copy: Path,
+) -> None:
+    """A category stored with an en dash (cleaned into '_' since) matched no filter typed
+    either way; check warns, repair renames it in pins and boards and marks heads stale."""
+    from pinsearch.search import PinSearcher
+
+    with Store.open(store_copy) as store:
+        old = store.catalog.query("SELECT category FROM pins ORDER BY pin_key LIMIT 1")[0]
+        con = store.catalog.connection
+        for table in ("pins", "boards"):
+            con.execute(f"UPDATE {table} SET category = 'arts_\u2013_crafts' WHERE category = ?",
+                        [old["category"]])  # fmt: skip
+        train_head(store, B, "knn", {"n_neighbors": 1})
+    assert ("warning", "categories", "categories_not_normalised") in _problems(store_copy)
+    repaired = repair_store(store_copy)
+    assert repaired.after.ok and not repaired.after.findings
+    assert any("renamed 1" in a and "stale" in a for a in repaired.actions)
+    with Store.open(store_copy, read_only=True) as store:
+        found = PinSearcher(store).filter_keys(category="Arts \u2013 Crafts")
+        assert len(found) == 8
+        assert store.catalog.query("SELECT count(*) AS n FROM boards WHERE category = "
+                                   "'arts_crafts'")[0]["n"] > 0  # fmt: skip
