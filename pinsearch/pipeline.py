@@ -167,6 +167,13 @@ def index_into(
     (``model``) and the index settings asked for already checked (``asked``): several runs
     under one writer's open (``pinsearch add``, one per backbone)."""
     store.check_index_name(index_name or backbone)  # before the corpus is read
+    owner = (store.catalog.get_index(index_name) or {}).get("backbone") if index_name else None
+    if (owner is not None and owner != backbone) or "#" in (index_name or ""):
+        raise ValueError(  # (it was rebuilt from this backbone's vectors, or updated with them)
+            f"index {index_name!r} "
+            + (f"belongs to {owner!r}" if owner else "names a title space")
+            + f"; choose another --index-name for {backbone!r}"
+        )
     if model.new_run_refusal and store.catalog.get_embedding(backbone) is None:
         raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
     found = added = already = skipped = sampled_out = 0

@@ -180,6 +180,11 @@ class PinSearcher:
                 raise ValueError(
                     f"no index {index!r} in {store.root}; it has {store.index_names()}"
                 )
+            if backbone is not None and backbone != row["backbone"]:  # (as dupes refuses it)
+                raise ValueError(
+                    f"no index {index!r} of {backbone!r} in {store.root}; it has "
+                    f"{store.index_names(backbone, text_spaces=title_space)}"
+                )
             backbone = row["backbone"]
             if "#" in backbone and not title_space:
                 raise ValueError(

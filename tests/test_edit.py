@@ -613,3 +613,23 @@ def test_kept_index_settings_stay_with_their_backbone(tree_corpus, tmp_path: Pat
         assert (row["backbone"], row["factory"], row["metric"]) == ("test_vit", "Flat", "ip")
     back = index_corpus(tree_corpus.root, tmp_path / "s", backbone=B)
     assert back.index_action == "built" and back.ntotal == 24
+
+
+def test_an_index_of_one_backbone_is_neither_taken_over_nor_searched_for_another(
+    tree_corpus, tmp_path: Path
+) -> None:
+    """index -b B2 --index-name <B1's index> rebuilt B1's index from B2's vectors (B1 lost
+    its only index); query -b B1 --index <B2's index> answered from B2."""
+    from pinsearch.search import PinSearcher
+
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone=B)
+    index_corpus(tree_corpus.root, tmp_path / "s", backbone="test_vit")
+    for name, says in ((B, f"belongs to {B!r}"), ("x#text", "names a title space")):
+        with pytest.raises(ValueError, match=says):
+            index_corpus(tree_corpus.root, tmp_path / "s", backbone="test_vit",
+                         index_name=name, index={"metric": "l2"})  # fmt: skip
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert store.catalog.get_index(B)["backbone"] == B
+        with pytest.raises(ValueError, match=f"no index 'test_vit' of {B!r}"):
+            PinSearcher(store, backbone=B, index="test_vit")
+        assert PinSearcher(store, backbone="test_vit", index="test_vit").backbone == "test_vit"
