@@ -142,24 +142,21 @@ def text_index_problem(name: str, metric: str, unit: bool) -> str | None:
 
 def text_index_for(store: Any, backbone: str | None) -> str | None:
     """The index a text query names when the user names none and the backbone's own one (the
-    one image queries search) cannot rank by cosine (an l2 index): its first index that can.
-    None: the own one can, or none can (:class:`TextSearcher` says why)."""
+    one image queries search) cannot rank by cosine (an l2 index): its first index that can
+    (:func:`pinsearch.dupes.cosine_index`'s choice). None: the own one can, or none can
+    (:class:`TextSearcher` says why)."""
+    from pinsearch.dupes import cosine_index
+
     name = store.resolve_backbone(backbone)
     names = store.index_names(name, text_spaces=False)
-    if not names:
+    try:
+        instead = cosine_index(store, name)
+    except ValueError:  # (no index ranks by cosine, or no vector)
         return None
-    unit = bool((store.catalog.get_embedding(name) or {}).get("normalize"))
-
-    def ranks_by_cosine(index: str) -> bool:
-        row = store.catalog.get_index(index) or {}
-        return text_index_problem(index, row.get("metric", ""), unit) is None
-
     own = name if name in names else names[0]
-    if ranks_by_cosine(own):
+    if instead == own:
         return None
-    instead = next((n for n in names if ranks_by_cosine(n)), None)
-    if instead is not None:
-        _logger.info("text queries search index %s (%s ranks otherwise)", instead, own)
+    _logger.info("text queries search index %s (%s ranks otherwise)", instead, own)
     return instead
 
 

@@ -270,10 +270,10 @@ class VectorStore:
         keys = np.asarray(keys, dtype=np.int64)
         if len(keys) != len(vectors):
             raise ValueError(f"{len(vectors)} vectors but {len(keys)} keys")
-        if not np.isfinite(vectors).all():
-            raise ValueError(f"backbone {self.backbone!r} produced non-finite vectors")
         stored = np.asarray(vectors, dtype=dtype)
-        if not np.isfinite(stored).all():  # (float16 ends at 65,504: inf stored otherwise)
+        if not np.isfinite(stored).all():  # (one pass; float16 ends at 65,504: inf otherwise)
+            if not np.isfinite(vectors).all():
+                raise ValueError(f"backbone {self.backbone!r} produced non-finite vectors")
             raise ValueError(
                 f"backbone {self.backbone!r} produced components past the {dtype} range; "
                 "store its vectors as float32"
