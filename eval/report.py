@@ -61,40 +61,40 @@ def markdown_table(table: dict[str, dict[str, float]], heads: list[str]) -> str:
 
 
 def _plot_confusion(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> None:
-    with pyplot() as plt:
-        cm = np.asarray(confusion, dtype=float)
-        norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        size = max(5.0, 0.35 * len(classes) + 2)
-        fig, ax = plt.subplots(figsize=(size, size))
-        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        names = [literal(c) for c in classes]
-        ax.set_xticks(range(len(classes)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(classes)), names, fontsize=7)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+    plt = pyplot()
+    cm = np.asarray(confusion, dtype=float)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = max(5.0, 0.35 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    names = [literal(c) for c in classes]
+    ax.set_xticks(range(len(classes)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot_roc(
     path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str
 ) -> None:
-    with pyplot() as plt:
-        fig, ax = plt.subplots(figsize=(6, 6))
-        for name, (fpr, tpr, auc) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
-            ax.plot(fpr, tpr, lw=1, label=f"{literal(name)} ({auc:.2f})")
-        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(title, fontsize=9)
-        if len(curves) <= 34:
-            ax.legend(fontsize=6, loc="lower right", ncol=2 if len(curves) > 12 else 1)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name, (fpr, tpr, auc) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
+        ax.plot(fpr, tpr, lw=1, label=f"{literal(name)} ({auc:.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    if len(curves) <= 34:
+        ax.legend(fontsize=6, loc="lower right", ncol=2 if len(curves) > 12 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def write_report(

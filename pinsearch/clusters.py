@@ -428,29 +428,29 @@ def check_plot_path(path: str | Path) -> None:
 
 def plot_sweep(report: ClusterReport, path: str | Path) -> Path:
     """PNG of the k sweep: inertia with the elbow, and silhouette with its best k."""
-    with pyplot() as plt:
-        ks = [s["k"] for s in report.sweep]
-        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-        a.plot(ks, [s["inertia"] for s in report.sweep], marker=".")
-        a.set(xlabel="k", ylabel="inertia", title=f"elbow (kneedle): k = {report.elbow_k}")
-        b.plot(ks, [np.nan if s["silhouette"] is None else s["silhouette"] for s in report.sweep],
-               marker=".", color="tab:orange")  # fmt: skip
-        b.set(
-            xlabel="k",
-            ylabel="silhouette (cosine)",
-            title=f"best silhouette: k = {report.silhouette_k}",
-        )
-        for ax, k in ((a, report.elbow_k), (b, report.silhouette_k)):
-            if k is not None:
-                ax.axvline(k, color="grey", linestyle="--")
-        fig.suptitle(literal(f"{report.method}, {report.items} {report.level}, {report.backbone}"))
-        fig.tight_layout()
-        out = Path(path)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=110)
-        except (OSError, RuntimeError) as exc:  # (the run itself is saved: say so, no traceback)
-            raise ValueError(f"plot {out} not written: {exc}") from exc
-        finally:
-            plt.close(fig)
-        return out
+    plt = pyplot()
+    ks = [s["k"] for s in report.sweep]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ks, [s["inertia"] for s in report.sweep], marker=".")
+    a.set(xlabel="k", ylabel="inertia", title=f"elbow (kneedle): k = {report.elbow_k}")
+    b.plot(ks, [np.nan if s["silhouette"] is None else s["silhouette"] for s in report.sweep],
+           marker=".", color="tab:orange")  # fmt: skip
+    b.set(
+        xlabel="k",
+        ylabel="silhouette (cosine)",
+        title=f"best silhouette: k = {report.silhouette_k}",
+    )
+    for ax, k in ((a, report.elbow_k), (b, report.silhouette_k)):
+        if k is not None:
+            ax.axvline(k, color="grey", linestyle="--")
+    fig.suptitle(literal(f"{report.method}, {report.items} {report.level}, {report.backbone}"))
+    fig.tight_layout()
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=110)
+    except (OSError, RuntimeError) as exc:  # (the run itself is saved: say so, no traceback)
+        raise ValueError(f"plot {out} not written: {exc}") from exc
+    finally:
+        plt.close(fig)
+    return out

@@ -199,31 +199,31 @@ def _png(
 ) -> None:  # fmt: skip
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
-    with pyplot() as plt:
-        colours = _palette(labels)
-        fig, ax = plt.subplots(figsize=(11, 8))
-        for name, colour in colours.items():
-            sel = labels == name
-            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colour, label=literal(name), alpha=0.75)
-        if config.thumbnails:
-            from pinsearch.images import ImageError, load_rgb
+    plt = pyplot()
+    colours = _palette(labels)
+    fig, ax = plt.subplots(figsize=(11, 8))
+    for name, colour in colours.items():
+        sel = labels == name
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, color=colour, label=literal(name), alpha=0.75)
+    if config.thumbnails:
+        from pinsearch.images import ImageError, load_rgb
 
-            rng = np.random.default_rng(config.seed)
-            for i in rng.choice(len(pins), min(config.thumbnails, len(pins)), replace=False):
-                try:
-                    img = load_rgb(pins[i]["path"], min_side=48)
-                except (ImageError, OSError):
-                    continue
-                img.thumbnail((40, 40))
-                box = AnnotationBbox(OffsetImage(np.asarray(img), zoom=0.6), xy[i], frameon=False)
-                ax.add_artist(box)
-        ax.set_title(literal(title))
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        rng = np.random.default_rng(config.seed)
+        for i in rng.choice(len(pins), min(config.thumbnails, len(pins)), replace=False):
+            try:
+                img = load_rgb(pins[i]["path"], min_side=48)
+            except (ImageError, OSError):
+                continue
+            img.thumbnail((40, 40))
+            box = AnnotationBbox(OffsetImage(np.asarray(img), zoom=0.6), xy[i], frameon=False)
+            ax.add_artist(box)
+    ax.set_title(literal(title))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7, markerscale=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _html(

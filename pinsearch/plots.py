@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["literal", "pyplot"]
 
 
-@contextlib.contextmanager
-def pyplot() -> Iterator[Any]:
+def pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (files, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    yield plt
+    return plt
 
 
 def literal(text: object) -> str:
