@@ -65,6 +65,8 @@ def load_retrieval(data: dict[str, Any], base: Path) -> RetrievalConfig:
 
 
 def _check_train_images(config: RetrievalConfig, where: str) -> None:
+    from pinsearch.text import _is_clip  # (an unknown backbone: False, named when it runs)
+
     uses_align = config.text == "align" or (
         config.text == "auto" and not all(_is_clip(b) for b in config.backbones)
     )
@@ -73,15 +75,6 @@ def _check_train_images(config: RetrievalConfig, where: str) -> None:
             f"{where}: train_images = {config.train_images}: an alignment learns from the "
             "captions of at least 2 train images"
         )
-
-
-def _is_clip(backbone: str) -> bool:
-    from pinsearch.backbones import get_backbone_spec
-
-    try:
-        return get_backbone_spec(backbone).source == "open_clip"
-    except (KeyError, ValueError):  # (an unknown backbone: named when the study runs)
-        return False
 
 
 def run_retrieval(
