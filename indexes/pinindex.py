@@ -67,6 +67,27 @@ INDEX_FORMAT_VERSION = 1
 _POST_FILTER_ENTRIES = 1 << 24
 
 
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file pinsearch wrote (``np.savez``: members stored as they
+    are, so none holds more than the file's size).
+
+    Raises:
+        ValueError: a member is compressed, naming the file: pinsearch never writes one, and
+            a few kilobytes of a crafted one can inflate past the machine's memory.
+    """
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        packed = [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    if packed:
+        raise ValueError(
+            f"{path} holds compressed arrays {packed[:3]}: pinsearch writes them uncompressed, "
+            "so the file was altered"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in 4 MiB chunks."""
     with path.open("rb") as fh:

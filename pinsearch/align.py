@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from pinsearch import __version__
-from pinsearch.indexes.pinindex import file_sha256, replace_durably, temp_beside
+from pinsearch.catalog import recorded_file
+from pinsearch.indexes.pinindex import file_sha256, load_npz, replace_durably, temp_beside
 from pinsearch.vectors import backbone_dirname, unit_rows
 
 __all__ = [
@@ -622,11 +623,10 @@ def load_alignment(
     row["config"] = json.loads(row["config"] or "{}")
     if not arrays:
         return {}, row
-    path = store.root / row["file"]
+    path = recorded_file(store.root, row["file"], "align", f"alignment of {backbone!r}")
     if not path.is_file() or file_sha256(path) != row["sha256"]:
         raise IndexFileError(
             f"alignment of {backbone!r}: {path} is missing or altered (checksum); "
             "run pinsearch align again"
         )
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}, row
+    return load_npz(path), row

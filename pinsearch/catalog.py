@@ -13,12 +13,13 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
 import duckdb
 import numpy as np
 
+from pinsearch.errors import CatalogError
 from pinsearch.ingest import IngestResult, PinRecord, SkippedPin, unicode_spellings
 
 __all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog", "Ingested", "StoredChanges"]
@@ -26,6 +27,24 @@ __all__ = ["PIN_COLUMNS", "SCHEMA_VERSION", "Catalog", "Ingested", "StoredChange
 _logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+
+
+def recorded_file(root: Path, rel: object, folder: str, what: str) -> Path:
+    """The store file a catalog row names: ``folder/NAME`` under the store ``root``.
+
+    Raises:
+        CatalogError: the row names anything else (a path out of the folder or the store, a
+            device): the catalog was altered, and no file of it is opened.
+    """
+    parts = PurePosixPath(str(rel)).parts
+    if len(parts) != 2 or parts[0] != folder or parts[1] in (".", ".."):
+        raise CatalogError(
+            f"the catalog's {what} names the file {rel!r}, not one in the store's {folder}/ "
+            "folder: the catalog was altered; pinsearch check names it, pinsearch repair "
+            "forgets it"
+        )
+    return Path(root) / folder / parts[1]
+
 
 #: Columns returned for a pin by :meth:`Catalog.pins_by_key`, in order.
 PIN_COLUMNS = (

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.catalog import recorded_file
 from pinsearch.errors import StoreLockedError
 from pinsearch.indexes.pinindex import file_sha256
 from pinsearch.store import Store, catalog_error, damaged, lock_holder
@@ -100,11 +101,14 @@ def _check_parts(store: Store, name: str, pins: np.ndarray, report: CheckReport)
     dim = run.get("dim")
     vs = store.vectors(name)
     keys: list[np.ndarray] = []
-    for part in vs.parts():
+    for part in store.catalog.vector_parts(name):
         where = f"vectors {name} part {part['part']}"
         path = store.root / str(part["file"])
         kpath = vs._keys_path(part)
         report.checked["vector_parts"] = report.checked.get("vector_parts", 0) + 1
+        if part["file"] != vs.part_file(part):  # (an altered catalog: no file of it is read)
+            report.add("error", where, "not_a_part_file", f"the catalog names {part['file']!r}")
+            continue
         if not path.is_file() or not kpath.is_file():
             report.add("error", where, "missing_file", f"{path.name} or its key file is missing")
             continue
@@ -242,9 +246,9 @@ def _check_heads(store: Store, report: CheckReport) -> None:
     for row in rows:
         where = f"head {row['name']}"
         report.checked["heads"] = report.checked.get("heads", 0) + 1
-        base = store.root / row["file"]
+        base = store.root / str(row["file"])
         try:
-            head = load_head(base)
+            head = load_head(recorded_file(store.root, row["file"], "heads", where))
         except Exception as exc:  # missing, truncated or altered files raise several types
             report.add("error", where, "unreadable", f"{base}: {exc}")
             continue
@@ -582,7 +586,8 @@ def _keep_one_copy(vs: Any) -> int:
 
 def _readable_keys(store: Store, name: str, skip: list[int]) -> np.ndarray:
     vs = store.vectors(name)
-    keys = [vs._load_keys(p) for p in vs.parts() if int(p["part"]) not in skip]
+    parts = store.catalog.vector_parts(name)  # (the skipped ones are not checked)
+    keys = [vs._load_keys(p) for p in parts if int(p["part"]) not in skip]
     return np.concatenate(keys) if keys else np.empty(0, np.int64)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from pinsearch.catalog import recorded_file
 from pinsearch.errors import PinNotFoundError
 from pinsearch.heads import create_head, load_head, save_head, saved_params
 from pinsearch.labels import labelled_pins, load_vectors
@@ -88,7 +89,7 @@ def save_store_head(
     save_head(estimator, base)
     old = store.catalog.query("SELECT file FROM heads WHERE name = ?", [name])
     if old:  # the replaced files, for readers of snapshots from before (see Store.open)
-        store.retire_head_files(store.root / old[0]["file"])
+        store.retire_head_files(Path(str(old[0]["file"])))  # (its name only)
     info = HeadInfo(
         name=name,
         backbone=backbone,
@@ -219,7 +220,7 @@ def _pick(store: Store, name: str | None, backbone: str | None = None) -> tuple[
     if name not in heads:
         raise ValueError(f"no head {name!r} in {store.root}; it has {sorted(heads)}")
     row = store.catalog.query("SELECT file FROM heads WHERE name = ?", [name])[0]
-    return heads[name], load_head(store.root / row["file"])
+    return heads[name], load_head(recorded_file(store.root, row["file"], "heads", f"head {name!r}"))
 
 
 def classify(

@@ -25,7 +25,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pinsearch._version import __version__
-from pinsearch.indexes.pinindex import replace_durably, temp_beside
+from pinsearch.indexes.pinindex import load_npz, replace_durably, temp_beside
 
 __all__ = [
     "HEADS",
@@ -879,8 +879,7 @@ def load_head(path: str | Path) -> BaseEstimator:
         if isinstance(params.get(key), list):
             params[key] = tuple(params[key])
     head = create_head(meta["head"], **params)
-    with np.load(base.with_name(base.name + ".npz"), allow_pickle=False) as data:
-        arrays = {f"{k}_": data[k] for k in data.files}
+    arrays = {f"{k}_": v for k, v in load_npz(base.with_name(base.name + ".npz")).items()}
     head.set_state(arrays, int(meta["n_features"]))  # type: ignore[attr-defined]
     return head
 

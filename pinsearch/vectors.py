@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pinsearch.catalog import Catalog
+from pinsearch.errors import CatalogError
 from pinsearch.indexes.pinindex import file_sha256, inside_store, replace_durably, temp_beside
 
 __all__ = ["VECTOR_DTYPES", "VectorStore", "unit_rows"]
@@ -124,8 +125,30 @@ class VectorStore:
         self._part_keys = []
 
     def parts(self) -> list[dict[str, object]]:
-        """Committed parts, in order."""
-        return self.catalog.vector_parts(self.backbone)
+        """Committed parts, in order.
+
+        Raises:
+            CatalogError: a part's recorded file is not the one a writer makes for it
+                (:meth:`part_file`): the catalog was altered, and would have a reader open
+                any file (``pinsearch check`` names the part, ``repair`` forgets it).
+        """
+        rows = self.catalog.vector_parts(self.backbone)
+        for p in rows:
+            self._check_file(p)
+        return rows
+
+    def _check_file(self, part: dict[str, object]) -> None:
+        if part["file"] != self.part_file(part):
+            raise CatalogError(
+                f"the catalog's vector part {part['part']} of {self.backbone!r} names the file "
+                f"{part['file']!r}, not {self.part_file(part)!r}: the catalog was altered; "
+                "pinsearch check names it, pinsearch repair forgets it"
+            )
+
+    def part_file(self, part: dict[str, object]) -> str:
+        """The file, relative to the store, that a writer makes for ``part`` (its number)."""
+        number = int(part["part"])  # type: ignore[call-overload]
+        return f"vectors/{backbone_dirname(self.backbone)}/part-{number:06d}.npy"
 
     def keys(self) -> np.ndarray:
         """Pin keys of every stored vector, in storage order."""
@@ -347,12 +370,13 @@ class VectorStore:
         plan = DropPlan()
         next_part = self._next_part()
         rewrite = []  # (part, its keys, which go)
-        for p in self.parts():
+        for p in self.catalog.vector_parts(self.backbone):  # (a whole part is not read)
             number = int(p["part"])  # type: ignore[call-overload]
             if number in whole:
                 plan.retire.append(p)
                 plan.removed += int(p["n"])  # type: ignore[call-overload]
                 continue
+            self._check_file(p)
             part_keys = self._load_keys(p)
             hit = np.isin(part_keys, drop)
             if hit.any():
@@ -461,7 +485,8 @@ class VectorStore:
         folder made in it is no part's, and is left alone)."""
         if not self.folder.is_dir() or not inside_store(self.root, self.folder):
             return []  # (a folder a link leads out to holds no file of ours to delete)
-        known = {name for p in self.parts() for name in self._file_names(p)}
+        rows = self.catalog.vector_parts(self.backbone)  # (names only: nothing is read)
+        known = {name for p in rows for name in self._file_names(p)}
         return sorted(
             f.name
             for f in self.folder.iterdir()

@@ -759,3 +759,28 @@ def test_a_retrieval_study_splits_only_images_every_backbone_has_a_vector_of(
         "32 named an image some backbone has no vector of"
         in (tmp_path / "out" / "report.md").read_text()
     )
+
+
+def test_an_alignment_row_naming_a_file_out_of_its_folder_is_refused_and_forgotten(
+    aligned: Path, tmp_path: Path
+) -> None:
+    from pinsearch.check import check_store, repair_store
+    from pinsearch.errors import CatalogError
+
+    B = "test_efficientnet"
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    with Store.open(path) as store:
+        store.catalog.connection.execute("UPDATE alignments SET file = '/dev/zero'")
+    with (
+        Store.open(path, read_only=True) as store,
+        pytest.raises(
+            CatalogError, match=r"alignment of 'test_efficientnet' names the file '/dev/zero'"
+        ),
+    ):
+        load_alignment(store, B)  # (a checksum of /dev/zero would never end)
+    assert ("error", f"alignment {B}", "unreadable") in {
+        (f.level, f.where, f.problem) for f in check_store(path).findings
+    }
+    repaired = repair_store(path)
+    assert f"alignment {B}: forgotten; run pinsearch align again" in repaired.actions

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from pinsearch.check import check_store, repair_store
-from pinsearch.classify import train_head
+from pinsearch.classify import classify, train_head
 from pinsearch.cli.app import app
-from pinsearch.errors import IndexFileError
+from pinsearch.errors import CatalogError, IndexFileError
 from pinsearch.pipeline import index_corpus
 from pinsearch.store import Store
 
@@ -114,6 +114,19 @@ def test_head_and_alignment_files(store_copy: Path) -> None:
     repaired = repair_store(store_copy)
     assert "head h: forgotten (unreadable); train it again" in repaired.actions
     assert repaired.after.ok
+
+
+def test_a_head_file_of_compressed_arrays_is_refused_unread(store_copy: Path) -> None:
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1}, name="h")
+    npz = next((store_copy / "heads").glob("h-*.npz"))
+    arrays = dict(np.load(npz))
+    arrays["fit_X"] = np.zeros((1 << 18, 16), np.float32)  # 16 MiB from 16 KiB: a zip bomb's kind
+    np.savez_compressed(npz, **arrays)
+    assert npz.stat().st_size < 1 << 16
+    problems = {(f.where, f.problem, f.detail) for f in check_store(store_copy).findings}
+    ((where, problem, detail),) = problems
+    assert (where, problem) == ("head h", "unreadable") and "holds compressed arrays" in detail
 
 
 def test_orphan_files_and_lagging_index(store_copy: Path) -> None:
@@ -420,3 +433,33 @@ def test_categories_stored_before_todays_cleaning_rules_are_renamed_by_repair(
         assert len(found) == 8
         assert store.catalog.query("SELECT count(*) AS n FROM boards WHERE category = "
                                    "'arts_crafts'")[0]["n"] > 0  # fmt: skip
+
+
+def test_catalog_rows_naming_files_out_of_their_folder_are_refused_and_repaired(
+    store_copy: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.npy"  # a file of the reader's, not the store's
+    outside.write_bytes((store_copy / "vectors" / B / "part-000000.npy").read_bytes())
+    with Store.open(store_copy) as store:
+        train_head(store, B, "knn", {"n_neighbors": 1}, name="h")
+        store.catalog.connection.execute("UPDATE vector_parts SET file = ?", [str(outside)])
+        store.catalog.connection.execute("UPDATE heads SET file = '../../etc/hostname'")
+    with (
+        pytest.raises(CatalogError, match=r"names the file .*outside\.npy.* was altered"),
+        Store.open(store_copy, read_only=True, verify=False) as s,
+    ):
+        s.vectors(B).load()
+    with (
+        pytest.raises(CatalogError, match=r"head 'h' names the file '\.\./\.\./etc/hostname'"),
+        Store.open(store_copy, read_only=True, verify=False) as s,
+    ):
+        classify(s, pin_id=s.catalog.scalar("SELECT min(pin_id) FROM pins"), head="h")
+    problems = _problems(store_copy)
+    assert ("error", f"vectors {B} part 0", "not_a_part_file") in problems
+    assert ("error", "head h", "unreadable") in problems
+    repaired = repair_store(store_copy)
+    assert any("removed 24 vectors" in a for a in repaired.actions)
+    assert "head h: forgotten (unreadable); train it again" in repaired.actions
+    assert outside.is_file() and repaired.after.ok
+    index_corpus(None, store_copy, backbone=B)  # re-embeds the pins of the forgotten part
+    assert check_store(store_copy).findings == []
