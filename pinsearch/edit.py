@@ -164,7 +164,7 @@ def add_corpus(
             for i, backbone in enumerate(backbones):
                 model = create_backbone(
                     backbone, weights=embeds[backbone].weights,
-                    device=resolve_device(embeds[backbone].device),
+                    device=resolve_device(embeds[backbone].device), run=runs[backbone],
                 )  # fmt: skip
                 report = index_into(
                     store, corpus if i == 0 else None, model=model, backbone=backbone,
@@ -625,7 +625,7 @@ def _reembed(
     models = {}
     for backbone, (run, config, _) in backbones.items():
         model = create_backbone(backbone, weights=config.weights,
-                                device=resolve_device(config.device))  # fmt: skip
+                                device=resolve_device(config.device), run=run)  # fmt: skip
         models[backbone] = (model, like_run(run, model, config))
     mine = {b: keys[in_sorted(held, keys)] for b, (_, _, held) in backbones.items()}
     total, done = sum(len(k) for k in mine.values()), 0

@@ -864,12 +864,16 @@ def _run_record(backbone: Backbone) -> dict[str, Any]:
 
 def run_differences(run: dict[str, Any], backbone: Backbone) -> list[str]:
     """How ``backbone`` differs from the one a stored run embedded with: weights
-    (:meth:`~pinsearch.backbones.Backbone.same_weights`), dimension, preprocessing."""
+    (:meth:`~pinsearch.backbones.Backbone.same_weights`), architecture, dimension,
+    preprocessing."""
     want = _run_record(backbone)
     spec, problems = run["spec"], []
     if not backbone.same_weights(spec):
         changed = " (the file changed since)" if spec.get("weights") == backbone.weights else ""
         problems.append(f"weights {spec.get('weights')} vs {backbone.weights}{changed}")
+    arch = (spec.get("spec") or {}).get("arch")
+    if arch is not None and arch != backbone.spec.arch:  # (the same weights, padded otherwise)
+        problems.append(f"architecture {arch} vs {backbone.spec.arch}")
     if spec.get("dim") != backbone.dim:
         problems.append(f"dim {spec.get('dim')} vs {backbone.dim}")
     if json.dumps(run["preprocess"], sort_keys=True) != json.dumps(
@@ -915,12 +919,12 @@ def embed_store(
     """
     config = config or EmbedConfig()
     catalog = store.catalog
+    existing = catalog.get_embedding(backbone_name)
     model = backbone or create_backbone(
-        backbone_name, weights=config.weights, device=resolve_device(config.device)
+        backbone_name, weights=config.weights, device=resolve_device(config.device), run=existing
     )
     device = model.device  # where the pins are embedded (iter_embeddings), whoever built it
     amp = device.type == "cuda" and config.amp  # recorded: queries embed alike (run_amp)
-    existing = catalog.get_embedding(backbone_name)
     if existing is not None and not existing["spec"] and not store.vectors(backbone_name).parts():
         existing = None  # a row an older pinsearch was killed writing, before any vector
     if existing is not None:

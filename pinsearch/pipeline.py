@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pinsearch.backbones import Backbone, create_backbone
+from pinsearch.backbones import Backbone, create_backbone, spec_as_recorded
 from pinsearch.catalog import StoredChanges
 from pinsearch.embed import EmbedConfig, EmbedReport, Progress, embed_store, resolve_device
 from pinsearch.errors import BackboneMismatchError, DeviceError
@@ -174,8 +174,13 @@ def index_into(
             + (f"belongs to {owner!r}" if owner else "names a title space")
             + f"; choose another --index-name for {backbone!r}"
         )
-    if model.new_run_refusal and store.catalog.get_embedding(backbone) is None:
+    run = store.catalog.get_embedding(backbone)
+    if model.new_run_refusal and run is None:
         raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
+    if spec_as_recorded(model.spec, run) != model.spec:  # (built before the store was open)
+        model = create_backbone(
+            spec_as_recorded(model.spec, run), weights=embed.weights, device=model.device
+        )
     found = added = already = skipped = sampled_out = 0
     fmt = ""
     changes = StoredChanges()

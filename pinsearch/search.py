@@ -101,7 +101,9 @@ def store_backbone(store: Store, backbone: str) -> Any:
     from pinsearch.embed import resolve_device, run_differences
 
     run = store.catalog.get_embedding(backbone) or {}
-    model = create_backbone(backbone, weights=run_weights_file(run), device=resolve_device("auto"))
+    model = create_backbone(
+        backbone, weights=run_weights_file(run), device=resolve_device("auto"), run=run
+    )
     problems = run_differences(
         {"spec": run.get("spec") or {}, "preprocess": run.get("preprocess") or {}}, model
     )

@@ -581,3 +581,35 @@ def test_queries_are_refused_when_the_run_was_made_otherwise(
         pytest.raises(BackboneMismatchError, match="the file changed since"),
     ):
         store_backbone(store, BACKBONE)
+
+
+def test_a_store_embedded_with_the_symmetric_padding_lite0_keeps_it(
+    tree_corpus, tmp_path: Path
+) -> None:
+    """The bundled Lite weights are TensorFlow ports: new runs use timm's TF-padded
+    architecture; a store embedded before with the symmetric-padding one goes on with it."""
+    from pinsearch.backbones import get_backbone_spec, spec_as_recorded
+    from pinsearch.embed import EmbedConfig, embed_images, run_differences
+    from pinsearch.search import store_backbone
+
+    name, store_path = "effnet_lite0", tmp_path / "s"
+    assert get_backbone_spec(name).arch == "tf_efficientnet_lite0"
+    index_corpus(tree_corpus.root, store_path, backbone=name, embed=EmbedConfig(workers=0))
+    with Store.open(store_path) as store:  # made as a pinsearch before the change made it
+        run = store.catalog.get_embedding(name)
+        run["spec"]["spec"]["arch"] = "efficientnet_lite0"
+        store.catalog.upsert_embedding(name, spec=run["spec"])
+        keys = store.vectors(name).sorted_keys()[:4]
+        store.vectors(name).drop_keys(keys)
+        rows = store.catalog.pins_by_key(keys.tolist())
+        paths = [rows[int(k)]["path"] for k in keys]
+    new = create_backbone(name)
+    assert run_differences(run, new) == ["architecture efficientnet_lite0 vs tf_efficientnet_lite0"]
+    before = create_backbone(spec_as_recorded(get_backbone_spec(name), run))
+    assert before.spec.arch == "efficientnet_lite0" and not run_differences(run, before)
+    index_corpus(None, store_path, backbone=name)  # re-embeds the 4 pins as the run was made
+    with Store.open(store_path, read_only=True) as store:
+        again, _ = store.vectors(name).load(keys)
+        assert store_backbone(store, name).spec.arch == "efficientnet_lite0"  # queries too
+    np.testing.assert_allclose(again, embed_images(before, paths), atol=1e-4)
+    assert np.abs(again - embed_images(new, paths)).max() > 0.05  # (the other padding differs)
