@@ -511,7 +511,7 @@ def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> Alig
         ValueError: the source has no alignment of ``backbone``.
         BackboneMismatchError: the two stores' vectors differ.
     """
-    from pinsearch.backbones import same_recorded_weights
+    from pinsearch.backbones import recorded_network, same_recorded_weights
     from pinsearch.errors import BackboneMismatchError
     from pinsearch.text import embed_text_space
 
@@ -523,14 +523,21 @@ def copy_alignment(source: Any, store: Any, backbone: str | None = None) -> Alig
     arrays, row = found
     mine, theirs = store.catalog.get_embedding(backbone), source.catalog.get_embedding(backbone)
     a, b = (mine or {}).get("spec", {}), (theirs or {}).get("spec", {})
-    differ = [] if same_recorded_weights(a, b) else ["weights"]
-    differ += ["dim"] if a.get("dim") != b.get("dim") else []
-    for what in differ:
+    differ = []  # (what, theirs, mine)
+    if not same_recorded_weights(a, b):
         sums = f" (checksums {b.get('weights_sha256')} vs {a.get('weights_sha256')})"
+        differ.append(("weights", b.get("weights"), f"{a.get('weights')}"
+                       + (sums if a.get("weights_sha256") else "")))  # fmt: skip
+    if a.get("dim") != b.get("dim"):
+        differ.append(("dim", b.get("dim"), a.get("dim")))
+    nets = recorded_network(b), recorded_network(a)  # (the same weights, padded otherwise)
+    if None not in nets and nets[0] != nets[1]:
+        differ.append(("architecture", *nets))
+    if differ:
+        what, theirs_value, mine_value = differ[0]
         raise BackboneMismatchError(
             f"{backbone!r} vectors differ between {source.root} and {store.root}: "
-            f"{what} {b.get(what)} vs {a.get(what)}"
-            + (sums if what == "weights" and a.get("weights_sha256") else "")
+            f"{what} {theirs_value} vs {mine_value}"
         )
     if (mine or {}).get("preprocess") != (theirs or {}).get("preprocess"):
         raise BackboneMismatchError(

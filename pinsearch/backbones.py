@@ -36,6 +36,7 @@ __all__ = [
     "downloads_allowed",
     "get_backbone_spec",
     "list_backbones",
+    "recorded_network",
     "register_backbone",
     "register_source",
     "spec_as_recorded",
@@ -171,6 +172,15 @@ class Backbone:
         """Whether a run's recorded spec (:meth:`describe`) names these weights
         (:func:`same_recorded_weights`)."""
         return same_recorded_weights(recorded, self.describe())
+
+
+def recorded_network(recorded: dict[str, Any]) -> str | None:
+    """The network a recorded spec (:meth:`Backbone.describe`) names: its architecture without
+    the pretrained tag (``convnext_base.fb_in1k``, ``ViT-B-32:openai``: weights are compared
+    apart), padding included (``efficientnet_lite0`` is not ``tf_efficientnet_lite0``); None
+    where the record has none."""
+    arch = (recorded.get("spec") or {}).get("arch")
+    return re.split(r"[.:]", str(arch))[0] if arch else None
 
 
 def same_recorded_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -380,8 +380,10 @@ def _check_refresh(store: Store, report: CheckReport) -> None:
                 "them again",
             )  # fmt: skip
             continue
-        texts = text_candidates(store) if texts is None else texts
         space = text_space(backbone)
+        if any(f.where.startswith(f"vectors {space} part ") for f in report.errors):
+            continue  # (a part check could not read: no count of its pins would be right)
+        texts = text_candidates(store) if texts is None else texts
         lacking = lacking_titles(store, backbone, texts)
         unindexed = len(store.vectors(space)) > 0 and store.catalog.get_index(space) is None
         if lacking or unindexed:

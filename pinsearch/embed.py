@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pinsearch._version import __version__
-from pinsearch.backbones import Backbone, Preprocess, create_backbone
+from pinsearch.backbones import Backbone, Preprocess, create_backbone, recorded_network
 from pinsearch.decode import (
     DEFAULT_PIXEL_BUDGET,
     EncodedPinImages,
@@ -871,9 +871,9 @@ def run_differences(run: dict[str, Any], backbone: Backbone) -> list[str]:
     if not backbone.same_weights(spec):
         changed = " (the file changed since)" if spec.get("weights") == backbone.weights else ""
         problems.append(f"weights {spec.get('weights')} vs {backbone.weights}{changed}")
-    arch = (spec.get("spec") or {}).get("arch")
-    if arch is not None and arch != backbone.spec.arch:  # (the same weights, padded otherwise)
-        problems.append(f"architecture {arch} vs {backbone.spec.arch}")
+    net, own = recorded_network(spec), recorded_network(backbone.describe())
+    if net is not None and net != own:  # (the same weights string, padded otherwise)
+        problems.append(f"architecture {net} vs {own}")
     if spec.get("dim") != backbone.dim:
         problems.append(f"dim {spec.get('dim')} vs {backbone.dim}")
     if json.dumps(run["preprocess"], sort_keys=True) != json.dumps(

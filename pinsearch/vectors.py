@@ -160,7 +160,8 @@ class VectorStore:
         return self._locate()[1]
 
     def __len__(self) -> int:
-        return int(sum(int(p["n"]) for p in self.parts()))  # type: ignore[call-overload]
+        rows = self.catalog.vector_parts(self.backbone)  # (counted, no file opened)
+        return int(sum(int(p["n"]) for p in rows))
 
     def _load_keys(self, part: dict[str, object]) -> np.ndarray:
         return np.load(self._keys_path(part), allow_pickle=False)

@@ -526,6 +526,11 @@ def test_copy_alignment_between_stores_of_one_backbone(
         )  # fmt: skip
         with pytest.raises(BackboneMismatchError, match="weights"):
             copy_alignment(src, dst, "test_efficientnet")
+        run = src.catalog.get_embedding("test_efficientnet")["spec"]  # same weights, padded
+        run["spec"]["arch"] = "tf_" + run["spec"]["arch"]  # otherwise (as the Lite twins are)
+        dst.catalog.upsert_embedding("test_efficientnet", spec=run)
+        with pytest.raises(BackboneMismatchError, match="architecture test_efficientnet vs tf_"):
+            copy_alignment(src, dst, "test_efficientnet")
     with (
         Store.open(built_store.path, read_only=True) as src,
         Store.open(target) as dst,

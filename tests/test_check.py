@@ -116,6 +116,26 @@ def test_head_and_alignment_files(store_copy: Path) -> None:
     assert repaired.after.ok
 
 
+def test_an_altered_part_of_an_unindexed_backbone_or_a_title_space_is_reported_and_repaired(
+    store_copy: Path, tree_copy: Path
+) -> None:
+    with Store.open(store_copy) as store:  # vectors without an index, one part altered
+        store.catalog.connection.execute("DELETE FROM indexes")
+        store.catalog.connection.execute("UPDATE vector_parts SET file = '/etc/hostname'")
+    problems = _problems(store_copy)
+    assert ("error", f"vectors {B} part 0", "not_a_part_file") in problems
+    assert ("error", f"backbone {B}", "no_index") in problems
+    assert repair_store(store_copy).after.ok
+    clip = store_copy.parent / "clip"  # a CLIP store's title space
+    index_corpus(tree_copy, clip, backbone="test_clip")
+    with Store.open(clip) as store:
+        store.catalog.connection.execute(
+            "UPDATE vector_parts SET file = '/etc/hostname' WHERE backbone = 'test_clip#text'"
+        )
+    assert ("error", "vectors test_clip#text part 0", "not_a_part_file") in _problems(clip)
+    assert repair_store(clip).after.ok
+
+
 def test_a_head_file_of_compressed_arrays_is_refused_unread(store_copy: Path) -> None:
     with Store.open(store_copy) as store:
         train_head(store, B, "knn", {"n_neighbors": 1}, name="h")
