@@ -130,6 +130,7 @@ def compress(
     if len(train) < 256:
         raise ValueError(f"{variant}: 8-bit codebooks need 256+ training vectors, got {len(train)}")
     pq = faiss.ProductQuantizer(d, n, 8)
+    pq.cp.seed = seed & 0x7FFFFFFF  # the study's seed (FAISS's k-means takes a C int)
     pq.train(train)
     return pq.decode(pq.compute_codes(train)), pq.decode(pq.compute_codes(test)), float(n)
 

@@ -36,6 +36,16 @@ def test_variants_memory_and_shape(data, variant: str, nbytes: float, dim: int) 
     assert err < {"float32": 1e-7, "float16": 1e-3, "sq8": 0.05, "pca16": 0.9, "pq8": 0.9}[variant]
 
 
+def test_pq_codebooks_follow_the_studys_seed(data) -> None:
+    train, test = data
+    a0, _, _ = compress("pq8", train, test, seed=0)
+    again, _, _ = compress("pq8", train, test, seed=0)
+    a1, _, _ = compress("pq8", train, test, seed=1)
+    assert np.array_equal(a0, again) and not np.array_equal(a0, a1)
+    big, _, _ = compress("pq8", train, test, seed=2**32 - 1)  # (the largest seed a study takes)
+    assert big.shape == a0.shape
+
+
 def test_pca_keeps_the_neighbours_of_non_negative_features() -> None:
     # CNN features are non-negative: cosine between centred projections is another similarity
     # (it kept 0.86 of the neighbours at 127 of 128 dimensions); decoded, all of them
