@@ -546,8 +546,8 @@ def run_study(
     from pinsearch.embed import EmbedConfig
     from pinsearch.pipeline import index_corpus, stored_run_settings
 
+    names = sorted({b for fused in config.backbones for b in fused.split("+")})
     if config.corpus is not None:  # every pin is read and checked; only the sample embedded
-        names = sorted({b for fused in config.backbones for b in fused.split("+")})
         for name in names:  # every backbone's weights, before the first embeds
             check_weights(name, stored_run_settings(config.store, name).get("weights"))
         for name in names:
@@ -557,6 +557,12 @@ def run_study(
                 select=lambda store: select_pins(store, config).keys,
             )  # fmt: skip
     with Store.open(config.store) as store:
+        missing = [b for b in names if not len(store.vectors(b))]
+        if missing:  # (before any cell: the first backbones' cells would run, then it fail)
+            raise ValueError(
+                f"{config.name}: store {store.root} has no vectors of {missing}; give the study "
+                "a corpus, or embed them first (pinsearch index --store S --backbone B)"
+            )
         store.catalog.connection.execute(_STUDY_SCHEMA)
         data = select_pins(store, config)
         store.catalog.connection.execute(

@@ -374,6 +374,19 @@ def test_fused_backbones_concatenate_normalised_blocks(clustered_store: Path) ->
     np.testing.assert_allclose(fused[:, :DIM], fused[:, DIM:])
 
 
+def test_a_study_without_a_corpus_names_a_backbone_without_vectors_before_any_cell(
+    clustered_store: Path, tmp_path: Path
+) -> None:
+    store = _copy(clustered_store, tmp_path)
+    config = _config(store, backbones=("synthetic", "synthetic+classic"))
+    with pytest.raises(ValueError, match=r"no vectors of \['classic'\]; give the study a corpus"):
+        run_study(config)
+    with Store.open(store, read_only=True) as s:  # no cell ran
+        assert not s.catalog.has_table("study_cells") or not s.catalog.scalar(
+            "SELECT count(*) FROM study_cells WHERE study = 't'"
+        )
+
+
 def test_a_study_with_a_corpus_embeds_its_sample_only(tree_copy: Path, tmp_path: Path) -> None:
     # every pin is read and checked into the catalog; only the drawn sample is embedded
     config = StudyConfig(
