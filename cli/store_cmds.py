@@ -210,7 +210,12 @@ def add(
             + (f" ({report.moved} moved)" if report.moved else "")
         )
     for b in report.backbones:
-        console.print(f"  {b['backbone']}: embedded {b['embedded']}, index {b['index_action']}")
+        failed = b["embed_failed"]  # (dropped from the store, recorded in pinsearch info)
+        console.print(
+            f"  {b['backbone']}: embedded {b['embedded']}"
+            + (f", {failed} failed to decode (skipped, see pinsearch info)" if failed else "")
+            + f", index {b['index_action']}"
+        )
     if report.stale_heads:
         console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
 

@@ -229,6 +229,13 @@ def test_cli_add_remove(store_copy: Path, make_tree, tmp_path: Path) -> None:
                               "device", "--cpu-share", "0.5", "--json"])  # fmt: skip
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["added"] == 6
+    last = make_tree(tmp_path / "last", seed=4, pins_per_board=1)
+    victim = sorted(last.root.glob("*/*/*/*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # passes the probe
+    out = runner.invoke(app, ["add", str(last.root), "--store", str(store_copy)])
+    assert out.exit_code == 0, out.output
+    said = " ".join(out.output.split())  # (the console wraps long lines)
+    assert "added 6 pins" in said and "embedded 5, 1 failed to decode (skipped, see" in said
     with Store.open(store_copy, read_only=True) as s:
         pin = sorted(_ids(s))[0]
     out = runner.invoke(app, ["remove", "-s", str(store_copy), "--pin", pin, "--json"])
