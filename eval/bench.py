@@ -1262,7 +1262,7 @@ def bench_dupes(
 
     from PIL import Image
 
-    from pinsearch.dupes import _components, near_pairs
+    from pinsearch.dupes import COSINE_SLACK, _components, near_pairs
     from pinsearch.pipeline import index_corpus
     from pinsearch.store import Store
 
@@ -1292,7 +1292,7 @@ def bench_dupes(
     }
     rows = []
     for t in thresholds:
-        keep = sims >= t
+        keep = sims >= t - COSINE_SLACK  # (as pinsearch dupes --threshold t keeps pairs)
         pred = set()
         for members, _ in _components(a[keep], b[keep], sims[keep]):
             pred |= {(x, y) for x, y in combinations(members, 2)}
