@@ -177,10 +177,9 @@ def index_into(
     run = store.catalog.get_embedding(backbone)
     if model.new_run_refusal and run is None:
         raise BackboneMismatchError(model.new_run_refusal)  # (a run made before goes on)
-    if spec_as_recorded(model.spec, run) != model.spec:  # (built before the store was open)
-        model = create_backbone(
-            spec_as_recorded(model.spec, run), weights=embed.weights, device=model.device
-        )
+    recorded = spec_as_recorded(model.spec, run)
+    if recorded != model.spec:  # (built before the store was open)
+        model = create_backbone(recorded, weights=embed.weights, device=model.device)
     found = added = already = skipped = sampled_out = 0
     fmt = ""
     changes = StoredChanges()

@@ -138,17 +138,18 @@ class VectorStore:
         return rows
 
     def _check_file(self, part: dict[str, object]) -> None:
-        if part["file"] != self.part_file(part):
+        """Raise :class:`CatalogError` unless ``part`` names the file a writer makes for it."""
+        want = self.part_file(int(part["part"]))  # type: ignore[call-overload]
+        if part["file"] != want:
             raise CatalogError(
                 f"the catalog's vector part {part['part']} of {self.backbone!r} names the file "
-                f"{part['file']!r}, not {self.part_file(part)!r}: the catalog was altered; "
-                "pinsearch check names it, pinsearch repair forgets it"
+                f"{part['file']!r}, not {want!r}: the catalog was altered; pinsearch check "
+                "names it, pinsearch repair forgets it"
             )
 
-    def part_file(self, part: dict[str, object]) -> str:
-        """The file, relative to the store, that a writer makes for ``part`` (its number)."""
-        number = int(part["part"])  # type: ignore[call-overload]
-        return f"vectors/{backbone_dirname(self.backbone)}/part-{number:06d}.npy"
+    def part_file(self, number: int) -> str:
+        """The vectors file, relative to the store, that a writer makes for part ``number``."""
+        return (self.folder / f"part-{number:06d}.npy").relative_to(self.root).as_posix()
 
     def keys(self) -> np.ndarray:
         """Pin keys of every stored vector, in storage order."""
@@ -303,15 +304,14 @@ class VectorStore:
                 "store its vectors as float32"
             )
         self.folder.mkdir(parents=True, exist_ok=True)
-        vec_path = self.folder / f"part-{part:06d}.npy"
-        key_path = self.folder / f"part-{part:06d}.keys.npy"
+        rel = self.part_file(part)
+        vec_path, key_path = self.root / rel, self._keys_path({"file": rel})
         for path, arr in ((vec_path, stored), (key_path, keys)):
             tmp = temp_beside(path)
             with tmp.open("wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
             replace_durably(tmp, path)
         self._forget()
-        rel = vec_path.relative_to(self.root).as_posix()
         return rel, len(keys), file_sha256(vec_path), file_sha256(key_path)
 
     def drop_keys(
