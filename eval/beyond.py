@@ -18,16 +18,17 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import classification_metrics
 from pinsearch.eval.study import StudyConfig, StudyData, load_study_vectors, select_pins
+from pinsearch.gridsearch import batched_grid_search
 from pinsearch.heads import HEADS, create_head
 from pinsearch.store import Store
 
@@ -69,6 +70,8 @@ class BoardResult:
     macro_f1: float  # over test boards
     accuracy: float  # over test boards
     pin_level_macro_f1: float  # over pins of the test boards, trained on pins of the others
+    params: dict[str, Any] = field(default_factory=dict)  # the head's, for both units
+    cv_folds: int = 0  # folds of the grouped CV that chose them (0: given, not chosen)
 
 
 @dataclass
@@ -124,11 +127,16 @@ def _macro_f1(
     return m.macro_f1, m.accuracy
 
 
+def _head_params(name: str, params: dict[str, Any] | None, device: str) -> dict[str, Any]:
+    """``params`` with the study's ``device`` added where the head takes one and they lack it."""
+    out = dict(params or {})
+    if device != "auto" and "device" in create_head(name).get_params() and "device" not in out:
+        out["device"] = "gpu" if name == "knn" and device.startswith("cuda") else device
+    return out
+
+
 def _new_head(name: str, params: dict[str, Any] | None, device: str) -> BaseEstimator:
-    head = create_head(name, **(params or {}))
-    if device != "auto" and "device" in head.get_params() and "device" not in (params or {}):
-        head.set_params(device="gpu" if name == "knn" and device.startswith("cuda") else device)
-    return head
+    return create_head(name, **_head_params(name, params, device))
 
 
 # -- soft vote --------------------------------------------------------------------------------
@@ -230,6 +238,7 @@ def board_level(
     backbone: str,
     head: str = "lsvm",
     params: dict[str, Any] | None = None,
+    grid: dict[str, list[Any]] | None = None,
 ) -> BoardResult:
     """Classify boards (mean-pooled, L2-normalised pin vectors) by category, and compare.
 
@@ -238,6 +247,12 @@ def board_level(
     trains the same head on the pins of the training boards and predicts each pin of the test
     boards, so no board is on both sides of either comparison. Pin vectors are L2-normalised
     for both.
+
+    With a ``grid``, the head's hyperparameters (over ``params``) are chosen by a CV on the
+    pins of the training boards only, folds grouped by board (``StratifiedGroupKFold``,
+    ``config.folds`` or fewer: no more than the training boards of the smallest class, at
+    least 2), scored by macro-F1; both units use the choice. A choice made by the study's own
+    CV would leak: its folds held pins of the test boards.
 
     Raises:
         ValueError: the label is not ``category``, fewer than 2 classes have 2 boards, or the
@@ -274,14 +289,30 @@ def board_level(
             f"test_size={config.test_size}: {exc}"
         ) from exc
     X = l2_normalize(load_study_vectors(store, backbone, data.keys, normalize=True))
-    pooled = mean_pool(X, groups, len(names))
-    model = _new_head(head, params, config.device).fit(pooled[train_b], board_label[train_b])
-    f1, acc = _macro_f1(board_label[test_b], model.predict(pooled[test_b]), kept)
     pin_train = np.isin(groups, train_b)
     pin_test = np.isin(groups, test_b)
-    pin_model = _new_head(head, params, config.device).fit(X[pin_train], data.labels[pin_train])
+    chosen, folds = dict(params or {}), 0
+    if grid:
+        fewest = min(Counter(board_label[train_b].tolist()).values())
+        folds = max(2, min(config.folds, fewest))
+        cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+        y, g = data.labels[pin_train], groups[pin_train]
+        search = batched_grid_search(
+            head,
+            _head_params(head, chosen, config.device),
+            grid,
+            X[pin_train],
+            y,
+            list(cv.split(X[pin_train], y, g)),
+            refit=False,
+        )
+        chosen.update(search.best_params_)
+    pooled = mean_pool(X, groups, len(names))
+    model = _new_head(head, chosen, config.device).fit(pooled[train_b], board_label[train_b])
+    f1, acc = _macro_f1(board_label[test_b], model.predict(pooled[test_b]), kept)
+    pin_model = _new_head(head, chosen, config.device).fit(X[pin_train], data.labels[pin_train])
     pin_f1, _ = _macro_f1(data.labels[pin_test], pin_model.predict(X[pin_test]), kept)
-    return BoardResult(backbone, head, len(boards), len(kept), f1, acc, pin_f1)
+    return BoardResult(backbone, head, len(boards), len(kept), f1, acc, pin_f1, chosen, folds)
 
 
 # -- ablation ---------------------------------------------------------------------------------
@@ -403,13 +434,16 @@ def _fusion_lines(results: list[Any]) -> list[str]:
     return lines
 
 
-def _board_lines(store: Store, config: StudyConfig, backbone: str, results: list[Any]) -> list[str]:
-    cell = next((r for r in results if r.backbone == backbone and r.head == "lsvm"), None)
-    params = dict(cell.best_params) if cell is not None else {}
-    res = board_level(store, config, backbone, "lsvm", params)
+def _board_lines(store: Store, config: StudyConfig, backbone: str) -> list[str]:
+    res = board_level(store, config, backbone, "lsvm", grid=config.heads.get("lsvm"))
+    how = (
+        f"chosen by a {res.cv_folds}-fold CV on the training boards' pins, folds grouped by board"
+        if res.cv_folds
+        else "the head's defaults (the study has no lsvm grid)"
+    )
     return [
         f"{res.boards} boards in {res.classes} classes, split by board (seed {config.seed}); "
-        f"linear SVM `{json.dumps(params)}` on L2-normalised vectors.",
+        f"linear SVM `{json.dumps(res.params)}` ({how}) on L2-normalised vectors.",
         "",
         "| unit | macro-F1 | accuracy |",
         "| --- | --- | --- |",
@@ -444,7 +478,7 @@ def beyond_section(store: Store, config: StudyConfig, data: StudyData, results: 
         (
             f"Board level vs pin level ({backbone})",
             "board level",
-            lambda: _board_lines(store, config, backbone, results),
+            lambda: _board_lines(store, config, backbone),
         ),
         (
             f"Ablation ({backbone})",

@@ -431,6 +431,38 @@ def cell_digest(data_hash: str, head: str, grid: dict[str, list[Any]], context: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult | None:
+    """A finished cell's test metrics computed again from its stored predictions and scores
+    by this pinsearch (a metric's definition may have changed since it ran; its CV scores are
+    scikit-learn's), written back to ``study_cells``; None when its predictions are missing."""
+    key = [config.name, config.fingerprint(), cell.backbone, cell.head]
+    rows = store.catalog.connection.execute(
+        "SELECT label, predicted, scores FROM study_predictions WHERE study = ? AND "
+        "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
+        key,
+    ).fetchall()
+    classes = cell.metrics.get("classes")
+    if not rows or not classes:
+        return None
+    scores = None
+    if all(r[2] is not None for r in rows):
+        scores = np.array([json.loads(r[2]) for r in rows], dtype=np.float64)
+    truth = np.array([r[0] for r in rows])
+    m = classification_metrics(truth, np.array([r[1] for r in rows]), np.array(classes), scores)
+    if m.macro_f1 == cell.test_macro_f1 and m.to_dict() == cell.metrics:
+        return cell
+    _logger.info(
+        "study %s: cell %s/%s test metrics computed again from its predictions (macro-F1 "
+        "%.4f -> %.4f)", config.name, cell.backbone, cell.head, cell.test_macro_f1, m.macro_f1
+    )  # fmt: skip
+    store.catalog.connection.execute(
+        "UPDATE study_cells SET test_macro_f1 = ?, metrics = ? WHERE study = ? AND "
+        "config_hash = ? AND backbone = ? AND head = ?",
+        [m.macro_f1, json.dumps(m.to_dict()), *key],
+    )
+    return replace(cell, test_macro_f1=m.macro_f1, metrics=m.to_dict())
+
+
 def _head_source(config: StudyConfig, digest: str) -> str:
     """The ``source`` a study head is saved with: the study and the cell it came from (the
     settings every cell shares, such as ``folds``, and the cell's own digest)."""
@@ -586,6 +618,10 @@ def run_study(
             fused = "+" in backbone  # fused features have no single store vector to query
             finished, ran_on = done.get((backbone, head), (None, None))
             stale = None  # why a finished cell runs again
+            if finished is not None and ran_on == digest:
+                finished = _rescored(store, config, finished)
+                if finished is None:
+                    stale = "has no stored test predictions"
             if finished is not None and ran_on != digest:
                 stale = (
                     "was run with another grid, text encoder, sample, split or vectors (pins "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.model_selection import train_test_split
 
 from pinsearch.eval.bench import synthetic_store
 from pinsearch.eval.beyond import (
@@ -23,15 +24,20 @@ from pinsearch.store import Store
 DIM, CLASSES = 16, 4
 
 
-def _board_store(path: Path, n: int, boards: int, shift: float, seed: int = 0) -> None:
+def _board_store(
+    path: Path, n: int, boards: int, shift: float, seed: int = 0, noise_on: tuple[int, ...] = ()
+) -> None:
     """``n`` pins, pin i on board ``i % boards`` with category ``cat{i % 4}``.
 
     With ``boards`` a multiple of 4 every pin of a board shares its category (the board's).
-    Vectors are noise plus ``shift`` along the category's own axis.
+    Vectors are noise plus ``shift`` along the category's own axis; the pins of the boards
+    ``noise_on`` get other noise and no shift (the rest are the same as without it).
     """
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, DIM)).astype(np.float32)
     x[np.arange(n), np.arange(n) % CLASSES] += shift
+    on = np.isin(np.arange(n) % boards, noise_on)
+    x[on] = np.random.default_rng(seed + 1).standard_normal((int(on.sum()), DIM))
     synthetic_store(path, x, categories=CLASSES)
     with Store.open(path) as store:  # synthetic_store puts each pin on its own board
         store.catalog.connection.execute(
@@ -155,6 +161,29 @@ def test_board_level_classifies_boards(study: Study) -> None:
     assert knn.head == "knn" and knn.macro_f1 > 0.7
 
 
+def test_board_level_chooses_c_on_the_training_boards_only(study: Study, tmp_path: Path) -> None:
+    grid = {"C": [0.001, 0.01, 0.1, 1.0, 10.0]}
+    with Store.open(study.path, read_only=True) as store:
+        res = board_level(store, study.config, "synthetic", grid=grid)
+        given = board_level(store, study.config, "synthetic", params={"C": 1.0})
+    # 10 boards per category, a quarter of them tested: 7 or 8 train each, so the study's 3 folds
+    assert res.cv_folds == 3 and set(res.params) == {"C"} and res.params["C"] in grid["C"]
+    assert (given.cv_folds, given.params) == (0, {"C": 1.0})
+    # The test boards (the split board_level makes: boards by name, stratified, the study's
+    # seed) get vectors of pure noise: the choice cannot change, only the test scores.
+    names = [f"user/board{b}" for b in range(40)]
+    order = np.argsort(names)
+    _, test = train_test_split(
+        order, test_size=0.25, stratify=order % CLASSES, random_state=study.config.seed
+    )
+    noisy = tmp_path / "noisy"
+    _board_store(noisy, 480, boards=40, shift=1.5, noise_on=tuple(int(b) for b in test))
+    with Store.open(noisy, read_only=True) as store:
+        blind = board_level(store, study.config, "synthetic", grid=grid)
+    assert blind.params == res.params and blind.cv_folds == 3
+    assert blind.macro_f1 < res.macro_f1 and blind.pin_level_macro_f1 < 0.5
+
+
 def test_board_level_errors(study: Study, few_boards: Study) -> None:
     few = Store.open(few_boards.path, read_only=True)
     with few, pytest.raises(ValueError, match="at least 2 classes with >= 2 boards"):
@@ -203,6 +232,7 @@ def test_beyond_section(study: Study) -> None:
     assert "| all cells |" in md and "| best cell per head |" in md
     assert "| synthetic+synthetic | knn |" in md  # the fused cells are listed
     assert "| board (mean of its pins) |" in md and "| metric | cosine |" in md
+    assert "chosen by a 3-fold CV on the training boards' pins, folds grouped by board" in md
 
 
 def test_beyond_section_notes_a_failing_part(few_boards: Study) -> None:

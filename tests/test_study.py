@@ -221,6 +221,28 @@ def test_a_finished_cell_is_run_again_when_its_pins_or_vectors_change(
     assert [c.resumed for c in run_study(config)[1]] == [True]
 
 
+def test_a_resumed_cell_is_scored_again_from_its_stored_predictions(
+    clustered_store: Path, tmp_path: Path
+) -> None:
+    store = _copy(clustered_store, tmp_path)
+    config = _config(store, heads={"knn": {"n_neighbors": [1]}, "lsvm": {"C": [0.1]}})
+    _, first = run_study(config)
+    with Store.open(store) as s:  # as an older pinsearch, whose metric differed, left them
+        s.catalog.connection.execute(
+            "UPDATE study_cells SET test_macro_f1 = 0.5, metrics = json_object('classes', "
+            "json_extract(metrics, '$.classes'), 'accuracy', 0.5)"
+        )
+        s.catalog.connection.execute("DELETE FROM study_predictions WHERE head = 'lsvm'")
+    _, again = run_study(config)
+    assert [c.resumed for c in again] == [True, False]  # lsvm's predictions are gone: run
+    for a, f in zip(again, first):
+        assert a.test_macro_f1 == f.test_macro_f1 and a.metrics == f.metrics
+    with Store.open(store, read_only=True) as s:
+        rows = s.catalog.query("SELECT test_macro_f1, metrics FROM study_cells ORDER BY head")
+    assert [r["test_macro_f1"] for r in rows] == [f.test_macro_f1 for f in first]
+    assert [json.loads(r["metrics"]) for r in rows] == [f.metrics for f in first]
+
+
 def test_a_cell_is_resumed_with_its_own_grid_and_its_saved_head_only(
     clustered_store: Path, tmp_path: Path
 ) -> None:
