@@ -247,6 +247,13 @@ def align(
         Path | None,
         typer.Option("--from", help="Copy the alignment of another store (same backbone)."),
     ] = None,
+    study: Annotated[
+        Path | None,
+        typer.Option(
+            help="Train on the training part of this study's split of the store only (its "
+            "zero-shot cells are then scored on pins the alignment never saw)."
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Learn text search for an image backbone from the store's own pins (LiT-style), or
@@ -256,7 +263,7 @@ def align(
 
     if from_store is not None:
         trained = {"--captions": captions, "--text-model": text_model, "--epochs": epochs,
-                   "--dim": dim, "--device": device, "--seed": seed}  # fmt: skip
+                   "--dim": dim, "--device": device, "--seed": seed, "--study": study}  # fmt: skip
         given = [flag for flag, value in trained.items() if value is not None]
         if given:
             raise typer.BadParameter(
@@ -267,14 +274,21 @@ def align(
     config = make_config(
         AlignConfig, text_model=text_model, epochs=epochs, dim=dim, device=device, seed=seed
     )
+    split = _study_split(study) if study is not None else None
     with Store.open(store) as s:
         if from_store is not None:
             with Store.open(from_store, read_only=True) as src:
                 report = copy_alignment(src, s, backbone)
         else:
-            report = align_store(s, backbone, config, captions=captions)
+            train = None
+            if split is not None:  # (the sample and split the study makes of this store)
+                from pinsearch.eval.study import select_pins
+
+                data = select_pins(s, split)
+                train = data.keys[data.train]
+            report = align_store(s, backbone, config, captions=captions, keys=train)
     if as_json:
-        emit_json(report)
+        emit_json(report.to_dict())
         return
     val = report.val
     if from_store is not None:
@@ -285,8 +299,10 @@ def align(
     else:
         console.print(
             f"aligned {report.text_model} -> {report.backbone} on {report.pairs} texts of "
-            f"{report.images} pins ({report.source}; {report.unmatched} unmatched) in "
-            f"{report.seconds:.1f} s, best epoch {report.best_epoch + 1}/{report.epochs}"
+            f"{report.images} pins ({report.source}"
+            + (f", the training part of study {split.name}" if split is not None else "")
+            + f"; {report.unmatched} unmatched) in {report.seconds:.1f} s, best epoch "
+            f"{report.best_epoch + 1}/{report.epochs}"
         )
     if val:
         console.print(
@@ -300,6 +316,18 @@ def align(
     )
     if report.stale_heads:
         console.print(f"stale heads (retrain them): {', '.join(report.stale_heads)}")
+
+
+def _study_split(path: Path) -> Any:
+    """The classification study file ``align --study`` takes its split from."""
+    from pinsearch.eval.study import StudyConfig, load_study
+
+    if not path.is_file():
+        raise typer.BadParameter(f"study file {path} does not exist")
+    config = load_study(path)
+    if not isinstance(config, StudyConfig):
+        raise typer.BadParameter(f"--study {path}: a classification study file is needed")
+    return config
 
 
 def _classify(

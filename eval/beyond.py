@@ -72,6 +72,7 @@ class BoardResult:
     pin_level_macro_f1: float  # over pins of the test boards, trained on pins of the others
     params: dict[str, Any] = field(default_factory=dict)  # the head's, for both units
     cv_folds: int = 0  # folds of the grouped CV that chose them (0: given, not chosen)
+    test_boards: int = 0  # of ``boards``, those scored (the rest trained)
 
 
 @dataclass
@@ -312,7 +313,9 @@ def board_level(
     f1, acc = _macro_f1(board_label[test_b], model.predict(pooled[test_b]), kept)
     pin_model = _new_head(head, chosen, config.device).fit(X[pin_train], data.labels[pin_train])
     pin_f1, _ = _macro_f1(data.labels[pin_test], pin_model.predict(X[pin_test]), kept)
-    return BoardResult(backbone, head, len(boards), len(kept), f1, acc, pin_f1, chosen, folds)
+    return BoardResult(
+        backbone, head, len(boards), len(kept), f1, acc, pin_f1, chosen, folds, len(test_b)
+    )
 
 
 # -- ablation ---------------------------------------------------------------------------------
@@ -442,8 +445,9 @@ def _board_lines(store: Store, config: StudyConfig, backbone: str) -> list[str]:
         else "the head's defaults (the study has no lsvm grid)"
     )
     return [
-        f"{res.boards} boards in {res.classes} classes, split by board (seed {config.seed}); "
-        f"linear SVM `{json.dumps(res.params)}` ({how}) on L2-normalised vectors.",
+        f"{res.boards} boards in {res.classes} classes, split by board (seed {config.seed}): "
+        f"{res.test_boards} test boards; linear SVM `{json.dumps(res.params)}` ({how}) on "
+        "L2-normalised vectors.",
         "",
         "| unit | macro-F1 | accuracy |",
         "| --- | --- | --- |",

@@ -130,7 +130,8 @@ def run_retrieval(
             start = time.perf_counter()
             report = None
             if mode == "align":
-                align_cfg = AlignConfig(**{**config.align, **overrides})
+                # (the study's seed, unless its [align] table gives one, seeds the training)
+                align_cfg = AlignConfig(**{"seed": config.seed, **config.align, **overrides})
                 encoder, report = fit_alignment(  # (trained in memory)
                     store, backbone, align_cfg, captions=config.captions, keys=train
                 )

@@ -463,6 +463,38 @@ def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult
     return replace(cell, test_macro_f1=m.macro_f1, metrics=m.to_dict())
 
 
+def _refuse_alignment_on_test(store: Store, config: StudyConfig, data: StudyData) -> None:
+    """A zero-shot cell scores the test pins through a backbone's text alignment: one trained
+    on those pins' own images and texts (titles that often name the label) would score them
+    optimistically. Refused before any cell; an alignment of an older pinsearch, whose pins
+    are not recorded, is warned of."""
+    from pinsearch.align import alignment_pins, load_alignment
+
+    if "zeroshot" not in config.heads:
+        return
+    test = data.keys[data.test]
+    for backbone in (b for b in config.backbones if "+" not in b):
+        trained = alignment_pins(store, backbone)
+        if trained is None:
+            if load_alignment(store, backbone, arrays=False) is not None:
+                _logger.warning(
+                    "study %s: which pins trained the %s alignment is not recorded (an older "
+                    "pinsearch made it); if they include test pins, its zero-shot scores are "
+                    "optimistic: align again with --study",
+                    config.name, backbone,
+                )  # fmt: skip
+            continue
+        seen = int(np.intersect1d(trained, test).size)
+        if seen:
+            raise ValueError(
+                f"{config.name}: the {backbone!r} alignment of store {store.root} was trained "
+                f"on the images and texts of {seen} of the study's {len(test)} test pins, so "
+                "its zero-shot scores would be optimistic; align on the study's training part "
+                f"(pinsearch align --store {store.root} --backbone {backbone} --study FILE), or "
+                "copy another store's alignment (--from)"
+            )
+
+
 def _head_source(config: StudyConfig, digest: str) -> str:
     """The ``source`` a study head is saved with: the study and the cell it came from (the
     settings every cell shares, such as ``folds``, and the cell's own digest)."""
@@ -597,6 +629,7 @@ def run_study(
             )
         store.catalog.connection.execute(_STUDY_SCHEMA)
         data = select_pins(store, config)
+        _refuse_alignment_on_test(store, config, data)
         store.catalog.connection.execute(
             "INSERT OR REPLACE INTO study_runs VALUES (?, ?, ?, ?, ?, ?, ?, now(), NULL)",
             [config.name, config.fingerprint(), json.dumps(asdict(config), default=list),

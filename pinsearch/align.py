@@ -39,6 +39,7 @@ __all__ = [
     "AlignConfig",
     "AlignReport",
     "align_store",
+    "alignment_pins",
     "caption_pairs",
     "copy_alignment",
     "fit_alignment",
@@ -65,6 +66,9 @@ CREATE TABLE IF NOT EXISTS alignments (
     config VARCHAR,                 -- JSON: AlignConfig
     created TIMESTAMP
 );
+-- the pins of this store whose images (and texts) trained a backbone's alignment, held-out
+-- ones included; none for one copied from another store (--from)
+CREATE TABLE IF NOT EXISTS alignment_pins (backbone VARCHAR, pin_key BIGINT);
 """
 
 
@@ -125,9 +129,13 @@ class AlignReport:
     seconds: float = 0.0
     title_vectors: int = 0  # pins whose titles were embedded into the text space
     stale_heads: list[str] = field(default_factory=list)  # zero-shot heads of the old encoder
+    # the store's pins it was trained on (not in to_dict; recorded by save_alignment)
+    trained: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("trained")
+        return out
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -427,6 +435,7 @@ def fit_alignment(
         best_epoch=history["best_epoch"],
         val=history["best_val"],
         seconds=time.perf_counter() - start,
+        trained=item_keys,
     )
 
 
@@ -459,6 +468,7 @@ def align_store(
         source=report.source,
         metrics=report.val,
         config=asdict(config),
+        trained=report.trained,
     )
     report.title_vectors = embed_text_space(
         store, report.backbone, text_encoder_for(store, report.backbone)
@@ -576,7 +586,8 @@ def _file(store: Any, backbone: str) -> Path:
 def save_alignment(
     store: Any, backbone: str, arrays: dict[str, np.ndarray], **info: Any
 ) -> list[str]:
-    """Write the projection atomically and record it (replacing an earlier one). If it
+    """Write the projection atomically and record it (replacing an earlier one), with the
+    store's pins it was trained on (``info["trained"]``: keys; absent for a copy). If it
     differs from the earlier one, the backbone's zero-shot heads, which embed their prompts
     with the text encoder it replaces, are marked stale; returns their names."""
     before = load_alignment(store, backbone, arrays=False)
@@ -603,9 +614,34 @@ def save_alignment(
             json.dumps({**info.get("config", {}), "pinsearch_version": __version__}),
         ],
     )
+    con.execute("DELETE FROM alignment_pins WHERE backbone = ?", [backbone])
+    trained = info.get("trained")
+    if trained is not None:
+        store.catalog.insert_rows(
+            "alignment_pins",
+            (("backbone", "str"), ("pin_key", "int64")),
+            [(backbone, int(k)) for k in np.asarray(trained).tolist()],
+        )
     if before is not None and before[1]["sha256"] == sha:
         return []  # the same projection (align run again with the same settings)
     return store.mark_heads_stale([backbone], kinds=["zeroshot"])
+
+
+def alignment_pins(store: Any, backbone: str) -> np.ndarray | None:
+    """The keys of the store's pins a backbone's alignment was trained on (held-out ones
+    included; sorted): empty for one copied from another store, None when the backbone has no
+    alignment or an older pinsearch made it (which pins trained it is not known)."""
+    found = load_alignment(store, backbone, arrays=False)
+    if found is None:
+        return None
+    if str(found[1]["source"]).startswith("store:"):  # (copy_alignment's source)
+        return np.zeros(0, dtype=np.int64)
+    if not store.catalog.has_table("alignment_pins"):
+        return None
+    rows = store.catalog.connection.execute(
+        "SELECT pin_key FROM alignment_pins WHERE backbone = ? ORDER BY pin_key", [backbone]
+    ).fetchall()
+    return np.array([r[0] for r in rows], dtype=np.int64) if rows else None
 
 
 def load_alignment(

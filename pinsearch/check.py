@@ -548,9 +548,11 @@ def repair_store(path: str | Path) -> RepairReport:
                 out.actions.append(f"head {head}: forgotten ({f.problem}); train it again")
             elif f.where.startswith("alignment "):
                 backbone = f.where.removeprefix("alignment ")
-                store.catalog.connection.execute(
-                    "DELETE FROM alignments WHERE backbone = ?", [backbone]
-                )
+                for table in ("alignments", "alignment_pins"):
+                    if store.catalog.has_table(table):
+                        store.catalog.connection.execute(
+                            f"DELETE FROM {table} WHERE backbone = ?", [backbone]
+                        )
                 out.actions.append(f"alignment {backbone}: forgotten; run pinsearch align again")
     out.after = check_store(path, sources=False)  # (image files are not repair's business)
     return out

@@ -236,7 +236,7 @@ def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
 ) -> None:
     import dataclasses
 
-    from pinsearch.eval.study import StudyConfig, run_study
+    from pinsearch.eval.study import StudyConfig, run_study, select_pins
 
     path = tmp_path / "store"
     shutil.copytree(aligned, path)
@@ -245,12 +245,18 @@ def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
         heads={"zeroshot": {"prompts": [["a photo of {}."]]}}, folds=2, test_size=0.25,
         min_per_class=2, drop=(),
     )  # fmt: skip
+    with Store.open(path) as store:  # (on the training part: see the next test)
+        train = select_pins(store, config)
+        train_keys = train.keys[train.train]
+        align_store(store, "test_efficientnet", FAST, keys=train_keys)
     assert [c.resumed for c in run_study(config)[1]] == [False]
     assert [c.resumed for c in run_study(config)[1]] == [True]
     with Store.open(path) as store:  # the same settings: the same projection, nothing stale
-        assert align_store(store, "test_efficientnet", FAST).stale_heads == []
+        assert align_store(store, "test_efficientnet", FAST, keys=train_keys).stale_heads == []
     with Store.open(path) as store:  # the prompts' encoder changes: the head's vectors too
-        report = align_store(store, "test_efficientnet", dataclasses.replace(FAST, seed=7))
+        report = align_store(
+            store, "test_efficientnet", dataclasses.replace(FAST, seed=7), keys=train_keys
+        )
         assert report.stale_heads == ["zs/test_efficientnet/zeroshot"]
         (row,) = store.catalog.query("SELECT stale FROM heads")
         assert row["stale"] is True
@@ -258,6 +264,57 @@ def test_a_new_alignment_makes_zero_shot_heads_and_study_cells_stale(
     with Store.open(path, read_only=True) as store:
         (row,) = store.catalog.query("SELECT stale FROM heads")
         assert row["stale"] is False
+
+
+def test_a_zero_shot_study_refuses_an_alignment_trained_on_its_test_pins(
+    aligned: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pinsearch.align import alignment_pins, copy_alignment
+    from pinsearch.eval.study import StudyConfig, run_study, select_pins
+
+    B = "test_efficientnet"
+    path = tmp_path / "store"
+    shutil.copytree(aligned, path)
+    study = tmp_path / "zs.toml"
+    study.write_text(
+        f'name = "zs"\nstore = "{path}"\nbackbones = ["{B}"]\nfolds = 2\ntest_size = 0.25\n'
+        'min_per_class = 2\ndrop = []\n[heads.zeroshot]\nprompts = [["a photo of {}."]]\n'
+    )
+    config = StudyConfig(
+        name="zs", store=str(path), backbones=(B,),
+        heads={"zeroshot": {"prompts": [["a photo of {}."]]}}, folds=2, test_size=0.25,
+        min_per_class=2, drop=(),
+    )  # fmt: skip
+    with Store.open(path, read_only=True) as store:
+        every = np.sort(store.vectors(B).keys())
+        np.testing.assert_array_equal(alignment_pins(store, B), every)  # all 24 pins' texts
+        data = select_pins(store, config)
+    test = data.keys[data.test]
+    with pytest.raises(ValueError, match=rf"trained on the images and texts of {len(test)} of "
+                       rf"the study's {len(test)} test pins.*--study FILE"):  # fmt: skip
+        run_study(config)
+    with Store.open(path, read_only=True) as store:  # refused before any cell or run row
+        assert store.catalog.query("SELECT * FROM study_runs") == []
+    out = CliRunner().invoke(
+        app, ["align", "--store", str(path), "--epochs", "20", "--study", str(study)]
+    )
+    assert out.exit_code == 0, out.output
+    assert "the training part of study zs" in " ".join(out.output.split())
+    with Store.open(path, read_only=True) as store:
+        np.testing.assert_array_equal(alignment_pins(store, B), np.sort(data.keys[data.train]))
+    (cell,) = run_study(config)[1]
+    assert cell.head == "zeroshot" and not cell.resumed
+    with Store.open(aligned, read_only=True) as src, Store.open(path) as dst:
+        copy_alignment(src, dst, B)  # another store's pins: none of these
+        assert alignment_pins(dst, B).size == 0
+        dst.catalog.connection.execute("DELETE FROM alignment_pins")
+        dst.catalog.connection.execute("UPDATE alignments SET source = 'pins'")
+        assert alignment_pins(dst, B) is None  # an older pinsearch's: not known
+    with caplog.at_level("WARNING"):
+        run_study(config)
+    assert "which pins trained the test_efficientnet alignment is not recorded" in caplog.text
+    out = CliRunner().invoke(app, ["align", "--store", str(path), "--study", str(tmp_path)])
+    assert out.exit_code != 0 and "does not exist" in " ".join(out.output.split())
 
 
 def test_a_warm_text_searcher_answers_as_the_store_was_when_it_started(
@@ -416,6 +473,20 @@ def test_retrieval_study_end_to_end(caption_corpus, tmp_path: Path) -> None:
     assert again.exit_code == 0, again.output
     with Store.open(tmp_path / "s", read_only=True) as store:
         assert load_alignment(store, "test_efficientnet", arrays=False)[1] == before
+
+    def seeded(align_seed: str) -> tuple[object, ...]:  # study seed 3, [align] seed or not
+        t = tmp_path / f"seed{len(align_seed)}.toml"
+        t.write_text(
+            toml.read_text().replace("train_images", "seed = 3\ntrain_images") + align_seed
+        )
+        out = CliRunner().invoke(
+            app, ["evaluate", str(t), "--out", str(t.with_suffix("")), "--json"]
+        )
+        res = json.loads(out.output)["results"]["test_efficientnet"]
+        return res["metrics"], res["align"]["val"], res["align"]["best_epoch"]
+
+    assert seeded("") == seeded("seed = 3\n")  # the study's seed seeds the alignment too
+
     clip = tmp_path / "clip.toml"  # no CLIP tower on this backbone: refused before any work
     clip.write_text(toml.read_text().replace("train_images", 'text = "clip"\ntrain_images'))
     refused = CliRunner().invoke(app, ["evaluate", str(clip), "--out", str(tmp_path / "o3")])
@@ -789,3 +860,5 @@ def test_an_alignment_row_naming_a_file_out_of_its_folder_is_refused_and_forgott
     }
     repaired = repair_store(path)
     assert f"alignment {B}: forgotten; run pinsearch align again" in repaired.actions
+    with Store.open(path, read_only=True) as store:
+        assert store.catalog.query("SELECT * FROM alignment_pins") == []

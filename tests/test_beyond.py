@@ -168,6 +168,7 @@ def test_board_level_chooses_c_on_the_training_boards_only(study: Study, tmp_pat
         given = board_level(store, study.config, "synthetic", params={"C": 1.0})
     # 10 boards per category, a quarter of them tested: 7 or 8 train each, so the study's 3 folds
     assert res.cv_folds == 3 and set(res.params) == {"C"} and res.params["C"] in grid["C"]
+    assert res.test_boards == 10  # a quarter of the 40
     assert (given.cv_folds, given.params) == (0, {"C": 1.0})
     # The test boards (the split board_level makes: boards by name, stratified, the study's
     # seed) get vectors of pure noise: the choice cannot change, only the test scores.
