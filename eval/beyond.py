@@ -6,6 +6,8 @@
   pin-level classification on the same board split -- the label's true unit is the board.
 - :func:`ablation`: what drives KNN and linear SVM scores on the study's split: normalisation,
   k and the distance metric.
+- :func:`near_copies`: test pins with a near-copy among the training pins (a random split puts
+  re-pins on both sides), and every cell's test macro-F1 without them.
 - :func:`beyond_section`: all of the above as the report's "Beyond the paper" section.
 
 Everything is deterministic given the study's seed.
@@ -36,11 +38,13 @@ __all__ = [
     "AblationRow",
     "BoardResult",
     "EnsembleResult",
+    "NearCopyResult",
     "ablation",
     "beyond_section",
     "board_level",
     "l2_normalize",
     "mean_pool",
+    "near_copies",
     "scores_to_proba",
     "soft_vote",
 ]
@@ -73,6 +77,19 @@ class BoardResult:
     params: dict[str, Any] = field(default_factory=dict)  # the head's, for both units
     cv_folds: int = 0  # folds of the grouped CV that chose them (0: given, not chosen)
     test_boards: int = 0  # of ``boards``, those scored (the rest trained)
+
+
+@dataclass
+class NearCopyResult:
+    """Test pins with a training pin at cosine >= ``threshold``, and the cells without them."""
+
+    backbone: str  # whose vectors tell near-copies
+    threshold: float
+    test: int  # test pins
+    with_copy: int  # of them, those with a near-copy among the training pins
+    same_label: int  # of those, how many have the label of their nearest training pin
+    # (backbone, head, test macro-F1, test macro-F1 on the pins without a training near-copy)
+    cells: list[tuple[str, str, float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -318,6 +335,69 @@ def board_level(
     )
 
 
+# -- near-copies across the split -------------------------------------------------------------
+
+#: cosine at which two pins count as copies of one image (re-encoded, resized, a re-pin): the
+#: threshold ``pinsearch dupes`` suggests for copies
+COPY_THRESHOLD = 0.95
+
+
+def near_copies(
+    store: Store,
+    config: StudyConfig,
+    data: StudyData,
+    backbone: str,
+    results: list[Any],
+    threshold: float = COPY_THRESHOLD,
+) -> NearCopyResult:
+    """How many test pins have a near-copy among the training pins, and each cell's test
+    macro-F1 on the others (from its stored predictions: nothing is trained again).
+
+    A random split, the paper's protocol, puts re-pins of one image on both sides; a test pin
+    whose copy was trained on is easy for KNN in particular. Near-copies are told by exact
+    cosine on ``backbone``'s L2-normalised vectors (a flat inner-product search of the test
+    pins among the training pins), counted from ``threshold`` less ``COSINE_SLACK``, as
+    ``pinsearch dupes`` counts them.
+
+    Raises:
+        ValueError: a cell's stored predictions are missing or on other pins than the test part.
+    """
+    import faiss
+
+    from pinsearch.dupes import COSINE_SLACK
+
+    X = l2_normalize(load_study_vectors(store, backbone, data.keys, normalize=True))
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(np.ascontiguousarray(X[data.train], dtype=np.float32))
+    sims, nearest = index.search(np.ascontiguousarray(X[data.test], dtype=np.float32), 1)
+    copy = sims[:, 0] >= threshold - COSINE_SLACK
+    y_train, y_test = data.labels[data.train], data.labels[data.test]
+    same = int(np.count_nonzero(y_train[nearest[copy, 0]] == y_test[copy]))
+    test_keys = data.keys[data.test]
+    order = np.argsort(test_keys)
+    cells = []
+    for r in results:
+        rows = store.catalog.connection.execute(
+            "SELECT pin_key, label, predicted FROM study_predictions WHERE study = ? AND "
+            "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
+            [config.name, config.fingerprint(), r.backbone, r.head],
+        ).fetchall()
+        keys = np.array([row[0] for row in rows], dtype=np.int64)
+        if not np.array_equal(keys, test_keys[order]):
+            raise ValueError(
+                f"cell {r.backbone}/{r.head} has no stored predictions of the test part"
+            )
+        truth = np.array([row[1] for row in rows], dtype=object).astype(str)
+        pred = np.array([row[2] for row in rows], dtype=object).astype(str)
+        kept = ~copy[order]
+        classes = r.metrics["classes"]
+        without = _macro_f1(truth[kept], pred[kept], classes)[0] if kept.any() else float("nan")
+        cells.append((r.backbone, r.head, r.test_macro_f1, without))
+    return NearCopyResult(
+        backbone, threshold, len(test_keys), int(np.count_nonzero(copy)), same, cells
+    )
+
+
 # -- ablation ---------------------------------------------------------------------------------
 
 
@@ -456,6 +536,25 @@ def _board_lines(store: Store, config: StudyConfig, backbone: str) -> list[str]:
     ]
 
 
+def _near_copy_lines(
+    store: Store, config: StudyConfig, data: StudyData, backbone: str, results: list[Any]
+) -> list[str]:
+    res = near_copies(store, config, data, backbone, results)
+    lines = [
+        f"{res.with_copy} of the {res.test} test pins have a training pin at cosine >= "
+        f"{res.threshold} on {backbone} (a copy of the same image: a re-pin, resized or "
+        f"re-encoded), {res.same_label} of them of its label. Each cell scored without them "
+        "(its stored predictions; nothing trained again):",
+        "",
+        "| features | head | all test pins | without near-copies | difference |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {b} | {h} | {f1:.3f} | {rest:.3f} | {rest - f1:+.3f} |" for b, h, f1, rest in res.cells
+    ]
+    return lines
+
+
 def _ablation_lines(store: Store, config: StudyConfig, data: StudyData, backbone: str) -> list[str]:
     rows = ablation(store, config, data, backbone)
     lines = ["| setting | value | macro-F1 |", "| --- | --- | --- |"]
@@ -469,8 +568,9 @@ def _ablation_lines(store: Store, config: StudyConfig, data: StudyData, backbone
 def beyond_section(store: Store, config: StudyConfig, data: StudyData, results: list[Any]) -> str:
     """The report's ``## Beyond the paper`` section (Markdown, no trailing newline).
 
-    Ensembles, feature fusion, board level vs pin level and the ablation, the last two for the
-    backbone of the best cell by CV macro-F1. A part that fails becomes a one-line note.
+    Ensembles, feature fusion, board level vs pin level, near-copies across the split and the
+    ablation, the last three for the backbone of the best cell by CV macro-F1. A part that
+    fails becomes a one-line note.
     """
     md = ["## Beyond the paper", ""]
     if not results:
@@ -483,6 +583,11 @@ def beyond_section(store: Store, config: StudyConfig, data: StudyData, results: 
             f"Board level vs pin level ({backbone})",
             "board level",
             lambda: _board_lines(store, config, backbone),
+        ),
+        (
+            f"Near-copies across the split ({backbone})",
+            "near-copies",
+            lambda: _near_copy_lines(store, config, data, backbone, results),
         ),
         (
             f"Ablation ({backbone})",

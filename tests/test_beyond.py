@@ -15,6 +15,7 @@ from pinsearch.eval.beyond import (
     beyond_section,
     board_level,
     mean_pool,
+    near_copies,
     scores_to_proba,
     soft_vote,
 )
@@ -196,6 +197,37 @@ def test_board_level_errors(study: Study, few_boards: Study) -> None:
             board_level(store, _config(study.path, test_size=0.05), "synthetic")
 
 
+def test_near_copies_across_the_split_and_the_cells_without_them(tmp_path: Path) -> None:
+    from sklearn.metrics import f1_score
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((240, DIM)).astype(np.float32)
+    x[np.arange(240), np.arange(240) % CLASSES] += 1.0
+    x[200:240] = 2.0 * x[0:40]  # pins 200-239 copy 0-39 (scaled: the same direction)
+    path = tmp_path / "store"
+    synthetic_store(path, x, categories=CLASSES)
+    config = _config(path, heads={"knn": {"n_neighbors": [1]}, "lsvm": {"C": [1.0]}})
+    data, results = run_study(config)
+    with Store.open(path, read_only=True) as store:
+        res = near_copies(store, config, data, "synthetic", results)
+        rows = store.catalog.connection.execute(
+            "SELECT pin_key, label, predicted FROM study_predictions WHERE head = 'knn' "
+            "ORDER BY pin_key"
+        ).fetchall()
+    # (synthetic_store gives the vector of row i to the pin of key i)
+    twin = {r: (r + 200 if r < 40 else r - 200) for r in range(240) if r < 40 or r >= 200}
+    train = set(data.keys[data.train].tolist())
+    copied = [k for k in data.keys[data.test].tolist() if twin.get(k) in train]
+    assert res.test == len(data.test) == 60 and res.with_copy == len(copied) > 0
+    assert res.same_label == res.with_copy  # a copy has its twin's category
+    assert [(b, h) for b, h, *_ in res.cells] == [("synthetic", "knn"), ("synthetic", "lsvm")]
+    assert res.cells[0][2] == results[0].test_macro_f1
+    kept = [(t, p) for k, t, p in rows if k not in set(copied)]
+    truth, pred = zip(*kept)
+    expected = f1_score(truth, pred, labels=sorted(set(truth) | set(pred)), average="macro")
+    assert res.cells[0][3] == pytest.approx(expected)
+
+
 def test_ablation_covers_normalization_k_and_metric(study: Study) -> None:
     with Store.open(study.path, read_only=True) as store:
         rows = ablation(store, study.config, study.data, "synthetic", ks=(1, 5, 10, 10_000))
@@ -226,6 +258,7 @@ def test_beyond_section(study: Study) -> None:
         "### Ensembles",
         "### Feature fusion",
         "### Board level vs pin level",
+        "### Near-copies across the split",
         "### Ablation",
     ):
         assert header in md
