@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
 import logging
@@ -122,10 +123,15 @@ class _WriteLock:
             raise StoreLockedError(
                 f"store {path.parent} is locked by PID {holder}; wait for it to finish"
             ) from None
-        self._fh.seek(0)
-        self._fh.truncate()
-        self._fh.write(str(os.getpid()))
-        self._fh.flush()
+        try:
+            self._fh.seek(0)
+            self._fh.truncate()
+            self._fh.write(str(os.getpid()))
+            self._fh.flush()
+        except OSError as exc:  # (a full disk: the lock is let go with the file)
+            with contextlib.suppress(OSError):
+                self._fh.close()
+            raise _disk_error(path.parent, f"its lock file {path.name}", exc) from exc
         _WriteLock._held.add(self)
 
     @classmethod
@@ -904,9 +910,22 @@ def _publish_snapshot(root: Path) -> None:
     try:
         shutil.copyfile(catalog, tmp)
         replace_durably(tmp, snap)
-    except BaseException:  # (a full disk: no half copy left behind)
+    except BaseException as exc:  # (a full disk: no half copy left behind)
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            size = catalog.stat().st_size / 2**20
+            what = f"the copy of the catalog readers use while a write works ({size:.1f} MiB)"
+            raise _disk_error(root, what, exc) from exc
         raise
+
+
+def _disk_error(root: Path, what: str, exc: OSError) -> OSError:
+    """``exc`` of a writer's first write, before any change, named: a full disk says so."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        said = f"no space left on the disk for {what}"
+    else:
+        said = f"cannot write {what}: {exc.strerror or exc}"
+    return OSError(exc.errno, f"store {root}: {said}; nothing was changed")
 
 
 def _private_copy(catalog: Path) -> Path:

@@ -479,3 +479,42 @@ def test_a_writer_deletes_and_writes_nothing_through_links_a_store_holds(
     with pytest.raises(StoreLockedError, match=r"cannot take \.lock"):
         Store.open(store_copy)
     assert notes.read_text() == "my notes"
+
+
+def test_a_writer_on_a_full_disk_says_so_and_changes_nothing(
+    store_copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer's first writes, before any change: its lock file's PID and the catalog's copy
+    for readers. On a full disk either failed with a bare "[Errno 28] No space left on
+    device" naming no store and no file."""
+    import errno
+
+    import pinsearch.store as store_module
+
+    def full(*_: object, **__: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with Store.open(store_copy, read_only=True) as store:
+        pins = store.catalog.count_pins()
+    (store_copy / "catalog.readers.duckdb").unlink()  # (the next writer copies the catalog)
+    with monkeypatch.context() as m:
+        m.setattr(store_module.shutil, "copyfile", full)
+        with pytest.raises(OSError, match=r"store .*: no space left on the disk for the copy "
+                           r"of the catalog readers use while a write works \(.* MiB\); "
+                           "nothing was changed") as caught:  # fmt: skip
+            Store.open(store_copy)
+    assert caught.value.errno == errno.ENOSPC
+    assert not list(store_copy.glob("catalog.readers.duckdb*"))  # no half copy
+    real = os.fdopen
+
+    def lock_on_a_full_disk(fd: int, *args: object, **kw: object) -> object:
+        fh = real(fd, *args, **kw)
+        fh.flush = full  # (the PID written into .lock)
+        return fh
+
+    with monkeypatch.context() as m:
+        m.setattr(store_module.os, "fdopen", lock_on_a_full_disk)
+        with pytest.raises(OSError, match=r"no space left on the disk for its lock file \.lock"):
+            Store.open(store_copy)
+    with Store.open(store_copy) as store:  # the lock was let go; nothing changed
+        assert store.catalog.count_pins() == pins
