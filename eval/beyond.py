@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, train_test_split
 
 from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import classification_metrics
@@ -268,9 +268,10 @@ def board_level(
 
     With a ``grid``, the head's hyperparameters (over ``params``) are chosen by a CV on the
     pins of the training boards only, folds grouped by board (``StratifiedGroupKFold``,
-    ``config.folds`` or fewer: no more than the training boards of the smallest class, at
-    least 2), scored by macro-F1; both units use the choice. A choice made by the study's own
-    CV would leak: its folds held pins of the test boards.
+    ``config.folds`` or fewer: no more than the training boards of the smallest class),
+    scored by macro-F1; both units use the choice. A choice made by the study's own CV would
+    leak: its folds held pins of the test boards. Where a class has a single training board
+    there is no such CV: ``params`` are used as given (``cv_folds`` 0).
 
     Raises:
         ValueError: the label is not ``category``, fewer than 2 classes have 2 boards, or the
@@ -310,20 +311,20 @@ def board_level(
     pin_train = np.isin(groups, train_b)
     pin_test = np.isin(groups, test_b)
     chosen, folds = dict(params or {}), 0
-    if grid:
-        fewest = min(Counter(board_label[train_b].tolist()).values())
-        folds = max(2, min(config.folds, fewest))
+    fewest = min(Counter(board_label[train_b].tolist()).values())
+    if grid and fewest >= 2:  # (a class of one training board would leave some folds
+        folds = min(config.folds, fewest)  # without it: no grouped CV, ``params`` as given)
         cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=config.seed)
         y, g = data.labels[pin_train], groups[pin_train]
-        search = batched_grid_search(
-            head,
-            _head_params(head, chosen, config.device),
-            grid,
-            X[pin_train],
-            y,
-            list(cv.split(X[pin_train], y, g)),
-            refit=False,
-        )
+        base, splits = _head_params(head, chosen, config.device), list(cv.split(X[pin_train], y, g))
+        search: Any
+        if config.batched_cv:
+            search = batched_grid_search(head, base, grid, X[pin_train], y, splits, refit=False)
+        else:  # (the study asks for scikit-learn's own)
+            search = GridSearchCV(
+                create_head(head, **base), grid, scoring="f1_macro", cv=splits, refit=False,
+                n_jobs=config.n_jobs, error_score="raise",
+            ).fit(X[pin_train], y)  # fmt: skip
         chosen.update(search.best_params_)
     pooled = mean_pool(X, groups, len(names))
     model = _new_head(head, chosen, config.device).fit(pooled[train_b], board_label[train_b])
@@ -355,9 +356,9 @@ def near_copies(
 
     A random split, the paper's protocol, puts re-pins of one image on both sides; a test pin
     whose copy was trained on is easy for KNN in particular. Near-copies are told by exact
-    cosine on ``backbone``'s L2-normalised vectors (a flat inner-product search of the test
-    pins among the training pins), counted from ``threshold`` less ``COSINE_SLACK``, as
-    ``pinsearch dupes`` counts them.
+    cosine on ``backbone``'s L2-normalised vectors, a fused backbone's first part's (a flat
+    inner-product search of the test pins among the training pins), counted from
+    ``threshold`` less ``COSINE_SLACK``, as ``pinsearch dupes`` counts them.
 
     Raises:
         ValueError: a cell's stored predictions are missing or on other pins than the test part.
@@ -366,6 +367,7 @@ def near_copies(
 
     from pinsearch.dupes import COSINE_SLACK
 
+    backbone = backbone.split("+")[0]  # (a fused cosine is the mean of its parts')
     X = l2_normalize(load_study_vectors(store, backbone, data.keys, normalize=True))
     index = faiss.IndexFlatIP(X.shape[1])
     index.add(np.ascontiguousarray(X[data.train], dtype=np.float32))
@@ -518,11 +520,15 @@ def _fusion_lines(results: list[Any]) -> list[str]:
 
 
 def _board_lines(store: Store, config: StudyConfig, backbone: str) -> list[str]:
-    res = board_level(store, config, backbone, "lsvm", grid=config.heads.get("lsvm"))
+    grid = config.heads.get("lsvm")
+    res = board_level(store, config, backbone, "lsvm", grid=grid)
     how = (
         f"chosen by a {res.cv_folds}-fold CV on the training boards' pins, folds grouped by board"
         if res.cv_folds
-        else "the head's defaults (the study has no lsvm grid)"
+        else "the head's defaults: a class has a single training board, too few for a CV "
+        "grouped by board"
+        if grid
+        else "the head's defaults: the study has no lsvm grid"
     )
     return [
         f"{res.boards} boards in {res.classes} classes, split by board (seed {config.seed}): "
@@ -542,7 +548,7 @@ def _near_copy_lines(
     res = near_copies(store, config, data, backbone, results)
     lines = [
         f"{res.with_copy} of the {res.test} test pins have a training pin at cosine >= "
-        f"{res.threshold} on {backbone} (a copy of the same image: a re-pin, resized or "
+        f"{res.threshold} on {res.backbone} (a copy of the same image: a re-pin, resized or "
         f"re-encoded), {res.same_label} of them of its label. Each cell scored without them "
         "(its stored predictions; nothing trained again):",
         "",

@@ -434,7 +434,9 @@ def cell_digest(data_hash: str, head: str, grid: dict[str, list[Any]], context: 
 def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult | None:
     """A finished cell's test metrics computed again from its stored predictions and scores
     by this pinsearch (a metric's definition may have changed since it ran; its CV scores are
-    scikit-learn's), written back to ``study_cells``; None when its predictions are missing."""
+    scikit-learn's), written back to ``study_cells``; None when its predictions are missing.
+    The ROC AUC stored is kept where the one of the stored scores, rounded to 5 decimals, is
+    within 1e-4 of it."""
     key = [config.name, config.fingerprint(), cell.backbone, cell.head]
     rows = store.catalog.connection.execute(
         "SELECT label, predicted, scores FROM study_predictions WHERE study = ? AND "
@@ -449,6 +451,9 @@ def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult
         scores = np.array([json.loads(r[2]) for r in rows], dtype=np.float64)
     truth = np.array([r[0] for r in rows])
     m = classification_metrics(truth, np.array([r[1] for r in rows]), np.array(classes), scores)
+    stored_auc = cell.metrics.get("auc_ovr")
+    if m.auc_ovr is not None and stored_auc is not None and abs(m.auc_ovr - stored_auc) < 1e-4:
+        m.auc_ovr = stored_auc  # (the scores are stored rounded: ties move the AUC a little)
     if m.macro_f1 == cell.test_macro_f1 and m.to_dict() == cell.metrics:
         return cell
     _logger.info(

@@ -600,6 +600,15 @@ def save_alignment(
     sha = file_sha256(path)
     con = store.catalog.connection
     con.execute(_SCHEMA)
+    with store.catalog.transaction():  # (the row and its pins together)
+        _record_alignment(store, backbone, path, sha, info)
+    if before is not None and before[1]["sha256"] == sha:
+        return []  # the same projection (align run again with the same settings)
+    return store.mark_heads_stale([backbone], kinds=["zeroshot"])
+
+
+def _record_alignment(store: Any, backbone: str, path: Path, sha: str, info: Any) -> None:
+    con = store.catalog.connection
     con.execute(
         "INSERT OR REPLACE INTO alignments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
         [
@@ -622,9 +631,6 @@ def save_alignment(
             (("backbone", "str"), ("pin_key", "int64")),
             [(backbone, int(k)) for k in np.asarray(trained).tolist()],
         )
-    if before is not None and before[1]["sha256"] == sha:
-        return []  # the same projection (align run again with the same settings)
-    return store.mark_heads_stale([backbone], kinds=["zeroshot"])
 
 
 def alignment_pins(store: Any, backbone: str) -> np.ndarray | None:

@@ -131,7 +131,9 @@ class _WriteLock:
         except OSError as exc:  # (a full disk: the lock is let go with the file)
             with contextlib.suppress(OSError):
                 self._fh.close()
-            raise _disk_error(path.parent, f"its lock file {path.name}", exc) from exc
+            raise _disk_error(
+                path.parent, f"its lock file {path.name}", exc, "nothing was changed"
+            ) from exc
         _WriteLock._held.add(self)
 
     @classmethod
@@ -307,7 +309,7 @@ class Store:
             self._private = None
         if self._lock is not None:
             try:
-                _publish_snapshot(self.root)
+                _publish_snapshot(self.root, closing=True)
             finally:
                 self._lock.release()
                 self._lock = None
@@ -893,13 +895,14 @@ def _saved_sha256(description: Path) -> str | None:
         return None
 
 
-def _publish_snapshot(root: Path) -> None:
+def _publish_snapshot(root: Path, *, closing: bool = False) -> None:
     """Copy the catalog to ``catalog.readers.duckdb`` (temporary file + rename) when it is newer.
 
     Called by the writer, under the write lock, when it opens (before any change) and when it
-    closes: readers that find the catalog held by the writer read this copy — the state of the
-    last finished write. Nothing is copied while a write-ahead log is pending (a crashed
-    writer): the next writer replays it, and publishes on close.
+    closes (``closing``: its changes are saved, an error says so): readers that find the
+    catalog held by the writer read this copy — the state of the last finished write. Nothing
+    is copied while a write-ahead log is pending (a crashed writer): the next writer replays
+    it, and publishes on close.
     """
     catalog, snap = root / _CATALOG, root / _SNAPSHOT
     if not catalog.is_file() or catalog.with_name(catalog.name + ".wal").exists():
@@ -915,17 +918,23 @@ def _publish_snapshot(root: Path) -> None:
         if isinstance(exc, OSError):
             size = catalog.stat().st_size / 2**20
             what = f"the copy of the catalog readers use while a write works ({size:.1f} MiB)"
-            raise _disk_error(root, what, exc) from exc
+            outcome = (
+                "this write's changes are saved; readers see the store as it was before them "
+                "until a writer closes with room for the copy"
+                if closing
+                else "nothing was changed"
+            )
+            raise _disk_error(root, what, exc, outcome) from exc
         raise
 
 
-def _disk_error(root: Path, what: str, exc: OSError) -> OSError:
-    """``exc`` of a writer's first write, before any change, named: a full disk says so."""
+def _disk_error(root: Path, what: str, exc: OSError, outcome: str) -> OSError:
+    """``exc`` of a writer's write of ``what`` named, with its ``outcome``: a full disk says so."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         said = f"no space left on the disk for {what}"
     else:
         said = f"cannot write {what}: {exc.strerror or exc}"
-    return OSError(exc.errno, f"store {root}: {said}; nothing was changed")
+    return OSError(exc.errno, f"store {root}: {said}; {outcome}")
 
 
 def _private_copy(catalog: Path) -> Path:

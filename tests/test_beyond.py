@@ -167,10 +167,14 @@ def test_board_level_chooses_c_on_the_training_boards_only(study: Study, tmp_pat
     with Store.open(study.path, read_only=True) as store:
         res = board_level(store, study.config, "synthetic", grid=grid)
         given = board_level(store, study.config, "synthetic", params={"C": 1.0})
+        sklearn_cv = board_level(
+            store, replace(study.config, batched_cv=False), "synthetic", grid=grid
+        )
     # 10 boards per category, a quarter of them tested: 7 or 8 train each, so the study's 3 folds
     assert res.cv_folds == 3 and set(res.params) == {"C"} and res.params["C"] in grid["C"]
     assert res.test_boards == 10  # a quarter of the 40
     assert (given.cv_folds, given.params) == (0, {"C": 1.0})
+    assert sklearn_cv.params == res.params  # GridSearchCV's choice where the study asks for it
     # The test boards (the split board_level makes: boards by name, stratified, the study's
     # seed) get vectors of pure noise: the choice cannot change, only the test scores.
     names = [f"user/board{b}" for b in range(40)]
@@ -184,6 +188,17 @@ def test_board_level_chooses_c_on_the_training_boards_only(study: Study, tmp_pat
         blind = board_level(store, study.config, "synthetic", grid=grid)
     assert blind.params == res.params and blind.cv_folds == 3
     assert blind.macro_f1 < res.macro_f1 and blind.pin_level_macro_f1 < 0.5
+    # 8 boards, 2 per category, half tested: one training board a class, no grouped CV (its
+    # folds would lack classes): the defaults, as the report says
+    few = tmp_path / "few"
+    _board_store(few, 96, boards=8, shift=3.0)
+    config = _config(few, test_size=0.5)
+    data, results = run_study(config)
+    with Store.open(few, read_only=True) as store:
+        res = board_level(store, config, "synthetic", grid=grid)
+        md = beyond_section(store, config, data, results)
+    assert (res.cv_folds, res.params, res.test_boards, res.boards) == (0, {}, 4, 8)
+    assert "(the head's defaults: a class has a single training board, too few for a CV" in md
 
 
 def test_board_level_errors(study: Study, few_boards: Study) -> None:

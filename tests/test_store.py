@@ -518,3 +518,12 @@ def test_a_writer_on_a_full_disk_says_so_and_changes_nothing(
             Store.open(store_copy)
     with Store.open(store_copy) as store:  # the lock was let go; nothing changed
         assert store.catalog.count_pins() == pins
+    writer = Store.open(store_copy)
+    writer.catalog.set_meta("marker", "written")
+    with monkeypatch.context() as m:  # on the way out the copy is after the changes
+        m.setattr(store_module.shutil, "copyfile", full)
+        with pytest.raises(OSError, match=r"for the copy of the catalog .*; this write's "
+                           r"changes are saved; readers see the store as it was"):  # fmt: skip
+            writer.close()
+    with Store.open(store_copy) as store:
+        assert store.catalog.get_meta("marker") == "written"

@@ -241,6 +241,20 @@ def test_a_resumed_cell_is_scored_again_from_its_stored_predictions(
         rows = s.catalog.query("SELECT test_macro_f1, metrics FROM study_cells ORDER BY head")
     assert [r["test_macro_f1"] for r in rows] == [f.test_macro_f1 for f in first]
     assert [json.loads(r["metrics"]) for r in rows] == [f.metrics for f in first]
+    lsvm = again[1]
+    assert lsvm.metrics["auc_ovr"] is not None  # (decision values, stored rounded)
+
+    def stored_auc_plus(delta: float) -> float:
+        with Store.open(store) as s:  # the AUC of the unrounded scores, as a run stores it
+            s.catalog.connection.execute(
+                "UPDATE study_cells SET metrics = ? WHERE head = 'lsvm'",
+                [json.dumps({**lsvm.metrics, "auc_ovr": lsvm.metrics["auc_ovr"] + delta})],
+            )
+        return run_study(config)[1][1].metrics["auc_ovr"]
+
+    # within what rounding the stored scores moves it: kept; beyond: computed again
+    assert stored_auc_plus(5e-5) == lsvm.metrics["auc_ovr"] + 5e-5
+    assert stored_auc_plus(-0.01) == lsvm.metrics["auc_ovr"]
 
 
 def test_a_cell_is_resumed_with_its_own_grid_and_its_saved_head_only(
