@@ -546,6 +546,12 @@ def _near_copy_lines(
     store: Store, config: StudyConfig, data: StudyData, backbone: str, results: list[Any]
 ) -> list[str]:
     res = near_copies(store, config, data, backbone, results)
+    if not res.with_copy:
+        return [
+            f"None of the {res.test} test pins has a training pin at cosine >= "
+            f"{res.threshold} on {res.backbone} (a copy of the same image): every cell's score "
+            "is on pins without one."
+        ]
     lines = [
         f"{res.with_copy} of the {res.test} test pins have a training pin at cosine >= "
         f"{res.threshold} on {res.backbone} (a copy of the same image: a re-pin, resized or "

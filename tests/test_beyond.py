@@ -199,6 +199,7 @@ def test_board_level_chooses_c_on_the_training_boards_only(study: Study, tmp_pat
         md = beyond_section(store, config, data, results)
     assert (res.cv_folds, res.params, res.test_boards, res.boards) == (0, {}, 4, 8)
     assert "(the head's defaults: a class has a single training board, too few for a CV" in md
+    assert "None of the 48 test pins has a training pin at cosine >= 0.95 on synthetic" in md
 
 
 def test_board_level_errors(study: Study, few_boards: Study) -> None:
