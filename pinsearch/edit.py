@@ -169,7 +169,7 @@ def add_corpus(
                 report = index_into(
                     store, corpus if i == 0 else None, model=model, backbone=backbone,
                     ingest=ingest, embed=embeds[backbone], asked={}, progress=progress,
-                    select=_pins_from(first_new) if backbone in partial else None,
+                    only=_pins_for_add(first_new, backbone) if backbone in partial else None,
                 )  # fmt: skip
                 reports.append(report)
                 del model
@@ -198,13 +198,17 @@ def add_corpus(
     )
 
 
-def _pins_from(first: int) -> Any:
-    """A ``select`` for :func:`~pinsearch.pipeline.index_corpus`: the pins whose key is
-    ``first`` or above (those an ``add`` stores)."""
+def _pins_for_add(first: int, backbone: str) -> Any:
+    """The pins an ``add`` embeds in a backbone that holds only some of the pins stored before
+    (a study's sample; :func:`~pinsearch.pipeline.index_into`'s ``only``): those whose key is
+    ``first`` or above (those the add stores), and the stored pins whose image this backbone
+    failed to decode before while another backbone holds them (a file fixed since gets its
+    vector; one still broken is recorded again)."""
+    from pinsearch.embed import failed_to_embed
 
     def keys(store: Store) -> np.ndarray:
         every, _ = store.catalog.pin_columns()
-        return every[every >= first]
+        return np.union1d(every[every >= first], failed_to_embed(store, backbone))
 
     return keys
 

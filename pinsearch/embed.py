@@ -58,6 +58,7 @@ __all__ = [
     "embed_images",
     "embed_like_run",
     "embed_store",
+    "failed_to_embed",
     "iter_embeddings",
     "like_run",
     "loader_plan",
@@ -1058,18 +1059,24 @@ def _decode_like_run(
     return dataclasses.replace(config, decode="pil", draft=drafted)
 
 
+def failed_to_embed(store: Any, backbone_name: str) -> np.ndarray:
+    """Sorted keys of the stored pins whose image a run of this backbone failed to decode
+    (skipped rows of stage ``embed``; such a pin stays while another backbone holds it)."""
+    rows = store.catalog.connection.execute(
+        "SELECT DISTINCT p.pin_key FROM skipped s JOIN pins p ON s.pin_id = p.pin_id "
+        "WHERE s.stage = 'embed' AND s.backbone = ? ORDER BY p.pin_key",
+        [backbone_name],
+    ).fetchall()
+    return np.array([r[0] for r in rows], dtype=np.int64)
+
+
 def _forget_embedded_failures(store: Any, backbone_name: str) -> None:
     """Drop the embed-stage skipped rows of pins this backbone now holds a vector of (a file
     fixed since an earlier run failed on it)."""
     catalog = store.catalog
-    rows = catalog.query(
-        "SELECT DISTINCT p.pin_key FROM skipped s JOIN pins p ON s.pin_id = p.pin_id "
-        "WHERE s.stage = 'embed' AND s.backbone = ?",
-        [backbone_name],
-    )
-    if not rows:
+    keys = failed_to_embed(store, backbone_name)
+    if not len(keys):
         return
-    keys = np.array([r["pin_key"] for r in rows], dtype=np.int64)
     done = keys[in_sorted(store.vectors(backbone_name).sorted_keys(), keys)]
     if len(done):
         catalog.connection.execute(

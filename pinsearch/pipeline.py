@@ -162,10 +162,13 @@ def index_into(
     rebuild: bool = False,
     progress: Progress | None = None,
     select: Callable[[Store], np.ndarray] | None = None,
+    only: Callable[[Store], np.ndarray] | None = None,
 ) -> IndexReport:
     """:func:`index_corpus`'s work in a store opened for writing, with the backbone built
     (``model``) and the index settings asked for already checked (``asked``): several runs
-    under one writer's open (``pinsearch add``, one per backbone)."""
+    under one writer's open (``pinsearch add``, one per backbone). ``only``: instead of a
+    ``select`` to fill, the pins to embed once, as every pin is embedded without either
+    (one that fails is recorded skipped and stays out: ``add``'s new pins)."""
     store.check_index_name(index_name or backbone)  # before the corpus is read
     owner = (store.catalog.get_index(index_name) or {}).get("backbone") if index_name else None
     if (owner is not None and owner != backbone) or "#" in (index_name or ""):
@@ -197,13 +200,17 @@ def index_into(
         )
     # heads trained on this backbone's vectors will not know the pins it embeds now:
     # marked before, so a run stopped after the embedding cannot leave them unmarked
-    if select is None and len(store.vectors(backbone)) < store.catalog.count_pins():
+    if (
+        select is None
+        and only is None
+        and len(store.vectors(backbone)) < store.catalog.count_pins()
+    ):
         store.mark_heads_stale([backbone])
-    report = (
-        embed_store(store, backbone, embed, progress=progress, backbone=model)
-        if select is None
-        else _embed_selection(store, backbone, model, embed, select, progress)
-    )
+    if select is not None:
+        report = _embed_selection(store, backbone, model, embed, select, progress)
+    else:
+        keys = None if only is None else only(store)
+        report = embed_store(store, backbone, embed, progress=progress, backbone=model, keys=keys)
     # (named; a selection's marked now: a run stopped later embeds nothing again)
     stale = store.mark_heads_stale([backbone]) if report.embedded else []
     # After a remove of every pin the indexes' settings were kept: built again, but for the

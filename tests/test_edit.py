@@ -428,6 +428,43 @@ def test_add_to_a_sampled_store_embeds_the_new_pins_only(make_tree, tmp_path: Pa
         assert len(store.vectors(B)) == 14 and store.catalog.count_pins() == 30
 
 
+def test_add_records_a_pin_one_sampled_backbone_fails_and_retries_it_once_fixed(
+    make_tree, tmp_path: Path
+) -> None:
+    """Both backbones hold a study's sample; a new pin's file is cut short between the two
+    backbones' passes. The add stopped there ("selected pins fail to embed ... but stay"),
+    and every later add did too; a fixed file was never embedded in that backbone."""
+    from pinsearch.embed import EmbedConfig, failed_to_embed
+
+    corpus = make_tree(tmp_path / "c", pins_per_board=2)
+    sample = lambda store: store.catalog.pin_columns()[0][:7]  # noqa: E731
+    index_corpus(corpus.root, tmp_path / "s", backbone=B, embed=EmbedConfig(workers=0),
+                 select=sample)  # fmt: skip
+    index_corpus(None, tmp_path / "s", backbone="test_convnext", select=sample)
+    more = make_tree(tmp_path / "more", seed=5, pins_per_board=1)
+    image = sorted(p for p in more.root.rglob("*.jpg"))[0]
+    whole = image.read_bytes()
+    starts = []
+
+    def spoil(done: int, total: int) -> None:
+        starts.append(done)
+        if done == 0 and starts.count(0) == 2:  # the second backbone begins
+            image.write_bytes(whole[: len(whole) // 3])
+
+    report = add_corpus(more.root, tmp_path / "s", workers=0, progress=spoil)
+    second = report.backbones[1]
+    assert report.added == 6 and (second["embedded"], second["embed_failed"]) == (5, 1)
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert len(failed_to_embed(store, second["backbone"])) == 1
+        assert store.catalog.count_pins() == 18  # (the first backbone holds it: it stays)
+    image.write_bytes(whole)  # fixed
+    again = add_corpus(more.root, tmp_path / "s", workers=0)
+    assert again.added == 0 and [b["embedded"] for b in again.backbones] == [0, 1]
+    with Store.open(tmp_path / "s", read_only=True) as store:
+        assert len(failed_to_embed(store, second["backbone"])) == 0
+        assert [len(store.vectors(b["backbone"])) for b in again.backbones] == [13, 13]
+
+
 @pytest.mark.parametrize("stop_in", [1, 2], ids=["first-backbone", "second-backbone"])
 @pytest.mark.parametrize("sampled", [False, True], ids=["whole", "sampled"])
 def test_an_add_stopped_after_its_ingest_is_finished_by_the_next(
