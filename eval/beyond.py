@@ -29,7 +29,13 @@ from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold, train_te
 
 from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import classification_metrics
-from pinsearch.eval.study import StudyConfig, StudyData, load_study_vectors, select_pins
+from pinsearch.eval.study import (
+    StudyConfig,
+    StudyData,
+    cell_predictions,
+    load_study_vectors,
+    select_pins,
+)
 from pinsearch.gridsearch import batched_grid_search
 from pinsearch.heads import HEADS, create_head
 from pinsearch.store import Store
@@ -187,21 +193,14 @@ def _is_probability(head: str, scores: np.ndarray) -> bool:
 def _cell_scores(
     store: Store, config: StudyConfig, backbone: str, head: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    h = config.fingerprint()
     cell = store.catalog.query(
         "SELECT metrics FROM study_cells WHERE study = ? AND config_hash = ? AND backbone = ? "
         "AND head = ?",
-        [config.name, h, backbone, head],
+        [config.name, config.fingerprint(), backbone, head],
     )
-    rows = store.catalog.connection.execute(
-        "SELECT pin_key, label, scores FROM study_predictions WHERE study = ? AND "
-        "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
-        [config.name, h, backbone, head],
-    ).fetchall()
     classes = [str(c) for c in json.loads(cell[0]["metrics"])["classes"]]
-    keys = np.array([r[0] for r in rows], dtype=np.int64)
-    labels = np.array([r[1] for r in rows], dtype=object).astype(str)
-    scores = np.array([json.loads(r[2]) for r in rows], dtype=np.float64)
+    keys, labels, _, scores = cell_predictions(store, config, backbone, head)
+    assert scores is not None  # (_scored_cells lists the cells that stored scores)
     return keys, labels, scores, classes
 
 
@@ -379,18 +378,11 @@ def near_copies(
     order = np.argsort(test_keys)
     cells = []
     for r in results:
-        rows = store.catalog.connection.execute(
-            "SELECT pin_key, label, predicted FROM study_predictions WHERE study = ? AND "
-            "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
-            [config.name, config.fingerprint(), r.backbone, r.head],
-        ).fetchall()
-        keys = np.array([row[0] for row in rows], dtype=np.int64)
+        keys, truth, pred, _ = cell_predictions(store, config, r.backbone, r.head)
         if not np.array_equal(keys, test_keys[order]):
             raise ValueError(
                 f"cell {r.backbone}/{r.head} has no stored predictions of the test part"
             )
-        truth = np.array([row[1] for row in rows], dtype=object).astype(str)
-        pred = np.array([row[2] for row in rows], dtype=object).astype(str)
         kept = ~copy[order]
         classes = r.metrics["classes"]
         without = _macro_f1(truth[kept], pred[kept], classes)[0] if kept.any() else float("nan")

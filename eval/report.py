@@ -17,6 +17,7 @@ import numpy as np
 from pinsearch.eval.beyond import beyond_section
 from pinsearch.eval.markdown import escape
 from pinsearch.eval.metrics import chance_macro_f1, roc_curves
+from pinsearch.eval.study import cell_predictions
 from pinsearch.plots import literal, pyplot
 
 __all__ = ["PAPER_TABLE_001", "markdown_table", "write_report"]
@@ -191,11 +192,5 @@ def write_report(
 
 
 def _stored_scores(store: Any, config: Any, cell: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    rows = store.catalog.query(
-        "SELECT label, scores FROM study_predictions WHERE study = ? AND config_hash = ? AND "
-        "backbone = ? AND head = ? ORDER BY pin_key",
-        [config.name, config.fingerprint(), cell.backbone, cell.head],
-    )
-    if not rows or rows[0]["scores"] is None:
-        return None
-    return np.array([r["label"] for r in rows]), np.array([json.loads(r["scores"]) for r in rows])
+    keys, truth, _, scores = cell_predictions(store, config, cell.backbone, cell.head)
+    return None if not len(keys) or scores is None else (truth, scores)

@@ -44,6 +44,7 @@ __all__ = [
     "CellResult",
     "StudyConfig",
     "StudyData",
+    "cell_predictions",
     "evaluate",
     "labelled_pins",
     "load_study",
@@ -431,26 +432,37 @@ def cell_digest(data_hash: str, head: str, grid: dict[str, list[Any]], context: 
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def cell_predictions(
+    store: Store, config: StudyConfig, backbone: str, head: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """A cell's stored test predictions in pin-key order: the pins' keys, true and predicted
+    labels (str), and the scores (n, classes; the cell's class order), None where the cell
+    stored none. Empty arrays when it has no stored predictions."""
+    rows = store.catalog.connection.execute(
+        "SELECT pin_key, label, predicted, scores FROM study_predictions WHERE study = ? AND "
+        "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
+        [config.name, config.fingerprint(), backbone, head],
+    ).fetchall()
+    keys = np.array([r[0] for r in rows], dtype=np.int64)
+    truth = np.array([r[1] for r in rows], dtype=object).astype(str)
+    pred = np.array([r[2] for r in rows], dtype=object).astype(str)
+    scores = None
+    if rows and all(r[3] is not None for r in rows):
+        scores = np.array([json.loads(r[3]) for r in rows], dtype=np.float64)
+    return keys, truth, pred, scores
+
+
 def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult | None:
     """A finished cell's test metrics computed again from its stored predictions and scores
     by this pinsearch (a metric's definition may have changed since it ran; its CV scores are
     scikit-learn's), written back to ``study_cells``; None when its predictions are missing.
     The ROC AUC stored is kept where the one of the stored scores, rounded to 5 decimals, is
     within 1e-4 of it."""
-    key = [config.name, config.fingerprint(), cell.backbone, cell.head]
-    rows = store.catalog.connection.execute(
-        "SELECT label, predicted, scores FROM study_predictions WHERE study = ? AND "
-        "config_hash = ? AND backbone = ? AND head = ? ORDER BY pin_key",
-        key,
-    ).fetchall()
+    keys, truth, pred, scores = cell_predictions(store, config, cell.backbone, cell.head)
     classes = cell.metrics.get("classes")
-    if not rows or not classes:
+    if not len(keys) or not classes:
         return None
-    scores = None
-    if all(r[2] is not None for r in rows):
-        scores = np.array([json.loads(r[2]) for r in rows], dtype=np.float64)
-    truth = np.array([r[0] for r in rows])
-    m = classification_metrics(truth, np.array([r[1] for r in rows]), np.array(classes), scores)
+    m = classification_metrics(truth, pred, np.array(classes), scores)
     stored_auc = cell.metrics.get("auc_ovr")
     if m.auc_ovr is not None and stored_auc is not None and abs(m.auc_ovr - stored_auc) < 1e-4:
         m.auc_ovr = stored_auc  # (the scores are stored rounded: ties move the AUC a little)
@@ -463,7 +475,14 @@ def _rescored(store: Store, config: StudyConfig, cell: CellResult) -> CellResult
     store.catalog.connection.execute(
         "UPDATE study_cells SET test_macro_f1 = ?, metrics = ? WHERE study = ? AND "
         "config_hash = ? AND backbone = ? AND head = ?",
-        [m.macro_f1, json.dumps(m.to_dict()), *key],
+        [
+            m.macro_f1,
+            json.dumps(m.to_dict()),
+            config.name,
+            config.fingerprint(),
+            cell.backbone,
+            cell.head,
+        ],
     )
     return replace(cell, test_macro_f1=m.macro_f1, metrics=m.to_dict())
 
